@@ -1,0 +1,196 @@
+"""Command line: ``run`` (the daemon, default), ``process``, ``status``, ``requeue``, ``check-config``, ``steps``.
+
+Exit codes: 0 fine, 1 some input was rejected or failed, 2 bad configuration or pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import logging.handlers
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+
+from processor.config import Settings, default_config_path, load_settings
+from processor.errors import ConfigError, WeightsError
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, default=None,
+                        help="settings YAML (default: config/default.yaml of this checkout)")
+    parser = argparse.ArgumentParser(prog="ctwatch", parents=[common],
+                                     description="Chest-CT DICOM inbox → per-study results.")
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("run", parents=[common], help="run the daemon until SIGTERM/SIGINT (default)")
+    p = sub.add_parser("process", parents=[common], help="process ZIPs, folders or DICOM files once")
+    p.add_argument("paths", nargs="+", type=Path)
+    sub.add_parser("status", parents=[common], help="counts by state and the last 10 arrivals")
+    p = sub.add_parser("requeue", parents=[common], help="put a failed or quarantined arrival back in the queue")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("arrival_id", nargs="?", type=int)
+    group.add_argument("--failed", action="store_true", help="requeue every failed arrival")
+    sub.add_parser("check-config", parents=[common], help="validate settings and pipeline, then exit")
+    sub.add_parser("steps", parents=[common], help="list the registered pipeline steps and their parameters")
+    return parser
+
+
+def setup_logging(settings: Settings | None, level: str = "INFO") -> None:
+    root = logging.getLogger()
+    if root.handlers:  # configured already (tests, or a second call)
+        return
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(fmt)
+    root.addHandler(handler)
+    if settings is not None:
+        settings.state.parent.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.handlers.RotatingFileHandler(
+            settings.state.parent / "ctwatch.log", maxBytes=20 * 2**20, backupCount=5, encoding="utf-8")
+        file_handler.setFormatter(fmt)
+        root.addHandler(file_handler)
+    root.setLevel(level)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command = args.command or "run"
+    config_path = args.config or default_config_path()
+    try:
+        settings = load_settings(config_path)
+        setup_logging(settings if command in ("run", "process") else None, settings.log_level)
+        return COMMANDS[command](settings, args)
+    except ConfigError as exc:
+        print(f"ctwatch: configuration error\n{exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except WeightsError as exc:
+        print(f"ctwatch: weights error\n{exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    from processor.daemon import Daemon, build, log_paths
+
+    components = build(settings)
+    log_paths(settings, components.pipeline, components.device)
+    daemon = Daemon(components)
+    signals_seen = []
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        # Only set a flag: the main loop logs, drains and exits. A second signal exits at once;
+        # SQLite transactions and atomic JSON writes keep state consistent, and a ``running``
+        # row goes back to ``pending`` at the next start.
+        signals_seen.append(signum)
+        if len(signals_seen) > 1:
+            import os
+
+            os._exit(EXIT_FAILED)
+        daemon.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return daemon.run_until_stopped()
+
+
+def cmd_process(settings: Settings, args: argparse.Namespace) -> int:
+    from processor.daemon import build, log_paths
+
+    components = build(settings)
+    log_paths(settings, components.pipeline, components.device)
+    executor = components.executor(components.state)
+    state = components.state
+    code = EXIT_OK
+    for path in args.paths:
+        if not path.exists():
+            print(f"{path}: not found", file=sys.stderr)
+            code = EXIT_FAILED
+            continue
+        aid = components.intake.accept_in_place(path)
+        arrival = state.arrival(aid)
+        if arrival["state"] == "duplicate":
+            for study in state.studies_for(arrival["duplicate_of"]):
+                print(f"{path}\t{study['study_uid']}\t{study['status']}\t{study['json_path']}\t"
+                      f"(duplicate of arrival {arrival['duplicate_of']})")
+            continue
+        claimed = state.claim(aid)
+        if claimed is None:
+            print(f"{path}: arrival {aid} was taken by a running daemon; see `status`", file=sys.stderr)
+            continue
+        final = executor.process(claimed)
+        studies = state.studies_for(aid)
+        for study in studies:
+            print(f"{path}\t{study['study_uid']}\t{study['status']}\t{study['json_path']}")
+            if study["status"] == "Failure":
+                code = EXIT_FAILED
+        if final != "done":
+            print(f"{path}\t{final}\t{state.arrival(aid)['error']}", file=sys.stderr)
+            code = EXIT_FAILED
+    state.close()
+    return code
+
+
+def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    from processor.state import State
+
+    if not settings.state.exists():
+        print(f"no state yet at {settings.state}: the daemon has not run with this config")
+        return EXIT_OK
+    state = State(settings.state, readonly=True)
+    counts = state.counts_by_state()
+    print("arrivals by state: " + (", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none"))
+    print(f"{'id':>6}  {'state':<11} {'attempts':>8}  {'received':<25} name / reason")
+    for row in state.arrivals(limit=10):
+        reason = f"  — {row['error']}" if row["error"] else ""
+        print(f"{row['id']:>6}  {row['state']:<11} {row['attempts']:>8}  {row['created_at']:<25} "
+              f"{row['name']}{reason}")
+    state.close()
+    return EXIT_OK
+
+
+def cmd_requeue(settings: Settings, args: argparse.Namespace) -> int:
+    from processor.state import State
+
+    state = State(settings.state)
+    if args.failed:
+        print(f"requeued {state.requeue_failed()} failed arrival(s)")
+        return EXIT_OK
+    ok = state.requeue(args.arrival_id)
+    print(f"arrival {args.arrival_id}: " + ("requeued" if ok else "not failed or quarantined; nothing done"))
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def cmd_check_config(settings: Settings, args: argparse.Namespace) -> int:
+    from processor.daemon import resolve_device_name
+    from processor.pipeline.spec import load_pipeline
+    from processor.pipeline.step import StepEnv
+    from processor.steps import default_registry
+
+    device = resolve_device_name(settings.device)
+    pipeline = load_pipeline(settings.pipeline, default_registry(), StepEnv(settings.root, device))
+    print(f"config {settings.config_file}: OK (root {settings.root}, device {device})")
+    print(f"pipeline {pipeline.name} v{pipeline.version}: OK, {len(pipeline.steps)} steps")
+    return EXIT_OK
+
+
+def cmd_steps(settings: Settings, args: argparse.Namespace) -> int:
+    from processor.steps import default_registry
+
+    for name, cls in default_registry().items():
+        print(f"{name}  [{cls.device}] — {cls.summary}")
+        print(f"    needs: {', '.join(cls.needs) or '-'}; provides: {', '.join(cls.provides) or '-'}")
+        for field, info in cls.Params.model_fields.items():
+            print(f"    with.{field} = {info.default!r}  {info.description or ''}".rstrip())
+    return EXIT_OK
+
+
+COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
+    "run": cmd_run, "process": cmd_process, "status": cmd_status, "requeue": cmd_requeue,
+    "check-config": cmd_check_config, "steps": cmd_steps,
+}

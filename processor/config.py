@@ -1,0 +1,225 @@
+"""Settings: YAML file → validated, path-resolved pydantic model.
+
+Every error names the file, the dotted key, the bad value and a fix. Relative paths resolve
+against ``root``, which is itself relative to the folder of the config file.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from processor.errors import ConfigError
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(value: Any) -> int:
+    """``"8GiB"`` / ``"500 MB"`` / ``1024`` → bytes."""
+    if isinstance(value, bool):
+        raise ValueError("a size must be a number of bytes or a string like '8GiB'")
+    if isinstance(value, int | float):
+        return int(value)
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(value))
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"cannot read {value!r} as a size; write e.g. 500MB, 8GiB or a number of bytes")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InboxSettings(_Section):
+    dirs: list[Path] = Field(default_factory=lambda: [Path("inbox")], min_length=1)
+    night_dirs: list[Path] = Field(default_factory=lambda: [Path("inbox/night")])
+    stable_seconds: float = Field(10, ge=0)
+    scan_interval_seconds: float = Field(5, gt=0)
+    use_watchdog: bool = True
+
+
+class StatusSettings(_Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8765, ge=0, le=65535)
+
+
+class LimitSettings(_Section):
+    max_members: int = Field(20_000, gt=0)
+    max_total_bytes: int = 8 * 2**30
+    max_ratio: float = Field(200, gt=1)
+    max_attempts: int = Field(3, ge=1)
+
+    @field_validator("max_total_bytes", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> int:
+        return parse_size(value)
+
+
+class ModelSettings(_Section):
+    capacity: int = Field(4, ge=1)
+    gpu_memory_budget_gb: float | None = Field(None, gt=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+
+
+class ReportSettings(_Section):
+    enabled: bool = True
+    dir: Path = Path("outbox/reports")
+    rolling_days: int = Field(7, ge=1)
+    debounce_seconds: float = Field(30, ge=0)
+    threshold: float = Field(0.5, ge=0, le=1)
+
+
+class ScheduleSettings(_Section):
+    night_window: str = "01:00-06:00"
+    night_run_on: bool = False
+
+    @field_validator("night_window")
+    @classmethod
+    def _window(cls, value: str) -> str:
+        if not re.fullmatch(r"([01][0-9]|2[0-3]):[0-5][0-9]-([01][0-9]|2[0-3]):[0-5][0-9]", value):
+            raise ValueError("night_window must look like 01:00-06:00 (24-hour local time)")
+        return value
+
+
+class RetentionSettings(_Section):
+    keep_days: int | None = Field(None, ge=1)
+
+
+class DiskSettings(_Section):
+    min_free_gb: float = Field(5, ge=0)
+
+
+class SourceAuth(_Section):
+    bearer_env: str | None = None
+
+
+class SourceSettings(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    kind: Literal["http", "dicomweb"]
+    url: str
+    every: str = "5m"
+    query: dict[str, str] = Field(default_factory=dict)
+    lookback: str | None = None
+    auth: SourceAuth | None = None
+
+
+class FetchSettings(_Section):
+    timeout_seconds: float = Field(60, gt=0)
+    max_bytes: int = 4 * 2**30
+    allow_hosts: list[str] = Field(default_factory=lambda: ["127.0.0.1", "localhost"])
+    retries: int = Field(5, ge=0)
+
+    @field_validator("max_bytes", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> int:
+        return parse_size(value)
+
+
+class Settings(_Section):
+    root: Path = Path(".")
+    inbox: InboxSettings = InboxSettings()
+    outbox: Path = Path("outbox")
+    state: Path = Path("state/ctwatch.db")
+    pipeline: Path = Path("pipelines/chest-ct.yaml")
+    weights: Path = Path("weights")
+    device: str = "auto"
+    status: StatusSettings = StatusSettings()
+    limits: LimitSettings = LimitSettings()
+    models: ModelSettings = ModelSettings()
+    reports: ReportSettings = ReportSettings()
+    schedule: ScheduleSettings = ScheduleSettings()
+    retention: RetentionSettings = RetentionSettings()
+    disk: DiskSettings = DiskSettings()
+    sources: list[SourceSettings] = Field(default_factory=list)
+    fetch: FetchSettings = FetchSettings()
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    config_file: Path | None = Field(None, exclude=True)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", value):
+            raise ValueError("device must be auto, cpu, cuda or cuda:N")
+        return value
+
+    def resolve(self, base: Path) -> Settings:
+        """Return a copy with every relative path made absolute against ``root``."""
+        root = (base / self.root).resolve()
+
+        def absolute(path: Path) -> Path:
+            return path if path.is_absolute() else (root / path).resolve()
+
+        inbox = self.inbox.model_copy(update={
+            "dirs": [absolute(p) for p in self.inbox.dirs],
+            "night_dirs": [absolute(p) for p in self.inbox.night_dirs],
+        })
+        return self.model_copy(update={
+            "root": root, "inbox": inbox, "outbox": absolute(self.outbox),
+            "state": absolute(self.state), "pipeline": absolute(self.pipeline),
+            "weights": absolute(self.weights),
+            "reports": self.reports.model_copy(update={"dir": absolute(self.reports.dir)}),
+        })
+
+    def absolute(self, path: str | Path) -> Path:
+        path = Path(path)
+        return path if path.is_absolute() else (self.root / path).resolve()
+
+
+_HINTS = {
+    "extra_forbidden": "remove this key or check its spelling against the README's config reference",
+    "bool_parsing": "write true or false without quotes",
+    "int_parsing": "write a whole number without quotes",
+    "float_parsing": "write a number without quotes",
+    "missing": "add this key",
+}
+
+
+def _format_errors(path: Path, exc: ValidationError) -> str:
+    lines = [f"{path}: {exc.error_count()} problem(s) in the settings:"]
+    for err in exc.errors():
+        key = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        value = err.get("input")
+        hint = _HINTS.get(err["type"], "see the config reference in README.md")
+        shown = "" if err["type"] == "missing" else f" (value: {value!r})"
+        lines.append(f"  - {key}{shown}: {err['msg']}. Fix: {hint}.")
+    return "\n".join(lines)
+
+
+def load_settings(path: str | Path, overrides: dict[str, Any] | None = None) -> Settings:
+    """Read, validate and resolve a settings file. Raises ConfigError with every problem at once."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror}). "
+                          "Fix: pass an existing file with --config.") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}. Fix: check indentation and quotes.") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}.")
+    for key, value in (overrides or {}).items():
+        _set_dotted(raw, key, value)
+    try:
+        settings = Settings.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(path, exc)) from exc
+    settings = settings.resolve(path.resolve().parent)
+    return settings.model_copy(update={"config_file": path.resolve()})
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+
+
+def default_config_path() -> Path:
+    return Path(__file__).resolve().parent.parent / "config" / "default.yaml"

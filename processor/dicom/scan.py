@@ -1,0 +1,162 @@
+"""Find DICOM among an arrival's members by content, read headers only, group into studies/series.
+
+DICOM is recognised by its ``DICM`` preamble marker, or — for files written without a preamble —
+by a header parse that yields the three instance UIDs. ``DICOMDIR``, ``__MACOSX/``, ``.DS_Store``,
+other files and corrupt DICOM are skipped and counted by reason.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from processor.intake.archive import Member
+
+log = logging.getLogger(__name__)
+
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
+
+
+@dataclass
+class Instance:
+    """One DICOM file: where its bytes are and its header (no pixel data)."""
+
+    member: Member
+    header: Dataset
+
+    @property
+    def sop_uid(self) -> str:
+        return str(self.header.SOPInstanceUID)
+
+
+@dataclass
+class Series:
+    uid: str
+    instances: list[Instance] = field(default_factory=list)
+
+    def _first(self, keyword: str, default: object = None) -> object:
+        return self.instances[0].header.get(keyword, default) if self.instances else default
+
+    @property
+    def modality(self) -> str:
+        return str(self._first("Modality", "") or "")
+
+    @property
+    def number(self) -> int | None:
+        value = self._first("SeriesNumber")
+        return int(value) if value not in (None, "") else None
+
+    @property
+    def description(self) -> str:
+        return str(self._first("SeriesDescription", "") or "")
+
+
+@dataclass
+class Study:
+    uid: str
+    series: dict[str, Series] = field(default_factory=dict)
+
+    @property
+    def first_header(self) -> Dataset:
+        return next(iter(self.series.values())).instances[0].header
+
+    @property
+    def accession(self) -> str | None:
+        value = self.first_header.get("AccessionNumber")
+        return str(value) if value else None
+
+    @property
+    def instance_count(self) -> int:
+        return sum(len(s.instances) for s in self.series.values())
+
+
+@dataclass
+class ScanResult:
+    studies: list[Study]
+    skipped: Counter[str]
+    dicom_files: int
+
+
+def _skip_reason_by_name(name: str) -> str | None:
+    parts = name.split("/")
+    base = parts[-1].lower()
+    if "__MACOSX" in parts or base.startswith("._"):
+        return "macOS metadata (__MACOSX)"
+    if base in _JUNK_NAMES:
+        return f"system file ({parts[-1]})"
+    if base == "dicomdir":
+        return "DICOMDIR index"
+    return None
+
+
+def read_header(data: bytes) -> Dataset | None:
+    """Parse a DICOM header from bytes, or return None when the bytes are not DICOM."""
+    has_preamble = len(data) >= 132 and data[128:132] == b"DICM"
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=not has_preamble)
+    except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError, AttributeError,
+            OverflowError, IndexError, NotImplementedError) as exc:
+        if has_preamble:
+            raise CorruptDicom(str(exc)) from exc
+        return None
+    uids = [str(ds.get(k, "")) for k in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")]
+    if not all(_UID.match(u) for u in uids):
+        if has_preamble:
+            raise CorruptDicom("missing SOP/Study/Series Instance UID")
+        return None
+    return ds
+
+
+class CorruptDicom(Exception):
+    """A file that claims to be DICOM but whose header cannot be read."""
+
+
+def scan_members(members: Iterable[Member]) -> ScanResult:
+    """Read headers of every DICOM member and group them; count what was skipped and why."""
+    studies: dict[str, Study] = {}
+    skipped: Counter[str] = Counter()
+    seen: set[str] = set()
+    found = 0
+    for member in members:
+        reason = _skip_reason_by_name(member.name)
+        if reason:
+            skipped[reason] += 1
+            continue
+        try:
+            header = read_header(member.read())
+        except CorruptDicom as exc:
+            log.warning("scan.corrupt member=%s reason=%s", member.name, exc)
+            skipped["corrupt DICOM"] += 1
+            continue
+        except (OSError, RuntimeError, EOFError) as exc:  # zlib/CRC errors surface as these
+            log.warning("scan.unreadable member=%s reason=%s", member.name, exc)
+            skipped["unreadable member (bad CRC or truncated)"] += 1
+            continue
+        if header is None:
+            skipped["not DICOM"] += 1
+            continue
+        if str(header.get("MediaStorageSOPClassUID", "")) == DICOMDIR_SOP_CLASS or \
+                getattr(header, "file_meta", None) is not None and \
+                str(header.file_meta.get("MediaStorageSOPClassUID", "")) == DICOMDIR_SOP_CLASS:
+            skipped["DICOMDIR index"] += 1
+            continue
+        instance = Instance(member, header)
+        if instance.sop_uid in seen:
+            skipped["duplicate instance (same SOPInstanceUID)"] += 1
+            continue
+        seen.add(instance.sop_uid)
+        found += 1
+        study = studies.setdefault(str(header.StudyInstanceUID), Study(str(header.StudyInstanceUID)))
+        series_uid = str(header.SeriesInstanceUID)
+        study.series.setdefault(series_uid, Series(series_uid)).instances.append(instance)
+    return ScanResult(list(studies.values()), skipped, found)

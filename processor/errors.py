@@ -1,0 +1,39 @@
+"""The one exception tree of ctwatch.
+
+::
+
+    CtwatchError
+     ├── ConfigError      bad settings or pipeline YAML: exit 2 at start, message names file, key and fix
+     ├── WeightsError     model files missing or corrupt: step skipped (or study failed, per pipeline)
+     ├── IngestError      bad input (hostile ZIP, no DICOM, no usable series): quarantine, never retry
+     ├── StepError        a pipeline step failed on this study: study fails, daemon lives
+     └── TransientError   may succeed later (network, locked file): retry with backoff
+
+Chain with ``raise ... from exc``; log a traceback once, where the error is handled.
+"""
+
+from __future__ import annotations
+
+
+class CtwatchError(Exception):
+    """Base of every error ctwatch raises on purpose."""
+
+
+class ConfigError(CtwatchError):
+    """Settings or pipeline definition are invalid; the message says where and how to fix it."""
+
+
+class WeightsError(CtwatchError):
+    """Model weights are missing, unreadable or of the wrong kind."""
+
+
+class IngestError(CtwatchError):
+    """The input itself is unusable; it goes to quarantine with this message."""
+
+
+class StepError(CtwatchError):
+    """A pipeline step failed for one study."""
+
+
+class TransientError(CtwatchError):
+    """A failure that may pass; the caller retries with backoff."""

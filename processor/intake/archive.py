@@ -1,0 +1,195 @@
+"""Safe reading of an arrival — a ZIP, a folder or a single file — as in-memory members.
+
+A ZIP is checked whole before any member is read: a member name that is absolute or climbs out
+with ``..``, a symlink, an encrypted member, too many members, too many uncompressed bytes or a
+compression ratio above the cap refuses the whole archive with an :class:`IngestError` that says
+which member and why. Nothing is extracted to disk. One level of nested ZIP is read.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import stat
+import zipfile
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from processor.errors import IngestError
+
+log = logging.getLogger(__name__)
+
+ZIP_MAGIC = b"PK\x03\x04"
+EMPTY_ZIP_MAGIC = b"PK\x05\x06"
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_members: int = 20_000
+    max_total_bytes: int = 8 * 2**30
+    max_ratio: float = 200.0
+
+
+@dataclass(frozen=True)
+class Member:
+    """One file inside an arrival. ``read()`` returns its bytes (from the ZIP or disk) each call."""
+
+    name: str
+    size: int
+    reader: Callable[[], bytes] = field(repr=False, compare=False)
+
+    def read(self) -> bytes:
+        return self.reader()
+
+
+@dataclass
+class Contents:
+    """What an arrival holds: its members, and the entries skipped with a reason each."""
+
+    members: list[Member] = field(default_factory=list)
+    skipped: Counter[str] = field(default_factory=Counter)
+
+
+def safe_member_name(name: str) -> str | None:
+    """The normalised relative name of a ZIP member, or None when it is unsafe to honour.
+
+    Unsafe: empty, absolute (``/x``, ``\\x``, ``C:x``), containing ``..`` as a component, or NUL.
+    """
+    if not name or "\x00" in name:
+        return None
+    unified = name.replace("\\", "/")
+    if unified.startswith("/") or (len(unified) >= 2 and unified[1] == ":"):
+        return None
+    parts = [p for p in PurePosixPath(unified).parts if p not in ("", ".")]
+    if not parts or any(p == ".." for p in parts):
+        return None
+    return "/".join(parts)
+
+
+def is_zip_bytes(head: bytes) -> bool:
+    return head[:4] in (ZIP_MAGIC, EMPTY_ZIP_MAGIC)
+
+
+def is_zip_path(path: Path) -> bool:
+    with path.open("rb") as fh:
+        return is_zip_bytes(fh.read(4))
+
+
+class _Budget:
+    """Member count and uncompressed bytes, shared by an archive and the ZIPs nested inside it."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.members = 0
+        self.total = 0
+
+    def take(self, where: str, size: int) -> None:
+        self.members += 1
+        self.total += size
+        if self.members > self.limits.max_members:
+            raise IngestError(f"{where}: more than {self.limits.max_members} members; "
+                              "split the export into smaller ZIPs or raise limits.max_members")
+        if self.total > self.limits.max_total_bytes:
+            raise IngestError(f"{where}: more than {self.limits.max_total_bytes} bytes uncompressed "
+                              "(a ZIP bomb, or an export too large); raise limits.max_total_bytes if genuine")
+
+
+def _check_zip(zf: zipfile.ZipFile, label: str, budget: _Budget) -> list[tuple[zipfile.ZipInfo, str]]:
+    """Vet every entry of an open ZIP; returns (info, safe name) of the files in it."""
+    files = []
+    for info in zf.infolist():
+        where = f"{label}: member {info.filename!r}"
+        name = safe_member_name(info.filename)
+        if name is None:
+            raise IngestError(f"{where} has an absolute or '..' path (zip-slip); "
+                              "the archive was refused — re-export it without such paths")
+        if stat.S_ISLNK(info.external_attr >> 16):
+            raise IngestError(f"{where} is a symbolic link; archives with links are refused — "
+                              "re-export the study without links")
+        if info.flag_bits & 0x1:
+            raise IngestError(f"{where} is encrypted; ctwatch cannot read password-protected ZIPs — "
+                              "export the study without a password")
+        if info.is_dir():
+            continue
+        budget.take(label, info.file_size)
+        ratio = info.file_size / max(info.compress_size, 1)
+        if info.file_size > 1_000_000 and ratio > budget.limits.max_ratio:
+            raise IngestError(f"{where} expands {ratio:.0f}x (limit {budget.limits.max_ratio:g}); "
+                              "refused as a likely ZIP bomb")
+        files.append((info, name))
+    return files
+
+
+def _zip_reader(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> Callable[[], bytes]:
+    return lambda: zf.read(info)
+
+
+def _read_zip(zf: zipfile.ZipFile, label: str, budget: _Budget, contents: Contents,
+              stack: ExitStack, depth: int) -> None:
+    for info, name in _check_zip(zf, label, budget):
+        with zf.open(info) as fh:
+            head = fh.read(4)
+        if is_zip_bytes(head):
+            if depth >= 1:
+                contents.skipped["nested ZIP deeper than one level"] += 1
+                continue
+            try:
+                inner = stack.enter_context(zipfile.ZipFile(io.BytesIO(zf.read(info))))
+            except zipfile.BadZipFile:
+                contents.skipped["corrupt nested ZIP"] += 1
+                continue
+            _read_zip(inner, f"{label}!{name}", budget, contents, stack, depth + 1)
+            continue
+        prefix = "" if depth == 0 else label.split("!", 1)[1] + "!"
+        contents.members.append(Member(prefix + name, info.file_size, _zip_reader(zf, info)))
+
+
+def _file_reader(path: Path) -> Callable[[], bytes]:
+    return path.read_bytes
+
+
+def _read_folder(root: Path, budget: _Budget, contents: Contents) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_symlink():
+            contents.skipped["symbolic link"] += 1
+            continue
+        if not path.is_file():
+            continue
+        size = path.stat().st_size
+        budget.take(str(root), size)
+        contents.members.append(Member(path.relative_to(root).as_posix(), size, _file_reader(path)))
+
+
+@contextmanager
+def open_arrival(path: Path, limits: Limits) -> Iterator[Contents]:
+    """Yield the members of a ZIP, a folder or a single file. ZIP handles stay open inside the block."""
+    budget = _Budget(limits)
+    contents = Contents()
+    with ExitStack() as stack:
+        if path.is_dir():
+            _read_folder(path, budget, contents)
+        elif is_zip_path(path):
+            try:
+                zf = stack.enter_context(zipfile.ZipFile(path))
+            except (zipfile.BadZipFile, OSError) as exc:
+                raise IngestError(f"{path.name}: the ZIP cannot be read ({exc}); it is truncated or "
+                                  "corrupt — copy it again from the source") from exc
+            _read_zip(zf, path.name, budget, contents, stack, depth=0)
+        else:
+            size = path.stat().st_size
+            budget.take(path.name, size)
+            contents.members.append(Member(path.name, size, _file_reader(path)))
+        yield contents
+
+
+def zip_central_directory_reads(path: Path) -> bool:
+    """True when the file's ZIP central directory can be read (the copy is complete)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            zf.infolist()
+        return True
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return False

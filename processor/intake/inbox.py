@@ -1,0 +1,113 @@
+"""Where a dropped file lives during its life, and the moves between those places.
+
+``<inbox>/.ctwatch/work/`` while it is processed, then ``.ctwatch/done/<date>/`` or
+``.ctwatch/quarantine/`` (with ``<name>.error.txt`` saying why). Every move is a rename on the
+same filesystem; nothing a user dropped is ever deleted by this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+TEMP_SUFFIXES = (".part", ".tmp", ".crdownload", ".partial", ".download", ".filepart", ".!ut")
+CONTROL_DIR = ".ctwatch"
+
+
+def is_temporary_name(name: str) -> bool:
+    """Names that copy tools use while a file is still being written; they wait until renamed."""
+    lower = name.lower()
+    return name.startswith(".") or name.startswith("~$") or lower.endswith(TEMP_SUFFIXES)
+
+
+def sha256_of(path: Path) -> tuple[str, int]:
+    """Content hash and byte size of a file, or of a folder (relative names and bytes, sorted)."""
+    digest = hashlib.sha256()
+    size = 0
+    if path.is_dir():
+        for child in sorted(p for p in path.rglob("*") if p.is_file() and not p.is_symlink()):
+            digest.update(child.relative_to(path).as_posix().encode() + b"\x00")
+            size += _feed(digest, child)
+    else:
+        size = _feed(digest, path)
+    return digest.hexdigest(), size
+
+
+def _feed(digest: "hashlib._Hash", path: Path) -> int:
+    size = 0
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return size
+
+
+@dataclass(frozen=True)
+class InboxLayout:
+    """The control folders of one inbox directory."""
+
+    inbox: Path
+
+    @property
+    def control(self) -> Path:
+        return self.inbox / CONTROL_DIR
+
+    @property
+    def work(self) -> Path:
+        return self.control / "work"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.control / "quarantine"
+
+    def done(self, day: date) -> Path:
+        return self.control / "done" / day.isoformat()
+
+    def ensure(self) -> None:
+        for folder in (self.work, self.quarantine, self.control / "done"):
+            folder.mkdir(parents=True, exist_ok=True)
+
+
+def work_name(arrival_id: int, name: str) -> str:
+    return f"a{arrival_id}-{name}"
+
+
+def free_path(folder: Path, name: str, arrival_id: int) -> Path:
+    """``folder/name`` if free, else ``folder/<stem>.a<id><suffix>`` (then a counter)."""
+    candidate = folder / name
+    if not candidate.exists() and not candidate.is_symlink():
+        return candidate
+    stem, suffix = (name.rsplit(".", 1)[0], "." + name.rsplit(".", 1)[1]) if "." in name else (name, "")
+    candidate = folder / f"{stem}.a{arrival_id}{suffix}"
+    counter = 1
+    while candidate.exists():
+        counter += 1
+        candidate = folder / f"{stem}.a{arrival_id}-{counter}{suffix}"
+    return candidate
+
+
+def move(src: Path, dest: Path) -> Path:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(src, dest) if not dest.exists() else _refuse(dest)
+    log.debug("file.moved from=%s to=%s", src, dest)
+    return dest
+
+
+def _refuse(dest: Path) -> None:
+    raise FileExistsError(f"will not overwrite {dest}")
+
+
+def write_error_note(target: Path, reason: str) -> Path:
+    """``<name>.error.txt`` beside a quarantined input, in plain words."""
+    note = target.with_name(target.name + ".error.txt")
+    note.write_text(
+        f"ctwatch could not process {target.name}.\n\nReason: {reason}\n\n"
+        "The file is kept here unchanged. Fix the cause, then copy it into the inbox again "
+        "(or run `python run.py requeue <arrival id>`).\n", encoding="utf-8")
+    return note

@@ -1,0 +1,14 @@
+"""Pipeline steps. Each module has ``register(registry)``; :func:`default_registry` wires them all."""
+
+from __future__ import annotations
+
+from processor.pipeline.registry import StepRegistry
+
+
+def default_registry() -> StepRegistry:
+    from processor.steps import series
+
+    registry = StepRegistry()
+    for module in (series,):
+        module.register(registry)
+    return registry
