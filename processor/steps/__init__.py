@@ -6,9 +6,9 @@ from processor.pipeline.registry import StepRegistry
 
 
 def default_registry() -> StepRegistry:
-    from processor.steps import series
+    from processor.steps import series, util
 
     registry = StepRegistry()
-    for module in (series,):
+    for module in (series, util):
         module.register(registry)
     return registry

@@ -1,0 +1,160 @@
+"""Safe archive reading and DICOM discovery on a hostile corpus of real ZIPs."""
+
+from __future__ import annotations
+
+import io
+import stat
+import zipfile
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from processor.dicom.scan import scan_members
+from processor.errors import IngestError
+from processor.intake.archive import Limits, open_arrival, safe_member_name
+from tests.dicomgen import make_series, to_bytes, write_folder, write_zip
+
+
+def scan(path: Path, limits: Limits = Limits()):
+    with open_arrival(path, limits) as contents:
+        result = scan_members(contents.members)
+        return result, contents.skipped + result.skipped
+
+
+# ---------------------------------------------------------------- member names
+@given(st.text())
+def test_safe_member_name_never_escapes(name: str) -> None:
+    safe = safe_member_name(name)
+    if safe is not None:
+        assert not safe.startswith("/")
+        assert ".." not in safe.split("/")
+        assert "\\" not in safe and "\x00" not in safe
+        assert safe == safe_member_name(safe)  # normalising twice changes nothing
+
+
+@pytest.mark.parametrize("name", ["../evil.dcm", "a/../../evil", "/etc/passwd", "C:\\x.dcm",
+                                  "..\\..\\x", "a/\x00b", ""])
+def test_unsafe_names_refused(name: str) -> None:
+    assert safe_member_name(name) is None
+
+
+@pytest.mark.parametrize("name,expected", [("a/b.dcm", "a/b.dcm"), ("./a//b", "a/b"), ("a\\b", "a/b")])
+def test_names_normalised(name: str, expected: str) -> None:
+    assert safe_member_name(name) == expected
+
+
+# ---------------------------------------------------------------- hostile corpus
+def _zip_with(path: Path, entries: list[tuple[zipfile.ZipInfo | str, bytes]]) -> Path:
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for info, data in entries:
+            zf.writestr(info, data)
+    return path
+
+
+def test_zip_slip_refused(tmp_path: Path) -> None:
+    path = _zip_with(tmp_path / "slip.zip", [("ok.dcm", b"x"), ("../../etc/evil.dcm", b"x")])
+    with pytest.raises(IngestError, match="zip-slip"):
+        scan(path)
+
+
+def test_symlink_member_refused(tmp_path: Path) -> None:
+    info = zipfile.ZipInfo("link.dcm")
+    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+    path = _zip_with(tmp_path / "link.zip", [(info, b"/etc/passwd")])
+    with pytest.raises(IngestError, match="symbolic link"):
+        scan(path)
+
+
+def test_encrypted_member_refused(tmp_path: Path) -> None:
+    path = _zip_with(tmp_path / "enc.zip", [("a.dcm", b"data")])
+    raw = bytearray(path.read_bytes())
+    # Set the "encrypted" general-purpose flag in the local header and the central directory entry.
+    for sig in (b"PK\x03\x04", b"PK\x01\x02"):
+        at = raw.find(sig)
+        flag_at = at + (6 if sig == b"PK\x03\x04" else 8)
+        raw[flag_at] |= 0x01
+    path.write_bytes(bytes(raw))
+    with pytest.raises(IngestError, match="encrypted"):
+        scan(path)
+
+
+def test_zip_bomb_ratio_refused(tmp_path: Path) -> None:
+    path = _zip_with(tmp_path / "bomb.zip", [("zeros.dcm", b"\x00" * 50_000_000)])
+    with pytest.raises(IngestError, match="ZIP bomb"):
+        scan(path)
+
+
+def test_zip_total_size_refused(tmp_path: Path) -> None:
+    path = _zip_with(tmp_path / "big.zip", [(f"f{i}.bin", b"\x01" * 400_000) for i in range(3)])
+    with pytest.raises(IngestError, match="bytes uncompressed"):
+        scan(path, Limits(max_total_bytes=1_000_000))
+
+
+def test_member_count_refused(tmp_path: Path) -> None:
+    path = _zip_with(tmp_path / "many.zip", [(f"f{i}", b"") for i in range(30)])
+    with pytest.raises(IngestError, match="more than 25 members"):
+        scan(path, Limits(max_members=25))
+
+
+def test_truncated_zip_refused(tmp_path: Path) -> None:
+    good = write_zip(tmp_path / "good.zip", make_series(4))
+    cut = tmp_path / "cut.zip"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(IngestError, match="truncated or corrupt"):
+        scan(cut)
+
+
+def test_only_non_dicom_files(tmp_path: Path) -> None:
+    path = _zip_with(tmp_path / "docs.zip", [("readme.txt", b"hello"), ("report.pdf", b"%PDF-1.4 x" * 50)])
+    result, skipped = scan(path)
+    assert result.studies == [] and skipped["not DICOM"] == 2
+
+
+def test_only_dicomdir_and_mac_junk(tmp_path: Path) -> None:
+    path = _zip_with(tmp_path / "dir.zip", [("DICOMDIR", to_bytes(make_series(1)[0])),
+                                            ("__MACOSX/._IMG1", b"junk"), (".DS_Store", b"junk")])
+    result, skipped = scan(path)
+    assert result.studies == []
+    assert skipped["DICOMDIR index"] == 1 and skipped["macOS metadata (__MACOSX)"] == 1
+    assert skipped["system file (.DS_Store)"] == 1
+
+
+def test_two_studies_nested_folders_no_extensions_shuffled(tmp_path: Path) -> None:
+    a, b = make_series(21), make_series(22)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for i, ds in enumerate(a):
+            zf.writestr(f"PAT/STUDY1/SER{i % 3}/{i:08d}", to_bytes(ds))
+    path = write_zip(tmp_path / "two.zip", b, folder="deep/er/still", extension="", shuffle_seed=3,
+                     extra={"inner.zip": buf.getvalue(), "notes.txt": b"not dicom"})
+    result, skipped = scan(path)
+    counts = sorted(s.instance_count for s in result.studies)
+    assert counts == [21, 22]
+    assert skipped == {"not DICOM": 1}
+
+
+def test_corrupt_dicom_member_skipped_individually(tmp_path: Path) -> None:
+    good = [to_bytes(ds) for ds in make_series(3)]
+    broken = good[0][:200]  # DICM preamble but the header is cut short
+    path = _zip_with(tmp_path / "c.zip", [("a", good[0]), ("b", good[1]), ("c", good[2]), ("d", broken)])
+    result, skipped = scan(path)
+    assert result.studies[0].instance_count == 3
+    assert sum(skipped.values()) == 1
+
+
+def test_folder_arrival(tmp_path: Path) -> None:
+    folder = write_folder(tmp_path / "drop", make_series(5))
+    (folder / "sub").mkdir()
+    (folder / "sub" / "x.txt").write_text("hi")
+    result, skipped = scan(folder)
+    assert result.studies[0].instance_count == 5 and skipped["not DICOM"] == 1
+
+
+def test_dicom_without_preamble_found_by_parse(tmp_path: Path) -> None:
+    data = to_bytes(make_series(1)[0])
+    bare = data[132:]  # drop preamble and 'DICM': file meta then dataset, as some old exports write
+    path = _zip_with(tmp_path / "bare.zip", [("IMG", bare)])
+    result, _ = scan(path)
+    assert len(result.studies) == 1

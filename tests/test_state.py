@@ -1,0 +1,74 @@
+"""The durable queue in a real SQLite file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from processor.state import State
+
+
+def _register(state: State, sha: str = "a" * 64, version: int = 1) -> int:
+    return state.register_arrival(kind="inbox", name="x.zip", original_path="/in/x.zip",
+                                  current_path="/in/x.zip", sha256=sha, size=1, pipeline_name="p",
+                                  pipeline_version=version).arrival_id
+
+
+def test_same_bytes_same_pipeline_is_duplicate(tmp_path: Path) -> None:
+    state = State(tmp_path / "s.db")
+    first = _register(state)
+    second = state.register_arrival(kind="inbox", name="y.zip", original_path="/in/y.zip",
+                                    current_path="/in/y.zip", sha256="a" * 64, size=1,
+                                    pipeline_name="p", pipeline_version=1)
+    assert second.duplicate_of == first
+    assert state.arrival(second.arrival_id)["state"] == "duplicate"
+    bumped = _register(state, version=2)
+    assert state.arrival(bumped)["state"] == "pending"  # a new pipeline version reprocesses
+
+
+def test_failed_original_does_not_make_a_duplicate(tmp_path: Path) -> None:
+    state = State(tmp_path / "s.db")
+    first = _register(state)
+    state.claim_next(allow_night=True)
+    state.finish_arrival(first, "failed", error="boom")
+    again = _register(state)
+    assert state.arrival(again)["state"] == "pending"
+
+
+def test_crash_recovery_counts_attempts_and_caps(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    state = State(path)
+    aid = _register(state)
+    for attempt in (1, 2):
+        claimed = state.claim_next(allow_night=True)
+        assert claimed["id"] == aid and claimed["attempts"] == attempt
+        state.close()
+        state = State(path)  # "restart"
+        state.recover_running(max_attempts=3)
+        assert state.arrival(aid)["state"] == "pending"
+    state.claim_next(allow_night=True)
+    state.recover_running(max_attempts=3)
+    row = state.arrival(aid)
+    assert row["state"] == "failed" and row["attempts"] == 3 and "requeue" in row["error"]
+    assert state.requeue(aid) and state.arrival(aid)["state"] == "pending"
+
+
+def test_day_queue_first_and_night_gate(tmp_path: Path) -> None:
+    state = State(tmp_path / "s.db")
+    night = state.register_arrival(kind="night", name="n", original_path="n", current_path="n",
+                                   sha256="n" * 64, size=1, pipeline_name="p", pipeline_version=1,
+                                   night=True).arrival_id
+    day = _register(state, sha="d" * 64)
+    assert state.claim_next(allow_night=False)["id"] == day
+    assert state.claim_next(allow_night=False) is None
+    assert state.claim_next(allow_night=True)["id"] == night
+
+
+def test_readonly_connection_cannot_write(tmp_path: Path) -> None:
+    import sqlite3
+
+    import pytest
+
+    State(tmp_path / "s.db").close()
+    ro = State(tmp_path / "s.db", readonly=True)
+    with pytest.raises(sqlite3.OperationalError):
+        ro.db.execute("delete from arrivals")
