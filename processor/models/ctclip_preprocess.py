@@ -1,0 +1,161 @@
+"""CT-CLIP v2 input preprocessing and the DICOM → CT-RATE axis mapping.
+
+``preprocess_volume`` reproduces the official inference preprocessing
+(``scripts/data_inference_nii.py`` of ibrahimethemhamamci/CT-CLIP) number for number:
+HU clip to [-1000, 1000] *before* resampling, float64 trilinear resampling
+(align_corners=False) to int()-truncated sizes at (z, x, y) = (1.5, 0.75, 0.75) mm,
+/1000, float32, centre crop / pad with -1 to (X, Y, Z) = (480, 480, 240), then
+(1, Z, X, Y). ``ctrate_xyz_from_dicom`` turns a DICOM-ordered volume into the (X, Y, Z)
+NIfTI array order CT-RATE was stored in; see docs/ctrate-orientation.md.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+HU_MIN, HU_MAX = -1000.0, 1000.0
+TARGET_SPACING_ZXY = (1.5, 0.75, 0.75)
+TARGET_SHAPE_XYZ = (480, 480, 240)
+PAD_VALUE = -1.0
+
+
+def resampled_shape(shape_zxy: Sequence[int], spacing_zxy: Sequence[float]) -> tuple[int, int, int]:
+    """int()-truncated size after resampling to TARGET_SPACING_ZXY (official rounding)."""
+    sizes = []
+    for n, cur, tgt in zip(shape_zxy, spacing_zxy, TARGET_SPACING_ZXY, strict=True):
+        sizes.append(int(n * (cur / tgt)))
+    return sizes[0], sizes[1], sizes[2]
+
+
+def _crop_or_pad(vol: torch.Tensor, target: Sequence[int]) -> torch.Tensor:
+    """Centre crop (start = max((n - t)//2, 0)) then centre pad with PAD_VALUE."""
+    slices = []
+    for n, t in zip(vol.shape, target, strict=True):
+        start = max((n - t) // 2, 0)
+        slices.append(slice(start, min(start + t, n)))
+    vol = vol[tuple(slices)]
+    pads: list[int] = []
+    for n, t in zip(reversed(vol.shape), reversed(target), strict=True):
+        before = (t - n) // 2
+        pads.extend((before, t - n - before))
+    return F.pad(vol, pads, value=PAD_VALUE)
+
+
+def preprocess_volume(
+    hu_xyz: np.ndarray,
+    spacing_xyz: Sequence[float],
+    target_xyz: Sequence[int] = TARGET_SHAPE_XYZ,
+    *,
+    clip_after_resample: bool = False,
+    slope: float = 1.0,
+    intercept: float = 0.0,
+) -> torch.Tensor:
+    """Official CT-CLIP v2 inference preprocessing → (1, Z, X, Y) float32 in [-1, 1].
+
+    Args:
+        hu_xyz: volume in CT-RATE NIfTI order (X, Y, Z), in HU (or stored values, with
+            ``slope``/``intercept`` applied here as ``slope * v + intercept``).
+        spacing_xyz: voxel size (x, y, z) in mm. The official code uses the x spacing for
+            both in-plane axes; here each axis uses its own (identical when x == y).
+        target_xyz: output size (X, Y, Z); (480, 480, 240) for the released models.
+        clip_after_resample: reproduce the v2 *training* loader, which clips after
+            resampling (default False = inference path).
+    """
+    vol = np.array(hu_xyz, dtype=np.float64, copy=True)
+    if vol.ndim != 3:
+        raise ValueError(f"expected a 3-D (X, Y, Z) volume, got shape {vol.shape}")
+    if slope != 1.0:
+        vol *= slope
+    if intercept != 0.0:
+        vol += intercept
+    if not clip_after_resample:
+        np.clip(vol, HU_MIN, HU_MAX, out=vol)
+    sx, sy, sz = (float(s) for s in spacing_xyz)
+    zxy = torch.from_numpy(np.ascontiguousarray(vol.transpose(2, 0, 1)))
+    del vol
+    size = resampled_shape(zxy.shape, (sz, sx, sy))
+    if min(size) < 1:
+        raise ValueError(f"volume {tuple(zxy.shape)} at {spacing_xyz} mm resamples to {size}")
+    out = F.interpolate(zxy[None, None], size=size, mode="trilinear", align_corners=False)[0, 0]
+    del zxy
+    if clip_after_resample:
+        out.clamp_(HU_MIN, HU_MAX)
+    out = (out / 1000.0).to(torch.float32)
+    tx, ty, tz = (int(t) for t in target_xyz)
+    out = _crop_or_pad(out, (tz, tx, ty))
+    log.debug("preprocess.done resampled_zxy=%s output_zxy=%s", size, tuple(out.shape))
+    return out.unsqueeze(0).contiguous()
+
+
+def _axis_plan(direction: np.ndarray) -> tuple[list[int], list[bool]]:
+    """For LPS world axes (L, P, S), which array axis points along each, and whether flipped.
+
+    ``direction[:, a]`` is the LPS direction in which array axis ``a`` increases.
+    """
+    unit = direction / np.linalg.norm(direction, axis=0, keepdims=True)
+    order: list[int] = []
+    flips: list[bool] = []
+    for world in range(3):
+        candidates = [a for a in range(3) if a not in order]
+        axis = max(candidates, key=lambda a: abs(unit[world, a]))
+        order.append(axis)
+        flips.append(bool(unit[world, axis] < 0))
+    cosines = [abs(unit[w, a]) for w, a in enumerate(order)]
+    if min(cosines) < 0.99:
+        log.warning(
+            "orientation.oblique min_cosine=%.4f: axes mapped to the nearest patient axis without resampling",
+            min(cosines),
+        )
+    return order, flips
+
+
+def ctrate_xyz_from_dicom(
+    hu_zyx: np.ndarray,
+    spacing_zyx: Sequence[float],
+    affine_or_direction: np.ndarray,
+) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """Reorder a DICOM-ordered volume into CT-RATE's NIfTI (X, Y, Z) array order.
+
+    Input: ``hu_zyx[k, row, col]`` (slice k along the slice normal, then DICOM row, column)
+    with ``spacing_zyx = (slice step, row spacing, column spacing)`` in mm, and a 4x4 LPS
+    affine (or its 3x3 direction part) whose columns are the directions in which the
+    column index, the row index and the slice index increase (DICOM
+    ImageOrientationPatient[0:3], ImageOrientationPatient[3:6], slice step).
+
+    Output: array indexed (X, Y, Z) with X increasing toward patient Left, Y toward
+    Posterior and Z toward Superior (nibabel axis codes "LPS"), and spacing (x, y, z).
+    After the official (Z, X, Y) transpose the model therefore sees (S, L, P) — the
+    orientation CT-CLIP was trained on, according to F. Pérez-García's analysis in
+    CT-CLIP issue #41 (comment 2657932457), restated in TorchIO issue #1282 (2025-04-09):
+    "they trained with SLP+ images". For a standard head-first-supine axial series
+    (IOP 1\\0\\0\\0\\1\\0) this is ``hu_zyx.transpose(2, 1, 0)`` with the slice axis
+    flipped when slices are stored superior → inferior. Oblique series are mapped to the
+    nearest patient axes without resampling (a warning is logged). Remaining uncertainty:
+    see docs/ctrate-orientation.md.
+    """
+    vol = np.asarray(hu_zyx)
+    if vol.ndim != 3:
+        raise ValueError(f"expected a 3-D [slice, row, col] volume, got shape {vol.shape}")
+    matrix = np.asarray(affine_or_direction, dtype=np.float64)
+    if matrix.shape not in {(4, 4), (3, 3)}:
+        raise ValueError(f"expected a 4x4 affine or 3x3 direction matrix, got {matrix.shape}")
+    direction = matrix[:3, :3]
+    if np.any(np.linalg.norm(direction, axis=0) == 0):
+        raise ValueError("affine has a zero-length axis direction")
+    # array axes of hu_zyx are (slice, row, col) = affine columns (2, 1, 0)
+    array_dirs = direction[:, [2, 1, 0]]
+    order, flips = _axis_plan(array_dirs)
+    out = np.transpose(vol, order)
+    for axis, flip in enumerate(flips):
+        if flip:
+            out = np.flip(out, axis=axis)
+    spacing = tuple(float(spacing_zyx[a]) for a in order)
+    log.debug("orientation.mapped order=%s flips=%s", order, flips)
+    return np.ascontiguousarray(out), (spacing[0], spacing[1], spacing[2])
