@@ -6,9 +6,9 @@ from processor.pipeline.registry import StepRegistry
 
 
 def default_registry() -> StepRegistry:
-    from processor.steps import series, util
+    from processor.steps import quantify, render, series, util, volume
 
     registry = StepRegistry()
-    for module in (series, util):
+    for module in (series, util, volume, quantify, render):
         module.register(registry)
     return registry

@@ -1,0 +1,230 @@
+"""Per-frame geometry of a series, from headers only, and the slice-ordering rules built on it.
+
+A *frame* is one image: a classic CT file holds one, an enhanced multi-frame CT file holds many
+(its geometry and rescale live in the shared and per-frame functional groups). Both become the
+same :class:`Frame` records, so series selection and volume building never care which it was.
+
+Ordering (:func:`order_frames`) is pure: frames sort by their position along the slice normal
+(``ImagePositionPatient · (row × column)``), never by InstanceNumber; a multi-phase series is
+split by temporal/acquisition tags first; exact duplicate positions are then dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from processor.dicom.scan import Series
+
+log = logging.getLogger(__name__)
+
+DUPLICATE_TOLERANCE_MM = 0.01
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One image of a series: which file and frame it is, and its header-level facts."""
+
+    instance: int  # index into Series.instances
+    frame: int  # frame index inside that file (0 for single-frame files)
+    position: tuple[float, ...] | None  # ImagePositionPatient (x, y, z) mm
+    orientation: tuple[float, ...] | None  # ImageOrientationPatient: row cosines, column cosines
+    pixel_spacing: tuple[float, ...] | None  # (between rows, between columns) in mm
+    thickness: float | None
+    rows: int
+    cols: int
+    slope: float
+    intercept: float
+    instance_number: int
+    temporal: str = ""  # TemporalPositionIndex/Identifier (with StackID for enhanced)
+    acquisition: str = ""  # AcquisitionNumber
+    image_type: tuple[str, ...] = ()
+    kernel: str = ""
+
+
+def _float(value: Any, default: float | None = None) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _floats(value: Any, n: int) -> tuple[float, ...] | None:
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return out if len(out) == n else None
+
+
+def _kernel(value: Any) -> str:
+    if value is None or value == "":
+        return ""
+    if isinstance(value, str):
+        return value
+    return "\\".join(str(v) for v in value)
+
+
+def _group(item: Dataset | None, sequence: str, keyword: str) -> Any:
+    if item is None or sequence not in item or not item[sequence].value:
+        return None
+    return item[sequence].value[0].get(keyword)
+
+
+def _fg(per_frame: Dataset | None, shared: Dataset | None, sequence: str, keyword: str) -> Any:
+    """A functional-group attribute: the per-frame item wins over the shared one."""
+    value = _group(per_frame, sequence, keyword)
+    return value if value is not None else _group(shared, sequence, keyword)
+
+
+def _classic_frame(index: int, header: Dataset) -> Frame:
+    temporal = header.get("TemporalPositionIdentifier", header.get("TemporalPositionIndex", ""))
+    return Frame(
+        instance=index, frame=0,
+        position=_floats(header.get("ImagePositionPatient"), 3),
+        orientation=_floats(header.get("ImageOrientationPatient"), 6),
+        pixel_spacing=_floats(header.get("PixelSpacing"), 2),
+        thickness=_float(header.get("SliceThickness")),
+        rows=int(header.get("Rows", 0) or 0), cols=int(header.get("Columns", 0) or 0),
+        slope=_float(header.get("RescaleSlope"), 1.0) or 1.0,
+        intercept=_float(header.get("RescaleIntercept"), 0.0) or 0.0,
+        instance_number=int(_float(header.get("InstanceNumber"), 0) or 0),
+        temporal=str(temporal or ""), acquisition=str(header.get("AcquisitionNumber", "") or ""),
+        image_type=tuple(str(v).upper() for v in (header.get("ImageType") or ())),
+        kernel=_kernel(header.get("ConvolutionKernel")),
+    )
+
+
+def _enhanced_frames(index: int, header: Dataset) -> list[Frame]:
+    shared_seq = header.get("SharedFunctionalGroupsSequence")
+    shared = shared_seq[0] if shared_seq else None
+    per_frame = header.get("PerFrameFunctionalGroupsSequence") or []
+    image_type = tuple(str(v).upper() for v in (header.get("ImageType") or ()))
+    frames = []
+    for f, item in enumerate(per_frame):
+        def fg(sequence: str, keyword: str, item: Dataset = item) -> Any:
+            return _fg(item, shared, sequence, keyword)
+        slope = _float(fg("PixelValueTransformationSequence", "RescaleSlope"), None)
+        intercept = _float(fg("PixelValueTransformationSequence", "RescaleIntercept"), None)
+        stack = fg("FrameContentSequence", "StackID")
+        temporal = fg("FrameContentSequence", "TemporalPositionIndex")
+        frame_type = fg("CTImageFrameTypeSequence", "FrameType")
+        frames.append(Frame(
+            instance=index, frame=f,
+            position=_floats(fg("PlanePositionSequence", "ImagePositionPatient"), 3),
+            orientation=_floats(fg("PlaneOrientationSequence", "ImageOrientationPatient"), 6),
+            pixel_spacing=_floats(fg("PixelMeasuresSequence", "PixelSpacing"), 2),
+            thickness=_float(fg("PixelMeasuresSequence", "SliceThickness")),
+            rows=int(header.get("Rows", 0) or 0), cols=int(header.get("Columns", 0) or 0),
+            slope=slope if slope is not None else _float(header.get("RescaleSlope"), 1.0) or 1.0,
+            intercept=intercept if intercept is not None else _float(header.get("RescaleIntercept"), 0.0) or 0.0,
+            instance_number=int(_float(header.get("InstanceNumber"), 0) or 0),
+            temporal=f"{stack or ''}/{temporal or ''}" if (stack or temporal) else "",
+            acquisition=str(header.get("AcquisitionNumber", "") or ""),
+            image_type=tuple(str(v).upper() for v in frame_type) if frame_type else image_type,
+            kernel=_kernel(fg("CTReconstructionSequence", "ConvolutionKernel")
+                           or header.get("ConvolutionKernel")),
+        ))
+    return frames
+
+
+def is_enhanced(header: Dataset) -> bool:
+    return "PerFrameFunctionalGroupsSequence" in header
+
+
+def frames_of(series: Series) -> list[Frame]:
+    """Every frame of the series, in file order, with its geometry and rescale (headers only)."""
+    frames: list[Frame] = []
+    for index, instance in enumerate(series.instances):
+        header = instance.header
+        frames.extend(_enhanced_frames(index, header) if is_enhanced(header) else [_classic_frame(index, header)])
+    return frames
+
+
+def slice_normal(orientation: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Unit normal (row × column) of an ImageOrientationPatient."""
+    row = np.asarray(orientation[:3], float)
+    col = np.asarray(orientation[3:6], float)
+    normal = np.cross(row, col)
+    norm = np.linalg.norm(normal)
+    return normal / norm if norm > 0 else normal
+
+
+@dataclass
+class Ordering:
+    """The result of :func:`order_frames`: kept frame indices sorted along the normal, and what was done."""
+
+    order: list[int]
+    positions_mm: np.ndarray  # distance along the normal of each kept frame, ascending
+    dropped: list[int] = field(default_factory=list)  # exact duplicates removed
+    phases: dict | None = None  # how a multi-phase series was split, when it was
+
+
+def _distances(positions: np.ndarray, normal: np.ndarray) -> np.ndarray:
+    return positions @ normal
+
+
+def _max_multiplicity(d: np.ndarray, tol: float) -> int:
+    if len(d) == 0:
+        return 0
+    s = np.sort(d)
+    best = run = 1
+    for a, b in zip(s[:-1], s[1:], strict=True):
+        run = run + 1 if b - a < tol else 1
+        best = max(best, run)
+    return best
+
+
+def split_phases(keys: dict[str, Sequence[str]], d: np.ndarray, tol: float) -> tuple[list[int], dict | None]:
+    """Indices of the phase to keep when positions repeat because a series holds several phases.
+
+    ``keys`` maps a tag name to each frame's value. A tag splits the series only when positions
+    repeat and it yields no more groups than the most repeated position (so a scanner that numbers
+    every slice's acquisition separately never shatters the stack). The largest group is kept.
+    """
+    everything = list(range(len(d)))
+    multiplicity = _max_multiplicity(d, tol)
+    if multiplicity < 2:
+        return everything, None
+    for name, values in keys.items():
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i, value in enumerate(values):
+            groups[value].append(i)
+        if not 1 < len(groups) <= multiplicity:
+            continue
+        kept_key = sorted(groups, key=lambda k: (-len(groups[k]), k))[0]
+        info = {"split_by": name, "phases": len(groups), "kept": kept_key,
+                "counts": {k: len(v) for k, v in sorted(groups.items())}}
+        return groups[kept_key], info
+    return everything, None
+
+
+def order_frames(positions: np.ndarray, normal: np.ndarray, *, tiebreak: Sequence[int] | None = None,
+                 phase_keys: dict[str, Sequence[str]] | None = None,
+                 tol: float = DUPLICATE_TOLERANCE_MM) -> Ordering:
+    """Sort frames along ``normal``; split phases, then drop positions repeated within ``tol`` mm.
+
+    ``positions`` is (n, 3) ImagePositionPatient; ``tiebreak`` (e.g. InstanceNumber) decides which
+    of several frames at one position is kept (the lowest). Independent of the input order.
+    """
+    positions = np.asarray(positions, float).reshape(-1, 3)
+    d = _distances(positions, np.asarray(normal, float))
+    candidates, phases = split_phases(phase_keys or {}, d, tol)
+    ties = np.asarray(tiebreak if tiebreak is not None else np.zeros(len(d)), float)
+    cand = np.asarray(candidates, int)
+    rounded = np.round(d[cand] / tol)
+    sorted_idx = cand[np.lexsort((ties[cand], rounded))] if len(cand) else cand
+    order: list[int] = []
+    dropped: list[int] = []
+    for i in sorted_idx.tolist():
+        if order and abs(d[i] - d[order[-1]]) < tol:
+            dropped.append(i)
+        else:
+            order.append(i)
+    return Ordering(order, d[order] if order else np.empty(0), dropped, phases)

@@ -1,0 +1,60 @@
+"""Quantitative CT step ``quantify.lungs``: weight-free lung mask, lung volume, %LAA-950, mean lung density.
+
+The method is in :mod:`processor.dicom.lungs`. An implausible mask (too small or large, lungs cut
+by the scan range, empty) is not a failure: the metrics are reported with ``plausible: false`` and
+the flags that say why, and a study warning.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from pydantic import Field
+
+from processor.dicom.lungs import LungSettings, lung_mask, lung_metrics
+from processor.pipeline.registry import StepRegistry
+from processor.pipeline.step import Params, Step, StudyContext
+
+log = logging.getLogger(__name__)
+
+
+class LungParams(Params):
+    threshold_hu: float = Field(-320.0, ge=-1000, le=0)
+    laa_threshold_hu: float = Field(-950.0, ge=-1100, le=-500)
+    outside_air_max_hu: float = Field(-970.0, ge=-1100, le=-500)
+    max_components: int = Field(2, ge=1, le=10)
+    min_component_ratio: float = Field(0.1, ge=0, le=1)
+    min_volume_ml: float = Field(500.0, ge=0)
+    max_volume_ml: float = Field(12_000.0, gt=0)
+
+    def settings(self) -> LungSettings:
+        return LungSettings(**self.model_dump())
+
+
+class QuantifyLungs(Step):
+    uses = "quantify.lungs"
+    summary = ("Weight-free lung quantification: threshold lung mask (−320 HU, border air removed, largest "
+               "components, holes filled); lung volume mL, %LAA-950, mean lung density, plausibility flags.")
+    Params = LungParams
+    needs = ("volume",)
+    provides = ("lung_mask",)
+
+    def run(self, ctx: StudyContext) -> None:
+        params: LungParams = self.params  # type: ignore[assignment]
+        settings = params.settings()
+        volume = ctx.values["volume"]
+        mask = lung_mask(volume.hu, settings)
+        metrics = lung_metrics(volume.hu, mask, volume.spacing_zyx, settings)
+        ctx.values["lung_mask"] = mask
+        ctx.result["lungs"] = {**metrics.as_dict(), "method": "threshold",
+                               "threshold_hu": settings.threshold_hu,
+                               "laa_threshold_hu": settings.laa_threshold_hu}
+        if not metrics.plausible:
+            ctx.warnings.append("lungs: implausible lung mask (" + ", ".join(metrics.flags) + "): "
+                                + " ".join(metrics.notes))
+        log.info("lungs.done study=%s volume_ml=%.1f laa950=%s mld=%s plausible=%s", ctx.label,
+                 metrics.volume_ml, metrics.laa950_percent, metrics.mean_lung_density_hu, metrics.plausible)
+
+
+def register(registry: StepRegistry) -> None:
+    registry.register(QuantifyLungs)

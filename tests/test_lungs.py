@@ -1,0 +1,86 @@
+"""quantify.lungs: threshold lung mask and metrics on a phantom with known truth and on real CT pixels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from processor.dicom.lungs import LungSettings, lung_mask, lung_metrics
+from tests import dicomgen
+
+STEPS = [{"id": "series", "uses": "dicom.select_series"}, {"id": "volume", "uses": "ct.volume"},
+         {"id": "lungs", "uses": "quantify.lungs"}]
+PHANTOM_SHAPE = (40, 96, 96)
+SLICE_MM, PIXEL_MM = 6.0, 3.5
+
+
+def test_phantom_volume_and_laa_within_2_percent_through_the_engine(tmp_path: Path) -> None:
+    hu, truth = dicomgen.chest_phantom(PHANTOM_SHAPE)
+    stored = (hu + 1024).astype(np.int16)  # the usual CT storage: intercept −1024
+    datasets = dicomgen.make_series(PHANTOM_SHAPE[0], stored=stored, spacing=SLICE_MM, pixel_spacing=PIXEL_MM,
+                                    kernel="B70f")
+    path = dicomgen.write_zip(tmp_path / "phantom.zip", datasets, shuffle_seed=11)
+    ctx, outcome = dicomgen.run_steps(path, STEPS, tmp_path)
+    assert outcome.status == "Success", outcome.error
+    lungs = ctx.result["lungs"]
+    true_ml = truth["lung_voxels"] * SLICE_MM * PIXEL_MM**2 / 1000
+    true_laa = truth["laa_voxels"] / truth["lung_voxels"] * 100
+    assert lungs["volume_ml"] == pytest.approx(true_ml, rel=0.02)
+    assert lungs["laa950_percent"] == pytest.approx(true_laa, rel=0.02)
+    assert 2000 < lungs["volume_ml"] < 5000 and 10 < lungs["laa950_percent"] < 20
+    assert lungs["mean_lung_density_hu"] == pytest.approx(truth["mean_lung_density_hu"], abs=5)
+    assert lungs["plausible"] is True and lungs["flags"] == []
+    mask = ctx.values["lung_mask"]
+    assert mask.dtype == bool and mask.shape == PHANTOM_SHAPE
+
+
+def test_air_around_the_patient_and_small_gas_pockets_are_not_lung() -> None:
+    hu, truth = dicomgen.chest_phantom(PHANTOM_SHAPE)
+    hu[20:24, 10:14, 46:50] = -1000  # a small gas pocket inside the body, e.g. bowel or oesophagus
+    mask = lung_mask(hu)
+    outside = hu == -1000
+    assert not (mask & outside).any()
+    assert abs(int(mask.sum()) - truth["lung_voxels"]) / truth["lung_voxels"] < 0.01
+
+
+def test_lungs_cut_by_the_scan_range_and_a_small_volume_are_flagged() -> None:
+    hu, _ = dicomgen.chest_phantom(PHANTOM_SHAPE)
+    cut = hu[14:26]  # a slab through the middle of the lungs
+    mask = lung_mask(cut)
+    metrics = lung_metrics(cut, mask, (1.0, 1.0, 1.0))
+    assert mask.any() and metrics.plausible is False
+    assert {"lungs_cut_at_first_slice", "lungs_cut_at_last_slice", "volume_below_min"} <= set(metrics.flags)
+    assert all("lung" in note for note in metrics.notes)
+
+
+def test_no_air_gives_an_empty_mask_flag() -> None:
+    hu = np.full((10, 32, 32), 40.0, np.float32)
+    metrics = lung_metrics(hu, lung_mask(hu), (1.0, 1.0, 1.0))
+    assert metrics.flags == ["empty_mask"] and metrics.laa950_percent is None and not metrics.plausible
+
+
+def test_settings_change_the_method() -> None:
+    hu, truth = dicomgen.chest_phantom(PHANTOM_SHAPE)
+    mask = lung_mask(hu)
+    one = lung_mask(hu, LungSettings(max_components=1))
+    assert 0.4 < one.sum() / mask.sum() < 0.6  # one of two equal lungs
+    strict = lung_metrics(hu, mask, (1.0, 1.0, 1.0), LungSettings(laa_threshold_hu=-990))
+    assert strict.laa950_percent == 0.0
+
+
+def test_real_ct_small_series_gives_plausible_densities_and_honest_flags(tmp_path: Path) -> None:
+    """CT_small.dcm is an 85 mm crop of a real chest at the spine with both lungs cut by the image
+    edge. Its lung densities are real; the volume is necessarily partial, and the flags say so."""
+    datasets = dicomgen.make_series(30, spacing=5.0)
+    path = dicomgen.write_zip(tmp_path / "ct_small.zip", datasets)
+    ctx, outcome = dicomgen.run_steps(path, STEPS, tmp_path)
+    assert outcome.status == "Success", outcome.error
+    lungs = ctx.result["lungs"]
+    assert -900 < lungs["mean_lung_density_hu"] < -650
+    assert 0 <= lungs["laa950_percent"] < 10
+    assert 50 < lungs["volume_ml"] < 500
+    assert lungs["plausible"] is False
+    assert set(lungs["flags"]) == {"volume_below_min", "lungs_cut_at_first_slice", "lungs_cut_at_last_slice"}
+    assert any("implausible lung mask" in w for w in ctx.warnings)
