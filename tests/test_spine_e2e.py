@@ -27,8 +27,21 @@ def validate(path: Path) -> dict:
 
 
 def db_rows(project: Project, sql: str) -> list[tuple]:
-    with sqlite3.connect(project.state_path) as conn:
+    conn = sqlite3.connect(project.state_path)
+    try:
         return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+def states(project: Project) -> list[tuple]:
+    """Arrival states, or [] while the daemon has not created its database yet."""
+    if not project.state_path.exists():
+        return []
+    try:
+        return db_rows(project, "select state from arrivals")
+    except sqlite3.OperationalError:
+        return []
 
 
 # ---------------------------------------------------------------- process command
@@ -146,14 +159,15 @@ def test_sigkill_during_study_then_restart(project: Project, tmp_path: Path) -> 
                             {"id": "hold", "uses": "util.delay", "with": {"seconds": 4}}])
     write_zip(project.inbox / "study.zip", make_series(20))
     daemon = project.start()
-    wait_for(lambda: project.state_path.exists() and
-             db_rows(project, "select state from arrivals") == [("running",)], 60, "a running arrival")
-    daemon.kill()
-    daemon.wait(timeout=30)
+    try:
+        wait_for(lambda: states(project) == [("running",)], 60, "a running arrival")
+    finally:
+        daemon.kill()
+        daemon.wait(timeout=30)
     assert project.results() == []
     restarted = project.start()
     try:
-        wait_for(lambda: db_rows(project, "select state from arrivals") == [("done",)], 60, "done after restart")
+        wait_for(lambda: states(project) == [("done",)], 60, "done after restart")
     finally:
         assert _stop(restarted) == 0
     assert len(project.results()) == 1
@@ -167,9 +181,10 @@ def test_sigterm_during_study_leaves_no_running_row(project: Project) -> None:
                             {"id": "hold2", "uses": "util.delay", "with": {"seconds": 2}}])
     write_zip(project.inbox / "study.zip", make_series(20))
     daemon = project.start()
-    wait_for(lambda: project.state_path.exists() and
-             db_rows(project, "select state from arrivals") == [("running",)], 60, "a running arrival")
-    assert _stop(daemon) == 0
+    try:
+        wait_for(lambda: states(project) == [("running",)], 60, "a running arrival")
+    finally:
+        assert _stop(daemon) == 0
     assert db_rows(project, "select state, attempts from arrivals") == [("pending", 0)]
     assert project.results() == [] and not list(project.outbox.rglob("*.tmp"))
 
