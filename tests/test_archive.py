@@ -17,8 +17,8 @@ from processor.intake.archive import Limits, open_arrival, safe_member_name
 from tests.dicomgen import make_series, to_bytes, write_folder, write_zip
 
 
-def scan(path: Path, limits: Limits = Limits()):
-    with open_arrival(path, limits) as contents:
+def scan(path: Path, limits: Limits | None = None):
+    with open_arrival(path, limits or Limits()) as contents:
         result = scan_members(contents.members)
         return result, contents.skipped + result.skipped
 

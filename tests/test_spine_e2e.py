@@ -22,7 +22,7 @@ API_FIELDS = {"study_uid", "series_uid", "probability_of_pathology", "pathology"
 def validate(path: Path) -> dict:
     document = json.loads(path.read_text())
     jsonschema.validate(document, load_schema())
-    assert API_FIELDS <= document.keys()
+    assert document.keys() >= API_FIELDS
     return document
 
 

@@ -39,7 +39,7 @@ def sha256_of(path: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def _feed(digest: "hashlib._Hash", path: Path) -> int:
+def _feed(digest: hashlib._Hash, path: Path) -> int:
     size = 0
     with path.open("rb") as fh:
         while chunk := fh.read(1 << 20):
