@@ -1,4 +1,4 @@
-"""Command line: ``run`` (the daemon, default), ``process``, ``status``, ``requeue``, ``check-config``, ``steps``.
+"""Command line: ``run`` (the daemon, default), ``process``, ``status``, ``requeue``, ``check-config``, ``steps``, ``report``, ``weights``.
 
 Exit codes: 0 fine, 1 some input was rejected or failed, 2 bad configuration or pipeline.
 """
@@ -11,11 +11,13 @@ import logging.handlers
 import signal
 import sys
 from collections.abc import Callable
+from datetime import date
 from pathlib import Path
 from types import FrameType
 
 from processor.config import Settings, default_config_path, load_settings
 from processor.errors import ConfigError, WeightsError
+from processor.fit.commands import FIT_COMMANDS, add_fit_parsers
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,13 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--failed", action="store_true", help="requeue every failed arrival")
     sub.add_parser("check-config", parents=[common], help="validate settings and pipeline, then exit")
     sub.add_parser("steps", parents=[common], help="list the registered pipeline steps and their parameters")
+    p = sub.add_parser("report", parents=[common],
+                       help="rebuild the Excel workbooks in reports.dir from the database")
+    p.add_argument("--since", type=_date, default=None, metavar="YYYY-MM-DD",
+                   help="first day to rebuild (default: the first day with a finished study)")
+    p = sub.add_parser("weights", parents=[common], help="list the model files the pipeline needs and their status")
+    p.add_argument("--verify", action="store_true", help="also compare sha256 checksums (reads every file)")
+    add_fit_parsers(sub, common)
     return parser
 
 
@@ -150,8 +159,31 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         reason = f"  — {row['error']}" if row["error"] else ""
         print(f"{row['id']:>6}  {row['state']:<11} {row['attempts']:>8}  {row['created_at']:<25} "
               f"{row['name']}{reason}")
+    _print_sources(settings, state.sources())
     state.close()
     return EXIT_OK
+
+
+def _print_sources(settings: Settings, rows: list[dict]) -> None:
+    """One line per configured URL source (and any still in the state), then its last error if any."""
+    by_name = {row["name"]: row for row in rows}
+    every = {s.name: s.every for s in settings.sources}
+    names = [s.name for s in settings.sources] + sorted(set(by_name) - set(every))
+    if not names:
+        return
+    print("sources:")
+    for name in names:
+        row = by_name.get(name, {})
+        kind = row.get("kind") or next((s.kind for s in settings.sources if s.name == name), "?")
+        interval = f"every {every[name]:g}s" if name in every else "not configured any more"
+        print(f"  {name}  [{kind}, {interval}]  last poll {row.get('last_poll_at') or 'never'}  "
+              f"last success {row.get('last_success_at') or 'never'}  polls={row.get('polls', 0)} "
+              f"ok={row.get('successes', 0)} failed={row.get('failures', 0)} arrivals={row.get('arrivals', 0)}"
+              + (f"  ({row['last_detail']})" if row.get("last_detail") and row["last_detail"] != "error" else ""))
+        if row.get("last_error"):
+            recovered = (row.get("last_success_at") or "") > (row.get("last_error_at") or "")
+            print(f"      last error {row['last_error_at']}{' (recovered since)' if recovered else ''}: "
+                  f"{row['last_error']}")
 
 
 def cmd_requeue(settings: Settings, args: argparse.Namespace) -> int:
@@ -168,10 +200,12 @@ def cmd_requeue(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_check_config(settings: Settings, args: argparse.Namespace) -> int:
     from processor.daemon import resolve_device_name
+    from processor.intake.poller import check_sources
     from processor.pipeline.spec import load_pipeline
     from processor.pipeline.step import StepEnv
     from processor.steps import default_registry
 
+    check_sources(settings)
     device = resolve_device_name(settings.device)
     pipeline = load_pipeline(settings.pipeline, default_registry(), StepEnv(settings.root, device))
     print(f"config {settings.config_file}: OK (root {settings.root}, device {device})")
@@ -190,7 +224,47 @@ def cmd_steps(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_weights(settings: Settings, args: argparse.Namespace) -> int:
+    from processor.weights import exit_code, format_table, weight_rows
+
+    rows = weight_rows(settings, verify=args.verify)
+    print(format_table(rows, settings, verify=args.verify))
+    return exit_code(rows)
+
+
+def _date(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date; write YYYY-MM-DD, e.g. 2025-01-31") from exc
+
+
+def cmd_report(settings: Settings, args: argparse.Namespace) -> int:
+    from processor.outputs.report import Reports
+    from processor.state import State
+
+    if not settings.state.exists():
+        print(f"no state yet at {settings.state}: nothing to report")
+        return EXIT_OK
+    state = State(settings.state, readonly=True)
+    try:
+        outcomes = Reports(state, settings.reports).rebuild(args.since, date.today())
+    finally:
+        state.close()
+    code = EXIT_OK
+    for outcome in outcomes:
+        if outcome.pending:
+            code = EXIT_FAILED
+            where = f"wrote {outcome.path}" if outcome.path else "nothing written"
+            print(f"{outcome.target}: {outcome.reason}; {where}. Close the file and run this again.",
+                  file=sys.stderr)
+        else:
+            print(outcome.path)
+    return code
+
+
 COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "run": cmd_run, "process": cmd_process, "status": cmd_status, "requeue": cmd_requeue,
-    "check-config": cmd_check_config, "steps": cmd_steps,
+    "check-config": cmd_check_config, "steps": cmd_steps, "report": cmd_report, "weights": cmd_weights,
+    **FIT_COMMANDS,
 }

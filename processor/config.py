@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from processor.errors import ConfigError
 
@@ -95,30 +95,101 @@ class DiskSettings(_Section):
     min_free_gb: float = Field(5, ge=0)
 
 
+class WorkerSettings(_Section):
+    # On SIGTERM/SIGINT: ``step`` finishes the running step and puts the study back to pending;
+    # ``study`` finishes the running study (and still stops before the next one).
+    shutdown: Literal["step", "study"] = "step"
+
+
+_DURATION_UNITS = {"": 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(value: Any) -> float:
+    """``"5m"`` / ``"2d"`` / ``"30s"`` / ``90`` → seconds."""
+    if isinstance(value, bool):
+        raise ValueError("a duration must be a number of seconds or a string like '5m' or '2d'")
+    if isinstance(value, int | float):
+        return float(value)
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(value))
+    if not match or match.group(2).lower() not in _DURATION_UNITS:
+        raise ValueError(f"cannot read {value!r} as a duration; write e.g. 30s, 5m, 2h, 2d or a number "
+                         "of seconds")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2).lower()]
+
+
 class SourceAuth(_Section):
-    bearer_env: str | None = None
+    bearer_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class SourceSettings(_Section):
+    """One URL to poll. Durations are stored in seconds; credentials only by environment variable name."""
+
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     kind: Literal["http", "dicomweb"]
     url: str
-    every: str = "5m"
+    every: float = Field(300, ge=1)
     query: dict[str, str] = Field(default_factory=dict)
-    lookback: str | None = None
+    lookback: float | None = Field(None, gt=0)
+    page_size: int = Field(500, ge=1, le=10_000)
     auth: SourceAuth | None = None
+
+    @field_validator("every", "lookback", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> float | None:
+        return None if value is None else parse_duration(value)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value)
+        if parts.scheme.lower() not in ("http", "https"):
+            raise ValueError(f"only http:// and https:// URLs can be polled, not {parts.scheme or 'no'} "
+                             "scheme; copy files into the inbox instead of using file://")
+        if not parts.hostname:
+            raise ValueError("the URL has no host; write e.g. https://pacs.example.org/dicom-web")
+        if parts.username or parts.password:
+            raise ValueError("credentials must not be written into the URL; put the token in an "
+                             "environment variable and name it in auth.bearer_env")
+        return value
+
+    @field_validator("query")
+    @classmethod
+    def _query(cls, value: dict[str, str]) -> dict[str, str]:
+        reserved = sorted(k for k in value if k.lower() in ("limit", "offset", "includefield"))
+        if reserved:
+            raise ValueError(f"{', '.join(reserved)} are set by ctwatch itself (paging); remove them")
+        return value
+
+    @model_validator(mode="after")
+    def _dicomweb_only(self) -> SourceSettings:
+        if self.kind != "dicomweb" and (self.query or self.lookback is not None):
+            raise ValueError("query and lookback apply only to kind: dicomweb; remove them from this "
+                             "http source")
+        return self
 
 
 class FetchSettings(_Section):
     timeout_seconds: float = Field(60, gt=0)
-    max_bytes: int = 4 * 2**30
+    max_bytes: int = Field(4 * 2**30, gt=0)
     allow_hosts: list[str] = Field(default_factory=lambda: ["127.0.0.1", "localhost"])
     retries: int = Field(5, ge=0)
+    backoff_seconds: float = Field(2, ge=0)
 
     @field_validator("max_bytes", mode="before")
     @classmethod
     def _size(cls, value: Any) -> int:
         return parse_size(value)
+
+    @field_validator("allow_hosts")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        bad = [h for h in value if not re.fullmatch(r"[A-Za-z0-9_.:\[\]-]+", h) or h.count(":") == 1]
+        if bad:
+            raise ValueError(f"allow_hosts takes bare host names or IP addresses (no scheme, port or "
+                             f"path): {bad!r}")
+        return [h.lower().strip("[]") for h in value]
 
 
 class Settings(_Section):
@@ -136,6 +207,7 @@ class Settings(_Section):
     schedule: ScheduleSettings = ScheduleSettings()
     retention: RetentionSettings = RetentionSettings()
     disk: DiskSettings = DiskSettings()
+    worker: WorkerSettings = WorkerSettings()
     sources: list[SourceSettings] = Field(default_factory=list)
     fetch: FetchSettings = FetchSettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -6,16 +6,22 @@ import logging
 import shutil
 import threading
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from processor.config import Settings
+from processor.errors import ConfigError
 from processor.intake.archive import Limits
+from processor.intake.poller import SourcePoller, SourceThreads
 from processor.intake.register import Intake
 from processor.intake.watcher import InboxWatcher
+from processor.outputs.report import ReportUpdater
 from processor.pipeline.registry import StepRegistry
 from processor.pipeline.spec import Pipeline, load_pipeline
 from processor.pipeline.step import StepEnv
+from processor.scheduler import Housekeeping, NightWindow, Scheduler, apply_retention, done_roots
 from processor.state import State
+from processor.status import Probes, StatusServer
 from processor.steps import default_registry
 from processor.worker import LocalExecutor, Worker
 
@@ -39,15 +45,23 @@ class Components:
 
     def executor(self, state: State) -> LocalExecutor:
         s = self.settings
-        return LocalExecutor(state, self.pipeline, outbox=s.outbox, device=self.device,
-                             limits=Limits(s.limits.max_members, s.limits.max_total_bytes, s.limits.max_ratio),
-                             layout_for=self.intake.layout_for)
+        executor = LocalExecutor(state, self.pipeline, outbox=s.outbox, device=self.device,
+                                 limits=Limits(s.limits.max_members, s.limits.max_total_bytes,
+                                               s.limits.max_ratio),
+                                 layout_for=self.intake.layout_for)
+        executor.finish_study_on_stop = s.worker.shutdown == "study"
+        return executor
 
 
 def build(settings: Settings, registry: StepRegistry | None = None) -> Components:
     """Compile the pipeline (ConfigError on any problem), open state, wire intake."""
     device = resolve_device_name(settings.device)
-    env = StepEnv(root=settings.root, device=device)
+    from processor.models.cache import ModelCache
+
+    m = settings.models
+    env = StepEnv(root=settings.root, device=device,
+                  models=ModelCache(m.capacity, device, m.gpu_memory_budget_gb, precision=m.precision),
+                  content_cache=State.content_cache(settings.state))
     pipeline = load_pipeline(settings.pipeline, registry or default_registry(), env)
     state = State(settings.state)
     intake = Intake(state, pipeline_name=pipeline.name, pipeline_version=pipeline.version,
@@ -66,28 +80,96 @@ def log_paths(settings: Settings, pipeline: Pipeline, device: str) -> None:
 
 
 class Daemon:
-    """Watcher → SQLite queue → worker; runs until ``stop()`` (signal handlers only call that)."""
+    """Watcher → SQLite queue → worker, plus reports, scheduler and status; runs until ``stop()``.
+
+    Signal handlers only call ``stop()``; the main loop then drains: the worker finishes the current
+    step (``worker.shutdown: step``) or study (``study``) or puts the arrival back to pending, every
+    thread is joined, and ``run_until_stopped`` returns 0.
+    """
 
     def __init__(self, components: Components) -> None:
         self.c = components
         s = components.settings
         self.stop_requested = threading.Event()
-        self.worker = Worker(s.state, components.executor)
+        self.window = NightWindow.parse(s.schedule.night_window)
+        self.disk = DiskGuard(guarded_volumes(s), s.disk.min_free_gb)
+        self.reports = ReportUpdater(s.state, s.reports) if s.reports.enabled else None
+        self.worker = Worker(s.state, components.executor, can_claim=self.disk.ok,
+                             night_before=self._night_before, on_processed=self._on_processed)
         self.watcher = InboxWatcher(
             s.inbox.dirs, s.inbox.night_dirs, stable_seconds=s.inbox.stable_seconds,
             scan_interval=s.inbox.scan_interval_seconds, on_stable=self._on_stable,
             use_watchdog=s.inbox.use_watchdog)
+        self.housekeeping = Housekeeping()
+        self.scheduler = Scheduler(
+            window=self.window, on_rollover=self._on_rollover, on_night_start=self._on_wake,
+            on_rescan=self._on_wake, on_retention=self._on_retention if s.retention.keep_days else None,
+            rescan_seconds=RESCAN_SECONDS)
+        self.poller = SourcePoller(s, s.state, self._intake_for, on_arrival=self._on_source_arrival,
+                                   may_fetch=self.disk.ok)
+        self.sources = SourceThreads(self.poller)
+        self.status = (StatusServer(s.state, self._probes(), s.status.host, s.status.port)
+                       if s.status.enabled else None)
         self._watch_state: State | None = None
         self._threads_started = False
 
+    # ------------------------------------------------------------------ hooks (other threads)
     def _on_stable(self, path: Path, night: bool) -> None:
         assert self._watch_state is not None
-        intake = Intake(self._watch_state, pipeline_name=self.c.pipeline.name,
-                        pipeline_version=self.c.pipeline.version, inbox_dirs=self.c.settings.inbox.dirs,
-                        outbox=self.c.settings.outbox)
-        if intake.accept(path, night=night) is not None:
+        if self._intake_for(self._watch_state).accept(path, night=night) is not None:
             self.worker.wake_event.set()
 
+    def _intake_for(self, state: State) -> Intake:
+        s = self.c.settings
+        return Intake(state, pipeline_name=self.c.pipeline.name, pipeline_version=self.c.pipeline.version,
+                      inbox_dirs=s.inbox.dirs, outbox=s.outbox)
+
+    def _on_source_arrival(self, arrival_id: int) -> None:
+        self.worker.wake_event.set()
+
+    def _night_before(self, now: datetime) -> datetime | None:
+        return self.window.night_before(now, run_on=self.c.settings.schedule.night_run_on)
+
+    def _on_processed(self, arrival_id: int, outcome: str) -> None:
+        if self.reports is not None and outcome != "pending":
+            self.reports.notify()
+
+    def _on_wake(self, now: datetime) -> None:
+        self.watcher.wake()
+        self.worker.wake_event.set()
+
+    def _on_rollover(self, now: datetime) -> None:
+        if self.reports is not None:
+            self.reports.rollover(now)
+
+    def _on_retention(self, now: datetime) -> None:
+        s = self.c.settings
+        keep_days = s.retention.keep_days
+        assert keep_days is not None
+        roots = done_roots([*s.inbox.dirs, *s.inbox.night_dirs])
+        self.housekeeping.submit("retention", lambda: apply_retention(roots, keep_days, now.date()))
+
+    def _probes(self) -> Probes:
+        s = self.c.settings
+        pipeline = {"name": self.c.pipeline.name, "version": self.c.pipeline.version,
+                    "digest": self.c.pipeline.digest}
+        return Probes(
+            version=ctwatch_version(), device=self.c.device, pipeline=pipeline,
+            worker_alive=self.worker.is_alive,
+            worker_current=lambda: (self.worker.current, self.worker.current_since),
+            disk=self.disk.report, next_jobs=self.scheduler.next_jobs, models=self._models_loaded,
+            night=lambda now: {"window": str(self.window), "open": self.window.contains(now),
+                               "run_on": s.schedule.night_run_on,
+                               "next_start": self.window.next_start(now).isoformat(timespec="seconds")},
+            stopping=self.stop_requested.is_set)
+
+    def _models_loaded(self) -> list[dict]:
+        cache = self.c.pipeline.steps[0].step.env.models if self.c.pipeline.steps else None
+        loaded = getattr(cache, "loaded", None)
+        return [{k: m.get(k) for k in ("key", "hits", "gpu_bytes", "load_seconds")} for m in loaded()] \
+            if callable(loaded) else []
+
+    # ------------------------------------------------------------------ life cycle
     def recover(self) -> None:
         for row in self.c.state.recover_running(self.c.settings.limits.max_attempts):
             log.warning("arrival.recovered arrival=%s state=%s attempts=%s", row["id"], row["state"],
@@ -96,14 +178,30 @@ class Daemon:
     def start(self) -> None:
         self.recover()
         self._watch_state = State(self.c.settings.state)
+        s = self.c.settings
+        if self.status is not None:
+            try:
+                self.status.start()
+            except OSError as exc:
+                raise ConfigError(f"status.port: cannot listen on {s.status.host}:{s.status.port} "
+                                  f"({exc.strerror or exc}). Fix: choose a free port, or set "
+                                  "status.enabled: false.") from exc
+        if self.reports is not None:
+            self.reports.start()
+        self.housekeeping.start()
         self.worker.start()
         self.watcher.start()
+        self.scheduler.start()
+        self.poller.clean_staging()
+        self.sources.start()
         self._threads_started = True
-        log.info("daemon.started pid_threads=worker,watcher")
+        log.info("daemon.started threads=worker,watcher,scheduler,housekeeping%s%s sources=%d night_window=%s "
+                 "disk_min_free_gb=%g shutdown=%s", ",reports" if self.reports else "",
+                 ",status" if self.status else "", len(s.sources), self.window, s.disk.min_free_gb, s.worker.shutdown)
 
     def run_until_stopped(self) -> int:
-        self.start()
         try:
+            self.start()
             while not self.stop_requested.wait(0.5):
                 pass
         finally:
@@ -114,15 +212,93 @@ class Daemon:
         self.stop_requested.set()
 
     def shutdown(self, timeout: float = 60.0) -> None:
-        log.info("daemon.stopping")
+        log.info("daemon.stopping current_arrival=%s", self.worker.current)
+        self.stop_requested.set()
+        self.scheduler.shutdown()
+        self.sources.stop()
         self.watcher.stop()
         self.worker.stop()
+        self.sources.join(timeout)
         self.watcher.join(timeout)
         self.worker.join(timeout)
+        if self.worker.is_alive():
+            log.warning("daemon.worker_still_running arrival=%s; it returns to pending at the next start",
+                        self.worker.current)
+        if self.reports is not None:  # after the worker, so the last finished study is in the workbooks
+            self.reports.stop()
+            self.reports.join(timeout)
+        self.housekeeping.stop()
+        self.housekeeping.join(timeout)
+        if self.status is not None:
+            self.status.stop()
         if self._watch_state is not None:
             self._watch_state.close()
         self.c.state.close()
         log.info("daemon.stopped")
+
+
+RESCAN_SECONDS = 60.0
+
+
+def guarded_volumes(settings: Settings) -> list[tuple[str, Path]]:
+    """The folders whose free space the disk guard watches: the outbox and every inbox (work) folder."""
+    volumes = [("outbox", settings.outbox)]
+    dirs = settings.inbox.dirs
+    volumes += [("work" if len(dirs) == 1 else f"work{i}", d) for i, d in enumerate(dirs)]
+    return volumes
+
+
+class DiskGuard:
+    """Stops new claims while free space on a guarded volume is below ``min_free_gb``.
+
+    Arrivals keep being registered and wait safely in the inbox; claims resume when space returns.
+    ``min_free_gb`` may be changed at run time (tests use a tiny and a huge threshold).
+    """
+
+    def __init__(self, volumes: list[tuple[str, Path]], min_free_gb: float) -> None:
+        self.volumes = volumes
+        self.min_free_gb = min_free_gb
+        self._low: str | None = None
+        self._lock = threading.Lock()
+
+    def report(self) -> dict:
+        free = [(name, int(disk_free_gb(path) * 1e9)) for name, path in self.volumes]
+        low = [(name, n) for name, n in free if n < self.min_free_gb * 1e9]
+        reason = None
+        if low:
+            reason = ("low disk space: " + ", ".join(f"{n / 1e9:.1f} GB free on the {name} volume"
+                                                       for name, n in low)
+                      + f", below disk.min_free_gb = {self.min_free_gb:g}; new arrivals wait in the inbox "
+                      "until space is freed")
+        self._note(reason)
+        return {"ok": not low, "reason": reason, "min_free_gb": self.min_free_gb,
+                "volumes": [{"volume": name, "free_bytes": n} for name, n in free]}
+
+    def ok(self) -> bool:
+        return bool(self.report()["ok"])
+
+    def _note(self, reason: str | None) -> None:
+        with self._lock:
+            before, self._low = self._low, reason
+        if reason and not before:
+            log.warning("disk.low claims=stopped reason=%r", reason)
+        elif before and not reason:
+            log.info("disk.ok claims=resumed min_free_gb=%g", self.min_free_gb)
+
+
+def ctwatch_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ctwatch")
+    except PackageNotFoundError:  # running from a checkout that was not pip-installed
+        import tomllib
+
+        pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+        try:
+            return str(tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]["version"])
+        except (OSError, KeyError, tomllib.TOMLDecodeError):
+            return "unknown"
 
 
 def disk_free_gb(path: Path) -> float:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -55,8 +56,48 @@ def _m1_initial(db: sqlite_utils.Database) -> None:
     db["step_runs"].create_index(["arrival_id", "study_uid"])
 
 
+def _m3_sources(db: sqlite_utils.Database) -> None:
+    """URL sources: one row per configured source (poll bookkeeping, HTTP validators), and the
+    DICOMweb study versions already fetched. No credential is ever stored here."""
+    db["sources"].create({
+        "name": str, "kind": str, "url": str, "polls": int, "successes": int, "failures": int,
+        "arrivals": int, "last_poll_at": str, "last_success_at": str, "last_error": str,
+        "last_error_at": str, "last_detail": str, "etag": str, "last_modified": str, "last_sha256": str,
+    }, pk="name", defaults={"polls": 0, "successes": 0, "failures": 0, "arrivals": 0})
+    db["source_items"].create({
+        "id": int, "source_name": str, "item_key": str, "version": str, "arrival_id": int,
+        "fetched_at": str,
+    }, pk="id", not_null={"source_name", "item_key", "version"})
+    db["source_items"].create_index(["source_name", "item_key", "version"], unique=True)
+
+
+def _m5_features(db: sqlite_utils.Database) -> None:
+    """Model outputs per study, so fit commands never re-run a model (issue 8)."""
+    db["features"].create({
+        "id": int, "arrival_id": int, "study_uid": str, "accession": str, "name": str, "value": float,
+        "created_at": str,
+    }, pk="id", foreign_keys=[("arrival_id", "arrivals", "id")], not_null={"study_uid", "name"})
+    db["features"].create_index(["arrival_id", "study_uid", "name"], unique=True)
+    db["features"].create_index(["study_uid"])
+    db["latents"].create({
+        "id": int, "arrival_id": int, "study_uid": str, "accession": str, "name": str, "dim": int,
+        "vector": bytes, "created_at": str,
+    }, pk="id", foreign_keys=[("arrival_id", "arrivals", "id")], not_null={"study_uid", "name"})
+    db["latents"].create_index(["arrival_id", "study_uid", "name"], unique=True)
+    db["latents"].create_index(["study_uid"])
+
+
+def _m4_caption_cache(db: sqlite_utils.Database) -> None:
+    """Results computed from content (captions): key = hash of image, model, prompt and settings (issue 7)."""
+    db["content_cache"].create({"key": str, "value": str, "created_at": str}, pk="key",
+                               not_null={"value"})
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("0001_initial", _m1_initial),
+    ("0003_sources", _m3_sources),
+    ("0004_caption_cache", _m4_caption_cache),
+    ("0005_features", _m5_features),
 ]
 
 
@@ -256,3 +297,262 @@ class State:
 
     def step_runs(self, arrival_id: int) -> list[dict[str, Any]]:
         return list(self.db.query("select * from step_runs where arrival_id = ? order by id", [arrival_id]))
+
+    # ------------------------------------------------------------------ sources
+    def source_poll_started(self, name: str, kind: str, url: str, at: str) -> None:
+        """Count a poll of a configured source (the row is created on its first poll)."""
+        with self.transaction():
+            self.db.execute("insert into sources (name, kind, url) values (?, ?, ?) on conflict(name) "
+                            "do update set kind = excluded.kind, url = excluded.url", [name, kind, url])
+            self.db.execute("update sources set polls = polls + 1, last_poll_at = ? where name = ?",
+                            [at, name])
+
+    def source_poll_succeeded(self, name: str, at: str, *, arrivals: int, detail: str) -> None:
+        self.db.execute("update sources set successes = successes + 1, arrivals = arrivals + ?, "
+                        "last_success_at = ?, last_detail = ? where name = ?", [arrivals, at, detail, name])
+
+    def source_poll_failed(self, name: str, at: str, *, error: str, arrivals: int = 0) -> None:
+        self.db.execute("update sources set failures = failures + 1, arrivals = arrivals + ?, "
+                        "last_error = ?, last_error_at = ?, last_detail = ? where name = ?",
+                        [arrivals, error, at, "error", name])
+
+    def source_validators(self, name: str) -> dict[str, str | None]:
+        """The ETag, Last-Modified and body sha256 of the last body taken from an http source."""
+        rows = list(self.db.query("select etag, last_modified, last_sha256 from sources where name = ?",
+                                  [name]))
+        return dict(rows[0]) if rows else {"etag": None, "last_modified": None, "last_sha256": None}
+
+    def set_source_validators(self, name: str, *, etag: str | None, last_modified: str | None,
+                              sha256: str) -> None:
+        self.db.execute("update sources set etag = ?, last_modified = ?, last_sha256 = ? where name = ?",
+                        [etag, last_modified, sha256, name])
+
+    def source_item_known(self, source_name: str, item_key: str, version: str) -> bool:
+        """Whether this version of an item (a DICOMweb study) was fetched from this source already."""
+        rows = list(self.db.query("select 1 from source_items where source_name = ? and item_key = ? "
+                                  "and version = ? limit 1", [source_name, item_key, version]))
+        return bool(rows)
+
+    def record_source_item(self, source_name: str, item_key: str, version: str, arrival_id: int | None,
+                           at: str) -> None:
+        self.db.execute("insert or ignore into source_items (source_name, item_key, version, arrival_id, "
+                        "fetched_at) values (?, ?, ?, ?, ?)", [source_name, item_key, version, arrival_id, at])
+
+    def source_items(self, source_name: str) -> list[dict[str, Any]]:
+        return list(self.db.query("select * from source_items where source_name = ? order by id",
+                                  [source_name]))
+
+    def sources(self) -> list[dict[str, Any]]:
+        """Per-source poll bookkeeping for ``status`` and the status endpoint (holds no credentials)."""
+        if not self.db["sources"].exists():  # a read-only connection to a database not yet migrated
+            return []
+        return list(self.db.query(
+            "select name, kind, url, polls, successes, failures, arrivals, last_poll_at, last_success_at, "
+            "last_error, last_error_at, last_detail from sources order by name"))
+
+    # ------------------------------------------------------------------ reports and status
+    # Timestamps are stored as UTC ISO strings of one shape, so ``start``/``end`` compare as text.
+    def ping(self) -> int:
+        """A cheap query that proves the database answers; the number of arrivals."""
+        return int(next(iter(self.db.query("select count(*) as n from arrivals")))["n"])
+
+    def report_studies(self, start: str, end: str) -> list[dict[str, Any]]:
+        """Studies finished in ``[start, end)`` with what the report needs of their arrival."""
+        return list(self.db.query(
+            "select s.id, s.arrival_id, s.study_uid, s.series_uid, s.accession, s.status, "
+            "s.probability_of_pathology, s.pathology, s.most_dangerous_pathology_type, s.error, "
+            "s.json_path, s.seconds, s.result_json, s.finished_at, a.name as source_file, a.kind, "
+            "a.source_name, a.source_url, "
+            "a.created_at as received_at from studies s join arrivals a on a.id = s.arrival_id "
+            "where s.finished_at >= ? and s.finished_at < ? order by s.finished_at, s.id", [start, end]))
+
+    def report_rejections(self, start: str, end: str) -> list[dict[str, Any]]:
+        """Arrivals that ended failed or quarantined in ``[start, end)`` without any study row."""
+        return list(self.db.query(
+            "select a.id as arrival_id, a.name as source_file, a.kind, a.source_name, a.source_url, a.state, "
+            "a.error, "
+            "a.created_at as received_at, a.finished_at, a.claimed_at from arrivals a "
+            "where a.state in ('failed', 'quarantined') and a.finished_at >= ? and a.finished_at < ? "
+            "and not exists (select 1 from studies s where s.arrival_id = a.id) "
+            "order by a.finished_at, a.id", [start, end]))
+
+    def finished_since(self, since: str) -> list[str]:
+        """``finished_at`` of every report row (study or rejected arrival) finished at or after ``since``."""
+        return [row["t"] for row in self.db.query(
+            "select finished_at as t from studies where finished_at >= ? union all "
+            "select finished_at as t from arrivals where state in ('failed', 'quarantined') "
+            "and finished_at >= ?", [since, since])]
+
+    def first_finished(self) -> str | None:
+        rows = list(self.db.query(
+            "select min(t) as t from (select min(finished_at) as t from studies union all "
+            "select min(finished_at) from arrivals where state in ('failed', 'quarantined'))"))
+        return rows[0]["t"] if rows else None
+
+    def queue_depth(self) -> dict[str, int]:
+        """Active arrivals by state and queue: ``pending_day``, ``pending_night``, ``running``."""
+        depth = {"pending_day": 0, "pending_night": 0, "running": 0}
+        for row in self.db.query("select state, night, count(*) as n from arrivals "
+                                 "where state in ('pending', 'running') group by state, night"):
+            key = "running" if row["state"] == "running" else (
+                "pending_night" if row["night"] else "pending_day")
+            depth[key] += row["n"]
+        return depth
+
+    def outcomes_since(self, since: str) -> dict[str, int]:
+        """Studies by status finished since ``since``, plus arrivals failed/quarantined without a study."""
+        counts = {row["status"]: row["n"] for row in self.db.query(
+            "select status, count(*) as n from studies where finished_at >= ? group by status", [since])}
+        for row in self.db.query(
+                "select state, count(*) as n from arrivals a where state in ('failed', 'quarantined') "
+                "and finished_at >= ? and not exists (select 1 from studies s where s.arrival_id = a.id) "
+                "group by state", [since]):
+            counts[row["state"]] = counts.get(row["state"], 0) + row["n"]
+        return counts
+
+    def studies_by_status(self) -> dict[str, int]:
+        return {row["status"]: row["n"] for row in self.db.query(
+            "select status, count(*) as n from studies group by status")}
+
+    def recent_arrivals(self, limit: int = 20) -> list[dict[str, Any]]:
+        """The newest arrivals without names, paths or error text (safe for the status endpoint)."""
+        return list(self.db.query(
+            "select a.id, a.state, a.kind, a.night, a.attempts, a.created_at, a.claimed_at, a.finished_at, "
+            "(select count(*) from studies s where s.arrival_id = a.id) as studies "
+            "from arrivals a order by a.id desc limit ?", [limit]))
+
+    def step_means(self) -> list[dict[str, Any]]:
+        """Mean seconds and run count of each step id over the steps that ran to completion."""
+        return list(self.db.query(
+            "select step_id, count(*) as runs, avg(seconds) as mean_seconds, sum(seconds) as total_seconds "
+            "from step_runs where status = 'done' group by step_id order by step_id"))
+
+    def recent_arrival_spans(self, limit: int = 20) -> list[tuple[str, str]]:
+        """(claimed_at, finished_at) of the newest arrivals that finished processing (for an ETA)."""
+        return [(row["claimed_at"], row["finished_at"]) for row in self.db.query(
+            "select claimed_at, finished_at from arrivals where state in ('done', 'failed') "
+            "and claimed_at is not null and finished_at is not null order by id desc limit ?", [limit])]
+
+    def claim_next_until(self, night_before: str | None) -> dict[str, Any] | None:
+        """Like :meth:`claim_next`, but night arrivals only when registered before ``night_before``.
+
+        ``None`` claims from the day queue only. The day queue always goes first.
+        """
+        night_clause = "and night = 0" if night_before is None else "and (night = 0 or created_at < ?)"
+        args = [] if night_before is None else [night_before]
+        with self.transaction():
+            rows = list(self.db.query(
+                f"select id from arrivals where state = 'pending' {night_clause} order by night, id limit 1",
+                args))
+            if not rows:
+                return None
+            self.db.execute("update arrivals set state = 'running', attempts = attempts + 1, "
+                            "claimed_at = ? where id = ?", [utcnow(), rows[0]["id"]])
+        return self.arrival(rows[0]["id"])
+
+    # ------------------------------------------------------------------ features
+    def record_features(self, arrival_id: int, study_uid: str, accession: str | None,
+                        features: dict[str, float], latents: dict[str, Any] | None = None) -> None:
+        """Store one study's model outputs (name → number) and latent vectors (float32 BLOBs).
+
+        A re-run of the same arrival replaces them; non-finite numbers are stored as NULL.
+        """
+        import numpy as np
+
+        now = utcnow()
+        with self.transaction():
+            for table in ("features", "latents"):
+                self.db.execute(f"delete from {table} where arrival_id = ? and study_uid = ?",
+                                [arrival_id, study_uid])
+            for name, value in sorted(features.items()):
+                number = float(value) if value is not None else None
+                self.db["features"].insert({
+                    "arrival_id": arrival_id, "study_uid": study_uid, "accession": accession, "name": name,
+                    "value": number if number is not None and np.isfinite(number) else None,
+                    "created_at": now})
+            for name, vector in (latents or {}).items():
+                if vector is None:
+                    continue
+                array = np.asarray(vector, dtype="<f4").ravel()
+                self.db["latents"].insert({
+                    "arrival_id": arrival_id, "study_uid": study_uid, "accession": accession, "name": name,
+                    "dim": int(array.size), "vector": array.tobytes(), "created_at": now})
+
+    def study_features(self) -> list[dict[str, Any]]:
+        """Features of every study, from its latest arrival that recorded any.
+
+        One dict per study: ``{"study_uid", "accession", "arrival_id", "features": {name: value}}``
+        (NULL values come back as NaN).
+        """
+        studies: dict[str, dict[str, Any]] = {}
+        for row in self.db.query(
+                "select f.arrival_id, f.study_uid, f.accession, f.name, f.value from features f "
+                "join (select study_uid, max(arrival_id) as latest from features group by study_uid) m "
+                "on f.study_uid = m.study_uid and f.arrival_id = m.latest order by f.study_uid, f.name"):
+            entry = studies.setdefault(row["study_uid"], {
+                "study_uid": row["study_uid"], "accession": row["accession"], "arrival_id": row["arrival_id"],
+                "features": {}})
+            entry["features"][row["name"]] = float("nan") if row["value"] is None else float(row["value"])
+        return list(studies.values())
+
+    def study_latents(self, name: str) -> list[dict[str, Any]]:
+        """Latent vectors called ``name`` (e.g. ``ctclip``), one per study from its latest arrival.
+
+        One dict per study: ``{"study_uid", "accession", "arrival_id", "vector": float32 array}``.
+        """
+        import numpy as np
+
+        return [{"study_uid": row["study_uid"], "accession": row["accession"], "arrival_id": row["arrival_id"],
+                 "vector": np.frombuffer(row["vector"], dtype="<f4").astype(np.float32)}
+                for row in self.db.query(
+                    "select l.arrival_id, l.study_uid, l.accession, l.vector from latents l "
+                    "join (select study_uid, max(arrival_id) as latest from latents where name = ? "
+                    "group by study_uid) m on l.study_uid = m.study_uid and l.arrival_id = m.latest "
+                    "where l.name = ? order by l.study_uid", [name, name])]
+
+    # ------------------------------------------------------------------ content cache
+    def content_get(self, key: str) -> str | None:
+        """The value stored under ``key`` (e.g. a caption), or None."""
+        rows = list(self.db.query("select value from content_cache where key = ?", [key]))
+        return rows[0]["value"] if rows else None
+
+    def content_put(self, key: str, value: str) -> None:
+        self.db.execute("insert or replace into content_cache (key, value, created_at) values (?, ?, ?)",
+                        [key, value, utcnow()])
+
+    @staticmethod
+    def content_cache(path: Path) -> ContentCacheStore:
+        """The ``get``/``put`` content cache that steps use (``StepEnv.content_cache``), on this database."""
+        return ContentCacheStore(path)
+
+
+class ContentCacheStore:
+    """``get(key)``/``put(key, value)`` over the ``content_cache`` table for any thread: each thread that
+    uses it gets its own :class:`State` connection, opened on first use."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._local = threading.local()
+        self._opened: list[State] = []
+        self._lock = threading.Lock()
+
+    def _state(self) -> State:
+        state = getattr(self._local, "state", None)
+        if state is None:
+            state = self._local.state = State(self.path)
+            with self._lock:
+                self._opened.append(state)
+        return state
+
+    def get(self, key: str) -> str | None:
+        return self._state().content_get(key)
+
+    def put(self, key: str, value: str) -> None:
+        self._state().content_put(key, value)
+
+    def close(self) -> None:
+        """Close every connection this store opened (call once its threads are done)."""
+        with self._lock:
+            opened, self._opened = self._opened, []
+        for state in opened:
+            state.close()

@@ -8,12 +8,13 @@ implement the same ``process(arrival, should_stop)`` while the coordinator keeps
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,6 +28,7 @@ from processor.pipeline.runner import PipelineRunner
 from processor.pipeline.spec import Pipeline
 from processor.pipeline.step import StudyContext
 from processor.state import State, utcnow
+from processor.steps.ensemble import collect_features
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,14 @@ class StudyDone:
 
 
 class LocalExecutor:
-    """Runs the pipeline in this process, one arrival at a time."""
+    """Runs the pipeline in this process, one arrival at a time.
+
+    ``finish_study_on_stop`` (set by the composition root from ``worker.shutdown: study``) lets a
+    running study finish its steps after a stop request; the stop then takes effect before the
+    next study.
+    """
+
+    finish_study_on_stop: bool = False
 
     def __init__(self, state: State, pipeline: Pipeline, *, outbox: Path, limits: Limits, device: str,
                  layout_for: Callable[[Path], InboxLayout]) -> None:
@@ -110,7 +119,8 @@ class LocalExecutor:
         started = time.monotonic()
         json_path = self.json_path_for(arrival, study.uid)
         ctx = StudyContext(arrival["id"], study, json_path.with_suffix(""))
-        outcome = self.runner.run(ctx, should_stop=should_stop)
+        step_stop = (lambda: False) if self.finish_study_on_stop else should_stop
+        outcome = self.runner.run(ctx, should_stop=step_stop)
         if outcome.interrupted:
             raise Interrupted
         seconds = time.monotonic() - started
@@ -131,6 +141,8 @@ class LocalExecutor:
             "error": outcome.error, "json_path": str(json_path), "seconds": seconds, "result": result,
         }, [{"step_id": r.step_id, "uses": r.uses, "status": r.status, "seconds": r.seconds,
              "error": r.error} for r in outcome.steps])
+        self.state.record_features(arrival["id"], study.uid, study.accession, collect_features(ctx.result),
+                                   {"ctclip": ctx.values.get("ctclip_latent")})
         log.info("study.done arrival=%s study=%s status=%s seconds=%.2f json=%s",
                  arrival["id"], study.uid, outcome.status, seconds, json_path)
         return StudyDone(study.uid, outcome.status, json_path, outcome.error)
@@ -194,26 +206,51 @@ def _no_dicom_message(members: int, skipped: Counter[str]) -> str:
     return f"no DICOM images found among {members} file(s) ({detail}); export the study as DICOM files"
 
 
+FAR_FUTURE = "9999-12-31T23:59:59+00:00"
+
+
 class Worker:
-    """The one thread that claims arrivals and runs them, day queue first; night only when allowed."""
+    """The one thread that claims arrivals and runs them, day queue first; night only when allowed.
+
+    Hooks, all optional: ``night_allowed(now)`` (may night arrivals be claimed?) or the finer
+    ``night_before(now)`` (night arrivals registered before the returned instant may; None: none),
+    ``can_claim()`` (the disk guard), ``on_processed(arrival_id, outcome)`` (the report thread) and
+    ``clock()`` (local time, so tests can put the worker in the night window).
+    """
 
     def __init__(self, state_path: Path, make_executor: Callable[[State], Executor], *,
                  night_allowed: Callable[[datetime], bool] = lambda now: True,
-                 can_claim: Callable[[], bool] = lambda: True, poll_seconds: float = 1.0) -> None:
+                 can_claim: Callable[[], bool] = lambda: True, poll_seconds: float = 1.0,
+                 night_before: Callable[[datetime], datetime | None] | None = None,
+                 on_processed: Callable[[int, str], None] | None = None,
+                 clock: Callable[[], datetime] = datetime.now) -> None:
         self.state_path = state_path
         self.make_executor = make_executor
         self.night_allowed = night_allowed
+        self.night_before = night_before
         self.can_claim = can_claim
+        self.on_processed = on_processed
+        self.clock = clock
         self.poll_seconds = poll_seconds
         self.stop_event = threading.Event()
         self.wake_event = threading.Event()
         self.current: int | None = None
+        self.current_since: float | None = None
         self.last_beat = time.time()
+        self.idle_passes = 0
+        self.processed = 0
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="ctwatch-worker", daemon=True)
         self._thread.start()
+
+    def night_cutoff(self, now: datetime) -> str | None:
+        """The stored-timestamp bound for night arrivals at ``now`` (None: day queue only)."""
+        if self.night_before is None:
+            return FAR_FUTURE if self.night_allowed(now) else None
+        before = self.night_before(now)
+        return None if before is None else before.astimezone(UTC).isoformat(timespec="seconds")
 
     def _loop(self) -> None:
         state = State(self.state_path)
@@ -221,18 +258,29 @@ class Worker:
         try:
             while not self.stop_event.is_set():
                 self.last_beat = time.time()
-                arrival = None
-                if self.can_claim():
-                    arrival = state.claim_next(allow_night=self.night_allowed(datetime.now()))
+                try:
+                    arrival = self._claim(state)
+                except sqlite3.Error:  # e.g. the disk filled up under SQLite; wait and try again
+                    log.exception("worker.claim_failed db=%s", self.state_path)
+                    arrival = None
                 if arrival is None:
+                    self.idle_passes += 1
                     self.wake_event.wait(self.poll_seconds)
                     self.wake_event.clear()
                     continue
-                self.current = arrival["id"]
-                executor.process(arrival, self.stop_event.is_set)
-                self.current = None
+                self.current, self.current_since = arrival["id"], time.time()
+                outcome = executor.process(arrival, self.stop_event.is_set)
+                self.current = self.current_since = None
+                self.processed += 1
+                if self.on_processed is not None:
+                    self.on_processed(arrival["id"], outcome)
         finally:
             state.close()
+
+    def _claim(self, state: State) -> dict[str, Any] | None:
+        if not self.can_claim():
+            return None
+        return state.claim_next_until(self.night_cutoff(self.clock()))
 
     def stop(self) -> None:
         self.stop_event.set()

@@ -51,13 +51,6 @@ class PipelineRunner:
             if error is not None:
                 records.append(StepRecord(sid, compiled.uses, "not_run", error="an earlier step failed"))
                 continue
-            missing_inputs = [n for n in step.needs if n not in ctx.values]
-            if missing_inputs:
-                reason = f"needs {', '.join(missing_inputs)}, which an earlier skipped step did not provide"
-                records.append(StepRecord(sid, compiled.uses, "skipped", error=reason))
-                log.info("step.skipped study=%s step=%s reason=%r", ctx.label, sid, reason)
-                partial = True
-                continue
             missing = [str(p) for p in step.weight_files() if not p.exists()]
             if missing:
                 reason = "weights not installed: " + ", ".join(missing)
@@ -68,6 +61,13 @@ class PipelineRunner:
                     records.append(StepRecord(sid, compiled.uses, "skipped", error=reason, missing=missing))
                     partial = True
                 log.info("step.skipped study=%s step=%s reason=%r", ctx.label, sid, reason)
+                continue
+            missing_inputs = [n for n in step.needs if n not in ctx.values]
+            if missing_inputs:
+                reason = f"needs {', '.join(missing_inputs)}, which an earlier skipped step did not provide"
+                records.append(StepRecord(sid, compiled.uses, "skipped", error=reason))
+                log.info("step.skipped study=%s step=%s reason=%r", ctx.label, sid, reason)
+                partial = True
                 continue
             record, failure = self._run_step(compiled, ctx)
             records.append(record)

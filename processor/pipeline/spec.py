@@ -129,6 +129,7 @@ def compile_steps(spec: PipelineSpec, registry: StepRegistry,
                                 f"earlier step provides. Fix: add a step that provides it before this one "
                                 f"({_providers(registry, need)}).")
         step = cls(params, env)
+        step.step_id = step_spec.id
         problems.extend(f"{where} ({step_spec.id}): {p}" for p in step.check())
         for name in cls.provides:
             provided[name] = step_spec.id

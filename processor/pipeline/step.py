@@ -66,6 +66,7 @@ class Step:
     optional_needs: ClassVar[tuple[str, ...]] = ()
     provides: ClassVar[tuple[str, ...]] = ()
     device: ClassVar[str] = "cpu"
+    step_id: str = ""  # the pipeline's id for this step instance; set by compile_steps
 
     def __init__(self, params: Params, env: StepEnv) -> None:
         self.params = params

@@ -6,9 +6,9 @@ from processor.pipeline.registry import StepRegistry
 
 
 def default_registry() -> StepRegistry:
-    from processor.steps import quantify, render, series, util, volume
+    from processor.steps import anomaly, caption, ctclip, ensemble, quantify, render, series, util, volume
 
     registry = StepRegistry()
-    for module in (series, util, volume, quantify, render):
+    for module in (series, util, volume, quantify, render, ctclip, caption, ensemble, anomaly):
         module.register(registry)
     return registry

@@ -1,0 +1,161 @@
+"""What the fit commands share: the labels CSV, joining it to stored studies, hashes and cards.
+
+Labels CSV: one row per study, keyed by ``study_uid`` (also accepted: ``StudyInstanceUID``) or
+``accession`` (``AccessionNumber``); the other columns are binary labels (0/1; an empty cell is
+"unknown" and that study is left out for that label only). When both keys are present the study
+UID is used and the accession is the fallback for rows whose UID is empty.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from processor.errors import ConfigError
+
+UID_NAMES = ("study_uid", "studyinstanceuid", "study_instance_uid")
+ACCESSION_NAMES = ("accession", "accessionnumber", "accession_number")
+
+
+@dataclass
+class Labels:
+    """A parsed labels CSV: key columns and the binary label columns (NaN = unknown)."""
+
+    path: Path
+    uid: list[str | None]
+    accession: list[str | None]
+    columns: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.uid)
+
+
+def _text(value: Any) -> str | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def read_labels(path: Path, wanted: Sequence[str] | None = None) -> Labels:
+    """Read and check a labels CSV; every problem is a ConfigError naming the file and the fix."""
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise ConfigError(f"{path}: cannot read the labels CSV ({exc}). Fix: pass a comma-separated file "
+                          "with a header row.") from exc
+    lower = {c.strip().lower(): c for c in frame.columns}
+    uid_col = next((lower[n] for n in UID_NAMES if n in lower), None)
+    acc_col = next((lower[n] for n in ACCESSION_NAMES if n in lower), None)
+    if uid_col is None and acc_col is None:
+        raise ConfigError(f"{path}: no key column. Fix: add a column `study_uid` (StudyInstanceUID) or "
+                          f"`accession`; the columns are {list(frame.columns)}.")
+    label_cols = [c for c in frame.columns if c not in (uid_col, acc_col)]
+    if wanted is not None:
+        missing = [w for w in wanted if w not in label_cols]
+        if missing:
+            raise ConfigError(f"{path}: no column {', '.join(map(repr, missing))}. Fix: check the spelling; "
+                              f"the label columns are {label_cols}.")
+        label_cols = list(wanted)
+    columns: dict[str, np.ndarray] = {}
+    for col in label_cols:
+        values = np.full(len(frame), np.nan)
+        for i, cell in enumerate(frame[col]):
+            text = cell.strip()
+            if text == "":
+                continue
+            if text not in ("0", "1", "0.0", "1.0"):
+                raise ConfigError(f"{path}: row {i + 2}, column {col!r} is {cell!r}. Fix: labels are 0 or 1 "
+                                  "(leave the cell empty when unknown).")
+            values[i] = float(text)
+        columns[col] = values
+    none: list[str | None] = [None] * len(frame)
+    uids = [_text(v) for v in frame[uid_col]] if uid_col else none
+    accs = [_text(v) for v in frame[acc_col]] if acc_col else list(none)
+    for i, (u, a) in enumerate(zip(uids, accs, strict=True)):
+        if u is None and a is None:
+            raise ConfigError(f"{path}: row {i + 2} has neither a study UID nor an accession. Fix: fill one in.")
+    for name, keys in (("study_uid", uids), ("accession", accs)):
+        seen = [k for k in keys if k is not None]
+        dupes = sorted({k for k in seen if seen.count(k) > 1})
+        if dupes:
+            raise ConfigError(f"{path}: {name} {dupes[0]!r} appears more than once. Fix: one row per study.")
+    return Labels(path, uids, accs, columns)
+
+
+@dataclass
+class Joined:
+    """Label rows matched to stored studies: ``rows[i]`` is the stored study of ``label_index[i]``."""
+
+    rows: list[dict[str, Any]]
+    label_index: np.ndarray
+    unmatched: list[str]
+
+
+def join(labels: Labels, studies: Sequence[dict[str, Any]]) -> Joined:
+    """Match label rows to stored studies by study UID, else by accession (unique ones only)."""
+    by_uid = {s["study_uid"]: s for s in studies}
+    by_acc: dict[str, list[dict[str, Any]]] = {}
+    for s in studies:
+        if s.get("accession"):
+            by_acc.setdefault(s["accession"], []).append(s)
+    rows, index, unmatched = [], [], []
+    for i, (uid, acc) in enumerate(zip(labels.uid, labels.accession, strict=True)):
+        study = by_uid.get(uid) if uid else None
+        if study is None and acc and len(by_acc.get(acc, [])) == 1:
+            study = by_acc[acc][0]
+        if study is None:
+            unmatched.append(uid or f"accession {acc}")
+            continue
+        rows.append(study)
+        index.append(i)
+    return Joined(rows, np.asarray(index, dtype=int), unmatched)
+
+
+def data_hash(keys: Sequence[str], *arrays: np.ndarray) -> str:
+    """sha256 of the training set: study keys in order plus the exact bytes of features and labels."""
+    digest = hashlib.sha256()
+    for key in keys:
+        digest.update(key.encode() + b"\0")
+    for array in arrays:
+        digest.update(np.ascontiguousarray(array, dtype="<f8").tobytes())
+    return digest.hexdigest()
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_card(path: Path, card: dict[str, Any]) -> None:
+    write_bytes_atomic(path, (json.dumps(card, indent=2, allow_nan=False) + "\n").encode())
+
+
+def unmatched_note(joined: Joined, total: int) -> str:
+    if not joined.unmatched:
+        return f"{total} labelled studies, all found in the database"
+    shown = ", ".join(joined.unmatched[:3]) + (" …" if len(joined.unmatched) > 3 else "")
+    return (f"{total} labelled studies, {len(joined.rows)} found in the database; {len(joined.unmatched)} "
+            f"not processed yet (or processed without this model): {shown}")

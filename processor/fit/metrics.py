@@ -1,0 +1,207 @@
+"""Binary-classification metrics, stratified folds, a metrics table and a ROC plot (Pillow).
+
+scikit-learn is not a dependency, so these are written here (a deliberate choice, small and
+tested): AUROC is the Mann–Whitney U statistic from average ranks (``scipy.stats.rankdata``), so
+tied scores count one half, exactly like ``sklearn.metrics.roc_auc_score``. Its 95 % interval uses
+the Hanley & McNeil (1982) standard error. Thresholds: Youden's J (max sensitivity + specificity
+− 1) or the highest threshold that reaches a target sensitivity. A case is positive when
+``score >= threshold`` (the same rule as the ``decision`` step).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from scipy.stats import rankdata
+
+
+def _arrays(y: Sequence[float] | np.ndarray, s: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    y_arr = np.asarray(y, dtype=float).ravel()
+    s_arr = np.asarray(s, dtype=float).ravel()
+    if y_arr.shape != s_arr.shape:
+        raise ValueError(f"labels ({y_arr.size}) and scores ({s_arr.size}) differ in length")
+    if not np.isin(y_arr, (0.0, 1.0)).all():
+        raise ValueError("labels must be 0 or 1")
+    return y_arr.astype(bool), s_arr
+
+
+def auroc(y: Sequence[float] | np.ndarray, s: Sequence[float] | np.ndarray) -> float:
+    """Area under the ROC curve; NaN when only one class is present."""
+    pos, scores = _arrays(y, s)
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(scores)  # average ranks: ties count 1/2
+    u = ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def auroc_ci(auc: float, n_pos: int, n_neg: int, z: float = 1.959964) -> tuple[float, float]:
+    """Approximate 95 % confidence interval of an AUROC (Hanley & McNeil standard error)."""
+    if math.isnan(auc) or n_pos == 0 or n_neg == 0:
+        return float("nan"), float("nan")
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    var = (auc * (1 - auc) + (n_pos - 1) * (q1 - auc * auc) + (n_neg - 1) * (q2 - auc * auc)) / (n_pos * n_neg)
+    se = math.sqrt(max(var, 1e-12))
+    return max(0.0, auc - z * se), min(1.0, auc + z * se)
+
+
+def roc_curve(y: Sequence[float] | np.ndarray,
+              s: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fpr, tpr, thresholds), thresholds descending; the first point is (0, 0) at +inf."""
+    pos, scores = _arrays(y, s)
+    order = np.argsort(-scores, kind="mergesort")
+    scores, pos = scores[order], pos[order]
+    last_of_run = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]
+    tps = np.cumsum(pos)[last_of_run]
+    fps = (last_of_run + 1) - tps
+    n_pos, n_neg = max(int(pos.sum()), 1), max(int((~pos).sum()), 1)
+    fpr = np.r_[0.0, fps / n_neg]
+    tpr = np.r_[0.0, tps / n_pos]
+    return fpr, tpr, np.r_[np.inf, scores[last_of_run]]
+
+
+def sensitivity_specificity(y: Sequence[float] | np.ndarray, s: Sequence[float] | np.ndarray,
+                            threshold: float) -> tuple[float, float]:
+    pos, scores = _arrays(y, s)
+    called = scores >= threshold
+    sens = float((called & pos).sum() / pos.sum()) if pos.any() else float("nan")
+    spec = float((~called & ~pos).sum() / (~pos).sum()) if (~pos).any() else float("nan")
+    return sens, spec
+
+
+def youden_threshold(y: Sequence[float] | np.ndarray, s: Sequence[float] | np.ndarray) -> float:
+    """The score threshold maximising sensitivity + specificity − 1 (ties: the higher threshold)."""
+    fpr, tpr, thresholds = roc_curve(y, s)
+    j = tpr[1:] - fpr[1:]
+    return float(thresholds[1:][int(np.argmax(j))])
+
+
+def threshold_for_sensitivity(y: Sequence[float] | np.ndarray, s: Sequence[float] | np.ndarray,
+                              target: float) -> float:
+    """The highest threshold whose sensitivity is at least ``target`` (best specificity for it)."""
+    if not 0 < target <= 1:
+        raise ValueError(f"target sensitivity must be in (0, 1], got {target}")
+    _, tpr, thresholds = roc_curve(y, s)
+    ok = np.flatnonzero(tpr[1:] >= target - 1e-12)
+    return float(thresholds[1:][ok[0]])
+
+
+@dataclass(frozen=True)
+class BinaryReport:
+    n: int
+    positives: int
+    auroc: float
+    auroc_low: float
+    auroc_high: float
+    threshold: float
+    sensitivity: float
+    specificity: float
+
+    @property
+    def better_than_chance(self) -> bool:
+        """True when the 95 % interval of the AUROC lies above 0.5."""
+        return not math.isnan(self.auroc_low) and self.auroc_low > 0.5
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "positives": self.positives, "auroc": _r(self.auroc),
+                "auroc_ci95": [_r(self.auroc_low), _r(self.auroc_high)], "threshold": _r(self.threshold),
+                "sensitivity": _r(self.sensitivity), "specificity": _r(self.specificity),
+                "better_than_chance": self.better_than_chance}
+
+
+def _r(value: float) -> float | None:
+    return None if value is None or math.isnan(value) else round(float(value), 4)
+
+
+def binary_report(y: Sequence[float] | np.ndarray, s: Sequence[float] | np.ndarray,
+                  threshold: float) -> BinaryReport:
+    pos, _ = _arrays(y, s)
+    auc = auroc(y, s)
+    low, high = auroc_ci(auc, int(pos.sum()), int((~pos).sum()))
+    sens, spec = sensitivity_specificity(y, s, threshold)
+    return BinaryReport(int(pos.size), int(pos.sum()), auc, low, high, threshold, sens, spec)
+
+
+def stratified_folds(strata: Sequence[object] | np.ndarray, k: int,
+                     seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``k`` (train, test) index pairs; each stratum is shuffled and dealt round-robin to the folds."""
+    strata = np.asarray(strata)
+    if k < 2:
+        raise ValueError("cross-validation needs at least 2 folds")
+    if strata.size < k:
+        raise ValueError(f"{strata.size} rows cannot be split into {k} folds")
+    rng = np.random.default_rng(seed)
+    fold_of = np.empty(strata.size, dtype=int)
+    offset = 0
+    for value in np.unique(strata):
+        idx = np.flatnonzero(strata == value)
+        rng.shuffle(idx)
+        fold_of[idx] = (np.arange(idx.size) + offset) % k
+        offset += idx.size  # continue the deal where the last stratum stopped: folds stay balanced
+    everything = np.arange(strata.size)
+    return [(everything[fold_of != f], everything[fold_of == f]) for f in range(k)]
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain-text table with aligned columns (numbers right-aligned)."""
+    def cell(value: object) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.3f}"
+        return str(value)
+
+    text = [[cell(v) for v in row] for row in rows]
+    widths = [max([len(h), *(len(r[i]) for r in text)]) for i, h in enumerate(headers)]
+    numeric = [all(isinstance(row[i], int | float) or row[i] is None for row in rows) for i in range(len(headers))]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True))
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in text)]).rstrip()
+
+
+_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75),
+            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+
+
+def roc_png(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], title: str, size: int = 560,
+            marker: tuple[float, float] | None = None) -> bytes:
+    """PNG bytes of ROC curves (label → (fpr, tpr)), with the chance diagonal and an optional point."""
+    font = ImageFont.load_default()
+    img = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(img)
+    left, top, right, bottom = 56, 34, size - 16, size - 46
+    width, height = right - left, bottom - top
+
+    def xy(fx: float, ty: float) -> tuple[float, float]:
+        return left + fx * width, bottom - ty * height
+
+    for tick in np.linspace(0, 1, 6):
+        x, y = xy(tick, tick)
+        draw.line([(x, top), (x, bottom)], fill=(230, 230, 230))
+        draw.line([(left, y), (right, y)], fill=(230, 230, 230))
+        draw.text((x - 8, bottom + 6), f"{tick:.1f}", fill="black", font=font)
+        draw.text((left - 30, y - 6), f"{tick:.1f}", fill="black", font=font)
+    draw.rectangle([left, top, right, bottom], outline="black")
+    draw.line([xy(0, 0), xy(1, 1)], fill=(160, 160, 160), width=1)
+    for i, (label, (fpr, tpr)) in enumerate(curves.items()):
+        colour = _COLOURS[i % len(_COLOURS)]
+        draw.line([xy(float(f), float(t)) for f, t in zip(fpr, tpr, strict=True)], fill=colour, width=2)
+        draw.text((left + 8, bottom - 16 - 14 * (len(curves) - 1 - i)), label, fill=colour, font=font)
+    if marker is not None:
+        x, y = xy(*marker)
+        draw.ellipse([x - 4, y - 4, x + 4, y + 4], outline="black", width=2)
+    draw.text((left, 10), title, fill="black", font=font)
+    draw.text((left + width / 2 - 70, size - 22), "1 - specificity (FPR)", fill="black", font=font)
+    draw.text((4, top - 26), "sensitivity", fill="black", font=font)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
