@@ -171,9 +171,12 @@ class Daemon:
 
     # ------------------------------------------------------------------ life cycle
     def recover(self) -> None:
+        """After a crash: running arrivals back to pending, and our own half-written temp files gone."""
         for row in self.c.state.recover_running(self.c.settings.limits.max_attempts):
             log.warning("arrival.recovered arrival=%s state=%s attempts=%s", row["id"], row["state"],
                         row["attempts"])
+        for stale in remove_stale_temp_files(self.c.settings.outbox):
+            log.warning("outbox.stale_temp_removed path=%s", stale)
 
     def start(self) -> None:
         self.recover()
@@ -238,6 +241,14 @@ class Daemon:
 
 
 RESCAN_SECONDS = 60.0
+
+
+def remove_stale_temp_files(outbox: Path) -> list[Path]:
+    """Delete the ``.<name>.*.tmp`` files an interrupted atomic write left (ours, never user data)."""
+    stale = [p for p in outbox.rglob(".*.tmp") if p.is_file()] if outbox.exists() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def guarded_volumes(settings: Settings) -> list[tuple[str, Path]]:

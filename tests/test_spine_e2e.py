@@ -165,6 +165,10 @@ def test_sigkill_during_study_then_restart(project: Project, tmp_path: Path) -> 
         daemon.kill()
         daemon.wait(timeout=30)
     assert project.results() == []
+    # What a write interrupted by the kill would leave: removed at the next start, never served.
+    stale = project.outbox / "2000-01-01" / ".1.2.3.json.abcd.tmp"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("{half")
     restarted = project.start()
     try:
         wait_for(lambda: states(project) == [("done",)], 60, "done after restart")
@@ -173,6 +177,7 @@ def test_sigkill_during_study_then_restart(project: Project, tmp_path: Path) -> 
     assert len(project.results()) == 1
     assert db_rows(project, "select attempts from arrivals") == [(2,)]
     assert "arrival.recovered" in project.log_text()
+    assert not stale.exists() and "outbox.stale_temp_removed" in project.log_text()
 
 
 def test_sigterm_during_study_leaves_no_running_row(project: Project) -> None:

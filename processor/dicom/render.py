@@ -15,14 +15,14 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from processor.atomic import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -90,14 +90,6 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 
 def write_atomic(path: Path, data: bytes) -> str:
-    """Write ``data`` to ``path`` via a temp file + os.replace; return its sha256."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``data`` to ``path`` atomically; return its sha256."""
+    write_bytes_atomic(path, data)
     return hashlib.sha256(data).hexdigest()

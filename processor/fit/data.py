@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -22,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from processor.atomic import write_bytes_atomic
 from processor.errors import ConfigError
 
 UID_NAMES = ("study_uid", "studyinstanceuid", "study_instance_uid")
@@ -135,18 +134,6 @@ def data_hash(keys: Sequence[str], *arrays: np.ndarray) -> str:
 
 def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_card(path: Path, card: dict[str, Any]) -> None:

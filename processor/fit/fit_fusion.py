@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from processor.atomic import write_bytes_atomic
 from processor.errors import ConfigError
 from processor.fit import metrics
 from processor.fit.data import (
@@ -36,7 +37,6 @@ from processor.fit.data import (
     now_iso,
     read_labels,
     unmatched_note,
-    write_bytes_atomic,
     write_card,
 )
 from processor.state import State

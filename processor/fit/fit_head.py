@@ -19,9 +19,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from processor.atomic import write_bytes_atomic
 from processor.errors import ConfigError
 from processor.fit import metrics
-from processor.fit.data import data_hash, join, now_iso, read_labels, unmatched_note, write_bytes_atomic
+from processor.fit.data import data_hash, join, now_iso, read_labels, unmatched_note
 from processor.models.head import FindingHead, build_head, save_head
 from processor.state import State
 

@@ -1,16 +1,17 @@
 """The per-study result JSON: building it (a superset of the CT-CLIP Inference API) and writing it.
 
-Writes are atomic (temp file in the same folder, fsync, ``os.replace``), so a reader or a crash
-never sees half a file. ``result.schema.json`` beside this module is the published schema.
+Writes are atomic (:mod:`processor.atomic`), so a reader or a crash never sees half a file. ``result.schema.json`` beside this module is the published schema.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from processor.atomic import write_json_atomic
+
+__all__ = ["build_result", "load_schema", "write_json_atomic"]
 
 SCHEMA_VERSION = "1.0"
 SCHEMA_PATH = Path(__file__).with_name("result.schema.json")
@@ -49,29 +50,6 @@ def build_result(*, study_uid: str, accession: str | None, outcome_status: str, 
     for key, value in sections.items():
         result.setdefault(key, value)
     return result
-
-
-def write_json_atomic(path: Path, document: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(document, fh, indent=2, sort_keys=False, default=_default)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _default(value: Any) -> Any:
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
 def load_schema() -> dict[str, Any]:

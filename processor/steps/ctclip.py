@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import io
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import Field, field_validator
 
+from processor.atomic import write_bytes_atomic
 from processor.errors import ConfigError, WeightsError
 from processor.pipeline.registry import StepRegistry
 from processor.pipeline.spec import safe_name
@@ -236,7 +235,7 @@ class _CTClipStep(Step):
         name = f"ctclip_latent_{safe_name(self.sid)}.npy"
         buffer = io.BytesIO()
         np.save(buffer, latent)
-        _write_atomic(ctx.out_dir / name, buffer.getvalue())
+        write_bytes_atomic(ctx.out_dir / name, buffer.getvalue())
         return f"{ctx.out_dir.name}/{name}"
 
 
@@ -312,20 +311,6 @@ class Classify(_CTClipStep):
             raise WeightsError(f"the CT-LiPro head has {probs.shape[0]} outputs, expected "
                                f"{len(CTRATE_FINDINGS)} (the CT-RATE findings).")
         return {name: float(p) for name, p in zip(CTRATE_FINDINGS, probs.tolist(), strict=True)}
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def register(registry: StepRegistry) -> None:
