@@ -432,3 +432,26 @@ def test_source_threads_poll_at_start_then_on_their_interval_and_stop(tmp_path: 
     hits = site.hits("/exports/latest.zip")
     assert len(hits) >= 2 and hits[1][2] - hits[0][2] >= 0.9, "polled at start, then after every: 1s"
     assert len(woken) == 1, "the worker is woken for the one new body; the 304 adds nothing"
+
+
+def test_running_daemon_polls_a_source_into_a_study_json_and_status(tmp_path: Path, site: Site) -> None:
+    export = Export(tmp_path / "served")
+    site.routes["/latest.zip"] = export
+    project, _ = configure(tmp_path / "p", [{"name": "scanner-export", "kind": "http",
+                                             "url": site.url("/latest.zip"), "every": "1s"}])
+    daemon = project.start()
+    try:
+        from tests.conftest import wait_for
+
+        wait_for(lambda: project.results(), 60, "the polled study's JSON")
+        wait_for(lambda: len(site.hits("/latest.zip")) >= 2, 30, "a second, conditional poll")
+    finally:
+        daemon.terminate()
+        assert daemon.wait(timeout=60) == 0, project.log_text()[-3000:]
+    doc = json.loads(project.results()[0].read_text())
+    assert doc["source"]["kind"] == "http" and doc["source"]["source_name"] == "scanner-export"
+    assert doc["source"]["url"] == site.url("/latest.zip")
+    assert len(project.results()) == 1, "an unchanged body is never processed again"
+    assert any("if-none-match" in headers for _, headers, _ in site.hits("/latest.zip")[1:])
+    status = project.run("status")
+    assert "scanner-export" in status.stdout
