@@ -19,16 +19,21 @@ _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**1
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
+def _parse_quantity(value: Any, units: dict[str, float], what: str, examples: str) -> float:
+    """A number, or a number with one of ``units`` (``"8GiB"``, ``"5m"``), in the base unit."""
+    if isinstance(value, bool):
+        raise ValueError(f"a {what} must be a number or a string like {examples}")
+    if isinstance(value, int | float):
+        return float(value)
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(value))
+    if not match or match.group(2).lower() not in units:
+        raise ValueError(f"cannot read {value!r} as a {what}; write e.g. {examples}")
+    return float(match.group(1)) * units[match.group(2).lower()]
+
+
 def parse_size(value: Any) -> int:
     """``"8GiB"`` / ``"500 MB"`` / ``1024`` → bytes."""
-    if isinstance(value, bool):
-        raise ValueError("a size must be a number of bytes or a string like '8GiB'")
-    if isinstance(value, int | float):
-        return int(value)
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(value))
-    if not match or match.group(2).lower() not in _SIZE_UNITS:
-        raise ValueError(f"cannot read {value!r} as a size; write e.g. 500MB, 8GiB or a number of bytes")
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+    return int(_parse_quantity(value, _SIZE_UNITS, "size", "500MB, 8GiB or a number of bytes"))
 
 
 class _Section(BaseModel):
@@ -106,15 +111,7 @@ _DURATION_UNITS = {"": 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 
 
 def parse_duration(value: Any) -> float:
     """``"5m"`` / ``"2d"`` / ``"30s"`` / ``90`` → seconds."""
-    if isinstance(value, bool):
-        raise ValueError("a duration must be a number of seconds or a string like '5m' or '2d'")
-    if isinstance(value, int | float):
-        return float(value)
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(value))
-    if not match or match.group(2).lower() not in _DURATION_UNITS:
-        raise ValueError(f"cannot read {value!r} as a duration; write e.g. 30s, 5m, 2h, 2d or a number "
-                         "of seconds")
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2).lower()]
+    return _parse_quantity(value, _DURATION_UNITS, "duration", "30s, 5m, 2h, 2d or a number of seconds")
 
 
 class SourceAuth(_Section):
