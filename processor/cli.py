@@ -132,7 +132,7 @@ def cmd_process(settings: Settings, args: argparse.Namespace) -> int:
         if claimed is None:
             print(f"{path}: arrival {aid} was taken by a running daemon; see `status`", file=sys.stderr)
             continue
-        final = executor.process(claimed)
+        final = executor.process_many([claimed])[0]
         studies = state.studies_for(aid)
         for study in studies:
             print(f"{path}\t{study['study_uid']}\t{study['status']}\t{study['json_path']}")

@@ -104,6 +104,9 @@ class WorkerSettings(_Section):
     # On SIGTERM/SIGINT: ``step`` finishes the running step and puts the study back to pending;
     # ``study`` finishes the running study (and still stops before the next one).
     shutdown: Literal["step", "study"] = "step"
+    # Night arrivals are taken up to this many at a time and run model-major (each model over all of
+    # them before the next loads); day arrivals always run one at a time, first come first served.
+    night_batch: int = Field(4, ge=1, le=64)
 
 
 _DURATION_UNITS = {"": 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}

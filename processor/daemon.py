@@ -95,7 +95,8 @@ class Daemon:
         self.disk = DiskGuard(guarded_volumes(s), s.disk.min_free_gb)
         self.reports = ReportUpdater(s.state, s.reports) if s.reports.enabled else None
         self.worker = Worker(s.state, components.executor, can_claim=self.disk.ok,
-                             night_before=self._night_before, on_processed=self._on_processed)
+                             night_before=self._night_before, on_processed=self._on_processed,
+                             night_batch=s.worker.night_batch)
         self.watcher = InboxWatcher(
             s.inbox.dirs, s.inbox.night_dirs, stable_seconds=s.inbox.stable_seconds,
             scan_interval=s.inbox.scan_interval_seconds, on_stable=self._on_stable,

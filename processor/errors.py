@@ -7,6 +7,7 @@
      ├── WeightsError     model files missing or corrupt: step skipped (or study failed, per pipeline)
      ├── IngestError      bad input (hostile ZIP, no DICOM, no usable series): quarantine, never retry
      ├── StepError        a pipeline step failed on this study: study fails, daemon lives
+     │    └── ResourceExhaustedError  out of memory even at batch 1: that step fails, study is Partial
      └── TransientError   may succeed later (network, locked file): retry with backoff
 
 Chain with ``raise ... from exc``; log a traceback once, where the error is handled.
@@ -33,6 +34,10 @@ class IngestError(CtwatchError):
 
 class StepError(CtwatchError):
     """A pipeline step failed for one study."""
+
+
+class ResourceExhaustedError(StepError):
+    """Out of (GPU) memory even at the smallest batch: the step's result is missing, the study Partial."""
 
 
 class TransientError(CtwatchError):

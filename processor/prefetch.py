@@ -169,6 +169,8 @@ class Prefetcher(Generic[T, U]):
     def _fill(self, jobs: Iterator[T], pending: deque[_Slot[T, U]]) -> None:
         """Take jobs from the iterable until ``max_inflight`` are pending (or it is exhausted)."""
         while len(pending) < self.max_inflight:
+            if self._closed:  # do not take a job (e.g. a claimed study) that will not be prepared
+                raise PrefetchClosed("Prefetcher was closed while map() was running")
             try:
                 job = next(jobs)
             except StopIteration:

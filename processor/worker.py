@@ -1,8 +1,9 @@
 """The executor seam and the worker thread that owns the pipeline (and the GPU).
 
-:class:`LocalExecutor` takes one claimed arrival through reading, scanning, the pipeline for each
-study in it, the JSON writes and the final move. Another backend (e.g. Dask GPU workers) can
-implement the same ``process(arrival, should_stop)`` while the coordinator keeps SQLite.
+:class:`LocalExecutor` takes claimed arrivals through reading, scanning, the pipeline for each
+study in them (model-major when several are taken together), the JSON writes and the final move.
+Another backend (e.g. Dask GPU workers) can implement the same ``process_many(arrivals,
+should_stop)`` while the coordinator keeps SQLite.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,7 +27,7 @@ from processor.intake.archive import Limits, open_arrival
 from processor.intake.inbox import InboxLayout, free_path, move, work_name, write_error_note
 from processor.outputs.receipt import write_receipt
 from processor.outputs.result import build_result, write_json_atomic
-from processor.pipeline.runner import PipelineRunner
+from processor.pipeline.runner import PipelineRunner, StudyOutcome
 from processor.pipeline.spec import Pipeline
 from processor.pipeline.step import StudyContext
 from processor.state import State, utcnow
@@ -38,7 +41,19 @@ class Interrupted(Exception):
 
 
 class Executor(Protocol):
-    def process(self, arrival: dict[str, Any], should_stop: Callable[[], bool]) -> str: ...
+    def process_many(self, arrivals: list[dict[str, Any]], should_stop: Callable[[], bool]) -> list[str]: ...
+
+
+@dataclass
+class _Opened:
+    """An arrival whose archive is open and scanned, with the studies it yielded."""
+
+    arrival: dict[str, Any]
+    path: Path
+    studies: list[Study]
+    skipped: Counter[str]
+    n_dicom: int
+    done: list[StudyDone] = field(default_factory=list)
 
 
 @dataclass
@@ -69,61 +84,95 @@ class LocalExecutor:
         self.device = device
         self.layout_for = layout_for
 
-    # ------------------------------------------------------------------ arrival
+    # ------------------------------------------------------------------ arrivals
     def process(self, arrival: dict[str, Any], should_stop: Callable[[], bool] = lambda: False) -> str:
-        aid = arrival["id"]
+        return self.process_many([arrival], should_stop)[0]
+
+    def process_many(self, arrivals: list[dict[str, Any]],
+                     should_stop: Callable[[], bool] = lambda: False) -> list[str]:
+        """Claimed arrivals together: their studies go through the pipeline model-major.
+
+        Returns each arrival's final state (``pending`` when a shutdown interrupted it).
+        """
+        endings: list[Callable[[], str]] = []
+        finals: dict[int, Callable[[], str]] = {}
+        with ExitStack() as stack:
+            opened = []
+            for arrival in arrivals:
+                log.info("arrival.start arrival=%s name=%s attempt=%s", arrival["id"], arrival["name"],
+                         arrival["attempts"])
+                try:
+                    opened.append(self._open(arrival, stack))
+                except IngestError as exc:
+                    finals[arrival["id"]] = partial(self._reject, arrival, self.locate(arrival), str(exc))
+                except Exception as exc:  # a bug must not kill the worker; the arrival is kept, marked failed
+                    log.exception("arrival.crashed arrival=%s", arrival["id"])
+                    finals[arrival["id"]] = partial(self._reject, arrival, self.locate(arrival),
+                                                    f"internal error: {type(exc).__name__}: {exc}", "failed")
+            try:
+                self._run_studies(opened, should_stop)
+            except Interrupted:
+                endings = [partial(self._release, item.arrival) for item in opened]
+            except Exception as exc:
+                log.exception("batch.crashed arrivals=%s", [item.arrival["id"] for item in opened])
+                endings = [partial(self._reject, item.arrival, item.path,
+                                   f"internal error: {type(exc).__name__}: {exc}", "failed") for item in opened]
+            else:
+                endings = [partial(self._accept, item.arrival, item.path, item.done, item.skipped)
+                           for item in opened]
+            finals.update({item.arrival["id"]: end for item, end in zip(opened, endings, strict=True)})
+        # Inputs are moved only after every ZIP of the batch is closed.
+        return [finals[arrival["id"]]() for arrival in arrivals]
+
+    def _open(self, arrival: dict[str, Any], stack: ExitStack) -> _Opened:
         path = self.locate(arrival)
-        log.info("arrival.start arrival=%s name=%s attempt=%s", aid, arrival["name"], arrival["attempts"])
-        try:
-            if path is None:
-                raise IngestError(f"the input {arrival['name']} is no longer at {arrival['current_path']} "
-                                  "(moved or deleted outside ctwatch)")
-            done, skipped = self._process_contents(arrival, path, should_stop)
-        except Interrupted:
-            self.state.release(aid)
-            log.info("arrival.released arrival=%s reason=shutdown", aid)
-            return "pending"
-        except IngestError as exc:
-            return self._reject(arrival, path, str(exc))
-        except Exception as exc:  # a bug must not kill the worker; the arrival is kept and marked failed
-            log.exception("arrival.crashed arrival=%s", aid)
-            return self._reject(arrival, path, f"internal error: {type(exc).__name__}: {exc}", state="failed")
-        return self._accept(arrival, path, done, skipped)
+        if path is None:
+            raise IngestError(f"the input {arrival['name']} is no longer at {arrival['current_path']} "
+                              "(moved or deleted outside ctwatch)")
+        contents = stack.enter_context(open_arrival(path, self.limits))
+        scan = scan_members(contents.members)
+        skipped = contents.skipped + scan.skipped
+        if not scan.studies:
+            raise IngestError(_no_dicom_message(len(contents.members), skipped))
+        return _Opened(arrival, path, scan.studies, skipped, scan.dicom_files)
 
-    def _process_contents(self, arrival: dict[str, Any], path: Path,
-                          should_stop: Callable[[], bool]) -> tuple[list[StudyDone], Counter[str]]:
-        with open_arrival(path, self.limits) as contents:
-            scan = scan_members(contents.members)
-            skipped = contents.skipped + scan.skipped
-            if not scan.studies:
-                raise IngestError(_no_dicom_message(len(contents.members), skipped))
-            done = []
-            for study in scan.studies:
-                if should_stop():
-                    raise Interrupted
-                done.append(self._process_study(arrival, study, skipped, scan.dicom_files, should_stop))
-        return done, skipped
+    def _release(self, arrival: dict[str, Any]) -> str:
+        self.state.release(arrival["id"])
+        log.info("arrival.released arrival=%s reason=shutdown", arrival["id"])
+        return "pending"
 
-    # ------------------------------------------------------------------ study
-    def json_path_for(self, arrival: dict[str, Any], study_uid: str) -> Path:
+    # ------------------------------------------------------------------ studies
+    def json_path_for(self, arrival: dict[str, Any], study_uid: str, taken: set[Path] | None = None) -> Path:
         day = datetime.fromisoformat(arrival["created_at"]).astimezone().date()
         safe_uid = study_uid if all(c.isdigit() or c == "." for c in study_uid) else "invalid-uid"
         path = self.outbox / day.isoformat() / f"{safe_uid}.json"
         owner = self.state.json_path_owner(str(path))
-        if owner is not None and owner != (arrival["id"], study_uid):
+        if (owner is not None and owner != (arrival["id"], study_uid)) or path in (taken or set()):
             path = path.with_name(f"{safe_uid}.a{arrival['id']}.json")
         return path
 
-    def _process_study(self, arrival: dict[str, Any], study: Study, skipped: Counter[str], n_dicom: int,
-                       should_stop: Callable[[], bool]) -> StudyDone:
-        started = time.monotonic()
-        json_path = self.json_path_for(arrival, study.uid)
-        ctx = StudyContext(arrival["id"], study, json_path.with_suffix(""))
-        step_stop = (lambda: False) if self.finish_study_on_stop else should_stop
-        outcome = self.runner.run(ctx, should_stop=step_stop)
-        if outcome.interrupted:
+    def _run_studies(self, opened: list[_Opened], should_stop: Callable[[], bool]) -> None:
+        if should_stop():
             raise Interrupted
-        seconds = time.monotonic() - started
+        jobs: list[tuple[_Opened, Study, StudyContext, Path]] = []
+        taken: set[Path] = set()
+        for item in opened:
+            for study in item.studies:
+                json_path = self.json_path_for(item.arrival, study.uid, taken)
+                taken.add(json_path)
+                jobs.append((item, study, StudyContext(item.arrival["id"], study, json_path.with_suffix("")),
+                             json_path))
+        step_stop = (lambda: False) if self.finish_study_on_stop else should_stop
+        outcomes = self.runner.run_many([job[2] for job in jobs], should_stop=step_stop)
+        if any(outcome.interrupted for outcome in outcomes):
+            raise Interrupted
+        for (item, study, ctx, json_path), outcome in zip(jobs, outcomes, strict=True):
+            item.done.append(self._write_study(item, study, ctx, json_path, outcome))
+
+    def _write_study(self, item: _Opened, study: Study, ctx: StudyContext, json_path: Path,
+                     outcome: StudyOutcome) -> StudyDone:
+        arrival = item.arrival
+        seconds = sum(r.seconds for r in outcome.steps)
         steps = [r.as_dict() for r in outcome.steps]
         result = build_result(
             study_uid=study.uid, accession=study.accession, outcome_status=outcome.status,
@@ -131,8 +180,8 @@ class LocalExecutor:
             source=_source(arrival), device=self.device, warnings=ctx.warnings, finished_at=utcnow(),
             pipeline={"name": self.pipeline.name, "version": self.pipeline.version,
                       "digest": self.pipeline.digest},
-            dicom={"instances_in_arrival": n_dicom, "instances_in_study": study.instance_count,
-                   "series_in_study": len(study.series), "skipped": dict(skipped)})
+            dicom={"instances_in_arrival": item.n_dicom, "instances_in_study": study.instance_count,
+                   "series_in_study": len(study.series), "skipped": dict(item.skipped)})
         write_json_atomic(json_path, result)
         self.state.record_study(arrival["id"], study.uid, {
             "series_uid": result["series_uid"], "accession": study.accession, "status": outcome.status,
@@ -223,8 +272,9 @@ class Worker:
                  can_claim: Callable[[], bool] = lambda: True, poll_seconds: float = 1.0,
                  night_before: Callable[[datetime], datetime | None] | None = None,
                  on_processed: Callable[[int, str], None] | None = None,
-                 clock: Callable[[], datetime] = datetime.now) -> None:
+                 clock: Callable[[], datetime] = datetime.now, night_batch: int = 1) -> None:
         self.state_path = state_path
+        self.night_batch = night_batch
         self.make_executor = make_executor
         self.night_allowed = night_allowed
         self.night_before = night_before
@@ -268,14 +318,29 @@ class Worker:
                     self.wake_event.wait(self.poll_seconds)
                     self.wake_event.clear()
                     continue
+                batch = [arrival] + (self._claim_night_batch(state) if arrival["night"] else [])
                 self.current, self.current_since = arrival["id"], time.time()
-                outcome = executor.process(arrival, self.stop_event.is_set)
+                outcomes = executor.process_many(batch, self.stop_event.is_set)
                 self.current = self.current_since = None
-                self.processed += 1
+                self.processed += len(batch)
                 if self.on_processed is not None:
-                    self.on_processed(arrival["id"], outcome)
+                    for claimed, outcome in zip(batch, outcomes, strict=True):
+                        self.on_processed(claimed["id"], outcome)
         finally:
             state.close()
+
+    def _claim_night_batch(self, state: State) -> list[dict[str, Any]]:
+        """More night arrivals to run model-major with the first, while the day queue is empty."""
+        more: list[dict[str, Any]] = []
+        while len(more) + 1 < self.night_batch and self.can_claim():
+            arrival = state.claim_next_until(self.night_cutoff(self.clock()))
+            if arrival is None:
+                break
+            if not arrival["night"]:  # a day arrival came in: it must not wait for the batch
+                state.release(arrival["id"])
+                break
+            more.append(arrival)
+        return more
 
     def _claim(self, state: State) -> dict[str, Any] | None:
         if not self.can_claim():

@@ -1,14 +1,23 @@
-"""Run a compiled pipeline over one study: weights check, timing, status per step, study status."""
+"""Run a compiled pipeline over studies: weights check, timing, status per step, study status.
+
+Studies can go through one at a time (*study-major*, :meth:`PipelineRunner.run`) or together
+(*model-major*, :meth:`PipelineRunner.run_many`): each step then runs over every live study before
+the next step starts, through the step's ``run_batch`` (one model load, shared micro-batches).
+Both orders give the same results; the steps of a pipeline can also be advanced in stages
+(:meth:`PipelineRunner.advance`), so the CPU steps of the next studies may run while the GPU steps
+of the current ones do.
+"""
 
 from __future__ import annotations
 
 import logging
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
-from processor.errors import StepError, WeightsError
-from processor.pipeline.spec import Pipeline
+from processor.errors import ResourceExhaustedError, StepError, WeightsError
+from processor.pipeline.spec import CompiledStep, Pipeline
 from processor.pipeline.step import StudyContext
 
 log = logging.getLogger(__name__)
@@ -35,64 +44,133 @@ class StudyOutcome:
     interrupted: bool = False
 
 
+@dataclass
+class StudyRun:
+    """One study's progress through the pipeline."""
+
+    ctx: StudyContext
+    records: list[StepRecord] = field(default_factory=list)
+    error: str | None = None
+    partial: bool = False
+    interrupted: bool = False
+
+    def outcome(self) -> StudyOutcome:
+        if self.interrupted:
+            return StudyOutcome("Failure", "interrupted by shutdown", self.records, interrupted=True)
+        status = "Failure" if self.error else ("Partial" if self.partial else "Success")
+        return StudyOutcome(status, self.error, self.records)
+
+
 class PipelineRunner:
     def __init__(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
 
     def run(self, ctx: StudyContext, should_stop: Callable[[], bool] = lambda: False) -> StudyOutcome:
-        """Run every step in order; ``should_stop`` is checked between steps (clean shutdown)."""
-        records: list[StepRecord] = []
-        error: str | None = None
-        partial = False
-        for compiled in self.pipeline.steps:
-            step, sid = compiled.step, compiled.id
-            if should_stop():
-                return StudyOutcome("Failure", "interrupted by shutdown", records, interrupted=True)
-            if error is not None:
-                records.append(StepRecord(sid, compiled.uses, "not_run", error="an earlier step failed"))
-                continue
-            missing = [str(p) for p in step.weight_files() if not p.exists()]
-            if missing:
-                reason = "weights not installed: " + ", ".join(missing)
-                if self.pipeline.on_missing_weights == "fail":
-                    error = f"step {sid}: {reason} (pipeline sets on_missing_weights: fail)"
-                    records.append(StepRecord(sid, compiled.uses, "failed", error=reason, missing=missing))
-                else:
-                    records.append(StepRecord(sid, compiled.uses, "skipped", error=reason, missing=missing))
-                    partial = True
-                log.info("step.skipped study=%s step=%s reason=%r", ctx.label, sid, reason)
-                continue
-            missing_inputs = [n for n in step.needs if n not in ctx.values]
-            if missing_inputs:
-                reason = f"needs {', '.join(missing_inputs)}, which an earlier skipped step did not provide"
-                records.append(StepRecord(sid, compiled.uses, "skipped", error=reason))
-                log.info("step.skipped study=%s step=%s reason=%r", ctx.label, sid, reason)
-                partial = True
-                continue
-            record, failure = self._run_step(compiled, ctx)
-            records.append(record)
-            if failure is not None:
-                if compiled.spec.optional:
-                    partial = True
-                else:
-                    error = failure
-        status = "Failure" if error else ("Partial" if partial else "Success")
-        return StudyOutcome(status, error, records)
+        """Run every step in order on one study; ``should_stop`` is checked between steps."""
+        return self.run_many([ctx], should_stop)[0]
 
-    def _run_step(self, compiled, ctx: StudyContext) -> tuple[StepRecord, str | None]:
-        sid = compiled.id
+    def run_many(self, ctxs: Sequence[StudyContext],
+                 should_stop: Callable[[], bool] = lambda: False) -> list[StudyOutcome]:
+        """Model-major: each step over every live study, then the next step."""
+        runs = [StudyRun(ctx) for ctx in ctxs]
+        self.advance(runs, 0, len(self.pipeline.steps), should_stop)
+        return [run.outcome() for run in runs]
+
+    def gpu_stage_start(self) -> int:
+        """Index of the first GPU step (everything before it is CPU work that may be prefetched)."""
+        for index, compiled in enumerate(self.pipeline.steps):
+            if compiled.step.device == "gpu":
+                return index
+        return len(self.pipeline.steps)
+
+    def advance(self, runs: Sequence[StudyRun], start: int, stop: int,
+                should_stop: Callable[[], bool] = lambda: False) -> None:
+        """Run steps ``[start, stop)`` over ``runs``; records land on each run."""
+        for compiled in self.pipeline.steps[start:stop]:
+            if should_stop():
+                for run in runs:
+                    run.interrupted = True
+                return
+            live = [run for run in runs if run.error is None and not run.interrupted]
+            for run in runs:
+                if run.error is not None:
+                    run.records.append(StepRecord(compiled.id, compiled.uses, "not_run",
+                                                  error="an earlier step failed"))
+            if live and self._weights_ready(compiled, live):
+                self._run_step(compiled, [run for run in live if self._inputs_ready(compiled, run)])
+
+    def _weights_ready(self, compiled: CompiledStep, live: list[StudyRun]) -> bool:
+        missing = [str(p) for p in compiled.step.weight_files() if not p.exists()]
+        if not missing:
+            return True
+        reason = "weights not installed: " + ", ".join(missing)
+        fail = self.pipeline.on_missing_weights == "fail"
+        for run in live:
+            run.records.append(StepRecord(compiled.id, compiled.uses, "failed" if fail else "skipped",
+                                          error=reason, missing=missing))
+            if fail:
+                run.error = f"step {compiled.id}: {reason} (pipeline sets on_missing_weights: fail)"
+            else:
+                run.partial = True
+            log.info("step.skipped study=%s step=%s reason=%r", run.ctx.label, compiled.id, reason)
+        return False
+
+    def _inputs_ready(self, compiled: CompiledStep, run: StudyRun) -> bool:
+        missing = [n for n in compiled.step.needs if n not in run.ctx.values]
+        if not missing:
+            return True
+        reason = f"needs {', '.join(missing)}, which an earlier skipped step did not provide"
+        run.records.append(StepRecord(compiled.id, compiled.uses, "skipped", error=reason))
+        run.partial = True
+        log.info("step.skipped study=%s step=%s reason=%r", run.ctx.label, compiled.id, reason)
+        return False
+
+    def _run_step(self, compiled: CompiledStep, runs: list[StudyRun]) -> None:
+        """A batched step takes every study in one call; any other step runs (and fails) per study."""
+        if compiled.step.batched and len(runs) > 1:
+            self._invoke(compiled, runs, lambda: compiled.step.run_batch([run.ctx for run in runs]))
+            return
+        for run in runs:
+            self._invoke(compiled, [run], lambda run=run: compiled.step.run(run.ctx))
+
+    def _invoke(self, compiled: CompiledStep, runs: list[StudyRun], call: Callable[[], None]) -> None:
         started = time.perf_counter()
+        failure: str | None = None
+        exhausted = False
         try:
-            compiled.step.run(ctx)
+            call()
         except (StepError, WeightsError) as exc:
-            seconds = time.perf_counter() - started
-            log.warning("step.failed study=%s step=%s seconds=%.2f error=%r", ctx.label, sid, seconds, str(exc))
-            return StepRecord(sid, compiled.uses, "failed", seconds, str(exc)), f"step {sid}: {exc}"
-        except Exception as exc:  # a bug or library error must fail the study, not the daemon
-            seconds = time.perf_counter() - started
-            log.exception("step.crashed study=%s step=%s seconds=%.2f", ctx.label, sid, seconds)
-            message = f"{type(exc).__name__}: {exc}"
-            return StepRecord(sid, compiled.uses, "failed", seconds, message), f"step {sid}: {message}"
-        seconds = time.perf_counter() - started
-        log.info("step.done study=%s step=%s seconds=%.2f", ctx.label, sid, seconds)
-        return StepRecord(sid, compiled.uses, "done", seconds), None
+            failure, exhausted = str(exc), isinstance(exc, ResourceExhaustedError)
+        except Exception as exc:  # a bug or library error must fail the studies, not the daemon
+            exhausted = _is_out_of_memory(exc)
+            if not exhausted:
+                log.exception("step.crashed step=%s studies=%d", compiled.id, len(runs))
+            failure = f"{type(exc).__name__}: {exc}"
+        if exhausted:
+            _trim_models(compiled)
+        seconds = (time.perf_counter() - started) / len(runs)
+        for run in runs:
+            if failure is None:
+                run.records.append(StepRecord(compiled.id, compiled.uses, "done", seconds))
+                log.info("step.done study=%s step=%s seconds=%.2f", run.ctx.label, compiled.id, seconds)
+                continue
+            run.records.append(StepRecord(compiled.id, compiled.uses, "failed", seconds, failure))
+            log.warning("step.failed study=%s step=%s seconds=%.2f error=%r", run.ctx.label, compiled.id,
+                        seconds, failure)
+            if compiled.spec.optional or exhausted:
+                run.partial = True  # out of memory even at batch 1: this step's result is missing only
+            else:
+                run.error = f"step {compiled.id}: {failure}"
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA out of memory (torch is only consulted when something already imported it)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError)
+
+
+def _trim_models(compiled: CompiledStep) -> None:
+    """After an out-of-memory failure, give memory back before the next step or study."""
+    trim = getattr(compiled.step.env.models, "trim", None)
+    if callable(trim):
+        trim()

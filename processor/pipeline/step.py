@@ -66,6 +66,7 @@ class Step:
     optional_needs: ClassVar[tuple[str, ...]] = ()
     provides: ClassVar[tuple[str, ...]] = ()
     device: ClassVar[str] = "cpu"
+    batched: ClassVar[bool] = False  # True when run_batch shares work (model load, micro-batches) across studies
     step_id: str = ""  # the pipeline's id for this step instance; set by compile_steps
 
     def __init__(self, params: Params, env: StepEnv) -> None:
@@ -82,3 +83,8 @@ class Step:
 
     def run(self, ctx: StudyContext) -> None:
         raise NotImplementedError
+
+    def run_batch(self, ctxs: list[StudyContext]) -> None:
+        """Several studies at once (model-major order); batched steps override this."""
+        for ctx in ctxs:
+            self.run(ctx)

@@ -102,6 +102,7 @@ class CaptionImages(Step):
     needs = ("key_slices",)
     provides = ("captions",)
     device = "gpu"
+    batched = True
 
     def __init__(self, params: CaptionParams, env: StepEnv) -> None:
         super().__init__(params, env)
@@ -135,6 +136,9 @@ class CaptionImages(Step):
     # ------------------------------------------------------------------ run
     def run(self, ctx: StudyContext) -> None:
         self.caption_studies([ctx])
+
+    def run_batch(self, ctxs: list[StudyContext]) -> None:
+        self.caption_studies(ctxs)
 
     def caption_studies(self, contexts: list[StudyContext]) -> None:
         """Caption the selected key slices of several studies; their slices share generate calls."""

@@ -1,0 +1,115 @@
+"""Model-major (night batches) and study-major orders give identical results; model-major never
+reloads a model per study even when the cache holds only one model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from processor.config import load_settings
+from processor.daemon import build
+from tests.conftest import Project
+from tests.dicomgen import make_series, write_zip
+from tests.test_ctclip_steps import (
+    INTERCEPT,
+    PIXEL_SPACING,
+    SLICE_STEP,
+    SMALL,
+    _install_small_weights,
+    _stored,
+)
+
+STEPS = [{"id": "series", "uses": "dicom.select_series", "with": {"min_slices": 20}},
+         {"id": "volume", "uses": "ct.volume"},
+         {"id": "lungs", "uses": "quantify.lungs"},
+         {"id": "clip", "uses": "ctclip.zero_shot", "with": {"checkpoint": "weights/ct_clip/small_ctclip.pt",
+                                                            **SMALL}},
+         {"id": "lipro", "uses": "ctclip.classify", "with": {"checkpoint": "weights/ct_clip/small_lipro.pt",
+                                                           **SMALL}},
+         {"id": "decision", "uses": "decision.pathology"}]
+
+
+def _run(root: Path, zips: list[Path], *, together: bool) -> tuple[dict[str, dict], dict]:
+    root.mkdir()
+    project = Project(root, STEPS, models={"capacity": 1})
+    _install_small_weights(project.root)
+    components = build(load_settings(project.config))
+    executor = components.executor(components.state)
+    state = components.state
+    ids = [components.intake.accept_in_place(z) for z in zips]
+    claimed = [state.claim(i) for i in ids]
+    if together:
+        finals = executor.process_many(claimed)
+    else:
+        finals = [executor.process_many([arrival])[0] for arrival in claimed]
+    assert finals == ["done"] * len(zips)
+    stats = components.pipeline.steps[0].step.env.models.stats()
+    docs = {}
+    for path in project.results():
+        doc = json.loads(path.read_text())
+        docs[doc["study_uid"]] = doc
+    state.close()
+    return docs, stats
+
+
+def _comparable(doc: dict) -> dict:
+    """The result without what legitimately differs between runs (times, arrival ids, paths)."""
+    drop = {"time_of_processing", "finished_at", "source", "steps"}
+    out = {k: v for k, v in doc.items() if k not in drop}
+    out["steps"] = [(s["step_id"], s["status"], s["error"]) for s in doc["steps"]]
+    return out
+
+
+@pytest.mark.slow
+def test_model_major_equals_study_major_and_loads_each_model_once(tmp_path: Path) -> None:
+    zips = []
+    for seed in (1, 2, 3):
+        series = make_series(24, stored=_stored(seed), pixel_spacing=PIXEL_SPACING, spacing=SLICE_STEP,
+                             intercept=INTERCEPT, description=f"S{seed}")
+        zips.append(write_zip(tmp_path / f"s{seed}.zip", series))
+    major, major_stats = _run(tmp_path / "model-major", zips, together=True)
+    minor, minor_stats = _run(tmp_path / "study-major", zips, together=False)
+    assert set(major) == set(minor) and len(major) == 3
+    for uid in major:
+        assert _comparable(major[uid]) == _comparable(minor[uid])
+        assert len(major[uid]["models"]["clip"]["probabilities"]) == 18
+    # capacity 1, two models: model-major loads each once; study-major swaps them for every study.
+    assert major_stats["loads"] == 2
+    assert minor_stats["loads"] == 6
+
+
+@pytest.mark.slow
+def test_worker_takes_night_arrivals_together_after_the_day_queue(tmp_path: Path) -> None:
+    from processor.worker import Worker
+    from tests.conftest import wait_for
+
+    project = Project(tmp_path, STEPS, models={"capacity": 1})
+    _install_small_weights(project.root)
+    components = build(load_settings(project.config))
+    night_dir = project.inbox / "night"
+    night_dir.mkdir()
+    paths = []
+    for seed in (1, 2, 3, 4):
+        series = make_series(24, stored=_stored(seed), pixel_spacing=PIXEL_SPACING, spacing=SLICE_STEP,
+                             intercept=INTERCEPT, description=f"S{seed}")
+        folder = night_dir if seed > 1 else project.inbox
+        paths.append((write_zip(folder / f"s{seed}.zip", series), seed > 1))
+    for path, night in reversed(paths):  # the night arrivals are registered first
+        components.intake.accept(path, night=night)
+    worker = Worker(project.state_path, components.executor, night_batch=3)
+    worker.start()
+    try:
+        wait_for(lambda: len(project.results()) == 4, 120, "four results")
+    finally:
+        worker.stop()
+        worker.join(60)
+    rows = {r["name"]: r for r in components.state.arrivals(limit=10)}
+    components.state.close()
+    day, nights = rows["s1.zip"], [rows[f"s{i}.zip"] for i in (2, 3, 4)]
+    assert all(day["finished_at"] <= n["claimed_at"] for n in nights), "the day queue goes first"
+    assert max(n["claimed_at"] for n in nights) <= min(n["finished_at"] for n in nights), "one batch"
+    # capacity 1: the day study loads both models (2), the night batch loads each once more (2);
+    # one night study at a time would need 6 more loads.
+    assert components.pipeline.steps[0].step.env.models.stats()["loads"] == 4
