@@ -1,0 +1,80 @@
+"""ctwatch's own path from ZIP bytes to the HU volume and the CT-CLIP input, called as the daemon calls it.
+
+``fast_tensor`` = ``open_arrival`` (in-memory ZIP members) → ``scan_members`` (headers only,
+``stop_before_pixels``) → series selection (``series_facts`` + ``evaluate``, default rules) →
+``load_volume`` (chosen series only, one preallocated volume, decode thread pool) →
+``ctrate_xyz_from_dicom`` → ``preprocess_volume`` at the official (480, 480, 240).
+
+``stage_breakdown`` times the same code one stage at a time: members are first read into memory
+(the *unzip/read* stage), then header scan, selection and decode run on those cached bytes, so
+the stages add up without double counting ZIP reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bench.timing import Clock, Samples, timed
+from processor.dicom.scan import ScanResult, Series, scan_members
+from processor.dicom.select import SelectionRules, evaluate, series_facts
+from processor.dicom.volume import Volume, load_volume
+from processor.intake.archive import Limits, Member, open_arrival
+from processor.models.ctclip_preprocess import TARGET_SHAPE_XYZ, ctrate_xyz_from_dicom, preprocess_volume
+
+LIMITS = Limits()
+RULES = SelectionRules()
+
+
+def choose_series(scan: ScanResult) -> Series:
+    study = scan.studies[0]
+    verdicts = evaluate([series_facts(s) for s in study.series.values()], RULES)
+    if not verdicts or not verdicts[0].eligible:
+        raise RuntimeError(f"no eligible series: {[v.reason for v in verdicts]}")
+    return study.series[verdicts[0].facts.uid]
+
+
+def fast_volume(zip_path: Path) -> Volume:
+    """ZIP → chosen series' HU volume, exactly as the ``dicom.select_series`` + ``ct.volume`` steps do."""
+    with open_arrival(zip_path, LIMITS) as contents:
+        series = choose_series(scan_members(contents.members))
+        return load_volume(series)
+
+
+@dataclass
+class FastRun:
+    tensor: torch.Tensor
+    volume: Volume
+    ingest: tuple[float, float]  # (wall, cpu) ZIP → HU volume
+    preprocess: tuple[float, float]  # (wall, cpu) HU volume → CT-CLIP tensor
+
+
+def fast_tensor(zip_path: Path, target_xyz: tuple[int, int, int] = TARGET_SHAPE_XYZ) -> FastRun:
+    clock = Clock()
+    volume = fast_volume(zip_path)
+    ingest = clock.lap()
+    hu_xyz, spacing_xyz = ctrate_xyz_from_dicom(volume.hu, volume.spacing_zyx, volume.affine)
+    tensor = preprocess_volume(hu_xyz, spacing_xyz, target_xyz)
+    return FastRun(tensor, volume, ingest, clock.lap())
+
+
+def _cached(member: Member, data: bytes) -> Member:
+    return Member(member.name, member.size, lambda: data)
+
+
+STAGES = ("unzip/read", "header scan", "select series", "decode → HU volume")
+
+
+def stage_breakdown(zip_path: Path, samples: dict[str, Samples]) -> Volume:
+    """One pass over the ingest stages, each timed on its own (see the module docstring)."""
+    def read_all() -> list[Member]:
+        with open_arrival(zip_path, LIMITS) as contents:
+            return [_cached(m, m.read()) for m in contents.members]
+
+    members, _, _ = timed(read_all, samples.setdefault("unzip/read", Samples()))
+    scan, _, _ = timed(lambda: scan_members(members), samples.setdefault("header scan", Samples()))
+    series, _, _ = timed(lambda: choose_series(scan), samples.setdefault("select series", Samples()))
+    volume, _, _ = timed(lambda: load_volume(series), samples.setdefault("decode → HU volume", Samples()))
+    return volume

@@ -1,0 +1,338 @@
+"""ctwatch benchmark: ``python bench/run.py [--smoke] [--json FILE] [--repeat N] [--studies K]``.
+
+Generates (once, cached in bench/out/) synthetic chest-CT studies, times every stage N times and
+prints medians and the ratios of issue 9, each measured side by side in this run; see
+bench/README.md for what each figure means and the figures of one full run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from bench import engine, fast, naive  # noqa: E402
+from bench.generate import FULL, OUT, SMOKE, VARIANTS, StudySpec, ensure_studies  # noqa: E402
+from bench.timing import Samples, repeat, timed  # noqa: E402
+
+HEADLINE_KEYS = ("ingest_fraction_of_memory_read", "fast_vs_naive_cpu_ratio", "zeroshot_vs_encode_ratio",
+                 "studies_per_hour_overlap_on", "studies_per_hour_overlap_off")
+
+
+def machine_info() -> dict[str, Any]:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import pydicom
+
+    return {"cores": os.cpu_count(), "cpu_model": model, "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "device": "cuda:" + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "python": platform.python_version(), "numpy": np.__version__, "pydicom": pydicom.__version__,
+            "platform": platform.platform(), "loadavg_at_start": [round(v, 2) for v in os.getloadavg()]}
+
+
+# ---------------------------------------------------------------------------------------------- sections
+TENSOR_VARIANTS = ("uncompressed", "deflated")  # ZIP → CT-CLIP tensor; the others stop at the HU volume
+
+
+def per_variant(paths: dict[str, Path], n: int, say: Any) -> tuple[dict[str, dict[str, Samples]], Any]:
+    """Fast and naive ZIP → HU volume (→ CT-CLIP tensor for TENSOR_VARIANTS), and the ingest stages.
+
+    Preprocessing from the HU volume on is the same code on the same voxels for every variant, so
+    the JPEG variants stop at the HU volume (their decode is what differs) to keep the run short.
+    """
+    stages: dict[str, dict[str, Samples]] = {}
+    kept_volume = None
+    for variant, path in paths.items():
+        to_tensor = variant in TENSOR_VARIANTS or variant == next(iter(paths))
+        say(f"  {variant}: fast path, naive path{' (to the CT-CLIP tensor)' if to_tensor else ''}, stages x{n} ...")
+        s: dict[str, Samples] = {}
+        for _ in range(n):
+            _compare(path, variant, to_tensor, s)
+            if kept_volume is None:
+                gc.collect()
+                kept_volume = fast.fast_volume(path)
+            gc.collect()
+            fast.stage_breakdown(path, s)
+        stages[variant] = {k: s[k] for k in (*fast.STAGES, *[k for k in s if k not in fast.STAGES])}
+    return stages, kept_volume
+
+
+def _compare(path: Path, variant: str, to_tensor: bool, s: dict[str, Samples]) -> None:
+    """One fast and one naive run; their outputs must agree exactly (the inputs are lossless)."""
+    gc.collect()
+    if to_tensor:
+        mine = fast.fast_tensor(path)
+        s.setdefault("fast: ZIP → HU volume", Samples()).add(*mine.ingest)
+        s.setdefault("fast: ZIP → CT-CLIP tensor", Samples()).add(*_sum(mine.ingest, mine.preprocess))
+        mine_out: Any = mine.tensor
+        del mine
+        gc.collect()
+        theirs = naive.naive_tensor(path)
+        s.setdefault("naive: ZIP → HU volume (float64)", Samples()).add(*theirs.ingest)
+        s.setdefault("naive: ZIP → CT-CLIP tensor", Samples()).add(*_sum(theirs.ingest, theirs.preprocess))
+        same = torch.equal(mine_out, theirs.tensor)
+    else:
+        volume = timed(lambda: fast.fast_volume(path), s.setdefault("fast: ZIP → HU volume", Samples()))[0]
+        gc.collect()
+        theirs_volume = timed(lambda: naive.naive_volume(path),
+                              s.setdefault("naive: ZIP → HU volume (float64)", Samples()))[0]
+        same = np.array_equal(volume.hu.astype(np.float64), theirs_volume.hu)
+    if not same:
+        raise RuntimeError(f"{variant}: the fast and naive paths disagree on a lossless input")
+
+
+def _sum(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
+    return a[0] + b[0], a[1] + b[1]
+
+
+def memory_read(volume: Any, n: int) -> dict[str, Samples]:
+    """Plain memory reads of the chosen series' uncompressed pixel bytes (int16, as stored)."""
+    buf = np.rint(volume.hu + 1024).astype(np.int16).tobytes()
+    view = memoryview(buf)
+    out = {"bytes(memoryview) copy": Samples(), "numpy int16 sum": Samples()}
+    for _ in range(max(5, n)):
+        timed(lambda: bytes(view), out["bytes(memoryview) copy"])
+        timed(lambda: np.frombuffer(buf, np.int16).sum(), out["numpy int16 sum"])
+    return out
+
+
+def volume_stages(volume: Any, n: int) -> dict[str, Samples]:
+    """Stages that start from the HU volume (same for every variant)."""
+    from processor.dicom.volume import _rescale_into
+    from processor.models.ctclip_preprocess import ctrate_xyz_from_dicom, preprocess_volume
+
+    stored = np.rint(volume.hu + 1024).astype(np.int16)
+    out_hu = np.empty(stored.shape, np.float32)
+
+    def rescale() -> None:
+        for k in range(stored.shape[0]):  # as decode_into does it, slice by slice
+            _rescale_into(out_hu[k], stored[k], 1.0, -1024.0)
+
+    s: dict[str, Samples] = {}
+    repeat(rescale, n, s.setdefault("HU rescale only (int16 → float32, inside decode)", Samples()))
+    xyz, spacing = repeat(lambda: ctrate_xyz_from_dicom(volume.hu, volume.spacing_zyx, volume.affine), n,
+                          s.setdefault("orientation (ctrate_xyz_from_dicom)", Samples()))[0]
+    repeat(lambda: preprocess_volume(xyz, spacing), n,
+           s.setdefault("CT-CLIP preprocessing (preprocess_volume → 480×480×240)", Samples()))
+    return s
+
+
+def ctclip_ratio(volume: Any, reps: int) -> dict[str, Samples]:
+    from processor.models.ctclip import load_ctclip
+    from processor.models.ctclip_preprocess import ctrate_xyz_from_dicom, preprocess_volume
+
+    clip = engine.CT_CLIP
+    model = load_ctclip(clip / "small_ctclip.pt", clip / "vocab.txt", clip / "small_config.json")
+    xyz, spacing = ctrate_xyz_from_dicom(volume.hu, volume.spacing_zyx, volume.affine)
+    tensor = preprocess_volume(xyz, spacing, (32, 32, 24))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: one intra-op thread, no OpenMP barrier stalls under load
+    try:
+        return engine.zero_shot_vs_encode(model, tensor, reps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def throughput(path: Path, k: int, runs: int, max_inflight: int, out: Path) -> dict[str, list[engine.Throughput]]:
+    with engine.scratch("ctwatch-bench-") as tmp:
+        flow = engine.StudyFlow(engine.bench_env(tmp), tmp)
+        jobs = [(i, path) for i in range(1, k + 1)]
+        off, on = engine.interleave(runs, lambda: engine.run_sequential(flow, jobs),
+                                    lambda: engine.run_overlapped(flow, jobs, max_inflight))
+    return {"off": off, "on": on}
+
+
+# ---------------------------------------------------------------------------------------------- report
+def _row(label: str, s: Samples, width: int = 58) -> str:
+    return f"  {label:<{width}} {s.cpu_median:>9.3f} {s.wall_median:>9.3f} {s.n:>3}"
+
+
+def print_table(title: str, stages: dict[str, Samples], say: Any) -> None:
+    say(f"\n{title}\n  {'stage':<58} {'CPU s':>9} {'wall s':>9} {'n':>3}")
+    for label, s in stages.items():
+        say(_row(label, s))
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise RuntimeError(f"non-finite figure {value}")
+    return round(value, 4)
+
+
+def figures(spec: StudySpec, variants: dict[str, dict[str, Samples]], headline: str,
+            mem: dict[str, Samples], zs: dict[str, Samples], tp: dict[str, list[engine.Throughput]]
+            ) -> dict[str, Any]:
+    mb = spec.pixel_bytes / 1e6
+    copy_mbps = mb / mem["bytes(memoryview) copy"].cpu_median
+    h = variants[headline]
+    ingest_mbps = {v: round(mb / s["fast: ZIP → HU volume"].cpu_median, 1) for v, s in variants.items()}
+    on = sorted(t.per_hour for t in tp["on"])
+    off = sorted(t.per_hour for t in tp["off"])
+    return {
+        "ingest_fraction_of_memory_read": _finite(ingest_mbps[headline] / copy_mbps),
+        "fast_vs_naive_cpu_ratio": _finite(h["fast: ZIP → CT-CLIP tensor"].cpu_median
+                                           / h["naive: ZIP → CT-CLIP tensor"].cpu_median),
+        "zeroshot_vs_encode_ratio": _finite(zs["zero_shot (18 findings)"].cpu_median
+                                            / zs["encode_image"].cpu_median),
+        "studies_per_hour_overlap_on": _finite(float(np.median(on))),
+        "studies_per_hour_overlap_off": _finite(float(np.median(off))),
+        "details": {
+            "headline_variant": headline,
+            "pixel_mb_of_chosen_series": round(mb, 3),
+            "memory_read_reference": "bytes(memoryview(buf)) copy of the chosen series' int16 pixel bytes",
+            "memory_read_mb_per_cpu_s": round(copy_mbps, 1),
+            "numpy_int16_sum_mb_per_cpu_s": round(mb / mem["numpy int16 sum"].cpu_median, 1),
+            "ingest_mb_per_cpu_s": ingest_mbps,
+            "ingest_fraction_of_numpy_sum": round(ingest_mbps[headline] * mem["numpy int16 sum"].cpu_median / mb, 4),
+            "fast_vs_naive_cpu_ratio_by_variant": {
+                v: round(s["fast: ZIP → CT-CLIP tensor"].cpu_median / s["naive: ZIP → CT-CLIP tensor"].cpu_median, 4)
+                for v, s in variants.items() if "fast: ZIP → CT-CLIP tensor" in s},
+            "fast_vs_naive_ingest_cpu_ratio_by_variant": {
+                v: round(s["fast: ZIP → HU volume"].cpu_median / s["naive: ZIP → HU volume (float64)"].cpu_median, 4)
+                for v, s in variants.items()},
+            "fast_vs_naive_ingest_wall_ratio_by_variant": {
+                v: round(s["fast: ZIP → HU volume"].wall_median / s["naive: ZIP → HU volume (float64)"].wall_median, 4)
+                for v, s in variants.items()},
+            "zeroshot_vs_encode_wall_ratio": round(zs["zero_shot (18 findings)"].wall_median
+                                                   / zs["encode_image"].wall_median, 4),
+            "official_loop_vs_encode_ratio": round(zs["official loop (re-encode per finding)"].cpu_median
+                                                   / zs["encode_image"].cpu_median, 2),
+            "throughput_runs_on": [round(v, 1) for v in on],
+            "throughput_runs_off": [round(v, 1) for v in off],
+            "overlap_speedup": round(float(np.median(on) / np.median(off)), 4),
+            "prefetch_max_inflight_seen": max(t.max_inflight_seen for t in tp["on"]),
+        },
+    }
+
+
+def _stage_dict(stages: dict[str, Samples]) -> dict[str, Any]:
+    return {k: v.as_dict() for k, v in stages.items()}
+
+
+# ---------------------------------------------------------------------------------------------- main
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="tiny study (24 slices of 64x64), N=1: checks the bench runs")
+    p.add_argument("--json", type=Path, help="also write the figures and per-stage medians to this file")
+    p.add_argument("--repeat", "-n", type=int, help="runs per stage (default 3; smoke 1)")
+    p.add_argument("--studies", "-k", type=int, help="studies per throughput run (default 3; smoke 2)")
+    p.add_argument("--throughput-runs", type=int, help="throughput runs per mode, alternated (default 2; smoke 1)")
+    p.add_argument("--max-inflight", type=int, default=2, help="prefetch bound for the overlap run (default 2)")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--no-caption", action="store_true", help="skip the tiny BLIP-2 caption step")
+    p.add_argument("--out", type=Path, default=OUT, help="cache folder for generated studies (default bench/out)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s %(message)s")
+    started = time.perf_counter()
+    spec = SMOKE if args.smoke else FULL
+    n = args.repeat or (1 if args.smoke else 3)
+    k = args.studies or (2 if args.smoke else 3)
+    runs = args.throughput_runs or (1 if args.smoke else 2)
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+
+    machine = machine_info()
+    date = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    say(f"ctwatch bench — {date} — {'smoke' if args.smoke else 'full'}")
+    say("machine: " + ", ".join(f"{key}={value}" for key, value in machine.items()))
+    paths = ensure_studies(spec, tuple(args.variants), args.out, say)
+    headline = "uncompressed" if "uncompressed" in paths else next(iter(paths))
+    say(f"study: {spec.slices} slices of {spec.size}x{spec.size} + scout + {spec.slices // spec.thick_every}-slice "
+        f"5 mm series; {spec.pixel_bytes / 1e6:.1f} MB pixels in the chosen series; N={n}")
+
+    say("\n[1/5] ZIP → HU volume → CT-CLIP input, per variant")
+    variants, volume = per_variant(paths, n, say)
+    say("[2/5] memory read reference, volume stages")
+    mem = memory_read(volume, n)
+    vol_stages = volume_stages(volume, n)
+    say("[3/5] pipeline steps through the engine (small reference models)")
+    caption = None if (args.smoke or args.no_caption) else engine.tiny_caption_model(args.out)
+    with engine.scratch("ctwatch-bench-") as tmp:
+        env = engine.bench_env(tmp)
+        pipeline = engine.compile_pipeline(engine.WEIGHT_FREE + engine.model_steps(caption), env)
+        steps = engine.time_steps(paths[headline], pipeline, n, tmp)
+        assert steps.ctx is not None
+        steps.samples["write (result JSON, atomic)"] = engine.time_write(steps.ctx, max(n, 3))
+    say("[4/5] CT-CLIP zero-shot vs one image encode (32×32×24 reference model)")
+    zs = ctclip_ratio(volume, 10 if args.smoke else 30)
+    del volume
+    gc.collect()
+    tp_path = paths.get("deflated", paths[headline])
+    say(f"[5/5] throughput, weight-free pipeline, {k} studies ({tp_path.stem}), overlap off/on x{runs}")
+    tp = throughput(tp_path, k, runs, args.max_inflight, args.out)
+
+    for variant, stages in variants.items():
+        print_table(f"{variant} ({paths[variant].stat().st_size / 1e6:.1f} MB ZIP) — medians", stages, say)
+    print_table("memory read of the same pixel bytes", mem, say)
+    print_table(f"from the HU volume ({headline})", vol_stages, say)
+    print_table("pipeline steps through the engine (model steps: first run, with the load, excluded)",
+                steps.samples, say)
+    say("  model steps, first run (wall s, incl. model load): "
+        + ", ".join(f"{key}={value:.2f}" for key, value in steps.first.items()))
+    print_table("CT-CLIP 32×32×24 reference model", zs, say)
+    for mode in ("off", "on"):
+        say(f"  throughput overlap {mode}: " + ", ".join(
+            f"{t.studies} studies in {t.wall_s:.1f} s wall / {t.cpu_s:.1f} s CPU = {t.per_hour:.0f}/h"
+            for t in tp[mode]))
+
+    figs = figures(spec, variants, headline, mem, zs, tp)
+    machine["loadavg_at_end"] = [round(v, 2) for v in os.getloadavg()]
+    say("\nfigures (headline variant: " + headline + ")")
+    goals = {"ingest_fraction_of_memory_read": "goal ≥ 0.25", "fast_vs_naive_cpu_ratio": "goal ≤ 0.35",
+             "zeroshot_vs_encode_ratio": "goal ≤ 1.1", "studies_per_hour_overlap_on": "must beat off",
+             "studies_per_hour_overlap_off": ""}
+    for key in HEADLINE_KEYS:
+        say(f"  {key:<34} {figs[key]:>10}   {goals[key]}")
+    for key, value in figs["details"].items():
+        say(f"  {key}: {value}")
+    seconds = time.perf_counter() - started
+    say(f"\nbench finished in {seconds:.0f} s")
+    if args.json:
+        document = {key: figs[key] for key in HEADLINE_KEYS}
+        document.update({
+            "details": figs["details"], "machine": machine, "date": date,
+            "mode": "smoke" if args.smoke else "full", "repeat": n, "spec": spec.__dict__,
+            "stages": {**{f"ingest/{v}": _stage_dict(s) for v, s in variants.items()},
+                       "memory_read": _stage_dict(mem), "volume": _stage_dict(vol_stages),
+                       "steps": _stage_dict(steps.samples), "ctclip_small": _stage_dict(zs)},
+            "steps_first_run_wall_s": {key: round(value, 4) for key, value in steps.first.items()},
+            "throughput": {mode: [t.__dict__ | {"per_hour": round(t.per_hour, 2)} for t in ts]
+                           for mode, ts in tp.items()},
+            "bench_seconds": round(seconds, 1),
+        })
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        say(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
