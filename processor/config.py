@@ -107,6 +107,9 @@ class WorkerSettings(_Section):
     # Night arrivals are taken up to this many at a time and run model-major (each model over all of
     # them before the next loads); day arrivals always run one at a time, first come first served.
     night_batch: int = Field(4, ge=1, le=64)
+    # Batches whose CPU stage (reading, decoding, CPU steps) runs ahead in a prefetch thread while
+    # the GPU stage of the current one runs; bounds the studies held in memory. 0 turns it off.
+    max_inflight_studies: int = Field(2, ge=0, le=16)
 
 
 _DURATION_UNITS = {"": 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}

@@ -96,7 +96,7 @@ class Daemon:
         self.reports = ReportUpdater(s.state, s.reports) if s.reports.enabled else None
         self.worker = Worker(s.state, components.executor, can_claim=self.disk.ok,
                              night_before=self._night_before, on_processed=self._on_processed,
-                             night_batch=s.worker.night_batch)
+                             night_batch=s.worker.night_batch, max_inflight=s.worker.max_inflight_studies)
         self.watcher = InboxWatcher(
             s.inbox.dirs, s.inbox.night_dirs, stable_seconds=s.inbox.stable_seconds,
             scan_interval=s.inbox.scan_interval_seconds, on_stable=self._on_stable,
@@ -158,6 +158,7 @@ class Daemon:
             version=ctwatch_version(), device=self.c.device, pipeline=pipeline,
             worker_alive=self.worker.is_alive,
             worker_current=lambda: (self.worker.current, self.worker.current_since),
+            prefetch_inflight=lambda: self.worker.prefetcher.inflight if self.worker.prefetcher else 0,
             disk=self.disk.report, next_jobs=self.scheduler.next_jobs, models=self._models_loaded,
             night=lambda now: {"window": str(self.window), "open": self.window.contains(now),
                                "run_on": s.schedule.night_run_on,

@@ -45,6 +45,7 @@ class Probes:
     started_at: float = field(default_factory=time.time)
     worker_alive: Callable[[], bool] = lambda: True
     worker_current: Callable[[], tuple[int | None, float | None]] = lambda: (None, None)
+    prefetch_inflight: Callable[[], int] = lambda: 0
     disk: Callable[[], dict[str, Any]] = lambda: {"ok": True, "reason": None, "volumes": []}
     next_jobs: Callable[[], list[dict[str, Any]]] = list
     models: Callable[[], list[dict[str, Any]]] = list
@@ -121,6 +122,7 @@ def collect_status(probes: Probes, state: State, now: datetime | None = None) ->
                   "failed": sum(n for k, n in outcomes.items() if k not in ("Success", "Partial")),
                   "by_outcome": outcomes},
         "worker": {"alive": probes.worker_alive(), "current_arrival": current,
+                   "prefetch_inflight": probes.prefetch_inflight(),
                    "current_seconds": round(time.time() - since, 1) if since else None},
         "recent_arrivals": [
             {"id": r["id"], "state": r["state"], "queue": "night" if r["night"] else "day",
@@ -189,6 +191,8 @@ def metrics_text(status: dict[str, Any], totals: dict[str, int]) -> str:
            [({}, len(status["models_loaded"]))])
     family("ctwatch_worker_alive", "gauge", "1 while the worker thread runs.",
            [({}, status["worker"]["alive"])])
+    family("ctwatch_prefetch_inflight", "gauge", "Batches prepared ahead of the GPU stage (bounded).",
+           [({}, status["worker"]["prefetch_inflight"])])
     disk = status["disk"]
     family("ctwatch_disk_ok", "gauge", "0 while the disk guard stops new claims.", [({}, disk.get("ok", True))])
     family("ctwatch_disk_free_bytes", "gauge", "Free bytes on each guarded volume.",

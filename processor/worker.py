@@ -13,11 +13,10 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
-from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,17 +26,14 @@ from processor.intake.archive import Limits, open_arrival
 from processor.intake.inbox import InboxLayout, free_path, move, work_name, write_error_note
 from processor.outputs.receipt import write_receipt
 from processor.outputs.result import build_result, write_json_atomic
-from processor.pipeline.runner import PipelineRunner, StudyOutcome
+from processor.pipeline.runner import PipelineRunner, StudyOutcome, StudyRun
 from processor.pipeline.spec import Pipeline
 from processor.pipeline.step import StudyContext
+from processor.prefetch import Prefetcher
 from processor.state import State, utcnow
 from processor.steps.ensemble import collect_features
 
 log = logging.getLogger(__name__)
-
-
-class Interrupted(Exception):
-    """Shutdown was requested between two studies or steps; the arrival goes back to pending."""
 
 
 class Executor(Protocol):
@@ -54,6 +50,28 @@ class _Opened:
     skipped: Counter[str]
     n_dicom: int
     done: list[StudyDone] = field(default_factory=list)
+
+
+@dataclass
+class _Job:
+    item: _Opened
+    run: StudyRun
+    json_path: Path
+
+
+@dataclass
+class Prepared:
+    """Arrivals after the CPU stage, waiting for :meth:`LocalExecutor.complete`."""
+
+    arrivals: list[dict[str, Any]]
+    opened: list[_Opened] = field(default_factory=list)
+    rejected: dict[int, tuple[str, str]] = field(default_factory=dict)  # id → (reason, final state)
+    jobs: list[_Job] = field(default_factory=list)
+    crash: str | None = None
+    stopped: bool = False
+
+    def interrupted(self) -> bool:
+        return self.stopped or any(job.run.interrupted for job in self.jobs)
 
 
 @dataclass
@@ -77,6 +95,9 @@ class LocalExecutor:
     def __init__(self, state: State, pipeline: Pipeline, *, outbox: Path, limits: Limits, device: str,
                  layout_for: Callable[[Path], InboxLayout]) -> None:
         self.state = state
+        self._owner_thread = threading.get_ident()
+        self._local = threading.local()
+        self._extra_states: list[State] = []
         self.pipeline = pipeline
         self.runner = PipelineRunner(pipeline)
         self.outbox = outbox
@@ -94,35 +115,64 @@ class LocalExecutor:
 
         Returns each arrival's final state (``pending`` when a shutdown interrupted it).
         """
-        endings: list[Callable[[], str]] = []
-        finals: dict[int, Callable[[], str]] = {}
+        return self.complete(self.prepare(arrivals, should_stop), should_stop)
+
+    def prepare(self, arrivals: list[dict[str, Any]], should_stop: Callable[[], bool] = lambda: False) -> Prepared:
+        """The CPU stage: open and scan the arrivals, run the steps before the first GPU step.
+
+        Safe to call from a prefetch thread: it only reads state (through that thread's own
+        connection) and writes nothing but the study's preview files; every outcome is applied by
+        :meth:`complete` on the worker thread. Archives are closed when this returns.
+        """
+        prepared = Prepared(arrivals)
         with ExitStack() as stack:
-            opened = []
             for arrival in arrivals:
                 log.info("arrival.start arrival=%s name=%s attempt=%s", arrival["id"], arrival["name"],
                          arrival["attempts"])
                 try:
-                    opened.append(self._open(arrival, stack))
+                    prepared.opened.append(self._open(arrival, stack))
                 except IngestError as exc:
-                    finals[arrival["id"]] = partial(self._reject, arrival, self.locate(arrival), str(exc))
+                    prepared.rejected[arrival["id"]] = (str(exc), "quarantined")
                 except Exception as exc:  # a bug must not kill the worker; the arrival is kept, marked failed
                     log.exception("arrival.crashed arrival=%s", arrival["id"])
-                    finals[arrival["id"]] = partial(self._reject, arrival, self.locate(arrival),
-                                                    f"internal error: {type(exc).__name__}: {exc}", "failed")
+                    prepared.rejected[arrival["id"]] = (f"internal error: {type(exc).__name__}: {exc}", "failed")
             try:
-                self._run_studies(opened, should_stop)
-            except Interrupted:
-                endings = [partial(self._release, item.arrival) for item in opened]
-            except Exception as exc:
-                log.exception("batch.crashed arrivals=%s", [item.arrival["id"] for item in opened])
-                endings = [partial(self._reject, item.arrival, item.path,
-                                   f"internal error: {type(exc).__name__}: {exc}", "failed") for item in opened]
+                self._start_studies(prepared, should_stop)
+            except Exception as exc:  # noqa: BLE001 — recorded and applied to the batch in complete()
+                log.exception("batch.crashed arrivals=%s", [item.arrival["id"] for item in prepared.opened])
+                prepared.crash = f"internal error: {type(exc).__name__}: {exc}"
+        return prepared
+
+    def complete(self, prepared: Prepared, should_stop: Callable[[], bool] = lambda: False) -> list[str]:
+        """The GPU stage and every write: results, receipts, state, and the inputs' final moves."""
+        step_stop = (lambda: False) if self.finish_study_on_stop else should_stop
+        crash = prepared.crash
+        if crash is None and not prepared.interrupted():
+            try:
+                self.runner.advance([job.run for job in prepared.jobs], self.runner.gpu_stage_start(),
+                                    len(self.pipeline.steps), step_stop)
+            except Exception as exc:  # noqa: BLE001 — the batch fails, the worker lives
+                log.exception("batch.crashed arrivals=%s", [item.arrival["id"] for item in prepared.opened])
+                crash = f"internal error: {type(exc).__name__}: {exc}"
+        if crash is None and not prepared.interrupted():
+            for job in prepared.jobs:
+                job.item.done.append(self._write_study(job.item, job.run.ctx.study, job.run.ctx,
+                                                       job.json_path, job.run.outcome()))
+        opened = {item.arrival["id"]: item for item in prepared.opened}
+        finals: dict[int, str] = {}
+        for arrival in prepared.arrivals:
+            item = opened.get(arrival["id"])
+            if arrival["id"] in prepared.rejected:
+                reason, state = prepared.rejected[arrival["id"]]
+                finals[arrival["id"]] = self._reject(arrival, self.locate(arrival), reason, state)
+            elif crash is not None:
+                finals[arrival["id"]] = self._reject(arrival, item.path if item else self.locate(arrival),
+                                                     crash, "failed")
+            elif prepared.interrupted() or item is None:
+                finals[arrival["id"]] = self._release(arrival)
             else:
-                endings = [partial(self._accept, item.arrival, item.path, item.done, item.skipped)
-                           for item in opened]
-            finals.update({item.arrival["id"]: end for item, end in zip(opened, endings, strict=True)})
-        # Inputs are moved only after every ZIP of the batch is closed.
-        return [finals[arrival["id"]]() for arrival in arrivals]
+                finals[arrival["id"]] = self._accept(arrival, item.path, item.done, item.skipped)
+        return [finals[arrival["id"]] for arrival in prepared.arrivals]
 
     def _open(self, arrival: dict[str, Any], stack: ExitStack) -> _Opened:
         path = self.locate(arrival)
@@ -142,32 +192,44 @@ class LocalExecutor:
         return "pending"
 
     # ------------------------------------------------------------------ studies
+    def _reader(self) -> State:
+        """This thread's connection: the worker's own, or one opened for a prefetch thread."""
+        if threading.get_ident() == self._owner_thread:
+            return self.state
+        reader = getattr(self._local, "state", None)
+        if reader is None:
+            reader = self._local.state = State(self.state.path)
+            self._extra_states.append(reader)
+        return reader
+
+    def close(self) -> None:
+        """Close the connections opened for prefetch threads (after those threads are joined)."""
+        for extra in self._extra_states:
+            extra.close()
+        self._extra_states.clear()
+
     def json_path_for(self, arrival: dict[str, Any], study_uid: str, taken: set[Path] | None = None) -> Path:
         day = datetime.fromisoformat(arrival["created_at"]).astimezone().date()
         safe_uid = study_uid if all(c.isdigit() or c == "." for c in study_uid) else "invalid-uid"
         path = self.outbox / day.isoformat() / f"{safe_uid}.json"
-        owner = self.state.json_path_owner(str(path))
+        owner = self._reader().json_path_owner(str(path))
         if (owner is not None and owner != (arrival["id"], study_uid)) or path in (taken or set()):
             path = path.with_name(f"{safe_uid}.a{arrival['id']}.json")
         return path
 
-    def _run_studies(self, opened: list[_Opened], should_stop: Callable[[], bool]) -> None:
-        if should_stop():
-            raise Interrupted
-        jobs: list[tuple[_Opened, Study, StudyContext, Path]] = []
+    def _start_studies(self, prepared: Prepared, should_stop: Callable[[], bool]) -> None:
         taken: set[Path] = set()
-        for item in opened:
+        for item in prepared.opened:
             for study in item.studies:
                 json_path = self.json_path_for(item.arrival, study.uid, taken)
                 taken.add(json_path)
-                jobs.append((item, study, StudyContext(item.arrival["id"], study, json_path.with_suffix("")),
-                             json_path))
+                ctx = StudyContext(item.arrival["id"], study, json_path.with_suffix(""))
+                prepared.jobs.append(_Job(item, StudyRun(ctx), json_path))
+        if should_stop():
+            prepared.stopped = True
+            return
         step_stop = (lambda: False) if self.finish_study_on_stop else should_stop
-        outcomes = self.runner.run_many([job[2] for job in jobs], should_stop=step_stop)
-        if any(outcome.interrupted for outcome in outcomes):
-            raise Interrupted
-        for (item, study, ctx, json_path), outcome in zip(jobs, outcomes, strict=True):
-            item.done.append(self._write_study(item, study, ctx, json_path, outcome))
+        self.runner.advance([job.run for job in prepared.jobs], 0, self.runner.gpu_stage_start(), step_stop)
 
     def _write_study(self, item: _Opened, study: Study, ctx: StudyContext, json_path: Path,
                      outcome: StudyOutcome) -> StudyDone:
@@ -206,7 +268,7 @@ class LocalExecutor:
             candidate = self.layout_for(Path(arrival["original_path"])).work / work_name(
                 arrival["id"], arrival["name"])
             if candidate.exists():
-                self.state.update_arrival(arrival["id"], current_path=str(candidate))
+                self._reader().update_arrival(arrival["id"], current_path=str(candidate))
                 return candidate
         return None
 
@@ -272,9 +334,12 @@ class Worker:
                  can_claim: Callable[[], bool] = lambda: True, poll_seconds: float = 1.0,
                  night_before: Callable[[datetime], datetime | None] | None = None,
                  on_processed: Callable[[int, str], None] | None = None,
-                 clock: Callable[[], datetime] = datetime.now, night_batch: int = 1) -> None:
+                 clock: Callable[[], datetime] = datetime.now, night_batch: int = 1,
+                 max_inflight: int = 0) -> None:
         self.state_path = state_path
         self.night_batch = night_batch
+        self.max_inflight = max_inflight
+        self.prefetcher: Prefetcher | None = None
         self.make_executor = make_executor
         self.night_allowed = night_allowed
         self.night_before = night_before
@@ -305,29 +370,80 @@ class Worker:
     def _loop(self) -> None:
         state = State(self.state_path)
         executor = self.make_executor(state)
+        claimed: set[int] = set()
+        pool = (Prefetcher(lambda batch: executor.prepare(batch, self.stop_event.is_set), self.max_inflight)
+                if self.max_inflight > 0 else None)
+        self.prefetcher = pool
         try:
             while not self.stop_event.is_set():
                 self.last_beat = time.time()
-                try:
-                    arrival = self._claim(state)
-                except sqlite3.Error:  # e.g. the disk filled up under SQLite; wait and try again
-                    log.exception("worker.claim_failed db=%s", self.state_path)
-                    arrival = None
-                if arrival is None:
+                if pool is None:
+                    handled = self._run_sequential(state, executor, claimed)
+                else:
+                    handled = self._run_prefetched(pool, state, executor, claimed)
+                if not handled:
                     self.idle_passes += 1
                     self.wake_event.wait(self.poll_seconds)
                     self.wake_event.clear()
-                    continue
-                batch = [arrival] + (self._claim_night_batch(state) if arrival["night"] else [])
-                self.current, self.current_since = arrival["id"], time.time()
-                outcomes = executor.process_many(batch, self.stop_event.is_set)
-                self.current = self.current_since = None
-                self.processed += len(batch)
-                if self.on_processed is not None:
-                    for claimed, outcome in zip(batch, outcomes, strict=True):
-                        self.on_processed(claimed["id"], outcome)
         finally:
+            if pool is not None:
+                pool.close()
+            for arrival_id in sorted(claimed):  # prefetched but never completed: back to the queue
+                state.release(arrival_id)
+                log.info("arrival.released arrival=%s reason=shutdown prefetched=true", arrival_id)
+            getattr(executor, "close", lambda: None)()
             state.close()
+
+    def _run_sequential(self, state: State, executor: Executor, claimed: set[int]) -> int:
+        batch = self._next_batch(state)
+        if batch is None:
+            return 0
+        claimed.update(a["id"] for a in batch)
+        self._finish(batch, lambda: executor.process_many(batch, self.stop_event.is_set), claimed)
+        return 1
+
+    def _run_prefetched(self, pool: Prefetcher, state: State, executor: Any, claimed: set[int]) -> int:
+        """CPU stage of the next batches in the prefetch thread while this thread runs the GPU stage."""
+        handled = 0
+        for item in pool.map(self._batches(state, claimed)):
+            batch = item.job
+            prepared = item.value if item.error is None else Prepared(
+                batch, crash=f"internal error: {type(item.error).__name__}: {item.error}")
+            self._finish(batch, lambda prepared=prepared: executor.complete(prepared, self.stop_event.is_set),
+                         claimed)
+            handled += 1
+            if self.stop_event.is_set():
+                break
+        return handled
+
+    def _batches(self, state: State, claimed: set[int]) -> Iterator[list[dict[str, Any]]]:
+        """Claimed batches while there is work; ends (for now) when the queue is empty."""
+        while not self.stop_event.is_set():
+            batch = self._next_batch(state)
+            if batch is None:
+                return
+            claimed.update(a["id"] for a in batch)
+            yield batch
+
+    def _next_batch(self, state: State) -> list[dict[str, Any]] | None:
+        try:
+            arrival = self._claim(state)
+        except sqlite3.Error:  # e.g. the disk filled up under SQLite; wait and try again
+            log.exception("worker.claim_failed db=%s", self.state_path)
+            return None
+        if arrival is None:
+            return None
+        return [arrival] + (self._claim_night_batch(state) if arrival["night"] else [])
+
+    def _finish(self, batch: list[dict[str, Any]], run: Callable[[], list[str]], claimed: set[int]) -> None:
+        self.current, self.current_since = batch[0]["id"], time.time()
+        outcomes = run()
+        self.current = self.current_since = None
+        claimed.difference_update(a["id"] for a in batch)
+        self.processed += len(batch)
+        if self.on_processed is not None:
+            for arrival, outcome in zip(batch, outcomes, strict=True):
+                self.on_processed(arrival["id"], outcome)
 
     def _claim_night_batch(self, state: State) -> list[dict[str, Any]]:
         """More night arrivals to run model-major with the first, while the day queue is empty."""

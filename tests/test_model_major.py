@@ -113,3 +113,31 @@ def test_worker_takes_night_arrivals_together_after_the_day_queue(tmp_path: Path
     # capacity 1: the day study loads both models (2), the night batch loads each once more (2);
     # one night study at a time would need 6 more loads.
     assert components.pipeline.steps[0].step.env.models.stats()["loads"] == 4
+
+
+def test_prefetch_prepares_the_next_arrival_while_the_current_one_finishes(tmp_path: Path, caplog) -> None:
+    import logging
+
+    from processor.worker import Worker
+    from tests.conftest import wait_for
+
+    steps = [STEPS[0], {"id": "hold", "uses": "util.delay", "with": {"seconds": 0.5}},
+             {"id": "decision", "uses": "decision.pathology"}]
+    project = Project(tmp_path, steps)
+    components = build(load_settings(project.config))
+    for seed in (1, 2, 3):
+        path = write_zip(project.inbox / f"s{seed}.zip", make_series(20, description=f"S{seed}"))
+        components.intake.accept(path)
+    caplog.set_level(logging.INFO, logger="processor.worker")
+    worker = Worker(project.state_path, components.executor, max_inflight=1)
+    worker.start()
+    try:
+        wait_for(lambda: len(project.results()) == 3, 60, "three results")
+    finally:
+        worker.stop()
+        worker.join(60)
+    events = [(r.getMessage().split()[0], r.getMessage().split()[1]) for r in caplog.records
+              if r.getMessage().startswith(("arrival.start", "arrival.done"))]
+    assert events.index(("arrival.start", "arrival=2")) < events.index(("arrival.done", "arrival=1"))
+    assert components.state.counts_by_state() == {"done": 3}
+    components.state.close()
