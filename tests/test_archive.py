@@ -7,12 +7,14 @@ import stat
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from processor.dicom.scan import scan_members
-from processor.errors import IngestError
+from processor.dicom.scan import HEADER_PREFIX, scan_members
+from processor.dicom.volume import load_volume
+from processor.errors import IngestError, StepError
 from processor.intake.archive import Limits, open_arrival, safe_member_name
 from tests.dicomgen import make_series, to_bytes, write_folder, write_zip
 
@@ -158,3 +160,54 @@ def test_dicom_without_preamble_found_by_parse(tmp_path: Path) -> None:
     path = _zip_with(tmp_path / "bare.zip", [("IMG", bare)])
     result, _ = scan(path)
     assert len(result.studies) == 1
+
+
+def _stored_zip_with_flipped_last_byte(path: Path, entries: list[tuple[str, bytes]], flip: str) -> Path:
+    """A STORED ZIP whose member ``flip`` has its last byte changed, so its CRC-32 no longer matches."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name, data in entries:
+            zf.writestr(name, data)
+    blob = bytearray(buf.getvalue())
+    data = dict(entries)[flip]
+    end = blob.index(data) + len(data) - 1
+    blob[end] ^= 0xFF
+    path.write_bytes(bytes(blob))
+    return path
+
+
+def test_bad_crc_in_a_small_member_is_skipped_and_counted(tmp_path: Path) -> None:
+    good = [to_bytes(ds) for ds in make_series(3)]  # smaller than the header prefix: read whole
+    path = _stored_zip_with_flipped_last_byte(tmp_path / "crc.zip", [("a", good[0]), ("b", good[1]),
+                                                                      ("c", good[2])], flip="b")
+    result, skipped = scan(path)
+    assert result.studies[0].instance_count == 2
+    assert skipped == {"unreadable member (bad CRC or truncated)": 1}
+
+
+def test_bad_crc_past_the_header_fails_the_decode_with_a_fix(tmp_path: Path) -> None:
+    stored = np.zeros((3, 256, 256), np.int16)  # 128 KiB of pixels: the scan reads only a prefix
+    good = [to_bytes(ds) for ds in make_series(3, stored=stored)]
+    path = _stored_zip_with_flipped_last_byte(tmp_path / "crc.zip", [("a", good[0]), ("b", good[1]),
+                                                                      ("c", good[2])], flip="c")
+    with open_arrival(path, Limits()) as contents:
+        result = scan_members(contents.members)
+        assert result.studies[0].instance_count == 3 and not result.skipped
+        series = next(iter(result.studies[0].series.values()))
+        with pytest.raises(StepError, match="bad CRC.*copy the study again"):
+            load_volume(series)
+
+
+def test_large_members_are_scanned_from_a_prefix_in_zips_and_folders(tmp_path: Path) -> None:
+    datasets = make_series(4, stored=np.arange(4 * 256 * 256, dtype=np.int16).reshape(4, 256, 256))
+    for arrival in (write_zip(tmp_path / "big.zip", datasets), write_folder(tmp_path / "big", datasets)):
+        with open_arrival(arrival, Limits()) as contents:
+            member = contents.members[0]
+            assert member.size > HEADER_PREFIX
+            assert member.read_prefix(HEADER_PREFIX) == member.read()[:HEADER_PREFIX]
+            with member.open() as fh:
+                assert fh.read() == member.read()
+            result = scan_members(contents.members)
+            assert result.studies[0].instance_count == 4
+            assert all(i.pixel_offset is not None for i in result.studies[0].series[datasets[0].SeriesInstanceUID]
+                       .instances)

@@ -13,14 +13,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    generate_uid,
+)
 
 from processor.dicom.frames import order_frames, slice_normal
-from processor.dicom.scan import Series, scan_members
+from processor.dicom.scan import HEADER_PREFIX, Series, scan_members
 from processor.dicom.select import SelectionRules, evaluate, series_facts
 from processor.dicom.volume import Volume, load_volume
 from processor.errors import StepError
-from processor.intake.archive import Member
+from processor.intake.archive import Limits, Member, open_arrival
 from tests import dicomgen
 
 REPO = Path(__file__).resolve().parent.parent
@@ -236,3 +241,49 @@ def test_missing_decoder_names_the_package_to_install(tmp_path: Path, classic: l
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "no decoder installed" in done.stdout and "pip install pylibjpeg pylibjpeg-libjpeg" in done.stdout
+
+
+# --- native pixels read where the header scan found them ----------------------------------------------
+
+def _native_study(tmp_path: Path, syntax: str, bits_stored: int, private_bytes: int = 0) -> tuple[Path, np.ndarray]:
+    """A ZIP of 256×256 slices (larger than the scan's header prefix) and the HU they must give."""
+    rng = np.random.default_rng(7)
+    low, high = -(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1
+    values = rng.integers(low, high, (4, 256, 256), endpoint=True).astype(np.int16)
+    raw = values
+    if bits_stored < 16:  # garbage above the high bit, which decoding must ignore
+        noise = rng.integers(0, 1 << (16 - bits_stored), values.shape).astype(np.int16) << bits_stored
+        raw = (values & ((1 << bits_stored) - 1)) | noise
+    datasets = dicomgen.make_series(4, stored=values, intercept=-1024.0)
+    for ds, frame in zip(datasets, raw, strict=True):
+        ds.BitsStored, ds.HighBit, ds.PixelData = bits_stored, bits_stored - 1, frame.tobytes()
+        ds.file_meta.TransferSyntaxUID = syntax
+        if private_bytes:
+            ds.private_block(0x0009, "CTWATCH TEST", create=True).add_new(0x10, "OB", bytes(private_bytes))
+    path = dicomgen.write_zip(tmp_path / "native.zip", datasets)
+    return path, values.astype(np.float32) + np.float32(-1024.0)
+
+
+@pytest.mark.parametrize("bits_stored", [16, 12])
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian])
+def test_native_pixels_are_read_at_the_offset_the_scan_found(tmp_path: Path, syntax: str, bits_stored: int) -> None:
+    path, expected = _native_study(tmp_path, syntax, bits_stored)
+    with open_arrival(path, Limits()) as contents:
+        series = next(iter(scan_members(contents.members).studies[0].series.values()))
+        offsets = [i.pixel_offset for i in series.instances]
+        # deflated datasets are inflated by pydicom: no offset in the member's bytes, parsed in full
+        assert all((o is None) == (syntax == DeflatedExplicitVRLittleEndian) for o in offsets)
+        assert all(o is None or o < HEADER_PREFIX for o in offsets)
+        volume = load_volume(series)
+    assert np.array_equal(volume.hu, expected)
+    assert volume.provenance["decoder"] == ["numpy.frombuffer"]
+
+
+def test_header_longer_than_the_prefix_is_read_whole(tmp_path: Path) -> None:
+    path, expected = _native_study(tmp_path, ExplicitVRLittleEndian, 16, private_bytes=HEADER_PREFIX + 4096)
+    with open_arrival(path, Limits()) as contents:
+        series = next(iter(scan_members(contents.members).studies[0].series.values()))
+        assert len(series.instances) == 4
+        assert all(i.pixel_offset is not None and i.pixel_offset > HEADER_PREFIX for i in series.instances)
+        volume = load_volume(series)
+    assert np.array_equal(volume.hu, expected)

@@ -3,6 +3,14 @@
 DICOM is recognised by its ``DICM`` preamble marker, or — for files written without a preamble —
 by a header parse that yields the three instance UIDs. ``DICOMDIR``, ``__MACOSX/``, ``.DS_Store``,
 other files and corrupt DICOM are skipped and counted by reason.
+
+Only the first :data:`HEADER_PREFIX` bytes of a large member are read (inflated) for its header.
+That prefix parse is kept only when it stopped at the ``(7FE0,0010)`` Pixel Data element inside
+the prefix — then every element before it was complete, so the header equals the one a read of
+the whole member gives; otherwise (longer headers, deflated transfer syntax, no pixel data) the
+whole member is read and parsed as before. Where Pixel Data starts is kept for ``ct.volume``.
+A ZIP member's CRC is checked only when it is read whole, so a bad CRC past the header surfaces
+when the member is decoded.
 """
 
 from __future__ import annotations
@@ -10,6 +18,8 @@ from __future__ import annotations
 import io
 import logging
 import re
+import zipfile
+import zlib
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -25,6 +35,11 @@ log = logging.getLogger(__name__)
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
+HEADER_PREFIX = 64 * 1024  # bytes read for a header; CT headers are ~2–10 KB
+PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
+_PARSE_ERRORS = (InvalidDicomError, ValueError, EOFError, KeyError, TypeError, AttributeError,
+                 OverflowError, IndexError, NotImplementedError)
+_UNREADABLE = (OSError, RuntimeError, EOFError, zipfile.BadZipFile, zlib.error)  # CRC, truncation, bad inflate
 
 
 @dataclass
@@ -33,6 +48,7 @@ class Instance:
 
     member: Member
     header: Dataset
+    pixel_offset: int | None = None  # where the (7FE0,0010) element starts in the member's bytes
 
     @property
     def sop_uid(self) -> str:
@@ -101,14 +117,29 @@ def _skip_reason_by_name(name: str) -> str | None:
 
 def read_header(data: bytes) -> Dataset | None:
     """Parse a DICOM header from bytes, or return None when the bytes are not DICOM."""
+    return _parse_header(data)[0]
+
+
+def _parse_header(data: bytes) -> tuple[Dataset | None, int | None]:
+    """(header or None when not DICOM, offset of the Pixel Data element in ``data`` or None).
+
+    The offset is given only when the parse stopped right at a ``(7FE0,0010)`` element of ``data``
+    itself (not of a deflated dataset, which pydicom inflates into a buffer of its own).
+    """
     has_preamble = len(data) >= 132 and data[128:132] == b"DICM"
+    fp = io.BytesIO(data)
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=not has_preamble)
-    except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError, AttributeError,
-            OverflowError, IndexError, NotImplementedError) as exc:
+        ds = pydicom.dcmread(fp, stop_before_pixels=True, force=not has_preamble)
+    except _PARSE_ERRORS as exc:
         if has_preamble:
             raise CorruptDicom(str(exc)) from exc
-        return None
+        return None, None
+    at = fp.tell()
+    offset = at if data[at:at + 4] == PIXEL_DATA_TAG else None
+    return _checked(ds, has_preamble), offset
+
+
+def _checked(ds: Dataset, has_preamble: bool) -> Dataset | None:
     uids = [str(ds.get(k, "")) for k in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")]
     if not all(_UID.match(u) for u in uids):
         if has_preamble:
@@ -119,6 +150,20 @@ def read_header(data: bytes) -> Dataset | None:
 
 class CorruptDicom(Exception):
     """A file that claims to be DICOM but whose header cannot be read."""
+
+
+def member_header(member: Member, prefix: int = HEADER_PREFIX) -> tuple[Dataset | None, int | None]:
+    """:func:`_parse_header` of a member, reading only its first ``prefix`` bytes when they hold the header."""
+    if member.size > prefix:
+        head = member.read_prefix(prefix)
+        if PIXEL_DATA_TAG in head:  # cheap gate: the header cannot end inside this prefix otherwise
+            try:
+                header, offset = _parse_header(head)
+            except CorruptDicom:
+                offset = None  # perhaps only cut short by the prefix: decide on the whole member
+            if offset is not None:
+                return header, offset
+    return _parse_header(member.read())
 
 
 def scan_members(members: Iterable[Member]) -> ScanResult:
@@ -133,12 +178,12 @@ def scan_members(members: Iterable[Member]) -> ScanResult:
             skipped[reason] += 1
             continue
         try:
-            header = read_header(member.read())
+            header, pixel_offset = member_header(member)
         except CorruptDicom as exc:
             log.warning("scan.corrupt member=%s reason=%s", member.name, exc)
             skipped["corrupt DICOM"] += 1
             continue
-        except (OSError, RuntimeError, EOFError) as exc:  # zlib/CRC errors surface as these
+        except _UNREADABLE as exc:
             log.warning("scan.unreadable member=%s reason=%s", member.name, exc)
             skipped["unreadable member (bad CRC or truncated)"] += 1
             continue
@@ -150,7 +195,7 @@ def scan_members(members: Iterable[Member]) -> ScanResult:
                 str(header.file_meta.get("MediaStorageSOPClassUID", "")) == DICOMDIR_SOP_CLASS:
             skipped["DICOMDIR index"] += 1
             continue
-        instance = Instance(member, header)
+        instance = Instance(member, header, pixel_offset)
         if instance.sop_uid in seen:
             skipped["duplicate instance (same SOPInstanceUID)"] += 1
             continue

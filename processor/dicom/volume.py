@@ -14,7 +14,9 @@ Conventions
 
 Decoding: only the chosen frames are read. Uncompressed pixel data becomes a zero-copy
 ``np.frombuffer`` view that is rescaled straight into the one preallocated float32 volume
-(never float64); compressed frames (JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000, RLE)
+(never float64); for Implicit/Explicit VR Little Endian files the view starts at the Pixel Data
+offset the header scan found, so the file is not parsed again (deflated, unusual layouts and
+compressed syntaxes are parsed in full by pydicom); compressed frames (JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000, RLE)
 go through pydicom's decoders (pylibjpeg + plugins, gdcm when installed) on a small thread pool.
 """
 
@@ -24,6 +26,9 @@ import io
 import logging
 import math
 import os
+import struct
+import zipfile
+import zlib
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +41,7 @@ from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from processor.dicom.frames import DUPLICATE_TOLERANCE_MM, Frame, frames_of, order_frames, slice_normal
-from processor.dicom.scan import Series
+from processor.dicom.scan import PIXEL_DATA_TAG, Instance, Series
 from processor.errors import StepError
 
 log = logging.getLogger(__name__)
@@ -170,14 +175,14 @@ def _decoder(ts: UID) -> Callable[..., tuple[np.ndarray, dict]]:
     return decoder.as_array
 
 
-def _native_frames(ds: Dataset) -> np.ndarray | None:
-    """(frames, rows, cols) zero-copy view of uncompressed pixels, or None for unusual layouts."""
+def _native_frames(ds: Dataset, pixels: bytes | memoryview) -> np.ndarray | None:
+    """(frames, rows, cols) zero-copy view of uncompressed ``pixels``, or None for unusual layouts."""
     bits, stored = int(ds.BitsAllocated), int(ds.get("BitsStored", ds.BitsAllocated))
     signed = int(ds.get("PixelRepresentation", 0)) == 1
     if bits not in _NATIVE_DTYPES or int(ds.get("SamplesPerPixel", 1)) != 1:
         return None
     n, rows, cols = int(ds.get("NumberOfFrames", 1) or 1), int(ds.Rows), int(ds.Columns)
-    arr = np.frombuffer(ds.PixelData, dtype=_NATIVE_DTYPES[bits][signed], count=n * rows * cols)
+    arr = np.frombuffer(pixels, dtype=_NATIVE_DTYPES[bits][signed], count=n * rows * cols)
     arr = arr.reshape(n, rows, cols)
     if stored < bits:
         shift = bits - stored
@@ -197,14 +202,44 @@ def _rescale_into(out: np.ndarray, stored: np.ndarray, slope: float, intercept: 
         out += np.float32(intercept)
 
 
-def _decode_file(data: bytes, targets: list[_Target], hu: np.ndarray) -> tuple[str, str]:
+def _located_pixels(instance: Instance, data: bytes) -> memoryview | None:
+    """The value of the Pixel Data element the scan located in ``data``, for little-endian native syntaxes.
+
+    None (parse the file in full instead) unless the element sits where the header parse stopped,
+    is encoded as that parse read it (implicit, or explicit OB/OW) and has a defined length.
+    """
+    header, at = instance.header, instance.pixel_offset
+    file_meta = getattr(header, "file_meta", None)
+    ts = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
+    if at is None or ts not in (ImplicitVRLittleEndian, ExplicitVRLittleEndian) or \
+            data[at:at + 4] != PIXEL_DATA_TAG or header.original_encoding != (ts.is_implicit_VR, True):
+        return None
+    if ts.is_implicit_VR:
+        start = at + 8
+    elif data[at + 4:at + 6] in (b"OB", b"OW") and data[at + 6:at + 8] == b"\0\0":
+        start = at + 12
+    else:
+        return None
+    if len(data) < start:
+        return None
+    (length,) = struct.unpack_from("<L", data, start - 4)
+    return None if length == 0xFFFFFFFF else memoryview(data)[start:start + length]
+
+
+def _decode_file(instance: Instance, data: bytes, targets: list[_Target], hu: np.ndarray) -> tuple[str, str]:
     """Decode the wanted frames of one file into ``hu``; returns (transfer syntax, decoder used)."""
+    pixels = _located_pixels(instance, data)
+    frames = _native_frames(instance.header, pixels) if pixels is not None else None
+    if frames is not None:
+        for t in targets:
+            _rescale_into(hu[t.k], frames[t.frame], t.slope, t.intercept)
+        return str(instance.header.file_meta.TransferSyntaxUID), "numpy.frombuffer"
     ds = pydicom.dcmread(io.BytesIO(data))
     ts = ds.file_meta.TransferSyntaxUID
     if "PixelData" not in ds:
         raise StepError("an image of the chosen series has no pixel data (float or double pixel data "
                         "is not CT); re-export the series")
-    frames = _native_frames(ds) if ts in NATIVE else None
+    frames = _native_frames(ds, ds.PixelData) if ts in NATIVE else None
     if frames is not None:
         for t in targets:
             _rescale_into(hu[t.k], frames[t.frame], t.slope, t.intercept)
@@ -219,9 +254,12 @@ def _decode_file(data: bytes, targets: list[_Target], hu: np.ndarray) -> tuple[s
 def _read_and_decode(series: Series, index: int, targets: list[_Target], hu: np.ndarray) -> tuple[str, str]:
     instance = series.instances[index]
     try:
-        return _decode_file(instance.member.read(), targets, hu)
+        return _decode_file(instance, instance.member.read(), targets, hu)
     except StepError:
         raise
+    except (OSError, zipfile.BadZipFile, zlib.error) as exc:
+        raise StepError(f"cannot read {instance.member.name} ({exc}): the member is corrupt (bad CRC) or "
+                        "truncated — copy the study again from the source") from exc
     except (ValueError, RuntimeError, AttributeError, KeyError, EOFError) as exc:
         raise StepError(f"cannot decode {instance.member.name}: {exc}. Fix: check the file with "
                         "`dcmdump`/`gdcminfo`; a missing codec names the package to install") from exc

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import IO
 
 from processor.errors import IngestError
 
@@ -35,14 +36,32 @@ class Limits:
 
 @dataclass(frozen=True)
 class Member:
-    """One file inside an arrival. ``read()`` returns its bytes (from the ZIP or disk) each call."""
+    """One file inside an arrival. ``read()`` returns its bytes (from the ZIP or disk) each call.
+
+    ``opener``, when given, returns a fresh binary stream over the same bytes, so that
+    :meth:`read_prefix` reads (or inflates) only the start of a member; without it (members built
+    from bytes already in memory) the prefix is a slice of ``read()``. A ZIP member's CRC is only
+    checked when its stream is read to the end, i.e. by a prefix that covers the whole member.
+    """
 
     name: str
     size: int
     reader: Callable[[], bytes] = field(repr=False, compare=False)
+    opener: Callable[[], IO[bytes]] | None = field(default=None, repr=False, compare=False)
 
     def read(self) -> bytes:
         return self.reader()
+
+    def open(self) -> IO[bytes]:
+        """A binary stream over the member's bytes (close it, or use it in a ``with`` block)."""
+        return self.opener() if self.opener is not None else io.BytesIO(self.reader())
+
+    def read_prefix(self, n: int) -> bytes:
+        """The first ``n`` bytes (all of them when the member is shorter)."""
+        if self.opener is None:
+            return self.reader()[:n]
+        with self.opener() as fh:
+            return fh.read(n)
 
 
 @dataclass
@@ -127,6 +146,10 @@ def _zip_reader(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> Callable[[], byte
     return lambda: zf.read(info)
 
 
+def _zip_opener(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> Callable[[], IO[bytes]]:
+    return lambda: zf.open(info)
+
+
 def _read_zip(zf: zipfile.ZipFile, label: str, budget: _Budget, contents: Contents,
               stack: ExitStack, depth: int) -> None:
     for info, name in _check_zip(zf, label, budget):
@@ -144,11 +167,16 @@ def _read_zip(zf: zipfile.ZipFile, label: str, budget: _Budget, contents: Conten
             _read_zip(inner, f"{label}!{name}", budget, contents, stack, depth + 1)
             continue
         prefix = "" if depth == 0 else label.split("!", 1)[1] + "!"
-        contents.members.append(Member(prefix + name, info.file_size, _zip_reader(zf, info)))
+        contents.members.append(Member(prefix + name, info.file_size, _zip_reader(zf, info),
+                                       _zip_opener(zf, info)))
 
 
 def _file_reader(path: Path) -> Callable[[], bytes]:
     return path.read_bytes
+
+
+def _file_opener(path: Path) -> Callable[[], IO[bytes]]:
+    return lambda: path.open("rb")
 
 
 def _read_folder(root: Path, budget: _Budget, contents: Contents) -> None:
@@ -160,7 +188,8 @@ def _read_folder(root: Path, budget: _Budget, contents: Contents) -> None:
             continue
         size = path.stat().st_size
         budget.take(str(root), size)
-        contents.members.append(Member(path.relative_to(root).as_posix(), size, _file_reader(path)))
+        contents.members.append(Member(path.relative_to(root).as_posix(), size, _file_reader(path),
+                                       _file_opener(path)))
 
 
 @contextmanager
@@ -181,7 +210,7 @@ def open_arrival(path: Path, limits: Limits) -> Iterator[Contents]:
         else:
             size = path.stat().st_size
             budget.take(path.name, size)
-            contents.members.append(Member(path.name, size, _file_reader(path)))
+            contents.members.append(Member(path.name, size, _file_reader(path), _file_opener(path)))
         yield contents
 
 
