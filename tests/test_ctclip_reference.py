@@ -343,3 +343,22 @@ def test_ctrate_standard_series_is_transpose_and_flip() -> None:
     vol = np.arange(2 * 3 * 4).reshape(2, 3, 4)
     xyz, _ = ctrate_xyz_from_dicom(vol, (1.0, 0.5, 0.5), _affine([1, 0, 0], [0, 1, 0], [0, 0, -1]))
     assert np.array_equal(xyz, vol.transpose(2, 1, 0)[:, :, ::-1])
+
+
+@pytest.mark.parametrize("after", [False, True])
+def test_preprocess_reads_strided_views_without_writing(after: bool) -> None:
+    """ctrate_xyz_from_dicom returns a flipped, transposed view; preprocessing copies it once."""
+    stored = _npy("preproc_small_input_stored_xyz_int16.npy")
+    zyx = np.ascontiguousarray(stored.transpose(2, 1, 0)[::-1])
+    before = zyx.copy()
+    view, spacing = ctrate_xyz_from_dicom(
+        zyx, (2.5, 0.6, 0.6), _affine([0.6, 0, 0], [0, 0.6, 0], [0, 0, -2.5])
+    )
+    assert np.shares_memory(view, zyx) and np.array_equal(view, stored)
+    out, same = (
+        preprocess_volume(v, spacing, (32, 48, 24), clip_after_resample=after, slope=2.0, intercept=-1500.0)
+        for v in (view, stored)
+    )
+    assert torch.equal(out, same)
+    assert out.is_contiguous() and out.dtype == torch.float32
+    assert np.array_equal(zyx, before)

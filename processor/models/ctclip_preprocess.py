@@ -34,18 +34,49 @@ def resampled_shape(shape_zxy: Sequence[int], spacing_zxy: Sequence[float]) -> t
     return sizes[0], sizes[1], sizes[2]
 
 
-def _crop_or_pad(vol: torch.Tensor, target: Sequence[int]) -> torch.Tensor:
-    """Centre crop (start = max((n - t)//2, 0)) then centre pad with PAD_VALUE."""
-    slices = []
-    for n, t in zip(vol.shape, target, strict=True):
+def _crop_pad_slices(
+    shape: Sequence[int], target: Sequence[int]
+) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    """Centre crop (start = max((n - t)//2, 0)), then centre pad: (source, destination) slices.
+
+    Same placement as cropping and then ``F.pad(..., ((t - n)//2, rest))`` per axis.
+    """
+    src: list[slice] = []
+    dst: list[slice] = []
+    for n, t in zip(shape, target, strict=True):
         start = max((n - t) // 2, 0)
-        slices.append(slice(start, min(start + t, n)))
-    vol = vol[tuple(slices)]
-    pads: list[int] = []
-    for n, t in zip(reversed(vol.shape), reversed(target), strict=True):
-        before = (t - n) // 2
-        pads.extend((before, t - n - before))
-    return F.pad(vol, pads, value=PAD_VALUE)
+        kept = min(start + t, n) - start
+        before = (t - kept) // 2
+        src.append(slice(start, start + kept))
+        dst.append(slice(before, before + kept))
+    return tuple(src), tuple(dst)
+
+
+def _zxy_float64(hu_xyz: np.ndarray, *, clip: bool, slope: float, intercept: float) -> np.ndarray:
+    """One permuted pass from (X, Y, Z) to a contiguous float64 (Z, X, Y) array.
+
+    Without slope/intercept the clip runs in the source dtype (int16/float32) while the
+    values are written out: the cast to float64 is exact and the bounds are exactly
+    representable, so clip-then-cast equals the official cast-then-clip bit for bit.
+    ``slope * v + intercept`` is rounded in float64, as the official code does.
+    """
+    zxy = hu_xyz.transpose(2, 0, 1)  # a view; ``out`` below is the only copy
+    out = np.empty(zxy.shape, dtype=np.float64)
+    if slope == 1.0 and intercept == 0.0:
+        if clip:
+            np.clip(zxy, HU_MIN, HU_MAX, out=out)
+        else:
+            np.copyto(out, zxy, casting="unsafe")
+        return out
+    if slope != 1.0:
+        np.multiply(zxy, slope, out=out, dtype=np.float64, casting="unsafe")
+    else:
+        np.copyto(out, zxy, casting="unsafe")
+    if intercept != 0.0:
+        out += intercept
+    if clip:
+        np.clip(out, HU_MIN, HU_MAX, out=out)
+    return out
 
 
 def preprocess_volume(
@@ -61,37 +92,36 @@ def preprocess_volume(
 
     Args:
         hu_xyz: volume in CT-RATE NIfTI order (X, Y, Z), in HU (or stored values, with
-            ``slope``/``intercept`` applied here as ``slope * v + intercept``).
+            ``slope``/``intercept`` applied here as ``slope * v + intercept``). Any strides
+            (e.g. the view ``ctrate_xyz_from_dicom`` returns); it is read once, never written.
         spacing_xyz: voxel size (x, y, z) in mm. The official code uses the x spacing for
             both in-plane axes; here each axis uses its own (identical when x == y).
         target_xyz: output size (X, Y, Z); (480, 480, 240) for the released models.
         clip_after_resample: reproduce the v2 *training* loader, which clips after
             resampling (default False = inference path).
     """
-    vol = np.array(hu_xyz, dtype=np.float64, copy=True)
-    if vol.ndim != 3:
-        raise ValueError(f"expected a 3-D (X, Y, Z) volume, got shape {vol.shape}")
-    if slope != 1.0:
-        vol *= slope
-    if intercept != 0.0:
-        vol += intercept
-    if not clip_after_resample:
-        np.clip(vol, HU_MIN, HU_MAX, out=vol)
+    src = np.asarray(hu_xyz)
+    if src.ndim != 3:
+        raise ValueError(f"expected a 3-D (X, Y, Z) volume, got shape {src.shape}")
     sx, sy, sz = (float(s) for s in spacing_xyz)
-    zxy = torch.from_numpy(np.ascontiguousarray(vol.transpose(2, 0, 1)))
-    del vol
-    size = resampled_shape(zxy.shape, (sz, sx, sy))
+    shape_zxy = (src.shape[2], src.shape[0], src.shape[1])
+    size = resampled_shape(shape_zxy, (sz, sx, sy))
     if min(size) < 1:
-        raise ValueError(f"volume {tuple(zxy.shape)} at {spacing_xyz} mm resamples to {size}")
-    out = F.interpolate(zxy[None, None], size=size, mode="trilinear", align_corners=False)[0, 0]
+        raise ValueError(f"volume {shape_zxy} at {spacing_xyz} mm resamples to {size}")
+    zxy = torch.from_numpy(_zxy_float64(src, clip=not clip_after_resample, slope=slope, intercept=intercept))
+    resampled = F.interpolate(zxy[None, None], size=size, mode="trilinear", align_corners=False)[0, 0]
     del zxy
-    if clip_after_resample:
-        out.clamp_(HU_MIN, HU_MAX)
-    out = (out / 1000.0).to(torch.float32)
     tx, ty, tz = (int(t) for t in target_xyz)
-    out = _crop_or_pad(out, (tz, tx, ty))
-    log.debug("preprocess.done resampled_zxy=%s output_zxy=%s", size, tuple(out.shape))
-    return out.unsqueeze(0).contiguous()
+    # Crop first (every later step is element-wise), then /1000 in float64 rounded to
+    # float32 as it is written into the PAD_VALUE-filled output: one pass, no F.pad copy.
+    src_slices, dst_slices = _crop_pad_slices(size, (tz, tx, ty))
+    kept = resampled.numpy()[src_slices]
+    if clip_after_resample:
+        np.clip(kept, HU_MIN, HU_MAX, out=kept)
+    out = np.full((1, tz, tx, ty), PAD_VALUE, dtype=np.float32)
+    np.divide(kept, 1000.0, out=out[0][dst_slices], casting="same_kind")
+    log.debug("preprocess.done resampled_zxy=%s output_zxy=%s", size, out.shape[1:])
+    return torch.from_numpy(out)
 
 
 def _axis_plan(direction: np.ndarray) -> tuple[list[int], list[bool]]:
@@ -139,6 +169,12 @@ def ctrate_xyz_from_dicom(
     flipped when slices are stored superior → inferior. Oblique series are mapped to the
     nearest patient axes without resampling (a warning is logged). Remaining uncertainty:
     see docs/ctrate-orientation.md.
+
+    The returned array is a *view* of ``hu_zyx`` (transposed, possibly negative strides),
+    not a copy: ``preprocess_volume`` makes its single permuted float64 copy from it, so a
+    contiguous copy here would only be thrown away. It shares memory with ``hu_zyx``: do
+    not write to either while the other is in use, and call ``np.ascontiguousarray`` if
+    you need contiguous memory (e.g. ``torch.from_numpy``).
     """
     vol = np.asarray(hu_zyx)
     if vol.ndim != 3:
@@ -158,4 +194,4 @@ def ctrate_xyz_from_dicom(
             out = np.flip(out, axis=axis)
     spacing = tuple(float(spacing_zyx[a]) for a in order)
     log.debug("orientation.mapped order=%s flips=%s", order, flips)
-    return np.ascontiguousarray(out), (spacing[0], spacing[1], spacing[2])
+    return out, (spacing[0], spacing[1], spacing[2])
