@@ -8,10 +8,18 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from processor.errors import ConfigError
 
@@ -36,6 +44,10 @@ def parse_size(value: Any) -> int:
     return int(_parse_quantity(value, _SIZE_UNITS, "size", "500MB, 8GiB or a number of bytes"))
 
 
+ByteSize = Annotated[int, BeforeValidator(parse_size)]
+"""A size in bytes; YAML may say ``8GiB``, ``500 MB`` or a number."""
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -56,14 +68,9 @@ class StatusSettings(_Section):
 
 class LimitSettings(_Section):
     max_members: int = Field(20_000, gt=0)
-    max_total_bytes: int = 8 * 2**30
+    max_total_bytes: ByteSize = 8 * 2**30
     max_ratio: float = Field(200, gt=1)
     max_attempts: int = Field(3, ge=1)
-
-    @field_validator("max_total_bytes", mode="before")
-    @classmethod
-    def _size(cls, value: Any) -> int:
-        return parse_size(value)
 
 
 class ModelSettings(_Section):
@@ -175,15 +182,10 @@ class SourceSettings(_Section):
 
 class FetchSettings(_Section):
     timeout_seconds: float = Field(60, gt=0)
-    max_bytes: int = Field(4 * 2**30, gt=0)
+    max_bytes: ByteSize = Field(4 * 2**30, gt=0)
     allow_hosts: list[str] = Field(default_factory=lambda: ["127.0.0.1", "localhost"])
     retries: int = Field(5, ge=0)
     backoff_seconds: float = Field(2, ge=0)
-
-    @field_validator("max_bytes", mode="before")
-    @classmethod
-    def _size(cls, value: Any) -> int:
-        return parse_size(value)
 
     @field_validator("allow_hosts")
     @classmethod

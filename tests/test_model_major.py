@@ -83,7 +83,6 @@ def test_model_major_equals_study_major_and_loads_each_model_once(tmp_path: Path
 @pytest.mark.slow
 def test_worker_takes_night_arrivals_together_after_the_day_queue(tmp_path: Path) -> None:
     from processor.worker import Worker
-    from tests.conftest import wait_for
 
     project = Project(tmp_path, STEPS, models={"capacity": 1})
     _install_small_weights(project.root)
@@ -98,13 +97,7 @@ def test_worker_takes_night_arrivals_together_after_the_day_queue(tmp_path: Path
         paths.append((write_zip(folder / f"s{seed}.zip", series), seed > 1))
     for path, night in reversed(paths):  # the night arrivals are registered first
         components.intake.accept(path, night=night)
-    worker = Worker(project.state_path, components.executor, night_batch=3)
-    worker.start()
-    try:
-        wait_for(lambda: len(project.results()) == 4, 120, "four results")
-    finally:
-        worker.stop()
-        worker.join(60)
+    _run_worker(Worker(project.state_path, components.executor, night_batch=3), project, 4)
     rows = {r["name"]: r for r in components.state.arrivals(limit=10)}
     components.state.close()
     day, nights = rows["s1.zip"], [rows[f"s{i}.zip"] for i in (2, 3, 4)]
@@ -119,7 +112,6 @@ def test_prefetch_prepares_the_next_arrival_while_the_current_one_finishes(tmp_p
     import logging
 
     from processor.worker import Worker
-    from tests.conftest import wait_for
 
     steps = [STEPS[0], {"id": "hold", "uses": "util.delay", "with": {"seconds": 0.5}},
              {"id": "decision", "uses": "decision.pathology"}]
@@ -129,15 +121,21 @@ def test_prefetch_prepares_the_next_arrival_while_the_current_one_finishes(tmp_p
         path = write_zip(project.inbox / f"s{seed}.zip", make_series(20, description=f"S{seed}"))
         components.intake.accept(path)
     caplog.set_level(logging.INFO, logger="processor.worker")
-    worker = Worker(project.state_path, components.executor, max_inflight=1)
-    worker.start()
-    try:
-        wait_for(lambda: len(project.results()) == 3, 60, "three results")
-    finally:
-        worker.stop()
-        worker.join(60)
+    _run_worker(Worker(project.state_path, components.executor, max_inflight=1), project, 3)
     events = [(r.getMessage().split()[0], r.getMessage().split()[1]) for r in caplog.records
               if r.getMessage().startswith(("arrival.start", "arrival.done"))]
     assert events.index(("arrival.start", "arrival=2")) < events.index(("arrival.done", "arrival=1"))
     assert components.state.counts_by_state() == {"done": 3}
     components.state.close()
+
+
+def _run_worker(worker, project: Project, results: int) -> None:
+    """Run the worker thread until ``results`` study JSONs exist, then stop and join it."""
+    from tests.conftest import wait_for
+
+    worker.start()
+    try:
+        wait_for(lambda: len(project.results()) == results, 120, f"{results} results")
+    finally:
+        worker.stop()
+        worker.join(60)
