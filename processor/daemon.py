@@ -8,6 +8,7 @@ import threading
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from processor.config import Settings
 from processor.errors import ConfigError
@@ -25,6 +26,9 @@ from processor.status import Probes, StatusServer
 from processor.steps import default_registry
 from processor.worker import LocalExecutor, Worker
 
+if TYPE_CHECKING:
+    from processor.models.cache import ModelCache
+
 log = logging.getLogger(__name__)
 
 
@@ -40,6 +44,7 @@ class Components:
     settings: Settings
     pipeline: Pipeline
     device: str
+    models: ModelCache
     state: State
     intake: Intake
 
@@ -59,15 +64,15 @@ def build(settings: Settings, registry: StepRegistry | None = None) -> Component
     from processor.models.cache import ModelCache
 
     m = settings.models
-    env = StepEnv(root=settings.root, device=device,
-                  models=ModelCache(m.capacity, device, m.gpu_memory_budget_gb, precision=m.precision),
+    models = ModelCache(m.capacity, device, m.gpu_memory_budget_gb, precision=m.precision)
+    env = StepEnv(root=settings.root, device=device, models=models,
                   content_cache=State.content_cache(settings.state))
     pipeline = load_pipeline(settings.pipeline, registry or default_registry(), env)
     state = State(settings.state)
     intake = Intake(state, pipeline_name=pipeline.name, pipeline_version=pipeline.version,
                     inbox_dirs=settings.inbox.dirs, outbox=settings.outbox)
     settings.outbox.mkdir(parents=True, exist_ok=True)
-    return Components(settings, pipeline, device, state, intake)
+    return Components(settings, pipeline, device, models, state, intake)
 
 
 def log_paths(settings: Settings, pipeline: Pipeline, device: str) -> None:
@@ -166,10 +171,8 @@ class Daemon:
             stopping=self.stop_requested.is_set)
 
     def _models_loaded(self) -> list[dict]:
-        cache = self.c.pipeline.steps[0].step.env.models if self.c.pipeline.steps else None
-        loaded = getattr(cache, "loaded", None)
-        return [{k: m.get(k) for k in ("key", "hits", "gpu_bytes", "load_seconds")} for m in loaded()] \
-            if callable(loaded) else []
+        return [{k: m.get(k) for k in ("key", "hits", "gpu_bytes", "load_seconds")}
+                for m in self.c.models.loaded()]
 
     # ------------------------------------------------------------------ life cycle
     def recover(self) -> None:

@@ -37,7 +37,13 @@ log = logging.getLogger(__name__)
 
 
 class Executor(Protocol):
+    """What the worker hands claimed arrivals to: all at once, or in a CPU and a GPU stage."""
+
     def process_many(self, arrivals: list[dict[str, Any]], should_stop: Callable[[], bool]) -> list[str]: ...
+
+    def prepare(self, arrivals: list[dict[str, Any]], should_stop: Callable[[], bool]) -> Prepared: ...
+
+    def complete(self, prepared: Prepared, should_stop: Callable[[], bool]) -> list[str]: ...
 
 
 @dataclass
@@ -402,7 +408,7 @@ class Worker:
         self._finish(batch, lambda: executor.process_many(batch, self.stop_event.is_set), claimed)
         return 1
 
-    def _run_prefetched(self, pool: Prefetcher, state: State, executor: Any, claimed: set[int]) -> int:
+    def _run_prefetched(self, pool: Prefetcher, state: State, executor: Executor, claimed: set[int]) -> int:
         """CPU stage of the next batches in the prefetch thread while this thread runs the GPU stage."""
         handled = 0
         for item in pool.map(self._batches(state, claimed)):

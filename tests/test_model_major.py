@@ -45,7 +45,7 @@ def _run(root: Path, zips: list[Path], *, together: bool) -> tuple[dict[str, dic
     else:
         finals = [executor.process_many([arrival])[0] for arrival in claimed]
     assert finals == ["done"] * len(zips)
-    stats = components.pipeline.steps[0].step.env.models.stats()
+    stats = components.models.stats()
     docs = {}
     for path in project.results():
         doc = json.loads(path.read_text())
@@ -105,7 +105,7 @@ def test_worker_takes_night_arrivals_together_after_the_day_queue(tmp_path: Path
     assert max(n["claimed_at"] for n in nights) <= min(n["finished_at"] for n in nights), "one batch"
     # capacity 1: the day study loads both models (2), the night batch loads each once more (2);
     # one night study at a time would need 6 more loads.
-    assert components.pipeline.steps[0].step.env.models.stats()["loads"] == 4
+    assert components.models.stats()["loads"] == 4
 
 
 def test_prefetch_prepares_the_next_arrival_while_the_current_one_finishes(tmp_path: Path, caplog) -> None:
