@@ -114,6 +114,29 @@ def test_only_non_dicom_files(tmp_path: Path) -> None:
     assert result.studies == [] and skipped["not DICOM"] == 2
 
 
+def test_scan_restores_garbage_collector_state(tmp_path: Path) -> None:
+    """The scan pauses the cyclic GC for speed; it must leave it as it found it, even on error."""
+    import gc
+    path = write_zip(tmp_path / "s.zip", make_series(3))
+    was = gc.isenabled()
+    try:
+        for enabled in (True, False):
+            (gc.enable if enabled else gc.disable)()
+            result, _ = scan(path)
+            assert result.dicom_files == 3 and gc.isenabled() is enabled
+        gc.enable()
+        with pytest.raises(RuntimeError):
+            scan_members(_Boom())
+        assert gc.isenabled()
+    finally:
+        (gc.enable if was else gc.disable)()
+
+
+class _Boom:
+    def __iter__(self):  # noqa: ANN204
+        raise RuntimeError("boom")
+
+
 def test_only_dicomdir_and_mac_junk(tmp_path: Path) -> None:
     path = _zip_with(tmp_path / "dir.zip", [("DICOMDIR", to_bytes(make_series(1)[0])),
                                             ("__MACOSX/._IMG1", b"junk"), (".DS_Store", b"junk")])
