@@ -8,7 +8,8 @@ command reads SQLite (or a folder of normal studies), writes under ``settings.we
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -73,14 +74,20 @@ def add_fit_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentPa
     p.add_argument("--out", type=Path, default=None, help="output folder (default: <weights>/anomaly)")
 
 
-def _open_state(settings: Settings) -> State:
+@contextmanager
+def _stored_state(settings: Settings) -> Iterator[State]:
+    """The database the fit commands read; a clear error when no study was processed yet."""
     from processor.errors import ConfigError
     from processor.state import State
 
     if not settings.state.exists():
         raise ConfigError(f"no state database at {settings.state}: process the labelled studies first "
                           "(`python run.py process ...` or the daemon), then fit.")
-    return State(settings.state)
+    state = State(settings.state)
+    try:
+        yield state
+    finally:
+        state.close()
 
 
 def cmd_fit_head(settings: Settings, args: argparse.Namespace) -> int:
@@ -88,11 +95,8 @@ def cmd_fit_head(settings: Settings, args: argparse.Namespace) -> int:
 
     opts = HeadOptions(hidden=args.hidden, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
                        folds=args.folds, seed=args.seed, findings=tuple(args.findings) if args.findings else None)
-    state = _open_state(settings)
-    try:
+    with _stored_state(settings) as state:
         fit = fit_head(state, args.labels, args.out or settings.weights / "head", opts)
-    finally:
-        state.close()
     print(report_text(fit))
     return EXIT_OK
 
@@ -103,11 +107,8 @@ def cmd_fit_fusion(settings: Settings, args: argparse.Namespace) -> int:
     opts = FusionOptions(folds=args.folds, seed=args.seed, rounds=args.rounds, learning_rate=args.learning_rate,
                          num_leaves=args.num_leaves, target_sensitivity=args.target_sensitivity,
                          features=tuple(args.features) if args.features else None, force=args.force)
-    state = _open_state(settings)
-    try:
+    with _stored_state(settings) as state:
         fit = fit_fusion(state, args.labels, args.out or settings.weights / "fusion", opts)
-    finally:
-        state.close()
     print(report_text(fit))
     return EXIT_OK if fit.installed else EXIT_FAILED
 
