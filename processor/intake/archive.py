@@ -4,14 +4,23 @@ A ZIP is checked whole before any member is read: a member name that is absolute
 with ``..``, a symlink, an encrypted member, too many members, too many uncompressed bytes or a
 compression ratio above the cap refuses the whole archive with an :class:`IngestError` that says
 which member and why. Nothing is extracted to disk. One level of nested ZIP is read.
+
+Zero copy where the bytes allow it: a ZIP on disk is memory-mapped, and a member STORED in it
+(the usual way DICOM is zipped: it hardly deflates) is a ``memoryview`` of that map; files of a
+folder are mapped one by one. :meth:`Member.data` checks a ZIP member's CRC-32 before handing its
+bytes over, as :mod:`zipfile` does; :meth:`Member.head` is for headers and checks the CRC only
+when it covers the whole member.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import mmap
 import stat
+import struct
 import zipfile
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -34,6 +43,9 @@ class Limits:
     max_ratio: float = 200.0
 
 
+Buffer = bytes | memoryview
+
+
 @dataclass(frozen=True)
 class Member:
     """One file inside an arrival. ``read()`` returns its bytes (from the ZIP or disk) each call.
@@ -42,15 +54,39 @@ class Member:
     :meth:`read_prefix` reads (or inflates) only the start of a member; without it (members built
     from bytes already in memory) the prefix is a slice of ``read()``. A ZIP member's CRC is only
     checked when its stream is read to the end, i.e. by a prefix that covers the whole member.
+
+    ``viewer``, when given, returns the member's bytes without copying them (a ``memoryview`` of a
+    memory map); ``crc`` is the CRC-32 the ZIP recorded for them (None for files on disk).
     """
 
     name: str
     size: int
     reader: Callable[[], bytes] = field(repr=False, compare=False)
     opener: Callable[[], IO[bytes]] | None = field(default=None, repr=False, compare=False)
+    viewer: Callable[[], memoryview] | None = field(default=None, repr=False, compare=False)
+    crc: int | None = field(default=None, repr=False, compare=False)
 
     def read(self) -> bytes:
         return self.reader()
+
+    def data(self) -> Buffer:
+        """All of the member's bytes, zero-copy where possible; a ZIP member's CRC-32 is checked."""
+        if self.viewer is None:
+            return self.reader()
+        view = self.viewer()
+        if self.crc is not None and zlib.crc32(view) != self.crc:
+            raise zipfile.BadZipFile(f"Bad CRC-32 for file {self.name!r}")
+        return view
+
+    def head(self, n: int) -> Buffer:
+        """At least the first ``n`` bytes (all of them when the member is shorter), for reading a header.
+
+        Zero-copy members give their whole view unchecked (a header parse reads only what it
+        needs); a head that covers the whole member is CRC-checked, so a short file is verified.
+        """
+        if self.viewer is not None:
+            return self.data() if self.size <= n else self.viewer()
+        return self.read_prefix(n)
 
     def open(self) -> IO[bytes]:
         """A binary stream over the member's bytes (close it, or use it in a ``with`` block)."""
@@ -146,12 +182,38 @@ def _zip_reader(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> Callable[[], byte
     return lambda: zf.read(info)
 
 
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, then name and extra-field lengths at 26 and 28
+
+
+def _stored_viewer(buffer: Buffer | None, info: zipfile.ZipInfo) -> Callable[[], memoryview] | None:
+    """A zero-copy view of a STORED member inside ``buffer`` (the whole ZIP), or None."""
+    if buffer is None or info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+        return None
+    at = info.header_offset
+    if at + _LOCAL_HEADER.size > len(buffer):
+        return None
+    magic, name_len, extra_len = _LOCAL_HEADER.unpack_from(buffer, at)
+    start = at + _LOCAL_HEADER.size + name_len + extra_len
+    if magic != ZIP_MAGIC or start + info.file_size > len(buffer):
+        return None
+    return lambda: memoryview(buffer)[start:start + info.file_size]
+
+
+def _mapped(path: Path) -> mmap.mmap | None:
+    """A read-only memory map of a file (None when empty or the platform refuses)."""
+    try:
+        with path.open("rb") as fh:
+            return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):
+        return None
+
+
 def _zip_opener(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> Callable[[], IO[bytes]]:
     return lambda: zf.open(info)
 
 
 def _read_zip(zf: zipfile.ZipFile, label: str, budget: _Budget, contents: Contents,
-              stack: ExitStack, depth: int) -> None:
+              stack: ExitStack, depth: int, buffer: Buffer | None = None) -> None:
     for info, name in _check_zip(zf, label, budget):
         with zf.open(info) as fh:
             head = fh.read(4)
@@ -160,15 +222,16 @@ def _read_zip(zf: zipfile.ZipFile, label: str, budget: _Budget, contents: Conten
                 contents.skipped["nested ZIP deeper than one level"] += 1
                 continue
             try:
-                inner = stack.enter_context(zipfile.ZipFile(io.BytesIO(zf.read(info))))
+                inner_bytes = zf.read(info)
+                inner = stack.enter_context(zipfile.ZipFile(io.BytesIO(inner_bytes)))
             except zipfile.BadZipFile:
                 contents.skipped["corrupt nested ZIP"] += 1
                 continue
-            _read_zip(inner, f"{label}!{name}", budget, contents, stack, depth + 1)
+            _read_zip(inner, f"{label}!{name}", budget, contents, stack, depth + 1, inner_bytes)
             continue
         prefix = "" if depth == 0 else label.split("!", 1)[1] + "!"
         contents.members.append(Member(prefix + name, info.file_size, _zip_reader(zf, info),
-                                       _zip_opener(zf, info)))
+                                       _zip_opener(zf, info), _stored_viewer(buffer, info), info.CRC))
 
 
 def _file_reader(path: Path) -> Callable[[], bytes]:
@@ -177,6 +240,14 @@ def _file_reader(path: Path) -> Callable[[], bytes]:
 
 def _file_opener(path: Path) -> Callable[[], IO[bytes]]:
     return lambda: path.open("rb")
+
+
+def _file_viewer(path: Path) -> Callable[[], memoryview]:
+    """A zero-copy view of a whole file; read into memory when it cannot be mapped (e.g. empty)."""
+    def view() -> memoryview:
+        mapped = _mapped(path)
+        return memoryview(mapped if mapped is not None else path.read_bytes())
+    return view
 
 
 def _read_folder(root: Path, budget: _Budget, contents: Contents) -> None:
@@ -189,7 +260,7 @@ def _read_folder(root: Path, budget: _Budget, contents: Contents) -> None:
         size = path.stat().st_size
         budget.take(str(root), size)
         contents.members.append(Member(path.relative_to(root).as_posix(), size, _file_reader(path),
-                                       _file_opener(path)))
+                                       _file_opener(path), _file_viewer(path)))
 
 
 @contextmanager
@@ -206,12 +277,24 @@ def open_arrival(path: Path, limits: Limits) -> Iterator[Contents]:
             except (zipfile.BadZipFile, OSError) as exc:
                 raise IngestError(f"{path.name}: the ZIP cannot be read ({exc}); it is truncated or "
                                   "corrupt — copy it again from the source") from exc
-            _read_zip(zf, path.name, budget, contents, stack, depth=0)
+            mapped = _mapped(path)
+            if mapped is not None:
+                stack.callback(_close_map, mapped)
+            _read_zip(zf, path.name, budget, contents, stack, depth=0, buffer=mapped)
         else:
             size = path.stat().st_size
             budget.take(path.name, size)
-            contents.members.append(Member(path.name, size, _file_reader(path), _file_opener(path)))
+            contents.members.append(Member(path.name, size, _file_reader(path), _file_opener(path),
+                                           _file_viewer(path)))
         yield contents
+
+
+def _close_map(mapped: mmap.mmap) -> None:
+    """Close a ZIP's map at the end of its block; while views of it live on, the collector closes it."""
+    try:
+        mapped.close()
+    except BufferError:
+        log.debug("archive.map_in_use: closed when its last view is released")
 
 
 def zip_central_directory_reads(path: Path) -> bool:
