@@ -110,7 +110,7 @@ def _sum(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
 
 def memory_read(volume: Any, n: int) -> dict[str, Samples]:
     """Plain memory reads of the chosen series' uncompressed pixel bytes (int16, as stored)."""
-    buf = np.rint(volume.hu + 1024).astype(np.int16).tobytes()
+    buf = (volume.hu.astype(np.int32) + 1024).astype(np.int16).tobytes()
     view = memoryview(buf)
     out = {"bytes(memoryview) copy": Samples(), "numpy int16 sum": Samples()}
     for _ in range(max(5, n)):
@@ -124,15 +124,15 @@ def volume_stages(volume: Any, n: int) -> dict[str, Samples]:
     from processor.dicom.volume import _rescale_into
     from processor.models.ctclip_preprocess import ctrate_xyz_from_dicom, preprocess_volume
 
-    stored = np.rint(volume.hu + 1024).astype(np.int16)
-    out_hu = np.empty(stored.shape, np.float32)
+    stored = (volume.hu.astype(np.int32) + 1024).astype(np.int16)
+    out_hu = np.empty(stored.shape, volume.hu.dtype)
 
     def rescale() -> None:
         for k in range(stored.shape[0]):  # as decode_into does it, slice by slice
             _rescale_into(out_hu[k], stored[k], 1.0, -1024.0)
 
     s: dict[str, Samples] = {}
-    repeat(rescale, n, s.setdefault("HU rescale only (int16 → float32, inside decode)", Samples()))
+    repeat(rescale, n, s.setdefault(f"HU rescale only (stored int16 → {volume.hu.dtype} HU, inside decode)", Samples()))
     xyz, spacing = repeat(lambda: ctrate_xyz_from_dicom(volume.hu, volume.spacing_zyx, volume.affine), n,
                           s.setdefault("orientation (ctrate_xyz_from_dicom)", Samples()))[0]
     repeat(lambda: preprocess_volume(xyz, spacing), n,

@@ -234,3 +234,34 @@ def test_large_members_are_scanned_from_a_prefix_in_zips_and_folders(tmp_path: P
             assert result.studies[0].instance_count == 4
             assert all(i.pixel_offset is not None for i in result.studies[0].series[datasets[0].SeriesInstanceUID]
                        .instances)
+
+
+# ---------------------------------------------------------------- zero-copy members
+def test_stored_members_and_files_are_views_of_a_memory_map_with_the_crc_checked(tmp_path: Path) -> None:
+    datasets = make_series(3, stored=np.arange(3 * 64 * 64, dtype=np.int16).reshape(3, 64, 64))
+    blobs = {f"S/{i}.dcm": to_bytes(ds) for i, ds in enumerate(datasets)}
+    zpath = tmp_path / "mixed.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        zf.writestr("S/0.dcm", blobs["S/0.dcm"], compress_type=zipfile.ZIP_STORED)
+        zf.writestr("S/1.dcm", blobs["S/1.dcm"], compress_type=zipfile.ZIP_DEFLATED)
+        inner = io.BytesIO()
+        with zipfile.ZipFile(inner, "w") as nested:
+            nested.writestr("S/2.dcm", blobs["S/2.dcm"], compress_type=zipfile.ZIP_STORED)
+        zf.writestr("inner.zip", inner.getvalue(), compress_type=zipfile.ZIP_STORED)
+    with open_arrival(zpath, Limits()) as contents:
+        by_name = {m.name: m for m in contents.members}
+        stored, deflated, nested_member = by_name["S/0.dcm"], by_name["S/1.dcm"], by_name["inner.zip!S/2.dcm"]
+        view = stored.data()
+        assert isinstance(view, memoryview) and isinstance(view.obj, __import__("mmap").mmap)
+        assert bytes(view) == blobs["S/0.dcm"] == stored.read()
+        assert isinstance(deflated.data(), bytes) and deflated.data() == blobs["S/1.dcm"]  # inflated
+        assert isinstance(nested_member.data(), memoryview) and bytes(nested_member.data()) == blobs["S/2.dcm"]
+        del view
+    folder = write_folder(tmp_path / "folder", datasets)
+    (folder / "empty").write_bytes(b"")
+    with open_arrival(folder, Limits()) as contents:
+        by_name = {m.name: m for m in contents.members}
+        assert isinstance(by_name["IM00001"].data(), memoryview)
+        assert bytes(by_name["IM00001"].data()) == blobs["S/0.dcm"]
+        assert bytes(by_name["empty"].data()) == b""
+        assert scan_members(contents.members).studies[0].instance_count == 3

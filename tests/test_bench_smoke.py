@@ -58,7 +58,7 @@ def test_fast_and_naive_paths_give_the_same_volume_and_input(studies: dict[str, 
     path = studies[variant]
     mine = fast.fast_tensor(path)
     theirs = naive.naive_tensor(path)
-    assert mine.volume.hu.dtype == np.float32 and theirs.volume.hu.dtype == np.float64
+    assert mine.volume.hu.dtype == np.int16 and theirs.volume.hu.dtype == np.float64  # exact: whole slope, intercept
     assert mine.volume.hu.shape == theirs.volume.hu.shape == (SMOKE.slices, SMOKE.size, SMOKE.size)
     # lossless input: the HU volumes are identical, and both are the generated pixels exactly
     assert np.array_equal(mine.volume.hu.astype(np.float64), theirs.volume.hu)

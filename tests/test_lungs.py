@@ -84,3 +84,13 @@ def test_real_ct_small_series_gives_plausible_densities_and_honest_flags(tmp_pat
     assert lungs["plausible"] is False
     assert set(lungs["flags"]) == {"volume_below_min", "lungs_cut_at_first_slice", "lungs_cut_at_last_slice"}
     assert any("implausible lung mask" in w for w in ctx.warnings)
+
+
+def test_int16_and_float32_volumes_give_the_same_mask_and_metrics() -> None:
+    hu, _ = dicomgen.chest_phantom(PHANTOM_SHAPE)
+    noisy = np.rint(hu + np.random.default_rng(5).normal(0, 20, hu.shape))  # whole HU, as ct.volume gives
+    as_int16, as_float32 = noisy.astype(np.int16), noisy.astype(np.float32)
+    mask16, mask32 = lung_mask(as_int16), lung_mask(as_float32)
+    assert mask16.any() and np.array_equal(mask16, mask32)
+    spacing = (SLICE_MM, PIXEL_MM, PIXEL_MM)
+    assert lung_metrics(as_int16, mask16, spacing) == lung_metrics(as_float32, mask32, spacing)

@@ -111,7 +111,7 @@ def test_phases_split_by_acquisition_and_per_slice_numbers_do_not_shatter_the_st
 def test_every_lossless_encoding_gives_the_same_hu_bit_for_bit(encoding: str, classic: list[Dataset],
                                                                 phantom: np.ndarray) -> None:
     volume = _load([dicomgen.encode(ds, encoding) for ds in classic])
-    assert volume.hu.dtype == np.float32 and volume.hu.shape == SHAPE
+    assert volume.hu.dtype == np.int16 and volume.hu.shape == SHAPE
     assert np.array_equal(volume.hu, phantom)
     syntax = volume.provenance["transfer_syntaxes"]
     assert len(syntax) == 1
@@ -160,6 +160,48 @@ def test_rescale_is_applied_per_frame_when_it_varies(classic: list[Dataset], pha
     for volume in (classic_volume, enhanced_volume):
         assert volume.provenance["rescale"]["per_frame"] is True
         assert np.array_equal(volume.hu, phantom)
+
+
+def _raw_series(raw: np.ndarray, *, signed: bool, slopes: list[float], intercepts: list[float]) -> list[Dataset]:
+    datasets = dicomgen.make_series(len(raw), stored=np.zeros(raw.shape, np.int16))
+    for ds, frame, slope, intercept in zip(datasets, raw, slopes, intercepts, strict=True):
+        ds.PixelRepresentation = int(signed)
+        ds.PixelData = frame.astype("<i2" if signed else "<u2").tobytes()
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    return datasets
+
+
+@pytest.mark.parametrize(("case", "signed", "slope", "intercept", "dtype"), [
+    ("whole rescale, fits", True, 1.0, -1024.0, np.int16),
+    ("whole slope 2", True, 2.0, -1000.0, np.int16),
+    ("fractional slope", True, 0.5, -1024.0, np.float32),
+    ("fractional intercept", True, 1.0, -1024.5, np.float32),
+    ("signed, overflows int16 above", True, 1.0, 1000.0, np.float32),
+    ("unsigned 16-bit beyond 32767, shifted back into range", False, 1.0, -32768.0, np.int16),
+    ("unsigned 16-bit, does not fit", False, 1.0, 0.0, np.float32),
+])
+def test_hu_is_int16_exactly_when_every_value_fits_and_float32_otherwise(
+        case: str, signed: bool, slope: float, intercept: float, dtype: type) -> None:
+    rng = np.random.default_rng(3)
+    low, high = (-2000, 32000) if signed else (0, 65535)
+    raw = rng.integers(low, high, (4, 16, 16), endpoint=True)
+    raw[0, 0, 0], raw[1, 0, 0] = low, high  # the extremes are present
+    if case == "whole slope 2":
+        raw = raw // 4
+    volume = _load(_raw_series(raw, signed=signed, slopes=[slope] * 4, intercepts=[intercept] * 4))
+    expected = raw.astype(np.float64) * slope + intercept
+    assert volume.hu.dtype == dtype and volume.provenance["dtype"] == np.dtype(dtype).name, case
+    assert np.array_equal(volume.hu.astype(np.float64), expected.astype(dtype).astype(np.float64)), case
+    if dtype == np.int16:
+        assert np.array_equal(volume.hu, expected), case  # exact HU
+
+
+def test_one_frame_that_does_not_fit_makes_the_whole_volume_float32() -> None:
+    raw = np.full((4, 8, 8), 100)
+    raw[2] = 32000  # + 1000 does not fit int16; found on the third frame
+    volume = _load(_raw_series(raw, signed=True, slopes=[1.0] * 4, intercepts=[0.0, 0.0, 1000.0, 0.0]))
+    assert volume.hu.dtype == np.float32
+    assert volume.hu[2].max() == 33000.0 and volume.hu[0].max() == 100.0
 
 
 # --- sorting, duplicates, gaps, tilt, geometry -----------------------------------------------------------

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset
 
+from processor.dicom.fastheader import Facts
 from processor.dicom.scan import Series
 
 log = logging.getLogger(__name__)
@@ -83,21 +84,14 @@ def _fg(per_frame: Dataset | None, shared: Dataset | None, sequence: str, keywor
     return value if value is not None else _group(shared, sequence, keyword)
 
 
-def _classic_frame(index: int, header: Dataset) -> Frame:
-    temporal = header.get("TemporalPositionIdentifier", header.get("TemporalPositionIndex", ""))
+def classic_frame(index: int, facts: Facts) -> Frame:
+    """The one frame of a classic (single-frame) file, from its header facts."""
     return Frame(
-        instance=index, frame=0,
-        position=_floats(header.get("ImagePositionPatient"), 3),
-        orientation=_floats(header.get("ImageOrientationPatient"), 6),
-        pixel_spacing=_floats(header.get("PixelSpacing"), 2),
-        thickness=_float(header.get("SliceThickness")),
-        rows=int(header.get("Rows", 0) or 0), cols=int(header.get("Columns", 0) or 0),
-        slope=_float(header.get("RescaleSlope"), 1.0) or 1.0,
-        intercept=_float(header.get("RescaleIntercept"), 0.0) or 0.0,
-        instance_number=int(_float(header.get("InstanceNumber"), 0) or 0),
-        temporal=str(temporal or ""), acquisition=str(header.get("AcquisitionNumber", "") or ""),
-        image_type=tuple(str(v).upper() for v in (header.get("ImageType") or ())),
-        kernel=_kernel(header.get("ConvolutionKernel")),
+        instance=index, frame=0, position=facts.position, orientation=facts.orientation,
+        pixel_spacing=facts.pixel_spacing, thickness=facts.thickness, rows=facts.rows, cols=facts.cols,
+        slope=facts.slope, intercept=facts.intercept, instance_number=facts.instance_number,
+        temporal=facts.temporal, acquisition=facts.acquisition, image_type=facts.image_type,
+        kernel=facts.kernel,
     )
 
 
@@ -134,16 +128,14 @@ def _enhanced_frames(index: int, header: Dataset) -> list[Frame]:
     return frames
 
 
-def is_enhanced(header: Dataset) -> bool:
-    return "PerFrameFunctionalGroupsSequence" in header
-
-
 def frames_of(series: Series) -> list[Frame]:
     """Every frame of the series, in file order, with its geometry and rescale (headers only)."""
     frames: list[Frame] = []
     for index, instance in enumerate(series.instances):
-        header = instance.header
-        frames.extend(_enhanced_frames(index, header) if is_enhanced(header) else [_classic_frame(index, header)])
+        if instance.facts.enhanced:
+            frames.extend(_enhanced_frames(index, instance.header))
+        else:
+            frames.append(classic_frame(index, instance.facts))
     return frames
 
 

@@ -4,13 +4,15 @@ DICOM is recognised by its ``DICM`` preamble marker, or — for files written wi
 by a header parse that yields the three instance UIDs. ``DICOMDIR``, ``__MACOSX/``, ``.DS_Store``,
 other files and corrupt DICOM are skipped and counted by reason.
 
-Only the first :data:`HEADER_PREFIX` bytes of a large member are read (inflated) for its header.
-That prefix parse is kept only when it stopped at the ``(7FE0,0010)`` Pixel Data element inside
-the prefix — then every element before it was complete, so the header equals the one a read of
-the whole member gives; otherwise (longer headers, deflated transfer syntax, no pixel data) the
-whole member is read and parsed as before. Where Pixel Data starts is kept for ``ct.volume``.
-A ZIP member's CRC is checked only when it is read whole, so a bad CRC past the header surfaces
-when the member is decoded.
+Each file's header is read by the lean walker of :mod:`processor.dicom.fastheader` (the values
+grouping, selection and decoding need, and where Pixel Data starts); a layout it declines is
+parsed by pydicom (``stop_before_pixels``) instead. The full pydicom header of a file is parsed
+on demand (``Instance.header``) and eagerly for the first file of every series, while the
+arrival is still open.
+
+A member that cannot be viewed in place is read from its first :data:`HEADER_PREFIX` bytes
+(inflated) when its header ends there, otherwise whole. A ZIP member's CRC is checked when it is
+read whole, so a bad CRC past the header surfaces when the member is decoded.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from processor.intake.archive import Member
+from processor.dicom.fastheader import Declined, Facts, Truncated, facts_from_dataset, facts_of, walk
+from processor.intake.archive import Buffer, Member
 
 log = logging.getLogger(__name__)
 
@@ -45,17 +48,34 @@ _PARSE_ERRORS = (InvalidDicomError, ValueError, EOFError, KeyError, TypeError, A
 _UNREADABLE = (OSError, RuntimeError, EOFError, zipfile.BadZipFile, zlib.error)  # CRC, truncation, bad inflate
 
 
-@dataclass
 class Instance:
-    """One DICOM file: where its bytes are and its header (no pixel data)."""
+    """One DICOM file: where its bytes are, its header facts, and (on demand) its full header."""
 
-    member: Member
-    header: Dataset
-    pixel_offset: int | None = None  # where the (7FE0,0010) element starts in the member's bytes
+    __slots__ = ("member", "facts", "pixel_offset", "_header")
+
+    def __init__(self, member: Member, facts: Facts, pixel_offset: int | None = None,
+                 header: Dataset | None = None) -> None:
+        self.member = member
+        self.facts = facts
+        self.pixel_offset = pixel_offset  # where the (7FE0,0010) element starts in the member's bytes
+        self._header = header
 
     @property
     def sop_uid(self) -> str:
-        return str(self.header.SOPInstanceUID)
+        return self.facts.sop_uid
+
+    @property
+    def header(self) -> Dataset:
+        """The file's whole header as pydicom reads it (no pixel data); parsed once, on first use."""
+        if self._header is None:
+            header, _ = member_header(self.member)
+            if header is None:
+                raise CorruptDicom("the header no longer parses")
+            self._header = header
+        return self._header
+
+    def __repr__(self) -> str:
+        return f"Instance({self.member.name!r}, sop_uid={self.sop_uid!r})"
 
 
 @dataclass
@@ -118,12 +138,7 @@ def _skip_reason_by_name(name: str) -> str | None:
     return None
 
 
-def read_header(data: bytes) -> Dataset | None:
-    """Parse a DICOM header from bytes, or return None when the bytes are not DICOM."""
-    return _parse_header(data)[0]
-
-
-def _parse_header(data: bytes) -> tuple[Dataset | None, int | None]:
+def _parse_header(data: Buffer) -> tuple[Dataset | None, int | None]:
     """(header or None when not DICOM, offset of the Pixel Data element in ``data`` or None).
 
     The offset is given only when the parse stopped right at a ``(7FE0,0010)`` element of ``data``
@@ -158,7 +173,7 @@ class CorruptDicom(Exception):
 def member_header(member: Member, prefix: int = HEADER_PREFIX) -> tuple[Dataset | None, int | None]:
     """:func:`_parse_header` of a member, reading only its first ``prefix`` bytes when they hold the header."""
     if member.size > prefix:
-        head = member.read_prefix(prefix)
+        head = bytes(member.head(prefix)[:prefix])
         if PIXEL_DATA_TAG in head:  # cheap gate: the header cannot end inside this prefix otherwise
             try:
                 header, offset = _parse_header(head)
@@ -166,7 +181,47 @@ def member_header(member: Member, prefix: int = HEADER_PREFIX) -> tuple[Dataset 
                 offset = None  # perhaps only cut short by the prefix: decide on the whole member
             if offset is not None:
                 return header, offset
-    return _parse_header(member.read())
+    return _parse_header(member.data())
+
+
+def _walked(member: Member) -> tuple[Facts, int | None] | None:
+    """Facts and Pixel Data offset by the lean walker, or None when it declines the layout."""
+    head = member.head(HEADER_PREFIX)
+    try:
+        try:
+            walked = walk(head)
+            if walked.pixel_offset is None and len(head) < member.size:
+                raise Truncated("no pixel data in the prefix")
+        except Truncated:
+            if len(head) >= member.size:
+                return None
+            walked = walk(member.data())
+        facts = facts_of(walked)
+    except Declined:
+        return None
+    if not all(_UID.match(u) for u in (facts.sop_uid, facts.study_uid, facts.series_uid)):
+        return None  # pydicom decides what such a file is
+    return facts, walked.pixel_offset
+
+
+def read_instance(member: Member) -> Instance | None:
+    """The member as an :class:`Instance`, or None when it is not DICOM (:class:`CorruptDicom` when broken)."""
+    fast = _walked(member)
+    if fast is not None:
+        return Instance(member, fast[0], fast[1])
+    header, offset = member_header(member)
+    if header is None:
+        return None
+    file_meta = getattr(header, "file_meta", None)
+    syntax = str(file_meta.get("TransferSyntaxUID", "")) if file_meta is not None else ""
+    implicit, little = header.original_encoding
+    if little is not True or syntax not in ("", *_LITTLE) or (syntax and _LITTLE[syntax] != implicit):
+        offset = None  # pixels are then read by a full parse
+    facts = facts_from_dataset(header, transfer_syntax=syntax, implicit=bool(implicit))
+    return Instance(member, facts, offset, header)
+
+
+_LITTLE = {"1.2.840.10008.1.2": True, "1.2.840.10008.1.2.1": False}  # native syntaxes → implicit VR
 
 
 _gc_lock = threading.Lock()
@@ -215,7 +270,7 @@ def _scan_members(members: Iterable[Member]) -> ScanResult:
             skipped[reason] += 1
             continue
         try:
-            header, pixel_offset = member_header(member)
+            instance = read_instance(member)
         except CorruptDicom as exc:
             log.warning("scan.corrupt member=%s reason=%s", member.name, exc)
             skipped["corrupt DICOM"] += 1
@@ -224,21 +279,40 @@ def _scan_members(members: Iterable[Member]) -> ScanResult:
             log.warning("scan.unreadable member=%s reason=%s", member.name, exc)
             skipped["unreadable member (bad CRC or truncated)"] += 1
             continue
-        if header is None:
+        if instance is None:
             skipped["not DICOM"] += 1
             continue
-        if str(header.get("MediaStorageSOPClassUID", "")) == DICOMDIR_SOP_CLASS or \
-                getattr(header, "file_meta", None) is not None and \
-                str(header.file_meta.get("MediaStorageSOPClassUID", "")) == DICOMDIR_SOP_CLASS:
+        facts = instance.facts
+        if DICOMDIR_SOP_CLASS in (facts.media_sop_class_uid, facts.sop_class_uid):
             skipped["DICOMDIR index"] += 1
             continue
-        instance = Instance(member, header, pixel_offset)
         if instance.sop_uid in seen:
             skipped["duplicate instance (same SOPInstanceUID)"] += 1
             continue
         seen.add(instance.sop_uid)
         found += 1
-        study = studies.setdefault(str(header.StudyInstanceUID), Study(str(header.StudyInstanceUID)))
-        series_uid = str(header.SeriesInstanceUID)
-        study.series.setdefault(series_uid, Series(series_uid)).instances.append(instance)
-    return ScanResult(list(studies.values()), skipped, found)
+        study = studies.setdefault(facts.study_uid, Study(facts.study_uid))
+        study.series.setdefault(facts.series_uid, Series(facts.series_uid)).instances.append(instance)
+    for study in studies.values():
+        for series in study.series.values():
+            found -= _parse_first_header(series, skipped)
+        study.series = {uid: s for uid, s in study.series.items() if s.instances}
+    return ScanResult([s for s in studies.values() if s.series], skipped, found)
+
+
+def _parse_first_header(series: Series, skipped: Counter[str]) -> int:
+    """Parse the full header of the series' first file now, while the arrival is open (series
+    number, description, modality and the study's accession are read from it). A file whose full
+    parse fails is dropped as corrupt; returns how many were dropped."""
+    dropped = 0
+    while series.instances:
+        instance = series.instances[0]
+        try:
+            instance.header  # noqa: B018 - parsed and kept
+            return dropped
+        except (CorruptDicom, *_UNREADABLE) as exc:
+            log.warning("scan.corrupt member=%s reason=%s", instance.member.name, exc)
+            skipped["corrupt DICOM"] += 1
+            series.instances.pop(0)
+            dropped += 1
+    return dropped

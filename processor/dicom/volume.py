@@ -1,8 +1,11 @@
-"""Pixels of one chosen series → a float32 HU volume with its geometry and a record of what was done.
+"""Pixels of one chosen series → an HU volume with its geometry and a record of what was done.
 
 Conventions
 -----------
-* ``hu`` is float32, shaped ``(z, y, x)`` = (slice k, row j, column i). Slices are sorted by their
+* ``hu`` holds Hounsfield units shaped ``(z, y, x)`` = (slice k, row j, column i). It is **int16**
+  whenever that is exact — every frame's RescaleSlope and RescaleIntercept are whole numbers and
+  every rescaled value fits (checked on each frame's stored minimum and maximum) — which is
+  nearly every CT; otherwise float32. Never float64. Consumers compute in float32/float64 from it. Slices are sorted by their
   position along the slice normal ``n = row_cosines × column_cosines`` (ascending), so for a
   standard head-first axial series slice 0 is the most inferior (feet-most) slice.
 * ``spacing_zyx`` is (median slice step along the normal, PixelSpacing[0] between rows,
@@ -13,9 +16,10 @@ Conventions
   position-to-position vector (it leans off the normal when the gantry was tilted).
 
 Decoding: only the chosen frames are read. Uncompressed pixel data becomes a zero-copy
-``np.frombuffer`` view that is rescaled straight into the one preallocated float32 volume
-(never float64); for Implicit/Explicit VR Little Endian files the view starts at the Pixel Data
-offset the header scan found, so the file is not parsed again (deflated, unusual layouts and
+``np.frombuffer`` view (of the memory-mapped ZIP or file, see ``processor.intake.archive``) that
+is rescaled straight into the one preallocated volume; for Implicit/Explicit VR Little Endian
+files the view starts at the Pixel Data offset the header scan found, so the file is not parsed
+again (deflated, unusual layouts and
 compressed syntaxes are parsed in full by pydicom); compressed frames (JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000, RLE)
 go through pydicom's decoders (pylibjpeg + plugins, gdcm when installed) on a small thread pool.
 """
@@ -43,6 +47,7 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEnd
 from processor.dicom.frames import DUPLICATE_TOLERANCE_MM, Frame, frames_of, order_frames, slice_normal
 from processor.dicom.scan import PIXEL_DATA_TAG, Instance, Series
 from processor.errors import StepError
+from processor.intake.archive import Buffer
 
 log = logging.getLogger(__name__)
 
@@ -175,13 +180,40 @@ def _decoder(ts: UID) -> Callable[..., tuple[np.ndarray, dict]]:
     return decoder.as_array
 
 
-def _native_frames(ds: Dataset, pixels: bytes | memoryview) -> np.ndarray | None:
+@dataclass(frozen=True)
+class PixelFormat:
+    """How uncompressed pixels are laid out (Image Pixel module)."""
+
+    bits_allocated: int
+    bits_stored: int
+    signed: bool
+    samples: int
+    frames: int
+    rows: int
+    cols: int
+
+    @classmethod
+    def of_instance(cls, instance: Instance) -> PixelFormat | None:
+        f = instance.facts
+        if f.bits_allocated is None:
+            return None
+        return cls(f.bits_allocated, f.bits_stored or f.bits_allocated, f.pixel_representation == 1,
+                   f.samples_per_pixel, f.number_of_frames, f.rows, f.cols)
+
+    @classmethod
+    def of_dataset(cls, ds: Dataset) -> PixelFormat:
+        bits = int(ds.BitsAllocated)
+        return cls(bits, int(ds.get("BitsStored", bits)), int(ds.get("PixelRepresentation", 0)) == 1,
+                   int(ds.get("SamplesPerPixel", 1)), int(ds.get("NumberOfFrames", 1) or 1),
+                   int(ds.Rows), int(ds.Columns))
+
+
+def _native_frames(fmt: PixelFormat | None, pixels: Buffer) -> np.ndarray | None:
     """(frames, rows, cols) zero-copy view of uncompressed ``pixels``, or None for unusual layouts."""
-    bits, stored = int(ds.BitsAllocated), int(ds.get("BitsStored", ds.BitsAllocated))
-    signed = int(ds.get("PixelRepresentation", 0)) == 1
-    if bits not in _NATIVE_DTYPES or int(ds.get("SamplesPerPixel", 1)) != 1:
+    if fmt is None or fmt.bits_allocated not in _NATIVE_DTYPES or fmt.samples != 1:
         return None
-    n, rows, cols = int(ds.get("NumberOfFrames", 1) or 1), int(ds.Rows), int(ds.Columns)
+    bits, stored, signed = fmt.bits_allocated, fmt.bits_stored, fmt.signed
+    n, rows, cols = fmt.frames, fmt.rows, fmt.cols
     arr = np.frombuffer(pixels, dtype=_NATIVE_DTYPES[bits][signed], count=n * rows * cols)
     arr = arr.reshape(n, rows, cols)
     if stored < bits:
@@ -190,31 +222,62 @@ def _native_frames(ds: Dataset, pixels: bytes | memoryview) -> np.ndarray | None
     return arr
 
 
+class _NeedsFloat(Exception):
+    """A rescaled value does not fit int16: decode the series again into float32."""
+
+
+_INT16 = np.iinfo(np.int16)
+
+
+def _wrapped(value: int) -> np.int16:
+    """``value`` modulo 2¹⁶ as an int16 (arithmetic below wraps; the checked result is exact)."""
+    return np.int16(((value + 0x8000) & 0xFFFF) - 0x8000)
+
+
 def _rescale_into(out: np.ndarray, stored: np.ndarray, slope: float, intercept: float) -> None:
-    """HU = stored × slope + intercept, computed in float32 inside ``out``."""
+    """HU = stored × slope + intercept, written into ``out`` (an int16 or float32 slice).
+
+    int16: slope and intercept are whole numbers and the frame's extremes, rescaled, fit — so the
+    16-bit wrapping arithmetic (done in place, no temporary) gives the exact values; otherwise
+    :class:`_NeedsFloat`. float32: converted, scaled and shifted in place.
+    """
     if stored.shape != out.shape:
         raise StepError(f"a decoded frame is {stored.shape}, expected {out.shape}; the file's Rows/Columns "
                         "do not match its pixel data — re-export the series")
-    out[...] = stored
-    if slope != 1.0:
-        out *= np.float32(slope)
-    if intercept != 0.0:
-        out += np.float32(intercept)
+    if out.dtype == np.float32:
+        out[...] = stored
+        if slope != 1.0:
+            out *= np.float32(slope)
+        if intercept != 0.0:
+            out += np.float32(intercept)
+        return
+    m, b = int(slope), int(intercept)
+    ends = (int(stored.min()) * m + b, int(stored.max()) * m + b) if stored.size else (0, 0)
+    if min(ends) < _INT16.min or max(ends) > _INT16.max:
+        raise _NeedsFloat
+    if stored.dtype.itemsize == 2:
+        as16 = stored.view(np.int16)  # uint16 read as int16 is the same value modulo 2¹⁶
+        if m == 1:
+            np.add(as16, _wrapped(b), out=out)
+        else:
+            np.multiply(as16, _wrapped(m), out=out)
+            out += _wrapped(b)
+    else:
+        np.copyto(out, stored.astype(np.int64) * m + b, casting="unsafe")
 
 
-def _located_pixels(instance: Instance, data: bytes) -> memoryview | None:
+def _located_pixels(instance: Instance, data: Buffer) -> memoryview | None:
     """The value of the Pixel Data element the scan located in ``data``, for little-endian native syntaxes.
 
     None (parse the file in full instead) unless the element sits where the header parse stopped,
     is encoded as that parse read it (implicit, or explicit OB/OW) and has a defined length.
     """
-    header, at = instance.header, instance.pixel_offset
-    file_meta = getattr(header, "file_meta", None)
-    ts = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
+    facts, at = instance.facts, instance.pixel_offset
+    ts = facts.transfer_syntax
     if at is None or ts not in (ImplicitVRLittleEndian, ExplicitVRLittleEndian) or \
-            data[at:at + 4] != PIXEL_DATA_TAG or header.original_encoding != (ts.is_implicit_VR, True):
+            data[at:at + 4] != PIXEL_DATA_TAG or facts.implicit != (ts == ImplicitVRLittleEndian):
         return None
-    if ts.is_implicit_VR:
+    if ts == ImplicitVRLittleEndian:
         start = at + 8
     elif data[at + 4:at + 6] in (b"OB", b"OW") and data[at + 6:at + 8] == b"\0\0":
         start = at + 12
@@ -226,20 +289,20 @@ def _located_pixels(instance: Instance, data: bytes) -> memoryview | None:
     return None if length == 0xFFFFFFFF else memoryview(data)[start:start + length]
 
 
-def _decode_file(instance: Instance, data: bytes, targets: list[_Target], hu: np.ndarray) -> tuple[str, str]:
+def _decode_file(instance: Instance, data: Buffer, targets: list[_Target], hu: np.ndarray) -> tuple[str, str]:
     """Decode the wanted frames of one file into ``hu``; returns (transfer syntax, decoder used)."""
     pixels = _located_pixels(instance, data)
-    frames = _native_frames(instance.header, pixels) if pixels is not None else None
+    frames = _native_frames(PixelFormat.of_instance(instance), pixels) if pixels is not None else None
     if frames is not None:
         for t in targets:
             _rescale_into(hu[t.k], frames[t.frame], t.slope, t.intercept)
-        return str(instance.header.file_meta.TransferSyntaxUID), "numpy.frombuffer"
+        return instance.facts.transfer_syntax, "numpy.frombuffer"
     ds = pydicom.dcmread(io.BytesIO(data))
     ts = ds.file_meta.TransferSyntaxUID
     if "PixelData" not in ds:
         raise StepError("an image of the chosen series has no pixel data (float or double pixel data "
                         "is not CT); re-export the series")
-    frames = _native_frames(ds, ds.PixelData) if ts in NATIVE else None
+    frames = _native_frames(PixelFormat.of_dataset(ds), ds.PixelData) if ts in NATIVE else None
     if frames is not None:
         for t in targets:
             _rescale_into(hu[t.k], frames[t.frame], t.slope, t.intercept)
@@ -254,8 +317,8 @@ def _decode_file(instance: Instance, data: bytes, targets: list[_Target], hu: np
 def _read_and_decode(series: Series, index: int, targets: list[_Target], hu: np.ndarray) -> tuple[str, str]:
     instance = series.instances[index]
     try:
-        return _decode_file(instance, instance.member.read(), targets, hu)
-    except StepError:
+        return _decode_file(instance, instance.member.data(), targets, hu)
+    except (StepError, _NeedsFloat):
         raise
     except (OSError, zipfile.BadZipFile, zlib.error) as exc:
         raise StepError(f"cannot read {instance.member.name} ({exc}): the member is corrupt (bad CRC) or "
@@ -265,9 +328,23 @@ def _read_and_decode(series: Series, index: int, targets: list[_Target], hu: np.
                         "`dcmdump`/`gdcminfo`; a missing codec names the package to install") from exc
 
 
+def _exact_in_int16(kept: list[Frame]) -> bool:
+    return all(float(f.slope).is_integer() and float(f.intercept).is_integer() and
+               abs(f.slope) <= _INT16.max and abs(f.intercept) <= 1 << 20 for f in kept)
+
+
 def decode_into(series: Series, kept: list[Frame], workers: int = 4) -> tuple[np.ndarray, dict]:
-    """Decode the kept frames into one preallocated float32 (z, y, x) array."""
-    hu = np.empty((len(kept), kept[0].rows, kept[0].cols), dtype=np.float32)
+    """Decode the kept frames into one preallocated (z, y, x) int16 array, or float32 when int16 is not exact."""
+    if _exact_in_int16(kept):
+        try:
+            return _decode_as(series, kept, workers, np.int16)
+        except _NeedsFloat:
+            log.info("volume.float32 series=%s: a rescaled value does not fit int16", series.number)
+    return _decode_as(series, kept, workers, np.float32)
+
+
+def _decode_as(series: Series, kept: list[Frame], workers: int, dtype: type) -> tuple[np.ndarray, dict]:
+    hu = np.empty((len(kept), kept[0].rows, kept[0].cols), dtype=dtype)
     by_file: dict[int, list[_Target]] = defaultdict(list)
     for k, f in enumerate(kept):
         by_file[f.instance].append(_Target(f.frame, k, f.slope, f.intercept))
@@ -294,18 +371,18 @@ def _rescale_info(kept: list[Frame]) -> dict:
 
 
 def load_volume(series: Series, *, workers: int = 4, tol: float = DUPLICATE_TOLERANCE_MM) -> Volume:
-    """Decode the series into a :class:`Volume` (HU float32, spacing, affine, provenance)."""
+    """Decode the series into a :class:`Volume` (HU int16 or float32, spacing, affine, provenance)."""
     kept, positions, info = plan_frames(series, tol)
     affine, spacing, tilt = geometry(kept, info["spacing"]["median_mm"])
     hu, decode_info = decode_into(series, kept, workers)
-    header = series.instances[kept[0].instance].header
-    gantry = header.get("GantryDetectorTilt")
+    first = series.instances[kept[0].instance]
+    gantry = series.instances[0].header.get("GantryDetectorTilt")
     info.update(decode_info)
     info.update(_rescale_info(kept))
-    info.update({"shape": list(hu.shape), "dtype": "float32", "spacing_zyx": [round(v, 4) for v in spacing],
+    info.update({"shape": list(hu.shape), "dtype": str(hu.dtype), "spacing_zyx": [round(v, 4) for v in spacing],
                  "tilt_degrees": round(tilt, 2), "tilted": tilt > TILT_WARN_DEG,
                  "gantry_detector_tilt": float(gantry) if gantry not in (None, "") else None,
-                 "enhanced_multiframe": "PerFrameFunctionalGroupsSequence" in header,
+                 "enhanced_multiframe": first.facts.enhanced,
                  "affine": [[round(float(v), 6) for v in row] for row in affine]})
     log.info("volume.loaded series=%s shape=%s spacing=%s tilt=%.2f duplicates=%d", series.number,
              "x".join(map(str, hu.shape)), info["spacing_zyx"], tilt, info["duplicates_dropped"])

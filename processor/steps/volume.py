@@ -1,4 +1,4 @@
-"""Volume step ``ct.volume``: decode only the chosen series into a float32 HU volume.
+"""Volume step ``ct.volume``: decode only the chosen series into an int16 (or, when not exact, float32) HU volume.
 
 Provides ``values["volume"]`` (:class:`processor.dicom.volume.Volume`) and records its provenance
 — transfer syntaxes, decoder, sorting, duplicates dropped, phases split, spacing gaps, gantry tilt,
@@ -27,8 +27,9 @@ class VolumeParams(Params):
 
 class CtVolume(Step):
     uses = "ct.volume"
-    summary = ("Decode the chosen series (compressed or not, classic or enhanced multi-frame) into a "
-               "float32 HU volume sorted along the slice normal, with spacing, affine and provenance.")
+    summary = ("Decode the chosen series (compressed or not, classic or enhanced multi-frame) into an "
+               "int16 HU volume (float32 when a rescale is not whole or does not fit) sorted along the "
+               "slice normal, with spacing, affine and provenance.")
     Params = VolumeParams
     needs = ("series",)
     provides = ("volume",)
