@@ -220,7 +220,8 @@ def cmd_steps(settings: Settings, args: argparse.Namespace) -> int:
         print(f"{name}  [{cls.device}] — {cls.summary}")
         print(f"    needs: {', '.join(cls.needs) or '-'}; provides: {', '.join(cls.provides) or '-'}")
         for field, info in cls.Params.model_fields.items():
-            print(f"    with.{field} = {info.default!r}  {info.description or ''}".rstrip())
+            value = "(required)" if info.is_required() else repr(info.get_default(call_default_factory=True))
+            print(f"    with.{field} = {value}  {info.description or ''}".rstrip())
     return EXIT_OK
 
 

@@ -84,6 +84,9 @@ def test_zero_shot_and_classify_end_to_end_two_studies(tmp_path: Path) -> None:
     # one load per checkpoint for both studies: the cache keeps them resident
     assert proc.stderr.count("models.loaded") == 2, proc.stderr
     assert proc.stderr.count("ctclip.licence") == 2 and "non-commercial" in proc.stderr
+    # both steps share one preprocessed input per study (same target size)
+    assert proc.stderr.count("ctclip.preprocessed step=clip") == 2, proc.stderr
+    assert "ctclip.preprocessed step=lipro" not in proc.stderr
     docs = {json.loads(p.read_text())["study_uid"]: (p, json.loads(p.read_text())) for p in project.results()}
     assert len(docs) == 2
     for seed, datasets in series.items():

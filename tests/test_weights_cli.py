@@ -102,3 +102,12 @@ def test_shipped_manifest() -> None:
     assert "python run.py weights --verify" in readme and "ibrahimhamamci/CT-RATE" in readme
     assert (SHIPPED_MANIFEST.parent / ".gitkeep").exists()
     assert Path(SHIPPED_MANIFEST).parent.name == "weights"
+
+
+def test_steps_lists_every_parameter_with_its_default_or_required(project: Project) -> None:
+    proc = project.run("steps")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "Undefined" not in out
+    assert "    with.model = (required)  model folder written by save_pretrained" in out  # caption step
+    assert "    with.windows = ['lung', 'mediastinal']" in out  # a default built by a factory

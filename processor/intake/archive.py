@@ -9,7 +9,9 @@ Zero copy where the bytes allow it: a ZIP on disk is memory-mapped, and a member
 (the usual way DICOM is zipped: it hardly deflates) is a ``memoryview`` of that map; files of a
 folder are mapped one by one. :meth:`Member.data` checks a ZIP member's CRC-32 before handing its
 bytes over, as :mod:`zipfile` does; :meth:`Member.head` is for headers and checks the CRC only
-when it covers the whole member.
+when it covers the whole member. A mapped file must not shrink while it is read (the OS would
+stop the process with SIGBUS): the daemon maps only inputs it has moved into its own
+``.ctwatch/work/`` folder; ``python run.py process`` reads its arguments in place.
 """
 
 from __future__ import annotations
