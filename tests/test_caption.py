@@ -38,6 +38,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("weights")
     return {"blip": tinyvlm.build_blip(root / "tiny-blip"),
             "blip2": tinyvlm.build_blip2_opt(root / "tiny-blip2-opt"),
+            "blip2-t5": tinyvlm.build_blip2_t5(root / "tiny-blip2-t5"),
             "gemma3": tinyvlm.build_gemma3(root / "tiny-gemma3"),
             "bert": tinyvlm.build_bert(root / "tiny-bert")}
 
@@ -156,7 +157,7 @@ def test_blip_end_to_end_from_zip_cache_hit_and_prompt_change(project, tiny, tmp
 # ---------------------------------------------------------------------------------------------- engine
 
 
-@pytest.mark.parametrize("family", ["blip2", "gemma3"])
+@pytest.mark.parametrize("family", ["blip2", "blip2-t5", "gemma3"])
 def test_family_from_zip_one_generate_call_and_content_cache(family: str, tiny, tmp_path: Path) -> None:
     engine = Engine(tmp_path)
     model = install(tmp_path, tiny[family])
@@ -170,6 +171,7 @@ def test_family_from_zip_one_generate_call_and_content_cache(family: str, tiny, 
     assert all(c["model"] == tiny[family].name and isinstance(c["text"], str) for c in captions)
     method = ctx.result["captioning"][0]
     expected = {"blip2": ("blip-2", "Blip2ForConditionalGeneration", "opt"),
+                "blip2-t5": ("blip-2", "Blip2ForConditionalGeneration", "t5"),
                 "gemma3": ("chat", "Gemma3ForConditionalGeneration", None)}[family]
     assert (method["model"]["family"], method["model"]["architecture"], method["model"]["language_model"]) == expected
     if family == "gemma3":  # a chat model always gets a prompt, applied through its chat template

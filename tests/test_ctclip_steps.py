@@ -23,7 +23,7 @@ from processor.pipeline.spec import PipelineSpec, compile_steps
 from processor.pipeline.step import StepEnv
 from processor.steps import default_registry
 from tests.conftest import FIXTURES, Project
-from tests.dicomgen import make_series, write_zip
+from tests.dicomgen import make_series, run_steps, write_zip
 
 FIX = FIXTURES / "ct_clip"
 SMALL = {"vocab": "weights/ct_clip/vocab.txt", "config": "weights/ct_clip/small_config.json",
@@ -188,3 +188,21 @@ def test_bad_model_config_is_a_compile_problem(tmp_path: Path) -> None:
     problems = _compile([{"id": "series", "uses": "dicom.select_series"}, {"id": "volume", "uses": "ct.volume"},
                          {"id": "clip", "uses": "ctclip.zero_shot", "with": {"config": "bad.json"}}], tmp_path)
     assert len(problems) == 1 and "with.config" in problems[0] and "cannot be read" in problems[0]
+
+
+def test_the_shared_input_is_released_by_the_last_ctclip_step(tmp_path: Path) -> None:
+    _install_small_weights(tmp_path)
+    arrival = write_zip(tmp_path / "s.zip", make_series(24, stored=_stored(1), pixel_spacing=PIXEL_SPACING,
+                                                        spacing=SLICE_STEP, intercept=INTERCEPT))
+    both = _pipeline({"checkpoint": "weights/ct_clip/small_ctclip.pt", **SMALL},
+                     {"checkpoint": "weights/ct_clip/small_lipro.pt", **SMALL})
+    ctx, outcome = run_steps(arrival, both, tmp_path)
+    assert outcome.status == "Success", outcome.error
+    assert ctx.values["ctclip_inputs"] == {}  # taken out by the classify step, not held for the study
+    other_size = both[:3] + [{**both[3], "with": {**both[3]["with"], "target_xyz": [32, 32, 32]}}]
+    compiled, problems = compile_steps(PipelineSpec.model_validate({"name": "t", "version": 1, "steps": other_size}),
+                                       default_registry(), StepEnv(root=tmp_path))
+    assert not problems and [c.step.shares_input for c in compiled[2:]] == [False, False]
+    compiled, _ = compile_steps(PipelineSpec.model_validate({"name": "t", "version": 1, "steps": both}),
+                                default_registry(), StepEnv(root=tmp_path))
+    assert [c.step.shares_input for c in compiled[2:]] == [True, False]

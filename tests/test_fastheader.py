@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import io
+import struct
 import warnings
 from pathlib import Path
 
@@ -259,3 +260,40 @@ def test_random_headers_read_the_same_by_both_readers(case: _Case) -> None:
     assert _differences(mine[0], theirs[0]) == {}
     assert mine[1] == theirs[1], (mine[1], theirs[1], len(data), data[(theirs[1] or 0) - 24:(theirs[1] or 0) + 8])
     assert mine[0].transfer_syntax == syntax and mine[0].implicit == (syntax == ImplicitVRLittleEndian)
+
+
+# --- odd values found in review: never crash the scan, same facts from both readers ------------------
+
+def _patched(tag: int, vr: bytes, old: bytes, new: bytes) -> bytes:
+    """A generated file whose element ``tag`` (explicit VR, value ``old``) now holds ``new``."""
+    ds = dicomgen.make_series(1)[0]
+    ds.add_new(tag, vr.decode(), old.decode())
+    data = dicomgen.to_bytes(ds)
+    element = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr + struct.pack("<H", len(old)) + old
+    assert element in data
+    return data.replace(element, element[:6] + struct.pack("<H", len(new)) + new, 1)
+
+
+@pytest.mark.parametrize("syntax", [b"1.2.840.10008.1.2.99", b"1.2.3.4.5.6.7.8.9.10"])
+def test_an_unknown_or_private_transfer_syntax_is_declined_not_a_crash(syntax: bytes) -> None:
+    data = CORPUS["native"].replace(b"1.2.840.10008.1.2.1\0", syntax, 1)
+    with pytest.raises(Declined):
+        walk(data)
+    result = scan_members([_member("x.dcm", data)])
+    assert result.dicom_files == 1 and result.studies[0].series
+
+
+@pytest.mark.parametrize(("tag", "value"), [(0x00200013, b"1e999 "), (0x00200013, b"nan "),
+                                            (0x00280008, b"inf "), (0x00281052, b"-inf")])
+def test_non_finite_numbers_are_read_as_missing_by_both_readers(tag: int, value: bytes) -> None:
+    vr = b"DS" if tag == 0x00281052 else b"IS"
+    data = _patched(tag, vr, b"1 ", value)
+    mine, theirs = _both(data)
+    assert _differences(mine[0], theirs[0]) == {} and mine[1] == theirs[1]
+    assert scan_members([_member("x.dcm", data)]).dicom_files == 1
+
+
+def test_a_multi_valued_number_reads_the_same_in_both_readers() -> None:
+    data = _patched(0x00200012, b"IS", b"1 ", b"1\\2 ")  # AcquisitionNumber with two values
+    mine, theirs = _both(data)
+    assert mine[0].acquisition == theirs[0].acquisition == "1\\2"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import random
 import subprocess
@@ -9,12 +10,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     generate_uid,
@@ -329,3 +332,27 @@ def test_header_longer_than_the_prefix_is_read_whole(tmp_path: Path) -> None:
         assert all(i.pixel_offset is not None and i.pixel_offset > HEADER_PREFIX for i in series.instances)
         volume = load_volume(series)
     assert np.array_equal(volume.hu, expected)
+
+
+def test_big_endian_pixels_give_the_same_int16_hu() -> None:
+    stored = (np.arange(3 * 16 * 16, dtype=np.int16).reshape(3, 16, 16) * 7 - 1500).astype(np.int16)
+    datasets = []
+    for k, ds in enumerate(dicomgen.make_series(3, stored=stored)):
+        fresh = Dataset()  # read from a little-endian file, pydicom would refuse to write it big endian
+        for element in ds:
+            if element.keyword != "PixelData":
+                fresh.add(element)
+        fresh.PixelData = stored[k].astype(">i2").tobytes()
+        fresh["PixelData"].VR = "OW"
+        fresh.file_meta = ds.file_meta
+        fresh.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
+        datasets.append(fresh)
+    blobs = []
+    for ds in datasets:
+        buf = io.BytesIO()
+        pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+        blobs.append(buf.getvalue())
+    members = [Member(f"IM{i}", len(b), lambda b=b: b) for i, b in enumerate(blobs)]
+    volume = load_volume(next(iter(scan_members(members).studies[0].series.values())), workers=1)
+    assert volume.hu.dtype == np.int16
+    assert np.array_equal(volume.hu, stored.astype(np.int32) - 1024)

@@ -97,6 +97,31 @@ def build_blip2_opt(folder: Path, seed: int = 0) -> Path:
     return _save(Blip2ForConditionalGeneration(config).eval(), processor, folder)
 
 
+def build_blip2_t5(folder: Path, seed: int = 0) -> Path:
+    """BLIP-2 with a (Flan-)T5 encoder-decoder language model. The real Flan-T5 tokenizer is a
+    SentencePiece model; a byte-level BPE stands in (the captioning code only calls the processor)."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, GPT2TokenizerFast
+    from transformers.models.blip import BlipImageProcessorPil
+
+    torch.manual_seed(seed)
+    vocab, merges = byte_level_bpe(["<pad>", "</s>", "<unk>"])
+    tokenizer = GPT2TokenizerFast(vocab=vocab, merges=merges, eos_token="</s>", unk_token="<unk>",
+                                  pad_token="<pad>")
+    check_tokenizer(tokenizer, minimum=200)
+    processor = Blip2Processor(image_processor=BlipImageProcessorPil(size={"height": 32, "width": 32}),
+                               tokenizer=tokenizer, num_query_tokens=4)
+    config = Blip2Config(
+        vision_config=_VISION,
+        qformer_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                        "intermediate_size": 37, "encoder_hidden_size": 32, "vocab_size": len(tokenizer)},
+        text_config={"model_type": "t5", "vocab_size": len(tokenizer), "d_model": 32, "d_kv": 16, "d_ff": 37,
+                     "num_layers": 1, "num_decoder_layers": 1, "num_heads": 2,
+                     "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
+                     "decoder_start_token_id": tokenizer.pad_token_id},
+        num_query_tokens=4, image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    return _save(Blip2ForConditionalGeneration(config).eval(), processor, folder)
+
+
 GEMMA3_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
     "{% for c in m['content'] %}{% if c['type'] == 'image' %}<start_of_image>{% else %}{{ c['text'] }}{% endif %}"

@@ -16,9 +16,11 @@ The full pydicom header of a file stays available (``Instance.header``) for ever
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from pydicom.uid import UID
 
@@ -93,7 +95,11 @@ def walk(buf: bytes | memoryview) -> Walked:
     if syntax in (BIG_ENDIAN, DEFLATED) or not syntax:
         raise Declined(f"transfer syntax {syntax or 'missing'}")
     implicit = syntax == IMPLICIT_LE
-    if not implicit and not UID(syntax).is_little_endian:
+    try:
+        little = implicit or UID(syntax).is_little_endian
+    except (ValueError, AttributeError):  # not a transfer syntax pydicom knows (e.g. a private one)
+        little = False
+    if not little:
         raise Declined(f"transfer syntax {syntax}")
     offset = _walk(view, meta_end, end, implicit, values, top=True)
     return Walked(values, syntax, implicit, offset)
@@ -215,12 +221,19 @@ def _parts(raw: bytes | None) -> list[str] | None:
     return None if text is None or text == "" else [p.strip("\0 ") for p in text.split("\\")]
 
 
+def _finite(value: object) -> float:
+    number = float(value)  # type: ignore[arg-type]
+    if not math.isfinite(number):
+        raise ValueError("not a finite number")
+    return number
+
+
 def _float(raw: bytes | None, default: float | None = None) -> float | None:
     parts = _parts(raw)
     if parts is None or len(parts) != 1:
         return default
     try:
-        return float(parts[0])
+        return _finite(parts[0])
     except ValueError:
         return default
 
@@ -230,13 +243,17 @@ def _floats(raw: bytes | None, n: int) -> tuple[float, ...] | None:
     if parts is None or len(parts) != n:
         return None
     try:
-        return tuple(float(p) for p in parts)
+        return tuple(_finite(p) for p in parts)
     except ValueError:
         return None
 
 
 def _us(raw: bytes | None) -> int | None:
-    return _US.unpack_from(raw)[0] if raw is not None and len(raw) >= 2 else None
+    if raw is None or len(raw) == 0:
+        return None
+    if len(raw) != 2:
+        raise Declined("a US value that is not 2 bytes long")
+    return _US.unpack_from(raw)[0]
 
 
 def facts_of(walked: Walked) -> Facts:
@@ -277,21 +294,30 @@ def facts_of(walked: Walked) -> Facts:
 
 def facts_from_dataset(ds: Mapping | object, *, transfer_syntax: str, implicit: bool) -> Facts:
     """The same :class:`Facts` from a header pydicom parsed (the fallback for declined layouts)."""
-    get = ds.get  # type: ignore[attr-defined]
+    def get(keyword: str, default: object = None) -> Any:
+        """The converted value; an unconvertible one (e.g. IS '1e999') reads as missing."""
+        try:
+            return ds.get(keyword, default)  # type: ignore[attr-defined]
+        except (TypeError, ValueError, OverflowError):
+            return default
 
     def text(keyword: str) -> str:
         value = get(keyword)
-        return "" if value is None else str(value).strip("\0 ")
+        if value is None:
+            return ""
+        if isinstance(value, str | int | float):
+            return str(value).strip("\0 ")
+        return "\\".join(multi(keyword))  # several values, joined as they are stored
 
     def number(keyword: str, default: float | None = None) -> float | None:
         try:
-            return float(get(keyword))
+            return _finite(get(keyword))
         except (TypeError, ValueError):
             return default
 
     def numbers(keyword: str, n: int) -> tuple[float, ...] | None:
         try:
-            out = tuple(float(x) for x in get(keyword))
+            out = tuple(_finite(x) for x in get(keyword))
         except (TypeError, ValueError):
             return None
         return out if len(out) == n else None
@@ -304,8 +330,10 @@ def facts_from_dataset(ds: Mapping | object, *, transfer_syntax: str, implicit: 
         return [str(x).strip("\0 ") for x in values]  # each value's padding is insignificant
 
     def integer(keyword: str) -> int | None:
-        value = get(keyword)
-        return int(value) if value not in (None, "") else None
+        try:
+            return int(get(keyword))
+        except (TypeError, ValueError, OverflowError):
+            return None
 
     file_meta = getattr(ds, "file_meta", None)
     temporal = get("TemporalPositionIdentifier", get("TemporalPositionIndex", ""))

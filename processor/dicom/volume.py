@@ -251,6 +251,8 @@ def _rescale_into(out: np.ndarray, stored: np.ndarray, slope: float, intercept: 
         if intercept != 0.0:
             out += np.float32(intercept)
         return
+    if not stored.dtype.isnative:  # big-endian pixel data: values first, then the 16-bit view below
+        stored = stored.astype(stored.dtype.newbyteorder("="))
     m, b = int(slope), int(intercept)
     ends = (int(stored.min()) * m + b, int(stored.max()) * m + b) if stored.size else (0, 0)
     if min(ends) < _INT16.min or max(ends) > _INT16.max:

@@ -134,6 +134,8 @@ def compile_steps(spec: PipelineSpec, registry: StepRegistry,
         for name in cls.provides:
             provided[name] = step_spec.id
         compiled.append(CompiledStep(step_spec.id, step_spec, step))
+    for index, done in enumerate(compiled):
+        done.step.link([c.step for c in compiled[index + 1:]])
     return compiled, problems
 
 

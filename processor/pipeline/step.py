@@ -8,6 +8,7 @@ beyond ``ctx.out_dir``; models come from ``env.models`` (the shared cache).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -80,6 +81,9 @@ class Step:
     def check(self) -> list[str]:
         """Problems found at compile time (e.g. an unsupported model folder); empty when fine."""
         return []
+
+    def link(self, later: Sequence[Step]) -> None:
+        """Told at compile time which steps run after this one in the pipeline (default: ignored)."""
 
     def run(self, ctx: StudyContext) -> None:
         raise NotImplementedError

@@ -7,9 +7,10 @@ Both take ``values["volume"]``, map it to CT-RATE's (X, Y, Z) array order
 the preprocessing record and the saved latent's file (``save_latent``). They provide
 ``values["ctclip_latent"]`` (the first CT-CLIP step's image latent, (dim_latent,) float32),
 ``values["ctclip_latent.<step id>"]`` and ``values["findings.<step id>"]`` ({finding: p}).
-The preprocessed input is kept per target size in ``values["ctclip_inputs"]`` for the study's
-lifetime, so CT-CLIP steps with the same ``target_xyz`` (zero-shot and LiPro, both 480×480×240
-with the released models) preprocess a volume once (~0.5 CPU-s and 221 MB per study).
+CT-CLIP steps with the same ``target_xyz`` (zero-shot and LiPro, both 480×480×240 with the
+released models) preprocess a volume once (~0.5 CPU-s): the first keeps the input in
+``values["ctclip_inputs"]`` when the pipeline has a later CT-CLIP step of that size, and the last
+such step takes it out, so the 221 MB are not held for the rest of the study.
 
 torch and transformers are imported when a model is first needed, so listing or compiling the
 pipeline stays quick.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -87,6 +89,8 @@ class _CTClipStep(Step):
     needs = ("volume",)
     provides = ("ctclip_latent",)
     device = "gpu"
+
+    shares_input = False  # a later CT-CLIP step of the pipeline takes the same input (set by link)
 
     def __init__(self, params: Params, env: StepEnv) -> None:
         super().__init__(params, env)
@@ -162,10 +166,17 @@ class _CTClipStep(Step):
         """The preprocessed CT-CLIP input and its record, computed once per study and target size."""
         inputs = ctx.values.setdefault("ctclip_inputs", {})
         key = tuple(self.p.target_xyz)
-        if key not in inputs:
-            inputs[key] = self._preprocess(ctx)
+        found = inputs.get(key) if self.shares_input else inputs.pop(key, None)
+        if found is None:
+            found = self._preprocess(ctx)
             log.info("ctclip.preprocessed step=%s target_xyz=%s", self.sid, "x".join(map(str, key)))
-        return inputs[key]
+            if self.shares_input:
+                inputs[key] = found
+        return found
+
+    def link(self, later: Sequence[Step]) -> None:
+        self.shares_input = any(isinstance(s, _CTClipStep) and tuple(s.p.target_xyz) == tuple(self.p.target_xyz)
+                                for s in later)
 
     def _preprocess(self, ctx: StudyContext) -> tuple[torch.Tensor, dict[str, Any]]:
         from processor.models.ctclip_preprocess import (
