@@ -15,7 +15,14 @@ from hypothesis import strategies as st
 from processor.dicom.scan import HEADER_PREFIX, scan_members
 from processor.dicom.volume import load_volume
 from processor.errors import IngestError, StepError
-from processor.intake.archive import Limits, open_arrival, safe_member_name
+from processor.intake.archive import (
+    Limits,
+    can_map,
+    filesystem_types,
+    mappable_type,
+    open_arrival,
+    safe_member_name,
+)
 from tests.dicomgen import make_series, to_bytes, write_folder, write_zip
 
 
@@ -265,3 +272,18 @@ def test_stored_members_and_files_are_views_of_a_memory_map_with_the_crc_checked
         assert bytes(by_name["IM00001"].data()) == blobs["S/0.dcm"]
         assert bytes(by_name["empty"].data()) == b""
         assert scan_members(contents.members).studies[0].instance_count == 3
+
+
+def test_network_and_fuse_filesystems_are_not_memory_mapped(tmp_path: Path) -> None:
+    mountinfo = "\n".join([
+        "25 1 259:2 / / rw,relatime shared:1 - ext4 /dev/nvme0n1p2 rw",
+        "90 25 0:52 / /mnt/pacs rw,relatime shared:40 - nfs4 pacs:/export rw,vers=4.2",
+        "91 25 0:53 / /mnt/share\\040drop rw,relatime - cifs //nas/drop rw,vers=3.0",
+        "92 25 0:54 / /mnt/cloud rw,nosuid - fuse.rclone remote: rw",
+        "garbage line without the separator",
+    ])
+    types = filesystem_types(mountinfo)
+    assert types == {(259, 2): "ext4", (0, 52): "nfs4", (0, 53): "cifs", (0, 54): "fuse.rclone"}
+    assert [mappable_type(kind) for kind in ("ext4", "nfs4", "cifs", "fuse.rclone", None)] == \
+        [True, False, False, False, True]
+    assert can_map(tmp_path)  # the test machine's temporary folder is local

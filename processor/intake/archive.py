@@ -11,7 +11,9 @@ folder are mapped one by one. :meth:`Member.data` checks a ZIP member's CRC-32 b
 bytes over, as :mod:`zipfile` does; :meth:`Member.head` is for headers and checks the CRC only
 when it covers the whole member. A mapped file must not shrink while it is read (the OS would
 stop the process with SIGBUS): the daemon maps only inputs it has moved into its own
-``.ctwatch/work/`` folder; ``python run.py process`` reads its arguments in place.
+``.ctwatch/work/`` folder (``python run.py process`` reads its arguments in place), and never
+files on a network or FUSE filesystem, where an I/O error would also arrive as SIGBUS instead of
+an exception — those are read with ordinary reads (:func:`can_map`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import io
 import logging
 import mmap
+import os
 import stat
 import struct
 import zipfile
@@ -201,6 +204,39 @@ def _stored_viewer(buffer: Buffer | None, info: zipfile.ZipInfo) -> Callable[[],
     return lambda: memoryview(buffer)[start:start + info.file_size]
 
 
+NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs",
+                                 "lustre", "gpfs", "davfs", "virtiofs", "ncpfs", "coda", "ocfs2", "beegfs"})
+
+
+def filesystem_types(mountinfo: str) -> dict[tuple[int, int], str]:
+    """(major, minor) device → filesystem type, from the text of ``/proc/self/mountinfo``."""
+    types: dict[tuple[int, int], str] = {}
+    for line in mountinfo.splitlines():
+        before, sep, after = line.partition(" - ")
+        fields = before.split()
+        if not sep or len(fields) < 3 or ":" not in fields[2] or not after.split():
+            continue
+        major, _, minor = fields[2].partition(":")
+        if major.isdigit() and minor.isdigit():
+            types[(int(major), int(minor))] = after.split()[0]
+    return types
+
+
+def can_map(path: Path) -> bool:
+    """Whether ``path`` is on a local filesystem, safe to memory-map (True where it cannot be told)."""
+    try:
+        device = path.stat().st_dev
+        mountinfo = Path("/proc/self/mountinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return True
+    return mappable_type(filesystem_types(mountinfo).get((os.major(device), os.minor(device))))
+
+
+def mappable_type(kind: str | None) -> bool:
+    """False for network and FUSE filesystems (an I/O error there would arrive as SIGBUS)."""
+    return kind is None or not (kind in NETWORK_FILESYSTEMS or kind.startswith("fuse"))
+
+
 def _mapped(path: Path) -> mmap.mmap | None:
     """A read-only memory map of a file (None when empty or the platform refuses)."""
     try:
@@ -244,15 +280,19 @@ def _file_opener(path: Path) -> Callable[[], IO[bytes]]:
     return lambda: path.open("rb")
 
 
-def _file_viewer(path: Path) -> Callable[[], memoryview]:
-    """A zero-copy view of a whole file; read into memory when it cannot be mapped (e.g. empty)."""
+def _file_viewer(path: Path, mappable: bool) -> Callable[[], memoryview] | None:
+    """A zero-copy view of a whole file (read into memory when it cannot be mapped, e.g. empty);
+    None on a filesystem that must not be mapped."""
+    if not mappable:
+        return None
+
     def view() -> memoryview:
         mapped = _mapped(path)
         return memoryview(mapped if mapped is not None else path.read_bytes())
     return view
 
 
-def _read_folder(root: Path, budget: _Budget, contents: Contents) -> None:
+def _read_folder(root: Path, budget: _Budget, contents: Contents, mappable: bool) -> None:
     for path in sorted(root.rglob("*")):
         if path.is_symlink():
             contents.skipped["symbolic link"] += 1
@@ -262,7 +302,7 @@ def _read_folder(root: Path, budget: _Budget, contents: Contents) -> None:
         size = path.stat().st_size
         budget.take(str(root), size)
         contents.members.append(Member(path.relative_to(root).as_posix(), size, _file_reader(path),
-                                       _file_opener(path), _file_viewer(path)))
+                                       _file_opener(path), _file_viewer(path, mappable)))
 
 
 @contextmanager
@@ -271,15 +311,16 @@ def open_arrival(path: Path, limits: Limits) -> Iterator[Contents]:
     budget = _Budget(limits)
     contents = Contents()
     with ExitStack() as stack:
+        mappable = can_map(path)
         if path.is_dir():
-            _read_folder(path, budget, contents)
+            _read_folder(path, budget, contents, mappable)
         elif is_zip_path(path):
             try:
                 zf = stack.enter_context(zipfile.ZipFile(path))
             except (zipfile.BadZipFile, OSError) as exc:
                 raise IngestError(f"{path.name}: the ZIP cannot be read ({exc}); it is truncated or "
                                   "corrupt — copy it again from the source") from exc
-            mapped = _mapped(path)
+            mapped = _mapped(path) if mappable else None
             if mapped is not None:
                 stack.callback(_close_map, mapped)
             _read_zip(zf, path.name, budget, contents, stack, depth=0, buffer=mapped)
@@ -287,7 +328,7 @@ def open_arrival(path: Path, limits: Limits) -> Iterator[Contents]:
             size = path.stat().st_size
             budget.take(path.name, size)
             contents.members.append(Member(path.name, size, _file_reader(path), _file_opener(path),
-                                           _file_viewer(path)))
+                                           _file_viewer(path, mappable)))
         yield contents
 
 
