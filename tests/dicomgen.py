@@ -239,18 +239,18 @@ def make_enhanced(datasets: Sequence[Dataset], *, shuffle_seed: int | None = Non
             delattr(out, keyword)
     rescales = {(float(d.RescaleSlope), float(d.RescaleIntercept)) for d in datasets}
     shared = Dataset()
-    shared.PixelMeasuresSequence = [_item(PixelSpacing=list(first.PixelSpacing),
+    shared.PixelMeasuresSequence = [sequence_item(PixelSpacing=list(first.PixelSpacing),
                                           SliceThickness=first.SliceThickness)]
-    shared.PlaneOrientationSequence = [_item(ImageOrientationPatient=list(first.ImageOrientationPatient))]
-    shared.CTReconstructionSequence = [_item(ConvolutionKernel=first.ConvolutionKernel)]
+    shared.PlaneOrientationSequence = [sequence_item(ImageOrientationPatient=list(first.ImageOrientationPatient))]
+    shared.CTReconstructionSequence = [sequence_item(ConvolutionKernel=first.ConvolutionKernel)]
     if len(rescales) == 1:
         shared.PixelValueTransformationSequence = [_rescale_item(first)]
     out.SharedFunctionalGroupsSequence = [shared]
     per_frame = []
     for position, k in enumerate(order):
         item = Dataset()
-        item.PlanePositionSequence = [_item(ImagePositionPatient=list(datasets[k].ImagePositionPatient))]
-        item.FrameContentSequence = [_item(StackID="1", InStackPositionNumber=position + 1)]
+        item.PlanePositionSequence = [sequence_item(ImagePositionPatient=list(datasets[k].ImagePositionPatient))]
+        item.FrameContentSequence = [sequence_item(StackID="1", InStackPositionNumber=position + 1)]
         if len(rescales) > 1:
             item.PixelValueTransformationSequence = [_rescale_item(datasets[k])]
         per_frame.append(item)
@@ -259,7 +259,8 @@ def make_enhanced(datasets: Sequence[Dataset], *, shuffle_seed: int | None = Non
     return out
 
 
-def _item(**values: object) -> Dataset:
+def sequence_item(**values: object) -> Dataset:
+    """A sequence item (a Dataset) holding the given keyword values."""
     item = Dataset()
     for keyword, value in values.items():
         setattr(item, keyword, value)
@@ -267,7 +268,7 @@ def _item(**values: object) -> Dataset:
 
 
 def _rescale_item(ds: Dataset) -> Dataset:
-    return _item(RescaleSlope=ds.RescaleSlope, RescaleIntercept=ds.RescaleIntercept, RescaleType="HU")
+    return sequence_item(RescaleSlope=ds.RescaleSlope, RescaleIntercept=ds.RescaleIntercept, RescaleType="HU")
 
 
 def make_scout(*, study_uid: str, series_number: int = 1) -> list[Dataset]:

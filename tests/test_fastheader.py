@@ -72,13 +72,13 @@ def _corpus() -> dict[str, bytes]:
     out["scout"] = dicomgen.to_bytes(dicomgen.make_scout(study_uid=classic[0].StudyInstanceUID)[0])
     out["mr"] = dicomgen.to_bytes(dicomgen.make_mr_series(1)[0])
     undefined = copy.deepcopy(classic[0])
-    undefined.ReferencedImageSequence = Sequence([_item(ReferencedSOPInstanceUID="1.2.3.4"),
-                                                  _item(ReferencedSOPInstanceUID="1.2.3.5")])
+    undefined.ReferencedImageSequence = Sequence([dicomgen.sequence_item(ReferencedSOPInstanceUID="1.2.3.4"),
+                                                  dicomgen.sequence_item(ReferencedSOPInstanceUID="1.2.3.5")])
     undefined["ReferencedImageSequence"].is_undefined_length = True
     for item in undefined.ReferencedImageSequence:
         item.is_undefined_length_sequence_item = True
     undefined.private_block(0x0029, "CTWATCH NESTED", create=True).add_new(0x10, "SQ", [
-        _item(ImagePositionPatient=[9, 9, 9], ImageType=["DERIVED"])])  # wanted tags nested: ignored
+        dicomgen.sequence_item(ImagePositionPatient=[9, 9, 9], ImageType=["DERIVED"])])  # wanted tags nested: ignored
     out["undefined-length sequences"] = dicomgen.to_bytes(undefined)
     padded = copy.deepcopy(classic[0])
     padded.ImagePositionPatient = ["-1.5", " 2", "3.25 "]
@@ -93,13 +93,6 @@ def _corpus() -> dict[str, bytes]:
     missing.PixelSpacing = None
     out["missing values"] = dicomgen.to_bytes(missing)
     return out
-
-
-def _item(**values: object) -> Dataset:
-    item = Dataset()
-    for keyword, value in values.items():
-        setattr(item, keyword, value)
-    return item
 
 
 with warnings.catch_warnings():
@@ -245,7 +238,7 @@ def _header(draw: st.DrawFn) -> _Case:
         if draw(st.booleans()):
             block.add_new(0x10, "OB", draw(st.binary(max_size=300)))
         else:
-            block.add_new(0x10, "SQ", [_item(ImagePositionPatient=[1, 2, 3], SliceThickness="9")
+            block.add_new(0x10, "SQ", [dicomgen.sequence_item(ImagePositionPatient=[1, 2, 3], SliceThickness="9")
                                        for _ in range(draw(st.integers(0, 2)))])
             element = block[0x10]
             element.is_undefined_length = draw(st.booleans())
