@@ -147,6 +147,24 @@ def test_new_studies_are_found_retrieved_processed_and_fetched_once(
     assert "pacs  [dicomweb, every 120s]" in status.stdout and "arrivals=3" in status.stdout
 
 
+def test_a_modality_filter_with_paging_misses_no_study(
+        tmp_path: Path, orthanc: Orthanc, caplog: pytest.LogCaptureFixture) -> None:
+    """Orthanc 1.10 answers nothing past the first page when ModalitiesInStudy is filtered: the
+    studies are listed again without the filter and matched here (CT kept, MR left out)."""
+    _, cfg = configure(tmp_path / "p", {
+        "name": "pacs", "kind": "dicomweb", "url": orthanc.dicomweb, "lookback": "2d", "page_size": 1,
+        "query": {"ModalitiesInStudy": "CT"}})
+    ct_studies = [study(4), study(4), study(4)]
+    for datasets in ct_studies:
+        orthanc.upload(datasets)
+    orthanc.upload(study(4, modality="MR"))
+    caplog.set_level(logging.INFO)
+    outcome = poller_for(cfg).poll("pacs", NOW)
+    assert outcome.ok, outcome
+    assert sorted(fetched_uids(cfg, outcome.arrivals)) == sorted(d[0].StudyInstanceUID for d in ct_studies)
+    assert "source.qido.relist" in caplog.text
+
+
 def test_an_unreachable_dicomweb_server_is_retried_and_recorded(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{free_port()}/dicom-web"
     _, cfg = configure(tmp_path / "p", {"name": "down", "kind": "dicomweb", "url": url})

@@ -23,7 +23,7 @@ from processor.intake.fetch import FetchRefused, FetchTransient, check_length, h
 
 log = logging.getLogger(__name__)
 
-STUDY_UID, INSTANCE_COUNT = "0020000D", "00201208"
+STUDY_UID, INSTANCE_COUNT, MODALITIES = "0020000D", "00201208", "00080061"
 RETRIEVE_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 MAX_PAGES = 1000
 MAX_PART_HEADER = 64 * 1024
@@ -44,17 +44,38 @@ class StudyRef:
 
 def search_studies(client: httpx.Client, root: str, query: dict[str, str], since: date | None, *,
                    page_size: int) -> Iterator[StudyRef]:
-    """QIDO-RS ``/studies`` with the configured filters, a StudyDate range and limit/offset paging."""
+    """QIDO-RS ``/studies`` with the configured filters, a StudyDate range and limit/offset paging.
+
+    Some servers filter ``ModalitiesInStudy`` after paging (Orthanc 1.10 answers nothing past the
+    first page). So when that filter is set and a page came back full, the studies are listed
+    again without it and the modalities are matched here, so that no study is missed.
+    """
     params: dict[str, Any] = dict(query)
     if since is not None:
         params["StudyDate"] = f"{since:%Y%m%d}-"
     params["includefield"] = INSTANCE_COUNT
     seen: set[str] = set()
+    full_pages = yield from _search(client, root, params, page_size, seen)
+    wanted = query.get("ModalitiesInStudy")
+    if wanted and full_pages:
+        modalities = {m.strip().upper() for m in re.split(r"[\\,]", wanted) if m.strip()}
+        unfiltered = {k: v for k, v in params.items() if k != "ModalitiesInStudy"}
+        unfiltered["includefield"] = [INSTANCE_COUNT, MODALITIES]
+        log.info("source.qido.relist reason=%r", "a full page with ModalitiesInStudy: matched here instead")
+        yield from _search(client, root, unfiltered, page_size, seen, modalities)
+
+
+def _search(client: httpx.Client, root: str, params: dict[str, Any], page_size: int, seen: set[str],
+            modalities: set[str] | None = None) -> Iterator[StudyRef]:
+    """Page through one QIDO-RS search; returns how many pages came back full. With ``modalities``,
+    a study is kept when one of its ModalitiesInStudy is wanted, or when the server did not say."""
+    full_pages = 0
+    listed: set[str] = set()  # this search's studies: a page with none new means offset is ignored
     for page in range(MAX_PAGES):
         params.update(limit=page_size, offset=page * page_size)
         response = client.get(f"{root}/studies", params=params, headers={"Accept": "application/dicom+json"})
         if response.status_code == 204:
-            return
+            return full_pages
         raise_for_status(response, "QIDO-RS study search")
         try:
             items = response.json() if response.content.strip() else []
@@ -62,19 +83,32 @@ def search_studies(client: httpx.Client, root: str, query: dict[str, str], since
             raise FetchTransient(f"QIDO-RS study search: the answer is not JSON ({exc})") from exc
         if not isinstance(items, list):
             raise FetchRefused("QIDO-RS study search: the answer is not a JSON list of studies")
+        full_pages += len(items) >= page_size
         fresh = 0
         for item in items:
             ref = _study_ref(item)
-            if ref is None or ref.uid in seen:
+            if ref is None or ref.uid in listed:
                 continue
-            seen.add(ref.uid)
+            listed.add(ref.uid)
             fresh += 1
-            yield ref
+            if ref.uid not in seen and _modality_matches(item, modalities):
+                seen.add(ref.uid)
+                yield ref
         # Only an empty page ends the list: servers that filter some attributes after paging
         # (Orthanc 1.10 with ModalitiesInStudy) send short pages before the end. A page with no
         # new study means the server ignores offset.
         if not items or fresh == 0:
-            return
+            return full_pages
+    return full_pages
+
+
+def _modality_matches(item: Any, wanted: set[str] | None) -> bool:
+    if wanted is None or not isinstance(item, dict):
+        return True
+    values = (item.get(MODALITIES) or {}).get("Value")
+    if not values:
+        return True  # the server did not list them: fetch rather than risk missing a study
+    return any(str(v).strip().upper() in wanted for v in values)
 
 
 def _study_ref(item: Any) -> StudyRef | None:
