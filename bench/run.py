@@ -138,7 +138,7 @@ def memory_read(volume: Any, n: int) -> dict[str, Samples]:
 def volume_stages(volume: Any, n: int, zip_path: Path) -> dict[str, Samples]:
     """Parts of the decode timed alone (CRC-32 check, HU rescale) and the stages that start from
     the HU volume (same for every variant)."""
-    from processor.dicom.volume import _rescale_into
+    from processor.dicom.decode import _rescale_into
     from processor.models.ctclip_preprocess import ctrate_xyz_from_dicom, preprocess_volume
 
     stored = (volume.hu.astype(np.int32) + 1024).astype(np.int16)

@@ -338,3 +338,116 @@ def run_steps(arrival: Path, steps: list[dict], out_root: Path) -> tuple:
         ctx = StudyContext(1, study, out_root / "outbox" / "2024-01-01" / study.uid)
         outcome = PipelineRunner(pipeline).run(ctx)
     return ctx, outcome
+
+
+# --- issue 13: foreign objects under a CT series' UID -----------------------------------------------
+
+def make_rtstruct(*, study_uid: str, series_uid: str) -> Dataset:
+    """An RT Structure Set (no pixels) carrying the given Study/Series Instance UIDs."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import RTStructureSetStorage
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = RTStructureSetStorage
+    ds.SOPClassUID = RTStructureSetStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+    ds.Modality = "RTSTRUCT"
+    ds.PatientName, ds.PatientID = PATIENT_NAME, PATIENT_ID
+    ds.StructureSetLabel = "LUNGS"
+    ds.SeriesNumber = 2
+    return ds
+
+
+def make_secondary_capture(like: Dataset) -> Dataset:
+    """A Secondary Capture image (a screenshot) under ``like``'s study and series UIDs."""
+    ds = copy.deepcopy(like)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = pydicom.uid.SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.ImageType = ["DERIVED", "SECONDARY"]
+    del ds.ImagePositionPatient
+    del ds.ImageOrientationPatient
+    return ds
+
+
+# --- issue 13 (one reader rule): files whose header and bytes disagree about the encoding ------------
+
+IMPLICIT, EXPLICIT, DEFLATED, BIG = "implicit", "explicit", "deflated", "big-endian"
+_SYNTAX_OF = {IMPLICIT: pydicom.uid.ImplicitVRLittleEndian, EXPLICIT: ExplicitVRLittleEndian,
+              DEFLATED: pydicom.uid.DeflatedExplicitVRLittleEndian, BIG: pydicom.uid.ExplicitVRBigEndian}
+
+
+def encoded_bytes(ds: Dataset, *, body: str, declared: str | None = "same", preamble: bool = True,
+                  meta: bool = True) -> bytes:
+    """``ds`` as a file whose data set is encoded as ``body`` (one of IMPLICIT, EXPLICIT, DEFLATED,
+    BIG) while its file meta declares ``declared``: "same" (honest), a syntax UID, or None (a meta
+    group without TransferSyntaxUID). ``preamble``/``meta`` False leave out the 128-byte preamble
+    and ``DICM``, or the whole file meta group (a bare data set). A BIG body gets byte-swapped
+    16-bit pixels, as a big-endian writer stores them.
+    """
+    import zlib
+
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+
+    out = DicomBytesIO()
+    out.is_little_endian, out.is_implicit_VR = True, False
+    if preamble:
+        out.write(b"\0" * 128 + b"DICM")
+    if meta:
+        file_meta = FileMetaDataset()
+        file_meta.FileMetaInformationGroupLength = 0  # written with its true value
+        file_meta.FileMetaInformationVersion = b"\0\1"
+        file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        if declared is not None:
+            file_meta.TransferSyntaxUID = _SYNTAX_OF[body] if declared == "same" else declared
+        file_meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
+        write_file_meta_info(out, file_meta, enforce_standard=False)
+    plain = Dataset()
+    for element in ds:  # a fresh data set: pydicom writes it in any encoding asked
+        plain.add(copy.deepcopy(element))
+    if body == BIG and "PixelData" in plain:
+        plain.PixelData = np.frombuffer(ds.PixelData, "<u2").astype(">u2").tobytes()
+        plain["PixelData"].VR = "OW"
+    data = DicomBytesIO()
+    data.is_little_endian, data.is_implicit_VR = body != BIG, body == IMPLICIT
+    write_dataset(data, plain)
+    encoded = data.getvalue()
+    if body == DEFLATED:
+        packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+        encoded = packer.compress(encoded) + packer.flush()
+    return out.getvalue() + encoded
+
+
+def pixel_length_at(data: bytes) -> tuple[int, int]:
+    """(where the Pixel Data length field of a little-endian file starts, its value)."""
+    import struct
+
+    at = data.rindex(b"\xe0\x7f\x10\x00")
+    field = at + 8 if data[at + 4:at + 6] in (b"OB", b"OW") else at + 4
+    return field, struct.unpack_from("<L", data, field)[0]
+
+
+def with_pixel_length(data: bytes, length: int) -> bytes:
+    """``data`` (a little-endian file ending in its Pixel Data) with that element declaring ``length``
+    bytes and holding as many: pixels cut off or zero bytes added, and the header saying so."""
+    import struct
+
+    field, old = pixel_length_at(data)
+    value = data[field + 4:field + 4 + old]
+    value = value[:length] + bytes(max(0, length - len(value)))
+    return data[:field] + struct.pack("<L", length) + value
+
+
+def small_series(n: int = 3, size: int = 8, *, seed: int = 13) -> tuple[list[Dataset], np.ndarray]:
+    """``n`` slices of ``size``×``size`` random signed pixels (intercept −1024) and the HU they give.
+
+    Small frames matter: a Pixel Data view that starts a few bytes off still finds enough bytes in
+    a small file, so only exact values catch a misread encoding.
+    """
+    stored = np.random.default_rng(seed).integers(-2000, 3000, (n, size, size)).astype(np.int16)
+    return make_series(n, stored=stored, intercept=-1024.0), stored.astype(np.float32) - np.float32(1024.0)

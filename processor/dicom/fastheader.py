@@ -5,11 +5,13 @@ element object for every one of them (~0.6 ms per file here) although ctwatch lo
 thirty. :func:`walk` steps over the elements of a little-endian dataset by their lengths, keeps
 the raw bytes of the :data:`WANTED` tags and stops at Pixel Data (≈ 5× cheaper); the values are
 then converted by :func:`facts_of`. It reads only the layouts it can read exactly — a Part 10
-file with a preamble, Explicit or Implicit VR Little Endian (or an encapsulated syntax, which is
-explicit little endian), elements of defined length and sequences of defined or undefined length
-— and declines anything else with :class:`Declined`, so that the caller parses the file with
-pydicom instead (``processor.dicom.scan``). Tests check that both readers give the same facts
-and frames on every kind of file the suite generates and on random headers.
+file with a preamble whose data set is Explicit or Implicit VR Little Endian (also under an
+encapsulated syntax), elements of defined length and sequences of defined or undefined length —
+and declines anything else with :class:`Declined`, so that the caller parses the file with
+pydicom instead (``processor.dicom.scan``). Which VR encoding the data set has is decided from
+its bytes by :func:`processor.dicom.encoding.decide`, the rule every reader of ctwatch uses.
+Tests check that both readers give the same facts and frames on every kind of file the suite
+generates and on random headers.
 
 The full pydicom header of a file stays available (``Instance.header``) for everything else.
 """
@@ -24,18 +26,19 @@ from typing import Any
 
 from pydicom.uid import UID
 
+from processor.dicom.encoding import PLAIN, PROBE_BYTES, Unreadable, decide
+
 PIXEL_DATA = 0x7FE00010
 FLOAT_PIXEL_DATA = (0x7FE00008, 0x7FE00009)
 PER_FRAME_GROUPS = 0x52009230
 ITEM, ITEM_END, SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 UNDEFINED = 0xFFFFFFFF
-EXPLICIT_LE, IMPLICIT_LE = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
-BIG_ENDIAN, DEFLATED = "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"
 
 # keyword → tag of every value the fast path reads (file meta and top-level dataset)
 TAGS: dict[str, int] = {
     "MediaStorageSOPClassUID": 0x00020002, "TransferSyntaxUID": 0x00020010,
     "ImageType": 0x00080008, "SOPClassUID": 0x00080016, "SOPInstanceUID": 0x00080018,
+    "AcquisitionTime": 0x00080032, "Modality": 0x00080060, "ImagerPixelSpacing": 0x00181164,
     "SliceThickness": 0x00180050, "ConvolutionKernel": 0x00181210,
     "StudyInstanceUID": 0x0020000D, "SeriesInstanceUID": 0x0020000E,
     "AcquisitionNumber": 0x00200012, "InstanceNumber": 0x00200013,
@@ -71,6 +74,7 @@ class Walked:
     transfer_syntax: str
     implicit: bool
     pixel_offset: int | None  # where the (7FE0,0010) element starts; None when there is none
+    declared: str = ""  # the TransferSyntaxUID as the file meta states it ('' when absent)
 
 
 def walk(buf: bytes | memoryview) -> Walked:
@@ -91,18 +95,25 @@ def walk(buf: bytes | memoryview) -> Walked:
         raise Declined("file meta information holds more than group 0002")
     if meta_end + 2 <= end and _US.unpack_from(view, meta_end)[0] == 0x0002:
         raise Declined("file meta group length does not cover group 0002")
-    syntax = values.get(TAGS["TransferSyntaxUID"], b"").rstrip(b"\0 ").decode("ascii", "replace")
-    if syntax in (BIG_ENDIAN, DEFLATED) or not syntax:
-        raise Declined(f"transfer syntax {syntax or 'missing'}")
-    implicit = syntax == IMPLICIT_LE
+    declared = values.get(TAGS["TransferSyntaxUID"], b"").rstrip(b"\0 ").decode("ascii", "replace")
+    if 0 < end - meta_end < PROBE_BYTES:
+        raise Truncated("data set cut short")
     try:
-        little = implicit or UID(syntax).is_little_endian
-    except (ValueError, AttributeError):  # not a transfer syntax pydicom knows (e.g. a private one)
-        little = False
-    if not little:
+        encoding = decide(view, meta_end, declared)  # the one rule: what the bytes show, not only the header
+    except Unreadable as exc:
+        raise Declined(str(exc)) from exc
+    syntax = encoding.transfer_syntax
+    if encoding.deflated or not encoding.little:
         raise Declined(f"transfer syntax {syntax}")
-    offset = _walk(view, meta_end, end, implicit, values, top=True)
-    return Walked(values, syntax, implicit, offset)
+    if syntax not in PLAIN:
+        try:
+            known = UID(syntax).is_little_endian
+        except (ValueError, AttributeError):  # not a transfer syntax pydicom knows (e.g. a private one)
+            known = False
+        if not known:
+            raise Declined(f"transfer syntax {syntax}")
+    offset = _walk(view, meta_end, end, encoding.implicit, values, top=True)
+    return Walked(values, syntax, encoding.implicit, offset, declared)
 
 
 def _walk(view: memoryview, pos: int, end: int, implicit: bool, out: dict[int, bytes] | None,
@@ -205,6 +216,12 @@ class Facts:
     acquisition: str
     image_type: tuple[str, ...]
     kernel: str
+    modality: str = ""
+    acquisition_time: str = ""  # AcquisitionTime (TM) as stored, padding stripped
+    imager_pixel_spacing: tuple[float, ...] | None = None  # (0018,1164), at the detector
+    # TransferSyntaxUID as the file meta states it ('' when absent); ``transfer_syntax`` and
+    # ``implicit`` are what the bytes are read as (processor.dicom.encoding decides)
+    declared_syntax: str = ""
 
 
 def _text(raw: bytes | None) -> str | None:
@@ -289,6 +306,10 @@ def facts_of(walked: Walked) -> Facts:
         temporal=temporal, acquisition=_text(raw("AcquisitionNumber")) or "",
         image_type=tuple(p.upper() for p in (_parts(raw("ImageType")) or ())),
         kernel="\\".join(_parts(raw("ConvolutionKernel")) or ()),
+        modality=_text(raw("Modality")) or "",
+        acquisition_time=_text(raw("AcquisitionTime")) or "",
+        imager_pixel_spacing=_floats(raw("ImagerPixelSpacing"), 2),
+        declared_syntax=walked.declared,
     )
 
 
@@ -355,4 +376,7 @@ def facts_from_dataset(ds: Mapping | object, *, transfer_syntax: str, implicit: 
         temporal="" if temporal is None else str(temporal).strip("\0 "), acquisition=text("AcquisitionNumber"),
         image_type=tuple(p.upper() for p in multi("ImageType")),
         kernel="\\".join(multi("ConvolutionKernel")),
+        modality=text("Modality"), acquisition_time=text("AcquisitionTime"),
+        imager_pixel_spacing=numbers("ImagerPixelSpacing", 2),
+        declared_syntax=str(file_meta.get("TransferSyntaxUID", "") or "").strip("\0 ") if file_meta is not None else "",
     )

@@ -6,7 +6,9 @@ other files and corrupt DICOM are skipped and counted by reason.
 
 Each file's header is read by the lean walker of :mod:`processor.dicom.fastheader` (the values
 grouping, selection and decoding need, and where Pixel Data starts); a layout it declines is
-parsed by pydicom (``stop_before_pixels``) instead. The full pydicom header of a file is parsed
+parsed by pydicom (``stop_before_pixels``) instead. Both read the data set in the encoding its
+bytes show (:mod:`processor.dicom.encoding`; a header that declares another one is logged as
+``scan.encoding``), and so does the pixel decoder. The full pydicom header of a file is parsed
 on demand (``Instance.header``) and eagerly for the first file of every series, while the
 arrival is still open.
 
@@ -18,9 +20,9 @@ read whole, so a bad CRC past the header surfaces when the member is decoded.
 from __future__ import annotations
 
 import gc
-import io
 import logging
 import re
+import struct
 import threading
 import zipfile
 import zlib
@@ -29,11 +31,12 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from processor.dicom.encoding import Encoding, Unreadable, correction, plain_cause, read_file
 from processor.dicom.fastheader import Declined, Facts, Truncated, facts_from_dataset, facts_of, walk
+from processor.errors import StepError
 from processor.intake.archive import Buffer, Member
 
 log = logging.getLogger(__name__)
@@ -44,7 +47,7 @@ _JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
 HEADER_PREFIX = 64 * 1024  # bytes read for a header; CT headers are ~2–10 KB
 PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
 _PARSE_ERRORS = (InvalidDicomError, ValueError, EOFError, KeyError, TypeError, AttributeError,
-                 OverflowError, IndexError, NotImplementedError)
+                 OverflowError, IndexError, NotImplementedError, struct.error)
 _UNREADABLE = (OSError, RuntimeError, EOFError, zipfile.BadZipFile, zlib.error)  # CRC, truncation, bad inflate
 
 
@@ -68,9 +71,15 @@ class Instance:
     def header(self) -> Dataset:
         """The file's whole header as pydicom reads it (no pixel data); parsed once, on first use."""
         if self._header is None:
-            header, _ = member_header(self.member)
+            try:
+                header, _, _ = member_header(self.member)
+            except CorruptDicom as exc:
+                raise CorruptDicom(f"cannot read the header of {self.member.name}: {exc}") from exc
+            except _UNREADABLE as exc:
+                raise CorruptDicom(f"cannot read {self.member.name} ({plain_cause(exc)}): the member is "
+                                   "corrupt or truncated — copy the study again from the source") from exc
             if header is None:
-                raise CorruptDicom("the header no longer parses")
+                raise CorruptDicom(f"the header of {self.member.name} no longer parses")
             self._header = header
         return self._header
 
@@ -138,23 +147,30 @@ def _skip_reason_by_name(name: str) -> str | None:
     return None
 
 
-def _parse_header(data: Buffer) -> tuple[Dataset | None, int | None]:
-    """(header or None when not DICOM, offset of the Pixel Data element in ``data`` or None).
+Parsed = tuple[Dataset | None, int | None, Encoding | None]
 
-    The offset is given only when the parse stopped right at a ``(7FE0,0010)`` element of ``data``
-    itself (not of a deflated dataset, which pydicom inflates into a buffer of its own).
+
+def _parse_header(data: Buffer) -> Parsed:
+    """(header or None when not DICOM, offset of the Pixel Data element in ``data`` or None, encoding).
+
+    Read by pydicom in the encoding the bytes show (``processor.dicom.encoding``: the same rule as
+    the lean walker's and the pixel decoder's), with or without preamble and file meta group. The
+    offset is given only when the parse stopped right at a ``(7FE0,0010)`` element of ``data``
+    itself (not of a deflated dataset, which is inflated into a buffer of its own).
     """
     has_preamble = len(data) >= 132 and data[128:132] == b"DICM"
-    fp = io.BytesIO(data)
     try:
-        ds = pydicom.dcmread(fp, stop_before_pixels=True, force=not has_preamble)
-    except _PARSE_ERRORS as exc:
+        ds, encoding, offset = read_file(data, stop_before_pixels=True)
+    except Unreadable as exc:
         if has_preamble:
             raise CorruptDicom(str(exc)) from exc
-        return None, None
-    at = fp.tell()
-    offset = at if data[at:at + 4] == PIXEL_DATA_TAG else None
-    return _checked(ds, has_preamble), offset
+        return None, None, None
+    except _PARSE_ERRORS as exc:
+        if has_preamble:
+            raise CorruptDicom(plain_cause(exc)) from exc
+        return None, None, None
+    header = _checked(ds, has_preamble)
+    return (header, offset, encoding) if header is not None else (None, None, None)
 
 
 def _checked(ds: Dataset, has_preamble: bool) -> Dataset | None:
@@ -166,21 +182,22 @@ def _checked(ds: Dataset, has_preamble: bool) -> Dataset | None:
     return ds
 
 
-class CorruptDicom(Exception):
-    """A file that claims to be DICOM but whose header cannot be read."""
+class CorruptDicom(StepError):
+    """A file that claims to be DICOM but whose header cannot be read (during a step: the study fails
+    with this message, the daemon lives)."""
 
 
-def member_header(member: Member, prefix: int = HEADER_PREFIX) -> tuple[Dataset | None, int | None]:
+def member_header(member: Member, prefix: int = HEADER_PREFIX) -> Parsed:
     """:func:`_parse_header` of a member, reading only its first ``prefix`` bytes when they hold the header."""
     if member.size > prefix:
         head = bytes(member.head(prefix)[:prefix])
         if PIXEL_DATA_TAG in head:  # cheap gate: the header cannot end inside this prefix otherwise
             try:
-                header, offset = _parse_header(head)
+                parsed = _parse_header(head)
             except CorruptDicom:
-                offset = None  # perhaps only cut short by the prefix: decide on the whole member
-            if offset is not None:
-                return header, offset
+                parsed = (None, None, None)  # perhaps only cut short by the prefix: decide on the whole member
+            if parsed[1] is not None:
+                return parsed
     return _parse_header(member.data())
 
 
@@ -209,19 +226,11 @@ def read_instance(member: Member) -> Instance | None:
     fast = _walked(member)
     if fast is not None:
         return Instance(member, fast[0], fast[1])
-    header, offset = member_header(member)
-    if header is None:
+    header, offset, encoding = member_header(member)
+    if header is None or encoding is None:
         return None
-    file_meta = getattr(header, "file_meta", None)
-    syntax = str(file_meta.get("TransferSyntaxUID", "")) if file_meta is not None else ""
-    implicit, little = header.original_encoding
-    if little is not True or syntax not in ("", *_LITTLE) or (syntax and _LITTLE[syntax] != implicit):
-        offset = None  # pixels are then read by a full parse
-    facts = facts_from_dataset(header, transfer_syntax=syntax, implicit=bool(implicit))
+    facts = facts_from_dataset(header, transfer_syntax=encoding.transfer_syntax, implicit=encoding.implicit)
     return Instance(member, facts, offset, header)
-
-
-_LITTLE = {"1.2.840.10008.1.2": True, "1.2.840.10008.1.2.1": False}  # native syntaxes → implicit VR
 
 
 _gc_lock = threading.Lock()
@@ -262,6 +271,7 @@ def scan_members(members: Iterable[Member]) -> ScanResult:
 def _scan_members(members: Iterable[Member]) -> ScanResult:
     studies: dict[str, Study] = {}
     skipped: Counter[str] = Counter()
+    corrected: Counter[str] = Counter()  # 'declared X, read as Y' → files
     seen: set[str] = set()
     found = 0
     for member in members:
@@ -291,8 +301,13 @@ def _scan_members(members: Iterable[Member]) -> ScanResult:
             continue
         seen.add(instance.sop_uid)
         found += 1
+        note = correction(facts.declared_syntax, facts.transfer_syntax, facts.implicit)
+        if note:
+            corrected[note] += 1
         study = studies.setdefault(facts.study_uid, Study(facts.study_uid))
         study.series.setdefault(facts.series_uid, Series(facts.series_uid)).instances.append(instance)
+    for note, files in corrected.items():
+        log.warning("scan.encoding files=%d read=%r", files, note)
     for study in studies.values():
         for series in study.series.values():
             found -= _parse_first_header(series, skipped)

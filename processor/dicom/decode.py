@@ -1,0 +1,323 @@
+"""Decoding the chosen frames of a series into one preallocated HU array.
+
+Only the chosen frames are read. Uncompressed pixel data becomes a zero-copy
+``np.frombuffer`` view (of the memory-mapped ZIP or file, see ``processor.intake.archive``) that
+is rescaled straight into the one preallocated volume; for Implicit/Explicit VR Little Endian
+files the view starts at the Pixel Data offset the header scan found, so the file is not parsed
+again (deflated, unusual layouts and compressed syntaxes are parsed in full by pydicom). Both read
+the file in the encoding the scan decided from its bytes (``processor.dicom.encoding``), and the
+Pixel Data length is checked against Rows × Columns × frames × BitsAllocated/8 before any view is
+taken; every failure to read a file is one ``StepError`` naming the file, the cause and the fix.
+Compressed frames (JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000, RLE) go through pydicom's
+decoders (pylibjpeg + plugins, gdcm when installed) on a small thread pool.
+
+HU = stored × RescaleSlope + RescaleIntercept, per frame; into **int16** whenever that is exact
+(whole slope and intercept, and the frame's rescaled extremes fit), float32 otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import zipfile
+import zlib
+from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels.decoders.base import get_decoder
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from processor.dicom.encoding import Unreadable, plain_cause, read_file
+from processor.dicom.frames import Frame
+from processor.dicom.scan import PIXEL_DATA_TAG, Instance, Series
+from processor.errors import StepError
+from processor.intake.archive import Buffer
+
+log = logging.getLogger(__name__)
+
+NATIVE = {ImplicitVRLittleEndian, ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian}
+_NATIVE_DTYPES = {8: ("u1", "i1"), 16: ("<u2", "<i2"), 32: ("<u4", "<i4")}
+_JPEG = "pip install pylibjpeg pylibjpeg-libjpeg (or python-gdcm)"
+_J2K = "pip install pylibjpeg pylibjpeg-openjpeg (or python-gdcm)"
+INSTALL_HINTS = {
+    "1.2.840.10008.1.2.4.50": _JPEG, "1.2.840.10008.1.2.4.51": _JPEG,
+    "1.2.840.10008.1.2.4.57": _JPEG, "1.2.840.10008.1.2.4.70": _JPEG,
+    "1.2.840.10008.1.2.4.80": "pip install pylibjpeg pylibjpeg-libjpeg (or pyjpegls, or python-gdcm)",
+    "1.2.840.10008.1.2.4.81": "pip install pylibjpeg pylibjpeg-libjpeg (or pyjpegls, or python-gdcm)",
+    "1.2.840.10008.1.2.4.90": _J2K, "1.2.840.10008.1.2.4.91": _J2K,
+    "1.2.840.10008.1.2.4.201": _J2K, "1.2.840.10008.1.2.4.202": _J2K, "1.2.840.10008.1.2.4.203": _J2K,
+    "1.2.840.10008.1.2.5": "pip install pylibjpeg pylibjpeg-rle (pydicom's own RLE decoder needs numpy)",
+}
+
+
+@dataclass(frozen=True)
+class _Target:
+    frame: int  # frame index inside the file
+    k: int  # slice index in the volume
+    slope: float
+    intercept: float
+
+
+def _decoder(ts: UID) -> Callable[..., tuple[np.ndarray, dict]]:
+    try:
+        decoder = get_decoder(ts)
+    except NotImplementedError as exc:
+        raise Unreadable(f"transfer syntax {ts if ts.name == ts else f'{ts} ({ts.name})'} has no pixel decoder "
+                         "in ctwatch",
+                         "convert the series to an uncompressed syntax first (e.g. `gdcmconv --raw` or dcmtk "
+                         "`dcmdjpeg`)") from exc
+    if not decoder.is_available:
+        hint = INSTALL_HINTS.get(str(ts), "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg")
+        raise Unreadable(f"cannot decode {ts.name} pixel data: no decoder installed", hint)
+    return decoder.as_array
+
+
+@dataclass(frozen=True)
+class PixelFormat:
+    """How uncompressed pixels are laid out (Image Pixel module)."""
+
+    bits_allocated: int
+    bits_stored: int
+    signed: bool
+    samples: int
+    frames: int
+    rows: int
+    cols: int
+
+    @classmethod
+    def of_instance(cls, instance: Instance) -> PixelFormat | None:
+        f = instance.facts
+        if f.bits_allocated is None:
+            return None
+        return cls(f.bits_allocated, f.bits_stored or f.bits_allocated, f.pixel_representation == 1,
+                   f.samples_per_pixel, f.number_of_frames, f.rows, f.cols)
+
+    @classmethod
+    def of_dataset(cls, ds: Dataset) -> PixelFormat:
+        missing = [k for k in ("Rows", "Columns", "BitsAllocated") if ds.get(k) in (None, "")]
+        if missing:
+            raise Unreadable(f"its header has no {'/'.join(missing)}, so its pixels cannot be laid out")
+        bits = int(ds.BitsAllocated)
+        return cls(bits, int(ds.get("BitsStored", bits)), int(ds.get("PixelRepresentation", 0)) == 1,
+                   int(ds.get("SamplesPerPixel", 1)), int(ds.get("NumberOfFrames", 1) or 1),
+                   int(ds.Rows), int(ds.Columns))
+
+
+def _native_frames(fmt: PixelFormat | None, pixels: Buffer, little: bool = True) -> np.ndarray | None:
+    """(frames, rows, cols) zero-copy view of uncompressed ``pixels`` (big endian when not ``little``),
+    or None for unusual layouts.
+
+    The value's length is verified first: Rows × Columns × frames × BitsAllocated/8 bytes (one more
+    when that is odd: the padding to an even length); anything else is :class:`Unreadable`, never
+    a view that starts or ends in the wrong place.
+    """
+    if fmt is None or fmt.bits_allocated not in _NATIVE_DTYPES or fmt.samples != 1:
+        return None
+    bits, stored, signed = fmt.bits_allocated, fmt.bits_stored, fmt.signed
+    n, rows, cols = fmt.frames, fmt.rows, fmt.cols
+    expected = n * rows * cols * (bits // 8)
+    if len(pixels) not in (expected, expected + (expected & 1)):
+        raise Unreadable(f"its Pixel Data holds {len(pixels)} bytes, but Rows × Columns × frames × "
+                         f"BitsAllocated/8 = {rows} × {cols} × {n} × {bits // 8} = {expected} bytes; the pixel "
+                         "data or the image size in its header is wrong")
+    dtype = _NATIVE_DTYPES[bits][signed]
+    arr = np.frombuffer(pixels, dtype=dtype if little else dtype.replace("<", ">"), count=n * rows * cols)
+    arr = arr.reshape(n, rows, cols)
+    if stored < bits:
+        shift = bits - stored
+        arr = (arr << shift) >> shift if signed else arr & ((1 << stored) - 1)
+    return arr
+
+
+class _NeedsFloat(Exception):
+    """A rescaled value does not fit int16: decode the series again into float32."""
+
+
+_INT16 = np.iinfo(np.int16)
+
+
+def _wrapped(value: int) -> np.int16:
+    """``value`` modulo 2¹⁶ as an int16 (arithmetic below wraps; the checked result is exact)."""
+    return np.int16(((value + 0x8000) & 0xFFFF) - 0x8000)
+
+
+def _rescale_into(out: np.ndarray, stored: np.ndarray, slope: float, intercept: float) -> None:
+    """HU = stored × slope + intercept, written into ``out`` (an int16 or float32 slice).
+
+    int16: slope and intercept are whole numbers and the frame's extremes, rescaled, fit — so the
+    16-bit wrapping arithmetic (done in place, no temporary) gives the exact values; otherwise
+    :class:`_NeedsFloat`. float32: converted, scaled and shifted in place.
+    """
+    if stored.shape != out.shape:
+        raise StepError(f"a decoded frame is {stored.shape}, expected {out.shape}; the file's Rows/Columns "
+                        "do not match its pixel data — re-export the series")
+    if out.dtype == np.float32:
+        out[...] = stored
+        if slope != 1.0:
+            out *= np.float32(slope)
+        if intercept != 0.0:
+            out += np.float32(intercept)
+        return
+    if not stored.dtype.isnative:  # big-endian pixel data: values first, then the 16-bit view below
+        stored = stored.astype(stored.dtype.newbyteorder("="))
+    m, b = int(slope), int(intercept)
+    ends = (int(stored.min()) * m + b, int(stored.max()) * m + b) if stored.size else (0, 0)
+    if min(ends) < _INT16.min or max(ends) > _INT16.max:
+        raise _NeedsFloat
+    if stored.dtype.itemsize == 2:
+        as16 = stored.view(np.int16)  # uint16 read as int16 is the same value modulo 2¹⁶
+        if m == 1:
+            np.add(as16, _wrapped(b), out=out)
+        else:
+            np.multiply(as16, _wrapped(m), out=out)
+            out += _wrapped(b)
+    else:
+        np.copyto(out, stored.astype(np.int64) * m + b, casting="unsafe")
+
+
+def _located_pixels(instance: Instance, data: Buffer) -> memoryview | None:
+    """The value of the Pixel Data element the scan located in ``data``, for little-endian native syntaxes.
+
+    The element is read in the VR encoding the scan decided from the file's bytes (``facts.implicit``,
+    ``processor.dicom.encoding``), not in the one its header declares. None (parse the file in full
+    instead) unless the element sits where the header parse stopped and is laid out as decided
+    (implicit, or explicit OB/OW); :class:`Unreadable` when it is encapsulated under an uncompressed
+    syntax or the file ends inside it.
+    """
+    facts, at = instance.facts, instance.pixel_offset
+    ts = facts.transfer_syntax
+    if at is None or ts not in (ImplicitVRLittleEndian, ExplicitVRLittleEndian) or data[at:at + 4] != PIXEL_DATA_TAG:
+        return None
+    if facts.implicit:
+        start = at + 8
+    elif data[at + 4:at + 6] in (b"OB", b"OW") and data[at + 6:at + 8] == b"\0\0":
+        start = at + 12
+    else:
+        return None
+    if len(data) < start:
+        raise Unreadable("the file ends inside its Pixel Data element: it is truncated", _COPY_AGAIN)
+    (length,) = struct.unpack_from("<L", data, start - 4)
+    if length == 0xFFFFFFFF:
+        raise Unreadable(f"its Pixel Data is encapsulated (compressed) although its transfer syntax, {UID(ts).name}, "
+                         "is uncompressed, so the codec is unknown")
+    if start + length > len(data):
+        raise Unreadable(f"the file ends {len(data) - start} bytes into its Pixel Data of {length} bytes: "
+                         "it is truncated", _COPY_AGAIN)
+    return memoryview(data)[start:start + length]
+
+
+def _decode_file(instance: Instance, data: Buffer, targets: list[_Target], hu: np.ndarray) -> tuple[str, str]:
+    """Decode the wanted frames of one file into ``hu``; returns (transfer syntax, decoder used)."""
+    pixels = _located_pixels(instance, data)
+    frames = _native_frames(PixelFormat.of_instance(instance), pixels) if pixels is not None else None
+    if frames is not None:
+        for t in targets:
+            _rescale_into(hu[t.k], frames[t.frame], t.slope, t.intercept)
+        return instance.facts.transfer_syntax, "numpy.frombuffer"
+    # a full parse, in the encoding the bytes show (the scan's rule), told to pydicom's decoders too
+    ds, encoding, _ = read_file(data, stop_before_pixels=False)
+    ts = UID(encoding.transfer_syntax)
+    ds.file_meta.TransferSyntaxUID = ts
+    element = ds.get_item("PixelData")
+    if element is None or element.value is None:
+        if PIXEL_DATA_TAG in bytes(data[-12:]) or b"\x7f\xe0\x00\x10" in bytes(data[-12:]):
+            raise Unreadable("the file ends inside its Pixel Data element: it is truncated", _COPY_AGAIN)
+        raise Unreadable("it has no Pixel Data (float or double pixel data is not CT)")
+    value, encapsulated = element.value, element.length == 0xFFFFFFFF
+    if not encapsulated and len(value) < element.length:
+        raise Unreadable(f"the file ends {len(value)} bytes into its Pixel Data of {element.length} bytes: "
+                         "it is truncated", _COPY_AGAIN)
+    compressed = ts.is_transfer_syntax and ts.is_compressed
+    if encapsulated and not compressed:
+        raise Unreadable(f"its Pixel Data is encapsulated (compressed) although its transfer syntax, {ts.name}, "
+                         "is uncompressed, so the codec is unknown")
+    if not encapsulated and (ts in NATIVE or not encoding.little or compressed):  # raw pixels, whatever is declared
+        frames = _native_frames(PixelFormat.of_dataset(ds), value, encoding.little)
+        if frames is not None:
+            for t in targets:
+                _rescale_into(hu[t.k], frames[t.frame], t.slope, t.intercept)
+            if compressed:  # a compressed syntax over raw pixels: they were read as what they are
+                ts = UID(ImplicitVRLittleEndian if encoding.implicit else ExplicitVRLittleEndian)
+            return str(ts), "numpy.frombuffer"
+    as_array = _decoder(ts)
+    for t in targets:
+        arr, _ = as_array(ds, index=t.frame, raw=True)
+        _rescale_into(hu[t.k], arr, t.slope, t.intercept)
+    return str(ts), "pydicom, plugins tried in order: " + ", ".join(get_decoder(ts).available_plugins)
+
+
+def _read_and_decode(series: Series, index: int, targets: list[_Target], hu: np.ndarray) -> tuple[str, str]:
+    """Decode one file's frames; every reader failure becomes one :class:`StepError` that names the
+    file, the cause in plain words and the fix (never a library's traceback or advice)."""
+    instance = series.instances[index]
+    name = instance.member.name
+    try:
+        return _decode_file(instance, instance.member.data(), targets, hu)
+    except _NeedsFloat:
+        raise
+    except StepError as exc:
+        if name in str(exc):
+            raise
+        raise StepError(f"{name}: {exc}") from exc
+    except Unreadable as exc:
+        raise StepError(f"cannot read {name}: {exc}. Fix: {exc.fix}") from exc
+    except (OSError, zipfile.BadZipFile, zlib.error) as exc:
+        raise StepError(f"cannot read {name} ({plain_cause(exc)}): the member is corrupt (bad CRC) or "
+                        f"truncated. Fix: {_COPY_AGAIN}") from exc
+    except _READER_ERRORS as exc:
+        raise StepError(f"cannot decode {name}: {plain_cause(exc)}. Fix: check the file with "
+                        "`dcmdump`/`gdcminfo` and re-export the series; a missing codec names the package to "
+                        "install") from exc
+
+
+_COPY_AGAIN = "copy the study again from the source"
+_READER_ERRORS = (InvalidDicomError, ValueError, RuntimeError, AttributeError, KeyError, EOFError, TypeError,
+                  IndexError, NotImplementedError, OverflowError, struct.error)
+
+
+def _exact_in_int16(kept: list[Frame]) -> bool:
+    return all(float(f.slope).is_integer() and float(f.intercept).is_integer() and
+               abs(f.slope) <= _INT16.max and abs(f.intercept) <= 1 << 20 for f in kept)
+
+
+def decode_into(series: Series, kept: list[Frame], workers: int = 4) -> tuple[np.ndarray, dict]:
+    """Decode the kept frames into one preallocated (z, y, x) int16 array, or float32 when int16 is not exact."""
+    if _exact_in_int16(kept):
+        try:
+            return _decode_as(series, kept, workers, np.int16)
+        except _NeedsFloat:
+            log.info("volume.float32 series=%s: a rescaled value does not fit int16", series.number)
+    return _decode_as(series, kept, workers, np.float32)
+
+
+def _decode_as(series: Series, kept: list[Frame], workers: int, dtype: type) -> tuple[np.ndarray, dict]:
+    hu = np.empty((len(kept), kept[0].rows, kept[0].cols), dtype=dtype)
+    by_file: dict[int, list[_Target]] = defaultdict(list)
+    for k, f in enumerate(kept):
+        by_file[f.instance].append(_Target(f.frame, k, f.slope, f.intercept))
+    jobs = list(by_file.items())
+    workers = min(workers, os.cpu_count() or 1)
+    if workers <= 1 or len(jobs) == 1:
+        results = [_read_and_decode(series, i, targets, hu) for i, targets in jobs]
+    else:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ctwatch-decode") as pool:
+            results = list(pool.map(lambda job: _read_and_decode(series, job[0], job[1], hu), jobs))
+    syntaxes = sorted({ts for ts, _ in results})
+    decoders = sorted({dec for _, dec in results})
+    return hu, {"transfer_syntaxes": [f"{ts} ({UID(ts).name})" for ts in syntaxes], "decoder": decoders,
+                "files_read": len(jobs)}
+
+
+def rescale_info(kept: list[Frame]) -> dict:
+    pairs = {(f.slope, f.intercept) for f in kept}
+    if len(pairs) == 1:
+        slope, intercept = pairs.pop()
+        return {"rescale": {"per_frame": False, "slope": slope, "intercept": intercept}}
+    return {"rescale": {"per_frame": True, "slopes": sorted({p[0] for p in pairs}),
+                        "intercepts": sorted({p[1] for p in pairs})}}
