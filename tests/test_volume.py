@@ -100,8 +100,10 @@ def test_phases_split_by_acquisition_and_per_slice_numbers_do_not_shatter_the_st
     z = np.arange(10, dtype=float)
     positions = np.array([[0, 0, v] for v in [*z, *z[:8]]])
     result = order_frames(positions, normal, phase_keys={"AcquisitionNumber": ["1"] * 10 + ["2"] * 8})
-    assert result.phases == {"split_by": "AcquisitionNumber", "phases": 2, "kept": "1",
-                             "counts": {"1": 10, "2": 8}}
+    phases = result.phases
+    assert (phases["split_by"], phases["rule"], phases["chosen"]) == ("AcquisitionNumber", "first", 1)
+    assert [(p["keys"], p["frames"], p["z_range_mm"]) for p in phases["phases"]] == [
+        (["1"], 10, [0.0, 9.0]), (["2"], 8, [0.0, 7.0])]
     assert len(result.order) == 10 and result.dropped == []
     per_slice = [str(i) for i in range(18)]
     result = order_frames(positions, normal, phase_keys={"AcquisitionNumber": per_slice})

@@ -1,7 +1,10 @@
 """Series selection: which series of a study to analyse, with a score and a reason for every series.
 
-Facts about each series come from its headers (:func:`series_facts`); the rules are pure
-(:func:`evaluate`), so they are property-tested without any DICOM.
+Facts about each series come from the headers of its *image stack* (:func:`series_facts`): scouts,
+non-image objects (RTSTRUCT, SR...), secondary captures and images of a minority orientation,
+matrix size or pixel spacing under the same SeriesInstanceUID are set aside first and counted by
+reason (:mod:`processor.dicom.stack`). The rules are pure (:func:`evaluate`), so they are
+property-tested without any DICOM.
 
 Hard rules (a series failing any is *rejected*, every failing rule is named):
 modality (default CT); not a localizer/scout (ImageType LOCALIZER, or 1–3 images); axial
@@ -12,7 +15,8 @@ slice positions.
 Ranking of the eligible series, most important first (encoded in one ``score``):
 ORIGINAL over DERIVED (MIP/MinIP/MPR/reformat/projection/volume render); slice thickness within
 ``max_thickness_mm``; thinner slices (0.1 mm steps); a lung kernel (``lung_kernels``); z coverage
-(1 mm steps); slice count.
+(1 mm steps); slice count. An unknown SliceThickness (missing or zero) is ranked by the measured
+step between slice positions, and the reason says "unknown" — never treated as the thickest.
 
 ``score = 1000·original + 500·within_max_thickness + 4·max(0, 100 − thickness in 0.1 mm)
 + 2·lung_kernel + min(coverage mm, 999)/1000 + min(count, 9999)/10⁷`` — each term outweighs
@@ -31,6 +35,7 @@ import numpy as np
 
 from processor.dicom.frames import frames_of, slice_normal
 from processor.dicom.scan import Series
+from processor.dicom.stack import Stack, image_stack
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +84,20 @@ class SeriesFacts:
     orientations: int = 1  # distinct orientations
     matrix_sizes: tuple[tuple[int, int], ...] = ()
     pixel_spacings: tuple[tuple[float, ...], ...] = ()
+    measured_step_mm: float | None = None  # median step between distinct positions along the normal
+    set_aside: dict[str, int] = field(default_factory=dict)  # instances left out of the stack, by reason
+
+    @property
+    def effective_thickness_mm(self) -> float | None:
+        """SliceThickness, or the measured step between positions when the thickness is unknown."""
+        return self.thickness_mm if self.thickness_mm is not None else self.measured_step_mm
+
+    def thickness_words(self) -> str:
+        if self.thickness_mm is not None:
+            return f"{self.thickness_mm} mm"
+        if self.measured_step_mm is not None:
+            return f"unknown (SliceThickness missing; measured step {self.measured_step_mm:g} mm)"
+        return "unknown"
 
 
 @dataclass
@@ -99,6 +118,9 @@ class Verdict:
                 "modality": f.modality, "kernel": f.kernel, "thickness": f.thickness_mm,
                 "count": f.image_count, "slices": f.slice_count,
                 "z_coverage_mm": round(f.coverage_mm, 1), "image_type": list(f.image_type),
+                "thickness_source": "SliceThickness" if f.thickness_mm is not None else
+                ("measured step between positions" if f.measured_step_mm is not None else "unknown"),
+                "set_aside": dict(f.set_aside),
                 "eligible": self.eligible, "rank": self.rank, "score": self.score, "reason": self.reason}
 
 
@@ -110,9 +132,14 @@ def _distinct(values: Sequence[tuple[float, ...]]) -> list[tuple[float, ...]]:
     return out
 
 
-def series_facts(series: Series) -> SeriesFacts:
-    """Read the facts the rules need from a series' headers (no pixels)."""
-    frames = frames_of(series)
+def series_facts(series: Series, stack: Stack | None = None) -> SeriesFacts:
+    """Read the facts the rules need from the headers of a series' image stack (no pixels).
+
+    Instances that cannot belong to the axial stack are set aside first
+    (:func:`processor.dicom.stack.image_stack`) and counted in ``set_aside``.
+    """
+    stack = stack or image_stack(series)
+    frames = frames_of(stack.series)
     orientations = _distinct([f.orientation for f in frames if f.orientation])
     positions = [f.position for f in frames if f.position and f.orientation]
     tilt = None
@@ -121,20 +148,23 @@ def series_facts(series: Series) -> SeriesFacts:
         normal = slice_normal(orientations[0])
         tilt = math.degrees(math.acos(min(1.0, abs(float(normal[2])))))
         distances = np.asarray(positions, float).reshape(-1, 3) @ normal
-    slices = len(np.unique(np.round(distances, 2))) if len(distances) else 0
-    thickness = [f.thickness for f in frames if f.thickness]
-    image_type = frames[0].image_type if frames else ()
-    if series.instances:
-        image_type = tuple(str(v).upper() for v in (series.instances[0].header.get("ImageType") or image_type))
+    unique = np.unique(np.round(distances, 2)) if len(distances) else np.empty(0)
+    thickness = [f.thickness for f in frames if f.thickness and f.thickness > 0]
+    step = float(np.median(np.diff(unique))) if len(unique) > 1 else None
+    first = stack.series.instances[0] if stack.series.instances else None
     return SeriesFacts(
-        uid=series.uid, number=series.number, description=series.description, modality=series.modality,
-        image_count=len(frames), slice_count=slices, image_type=image_type,
+        uid=series.uid, number=stack.series.number if first else series.number,
+        description=stack.series.description if first else series.description,
+        modality=stack.modality or (series.modality if not first else ""),
+        image_count=len(frames), slice_count=len(unique), image_type=stack.image_type,
         kernel=next((f.kernel for f in frames if f.kernel), ""),
         thickness_mm=round(float(np.median(thickness)), 3) if thickness else None,
         coverage_mm=float(np.ptp(distances)) if len(distances) else 0.0,
         tilt_from_axial_deg=tilt, orientations=len(orientations),
         matrix_sizes=tuple(sorted({(f.rows, f.cols) for f in frames})),
         pixel_spacings=tuple(_distinct([f.pixel_spacing for f in frames if f.pixel_spacing])),
+        measured_step_mm=round(step, 3) if step else None,
+        set_aside=dict(stack.set_aside),
     )
 
 
@@ -155,6 +185,9 @@ def derived_evidence(facts: SeriesFacts) -> str | None:
 def hard_problems(facts: SeriesFacts, rules: SelectionRules) -> list[str]:
     """Every hard rule the series fails, in plain words."""
     problems = []
+    if facts.image_count == 0 and facts.set_aside:
+        return ["no image stack: every instance was set aside ("
+                + ", ".join(f"{reason}: {n}" for reason, n in sorted(facts.set_aside.items())) + ")"]
     if facts.modality.upper() != rules.modality.upper():
         problems.append(f"modality {facts.modality or '?'} is not {rules.modality}")
     if "LOCALIZER" in facts.image_type:
@@ -179,7 +212,8 @@ def hard_problems(facts: SeriesFacts, rules: SelectionRules) -> list[str]:
 
 def score(facts: SeriesFacts, rules: SelectionRules) -> float:
     """The ranking as one number (see the module docstring for the formula)."""
-    thickness = facts.thickness_mm if facts.thickness_mm is not None else math.inf
+    known = facts.effective_thickness_mm
+    thickness = known if known is not None else math.inf
     tenths = round(thickness * 10) if math.isfinite(thickness) else 100
     value = (1000 * (derived_evidence(facts) is None)
              + 500 * (thickness <= rules.max_thickness_mm)
@@ -195,10 +229,10 @@ def _outranked_reason(loser: SeriesFacts, winner: SeriesFacts, rules: SelectionR
     loser_derived, winner_derived = derived_evidence(loser), derived_evidence(winner)
     if loser_derived and not winner_derived:
         return f"{who}: DERIVED ({loser_derived}) vs ORIGINAL"
-    lt, wt = loser.thickness_mm, winner.thickness_mm
-    if lt is None or (wt is not None and round(lt * 10) != round(wt * 10)):
+    lt, wt = loser.effective_thickness_mm, winner.effective_thickness_mm
+    if lt is None or wt is None or round(lt * 10) != round(wt * 10):
         over = f", above max_thickness_mm={rules.max_thickness_mm:g}" if lt and lt > rules.max_thickness_mm else ""
-        return f"{who}: thicker slices ({lt} mm vs {wt} mm{over})"
+        return f"{who}: thicker slices ({loser.thickness_words()} vs {winner.thickness_words()}{over})"
     if is_lung_kernel(winner.kernel, rules.lung_kernels) and not is_lung_kernel(loser.kernel, rules.lung_kernels):
         return f"{who}: kernel {loser.kernel or '?'} is not a lung kernel (chosen: {winner.kernel})"
     if round(loser.coverage_mm) != round(winner.coverage_mm):

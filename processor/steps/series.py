@@ -13,11 +13,14 @@ import re
 from pydantic import Field, field_validator
 
 from processor.dicom.select import DEFAULT_LUNG_KERNELS, SelectionRules, evaluate, series_facts
+from processor.dicom.stack import image_stack
 from processor.errors import StepError
 from processor.pipeline.registry import StepRegistry
 from processor.pipeline.step import Params, Step, StudyContext
 
 log = logging.getLogger(__name__)
+
+MAX_LISTED = 50  # set-aside files named in the JSON (all are counted)
 
 
 class SelectParams(Params):
@@ -53,20 +56,34 @@ class SelectSeries(Step):
 
     def run(self, ctx: StudyContext) -> None:
         params: SelectParams = self.params  # type: ignore[assignment]
-        by_uid = ctx.study.series
-        verdicts = evaluate([series_facts(s) for s in by_uid.values()], params.rules())
+        stacks = {uid: image_stack(series) for uid, series in ctx.study.series.items()}
+        verdicts = evaluate([series_facts(s, stacks[uid]) for uid, s in ctx.study.series.items()], params.rules())
         rows = [v.row() for v in verdicts]
         chosen = verdicts[0] if verdicts and verdicts[0].eligible else None
-        ctx.result["series_selection"] = {"chosen": chosen.facts.uid if chosen else None, "series": rows}
+        selection: dict = {"chosen": chosen.facts.uid if chosen else None, "series": rows}
+        ctx.result["series_selection"] = selection
         for v in verdicts:
-            log.info("series.verdict study=%s series=%s rank=%s score=%s reason=%r", ctx.label,
-                     v.facts.number, v.rank, v.score, v.reason)
+            log.info("series.verdict study=%s series=%s rank=%s score=%s reason=%r set_aside=%s", ctx.label,
+                     v.facts.number, v.rank, v.score, v.reason, v.facts.set_aside or "{}")
         if chosen is None:
             raise StepError("no eligible series: " + "; ".join(
                 f"series {r['number']} ({r['description'] or 'no description'}): {r['reason']}" for r in rows)
                 + ". Fix: include the original axial CT series (≥ min_slices images) in the export, "
                   "or relax the dicom.select_series rules in the pipeline YAML")
-        ctx.values["series"] = by_uid[chosen.facts.uid]
+        stack = stacks[chosen.facts.uid]
+        selection["set_aside"] = dict(stack.set_aside)
+        if stack.set_aside:
+            selection["set_aside_files"] = [{"file": name, "reason": reason}
+                                            for name, reason in stack.set_aside_files[:MAX_LISTED]]
+            ctx.warnings.append(
+                f"series {chosen.facts.number}: {stack.instances_set_aside} instance(s) under the same "
+                "SeriesInstanceUID set aside (" + ", ".join(f"{reason}: {n}" for reason, n in
+                                                           sorted(stack.set_aside.items()))
+                + f"); the image stack of {chosen.facts.image_count} image(s) was used")
+        if chosen.facts.thickness_mm is None:
+            ctx.warnings.append(f"series {chosen.facts.number}: slice thickness "
+                                f"{chosen.facts.thickness_words()}")
+        ctx.values["series"] = stack.series
         log.info("series.chosen study=%s series=%s slices=%d kernel=%s thickness=%s", ctx.label,
                  chosen.facts.number, chosen.facts.slice_count, chosen.facts.kernel, chosen.facts.thickness_mm)
 

@@ -2,13 +2,15 @@
 
 Provides ``values["volume"]`` (:class:`processor.dicom.volume.Volume`) and records its provenance
 — transfer syntaxes, decoder, sorting, duplicates dropped, phases split, spacing gaps, gantry tilt,
-rescale — in ``result["volume"]``. Irregularities become study warnings, not failures: later
-resampling copes with uneven spacing.
+rescale, phases and parts, in-plane spacing source — in ``result["volume"]``. Irregularities
+become study warnings in plain words, not failures; the lung and model steps carry their own
+consequences (gaps, unknown spacing) in their sections.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 from pydantic import Field
 
@@ -23,36 +25,73 @@ log = logging.getLogger(__name__)
 class VolumeParams(Params):
     workers: int = Field(4, ge=1, le=64)
     duplicate_tolerance_mm: float = Field(DUPLICATE_TOLERANCE_MM, gt=0, le=1.0)
+    phase: Literal["first", "last", "largest"] = Field(
+        "first", description="which phase of a multi-phase series to analyse: the first or last in "
+        "temporal position / AcquisitionNumber / acquisition-time order (first: usually the non-contrast "
+        "pass, which lung densitometry calls for), or the one with the most images")
+
+
+def volume_warnings(info: dict, unknown: str | None) -> list[str]:
+    """Plain-words study warnings for everything the volume step did that changes what is analysed."""
+    out = []
+    phases = info.get("phases_split")
+    if phases:
+        chosen = phases["phases"][phases["chosen"] - 1]
+        others = "; ".join(
+            f"phase {p['number']} ({phases['split_by']} {'/'.join(p['keys'])}): {p['frames']} images, "
+            f"z {p['z_range_mm'][0]:g} to {p['z_range_mm'][1]:g} mm, body {p.get('mean_body_hu')} HU"
+            for p in phases["phases"])
+        out.append(f"volume: the series holds {len(phases['phases'])} phases of the same anatomy "
+                   f"(split by {phases['split_by']}); phase {chosen['number']} was analysed "
+                   f"(rule phase: {phases['rule']}). {others}")
+    parts = info.get("parts_merged")
+    if parts:
+        out.append(f"volume: the series is one scan in {len(parts['parts'])} acquisitions "
+                   f"({parts['merged_by']} " + ", ".join(p["key"] or "none" for p in parts["parts"])
+                   + ") covering adjacent ranges; merged into one volume")
+    if info["duplicates_dropped"]:
+        out.append(f"volume: {info['duplicates_dropped']} image(s) at an already-used position were dropped "
+                   "(one image kept per position; between acquisitions, the later one)")
+    if parts and parts.get("replaced_by_later_part"):
+        out.append(f"volume: {parts['replaced_by_later_part']} image(s) of an earlier acquisition inside a "
+                   "later acquisition's range were left out, so the two never interleave")
+    if info.get("frames_without_position"):
+        out.append(f"volume: {info['frames_without_position']} image(s) without ImagePositionPatient/"
+                   "ImageOrientationPatient were left out")
+    spacing = info["spacing"]
+    if spacing["gaps"] or spacing["uneven"]:
+        out.append(f"volume: uneven slice spacing {spacing['min_mm']}–{spacing['max_mm']} mm, "
+                   f"{len(spacing['gaps'])} gap(s)"
+                   + (" at slice(s) " + ", ".join(str(g["after_slice"]) for g in spacing["gaps"][:10])
+                      if spacing["gaps"] else ""))
+    source = info["in_plane_spacing"]["source"]
+    if unknown:
+        out.append("volume: " + unknown)
+    elif source != "PixelSpacing":
+        out.append(f"volume: pixel spacing taken from {source}: "
+                   f"{info['in_plane_spacing']['row_mm']} × {info['in_plane_spacing']['column_mm']} mm")
+    if info["tilted"]:
+        out.append(f"volume: gantry tilt {info['tilt_degrees']}° (recorded in the affine)")
+    return out
 
 
 class CtVolume(Step):
     uses = "ct.volume"
-    summary = ("Decode the chosen series (compressed or not, classic or enhanced multi-frame) into an "
-               "int16 HU volume (float32 when a rescale is not whole or does not fit) sorted along the "
-               "slice normal, with spacing, affine and provenance.")
+    summary = ("Decode the chosen series' image stack (compressed or not, classic or enhanced multi-frame) "
+               "into an int16 HU volume (float32 when a rescale is not whole or does not fit) sorted along "
+               "the slice normal; phases and parts of a scan decided by geometry; spacing, affine, provenance.")
     Params = VolumeParams
     needs = ("series",)
     provides = ("volume",)
 
     def run(self, ctx: StudyContext) -> None:
         params: VolumeParams = self.params  # type: ignore[assignment]
-        volume = load_volume(ctx.values["series"], workers=params.workers, tol=params.duplicate_tolerance_mm)
+        volume = load_volume(ctx.values["series"], workers=params.workers, tol=params.duplicate_tolerance_mm,
+                             phase_rule=params.phase)
         info = volume.provenance
         ctx.values["volume"] = volume
         ctx.result["volume"] = info
-        if info["duplicates_dropped"]:
-            ctx.warnings.append(f"volume: {info['duplicates_dropped']} slice(s) at an already-used position "
-                                "were dropped")
-        if info["phases_split"]:
-            split = info["phases_split"]
-            ctx.warnings.append(f"volume: series holds {split['phases']} phases ({split['split_by']}); "
-                                f"kept {split['kept']!r}")
-        spacing = info["spacing"]
-        if spacing["gaps"] or spacing["uneven"]:
-            ctx.warnings.append(f"volume: uneven slice spacing {spacing['min_mm']}–{spacing['max_mm']} mm, "
-                                f"{len(spacing['gaps'])} gap(s)")
-        if info["tilted"]:
-            ctx.warnings.append(f"volume: gantry tilt {info['tilt_degrees']}° (recorded in the affine)")
+        ctx.warnings.extend(volume_warnings(info, volume.spacing_unknown))
         log.info("volume.done study=%s shape=%s decoder=%s", ctx.label,
                  "x".join(map(str, info["shape"])), ",".join(info["decoder"]))
 

@@ -1,0 +1,157 @@
+"""The image stack of a series: the instances that can form one axial volume, and the rest set aside.
+
+A series is judged by its image stack, not by its first file. Scanners, PACS and planning
+systems put other objects under the same SeriesInstanceUID: a scout, an RT Structure Set, a
+dose-report screen capture, a reformatted image of another orientation. Before the selection rules
+run, every instance that cannot belong to the axial stack is set aside, each with one reason (the
+first that applies, in this order):
+
+1. ``non-image object (<SOP class>)``: no pixel matrix (Rows/Columns/BitsAllocated), or a SOP
+   class that is not an image (RT Structure Set, Structured Report, Presentation State, Key Object
+   Selection, encapsulated documents, raw data...);
+2. ``secondary capture``: a Secondary Capture SOP class (screenshots, dose reports);
+3. ``localizer/scout``: ImageType holds LOCALIZER;
+4. ``other modality (<M>)``: Modality differs from the stack's majority;
+5. ``other orientation (<plane>)``: ImageOrientationPatient differs from the majority orientation
+   (ties: the one closest to axial);
+6. ``other matrix size (<rows>x<cols>)``: not the majority Rows × Columns;
+7. ``other pixel spacing (<row>\\<col> mm)``: not the majority PixelSpacing.
+
+Majorities count images (frames). What is left is the stack; its modality and ImageType are the
+stack's majority and its number and description come from its first file. Pure and idempotent:
+the stack of a stack is itself.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from pydicom.uid import UID
+
+from processor.dicom.frames import Frame, frames_of, slice_normal
+from processor.dicom.scan import Instance, Series
+
+SECONDARY_CAPTURE = ("1.2.840.10008.5.1.4.1.1.7",)  # and its multi-frame variants .7.1–.7.4
+# SOP classes that hold no image, by UID prefix (PS3.4 Annex B): RT Structure Set, Plan, Treatment
+# Records (481.3–.481.9 apart from 481.1 RT Image and 481.2 RT Dose), Structured Reports and Key
+# Object Selection (88.x), Presentation States (11.x), raw data and registrations (66, 66.1, 66.3),
+# encapsulated documents (104.x).
+NON_IMAGE_PREFIXES = ("1.2.840.10008.5.1.4.1.1.481.3", "1.2.840.10008.5.1.4.1.1.481.4",
+                      "1.2.840.10008.5.1.4.1.1.481.5", "1.2.840.10008.5.1.4.1.1.481.6",
+                      "1.2.840.10008.5.1.4.1.1.481.7", "1.2.840.10008.5.1.4.1.1.481.8",
+                      "1.2.840.10008.5.1.4.1.1.481.9", "1.2.840.10008.5.1.4.1.1.88.",
+                      "1.2.840.10008.5.1.4.1.1.11.", "1.2.840.10008.5.1.4.1.1.66",
+                      "1.2.840.10008.5.1.4.1.1.104.")
+ORIENTATION_DECIMALS = 3  # orientations equal to 1e-3 are one orientation
+
+
+@dataclass
+class Stack:
+    """A series reduced to its image stack, with every set-aside instance counted by reason."""
+
+    series: Series  # same SeriesInstanceUID, only the stack's instances (file order kept)
+    set_aside: Counter[str] = field(default_factory=Counter)
+    set_aside_files: list[tuple[str, str]] = field(default_factory=list)  # (member name, reason)
+    modality: str = ""
+    image_type: tuple[str, ...] = ()
+
+    @property
+    def instances_set_aside(self) -> int:
+        return sum(self.set_aside.values())
+
+
+def _sop_name(uid: str) -> str:
+    name = UID(uid).name if uid else ""
+    return name if name and name != uid else (uid or "no SOP Class UID")
+
+
+def _object_reason(instance: Instance) -> str | None:
+    facts = instance.facts
+    sop = facts.sop_class_uid or facts.media_sop_class_uid
+    if sop.startswith(NON_IMAGE_PREFIXES) or not (facts.rows and facts.cols and facts.bits_allocated):
+        return f"non-image object ({_sop_name(sop)})"
+    if any(sop == p or sop.startswith(p + ".") for p in SECONDARY_CAPTURE):
+        return "secondary capture"
+    if "LOCALIZER" in facts.image_type:
+        return "localizer/scout"
+    return None
+
+
+def plane_name(orientation: Sequence[float]) -> str:
+    """``axial``, ``coronal``, ``sagittal`` (slice normal within 30° of an axis) or ``oblique``."""
+    normal = np.abs(slice_normal(orientation))
+    axis = int(np.argmax(normal))
+    if normal[axis] < np.cos(np.radians(30)):
+        return "oblique"
+    return ("sagittal", "coronal", "axial")[axis]
+
+
+def _orientation_key(frame: Frame) -> Hashable:
+    if frame.orientation is None:
+        return None
+    return tuple(round(v, ORIENTATION_DECIMALS) + 0.0 for v in frame.orientation)
+
+
+def _spacing_key(frame: Frame) -> Hashable:
+    return None if frame.pixel_spacing is None else tuple(round(v, 4) for v in frame.pixel_spacing)
+
+
+def _majority(counts: Counter, prefer: Callable[[Hashable], float] | None = None) -> Hashable:
+    """The most frequent key; ties go to the highest ``prefer`` score, then to the first seen."""
+    order = {key: i for i, key in enumerate(counts)}
+    return max(counts, key=lambda k: (counts[k], prefer(k) if prefer else 0.0, -order[k]))
+
+
+def _axial_score(key: Hashable) -> float:
+    return abs(float(slice_normal(key)[2])) if key is not None else -1.0  # type: ignore[arg-type]
+
+
+def image_stack(series: Series) -> Stack:
+    """Set aside what cannot belong to the series' axial image stack (see the module docstring)."""
+    frames = frames_of(series)
+    by_instance: dict[int, list[Frame]] = {}
+    for f in frames:
+        by_instance.setdefault(f.instance, []).append(f)
+    reasons: dict[int, str] = {}
+    for index, instance in enumerate(series.instances):
+        reason = _object_reason(instance)
+        if reason is None and not by_instance.get(index):
+            reason = "non-image object (no frames)"
+        if reason is not None:
+            reasons[index] = reason
+    rules: list[tuple[Callable[[Instance, list[Frame]], Hashable], Callable[[Hashable], str],
+                      Callable[[Hashable], float] | None]] = [
+        (lambda inst, fs: inst.facts.modality or None, lambda k: f"other modality ({k})", None),
+        (lambda inst, fs: _orientation_key(fs[0]),
+         lambda k: f"other orientation ({plane_name(k) if k is not None else 'none'})",  # type: ignore[arg-type]
+         _axial_score),
+        (lambda inst, fs: (fs[0].rows, fs[0].cols), lambda k: "other matrix size ({}x{})".format(*k), None),  # type: ignore[str-format]
+        (lambda inst, fs: _spacing_key(fs[0]),
+         lambda k: "other pixel spacing ({})".format("\\".join(f"{v:g}" for v in k) + " mm" if k else "none"),  # type: ignore[union-attr]
+         None),
+    ]
+    for key_of, describe, prefer in rules:
+        keys = {i: key_of(series.instances[i], by_instance[i]) for i in range(len(series.instances))
+                if i not in reasons}
+        counts: Counter = Counter()
+        for i, key in keys.items():
+            counts[key] += len(by_instance[i])
+        if len(counts) < 2:
+            continue
+        keep = _majority(counts, prefer)
+        for i, key in keys.items():
+            if key != keep:
+                reasons[i] = describe(key)
+    kept = [inst for i, inst in enumerate(series.instances) if i not in reasons]
+    stack = Stack(Series(series.uid, kept))
+    for i in sorted(reasons):
+        stack.set_aside[reasons[i]] += 1
+        stack.set_aside_files.append((series.instances[i].member.name, reasons[i]))
+    modalities = Counter(inst.facts.modality for inst in kept if inst.facts.modality)
+    stack.modality = modalities.most_common(1)[0][0] if modalities else ""
+    types = Counter(f.image_type for f in frames if f.instance not in reasons and f.image_type)
+    stack.image_type = types.most_common(1)[0][0] if types else ()
+    return stack

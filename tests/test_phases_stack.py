@@ -1,0 +1,317 @@
+"""Issue 13, kinds 1, 2, 5: one volume or several decided by geometry; a series judged by its image
+stack; no invented spacing. Truth comes from the phantom's construction, never from a previous run."""
+
+from __future__ import annotations
+
+import copy
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydicom.uid import generate_uid
+
+from processor.dicom.frames import order_frames, time_clusters, tm_seconds
+from processor.dicom.select import SelectionRules, SeriesFacts, evaluate
+from tests import dicomgen
+
+NORMAL = np.array([0.0, 0.0, 1.0])
+SHAPE = (40, 64, 64)
+SLICE_MM, PIXEL_MM = 2.5, 0.66
+STEPS = [{"id": "series", "uses": "dicom.select_series", "with": {"min_slices": 20}},
+         {"id": "volume", "uses": "ct.volume"}, {"id": "lungs", "uses": "quantify.lungs"}]
+
+
+def _positions(z: list[float]) -> np.ndarray:
+    return np.array([[0.0, 0.0, v] for v in z])
+
+
+# --- kind 1: properties of the ordering ----------------------------------------------------------
+
+@settings(max_examples=150, deadline=None)
+@given(n=st.integers(20, 90), step=st.floats(0.5, 5.0), cuts=st.lists(st.floats(0.05, 0.95), min_size=1, max_size=4),
+       share=st.booleans(), labels=st.permutations(list(range(1, 6))), seed=st.integers(0, 2**31))
+def test_any_split_of_one_scan_into_acquisitions_gives_back_the_whole_scan(
+        n: int, step: float, cuts: list[float], share: bool, labels: list[int], seed: int) -> None:
+    z = [k * step for k in range(n)]
+    bounds = sorted({max(1, min(n - 1, round(c * n))) for c in cuts})
+    chunks, start = [], 0
+    for b in [*bounds, n]:
+        chunks.append(list(range(start, b)))
+        start = b
+    frames: list[tuple[float, str]] = []
+    for c, chunk in enumerate(chunks):
+        label = str(labels[c % len(labels)] + 10 * (c // len(labels)))
+        if share and c > 0:  # the next acquisition starts at the last position of the previous one
+            frames.append((z[chunk[0] - 1], label))
+        frames.extend((z[k], label) for k in chunk)
+    random.Random(seed).shuffle(frames)
+    result = order_frames(_positions([f[0] for f in frames]), NORMAL,
+                          phase_keys={"AcquisitionNumber": [f[1] for f in frames]})
+    assert result.phases is None
+    np.testing.assert_allclose(result.positions_mm, z)  # every position once, none lost, in order
+    assert len(result.dropped) == len(frames) - n
+
+
+@settings(max_examples=150, deadline=None)
+@given(n=st.integers(20, 80), step=st.floats(1.0, 5.0), offset=st.floats(0.05, 0.95), cover=st.floats(0.6, 1.0),
+       second_first=st.booleans(), rule=st.sampled_from(["first", "last", "largest"]), seed=st.integers(0, 2**31))
+def test_two_phases_at_any_offset_never_interleave(n: int, step: float, offset: float, cover: float,
+                                                   second_first: bool, rule: str, seed: int) -> None:
+    a = [k * step for k in range(n)]
+    m = max(2, round(n * cover))
+    b = [k * step + offset * step for k in range(m)]
+    labels = ("7", "3") if second_first else ("3", "7")  # key order decides "first", not file order
+    frames = [(v, labels[0], 0) for v in a] + [(v, labels[1], 1) for v in b]
+    random.Random(seed).shuffle(frames)
+    result = order_frames(_positions([f[0] for f in frames]), NORMAL,
+                          phase_keys={"AcquisitionNumber": [f[1] for f in frames]}, rule=rule)
+    kept_phase = {frames[i][2] for i in result.order}
+    assert len(kept_phase) == 1  # never an interleaved stack
+    assert result.phases is not None and len(result.phases["phases"]) == 2
+    in_key_order = [0, 1] if not second_first else [1, 0]  # phase index by ascending AcquisitionNumber
+    expected = {"first": in_key_order[0], "last": in_key_order[1],
+                "largest": 0 if n > m or (n == m and in_key_order[0] == 0) else 1}[rule]
+    assert kept_phase == {expected}
+    assert len(result.order) == (n if expected == 0 else m)
+    assert np.all(np.diff(result.positions_mm) > 0)
+
+
+def test_per_slice_acquisition_numbers_with_two_passes_are_split_by_acquisition_time() -> None:
+    z = [k * 2.5 for k in range(30)]
+    positions = _positions(z + [v + 1.2 for v in z])
+    per_slice = [str(i) for i in range(60)]  # no use as a phase key: every image has its own number
+    times = time_clusters([36000 + 0.1 * k for k in range(30)] + [36045 + 0.1 * k for k in range(30)])
+    result = order_frames(positions, NORMAL, phase_keys={"AcquisitionNumber": per_slice, "acquisition time": times})
+    assert result.phases["split_by"] == "acquisition time"
+    assert sorted(result.order) == list(range(30))
+
+
+def test_temporal_positions_at_identical_positions_are_phases_and_the_rule_picks_one() -> None:
+    z = [k * 2.5 for k in range(20)]
+    positions = _positions(z * 3)
+    temporal = ["1"] * 20 + ["2"] * 20 + ["3"] * 20
+    for rule, kept in (("first", range(0, 20)), ("last", range(40, 60))):
+        result = order_frames(positions, NORMAL, phase_keys={"temporal position": temporal}, rule=rule)
+        assert sorted(result.order) == list(kept)
+        assert [p["frames"] for p in result.phases["phases"]] == [20, 20, 20]
+
+
+def test_parts_that_overlap_by_a_few_slices_at_other_positions_do_not_interleave() -> None:
+    first = [k * 2.5 for k in range(30)]  # 0 .. 72.5
+    second = [70.0 + 1.2 + k * 2.5 for k in range(30)]  # 71.2 .. 143.7: overlaps the first by one slice
+    result = order_frames(_positions(first + second), NORMAL,
+                          phase_keys={"AcquisitionNumber": ["1"] * 30 + ["2"] * 30})
+    assert result.phases is None and result.parts is not None
+    d = result.positions_mm
+    assert np.all(np.diff(d) > 1.0)  # no 1.2/1.3 mm interleaving at the seam
+    assert result.parts["replaced_by_later_part"] == 1  # the first part's 72.5 mm slice gave way
+
+
+def test_tm_values() -> None:
+    assert tm_seconds("101502.5") == 10 * 3600 + 15 * 60 + 2.5
+    assert tm_seconds("10:15:02") == 36902
+    assert tm_seconds("") is None and tm_seconds("garbage") is None
+
+
+# --- kinds 1, 2 and 5 end to end on real DICOM --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def phantom() -> tuple[np.ndarray, dict]:
+    return dicomgen.chest_phantom(SHAPE)
+
+
+def _stored(hu: np.ndarray) -> np.ndarray:
+    return (hu + 1024).astype(np.int16)
+
+
+def _run(tmp_path: Path, datasets: list, name: str = "study.zip") -> tuple:
+    zip_path = dicomgen.write_zip(tmp_path / name, datasets, shuffle_seed=3)
+    return dicomgen.run_steps(zip_path, STEPS, tmp_path / "out")
+
+
+def _true_ml(truth: dict, pixel: float = PIXEL_MM) -> float:
+    return truth["lung_voxels"] * SLICE_MM * pixel**2 / 1000
+
+
+def test_two_acquisitions_sharing_a_position_are_one_volume(tmp_path: Path, phantom: tuple) -> None:
+    hu, truth = phantom
+    stored = _stored(hu)
+    study, series = generate_uid(), generate_uid()
+    feet = dicomgen.make_series(21, study_uid=study, series_uid=series, stored=stored[:21])
+    head = dicomgen.make_series(20, study_uid=study, series_uid=series, stored=stored[20:],
+                                origin=(0, 0, 20 * SLICE_MM))
+    for ds in feet:
+        ds.AcquisitionNumber = 2
+    for ds in head:
+        ds.AcquisitionNumber = 3
+    ctx, outcome = _run(tmp_path, feet + head)
+    assert outcome.status == "Success", outcome.error
+    volume = ctx.result["volume"]
+    assert volume["frames_used"] == 40 and volume["duplicates_dropped"] == 1
+    assert volume["parts_merged"]["merged_by"] == "AcquisitionNumber"
+    assert ctx.values["volume"].spacing_zyx[0] == pytest.approx(SLICE_MM)
+    assert np.array_equal(ctx.values["volume"].hu, hu.astype(np.int16))
+    assert ctx.result["lungs"]["volume_ml"] == pytest.approx(_true_ml(truth), rel=0.02)
+    assert any("already-used position" in w for w in ctx.warnings)
+
+
+def test_two_contrast_phases_offset_in_z_are_separated(tmp_path: Path, phantom: tuple) -> None:
+    hu, truth = phantom
+    study, series = generate_uid(), generate_uid()
+    enhanced = hu.copy()
+    enhanced[hu == 40.0] = 200.0
+    plain = dicomgen.make_series(40, study_uid=study, series_uid=series, stored=_stored(hu))
+    contrast = dicomgen.make_series(40, study_uid=study, series_uid=series, stored=_stored(enhanced),
+                                    origin=(0, 0, 1.2))
+    for ds in plain:
+        ds.AcquisitionNumber = 1
+    for ds in contrast:
+        ds.AcquisitionNumber = 2
+        ds.InstanceNumber += 40
+    ctx, outcome = _run(tmp_path, plain + contrast)
+    assert outcome.status == "Success", outcome.error
+    volume = ctx.values["volume"]
+    assert volume.hu.shape[0] == 40 and volume.spacing_zyx[0] == pytest.approx(SLICE_MM)
+    assert np.array_equal(volume.hu, hu.astype(np.int16))  # the first phase, all of it, nothing else
+    phases = ctx.result["volume"]["phases_split"]
+    assert phases["chosen"] == 1 and [p["frames"] for p in phases["phases"]] == [40, 40]
+    body = [p["mean_body_hu"] for p in phases["phases"]]
+    assert body[1] > body[0] + 100  # the enhanced pass is reported, and recognisably so
+    assert any("2 phases" in w for w in ctx.warnings)
+    assert ctx.result["lungs"]["volume_ml"] == pytest.approx(_true_ml(truth), rel=0.02)
+
+
+@pytest.mark.parametrize("foreign", ["scout", "rtstruct", "secondary capture", "coronal", "matrix", "spacing"])
+def test_foreign_instances_in_the_series_are_set_aside_and_counted(tmp_path: Path, phantom: tuple,
+                                                                   foreign: str) -> None:
+    hu, truth = phantom
+    study, series = generate_uid(), generate_uid()
+    axial = dicomgen.make_series(40, study_uid=study, series_uid=series, stored=_stored(hu))
+    if foreign == "scout":
+        extra = dicomgen.make_scout(study_uid=study)[0]
+        extra.SeriesInstanceUID = series
+        reason = "localizer/scout"
+    elif foreign == "rtstruct":
+        extra = dicomgen.make_rtstruct(study_uid=study, series_uid=series)
+        reason = "non-image object (RT Structure Set Storage)"
+    elif foreign == "secondary capture":
+        extra = dicomgen.make_secondary_capture(axial[0])
+        reason = "secondary capture"
+    else:
+        extra = copy.deepcopy(axial[5])
+        extra.SOPInstanceUID = extra.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        if foreign == "coronal":
+            extra.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+            reason = "other orientation (coronal)"
+        elif foreign == "matrix":
+            dicomgen._set_pixels(extra, np.zeros((32, 48), np.int16))
+            reason = "other matrix size (32x48)"
+        else:
+            extra.PixelSpacing = [0.9, 0.9]
+            reason = "other pixel spacing (0.9\\0.9 mm)"
+    # the foreign object first in the ZIP, so that it would be instances[0]
+    zip_path = dicomgen.write_zip(tmp_path / "study.zip", [extra, *axial])
+    ctx, outcome = dicomgen.run_steps(zip_path, STEPS, tmp_path / "out")
+    assert outcome.status == "Success", outcome.error
+    selection = ctx.result["series_selection"]
+    assert selection["set_aside"] == {reason: 1}
+    assert selection["series"][0]["modality"] == "CT" and selection["series"][0]["count"] == 40
+    assert ctx.values["volume"].hu.shape == SHAPE
+    assert ctx.result["lungs"]["volume_ml"] == pytest.approx(_true_ml(truth), rel=0.02)
+    assert any("set aside" in w and reason in w for w in ctx.warnings)
+
+
+def test_a_series_that_is_only_foreign_objects_is_rejected_in_words(tmp_path: Path, phantom: tuple) -> None:
+    hu, _ = phantom
+    study = generate_uid()
+    axial = dicomgen.make_series(40, study_uid=study, stored=_stored(hu))
+    rt = dicomgen.make_rtstruct(study_uid=study, series_uid=generate_uid())
+    zip_path = dicomgen.write_zip(tmp_path / "study.zip", [rt, *axial])
+    ctx, outcome = dicomgen.run_steps(zip_path, STEPS, tmp_path / "out")
+    assert outcome.status == "Success"
+    rows = {r["series_uid"]: r for r in ctx.result["series_selection"]["series"]}
+    assert "no image stack" in rows[rt.SeriesInstanceUID]["reason"]
+    assert "RT Structure Set" in rows[rt.SeriesInstanceUID]["reason"]
+
+
+@pytest.mark.parametrize("case", ["imager", "missing", "zero"])
+def test_pixel_spacing_is_never_invented(tmp_path: Path, phantom: tuple, case: str) -> None:
+    hu, truth = phantom
+    datasets = dicomgen.make_series(40, stored=_stored(hu), pixel_spacing=0.7)
+    for ds in datasets:
+        if case == "zero":
+            ds.PixelSpacing = [0, 0]
+        else:
+            del ds.PixelSpacing
+        if case == "imager":
+            ds.ImagerPixelSpacing = [0.7, 0.7]
+    ctx, outcome = _run(tmp_path, datasets)
+    volume = ctx.values["volume"]
+    if case == "imager":
+        assert volume.spacing_zyx == pytest.approx((SLICE_MM, 0.7, 0.7))
+        assert volume.spacing_unknown is None
+        assert ctx.result["volume"]["in_plane_spacing"]["source"].startswith("ImagerPixelSpacing")
+        assert any("ImagerPixelSpacing" in w for w in ctx.warnings)
+        assert ctx.result["lungs"]["volume_ml"] == pytest.approx(_true_ml(truth, 0.7), rel=0.02)
+    else:
+        assert volume.spacing_unknown and "pixel spacing unknown" in volume.spacing_unknown
+        assert np.isnan(volume.spacing_zyx[1]) and np.isnan(volume.spacing_zyx[2])
+        assert ctx.result["volume"]["spacing_zyx"][1:] == [None, None]
+        assert ctx.result["lungs"]["volume_ml"] is None
+        assert any("pixel spacing unknown" in w for w in ctx.warnings)
+        # orientation still known: previews keep radiological orientation
+        np.testing.assert_allclose(volume.row_cosines, [1, 0, 0])
+
+
+def test_unknown_slice_thickness_is_ranked_by_the_measured_step_and_called_unknown() -> None:
+    common = {"description": "", "modality": "CT", "image_type": ("ORIGINAL", "PRIMARY", "AXIAL"),
+              "orientations": 1, "tilt_from_axial_deg": 0.0, "matrix_sizes": ((512, 512),),
+              "pixel_spacings": ((0.7, 0.7),)}
+    unknown_thin = SeriesFacts(uid="1.1", number=3, image_count=300, slice_count=300, thickness_mm=None,
+                               coverage_mm=299.0, measured_step_mm=1.0, **common)
+    thick = SeriesFacts(uid="1.2", number=2, image_count=60, slice_count=60, thickness_mm=5.0,
+                        coverage_mm=295.0, measured_step_mm=5.0, **common)
+    verdicts = evaluate([thick, unknown_thin], SelectionRules())
+    assert verdicts[0].facts.uid == "1.1"
+    assert verdicts[0].row()["thickness_source"] == "measured step between positions"
+    unknown_thick = SeriesFacts(uid="1.3", number=4, image_count=60, slice_count=60, thickness_mm=None,
+                                coverage_mm=295.0, measured_step_mm=5.0, **common)
+    thin = SeriesFacts(uid="1.4", number=5, image_count=300, slice_count=300, thickness_mm=1.0,
+                       coverage_mm=299.0, measured_step_mm=1.0, **common)
+    verdicts = evaluate([unknown_thick, thin], SelectionRules())
+    assert verdicts[0].facts.uid == "1.4"
+    assert "unknown (SliceThickness missing; measured step 5 mm)" in verdicts[1].reason
+
+
+def test_phases_and_set_aside_images_reach_the_json_and_the_excel_row(tmp_path: Path, phantom: tuple) -> None:
+    import json
+
+    import openpyxl
+
+    from processor.outputs.excel import HEADERS, NOTES_HEADER
+    from tests.conftest import Project
+
+    hu, _ = phantom
+    study, series = generate_uid(), generate_uid()
+    plain = dicomgen.make_series(40, study_uid=study, series_uid=series, stored=_stored(hu))
+    contrast = dicomgen.make_series(40, study_uid=study, series_uid=series, stored=_stored(hu + 100),
+                                    origin=(0, 0, 1.2))
+    for n, ds in enumerate(plain + contrast):
+        ds.AcquisitionNumber = 1 if n < 40 else 2
+    scout = dicomgen.make_scout(study_uid=study)[0]
+    scout.SeriesInstanceUID = series
+    project = Project(tmp_path, STEPS)
+    zip_path = dicomgen.write_zip(tmp_path / "two-phases.zip", [scout, *plain, *contrast])
+    done = project.run("process", str(zip_path))
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(project.results()[0].read_text())
+    assert doc["series_selection"]["set_aside"] == {"localizer/scout": 1}
+    assert doc["volume"]["phases_split"]["chosen"] == 1 and doc["volume"]["frames_used"] == 40
+    assert project.run("report").returncode == 0
+    book = openpyxl.load_workbook(next((project.outbox / "reports").glob("*.xlsx")))
+    sheet = book.worksheets[0]
+    row = dict(zip(HEADERS, [c.value for c in sheet[2]], strict=True))
+    assert "2 phases" in row[NOTES_HEADER] and "localizer/scout: 1" in row[NOTES_HEADER]
