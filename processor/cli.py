@@ -14,10 +14,17 @@ from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from processor.config import Settings, default_config_path, load_settings
 from processor.errors import ConfigError, WeightsError
 from processor.fit.commands import FIT_COMMANDS, add_fit_parsers
+from processor.names import display_name, display_text
+
+if TYPE_CHECKING:
+    from processor.intake.register import Intake
+    from processor.state import State
+    from processor.worker import LocalExecutor
 
 log = logging.getLogger(__name__)
 
@@ -51,18 +58,28 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class OneLineFormatter(logging.Formatter):
+    """One log line per record whatever its arguments hold: a name with a newline, a control
+    character or bytes that are not UTF-8 is escaped (``\\n``, ``\\x1b``, ``\\xfc``), never split
+    across lines or refused by the log file. A traceback, when there is one, follows as usual."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 — logging's name
+        return display_text(super().formatMessage(record))
+
+
 def setup_logging(settings: Settings | None, level: str = "INFO") -> None:
     root = logging.getLogger()
     if root.handlers:  # configured already (tests, or a second call)
         return
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+    fmt = OneLineFormatter("%(asctime)s %(levelname)s %(name)s %(message)s")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(fmt)
     root.addHandler(handler)
     if settings is not None:
         settings.state.parent.mkdir(parents=True, exist_ok=True)
         file_handler = logging.handlers.RotatingFileHandler(
-            settings.state.parent / "ctwatch.log", maxBytes=20 * 2**20, backupCount=5, encoding="utf-8")
+            settings.state.parent / "ctwatch.log", maxBytes=20 * 2**20, backupCount=5, encoding="utf-8",
+            errors="backslashreplace")  # a traceback may still quote raw bytes of a name
         file_handler.setFormatter(fmt)
         root.addHandler(file_handler)
     root.setLevel(level)
@@ -109,6 +126,10 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_process(settings: Settings, args: argparse.Namespace) -> int:
+    """Each input in turn; one that fails in any way gets its line and the batch goes on.
+
+    Paths are printed as display names (bytes that are not UTF-8 as ``\\xNN``).
+    """
     from processor.daemon import build, log_paths
 
     components = build(settings)
@@ -117,32 +138,49 @@ def cmd_process(settings: Settings, args: argparse.Namespace) -> int:
     state = components.state
     code = EXIT_OK
     for path in args.paths:
-        if not path.exists():
-            print(f"{path}: not found", file=sys.stderr)
-            code = EXIT_FAILED
-            continue
-        aid = components.intake.accept_in_place(path)
-        arrival = state.arrival(aid)
-        if arrival["state"] == "duplicate":
-            for study in state.studies_for(arrival["duplicate_of"]):
-                print(f"{path}\t{study['study_uid']}\t{study['status']}\t{study['json_path']}\t"
-                      f"(duplicate of arrival {arrival['duplicate_of']})")
-            continue
-        claimed = state.claim(aid)
-        if claimed is None:
-            print(f"{path}: arrival {aid} was taken by a running daemon; see `status`", file=sys.stderr)
-            continue
-        final = executor.process_many([claimed])[0]
-        studies = state.studies_for(aid)
-        for study in studies:
-            print(f"{path}\t{study['study_uid']}\t{study['status']}\t{study['json_path']}")
-            if study["status"] == "Failure":
-                code = EXIT_FAILED
-        if final != "done":
-            print(f"{path}\t{final}\t{state.arrival(aid)['error']}", file=sys.stderr)
-            code = EXIT_FAILED
+        try:
+            ok = _process_one(path, components.intake, state, executor)
+        except Exception as exc:  # noqa: BLE001 — one bad input never stops the batch; logged once here
+            log.exception("process.input_failed path=%s", display_name(path))
+            reason = display_text(f"internal error: {type(exc).__name__}: {exc}")
+            print(f"{display_name(path)}\tfailed\t{reason}", file=sys.stderr)
+            ok = False
+        code = code if ok else EXIT_FAILED
     state.close()
     return code
+
+
+def _process_one(path: Path, intake: Intake, state: State, executor: LocalExecutor) -> bool:
+    """Register and run one input, printing its lines; False when it was rejected or failed."""
+    shown = display_name(path)
+    if not path.exists():
+        print(f"{shown}: not found", file=sys.stderr)
+        return False
+    aid = intake.accept_in_place(path)
+    if aid is None:
+        print(f"{shown}\trejected\tnot recorded; see the receipt in outbox/receipts", file=sys.stderr)
+        return False
+    arrival = state.arrival(aid)
+    if arrival["state"] == "duplicate":
+        for study in state.studies_for(arrival["duplicate_of"]):
+            print(f"{shown}\t{study['study_uid']}\t{study['status']}\t{study['json_path']}\t"
+                  f"(duplicate of arrival {arrival['duplicate_of']})")
+        return True
+    if arrival["state"] == "quarantined":
+        print(f"{shown}\tquarantined\t{display_text(arrival['error'] or '')}", file=sys.stderr)
+        return False
+    claimed = state.claim(aid)
+    if claimed is None:
+        print(f"{shown}: arrival {aid} was taken by a running daemon; see `status`", file=sys.stderr)
+        return True
+    final = executor.process_many([claimed])[0]
+    ok = final == "done"
+    for study in state.studies_for(aid):
+        print(f"{shown}\t{study['study_uid']}\t{study['status']}\t{study['json_path']}")
+        ok = ok and study["status"] != "Failure"
+    if final != "done":
+        print(f"{shown}\t{final}\t{display_text(state.arrival(aid)['error'] or '')}", file=sys.stderr)
+    return ok
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:

@@ -4,12 +4,18 @@ An arrival moves ``pending → running → done | failed | quarantined``; a seco
 bytes for the same pipeline name+version is recorded as ``duplicate`` pointing at the first.
 Each thread opens its own :class:`State` (SQLite connections are not shared between threads);
 the status server opens one with ``readonly=True``.
+
+Names are bytes (:mod:`processor.names`): an arrival's ``name`` is its display name (valid text,
+undecodable bytes as ``\\xNN``) and ``name_bytes`` the raw bytes in hex. ``original_path`` and
+``current_path`` are stored as text when they are valid UTF-8 and otherwise as a BLOB of their
+raw bytes; :meth:`State.arrival` gives both back as the ``str`` that ``os`` functions take.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -21,9 +27,12 @@ from typing import Any
 
 import sqlite_utils
 
+from processor.names import display_name, escape_surrogates, is_text, name_bytes_hex, raw_name
+
 log = logging.getLogger(__name__)
 
 ACTIVE_STATES = ("pending", "running")
+PATH_COLUMNS = ("original_path", "current_path")
 FINAL_STATES = ("done", "failed", "quarantined", "duplicate")
 
 
@@ -93,11 +102,17 @@ def _m4_caption_cache(db: sqlite_utils.Database) -> None:
                                not_null={"value"})
 
 
+def _m6_name_bytes(db: sqlite_utils.Database) -> None:
+    """The raw bytes of each arrival's name, in hex (names are bytes; ``name`` is for display)."""
+    db["arrivals"].add_column("name_bytes", str)
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("0001_initial", _m1_initial),
     ("0003_sources", _m3_sources),
     ("0004_caption_cache", _m4_caption_cache),
     ("0005_features", _m5_features),
+    ("0006_name_bytes", _m6_name_bytes),
 ]
 
 
@@ -159,18 +174,25 @@ class State:
     def register_arrival(self, *, kind: str, name: str, original_path: str, current_path: str,
                          sha256: str, size: int, pipeline_name: str, pipeline_version: int,
                          night: bool = False, source_name: str | None = None,
-                         source_url: str | None = None) -> Registered:
+                         source_url: str | None = None, name_bytes: str | None = None,
+                         refused: str | None = None) -> Registered:
         """Record an arrival; the same bytes for the same pipeline name+version become a duplicate.
 
         A copy of an arrival that *failed* is a fresh attempt, not a duplicate (users re-drop to retry).
+        ``name`` may be raw (a ``str`` with surrogate escapes): it is stored as its display name, and
+        its bytes as ``name_bytes`` unless given. ``refused`` records the arrival as quarantined at
+        once with that reason (an input that could not be taken in), so no worker ever claims it.
         """
-        row = {"kind": kind, "name": name, "original_path": original_path, "current_path": current_path,
+        row = {"kind": kind, "name": display_name(name), "name_bytes": name_bytes or name_bytes_hex(name),
+               "original_path": _stored_path(original_path), "current_path": _stored_path(current_path),
                "sha256": sha256, "size": size, "pipeline_name": pipeline_name,
                "pipeline_version": pipeline_version, "night": int(night), "attempts": 0,
                "source_name": source_name, "source_url": source_url, "created_at": utcnow()}
         with self.transaction():
-            first = self._first_copy(sha256, pipeline_name, pipeline_version)
-            if first is not None:
+            first = None if refused else self._first_copy(sha256, pipeline_name, pipeline_version)
+            if refused:
+                row.update(state="quarantined", error=escape_surrogates(refused), finished_at=utcnow())
+            elif first is not None:
                 row.update(state="duplicate", duplicate_of=first, finished_at=utcnow())
             else:
                 row.update(state="pending")
@@ -192,7 +214,7 @@ class State:
 
     def active_paths(self) -> set[str]:
         """Current paths of arrivals not yet finished (the watcher must not register them again)."""
-        return {row["current_path"] for row in self.db.query(
+        return {os.fsdecode(row["current_path"]) for row in self.db.query(
             "select current_path from arrivals where state in ('pending', 'running') "
             "and current_path is not null")}
 
@@ -244,7 +266,9 @@ class State:
         self._set(arrival_id, **fields)
 
     def _set(self, arrival_id: int, **fields: Any) -> None:
-        self.db["arrivals"].update(arrival_id, fields)
+        stored = {key: _stored_path(value) if key in PATH_COLUMNS else _storable(value)
+                  for key, value in fields.items()}
+        self.db["arrivals"].update(arrival_id, stored)
 
     def requeue(self, arrival_id: int) -> bool:
         cur = self.db.execute("update arrivals set state = 'pending', attempts = 0, error = null "
@@ -257,11 +281,12 @@ class State:
         return cur.rowcount
 
     def arrival(self, arrival_id: int) -> dict[str, Any]:
-        return dict(self.db["arrivals"].get(arrival_id))
+        return _loaded_arrival(dict(self.db["arrivals"].get(arrival_id)))
 
     def arrivals(self, *, limit: int = 10, state: str | None = None) -> list[dict[str, Any]]:
         where, args = ("where state = ?", [state]) if state else ("", [])
-        return list(self.db.query(f"select * from arrivals {where} order by id desc limit ?", [*args, limit]))
+        return [_loaded_arrival(row) for row in self.db.query(
+            f"select * from arrivals {where} order by id desc limit ?", [*args, limit])]
 
     def counts_by_state(self) -> dict[str, int]:
         return {row["state"]: row["n"] for row in self.db.query(
@@ -277,6 +302,7 @@ class State:
                      steps: list[dict[str, Any]]) -> None:
         """Store one study's outcome and its step runs; a re-run of the same arrival replaces them."""
         document = fields.pop("result", None)
+        fields = {key: _storable(value) for key, value in fields.items()}
         row = {"arrival_id": arrival_id, "study_uid": study_uid, "finished_at": utcnow(), **fields,
                "result_json": json.dumps(document, default=str) if document is not None else None}
         with self.transaction():
@@ -524,6 +550,29 @@ class State:
     def content_cache(path: Path) -> ContentCacheStore:
         """The ``get``/``put`` content cache that steps use (``StepEnv.content_cache``), on this database."""
         return ContentCacheStore(path)
+
+
+def _stored_path(path: str | None) -> str | bytes | None:
+    """A path as SQLite keeps it: text when valid UTF-8, else a BLOB of its raw bytes."""
+    if path is None or is_text(path):
+        return path
+    return raw_name(path)
+
+
+def _loaded_path(value: str | bytes | None) -> str | None:
+    """A path column back as the ``str`` that ``os`` functions take (surrogate escapes for raw bytes)."""
+    return os.fsdecode(value) if isinstance(value, bytes) else value
+
+
+def _loaded_arrival(row: dict[str, Any]) -> dict[str, Any]:
+    for column in PATH_COLUMNS:
+        row[column] = _loaded_path(row.get(column))
+    return row
+
+
+def _storable(value: Any) -> Any:
+    """Text that SQLite takes: surrogate escapes (bytes of a name) shown as ``\\xNN``."""
+    return escape_surrogates(value) if isinstance(value, str) else value
 
 
 class ContentCacheStore:

@@ -34,10 +34,15 @@ from pathlib import Path, PurePosixPath
 from typing import IO
 
 from processor.errors import IngestError
+from processor.intake.zipnames import member_raw_name, member_text, open_zip
+from processor.names import display_name, display_text, raw_name
 
 log = logging.getLogger(__name__)
 
 ZIP_MAGIC = b"PK\x03\x04"
+# What zipfile raises for a damaged archive (a bad name encoding is a ValueError; see zipnames).
+ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError,
+              struct.error)
 EMPTY_ZIP_MAGIC = b"PK\x05\x06"
 
 
@@ -62,6 +67,10 @@ class Member:
 
     ``viewer``, when given, returns the member's bytes without copying them (a ``memoryview`` of a
     memory map); ``crc`` is the CRC-32 the ZIP recorded for them (None for files on disk).
+
+    ``name`` is always valid text for logs and JSON (:func:`processor.names.display_name`: bytes that
+    do not decode shown as ``\\xNN``); ``raw_name`` is the name's bytes as the ZIP or the
+    filesystem holds them (empty for members built from bytes in memory).
     """
 
     name: str
@@ -70,6 +79,7 @@ class Member:
     opener: Callable[[], IO[bytes]] | None = field(default=None, repr=False, compare=False)
     viewer: Callable[[], memoryview] | None = field(default=None, repr=False, compare=False)
     crc: int | None = field(default=None, repr=False, compare=False)
+    raw_name: bytes = field(default=b"", repr=False, compare=False)
 
     def read(self) -> bytes:
         return self.reader()
@@ -161,8 +171,9 @@ def _check_zip(zf: zipfile.ZipFile, label: str, budget: _Budget) -> list[tuple[z
     """Vet every entry of an open ZIP; returns (info, safe name) of the files in it."""
     files = []
     for info in zf.infolist():
-        where = f"{label}: member {info.filename!r}"
-        name = safe_member_name(info.filename)
+        text = member_text(info)
+        where = f"{label}: member '{display_text(text)}'"
+        name = safe_member_name(text)
         if name is None:
             raise IngestError(f"{where} has an absolute or '..' path (zip-slip); "
                               "the archive was refused — re-export it without such paths")
@@ -261,15 +272,16 @@ def _read_zip(zf: zipfile.ZipFile, label: str, budget: _Budget, contents: Conten
                 continue
             try:
                 inner_bytes = zf.read(info)
-                inner = stack.enter_context(zipfile.ZipFile(io.BytesIO(inner_bytes)))
-            except zipfile.BadZipFile:
+                inner = stack.enter_context(open_zip(io.BytesIO(inner_bytes)))
+            except ZIP_ERRORS:
                 contents.skipped["corrupt nested ZIP"] += 1
                 continue
-            _read_zip(inner, f"{label}!{name}", budget, contents, stack, depth + 1, inner_bytes)
+            _read_zip(inner, f"{label}!{display_text(name)}", budget, contents, stack, depth + 1, inner_bytes)
             continue
         prefix = "" if depth == 0 else label.split("!", 1)[1] + "!"
-        contents.members.append(Member(prefix + name, info.file_size, _zip_reader(zf, info),
-                                       _zip_opener(zf, info), _stored_viewer(buffer, info), info.CRC))
+        contents.members.append(Member(prefix + display_text(name), info.file_size, _zip_reader(zf, info),
+                                       _zip_opener(zf, info), _stored_viewer(buffer, info), info.CRC,
+                                       member_raw_name(info)))
 
 
 def _file_reader(path: Path) -> Callable[[], bytes]:
@@ -300,9 +312,10 @@ def _read_folder(root: Path, budget: _Budget, contents: Contents, mappable: bool
         if not path.is_file():
             continue
         size = path.stat().st_size
-        budget.take(str(root), size)
-        contents.members.append(Member(path.relative_to(root).as_posix(), size, _file_reader(path),
-                                       _file_opener(path), _file_viewer(path, mappable)))
+        budget.take(display_name(root), size)
+        relative = path.relative_to(root).as_posix()
+        contents.members.append(Member(display_name(relative), size, _file_reader(path), _file_opener(path),
+                                       _file_viewer(path, mappable), raw_name=raw_name(relative)))
 
 
 @contextmanager
@@ -315,20 +328,22 @@ def open_arrival(path: Path, limits: Limits) -> Iterator[Contents]:
         if path.is_dir():
             _read_folder(path, budget, contents, mappable)
         elif is_zip_path(path):
+            label = display_name(path.name)
             try:
-                zf = stack.enter_context(zipfile.ZipFile(path))
-            except (zipfile.BadZipFile, OSError) as exc:
-                raise IngestError(f"{path.name}: the ZIP cannot be read ({exc}); it is truncated or "
-                                  "corrupt — copy it again from the source") from exc
+                zf = stack.enter_context(open_zip(path))
+            except ZIP_ERRORS as exc:
+                raise IngestError(f"{label}: the ZIP cannot be read ({display_text(str(exc))}); it is "
+                                  "truncated or corrupt — copy it again from the source") from exc
             mapped = _mapped(path) if mappable else None
             if mapped is not None:
                 stack.callback(_close_map, mapped)
-            _read_zip(zf, path.name, budget, contents, stack, depth=0, buffer=mapped)
+            _read_zip(zf, label, budget, contents, stack, depth=0, buffer=mapped)
         else:
             size = path.stat().st_size
-            budget.take(path.name, size)
-            contents.members.append(Member(path.name, size, _file_reader(path), _file_opener(path),
-                                           _file_viewer(path, mappable)))
+            budget.take(display_name(path.name), size)
+            contents.members.append(Member(display_name(path.name), size, _file_reader(path),
+                                           _file_opener(path), _file_viewer(path, mappable),
+                                           raw_name=raw_name(path.name)))
         yield contents
 
 
@@ -343,8 +358,8 @@ def _close_map(mapped: mmap.mmap) -> None:
 def zip_central_directory_reads(path: Path) -> bool:
     """True when the file's ZIP central directory can be read (the copy is complete)."""
     try:
-        with zipfile.ZipFile(path) as zf:
+        with open_zip(path) as zf:
             zf.infolist()
         return True
-    except (zipfile.BadZipFile, OSError, EOFError):
+    except ZIP_ERRORS:
         return False

@@ -3,6 +3,10 @@
 ``<inbox>/.ctwatch/work/`` while it is processed, then ``.ctwatch/done/<date>/`` or
 ``.ctwatch/quarantine/`` (with ``<name>.error.txt`` saying why). Every move is a rename on the
 same filesystem; nothing a user dropped is ever deleted by this module.
+
+Names in those folders are display names (:func:`processor.names.display_name`: valid text, bytes
+that are not UTF-8 shown as ``\\xNN``), shortened to fit the filesystem's 255-byte limit; the
+original bytes of a name stay in SQLite and the receipt (``name_bytes``).
 """
 
 from __future__ import annotations
@@ -14,8 +18,11 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
+from processor.names import display_name, escape_surrogates, raw_name
+
 log = logging.getLogger(__name__)
 
+NAME_MAX_BYTES = 255  # longest file name (in bytes) on ext4, XFS, NTFS (UTF-16 units), SMB
 TEMP_SUFFIXES = (".part", ".tmp", ".crdownload", ".partial", ".download", ".filepart", ".!ut")
 CONTROL_DIR = ".ctwatch"
 
@@ -27,12 +34,13 @@ def is_temporary_name(name: str) -> bool:
 
 
 def sha256_of(path: Path) -> tuple[str, int]:
-    """Content hash and byte size of a file, or of a folder (relative names and bytes, sorted)."""
+    """Content hash (hex) and size in bytes of a file, or of a folder (each file's relative name as
+    raw bytes, a NUL, its bytes; in sorted order). ``OSError`` when something cannot be read."""
     digest = hashlib.sha256()
     size = 0
     if path.is_dir():
         for child in sorted(p for p in path.rglob("*") if p.is_file() and not p.is_symlink()):
-            digest.update(child.relative_to(path).as_posix().encode() + b"\x00")
+            digest.update(raw_name(child.relative_to(path).as_posix()) + b"\x00")
             size += _feed(digest, child)
     else:
         size = _feed(digest, path)
@@ -75,15 +83,34 @@ class InboxLayout:
 
 
 def work_name(arrival_id: int, name: str) -> str:
-    return f"a{arrival_id}-{name}"
+    """``a<id>-<name>``: the input's name in the work folder (``name``: its display name)."""
+    return fit_name(f"a{arrival_id}-{display_name(name)}")
+
+
+def fit_name(name: str, spare: int = 0) -> str:
+    """``name`` cut (before its extension) to fit ``NAME_MAX_BYTES - spare`` bytes of UTF-8."""
+    limit = NAME_MAX_BYTES - spare
+    if len(name.encode("utf-8")) <= limit:
+        return name
+    stem, dot, suffix = name.rpartition(".")
+    if not dot or not stem or len(suffix) > 16:
+        stem, suffix = name, ""
+    suffix = f".{suffix}" if suffix else ""
+    room = limit - len(suffix.encode("utf-8"))
+    return stem.encode("utf-8")[:room].decode("utf-8", "ignore") + suffix
 
 
 def free_path(folder: Path, name: str, arrival_id: int) -> Path:
-    """``folder/name`` if free, else ``folder/<stem>.a<id><suffix>`` (then a counter)."""
+    """``folder/name`` if free, else ``folder/<stem>.a<id><suffix>`` (then a counter).
+
+    ``name`` is shown as its display name and cut to leave room for ``.error.txt`` beside it.
+    """
+    name = fit_name(display_name(name), spare=len(".error.txt"))
     candidate = folder / name
     if not candidate.exists() and not candidate.is_symlink():
         return candidate
     stem, suffix = (name.rsplit(".", 1)[0], "." + name.rsplit(".", 1)[1]) if "." in name else (name, "")
+    stem = fit_name(stem, spare=len(suffix) + len(f".a{arrival_id}-99.error.txt"))
     candidate = folder / f"{stem}.a{arrival_id}{suffix}"
     counter = 1
     while candidate.exists():
@@ -104,10 +131,10 @@ def _refuse(dest: Path) -> None:
 
 
 def write_error_note(target: Path, reason: str) -> Path:
-    """``<name>.error.txt`` beside a quarantined input, in plain words."""
+    """``<name>.error.txt`` beside a quarantined input, in plain words (UTF-8). ``OSError`` if unwritable."""
     note = target.with_name(target.name + ".error.txt")
     note.write_text(
-        f"ctwatch could not process {target.name}.\n\nReason: {reason}\n\n"
+        f"ctwatch could not process {display_name(target.name)}.\n\nReason: {escape_surrogates(reason)}\n\n"
         "The file is kept here unchanged. Fix the cause, then copy it into the inbox again "
         "(or run `python run.py requeue <arrival id>`).\n", encoding="utf-8")
     return note

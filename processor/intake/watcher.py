@@ -6,11 +6,15 @@ what arrived while the daemon was stopped. An entry is stable when its size and 
 changed for ``stable_seconds``, and — for a ZIP — its central directory reads. A ZIP that stays
 unreadable while unchanged for three stable periods is handed over anyway, to be rejected with
 its reason rather than wait forever.
+
+An entry is handed over once: if it is still in the inbox afterwards (the intake could not move
+it), or the hand-over raised (logged once), it is set aside and left alone until it changes.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -22,6 +26,7 @@ from watchdog.observers import Observer
 
 from processor.intake.archive import is_zip_path, zip_central_directory_reads
 from processor.intake.inbox import CONTROL_DIR, is_temporary_name
+from processor.names import display_name
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +34,9 @@ Signature = tuple[int, int, float]
 
 
 def signature(path: Path) -> Signature | None:
-    """(file count, total bytes, newest mtime) of a file or folder; None while it holds temp names."""
+    """(file count, total bytes, newest mtime) of a file or folder; None while it holds temp names
+    or is gone. A folder that cannot be listed gives its own size and mtime (count -1), so it still
+    becomes stable and is handed over, to be rejected with the reason."""
     try:
         if path.is_dir():
             count, total, newest = 0, 0, path.stat().st_mtime
@@ -44,6 +51,24 @@ def signature(path: Path) -> Signature | None:
         return (1, st.st_size, st.st_mtime)
     except FileNotFoundError:
         return None
+    except OSError:
+        return _own_signature(path)
+
+
+def _own_signature(path: Path) -> Signature | None:
+    try:
+        st = path.lstat()
+    except OSError:
+        return None
+    return (-1, st.st_size, st.st_mtime)
+
+
+def is_special(path: Path) -> bool:
+    """A FIFO, socket or device: never an arrival (reading a FIFO would block the watcher)."""
+    try:
+        return not (path.is_file() or path.is_dir())
+    except OSError:
+        return False
 
 
 @dataclass
@@ -58,6 +83,7 @@ class StabilityTracker:
     def __init__(self, stable_seconds: float) -> None:
         self.stable_seconds = stable_seconds
         self._seen: dict[Path, _Seen] = {}
+        self._set_aside: dict[Path, Signature] = {}
 
     def stable(self, path: Path, sig: Signature, now: float) -> float | None:
         """Seconds the entry has been unchanged once past the threshold, else None."""
@@ -71,12 +97,26 @@ class StabilityTracker:
     def forget(self, path: Path) -> None:
         self._seen.pop(path, None)
 
+    def set_aside(self, path: Path, sig: Signature) -> None:
+        """Leave an entry alone until its signature changes (its hand-over failed, or it is still
+        in the inbox after it: the intake could not move it, and has written its receipt)."""
+        self._set_aside[path] = sig
+
+    def is_set_aside(self, path: Path, sig: Signature) -> bool:
+        if path in self._set_aside and self._set_aside[path] != sig:
+            del self._set_aside[path]
+        return path in self._set_aside
+
     def prune(self, present: set[Path]) -> None:
         for path in list(self._seen):
             if path not in present:
                 del self._seen[path]
+        for path in list(self._set_aside):
+            if path not in present:
+                del self._set_aside[path]
 
     def pending(self) -> int:
+        """Entries seen but not yet stable (set-aside entries are not waited on)."""
         return len(self._seen)
 
 
@@ -112,7 +152,7 @@ class InboxWatcher:
                     continue
                 if entry.resolve() in night_set and not night:
                     continue
-                if entry.is_symlink():
+                if entry.is_symlink() or is_special(entry):
                     continue
                 out.append((entry, night))
         return out
@@ -125,26 +165,33 @@ class InboxWatcher:
         for path, night in self.candidates():
             present.add(path)
             sig = signature(path)
-            if sig is None or (sig[0] == 0 and path.is_dir()):
+            if sig is None or (sig[0] == 0 and path.is_dir()) or self.tracker.is_set_aside(path, sig):
                 continue
-            quiet = self.tracker.stable(path, sig, now)
-            if quiet is None:
-                continue
-            if path.is_file() and is_zip_path(path) and not zip_central_directory_reads(path):
-                if quiet < 3 * max(self.tracker.stable_seconds, 1.0):
-                    log.debug("watch.zip_unreadable path=%s quiet=%.1f", path, quiet)
-                    continue
-                log.warning("watch.zip_unreadable_handover path=%s quiet=%.1f", path, quiet)
-            self.tracker.forget(path)
             try:
-                self.on_stable(path, night)
-            except Exception:  # one bad entry must not stop the watcher; it is logged once here
-                log.exception("watch.handover_failed path=%s", path)
-                continue
-            handed.append(path)
+                if self._ready(path, sig, now):
+                    self.on_stable(path, night)
+                    handed.append(path)
+                    if os.path.lexists(path):  # not taken out of the inbox: leave it until it changes
+                        self.tracker.set_aside(path, sig)
+            except Exception:  # one bad entry must not stop the watcher; logged once, then set aside
+                log.exception("watch.handover_failed path=%s: left alone until it changes", display_name(path))
+                self.tracker.set_aside(path, sig)
         self.tracker.prune(present)
         self.last_scan = time.time()
         return handed
+
+    def _ready(self, path: Path, sig: Signature, now: float) -> bool:
+        """Whether the entry is stable (and, for a ZIP, readable or unreadable for long enough)."""
+        quiet = self.tracker.stable(path, sig, now)
+        if quiet is None:
+            return False
+        if path.is_file() and _incomplete_zip(path):
+            if quiet < 3 * max(self.tracker.stable_seconds, 1.0):
+                log.debug("watch.zip_unreadable path=%s quiet=%.1f", display_name(path), quiet)
+                return False
+            log.warning("watch.zip_unreadable_handover path=%s quiet=%.1f", display_name(path), quiet)
+        self.tracker.forget(path)
+        return True
 
     # ------------------------------------------------------------------ thread
     def start(self) -> None:
@@ -185,6 +232,15 @@ class InboxWatcher:
 
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+
+def _incomplete_zip(path: Path) -> bool:
+    """A ZIP whose central directory does not read (yet). A file that cannot be opened at all is
+    not waited for: the intake rejects it with the reason."""
+    try:
+        return is_zip_path(path) and not zip_central_directory_reads(path)
+    except OSError:
+        return False
 
 
 class _WakeHandler(FileSystemEventHandler):

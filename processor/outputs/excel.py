@@ -26,6 +26,8 @@ from openpyxl.styles import Alignment, Font, PatternFill
 from openpyxl.utils import get_column_letter
 from openpyxl.worksheet.worksheet import Worksheet
 
+from processor.names import display_name
+
 log = logging.getLogger(__name__)
 
 CAPTION_HEADER = "Caption (auto-generated, not a diagnosis)"
@@ -36,6 +38,9 @@ FAILED_STATUSES = ("Failure", "Failed", "Rejected")
 
 DATETIME_FORMAT = "yyyy-mm-dd hh:mm:ss"
 PROBABILITY_FORMAT = "0.000"
+
+NOTES_HEADER = "Notes"  # the study's warnings in plain words: set-aside images, phases, fallbacks, gaps, lung flags
+NOTE_SEPARATOR = "\n• "
 
 # (header, width, number format or None)
 STUDY_COLUMNS: list[tuple[str, float, str | None]] = [
@@ -63,6 +68,7 @@ STUDY_COLUMNS: list[tuple[str, float, str | None]] = [
     ("%LAA-950", 9, "0.0"),
     (CAPTION_HEADER, 60, None),
     ("Processing time (s)", 11, "0.0"),
+    (NOTES_HEADER, 60, None),
     ("Error", 50, None),
     ("JSON", 14, None),
 ]
@@ -125,6 +131,13 @@ def _caption(result: dict[str, Any]) -> str | None:
     return " | ".join(t for t in texts if t) or None
 
 
+def notes(result: dict[str, Any]) -> str | None:
+    """The study's warnings as one cell: a bullet per warning, in the order they arose."""
+    warnings = result.get("warnings")
+    texts = [str(w).strip() for w in warnings if str(w).strip()] if isinstance(warnings, list) else []
+    return ("• " + NOTE_SEPARATOR.join(texts)) if texts else None
+
+
 def _section(result: dict[str, Any], key: str) -> dict[str, Any]:
     value = result.get(key)
     return value if isinstance(value, dict) else {}
@@ -148,7 +161,7 @@ def study_row(row: dict[str, Any], reports_dir: Path) -> dict[str, Any]:
     out: dict[str, Any] = {
         "Received": _local(row.get("received_at")),
         "Finished": _local(row.get("finished_at")),
-        "Source file": row.get("source_file"),
+        "Source file": _shown_name(row.get("source_file")),
         "Source": source_label(row),
         "Arrival": row.get("arrival_id"),
         "Study UID": row.get("study_uid"),
@@ -165,6 +178,7 @@ def study_row(row: dict[str, Any], reports_dir: Path) -> dict[str, Any]:
         "%LAA-950": _number(lungs.get("laa950_percent")),
         CAPTION_HEADER: _caption(result),
         "Processing time (s)": _number(row.get("seconds")),
+        NOTES_HEADER: notes(result),
         "Error": row.get("error"),
         "JSON": _relative_link(row.get("json_path"), reports_dir),
     }
@@ -188,12 +202,18 @@ def rejection_row(row: dict[str, Any]) -> dict[str, Any]:
     claimed, finished = _local(row.get("claimed_at")), _local(row.get("finished_at"))
     out.update({
         "Received": _local(row.get("received_at")), "Finished": finished,
-        "Source file": row.get("source_file"), "Source": source_label(row), "Arrival": row.get("arrival_id"),
+        "Source file": _shown_name(row.get("source_file")), "Source": source_label(row),
+        "Arrival": row.get("arrival_id"),
         "Status": "Rejected" if row.get("state") == "quarantined" else "Failed",
         "Error": row.get("error"),
         "Processing time (s)": (finished - claimed).total_seconds() if claimed and finished else None,
     })
     return out
+
+
+def _shown_name(name: str | None) -> str | None:
+    """A file name as a cell can hold it: undecodable bytes and control characters escaped."""
+    return display_name(name) if name is not None else None
 
 
 def _relative_link(json_path: str | None, reports_dir: Path) -> str | None:
@@ -261,6 +281,9 @@ def _style_studies(ws: Worksheet, rows: list[dict[str, Any]]) -> None:
         if fill is not None:
             for col in range(1, len(STUDY_COLUMNS) + 1):
                 ws.cell(row=r, column=col).fill = fill
+        if row.get(NOTES_HEADER):
+            ws.cell(row=r, column=HEADERS.index(NOTES_HEADER) + 1).alignment = Alignment(
+                vertical="top", wrap_text=True)
         link = row.get("JSON")
         if link:
             cell = ws.cell(row=r, column=json_col)
