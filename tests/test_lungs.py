@@ -82,8 +82,10 @@ def test_real_ct_small_series_gives_plausible_densities_and_honest_flags(tmp_pat
     assert 0 <= lungs["laa950_percent"] < 10
     assert 50 < lungs["volume_ml"] < 500
     assert lungs["plausible"] is False
-    assert set(lungs["flags"]) == {"volume_below_min", "lungs_cut_at_first_slice", "lungs_cut_at_last_slice"}
-    assert any("implausible lung mask" in w for w in ctx.warnings)
+    assert set(lungs["flags"]) == {"volume_below_min", "lungs_cut_at_first_slice", "lungs_cut_at_last_slice",
+                                   "lungs_cut_in_plane"}  # the lungs reach the top, left and right edges
+    assert "top, left and right edges of the image on 30 of 30 lung slices" in lungs["summary"]
+    assert any("lung numbers partial or not plausible" in w for w in ctx.warnings)
 
 
 def test_int16_and_float32_volumes_give_the_same_mask_and_metrics() -> None:

@@ -1,29 +1,48 @@
-"""Weight-free quantitative lung CT: a classic threshold lung mask and the standard density metrics.
+"""Weight-free quantitative lung CT: a classic threshold lung mask inside a body mask, and the
+standard density metrics.
 
 Mask (no model, scipy.ndimage only):
 
-1. air = voxels below ``threshold_hu`` (−320 HU);
-2. air components touching the in-plane border of the volume (the air around the patient) are
-   removed — the top and bottom slices do not count as border, so lungs (and the trachea) cut by
-   the scan range stay. A border-touching component whose mean density is above
-   ``outside_air_max_hu`` (−970 HU) looks like lung parenchyma, not room air, and is kept: that
-   is what a field of view tighter than the chest (lungs cut at the image edge) looks like;
-3. the largest component is kept, and further ones (the other lung when the airways do not join
+1. body: per slice, the body mask of :mod:`processor.dicom.body` — pixels above
+   ``body_threshold_hu`` (−500 HU) on a grid of about ``body_grid_px`` (128) rows and columns,
+   opened in-plane by ``body_opening_px`` grid pixels, the largest in-plane component kept. The
+   body's *interior* in that slice is the convex hull of that component (a polygon of 32
+   directions), so a body cut by the image edge still encloses its lungs;
+2. air = voxels below ``threshold_hu`` (−320 HU), 3-D components; pixels below
+   ``not_measured_below_hu`` (−1500 HU: the padding outside a circular reconstruction field) are
+   not data and count as the edge of the image;
+3. an air component open to the in-plane image edge (or to that padding) is outside air unless at
+   least ``cut_lung_min_inside`` (10 %) of it lies well inside the body's interior (at least
+   ``cut_lung_depth_px`` grid pixels in from the hull's outline): the body wraps around a lung cut
+   by the field of view, while outside air lies beyond the body's convex outline — whatever its
+   density (the table and partial volume lift tight-field outside air to about −930 HU, as dense
+   as emphysematous lung). Such a cut lung is kept whole and flagged ``lungs_cut_in_plane``. Air
+   not open to the edge counts only inside the body's interior (a table's hollow core goes);
+4. the largest component is kept, and further ones (the other lung when the airways do not join
    them) up to ``max_components`` while each is at least ``min_component_ratio`` of the largest
-   — small bowel gas and noise go;
-4. holes are filled slice by slice, so vessels and nodules inside the lungs count as lung.
+   — small bowel gas, outside-air pockets in body folds and noise go;
+5. holes are filled slice by slice, so vessels and nodules inside the lungs count as lung.
 
-Metrics: lung volume (mL), %LAA-950 (share of mask voxels below −950 HU), mean lung density (HU).
-The airways are not separated from the lungs (a known, small bias of the classic method).
+Metrics: lung volume (mL) — each slice's mask area times its true slab thickness along the slice
+normal (interior slab (d[k+1] − d[k−1]) / 2, end slabs the neighbouring step; the median step on a
+regular grid) times the pixel area; withheld (``None``, flag ``spacing_unknown``) when the pixel
+spacing is unknown; %LAA-950 (share of lung volume below −950 HU) and mean lung density (HU),
+each slice weighted by its slab. Missing slices inside the lungs (a step over ``gap_factor`` ×
+the median) are flagged ``gap_in_lungs``. The airways are not separated from the lungs (a known,
+small bias of the classic method).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
+
+from processor.dicom.body import IN_PLANE, BodySettings, body_polygon, polygon_spans
+from processor.dicom.volume import GAP_FACTOR
 
 log = logging.getLogger(__name__)
 
@@ -32,17 +51,27 @@ log = logging.getLogger(__name__)
 class LungSettings:
     threshold_hu: float = -320.0
     laa_threshold_hu: float = -950.0
-    outside_air_max_hu: float = -970.0
+    body_threshold_hu: float = BodySettings.threshold_hu  # the body mask's settings (processor.dicom.body)
+    not_measured_below_hu: float = -1500.0  # padding outside the reconstruction circle (−2000, −3024 …)
+    cut_lung_min_inside: float = 0.1  # share well inside the body's hull making edge-open air a cut lung
+    cut_lung_depth_px: float = 2.0  # "well inside": this many body-grid pixels in from the hull's outline
+    body_grid_px: int = BodySettings.grid_px
+    body_opening_px: int = BodySettings.opening_px
     max_components: int = 2
     min_component_ratio: float = 0.1
     min_volume_ml: float = 500.0
     max_volume_ml: float = 12_000.0
     cut_area_ratio: float = 0.05  # mask area in an end slice, relative to the largest slice, that means "cut"
+    gap_factor: float = GAP_FACTOR  # a slice step this many times the median is a gap (Volume.gap_after)
+
+    @property
+    def body(self) -> BodySettings:
+        return BodySettings(self.body_threshold_hu, self.body_grid_px, self.body_opening_px)
 
 
 @dataclass
 class LungMetrics:
-    volume_ml: float
+    volume_ml: float | None
     laa950_percent: float | None
     mean_lung_density_hu: float | None
     flags: list[str] = field(default_factory=list)
@@ -52,52 +81,70 @@ class LungMetrics:
     def plausible(self) -> bool:
         return not self.flags
 
+    @property
+    def summary(self) -> str:
+        if self.plausible:
+            return "The lungs were found whole: lung volume, %LAA-950 and mean lung density can be used."
+        return "Use the lung numbers with care: " + " ".join(n[0].upper() + n[1:] + "." for n in self.notes)
+
     def as_dict(self) -> dict:
         return {"volume_ml": self.volume_ml, "laa950_percent": self.laa950_percent,
                 "mean_lung_density_hu": self.mean_lung_density_hu, "plausible": self.plausible,
-                "flags": list(self.flags), "notes": list(self.notes)}
+                "flags": list(self.flags), "notes": list(self.notes), "summary": self.summary}
 
 
-_IN_PLANE = np.zeros((3, 3, 3), bool)
-_IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
 _CHUNK_VOXELS = 1 << 17  # voxels per step of the label statistics: small enough to stay in cache
 
 
-def _border_labels(labels: np.ndarray) -> np.ndarray:
-    """Component ids touching the in-plane border of the volume."""
-    faces = np.concatenate([labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]], axis=None)
-    return np.unique(faces[faces > 0])
+def _inside(left: np.ndarray, right: np.ndarray, nx: int) -> np.ndarray:
+    cols = np.arange(nx, dtype=left.dtype)
+    return (cols >= left[..., None]) & (cols <= right[..., None])
 
 
-def _label_stats(labels: np.ndarray, count: int, air: np.ndarray, hu: np.ndarray,
-                 ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Voxel count of every component, the HU sum of components ``ids``, and the slices each spans.
+def _next_to(mask: np.ndarray) -> np.ndarray:
+    """Pixels with an in-plane 4-neighbour in ``mask``."""
+    near = np.zeros(mask.shape, bool)
+    near[:, 1:] |= mask[:, :-1]
+    near[:, :-1] |= mask[:, 1:]
+    near[:, :, 1:] |= mask[:, :, :-1]
+    near[:, :, :-1] |= mask[:, :, 1:]
+    return near
 
-    One pass over whole slices, a few at a time, so the temporaries stay in cache. The sums are
-    accumulated in float64 in voxel order, each step's running sum entering its bin first, so they
-    are bit for bit those of one ``np.bincount`` over the volume (what ``ndimage.mean`` computes).
-    The slice span is per step (a superset): ``first`` inclusive, ``last`` exclusive.
-    """
-    nz, n = labels.shape[0], count + 1
+
+def _edge_labels(labels: np.ndarray, pad: np.ndarray | None) -> np.ndarray:
+    """Component ids open to the in-plane image edge, or next to not-measured padding pixels."""
+    faces = [labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]]
+    if pad is not None:
+        faces.append(labels[_next_to(pad)])
+    ids = np.concatenate([np.ravel(face) for face in faces])
+    return np.unique(ids[ids > 0])
+
+
+def _label_stats(labels: np.ndarray, count: int, air: np.ndarray, hull: tuple[np.ndarray, np.ndarray],
+                 deep: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, ...]:
+    """Voxel count of every component, its counts inside the body's interior (``hull`` spans) and
+    well inside it (``deep`` spans, a subset), and the slices each spans — one pass over whole
+    slices, a few at a time, so the temporaries stay in cache. The slice span is per step (a
+    superset): ``first`` inclusive, ``last`` exclusive."""
+    nz, n, nx = labels.shape[0], count + 1, labels.shape[2]
     step = max(1, _CHUNK_VOXELS // max(1, labels[0].size))
-    counts, sums = np.zeros(n, np.intp), np.zeros(len(ids))
+    counts, inside, well = np.zeros(n, np.intp), np.zeros(n, np.intp), np.zeros(n, np.intp)
     first, last = np.full(n, nz), np.zeros(n, np.intp)
     for z in range(0, nz, step):
-        inside = air[z:z + step]
-        lab = labels[z:z + step][inside].astype(np.intp)
-        here = np.bincount(lab, minlength=n)
+        here_air, lab = air[z:z + step], labels[z:z + step]
+        here = np.bincount(lab[here_air], minlength=n)
         counts += here
+        within = here_air & _inside(hull[0][z:z + step], hull[1][z:z + step], nx)
+        inside += np.bincount(lab[within], minlength=n)
+        well += np.bincount(lab[within & _inside(deep[0][z:z + step], deep[1][z:z + step], nx)], minlength=n)
         seen = here > 0
         first[seen & (first == nz)] = z
         last[seen] = min(z + step, nz)
-        if len(ids):
-            sums = np.bincount(np.concatenate([ids, lab]), np.concatenate([sums, hu[z:z + step][inside]]),
-                               minlength=n)[ids]
-    return counts, sums, first, last
+    return counts, inside, well, first, last
 
 
 def _fill_holes_in_plane(slab: np.ndarray, z0: int, shape: tuple[int, ...]) -> np.ndarray:
-    """``binary_fill_holes(mask, structure=_IN_PLANE)`` of a mask that is ``slab`` from slice ``z0``
+    """``binary_fill_holes(mask, structure=IN_PLANE)`` of a mask that is ``slab`` from slice ``z0``
     and empty elsewhere, computed on the mask's bounding box with a one-voxel empty ring. Outside
     the box all background reaches the image edge, as the ring does, so the result is identical;
     the background component holding the ring corner is what the fill leaves empty in each slice.
@@ -110,7 +157,7 @@ def _fill_holes_in_plane(slab: np.ndarray, z0: int, shape: tuple[int, ...]) -> n
     y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
     box = np.zeros((slab.shape[0], y1 - y0 + 2, x1 - x0 + 2), bool)
     box[:, 1:-1, 1:-1] = slab[:, y0:y1, x0:x1]
-    background, _ = ndimage.label(~box, structure=_IN_PLANE)
+    background, _ = ndimage.label(~box, structure=IN_PLANE)
     out[z0:z0 + slab.shape[0], y0:y1, x0:x1] = (background != background[:, :1, :1])[:, 1:-1, 1:-1]
     return out
 
@@ -119,48 +166,110 @@ def lung_mask(hu: np.ndarray, settings: LungSettings | None = None) -> np.ndarra
     """Boolean (z, y, x) lung mask of a HU volume (see the module docstring for the method)."""
     settings = settings or LungSettings()
     air = hu < settings.threshold_hu
+    pad = hu < settings.not_measured_below_hu if hu.min() < settings.not_measured_below_hu else None
+    if pad is not None:
+        air &= ~pad
     labels, count = ndimage.label(air)
     if count == 0:
         return np.zeros(hu.shape, bool)
-    touching = _border_labels(labels)
-    counts, sums, first, last = _label_stats(labels, count, air, hu, touching)
-    keep = np.ones(count + 1, bool)
-    keep[0] = False
-    if len(touching):  # border air is kept only when lung-dense (a tight field of view)
-        keep[touching] = sums / counts[touching].astype(np.float64) > settings.outside_air_max_hu
-    candidates = np.flatnonzero(keep)
+    reach, f = body_polygon(hu, settings.body)
+    left, right = polygon_spans(reach, hu.shape[1])
+    deep = polygon_spans(reach, hu.shape[1], settings.cut_lung_depth_px * f)
+    counts, inside, well, first, last = _label_stats(labels, count, air, (left, right), deep)
+    open_edge = np.zeros(count + 1, bool)
+    open_edge[_edge_labels(labels, pad)] = True
+    whole = open_edge & (well >= settings.cut_lung_min_inside * counts)  # cut lungs: kept whole
+    sizes = np.where(whole, counts, np.where(open_edge, 0, inside)).astype(np.float64)
+    sizes[0] = 0
+    candidates = np.flatnonzero(sizes)
     if len(candidates) == 0:
         return np.zeros(hu.shape, bool)
-    sizes = counts[candidates].astype(np.float64)
-    order = np.argsort(-sizes, kind="stable")
-    largest = sizes[order[0]]
+    order = np.argsort(-sizes[candidates], kind="stable")
+    largest = sizes[candidates[order[0]]]
     chosen = [candidates[i] for i in order[: settings.max_components]
-              if sizes[i] >= settings.min_component_ratio * largest]
-    if not chosen:
-        return np.zeros(hu.shape, bool)
+              if sizes[candidates[i]] >= settings.min_component_ratio * largest]
+    z0, z1 = int(first[chosen].min()), int(last[chosen].max())
     lookup = np.zeros(count + 1, bool)
     lookup[chosen] = True
-    z0, z1 = int(first[chosen].min()), int(last[chosen].max())
-    return _fill_holes_in_plane(lookup[labels[z0:z1]], z0, hu.shape)
+    slab = lookup[labels[z0:z1]]
+    clipped = [c for c in chosen if not whole[c] and inside[c] < counts[c]]
+    if clipped:  # enclosed air counts only inside the body (a table's hollow core does not)
+        lookup[:] = False
+        lookup[clipped] = True
+        slab &= ~lookup[labels[z0:z1]] | _inside(left[z0:z1], right[z0:z1], hu.shape[2])
+    mask = _fill_holes_in_plane(slab, z0, hu.shape)
+    if pad is not None:
+        mask &= ~pad
+    return mask
+
+
+def slab_thickness_mm(positions_mm: np.ndarray) -> np.ndarray:
+    """Each slice's slab along the normal: (d[k+1] − d[k−1]) / 2 inside, the neighbouring step at
+    the ends (so it is the step everywhere on a regular grid and spans half of any gap)."""
+    d = np.asarray(positions_mm, np.float64)
+    if len(d) < 2:
+        raise ValueError("slab thickness needs at least two slice positions")
+    edges = np.concatenate([[d[0] - (d[1] - d[0]) / 2], (d[1:] + d[:-1]) / 2, [d[-1] + (d[-1] - d[-2]) / 2]])
+    return np.diff(edges)
 
 
 def lung_metrics(hu: np.ndarray, mask: np.ndarray, spacing_zyx: tuple[float, float, float],
-                 settings: LungSettings | None = None) -> LungMetrics:
-    """Volume, %LAA-950 and mean lung density inside ``mask``, with plausibility flags."""
+                 settings: LungSettings | None = None, *, positions_mm: np.ndarray | None = None,
+                 spacing_unknown: str | None = None) -> LungMetrics:
+    """Volume, %LAA-950 and mean lung density inside ``mask``, with plausibility flags.
+
+    ``positions_mm`` (one per slice, ascending along the normal) gives each slice its true slab
+    thickness; without it every slice is ``spacing_zyx[0]`` thick. ``spacing_unknown`` (a reason)
+    withholds the volume; so does a spacing that is not a finite positive number.
+    """
     settings = settings or LungSettings()
+    nz = mask.shape[0]
+    if positions_mm is not None and len(positions_mm) != nz:
+        raise ValueError(f"{len(positions_mm)} slice positions for {nz} slices")
+    slabs = slab_thickness_mm(positions_mm) if positions_mm is not None and nz > 1 \
+        else np.full(nz, float(spacing_zyx[0]))
     areas = mask.sum(axis=(1, 2))
     voxels = int(areas.sum())
-    volume_ml = voxels * float(np.prod(spacing_zyx)) / 1000.0
+    unknown = _unknown_spacing(spacing_zyx, slabs, spacing_unknown)
     if voxels == 0:
-        return LungMetrics(0.0, None, None, ["empty_mask"],
-                           ["no lung found: the series may not show the chest, or is not in HU"])
+        metrics = LungMetrics(None if unknown else 0.0, None, None, ["empty_mask"],
+                              ["no lung was found: the series may not show the chest, or is not in HU"])
+        _flag_spacing(metrics, unknown)
+        return metrics
     box = _bounding_box(mask, areas)
-    values = hu[box][mask[box]]  # the same voxels in the same order as hu[mask]
-    laa = float(np.count_nonzero(values < settings.laa_threshold_hu)) / voxels * 100.0
-    mld = float(values.mean(dtype=np.float64))
-    metrics = LungMetrics(round(volume_ml, 1), round(laa, 2), round(mld, 1))
+    values = hu[box][mask[box]]  # slice by slice, in the order of the box
+    present = np.flatnonzero(areas[box[0]])
+    weight = slabs[box[0]][present]
+    if np.ptp(weight) <= 1e-9 * weight.max():  # a regular grid: every voxel weighs the same
+        laa = np.count_nonzero(values < settings.laa_threshold_hu) / voxels * 100.0
+        mld = float(values.mean(dtype=np.float64))
+    else:  # each slice's voxels weigh its slab
+        starts = np.concatenate([[0], np.cumsum(areas[box[0]][present])[:-1]])
+        low = np.add.reduceat((values < settings.laa_threshold_hu).view(np.uint8), starts, dtype=np.int64)
+        total = np.add.reduceat(values, starts, dtype=np.float64)
+        lung = float(weight @ areas[box[0]][present])
+        laa, mld = float(weight @ low) / lung * 100.0, float(weight @ total) / lung
+    pixel_mm2 = float(spacing_zyx[1]) * float(spacing_zyx[2])
+    volume_ml = None if unknown else round(float(slabs @ areas) * pixel_mm2 / 1000.0, 1)
+    metrics = LungMetrics(volume_ml, round(laa, 2), round(mld, 1))
+    _flag_spacing(metrics, unknown)
     _flag(metrics, areas, settings)
+    _flag_in_plane(metrics, hu, mask, box, settings)
+    if positions_mm is not None:
+        _flag_gaps(metrics, np.asarray(positions_mm, np.float64), areas, settings)
     return metrics
+
+
+def _unknown_spacing(spacing_zyx: tuple[float, float, float], slabs: np.ndarray,
+                     reason: str | None) -> str | None:
+    """Why the volume cannot be given in mL (the caller's reason first), or None."""
+    if reason:
+        return reason
+    if not all(math.isfinite(float(v)) and float(v) > 0 for v in spacing_zyx[1:]):
+        return "the pixel spacing is not known"
+    if not (np.all(np.isfinite(slabs)) and np.all(slabs > 0)):
+        return "the distance between slices is not known"
+    return None
 
 
 def _bounding_box(mask: np.ndarray, areas: np.ndarray) -> tuple[slice, slice, slice]:
@@ -171,18 +280,79 @@ def _bounding_box(mask: np.ndarray, areas: np.ndarray) -> tuple[slice, slice, sl
     return z, slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
 
 
+def _flag_spacing(metrics: LungMetrics, unknown: str | None) -> None:
+    if unknown:
+        metrics.flags.append("spacing_unknown")
+        metrics.notes.append(f"no lung volume in mL: {unknown} (%LAA-950 and mean lung density need no "
+                             "spacing and are given)")
+
+
 def _flag(metrics: LungMetrics, areas: np.ndarray, settings: LungSettings) -> None:
-    if metrics.volume_ml < settings.min_volume_ml:
+    if metrics.volume_ml is not None and metrics.volume_ml < settings.min_volume_ml:
         metrics.flags.append("volume_below_min")
-        metrics.notes.append(f"lung volume {metrics.volume_ml:.0f} mL is below {settings.min_volume_ml:.0f} mL: "
-                             "the series does not cover the lungs or the mask failed")
-    if metrics.volume_ml > settings.max_volume_ml:
+        metrics.notes.append(f"lung volume {metrics.volume_ml:.0f} mL is below {settings.min_volume_ml:.0f} "
+                             "mL: the series does not cover the lungs or the mask failed")
+    if metrics.volume_ml is not None and metrics.volume_ml > settings.max_volume_ml:
         metrics.flags.append("volume_above_max")
-        metrics.notes.append(f"lung volume {metrics.volume_ml:.0f} mL is above {settings.max_volume_ml:.0f} mL: "
-                             "air outside the lungs was probably included")
+        metrics.notes.append(f"lung volume {metrics.volume_ml:.0f} mL is above {settings.max_volume_ml:.0f} "
+                             "mL: air outside the lungs was probably included")
     peak = float(areas.max())
     for end, name in ((0, "first"), (-1, "last")):
         if peak and areas[end] > settings.cut_area_ratio * peak:
             metrics.flags.append(f"lungs_cut_at_{name}_slice")
             metrics.notes.append(f"the lungs continue beyond the {name} slice: the series does not cover "
                                  "the whole lungs, so volume and %LAA are partial")
+
+
+def _flag_in_plane(metrics: LungMetrics, hu: np.ndarray, mask: np.ndarray,
+                   box: tuple[slice, slice, slice], settings: LungSettings) -> None:
+    """``lungs_cut_in_plane`` when the mask reaches the image edge or the padding outside the
+    reconstruction circle: the field of view cuts the lungs."""
+    z = box[0]
+    rows, cols = (slice(max(0, s.start - 1), s.stop + 1) for s in box[1:])  # with the pixels around it
+    edges, cut = [], np.zeros(z.stop - z.start, bool)
+    for name, face in (("top", mask[z, 0, :]), ("bottom", mask[z, -1, :]),
+                       ("left", mask[z, :, 0]), ("right", mask[z, :, -1])):
+        hit = face.any(axis=1)
+        if hit.any():
+            edges.append(name)
+            cut |= hit
+    where = [f"the {_join(edges)} edge{'s' if len(edges) > 1 else ''} of the image"] if edges else []
+    near = hu[z, rows, cols]
+    if near.min() < settings.not_measured_below_hu:
+        pad = near < settings.not_measured_below_hu
+        hit = (_next_to(pad) & mask[z, rows, cols]).any(axis=(1, 2))
+        if hit.any():
+            where.append("the edge of the reconstruction circle (the padding around it)")
+            cut |= hit
+    if where:
+        lung_slices = int(np.count_nonzero(mask[z].any(axis=(1, 2))))
+        metrics.flags.append("lungs_cut_in_plane")
+        metrics.notes.append(f"the lungs reach {_join(where)} on {int(cut.sum())} of {lung_slices} lung "
+                             "slices: the field of view is narrower than the chest and cuts them off, so the "
+                             "lung volume and %LAA-950 cover only the part inside the image")
+
+
+def _flag_gaps(metrics: LungMetrics, positions: np.ndarray, areas: np.ndarray,
+               settings: LungSettings) -> None:
+    """``gap_in_lungs`` for each step over ``gap_factor`` × the median step inside the lungs' z extent."""
+    steps = np.diff(positions)
+    if len(steps) == 0:
+        return
+    median = float(np.median(steps))
+    zs = np.flatnonzero(areas)
+    gaps = [int(k) for k in np.flatnonzero(steps > settings.gap_factor * median) if zs[0] <= k < zs[-1]]
+    if not gaps:
+        return
+    described = [f"{steps[k]:.1f} mm between slices {k} and {k + 1} (at {positions[k]:.1f} and "
+                 f"{positions[k + 1]:.1f} mm, about {max(1, round(steps[k] / median) - 1)} slice(s) missing)"
+                 for k in gaps[:3]]
+    more = f" and {len(gaps) - 3} more" if len(gaps) > 3 else ""
+    metrics.flags.append("gap_in_lungs")
+    metrics.notes.append(f"slices are missing inside the lungs: {'; '.join(described)}{more}, where the "
+                         f"other slices are {median:.2f} mm apart; the lung volume bridges the gap (each "
+                         "slice counts its true slab) but what lies in it was not imaged")
+
+
+def _join(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]

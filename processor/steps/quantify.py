@@ -1,8 +1,12 @@
 """Quantitative CT step ``quantify.lungs``: weight-free lung mask, lung volume, %LAA-950, mean lung density.
 
-The method is in :mod:`processor.dicom.lungs`. An implausible mask (too small or large, lungs cut
-by the scan range, empty) is not a failure: the metrics are reported with ``plausible: false`` and
-the flags that say why, and a study warning.
+The method is in :mod:`processor.dicom.lungs`: the lung mask is taken inside a body mask (air
+outside the patient is never lung, however dense a tight field of view makes it), and the volume
+integrates each slice's true slab thickness. An implausible or partial result (too small or large,
+lungs cut by the scan range or by the field of view, slices missing inside the lungs, empty) is
+not a failure: the ``lungs`` section carries ``plausible: false``, the flags, the notes and a
+summary in plain words, and the study gets a warning. With an unknown pixel spacing the volume is
+``null`` (flag ``spacing_unknown``); %LAA-950 and mean lung density need no spacing and stay.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ log = logging.getLogger(__name__)
 class LungParams(Params):
     threshold_hu: float = Field(-320.0, ge=-1000, le=0)
     laa_threshold_hu: float = Field(-950.0, ge=-1100, le=-500)
-    outside_air_max_hu: float = Field(-970.0, ge=-1100, le=-500)
     max_components: int = Field(2, ge=1, le=10)
     min_component_ratio: float = Field(0.1, ge=0, le=1)
     min_volume_ml: float = Field(500.0, ge=0)
@@ -33,8 +36,10 @@ class LungParams(Params):
 
 class QuantifyLungs(Step):
     uses = "quantify.lungs"
-    summary = ("Weight-free lung quantification: threshold lung mask (−320 HU, border air removed, largest "
-               "components, holes filled); lung volume mL, %LAA-950, mean lung density, plausibility flags.")
+    summary = ("Weight-free lung quantification: threshold lung mask (−320 HU) inside a body mask (outside "
+               "air never counts, lungs cut by the field of view are kept and flagged), largest components, "
+               "holes filled; lung volume mL over each slice's true slab, %LAA-950, mean lung density, "
+               "plausibility flags with notes in plain words.")
     Params = LungParams
     needs = ("volume",)
     provides = ("lung_mask",)
@@ -44,16 +49,20 @@ class QuantifyLungs(Step):
         settings = params.settings()
         volume = ctx.values["volume"]
         mask = lung_mask(volume.hu, settings)
-        metrics = lung_metrics(volume.hu, mask, volume.spacing_zyx, settings)
+        metrics = lung_metrics(volume.hu, mask, volume.spacing_zyx, settings,
+                               positions_mm=volume.positions_mm, spacing_unknown=volume.spacing_unknown)
         ctx.values["lung_mask"] = mask
         ctx.result["lungs"] = {**metrics.as_dict(), "method": "threshold",
                                "threshold_hu": settings.threshold_hu,
-                               "laa_threshold_hu": settings.laa_threshold_hu}
+                               "laa_threshold_hu": settings.laa_threshold_hu,
+                               "body_mask": True, "body_threshold_hu": settings.body_threshold_hu,
+                               "volume_integration": "slab thickness of each slice from its position"}
         if not metrics.plausible:
-            ctx.warnings.append("lungs: implausible lung mask (" + ", ".join(metrics.flags) + "): "
-                                + " ".join(metrics.notes))
-        log.info("lungs.done study=%s volume_ml=%.1f laa950=%s mld=%s plausible=%s", ctx.label,
-                 metrics.volume_ml, metrics.laa950_percent, metrics.mean_lung_density_hu, metrics.plausible)
+            ctx.warnings.append("lungs: lung numbers partial or not plausible (" + ", ".join(metrics.flags)
+                                + "): " + "; ".join(metrics.notes))
+        log.info("lungs.done study=%s volume_ml=%s laa950=%s mld=%s plausible=%s flags=%s", ctx.label,
+                 metrics.volume_ml, metrics.laa950_percent, metrics.mean_lung_density_hu, metrics.plausible,
+                 ",".join(metrics.flags) or "-")
 
 
 def register(registry: StepRegistry) -> None:

@@ -1,0 +1,142 @@
+"""The body mask of a chest CT: per slice, the patient's body and its interior (convex hull), inside
+which ``processor.dicom.lungs`` looks for the lungs.
+
+Method (no model, scipy.ndimage only), on a HU volume (z, y, x):
+
+1. the pixels above ``threshold_hu`` (−500 HU: soft tissue and bone are well above it, air and
+   lung well below) are taken on a coarse grid of about ``grid_px`` (128) rows and columns —
+   every f-th row and column of the image, the last row and column included, so the image edge is
+   sampled;
+2. they are opened in-plane by a 4-neighbour cross of ``opening_px`` (2) grid pixels, so a thin
+   table, cables and noise come off; pixels beyond the image edge count as body, so a body cut by
+   the edge is not thinned there;
+3. in every slice the largest in-plane component is the body (a table apart from the patient goes);
+4. the body's *interior* in that slice is the convex hull of that component, as a polygon of 32
+   directions (every 11.25°): its reach ``max u·p`` along each direction u, in image pixels. A body
+   cut by the image edge still encloses its lungs in its hull.
+
+The interior is handed on as column spans ``left[z, y] ≤ x ≤ right[z, y]`` (int16 image pixel
+columns; ``left > right`` where a row holds none of it), optionally moved ``inset`` image pixels
+inwards from the hull's outline.
+
+Units: HU for ``threshold_hu``; coarse-grid pixels for ``grid_px`` and ``opening_px``; image pixels
+(row, column indices of the (y, x) plane) for the polygon, the spans and ``inset``.
+
+Source of the convention: the classic threshold lung segmentation (Hu, Hoffman & Reinhardt,
+"Automatic lung segmentation for accurate quantitation of volumetric X-ray CT images", IEEE TMI
+20(6), 2001) drops the air around the patient as the background that touches the image border. A
+field of view narrower than the chest breaks that rule (the lungs touch the border too, and the
+table lifts outside air to lung density), so the body is made explicit here and closed by its
+convex hull — this project's rule "air outside the patient is never lung" (README, item 8;
+issue 13, tests/test_lungs_fov.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+IN_PLANE = np.zeros((3, 3, 3), bool)  # in-plane 4-connectivity of a (z, y, x) volume
+IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
+_ANGLES = np.arange(32) * (np.pi / 16)  # directions of the hull polygon (every 11.25°)
+_UY, _UX = np.cos(_ANGLES).astype(np.float32), np.sin(_ANGLES).astype(np.float32)
+_UX[np.abs(_UX) < 1e-6] = 0.0
+
+
+@dataclass(frozen=True)
+class BodySettings:
+    threshold_hu: float = -500.0  # body: pixels above this
+    grid_px: int = 128  # the body mask works on about this many rows and columns
+    opening_px: int = 2  # in-plane opening radius of the body mask, in coarse pixels
+
+
+def _grid(n: int, step: int) -> np.ndarray:
+    """Every ``step``-th index of ``n``, and the last one (so the image edge is sampled)."""
+    idx = np.arange(0, n, step)
+    return idx if idx[-1] == n - 1 else np.append(idx, n - 1)
+
+
+def _shifted_cross(mask: np.ndarray, edge: bool, erode: bool) -> np.ndarray:
+    """One in-plane step of erosion (``erode``) or dilation by the 4-neighbour cross; pixels beyond
+    the image edge count as ``edge``."""
+    out = mask.copy()
+    combine = np.logical_and if erode else np.logical_or
+    for axis in (1, 2):
+        for lo, hi in ((slice(1, None), slice(None, -1)), (slice(None, -1), slice(1, None))):
+            to, frm = [slice(None)] * 3, [slice(None)] * 3
+            to[axis], frm[axis] = lo, hi
+            combine(out[tuple(to)], mask[tuple(frm)], out=out[tuple(to)])
+        if erode != edge:  # the row/column at the edge meets the outside
+            for i in (0, -1):
+                at = [slice(None)] * 3
+                at[axis] = i
+                out[tuple(at)] = edge if not erode else False
+    return out
+
+
+def _opened(mask: np.ndarray, radius: int) -> np.ndarray:
+    """In-plane opening by a cross of ``radius`` steps; the image edge counts as inside, so a body
+    cut by it is not thinned there."""
+    core = mask
+    for _ in range(radius):
+        core = _shifted_cross(core, edge=True, erode=True)
+    for _ in range(radius):
+        core = _shifted_cross(core, edge=False, erode=False)
+    return core & mask
+
+
+def _largest_per_slice(mask: np.ndarray) -> np.ndarray:
+    """The largest in-plane component of ``mask`` in every slice."""
+    labels, count = ndimage.label(mask, structure=IN_PLANE)
+    if count == 0:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    # in-plane components never span slices and are numbered in scan order: slice k holds a range of ids
+    top = np.maximum.accumulate(labels.reshape(len(labels), -1).max(axis=1))
+    low = np.concatenate([[0], top[:-1]]) + 1
+    best = np.array([lo + int(np.argmax(sizes[lo:hi + 1])) if hi >= lo else -1
+                     for lo, hi in zip(low, top, strict=True)])
+    return labels == best[:, None, None]
+
+
+def body_polygon(hu: np.ndarray, settings: BodySettings) -> tuple[np.ndarray, int]:
+    """The body's convex hull per slice as a polygon: its reach ``max u·p`` along each direction u of
+    ``_ANGLES`` (shape (z, directions), −inf in a slice without body), and the coarse grid step."""
+    nz, ny, nx = hu.shape
+    f = max(1, round(max(ny, nx) / settings.grid_px))
+    rows, cols = _grid(ny, f), _grid(nx, f)
+    dense = hu[:, rows[:, None], cols] > settings.threshold_hu
+    body = _largest_per_slice(_opened(dense, settings.opening_px))
+    has = body.any(axis=2)[..., None]
+    left = cols[np.argmax(body, axis=2)].astype(np.float32)[..., None]
+    right = cols[len(cols) - 1 - np.argmax(body[:, :, ::-1], axis=2)].astype(np.float32)[..., None]
+    y = rows.astype(np.float32)[None, :, None]
+    ends = np.maximum(_UY * y + _UX * left, _UY * y + _UX * right)
+    return np.where(has, ends, -np.inf).max(axis=1), f
+
+
+def polygon_spans(reach: np.ndarray, ny: int, inset: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Column spans ``left[z, y] ≤ x ≤ right[z, y]`` (int16 pixel columns) of the polygon moved
+    ``inset`` pixels inwards, on every row: x ≤ (h − uy·y)/ux where ux > 0, x ≥ … where ux < 0,
+    uy·y ≤ h where ux = 0."""
+    h = reach[:, None, :] - np.float32(inset)
+    yy = np.arange(ny, dtype=np.float32)[None, :, None]
+    pos, neg, flat = _UX > 0, _UX < 0, _UX == 0
+    right = ((h[..., pos] - _UY[pos] * yy) / _UX[pos]).min(axis=2)
+    left = ((h[..., neg] - _UY[neg] * yy) / _UX[neg]).max(axis=2)
+    outside = (_UY[flat] * yy > h[..., flat]).any(axis=2)
+    left[outside], right[outside] = np.inf, -np.inf
+    top = np.iinfo(np.int16).max  # pixel columns as int16: a third of the time of float comparisons
+    return (np.clip(np.ceil(left - 1e-3), 0, top).astype(np.int16),
+            np.clip(np.floor(right + 1e-3), -1, top).astype(np.int16))
+
+
+def body_spans(hu: np.ndarray, settings: BodySettings | None = None,
+               inset: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """The body's interior per slice and row, as column spans ``left[z, y] ≤ x ≤ right[z, y]``
+    (int16, shape (z, y); ``left > right`` where a row holds none of it), moved ``inset``
+    pixels inwards. See the module docstring."""
+    return polygon_spans(body_polygon(hu, settings or BodySettings())[0], hu.shape[1], inset)
