@@ -7,7 +7,9 @@
      ├── WeightsError     model files missing or corrupt: step skipped (or study failed, per pipeline)
      ├── IngestError      bad input (hostile ZIP, no DICOM, no usable series): quarantine, never retry
      ├── StepError        a pipeline step failed on this study: study fails, daemon lives
-     │    └── ResourceExhaustedError  out of memory even at batch 1: that step fails, study is Partial
+     │    ├── ResourceExhaustedError  out of memory even at batch 1: that step fails, study is Partial
+     │    └── WithheldError  the input lacks what the step's output needs (e.g. pixel spacing for mm):
+     │                       the step is skipped with the reason, study is Partial
      └── TransientError   may succeed later (network, locked file): retry with backoff
 
 Chain with ``raise ... from exc``; log a traceback once, where the error is handled.
@@ -38,6 +40,11 @@ class StepError(CtwatchError):
 
 class ResourceExhaustedError(StepError):
     """Out of (GPU) memory even at the smallest batch: the step's result is missing, the study Partial."""
+
+
+class WithheldError(StepError):
+    """The study lacks a quantity this step's output depends on (e.g. an unknown pixel spacing for a
+    model that resamples to mm): the step is recorded as skipped with this reason, the study Partial."""
 
 
 class TransientError(CtwatchError):

@@ -95,11 +95,11 @@ def test_reconstruction_is_deterministic(tiny_model) -> None:
     assert torch.equal(a, b)
 
 
-def _zip(path: Path, seed: int, lesion: bool = False) -> Path:
+def _zip(path: Path, seed: int, lesion: bool = False, missing: tuple[int, ...] = ()) -> Path:
     hu, _ = phantom(seed, lesion)
     stored = np.rint(hu + 1024).astype(np.int16)
-    return write_zip(path, make_series(DEPTH, stored=stored, pixel_spacing=6.0, spacing=10.0,
-                                       accession=f"ACC{seed}"))
+    datasets = make_series(DEPTH, stored=stored, pixel_spacing=6.0, spacing=10.0, accession=f"ACC{seed}")
+    return write_zip(path, [ds for k, ds in enumerate(datasets) if k not in missing])
 
 
 def test_fit_anomaly_command_resume_and_step_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -153,3 +153,10 @@ def test_fit_anomaly_command_resume_and_step_end_to_end(tmp_path: Path, monkeypa
     state.close()
     assert stored["features"]["anomaly.score"] == pytest.approx(anomaly["score"])
     assert stored["accession"] == "ACC50" and stored["features"]["lungs.volume_ml"] > 0
+    assert anomaly["warnings"] == []
+    # missing slices: the section that reports the score says its levels sit on an irregular grid
+    done = project.run("process", str(_zip(tmp_path / "drop/holed.zip", 51, missing=(11, 12))))
+    assert done.returncode == 0, done.stderr
+    [holed] = [doc for doc in map(lambda p: json.loads(p.read_text()), project.results()) if doc["accession"] == "ACC51"]
+    [note] = holed["anomaly"]["warnings"]
+    assert note.startswith("levels chosen by slice index on irregular slice positions: 1 gap(s)"), note

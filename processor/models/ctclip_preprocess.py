@@ -7,11 +7,22 @@ HU clip to [-1000, 1000] *before* resampling, float64 trilinear resampling
 /1000, float32, centre crop / pad with -1 to (X, Y, Z) = (480, 480, 240), then
 (1, Z, X, Y). ``ctrate_xyz_from_dicom`` turns a DICOM-ordered volume into the (X, Y, Z)
 NIfTI array order CT-RATE was stored in; see docs/ctrate-orientation.md.
+
+Irregular slice grids (missing slices, uneven steps): the official code assumes one step. Given
+the true slice positions (``positions=(axis, mm)``; :func:`ctrate_slice_positions` maps DICOM's
+to the CT-RATE axis they land on), that axis is first interpolated linearly at the target
+positions *on the true grid*, the other two then go through the same trilinear call (identity
+along the already-resampled axis). The target grid is the one the official code would use for a
+regular grid of the same extent: ``size = int(extent / 1.5)``, ``extent = last − first + median
+step``, output voxel ``o`` centred at ``first − step/2 + (o + ½)·extent/size`` (clamped to the
+first/last slice). On a regular grid this is the official grid, but floats are rounded
+differently, so callers keep regular grids on the official path (``positions=None``).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -32,6 +43,69 @@ def resampled_shape(shape_zxy: Sequence[int], spacing_zxy: Sequence[float]) -> t
     for n, cur, tgt in zip(shape_zxy, spacing_zxy, TARGET_SPACING_ZXY, strict=True):
         sizes.append(int(n * (cur / tgt)))
     return sizes[0], sizes[1], sizes[2]
+
+
+def _check_spacing(spacing: Sequence[float]) -> tuple[float, ...]:
+    values = tuple(float(v) for v in spacing)
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"voxel spacing {values} mm is not a positive number on every axis; a volume "
+                         "whose spacing is unknown cannot be resampled to mm")
+    return values
+
+
+def _grid_positions(positions: Sequence[float], step: float) -> tuple[np.ndarray, float]:
+    """Positions made ascending (negated when the array runs the other way) and the grid's extent."""
+    c = np.asarray(positions, dtype=np.float64)
+    if c.ndim != 1 or len(c) < 2:
+        raise ValueError(f"need the position of every slice along the axis (at least 2), got {c.shape}")
+    if c[-1] < c[0]:
+        c = -c
+    if not np.all(np.isfinite(c)) or np.any(np.diff(c) <= 0):
+        raise ValueError("slice positions must be finite and strictly monotone along the axis")
+    return c, float(c[-1] - c[0]) + step
+
+
+def planned_shape_zxy(
+    shape_xyz: Sequence[int],
+    spacing_xyz: Sequence[float],
+    positions: tuple[int, Sequence[float]] | None = None,
+) -> tuple[int, int, int]:
+    """(Z, X, Y) size after resampling: :func:`resampled_shape`, or ``int(extent / target)`` on
+    the axis whose true positions are given (the same size for a regular grid)."""
+    sx, sy, sz = _check_spacing(spacing_xyz)
+    size = list(resampled_shape((shape_xyz[2], shape_xyz[0], shape_xyz[1]), (sz, sx, sy)))
+    if positions is not None:
+        axis, where = positions
+        zxy_axis = _ZXY_OF_XYZ[axis]
+        _, extent = _grid_positions(where, (sx, sy, sz)[axis])
+        size[zxy_axis] = int(extent / TARGET_SPACING_ZXY[zxy_axis])
+    return size[0], size[1], size[2]
+
+
+_ZXY_OF_XYZ = {0: 1, 1: 2, 2: 0}  # axis of the (X, Y, Z) input → axis of the (Z, X, Y) working array
+
+
+def _resample_on_positions(zxy: np.ndarray, axis: int, positions: Sequence[float], step: float,
+                           size: int) -> np.ndarray:
+    """Linear interpolation along ``axis`` of ``zxy`` at ``size`` target positions on the true grid."""
+    c, extent = _grid_positions(positions, step)
+    n = len(c)
+    if zxy.shape[axis] != n:
+        raise ValueError(f"{n} slice positions for an axis of {zxy.shape[axis]} slices")
+    targets = c[0] - step / 2.0 + (np.arange(size, dtype=np.float64) + 0.5) * (extent / size)
+    source = np.interp(targets, c, np.arange(n, dtype=np.float64))  # clamped to [0, n - 1]
+    lower = np.minimum(np.floor(source).astype(np.intp), n - 1)
+    upper = np.minimum(lower + 1, n - 1)
+    weight = source - lower
+    shape = list(zxy.shape)
+    shape[axis] = size
+    out = np.empty(shape, dtype=np.float64)
+    src, dst = np.moveaxis(zxy, axis, 0), np.moveaxis(out, axis, 0)
+    for o in range(size):
+        np.multiply(src[lower[o]], 1.0 - weight[o], out=dst[o])
+        if weight[o]:
+            dst[o] += weight[o] * src[upper[o]]
+    return out
 
 
 def _crop_pad_slices(
@@ -87,6 +161,7 @@ def preprocess_volume(
     clip_after_resample: bool = False,
     slope: float = 1.0,
     intercept: float = 0.0,
+    positions: tuple[int, Sequence[float]] | None = None,
 ) -> torch.Tensor:
     """Official CT-CLIP v2 inference preprocessing → (1, Z, X, Y) float32 in [-1, 1].
 
@@ -99,16 +174,25 @@ def preprocess_volume(
         target_xyz: output size (X, Y, Z); (480, 480, 240) for the released models.
         clip_after_resample: reproduce the v2 *training* loader, which clips after
             resampling (default False = inference path).
+        positions: ``(axis, mm)`` — the true position of every index along that axis of
+            ``hu_xyz`` (in array order, either direction) for an irregular slice grid; that axis
+            is then resampled on those positions, ``spacing_xyz[axis]`` (the median step) only
+            sets the half-step margin at each end. None (default): the official uniform grid.
     """
     src = np.asarray(hu_xyz)
     if src.ndim != 3:
         raise ValueError(f"expected a 3-D (X, Y, Z) volume, got shape {src.shape}")
-    sx, sy, sz = (float(s) for s in spacing_xyz)
     shape_zxy = (src.shape[2], src.shape[0], src.shape[1])
-    size = resampled_shape(shape_zxy, (sz, sx, sy))
+    size = planned_shape_zxy(src.shape, spacing_xyz, positions)
     if min(size) < 1:
         raise ValueError(f"volume {shape_zxy} at {spacing_xyz} mm resamples to {size}")
-    zxy = torch.from_numpy(_zxy_float64(src, clip=not clip_after_resample, slope=slope, intercept=intercept))
+    array = _zxy_float64(src, clip=not clip_after_resample, slope=slope, intercept=intercept)
+    if positions is not None:
+        axis, where = positions
+        zxy_axis = _ZXY_OF_XYZ[axis]
+        array = _resample_on_positions(array, zxy_axis, where, float(spacing_xyz[axis]), size[zxy_axis])
+    zxy = torch.from_numpy(array)
+    del array
     resampled = F.interpolate(zxy[None, None], size=size, mode="trilinear", align_corners=False)[0, 0]
     del zxy
     tx, ty, tz = (int(t) for t in target_xyz)
@@ -195,3 +279,14 @@ def ctrate_xyz_from_dicom(
     spacing = tuple(float(spacing_zyx[a]) for a in order)
     log.debug("orientation.mapped order=%s flips=%s", order, flips)
     return out, (spacing[0], spacing[1], spacing[2])
+
+
+def ctrate_slice_positions(positions_mm: Sequence[float], affine_or_direction: np.ndarray) -> tuple[int, np.ndarray]:
+    """Where DICOM's slice axis lands in :func:`ctrate_xyz_from_dicom`'s (X, Y, Z) output: that
+    axis and the slice positions (mm, along the normal) in the output's array order — the
+    ``positions`` argument of :func:`preprocess_volume` for an irregular slice grid."""
+    matrix = np.asarray(affine_or_direction, dtype=np.float64)
+    order, flips = _axis_plan(matrix[:3, :3][:, [2, 1, 0]])
+    axis = order.index(0)  # array axis 0 of hu_zyx is the slice axis
+    where = np.asarray(positions_mm, dtype=np.float64)
+    return axis, (where[::-1].copy() if flips[axis] else where.copy())

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
-from processor.errors import ResourceExhaustedError, StepError, WeightsError
+from processor.errors import ResourceExhaustedError, StepError, WeightsError, WithheldError
 from processor.pipeline.spec import CompiledStep, Pipeline
 from processor.pipeline.step import StudyContext
 
@@ -139,6 +139,9 @@ class PipelineRunner:
         exhausted = False
         try:
             call()
+        except WithheldError as exc:
+            self._withheld(compiled, runs, str(exc), (time.perf_counter() - started) / len(runs))
+            return
         except (StepError, WeightsError) as exc:
             failure, exhausted = str(exc), isinstance(exc, ResourceExhaustedError)
         except Exception as exc:  # a bug or library error must fail the studies, not the daemon
@@ -161,6 +164,14 @@ class PipelineRunner:
                 run.partial = True  # out of memory even at batch 1: this step's result is missing only
             else:
                 run.error = f"step {compiled.id}: {failure}"
+
+
+    @staticmethod
+    def _withheld(compiled: CompiledStep, runs: list[StudyRun], reason: str, seconds: float) -> None:
+        for run in runs:
+            run.records.append(StepRecord(compiled.id, compiled.uses, "skipped", seconds, reason))
+            run.partial = True
+            log.info("step.skipped study=%s step=%s reason=%r", run.ctx.label, compiled.id, reason)
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:

@@ -7,7 +7,9 @@ the model in one batch: noised to ``noise_level`` of ``steps`` DDIM steps and de
 lung mask; the study score (``aggregate``: max or mean of the slices) goes to
 ``result["anomaly"]`` and the ``anomaly.score`` feature. Reconstruction noise is seeded, so the
 same study gives the same score. With ``heatmap: true`` a PNG per slice (slice | reconstruction
-| error in red) is written next to the study JSON.
+| error in red) is written next to the study JSON. Nothing is resampled in mm here; on an
+irregular slice grid (gaps, uneven steps) the levels are still evenly spaced by slice *index*, and
+``result["anomaly"]["warnings"]`` says so with the gap count, each slice's true ``z_mm`` listed.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
+from processor.dicom.grid import SliceGrid
 from processor.dicom.render import choose_levels, write_atomic
 from processor.pipeline.registry import StepRegistry
 from processor.pipeline.step import Params, StudyContext
@@ -85,11 +88,13 @@ class AnomalyDiffusion(_WeightedStep):
                 path = ctx.out_dir / f"anomaly_{i + 1}.png"
                 write_atomic(path, _heatmap_png(prepared.images[i, 0], recon[i, 0], error[i], prepared.masks[i]))
                 row["heatmap"] = f"{ctx.out_dir.name}/{path.name}"
+        grid = SliceGrid.of(volume.positions_mm)
         ctx.result["anomaly"] = {
             "model": "unet/" + model.weights_path.name, "sha256": self.digest(model.weights_path),
             "trained": card.get("date"), "score": round(score, 6), "aggregate": p.aggregate,
             "noise_level": noise_level, "ddim_steps": steps, "seed": p.seed, "image_size": int(card["image_size"]),
             "slice_choice": how, "crop_yx": list(prepared.box), "slices": rows,
+            "warnings": [grid.note("levels chosen by slice index on")] if grid.irregular else [],
         }
         ctx.result.setdefault("features", {})["anomaly.score"] = round(score, 6)
         log.info("anomaly.done study=%s score=%.5f slices=%d", ctx.label, score, len(rows))

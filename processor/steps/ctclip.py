@@ -12,6 +12,16 @@ released models) preprocess a volume once (~0.5 CPU-s): the first keeps the inpu
 ``values["ctclip_inputs"]`` when the pipeline has a later CT-CLIP step of that size, and the last
 such step takes it out, so the 221 MB are not held for the rest of the study.
 
+Millimetres are never invented: when the volume's pixel spacing is unknown
+(``volume.spacing_unknown``, or a spacing that is not a positive number) the step does not run
+and is skipped with "pixel spacing unknown: <reason>" (a WithheldError: the study is Partial; the
+model is not even loaded).
+On an irregular slice grid (gaps, uneven steps; :class:`processor.dicom.grid.SliceGrid`) the
+slice axis is resampled at its true positions (``preprocess_volume(positions=...)``) instead of a
+uniform median step, and the step's own section says so: ``preprocessing.slice_grid`` and
+``warnings: ["resampled from irregular slice positions: N gap(s), ..."]``. Regular grids take the
+official path, bit for bit.
+
 torch and transformers are imported when a model is first needed, so listing or compiling the
 pipeline stays quick.
 """
@@ -20,6 +30,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,7 +39,8 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from processor.atomic import write_bytes_atomic
-from processor.errors import ConfigError, WeightsError
+from processor.dicom.grid import SliceGrid
+from processor.errors import ConfigError, WeightsError, WithheldError
 from processor.pipeline.registry import StepRegistry
 from processor.pipeline.spec import safe_name
 from processor.pipeline.step import Params, Step, StepEnv, StudyContext
@@ -185,17 +197,19 @@ class _CTClipStep(Step):
             PAD_VALUE,
             TARGET_SPACING_ZXY,
             _axis_plan,
+            ctrate_slice_positions,
             ctrate_xyz_from_dicom,
+            planned_shape_zxy,
             preprocess_volume,
-            resampled_shape,
         )
 
         volume = ctx.values["volume"]
         hu_xyz, spacing_xyz = ctrate_xyz_from_dicom(volume.hu, volume.spacing_zyx, volume.affine)
-        tensor = preprocess_volume(hu_xyz, spacing_xyz, self.p.target_xyz)
+        grid = SliceGrid.of(volume.positions_mm)
+        positions = ctrate_slice_positions(volume.positions_mm, volume.affine) if grid.irregular else None
+        tensor = preprocess_volume(hu_xyz, spacing_xyz, self.p.target_xyz, positions=positions)
         order, flips = _axis_plan(np.asarray(volume.affine, dtype=np.float64)[:3, :3][:, [2, 1, 0]])
-        sx, sy, sz = spacing_xyz
-        record = {
+        record: dict[str, Any] = {
             "method": "CT-CLIP v2 inference preprocessing (official data_inference_nii.py)",
             "orientation": {
                 "from": "DICOM volume [slice, row, column]",
@@ -209,8 +223,11 @@ class _CTClipStep(Step):
             "clip": "before resampling",
             "target_spacing_zxy_mm": list(TARGET_SPACING_ZXY),
             "resampling": "trilinear, float64, align_corners=False, int()-truncated sizes",
-            "resampled_shape_zxy": list(resampled_shape((hu_xyz.shape[2], hu_xyz.shape[0], hu_xyz.shape[1]),
-                                                        (sz, sx, sy))),
+            "slice_positions": ("true positions (irregular grid): linear along the slice axis at the target "
+                                "positions, then trilinear in-plane" if positions is not None
+                                else "uniform median step (regular grid)"),
+            "slice_grid": {**grid.as_dict(), "note": grid.note("resampled from") if grid.irregular else None},
+            "resampled_shape_zxy": list(planned_shape_zxy(hu_xyz.shape, spacing_xyz, positions)),
             "scale": "HU / 1000",
             "crop_pad": "centre crop, centre pad with -1",
             "pad_value": PAD_VALUE,
@@ -220,6 +237,7 @@ class _CTClipStep(Step):
         return tensor, record
 
     def run(self, ctx: StudyContext) -> None:
+        _require_spacing(ctx.values["volume"])
         model = self.model()
         checkpoint, vocab, config = self._paths()
         tensor, preprocessing = self._input(ctx)
@@ -242,6 +260,7 @@ class _CTClipStep(Step):
             "preprocessing": preprocessing,
             "latent_dim": int(latent.shape[0]),
             "latent_file": self._save_latent(ctx, latent) if self.p.save_latent else None,
+            "warnings": _grid_warnings(preprocessing),
         }
         ctx.result.setdefault("models", {})[self.sid] = entry
         ctx.values.setdefault("ctclip_latent", latent)
@@ -260,6 +279,24 @@ class _CTClipStep(Step):
         np.save(buffer, latent)
         write_bytes_atomic(ctx.out_dir / name, buffer.getvalue())
         return f"{ctx.out_dir.name}/{name}"
+
+
+def _require_spacing(volume: Any) -> None:
+    """WithheldError unless every voxel spacing is known: the model input is resampled to mm."""
+    reason = volume.spacing_unknown
+    if reason is None and not all(math.isfinite(float(v)) and float(v) > 0 for v in volume.spacing_zyx):
+        reason = f"voxel spacing (z, y, x) {tuple(float(v) for v in volume.spacing_zyx)} mm is not positive"
+    if reason is not None:
+        reason = reason.removeprefix("pixel spacing unknown: ")
+        raise WithheldError(f"pixel spacing unknown: {reason}. CT-CLIP resamples the volume to 1.5 x 0.75 x 0.75 mm "
+                        "and a guessed spacing would give wrong numbers, so this step did not run. Fix: export "
+                        "the series with PixelSpacing (0028,0030) and ImagePositionPatient on every slice.")
+
+
+def _grid_warnings(preprocessing: dict[str, Any]) -> list[str]:
+    """The irregular-grid note, repeated where a consumer of this model's section reads it."""
+    note = preprocessing["slice_grid"]["note"]
+    return [note] if note else []
 
 
 class ZeroShot(_CTClipStep):
