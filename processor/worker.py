@@ -313,7 +313,8 @@ class LocalExecutor:
 
 
 def _source(arrival: dict[str, Any]) -> dict[str, Any]:
-    return {"kind": arrival["kind"], "name": arrival["name"], "sha256": arrival["sha256"],
+    return {"kind": arrival["kind"], "name": arrival["name"], "name_bytes": arrival.get("name_bytes"),
+            "sha256": arrival["sha256"],
             "size": arrival["size"], "arrival_id": arrival["id"], "source_name": arrival.get("source_name"),
             "url": arrival.get("source_url"), "received_at": arrival["created_at"]}
 

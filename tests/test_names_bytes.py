@@ -142,6 +142,8 @@ def assert_receipts(project: Project, inputs: list[Input], outcome: str = "accep
 def assert_results(project: Project, inputs: list[Input]) -> None:
     documents = [assert_valid_json_text(p) for p in project.results()]
     assert sorted(d["source"]["name"] for d in documents) == sorted(i.shown for i in inputs)
+    raw = {d["source"]["name"]: name_from_hex(d["source"]["name_bytes"]) for d in documents}
+    assert all(raw[i.shown] == i.raw for i in inputs), "the result JSON keeps the raw name bytes"
     assert all(d["processing_status"] != "Failure" for d in documents), [d["error"] for d in documents]
     rows = dict(db_rows(project, "select name, name_bytes from arrivals"))
     for item in inputs:
