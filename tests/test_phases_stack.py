@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydicom.uid import generate_uid
 
-from processor.dicom.frames import order_frames, time_clusters, tm_seconds
+from processor.dicom.ordering import acquisition_seconds, order_frames, time_clusters, tm_seconds
 from processor.dicom.select import SelectionRules, SeriesFacts, evaluate
 from tests import dicomgen
 
@@ -110,6 +110,46 @@ def test_parts_that_overlap_by_a_few_slices_at_other_positions_do_not_interleave
     assert result.parts["replaced_by_later_part"] == 1  # the first part's 72.5 mm slice gave way
 
 
+def test_a_few_stray_images_never_become_the_chosen_phase() -> None:
+    z = [k * 2.5 for k in range(80)]
+    # one repeated image with a lower AcquisitionNumber inside the scan: left out, never "phase 1"
+    result = order_frames(_positions([*z, 100.0]), NORMAL, phase_keys={"AcquisitionNumber": ["2"] * 80 + ["1"]})
+    assert result.phases is None and len(result.order) == 80 and 80 not in result.order
+    assert result.left_out["frames"] == 1
+    # three slices of the scan without the tag (on its grid, at free positions) fill their places
+    values = ["2"] * 80
+    for k in (10, 40, 70):
+        values[k] = ""
+    result = order_frames(_positions(z), NORMAL, phase_keys={"AcquisitionNumber": values})
+    assert result.phases is None and len(result.order) == 80
+
+
+def test_per_image_numbers_of_a_second_pass_never_reach_the_first_pass_volume() -> None:
+    z = [k * 2.5 for k in range(80)]
+    second = [v + 1.25 for v in z]
+    values = ["1"] * 80 + [str(k + 2) for k in range(80)]  # pass 1 one number, pass 2 one per image
+    result = order_frames(_positions(z + second), NORMAL, phase_keys={"AcquisitionNumber": values})
+    assert sorted(result.order) == list(range(80))
+
+
+def test_passes_told_apart_by_acquisition_date_and_time_even_across_midnight() -> None:
+    z = [k * 2.5 for k in range(40)]
+    before = acquisition_seconds("20260101", "235930", "")
+    after = acquisition_seconds("", "", "20260102000110.5")
+    assert after - before == pytest.approx(100.5)
+    times = time_clusters([before + 0.1 * k for k in range(40)] + [after + 0.1 * k for k in range(40)])
+    result = order_frames(_positions(z + z), NORMAL, phase_keys={"acquisition time": times})
+    assert sorted(result.order) == list(range(40))  # the 23:59:30 pass is the first
+    assert result.phases["phases"][0]["keys"] == ["2026-01-01 23:59:30.0"]
+
+
+def test_a_second_pass_overlapping_a_good_part_of_the_first_is_a_phase_not_a_part() -> None:
+    a = [k * 2.5 for k in range(80)]
+    b = [120.0 + k * 2.5 for k in range(80)]  # 40 % of it inside the first pass's range
+    result = order_frames(_positions(a + b), NORMAL, phase_keys={"AcquisitionNumber": ["1"] * 80 + ["2"] * 80})
+    assert result.phases is not None and sorted(result.order) == list(range(80))
+
+
 def test_tm_values() -> None:
     assert tm_seconds("101502.5") == 10 * 3600 + 15 * 60 + 2.5
     assert tm_seconds("10:15:02") == 36902
@@ -182,6 +222,17 @@ def test_two_contrast_phases_offset_in_z_are_separated(tmp_path: Path, phantom: 
     assert body[1] > body[0] + 100  # the enhanced pass is reported, and recognisably so
     assert any("2 phases" in w for w in ctx.warnings)
     assert ctx.result["lungs"]["volume_ml"] == pytest.approx(_true_ml(truth), rel=0.02)
+
+
+def test_orientation_noise_on_either_side_of_a_rounding_edge_is_one_stack(tmp_path: Path, phantom: tuple) -> None:
+    hu, truth = phantom
+    datasets = dicomgen.make_series(40, stored=_stored(hu))
+    for k, ds in enumerate(datasets):
+        ds.ImageOrientationPatient = [1, 0.0004 if k % 2 else 0.0006, 0, 0, 1, 0]
+    ctx, outcome = _run(tmp_path, datasets)
+    assert outcome.status == "Success", outcome.error
+    assert ctx.result["series_selection"]["set_aside"] == {}
+    assert ctx.values["volume"].hu.shape == SHAPE
 
 
 @pytest.mark.parametrize("foreign", ["scout", "rtstruct", "secondary capture", "coronal", "matrix", "spacing"])

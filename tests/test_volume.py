@@ -23,7 +23,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from processor.dicom.frames import order_frames, slice_normal
+from processor.dicom.frames import slice_normal
+from processor.dicom.ordering import order_frames
 from processor.dicom.scan import HEADER_PREFIX, Series, scan_members
 from processor.dicom.select import SelectionRules, evaluate, series_facts
 from processor.dicom.volume import Volume, load_volume

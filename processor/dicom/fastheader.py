@@ -38,6 +38,7 @@ UNDEFINED = 0xFFFFFFFF
 TAGS: dict[str, int] = {
     "MediaStorageSOPClassUID": 0x00020002, "TransferSyntaxUID": 0x00020010,
     "ImageType": 0x00080008, "SOPClassUID": 0x00080016, "SOPInstanceUID": 0x00080018,
+    "AcquisitionDate": 0x00080022, "AcquisitionDateTime": 0x0008002A,
     "AcquisitionTime": 0x00080032, "Modality": 0x00080060, "ImagerPixelSpacing": 0x00181164,
     "SliceThickness": 0x00180050, "ConvolutionKernel": 0x00181210,
     "StudyInstanceUID": 0x0020000D, "SeriesInstanceUID": 0x0020000E,
@@ -218,6 +219,8 @@ class Facts:
     kernel: str
     modality: str = ""
     acquisition_time: str = ""  # AcquisitionTime (TM) as stored, padding stripped
+    acquisition_date: str = ""  # AcquisitionDate (DA)
+    acquisition_datetime: str = ""  # AcquisitionDateTime (DT)
     imager_pixel_spacing: tuple[float, ...] | None = None  # (0018,1164), at the detector
     # TransferSyntaxUID as the file meta states it ('' when absent); ``transfer_syntax`` and
     # ``implicit`` are what the bytes are read as (processor.dicom.encoding decides)
@@ -308,6 +311,8 @@ def facts_of(walked: Walked) -> Facts:
         kernel="\\".join(_parts(raw("ConvolutionKernel")) or ()),
         modality=_text(raw("Modality")) or "",
         acquisition_time=_text(raw("AcquisitionTime")) or "",
+        acquisition_date=_text(raw("AcquisitionDate")) or "",
+        acquisition_datetime=_text(raw("AcquisitionDateTime")) or "",
         imager_pixel_spacing=_floats(raw("ImagerPixelSpacing"), 2),
         declared_syntax=walked.declared,
     )
@@ -377,6 +382,7 @@ def facts_from_dataset(ds: Mapping | object, *, transfer_syntax: str, implicit: 
         image_type=tuple(p.upper() for p in multi("ImageType")),
         kernel="\\".join(multi("ConvolutionKernel")),
         modality=text("Modality"), acquisition_time=text("AcquisitionTime"),
+        acquisition_date=text("AcquisitionDate"), acquisition_datetime=text("AcquisitionDateTime"),
         imager_pixel_spacing=numbers("ImagerPixelSpacing", 2),
         declared_syntax=str(file_meta.get("TransferSyntaxUID", "") or "").strip("\0 ") if file_meta is not None else "",
     )

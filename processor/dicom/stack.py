@@ -45,7 +45,8 @@ NON_IMAGE_PREFIXES = ("1.2.840.10008.5.1.4.1.1.481.3", "1.2.840.10008.5.1.4.1.1.
                       "1.2.840.10008.5.1.4.1.1.481.9", "1.2.840.10008.5.1.4.1.1.88.",
                       "1.2.840.10008.5.1.4.1.1.11.", "1.2.840.10008.5.1.4.1.1.66",
                       "1.2.840.10008.5.1.4.1.1.104.")
-ORIENTATION_DECIMALS = 3  # orientations equal to 1e-3 are one orientation
+ORIENTATION_TOLERANCE = 1e-3  # direction cosines equal to this are one orientation
+SPACING_TOLERANCE_MM = 1e-3  # pixel spacings equal to this are one spacing
 
 
 @dataclass
@@ -89,14 +90,22 @@ def plane_name(orientation: Sequence[float]) -> str:
     return ("sagittal", "coronal", "axial")[axis]
 
 
-def _orientation_key(frame: Frame) -> Hashable:
-    if frame.orientation is None:
-        return None
-    return tuple(round(v, ORIENTATION_DECIMALS) + 0.0 for v in frame.orientation)
+class _Clusters:
+    """Vectors equal within ``tolerance`` (every component) share the key of the first one seen, so
+    float noise never splits a stack, whichever side of a rounding edge it falls on."""
 
+    def __init__(self, tolerance: float) -> None:
+        self.tolerance = tolerance
+        self.seen: list[tuple[float, ...]] = []
 
-def _spacing_key(frame: Frame) -> Hashable:
-    return None if frame.pixel_spacing is None else tuple(round(v, 4) for v in frame.pixel_spacing)
+    def key(self, value: tuple[float, ...] | None) -> Hashable:
+        if value is None:
+            return None
+        for known in self.seen:
+            if len(known) == len(value) and max(abs(a - b) for a, b in zip(known, value, strict=True)) <= self.tolerance:
+                return known
+        self.seen.append(tuple(value))
+        return tuple(value)
 
 
 def _majority(counts: Counter, prefer: Callable[[Hashable], float] | None = None) -> Hashable:
@@ -122,14 +131,15 @@ def image_stack(series: Series) -> Stack:
             reason = "non-image object (no frames)"
         if reason is not None:
             reasons[index] = reason
+    orientations, spacings = _Clusters(ORIENTATION_TOLERANCE), _Clusters(SPACING_TOLERANCE_MM)
     rules: list[tuple[Callable[[Instance, list[Frame]], Hashable], Callable[[Hashable], str],
                       Callable[[Hashable], float] | None]] = [
         (lambda inst, fs: inst.facts.modality or None, lambda k: f"other modality ({k})", None),
-        (lambda inst, fs: _orientation_key(fs[0]),
+        (lambda inst, fs: orientations.key(fs[0].orientation),
          lambda k: f"other orientation ({plane_name(k) if k is not None else 'none'})",  # type: ignore[arg-type]
          _axial_score),
         (lambda inst, fs: (fs[0].rows, fs[0].cols), lambda k: "other matrix size ({}x{})".format(*k), None),  # type: ignore[str-format]
-        (lambda inst, fs: _spacing_key(fs[0]),
+        (lambda inst, fs: spacings.key(fs[0].pixel_spacing),
          lambda k: "other pixel spacing ({})".format("\\".join(f"{v:g}" for v in k) + " mm" if k else "none"),  # type: ignore[union-attr]
          None),
     ]

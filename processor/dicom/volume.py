@@ -28,15 +28,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from processor.dicom.decode import _decode_as, decode_into, rescale_info
-from processor.dicom.frames import (
-    DUPLICATE_TOLERANCE_MM,
-    Frame,
-    frames_of,
-    order_frames,
-    slice_normal,
-    time_clusters,
-    tm_seconds,
-)
+from processor.dicom.frames import DUPLICATE_TOLERANCE_MM, Frame, frames_of, slice_normal
+from processor.dicom.ordering import acquisition_seconds, order_frames, time_clusters
 from processor.dicom.scan import Series
 from processor.dicom.stack import image_stack
 from processor.errors import StepError
@@ -113,7 +106,8 @@ def plan_frames(series: Series, tol: float = DUPLICATE_TOLERANCE_MM,
     if len({(f.rows, f.cols) for f in frames}) > 1:
         raise StepError(f"series {series.number}: slices have different sizes; choose another series")
     normal = slice_normal(orientation)
-    times = time_clusters([tm_seconds(f.acquisition_time) for f in frames])
+    times = time_clusters([acquisition_seconds(f.acquisition_date, f.acquisition_time, f.acquisition_datetime)
+                           for f in frames])
     ordering = order_frames(
         np.asarray([f.position for f in frames]), normal,
         tiebreak=[f.instance_number * 100_000 + f.frame for f in frames],
@@ -130,7 +124,7 @@ def plan_frames(series: Series, tol: float = DUPLICATE_TOLERANCE_MM,
                   "frames_in_series": len(every), "frames_without_position": len(every) - len(frames),
                   "frames_used": len(kept),
                   "duplicates_dropped": len(ordering.dropped), "phases_split": phases,
-                  "parts_merged": ordering.parts}
+                  "parts_merged": ordering.parts, "stray_images": ordering.left_out}
     if ordering.dropped:
         log.warning("volume.duplicates series=%s dropped=%d", series.number, len(ordering.dropped))
     info.update(_spacing_info(ordering.positions_mm))
@@ -165,7 +159,7 @@ def in_plane_spacing(kept: list[Frame]) -> tuple[tuple[float, float], str, str |
     if pixel is not None:
         return pixel, "PixelSpacing", None
     imager = _valid(kept[0].imager_pixel_spacing)
-    what = "missing" if kept[0].pixel_spacing is None else "zero"
+    what = "missing" if kept[0].pixel_spacing is None else "zero or negative"
     if imager is not None:
         return imager, f"ImagerPixelSpacing (fallback: PixelSpacing {what})", None
     return (math.nan, math.nan), "unknown", (

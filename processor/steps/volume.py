@@ -46,9 +46,16 @@ def volume_warnings(info: dict, unknown: str | None) -> list[str]:
                    f"(rule phase: {phases['rule']}). {others}")
     parts = info.get("parts_merged")
     if parts:
-        out.append(f"volume: the series is one scan in {len(parts['parts'])} acquisitions "
-                   f"({parts['merged_by']} " + ", ".join(p["key"] or "none" for p in parts["parts"])
-                   + ") covering adjacent ranges; merged into one volume")
+        keys = [p["key"] for p in parts["parts"]]
+        shown = ", ".join(keys[:6]) + (f", … ({parts['part_count']} in all)" if parts["part_count"] > 6 else "")
+        out.append(f"volume: the series is one scan in {parts['part_count']} acquisitions "
+                   f"({parts['merged_by']} {shown}) covering adjacent ranges; merged into one volume")
+    stray = info.get("stray_images")
+    if stray:
+        out.append(f"volume: {stray['frames'] + stray['filled_free_positions']} stray image(s) "
+                   f"({stray['by']} " + ", ".join(g["key"] for g in stray["groups"][:6])
+                   + f") {stray['reason']}: {stray['frames']} left out, {stray['filled_free_positions']} "
+                   "filled free positions of the slice grid")
     if info["duplicates_dropped"]:
         out.append(f"volume: {info['duplicates_dropped']} image(s) at an already-used position were dropped "
                    "(one image kept per position; between acquisitions, the later one)")
