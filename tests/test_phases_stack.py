@@ -366,3 +366,5 @@ def test_phases_and_set_aside_images_reach_the_json_and_the_excel_row(tmp_path: 
     sheet = book.worksheets[0]
     row = dict(zip(HEADERS, [c.value for c in sheet[2]], strict=True))
     assert "2 phases" in row[NOTES_HEADER] and "localizer/scout: 1" in row[NOTES_HEADER]
+    lines = row[NOTES_HEADER].count("\n") + 1
+    assert sheet.row_dimensions[2].height >= 15 * lines  # tall enough that wrapped notes do not overlap

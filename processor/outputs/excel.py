@@ -41,6 +41,16 @@ PROBABILITY_FORMAT = "0.000"
 
 NOTES_HEADER = "Notes"  # the study's warnings in plain words: set-aside images, phases, fallbacks, gaps, lung flags
 NOTE_SEPARATOR = "\n• "
+NOTES_WIDTH = 60  # characters
+LINE_POINTS = 15.0  # row height of one wrapped line of the default 11 pt font
+
+
+def _wrapped_height(text: str, width: float) -> float:
+    """Row height (points) that shows ``text`` wrapped at about ``width`` characters: Excel and
+    LibreOffice do not grow a row for wrapped text written by openpyxl, so lines would overlap."""
+    per_line = max(1, int(width * 1.1))
+    lines = sum(max(1, -(-len(part) // per_line)) for part in text.split("\n"))
+    return min(409.0, LINE_POINTS * lines)
 
 # (header, width, number format or None)
 STUDY_COLUMNS: list[tuple[str, float, str | None]] = [
@@ -68,7 +78,7 @@ STUDY_COLUMNS: list[tuple[str, float, str | None]] = [
     ("%LAA-950", 9, "0.0"),
     (CAPTION_HEADER, 60, None),
     ("Processing time (s)", 11, "0.0"),
-    (NOTES_HEADER, 60, None),
+    (NOTES_HEADER, NOTES_WIDTH, None),
     ("Error", 50, None),
     ("JSON", 14, None),
 ]
@@ -284,6 +294,7 @@ def _style_studies(ws: Worksheet, rows: list[dict[str, Any]]) -> None:
         if row.get(NOTES_HEADER):
             ws.cell(row=r, column=HEADERS.index(NOTES_HEADER) + 1).alignment = Alignment(
                 vertical="top", wrap_text=True)
+            ws.row_dimensions[r].height = _wrapped_height(str(row[NOTES_HEADER]), NOTES_WIDTH)
         link = row.get("JSON")
         if link:
             cell = ws.cell(row=r, column=json_col)
