@@ -124,10 +124,15 @@ class Verdict:
                 "eligible": self.eligible, "rank": self.rank, "score": self.score, "reason": self.reason}
 
 
+def _close(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    """``np.allclose(a, b, atol=GEOMETRY_TOLERANCE)`` for short tuples, without numpy's per-call cost."""
+    return len(a) == len(b) and all(abs(x - y) <= GEOMETRY_TOLERANCE + 1e-5 * abs(y) for x, y in zip(a, b, strict=True))
+
+
 def _distinct(values: Sequence[tuple[float, ...]]) -> list[tuple[float, ...]]:
     out: list[tuple[float, ...]] = []
     for value in values:
-        if not any(np.allclose(value, seen, atol=GEOMETRY_TOLERANCE) for seen in out):
+        if not any(_close(value, seen) for seen in out):
             out.append(value)
     return out
 
