@@ -19,9 +19,14 @@ from tests import dicomgen
 
 NORMAL = np.array([0.0, 0.0, 1.0])
 SHAPE = (40, 64, 64)
-SLICE_MM, PIXEL_MM = 2.5, 0.66
+SLICE_MM, PIXEL_MM = 2.5, 5.0  # 64 × 5 mm: an adult-sized field of view for the small phantom
 STEPS = [{"id": "series", "uses": "dicom.select_series", "with": {"min_slices": 20}},
          {"id": "volume", "uses": "ct.volume"}, {"id": "lungs", "uses": "quantify.lungs"}]
+
+
+def _make(n: int, **kwargs: object) -> list:
+    kwargs.setdefault("pixel_spacing", PIXEL_MM)
+    return dicomgen.make_series(n, **kwargs)  # type: ignore[arg-type]
 
 
 def _positions(z: list[float]) -> np.ndarray:
@@ -180,8 +185,8 @@ def test_two_acquisitions_sharing_a_position_are_one_volume(tmp_path: Path, phan
     hu, truth = phantom
     stored = _stored(hu)
     study, series = generate_uid(), generate_uid()
-    feet = dicomgen.make_series(21, study_uid=study, series_uid=series, stored=stored[:21])
-    head = dicomgen.make_series(20, study_uid=study, series_uid=series, stored=stored[20:],
+    feet = _make(21, study_uid=study, series_uid=series, stored=stored[:21])
+    head = _make(20, study_uid=study, series_uid=series, stored=stored[20:],
                                 origin=(0, 0, 20 * SLICE_MM))
     for ds in feet:
         ds.AcquisitionNumber = 2
@@ -203,8 +208,8 @@ def test_two_contrast_phases_offset_in_z_are_separated(tmp_path: Path, phantom: 
     study, series = generate_uid(), generate_uid()
     enhanced = hu.copy()
     enhanced[hu == 40.0] = 200.0
-    plain = dicomgen.make_series(40, study_uid=study, series_uid=series, stored=_stored(hu))
-    contrast = dicomgen.make_series(40, study_uid=study, series_uid=series, stored=_stored(enhanced),
+    plain = _make(40, study_uid=study, series_uid=series, stored=_stored(hu))
+    contrast = _make(40, study_uid=study, series_uid=series, stored=_stored(enhanced),
                                     origin=(0, 0, 1.2))
     for ds in plain:
         ds.AcquisitionNumber = 1
@@ -226,7 +231,7 @@ def test_two_contrast_phases_offset_in_z_are_separated(tmp_path: Path, phantom: 
 
 def test_orientation_noise_on_either_side_of_a_rounding_edge_is_one_stack(tmp_path: Path, phantom: tuple) -> None:
     hu, truth = phantom
-    datasets = dicomgen.make_series(40, stored=_stored(hu))
+    datasets = _make(40, stored=_stored(hu))
     for k, ds in enumerate(datasets):
         ds.ImageOrientationPatient = [1, 0.0004 if k % 2 else 0.0006, 0, 0, 1, 0]
     ctx, outcome = _run(tmp_path, datasets)
@@ -240,7 +245,7 @@ def test_foreign_instances_in_the_series_are_set_aside_and_counted(tmp_path: Pat
                                                                    foreign: str) -> None:
     hu, truth = phantom
     study, series = generate_uid(), generate_uid()
-    axial = dicomgen.make_series(40, study_uid=study, series_uid=series, stored=_stored(hu))
+    axial = _make(40, study_uid=study, series_uid=series, stored=_stored(hu))
     if foreign == "scout":
         extra = dicomgen.make_scout(study_uid=study)[0]
         extra.SeriesInstanceUID = series
@@ -261,8 +266,8 @@ def test_foreign_instances_in_the_series_are_set_aside_and_counted(tmp_path: Pat
             dicomgen._set_pixels(extra, np.zeros((32, 48), np.int16))
             reason = "other matrix size (32x48)"
         else:
-            extra.PixelSpacing = [0.9, 0.9]
-            reason = "other pixel spacing (0.9\\0.9 mm)"
+            extra.PixelSpacing = [4.5, 4.5]
+            reason = "other pixel spacing (4.5\\4.5 mm)"
     # the foreign object first in the ZIP, so that it would be instances[0]
     zip_path = dicomgen.write_zip(tmp_path / "study.zip", [extra, *axial])
     ctx, outcome = dicomgen.run_steps(zip_path, STEPS, tmp_path / "out")
@@ -278,7 +283,7 @@ def test_foreign_instances_in_the_series_are_set_aside_and_counted(tmp_path: Pat
 def test_a_series_that_is_only_foreign_objects_is_rejected_in_words(tmp_path: Path, phantom: tuple) -> None:
     hu, _ = phantom
     study = generate_uid()
-    axial = dicomgen.make_series(40, study_uid=study, stored=_stored(hu))
+    axial = _make(40, study_uid=study, stored=_stored(hu))
     rt = dicomgen.make_rtstruct(study_uid=study, series_uid=generate_uid())
     zip_path = dicomgen.write_zip(tmp_path / "study.zip", [rt, *axial])
     ctx, outcome = dicomgen.run_steps(zip_path, STEPS, tmp_path / "out")
@@ -291,22 +296,22 @@ def test_a_series_that_is_only_foreign_objects_is_rejected_in_words(tmp_path: Pa
 @pytest.mark.parametrize("case", ["imager", "missing", "zero"])
 def test_pixel_spacing_is_never_invented(tmp_path: Path, phantom: tuple, case: str) -> None:
     hu, truth = phantom
-    datasets = dicomgen.make_series(40, stored=_stored(hu), pixel_spacing=0.7)
+    datasets = _make(40, stored=_stored(hu), pixel_spacing=7.0)
     for ds in datasets:
         if case == "zero":
             ds.PixelSpacing = [0, 0]
         else:
             del ds.PixelSpacing
         if case == "imager":
-            ds.ImagerPixelSpacing = [0.7, 0.7]
+            ds.ImagerPixelSpacing = [7.0, 7.0]
     ctx, outcome = _run(tmp_path, datasets)
     volume = ctx.values["volume"]
     if case == "imager":
-        assert volume.spacing_zyx == pytest.approx((SLICE_MM, 0.7, 0.7))
+        assert volume.spacing_zyx == pytest.approx((SLICE_MM, 7.0, 7.0))
         assert volume.spacing_unknown is None
         assert ctx.result["volume"]["in_plane_spacing"]["source"].startswith("ImagerPixelSpacing")
         assert any("ImagerPixelSpacing" in w for w in ctx.warnings)
-        assert ctx.result["lungs"]["volume_ml"] == pytest.approx(_true_ml(truth, 0.7), rel=0.02)
+        assert ctx.result["lungs"]["volume_ml"] == pytest.approx(_true_ml(truth, 7.0), rel=0.02)
     else:
         assert volume.spacing_unknown and "pixel spacing unknown" in volume.spacing_unknown
         assert np.isnan(volume.spacing_zyx[1]) and np.isnan(volume.spacing_zyx[2])
@@ -347,8 +352,8 @@ def test_phases_and_set_aside_images_reach_the_json_and_the_excel_row(tmp_path: 
 
     hu, _ = phantom
     study, series = generate_uid(), generate_uid()
-    plain = dicomgen.make_series(40, study_uid=study, series_uid=series, stored=_stored(hu))
-    contrast = dicomgen.make_series(40, study_uid=study, series_uid=series, stored=_stored(hu + 100),
+    plain = _make(40, study_uid=study, series_uid=series, stored=_stored(hu))
+    contrast = _make(40, study_uid=study, series_uid=series, stored=_stored(hu + 100),
                                     origin=(0, 0, 1.2))
     for n, ds in enumerate(plain + contrast):
         ds.AcquisitionNumber = 1 if n < 40 else 2

@@ -50,6 +50,7 @@ class _Group:
     key: str
     members: tuple[int, ...]
     d: np.ndarray  # their positions along the normal, ascending
+    per_image: bool = False  # gathered from values that each name one image: its z range says little
 
     @property
     def lo(self) -> float:
@@ -82,9 +83,9 @@ def _natural(key: str) -> tuple:
         return (1, 0.0, key)
 
 
-def _group(key: str, members: Sequence[int], d: np.ndarray) -> _Group:
+def _group(key: str, members: Sequence[int], d: np.ndarray, per_image: bool = False) -> _Group:
     members = tuple(sorted(members, key=lambda i: d[i]))
-    return _Group(key, members, np.sort(d[list(members)]))
+    return _Group(key, members, np.sort(d[list(members)]), per_image)
 
 
 def _groups(values: Sequence[str], d: np.ndarray, candidates: Sequence[int]) -> list[_Group]:
@@ -96,15 +97,21 @@ def _groups(values: Sequence[str], d: np.ndarray, candidates: Sequence[int]) -> 
     keys = sorted(by_key, key=_natural)
     singles = [k for k in keys if len(by_key[k]) == 1 and k != ""]
     if len(singles) > 1 and len(singles) < len(keys):
-        merged = _group(f"{singles[0]}…{singles[-1]} (one value per image)", [by_key[k][0] for k in singles], d)
+        merged = _group(f"{singles[0]}…{singles[-1]} (one value per image)", [by_key[k][0] for k in singles], d,
+                        per_image=True)
         rest = [_group(k, by_key[k], d) for k in keys if k not in singles]
         return sorted([*rest, merged], key=lambda g: _natural(g.key.split("…")[0]))
     return [_group(k, by_key[k], d) for k in keys]
 
 
 def _conflict(a: _Group, b: _Group, tol: float) -> bool:
-    """Two groups are different phases when a good part of one lies inside the other's z range."""
-    return max(a.share_inside(b, tol), b.share_inside(a, tol)) >= OVERLAP_FRACTION
+    """Two groups are different phases when a good part of one lies inside the other's z range.
+
+    The images of a per-image group need not be one block (parts of a scan can each be a single
+    image, at either end), so only its own images inside the other group's range count for it.
+    """
+    shares = [a.share_inside(b, tol) if not b.per_image else 0.0, b.share_inside(a, tol) if not a.per_image else 0.0]
+    return max(shares) >= OVERLAP_FRACTION
 
 
 def _phases(groups: list[_Group], tol: float) -> list[list[_Group]]:
@@ -209,7 +216,12 @@ def _merge_parts(parts: list[_Group], d: np.ndarray, tol: float) -> tuple[list[i
             if part.lo - tol <= d[i] <= part.hi + tol:
                 j = int(np.searchsorted(part.d, d[i]))
                 near = any(abs(part.d[x] - d[i]) < tol for x in (j - 1, j) if 0 <= x < len(part.d))
-                (duplicates if near else replaced).append(i)
+                if near:
+                    duplicates.append(i)
+                elif part.per_image:  # scattered single images claim their own positions only
+                    stay.append(i)
+                else:
+                    replaced.append(i)
             else:
                 stay.append(i)
         kept = stay + list(part.members)
