@@ -7,9 +7,15 @@ Method (no model, scipy.ndimage only), on a HU volume (z, y, x):
    lung well below) are taken on a coarse grid of about ``grid_px`` (128) rows and columns —
    every f-th row and column of the image, the last row and column included, so the image edge is
    sampled;
-2. they are opened in-plane by a 4-neighbour cross of ``opening_px`` (2) grid pixels, so a thin
-   table, cables and noise come off; pixels beyond the image edge count as body, so a body cut by
-   the edge is not thinned there;
+2. they are opened in-plane so that tissue thinner than about ``thin_mm`` (8 mm) comes off — a
+   thin table, cables and noise — and nothing thicker: the structuring element is an ellipse of
+   radius ``r = (thin_mm / step − 1) / 2`` coarse pixels per axis (rounded down), where ``step`` is
+   that axis's coarse-grid step in mm (grid step × pixel spacing), so the size is the same in mm
+   whatever the field of view, matrix or anisotropic pixel; on a coarse grid of 4 mm or more no
+   opening is done. A thin chest wall (≥ 10 mm) is never opened away. When the pixel spacing is
+   unknown the pixel rule is used instead: a 4-neighbour cross of ``opening_px`` (2) grid pixels
+   (removes tissue thinner than about 5 grid pixels — the size in mm is then unknown). Pixels
+   beyond the image edge count as body, so a body cut by the edge is not thinned there;
 3. in every slice the largest in-plane component is the body (a table apart from the patient goes);
 4. the body's *interior* in that slice is the convex hull of that component, as a polygon of 32
    directions (every 11.25°): its reach ``max u·p`` along each direction u, in image pixels. A body
@@ -19,7 +25,8 @@ The interior is handed on as column spans ``left[z, y] ≤ x ≤ right[z, y]`` (
 columns; ``left > right`` where a row holds none of it), optionally moved ``inset`` image pixels
 inwards from the hull's outline.
 
-Units: HU for ``threshold_hu``; coarse-grid pixels for ``grid_px`` and ``opening_px``; image pixels
+Units: HU for ``threshold_hu``; mm for ``thin_mm``; coarse-grid pixels for ``grid_px`` and
+``opening_px`` (the fallback without a pixel spacing); image pixels
 (row, column indices of the (y, x) plane) for the polygon, the spans and ``inset``.
 
 Source of the convention: the classic threshold lung segmentation (Hu, Hoffman & Reinhardt,
@@ -49,7 +56,8 @@ _UX[np.abs(_UX) < 1e-6] = 0.0
 class BodySettings:
     threshold_hu: float = -500.0  # body: pixels above this
     grid_px: int = 128  # the body mask works on about this many rows and columns
-    opening_px: int = 2  # in-plane opening radius of the body mask, in coarse pixels
+    opening_px: int = 2  # opening radius in coarse pixels, used only when the pixel spacing is unknown
+    thin_mm: float = 8.0  # tissue thinner than about this (mm) is opened away: a thin table, cables
 
 
 def _grid(n: int, step: int) -> np.ndarray:
@@ -87,6 +95,24 @@ def _opened(mask: np.ndarray, radius: int) -> np.ndarray:
     return core & mask
 
 
+def opening_radii(step_mm: tuple[float, float], thin_mm: float) -> tuple[int, int]:
+    """Opening radius in coarse pixels along rows and columns that removes tissue thinner than
+    about ``thin_mm`` and nothing thicker: an opening of radius r keeps what is 2r + 1 pixels thick."""
+    return tuple(max(0, int((thin_mm / s - 1) // 2)) for s in step_mm)  # type: ignore[return-value]
+
+
+def _opened_mm(mask: np.ndarray, radii: tuple[int, int]) -> np.ndarray:
+    """In-plane opening by an ellipse of ``radii`` (rows, columns) coarse pixels; the image edge
+    counts as inside, as in :func:`_opened`."""
+    ry, rx = radii
+    if ry == 0 and rx == 0:
+        return mask
+    dy, dx = np.ogrid[-ry:ry + 1, -rx:rx + 1]
+    disc = (dy / max(ry, 0.5)) ** 2 + (dx / max(rx, 0.5)) ** 2 <= 1
+    core = ndimage.binary_erosion(mask, disc[None], border_value=1)
+    return ndimage.binary_dilation(core, disc[None], border_value=0) & mask
+
+
 def _largest_per_slice(mask: np.ndarray) -> np.ndarray:
     """The largest in-plane component of ``mask`` in every slice."""
     labels, count = ndimage.label(mask, structure=IN_PLANE)
@@ -102,14 +128,20 @@ def _largest_per_slice(mask: np.ndarray) -> np.ndarray:
     return labels == best[:, None, None]
 
 
-def body_polygon(hu: np.ndarray, settings: BodySettings) -> tuple[np.ndarray, int]:
+def body_polygon(hu: np.ndarray, settings: BodySettings,
+                 pixel_mm: tuple[float, float] | None = None) -> tuple[np.ndarray, int]:
     """The body's convex hull per slice as a polygon: its reach ``max u·p`` along each direction u of
-    ``_ANGLES`` (shape (z, directions), −inf in a slice without body), and the coarse grid step."""
+    ``_ANGLES`` (shape (z, directions), −inf in a slice without body), and the coarse grid step.
+    ``pixel_mm`` (row, column spacing) sizes the opening in mm; without it the pixel rule is used."""
     nz, ny, nx = hu.shape
     f = max(1, round(max(ny, nx) / settings.grid_px))
     rows, cols = _grid(ny, f), _grid(nx, f)
     dense = hu[:, rows[:, None], cols] > settings.threshold_hu
-    body = _largest_per_slice(_opened(dense, settings.opening_px))
+    if pixel_mm is not None and all(np.isfinite(v) and v > 0 for v in pixel_mm):
+        opened = _opened_mm(dense, opening_radii((f * pixel_mm[0], f * pixel_mm[1]), settings.thin_mm))
+    else:
+        opened = _opened(dense, settings.opening_px)
+    body = _largest_per_slice(opened)
     has = body.any(axis=2)[..., None]
     left = cols[np.argmax(body, axis=2)].astype(np.float32)[..., None]
     right = cols[len(cols) - 1 - np.argmax(body[:, :, ::-1], axis=2)].astype(np.float32)[..., None]
@@ -134,9 +166,9 @@ def polygon_spans(reach: np.ndarray, ny: int, inset: float = 0.0) -> tuple[np.nd
             np.clip(np.floor(right + 1e-3), -1, top).astype(np.int16))
 
 
-def body_spans(hu: np.ndarray, settings: BodySettings | None = None,
-               inset: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+def body_spans(hu: np.ndarray, settings: BodySettings | None = None, inset: float = 0.0,
+               pixel_mm: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The body's interior per slice and row, as column spans ``left[z, y] ≤ x ≤ right[z, y]``
     (int16, shape (z, y); ``left > right`` where a row holds none of it), moved ``inset``
     pixels inwards. See the module docstring."""
-    return polygon_spans(body_polygon(hu, settings or BodySettings())[0], hu.shape[1], inset)
+    return polygon_spans(body_polygon(hu, settings or BodySettings(), pixel_mm)[0], hu.shape[1], inset)

@@ -5,22 +5,31 @@ Mask (no model, scipy.ndimage only):
 
 1. body: per slice, the body mask of :mod:`processor.dicom.body` — pixels above
    ``body_threshold_hu`` (−500 HU) on a grid of about ``body_grid_px`` (128) rows and columns,
-   opened in-plane by ``body_opening_px`` grid pixels, the largest in-plane component kept. The
-   body's *interior* in that slice is the convex hull of that component (a polygon of 32
-   directions), so a body cut by the image edge still encloses its lungs;
+   opened in-plane so that tissue thinner than ``body_thin_mm`` (8 mm) goes, sized in mm per axis
+   from the pixel spacing (without one: ``body_opening_px`` grid pixels, and a note says so), the
+   largest in-plane component kept. The body's *interior* in that slice is the convex hull of that
+   component (a polygon of 32 directions), so a body cut by the image edge still encloses its lungs;
 2. air = voxels below ``threshold_hu`` (−320 HU), 3-D components; pixels below
    ``not_measured_below_hu`` (−1500 HU: the padding outside a circular reconstruction field) are
    not data and count as the edge of the image;
 3. an air component open to the in-plane image edge (or to that padding) is outside air unless at
    least ``cut_lung_min_inside`` (10 %) of it lies well inside the body's interior (at least
-   ``cut_lung_depth_px`` grid pixels in from the hull's outline): the body wraps around a lung cut
-   by the field of view, while outside air lies beyond the body's convex outline — whatever its
-   density (the table and partial volume lift tight-field outside air to about −930 HU, as dense
-   as emphysematous lung). Such a cut lung is kept whole and flagged ``lungs_cut_in_plane``. Air
-   not open to the edge counts only inside the body's interior (a table's hollow core goes);
+   ``cut_lung_depth_px`` grid pixels in from the hull's outline) and less than
+   ``cut_lung_max_wrapping`` (50 %) of it lies in in-plane parts that reach two opposite image
+   edges (air passing around the body: arms down against the torso put the armpits inside the hull of
+   torso and arms). The body wraps around a lung cut by the field of view, while outside air lies
+   beyond the body's convex outline or around it — whatever its density (the table and partial
+   volume lift tight-field outside air to about −930 HU, as dense as emphysematous lung). Such a
+   cut lung is kept whole and flagged ``lungs_cut_in_plane``. Air not open to the edge is a
+   candidate when at least ``enclosed_min_inside`` (half) of it lies inside the body's interior (a
+   table's hollow core goes); it is kept whole, and lung beyond the outline is flagged
+   ``lungs_beyond_body_outline`` (never cut away silently);
 4. the largest component is kept, and further ones (the other lung when the airways do not join
    them) up to ``max_components`` while each is at least ``min_component_ratio`` of the largest
-   — small bowel gas, outside-air pockets in body folds and noise go;
+   and at least ``second_lung_min_z_overlap`` of its slices are slices of the largest (a lung lies
+   beside the other; a gastric bubble below one hemithorax does not) — small bowel gas, outside-air
+   pockets in body folds and noise go. A mask with one in-plane part in its largest slice is
+   flagged ``one_lung``, with a note on any candidate left out;
 5. holes are filled slice by slice, so vessels and nodules inside the lungs count as lung.
 
 Metrics: lung volume (mL) — each slice's mask area times its true slab thickness along the slice
@@ -55,10 +64,14 @@ class LungSettings:
     not_measured_below_hu: float = -1500.0  # padding outside the reconstruction circle (−2000, −3024 …)
     cut_lung_min_inside: float = 0.1  # share well inside the body's hull making edge-open air a cut lung
     cut_lung_depth_px: float = 2.0  # "well inside": this many body-grid pixels in from the hull's outline
+    cut_lung_max_wrapping: float = 0.5  # share in slices where it reaches opposite edges: outside air
+    enclosed_min_inside: float = 0.5  # air not open to the edge: share inside the body's interior to count
     body_grid_px: int = BodySettings.grid_px
     body_opening_px: int = BodySettings.opening_px
+    body_thin_mm: float = BodySettings.thin_mm
     max_components: int = 2
     min_component_ratio: float = 0.1
+    second_lung_min_z_overlap: float = 0.5  # share of a further component's slices shared with the largest
     min_volume_ml: float = 500.0
     max_volume_ml: float = 12_000.0
     cut_area_ratio: float = 0.05  # mask area in an end slice, relative to the largest slice, that means "cut"
@@ -66,7 +79,8 @@ class LungSettings:
 
     @property
     def body(self) -> BodySettings:
-        return BodySettings(self.body_threshold_hu, self.body_grid_px, self.body_opening_px)
+        return BodySettings(self.body_threshold_hu, self.body_grid_px, self.body_opening_px,
+                            self.body_thin_mm)
 
 
 @dataclass
@@ -143,6 +157,44 @@ def _label_stats(labels: np.ndarray, count: int, air: np.ndarray, hull: tuple[np
     return counts, inside, well, first, last
 
 
+def _wrapping(labels: np.ndarray, ids: np.ndarray, hull: tuple[np.ndarray, np.ndarray]) -> dict[int, int]:
+    """Per component of ``ids``, its voxels in in-plane parts that reach two opposite image edges
+    (top and bottom, or left and right): air that passes around the body, which a lung cut by the
+    field of view never does (two lungs cut on both sides meet in-plane only at the carina). Only
+    slices where the component reaches opposite edges and lies partly beyond the body's interior
+    are labelled in-plane (a cut lung lies inside it)."""
+    nx = labels.shape[2]
+    out: dict[int, int] = {}
+    for c in (int(c) for c in ids):
+        edges = [(labels[:, 0, :] == c).any(axis=1), (labels[:, -1, :] == c).any(axis=1),
+                 (labels[:, :, 0] == c).any(axis=1), (labels[:, :, -1] == c).any(axis=1)]
+        total = 0
+        for z in np.flatnonzero((edges[0] & edges[1]) | (edges[2] & edges[3])):
+            here = labels[z] == c
+            beyond = np.count_nonzero(here & ~_inside(hull[0][z], hull[1][z], nx))
+            if beyond <= 0.02 * np.count_nonzero(here):
+                continue
+            parts, n = ndimage.label(here)
+            reach = [np.zeros(n + 1, bool) for _ in range(4)]
+            for hit, face in zip(reach, (parts[0], parts[-1], parts[:, 0], parts[:, -1]), strict=True):
+                hit[face] = True
+            wraps = (reach[0] & reach[1]) | (reach[2] & reach[3])
+            wraps[0] = False
+            total += int(np.count_nonzero(wraps[parts]))
+        out[c] = total
+    return out
+
+
+def _z_range(labels: np.ndarray, label: int, first: int, last: int, step: int) -> tuple[int, int]:
+    """The exact slices [lo, hi) holding ``label``, refined from the chunked superset [first, last)."""
+    lo, hi = first, last
+    while lo < hi - 1 and lo < first + step and not (labels[lo] == label).any():
+        lo += 1
+    while hi - 1 > lo and hi > last - step and not (labels[hi - 1] == label).any():
+        hi -= 1
+    return lo, hi
+
+
 def _fill_holes_in_plane(slab: np.ndarray, z0: int, shape: tuple[int, ...]) -> np.ndarray:
     """``binary_fill_holes(mask, structure=IN_PLANE)`` of a mask that is ``slab`` from slice ``z0``
     and empty elsewhere, computed on the mask's bounding box with a one-voxel empty ring. Outside
@@ -162,8 +214,25 @@ def _fill_holes_in_plane(slab: np.ndarray, z0: int, shape: tuple[int, ...]) -> n
     return out
 
 
-def lung_mask(hu: np.ndarray, settings: LungSettings | None = None) -> np.ndarray:
+@dataclass
+class LungMask:
+    """The lung mask and what its construction found that the numbers' reader must know."""
+
+    mask: np.ndarray
+    flags: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def lung_mask(hu: np.ndarray, settings: LungSettings | None = None,
+              pixel_mm: tuple[float, float] | None = None) -> np.ndarray:
     """Boolean (z, y, x) lung mask of a HU volume (see the module docstring for the method)."""
+    return segment_lungs(hu, settings, pixel_mm).mask
+
+
+def segment_lungs(hu: np.ndarray, settings: LungSettings | None = None,
+                  pixel_mm: tuple[float, float] | None = None) -> LungMask:
+    """The lung mask of a HU volume with its flags and notes. ``pixel_mm`` (row, column spacing)
+    sizes the body mask's opening in mm; without it the pixel rule is used (module docstring)."""
     settings = settings or LungSettings()
     air = hu < settings.threshold_hu
     pad = hu < settings.not_measured_below_hu if hu.min() < settings.not_measured_below_hu else None
@@ -171,36 +240,97 @@ def lung_mask(hu: np.ndarray, settings: LungSettings | None = None) -> np.ndarra
         air &= ~pad
     labels, count = ndimage.label(air)
     if count == 0:
-        return np.zeros(hu.shape, bool)
-    reach, f = body_polygon(hu, settings.body)
+        return LungMask(np.zeros(hu.shape, bool))
+    reach, f = body_polygon(hu, settings.body, pixel_mm)
     left, right = polygon_spans(reach, hu.shape[1])
     deep = polygon_spans(reach, hu.shape[1], settings.cut_lung_depth_px * f)
     counts, inside, well, first, last = _label_stats(labels, count, air, (left, right), deep)
+    edge_ids = _edge_labels(labels, pad)
     open_edge = np.zeros(count + 1, bool)
-    open_edge[_edge_labels(labels, pad)] = True
-    whole = open_edge & (well >= settings.cut_lung_min_inside * counts)  # cut lungs: kept whole
-    sizes = np.where(whole, counts, np.where(open_edge, 0, inside)).astype(np.float64)
+    open_edge[edge_ids] = True
+    # a cut lung: edge-open air that the body wraps — enough of it well inside the body's interior,
+    # and not mostly in slices where it passes around the body (arms down, a tight field of view)
+    cut = open_edge & (well >= settings.cut_lung_min_inside * counts)
+    for c, wrapping in _wrapping(labels, np.flatnonzero(cut), (left, right)).items():
+        cut[c] = wrapping < settings.cut_lung_max_wrapping * counts[c]
+    # enclosed air lies in the body: most of it inside the interior (a table's hollow core does not);
+    # it is kept whole, so a body outline that misses part of a thin chest wall cuts no lung away
+    closed = ~open_edge & (inside >= settings.enclosed_min_inside * counts)
+    sizes = np.where(cut | closed, counts, 0).astype(np.float64)
     sizes[0] = 0
     candidates = np.flatnonzero(sizes)
     if len(candidates) == 0:
-        return np.zeros(hu.shape, bool)
-    order = np.argsort(-sizes[candidates], kind="stable")
-    largest = sizes[candidates[order[0]]]
-    chosen = [candidates[i] for i in order[: settings.max_components]
-              if sizes[candidates[i]] >= settings.min_component_ratio * largest]
-    z0, z1 = int(first[chosen].min()), int(last[chosen].max())
+        return LungMask(np.zeros(hu.shape, bool))
+    order = candidates[np.argsort(-sizes[candidates], kind="stable")]
+    step = max(1, _CHUNK_VOXELS // max(1, labels[0].size))
+    ranges = {int(c): _z_range(labels, int(c), int(first[c]), int(last[c]), step)
+              for c in order[:settings.max_components]}
+    chosen, rejected = _choose(order, sizes, ranges, settings)
+    z0, z1 = min(ranges[c][0] for c in chosen), max(ranges[c][1] for c in chosen)
     lookup = np.zeros(count + 1, bool)
     lookup[chosen] = True
-    slab = lookup[labels[z0:z1]]
-    clipped = [c for c in chosen if not whole[c] and inside[c] < counts[c]]
-    if clipped:  # enclosed air counts only inside the body (a table's hollow core does not)
-        lookup[:] = False
-        lookup[clipped] = True
-        slab &= ~lookup[labels[z0:z1]] | _inside(left[z0:z1], right[z0:z1], hu.shape[2])
-    mask = _fill_holes_in_plane(slab, z0, hu.shape)
+    mask = _fill_holes_in_plane(lookup[labels[z0:z1]], z0, hu.shape)
     if pad is not None:
         mask &= ~pad
-    return mask
+    result = LungMask(mask)
+    if pixel_mm is None or not all(math.isfinite(float(v)) and float(v) > 0 for v in pixel_mm):
+        result.notes.append(f"the body mask's opening used the pixel rule ({settings.body_opening_px} grid "
+                            "pixels), as the pixel spacing is not known")
+    _note_outline(result, [c for c in chosen if not open_edge[c]], counts, inside)
+    _note_one_lung(result, mask, rejected, sizes, counts)
+    return result
+
+
+def _choose(order: np.ndarray, sizes: np.ndarray, ranges: dict[int, tuple[int, int]],
+            settings: LungSettings) -> tuple[list[int], list[int]]:
+    """The largest component, and further ones up to ``max_components`` that are each at least
+    ``min_component_ratio`` of it and lie beside it: a lung spans most of the thorax, so at least
+    ``second_lung_min_z_overlap`` of a further component's slices must be slices of the largest
+    (a gastric bubble below one lung is not the other lung). Returns (chosen, rejected)."""
+    largest = int(order[0])
+    lo, hi = ranges[largest]
+    chosen, rejected = [largest], []
+    for c in (int(c) for c in order[1:settings.max_components]):
+        if sizes[c] < settings.min_component_ratio * sizes[largest]:
+            break
+        c_lo, c_hi = ranges[c]
+        overlap = max(0, min(hi, c_hi) - max(lo, c_lo))
+        if overlap >= settings.second_lung_min_z_overlap * (c_hi - c_lo):
+            chosen.append(c)
+        else:
+            rejected.append(c)
+    return chosen, rejected
+
+
+def _note_outline(result: LungMask, closed: list[int], counts: np.ndarray, inside: np.ndarray) -> None:
+    """Enclosed lung air beyond the body's outline is kept; say so, as the outline was not found whole."""
+    total, beyond = int(counts[closed].sum()), int((counts[closed] - inside[closed]).sum())
+    if total and beyond > 0.01 * total:
+        result.flags.append("lungs_beyond_body_outline")
+        result.notes.append(f"{100 * beyond / total:.1f} % of the lung air lies beyond the body outline found "
+                            "in its slices and was kept: the body mask did not find the whole chest wall "
+                            "(a very thin chest wall, or tissue below −500 HU), so check the lung mask")
+
+
+def _note_one_lung(result: LungMask, mask: np.ndarray, rejected: list[int], sizes: np.ndarray,
+                   counts: np.ndarray) -> None:
+    """``one_lung`` when the mask holds a single lung: in its largest slice, one in-plane part."""
+    areas = mask.sum(axis=(1, 2))
+    peak = int(np.argmax(areas))
+    parts, n = ndimage.label(mask[peak])
+    big = np.bincount(parts.ravel())[1:] >= 0.1 * areas[peak] if n else np.zeros(0, bool)
+    why = ""
+    if rejected:
+        share = ", ".join(f"{100 * counts[c] / max(1, int(mask.sum())):.0f} %" for c in rejected)
+        why = (f"; an air-filled space ({share} of the lung's volume) was left out because it does not "
+               "lie beside the lung (its slices are mostly above or below the lung's: gas in the stomach "
+               "or bowel, not lung)")
+    if int(big.sum()) == 1:
+        result.flags.append("one_lung")
+        result.notes.append("only one lung was found: if the patient has two, the other is collapsed, filled "
+                            "or outside the series, and the numbers describe one lung" + why)
+    elif why:
+        result.notes.append(why[2].upper() + why[3:])
 
 
 def slab_thickness_mm(positions_mm: np.ndarray) -> np.ndarray:
@@ -215,12 +345,13 @@ def slab_thickness_mm(positions_mm: np.ndarray) -> np.ndarray:
 
 def lung_metrics(hu: np.ndarray, mask: np.ndarray, spacing_zyx: tuple[float, float, float],
                  settings: LungSettings | None = None, *, positions_mm: np.ndarray | None = None,
-                 spacing_unknown: str | None = None) -> LungMetrics:
+                 spacing_unknown: str | None = None, found: LungMask | None = None) -> LungMetrics:
     """Volume, %LAA-950 and mean lung density inside ``mask``, with plausibility flags.
 
     ``positions_mm`` (one per slice, ascending along the normal) gives each slice its true slab
     thickness; without it every slice is ``spacing_zyx[0]`` thick. ``spacing_unknown`` (a reason)
-    withholds the volume; so does a spacing that is not a finite positive number.
+    withholds the volume; so does a spacing that is not a finite positive number. ``found`` (from
+    :func:`segment_lungs`) adds what the mask's construction flagged and noted.
     """
     settings = settings or LungSettings()
     nz = mask.shape[0]
@@ -236,6 +367,16 @@ def lung_metrics(hu: np.ndarray, mask: np.ndarray, spacing_zyx: tuple[float, flo
                               ["no lung was found: the series may not show the chest, or is not in HU"])
         _flag_spacing(metrics, unknown)
         return metrics
+    metrics = _measure(hu, mask, slabs, areas, voxels, unknown, spacing_zyx, settings, positions_mm)
+    if found is not None:
+        metrics.flags += [f for f in found.flags if f not in metrics.flags]
+        metrics.notes += found.notes
+    return metrics
+
+
+def _measure(hu: np.ndarray, mask: np.ndarray, slabs: np.ndarray, areas: np.ndarray, voxels: int,
+             unknown: str | None, spacing_zyx: tuple[float, float, float], settings: LungSettings,
+             positions_mm: np.ndarray | None) -> LungMetrics:
     box = _bounding_box(mask, areas)
     values = hu[box][mask[box]]  # slice by slice, in the order of the box
     present = np.flatnonzero(areas[box[0]])

@@ -15,7 +15,7 @@ import logging
 
 from pydantic import Field
 
-from processor.dicom.lungs import LungSettings, lung_mask, lung_metrics
+from processor.dicom.lungs import LungSettings, lung_metrics, segment_lungs
 from processor.pipeline.registry import StepRegistry
 from processor.pipeline.step import Params, Step, StudyContext
 
@@ -48,14 +48,17 @@ class QuantifyLungs(Step):
         params: LungParams = self.params  # type: ignore[assignment]
         settings = params.settings()
         volume = ctx.values["volume"]
-        mask = lung_mask(volume.hu, settings)
-        metrics = lung_metrics(volume.hu, mask, volume.spacing_zyx, settings,
-                               positions_mm=volume.positions_mm, spacing_unknown=volume.spacing_unknown)
+        pixel_mm = None if volume.spacing_unknown else (volume.spacing_zyx[1], volume.spacing_zyx[2])
+        found = segment_lungs(volume.hu, settings, pixel_mm)
+        mask = found.mask
+        metrics = lung_metrics(volume.hu, mask, volume.spacing_zyx, settings, positions_mm=volume.positions_mm,
+                               spacing_unknown=volume.spacing_unknown, found=found)
         ctx.values["lung_mask"] = mask
         ctx.result["lungs"] = {**metrics.as_dict(), "method": "threshold",
                                "threshold_hu": settings.threshold_hu,
                                "laa_threshold_hu": settings.laa_threshold_hu,
                                "body_mask": True, "body_threshold_hu": settings.body_threshold_hu,
+                               "body_thin_mm": settings.body_thin_mm if pixel_mm else None,
                                "volume_integration": "slab thickness of each slice from its position"}
         if not metrics.plausible:
             ctx.warnings.append("lungs: lung numbers partial or not plausible (" + ", ".join(metrics.flags)
