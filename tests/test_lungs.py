@@ -7,8 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from processor.dicom.lung_metrics import lung_metrics
-from processor.dicom.lungs import LungSettings, lung_mask
+from processor.dicom.lungs import LungSettings, lung_mask, lung_metrics
 from tests import dicomgen
 
 STEPS = [{"id": "series", "uses": "dicom.select_series"}, {"id": "volume", "uses": "ct.volume"},

@@ -18,8 +18,7 @@ from hypothesis import strategies as st
 from scipy import ndimage
 
 from processor.dicom.body import body_spans
-from processor.dicom.lung_metrics import lung_metrics, slab_thickness_mm
-from processor.dicom.lungs import LungSettings, lung_mask
+from processor.dicom.lungs import LungSettings, lung_mask, lung_metrics, slab_thickness_mm
 from tests import dicomgen
 
 STEPS = [{"id": "series", "uses": "dicom.select_series"}, {"id": "volume", "uses": "ct.volume"},

@@ -21,8 +21,7 @@ import numpy as np
 import pytest
 
 from processor.dicom.body import opening_radii
-from processor.dicom.lung_metrics import lung_metrics
-from processor.dicom.lungs import LungSettings, segment_lungs
+from processor.dicom.lungs import LungSettings, lung_metrics, segment_lungs
 from tests import dicomgen
 
 LUNG_HU, BODY_HU = -850.0, 40.0

@@ -1,8 +1,8 @@
 """Quantitative CT step ``quantify.lungs``: weight-free lung mask, lung volume, %LAA-950, mean lung density.
 
-The method is in :mod:`processor.dicom.lungs` (mask) and :mod:`processor.dicom.lung_metrics`
-(metrics): the lung mask is taken inside a body mask (air outside the patient is never lung, however
-dense a tight field of view makes it), and the volume integrates each slice's true slab thickness. An implausible or partial result (too small or large,
+The method is in :mod:`processor.dicom.lungs`: the lung mask is taken inside a body mask (air
+outside the patient is never lung, however dense a tight field of view makes it), and the volume
+integrates each slice's true slab thickness. An implausible or partial result (too small or large,
 lungs cut by the scan range or by the field of view, slices missing inside the lungs, empty) is
 not a failure: the ``lungs`` section carries ``plausible: false``, the flags, the notes and a
 summary in plain words, and the study gets a warning. With an unknown pixel spacing the volume is
@@ -15,8 +15,7 @@ import logging
 
 from pydantic import Field
 
-from processor.dicom.lung_metrics import lung_metrics
-from processor.dicom.lungs import LungSettings, segment_lungs
+from processor.dicom.lungs import LungSettings, lung_metrics, segment_lungs
 from processor.pipeline.registry import StepRegistry
 from processor.pipeline.step import Params, Step, StudyContext
 
