@@ -215,3 +215,24 @@ def test_monochrome1_keeps_hu_and_previews_show_lungs_dark(tmp_path: Path, phant
     lung, soft = image[level == LUNG_HU], image[level == BODY_HU]
     assert lung.size and soft.size
     assert lung.max() < 128 < soft.min(), (lung.max(), soft.min())
+
+
+def test_the_in_process_reader_api_that_outside_checkers_use_stays(tmp_path: Path, phantom: tuple) -> None:
+    """Outside oracles (the field-case probe) read a study in-process with these names and signatures."""
+    from processor.dicom.lungs import lung_mask, lung_metrics
+    from processor.dicom.scan import scan_members
+    from processor.dicom.select import SelectionRules, evaluate, series_facts
+    from processor.dicom.volume import load_volume
+    from processor.intake.archive import Limits, open_arrival
+
+    hu, truth = phantom
+    zip_path = dicomgen.write_zip(tmp_path / "s.zip", _classic(np.round(hu + 1024).astype(np.int16)))
+    with open_arrival(zip_path, Limits()) as contents:
+        study = scan_members(contents.members).studies[0]
+        verdicts = evaluate([series_facts(s) for s in study.series.values()], SelectionRules(min_slices=20))
+        volume = load_volume(study.series[verdicts[0].facts.uid], workers=1)
+    metrics = lung_metrics(volume.hu, lung_mask(volume.hu), volume.spacing_zyx).as_dict()
+    assert {"frames_in_series", "frames_used", "duplicates_dropped", "phases_split", "spacing",
+            "tilt_degrees"} <= set(volume.provenance)
+    assert metrics["volume_ml"] == pytest.approx(truth["lung_voxels"] * float(np.prod(volume.spacing_zyx)) / 1000,
+                                                 rel=0.02)
