@@ -2,6 +2,10 @@
 
 A reader never sees half a file, and a crash leaves at most a ``.*.tmp`` file that the daemon
 removes at the next start. Used by every writer of results, previews, latents and model cards.
+
+The finished file gets the mode an ordinary ``open()`` would give it (0666 less the process umask,
+e.g. 0644 under umask 022), not the 0600 of ``tempfile.mkstemp``: outputs are for other accounts
+on the shared folder too.
 """
 
 from __future__ import annotations
@@ -13,10 +17,30 @@ from pathlib import Path
 from typing import Any
 
 
+def umask() -> int:
+    """The process umask, read without changing it (``/proc/self/status``; else set and restored)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def file_mode() -> int:
+    """The mode a newly created file gets from ``open()``: 0666 less the umask."""
+    return 0o666 & ~umask()
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

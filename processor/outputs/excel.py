@@ -26,6 +26,7 @@ from openpyxl.styles import Alignment, Font, PatternFill
 from openpyxl.utils import get_column_letter
 from openpyxl.worksheet.worksheet import Worksheet
 
+from processor.atomic import file_mode
 from processor.names import display_name
 
 log = logging.getLogger(__name__)
@@ -426,6 +427,7 @@ def _atomic(target: Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, file_mode())  # readable by the other accounts the umask allows, not mkstemp's 0600
         os.replace(tmp, target)
     finally:
         Path(tmp).unlink(missing_ok=True)
