@@ -7,6 +7,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,7 +40,7 @@ def _process_under_umask(root: Path, mask: str) -> Project:
     study = dicomgen.write_zip(root / "study.zip", datasets)
     command = f"umask {mask} && exec \"$0\" \"$@\""
     for args in (["process", str(study)], ["report"]):
-        done = subprocess.run(["sh", "-c", command, os.sys.executable, str(REPO / "run.py"), *args,
+        done = subprocess.run(["sh", "-c", command, sys.executable, str(REPO / "run.py"), *args,
                                "--config", str(project.config)], capture_output=True, text=True,
                               cwd=root, env=_env(), timeout=120)
         assert done.returncode == 0, done.stderr[-2000:]
