@@ -273,11 +273,31 @@ def test_foreign_instances_in_the_series_are_set_aside_and_counted(tmp_path: Pat
     ctx, outcome = dicomgen.run_steps(zip_path, STEPS, tmp_path / "out")
     assert outcome.status == "Success", outcome.error
     selection = ctx.result["series_selection"]
-    assert selection["set_aside"] == {reason: 1}
+    assert selection["set_aside"] == {reason: 1} == ctx.result["volume"]["set_aside"]
     assert selection["series"][0]["modality"] == "CT" and selection["series"][0]["count"] == 40
     assert ctx.values["volume"].hu.shape == SHAPE
     assert ctx.result["lungs"]["volume_ml"] == pytest.approx(_true_ml(truth), rel=0.02)
     assert any("set aside" in w and reason in w for w in ctx.warnings)
+
+
+@pytest.mark.parametrize("numbering", ["same", "reversed"])
+def test_two_reconstructions_under_one_series_uid_are_never_mixed(tmp_path: Path, phantom: tuple,
+                                                                  numbering: str) -> None:
+    hu, truth = phantom
+    study, series = generate_uid(), generate_uid()
+    sharp = hu.copy()
+    sharp[hu == -850.0] = -960.0  # the sharp kernel reads the lungs darker: a mix would be a plausible lie
+    soft = _make(40, study_uid=study, series_uid=series, stored=_stored(hu), kernel="B30f")
+    lung = _make(40, study_uid=study, series_uid=series, stored=_stored(sharp), kernel="B70f")
+    if numbering == "reversed":
+        for k, ds in enumerate(lung):
+            ds.InstanceNumber = 40 - k
+    ctx, outcome = _run(tmp_path, soft + lung)
+    assert outcome.status == "Success", outcome.error
+    assert np.array_equal(ctx.values["volume"].hu, hu.astype(np.int16))  # all B30f (first in key order)
+    phases = ctx.result["volume"]["phases_split"]
+    assert phases["split_by"] == "reconstruction" and len(phases["phases"]) == 2
+    assert ctx.result["lungs"]["mean_lung_density_hu"] == pytest.approx(truth["mean_lung_density_hu"], abs=2)
 
 
 def test_a_series_that_is_only_foreign_objects_is_rejected_in_words(tmp_path: Path, phantom: tuple) -> None:

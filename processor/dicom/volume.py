@@ -111,7 +111,8 @@ def plan_frames(series: Series, tol: float = DUPLICATE_TOLERANCE_MM,
     ordering = order_frames(
         np.asarray([f.position for f in frames]), normal,
         tiebreak=[f.instance_number * 100_000 + f.frame for f in frames],
-        phase_keys={"temporal position": [f.temporal for f in frames],
+        phase_keys={"reconstruction": [_reconstruction(f) for f in frames],
+                    "temporal position": [f.temporal for f in frames],
                     "AcquisitionNumber": [f.acquisition for f in frames],
                     "acquisition time": times}, rule=phase_rule, tol=tol)
     kept = [frames[i] for i in ordering.order]
@@ -129,6 +130,12 @@ def plan_frames(series: Series, tol: float = DUPLICATE_TOLERANCE_MM,
         log.warning("volume.duplicates series=%s dropped=%d", series.number, len(ordering.dropped))
     info.update(_spacing_info(ordering.positions_mm))
     return kept, ordering.positions_mm, info
+
+
+def _reconstruction(frame: Frame) -> str:
+    """ConvolutionKernel and ImageType of a frame: two reconstructions (or energies) of one scan under
+    one SeriesInstanceUID differ here, and are phases of the same anatomy, never one stack."""
+    return f"{frame.kernel or 'no kernel'} / {chr(92).join(frame.image_type) or 'no ImageType'}"
 
 
 def _spacing_info(d: np.ndarray) -> dict:

@@ -83,7 +83,7 @@ class SelectSeries(Step):
         if chosen.facts.thickness_mm is None:
             ctx.warnings.append(f"series {chosen.facts.number}: slice thickness "
                                 f"{chosen.facts.thickness_words()}")
-        ctx.values["series"] = stack.series
+        ctx.values["series"] = ctx.study.series[chosen.facts.uid]  # ct.volume sets the same instances aside
         log.info("series.chosen study=%s series=%s slices=%d kernel=%s thickness=%s", ctx.label,
                  chosen.facts.number, chosen.facts.slice_count, chosen.facts.kernel, chosen.facts.thickness_mm)
 

@@ -58,7 +58,8 @@ def volume_warnings(info: dict, unknown: str | None) -> list[str]:
                    "filled free positions of the slice grid")
     if info["duplicates_dropped"]:
         out.append(f"volume: {info['duplicates_dropped']} image(s) at an already-used position were dropped "
-                   "(one image kept per position; between acquisitions, the later one)")
+                   "(one image kept per position: between acquisitions the later one, otherwise the lowest "
+                   "InstanceNumber)")
     if parts and parts.get("replaced_by_later_part"):
         out.append(f"volume: {parts['replaced_by_later_part']} image(s) of an earlier acquisition inside a "
                    "later acquisition's range were left out, so the two never interleave")
