@@ -393,3 +393,20 @@ def test_phases_and_set_aside_images_reach_the_json_and_the_excel_row(tmp_path: 
     assert "2 phases" in row[NOTES_HEADER] and "localizer/scout: 1" in row[NOTES_HEADER]
     lines = row[NOTES_HEADER].count("\n") + 1
     assert sheet.row_dimensions[2].height >= 15 * lines  # tall enough that wrapped notes do not overlap
+
+
+def test_a_zero_rescale_slope_is_refused_and_a_missing_rescale_is_said(tmp_path: Path, phantom: tuple) -> None:
+    hu, _ = phantom
+    zero = _make(40, stored=_stored(hu))
+    for ds in zero:
+        ds.RescaleSlope = 0
+    _, outcome = _run(tmp_path / "zero", zero)
+    assert outcome.status == "Failure" and "RescaleSlope is 0 in 40 image(s)" in (outcome.error or "")
+    missing = _make(40, stored=hu.astype(np.int16))  # stored values already HU, rescale attributes gone
+    for ds in missing:
+        del ds.RescaleSlope
+        del ds.RescaleIntercept
+    ctx, outcome = _run(tmp_path / "missing", missing)
+    assert outcome.status == "Success" and ctx.result["volume"]["rescale_missing"] == 40
+    assert any("RescaleSlope/RescaleIntercept missing in 40 image(s)" in w for w in ctx.warnings)
+    assert np.array_equal(ctx.values["volume"].hu, hu.astype(np.int16))

@@ -220,6 +220,7 @@ class Facts:
     modality: str = ""
     acquisition_time: str = ""  # AcquisitionTime (TM) as stored, padding stripped
     acquisition_date: str = ""  # AcquisitionDate (DA)
+    rescale_stated: bool = True  # RescaleSlope and RescaleIntercept both present (else 1 and 0 were assumed)
     acquisition_datetime: str = ""  # AcquisitionDateTime (DT)
     imager_pixel_spacing: tuple[float, ...] | None = None  # (0018,1164), at the detector
     # TransferSyntaxUID as the file meta states it ('' when absent); ``transfer_syntax`` and
@@ -303,8 +304,9 @@ def facts_of(walked: Walked) -> Facts:
         orientation=_floats(raw("ImageOrientationPatient"), 6),
         pixel_spacing=_floats(raw("PixelSpacing"), 2),
         thickness=_float(raw("SliceThickness")),
-        slope=_float(raw("RescaleSlope"), 1.0) or 1.0,
-        intercept=_float(raw("RescaleIntercept"), 0.0) or 0.0,
+        slope=_float(raw("RescaleSlope"), 1.0),  # a stated 0 stays 0: the volume step refuses it
+        intercept=_float(raw("RescaleIntercept"), 0.0),
+        rescale_stated=_float(raw("RescaleSlope")) is not None and _float(raw("RescaleIntercept")) is not None,
         instance_number=int(_float(raw("InstanceNumber"), 0) or 0),
         temporal=temporal, acquisition=_text(raw("AcquisitionNumber")) or "",
         image_type=tuple(p.upper() for p in (_parts(raw("ImageType")) or ())),
@@ -376,7 +378,8 @@ def facts_from_dataset(ds: Mapping | object, *, transfer_syntax: str, implicit: 
         number_of_frames=int(number("NumberOfFrames", 1) or 1),
         position=numbers("ImagePositionPatient", 3), orientation=numbers("ImageOrientationPatient", 6),
         pixel_spacing=numbers("PixelSpacing", 2), thickness=number("SliceThickness"),
-        slope=number("RescaleSlope", 1.0) or 1.0, intercept=number("RescaleIntercept", 0.0) or 0.0,
+        slope=number("RescaleSlope", 1.0), intercept=number("RescaleIntercept", 0.0),
+        rescale_stated=number("RescaleSlope") is not None and number("RescaleIntercept") is not None,
         instance_number=int(number("InstanceNumber", 0) or 0),
         temporal="" if temporal is None else str(temporal).strip("\0 "), acquisition=text("AcquisitionNumber"),
         image_type=tuple(p.upper() for p in multi("ImageType")),

@@ -48,6 +48,7 @@ class Frame:
     imager_pixel_spacing: tuple[float, ...] | None = None  # (0018,1164): spacing at the detector, mm
     acquisition_time: str = ""  # AcquisitionTime (TM) as stored
     acquisition_date: str = ""  # AcquisitionDate (DA)
+    rescale_stated: bool = True  # RescaleSlope and RescaleIntercept stated (else 1 and 0 were assumed)
     acquisition_datetime: str = ""  # AcquisitionDateTime (DT), or an enhanced frame's FrameAcquisitionDateTime
 
 
@@ -95,7 +96,7 @@ def classic_frame(index: int, facts: Facts) -> Frame:
         temporal=facts.temporal, acquisition=facts.acquisition, image_type=facts.image_type,
         kernel=facts.kernel, imager_pixel_spacing=facts.imager_pixel_spacing,
         acquisition_time=facts.acquisition_time, acquisition_date=facts.acquisition_date,
-        acquisition_datetime=facts.acquisition_datetime,
+        acquisition_datetime=facts.acquisition_datetime, rescale_stated=facts.rescale_stated,
     )
 
 
@@ -120,8 +121,10 @@ def _enhanced_frames(index: int, header: Dataset) -> list[Frame]:
             pixel_spacing=_floats(fg("PixelMeasuresSequence", "PixelSpacing"), 2),
             thickness=_float(fg("PixelMeasuresSequence", "SliceThickness")),
             rows=int(header.get("Rows", 0) or 0), cols=int(header.get("Columns", 0) or 0),
-            slope=slope if slope is not None else _float(header.get("RescaleSlope"), 1.0) or 1.0,
-            intercept=intercept if intercept is not None else _float(header.get("RescaleIntercept"), 0.0) or 0.0,
+            slope=slope if slope is not None else _float(header.get("RescaleSlope"), 1.0),
+            intercept=intercept if intercept is not None else _float(header.get("RescaleIntercept"), 0.0),
+            rescale_stated=(slope is not None or _float(header.get("RescaleSlope")) is not None)
+            and (intercept is not None or _float(header.get("RescaleIntercept")) is not None),
             instance_number=int(_float(header.get("InstanceNumber"), 0) or 0),
             temporal=f"{stack or ''}/{temporal or ''}" if (stack or temporal) else "",
             acquisition=str(header.get("AcquisitionNumber", "") or ""),

@@ -105,6 +105,10 @@ def plan_frames(series: Series, tol: float = DUPLICATE_TOLERANCE_MM,
                         "choose a series with one orientation (dicom.select_series rejects such series)")
     if len({(f.rows, f.cols) for f in frames}) > 1:
         raise StepError(f"series {series.number}: slices have different sizes; choose another series")
+    zero = sum(1 for f in frames if f.slope == 0)
+    if zero:
+        raise StepError(f"series {series.number}: RescaleSlope is 0 in {zero} image(s), so Hounsfield units "
+                        "cannot be computed (every pixel would read as the intercept); re-export the series")
     normal = slice_normal(orientation)
     times = time_clusters([acquisition_seconds(f.acquisition_date, f.acquisition_time, f.acquisition_datetime)
                            for f in frames])
@@ -125,7 +129,8 @@ def plan_frames(series: Series, tol: float = DUPLICATE_TOLERANCE_MM,
                   "frames_in_series": len(every), "frames_without_position": len(every) - len(frames),
                   "frames_used": len(kept),
                   "duplicates_dropped": len(ordering.dropped), "phases_split": phases,
-                  "parts_merged": ordering.parts, "stray_images": ordering.left_out}
+                  "parts_merged": ordering.parts, "stray_images": ordering.left_out,
+                  "rescale_missing": sum(1 for f in kept if not f.rescale_stated)}
     if ordering.dropped:
         log.warning("volume.duplicates series=%s dropped=%d", series.number, len(ordering.dropped))
     info.update(_spacing_info(ordering.positions_mm))

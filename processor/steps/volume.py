@@ -63,6 +63,9 @@ def volume_warnings(info: dict, unknown: str | None) -> list[str]:
     if parts and parts.get("replaced_by_later_part"):
         out.append(f"volume: {parts['replaced_by_later_part']} image(s) of an earlier acquisition inside a "
                    "later acquisition's range were left out, so the two never interleave")
+    if info.get("rescale_missing"):
+        out.append(f"volume: RescaleSlope/RescaleIntercept missing in {info['rescale_missing']} image(s): their "
+                   "stored values were taken as HU (slope 1, intercept 0) — check the lung density")
     if info.get("frames_without_position"):
         out.append(f"volume: {info['frames_without_position']} image(s) without ImagePositionPatient/"
                    "ImageOrientationPatient were left out")
