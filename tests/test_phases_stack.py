@@ -410,3 +410,21 @@ def test_a_zero_rescale_slope_is_refused_and_a_missing_rescale_is_said(tmp_path:
     assert outcome.status == "Success" and ctx.result["volume"]["rescale_missing"] == 40
     assert any("RescaleSlope/RescaleIntercept missing in 40 image(s)" in w for w in ctx.warnings)
     assert np.array_equal(ctx.values["volume"].hu, hu.astype(np.int16))
+
+
+def test_an_enhanced_ct_holding_an_axial_and_a_coronal_stack_uses_the_axial_one(tmp_path: Path,
+                                                                              phantom: tuple) -> None:
+    hu, truth = phantom
+    study, series = generate_uid(), generate_uid()
+    axial = _make(40, study_uid=study, series_uid=series, stored=_stored(hu))
+    coronal = _make(20, study_uid=study, series_uid=series, stored=_stored(hu[:20]),
+                    orientation=(1, 0, 0, 0, 0, -1))
+    enhanced = dicomgen.make_enhanced(axial + coronal)
+    for item in enhanced.PerFrameFunctionalGroupsSequence[40:]:
+        item.PlaneOrientationSequence = [dicomgen.sequence_item(ImageOrientationPatient=[1, 0, 0, 0, 0, -1])]
+    ctx, outcome = _run(tmp_path, [enhanced])
+    assert outcome.status == "Success", outcome.error
+    reason = "other orientation (coronal, frames of a multi-frame image)"
+    assert ctx.result["series_selection"]["set_aside"] == {reason: 20} == ctx.result["volume"]["set_aside"]
+    assert np.array_equal(ctx.values["volume"].hu, hu.astype(np.int16))
+    assert ctx.result["lungs"]["volume_ml"] == pytest.approx(_true_ml(truth), rel=0.02)

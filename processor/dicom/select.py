@@ -35,7 +35,7 @@ import numpy as np
 
 from processor.dicom.frames import frames_of, slice_normal
 from processor.dicom.scan import Series
-from processor.dicom.stack import Stack, image_stack
+from processor.dicom.stack import Stack, image_stack, stack_frames
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def series_facts(series: Series, stack: Stack | None = None) -> SeriesFacts:
     (:func:`processor.dicom.stack.image_stack`) and counted in ``set_aside``.
     """
     stack = stack or image_stack(series)
-    frames = frames_of(stack.series)
+    frames, frames_aside = stack_frames(frames_of(stack.series))
     orientations = _distinct([f.orientation for f in frames if f.orientation])
     positions = [f.position for f in frames if f.position and f.orientation]
     tilt = None
@@ -169,7 +169,7 @@ def series_facts(series: Series, stack: Stack | None = None) -> SeriesFacts:
         matrix_sizes=tuple(sorted({(f.rows, f.cols) for f in frames})),
         pixel_spacings=tuple(_distinct([f.pixel_spacing for f in frames if f.pixel_spacing])),
         measured_step_mm=round(step, 3) if step else None,
-        set_aside=dict(stack.set_aside),
+        set_aside=dict(stack.set_aside + frames_aside),
     )
 
 

@@ -165,3 +165,24 @@ def image_stack(series: Series) -> Stack:
     types = Counter(f.image_type for f in frames if f.instance not in reasons and f.image_type)
     stack.image_type = types.most_common(1)[0][0] if types else ()
     return stack
+
+
+def stack_frames(frames: list[Frame]) -> tuple[list[Frame], Counter[str]]:
+    """The frames of the majority orientation (within :data:`ORIENTATION_TOLERANCE`; ties: the most
+    axial), and the others counted by reason. Whole files are sorted out by :func:`image_stack`; this
+    separates the stacks *inside* a multi-frame file (e.g. an Enhanced CT holding an axial and a
+    coronal stack)."""
+    clusters = _Clusters(ORIENTATION_TOLERANCE)
+    keys = [clusters.key(f.orientation) for f in frames]
+    counts: Counter = Counter(k for k in keys if k is not None)
+    if len(counts) < 2:
+        return frames, Counter()
+    keep = _majority(counts, _axial_score)
+    aside: Counter[str] = Counter()
+    kept = []
+    for frame, key in zip(frames, keys, strict=True):
+        if key == keep or key is None:
+            kept.append(frame)
+        else:
+            aside[f"other orientation ({plane_name(key)}, frames of a multi-frame image)"] += 1  # type: ignore[arg-type]
+    return kept, aside

@@ -31,7 +31,7 @@ from processor.dicom.decode import _decode_as, decode_into, rescale_info
 from processor.dicom.frames import DUPLICATE_TOLERANCE_MM, Frame, frames_of, slice_normal
 from processor.dicom.ordering import acquisition_seconds, order_frames, time_clusters
 from processor.dicom.scan import Series
-from processor.dicom.stack import image_stack
+from processor.dicom.stack import image_stack, stack_frames
 from processor.errors import StepError
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,8 @@ def plan_frames(series: Series, tol: float = DUPLICATE_TOLERANCE_MM,
     (``first`` | ``last`` | ``largest``) picks among real phases.
     """
     every = frames_of(series)
-    frames = [f for f in every if f.position is not None and f.orientation is not None]
+    stacked, frames_aside = stack_frames(every)
+    frames = [f for f in stacked if f.position is not None and f.orientation is not None]
     if not frames:
         raise StepError(f"series {series.number}: no image has ImagePositionPatient/ImageOrientationPatient; "
                         "the slices cannot be stacked — export the original axial series")
@@ -126,7 +127,8 @@ def plan_frames(series: Series, tol: float = DUPLICATE_TOLERANCE_MM,
             phase["frames_list"] = [frames[i] for i in phase.pop("members")]
     info: dict = {"sorted_by": "ImagePositionPatient · slice normal",
                   "normal": [round(float(v), 6) for v in normal],
-                  "frames_in_series": len(every), "frames_without_position": len(every) - len(frames),
+                  "frames_in_series": len(every), "frames_without_position": len(stacked) - len(frames),
+                  "frames_set_aside": dict(frames_aside),
                   "frames_used": len(kept),
                   "duplicates_dropped": len(ordering.dropped), "phases_split": phases,
                   "parts_merged": ordering.parts, "stray_images": ordering.left_out,
@@ -248,7 +250,7 @@ def load_volume(series: Series, *, workers: int = 4, tol: float = DUPLICATE_TOLE
     gantry = series.instances[0].header.get("GantryDetectorTilt")
     info.update(decode_info)
     info.update(rescale_info(kept))
-    info.update({"set_aside": dict(stack.set_aside),
+    info.update({"set_aside": {**stack.set_aside, **info["frames_set_aside"]},
                  "shape": list(hu.shape), "dtype": str(hu.dtype), "spacing_zyx": [_rounded(v) for v in spacing],
                  "in_plane_spacing": {"source": source, "row_mm": _rounded(pixel[0]), "column_mm": _rounded(pixel[1]),
                                       "unknown_reason": unknown},

@@ -71,14 +71,15 @@ class SelectSeries(Step):
                 + ". Fix: include the original axial CT series (≥ min_slices images) in the export, "
                   "or relax the dicom.select_series rules in the pipeline YAML")
         stack = stacks[chosen.facts.uid]
-        selection["set_aside"] = dict(stack.set_aside)
-        if stack.set_aside:
+        aside = chosen.facts.set_aside  # whole instances, and frames of another stack inside a multi-frame file
+        selection["set_aside"] = dict(aside)
+        if aside:
             selection["set_aside_files"] = [{"file": name, "reason": reason}
                                             for name, reason in stack.set_aside_files[:MAX_LISTED]]
             ctx.warnings.append(
-                f"series {chosen.facts.number}: {stack.instances_set_aside} instance(s) under the same "
+                f"series {chosen.facts.number}: {sum(aside.values())} image(s) under the same "
                 "SeriesInstanceUID set aside (" + ", ".join(f"{reason}: {n}" for reason, n in
-                                                           sorted(stack.set_aside.items()))
+                                                           sorted(aside.items()))
                 + f"); the image stack of {chosen.facts.image_count} image(s) was used")
         if chosen.facts.thickness_mm is None:
             ctx.warnings.append(f"series {chosen.facts.number}: slice thickness "
