@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import random
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -428,3 +429,27 @@ def test_an_enhanced_ct_holding_an_axial_and_a_coronal_stack_uses_the_axial_one(
     assert ctx.result["series_selection"]["set_aside"] == {reason: 20} == ctx.result["volume"]["set_aside"]
     assert np.array_equal(ctx.values["volume"].hu, hu.astype(np.int16))
     assert ctx.result["lungs"]["volume_ml"] == pytest.approx(_true_ml(truth), rel=0.02)
+
+
+def _comma_decimals(data: bytes) -> bytes:
+    """The file with ImagePositionPatient written with decimal commas ('2,5'), as some exports do."""
+    at = data.index(b"\x20\x00\x32\x00DS")
+    length = int.from_bytes(data[at + 6:at + 8], "little")
+    value = data[at + 8:at + 8 + length]
+    return data[:at + 8] + value.replace(b".", b",") + data[at + 8 + length:]
+
+
+def test_images_without_geometry_are_named_as_such(tmp_path: Path, phantom: tuple) -> None:
+    hu, _ = phantom
+    some = _make(40, stored=_stored(hu))
+    for ds in some[:5]:
+        del ds.ImageOrientationPatient
+    ctx, outcome = _run(tmp_path / "some", some)
+    assert ctx.result["series_selection"]["set_aside"] == {"no ImageOrientationPatient (left out)": 5}
+    zip_path = tmp_path / "commas.zip"
+    with zipfile.ZipFile(zip_path, "w") as zf:
+        for k, ds in enumerate(_make(40, stored=_stored(hu))):
+            zf.writestr(f"IM{k:04d}.dcm", _comma_decimals(dicomgen.to_bytes(ds)))
+    _, outcome = dicomgen.run_steps(zip_path, STEPS, tmp_path / "every")
+    assert outcome.status == "Failure"
+    assert "40 image(s) without a readable ImagePositionPatient/ImageOrientationPatient" in outcome.error

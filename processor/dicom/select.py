@@ -85,6 +85,7 @@ class SeriesFacts:
     matrix_sizes: tuple[tuple[int, int], ...] = ()
     pixel_spacings: tuple[tuple[float, ...], ...] = ()
     measured_step_mm: float | None = None  # median step between distinct positions along the normal
+    without_geometry: int = 0  # images without a readable ImagePositionPatient/ImageOrientationPatient
     set_aside: dict[str, int] = field(default_factory=dict)  # instances left out of the stack, by reason
 
     @property
@@ -169,6 +170,7 @@ def series_facts(series: Series, stack: Stack | None = None) -> SeriesFacts:
         matrix_sizes=tuple(sorted({(f.rows, f.cols) for f in frames})),
         pixel_spacings=tuple(_distinct([f.pixel_spacing for f in frames if f.pixel_spacing])),
         measured_step_mm=round(step, 3) if step else None,
+        without_geometry=sum(1 for f in frames if not (f.position and f.orientation)),
         set_aside=dict(stack.set_aside + frames_aside),
     )
 
@@ -211,7 +213,10 @@ def hard_problems(facts: SeriesFacts, rules: SelectionRules) -> list[str]:
     if len(facts.pixel_spacings) > 1:
         problems.append(f"{len(facts.pixel_spacings)} different pixel spacings")
     if facts.slice_count < rules.min_slices:
-        problems.append(f"{facts.slice_count} usable slice positions, fewer than min_slices={rules.min_slices}")
+        missing = (f" ({facts.without_geometry} image(s) without a readable ImagePositionPatient/"
+                   "ImageOrientationPatient)" if facts.without_geometry else "")
+        problems.append(f"{facts.slice_count} usable slice positions{missing}, fewer than "
+                        f"min_slices={rules.min_slices}")
     return problems
 
 

@@ -136,11 +136,13 @@ def image_stack(series: Series) -> Stack:
                       Callable[[Hashable], float] | None]] = [
         (lambda inst, fs: inst.facts.modality or None, lambda k: f"other modality ({k})", None),
         (lambda inst, fs: orientations.key(fs[0].orientation),
-         lambda k: f"other orientation ({plane_name(k) if k is not None else 'none'})",  # type: ignore[arg-type]
+         lambda k: f"other orientation ({plane_name(k)})" if k is not None  # type: ignore[arg-type]
+         else "no ImageOrientationPatient (left out)",
          _axial_score),
         (lambda inst, fs: (fs[0].rows, fs[0].cols), lambda k: "other matrix size ({}x{})".format(*k), None),  # type: ignore[str-format]
         (lambda inst, fs: spacings.key(fs[0].pixel_spacing),
-         lambda k: "other pixel spacing ({})".format("\\".join(f"{v:g}" for v in k) + " mm" if k else "none"),  # type: ignore[union-attr]
+         lambda k: "other pixel spacing ({} mm)".format("\\".join(f"{v:g}" for v in k)) if k  # type: ignore[union-attr]
+         else "no PixelSpacing (left out)",
          None),
     ]
     for key_of, describe, prefer in rules:
