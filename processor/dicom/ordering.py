@@ -286,7 +286,8 @@ def order_frames(positions: np.ndarray, normal: np.ndarray, *, tiebreak: Sequenc
                         "filled_free_positions": len(fit),
                         "reason": f"too few images for a phase (under {MINOR_PHASE_FRACTION:.0%} of the main "
                                   "acquisition) inside its z range"}
-            candidates = [i for i in candidates if i not in set(off)]
+            dropped = set(off)
+            candidates = [i for i in candidates if i not in dropped]
         if len(real) == 1:
             if len(real[0]) > 1 and parts is None:
                 parts = real[0]
@@ -300,7 +301,8 @@ def order_frames(positions: np.ndarray, normal: np.ndarray, *, tiebreak: Sequenc
         parts = real[chosen] if len(real[chosen]) > 1 else None
         parts_info = ({"merged_by": name, "parts": [g.summary() for g in parts][:20], "part_count": len(parts)}
                       if parts else None)
-        filled = [i for i in candidates if i not in {j for p in real for g in p for j in g.members}]
+        in_phases = {j for p in real for g in p for j in g.members}
+        filled = [i for i in candidates if i not in in_phases]
         candidates = members + filled
         break
     return _finish(d, candidates, parts, tiebreak, tol, phases_info, parts_info, left_out)
