@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import io
 import stat
+import struct
+import tracemalloc
 import zipfile
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -287,3 +291,141 @@ def test_network_and_fuse_filesystems_are_not_memory_mapped(tmp_path: Path) -> N
     assert [mappable_type(kind) for kind in ("ext4", "nfs4", "cifs", "fuse.rclone", None)] == \
         [True, False, False, False, True]
     assert can_map(tmp_path)  # the test machine's temporary folder is local
+
+
+# ---------------------------------------------------------------- members that lie, and what cannot be read
+_LOCAL_FIELDS = {"flags": (6, "<H"), "method": (8, "<H"), "crc": (14, "<I"), "size": (22, "<I")}
+_CENTRAL_FIELDS = {"flags": (8, "<H"), "method": (10, "<H"), "crc": (16, "<I"), "size": (24, "<I")}
+
+
+def _patch_entry(path: Path, name: str, *, flags: int = 0, **fields: int) -> Path:
+    """Rewrite one member's entry, in its local header and in the central directory: ``flags`` are
+    OR-ed in, ``method``, ``crc`` and ``size`` (the declared uncompressed size) replaced."""
+    raw = bytearray(path.read_bytes())
+    encoded = name.encode()
+    for signature, name_at, layout in ((b"PK\x03\x04", 30, _LOCAL_FIELDS), (b"PK\x01\x02", 46, _CENTRAL_FIELDS)):
+        at = raw.find(signature)
+        while raw[at + name_at:at + name_at + len(encoded)] != encoded:
+            at = raw.find(signature, at + 1)
+            assert at >= 0, f"no {signature!r} entry for {name}"
+        offset, fmt = layout["flags"]
+        struct.pack_into(fmt, raw, at + offset, struct.unpack_from(fmt, raw, at + offset)[0] | flags)
+        for key, value in fields.items():
+            struct.pack_into(layout[key][1], raw, at + layout[key][0], value)
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def _zeros_zip(path: Path, mib: int, method: int, extra: dict[str, bytes] | None = None) -> Path:
+    """A ZIP with ``big.dcm``: ``mib`` MiB of zeros, written in a stream (never whole in memory)."""
+    with zipfile.ZipFile(path, "w", compression=method) as zf:
+        for name, data in (extra or {}).items():
+            zf.writestr(name, data)
+        with zf.open("big.dcm", "w") as fh:
+            block = bytes(1 << 20)
+            for _ in range(mib):
+                fh.write(block)
+    return path
+
+
+def _peak_bytes(read: Callable[[], object]) -> int:
+    """The peak of Python's traced memory while ``read`` runs (it is expected to raise)."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(zipfile.BadZipFile, match="inflates past its declared size of 1000 bytes"):
+            read()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("method,mib", [(zipfile.ZIP_DEFLATED, 192), (zipfile.ZIP_STORED, 16),
+                                        (zipfile.ZIP_BZIP2, 16), (zipfile.ZIP_LZMA, 16)])
+def test_member_inflating_past_its_declared_size_is_stopped_in_bounded_memory(
+        tmp_path: Path, method: int, mib: int) -> None:
+    """The central directory says 1000 bytes, the stream inflates to ``mib`` MiB (192 MiB of zeros
+    deflate to ~190 KB, so no ratio cap sees it): the read stops at the first byte too many, and
+    memory stays near one chunk, never near the inflated size."""
+    good = to_bytes(make_series(1)[0])
+    path = _patch_entry(_zeros_zip(tmp_path / "lie.zip", mib, method, {"good.dcm": good}), "big.dcm", size=1000)
+    with open_arrival(path, Limits()) as contents:
+        big = next(m for m in contents.members if m.name == "big.dcm")
+        assert big.size == 1000
+        for read in (big.read, big.data, lambda: big.head(HEADER_PREFIX), lambda: big.open().read()):
+            assert _peak_bytes(read) < 2 * 2**20  # 2 MiB, against 16-192 MiB inflated
+        result = scan_members(contents.members)
+    assert result.dicom_files == 1 and result.skipped == {"unreadable member (bad CRC or truncated)": 1}
+
+
+def test_member_shorter_than_declared_or_with_a_wrong_crc_is_unreadable(tmp_path: Path) -> None:
+    good = [to_bytes(ds) for ds in make_series(3)]
+    path = _zip_with(tmp_path / "bad.zip", [("a.dcm", good[0]), ("b.dcm", good[1]), ("c.dcm", good[2])])
+    _patch_entry(path, "b.dcm", size=len(good[1]) + 100)
+    _patch_entry(path, "c.dcm", crc=zlib.crc32(good[2]) ^ 1)
+    with open_arrival(path, Limits()) as contents:
+        by_name = {m.name: m for m in contents.members}
+        with pytest.raises(zipfile.BadZipFile, match="ends 100 bytes short of its declared size"):
+            by_name["b.dcm"].read()
+        with pytest.raises(zipfile.BadZipFile, match="fails its CRC-32 check"):
+            by_name["c.dcm"].read()
+        with pytest.raises(zipfile.BadZipFile, match="fails its CRC-32 check"):  # a prefix covering it all
+            by_name["c.dcm"].read_prefix(len(good[2]))
+        result = scan_members(contents.members)
+    assert result.dicom_files == 1 and result.skipped == {"unreadable member (bad CRC or truncated)": 2}
+
+
+@pytest.mark.parametrize("declared,reason", [(50, "unreadable member (bad CRC or truncated)"),
+                                             (200_000, "corrupt nested ZIP")])
+def test_nested_zip_that_lies_about_its_size_is_skipped(tmp_path: Path, declared: int, reason: str) -> None:
+    """A lie found while its head is read leaves it a member the scan counts as unreadable; one
+    found only when the whole nested ZIP is read skips it as a corrupt nested ZIP."""
+    inner = io.BytesIO()
+    with zipfile.ZipFile(inner, "w", compression=zipfile.ZIP_STORED) as zf:
+        zf.writestr("x.bin", np.random.default_rng(1).bytes(400_000))
+    path = _zip_with(tmp_path / "outer.zip", [("inner.zip", inner.getvalue()),
+                                              ("a.dcm", to_bytes(make_series(1)[0]))])
+    _patch_entry(path, "inner.zip", size=declared)
+    result, skipped = scan(path)
+    assert result.dicom_files == 1 and skipped == {reason: 1}
+
+
+@pytest.mark.parametrize("flags,method", [(0x1, 99), (0, 99), (0x1, zipfile.ZIP_DEFLATED)])
+def test_encrypted_zip_is_refused_in_plain_words(tmp_path: Path, flags: int, method: int) -> None:
+    """WinZip AES marks a member with method 99 (and flag bit 0); ZipCrypto only with the flag."""
+    path = _zip_with(tmp_path / "aes.zip", [("a.dcm", to_bytes(make_series(1)[0]))])
+    _patch_entry(path, "a.dcm", flags=flags, method=method)
+    kind = "AES encryption" if method == 99 else "ZipCrypto"
+    with pytest.raises(IngestError, match=rf"'a.dcm' is encrypted: the ZIP is password-protected \({kind}\)"
+                                          ".*export the study without a password"):
+        scan(path)
+
+
+@pytest.mark.parametrize("method,words", [(9, "Deflate64"), (98, "PPMd"), (77, "an unknown method")])
+def test_unsupported_compression_method_is_refused_in_plain_words(tmp_path: Path, method: int, words: str) -> None:
+    path = _zip_with(tmp_path / "odd.zip", [("a.dcm", to_bytes(make_series(1)[0]))])
+    _patch_entry(path, "a.dcm", method=method)
+    with pytest.raises(IngestError, match=rf"'a.dcm' is compressed with {words} \(ZIP method {method}\), "
+                                          "which ctwatch cannot read; re-export the ZIP with standard Deflate"):
+        scan(path)
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA])
+def test_every_supported_method_reads_back_whole_in_prefixes_and_as_a_stream(tmp_path: Path, method: int) -> None:
+    rng = np.random.default_rng(7)
+    blobs = {"empty": b"", "odd": rng.integers(0, 4, 3 * 65536 + 17, dtype=np.uint8).tobytes(),
+             "even": rng.integers(0, 4, 2 * 65536, dtype=np.uint8).tobytes()}
+    datasets = make_series(3, stored=np.arange(3 * 64 * 64, dtype=np.int16).reshape(3, 64, 64))
+    blobs.update({f"S/{i}.dcm": to_bytes(ds) for i, ds in enumerate(datasets)})
+    path = tmp_path / "m.zip"
+    with zipfile.ZipFile(path, "w", compression=method) as zf:
+        for name, data in blobs.items():
+            zf.writestr(name, data)
+    with open_arrival(path, Limits()) as contents:
+        for member in contents.members:
+            data = blobs[member.name]
+            assert member.read() == bytes(member.data()) == data
+            for n in (0, 1, 4096, len(data) - 1, len(data), len(data) + 1):
+                assert member.read_prefix(max(n, 0)) == data[:max(n, 0)]
+            with member.open() as fh:
+                assert fh.read(5) + fh.read() == data
+        assert scan_members(contents.members).dicom_files == 3

@@ -28,10 +28,11 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
+from processor.bytesource import Member
 from processor.dicom import fastheader
 from processor.dicom.fastheader import Declined, Truncated, facts_from_dataset, facts_of, walk
 from processor.dicom.scan import read_instance, scan_members
-from processor.intake.archive import Limits, Member, open_arrival
+from processor.intake.archive import Limits, open_arrival
 from tests import dicomgen
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # odd values on purpose: pydicom warns

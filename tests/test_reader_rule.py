@@ -26,13 +26,14 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from processor.bytesource import Member
 from processor.dicom import encoding
 from processor.dicom.encoding import Unreadable, decide, plain_cause, read_file
 from processor.dicom.fastheader import facts_from_dataset, facts_of, walk
 from processor.dicom.scan import Series, scan_members
 from processor.dicom.volume import Volume, load_volume
 from processor.errors import StepError
-from processor.intake.archive import Limits, Member, open_arrival
+from processor.intake.archive import Limits, open_arrival
 from tests import dicomgen
 from tests.dicomgen import BIG, DEFLATED, EXPLICIT, IMPLICIT
 

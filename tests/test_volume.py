@@ -23,13 +23,14 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from processor.bytesource import Member
 from processor.dicom.frames import slice_normal
 from processor.dicom.ordering import order_frames
 from processor.dicom.scan import HEADER_PREFIX, Series, scan_members
 from processor.dicom.select import SelectionRules, evaluate, series_facts
 from processor.dicom.volume import Volume, load_volume
 from processor.errors import StepError
-from processor.intake.archive import Limits, Member, open_arrival
+from processor.intake.archive import Limits, open_arrival
 from tests import dicomgen
 
 REPO = Path(__file__).resolve().parent.parent

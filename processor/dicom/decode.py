@@ -1,7 +1,7 @@
 """Decoding the chosen frames of a series into one preallocated HU array.
 
 Only the chosen frames are read. Uncompressed pixel data becomes a zero-copy
-``np.frombuffer`` view (of the memory-mapped ZIP or file, see ``processor.intake.archive``) that
+``np.frombuffer`` view (of the memory-mapped ZIP or file, see ``processor.bytesource``) that
 is rescaled straight into the one preallocated volume; for Implicit/Explicit VR Little Endian
 files the view starts at the Pixel Data offset the header scan found, so the file is not parsed
 again (deflated, unusual layouts and compressed syntaxes are parsed in full by pydicom). Both read
@@ -28,16 +28,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from processor.bytesource import Buffer
 from processor.dicom.encoding import Unreadable, plain_cause, read_file
 from processor.dicom.frames import Frame
 from processor.dicom.scan import PIXEL_DATA_TAG, Instance, Series
 from processor.errors import StepError
-from processor.intake.archive import Buffer
 
 log = logging.getLogger(__name__)
 
@@ -224,11 +225,15 @@ def _decode_file(instance: Instance, data: Buffer, targets: list[_Target], hu: n
     ds, encoding, _ = read_file(data, stop_before_pixels=False)
     ts = UID(encoding.transfer_syntax)
     ds.file_meta.TransferSyntaxUID = ts
-    element = ds.get_item("PixelData")
+    # pydicom types get_item as DataElement, but an element read_file has not converted is still raw
+    element: DataElement | RawDataElement | None = ds.get_item("PixelData")
     if element is None or element.value is None:
         if PIXEL_DATA_TAG in bytes(data[-12:]) or b"\x7f\xe0\x00\x10" in bytes(data[-12:]):
             raise Unreadable("the file ends inside its Pixel Data element: it is truncated", _COPY_AGAIN)
         raise Unreadable("it has no Pixel Data (float or double pixel data is not CT)")
+    if not isinstance(element, RawDataElement):  # only a raw element keeps the stated length checked below
+        raise StepError(f"internal error: Pixel Data was converted ({type(element).__name__}) before its "
+                        "length could be checked; report this with the file")
     value, encapsulated = element.value, element.length == 0xFFFFFFFF
     if not encapsulated and len(value) < element.length:
         raise Unreadable(f"the file ends {len(value)} bytes into its Pixel Data of {element.length} bytes: "
@@ -297,7 +302,7 @@ def decode_into(series: Series, kept: list[Frame], workers: int = 4) -> tuple[np
 
 
 def _decode_as(series: Series, kept: list[Frame], workers: int, dtype: type) -> tuple[np.ndarray, dict]:
-    hu = np.empty((len(kept), kept[0].rows, kept[0].cols), dtype=dtype)
+    hu: np.ndarray = np.empty((len(kept), kept[0].rows, kept[0].cols), dtype=dtype)
     by_file: dict[int, list[_Target]] = defaultdict(list)
     for k, f in enumerate(kept):
         by_file[f.instance].append(_Target(f.frame, k, f.slope, f.intercept))

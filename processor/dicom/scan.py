@@ -30,14 +30,15 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from processor.bytesource import Buffer, Member
 from processor.dicom.encoding import Encoding, Unreadable, correction, plain_cause, read_file
 from processor.dicom.fastheader import Declined, Facts, Truncated, facts_from_dataset, facts_of, walk
 from processor.errors import StepError
-from processor.intake.archive import Buffer, Member
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,8 @@ class Series:
     uid: str
     instances: list[Instance] = field(default_factory=list)
 
-    def _first(self, keyword: str, default: object = None) -> object:
+    def _first(self, keyword: str, default: object = None) -> Any:
+        """The raw header value of the first instance (any DICOM value type), or ``default``."""
         return self.instances[0].header.get(keyword, default) if self.instances else default
 
     @property

@@ -1,19 +1,27 @@
 """Safe reading of an arrival — a ZIP, a folder or a single file — as in-memory members.
 
 A ZIP is checked whole before any member is read: a member name that is absolute or climbs out
-with ``..``, a symlink, an encrypted member, too many members, too many uncompressed bytes or a
-compression ratio above the cap refuses the whole archive with an :class:`IngestError` that says
-which member and why. Nothing is extracted to disk. One level of nested ZIP is read.
+with ``..``, a symlink, an encrypted member (ZipCrypto or AES), a compression method ctwatch cannot
+read (e.g. Deflate64, PPMd), too many members, too many uncompressed bytes or a compression ratio
+above the cap refuses the whole archive with an :class:`IngestError` that says which member, why
+and the fix. Nothing is extracted to disk. One level of nested ZIP is read.
 
-Zero copy where the bytes allow it: a ZIP on disk is memory-mapped, and a member STORED in it
-(the usual way DICOM is zipped: it hardly deflates) is a ``memoryview`` of that map; files of a
-folder are mapped one by one. :meth:`Member.data` checks a ZIP member's CRC-32 before handing its
-bytes over, as :mod:`zipfile` does; :meth:`Member.head` is for headers and checks the CRC only
-when it covers the whole member. A mapped file must not shrink while it is read (the OS would
-stop the process with SIGBUS): the daemon maps only inputs it has moved into its own
-``.ctwatch/work/`` folder (``python run.py process`` reads its arguments in place), and never
-files on a network or FUSE filesystem, where an I/O error would also arrive as SIGBUS instead of
-an exception — those are read with ordinary reads (:func:`can_map`).
+The caps are checked against the sizes the central directory declares, and a member is never
+inflated past its declared size (so never past the total either): :mod:`.inflate` reads it in
+chunks and stops at the first byte too many. What is found only while a member is read — that
+lie, a stream cut short, a bad CRC-32 — is a :class:`zipfile.BadZipFile` for that member alone,
+which the scan counts as an unreadable member.
+
+Members are :class:`processor.bytesource.Member` byte sources. Zero copy where the bytes allow it:
+a ZIP on disk is memory-mapped, and a member STORED in it (the usual way DICOM is zipped: it
+hardly deflates) is a ``memoryview`` of that map; files of a folder are mapped one by one.
+:meth:`Member.data` checks a ZIP member's CRC-32 before handing its bytes over, as :mod:`zipfile`
+does; :meth:`Member.head` is for headers and checks the CRC only when it covers the whole member.
+A mapped file must not shrink while it is read (the OS would stop the process with SIGBUS): the
+daemon maps only inputs it has moved into its own ``.ctwatch/work/`` folder (``python run.py
+process`` reads its arguments in place), and never files on a network or FUSE filesystem, where
+an I/O error would also arrive as SIGBUS instead of an exception — those are read with ordinary
+reads (:func:`can_map`).
 """
 
 from __future__ import annotations
@@ -25,7 +33,6 @@ import os
 import stat
 import struct
 import zipfile
-import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -33,7 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO
 
+from processor.bytesource import Buffer, Member
 from processor.errors import IngestError
+from processor.intake.inflate import open_member, read_member, refusal
 from processor.intake.zipnames import member_raw_name, member_text, open_zip
 from processor.names import display_name, display_text, raw_name
 
@@ -51,68 +60,6 @@ class Limits:
     max_members: int = 20_000
     max_total_bytes: int = 8 * 2**30
     max_ratio: float = 200.0
-
-
-Buffer = bytes | memoryview
-
-
-@dataclass(frozen=True)
-class Member:
-    """One file inside an arrival. ``read()`` returns its bytes (from the ZIP or disk) each call.
-
-    ``opener``, when given, returns a fresh binary stream over the same bytes, so that
-    :meth:`read_prefix` reads (or inflates) only the start of a member; without it (members built
-    from bytes already in memory) the prefix is a slice of ``read()``. A ZIP member's CRC is only
-    checked when its stream is read to the end, i.e. by a prefix that covers the whole member.
-
-    ``viewer``, when given, returns the member's bytes without copying them (a ``memoryview`` of a
-    memory map); ``crc`` is the CRC-32 the ZIP recorded for them (None for files on disk).
-
-    ``name`` is always valid text for logs and JSON (:func:`processor.names.display_name`: bytes that
-    do not decode shown as ``\\xNN``); ``raw_name`` is the name's bytes as the ZIP or the
-    filesystem holds them (empty for members built from bytes in memory).
-    """
-
-    name: str
-    size: int
-    reader: Callable[[], bytes] = field(repr=False, compare=False)
-    opener: Callable[[], IO[bytes]] | None = field(default=None, repr=False, compare=False)
-    viewer: Callable[[], memoryview] | None = field(default=None, repr=False, compare=False)
-    crc: int | None = field(default=None, repr=False, compare=False)
-    raw_name: bytes = field(default=b"", repr=False, compare=False)
-
-    def read(self) -> bytes:
-        return self.reader()
-
-    def data(self) -> Buffer:
-        """All of the member's bytes, zero-copy where possible; a ZIP member's CRC-32 is checked."""
-        if self.viewer is None:
-            return self.reader()
-        view = self.viewer()
-        if self.crc is not None and zlib.crc32(view) != self.crc:
-            raise zipfile.BadZipFile(f"Bad CRC-32 for file {self.name!r}")
-        return view
-
-    def head(self, n: int) -> Buffer:
-        """At least the first ``n`` bytes (all of them when the member is shorter), for reading a header.
-
-        Zero-copy members give their whole view unchecked (a header parse reads only what it
-        needs); a head that covers the whole member is CRC-checked, so a short file is verified.
-        """
-        if self.viewer is not None:
-            return self.data() if self.size <= n else self.viewer()
-        return self.read_prefix(n)
-
-    def open(self) -> IO[bytes]:
-        """A binary stream over the member's bytes (close it, or use it in a ``with`` block)."""
-        return self.opener() if self.opener is not None else io.BytesIO(self.reader())
-
-    def read_prefix(self, n: int) -> bytes:
-        """The first ``n`` bytes (all of them when the member is shorter)."""
-        if self.opener is None:
-            return self.reader()[:n]
-        with self.opener() as fh:
-            return fh.read(n)
 
 
 @dataclass
@@ -180,11 +127,11 @@ def _check_zip(zf: zipfile.ZipFile, label: str, budget: _Budget) -> list[tuple[z
         if stat.S_ISLNK(info.external_attr >> 16):
             raise IngestError(f"{where} is a symbolic link; archives with links are refused — "
                               "re-export the study without links")
-        if info.flag_bits & 0x1:
-            raise IngestError(f"{where} is encrypted; ctwatch cannot read password-protected ZIPs — "
-                              "export the study without a password")
         if info.is_dir():
             continue
+        why = refusal(info)
+        if why is not None:
+            raise IngestError(f"{where} {why}")
         budget.take(label, info.file_size)
         ratio = info.file_size / max(info.compress_size, 1)
         if info.file_size > 1_000_000 and ratio > budget.limits.max_ratio:
@@ -194,14 +141,14 @@ def _check_zip(zf: zipfile.ZipFile, label: str, budget: _Budget) -> list[tuple[z
     return files
 
 
-def _zip_reader(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> Callable[[], bytes]:
-    return lambda: zf.read(info)
+def _zip_reader(zf: zipfile.ZipFile, info: zipfile.ZipInfo, where: str) -> Callable[[], bytes]:
+    return lambda: read_member(zf, info, where)
 
 
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, then name and extra-field lengths at 26 and 28
 
 
-def _stored_viewer(buffer: Buffer | None, info: zipfile.ZipInfo) -> Callable[[], memoryview] | None:
+def _stored_viewer(buffer: Buffer | mmap.mmap | None, info: zipfile.ZipInfo) -> Callable[[], memoryview] | None:
     """A zero-copy view of a STORED member inside ``buffer`` (the whole ZIP), or None."""
     if buffer is None or info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
         return None
@@ -257,31 +204,35 @@ def _mapped(path: Path) -> mmap.mmap | None:
         return None
 
 
-def _zip_opener(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> Callable[[], IO[bytes]]:
-    return lambda: zf.open(info)
+def _zip_opener(zf: zipfile.ZipFile, info: zipfile.ZipInfo, where: str) -> Callable[[], IO[bytes]]:
+    return lambda: open_member(zf, info, where)
 
 
 def _read_zip(zf: zipfile.ZipFile, label: str, budget: _Budget, contents: Contents,
-              stack: ExitStack, depth: int, buffer: Buffer | None = None) -> None:
+              stack: ExitStack, depth: int, buffer: Buffer | mmap.mmap | None = None) -> None:
     for info, name in _check_zip(zf, label, budget):
-        with zf.open(info) as fh:
-            head = fh.read(4)
+        where = f"{label}: member '{display_text(name)}'"
+        prefix = "" if depth == 0 else label.split("!", 1)[1] + "!"
+        member = Member(prefix + display_text(name), info.file_size, _zip_reader(zf, info, where),
+                        _zip_opener(zf, info, where), _stored_viewer(buffer, info), info.CRC,
+                        member_raw_name(info))
+        try:
+            head = member.read_prefix(4)
+        except zipfile.BadZipFile:
+            head = b""  # unreadable: kept as a member, for the scan to count
         if is_zip_bytes(head):
             if depth >= 1:
                 contents.skipped["nested ZIP deeper than one level"] += 1
                 continue
             try:
-                inner_bytes = zf.read(info)
+                inner_bytes = member.read()
                 inner = stack.enter_context(open_zip(io.BytesIO(inner_bytes)))
             except ZIP_ERRORS:
                 contents.skipped["corrupt nested ZIP"] += 1
                 continue
             _read_zip(inner, f"{label}!{display_text(name)}", budget, contents, stack, depth + 1, inner_bytes)
             continue
-        prefix = "" if depth == 0 else label.split("!", 1)[1] + "!"
-        contents.members.append(Member(prefix + display_text(name), info.file_size, _zip_reader(zf, info),
-                                       _zip_opener(zf, info), _stored_viewer(buffer, info), info.CRC,
-                                       member_raw_name(info)))
+        contents.members.append(member)
 
 
 def _file_reader(path: Path) -> Callable[[], bytes]:
