@@ -13,6 +13,7 @@ from processor.pipeline.registry import StepRegistry
 from processor.pipeline.spec import load_pipeline
 from processor.pipeline.step import Step, StepEnv
 from processor.steps import default_registry
+from processor.steps.ports import VOLUME
 from tests.conftest import REPO, Project
 
 
@@ -100,7 +101,7 @@ def test_unmet_need_is_reported(tmp_path: Path) -> None:
     class Needy(Step):
         uses = "test.needy"
         summary = "needs a volume"
-        needs = ("volume",)
+        needs = (VOLUME,)
 
     registry.register(Needy)
     with pytest.raises(ConfigError, match="needs 'volume', which no earlier step provides"):

@@ -17,6 +17,7 @@ from processor.steps.ensemble import (
     collect_features,
     decide,
 )
+from processor.steps.ports import FUSION, SCORES, FusionOutput, ModelScores
 
 ORDER = ["Pleural effusion", "Lung nodule", "Emphysema"]
 
@@ -68,28 +69,31 @@ def test_most_dangerous(findings, thresholds, expected, positives) -> None:
         assert "no model produced per-finding probabilities" in out["reason"]
 
 
-def _ctx(result: dict) -> StudyContext:
+def _ctx(scores: list[ModelScores] | None = None, fusion: FusionOutput | None = None) -> StudyContext:
+    """A study whose earlier steps provided these ports (none: nothing ran that gives them)."""
     ctx = StudyContext(1, Study("1.2.3"), Path("unused"))
-    ctx.result.update(result)
+    if scores is not None:
+        ctx.values[SCORES.name] = scores
+    if fusion is not None:
+        ctx.values[FUSION.name] = fusion
     return ctx
 
 
-def _run(result: dict, **params) -> dict:
-    ctx = _ctx(result)
+def _run(scores: list[ModelScores] | None = None, fusion: FusionOutput | None = None, **params) -> dict:
+    ctx = _ctx(scores, fusion)
     DecisionPathology(DecisionParams(**params), StepEnv(Path("."))).run(ctx)
     return ctx.result["decision"]
 
 
 def test_step_nothing_ran_gives_nulls_with_reasons() -> None:
-    decision = _run({"lungs": {"volume_ml": 4000.0}})
+    decision = _run()
     assert decision["probability_of_pathology"] is None and decision["pathology"] is None
     assert decision["most_dangerous_pathology_type"] is None
     assert "no fusion model" in decision["reason"] and "per-finding" in decision["reason"]
 
 
 def test_step_without_fusion_reports_model_probabilities_only() -> None:
-    models = {"clip": {"kind": "ctclip_zero_shot", "probabilities": {"Emphysema": 0.8, "Lung nodule": 0.3}}}
-    decision = _run({"models": models})
+    decision = _run([ModelScores("clip", "zs", {"Emphysema": 0.8, "Lung nodule": 0.3})])
     assert decision["probability_of_pathology"] is None and decision["pathology"] is None
     assert decision["most_dangerous_pathology_type"] == "Emphysema"
     assert decision["findings"]["Emphysema"] == {"probability": 0.8, "source": "zs.Emphysema", "threshold": 0.5,
@@ -97,15 +101,12 @@ def test_step_without_fusion_reports_model_probabilities_only() -> None:
 
 
 def test_step_threshold_precedence_and_sources() -> None:
-    models = {
-        "clip": {"kind": "ctclip_zero_shot", "probabilities": {"Emphysema": 0.9, "Lung nodule": 0.9}},
-        "head": {"kind": "ctclip_head", "probabilities": {"Emphysema": 0.3, "Lung nodule": 0.4},
-                 "thresholds": {"Emphysema": 0.25, "Lung nodule": 0.5}},
-    }
-    fusion = {"probability": 0.7, "threshold": 0.59, "contributions": {"by_model": {"head": 0.4}},
-              "finding_thresholds": {"Lung nodule": 0.35}}
-    decision = _run({"models": models, "fusion": fusion}, severity_order=ORDER,
-                    finding_thresholds={"Emphysema": 0.35})
+    scores = [ModelScores("clip", "zs", {"Emphysema": 0.9, "Lung nodule": 0.9}),
+              ModelScores("head", "head", {"Emphysema": 0.3, "Lung nodule": 0.4},
+                          {"Emphysema": 0.25, "Lung nodule": 0.5})]
+    fusion = FusionOutput(probability=0.7, threshold=0.59, contributions={"by_model": {"head": 0.4}},
+                          finding_thresholds={"Lung nodule": 0.35})
+    decision = _run(scores, fusion, severity_order=ORDER, finding_thresholds={"Emphysema": 0.35})
     # head preferred over zero-shot; pipeline > fusion card > model card > default
     assert decision["findings"]["Emphysema"]["source"] == "head.Emphysema"
     assert decision["findings"]["Emphysema"]["threshold_from"] == "pipeline"
@@ -114,13 +115,13 @@ def test_step_threshold_precedence_and_sources() -> None:
     assert decision["pathology"] == 1 and decision["threshold"] == 0.59
     assert decision["contributions"] == {"by_model": {"head": 0.4}}
     # only zero-shot as a source
-    decision = _run({"models": models, "fusion": fusion}, sources=["zs"], severity_order=ORDER)
+    decision = _run(scores, fusion, sources=["zs"], severity_order=ORDER)
     assert decision["findings"]["Lung nodule"]["source"] == "zs.Lung nodule"
 
 
 def test_result_json_reads_the_decision_section() -> None:
-    ctx = _ctx({"fusion": {"probability": 0.61, "threshold": 0.59},
-                "models": {"h": {"kind": "ctclip_head", "probabilities": {"Lung nodule": 0.7}}}})
+    ctx = _ctx([ModelScores("h", "head", {"Lung nodule": 0.7})],
+               FusionOutput(probability=0.61, threshold=0.59, finding_thresholds={}, contributions={}))
     DecisionPathology(DecisionParams(), StepEnv(Path("."))).run(ctx)
     result = build_result(study_uid="1.2.3", accession=None, outcome_status="Success", error=None, seconds=1.0,
                           sections=ctx.result, steps=[], source={}, pipeline={}, device="cpu", dicom={},

@@ -4,19 +4,30 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import lightgbm as lgb
 import numpy as np
 import pytest
+import torch
+import yaml
 
 from processor.dicom.scan import Study
 from processor.errors import WeightsError
 from processor.fit.fit_fusion import FusionOptions, fit_fusion
 from processor.pipeline.step import StepEnv, StudyContext
 from processor.state import State
-from processor.steps.ensemble import DecisionParams, DecisionPathology, FusionLightGBM, FusionParams
-from tests.conftest import Project
+from processor.steps.ensemble import (
+    DecisionParams,
+    DecisionPathology,
+    FusionLightGBM,
+    FusionParams,
+    collect_features,
+)
+from processor.steps.ports import FEATURES, KIND_PREFIX, ModelScores
+from tests.conftest import FIXTURES, REPO, Project
+from tests.dicomgen import chest_phantom, make_series, run_steps, write_zip
 
 N = 240
 
@@ -83,7 +94,7 @@ def _step(root: Path, **params: object) -> FusionLightGBM:
 
 def _ctx(features: dict[str, float]) -> StudyContext:
     ctx = StudyContext(1, Study("1.2.3"), Path("unused"))
-    ctx.result["features"] = dict(features)
+    ctx.values[FEATURES.name] = dict(features)
     return ctx
 
 
@@ -185,3 +196,89 @@ def test_threshold_override_from_pipeline(fitted) -> None:
     ctx = _ctx(dict(zip(fit.feature_names, fit.matrix[0], strict=True)))
     _step(root, threshold=0.0).run(ctx)
     assert ctx.result["fusion"]["threshold"] == 0.0 and ctx.result["fusion"]["threshold_source"] == "pipeline"
+
+
+# --------------------------------------------------------------- the default pipeline through its ports
+HEAD_FINDINGS = ["Lung nodule", "Emphysema"]
+
+
+def _install_models(root: Path, fusion_root: Path) -> None:
+    """Tiny models of every step of the default pipeline but the captioner, at its weights paths."""
+    from processor.models.diffusion import build_scheduler, build_unet, save_anomaly_model
+    from processor.models.head import build_head, save_head
+
+    shutil.copytree(fusion_root / "weights/fusion", root / "weights/fusion")
+    (root / "weights/ct_clip").mkdir(parents=True)
+    for name in ("small_ctclip.pt", "small_lipro.pt", "small_config.json", "vocab.txt"):
+        shutil.copy(FIXTURES / "ct_clip" / name, root / "weights/ct_clip" / name)
+    torch.manual_seed(0)
+    save_head(root / "weights/head", build_head(16, HEAD_FINDINGS),
+              {"architecture": {"in_dim": 16, "hidden": 0, "dropout": 0.1}, "findings": HEAD_FINDINGS,
+               "thresholds": {"Emphysema": 0.45, "Lung nodule": 0.5}, "date": "2024-01-01"})
+    save_anomaly_model(root / "weights/anomaly", build_unet(32, (16, 32)), build_scheduler(),
+                       {"image_size": 32, "window": {"width": 1500, "level": -600}, "date": "2024-01-01",
+                        "defaults": {"slices": 4, "noise_level": 0.3, "ddim_steps": 10}})
+
+
+def _default_steps() -> list[dict]:
+    """pipelines/chest-ct.yaml as shipped, the CT-CLIP steps pointed at the small reference model."""
+    steps = yaml.safe_load((REPO / "pipelines/chest-ct.yaml").read_text())["steps"]
+    small = {"config": "weights/ct_clip/small_config.json", "target_xyz": [32, 32, 24]}
+    for step in steps:
+        if step["id"] == "clip":
+            step["with"].update(checkpoint="weights/ct_clip/small_ctclip.pt", **small)
+        if step["id"] == "lipro":
+            step["with"].update(checkpoint="weights/ct_clip/small_lipro.pt", **small)
+    return steps
+
+
+def _findings_from_json(result: dict, sources: list[str]) -> dict[str, tuple[float, str]]:
+    """Reference: per-finding probabilities read from the result JSON's model sections, first wins."""
+    by_source: dict[str, dict[str, tuple[float, str]]] = {}
+    for entry in result["models"].values():
+        prefix = KIND_PREFIX[entry["kind"]]
+        for finding, p in entry["probabilities"].items():
+            by_source.setdefault(prefix, {}).setdefault(finding, (p, f"{prefix}.{finding}"))
+    out: dict[str, tuple[float, str]] = {}
+    for source in sources:
+        for finding, value in by_source.get(source, {}).items():
+            out.setdefault(finding, value)
+    return out
+
+
+def test_default_pipeline_features_port_equals_the_json_features(fitted, tmp_path: Path) -> None:
+    fusion_root, fit, _ = fitted
+    _install_models(tmp_path, fusion_root)
+    hu, _ = chest_phantom((40, 96, 96))
+    datasets = make_series(40, stored=np.round(hu + 1024).astype(np.int16), spacing=2.5, pixel_spacing=4.0)
+    ctx, outcome = run_steps(write_zip(tmp_path / "study.zip", datasets), _default_steps(), tmp_path)
+    statuses = {r.step_id: r.status for r in outcome.steps}
+    assert statuses.pop("caption") == "skipped" and set(statuses.values()) == {"done"}, outcome.steps
+    result = ctx.result
+
+    # the port holds exactly what the result JSON gives, from every model and the lung metrics
+    features = ctx.values[FEATURES.name]
+    assert features == collect_features(result)
+    assert {name.split(".", 1)[0] for name in features} == {"lungs", "zs", "lipro", "head", "anomaly"}
+    assert features["anomaly.score"] == result["anomaly"]["score"] == result["features"]["anomaly.score"]
+    assert features["lungs.volume_ml"] == result["lungs"]["volume_ml"] > 0
+    assert features["head.Lung nodule"] == result["models"]["head"]["probabilities"]["Lung nodule"]
+    assert [(s.step_id, s.source) for s in ctx.values["scores"]] == [("clip", "zs"), ("lipro", "lipro"),
+                                                                      ("head", "head")]
+    assert all(isinstance(s, ModelScores) for s in ctx.values["scores"])
+
+    # fusion on the port = the booster on the JSON's features (computed here without the step)
+    booster = lgb.Booster(model_file=str(tmp_path / "weights/fusion/model.txt"))
+    row = np.array([[collect_features(result).get(n, np.nan) for n in fit.feature_names]])
+    assert result["fusion"]["probability"] == pytest.approx(booster.predict(row)[0], abs=1e-6)
+    assert result["fusion"]["features_missing"] == []
+
+    # the decision from the ports = the one derived from the JSON's sections
+    decision = result["decision"]
+    assert decision["probability_of_pathology"] == result["fusion"]["probability"]
+    assert decision["contributions"] == result["fusion"]["contributions"]
+    expected = _findings_from_json(result, DecisionParams().sources)
+    assert {f: (v["probability"], v["source"]) for f, v in decision["findings"].items()} == expected
+    assert decision["findings"]["Emphysema"]["threshold_from"] == "model card"
+    assert decision["findings"]["Lung nodule"]["threshold_from"] == "fusion card"
+    assert decision["findings"]["Cardiomegaly"]["source"] == "lipro.Cardiomegaly"

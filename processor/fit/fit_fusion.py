@@ -18,7 +18,6 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
-import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from processor.fit.data import (
     unmatched_note,
     write_card,
 )
+from processor.models.fusion import booster_name
 from processor.state import State
 
 log = logging.getLogger(__name__)
@@ -71,11 +71,6 @@ class FusionFit:
     matrix: np.ndarray
     card: dict[str, Any] = field(default_factory=dict)
     note: str = ""
-
-
-def booster_name(name: str) -> str:
-    """The name a feature has inside the booster (LightGBM refuses JSON punctuation and spaces)."""
-    return re.sub(r"[^A-Za-z0-9_.\-]", "_", name)
 
 
 def lgb_params(n: int, opts: FusionOptions) -> dict[str, Any]:

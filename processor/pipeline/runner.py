@@ -5,7 +5,9 @@ Studies can go through one at a time (*study-major*, :meth:`PipelineRunner.run`)
 the next step starts, through the step's ``run_batch`` (one model load, shared micro-batches).
 Both orders give the same results; the steps of a pipeline can also be advanced in stages
 (:meth:`PipelineRunner.advance`), so the CPU steps of the next studies may run while the GPU steps
-of the current ones do.
+of the current ones do. A step whose ``needs`` are missing (an earlier step was skipped) is skipped
+too; a value a step provides is checked against its port's type (``isinstance``), and a wrong one
+fails that step.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 from processor.errors import ResourceExhaustedError, StepError, WeightsError, WithheldError
 from processor.pipeline.spec import CompiledStep, Pipeline
@@ -116,7 +119,7 @@ class PipelineRunner:
         return False
 
     def _inputs_ready(self, compiled: CompiledStep, run: StudyRun) -> bool:
-        missing = [n for n in compiled.step.needs if n not in run.ctx.values]
+        missing = [port.name for port in compiled.step.needs if port.name not in run.ctx.values]
         if not missing:
             return True
         reason = f"needs {', '.join(missing)}, which an earlier skipped step did not provide"
@@ -131,7 +134,7 @@ class PipelineRunner:
             self._invoke(compiled, runs, lambda: compiled.step.run_batch([run.ctx for run in runs]))
             return
         for run in runs:
-            self._invoke(compiled, [run], lambda run=run: compiled.step.run(run.ctx))
+            self._invoke(compiled, [run], partial(compiled.step.run, run.ctx))
 
     def _invoke(self, compiled: CompiledStep, runs: list[StudyRun], call: Callable[[], None]) -> None:
         started = time.perf_counter()
@@ -153,17 +156,18 @@ class PipelineRunner:
             _trim_models(compiled)
         seconds = (time.perf_counter() - started) / len(runs)
         for run in runs:
-            if failure is None:
+            problem = failure if failure is not None else _wrong_type(compiled, run.ctx)
+            if problem is None:
                 run.records.append(StepRecord(compiled.id, compiled.uses, "done", seconds))
                 log.info("step.done study=%s step=%s seconds=%.2f", run.ctx.label, compiled.id, seconds)
                 continue
-            run.records.append(StepRecord(compiled.id, compiled.uses, "failed", seconds, failure))
+            run.records.append(StepRecord(compiled.id, compiled.uses, "failed", seconds, problem))
             log.warning("step.failed study=%s step=%s seconds=%.2f error=%r", run.ctx.label, compiled.id,
-                        seconds, failure)
+                        seconds, problem)
             if compiled.spec.optional or exhausted:
                 run.partial = True  # out of memory even at batch 1: this step's result is missing only
             else:
-                run.error = f"step {compiled.id}: {failure}"
+                run.error = f"step {compiled.id}: {problem}"
 
 
     @staticmethod
@@ -172,6 +176,16 @@ class PipelineRunner:
             run.records.append(StepRecord(compiled.id, compiled.uses, "skipped", seconds, reason))
             run.partial = True
             log.info("step.skipped study=%s step=%s reason=%r", run.ctx.label, compiled.id, reason)
+
+
+def _wrong_type(compiled: CompiledStep, ctx: StudyContext) -> str | None:
+    """A provided value whose type is not its port's (a bug in the step: the study fails, not later steps)."""
+    for port in compiled.step.provides:
+        if port.name in ctx.values and not isinstance(ctx.values[port.name], port.type):
+            found = type(ctx.values[port.name]).__name__
+            return (f"TypeError: provided {port.name!r} as {found}, but the step declares it as "
+                    f"{port.type.__name__}. Fix: this is a bug in step {compiled.uses!r}; report it.")
+    return None
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:

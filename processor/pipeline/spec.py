@@ -1,14 +1,13 @@
 """Pipeline YAML → checked, compiled list of step instances.
 
 Every problem is collected before anything runs — unknown step (with the closest names), bad
-parameter, an input no earlier step provides, a duplicate id — and reported at once as a
-ConfigError naming the file, the dotted location, the value and the fix.
+parameter, an input no earlier step provides (or provides with another type), a duplicate id — and
+reported at once as a ConfigError naming the file, the dotted location, the value and the fix.
 """
 
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -18,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from processor.errors import ConfigError
 from processor.pipeline.registry import StepRegistry
-from processor.pipeline.step import Step, StepEnv
+from processor.pipeline.step import Port, Step, StepEnv
 
 
 class StepSpec(BaseModel):
@@ -104,14 +103,14 @@ def compile_steps(spec: PipelineSpec, registry: StepRegistry,
                   env: StepEnv) -> tuple[list[CompiledStep], list[str]]:
     problems: list[str] = []
     compiled: list[CompiledStep] = []
-    provided: dict[str, str] = {}
+    provided: dict[str, tuple[Port, str]] = {}  # port name -> (the port as first provided, its step id)
+    resolved = [(s, registry.get(s.uses)) for s in spec.steps]
     seen_ids: set[str] = set()
-    for index, step_spec in enumerate(spec.steps):
+    for index, (step_spec, cls) in enumerate(resolved):
         where = f"steps[{index}]"
         if step_spec.id in seen_ids:
             problems.append(f"{where}.id (value: {step_spec.id!r}): used twice. Fix: give each step its own id.")
         seen_ids.add(step_spec.id)
-        cls = registry.get(step_spec.uses)
         if cls is None:
             near = registry.closest(step_spec.uses)
             hint = f"did you mean {' or '.join(repr(n) for n in near)}?" if near else \
@@ -123,26 +122,45 @@ def compile_steps(spec: PipelineSpec, registry: StepRegistry,
         except ValidationError as exc:
             problems.extend(_validation_lines(f"{where}.with", exc))
             continue
-        for need in cls.needs:
-            if need not in provided:
-                problems.append(f"{where} ({step_spec.id}, uses {cls.uses}): needs {need!r}, which no "
-                                f"earlier step provides. Fix: add a step that provides it before this one "
-                                f"({_providers(registry, need)}).")
+        head = f"{where} ({step_spec.id}, uses {cls.uses})"
+        later = [(s.id, c) for s, c in resolved[index + 1:] if c is not None]
+        problems.extend(_port_problems(head, cls, provided, later, registry))
         step = cls(params, env)
         step.step_id = step_spec.id
         problems.extend(f"{where} ({step_spec.id}): {p}" for p in step.check())
-        for name in cls.provides:
-            provided[name] = step_spec.id
+        for port in cls.provides:
+            first = provided.setdefault(port.name, (port, step_spec.id))
+            if first[0].type is not port.type:
+                problems.append(f"{head}: provides {port.name!r} as {port.type.__name__}, but step {first[1]!r} "
+                                f"already provides it as {first[0].type.__name__}. Fix: give one of the two "
+                                "ports another name; a port has one type in a pipeline.")
         compiled.append(CompiledStep(step_spec.id, step_spec, step))
     for index, done in enumerate(compiled):
         done.step.link([c.step for c in compiled[index + 1:]])
     return compiled, problems
 
 
-def _providers(registry: StepRegistry, need: str) -> str:
-    names = [name for name, cls in registry.items() if need in cls.provides]
+def _port_problems(head: str, cls: type[Step], provided: dict[str, tuple[Port, str]],
+                   later: list[tuple[str, type[Step]]], registry: StepRegistry) -> list[str]:
+    """A need no earlier step provides, or one provided with another type (optional needs: only that)."""
+    problems = []
+    for need, optional in [*((n, False) for n in cls.needs), *((n, True) for n in cls.optional_needs)]:
+        found = provided.get(need.name)
+        if found is None:
+            if optional:
+                continue
+            after = next((sid for sid, c in later if any(need.accepts(p) for p in c.provides)), None)
+            fix = (f"move this step after step {after!r}, which provides it later in the pipeline" if after else
+                   f"add a step that provides it before this one ({_providers(registry, need)})")
+            problems.append(f"{head}: needs {need.name!r}, which no earlier step provides (type "
+                            f"{need.type.__name__}). Fix: {fix}.")
+        elif not need.accepts(found[0]):
+            problems.append(f"{head}: needs {need.name!r} as {need.type.__name__}, but step {found[1]!r} provides "
+                            f"it as {found[0].type.__name__}. Fix: provide it with a step that gives a "
+                            f"{need.type.__name__} ({_providers(registry, need)}).")
+    return problems
+
+
+def _providers(registry: StepRegistry, need: Port) -> str:
+    names = [name for name, cls in registry.items() if any(need.accepts(p) for p in cls.provides)]
     return "provided by " + ", ".join(names) if names else "no registered step provides it"
-
-
-def safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)[:120] or "unnamed"

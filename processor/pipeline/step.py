@@ -1,8 +1,12 @@
-"""What a pipeline step is: a small class with typed params, named inputs/outputs and a device.
+"""What a pipeline step is: a small class with typed params, typed inputs/outputs and a device.
 
-Steps read what earlier steps provided from ``ctx.values`` (named ports, like MONAI's) and add
-their part of the study result to ``ctx.result``. Steps never touch SQLite or the outbox layout
-beyond ``ctx.out_dir``; models come from ``env.models`` (the shared cache).
+Steps exchange values through ``ctx.values`` under declared :class:`Port` s (a name and a Python
+type, like MONAI's named ports): a step reads only the ports in its ``needs`` /
+``optional_needs`` and adds the ones in its ``provides``; the compiler checks that an earlier step
+provides every need with a compatible type, the runner that a provided value has its type. Each
+step adds its own part of the study result to ``ctx.result`` and never reads another step's part.
+Steps never touch SQLite or the outbox layout beyond ``ctx.out_dir``; models come from
+``env.models`` (the shared cache).
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
 
 from pydantic import BaseModel, ConfigDict
 
@@ -21,10 +25,28 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Port:
+    """A value in ``ctx.values``: its name and the Python type a provider must give it."""
+
+    name: str
+    type: type
+
+    def accepts(self, provided: Port) -> bool:
+        """True when ``provided`` (an earlier step's port) satisfies this need."""
+        return provided.name == self.name and issubclass(provided.type, self.type)
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.type.__name__})"
+
+
 class Params(BaseModel):
     """Base of every step's ``with:`` block: unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+AnyParams: TypeAlias = Params  # the base, for annotations inside Step (where ``Params`` is the class attribute)
 
 
 @dataclass
@@ -58,19 +80,28 @@ class StudyContext:
 
 
 class Step:
-    """Base class. Subclasses set ``uses``, ``Params``, ``needs``, ``provides`` and implement run()."""
+    """Base class. Subclasses set ``uses``, ``Params``, ``needs``, ``provides`` (ports) and implement run()."""
 
     uses: ClassVar[str]
     summary: ClassVar[str] = ""
     Params: ClassVar[type[Params]] = Params
-    needs: ClassVar[tuple[str, ...]] = ()
-    optional_needs: ClassVar[tuple[str, ...]] = ()
-    provides: ClassVar[tuple[str, ...]] = ()
+    needs: ClassVar[tuple[Port, ...]] = ()
+    optional_needs: ClassVar[tuple[Port, ...]] = ()
+    provides: ClassVar[tuple[Port, ...]] = ()
     device: ClassVar[str] = "cpu"
     batched: ClassVar[bool] = False  # True when run_batch shares work (model load, micro-batches) across studies
     step_id: str = ""  # the pipeline's id for this step instance; set by compile_steps
 
-    def __init__(self, params: Params, env: StepEnv) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A port declared as a bare name (or anything but a Port) is a programming error, found at import."""
+        super().__init_subclass__(**kwargs)
+        for attr in ("needs", "optional_needs", "provides"):
+            wrong = [p for p in getattr(cls, attr) if not isinstance(p, Port)]
+            if wrong:
+                raise TypeError(f"{cls.__qualname__}.{attr}: {wrong[0]!r} is not a Port. Fix: declare "
+                                f"Port({wrong[0]!r}, <type>), or use one of processor.steps.ports.")
+
+    def __init__(self, params: AnyParams, env: StepEnv) -> None:
         self.params = params
         self.env = env
 

@@ -5,9 +5,10 @@ previews), in the lung window, cropped to the lungs and resized to the model's s
 the model in one batch: noised to ``noise_level`` of ``steps`` DDIM steps and denoised back (see
 :mod:`processor.models.diffusion`). The per-slice score is the mean squared error inside the
 lung mask; the study score (``aggregate``: max or mean of the slices) goes to
-``result["anomaly"]`` and the ``anomaly.score`` feature. Reconstruction noise is seeded, so the
-same study gives the same score. With ``heatmap: true`` a PNG per slice (slice | reconstruction
-| error in red) is written next to the study JSON. Nothing is resampled in mm here; on an
+``result["anomaly"]`` and the ``anomaly.score`` feature (in ``result["features"]`` and the
+``features`` port). Reconstruction noise is seeded, so the same study gives the same score. With
+``heatmap: true`` a PNG per slice (slice | reconstruction | error in red) is written next to the
+study JSON. Nothing is resampled in mm here; on an
 irregular slice grid (gaps, uneven steps) the levels are still evenly spaced by slice *index*, and
 ``result["anomaly"]["warnings"]`` says so with the gap count, each slice's true ``z_mm`` listed.
 """
@@ -27,6 +28,7 @@ from processor.dicom.render import choose_levels, write_atomic
 from processor.pipeline.registry import StepRegistry
 from processor.pipeline.step import Params, StudyContext
 from processor.steps.ensemble import _WeightedStep
+from processor.steps.ports import FEATURES, LUNG_MASK, VOLUME, add_features
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,8 @@ class AnomalyDiffusion(_WeightedStep):
     summary = ("Diffusion anomaly score (fit-anomaly's UNet + DDIM): K lung-window slices noised and denoised "
                "in one batch; reconstruction error inside the lung mask per slice and per study.")
     Params = AnomalyParams
-    needs = ("volume", "lung_mask")
+    needs = (VOLUME, LUNG_MASK)
+    provides = (FEATURES,)
     device = "gpu"
 
     def folder(self) -> Path:
@@ -72,7 +75,7 @@ class AnomalyDiffusion(_WeightedStep):
         noise_level = p.noise_level or float(defaults.get("noise_level", 0.3))
         steps = p.steps or int(defaults.get("ddim_steps", 50))
         window = (float(card["window"]["width"]), float(card["window"]["level"]))
-        volume, mask = ctx.values["volume"], ctx.values["lung_mask"]
+        volume, mask = ctx.values[VOLUME.name], ctx.values[LUNG_MASK.name]
         levels, how = choose_levels(count, volume.hu.shape[0], mask)
         prepared = prepare_slices(volume.hu, mask, levels, int(card["image_size"]), window)
         device = next(model.unet.parameters()).device
@@ -97,6 +100,7 @@ class AnomalyDiffusion(_WeightedStep):
             "warnings": [grid.note("levels chosen by slice index on")] if grid.irregular else [],
         }
         ctx.result.setdefault("features", {})["anomaly.score"] = round(score, 6)
+        add_features(ctx, {"anomaly.score": round(score, 6)}, replace=True)
         log.info("anomaly.done study=%s score=%.5f slices=%d", ctx.label, score, len(rows))
 
 

@@ -39,6 +39,7 @@ from processor.errors import WeightsError
 from processor.models import captioner as cap
 from processor.pipeline.registry import StepRegistry
 from processor.pipeline.step import Params, Step, StepEnv, StudyContext
+from processor.steps.ports import CAPTIONS, KEY_SLICES
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +100,8 @@ class CaptionImages(Step):
                "folder under weights/); one batched generate call per study, captions cached by image, "
                "model, prompt and settings; every caption marked diagnostic: false.")
     Params = CaptionParams
-    needs = ("key_slices",)
-    provides = ("captions",)
+    needs = (KEY_SLICES,)
+    provides = (CAPTIONS,)
     device = "gpu"
     batched = True
 

@@ -1,12 +1,13 @@
 """CT-CLIP steps: ``ctclip.zero_shot`` (CT-CLIP_v2 / CT_VocabFine_v2) and ``ctclip.classify`` (CT_LiPro_v2).
 
-Both take ``values["volume"]``, map it to CT-RATE's (X, Y, Z) array order
+Both take the ``volume`` port, map it to CT-RATE's (X, Y, Z) array order
 (:func:`ctrate_xyz_from_dicom`), apply the official v2 inference preprocessing
 (:func:`preprocess_volume`), encode the image once with a model from the shared cache, and add
 ``result["models"][<step id>]``: kind, model file, sha256, licence, per-finding probabilities,
-the preprocessing record and the saved latent's file (``save_latent``). They provide
-``values["ctclip_latent"]`` (the first CT-CLIP step's image latent, (dim_latent,) float32),
-``values["ctclip_latent.<step id>"]`` and ``values["findings.<step id>"]`` ({finding: p}).
+the preprocessing record and the saved latent's file (``save_latent``). They provide the ports
+``ctclip_latent`` (the first CT-CLIP step's image latent, (dim_latent,) float32), ``features``
+(``zs.<finding>`` / ``lipro.<finding>``) and ``scores`` (:mod:`processor.steps.ports`), and
+``values["ctclip_latent.<step id>"]``.
 CT-CLIP steps with the same ``target_xyz`` (zero-shot and LiPro, both 480×480×240 with the
 released models) preprocess a volume once (~0.5 CPU-s): the first keeps the input in
 ``values["ctclip_inputs"]`` when the pipeline has a later CT-CLIP step of that size, and the last
@@ -42,8 +43,18 @@ from processor.atomic import write_bytes_atomic
 from processor.dicom.grid import SliceGrid
 from processor.errors import ConfigError, WeightsError, WithheldError
 from processor.pipeline.registry import StepRegistry
-from processor.pipeline.spec import safe_name
 from processor.pipeline.step import Params, Step, StepEnv, StudyContext
+from processor.safename import safe_name
+from processor.steps.ports import (
+    CTCLIP_LATENT,
+    FEATURES,
+    KIND_PREFIX,
+    SCORES,
+    VOLUME,
+    ModelScores,
+    add_features,
+    add_scores,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -98,8 +109,8 @@ class _CTClipStep(Step):
     """Shared loading, preprocessing and result writing of the CT-CLIP steps."""
 
     kind = ""
-    needs = ("volume",)
-    provides = ("ctclip_latent",)
+    needs = (VOLUME,)
+    provides = (CTCLIP_LATENT, FEATURES, SCORES)
     device = "gpu"
 
     shares_input = False  # a later CT-CLIP step of the pipeline takes the same input (set by link)
@@ -203,10 +214,13 @@ class _CTClipStep(Step):
             preprocess_volume,
         )
 
-        volume = ctx.values["volume"]
+        volume = ctx.values[VOLUME.name]
         hu_xyz, spacing_xyz = ctrate_xyz_from_dicom(volume.hu, volume.spacing_zyx, volume.affine)
         grid = SliceGrid.of(volume.positions_mm)
-        positions = ctrate_slice_positions(volume.positions_mm, volume.affine) if grid.irregular else None
+        positions: tuple[int, Sequence[float]] | None = None
+        if grid.irregular:
+            axis, where = ctrate_slice_positions(volume.positions_mm, volume.affine)
+            positions = (axis, where.tolist())
         tensor = preprocess_volume(hu_xyz, spacing_xyz, self.p.target_xyz, positions=positions)
         order, flips = _axis_plan(np.asarray(volume.affine, dtype=np.float64)[:3, :3][:, [2, 1, 0]])
         record: dict[str, Any] = {
@@ -237,7 +251,7 @@ class _CTClipStep(Step):
         return tensor, record
 
     def run(self, ctx: StudyContext) -> None:
-        _require_spacing(ctx.values["volume"])
+        _require_spacing(ctx.values[VOLUME.name])
         model = self.model()
         checkpoint, vocab, config = self._paths()
         tensor, preprocessing = self._input(ctx)
@@ -263,9 +277,11 @@ class _CTClipStep(Step):
             "warnings": _grid_warnings(preprocessing),
         }
         ctx.result.setdefault("models", {})[self.sid] = entry
-        ctx.values.setdefault("ctclip_latent", latent)
+        ctx.values.setdefault(CTCLIP_LATENT.name, latent)
         ctx.values[f"ctclip_latent.{self.sid}"] = latent
-        ctx.values[f"findings.{self.sid}"] = probabilities
+        prefix = KIND_PREFIX[self.kind]
+        add_features(ctx, {f"{prefix}.{finding}": p for finding, p in probabilities.items()})
+        add_scores(ctx, ModelScores(self.sid, prefix, probabilities))
         top = max(probabilities, key=probabilities.__getitem__)
         log.info("ctclip.done study=%s step=%s kind=%s findings=%d top=%r p=%.3f", ctx.label, self.sid,
                  self.kind, len(probabilities), top, probabilities[top])

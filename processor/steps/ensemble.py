@@ -1,28 +1,26 @@
 """The ensemble steps: ``ctclip.head``, ``fusion.lightgbm`` and ``decision.pathology``.
 
-* ``ctclip.head`` — the site's supervised head (``fit-head``) on ``values["ctclip_latent"]`` →
-  ``result["models"][<id>]`` (kind ``ctclip_head``) and ``head.<finding>`` features.
-* ``fusion.lightgbm`` — the site's booster (``fit-fusion``) over the features of this study
-  (:func:`collect_features`; a missing one is NaN) → ``result["fusion"]``: probability, threshold,
-  and per-model contributions (SHAP values in log-odds from ``pred_contrib``). A booster whose
-  feature names differ from its ``card.json`` is refused.
+* ``ctclip.head`` — the site's supervised head (``fit-head``) on the ``ctclip_latent`` port →
+  ``result["models"][<id>]`` (kind ``ctclip_head``), ``head.<finding>`` features and its scores.
+* ``fusion.lightgbm`` — the site's booster (``fit-fusion``, loaded by :mod:`processor.models.fusion`)
+  over the ``features`` port (a missing feature is NaN) → ``result["fusion"]`` and the ``fusion``
+  port: probability, threshold, and per-model contributions (SHAP values in log-odds from
+  ``pred_contrib``). A booster whose feature names differ from its ``card.json`` is refused.
 * ``decision.pathology`` — always runs (no weights) and writes ``result["decision"]``, the one
   section the result JSON's ``probability_of_pathology`` / ``pathology`` /
-  ``most_dangerous_pathology_type`` are read from. Put it last. Without a fusion model the first
-  two are null (never an invented number); ``most_dangerous_pathology_type`` is the first finding
-  in ``severity_order`` whose probability reaches its threshold, "No significant pathology" when
-  none does, and null with a reason when no model gave per-finding probabilities.
+  ``most_dangerous_pathology_type`` are read from. Put it last. It reads the ``fusion`` and
+  ``scores`` ports when present. Without a fusion model the first two are null (never an invented
+  number); ``most_dangerous_pathology_type`` is the first finding in ``severity_order`` whose
+  probability reaches its threshold, "No significant pathology" when none does, and null with a
+  reason when no model gave per-finding probabilities.
 
-Feature names (recorded per study in SQLite by the worker, read by ``fit-fusion``):
-``zs.<finding>`` (ctclip.zero_shot), ``lipro.<finding>`` (ctclip.classify), ``head.<finding>``,
-``anomaly.score``, ``lungs.volume_ml``, ``lungs.laa950_percent``, ``lungs.mean_lung_density_hu``,
-plus anything a step puts in ``result["features"]``.
+Feature names and the ports are listed in :mod:`processor.steps.ports`; :func:`collect_features`
+derives the same features from a result JSON.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,8 +29,22 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from processor.errors import StepError, WeightsError
+from processor.models.fusion import FusedModel
 from processor.pipeline.registry import StepRegistry
 from processor.pipeline.step import Params, Step, StepEnv, StudyContext
+from processor.steps.ports import (
+    CTCLIP_LATENT,
+    FEATURES,
+    FUSION,
+    KIND_PREFIX,
+    LUNG_FEATURES,
+    SCORES,
+    FusionOutput,
+    ModelScores,
+    add_features,
+    add_scores,
+    is_number,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,26 +58,21 @@ SEVERITY_ORDER: tuple[str, ...] = (
     "Cardiomegaly", "Bronchiectasis", "Emphysema", "Mosaic attenuation pattern", "Peribronchial thickening",
     "Coronary artery wall calcification", "Arterial wall calcification", "Hiatal hernia", "Medical material",
 )
-KIND_PREFIX = {"ctclip_zero_shot": "zs", "ctclip_lipro": "lipro", "ctclip_head": "head"}
-LUNG_FEATURES = ("volume_ml", "laa950_percent", "mean_lung_density_hu")
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def collect_features(result: Mapping[str, Any]) -> dict[str, float]:
-    """Every numeric model output of a study under its feature name (see the module docstring)."""
-    features = {k: float(v) for k, v in (result.get("features") or {}).items() if _number(v)}
+    """Every numeric model output in a result JSON under its feature name (:mod:`processor.steps.ports`).
+
+    The steps give the same dict through the ``features`` port; this derives it from the JSON.
+    """
+    features = {k: float(v) for k, v in (result.get("features") or {}).items() if is_number(v)}
     for sid, entry in (result.get("models") or {}).items():
         kind = str(entry.get("kind") or sid)
         prefix = KIND_PREFIX.get(kind, kind)
         for finding, p in (entry.get("probabilities") or {}).items():
-            if _number(p):
+            if is_number(p):
                 features.setdefault(f"{prefix}.{finding}", float(p))
     lungs = result.get("lungs") or {}
     for key in LUNG_FEATURES:
-        if _number(lungs.get(key)):
+        if is_number(lungs.get(key)):
             features.setdefault(f"lungs.{key}", float(lungs[key]))
     return features
 
@@ -107,7 +114,8 @@ class CtclipHead(_WeightedStep):
     summary = ("The site's supervised head (linear or 1-hidden-layer MLP, trained by fit-head) on the CT-CLIP "
                "image latent: per-finding probabilities.")
     Params = HeadParams
-    needs = ("ctclip_latent",)
+    needs = (CTCLIP_LATENT,)
+    provides = (FEATURES, SCORES)
 
     def folder(self) -> Path:
         return self.env.path(self.params.checkpoint)  # type: ignore[attr-defined]
@@ -124,7 +132,7 @@ class CtclipHead(_WeightedStep):
 
         folder = self.folder()
         head = self.cached(("ctclip.head", str(folder)), lambda: load_head(folder, self.env.device))
-        latent = np.asarray(ctx.values["ctclip_latent"], dtype=np.float32).ravel()
+        latent = np.asarray(ctx.values[CTCLIP_LATENT.name], dtype=np.float32).ravel()
         expected = head.card["architecture"]["in_dim"]
         if latent.size != expected:
             raise StepError(f"the CT-CLIP latent has {latent.size} values but the head in {folder} was trained "
@@ -132,14 +140,17 @@ class CtclipHead(_WeightedStep):
         device = next(head.model.parameters()).device
         probs = head.model.probabilities(torch.from_numpy(latent)[None].to(device))[0].cpu().numpy()
         probabilities = {f: round(float(p), 6) for f, p in zip(head.findings, probs, strict=True)}
+        thresholds = head.card.get("thresholds", {})
         ctx.result.setdefault("models", {})[self.sid] = {
             "kind": "ctclip_head", "model": str(head.weights_path.relative_to(folder.parent)),
             "sha256": self.digest(head.weights_path), "trained": head.card.get("date"),
             "training_set_hash": head.card.get("training_set_hash"),
-            "thresholds": head.card.get("thresholds", {}), "probabilities": probabilities,
+            "thresholds": thresholds, "probabilities": probabilities,
         }
-        features = ctx.result.setdefault("features", {})
-        features.update({f"head.{f}": p for f, p in probabilities.items()})
+        named = {f"head.{f}": p for f, p in probabilities.items()}
+        ctx.result.setdefault("features", {}).update(named)
+        add_features(ctx, named, replace=True)
+        add_scores(ctx, ModelScores(self.sid, KIND_PREFIX["ctclip_head"], probabilities, thresholds))
         log.info("head.done study=%s step=%s findings=%d", ctx.label, self.sid, len(probabilities))
 
 
@@ -150,49 +161,13 @@ class FusionParams(Params):
     threshold: float | None = Field(None, ge=0, le=1, description="override the card's fitted threshold")
 
 
-class FusedModel:
-    """A booster checked against its card: same feature names, in the same order."""
-
-    def __init__(self, model_path: Path, card_path: Path) -> None:
-        import json
-
-        import lightgbm as lgb
-
-        from processor.fit.fit_fusion import booster_name
-
-        try:
-            self.card = json.loads(card_path.read_text(encoding="utf-8"))
-            self.booster = lgb.Booster(model_file=str(model_path))
-            self.names: list[str] = list(self.card["feature_names"])
-            self.threshold = float(self.card["threshold"])
-        except (OSError, ValueError, KeyError, lgb.basic.LightGBMError) as exc:
-            raise WeightsError(f"{model_path}: cannot load the fusion model with {card_path.name} ({exc}). "
-                               "Fix: run `python run.py fit-fusion` again.") from exc
-        inner = self.booster.feature_name()
-        expected = [booster_name(n) for n in self.names]
-        if inner != expected:
-            diff = sorted(set(inner) ^ set(expected))[:5] or ["(same names, different order)"]
-            raise WeightsError(f"{model_path}: the booster's {len(inner)} feature names differ from the "
-                               f"{len(expected)} in {card_path} (e.g. {', '.join(diff)}); refusing to fuse with "
-                               "a model and card from different fits. Fix: keep model.txt and card.json from "
-                               "the same fit-fusion run together.")
-        self.model_path = model_path
-
-    def predict(self, features: Mapping[str, float]) -> tuple[float, dict[str, float], float, list[str]]:
-        """(probability, SHAP contribution per feature, bias, missing feature names) for one study."""
-        row = np.array([[features.get(n, np.nan) for n in self.names]], dtype=np.float64)
-        probability = float(self.booster.predict(row)[0])
-        contrib = self.booster.predict(row, pred_contrib=True)[0]
-        by_feature = {n: float(c) for n, c in zip(self.names, contrib[:-1], strict=True)}
-        missing = [n for n in self.names if not _number(features.get(n))]
-        return probability, by_feature, float(contrib[-1]), missing
-
-
 class FusionLightGBM(_WeightedStep):
     uses = "fusion.lightgbm"
     summary = ("LightGBM fusion (fit-fusion) of every model's outputs into probability_of_pathology, with "
                "per-model SHAP contributions; missing features are NaN, so a partial ensemble still fuses.")
     Params = FusionParams
+    needs = (FEATURES,)
+    provides = (FUSION,)
 
     def paths(self) -> tuple[Path, Path]:
         p: FusionParams = self.params  # type: ignore[assignment]
@@ -219,23 +194,26 @@ class FusionLightGBM(_WeightedStep):
     def run(self, ctx: StudyContext) -> None:
         p: FusionParams = self.params  # type: ignore[assignment]
         fused = self.load()
-        features = collect_features(ctx.result)
-        probability, by_feature, bias, missing = fused.predict(features)
+        probability, by_feature, bias, missing = fused.predict(ctx.values[FEATURES.name])
         by_model: dict[str, float] = {}
         for name, value in by_feature.items():
             group = name.split(".", 1)[0]
             by_model[group] = by_model.get(group, 0.0) + value
         threshold = p.threshold if p.threshold is not None else fused.threshold
+        out = FusionOutput(
+            probability=round(probability, 6), threshold=threshold,
+            finding_thresholds={f: t["threshold"] for f, t in fused.card.get("finding_thresholds", {}).items()},
+            contributions={"units": "log-odds (SHAP, LightGBM pred_contrib)", "bias": round(bias, 6),
+                           "by_model": {k: round(v, 6) for k, v in sorted(by_model.items())},
+                           "by_feature": {k: round(v, 6) for k, v in by_feature.items()}})
+        ctx.values[FUSION.name] = out
         ctx.result["fusion"] = {
             "model": fused.model_path.name, "sha256": self.digest(fused.model_path),
             "trained": fused.card.get("date"), "data_hash": fused.card.get("data_hash"),
-            "probability": round(probability, 6), "threshold": threshold,
+            "probability": out.probability, "threshold": threshold,
             "threshold_source": "pipeline" if p.threshold is not None else fused.card.get("threshold_rule", "card"),
             "features_used": len(fused.names) - len(missing), "features_missing": missing,
-            "contributions": {"units": "log-odds (SHAP, LightGBM pred_contrib)", "bias": round(bias, 6),
-                              "by_model": {k: round(v, 6) for k, v in sorted(by_model.items())},
-                              "by_feature": {k: round(v, 6) for k, v in by_feature.items()}},
-            "finding_thresholds": {f: t["threshold"] for f, t in fused.card.get("finding_thresholds", {}).items()},
+            "contributions": out.contributions, "finding_thresholds": out.finding_thresholds,
         }
         if missing:
             ctx.warnings.append(f"fusion: {len(missing)} of {len(fused.names)} features missing (fused as NaN): "
@@ -245,17 +223,18 @@ class FusionLightGBM(_WeightedStep):
 
 
 # ---------------------------------------------------------------------------------------- decision
-def finding_probabilities(result: Mapping[str, Any],
+def finding_probabilities(scores: Sequence[ModelScores],
                           sources: Sequence[str]) -> dict[str, tuple[float, str, float | None]]:
-    """finding → (probability, feature name, the model's own fitted threshold), first source wins."""
+    """finding → (probability, feature name, the model's own fitted threshold), first source wins.
+
+    Within a source the first model (in run order) that gives a finding wins.
+    """
     by_prefix: dict[str, dict[str, tuple[float, str, float | None]]] = {}
-    for sid, entry in (result.get("models") or {}).items():
-        prefix = KIND_PREFIX.get(str(entry.get("kind") or sid), str(entry.get("kind") or sid))
-        own = entry.get("thresholds") or {}
-        for finding, prob in (entry.get("probabilities") or {}).items():
-            if _number(prob):
-                by_prefix.setdefault(prefix, {}).setdefault(
-                    finding, (float(prob), f"{prefix}.{finding}", own.get(finding)))
+    for entry in scores:
+        for finding, prob in entry.probabilities.items():
+            if is_number(prob):
+                by_prefix.setdefault(entry.source, {}).setdefault(
+                    finding, (float(prob), f"{entry.source}.{finding}", entry.thresholds.get(finding)))
     out: dict[str, tuple[float, str, float | None]] = {}
     for prefix in sources:
         for finding, value in by_prefix.get(prefix, {}).items():
@@ -330,12 +309,13 @@ class DecisionPathology(Step):
     summary = ("The API decision fields: probability_of_pathology and pathology from the fusion step (null "
                "without one), most_dangerous_pathology_type by severity order and per-finding thresholds.")
     Params = DecisionParams
+    optional_needs = (FUSION, SCORES)
 
     def run(self, ctx: StudyContext) -> None:
         p: DecisionParams = self.params  # type: ignore[assignment]
-        fusion = ctx.result.get("fusion") or {}
-        found = finding_probabilities(ctx.result, p.sources)
-        fitted = fusion.get("finding_thresholds") or {}
+        fusion: FusionOutput | None = ctx.values.get(FUSION.name)
+        found = finding_probabilities(ctx.values.get(SCORES.name, []), p.sources)
+        fitted = fusion.finding_thresholds if fusion else {}
         thresholds, threshold_from = {}, {}
         for finding, (_, _, own) in found.items():
             for source, value in (("pipeline", p.finding_thresholds.get(finding)), ("fusion card", fitted.get(finding)),
@@ -343,9 +323,9 @@ class DecisionPathology(Step):
                 if value is not None:
                     thresholds[finding], threshold_from[finding] = float(value), source
                     break
-        decision = decide(fusion.get("probability"), fusion.get("threshold"),
+        decision = decide(fusion.probability if fusion else None, fusion.threshold if fusion else None,
                           {f: v[0] for f, v in found.items()}, thresholds, p.severity_order)
-        decision["contributions"] = fusion.get("contributions")
+        decision["contributions"] = fusion.contributions if fusion else None
         decision["findings"] = {f: {"probability": v[0], "source": v[1], "threshold": thresholds[f],
                                     "threshold_from": threshold_from[f], "positive": v[0] >= thresholds[f]}
                                 for f, v in found.items()}

@@ -18,6 +18,7 @@ from pydantic import Field
 from processor.dicom.lungs import LungSettings, lung_metrics, segment_lungs
 from processor.pipeline.registry import StepRegistry
 from processor.pipeline.step import Params, Step, StudyContext
+from processor.steps.ports import FEATURES, LUNG_FEATURES, LUNG_MASK, VOLUME, add_features
 
 log = logging.getLogger(__name__)
 
@@ -41,20 +42,22 @@ class QuantifyLungs(Step):
                "holes filled; lung volume mL over each slice's true slab, %LAA-950, mean lung density, "
                "plausibility flags with notes in plain words.")
     Params = LungParams
-    needs = ("volume",)
-    provides = ("lung_mask",)
+    needs = (VOLUME,)
+    provides = (LUNG_MASK, FEATURES)
 
     def run(self, ctx: StudyContext) -> None:
         params: LungParams = self.params  # type: ignore[assignment]
         settings = params.settings()
-        volume = ctx.values["volume"]
+        volume = ctx.values[VOLUME.name]
         pixel_mm = None if volume.spacing_unknown else (volume.spacing_zyx[1], volume.spacing_zyx[2])
         found = segment_lungs(volume.hu, settings, pixel_mm)
         mask = found.mask
         metrics = lung_metrics(volume.hu, mask, volume.spacing_zyx, settings, positions_mm=volume.positions_mm,
                                spacing_unknown=volume.spacing_unknown, found=found)
-        ctx.values["lung_mask"] = mask
-        ctx.result["lungs"] = {**metrics.as_dict(), "method": "threshold",
+        numbers = metrics.as_dict()
+        ctx.values[LUNG_MASK.name] = mask
+        add_features(ctx, {f"lungs.{key}": numbers.get(key) for key in LUNG_FEATURES})
+        ctx.result["lungs"] = {**numbers, "method": "threshold",
                                "threshold_hu": settings.threshold_hu,
                                "laa_threshold_hu": settings.laa_threshold_hu,
                                "body_mask": True, "body_threshold_hu": settings.body_threshold_hu,

@@ -38,6 +38,7 @@ from processor.dicom.render import (
 from processor.errors import StepError
 from processor.pipeline.registry import StepRegistry
 from processor.pipeline.step import Params, Step, StudyContext
+from processor.steps.ports import KEY_SLICES, LUNG_MASK, VOLUME
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +74,9 @@ class RenderKeySlices(Step):
                "(W350/L40) windows, radiological orientation, square physical pixels (the coarser axis resampled "
                "to the finer spacing), written next to the study JSON.")
     Params = KeySliceParams
-    needs = ("volume",)
-    optional_needs = ("lung_mask",)
-    provides = ("key_slices",)
+    needs = (VOLUME,)
+    optional_needs = (LUNG_MASK,)
+    provides = (KEY_SLICES,)
 
     def run(self, ctx: StudyContext) -> None:
         params: KeySliceParams = self.params  # type: ignore[assignment]
@@ -130,7 +131,7 @@ def _orientation(volume: Any) -> Orientation:
     if not (np.all(np.isfinite(row)) and np.all(np.isfinite(col))) or not (row.any() and col.any()):
         raise StepError("the volume has no in-plane directions (ImageOrientationPatient), so the radiological "
                         "orientation of the previews cannot be decided; re-export the series with its geometry")
-    return radiological_orientation(row, col)
+    return radiological_orientation(row.tolist(), col.tolist())
 
 
 def register(registry: StepRegistry) -> None:

@@ -17,6 +17,7 @@ from processor.dicom.stack import image_stack
 from processor.errors import StepError
 from processor.pipeline.registry import StepRegistry
 from processor.pipeline.step import Params, Step, StudyContext
+from processor.steps.ports import SERIES
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class SelectSeries(Step):
     summary = ("Choose the series to analyse: CT, axial, not a scout, consistent geometry, ≥ min_slices; "
                "then ORIGINAL, thin, lung kernel, coverage, count — every series listed with its reason.")
     Params = SelectParams
-    provides = ("series",)
+    provides = (SERIES,)
 
     def run(self, ctx: StudyContext) -> None:
         params: SelectParams = self.params  # type: ignore[assignment]

@@ -18,6 +18,7 @@ from processor.dicom.frames import DUPLICATE_TOLERANCE_MM
 from processor.dicom.volume import load_volume
 from processor.pipeline.registry import StepRegistry
 from processor.pipeline.step import Params, Step, StudyContext
+from processor.steps.ports import SERIES, VOLUME
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +93,8 @@ class CtVolume(Step):
                "into an int16 HU volume (float32 when a rescale is not whole or does not fit) sorted along "
                "the slice normal; phases and parts of a scan decided by geometry; spacing, affine, provenance.")
     Params = VolumeParams
-    needs = ("series",)
-    provides = ("volume",)
+    needs = (SERIES,)
+    provides = (VOLUME,)
 
     def run(self, ctx: StudyContext) -> None:
         params: VolumeParams = self.params  # type: ignore[assignment]

@@ -1,0 +1,99 @@
+"""The ports the built-in steps exchange through ``ctx.values``: each name with its Python type.
+
+=============== ===================== ============================================================
+port            type                  provided by → read by
+=============== ===================== ============================================================
+series          Series                dicom.select_series → ct.volume
+volume          Volume                ct.volume → quantify.lungs, render.key_slices, ctclip.*,
+                                      anomaly.diffusion
+lung_mask       numpy.ndarray (bool)  quantify.lungs → anomaly.diffusion, render.key_slices (optional)
+key_slices      list[KeySlice]        render.key_slices → caption.image_to_text
+captions        list[dict]            caption.image_to_text
+ctclip_latent   numpy.ndarray (f32)   the first ctclip.* step → ctclip.head; persisted by the recorder
+features        dict[str, float]      quantify.lungs, ctclip.*, ctclip.head, anomaly.diffusion →
+                                      fusion.lightgbm; persisted by the recorder (``fit-fusion`` reads them)
+scores          list[ModelScores]     ctclip.*, ctclip.head → decision.pathology (optional)
+fusion          FusionOutput          fusion.lightgbm → decision.pathology (optional)
+=============== ===================== ============================================================
+
+``features`` is accumulated: every step that has some adds them with :func:`add_features`. Names:
+``zs.<finding>`` (ctclip.zero_shot), ``lipro.<finding>`` (ctclip.classify), ``head.<finding>``,
+``anomaly.score``, ``lungs.volume_ml``, ``lungs.laa950_percent``, ``lungs.mean_lung_density_hu``;
+only finite numbers. A model's probabilities keep the first value given under a name (the first
+of two zero-shot steps wins); the values a step also writes into ``result["features"]`` (head,
+anomaly) replace earlier ones — the rules :func:`processor.steps.ensemble.collect_features`
+applies to the result JSON, so the two always agree.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from processor.dicom.scan import Series
+from processor.dicom.volume import Volume
+from processor.pipeline.step import Port, StudyContext
+
+SERIES = Port("series", Series)
+VOLUME = Port("volume", Volume)
+LUNG_MASK = Port("lung_mask", np.ndarray)
+KEY_SLICES = Port("key_slices", list)
+CAPTIONS = Port("captions", list)
+CTCLIP_LATENT = Port("ctclip_latent", np.ndarray)
+FEATURES = Port("features", dict)
+SCORES = Port("scores", list)
+
+KIND_PREFIX = {"ctclip_zero_shot": "zs", "ctclip_lipro": "lipro", "ctclip_head": "head"}
+LUNG_FEATURES = ("volume_ml", "laa950_percent", "mean_lung_density_hu")
+
+
+@dataclass(frozen=True)
+class ModelScores:
+    """One model's per-finding probabilities; ``source`` is its feature prefix (zs, lipro, head)."""
+
+    step_id: str
+    source: str
+    probabilities: Mapping[str, float]
+    thresholds: Mapping[str, float] = field(default_factory=dict)  # the model's own fitted ones
+
+
+@dataclass(frozen=True)
+class FusionOutput:
+    """What decision.pathology takes from fusion.lightgbm (the same values as ``result["fusion"]``)."""
+
+    probability: float
+    threshold: float
+    finding_thresholds: Mapping[str, float]
+    contributions: Mapping[str, Any]
+
+
+FUSION = Port("fusion", FusionOutput)
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float (not a bool): what a feature may hold."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def add_features(ctx: StudyContext, values: Mapping[str, Any], *, replace: bool = False) -> None:
+    """Add the finite ``values`` to the ``features`` port (created empty by the first provider).
+
+    ``replace``: a value replaces one already there (head and anomaly); otherwise the first stays.
+    """
+    features: dict[str, float] = ctx.values.setdefault(FEATURES.name, {})
+    for name, value in values.items():
+        if not is_number(value):
+            continue
+        if replace:
+            features[name] = float(value)
+        else:
+            features.setdefault(name, float(value))
+
+
+def add_scores(ctx: StudyContext, scores: ModelScores) -> None:
+    """Append one model's per-finding probabilities to the ``scores`` port (in run order)."""
+    ctx.values.setdefault(SCORES.name, []).append(scores)
