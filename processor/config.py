@@ -7,6 +7,7 @@ against ``root``, which is itself relative to the folder of the config file.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -27,7 +28,7 @@ _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**1
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
-def _parse_quantity(value: Any, units: dict[str, float], what: str, examples: str) -> float:
+def _parse_quantity(value: Any, units: Mapping[str, float], what: str, examples: str) -> float:
     """A number, or a number with one of ``units`` (``"8GiB"``, ``"5m"``), in the base unit."""
     if isinstance(value, bool):
         raise ValueError(f"a {what} must be a number or a string like {examples}")
@@ -55,36 +56,36 @@ class _Section(BaseModel):
 class InboxSettings(_Section):
     dirs: list[Path] = Field(default_factory=lambda: [Path("inbox")], min_length=1)
     night_dirs: list[Path] = Field(default_factory=lambda: [Path("inbox/night")])
-    stable_seconds: float = Field(10, ge=0)
-    scan_interval_seconds: float = Field(5, gt=0)
+    stable_seconds: float = Field(default=10, ge=0)
+    scan_interval_seconds: float = Field(default=5, gt=0)
     use_watchdog: bool = True
 
 
 class StatusSettings(_Section):
     enabled: bool = True
     host: str = "127.0.0.1"
-    port: int = Field(8765, ge=0, le=65535)
+    port: int = Field(default=8765, ge=0, le=65535)
 
 
 class LimitSettings(_Section):
-    max_members: int = Field(20_000, gt=0)
+    max_members: int = Field(default=20_000, gt=0)
     max_total_bytes: ByteSize = 8 * 2**30
-    max_ratio: float = Field(200, gt=1)
-    max_attempts: int = Field(3, ge=1)
+    max_ratio: float = Field(default=200, gt=1)
+    max_attempts: int = Field(default=3, ge=1)
 
 
 class ModelSettings(_Section):
-    capacity: int = Field(4, ge=1)
-    gpu_memory_budget_gb: float | None = Field(None, gt=0)
+    capacity: int = Field(default=4, ge=1)
+    gpu_memory_budget_gb: float | None = Field(default=None, gt=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
 
 
 class ReportSettings(_Section):
     enabled: bool = True
     dir: Path = Path("outbox/reports")
-    rolling_days: int = Field(7, ge=1)
-    debounce_seconds: float = Field(30, ge=0)
-    threshold: float = Field(0.5, ge=0, le=1)
+    rolling_days: int = Field(default=7, ge=1)
+    debounce_seconds: float = Field(default=30, ge=0)
+    threshold: float = Field(default=0.5, ge=0, le=1)
 
 
 class ScheduleSettings(_Section):
@@ -100,11 +101,11 @@ class ScheduleSettings(_Section):
 
 
 class RetentionSettings(_Section):
-    keep_days: int | None = Field(None, ge=1)
+    keep_days: int | None = Field(default=None, ge=1)
 
 
 class DiskSettings(_Section):
-    min_free_gb: float = Field(5, ge=0)
+    min_free_gb: float = Field(default=5, ge=0)
 
 
 class WorkerSettings(_Section):
@@ -113,10 +114,10 @@ class WorkerSettings(_Section):
     shutdown: Literal["step", "study"] = "step"
     # Night arrivals are taken up to this many at a time and run model-major (each model over all of
     # them before the next loads); day arrivals always run one at a time, first come first served.
-    night_batch: int = Field(4, ge=1, le=64)
+    night_batch: int = Field(default=4, ge=1, le=64)
     # Batches whose CPU stage (reading, decoding, CPU steps) runs ahead in a prefetch thread while
     # the GPU stage of the current one runs; bounds the studies held in memory. 0 turns it off.
-    max_inflight_studies: int = Field(2, ge=0, le=16)
+    max_inflight_studies: int = Field(default=2, ge=0, le=16)
 
 
 _DURATION_UNITS = {"": 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -128,7 +129,7 @@ def parse_duration(value: Any) -> float:
 
 
 class SourceAuth(_Section):
-    bearer_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    bearer_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class SourceSettings(_Section):
@@ -137,10 +138,10 @@ class SourceSettings(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     kind: Literal["http", "dicomweb"]
     url: str
-    every: float = Field(300, ge=1)
+    every: float = Field(default=300, ge=1)
     query: dict[str, str] = Field(default_factory=dict)
-    lookback: float | None = Field(None, gt=0)
-    page_size: int = Field(500, ge=1, le=10_000)
+    lookback: float | None = Field(default=None, gt=0)
+    page_size: int = Field(default=500, ge=1, le=10_000)
     auth: SourceAuth | None = None
 
     @field_validator("every", "lookback", mode="before")
@@ -181,11 +182,11 @@ class SourceSettings(_Section):
 
 
 class FetchSettings(_Section):
-    timeout_seconds: float = Field(60, gt=0)
-    max_bytes: ByteSize = Field(4 * 2**30, gt=0)
+    timeout_seconds: float = Field(default=60, gt=0)
+    max_bytes: ByteSize = Field(default=4 * 2**30, gt=0)
     allow_hosts: list[str] = Field(default_factory=lambda: ["127.0.0.1", "localhost"])
-    retries: int = Field(5, ge=0)
-    backoff_seconds: float = Field(2, ge=0)
+    retries: int = Field(default=5, ge=0)
+    backoff_seconds: float = Field(default=2, ge=0)
 
     @field_validator("allow_hosts")
     @classmethod
@@ -216,7 +217,7 @@ class Settings(_Section):
     sources: list[SourceSettings] = Field(default_factory=list)
     fetch: FetchSettings = FetchSettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    config_file: Path | None = Field(None, exclude=True)
+    config_file: Path | None = Field(default=None, exclude=True)
 
     @field_validator("device")
     @classmethod

@@ -78,7 +78,7 @@ def _shifted_cross(mask: np.ndarray, edge: bool, erode: bool) -> np.ndarray:
             combine(out[tuple(to)], mask[tuple(frm)], out=out[tuple(to)])
         if erode != edge:  # the row/column at the edge meets the outside
             for i in (0, -1):
-                at = [slice(None)] * 3
+                at: list[slice | int] = [slice(None)] * 3
                 at[axis] = i
                 out[tuple(at)] = edge if not erode else False
     return out
@@ -142,7 +142,7 @@ def body_polygon(hu: np.ndarray, settings: BodySettings,
     else:
         opened = _opened(dense, settings.opening_px)
     body = _largest_per_slice(opened)
-    has = body.any(axis=2)[..., None]
+    has = np.any(body, axis=2)[..., None]
     left = cols[np.argmax(body, axis=2)].astype(np.float32)[..., None]
     right = cols[len(cols) - 1 - np.argmax(body[:, :, ::-1], axis=2)].astype(np.float32)[..., None]
     y = rows.astype(np.float32)[None, :, None]

@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, overload
 
 from pydicom.uid import UID
 
 from processor.dicom.encoding import PLAIN, PROBE_BYTES, Unreadable, decide
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 PIXEL_DATA = 0x7FE00010
 FLOAT_PIXEL_DATA = (0x7FE00008, 0x7FE00009)
@@ -249,6 +251,10 @@ def _finite(value: object) -> float:
     return number
 
 
+@overload
+def _float(raw: bytes | None, default: float) -> float: ...
+@overload
+def _float(raw: bytes | None, default: None = None) -> float | None: ...
 def _float(raw: bytes | None, default: float | None = None) -> float | None:
     parts = _parts(raw)
     if parts is None or len(parts) != 1:
@@ -320,12 +326,12 @@ def facts_of(walked: Walked) -> Facts:
     )
 
 
-def facts_from_dataset(ds: Mapping | object, *, transfer_syntax: str, implicit: bool) -> Facts:
+def facts_from_dataset(ds: Dataset, *, transfer_syntax: str, implicit: bool) -> Facts:
     """The same :class:`Facts` from a header pydicom parsed (the fallback for declined layouts)."""
     def get(keyword: str, default: object = None) -> Any:
         """The converted value; an unconvertible one (e.g. IS '1e999') reads as missing."""
         try:
-            return ds.get(keyword, default)  # type: ignore[attr-defined]
+            return ds.get(keyword, default)
         except (TypeError, ValueError, OverflowError):
             return default
 
@@ -337,6 +343,10 @@ def facts_from_dataset(ds: Mapping | object, *, transfer_syntax: str, implicit: 
             return str(value).strip("\0 ")
         return "\\".join(multi(keyword))  # several values, joined as they are stored
 
+    @overload
+    def number(keyword: str, default: float) -> float: ...
+    @overload
+    def number(keyword: str, default: None = None) -> float | None: ...
     def number(keyword: str, default: float | None = None) -> float | None:
         try:
             return _finite(get(keyword))
@@ -370,7 +380,7 @@ def facts_from_dataset(ds: Mapping | object, *, transfer_syntax: str, implicit: 
         sop_class_uid=text("SOPClassUID"),
         media_sop_class_uid=str(file_meta.get("MediaStorageSOPClassUID", "")) if file_meta is not None else "",
         transfer_syntax=transfer_syntax, implicit=implicit,
-        enhanced="PerFrameFunctionalGroupsSequence" in ds,  # type: ignore[operator]
+        enhanced="PerFrameFunctionalGroupsSequence" in ds,
         rows=integer("Rows") or 0, cols=integer("Columns") or 0,
         bits_allocated=integer("BitsAllocated"), bits_stored=integer("BitsStored"),
         pixel_representation=integer("PixelRepresentation") or 0,

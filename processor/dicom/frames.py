@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -52,6 +52,10 @@ class Frame:
     acquisition_datetime: str = ""  # AcquisitionDateTime (DT), or an enhanced frame's FrameAcquisitionDateTime
 
 
+@overload
+def _float(value: Any, default: float) -> float: ...
+@overload
+def _float(value: Any, default: None = None) -> float | None: ...
 def _float(value: Any, default: float | None = None) -> float | None:
     try:
         return float(value)

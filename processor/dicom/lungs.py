@@ -382,7 +382,7 @@ def _measure(hu: np.ndarray, mask: np.ndarray, slabs: np.ndarray, areas: np.ndar
     present = np.flatnonzero(areas[box[0]])
     weight = slabs[box[0]][present]
     if np.ptp(weight) <= 1e-9 * weight.max():  # a regular grid: every voxel weighs the same
-        laa = np.count_nonzero(values < settings.laa_threshold_hu) / voxels * 100.0
+        laa: float = np.count_nonzero(values < settings.laa_threshold_hu) / voxels * 100.0
         mld = float(values.mean(dtype=np.float64))
     else:  # each slice's voxels weigh its slab
         starts = np.concatenate([[0], np.cumsum(areas[box[0]][present])[:-1]])

@@ -234,7 +234,8 @@ def _on_grid(unkeyed: list[int], members: list[int], d: np.ndarray, tol: float) 
     if len(grid) < 2:
         return [], unkeyed
     step = float(np.median(np.diff(grid)))
-    fit, off = [], []
+    fit: list[int] = []
+    off: list[int] = []
     for i in unkeyed:
         k = (d[i] - grid[0]) / step
         near_grid = abs(k - round(k)) * step <= GRID_FIT * step

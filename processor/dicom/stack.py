@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 from pydicom.uid import UID
@@ -98,7 +99,7 @@ class _Clusters:
         self.tolerance = tolerance
         self.seen: list[tuple[float, ...]] = []
 
-    def key(self, value: tuple[float, ...] | None) -> Hashable:
+    def key(self, value: tuple[float, ...] | None) -> tuple[float, ...] | None:
         if value is None:
             return None
         for known in self.seen:
@@ -115,7 +116,8 @@ def _majority(counts: Counter, prefer: Callable[[Hashable], float] | None = None
 
 
 def _axial_score(key: Hashable) -> float:
-    return abs(float(slice_normal(key)[2])) if key is not None else -1.0  # type: ignore[arg-type]
+    # an orientation key of _Clusters: a tuple of six floats, or None
+    return abs(float(slice_normal(cast(tuple[float, ...], key))[2])) if key is not None else -1.0
 
 
 def image_stack(series: Series) -> Stack:
@@ -136,12 +138,14 @@ def image_stack(series: Series) -> Stack:
                       Callable[[Hashable], float] | None]] = [
         (lambda inst, fs: inst.facts.modality or None, lambda k: f"other modality ({k})", None),
         (lambda inst, fs: orientations.key(fs[0].orientation),
-         lambda k: f"other orientation ({plane_name(k)})" if k is not None  # type: ignore[arg-type]
+         lambda k: f"other orientation ({plane_name(cast(tuple[float, ...], k))})" if k is not None
          else "no ImageOrientationPatient (left out)",
          _axial_score),
-        (lambda inst, fs: (fs[0].rows, fs[0].cols), lambda k: "other matrix size ({}x{})".format(*k), None),  # type: ignore[str-format]
+        (lambda inst, fs: (fs[0].rows, fs[0].cols),
+         lambda k: "other matrix size ({}x{})".format(*cast(tuple[int, int], k)), None),
         (lambda inst, fs: spacings.key(fs[0].pixel_spacing),
-         lambda k: "other pixel spacing ({} mm)".format("\\".join(f"{v:g}" for v in k)) if k  # type: ignore[union-attr]
+         lambda k: "other pixel spacing ({} mm)".format("\\".join(f"{v:g}" for v in cast(tuple[float, ...], k)))
+         if k
          else "no PixelSpacing (left out)",
          None),
     ]

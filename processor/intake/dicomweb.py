@@ -11,7 +11,7 @@ import email.message
 import hashlib
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -66,7 +66,7 @@ def search_studies(client: httpx.Client, root: str, query: dict[str, str], since
 
 
 def _search(client: httpx.Client, root: str, params: dict[str, Any], page_size: int, seen: set[str],
-            modalities: set[str] | None = None) -> Iterator[StudyRef]:
+            modalities: set[str] | None = None) -> Generator[StudyRef, None, int]:
     """Page through one QIDO-RS search; returns how many pages came back full. With ``modalities``,
     a study is kept when one of its ModalitiesInStudy is wanted, or when the server did not say."""
     full_pages = 0

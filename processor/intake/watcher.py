@@ -23,6 +23,7 @@ from pathlib import Path
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
 
 from processor.intake.archive import is_zip_path, zip_central_directory_reads
 from processor.intake.inbox import CONTROL_DIR, is_temporary_name
@@ -136,7 +137,7 @@ class InboxWatcher:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._observer: Observer | None = None
+        self._observer: BaseObserver | None = None  # Observer is the platform's BaseObserver subclass
         self.last_scan: float | None = None
 
     # ------------------------------------------------------------------ scanning

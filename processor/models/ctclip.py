@@ -132,7 +132,9 @@ class CTClip(nn.Module):
         self.autocast_dtype: torch.dtype | None = None
         self._text_cache: dict[str, torch.Tensor] = {}
         self.temperature = nn.Parameter(torch.tensor(1.0))
-        bert_cfg = BertConfig(**config.bert, attn_implementation=config.attn_implementation)
+        # transformers 5 types BertConfig as a dataclass without attn_implementation, which
+        # PreTrainedConfig still takes from **kwargs at runtime
+        bert_cfg = BertConfig(**config.bert, attn_implementation=config.attn_implementation)  # type: ignore[call-arg]
         self.text_transformer = BertModel(bert_cfg, add_pooling_layer=True)
         self.visual_transformer = CTViT(config.ctvit)
         self.to_text_latent = nn.Linear(config.dim_text, config.dim_latent, bias=False)

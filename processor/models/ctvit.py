@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,8 @@ class CTViTConfig:
 
 class GammaLayerNorm(nn.Module):
     """Layer norm with a learned gain ``gamma`` and a fixed all-zero ``beta`` buffer."""
+
+    beta: torch.Tensor
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -153,7 +156,12 @@ class Transformer(nn.Module):
     def __init__(self, dim: int, depth: int, dim_head: int, heads: int, ff_mult: int) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
-            nn.ModuleList([PEG(dim), Attention(dim, dim_head, heads), None, feed_forward(dim, ff_mult)])
+            nn.ModuleList([
+                PEG(dim),
+                Attention(dim, dim_head, heads),
+                None,  # type: ignore[list-item]  # torch's stubs say Module; a None slot works at runtime
+                feed_forward(dim, ff_mult),
+            ])
             for _ in range(depth)
         )
         self.norm_out = GammaLayerNorm(dim)
@@ -164,7 +172,8 @@ class Transformer(nn.Module):
         video_shape: tuple[int, int, int, int],
         attn_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        for peg, attn, _cross, ff in self.layers:
+        for block in self.layers:
+            peg, attn, _cross, ff = cast(nn.ModuleList, block)
             x = peg(x, video_shape) + x
             x = attn(x, attn_bias) + x
             x = ff(x) + x
@@ -209,7 +218,8 @@ class ContinuousPositionBias(nn.Module):
         return rel.permute(2, 0, 1)
 
     def forward(self, h: int, w: int, device: torch.device | None = None) -> torch.Tensor:
-        device = device if device is not None else self.net[2].weight.device
+        if device is None:
+            device = cast(nn.Linear, self.net[2]).weight.device
         if torch.is_grad_enabled() or self.training:
             return self._compute(h, w, device)
         amp = None
@@ -241,6 +251,10 @@ class Patchify(nn.Module):
 
 
 class _Codebook(nn.Module):
+    initted: torch.Tensor
+    cluster_size: torch.Tensor
+    embed: torch.Tensor
+
     def __init__(self, codebook_size: int, dim: int) -> None:
         super().__init__()
         self.register_buffer("initted", torch.ones(1))
