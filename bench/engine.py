@@ -91,7 +91,7 @@ def time_steps(zip_path: Path, pipeline: Pipeline, n: int, out_root: Path) -> St
     a pass preprocesses the volume and a later one with the same target size reuses it."""
     times = StepTimes()
     with open_arrival(zip_path, Limits()) as contents:
-        study = scan_members(contents.members).studies[0]
+        study = _scan(contents.members).studies[0]
         ctx = StudyContext(1, study, out_root / "outbox" / study.uid)
         for rep in range(n):
             ctx.values.pop("ctclip_inputs", None)
@@ -179,7 +179,7 @@ class StudyFlow:
     def prepare(self, job: tuple[int, Path]) -> StudyContext:
         number, path = job
         with open_arrival(path, Limits()) as contents:
-            study = scan_members(contents.members).studies[0]
+            study = _scan(contents.members).studies[0]
             ctx = StudyContext(number, study, self.out_root / f"study{number}" / study.uid)
             _check(PipelineRunner(self.prepare_pipeline).run(ctx))
         return ctx
@@ -233,3 +233,11 @@ def interleave(runs: int, first: Callable[[], Throughput], second: Callable[[], 
             b.append(second())
             a.append(first())
     return a, b
+
+
+def _scan(members):  # type: ignore[no-untyped-def]
+    """``scan_members`` as the executor runs it: with the cyclic collector paused."""
+    from processor.executor import gc_paused
+
+    with gc_paused():
+        return scan_members(members)

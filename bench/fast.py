@@ -42,7 +42,7 @@ def choose_series(scan: ScanResult) -> Series:
 def fast_volume(zip_path: Path) -> Volume:
     """ZIP → chosen series' HU volume, exactly as the ``dicom.select_series`` + ``ct.volume`` steps do."""
     with open_arrival(zip_path, LIMITS) as contents:
-        series = choose_series(scan_members(contents.members))
+        series = choose_series(_scan(contents.members))
         return load_volume(series)
 
 
@@ -72,7 +72,7 @@ def stage_breakdown(zip_path: Path, samples: dict[str, Samples]) -> Volume:
     clock = Clock()
     with open_arrival(zip_path, LIMITS) as contents:
         samples.setdefault(STAGES[0], Samples()).add(*clock.lap())
-        scan, _, _ = timed(lambda: scan_members(contents.members), samples.setdefault(STAGES[1], Samples()))
+        scan, _, _ = timed(lambda: _scan(contents.members), samples.setdefault(STAGES[1], Samples()))
         series, _, _ = timed(lambda: choose_series(scan), samples.setdefault(STAGES[2], Samples()))
         volume, _, _ = timed(lambda: load_volume(series), samples.setdefault(STAGES[3], Samples()))
     return volume
@@ -81,10 +81,18 @@ def stage_breakdown(zip_path: Path, samples: dict[str, Samples]) -> Volume:
 def crc_of_chosen_series(zip_path: Path) -> Callable[[], int]:
     """A callable that CRC-32-checks the chosen series' zero-copy members (the check inside the decode)."""
     with open_arrival(zip_path, LIMITS) as contents:
-        names = {i.member.name for i in choose_series(scan_members(contents.members)).instances}
+        names = {i.member.name for i in choose_series(_scan(contents.members)).instances}
 
     def check() -> int:
         with open_arrival(zip_path, LIMITS) as contents:
             views = [m for m in contents.members if m.name in names and m.viewer is not None]
             return sum(zlib.crc32(m.viewer()) == m.crc for m in views)
     return check
+
+
+def _scan(members):  # type: ignore[no-untyped-def]
+    """``scan_members`` as the executor runs it: with the cyclic collector paused."""
+    from processor.executor import gc_paused
+
+    with gc_paused():
+        return scan_members(members)

@@ -22,9 +22,9 @@ from processor.fit.commands import FIT_COMMANDS, add_fit_parsers
 from processor.names import display_name, display_text
 
 if TYPE_CHECKING:
+    from processor.executor import LocalExecutor
     from processor.intake.register import Intake
     from processor.state import State
-    from processor.worker import LocalExecutor
 
 log = logging.getLogger(__name__)
 
@@ -161,13 +161,13 @@ def _process_one(path: Path, intake: Intake, state: State, executor: LocalExecut
         print(f"{shown}\trejected\tnot recorded; see the receipt in outbox/receipts", file=sys.stderr)
         return False
     arrival = state.arrival(aid)
-    if arrival["state"] == "duplicate":
-        for study in state.studies_for(arrival["duplicate_of"]):
+    if arrival.state == "duplicate":
+        for study in state.studies_for(arrival.duplicate_of or 0):
             print(f"{shown}\t{study['study_uid']}\t{study['status']}\t{study['json_path']}\t"
-                  f"(duplicate of arrival {arrival['duplicate_of']})")
+                  f"(duplicate of arrival {arrival.duplicate_of})")
         return True
-    if arrival["state"] == "quarantined":
-        print(f"{shown}\tquarantined\t{display_text(arrival['error'] or '')}", file=sys.stderr)
+    if arrival.state == "quarantined":
+        print(f"{shown}\tquarantined\t{display_text(arrival.error or '')}", file=sys.stderr)
         return False
     claimed = state.claim(aid)
     if claimed is None:
@@ -179,7 +179,7 @@ def _process_one(path: Path, intake: Intake, state: State, executor: LocalExecut
         print(f"{shown}\t{study['study_uid']}\t{study['status']}\t{study['json_path']}")
         ok = ok and study["status"] != "Failure"
     if final != "done":
-        print(f"{shown}\t{final}\t{display_text(state.arrival(aid)['error'] or '')}", file=sys.stderr)
+        print(f"{shown}\t{final}\t{display_text(state.arrival(aid).error or '')}", file=sys.stderr)
     return ok
 
 
@@ -194,9 +194,8 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     print("arrivals by state: " + (", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none"))
     print(f"{'id':>6}  {'state':<11} {'attempts':>8}  {'received':<25} name / reason")
     for row in state.arrivals(limit=10):
-        reason = f"  — {row['error']}" if row["error"] else ""
-        print(f"{row['id']:>6}  {row['state']:<11} {row['attempts']:>8}  {row['created_at']:<25} "
-              f"{row['name']}{reason}")
+        reason = f"  — {row.error}" if row.error else ""
+        print(f"{row.id:>6}  {row.state:<11} {row.attempts:>8}  {row.created_at:<25} {row.name}{reason}")
     _print_sources(settings, state.sources())
     state.close()
     return EXIT_OK
@@ -256,7 +255,9 @@ def cmd_steps(settings: Settings, args: argparse.Namespace) -> int:
 
     for name, cls in default_registry().items():
         print(f"{name}  [{cls.device}] — {cls.summary}")
-        print(f"    needs: {', '.join(cls.needs) or '-'}; provides: {', '.join(cls.provides) or '-'}")
+        optional = f" (optional: {', '.join(map(str, cls.optional_needs))})" if cls.optional_needs else ""
+        print(f"    needs: {', '.join(map(str, cls.needs)) or '-'}{optional}; "
+              f"provides: {', '.join(map(str, cls.provides)) or '-'}")
         for field, info in cls.Params.model_fields.items():
             value = "(required)" if info.is_required() else repr(info.get_default(call_default_factory=True))
             print(f"    with.{field} = {value}  {info.description or ''}".rstrip())

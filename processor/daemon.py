@@ -12,10 +12,14 @@ from typing import TYPE_CHECKING
 
 from processor.config import Settings
 from processor.errors import ConfigError
+from processor.executor import LocalExecutor
 from processor.intake.archive import Limits
+from processor.intake.placement import Placements
 from processor.intake.poller import SourcePoller, SourceThreads
 from processor.intake.register import Intake
 from processor.intake.watcher import InboxWatcher
+from processor.outputs.layout import OutboxLayout
+from processor.outputs.recorder import StudyRecorder
 from processor.outputs.report import ReportUpdater
 from processor.pipeline.registry import StepRegistry
 from processor.pipeline.spec import Pipeline, load_pipeline
@@ -24,7 +28,7 @@ from processor.scheduler import Housekeeping, NightWindow, Scheduler, apply_rete
 from processor.state import State
 from processor.status import Probes, StatusServer
 from processor.steps import default_registry
-from processor.worker import LocalExecutor, Worker
+from processor.worker import Worker
 
 if TYPE_CHECKING:
     from processor.models.cache import ModelCache
@@ -48,14 +52,19 @@ class Components:
     state: State
     intake: Intake
 
-    def executor(self, state: State) -> LocalExecutor:
+    def recorder(self, state: State | None = None) -> StudyRecorder:
+        """The one writer of results, receipts and final placements, on ``state`` (default: ours)."""
+        placements = Placements(self.intake.layout_for)
+        return StudyRecorder(state or self.state, OutboxLayout(self.settings.outbox), placements.for_arrival,
+                             device=self.device, pipeline={"name": self.pipeline.name,
+                                                           "version": self.pipeline.version,
+                                                           "digest": self.pipeline.digest})
+
+    def executor(self, state: State | None = None) -> LocalExecutor:
         s = self.settings
-        executor = LocalExecutor(state, self.pipeline, outbox=s.outbox, device=self.device,
-                                 limits=Limits(s.limits.max_members, s.limits.max_total_bytes,
-                                               s.limits.max_ratio),
-                                 layout_for=self.intake.layout_for)
-        executor.finish_study_on_stop = s.worker.shutdown == "study"
-        return executor
+        return LocalExecutor(self.pipeline, self.recorder(state),
+                             limits=Limits(s.limits.max_members, s.limits.max_total_bytes, s.limits.max_ratio),
+                             finish_study_on_stop=s.worker.shutdown == "study")
 
 
 def build(settings: Settings, registry: StepRegistry | None = None) -> Components:
@@ -99,7 +108,7 @@ class Daemon:
         self.window = NightWindow.parse(s.schedule.night_window)
         self.disk = DiskGuard(guarded_volumes(s), s.disk.min_free_gb)
         self.reports = ReportUpdater(s.state, s.reports) if s.reports.enabled else None
-        self.worker = Worker(s.state, components.executor, can_claim=self.disk.ok,
+        self.worker = Worker(components.state, components.executor(), can_claim=self.disk.ok,
                              night_before=self._night_before, on_processed=self._on_processed,
                              night_batch=s.worker.night_batch, max_inflight=s.worker.max_inflight_studies)
         self.watcher = InboxWatcher(
@@ -176,16 +185,18 @@ class Daemon:
 
     # ------------------------------------------------------------------ life cycle
     def recover(self) -> None:
-        """After a crash: running arrivals back to pending, and our own half-written temp files gone."""
-        for row in self.c.state.recover_running(self.c.settings.limits.max_attempts):
-            log.warning("arrival.recovered arrival=%s state=%s attempts=%s", row["id"], row["state"],
-                        row["attempts"])
+        """After a crash: what was in flight back to the queue (crashes charged fairly), every recorded
+        end finished (receipt, move, note), and our own half-written temp files gone."""
+        for row in self.c.state.recover_in_flight(self.c.settings.limits.max_attempts):
+            log.warning("arrival.recovered arrival=%s state=%s crashes=%s isolate=%s", row.id, row.state,
+                        row.crashes, row.isolate)
+        self.c.recorder().replay()
         for stale in remove_stale_temp_files(self.c.settings.outbox):
             log.warning("outbox.stale_temp_removed path=%s", stale)
 
     def start(self) -> None:
         self.recover()
-        self._watch_state = State(self.c.settings.state)
+        self._watch_state = self.c.state
         s = self.c.settings
         if self.status is not None:
             try:
@@ -200,7 +211,7 @@ class Daemon:
         self.worker.start()
         self.watcher.start()
         self.scheduler.start()
-        self.poller.clean_staging()
+        self.poller.clean_staging(self.c.state.active_paths())
         self.sources.start()
         self._threads_started = True
         log.info("daemon.started threads=worker,watcher,scheduler,housekeeping%s%s sources=%d night_window=%s "
@@ -239,8 +250,6 @@ class Daemon:
         self.housekeeping.join(timeout)
         if self.status is not None:
             self.status.stop()
-        if self._watch_state is not None:
-            self._watch_state.close()
         self.c.state.close()
         log.info("daemon.stopped")
 

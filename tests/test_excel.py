@@ -83,19 +83,19 @@ class Db:
             sections=sections, steps=[], source={"kind": "inbox", "name": name}, pipeline={"name": "chest-ct",
                                                                                           "version": 1},
             device="cpu", dicom={}, warnings=[], finished_at=datetime.now(UTC).isoformat())
-        self.state.record_study(arrival["id"], uid, {
+        self.state.record_study(arrival.id, uid, {
             "series_uid": result["series_uid"], "accession": accession, "status": status,
             "probability_of_pathology": result["probability_of_pathology"], "pathology": result["pathology"],
             "most_dangerous_pathology_type": result["most_dangerous_pathology_type"], "error": error,
             "json_path": str(json_path), "seconds": 12.5, "result": result}, [
             {"step_id": "series", "uses": "dicom.select_series", "status": "done", "seconds": 0.2}])
-        self.state.finish_arrival(arrival["id"], "done")
-        return {"arrival": arrival["id"], "uid": uid, "json": json_path}
+        self.state.finish_arrival(arrival.id, "done")
+        return {"arrival": arrival.id, "uid": uid, "json": json_path}
 
     def rejected(self, name: str, reason: str) -> int:
         arrival = self.arrival(name)
-        self.state.finish_arrival(arrival["id"], "quarantined", error=reason)
-        return arrival["id"]
+        self.state.finish_arrival(arrival.id, "quarantined", error=reason)
+        return arrival.id
 
     def age(self, arrival_id: int, days: int) -> None:
         """Move one arrival's rows ``days`` into the past (a test may write SQL; ctwatch code may not)."""

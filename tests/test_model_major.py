@@ -97,12 +97,12 @@ def test_worker_takes_night_arrivals_together_after_the_day_queue(tmp_path: Path
         paths.append((write_zip(folder / f"s{seed}.zip", series), seed > 1))
     for path, night in reversed(paths):  # the night arrivals are registered first
         components.intake.accept(path, night=night)
-    _run_worker(Worker(project.state_path, components.executor, night_batch=3), project, 4)
-    rows = {r["name"]: r for r in components.state.arrivals(limit=10)}
+    _run_worker(Worker(components.state, components.executor(), night_batch=3), project, 4)
+    rows = {r.name: r for r in components.state.arrivals(limit=10)}
     components.state.close()
     day, nights = rows["s1.zip"], [rows[f"s{i}.zip"] for i in (2, 3, 4)]
-    assert all(day["finished_at"] <= n["claimed_at"] for n in nights), "the day queue goes first"
-    assert max(n["claimed_at"] for n in nights) <= min(n["finished_at"] for n in nights), "one batch"
+    assert all(day.finished_at <= n.claimed_at for n in nights), "the day queue goes first"
+    assert max(n.claimed_at for n in nights) <= min(n.finished_at for n in nights), "one batch"
     # capacity 1: the day study loads both models (2), the night batch loads each once more (2);
     # one night study at a time would need 6 more loads.
     assert components.models.stats()["loads"] == 4
@@ -120,8 +120,8 @@ def test_prefetch_prepares_the_next_arrival_while_the_current_one_finishes(tmp_p
     for seed in (1, 2, 3):
         path = write_zip(project.inbox / f"s{seed}.zip", make_series(20, description=f"S{seed}"))
         components.intake.accept(path)
-    caplog.set_level(logging.INFO, logger="processor.worker")
-    _run_worker(Worker(project.state_path, components.executor, max_inflight=1), project, 3)
+    caplog.set_level(logging.INFO, logger="processor")
+    _run_worker(Worker(components.state, components.executor(), max_inflight=1), project, 3)
     events = [(r.getMessage().split()[0], r.getMessage().split()[1]) for r in caplog.records
               if r.getMessage().startswith(("arrival.start", "arrival.done"))]
     assert events.index(("arrival.start", "arrival=2")) < events.index(("arrival.done", "arrival=1"))

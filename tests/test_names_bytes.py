@@ -213,9 +213,9 @@ def test_state_keeps_raw_paths_and_shows_names(tmp_path: Path) -> None:
                                  pipeline_version=1).arrival_id
     state.finish_arrival(aid, "failed", error=f"cannot read {path}")
     arrival = state.arrival(aid)
-    assert arrival["current_path"] == path and arrival["original_path"] == path
-    assert arrival["name"] == "M\\xfcller.zip" and name_from_hex(arrival["name_bytes"]) == b"M\xfcller.zip"
-    assert "M\\xfcller.zip" in arrival["error"] and state.active_paths() == set()
+    assert arrival.current_path == path and arrival.original_path == path
+    assert arrival.name == "M\\xfcller.zip" and name_from_hex(arrival.name_bytes) == b"M\xfcller.zip"
+    assert "M\\xfcller.zip" in arrival.error and state.active_paths() == set()
     state.close()
 
 

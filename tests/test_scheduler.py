@@ -69,11 +69,11 @@ def test_claim_day_first_and_night_cutoff(tmp_path: Path) -> None:
     n2 = register("n2", True, "2025-03-10T07:00:00+00:00")
     d1 = register("d1", False, "2025-03-10T08:00:00+00:00")
     try:
-        assert state.claim_next_until(None)["id"] == d1, "the day queue goes first, even when younger"
+        assert state.claim_next_until(None).id == d1, "the day queue goes first, even when younger"
         assert state.claim_next_until(None) is None, "outside the window night arrivals wait"
-        assert state.claim_next_until("2025-03-10T06:00:00+00:00")["id"] == n1
+        assert state.claim_next_until("2025-03-10T06:00:00+00:00").id == n1
         assert state.claim_next_until("2025-03-10T06:00:00+00:00") is None, "n2 came after the window"
-        assert state.claim_next_until("2025-03-11T06:00:00+00:00")["id"] == n2
+        assert state.claim_next_until("2025-03-11T06:00:00+00:00").id == n2
     finally:
         state.close()
 
@@ -101,7 +101,7 @@ def _drop(components: Components, project: Project, name: str, *, night: bool = 
 
 
 def _states(components: Components, *ids: int) -> list[str]:
-    return [components.state.arrival(i)["state"] for i in ids]
+    return [components.state.arrival(i).state for i in ids]
 
 
 def _idle_after(worker: Worker, passes: int = 2) -> None:
@@ -130,7 +130,7 @@ def test_night_arrivals_wait_run_in_the_window_after_the_day_queue_and_pause_at_
         if aid == n1:
             clock.now = at(6, 30, day=tomorrow + timedelta(days=1))  # the window closes meanwhile
 
-    worker = Worker(project.state_path, components.executor, night_before=window.night_before,
+    worker = Worker(components.state, components.executor(), night_before=window.night_before,
                     can_claim=gate.is_set, on_processed=processed, clock=clock, poll_seconds=0.05)
     worker.start()
     try:
@@ -234,7 +234,7 @@ def test_disk_guard_stops_claims_and_resumes(project: Project, caplog: pytest.Lo
     caplog.set_level(logging.INFO)
     components = _components(project)
     guard = DiskGuard(guarded_volumes(components.settings), min_free_gb=1e9)  # a petabyte: never there
-    worker = Worker(project.state_path, components.executor, can_claim=guard.ok, poll_seconds=0.05)
+    worker = Worker(components.state, components.executor(), can_claim=guard.ok, poll_seconds=0.05)
     aid = _drop(components, project, "waits.zip")
     worker.start()
     try:
@@ -289,7 +289,7 @@ def test_shutdown_mode_step_or_study(project: Project, mode: str, caplog: pytest
                             {"id": "hold2", "uses": "util.delay", "with": {"seconds": 0.5}}])
     components = _components(project, **{"worker.shutdown": mode})
     aid = _drop(components, project, "study.zip")
-    worker = Worker(project.state_path, components.executor, poll_seconds=0.05)
+    worker = Worker(components.state, components.executor(), poll_seconds=0.05)
     worker.start()
     try:
         wait_for(lambda: "step.done" in caplog.text and "step=series" in caplog.text, 30,
@@ -303,10 +303,10 @@ def test_shutdown_mode_step_or_study(project: Project, mode: str, caplog: pytest
         worker.join(30)
         components.state.close()
     if mode == "step":
-        assert (row["state"], row["attempts"]) == ("pending", 0)
+        assert (row.state, row.attempts) == ("pending", 0)
         assert project.results() == [] and not list(project.outbox.rglob("*.tmp"))
     else:
-        assert row["state"] == "done"
+        assert row.state == "done"
         assert len(project.results()) == 1
         steps = json.loads(project.results()[0].read_text())["steps"]
         assert [s["status"] for s in steps] == ["done", "done", "done"]

@@ -66,7 +66,7 @@ def study(n: int, *, date: str = TODAY, modality: str = "CT", study_uid: str | N
 def fetched_uids(settings: Settings, arrival_ids: list[int]) -> list[str]:
     state = State(settings.state)
     try:
-        return [state.arrival(a)["source_url"].rsplit("/", 1)[1] for a in arrival_ids]
+        return [state.arrival(a).source_url.rsplit("/", 1)[1] for a in arrival_ids]
     finally:
         state.close()
 
@@ -91,9 +91,9 @@ def test_new_studies_are_found_retrieved_processed_and_fetched_once(
     try:
         state = components.state
         arrival = state.arrival(outcome.arrivals[0])
-        assert arrival["kind"] == "dicomweb" and arrival["source_name"] == "pacs"
-        assert len(list(Path(arrival["current_path"]).glob("*.dcm"))) == 24
-        assert components.executor(state).process(state.claim(arrival["id"])) == "done"
+        assert arrival.kind == "dicomweb" and arrival.source_name == "pacs"
+        assert len(list(Path(arrival.current_path).glob("*.dcm"))) == 24
+        assert components.executor(state).process(state.claim(arrival.id)) == "done"
     finally:
         components.state.close()
     [result_path] = project.results()
@@ -118,7 +118,7 @@ def test_new_studies_are_found_retrieved_processed_and_fetched_once(
     try:
         versions = [(r["item_key"], r["version"]) for r in state.source_items("pacs")]
         assert versions.count((uid_a, "instances=24")) == 1 and (uid_a, "instances=26") in versions
-        assert len(list(Path(state.arrival(grown.arrivals[0])["current_path"]).glob("*.dcm"))) == 26
+        assert len(list(Path(state.arrival(grown.arrivals[0]).current_path).glob("*.dcm"))) == 26
         row = next(r for r in state.sources() if r["name"] == "pacs")
         assert (row["polls"], row["failures"], row["arrivals"]) == (4, 0, 3)
     finally:
@@ -136,7 +136,7 @@ def test_new_studies_are_found_retrieved_processed_and_fetched_once(
                                                                 mr[0].StudyInstanceUID])
     state = State(cfg.state)
     try:
-        states = {state.arrival(a)["source_url"].rsplit("/", 1)[1]: state.arrival(a)["state"]
+        states = {state.arrival(a).source_url.rsplit("/", 1)[1]: state.arrival(a).state
                   for a in paged.arrivals}
     finally:
         state.close()

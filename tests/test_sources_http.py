@@ -172,11 +172,11 @@ def test_conditional_get_turns_each_changed_body_into_one_arrival(tmp_path: Path
     try:
         state = components.state
         arrival = state.arrival(changed.arrivals[0])
-        assert (arrival["kind"], arrival["source_name"], arrival["name"]) == ("http", "scanner-export",
+        assert (arrival.kind, arrival.source_name, arrival.name) == ("http", "scanner-export",
                                                                                "latest.zip")
-        assert arrival["source_url"] == site.url("/exports/latest.zip")
-        assert arrival["sha256"] == hashlib.sha256(export.body).hexdigest()
-        assert components.executor(state).process(state.claim(arrival["id"])) == "done"
+        assert arrival.source_url == site.url("/exports/latest.zip")
+        assert arrival.sha256 == hashlib.sha256(export.body).hexdigest()
+        assert components.executor(state).process(state.claim(arrival.id)) == "done"
     finally:
         components.state.close()
     [result_path] = project.results()
@@ -215,7 +215,7 @@ def test_application_dicom_becomes_a_dcm_arrival_and_html_is_refused(tmp_path: P
     outcome = poller.poll("modality", NOW)
     state = State(settings.state)
     try:
-        assert state.arrival(outcome.arrivals[0])["name"] == "current.dcm"
+        assert state.arrival(outcome.arrivals[0]).name == "current.dcm"
     finally:
         state.close()
     refused = poller.poll("portal", NOW)

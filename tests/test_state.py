@@ -20,9 +20,9 @@ def test_same_bytes_same_pipeline_is_duplicate(tmp_path: Path) -> None:
                                     current_path="/in/y.zip", sha256="a" * 64, size=1,
                                     pipeline_name="p", pipeline_version=1)
     assert second.duplicate_of == first
-    assert state.arrival(second.arrival_id)["state"] == "duplicate"
+    assert state.arrival(second.arrival_id).state == "duplicate"
     bumped = _register(state, version=2)
-    assert state.arrival(bumped)["state"] == "pending"  # a new pipeline version reprocesses
+    assert state.arrival(bumped).state == "pending"  # a new pipeline version reprocesses
 
 
 def test_failed_original_does_not_make_a_duplicate(tmp_path: Path) -> None:
@@ -31,25 +31,41 @@ def test_failed_original_does_not_make_a_duplicate(tmp_path: Path) -> None:
     state.claim_next(allow_night=True)
     state.finish_arrival(first, "failed", error="boom")
     again = _register(state)
-    assert state.arrival(again)["state"] == "pending"
+    assert state.arrival(again).state == "pending"
 
 
-def test_crash_recovery_counts_attempts_and_caps(tmp_path: Path) -> None:
+def test_crash_recovery_charges_the_arrival_alone_and_quarantines_it_at_the_cap(tmp_path: Path) -> None:
     path = tmp_path / "s.db"
     state = State(path)
     aid = _register(state)
     for attempt in (1, 2):
         claimed = state.claim_next(allow_night=True)
-        assert claimed["id"] == aid and claimed["attempts"] == attempt
+        assert claimed.id == aid and claimed.attempts == attempt
         state.close()
         state = State(path)  # "restart"
-        state.recover_running(max_attempts=3)
-        assert state.arrival(aid)["state"] == "pending"
+        state.recover_in_flight(max_crashes=3)
+        row = state.arrival(aid)
+        assert (row.state, row.crashes, row.isolate) == ("pending", attempt, False)
     state.claim_next(allow_night=True)
-    state.recover_running(max_attempts=3)
+    state.recover_in_flight(max_crashes=3)
     row = state.arrival(aid)
-    assert row["state"] == "failed" and row["attempts"] == 3 and "requeue" in row["error"]
-    assert state.requeue(aid) and state.arrival(aid)["state"] == "pending"
+    assert row.state == "quarantined" and row.crashes == 3 and not row.placed
+    assert "crashed the worker 3 times" in (row.error or "") and "requeue" in (row.error or "")
+    assert [a.id for a, _ in state.unplaced()] == [aid], "its move and receipt are left to the recorder's replay"
+    state.mark_placed(aid, None)
+    assert state.requeue(aid) and state.arrival(aid).state == "pending"
+
+
+def test_crash_with_several_in_flight_charges_none_and_isolates_the_running(tmp_path: Path) -> None:
+    state = State(tmp_path / "s.db")
+    first, second, waiting = (_register(state, sha=f"{i}" * 64) for i in range(3))
+    assert state.claim(first) is not None and state.claim(second) is not None
+    assert state.prepare(waiting) is not None  # in the prefetch queue, not started
+    state.recover_in_flight(max_crashes=1)
+    rows = {aid: state.arrival(aid) for aid in (first, second, waiting)}
+    assert all(r.state == "pending" and r.crashes == 0 for r in rows.values())
+    assert (rows[first].isolate, rows[second].isolate, rows[waiting].isolate) == (True, True, False)
+    assert state.peek_next(None).id == first
 
 
 def test_day_queue_first_and_night_gate(tmp_path: Path) -> None:
@@ -58,9 +74,9 @@ def test_day_queue_first_and_night_gate(tmp_path: Path) -> None:
                                    sha256="n" * 64, size=1, pipeline_name="p", pipeline_version=1,
                                    night=True).arrival_id
     day = _register(state, sha="d" * 64)
-    assert state.claim_next(allow_night=False)["id"] == day
+    assert state.claim_next(allow_night=False).id == day
     assert state.claim_next(allow_night=False) is None
-    assert state.claim_next(allow_night=True)["id"] == night
+    assert state.claim_next(allow_night=True).id == night
 
 
 def test_readonly_connection_cannot_write(tmp_path: Path) -> None:

@@ -19,16 +19,13 @@ read whole, so a bad CRC past the header surfaces when the member is decoded.
 
 from __future__ import annotations
 
-import gc
 import logging
 import re
 import struct
-import threading
 import zipfile
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -235,39 +232,13 @@ def read_instance(member: Member) -> Instance | None:
     return Instance(member, facts, offset, header)
 
 
-_gc_lock = threading.Lock()
-_gc_pausers = 0
-_gc_was_enabled = False
-
-
-@contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector while headers are parsed.
-
-    A header parse allocates ~270 small tracked objects per file (pydicom ``RawDataElement`` tuples,
-    tags, datasets) and frees none of them in cycles, so the collector's repeated passes over the
-    growing heap were a third of the scan's CPU time. Counted, so that overlapping scans in several
-    threads restore the collector's state only when the last one ends.
-    """
-    global _gc_pausers, _gc_was_enabled
-    with _gc_lock:
-        if _gc_pausers == 0:
-            _gc_was_enabled = gc.isenabled()
-            gc.disable()
-        _gc_pausers += 1
-    try:
-        yield
-    finally:
-        with _gc_lock:
-            _gc_pausers -= 1
-            if _gc_pausers == 0 and _gc_was_enabled:
-                gc.enable()
-
-
 def scan_members(members: Iterable[Member]) -> ScanResult:
-    """Read headers of every DICOM member and group them; count what was skipped and why."""
-    with _gc_paused():
-        return _scan_members(members)
+    """Read headers of every DICOM member and group them; count what was skipped and why.
+
+    Callers that scan many files wrap this in :func:`processor.executor.gc_paused` (the executor
+    does): pausing the collector is a process-wide decision, not this library's.
+    """
+    return _scan_members(members)
 
 
 def _scan_members(members: Iterable[Member]) -> ScanResult:

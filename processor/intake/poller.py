@@ -48,7 +48,7 @@ from processor.intake.fetch import (
 )
 from processor.intake.inbox import InboxLayout
 from processor.intake.register import Intake
-from processor.pipeline.spec import safe_name
+from processor.safename import safe_name
 from processor.state import State
 
 log = logging.getLogger(__name__)
@@ -129,10 +129,23 @@ class SourcePoller:
         """Interrupt backoff waits and DICOMweb retrievals between studies (shutdown)."""
         self._stop.set()
 
-    def clean_staging(self) -> None:
-        """Remove downloads a crash left half-done (the source is polled again; nothing is lost)."""
-        if self.staging.exists():
-            shutil.rmtree(self.staging)
+    def clean_staging(self, registered: set[str] | frozenset[str] = frozenset()) -> None:
+        """Remove downloads a crash left half-done (the source is polled again; nothing is lost).
+
+        A staging folder holding the body of a registered arrival (``registered``: the paths of
+        arrivals not yet finished) is kept: the arrival is processed from there.
+        """
+        if not self.staging.exists():
+            return
+        keep = {Path(p) for p in registered}
+        for folder in self.staging.iterdir():
+            if any(path == folder or path.is_relative_to(folder) for path in keep):
+                log.info("source.staging_kept folder=%s: it holds a registered arrival", folder.name)
+                continue
+            if folder.is_dir() and not folder.is_symlink():
+                shutil.rmtree(folder, ignore_errors=True)
+            else:
+                folder.unlink(missing_ok=True)
 
     def poll(self, name: str, now: datetime | None = None) -> PollOutcome:
         """Poll one source once. Never raises: errors are recorded on the source and returned."""

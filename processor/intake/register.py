@@ -18,13 +18,20 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import Any
 
 from processor.errors import IngestError
+from processor.faults import fault_point
 from processor.intake.inbox import InboxLayout, free_path, move, sha256_of, work_name, write_error_note
 from processor.names import display_name, display_text, name_bytes_hex
-from processor.outputs.receipt import write_receipt
-from processor.state import State, utcnow
+from processor.outputs.receipt import (
+    duplicate_message,
+    receipt_document,
+    receipt_path,
+    write_receipt,
+    write_receipt_document,
+)
+from processor.state import Arrival, State
+from processor.vocab import ArrivalState, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -115,14 +122,12 @@ class Intake:
             pipeline_version=self.pipeline_version, night=entry.night, source_name=entry.source_name,
             source_url=entry.source_url)
         aid = entry.arrival_id = registered.arrival_id
-        if layout is None:
-            if registered.duplicate_of is not None:
-                self._duplicate_receipt(aid, registered.duplicate_of, path)
-            return aid
         if registered.duplicate_of is not None:
-            entry.moved_to = move(path, free_path(layout.done(date.today()), entry.name, aid))
-            self._duplicate_receipt(aid, registered.duplicate_of, entry.moved_to)
+            entry.moved_to = self._finish_duplicate(aid, registered.duplicate_of, path, layout)
             return aid
+        if layout is None:
+            return aid
+        fault_point("url.registered" if entry.kind in ("http", "dicomweb") else "intake.registered", entry.name)
         entry.moved_to = move(path, layout.work / work_name(aid, entry.name))
         self.state.update_arrival(aid, current_path=str(entry.moved_to))
         log.info("arrival.registered arrival=%s name=%s sha256=%s size=%d night=%s",
@@ -140,57 +145,84 @@ class Intake:
                         entry.name, entry.path)
             return entry.arrival_id
         reason = _reason(exc)
-        where = self._quarantine(entry, reason)
-        aid = self._record_rejected(entry, reason, where)
+        dest = self._quarantine_dest(entry)
+        aid = self._record_rejected(entry, reason, dest)
+        where = self._quarantine(entry, dest, reason)
         arrival = self.state.arrival(aid) if aid is not None else _unregistered(entry, where)
-        receipt = write_receipt(self.outbox, arrival, "rejected", reason)
+        receipt = write_receipt(self.outbox, arrival, "rejected", reason, registered=aid is not None)
         if aid is not None:
             self.state.update_arrival(aid, receipt_path=str(receipt))
+            self.state.mark_placed(aid, str(where))
         log.warning("arrival.quarantined arrival=%s name=%s reason=%r receipt=%s", aid, entry.name, reason,
                     receipt.name, exc_info=not isinstance(exc, EXPECTED))  # a traceback only for a bug
         return aid
 
-    def _quarantine(self, entry: _Entry, reason: str) -> Path:
-        """Move an inbox entry to quarantine with its note; where the input is now (it stays put
-        when it was named on the command line, or when even this move fails)."""
+    def _quarantine_dest(self, entry: _Entry) -> Path | None:
+        """Where a rejected inbox entry goes (None: it stays put — named on the command line, or even
+        the quarantine folder is out of reach)."""
         if entry.in_place:
+            return None
+        try:
+            return free_path(self.layout_for(entry.path).quarantine, entry.name, entry.arrival_id or 0)
+        except OSError as exc:
+            log.error("arrival.quarantine_failed name=%s path=%s error=%s", entry.name, entry.path,
+                      display_text(str(exc)))
+            return None
+
+    def _quarantine(self, entry: _Entry, dest: Path | None, reason: str) -> Path:
+        """Move an inbox entry to ``dest`` with its note; where the input is now (it stays put when
+        ``dest`` is None or even this move fails)."""
+        if dest is None:
             return entry.path
         try:
-            quarantine = self.layout_for(entry.path).quarantine
-            dest = move(entry.path, free_path(quarantine, entry.name, entry.arrival_id or 0))
+            dest = move(entry.path, dest)
+            fault_point("quarantine.note_before", entry.name)
             write_error_note(dest, reason)
+            fault_point("quarantine.note_written", entry.name)
             return dest
         except OSError as exc:
             log.error("arrival.quarantine_failed name=%s path=%s error=%s", entry.name, entry.path,
                       display_text(str(exc)))
-            return entry.path
+            return entry.path if os.path.lexists(entry.path) else dest
 
-    def _record_rejected(self, entry: _Entry, reason: str, where: Path) -> int | None:
-        """The rejected arrival's id: the row registered already, else a new quarantined row (None
-        when the database refuses that too)."""
+    def _record_rejected(self, entry: _Entry, reason: str, dest: Path | None) -> int | None:
+        """The rejected arrival's id, its end recorded before anything moves: the row registered
+        already, else a new quarantined row (None when the database refuses that too)."""
         try:
             if entry.arrival_id is not None:
-                self.state.finish_arrival(entry.arrival_id, "quarantined", error=reason, current_path=str(where))
-                return entry.arrival_id
-            return self.state.register_arrival(
-                kind=entry.kind, name=entry.name, name_bytes=entry.name_bytes, original_path=str(entry.path),
-                current_path=str(where), sha256=entry.sha256, size=entry.size,
-                pipeline_name=self.pipeline_name, pipeline_version=self.pipeline_version, night=entry.night,
-                source_name=entry.source_name, source_url=entry.source_url, refused=reason).arrival_id
+                aid = entry.arrival_id
+            else:
+                aid = self.state.register_arrival(
+                    kind=entry.kind, name=entry.name, name_bytes=entry.name_bytes,
+                    original_path=str(entry.path), current_path=str(entry.path), sha256=entry.sha256,
+                    size=entry.size, pipeline_name=self.pipeline_name, pipeline_version=self.pipeline_version,
+                    night=entry.night, source_name=entry.source_name, source_url=entry.source_url,
+                    refused=reason).arrival_id
+            arrival = self.state.arrival(aid)
+            self.state.finish(aid, ArrivalState.QUARANTINED, error=reason,
+                              final_path=str(dest) if dest is not None else None,
+                              receipt_path=str(receipt_path(self.outbox, aid, arrival.name)),
+                              receipt=receipt_document(arrival, "rejected", reason))
+            return aid
         except Exception:  # noqa: BLE001 — the receipt below still tells the user; logged once here
             log.exception("arrival.unrecorded name=%s: the database refused the rejected arrival", entry.name)
             return None
 
-    def _duplicate_receipt(self, aid: int, original: int, where: Path) -> None:
-        results = [s["json_path"] for s in self.state.studies_for(original)]
-        message = (f"The same bytes arrived before as arrival {original} and were not processed again "
-                   f"for pipeline {self.pipeline_name} v{self.pipeline_version}.")
+    def _finish_duplicate(self, aid: int, original: int, path: Path, layout: InboxLayout | None) -> Path:
+        """End a duplicate: its receipt and place recorded first, then the move (replayed after a crash)."""
         arrival = self.state.arrival(aid)
-        receipt = write_receipt(self.outbox, arrival, "duplicate", message,
-                                studies=[{"json": p} for p in results if p])
-        self.state.finish_arrival(aid, "duplicate", current_path=str(where), receipt_path=str(receipt),
-                                  error=None)
-        log.info("arrival.duplicate arrival=%s of=%s name=%s", aid, original, arrival["name"])
+        results = [s["json_path"] for s in self.state.studies_for(original)]
+        document = receipt_document(arrival, "duplicate",
+                                    duplicate_message(original, self.pipeline_name, self.pipeline_version),
+                                    studies=[{"json": p} for p in results if p])
+        dest = free_path(layout.done(date.today()), arrival.name, aid) if layout is not None else None
+        self.state.finish(aid, ArrivalState.DUPLICATE, error=None, final_path=str(dest) if dest else None,
+                          receipt_path=str(receipt_path(self.outbox, aid, arrival.name)), receipt=document)
+        where = move(path, dest) if dest is not None else path
+        write_receipt_document(self.outbox, document)
+        self.state.mark_placed(aid, str(where))
+        log.info("arrival.duplicate arrival=%s of=%s name=%s", aid, original, arrival.name)
+        return where
 
 
 def _reason(exc: Exception) -> str:
@@ -210,8 +242,8 @@ def _reason(exc: Exception) -> str:
                         "once the cause is fixed.")
 
 
-def _unregistered(entry: _Entry, where: Path) -> dict[str, Any]:
-    """What a receipt needs of an arrival the database refused to record."""
-    return {"id": None, "name": entry.name, "name_bytes": entry.name_bytes, "kind": entry.kind,
-            "source_name": entry.source_name, "sha256": entry.sha256 or None, "size": entry.size,
-            "created_at": utcnow(), "current_path": str(where)}
+def _unregistered(entry: _Entry, where: Path) -> Arrival:
+    """What a receipt needs of an arrival the database refused to record (its id is not used)."""
+    return Arrival(id=0, kind=entry.kind, name=entry.name, name_bytes=entry.name_bytes,
+                   source_name=entry.source_name, sha256=entry.sha256 or "", size=entry.size,
+                   state=ArrivalState.QUARANTINED, created_at=utcnow(), current_path=str(where))

@@ -1,0 +1,266 @@
+"""The executor seam: what runs claimed arrivals, behind a protocol the worker speaks.
+
+The worker hands an executor :class:`~processor.state.Arrival` records and gets back an opaque
+prepared handle (:meth:`Executor.prepare`, the CPU stage: read, scan, the steps before the first
+GPU step) and then each arrival's final state (:meth:`Executor.complete`: the GPU steps and the
+recorded end). :class:`LocalExecutor` runs both in this process; another backend (Dask GPU
+workers) implements the same three methods while the coordinator's recorder stays the only
+writer of SQLite and the outbox.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from processor.dicom.scan import Study, scan_members
+from processor.errors import IngestError
+from processor.faults import fault_point
+from processor.intake.archive import Limits, open_arrival
+from processor.outputs.recorder import FinishedStudy, StudyRecorder
+from processor.pipeline.runner import PipelineRunner, StudyRun
+from processor.pipeline.spec import Pipeline
+from processor.pipeline.step import StudyContext
+from processor.state import Arrival, State
+from processor.vocab import ArrivalState, StudyStatus
+
+log = logging.getLogger(__name__)
+
+StopCheck = Callable[[], bool]
+
+
+def _never() -> bool:
+    return False
+
+
+class Handle(Protocol):
+    """What :meth:`Executor.prepare` returns: opaque to the worker but for the arrivals it holds."""
+
+    arrivals: Sequence[Arrival]
+
+
+class Executor(Protocol):
+    """Runs claimed arrivals: a CPU stage, then a GPU stage with the recorded end."""
+
+    def prepare(self, arrivals: Sequence[Arrival], should_stop: StopCheck = _never) -> Handle: ...
+
+    def complete(self, handle: Handle, should_stop: StopCheck = _never) -> list[ArrivalState]: ...
+
+    def fail(self, arrivals: Sequence[Arrival], reason: str) -> list[ArrivalState]:
+        """Record arrivals whose stage could not run at all (an error outside any study)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class _Opened:
+    """An arrival whose archive was opened and scanned, with the studies it yielded."""
+
+    arrival: Arrival
+    studies: list[Study]
+    skipped: Counter[str]
+    n_dicom: int
+    runs: list[tuple[StudyRun, Path]] = field(default_factory=list)
+
+
+@dataclass
+class Prepared:
+    """:class:`LocalExecutor`'s handle: arrivals after the CPU stage."""
+
+    arrivals: Sequence[Arrival]
+    opened: list[_Opened] = field(default_factory=list)
+    rejected: dict[int, tuple[str, ArrivalState]] = field(default_factory=dict)  # id → (reason, final state)
+    crash: str | None = None
+    stopped: bool = False
+
+    @property
+    def runs(self) -> list[StudyRun]:
+        return [run for item in self.opened for run, _ in item.runs]
+
+    def interrupted(self) -> bool:
+        return self.stopped or any(run.interrupted for run in self.runs)
+
+
+class LocalExecutor:
+    """Runs the pipeline in this process (see the module docstring).
+
+    ``finish_study_on_stop`` (``worker.shutdown: study``) lets a running study finish its steps after
+    a stop request; the stop then takes effect before the next study.
+    """
+
+    def __init__(self, pipeline: Pipeline, recorder: StudyRecorder, *, limits: Limits,
+                 finish_study_on_stop: bool = False) -> None:
+        self.pipeline = pipeline
+        self.runner = PipelineRunner(pipeline)
+        self.recorder = recorder
+        self.limits = limits
+        self.finish_study_on_stop = finish_study_on_stop
+
+    @property
+    def state(self) -> State:
+        return self.recorder.state
+
+    def close(self) -> None:
+        """Nothing held between calls (models live in the shared cache)."""
+
+    # ------------------------------------------------------------------ both stages
+    def process(self, arrival: Arrival, should_stop: StopCheck = _never) -> ArrivalState:
+        return self.process_many([arrival], should_stop)[0]
+
+    def process_many(self, arrivals: Sequence[Arrival], should_stop: StopCheck = _never) -> list[ArrivalState]:
+        """Claimed arrivals together; their studies go through the pipeline model-major.
+
+        Returns each arrival's final state (``pending`` when a shutdown interrupted it).
+        """
+        return self.complete(self.prepare(arrivals, should_stop), should_stop)
+
+    # ------------------------------------------------------------------ CPU stage
+    def prepare(self, arrivals: Sequence[Arrival], should_stop: StopCheck = _never) -> Prepared:
+        """Open and scan the arrivals, run the steps before the first GPU step.
+
+        Safe in a prefetch thread: it reads state and writes only the studies' preview files; every
+        outcome is recorded by :meth:`complete` on the worker thread. Archives are closed on return.
+        """
+        prepared = Prepared(arrivals)
+        with ExitStack() as stack:
+            for arrival in arrivals:
+                log.info("arrival.start arrival=%s name=%s attempt=%s", arrival.id, arrival.name, arrival.attempts)
+                try:
+                    prepared.opened.append(self._open(arrival, stack))
+                except IngestError as exc:
+                    prepared.rejected[arrival.id] = (str(exc), ArrivalState.QUARANTINED)
+                except Exception as exc:  # a bug must not kill the worker; the arrival is kept, marked failed
+                    log.exception("arrival.crashed arrival=%s", arrival.id)
+                    prepared.rejected[arrival.id] = (f"internal error: {type(exc).__name__}: {exc}",
+                                                     ArrivalState.FAILED)
+            try:
+                self._start_studies(prepared, should_stop)
+            except Exception as exc:  # noqa: BLE001 — recorded and applied to the batch in complete()
+                log.exception("batch.crashed arrivals=%s", [item.arrival.id for item in prepared.opened])
+                prepared.crash = f"internal error: {type(exc).__name__}: {exc}"
+        return prepared
+
+    def _open(self, arrival: Arrival, stack: ExitStack) -> _Opened:
+        path = self.recorder.locate(arrival)
+        if path is None:
+            raise IngestError(f"the input {arrival.name} is no longer at {arrival.current_path} "
+                              "(moved or deleted outside ctwatch)")
+        contents = stack.enter_context(open_arrival(path, self.limits))
+        with gc_paused():
+            scan = scan_members(contents.members)
+        skipped = contents.skipped + scan.skipped
+        if not scan.studies:
+            raise IngestError(_no_dicom_message(len(contents.members), skipped))
+        return _Opened(arrival, scan.studies, skipped, scan.dicom_files)
+
+    def _step_stop(self, should_stop: StopCheck) -> StopCheck:
+        return _never if self.finish_study_on_stop else should_stop
+
+    def _start_studies(self, prepared: Prepared, should_stop: StopCheck) -> None:
+        taken: set[Path] = set()
+        for item in prepared.opened:
+            for study in item.studies:
+                json_path = self.recorder.json_path(item.arrival, study.uid, taken)
+                taken.add(json_path)
+                item.runs.append((StudyRun(StudyContext(item.arrival.id, study, json_path.with_suffix(""))),
+                                  json_path))
+        if should_stop():
+            prepared.stopped = True
+            return
+        for item in prepared.opened:
+            fault_point("study.started", item.arrival.name)
+        self.runner.advance(prepared.runs, 0, self.runner.gpu_stage_start(), self._step_stop(should_stop))
+
+    # ------------------------------------------------------------------ GPU stage and the end
+    def complete(self, handle: Handle, should_stop: StopCheck = _never) -> list[ArrivalState]:
+        """The GPU steps, then the recorded end of every arrival in the handle."""
+        assert isinstance(handle, Prepared), type(handle)
+        prepared = handle
+        crash = prepared.crash
+        if crash is None and not prepared.interrupted():
+            try:
+                self.runner.advance(prepared.runs, self.runner.gpu_stage_start(), len(self.pipeline.steps),
+                                    self._step_stop(should_stop))
+            except Exception as exc:  # noqa: BLE001 — the batch fails, the worker lives
+                log.exception("batch.crashed arrivals=%s", [item.arrival.id for item in prepared.opened])
+                crash = f"internal error: {type(exc).__name__}: {exc}"
+        opened = {item.arrival.id: item for item in prepared.opened}
+        finals: list[ArrivalState] = []
+        for arrival in prepared.arrivals:
+            item = opened.get(arrival.id)
+            if arrival.id in prepared.rejected:
+                reason, state = prepared.rejected[arrival.id]
+                finals.append(self.recorder.reject(arrival, reason, state))
+            elif crash is not None:
+                finals.append(self.recorder.reject(arrival, crash, ArrivalState.FAILED))
+            elif prepared.interrupted() or item is None:
+                finals.append(self._release(arrival))
+            else:
+                finals.append(self.recorder.accept(arrival, [_finished(run, path, item) for run, path in item.runs],
+                                                   item.skipped))
+        return finals
+
+    def fail(self, arrivals: Sequence[Arrival], reason: str) -> list[ArrivalState]:
+        return [self.recorder.reject(arrival, reason, ArrivalState.FAILED) for arrival in arrivals]
+
+    def _release(self, arrival: Arrival) -> ArrivalState:
+        self.state.release(arrival.id)
+        log.info("arrival.released arrival=%s reason=shutdown", arrival.id)
+        return ArrivalState.PENDING
+
+
+def _finished(run: StudyRun, json_path: Path, item: _Opened) -> FinishedStudy:
+    """A study's outcome as the recorder takes it: sections, declared ports, step records."""
+    ctx, outcome = run.ctx, run.outcome()
+    study = ctx.study
+    latent = ctx.values.get("ctclip_latent")
+    return FinishedStudy(
+        study_uid=study.uid, accession=study.accession, status=StudyStatus(outcome.status), error=outcome.error,
+        json_path=json_path, sections=ctx.result, steps=[r.as_dict() for r in outcome.steps],
+        warnings=ctx.warnings, features=dict(ctx.values.get("features") or {}),
+        latents={"ctclip": latent} if latent is not None else {},
+        dicom={"instances_in_arrival": item.n_dicom, "instances_in_study": study.instance_count,
+               "series_in_study": len(study.series), "skipped": dict(item.skipped)})
+
+
+def _no_dicom_message(members: int, skipped: Counter[str]) -> str:
+    detail = ", ".join(f"{n} {reason}" for reason, n in skipped.most_common()) or "it is empty"
+    return f"no DICOM images found among {members} file(s) ({detail}); export the study as DICOM files"
+
+
+_gc_lock = threading.Lock()
+_gc_pausers = 0
+_gc_was_enabled = False
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector (process-wide) while DICOM headers are parsed.
+
+    A header parse allocates ~270 small tracked objects per file (pydicom ``RawDataElement`` tuples,
+    tags, datasets) and frees none of them in cycles, so the collector's repeated passes over the
+    growing heap were a third of the scan's CPU time. Counted, so that overlapping scans in several
+    threads restore the collector's state only when the last one ends. It lives here, with the
+    process that owns the threads, not in the library code that parses.
+    """
+    global _gc_pausers, _gc_was_enabled
+    with _gc_lock:
+        if _gc_pausers == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_pausers += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_pausers -= 1
+            if _gc_pausers == 0 and _gc_was_enabled:
+                gc.enable()

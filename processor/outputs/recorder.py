@@ -1,0 +1,218 @@
+"""The one place an arrival is finished: results, rows, receipt and the input's final place.
+
+Finishing is one recorded, idempotent transition (intent first):
+
+1. each study's result JSON is written (atomic; a re-run writes the same path again);
+2. one SQLite transaction records the study and step rows, features and latents, the arrival's
+   final state and reason, its receipt document and where the input is to go (``placed = 0``);
+3. the receipt file is written, the input moved (quarantine: its ``.error.txt`` written), and
+   ``placed = 1`` closes the transition.
+
+A crash after step 2 is finished by :meth:`StudyRecorder.replay` at the next start, from what step
+2 recorded: the real reason is never lost, the input is never orphaned, no second JSON or receipt
+appears. A crash before step 2 leaves the arrival in flight; it is processed again (and its JSON
+path is the same one). ``fault_point`` calls mark each gap for the fault-injection tests.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Any, Protocol
+
+from processor.faults import fault_point
+from processor.outputs.layout import OutboxLayout
+from processor.outputs.receipt import (
+    duplicate_message,
+    receipt_document,
+    receipt_path,
+    write_receipt_document,
+)
+from processor.outputs.result import build_result, write_json_atomic
+from processor.state import Arrival, State
+from processor.vocab import ArrivalState, ReceiptOutcome, StudyStatus, utcnow
+
+log = logging.getLogger(__name__)
+
+
+class PlacementPolicy(Protocol):
+    """Where an input lives (see :mod:`processor.intake.placement`)."""
+
+    def locate(self, arrival: Arrival) -> Path | None: ...
+
+    def final_path(self, arrival: Arrival, *, quarantine: bool, today: date) -> Path | None: ...
+
+    def place(self, path: Path, dest: Path) -> Path: ...
+
+    def note(self, dest: Path, reason: str) -> None: ...
+
+
+@dataclass
+class FinishedStudy:
+    """One study's outcome, as the pipeline left it, ready to be recorded.
+
+    ``sections``: the study's result sections (``ctx.result``); ``features`` (name → number) and
+    ``latents`` (name → vector) the model outputs the fit commands use; ``steps``: one dict per
+    step run (``step_id, uses, status, seconds, error``).
+    """
+
+    study_uid: str
+    accession: str | None
+    status: StudyStatus
+    error: str | None
+    json_path: Path
+    sections: dict[str, Any]
+    steps: list[dict[str, Any]]
+    warnings: list[str] = field(default_factory=list)
+    features: dict[str, float] = field(default_factory=dict)
+    latents: dict[str, Any] = field(default_factory=dict)
+    dicom: dict[str, Any] = field(default_factory=dict)
+
+
+class StudyRecorder:
+    """Owns the outbox layout and every write that finishes an arrival (see the module docstring)."""
+
+    def __init__(self, state: State, layout: OutboxLayout, placement_for: Callable[[Arrival], PlacementPolicy],
+                 *, device: str, pipeline: Mapping[str, Any], today: Callable[[], date] = date.today) -> None:
+        self.state = state
+        self.layout = layout
+        self.placement_for = placement_for
+        self.device = device
+        self.pipeline = dict(pipeline)
+        self.today = today
+
+    # ------------------------------------------------------------------ paths
+    def json_path(self, arrival: Arrival, study_uid: str, taken: set[Path] | None = None) -> Path:
+        return self.layout.json_path(self.state, arrival, study_uid, taken)
+
+    def locate(self, arrival: Arrival) -> Path | None:
+        """Where the input is now (None: moved or deleted outside ctwatch)."""
+        path = self.placement_for(arrival).locate(arrival)
+        if path is not None and str(path) != arrival.current_path:
+            self.state.update_arrival(arrival.id, current_path=str(path))
+        return path
+
+    # ------------------------------------------------------------------ finishing
+    def accept(self, arrival: Arrival, studies: list[FinishedStudy], skipped: Counter[str]) -> ArrivalState:
+        """Record the studies of an arrival that was read and processed, then place its input in done/."""
+        documents = []
+        for study in studies:
+            document = self._result(arrival, study)
+            write_json_atomic(study.json_path, document)
+            fault_point("study.json_written", arrival.name)
+            documents.append(document)
+        failed = [s for s in studies if s.status == StudyStatus.FAILURE]
+        message = (f"{len(studies)} stud{'y' if len(studies) == 1 else 'ies'} processed"
+                   + (f"; {len(failed)} could not be analysed: " + "; ".join(str(s.error) for s in failed)
+                      if failed else "."))
+        receipt = receipt_document(arrival, ReceiptOutcome.ACCEPTED, message, skipped=skipped, studies=[
+            {"study_uid": s.study_uid, "status": s.status, "json": str(s.json_path), "error": s.error}
+            for s in studies])
+        rows = [self._rows(study, document) for study, document in zip(studies, documents, strict=True)]
+        self._finish(arrival, ArrivalState.DONE, None, receipt, rows)
+        log.info("arrival.done arrival=%s studies=%d failures=%d", arrival.id, len(studies), len(failed))
+        return ArrivalState.DONE
+
+    def reject(self, arrival: Arrival, reason: str, state: ArrivalState = ArrivalState.QUARANTINED) -> ArrivalState:
+        """Record an arrival that could not be processed (``quarantined``: its input is at fault;
+        ``failed``: ctwatch is), then place its input in quarantine/ with the reason beside it."""
+        outcome = ReceiptOutcome.REJECTED if state == ArrivalState.QUARANTINED else ReceiptOutcome.FAILED
+        self._finish(arrival, state, reason, receipt_document(arrival, outcome, reason), [])
+        log.warning("arrival.%s arrival=%s name=%s reason=%r", state, arrival.id, arrival.name, reason)
+        return state
+
+    def _finish(self, arrival: Arrival, state: ArrivalState, reason: str | None, receipt: dict[str, Any],
+                rows: list[dict[str, Any]]) -> None:
+        placement = self.placement_for(arrival)
+        dest = placement.final_path(arrival, quarantine=state != ArrivalState.DONE, today=self.today())
+        self.state.finish(arrival.id, state, error=reason, final_path=str(dest) if dest is not None else None,
+                          receipt_path=str(receipt_path(self.layout.outbox, arrival.id, receipt["name"])),
+                          receipt=receipt, studies=rows)
+        fault_point("arrival.recorded", arrival.name)
+        self._place(self.state.arrival(arrival.id), receipt)
+
+    def _place(self, arrival: Arrival, receipt: dict[str, Any]) -> None:
+        """Steps 3 of the module docstring, from the recorded end; safe to repeat."""
+        write_receipt_document(self.layout.outbox, receipt)
+        fault_point("arrival.receipt_written", arrival.name)
+        placement = self.placement_for(arrival)
+        path = placement.locate(arrival)
+        where: Path | None = path
+        quarantine = arrival.state != ArrivalState.DONE and arrival.state != ArrivalState.DUPLICATE
+        dest = Path(arrival.final_path) if arrival.final_path else None
+        if path is not None and dest is not None:
+            where = placement.place(path, dest)
+            fault_point("quarantine.note_before" if quarantine else "arrival.moved", arrival.name)
+        if where is not None and quarantine and arrival.error:
+            placement.note(where, arrival.error)
+            fault_point("quarantine.note_written", arrival.name)
+        if path is None:
+            log.warning("arrival.input_missing arrival=%s name=%s: not at %s nor at %s", arrival.id, arrival.name,
+                        arrival.current_path, arrival.final_path)
+        self.state.mark_placed(arrival.id, str(where) if where is not None else None)
+
+    # ------------------------------------------------------------------ replay
+    def replay(self) -> list[int]:
+        """At start-up: finish every recorded end whose receipt or move a crash interrupted.
+
+        Returns the arrival ids it finished. An arrival ended by crash recovery (no receipt and no
+        place recorded yet) gets both now.
+        """
+        finished = []
+        for arrival, receipt in self.state.unplaced():
+            try:
+                if arrival.final_path is None and arrival.placement.value == "inbox":
+                    dest = self.placement_for(arrival).final_path(
+                        arrival, quarantine=arrival.state not in (ArrivalState.DONE, ArrivalState.DUPLICATE),
+                        today=self.today())
+                    self.state.update_arrival(arrival.id, final_path=str(dest) if dest else None)
+                    arrival = self.state.arrival(arrival.id)
+                document = receipt if receipt is not None else self._receipt_for(arrival)
+                if receipt is None:
+                    self.state.update_arrival(arrival.id, receipt_path=str(receipt_path(
+                        self.layout.outbox, arrival.id, document["name"])))
+                self._place(arrival, document)
+                finished.append(arrival.id)
+                log.warning("arrival.replayed arrival=%s state=%s", arrival.id, arrival.state)
+            except OSError:  # the next start tries again; the daemon goes on
+                log.exception("arrival.replay_failed arrival=%s", arrival.id)
+        return finished
+
+    def _receipt_for(self, arrival: Arrival) -> dict[str, Any]:
+        if arrival.state == ArrivalState.DUPLICATE:
+            studies = [{"json": s["json_path"]} for s in self.state.studies_for(arrival.duplicate_of or 0)
+                       if s["json_path"]]
+            return receipt_document(arrival, ReceiptOutcome.DUPLICATE, duplicate_message(
+                arrival.duplicate_of, arrival.pipeline_name, arrival.pipeline_version), studies=studies)
+        outcome = ReceiptOutcome.REJECTED if arrival.state == ArrivalState.QUARANTINED else ReceiptOutcome.FAILED
+        return receipt_document(arrival, outcome, arrival.error or "no reason was recorded")
+
+    # ------------------------------------------------------------------ documents
+    def _result(self, arrival: Arrival, study: FinishedStudy) -> dict[str, Any]:
+        seconds = sum(float(step["seconds"]) for step in study.steps)
+        return build_result(
+            study_uid=study.study_uid, accession=study.accession, outcome_status=study.status,
+            error=study.error, seconds=seconds, sections=study.sections, steps=study.steps,
+            source=_source(arrival), device=self.device, warnings=study.warnings, finished_at=utcnow(),
+            pipeline=self.pipeline, dicom=study.dicom)
+
+    def _rows(self, study: FinishedStudy, result: dict[str, Any]) -> dict[str, Any]:
+        seconds = sum(float(step["seconds"]) for step in study.steps)
+        return {"study_uid": study.study_uid, "fields": {
+            "series_uid": result["series_uid"], "accession": study.accession, "status": study.status,
+            "probability_of_pathology": result["probability_of_pathology"], "pathology": result["pathology"],
+            "most_dangerous_pathology_type": result["most_dangerous_pathology_type"],
+            "error": study.error, "json_path": str(study.json_path), "seconds": seconds, "result": result,
+        }, "steps": [{key: step[key] for key in ("step_id", "uses", "status", "seconds", "error")}
+                     for step in study.steps],
+            "features": study.features, "latents": study.latents}
+
+
+def _source(arrival: Arrival) -> dict[str, Any]:
+    return {"kind": arrival.kind, "name": arrival.name, "name_bytes": arrival.name_bytes,
+            "sha256": arrival.sha256, "size": arrival.size, "arrival_id": arrival.id,
+            "source_name": arrival.source_name, "url": arrival.source_url, "received_at": arrival.created_at}
