@@ -1,0 +1,37 @@
+"""SQLite state: one :class:`State` object per database, handed around; connections per thread inside.
+
+Only this package writes SQL. Parts: :mod:`~processor.state.schema` (migrations),
+:mod:`~processor.state.queue` (arrivals: register, claim, crash recovery, the recorded end),
+:mod:`~processor.state.results` (studies, steps, features, latents), :mod:`~processor.state.sources`
+(URL sources), :mod:`~processor.state.reads` (read models for reports and status),
+:mod:`~processor.state.content` (content cache). The status server opens its own with
+``readonly=True``.
+
+Names are bytes (:mod:`processor.names`): an arrival's ``name`` is its display name and
+``name_bytes`` the raw bytes in hex; path columns are text when valid UTF-8, else a BLOB of the
+raw bytes, and come back as the ``str`` that ``os`` functions take.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from processor.state.arrival import Arrival, Registered
+from processor.state.content import ContentCacheStore, ContentRows
+from processor.state.queue import Queue, crash_reason
+from processor.state.reads import ReadModels
+from processor.state.results import Results
+from processor.state.schema import MIGRATIONS
+from processor.state.sources import Sources
+from processor.vocab import utcnow
+
+__all__ = ["MIGRATIONS", "Arrival", "ContentCacheStore", "Registered", "State", "crash_reason", "utcnow"]
+
+
+class State(Queue, Results, Sources, ReadModels, ContentRows):
+    """The ctwatch database: every query, from any thread (each thread gets its own connection)."""
+
+    @staticmethod
+    def content_cache(path: Path) -> ContentCacheStore:
+        """The ``get``/``put`` content cache that steps use (``StepEnv.content_cache``), on this database."""
+        return ContentCacheStore(path)
