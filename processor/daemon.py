@@ -18,6 +18,7 @@ from processor.intake.placement import Placements
 from processor.intake.poller import SourcePoller, SourceThreads
 from processor.intake.register import Intake
 from processor.intake.watcher import InboxWatcher
+from processor.lifecycle import Supervisor
 from processor.outputs.layout import OutboxLayout
 from processor.outputs.recorder import StudyRecorder
 from processor.outputs.report import ReportUpdater
@@ -108,7 +109,9 @@ class Daemon:
         self.window = NightWindow.parse(s.schedule.night_window)
         self.disk = DiskGuard(guarded_volumes(s), s.disk.min_free_gb)
         self.reports = ReportUpdater(s.state, s.reports) if s.reports.enabled else None
-        self.worker = Worker(components.state, components.executor(), can_claim=self.disk.ok,
+        executor = components.executor()
+        self.worker = Worker(components.state, executor, can_claim=self.disk.ok, on_start=executor.recorder.replay,
+                             on_idle=lambda: executor.recorder.replay(settle_seconds=REPLAY_SETTLE_SECONDS),
                              night_before=self._night_before, on_processed=self._on_processed,
                              night_batch=s.worker.night_batch, max_inflight=s.worker.max_inflight_studies)
         self.watcher = InboxWatcher(
@@ -126,6 +129,7 @@ class Daemon:
         self.status = (StatusServer(s.state, self._probes(), s.status.host, s.status.port)
                        if s.status.enabled else None)
         self._watch_state: State | None = None
+        self.supervisor = Supervisor({"worker": self.worker})
         self._threads_started = False
 
     # ------------------------------------------------------------------ hooks (other threads)
@@ -185,12 +189,12 @@ class Daemon:
 
     # ------------------------------------------------------------------ life cycle
     def recover(self) -> None:
-        """After a crash: what was in flight back to the queue (crashes charged fairly), every recorded
-        end finished (receipt, move, note), and our own half-written temp files gone."""
+        """After a crash: what was in flight back to the queue (crashes charged fairly) and our own
+        half-written temp files gone. Recorded ends a crash interrupted (receipt, move, note) are
+        finished by the worker thread first thing, each time it starts."""
         for row in self.c.state.recover_in_flight(self.c.settings.limits.max_attempts):
             log.warning("arrival.recovered arrival=%s state=%s crashes=%s isolate=%s", row.id, row.state,
                         row.crashes, row.isolate)
-        self.c.recorder().replay()
         for stale in remove_stale_temp_files(self.c.settings.outbox):
             log.warning("outbox.stale_temp_removed path=%s", stale)
 
@@ -209,6 +213,7 @@ class Daemon:
             self.reports.start()
         self.housekeeping.start()
         self.worker.start()
+        self.supervisor.start()
         self.watcher.start()
         self.scheduler.start()
         self.poller.clean_staging(self.c.state.active_paths())
@@ -233,6 +238,8 @@ class Daemon:
     def shutdown(self, timeout: float = 60.0) -> None:
         log.info("daemon.stopping current_arrival=%s", self.worker.current)
         self.stop_requested.set()
+        self.supervisor.stop()
+        self.supervisor.join(timeout)
         self.scheduler.shutdown()
         self.sources.stop()
         self.watcher.stop()
@@ -255,11 +262,14 @@ class Daemon:
 
 
 RESCAN_SECONDS = 60.0
+REPLAY_SETTLE_SECONDS = 5.0  # an end recorded this long ago and still not placed was interrupted
 
 
 def remove_stale_temp_files(outbox: Path) -> list[Path]:
-    """Delete the ``.<name>.*.tmp`` files an interrupted atomic write left (ours, never user data)."""
-    stale = [p for p in outbox.rglob(".*.tmp") if p.is_file()] if outbox.exists() else []
+    """Delete the ``.<name>.*.tmp`` (and workbook ``.<name>.*.tmp.xlsx``) files an interrupted atomic
+    write left (ours, never user data)."""
+    patterns = (".*.tmp", ".*.tmp.xlsx")
+    stale = [p for pattern in patterns for p in outbox.rglob(pattern) if p.is_file()] if outbox.exists() else []
     for path in stale:
         path.unlink(missing_ok=True)
     return stale

@@ -195,6 +195,16 @@ class Scheduler:
         if self._scheduler.running:
             self._scheduler.shutdown(wait=True)
 
+    def stop(self) -> None:
+        """Stop and wait for a running job (:class:`processor.lifecycle.Lifecycle`)."""
+        self.shutdown()
+
+    def join(self, timeout: float | None = None) -> None:
+        """Nothing more to wait for: :meth:`stop` already waited."""
+
+    def is_alive(self) -> bool:
+        return bool(self._scheduler.running)
+
     def run_now(self, job_id: str) -> None:
         """Fire a job at once (it still runs on the scheduler's thread and receives the real time)."""
         self._scheduler.modify_job(job_id, next_run_time=local_now())

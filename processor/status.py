@@ -379,6 +379,13 @@ class StatusServer:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def stop(self) -> None:
         if self._server is not None:
             self._server.shutdown()

@@ -34,7 +34,9 @@ class Worker:
 
     Hooks, all optional: ``night_allowed(now)`` (may night arrivals be claimed?) or the finer
     ``night_before(now)`` (night arrivals registered before the returned instant may; None: none),
-    ``can_claim()`` (the disk guard), ``on_processed(arrival_id, outcome)`` (the report thread) and
+    ``can_claim()`` (the disk guard), ``on_processed(arrival_id, outcome)`` (the report thread),
+    ``on_start()`` (run first in the thread, each time it starts: the recorder's replay),
+    ``on_idle()`` (run on each idle pass: the replay of ends an OS error left unfinished) and
     ``clock()`` (local time, so tests can put the worker in the night window).
     """
 
@@ -43,8 +45,12 @@ class Worker:
                  can_claim: Callable[[], bool] = lambda: True, poll_seconds: float = 1.0,
                  night_before: Callable[[datetime], datetime | None] | None = None,
                  on_processed: Callable[[int, str], None] | None = None,
-                 night_batch: int = 1, max_inflight: int = 0) -> None:
+                 night_batch: int = 1, max_inflight: int = 0,
+                 on_start: Callable[[], object] | None = None,
+                 on_idle: Callable[[], object] | None = None) -> None:
         self.state = state
+        self.on_start = on_start
+        self.on_idle = on_idle
         self.executor = executor
         self.clock = clock
         self.night_batch = night_batch
@@ -94,15 +100,22 @@ class Worker:
         pool = Prefetcher(self._prepare_ahead, self.max_inflight) if self.max_inflight > 0 else None
         self.prefetcher = pool
         try:
+            if self.on_start is not None:  # e.g. finish recorded ends a crash or a dead thread left
+                self.on_start()
             while not self.stop_event.is_set():
                 self.last_beat = time.time()
                 handled = self._run_prefetched(pool) if pool is not None else 0
                 if not handled and not self.stop_event.is_set():
                     handled = self._run_claimed()
                 if not handled:
+                    if self.on_idle is not None:
+                        self.on_idle()
                     self.idle_passes += 1
                     self.wake_event.wait(self.poll_seconds)
                     self.wake_event.clear()
+        except BaseException:  # an OS or SQLite error while recording: the supervisor starts us again
+            log.exception("worker.crashed current=%s: held arrivals go back to the queue", self.current)
+            raise
         finally:
             if pool is not None:
                 pool.close()

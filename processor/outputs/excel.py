@@ -27,6 +27,7 @@ from openpyxl.utils import get_column_letter
 from openpyxl.worksheet.worksheet import Worksheet
 
 from processor.atomic import file_mode
+from processor.faults import fault_point
 from processor.names import display_name
 
 log = logging.getLogger(__name__)
@@ -427,6 +428,7 @@ def _atomic(target: Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        fault_point("excel.writing", target.name)
         os.chmod(tmp, file_mode())  # readable by the other accounts the umask allows, not mkstemp's 0600
         os.replace(tmp, target)
     finally:

@@ -20,7 +20,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -156,14 +156,18 @@ class StudyRecorder:
         self.state.mark_placed(arrival.id, str(where) if where is not None else None)
 
     # ------------------------------------------------------------------ replay
-    def replay(self) -> list[int]:
-        """At start-up: finish every recorded end whose receipt or move a crash interrupted.
+    def replay(self, settle_seconds: float | None = None) -> list[int]:
+        """Finish every recorded end whose receipt or move a crash (or an OS error) interrupted.
 
         Returns the arrival ids it finished. An arrival ended by crash recovery (no receipt and no
-        place recorded yet) gets both now.
+        place recorded yet) gets both now. ``settle_seconds``: only ends recorded at least that long
+        ago (while the daemon runs, so an end being finished by another thread is left to it).
         """
         finished = []
-        for arrival, receipt in self.state.unplaced():
+        before = None
+        if settle_seconds is not None:
+            before = (datetime.now(UTC) - timedelta(seconds=settle_seconds)).isoformat(timespec="seconds")
+        for arrival, receipt in self.state.unplaced(before):
             try:
                 if arrival.final_path is None and arrival.placement.value == "inbox":
                     dest = self.placement_for(arrival).final_path(

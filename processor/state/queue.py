@@ -168,12 +168,14 @@ class Queue(Database):
             fields["current_path"] = current_path
         self._set(arrival_id, **fields)
 
-    def unplaced(self) -> list[tuple[Arrival, dict[str, Any] | None]]:
-        """Finished arrivals whose move or receipt may not have happened, with their receipt document."""
+    def unplaced(self, finished_before: str | None = None) -> list[tuple[Arrival, dict[str, Any] | None]]:
+        """Finished arrivals whose move or receipt may not have happened, with their receipt document
+        (only those finished before ``finished_before``, when given)."""
         import json
 
+        clause, args = ("and finished_at < ?", [finished_before]) if finished_before else ("", [])
         return [(Arrival.from_row(row), json.loads(row["receipt_json"]) if row["receipt_json"] else None)
-                for row in self.db.query("select * from arrivals where placed = 0 order by id")]
+                for row in self.db.query(f"select * from arrivals where placed = 0 {clause} order by id", args)]
 
     def finish_arrival(self, arrival_id: int, state: str, *, error: str | None = None,
                        current_path: str | None = None, receipt_path: str | None = None) -> None:

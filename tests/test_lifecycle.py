@@ -1,0 +1,97 @@
+"""The supervisor keeps the worker alive: a thread that died is started again, with a back-off."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+from processor.lifecycle import Supervisor
+from tests.conftest import Project, wait_for
+from tests.dicomgen import make_series, write_zip
+from tests.test_spine_e2e import _stop, db_rows
+
+
+class _Part:
+    """A long-running part whose thread ends at once (as a loop would when an error escapes it)."""
+
+    def __init__(self) -> None:
+        self.starts = 0
+        self.survive = False
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        self.starts += 1
+        self._thread = threading.Thread(target=self._run, name="ctwatch-test-part", daemon=True)
+        self._thread.start()
+        self._thread.join(5) if not self.survive else None
+
+    def _run(self) -> None:
+        if self.survive:
+            self._stop.wait()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+
+def test_supervisor_restarts_a_dead_part_with_a_doubling_back_off() -> None:
+    part = _Part()
+    supervisor = Supervisor({"worker": part}, interval=1.0, max_backoff=4.0)
+    supervisor._kept = []  # built by start(); built here so check() runs without the loop thread
+    supervisor.start()
+    supervisor.stop()
+    supervisor.join(5)
+    supervisor._stop.clear()
+    restarted_at = []
+    for now in [float(t) for t in range(0, 20)]:
+        before = part.starts
+        supervisor.check(now)
+        if part.starts > before:
+            restarted_at.append(now)
+    assert restarted_at == [0.0, 1.0, 3.0, 7.0, 11.0, 15.0, 19.0], "1, 2, 4, 4… seconds apart (capped)"
+    assert supervisor.restarts() == {"worker": 7}
+    part.survive = True
+    supervisor.check(100.0)
+    assert part.is_alive()
+    supervisor.check(101.0)
+    assert part.starts == 8, "a live part is left alone"
+    part.stop()
+    part.join(5)
+
+
+def test_worker_that_dies_while_recording_is_restarted_and_finishes_the_arrival(project: Project) -> None:
+    receipts = project.outbox / "receipts"
+    receipts.parent.mkdir(parents=True, exist_ok=True)
+    receipts.write_text("in the way")  # every receipt write now fails: an OS error escapes the recorder
+    write_zip(project.inbox / "study.zip", make_series(20))
+    daemon = project.start()
+    try:
+        wait_for(lambda: "thread.died part=worker" in project.log_text(), 60, "the worker to die and be restarted")
+        assert db_rows(project, "select state, placed from arrivals") == [("done", 0)], (
+            "its end is recorded before the receipt and the move")
+        receipts.unlink()  # the cause goes away; nobody restarts the daemon
+        wait_for(lambda: db_rows(project, "select placed from arrivals") == [(1,)], 90, "the recorded end finished")
+    finally:
+        assert _stop(daemon) == 0, project.log_text()[-3000:]
+    receipt = json.loads(next(receipts.glob("*.json")).read_text())
+    assert receipt["outcome"] == "accepted" and len(project.results()) == 1
+    done = list((project.inbox / ".ctwatch" / "done").rglob("study.zip"))
+    assert len(done) == 1 and not list((project.inbox / ".ctwatch" / "work").iterdir())
+    assert "worker.crashed" in project.log_text()
+
+
+def test_supervisor_thread_is_named_and_stops(tmp_path: Path) -> None:
+    supervisor = Supervisor({}, interval=0.05)
+    supervisor.start()
+    assert supervisor.is_alive()
+    supervisor.stop()
+    supervisor.join(5)
+    assert not supervisor.is_alive()
