@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import random
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -453,3 +454,28 @@ def test_images_without_geometry_are_named_as_such(tmp_path: Path, phantom: tupl
     _, outcome = dicomgen.run_steps(zip_path, STEPS, tmp_path / "every")
     assert outcome.status == "Failure"
     assert "40 image(s) without a readable ImagePositionPatient/ImageOrientationPatient" in outcome.error
+
+
+def test_enhanced_ct_with_a_non_finite_rescale_is_named_never_used(tmp_path: Path, phantom: tuple) -> None:
+    """A RescaleSlope of "NaN" in an Enhanced CT frame is as unreadable as a missing one: it never turns
+    into NaN Hounsfield units; the frames count as lacking their rescale, as a classic file's would."""
+    hu, _ = phantom
+    classic = _make(24, stored=_stored(hu)[:24])
+    enhanced = dicomgen.make_enhanced(classic)
+    for item in enhanced.PerFrameFunctionalGroupsSequence[:3]:
+        transform = item.get("PixelValueTransformationSequence") or enhanced.SharedFunctionalGroupsSequence[0].get(
+            "PixelValueTransformationSequence")
+        assert transform is not None, "the generator states the rescale per frame or shared"
+        if "PixelValueTransformationSequence" not in item:
+            item.PixelValueTransformationSequence = copy.deepcopy(transform)
+        with warnings.catch_warnings():  # pydicom warns that "NaN" is not a valid DS: that is the point
+            warnings.simplefilter("ignore")
+            item.PixelValueTransformationSequence[0].RescaleSlope = "NaN"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dicomgen.write_zip(tmp_path / "study.zip", [enhanced])
+    ctx, outcome = dicomgen.run_steps(tmp_path / "study.zip", STEPS, tmp_path / "out")
+    volume = ctx.result["volume"]
+    assert volume["rescale_missing"] == 3
+    assert any("RescaleSlope/RescaleIntercept missing in 3 image(s)" in w for w in ctx.warnings)
+    assert np.isfinite(ctx.values["volume"].hu).all()

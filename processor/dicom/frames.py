@@ -11,6 +11,7 @@ in :mod:`processor.dicom.ordering`.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, overload
@@ -57,10 +58,13 @@ def _float(value: Any, default: float) -> float: ...
 @overload
 def _float(value: Any, default: None = None) -> float | None: ...
 def _float(value: Any, default: float | None = None) -> float | None:
+    """``value`` as a finite float, else ``default``: "NaN" and "inf" are as unreadable as "abc"
+    (the classic-file reader's rule, :func:`processor.dicom.fastheader._finite`)."""
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError):
         return default
+    return number if math.isfinite(number) else default
 
 
 def _floats(value: Any, n: int) -> tuple[float, ...] | None:
@@ -68,7 +72,7 @@ def _floats(value: Any, n: int) -> tuple[float, ...] | None:
         out = tuple(float(v) for v in value)
     except (TypeError, ValueError):
         return None
-    return out if len(out) == n else None
+    return out if len(out) == n and all(math.isfinite(v) for v in out) else None
 
 
 def _kernel(value: Any) -> str:
