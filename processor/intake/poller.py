@@ -243,7 +243,7 @@ class SourcePoller:
                 outcome.unchanged, outcome.detail = 1, "not modified (304)"
                 return
             assert isinstance(download, _Download)
-            if download.sha256 == known["last_sha256"]:
+            if download.sha256 == known["last_sha256"] or state.source_has_body(source.name, download.sha256):
                 state.set_source_validators(source.name, etag=download.etag,
                                             last_modified=download.last_modified, sha256=download.sha256)
                 outcome.unchanged, outcome.detail = 1, "unchanged body (same sha256 as the last one taken)"

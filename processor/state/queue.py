@@ -63,6 +63,13 @@ class Queue(Database):
             "and state not in ('duplicate', 'failed') order by id limit 1", [sha256, name, version]))
         return rows[0]["id"] if rows else None
 
+    def source_has_body(self, source_name: str, sha256: str) -> bool:
+        """Whether these bytes were already taken from this URL source (and did not fail): a poll after
+        a crash between registering a body and recording the source's validators finds them here."""
+        rows = list(self.db.query("select 1 from arrivals where source_name = ? and sha256 = ? "
+                                  "and state != 'failed' limit 1", [source_name, sha256]))
+        return bool(rows)
+
     def active_paths(self) -> set[str]:
         """Paths of arrivals not yet finished or not yet placed (the watcher must not register them again)."""
         return {os.fsdecode(row["current_path"]) for row in self.db.query(
