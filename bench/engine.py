@@ -31,8 +31,11 @@ from processor.steps import default_registry
 
 REPO = Path(__file__).resolve().parent.parent
 CT_CLIP = REPO / "tests" / "fixtures" / "ct_clip"
-SMALL_CLIP = {"vocab": str(CT_CLIP / "vocab.txt"), "config": str(CT_CLIP / "small_config.json"),
-              "target_xyz": [32, 32, 24]}
+SMALL_CLIP = {
+    "vocab": str(CT_CLIP / "vocab.txt"),
+    "config": str(CT_CLIP / "small_config.json"),
+    "target_xyz": [32, 32, 24],
+}
 WEIGHT_FREE = [
     {"id": "series", "uses": "dicom.select_series", "with": {"min_slices": 20}},
     {"id": "volume", "uses": "ct.volume"},
@@ -42,13 +45,26 @@ WEIGHT_FREE = [
 
 
 def model_steps(caption_model: Path | None) -> list[dict]:
-    steps = [{"id": "clip", "uses": "ctclip.zero_shot",
-              "with": {"checkpoint": str(CT_CLIP / "small_ctclip.pt"), **SMALL_CLIP}},
-             {"id": "lipro", "uses": "ctclip.classify",
-              "with": {"checkpoint": str(CT_CLIP / "small_lipro.pt"), **SMALL_CLIP}}]
+    steps = [
+        {
+            "id": "clip",
+            "uses": "ctclip.zero_shot",
+            "with": {"checkpoint": str(CT_CLIP / "small_ctclip.pt"), **SMALL_CLIP},
+        },
+        {
+            "id": "lipro",
+            "uses": "ctclip.classify",
+            "with": {"checkpoint": str(CT_CLIP / "small_lipro.pt"), **SMALL_CLIP},
+        },
+    ]
     if caption_model is not None:
-        steps.append({"id": "caption", "uses": "caption.image_to_text",
-                      "with": {"model": str(caption_model), "max_new_tokens": 8}})
+        steps.append(
+            {
+                "id": "caption",
+                "uses": "caption.image_to_text",
+                "with": {"model": str(caption_model), "max_new_tokens": 8},
+            }
+        )
     return steps
 
 
@@ -108,11 +124,21 @@ def time_steps(zip_path: Path, pipeline: Pipeline, n: int, out_root: Path) -> St
 
 def write_result(ctx: StudyContext, json_path: Path) -> None:
     """The worker's JSON write: build_result + atomic write (temp file, fsync, os.replace)."""
-    result = build_result(study_uid=ctx.study.uid, accession=ctx.study.accession, outcome_status="Success",
-                          error=None, seconds=0.0, sections=ctx.result, steps=[], source={"kind": "bench"},
-                          pipeline={"name": "bench", "version": 1}, device="cpu", warnings=ctx.warnings,
-                          finished_at="2024-01-01T00:00:00+00:00",
-                          dicom={"instances_in_study": ctx.study.instance_count})
+    result = build_result(
+        study_uid=ctx.study.uid,
+        accession=ctx.study.accession,
+        outcome_status="Success",
+        error=None,
+        seconds=0.0,
+        sections=ctx.result,
+        steps=[],
+        source={"kind": "bench"},
+        pipeline={"name": "bench", "version": 1},
+        device="cpu",
+        warnings=ctx.warnings,
+        finished_at="2024-01-01T00:00:00+00:00",
+        dicom={"instances_in_study": ctx.study.instance_count},
+    )
     write_json_atomic(json_path, result)
 
 
@@ -142,8 +168,11 @@ def zero_shot_vs_encode(model: Any, tensor: torch.Tensor, reps: int) -> dict[str
     model.zero_shot(tensor)  # text latents: once per model load
     for _ in range(3):  # warm-up (allocator, thread pool)
         model.encode_image(tensor)
-    out = {"encode_image": Samples(), "zero_shot (18 findings)": Samples(),
-           "official loop (re-encode per finding)": Samples()}
+    out = {
+        "encode_image": Samples(),
+        "zero_shot (18 findings)": Samples(),
+        "official loop (re-encode per finding)": Samples(),
+    }
     for _ in range(reps):
         timed(lambda: model.encode_image(tensor), out["encode_image"])
         timed(lambda: model.zero_shot(tensor), out["zero_shot (18 findings)"])
@@ -221,8 +250,9 @@ def scratch(prefix: str) -> Iterator[Path]:
         yield Path(tmp)
 
 
-def interleave(runs: int, first: Callable[[], Throughput], second: Callable[[], Throughput]
-               ) -> tuple[list[Throughput], list[Throughput]]:
+def interleave(
+    runs: int, first: Callable[[], Throughput], second: Callable[[], Throughput]
+) -> tuple[list[Throughput], list[Throughput]]:
     """Alternate two measurements (ABAB…) so background load hits both alike."""
     a, b = [], []
     for i in range(runs):

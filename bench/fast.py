@@ -63,8 +63,12 @@ def fast_tensor(zip_path: Path, target_xyz: tuple[int, int, int] = TARGET_SHAPE_
     return FastRun(tensor, volume, ingest, clock.lap())
 
 
-STAGES = ("open ZIP (central directory, memory map)", "header scan", "select series",
-          "read + CRC + decode → HU volume")
+STAGES = (
+    "open ZIP (central directory, memory map)",
+    "header scan",
+    "select series",
+    "read + CRC + decode → HU volume",
+)
 
 
 def stage_breakdown(zip_path: Path, samples: dict[str, Samples]) -> Volume:
@@ -87,6 +91,7 @@ def crc_of_chosen_series(zip_path: Path) -> Callable[[], int]:
         with open_arrival(zip_path, LIMITS) as contents:
             views = [m for m in contents.members if m.name in names and m.viewer is not None]
             return sum(zlib.crc32(m.viewer()) == m.crc for m in views)
+
     return check
 
 

@@ -42,8 +42,12 @@ from tests import dicomgen  # noqa: E402 - the repo's own DICOM generator
 OUT = Path(__file__).resolve().parent / "out"
 VARIANTS = ("uncompressed", "deflated", "jpeg-ls", "jpeg2000")
 _ENCODING = {"uncompressed": "native", "deflated": "native", "jpeg-ls": "jpeg-ls", "jpeg2000": "jpeg2000"}
-_ZIP_METHOD = {"uncompressed": zipfile.ZIP_STORED, "deflated": zipfile.ZIP_DEFLATED,
-               "jpeg-ls": zipfile.ZIP_STORED, "jpeg2000": zipfile.ZIP_STORED}
+_ZIP_METHOD = {
+    "uncompressed": zipfile.ZIP_STORED,
+    "deflated": zipfile.ZIP_DEFLATED,
+    "jpeg-ls": zipfile.ZIP_STORED,
+    "jpeg2000": zipfile.ZIP_STORED,
+}
 GENERATOR_VERSION = 1
 
 
@@ -85,21 +89,39 @@ def study_datasets(spec: StudySpec) -> list:
     stored = stored_pixels(spec)
     study_uid = generate_uid()
     scout = dicomgen.make_scout(study_uid=study_uid, series_number=1)
-    thin = dicomgen.make_series(spec.slices, study_uid=study_uid, spacing=spec.slice_mm, series_number=2,
-                                description=f"CHEST {spec.slice_mm:g} LUNG", kernel="LUNG",
-                                stored=stored, pixel_spacing=spec.pixel_mm)
-    thick_stored = stored[::spec.thick_every]
-    thick = dicomgen.make_series(len(thick_stored), study_uid=study_uid,
-                                 spacing=spec.slice_mm * spec.thick_every, series_number=3,
-                                 description="CHEST 5 SOFT", kernel="STANDARD", stored=thick_stored,
-                                 pixel_spacing=spec.pixel_mm)
+    thin = dicomgen.make_series(
+        spec.slices,
+        study_uid=study_uid,
+        spacing=spec.slice_mm,
+        series_number=2,
+        description=f"CHEST {spec.slice_mm:g} LUNG",
+        kernel="LUNG",
+        stored=stored,
+        pixel_spacing=spec.pixel_mm,
+    )
+    thick_stored = stored[:: spec.thick_every]
+    thick = dicomgen.make_series(
+        len(thick_stored),
+        study_uid=study_uid,
+        spacing=spec.slice_mm * spec.thick_every,
+        series_number=3,
+        description="CHEST 5 SOFT",
+        kernel="STANDARD",
+        stored=thick_stored,
+        pixel_spacing=spec.pixel_mm,
+    )
     return [*scout, *thin, *thick]
 
 
 def write_variant(path: Path, datasets: list, variant: str, seed: int = 0) -> Path:
     encoding = _ENCODING[variant]
-    items = [(f"EXPORT/SE{int(ds.SeriesNumber):02d}/IM{int(ds.InstanceNumber):05d}",
-              dicomgen.to_bytes(dicomgen.encode(ds, encoding))) for ds in datasets]
+    items = [
+        (
+            f"EXPORT/SE{int(ds.SeriesNumber):02d}/IM{int(ds.InstanceNumber):05d}",
+            dicomgen.to_bytes(dicomgen.encode(ds, encoding)),
+        )
+        for ds in datasets
+    ]
     random.Random(seed).shuffle(items)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -110,19 +132,25 @@ def write_variant(path: Path, datasets: list, variant: str, seed: int = 0) -> Pa
     return path
 
 
-def ensure_studies(spec: StudySpec, variants: tuple[str, ...] = VARIANTS, out: Path = OUT,
-                   say: object = print) -> dict[str, Path]:
+def ensure_studies(
+    spec: StudySpec, variants: tuple[str, ...] = VARIANTS, out: Path = OUT, say: object = print
+) -> dict[str, Path]:
     """Paths of the study ZIPs for ``spec``, generating the missing ones."""
     folder = out / spec.tag
     paths = {v: folder / f"{v}.zip" for v in variants}
     missing = [v for v, p in paths.items() if not p.exists()]
     if missing:
-        say(f"generating {spec.slices} slices of {spec.size}x{spec.size} ({', '.join(missing)}) "  # type: ignore[operator]
-            f"into {folder} ...")
+        say(
+            f"generating {spec.slices} slices of {spec.size}x{spec.size} ({', '.join(missing)}) "  # type: ignore[operator]
+            f"into {folder} ..."
+        )
         datasets = study_datasets(spec)
         for variant in missing:
             write_variant(paths[variant], datasets, variant, seed=spec.seed)
-        (folder / "meta.json").write_text(json.dumps({"spec": asdict(spec), "tag": spec.tag,
-                                                      "files": {v: p.name for v, p in paths.items()}},
-                                                     indent=2))
+        (folder / "meta.json").write_text(
+            json.dumps(
+                {"spec": asdict(spec), "tag": spec.tag, "files": {v: p.name for v, p in paths.items()}},
+                indent=2,
+            )
+        )
     return paths

@@ -51,8 +51,12 @@ def naive_volume(zip_path: Path) -> NaiveVolume:
                 series[str(ds.SeriesInstanceUID)].append(ds)
         chosen = max(series.values(), key=len)
         chosen.sort(key=lambda ds: int(ds.InstanceNumber))
-        hu = np.stack([ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-                       for ds in chosen])
+        hu = np.stack(
+            [
+                ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+                for ds in chosen
+            ]
+        )
     spacing, affine = _geometry(chosen)
     return NaiveVolume(hu, spacing, affine, files)
 

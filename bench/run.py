@@ -32,8 +32,13 @@ from bench import engine, fast, naive  # noqa: E402
 from bench.generate import FULL, OUT, SMOKE, VARIANTS, StudySpec, ensure_studies  # noqa: E402
 from bench.timing import Samples, repeat, timed  # noqa: E402
 
-HEADLINE_KEYS = ("ingest_fraction_of_memory_read", "fast_vs_naive_cpu_ratio", "zeroshot_vs_encode_ratio",
-                 "studies_per_hour_overlap_on", "studies_per_hour_overlap_off")
+HEADLINE_KEYS = (
+    "ingest_fraction_of_memory_read",
+    "fast_vs_naive_cpu_ratio",
+    "zeroshot_vs_encode_ratio",
+    "studies_per_hour_overlap_on",
+    "studies_per_hour_overlap_off",
+)
 
 
 def machine_info() -> dict[str, Any]:
@@ -47,11 +52,18 @@ def machine_info() -> dict[str, Any]:
         pass
     import pydicom
 
-    return {"cores": os.cpu_count(), "cpu_model": model, "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "device": "cuda:" + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-            "python": platform.python_version(), "numpy": np.__version__, "pydicom": pydicom.__version__,
-            "platform": platform.platform(), "loadavg_at_start": [round(v, 2) for v in os.getloadavg()]}
+    return {
+        "cores": os.cpu_count(),
+        "cpu_model": model,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "device": "cuda:" + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "pydicom": pydicom.__version__,
+        "platform": platform.platform(),
+        "loadavg_at_start": [round(v, 2) for v in os.getloadavg()],
+    }
 
 
 # ---------------------------------------------------------------------------------------------- sections
@@ -68,7 +80,9 @@ def per_variant(paths: dict[str, Path], n: int, say: Any) -> tuple[dict[str, dic
     kept_volume = None
     for variant, path in paths.items():
         to_tensor = variant in TENSOR_VARIANTS or variant == next(iter(paths))
-        say(f"  {variant}: fast path, naive path{' (to the CT-CLIP tensor)' if to_tensor else ''}, stages x{n} ...")
+        say(
+            f"  {variant}: fast path, naive path{' (to the CT-CLIP tensor)' if to_tensor else ''}, stages x{n} ..."
+        )
         s: dict[str, Samples] = {}
         for _ in range(n):
             _compare(path, variant, to_tensor, s)
@@ -98,8 +112,9 @@ def _compare(path: Path, variant: str, to_tensor: bool, s: dict[str, Samples]) -
     else:
         volume = timed(lambda: fast.fast_volume(path), s.setdefault("fast: ZIP → HU volume", Samples()))[0]
         gc.collect()
-        theirs_volume = timed(lambda: naive.naive_volume(path),
-                              s.setdefault("naive: ZIP → HU volume (float64)", Samples()))[0]
+        theirs_volume = timed(
+            lambda: naive.naive_volume(path), s.setdefault("naive: ZIP → HU volume (float64)", Samples())
+        )[0]
         same = np.array_equal(volume.hu.astype(np.float64), theirs_volume.hu)
     if not same:
         raise RuntimeError(f"{variant}: the fast and naive paths disagree on a lossless input")
@@ -109,8 +124,11 @@ def _sum(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
     return a[0] + b[0], a[1] + b[1]
 
 
-MEMORY_READS = ("copy into new memory (page faults included)", "copy into touched memory (memcpy)",
-                "numpy int16 sum (read only)")
+MEMORY_READS = (
+    "copy into new memory (page faults included)",
+    "copy into touched memory (memcpy)",
+    "numpy int16 sum (read only)",
+)
 
 
 def memory_read(volume: Any, n: int) -> dict[str, Samples]:
@@ -149,14 +167,26 @@ def volume_stages(volume: Any, n: int, zip_path: Path) -> dict[str, Samples]:
             _rescale_into(out_hu[k], stored[k], 1.0, -1024.0)
 
     s: dict[str, Samples] = {}
-    repeat(fast.crc_of_chosen_series(zip_path), n,
-           s.setdefault("CRC-32 check of the chosen series only (inside decode)", Samples()))
-    repeat(rescale, n, s.setdefault(f"HU rescale only (stored int16 → {volume.hu.dtype} HU, inside decode)",
-                                    Samples()))
-    xyz, spacing = repeat(lambda: ctrate_xyz_from_dicom(volume.hu, volume.spacing_zyx, volume.affine), n,
-                          s.setdefault("orientation (ctrate_xyz_from_dicom)", Samples()))[0]
-    repeat(lambda: preprocess_volume(xyz, spacing), n,
-           s.setdefault("CT-CLIP preprocessing (preprocess_volume → 480×480×240)", Samples()))
+    repeat(
+        fast.crc_of_chosen_series(zip_path),
+        n,
+        s.setdefault("CRC-32 check of the chosen series only (inside decode)", Samples()),
+    )
+    repeat(
+        rescale,
+        n,
+        s.setdefault(f"HU rescale only (stored int16 → {volume.hu.dtype} HU, inside decode)", Samples()),
+    )
+    xyz, spacing = repeat(
+        lambda: ctrate_xyz_from_dicom(volume.hu, volume.spacing_zyx, volume.affine),
+        n,
+        s.setdefault("orientation (ctrate_xyz_from_dicom)", Samples()),
+    )[0]
+    repeat(
+        lambda: preprocess_volume(xyz, spacing),
+        n,
+        s.setdefault("CT-CLIP preprocessing (preprocess_volume → 480×480×240)", Samples()),
+    )
     return s
 
 
@@ -176,12 +206,17 @@ def ctclip_ratio(volume: Any, reps: int) -> dict[str, Samples]:
         torch.set_num_threads(threads)
 
 
-def throughput(path: Path, k: int, runs: int, max_inflight: int, out: Path) -> dict[str, list[engine.Throughput]]:
+def throughput(
+    path: Path, k: int, runs: int, max_inflight: int, out: Path
+) -> dict[str, list[engine.Throughput]]:
     with engine.scratch("ctwatch-bench-") as tmp:
         flow = engine.StudyFlow(engine.bench_env(tmp), tmp)
         jobs = [(i, path) for i in range(1, k + 1)]
-        off, on = engine.interleave(runs, lambda: engine.run_sequential(flow, jobs),
-                                    lambda: engine.run_overlapped(flow, jobs, max_inflight))
+        off, on = engine.interleave(
+            runs,
+            lambda: engine.run_sequential(flow, jobs),
+            lambda: engine.run_overlapped(flow, jobs, max_inflight),
+        )
     return {"off": off, "on": on}
 
 
@@ -202,9 +237,14 @@ def _finite(value: float) -> float:
     return round(value, 4)
 
 
-def figures(spec: StudySpec, variants: dict[str, dict[str, Samples]], headline: str,
-            mem: dict[str, Samples], zs: dict[str, Samples], tp: dict[str, list[engine.Throughput]]
-            ) -> dict[str, Any]:
+def figures(
+    spec: StudySpec,
+    variants: dict[str, dict[str, Samples]],
+    headline: str,
+    mem: dict[str, Samples],
+    zs: dict[str, Samples],
+    tp: dict[str, list[engine.Throughput]],
+) -> dict[str, Any]:
     mb = spec.pixel_bytes / 1e6
     copy_mbps = mb / mem[MEMORY_READS[0]].cpu_median
     h = variants[headline]
@@ -213,36 +253,58 @@ def figures(spec: StudySpec, variants: dict[str, dict[str, Samples]], headline: 
     off = sorted(t.per_hour for t in tp["off"])
     return {
         "ingest_fraction_of_memory_read": _finite(ingest_mbps[headline] / copy_mbps),
-        "fast_vs_naive_cpu_ratio": _finite(h["fast: ZIP → CT-CLIP tensor"].cpu_median
-                                           / h["naive: ZIP → CT-CLIP tensor"].cpu_median),
-        "zeroshot_vs_encode_ratio": _finite(zs["zero_shot (18 findings)"].cpu_median
-                                            / zs["encode_image"].cpu_median),
+        "fast_vs_naive_cpu_ratio": _finite(
+            h["fast: ZIP → CT-CLIP tensor"].cpu_median / h["naive: ZIP → CT-CLIP tensor"].cpu_median
+        ),
+        "zeroshot_vs_encode_ratio": _finite(
+            zs["zero_shot (18 findings)"].cpu_median / zs["encode_image"].cpu_median
+        ),
         "studies_per_hour_overlap_on": _finite(float(np.median(on))),
         "studies_per_hour_overlap_off": _finite(float(np.median(off))),
         "details": {
             "headline_variant": headline,
             "pixel_mb_of_chosen_series": round(mb, 3),
             "memory_read_reference": "the chosen series' int16 pixel bytes copied into a fresh anonymous "
-                                     "mapping (page faults included, as for a new HU volume)",
+            "mapping (page faults included, as for a new HU volume)",
             "memory_read_mb_per_cpu_s": round(copy_mbps, 1),
             "memcpy_touched_mb_per_cpu_s": round(mb / mem[MEMORY_READS[1]].cpu_median, 1),
             "numpy_int16_sum_mb_per_cpu_s": round(mb / mem[MEMORY_READS[2]].cpu_median, 1),
             "ingest_mb_per_cpu_s": ingest_mbps,
-            "ingest_fraction_of_memcpy_touched": round(ingest_mbps[headline] * mem[MEMORY_READS[1]].cpu_median / mb, 4),
-            "ingest_fraction_of_numpy_sum": round(ingest_mbps[headline] * mem[MEMORY_READS[2]].cpu_median / mb, 4),
+            "ingest_fraction_of_memcpy_touched": round(
+                ingest_mbps[headline] * mem[MEMORY_READS[1]].cpu_median / mb, 4
+            ),
+            "ingest_fraction_of_numpy_sum": round(
+                ingest_mbps[headline] * mem[MEMORY_READS[2]].cpu_median / mb, 4
+            ),
             "fast_vs_naive_cpu_ratio_by_variant": {
-                v: round(s["fast: ZIP → CT-CLIP tensor"].cpu_median / s["naive: ZIP → CT-CLIP tensor"].cpu_median, 4)
-                for v, s in variants.items() if "fast: ZIP → CT-CLIP tensor" in s},
+                v: round(
+                    s["fast: ZIP → CT-CLIP tensor"].cpu_median / s["naive: ZIP → CT-CLIP tensor"].cpu_median,
+                    4,
+                )
+                for v, s in variants.items()
+                if "fast: ZIP → CT-CLIP tensor" in s
+            },
             "fast_vs_naive_ingest_cpu_ratio_by_variant": {
-                v: round(s["fast: ZIP → HU volume"].cpu_median / s["naive: ZIP → HU volume (float64)"].cpu_median, 4)
-                for v, s in variants.items()},
+                v: round(
+                    s["fast: ZIP → HU volume"].cpu_median / s["naive: ZIP → HU volume (float64)"].cpu_median,
+                    4,
+                )
+                for v, s in variants.items()
+            },
             "fast_vs_naive_ingest_wall_ratio_by_variant": {
-                v: round(s["fast: ZIP → HU volume"].wall_median / s["naive: ZIP → HU volume (float64)"].wall_median, 4)
-                for v, s in variants.items()},
-            "zeroshot_vs_encode_wall_ratio": round(zs["zero_shot (18 findings)"].wall_median
-                                                   / zs["encode_image"].wall_median, 4),
-            "official_loop_vs_encode_ratio": round(zs["official loop (re-encode per finding)"].cpu_median
-                                                   / zs["encode_image"].cpu_median, 2),
+                v: round(
+                    s["fast: ZIP → HU volume"].wall_median
+                    / s["naive: ZIP → HU volume (float64)"].wall_median,
+                    4,
+                )
+                for v, s in variants.items()
+            },
+            "zeroshot_vs_encode_wall_ratio": round(
+                zs["zero_shot (18 findings)"].wall_median / zs["encode_image"].wall_median, 4
+            ),
+            "official_loop_vs_encode_ratio": round(
+                zs["official loop (re-encode per finding)"].cpu_median / zs["encode_image"].cpu_median, 2
+            ),
             "throughput_runs_on": [round(v, 1) for v in on],
             "throughput_runs_off": [round(v, 1) for v in off],
             "overlap_speedup": round(float(np.median(on) / np.median(off)), 4),
@@ -258,15 +320,23 @@ def _stage_dict(stages: dict[str, Samples]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- main
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="tiny study (24 slices of 64x64), N=1: checks the bench runs")
+    p.add_argument(
+        "--smoke", action="store_true", help="tiny study (24 slices of 64x64), N=1: checks the bench runs"
+    )
     p.add_argument("--json", type=Path, help="also write the figures and per-stage medians to this file")
     p.add_argument("--repeat", "-n", type=int, help="runs per stage (default 3; smoke 1)")
     p.add_argument("--studies", "-k", type=int, help="studies per throughput run (default 3; smoke 2)")
-    p.add_argument("--throughput-runs", type=int, help="throughput runs per mode, alternated (default 2; smoke 1)")
-    p.add_argument("--max-inflight", type=int, default=2, help="prefetch bound for the overlap run (default 2)")
+    p.add_argument(
+        "--throughput-runs", type=int, help="throughput runs per mode, alternated (default 2; smoke 1)"
+    )
+    p.add_argument(
+        "--max-inflight", type=int, default=2, help="prefetch bound for the overlap run (default 2)"
+    )
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--no-caption", action="store_true", help="skip the tiny BLIP-2 caption step")
-    p.add_argument("--out", type=Path, default=OUT, help="cache folder for generated studies (default bench/out)")
+    p.add_argument(
+        "--out", type=Path, default=OUT, help="cache folder for generated studies (default bench/out)"
+    )
     return p.parse_args(argv)
 
 
@@ -288,8 +358,10 @@ def main(argv: list[str] | None = None) -> int:
     say("machine: " + ", ".join(f"{key}={value}" for key, value in machine.items()))
     paths = ensure_studies(spec, tuple(args.variants), args.out, say)
     headline = "uncompressed" if "uncompressed" in paths else next(iter(paths))
-    say(f"study: {spec.slices} slices of {spec.size}x{spec.size} + scout + {spec.slices // spec.thick_every}-slice "
-        f"5 mm series; {spec.pixel_bytes / 1e6:.1f} MB pixels in the chosen series; N={n}")
+    say(
+        f"study: {spec.slices} slices of {spec.size}x{spec.size} + scout + {spec.slices // spec.thick_every}-slice "
+        f"5 mm series; {spec.pixel_bytes / 1e6:.1f} MB pixels in the chosen series; N={n}"
+    )
 
     say("\n[1/5] ZIP → HU volume → CT-CLIP input, per variant")
     variants, volume = per_variant(paths, n, say)
@@ -316,22 +388,35 @@ def main(argv: list[str] | None = None) -> int:
         print_table(f"{variant} ({paths[variant].stat().st_size / 1e6:.1f} MB ZIP) — medians", stages, say)
     print_table("memory read of the same pixel bytes", mem, say)
     print_table(f"from the HU volume ({headline})", vol_stages, say)
-    print_table("pipeline steps through the engine (model steps: first run, with the load, excluded)",
-                steps.samples, say)
-    say("  model steps, first run (wall s, incl. model load): "
-        + ", ".join(f"{key}={value:.2f}" for key, value in steps.first.items()))
+    print_table(
+        "pipeline steps through the engine (model steps: first run, with the load, excluded)",
+        steps.samples,
+        say,
+    )
+    say(
+        "  model steps, first run (wall s, incl. model load): "
+        + ", ".join(f"{key}={value:.2f}" for key, value in steps.first.items())
+    )
     print_table("CT-CLIP 32×32×24 reference model", zs, say)
     for mode in ("off", "on"):
-        say(f"  throughput overlap {mode}: " + ", ".join(
-            f"{t.studies} studies in {t.wall_s:.1f} s wall / {t.cpu_s:.1f} s CPU = {t.per_hour:.0f}/h"
-            for t in tp[mode]))
+        say(
+            f"  throughput overlap {mode}: "
+            + ", ".join(
+                f"{t.studies} studies in {t.wall_s:.1f} s wall / {t.cpu_s:.1f} s CPU = {t.per_hour:.0f}/h"
+                for t in tp[mode]
+            )
+        )
 
     figs = figures(spec, variants, headline, mem, zs, tp)
     machine["loadavg_at_end"] = [round(v, 2) for v in os.getloadavg()]
     say("\nfigures (headline variant: " + headline + ")")
-    goals = {"ingest_fraction_of_memory_read": "goal ≥ 0.25", "fast_vs_naive_cpu_ratio": "goal ≤ 0.35",
-             "zeroshot_vs_encode_ratio": "goal ≤ 1.1", "studies_per_hour_overlap_on": "must beat off",
-             "studies_per_hour_overlap_off": ""}
+    goals = {
+        "ingest_fraction_of_memory_read": "goal ≥ 0.25",
+        "fast_vs_naive_cpu_ratio": "goal ≤ 0.35",
+        "zeroshot_vs_encode_ratio": "goal ≤ 1.1",
+        "studies_per_hour_overlap_on": "must beat off",
+        "studies_per_hour_overlap_off": "",
+    }
     for key in HEADLINE_KEYS:
         say(f"  {key:<34} {figs[key]:>10}   {goals[key]}")
     for key, value in figs["details"].items():
@@ -340,17 +425,29 @@ def main(argv: list[str] | None = None) -> int:
     say(f"\nbench finished in {seconds:.0f} s")
     if args.json:
         document = {key: figs[key] for key in HEADLINE_KEYS}
-        document.update({
-            "details": figs["details"], "machine": machine, "date": date,
-            "mode": "smoke" if args.smoke else "full", "repeat": n, "spec": spec.__dict__,
-            "stages": {**{f"ingest/{v}": _stage_dict(s) for v, s in variants.items()},
-                       "memory_read": _stage_dict(mem), "volume": _stage_dict(vol_stages),
-                       "steps": _stage_dict(steps.samples), "ctclip_small": _stage_dict(zs)},
-            "steps_first_run_wall_s": {key: round(value, 4) for key, value in steps.first.items()},
-            "throughput": {mode: [t.__dict__ | {"per_hour": round(t.per_hour, 2)} for t in ts]
-                           for mode, ts in tp.items()},
-            "bench_seconds": round(seconds, 1),
-        })
+        document.update(
+            {
+                "details": figs["details"],
+                "machine": machine,
+                "date": date,
+                "mode": "smoke" if args.smoke else "full",
+                "repeat": n,
+                "spec": spec.__dict__,
+                "stages": {
+                    **{f"ingest/{v}": _stage_dict(s) for v, s in variants.items()},
+                    "memory_read": _stage_dict(mem),
+                    "volume": _stage_dict(vol_stages),
+                    "steps": _stage_dict(steps.samples),
+                    "ctclip_small": _stage_dict(zs),
+                },
+                "steps_first_run_wall_s": {key: round(value, 4) for key, value in steps.first.items()},
+                "throughput": {
+                    mode: [t.__dict__ | {"per_hour": round(t.per_hour, 2)} for t in ts]
+                    for mode, ts in tp.items()
+                },
+                "bench_seconds": round(seconds, 1),
+            }
+        )
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         say(f"wrote {args.json}")

@@ -37,8 +37,11 @@ class Samples:
         return statistics.median(self.wall)
 
     def as_dict(self) -> dict[str, float | int]:
-        return {"cpu_s_median": round(self.cpu_median, 6), "wall_s_median": round(self.wall_median, 6),
-                "n": self.n}
+        return {
+            "cpu_s_median": round(self.cpu_median, 6),
+            "wall_s_median": round(self.wall_median, 6),
+            "n": self.n,
+        }
 
 
 class Clock:

@@ -33,26 +33,41 @@ EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", type=Path, default=None,
-                        help="settings YAML (default: config/default.yaml of this checkout)")
-    parser = argparse.ArgumentParser(prog="ctwatch", parents=[common],
-                                     description="Chest-CT DICOM inbox → per-study results.")
+    common.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="settings YAML (default: config/default.yaml of this checkout)",
+    )
+    parser = argparse.ArgumentParser(
+        prog="ctwatch", parents=[common], description="Chest-CT DICOM inbox → per-study results."
+    )
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("run", parents=[common], help="run the daemon until SIGTERM/SIGINT (default)")
     p = sub.add_parser("process", parents=[common], help="process ZIPs, folders or DICOM files once")
     p.add_argument("paths", nargs="+", type=Path)
     sub.add_parser("status", parents=[common], help="counts by state and the last 10 arrivals")
-    p = sub.add_parser("requeue", parents=[common], help="put a failed or quarantined arrival back in the queue")
+    p = sub.add_parser(
+        "requeue", parents=[common], help="put a failed or quarantined arrival back in the queue"
+    )
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("arrival_id", nargs="?", type=int)
     group.add_argument("--failed", action="store_true", help="requeue every failed arrival")
     sub.add_parser("check-config", parents=[common], help="validate settings and pipeline, then exit")
     sub.add_parser("steps", parents=[common], help="list the registered pipeline steps and their parameters")
-    p = sub.add_parser("report", parents=[common],
-                       help="rebuild the Excel workbooks in reports.dir from the database")
-    p.add_argument("--since", type=_date, default=None, metavar="YYYY-MM-DD",
-                   help="first day to rebuild (default: the first day with a finished study)")
-    p = sub.add_parser("weights", parents=[common], help="list the model files the pipeline needs and their status")
+    p = sub.add_parser(
+        "report", parents=[common], help="rebuild the Excel workbooks in reports.dir from the database"
+    )
+    p.add_argument(
+        "--since",
+        type=_date,
+        default=None,
+        metavar="YYYY-MM-DD",
+        help="first day to rebuild (default: the first day with a finished study)",
+    )
+    p = sub.add_parser(
+        "weights", parents=[common], help="list the model files the pipeline needs and their status"
+    )
     p.add_argument("--verify", action="store_true", help="also compare sha256 checksums (reads every file)")
     add_fit_parsers(sub, common)
     return parser
@@ -78,8 +93,12 @@ def setup_logging(settings: Settings | None, level: str = "INFO") -> None:
     if settings is not None:
         settings.state.parent.mkdir(parents=True, exist_ok=True)
         file_handler = logging.handlers.RotatingFileHandler(
-            settings.state.parent / "ctwatch.log", maxBytes=20 * 2**20, backupCount=5, encoding="utf-8",
-            errors="backslashreplace")  # a traceback may still quote raw bytes of a name
+            settings.state.parent / "ctwatch.log",
+            maxBytes=20 * 2**20,
+            backupCount=5,
+            encoding="utf-8",
+            errors="backslashreplace",
+        )  # a traceback may still quote raw bytes of a name
         file_handler.setFormatter(fmt)
         root.addHandler(file_handler)
     root.setLevel(level)
@@ -163,8 +182,10 @@ def _process_one(path: Path, intake: Intake, state: State, executor: LocalExecut
     arrival = state.arrival(aid)
     if arrival.state == "duplicate":
         for study in state.studies_for(arrival.duplicate_of or 0):
-            print(f"{shown}\t{study['study_uid']}\t{study['status']}\t{study['json_path']}\t"
-                  f"(duplicate of arrival {arrival.duplicate_of})")
+            print(
+                f"{shown}\t{study['study_uid']}\t{study['status']}\t{study['json_path']}\t"
+                f"(duplicate of arrival {arrival.duplicate_of})"
+            )
         return True
     if arrival.state == "quarantined":
         print(f"{shown}\tquarantined\t{display_text(arrival.error or '')}", file=sys.stderr)
@@ -213,14 +234,22 @@ def _print_sources(settings: Settings, rows: list[dict]) -> None:
         row = by_name.get(name, {})
         kind = row.get("kind") or next((s.kind for s in settings.sources if s.name == name), "?")
         interval = f"every {every[name]:g}s" if name in every else "not configured any more"
-        print(f"  {name}  [{kind}, {interval}]  last poll {row.get('last_poll_at') or 'never'}  "
-              f"last success {row.get('last_success_at') or 'never'}  polls={row.get('polls', 0)} "
-              f"ok={row.get('successes', 0)} failed={row.get('failures', 0)} arrivals={row.get('arrivals', 0)}"
-              + (f"  ({row['last_detail']})" if row.get("last_detail") and row["last_detail"] != "error" else ""))
+        print(
+            f"  {name}  [{kind}, {interval}]  last poll {row.get('last_poll_at') or 'never'}  "
+            f"last success {row.get('last_success_at') or 'never'}  polls={row.get('polls', 0)} "
+            f"ok={row.get('successes', 0)} failed={row.get('failures', 0)} arrivals={row.get('arrivals', 0)}"
+            + (
+                f"  ({row['last_detail']})"
+                if row.get("last_detail") and row["last_detail"] != "error"
+                else ""
+            )
+        )
         if row.get("last_error"):
             recovered = (row.get("last_success_at") or "") > (row.get("last_error_at") or "")
-            print(f"      last error {row['last_error_at']}{' (recovered since)' if recovered else ''}: "
-                  f"{row['last_error']}")
+            print(
+                f"      last error {row['last_error_at']}{' (recovered since)' if recovered else ''}: "
+                f"{row['last_error']}"
+            )
 
 
 def cmd_requeue(settings: Settings, args: argparse.Namespace) -> int:
@@ -256,8 +285,10 @@ def cmd_steps(settings: Settings, args: argparse.Namespace) -> int:
     for name, cls in default_registry().items():
         print(f"{name}  [{cls.device}] — {cls.summary}")
         optional = f" (optional: {', '.join(map(str, cls.optional_needs))})" if cls.optional_needs else ""
-        print(f"    needs: {', '.join(map(str, cls.needs)) or '-'}{optional}; "
-              f"provides: {', '.join(map(str, cls.provides)) or '-'}")
+        print(
+            f"    needs: {', '.join(map(str, cls.needs)) or '-'}{optional}; "
+            f"provides: {', '.join(map(str, cls.provides)) or '-'}"
+        )
         for field, info in cls.Params.model_fields.items():
             value = "(required)" if info.is_required() else repr(info.get_default(call_default_factory=True))
             print(f"    with.{field} = {value}  {info.description or ''}".rstrip())
@@ -276,7 +307,9 @@ def _date(text: str) -> date:
     try:
         return date.fromisoformat(text)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a date; write YYYY-MM-DD, e.g. 2025-01-31") from exc
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a date; write YYYY-MM-DD, e.g. 2025-01-31"
+        ) from exc
 
 
 def cmd_report(settings: Settings, args: argparse.Namespace) -> int:
@@ -296,15 +329,23 @@ def cmd_report(settings: Settings, args: argparse.Namespace) -> int:
         if outcome.pending:
             code = EXIT_FAILED
             where = f"wrote {outcome.path}" if outcome.path else "nothing written"
-            print(f"{outcome.target}: {outcome.reason}; {where}. Close the file and run this again.",
-                  file=sys.stderr)
+            print(
+                f"{outcome.target}: {outcome.reason}; {where}. Close the file and run this again.",
+                file=sys.stderr,
+            )
         else:
             print(outcome.path)
     return code
 
 
 COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
-    "run": cmd_run, "process": cmd_process, "status": cmd_status, "requeue": cmd_requeue,
-    "check-config": cmd_check_config, "steps": cmd_steps, "report": cmd_report, "weights": cmd_weights,
+    "run": cmd_run,
+    "process": cmd_process,
+    "status": cmd_status,
+    "requeue": cmd_requeue,
+    "check-config": cmd_check_config,
+    "steps": cmd_steps,
+    "report": cmd_report,
+    "weights": cmd_weights,
     **FIT_COMMANDS,
 }

@@ -24,8 +24,18 @@ from pydantic import (
 
 from processor.errors import ConfigError
 
-_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def _parse_quantity(value: Any, units: Mapping[str, float], what: str, examples: str) -> float:
@@ -156,13 +166,17 @@ class SourceSettings(_Section):
 
         parts = urlsplit(value)
         if parts.scheme.lower() not in ("http", "https"):
-            raise ValueError(f"only http:// and https:// URLs can be polled, not {parts.scheme or 'no'} "
-                             "scheme; copy files into the inbox instead of using file://")
+            raise ValueError(
+                f"only http:// and https:// URLs can be polled, not {parts.scheme or 'no'} "
+                "scheme; copy files into the inbox instead of using file://"
+            )
         if not parts.hostname:
             raise ValueError("the URL has no host; write e.g. https://pacs.example.org/dicom-web")
         if parts.username or parts.password:
-            raise ValueError("credentials must not be written into the URL; put the token in an "
-                             "environment variable and name it in auth.bearer_env")
+            raise ValueError(
+                "credentials must not be written into the URL; put the token in an "
+                "environment variable and name it in auth.bearer_env"
+            )
         return value
 
     @field_validator("query")
@@ -176,8 +190,9 @@ class SourceSettings(_Section):
     @model_validator(mode="after")
     def _dicomweb_only(self) -> SourceSettings:
         if self.kind != "dicomweb" and (self.query or self.lookback is not None):
-            raise ValueError("query and lookback apply only to kind: dicomweb; remove them from this "
-                             "http source")
+            raise ValueError(
+                "query and lookback apply only to kind: dicomweb; remove them from this http source"
+            )
         return self
 
 
@@ -193,8 +208,9 @@ class FetchSettings(_Section):
     def _hosts(cls, value: list[str]) -> list[str]:
         bad = [h for h in value if not re.fullmatch(r"[A-Za-z0-9_.:\[\]-]+", h) or h.count(":") == 1]
         if bad:
-            raise ValueError(f"allow_hosts takes bare host names or IP addresses (no scheme, port or "
-                             f"path): {bad!r}")
+            raise ValueError(
+                f"allow_hosts takes bare host names or IP addresses (no scheme, port or path): {bad!r}"
+            )
         return [h.lower().strip("[]") for h in value]
 
 
@@ -233,16 +249,23 @@ class Settings(_Section):
         def absolute(path: Path) -> Path:
             return path if path.is_absolute() else (root / path).resolve()
 
-        inbox = self.inbox.model_copy(update={
-            "dirs": [absolute(p) for p in self.inbox.dirs],
-            "night_dirs": [absolute(p) for p in self.inbox.night_dirs],
-        })
-        return self.model_copy(update={
-            "root": root, "inbox": inbox, "outbox": absolute(self.outbox),
-            "state": absolute(self.state), "pipeline": absolute(self.pipeline),
-            "weights": absolute(self.weights),
-            "reports": self.reports.model_copy(update={"dir": absolute(self.reports.dir)}),
-        })
+        inbox = self.inbox.model_copy(
+            update={
+                "dirs": [absolute(p) for p in self.inbox.dirs],
+                "night_dirs": [absolute(p) for p in self.inbox.night_dirs],
+            }
+        )
+        return self.model_copy(
+            update={
+                "root": root,
+                "inbox": inbox,
+                "outbox": absolute(self.outbox),
+                "state": absolute(self.state),
+                "pipeline": absolute(self.pipeline),
+                "weights": absolute(self.weights),
+                "reports": self.reports.model_copy(update={"dir": absolute(self.reports.dir)}),
+            }
+        )
 
     def absolute(self, path: str | Path) -> Path:
         path = Path(path)
@@ -275,8 +298,9 @@ def load_settings(path: str | Path, overrides: dict[str, Any] | None = None) -> 
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror}). "
-                          "Fix: pass an existing file with --config.") from exc
+        raise ConfigError(
+            f"{path}: cannot read the config file ({exc.strerror}). Fix: pass an existing file with --config."
+        ) from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}. Fix: check indentation and quotes.") from exc
     if not isinstance(raw, dict):

@@ -56,16 +56,26 @@ class Components:
     def recorder(self, state: State | None = None) -> StudyRecorder:
         """The one writer of results, receipts and final placements, on ``state`` (default: ours)."""
         placements = Placements(self.intake.layout_for)
-        return StudyRecorder(state or self.state, OutboxLayout(self.settings.outbox), placements.for_arrival,
-                             device=self.device, pipeline={"name": self.pipeline.name,
-                                                           "version": self.pipeline.version,
-                                                           "digest": self.pipeline.digest})
+        return StudyRecorder(
+            state or self.state,
+            OutboxLayout(self.settings.outbox),
+            placements.for_arrival,
+            device=self.device,
+            pipeline={
+                "name": self.pipeline.name,
+                "version": self.pipeline.version,
+                "digest": self.pipeline.digest,
+            },
+        )
 
     def executor(self, state: State | None = None) -> LocalExecutor:
         s = self.settings
-        return LocalExecutor(self.pipeline, self.recorder(state),
-                             limits=Limits(s.limits.max_members, s.limits.max_total_bytes, s.limits.max_ratio),
-                             finish_study_on_stop=s.worker.shutdown == "study")
+        return LocalExecutor(
+            self.pipeline,
+            self.recorder(state),
+            limits=Limits(s.limits.max_members, s.limits.max_total_bytes, s.limits.max_ratio),
+            finish_study_on_stop=s.worker.shutdown == "study",
+        )
 
 
 def build(settings: Settings, registry: StepRegistry | None = None) -> Components:
@@ -75,23 +85,39 @@ def build(settings: Settings, registry: StepRegistry | None = None) -> Component
 
     m = settings.models
     models = ModelCache(m.capacity, device, m.gpu_memory_budget_gb, precision=m.precision)
-    env = StepEnv(root=settings.root, device=device, models=models,
-                  content_cache=State.content_cache(settings.state))
+    env = StepEnv(
+        root=settings.root, device=device, models=models, content_cache=State.content_cache(settings.state)
+    )
     pipeline = load_pipeline(settings.pipeline, registry or default_registry(), env)
     state = State(settings.state)
-    intake = Intake(state, pipeline_name=pipeline.name, pipeline_version=pipeline.version,
-                    inbox_dirs=settings.inbox.dirs, outbox=settings.outbox)
+    intake = Intake(
+        state,
+        pipeline_name=pipeline.name,
+        pipeline_version=pipeline.version,
+        inbox_dirs=settings.inbox.dirs,
+        outbox=settings.outbox,
+    )
     settings.outbox.mkdir(parents=True, exist_ok=True)
     return Components(settings, pipeline, device, models, state, intake)
 
 
 def log_paths(settings: Settings, pipeline: Pipeline, device: str) -> None:
     log.info("config file=%s root=%s", settings.config_file, settings.root)
-    log.info("config inbox=%s night=%s outbox=%s state=%s",
-             ",".join(map(str, settings.inbox.dirs)), ",".join(map(str, settings.inbox.night_dirs)),
-             settings.outbox, settings.state)
-    log.info("config pipeline=%s name=%s version=%s steps=%d device=%s", settings.pipeline,
-             pipeline.name, pipeline.version, len(pipeline.steps), device)
+    log.info(
+        "config inbox=%s night=%s outbox=%s state=%s",
+        ",".join(map(str, settings.inbox.dirs)),
+        ",".join(map(str, settings.inbox.night_dirs)),
+        settings.outbox,
+        settings.state,
+    )
+    log.info(
+        "config pipeline=%s name=%s version=%s steps=%d device=%s",
+        settings.pipeline,
+        pipeline.name,
+        pipeline.version,
+        len(pipeline.steps),
+        device,
+    )
 
 
 class Daemon:
@@ -110,24 +136,41 @@ class Daemon:
         self.disk = DiskGuard(guarded_volumes(s), s.disk.min_free_gb)
         self.reports = ReportUpdater(s.state, s.reports) if s.reports.enabled else None
         executor = components.executor()
-        self.worker = Worker(components.state, executor, can_claim=self.disk.ok, on_start=executor.recorder.replay,
-                             on_idle=lambda: executor.recorder.replay(settle_seconds=REPLAY_SETTLE_SECONDS),
-                             night_before=self._night_before, on_processed=self._on_processed,
-                             night_batch=s.worker.night_batch, max_inflight=s.worker.max_inflight_studies)
+        self.worker = Worker(
+            components.state,
+            executor,
+            can_claim=self.disk.ok,
+            on_start=executor.recorder.replay,
+            on_idle=lambda: executor.recorder.replay(settle_seconds=REPLAY_SETTLE_SECONDS),
+            night_before=self._night_before,
+            on_processed=self._on_processed,
+            night_batch=s.worker.night_batch,
+            max_inflight=s.worker.max_inflight_studies,
+        )
         self.watcher = InboxWatcher(
-            s.inbox.dirs, s.inbox.night_dirs, stable_seconds=s.inbox.stable_seconds,
-            scan_interval=s.inbox.scan_interval_seconds, on_stable=self._on_stable,
-            use_watchdog=s.inbox.use_watchdog)
+            s.inbox.dirs,
+            s.inbox.night_dirs,
+            stable_seconds=s.inbox.stable_seconds,
+            scan_interval=s.inbox.scan_interval_seconds,
+            on_stable=self._on_stable,
+            use_watchdog=s.inbox.use_watchdog,
+        )
         self.housekeeping = Housekeeping()
         self.scheduler = Scheduler(
-            window=self.window, on_rollover=self._on_rollover, on_night_start=self._on_wake,
-            on_rescan=self._on_wake, on_retention=self._on_retention if s.retention.keep_days else None,
-            rescan_seconds=RESCAN_SECONDS)
-        self.poller = SourcePoller(s, s.state, self._intake_for, on_arrival=self._on_source_arrival,
-                                   may_fetch=self.disk.ok)
+            window=self.window,
+            on_rollover=self._on_rollover,
+            on_night_start=self._on_wake,
+            on_rescan=self._on_wake,
+            on_retention=self._on_retention if s.retention.keep_days else None,
+            rescan_seconds=RESCAN_SECONDS,
+        )
+        self.poller = SourcePoller(
+            s, s.state, self._intake_for, on_arrival=self._on_source_arrival, may_fetch=self.disk.ok
+        )
         self.sources = SourceThreads(self.poller)
-        self.status = (StatusServer(s.state, self._probes(), s.status.host, s.status.port)
-                       if s.status.enabled else None)
+        self.status = (
+            StatusServer(s.state, self._probes(), s.status.host, s.status.port) if s.status.enabled else None
+        )
         self._watch_state: State | None = None
         self.supervisor = Supervisor({"worker": self.worker})
         self._threads_started = False
@@ -140,8 +183,13 @@ class Daemon:
 
     def _intake_for(self, state: State) -> Intake:
         s = self.c.settings
-        return Intake(state, pipeline_name=self.c.pipeline.name, pipeline_version=self.c.pipeline.version,
-                      inbox_dirs=s.inbox.dirs, outbox=s.outbox)
+        return Intake(
+            state,
+            pipeline_name=self.c.pipeline.name,
+            pipeline_version=self.c.pipeline.version,
+            inbox_dirs=s.inbox.dirs,
+            outbox=s.outbox,
+        )
 
     def _on_source_arrival(self, arrival_id: int) -> None:
         self.worker.wake_event.set()
@@ -170,22 +218,35 @@ class Daemon:
 
     def _probes(self) -> Probes:
         s = self.c.settings
-        pipeline = {"name": self.c.pipeline.name, "version": self.c.pipeline.version,
-                    "digest": self.c.pipeline.digest}
+        pipeline = {
+            "name": self.c.pipeline.name,
+            "version": self.c.pipeline.version,
+            "digest": self.c.pipeline.digest,
+        }
         return Probes(
-            version=ctwatch_version(), device=self.c.device, pipeline=pipeline,
+            version=ctwatch_version(),
+            device=self.c.device,
+            pipeline=pipeline,
             worker_alive=self.worker.is_alive,
             worker_current=lambda: (self.worker.current, self.worker.current_since),
             prefetch_inflight=lambda: self.worker.prefetcher.inflight if self.worker.prefetcher else 0,
-            disk=self.disk.report, next_jobs=self.scheduler.next_jobs, models=self._models_loaded,
-            night=lambda now: {"window": str(self.window), "open": self.window.contains(now),
-                               "run_on": s.schedule.night_run_on,
-                               "next_start": self.window.next_start(now).isoformat(timespec="seconds")},
-            stopping=self.stop_requested.is_set)
+            disk=self.disk.report,
+            next_jobs=self.scheduler.next_jobs,
+            models=self._models_loaded,
+            night=lambda now: {
+                "window": str(self.window),
+                "open": self.window.contains(now),
+                "run_on": s.schedule.night_run_on,
+                "next_start": self.window.next_start(now).isoformat(timespec="seconds"),
+            },
+            stopping=self.stop_requested.is_set,
+        )
 
     def _models_loaded(self) -> list[dict]:
-        return [{k: m.get(k) for k in ("key", "hits", "gpu_bytes", "load_seconds")}
-                for m in self.c.models.loaded()]
+        return [
+            {k: m.get(k) for k in ("key", "hits", "gpu_bytes", "load_seconds")}
+            for m in self.c.models.loaded()
+        ]
 
     # ------------------------------------------------------------------ life cycle
     def recover(self) -> None:
@@ -193,8 +254,13 @@ class Daemon:
         half-written temp files gone. Recorded ends a crash interrupted (receipt, move, note) are
         finished by the worker thread first thing, each time it starts."""
         for row in self.c.state.recover_in_flight(self.c.settings.limits.max_attempts):
-            log.warning("arrival.recovered arrival=%s state=%s crashes=%s isolate=%s", row.id, row.state,
-                        row.crashes, row.isolate)
+            log.warning(
+                "arrival.recovered arrival=%s state=%s crashes=%s isolate=%s",
+                row.id,
+                row.state,
+                row.crashes,
+                row.isolate,
+            )
         for stale in remove_stale_temp_files(self.c.settings.outbox):
             log.warning("outbox.stale_temp_removed path=%s", stale)
 
@@ -206,9 +272,11 @@ class Daemon:
             try:
                 self.status.start()
             except OSError as exc:
-                raise ConfigError(f"status.port: cannot listen on {s.status.host}:{s.status.port} "
-                                  f"({exc.strerror or exc}). Fix: choose a free port, or set "
-                                  "status.enabled: false.") from exc
+                raise ConfigError(
+                    f"status.port: cannot listen on {s.status.host}:{s.status.port} "
+                    f"({exc.strerror or exc}). Fix: choose a free port, or set "
+                    "status.enabled: false."
+                ) from exc
         if self.reports is not None:
             self.reports.start()
         self.housekeeping.start()
@@ -219,9 +287,16 @@ class Daemon:
         self.poller.clean_staging(self.c.state.active_paths())
         self.sources.start()
         self._threads_started = True
-        log.info("daemon.started threads=worker,watcher,scheduler,housekeeping%s%s sources=%d night_window=%s "
-                 "disk_min_free_gb=%g shutdown=%s", ",reports" if self.reports else "",
-                 ",status" if self.status else "", len(s.sources), self.window, s.disk.min_free_gb, s.worker.shutdown)
+        log.info(
+            "daemon.started threads=worker,watcher,scheduler,housekeeping%s%s sources=%d night_window=%s "
+            "disk_min_free_gb=%g shutdown=%s",
+            ",reports" if self.reports else "",
+            ",status" if self.status else "",
+            len(s.sources),
+            self.window,
+            s.disk.min_free_gb,
+            s.worker.shutdown,
+        )
 
     def run_until_stopped(self) -> int:
         try:
@@ -248,8 +323,10 @@ class Daemon:
         self.watcher.join(timeout)
         self.worker.join(timeout)
         if self.worker.is_alive():
-            log.warning("daemon.worker_still_running arrival=%s; it returns to pending at the next start",
-                        self.worker.current)
+            log.warning(
+                "daemon.worker_still_running arrival=%s; it returns to pending at the next start",
+                self.worker.current,
+            )
         if self.reports is not None:  # after the worker, so the last finished study is in the workbooks
             self.reports.stop()
             self.reports.join(timeout)
@@ -269,7 +346,9 @@ def remove_stale_temp_files(outbox: Path) -> list[Path]:
     """Delete the ``.<name>.*.tmp`` (and workbook ``.<name>.*.tmp.xlsx``) files an interrupted atomic
     write left (ours, never user data)."""
     patterns = (".*.tmp", ".*.tmp.xlsx")
-    stale = [p for pattern in patterns for p in outbox.rglob(pattern) if p.is_file()] if outbox.exists() else []
+    stale = (
+        [p for pattern in patterns for p in outbox.rglob(pattern) if p.is_file()] if outbox.exists() else []
+    )
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
@@ -301,13 +380,19 @@ class DiskGuard:
         low = [(name, n) for name, n in free if n < self.min_free_gb * 1e9]
         reason = None
         if low:
-            reason = ("low disk space: " + ", ".join(f"{n / 1e9:.1f} GB free on the {name} volume"
-                                                       for name, n in low)
-                      + f", below disk.min_free_gb = {self.min_free_gb:g}; new arrivals wait in the inbox "
-                      "until space is freed")
+            reason = (
+                "low disk space: "
+                + ", ".join(f"{n / 1e9:.1f} GB free on the {name} volume" for name, n in low)
+                + f", below disk.min_free_gb = {self.min_free_gb:g}; new arrivals wait in the inbox "
+                "until space is freed"
+            )
         self._note(reason)
-        return {"ok": not low, "reason": reason, "min_free_gb": self.min_free_gb,
-                "volumes": [{"volume": name, "free_bytes": n} for name, n in free]}
+        return {
+            "ok": not low,
+            "reason": reason,
+            "min_free_gb": self.min_free_gb,
+            "volumes": [{"volume": name, "free_bytes": n} for name, n in free],
+        }
 
     def ok(self) -> bool:
         return bool(self.report()["ok"])

@@ -96,8 +96,14 @@ class LocalExecutor:
     a stop request; the stop then takes effect before the next study.
     """
 
-    def __init__(self, pipeline: Pipeline, recorder: StudyRecorder, *, limits: Limits,
-                 finish_study_on_stop: bool = False) -> None:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        recorder: StudyRecorder,
+        *,
+        limits: Limits,
+        finish_study_on_stop: bool = False,
+    ) -> None:
         self.pipeline = pipeline
         self.runner = PipelineRunner(pipeline)
         self.recorder = recorder
@@ -115,7 +121,9 @@ class LocalExecutor:
     def process(self, arrival: Arrival, should_stop: StopCheck = _never) -> ArrivalState:
         return self.process_many([arrival], should_stop)[0]
 
-    def process_many(self, arrivals: Sequence[Arrival], should_stop: StopCheck = _never) -> list[ArrivalState]:
+    def process_many(
+        self, arrivals: Sequence[Arrival], should_stop: StopCheck = _never
+    ) -> list[ArrivalState]:
         """Claimed arrivals together; their studies go through the pipeline model-major.
 
         Returns each arrival's final state (``pending`` when a shutdown interrupted it).
@@ -132,15 +140,19 @@ class LocalExecutor:
         prepared = Prepared(arrivals)
         with ExitStack() as stack:
             for arrival in arrivals:
-                log.info("arrival.start arrival=%s name=%s attempt=%s", arrival.id, arrival.name, arrival.attempts)
+                log.info(
+                    "arrival.start arrival=%s name=%s attempt=%s", arrival.id, arrival.name, arrival.attempts
+                )
                 try:
                     prepared.opened.append(self._open(arrival, stack))
                 except IngestError as exc:
                     prepared.rejected[arrival.id] = (str(exc), ArrivalState.QUARANTINED)
                 except Exception as exc:  # a bug must not kill the worker; the arrival is kept, marked failed
                     log.exception("arrival.crashed arrival=%s", arrival.id)
-                    prepared.rejected[arrival.id] = (f"internal error: {type(exc).__name__}: {exc}",
-                                                     ArrivalState.FAILED)
+                    prepared.rejected[arrival.id] = (
+                        f"internal error: {type(exc).__name__}: {exc}",
+                        ArrivalState.FAILED,
+                    )
             try:
                 self._start_studies(prepared, should_stop)
             except Exception as exc:  # noqa: BLE001 — recorded and applied to the batch in complete()
@@ -151,8 +163,10 @@ class LocalExecutor:
     def _open(self, arrival: Arrival, stack: ExitStack) -> _Opened:
         path = self.recorder.locate(arrival)
         if path is None:
-            raise IngestError(f"the input {arrival.name} is no longer at {arrival.current_path} "
-                              "(moved or deleted outside ctwatch)")
+            raise IngestError(
+                f"the input {arrival.name} is no longer at {arrival.current_path} "
+                "(moved or deleted outside ctwatch)"
+            )
         contents = stack.enter_context(open_arrival(path, self.limits))
         with gc_paused():
             scan = scan_members(contents.members)
@@ -170,8 +184,9 @@ class LocalExecutor:
             for study in item.studies:
                 json_path = self.recorder.json_path(item.arrival, study.uid, taken)
                 taken.add(json_path)
-                item.runs.append((StudyRun(StudyContext(item.arrival.id, study, json_path.with_suffix(""))),
-                                  json_path))
+                item.runs.append(
+                    (StudyRun(StudyContext(item.arrival.id, study, json_path.with_suffix(""))), json_path)
+                )
         if should_stop():
             prepared.stopped = True
             return
@@ -187,8 +202,12 @@ class LocalExecutor:
         crash = prepared.crash
         if crash is None and not prepared.interrupted():
             try:
-                self.runner.advance(prepared.runs, self.runner.gpu_stage_start(), len(self.pipeline.steps),
-                                    self._step_stop(should_stop))
+                self.runner.advance(
+                    prepared.runs,
+                    self.runner.gpu_stage_start(),
+                    len(self.pipeline.steps),
+                    self._step_stop(should_stop),
+                )
             except Exception as exc:  # noqa: BLE001 — the batch fails, the worker lives
                 log.exception("batch.crashed arrivals=%s", [item.arrival.id for item in prepared.opened])
                 crash = f"internal error: {type(exc).__name__}: {exc}"
@@ -204,8 +223,11 @@ class LocalExecutor:
             elif prepared.interrupted() or item is None:
                 finals.append(self._release(arrival))
             else:
-                finals.append(self.recorder.accept(arrival, [_finished(run, path, item) for run, path in item.runs],
-                                                   item.skipped))
+                finals.append(
+                    self.recorder.accept(
+                        arrival, [_finished(run, path, item) for run, path in item.runs], item.skipped
+                    )
+                )
         return finals
 
     def fail(self, arrivals: Sequence[Arrival], reason: str) -> list[ArrivalState]:
@@ -223,12 +245,23 @@ def _finished(run: StudyRun, json_path: Path, item: _Opened) -> FinishedStudy:
     study = ctx.study
     latent = ctx.values.get("ctclip_latent")
     return FinishedStudy(
-        study_uid=study.uid, accession=study.accession, status=StudyStatus(outcome.status), error=outcome.error,
-        json_path=json_path, sections=ctx.result, steps=[r.as_dict() for r in outcome.steps],
-        warnings=ctx.warnings, features=dict(ctx.values.get("features") or {}),
+        study_uid=study.uid,
+        accession=study.accession,
+        status=StudyStatus(outcome.status),
+        error=outcome.error,
+        json_path=json_path,
+        sections=ctx.result,
+        steps=[r.as_dict() for r in outcome.steps],
+        warnings=ctx.warnings,
+        features=dict(ctx.values.get("features") or {}),
         latents={"ctclip": latent} if latent is not None else {},
-        dicom={"instances_in_arrival": item.n_dicom, "instances_in_study": study.instance_count,
-               "series_in_study": len(study.series), "skipped": dict(item.skipped)})
+        dicom={
+            "instances_in_arrival": item.n_dicom,
+            "instances_in_study": study.instance_count,
+            "series_in_study": len(study.series),
+            "skipped": dict(item.skipped),
+        },
+    )
 
 
 def _no_dicom_message(members: int, skipped: Counter[str]) -> str:

@@ -87,8 +87,12 @@ class Supervisor:
             kept.next_try = now + kept.backoff
             kept.down_since = now
             kept.restarts += 1
-            log.error("thread.died part=%s restarts=%d: starting it again (next try in %.0f s if it dies again)",
-                      kept.name, kept.restarts, kept.backoff)
+            log.error(
+                "thread.died part=%s restarts=%d: starting it again (next try in %.0f s if it dies again)",
+                kept.name,
+                kept.restarts,
+                kept.backoff,
+            )
             try:
                 kept.part.start()
             except Exception:  # noqa: BLE001 — the supervisor itself must live; tried again later

@@ -130,8 +130,9 @@ class Prefetcher(Generic[T, U]):
     def __enter__(self) -> Prefetcher[T, U]:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     # ------------------------------------------------------------------ consumer side
@@ -188,8 +189,9 @@ class Prefetcher(Generic[T, U]):
     def _start_threads(self) -> None:
         """Start the worker threads on first use (called with the lock held)."""
         while len(self._threads) < self.workers:
-            thread = threading.Thread(target=self._work, name=f"ctwatch-prefetch-{len(self._threads)}",
-                                      daemon=True)
+            thread = threading.Thread(
+                target=self._work, name=f"ctwatch-prefetch-{len(self._threads)}", daemon=True
+            )
             self._threads.append(thread)
             thread.start()
 

@@ -120,8 +120,9 @@ def apply_retention(roots: Iterable[Path], keep_days: int, today: date) -> list[
                 continue
             shutil.rmtree(child)
             removed.append(child)
-            log.info("retention.removed folder=%s age_days=%d keep_days=%d", child, (today - day).days,
-                     keep_days)
+            log.info(
+                "retention.removed folder=%s age_days=%d keep_days=%d", child, (today - day).days, keep_days
+            )
     return removed
 
 
@@ -167,15 +168,24 @@ class Scheduler:
     Each job receives the local time it ran at and only enqueues work elsewhere.
     """
 
-    def __init__(self, *, window: NightWindow, on_rollover: Job, on_night_start: Job, on_rescan: Job,
-                 on_retention: Job | None = None, rescan_seconds: float = 60.0,
-                 retention_at: time = time(0, 30)) -> None:
+    def __init__(
+        self,
+        *,
+        window: NightWindow,
+        on_rollover: Job,
+        on_night_start: Job,
+        on_rescan: Job,
+        on_retention: Job | None = None,
+        rescan_seconds: float = 60.0,
+        retention_at: time = time(0, 30),
+    ) -> None:
         from apscheduler.executors.pool import ThreadPoolExecutor
         from apscheduler.schedulers.background import BackgroundScheduler
 
         self._scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(1)},
-            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 600})
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 600},
+        )
         # APScheduler logs every job addition and run at INFO; our own schedule.* lines say enough.
         logging.getLogger("apscheduler").setLevel(logging.WARNING)
 
@@ -212,16 +222,22 @@ class Scheduler:
     def next_jobs(self) -> list[dict[str, Any]]:
         """Job id and next run time (local ISO), soonest first — for the status endpoint."""
         jobs: list[tuple[datetime, str]] = [
-            (job.next_run_time, job.id) for job in self._scheduler.get_jobs()
-            if getattr(job, "next_run_time", None) is not None]
+            (job.next_run_time, job.id)
+            for job in self._scheduler.get_jobs()
+            if getattr(job, "next_run_time", None) is not None
+        ]
         return [{"id": i, "next_run": t.isoformat(timespec="seconds")} for t, i in sorted(jobs)]
 
 
 def _run(job: Job, name: str) -> Callable[[], None]:
     def fire() -> None:
         now = local_now()
-        log.log(logging.DEBUG if name == "rescan" else logging.INFO, "schedule.fired job=%s at=%s", name,
-                now.isoformat(timespec="seconds"))
+        log.log(
+            logging.DEBUG if name == "rescan" else logging.INFO,
+            "schedule.fired job=%s at=%s",
+            name,
+            now.isoformat(timespec="seconds"),
+        )
         job(now)
 
     fire.__name__ = f"ctwatch_{name.replace('-', '_')}"

@@ -85,9 +85,11 @@ def gpu_memory(device: str) -> dict[str, int] | None:
     if not device.startswith("cuda") or torch is None or not torch.cuda.is_available():
         return None
     index = torch.device(device).index or 0
-    return {"allocated_bytes": int(torch.cuda.memory_allocated(index)),
-            "reserved_bytes": int(torch.cuda.memory_reserved(index)),
-            "total_bytes": int(torch.cuda.get_device_properties(index).total_memory)}
+    return {
+        "allocated_bytes": int(torch.cuda.memory_allocated(index)),
+        "reserved_bytes": int(torch.cuda.memory_reserved(index)),
+        "total_bytes": int(torch.cuda.get_device_properties(index).total_memory),
+    }
 
 
 def collect_status(probes: Probes, state: State, now: datetime | None = None) -> dict[str, Any]:
@@ -118,26 +120,44 @@ def collect_status(probes: Probes, state: State, now: datetime | None = None) ->
         "pipeline": probes.pipeline,
         "queue": depth,
         "arrivals_by_state": state.counts_by_state(),
-        "today": {"done": outcomes.get("Success", 0) + outcomes.get("Partial", 0),
-                  "failed": sum(n for k, n in outcomes.items() if k not in ("Success", "Partial")),
-                  "by_outcome": outcomes},
-        "worker": {"alive": probes.worker_alive(), "current_arrival": current,
-                   "prefetch_inflight": probes.prefetch_inflight(),
-                   "current_seconds": round(time.time() - since, 1) if since else None},
+        "today": {
+            "done": outcomes.get("Success", 0) + outcomes.get("Partial", 0),
+            "failed": sum(n for k, n in outcomes.items() if k not in ("Success", "Partial")),
+            "by_outcome": outcomes,
+        },
+        "worker": {
+            "alive": probes.worker_alive(),
+            "current_arrival": current,
+            "prefetch_inflight": probes.prefetch_inflight(),
+            "current_seconds": round(time.time() - since, 1) if since else None,
+        },
         "recent_arrivals": [
-            {"id": r["id"], "state": r["state"], "queue": "night" if r["night"] else "day",
-             "attempts": r["attempts"], "received_at": r["created_at"], "claimed_at": r["claimed_at"],
-             "finished_at": r["finished_at"], "studies": r["studies"]}
-            for r in state.recent_arrivals(RECENT_ARRIVALS)],
-        "steps": [{"step": r["step_id"], "runs": r["runs"], "mean_seconds": round(r["mean_seconds"], 3)}
-                  for r in state.step_means()],
+            {
+                "id": r["id"],
+                "state": r["state"],
+                "queue": "night" if r["night"] else "day",
+                "attempts": r["attempts"],
+                "received_at": r["created_at"],
+                "claimed_at": r["claimed_at"],
+                "finished_at": r["finished_at"],
+                "studies": r["studies"],
+            }
+            for r in state.recent_arrivals(RECENT_ARRIVALS)
+        ],
+        "steps": [
+            {"step": r["step_id"], "runs": r["runs"], "mean_seconds": round(r["mean_seconds"], 3)}
+            for r in state.step_means()
+        ],
         "models_loaded": probes.models(),
         "disk": probes.disk(),
         "night": night,
         "next_jobs": probes.next_jobs(),
         "sources": state.sources(),
-        "eta": {"runnable_arrivals": runnable, "mean_seconds_per_arrival":
-                round(mean_arrival, 2) if mean_arrival is not None else None, "seconds": eta},
+        "eta": {
+            "runnable_arrivals": runnable,
+            "mean_seconds_per_arrival": round(mean_arrival, 2) if mean_arrival is not None else None,
+            "seconds": eta,
+        },
     }
 
 
@@ -167,47 +187,116 @@ def metrics_text(status: dict[str, Any], totals: dict[str, int]) -> str:
             out.append(f"{name}{{{rendered}}} {_value(value)}" if rendered else f"{name} {_value(value)}")
 
     family("ctwatch_up", "gauge", "1 when healthy, 0 otherwise.", [({}, status["status"] == "healthy")])
-    family("ctwatch_info", "gauge", "Version, device and pipeline of this daemon.",
-           [({"version": status["version"], "device": status["device"],
-              "pipeline": status["pipeline"].get("name"), "pipeline_version": status["pipeline"].get("version")},
-             1)])
-    family("ctwatch_uptime_seconds", "gauge", "Seconds since the daemon started.",
-           [({}, status["uptime_seconds"])])
-    family("ctwatch_queue_depth", "gauge", "Active arrivals by state and queue.",
-           [({"state": "pending", "queue": "day"}, status["queue"]["pending_day"]),
+    family(
+        "ctwatch_info",
+        "gauge",
+        "Version, device and pipeline of this daemon.",
+        [
+            (
+                {
+                    "version": status["version"],
+                    "device": status["device"],
+                    "pipeline": status["pipeline"].get("name"),
+                    "pipeline_version": status["pipeline"].get("version"),
+                },
+                1,
+            )
+        ],
+    )
+    family(
+        "ctwatch_uptime_seconds",
+        "gauge",
+        "Seconds since the daemon started.",
+        [({}, status["uptime_seconds"])],
+    )
+    family(
+        "ctwatch_queue_depth",
+        "gauge",
+        "Active arrivals by state and queue.",
+        [
+            ({"state": "pending", "queue": "day"}, status["queue"]["pending_day"]),
             ({"state": "pending", "queue": "night"}, status["queue"]["pending_night"]),
-            ({"state": "running", "queue": "any"}, status["queue"]["running"])])
-    family("ctwatch_arrivals", "gauge", "Arrivals in the database by state.",
-           [({"state": k}, v) for k, v in sorted(status["arrivals_by_state"].items())])
-    family("ctwatch_studies_total", "counter", "Studies processed, by processing status.",
-           [({"status": k}, v) for k, v in sorted(totals.items())])
-    family("ctwatch_today", "gauge", "Studies (and rejected or failed arrivals) finished today, by outcome.",
-           [({"outcome": k}, v) for k, v in sorted(status["today"]["by_outcome"].items())])
-    family("ctwatch_step_mean_seconds", "gauge", "Mean seconds per completed run of each step.",
-           [({"step": s["step"]}, s["mean_seconds"]) for s in status["steps"]])
-    family("ctwatch_step_runs_total", "counter", "Completed runs of each step.",
-           [({"step": s["step"]}, s["runs"]) for s in status["steps"]])
-    family("ctwatch_models_loaded", "gauge", "Models resident in the model cache.",
-           [({}, len(status["models_loaded"]))])
-    family("ctwatch_worker_alive", "gauge", "1 while the worker thread runs.",
-           [({}, status["worker"]["alive"])])
-    family("ctwatch_prefetch_inflight", "gauge", "Batches prepared ahead of the GPU stage (bounded).",
-           [({}, status["worker"]["prefetch_inflight"])])
+            ({"state": "running", "queue": "any"}, status["queue"]["running"]),
+        ],
+    )
+    family(
+        "ctwatch_arrivals",
+        "gauge",
+        "Arrivals in the database by state.",
+        [({"state": k}, v) for k, v in sorted(status["arrivals_by_state"].items())],
+    )
+    family(
+        "ctwatch_studies_total",
+        "counter",
+        "Studies processed, by processing status.",
+        [({"status": k}, v) for k, v in sorted(totals.items())],
+    )
+    family(
+        "ctwatch_today",
+        "gauge",
+        "Studies (and rejected or failed arrivals) finished today, by outcome.",
+        [({"outcome": k}, v) for k, v in sorted(status["today"]["by_outcome"].items())],
+    )
+    family(
+        "ctwatch_step_mean_seconds",
+        "gauge",
+        "Mean seconds per completed run of each step.",
+        [({"step": s["step"]}, s["mean_seconds"]) for s in status["steps"]],
+    )
+    family(
+        "ctwatch_step_runs_total",
+        "counter",
+        "Completed runs of each step.",
+        [({"step": s["step"]}, s["runs"]) for s in status["steps"]],
+    )
+    family(
+        "ctwatch_models_loaded",
+        "gauge",
+        "Models resident in the model cache.",
+        [({}, len(status["models_loaded"]))],
+    )
+    family(
+        "ctwatch_worker_alive", "gauge", "1 while the worker thread runs.", [({}, status["worker"]["alive"])]
+    )
+    family(
+        "ctwatch_prefetch_inflight",
+        "gauge",
+        "Batches prepared ahead of the GPU stage (bounded).",
+        [({}, status["worker"]["prefetch_inflight"])],
+    )
     disk = status["disk"]
-    family("ctwatch_disk_ok", "gauge", "0 while the disk guard stops new claims.", [({}, disk.get("ok", True))])
-    family("ctwatch_disk_free_bytes", "gauge", "Free bytes on each guarded volume.",
-           [({"volume": v["volume"]}, v["free_bytes"]) for v in disk.get("volumes", [])])
+    family(
+        "ctwatch_disk_ok", "gauge", "0 while the disk guard stops new claims.", [({}, disk.get("ok", True))]
+    )
+    family(
+        "ctwatch_disk_free_bytes",
+        "gauge",
+        "Free bytes on each guarded volume.",
+        [({"volume": v["volume"]}, v["free_bytes"]) for v in disk.get("volumes", [])],
+    )
     night = status["night"]
     if night:
-        family("ctwatch_night_window_open", "gauge", "1 while the night window is open.",
-               [({}, night.get("open", False))])
+        family(
+            "ctwatch_night_window_open",
+            "gauge",
+            "1 while the night window is open.",
+            [({}, night.get("open", False))],
+        )
     eta = status["eta"]["seconds"]
-    family("ctwatch_queue_eta_seconds", "gauge", "Estimated seconds to finish the runnable queue.",
-           [] if eta is None else [({}, eta)])
+    family(
+        "ctwatch_queue_eta_seconds",
+        "gauge",
+        "Estimated seconds to finish the runnable queue.",
+        [] if eta is None else [({}, eta)],
+    )
     gpu = status.get("gpu_memory")
     if gpu:
-        family("ctwatch_gpu_memory_bytes", "gauge", "CUDA memory of the daemon's device.",
-               [({"kind": k.removesuffix("_bytes")}, v) for k, v in sorted(gpu.items())])
+        family(
+            "ctwatch_gpu_memory_bytes",
+            "gauge",
+            "CUDA memory of the daemon's device.",
+            [({"kind": k.removesuffix("_bytes")}, v) for k, v in sorted(gpu.items())],
+        )
     return "\n".join(out) + "\n"
 
 
@@ -218,8 +307,13 @@ def status_html(status: dict[str, Any]) -> str:
 
     def table(headers: list[str], rows: list[list[Any]]) -> str:
         head = "".join(f"<th>{e(h)}</th>" for h in headers)
-        body = "".join("<tr>" + "".join(f"<td>{e('' if c is None else str(c))}</td>" for c in row) + "</tr>"
-                       for row in rows) or f"<tr><td colspan={len(headers)}>none</td></tr>"
+        body = (
+            "".join(
+                "<tr>" + "".join(f"<td>{e('' if c is None else str(c))}</td>" for c in row) + "</tr>"
+                for row in rows
+            )
+            or f"<tr><td colspan={len(headers)}>none</td></tr>"
+        )
         return f"<table><tr>{head}</tr>{body}</table>"
 
     ok = status["status"] == "healthy"
@@ -227,41 +321,77 @@ def status_html(status: dict[str, Any]) -> str:
     eta = status["eta"]["seconds"]
     facts = [
         ["health", status["status"] + ("" if ok else ": " + "; ".join(status["reasons"]))],
-        ["version", status["version"]], ["uptime", f"{status['uptime_seconds']:.0f} s"],
-        ["device", status["device"]], ["pipeline", f"{pipeline.get('name')} v{pipeline.get('version')}"],
+        ["version", status["version"]],
+        ["uptime", f"{status['uptime_seconds']:.0f} s"],
+        ["device", status["device"]],
+        ["pipeline", f"{pipeline.get('name')} v{pipeline.get('version')}"],
         ["queue", ", ".join(f"{k}={v}" for k, v in status["queue"].items())],
-        ["today", f"{status['today']['done']} done, {status['today']['failed']} failed ("
-                  + (", ".join(f"{k}={v}" for k, v in sorted(status["today"]["by_outcome"].items())) or "none")
-                  + ")"],
+        [
+            "today",
+            f"{status['today']['done']} done, {status['today']['failed']} failed ("
+            + (", ".join(f"{k}={v}" for k, v in sorted(status["today"]["by_outcome"].items())) or "none")
+            + ")",
+        ],
         ["current arrival", status["worker"]["current_arrival"]],
         ["ETA of the queue", "unknown" if eta is None else f"{eta:.0f} s"],
         ["night window", json.dumps(status["night"])],
-        ["disk", ("ok" if status["disk"].get("ok", True) else status["disk"].get("reason")) + " — " + ", ".join(
-            f"{v['volume']} {v['free_bytes'] / 1e9:.1f} GB free" for v in status["disk"].get("volumes", []))],
+        [
+            "disk",
+            ("ok" if status["disk"].get("ok", True) else status["disk"].get("reason"))
+            + " — "
+            + ", ".join(
+                f"{v['volume']} {v['free_bytes'] / 1e9:.1f} GB free"
+                for v in status["disk"].get("volumes", [])
+            ),
+        ],
     ]
     if status.get("gpu_memory"):
         facts.append(["GPU memory", ", ".join(f"{k}={v}" for k, v in status["gpu_memory"].items())])
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="{REFRESH_SECONDS}">
-<title>ctwatch — {e(status['status'])}</title>
+<title>ctwatch — {e(status["status"])}</title>
 <style>body{{font:14px system-ui,sans-serif;margin:1.5em;color:#222}}h1{{font-size:1.3em}}
-h1 span{{color:{'#1a7f37' if ok else '#b3261e'}}}table{{border-collapse:collapse;margin:.4em 0 1.2em}}
+h1 span{{color:{"#1a7f37" if ok else "#b3261e"}}}table{{border-collapse:collapse;margin:.4em 0 1.2em}}
 td,th{{border:1px solid #ccc;padding:.25em .6em;text-align:left}}th{{background:#1f4e78;color:#fff}}</style>
 </head><body>
-<h1>ctwatch <span>{e(status['status'])}</span></h1>
-<p>{e(status['now'])} — refreshes every {REFRESH_SECONDS} s. Machine-readable: /status, /health, /metrics.</p>
-{table(['what', 'value'], facts)}
+<h1>ctwatch <span>{e(status["status"])}</span></h1>
+<p>{e(status["now"])} — refreshes every {REFRESH_SECONDS} s. Machine-readable: /status, /health, /metrics.</p>
+{table(["what", "value"], facts)}
 <h2>Last {RECENT_ARRIVALS} arrivals</h2>
-{table(['arrival', 'state', 'queue', 'attempts', 'received', 'claimed', 'finished', 'studies'],
-       [[a['id'], a['state'], a['queue'], a['attempts'], a['received_at'], a['claimed_at'], a['finished_at'],
-         a['studies']] for a in status['recent_arrivals']])}
+{
+        table(
+            ["arrival", "state", "queue", "attempts", "received", "claimed", "finished", "studies"],
+            [
+                [
+                    a["id"],
+                    a["state"],
+                    a["queue"],
+                    a["attempts"],
+                    a["received_at"],
+                    a["claimed_at"],
+                    a["finished_at"],
+                    a["studies"],
+                ]
+                for a in status["recent_arrivals"]
+            ],
+        )
+    }
 <h2>Steps</h2>
-{table(['step', 'runs', 'mean seconds'], [[s['step'], s['runs'], s['mean_seconds']] for s in status['steps']])}
+{
+        table(
+            ["step", "runs", "mean seconds"],
+            [[s["step"], s["runs"], s["mean_seconds"]] for s in status["steps"]],
+        )
+    }
 <h2>Models loaded</h2>
-{table(['model', 'hits', 'GPU bytes'], [[m.get('key'), m.get('hits'), m.get('gpu_bytes')]
-                                        for m in status['models_loaded']])}
+{
+        table(
+            ["model", "hits", "GPU bytes"],
+            [[m.get("key"), m.get("hits"), m.get("gpu_bytes")] for m in status["models_loaded"]],
+        )
+    }
 <h2>Next scheduled jobs</h2>
-{table(['job', 'next run'], [[j['id'], j['next_run']] for j in status['next_jobs']])}
+{table(["job", "next run"], [[j["id"], j["next_run"]] for j in status["next_jobs"]])}
 </body></html>
 """
 
@@ -272,8 +402,12 @@ class _Server(ThreadingHTTPServer):
     app: StatusServer
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        thread = threading.Thread(target=self.process_request_thread, args=(request, client_address),
-                                  name="ctwatch-status-request", daemon=True)
+        thread = threading.Thread(
+            target=self.process_request_thread,
+            args=(request, client_address),
+            name="ctwatch-status-request",
+            daemon=True,
+        )
         thread.start()
 
 
@@ -289,18 +423,28 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 (the http.server naming)
         path = urlsplit(self.path).path
-        route = {"/": self._page, "/health": self._health, "/status": self._status,
-                 "/metrics": self._metrics}.get(path)
+        route = {
+            "/": self._page,
+            "/health": self._health,
+            "/status": self._status,
+            "/metrics": self._metrics,
+        }.get(path)
         if route is None:
-            self._send(404, "application/json", {"error": "not found", "paths": ["/", "/health", "/status",
-                                                                                "/metrics"]})
+            self._send(
+                404,
+                "application/json",
+                {"error": "not found", "paths": ["/", "/health", "/status", "/metrics"]},
+            )
             return
         try:
             route()
         except Exception as exc:  # a failed read answers 503; the server keeps serving
             log.exception("status.request_failed path=%s", path)
-            self._send(503, "application/json", {"status": "unhealthy",
-                                                 "reasons": [f"status unavailable: {type(exc).__name__}"]})
+            self._send(
+                503,
+                "application/json",
+                {"status": "unhealthy", "reasons": [f"status unavailable: {type(exc).__name__}"]},
+            )
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("do_"):  # every method but GET: 405, whatever its name
@@ -308,8 +452,12 @@ class _Handler(BaseHTTPRequestHandler):
         raise AttributeError(name)
 
     def _not_allowed(self) -> None:
-        self._send(405, "application/json", {"error": f"method {self.command} not allowed; this endpoint "
-                                                      "is read-only (GET)"}, allow="GET")
+        self._send(
+            405,
+            "application/json",
+            {"error": f"method {self.command} not allowed; this endpoint is read-only (GET)"},
+            allow="GET",
+        )
 
     def _health(self) -> None:
         code, document = self.server.app.read(lambda state, probes: health(probes, state))
@@ -323,8 +471,11 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, "text/plain; version=0.0.4; charset=utf-8", metrics_text(status, totals))
 
     def _page(self) -> None:
-        self._send(200, "text/html; charset=utf-8",
-                   status_html(self.server.app.read(lambda s, p: collect_status(p, s))))
+        self._send(
+            200,
+            "text/html; charset=utf-8",
+            status_html(self.server.app.read(lambda s, p: collect_status(p, s))),
+        )
 
     def _send(self, code: int, content_type: str, body: Any, allow: str | None = None) -> None:
         data = (body if isinstance(body, str) else json.dumps(body, indent=1, default=str)).encode("utf-8")
@@ -370,10 +521,16 @@ class StatusServer:
         self._server = _Server((self.host, self.requested_port), _Handler)
         self._server.app = self
         self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.25},
-                                        name="ctwatch-status", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.25},
+            name="ctwatch-status",
+            daemon=True,
+        )
         self._thread.start()
-        log.info("status.listening url=http://%s:%d/ host=%s port=%d", self.host, self.port, self.host, self.port)
+        log.info(
+            "status.listening url=http://%s:%d/ host=%s port=%d", self.host, self.port, self.host, self.port
+        )
 
     @property
     def url(self) -> str:

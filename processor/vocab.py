@@ -32,8 +32,9 @@ class ArrivalState(StrEnum):
         return self in FINAL_STATES
 
 
-FINAL_STATES = frozenset({ArrivalState.DONE, ArrivalState.FAILED, ArrivalState.QUARANTINED,
-                          ArrivalState.DUPLICATE})
+FINAL_STATES = frozenset(
+    {ArrivalState.DONE, ArrivalState.FAILED, ArrivalState.QUARANTINED, ArrivalState.DUPLICATE}
+)
 IN_FLIGHT_STATES = (ArrivalState.PREPARED, ArrivalState.RUNNING)
 
 

@@ -73,8 +73,10 @@ def load_manifest(path: Path) -> Manifest:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the weights manifest ({exc.strerror}).") from exc
     except (yaml.YAMLError, ValidationError) as exc:
-        raise ConfigError(f"{path}: not a valid weights manifest: {exc}. Fix: compare it with the "
-                          f"shipped {SHIPPED_MANIFEST}.") from exc
+        raise ConfigError(
+            f"{path}: not a valid weights manifest: {exc}. Fix: compare it with the "
+            f"shipped {SHIPPED_MANIFEST}."
+        ) from exc
 
 
 def pipeline_weight_files(settings: Settings) -> dict[Path, list[str]]:
@@ -113,13 +115,28 @@ def weight_rows(settings: Settings, verify: bool = False) -> list[WeightRow]:
     for entry in manifest.files:
         path = (settings.weights / entry.path).resolve()
         seen.add(path)
-        rows.append(WeightRow(path, _shown(path, settings.root, entry.path.endswith("/")), used.get(path, []),
-                              source=entry.source, licence=entry.licence, expected_sha256=entry.sha256,
-                              planned=entry.status == "planned"))
+        rows.append(
+            WeightRow(
+                path,
+                _shown(path, settings.root, entry.path.endswith("/")),
+                used.get(path, []),
+                source=entry.source,
+                licence=entry.licence,
+                expected_sha256=entry.sha256,
+                planned=entry.status == "planned",
+            )
+        )
     for path, steps in used.items():
         if path not in seen:
-            rows.append(WeightRow(path, _shown(path, settings.root), steps, in_manifest=False,
-                                  source="not in the manifest: named by the pipeline"))
+            rows.append(
+                WeightRow(
+                    path,
+                    _shown(path, settings.root),
+                    steps,
+                    in_manifest=False,
+                    source="not in the manifest: named by the pipeline",
+                )
+            )
     for row in rows:
         _check(row, verify)
     return rows
@@ -144,25 +161,42 @@ def exit_code(rows: list[WeightRow]) -> int:
 
 def format_table(rows: list[WeightRow], settings: Settings, verify: bool) -> str:
     header = ("FILE", "USED BY (this pipeline)", "STATUS", "GET IT FROM")
-    cells = [(r.shown, ", ".join(r.used_by) or ("- (step not built yet)" if r.planned else "-"), r.status,
-              r.source or "-") for r in rows]
+    cells = [
+        (
+            r.shown,
+            ", ".join(r.used_by) or ("- (step not built yet)" if r.planned else "-"),
+            r.status,
+            r.source or "-",
+        )
+        for r in rows
+    ]
     widths = [max(len(c[i]) for c in [header, *cells]) for i in range(3)]
-    lines = [f"weights folder: {settings.weights}   manifest: {manifest_path(settings)}   "
-             f"pipeline: {settings.pipeline}", ""]
+    lines = [
+        f"weights folder: {settings.weights}   manifest: {manifest_path(settings)}   "
+        f"pipeline: {settings.pipeline}",
+        "",
+    ]
     for cell in [header, *cells]:
         lines.append("  ".join(c.ljust(w) for c, w in zip(cell, widths, strict=False)) + "  " + cell[3])
     unpinned = [r for r in rows if r.actual_sha256 and r.expected_sha256 is None]
     if unpinned:
-        lines += ["", f"sha256 of present files whose checksum is {NOT_PUBLISHED} (record them for later checks):"]
+        lines += [
+            "",
+            f"sha256 of present files whose checksum is {NOT_PUBLISHED} (record them for later checks):",
+        ]
         lines += [f"  {r.actual_sha256}  {r.shown}" for r in unpinned]
     for r in rows:
         if r.status == "MISMATCH":
-            lines.append(f"MISMATCH {r.shown}: sha256 {r.actual_sha256}, manifest says {r.expected_sha256}. "
-                         "Fix: copy the file again from its source and re-run with --verify.")
+            lines.append(
+                f"MISMATCH {r.shown}: sha256 {r.actual_sha256}, manifest says {r.expected_sha256}. "
+                "Fix: copy the file again from its source and re-run with --verify."
+            )
     missing = [r.shown for r in rows if r.status == "missing" and r.used_by]
     if missing:
-        lines.append(f"\n{len(missing)} file(s) the pipeline uses are missing; their steps will be recorded "
-                     "as skipped. See weights/README.md for where to get them.")
+        lines.append(
+            f"\n{len(missing)} file(s) the pipeline uses are missing; their steps will be recorded "
+            "as skipped. See weights/README.md for where to get them."
+        )
     nc = sorted({r.licence for r in rows if "non-commercial" in r.licence.lower() and r.used_by})
     if nc:
         lines.append(f"Licence: {'; '.join(nc)}: these weights may be used for non-commercial purposes only.")

@@ -40,14 +40,22 @@ class Worker:
     ``clock()`` (local time, so tests can put the worker in the night window).
     """
 
-    def __init__(self, state: State, executor: Executor, clock: Callable[[], datetime] = datetime.now, *,
-                 night_allowed: Callable[[datetime], bool] = lambda now: True,
-                 can_claim: Callable[[], bool] = lambda: True, poll_seconds: float = 1.0,
-                 night_before: Callable[[datetime], datetime | None] | None = None,
-                 on_processed: Callable[[int, str], None] | None = None,
-                 night_batch: int = 1, max_inflight: int = 0,
-                 on_start: Callable[[], object] | None = None,
-                 on_idle: Callable[[], object] | None = None) -> None:
+    def __init__(
+        self,
+        state: State,
+        executor: Executor,
+        clock: Callable[[], datetime] = datetime.now,
+        *,
+        night_allowed: Callable[[datetime], bool] = lambda now: True,
+        can_claim: Callable[[], bool] = lambda: True,
+        poll_seconds: float = 1.0,
+        night_before: Callable[[datetime], datetime | None] | None = None,
+        on_processed: Callable[[int, str], None] | None = None,
+        night_batch: int = 1,
+        max_inflight: int = 0,
+        on_start: Callable[[], object] | None = None,
+        on_idle: Callable[[], object] | None = None,
+    ) -> None:
         self.state = state
         self.on_start = on_start
         self.on_idle = on_idle
@@ -130,8 +138,12 @@ class Worker:
         batch = self._claim_batch()
         if not batch:
             return 0
-        self._finish(batch, lambda: self.executor.complete(self.executor.prepare(batch, self.stop_event.is_set),
-                                                           self.stop_event.is_set))
+        self._finish(
+            batch,
+            lambda: self.executor.complete(
+                self.executor.prepare(batch, self.stop_event.is_set), self.stop_event.is_set
+            ),
+        )
         return 1
 
     def _run_prefetched(self, pool: Prefetcher[list[Arrival], Handle]) -> int:
@@ -203,8 +215,11 @@ class Worker:
             self._held.add(taken.id)
             fault_point("arrival.claimed", taken.name)
             if taken.isolate:
-                log.info("arrival.isolated arrival=%s: it was in flight with others when the process died; "
-                         "it runs alone", taken.id)
+                log.info(
+                    "arrival.isolated arrival=%s: it was in flight with others when the process died; "
+                    "it runs alone",
+                    taken.id,
+                )
         return taken
 
     def _finish(self, batch: list[Arrival], run: Callable[[], list[ArrivalState]]) -> None:

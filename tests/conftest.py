@@ -25,8 +25,11 @@ def no_leaked_threads() -> Iterator[None]:
     yield
     deadline = time.monotonic() + 5
     while True:
-        leaked = [t for t in threading.enumerate()
-                  if t.ident not in before and t.is_alive() and t.name.startswith("ctwatch")]
+        leaked = [
+            t
+            for t in threading.enumerate()
+            if t.ident not in before and t.is_alive() and t.name.startswith("ctwatch")
+        ]
         if not leaked or time.monotonic() > deadline:
             break
         time.sleep(0.05)
@@ -43,13 +46,24 @@ class Project:
         self.state_path = root / "state" / "ctwatch.db"
         self.config = root / "config.yaml"
         self.pipeline = root / "pipeline.yaml"
-        steps = pipeline_steps or [{"id": "series", "uses": "dicom.select_series",
-                                    "with": {"min_slices": 20}}]
+        steps = pipeline_steps or [
+            {"id": "series", "uses": "dicom.select_series", "with": {"min_slices": 20}}
+        ]
         self.write_pipeline(steps)
-        settings = {"root": ".", "inbox": {"dirs": ["inbox"], "night_dirs": ["inbox/night"],
-                                           "stable_seconds": 0.5, "scan_interval_seconds": 0.3},
-                    "outbox": "outbox", "state": "state/ctwatch.db", "pipeline": "pipeline.yaml",
-                    "device": "cpu", "status": {"host": "127.0.0.1", "port": 0}}
+        settings = {
+            "root": ".",
+            "inbox": {
+                "dirs": ["inbox"],
+                "night_dirs": ["inbox/night"],
+                "stable_seconds": 0.5,
+                "scan_interval_seconds": 0.3,
+            },
+            "outbox": "outbox",
+            "state": "state/ctwatch.db",
+            "pipeline": "pipeline.yaml",
+            "device": "cpu",
+            "status": {"host": "127.0.0.1", "port": 0},
+        }
         for key, value in overrides.items():
             settings[key] = value
         self.config.write_text(yaml.safe_dump(settings))
@@ -59,14 +73,25 @@ class Project:
         self.pipeline.write_text(yaml.safe_dump({"name": name, "version": version, "steps": steps}))
 
     def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, str(REPO / "run.py"), *args, "--config", str(self.config)],
-                              capture_output=True, text=True, timeout=timeout, cwd=self.root, env=_env())
+        return subprocess.run(
+            [sys.executable, str(REPO / "run.py"), *args, "--config", str(self.config)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=self.root,
+            env=_env(),
+        )
 
     def start(self, *args: str) -> subprocess.Popen[str]:
         with (self.root / "daemon.log").open("a") as log:  # the child keeps its own descriptor
-            return subprocess.Popen([sys.executable, str(REPO / "run.py"), *args, "--config",
-                                     str(self.config)], stdout=log, stderr=subprocess.STDOUT, text=True,
-                                    cwd=self.root, env=_env())
+            return subprocess.Popen(
+                [sys.executable, str(REPO / "run.py"), *args, "--config", str(self.config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                text=True,
+                cwd=self.root,
+                env=_env(),
+            )
 
     def results(self) -> list[Path]:
         return sorted(p for p in self.outbox.glob("*/*.json") if p.parent.name != "receipts")

@@ -28,14 +28,27 @@ def base_dataset() -> Dataset:
     return pydicom.dcmread(CT_SMALL)
 
 
-def make_series(n: int = 24, *, study_uid: str | None = None, series_uid: str | None = None,
-                spacing: float = 2.5, thickness: float | None = None,
-                orientation: Sequence[float] = (1, 0, 0, 0, 1, 0), origin: Sequence[float] = (0, 0, 0),
-                modality: str = "CT", image_type: Sequence[str] = ("ORIGINAL", "PRIMARY", "AXIAL"),
-                series_number: int = 2, description: str = "CHEST", kernel: str = "STANDARD",
-                stored: np.ndarray | None = None, pixel_spacing: float = 0.66,
-                accession: str = "ACC12345", patient_name: str = PATIENT_NAME,
-                slope: float = 1.0, intercept: float = -1024.0) -> list[Dataset]:
+def make_series(
+    n: int = 24,
+    *,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    spacing: float = 2.5,
+    thickness: float | None = None,
+    orientation: Sequence[float] = (1, 0, 0, 0, 1, 0),
+    origin: Sequence[float] = (0, 0, 0),
+    modality: str = "CT",
+    image_type: Sequence[str] = ("ORIGINAL", "PRIMARY", "AXIAL"),
+    series_number: int = 2,
+    description: str = "CHEST",
+    kernel: str = "STANDARD",
+    stored: np.ndarray | None = None,
+    pixel_spacing: float = 0.66,
+    accession: str = "ACC12345",
+    patient_name: str = PATIENT_NAME,
+    slope: float = 1.0,
+    intercept: float = -1024.0,
+) -> list[Dataset]:
     """A series of ``n`` slices. ``stored`` (n, rows, cols) int16 replaces the sample pixels."""
     study_uid = study_uid or generate_uid()
     series_uid = series_uid or generate_uid()
@@ -95,9 +108,15 @@ def to_bytes(ds: Dataset) -> bytes:
     return buf.getvalue()
 
 
-def write_zip(path: Path, datasets: Iterable[Dataset], *, folder: str = "DICOM",
-              shuffle_seed: int | None = None, extension: str = ".dcm",
-              extra: dict[str, bytes] | None = None) -> Path:
+def write_zip(
+    path: Path,
+    datasets: Iterable[Dataset],
+    *,
+    folder: str = "DICOM",
+    shuffle_seed: int | None = None,
+    extension: str = ".dcm",
+    extra: dict[str, bytes] | None = None,
+) -> Path:
     """A ZIP of the datasets (names ``folder/IMG0001.dcm``), optionally shuffled, plus extra members."""
     items = [(f"{folder}/IMG{i + 1:04d}{extension}", to_bytes(ds)) for i, ds in enumerate(datasets)]
     if shuffle_seed is not None:
@@ -137,8 +156,11 @@ def encode(ds: Dataset, encoding: str) -> Dataset:
         frames = out.pixel_array.reshape(-1, int(out.Rows), int(out.Columns))
         _set_encapsulated(out, [jpeg_lossless_sv1(f) for f in frames], pydicom.uid.JPEGLosslessSV1)
         return out
-    uid = {"rle": pydicom.uid.RLELossless, "jpeg-ls": pydicom.uid.JPEGLSLossless,
-           "jpeg2000": pydicom.uid.JPEG2000Lossless}[encoding]
+    uid = {
+        "rle": pydicom.uid.RLELossless,
+        "jpeg-ls": pydicom.uid.JPEGLSLossless,
+        "jpeg2000": pydicom.uid.JPEG2000Lossless,
+    }[encoding]
     out.compress(uid, generate_instance_uid=False)
     return out
 
@@ -233,15 +255,26 @@ def make_enhanced(datasets: Sequence[Dataset], *, shuffle_seed: int | None = Non
     out.ImageType = [*list(first.ImageType)[:3], "NONE"][:4]
     out.NumberOfFrames = len(datasets)
     out.InstanceNumber = 1
-    for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness",
-                    "RescaleSlope", "RescaleIntercept", "SliceLocation", "ConvolutionKernel"):
+    for keyword in (
+        "ImagePositionPatient",
+        "ImageOrientationPatient",
+        "PixelSpacing",
+        "SliceThickness",
+        "RescaleSlope",
+        "RescaleIntercept",
+        "SliceLocation",
+        "ConvolutionKernel",
+    ):
         if keyword in out:
             delattr(out, keyword)
     rescales = {(float(d.RescaleSlope), float(d.RescaleIntercept)) for d in datasets}
     shared = Dataset()
-    shared.PixelMeasuresSequence = [sequence_item(PixelSpacing=list(first.PixelSpacing),
-                                          SliceThickness=first.SliceThickness)]
-    shared.PlaneOrientationSequence = [sequence_item(ImageOrientationPatient=list(first.ImageOrientationPatient))]
+    shared.PixelMeasuresSequence = [
+        sequence_item(PixelSpacing=list(first.PixelSpacing), SliceThickness=first.SliceThickness)
+    ]
+    shared.PlaneOrientationSequence = [
+        sequence_item(ImageOrientationPatient=list(first.ImageOrientationPatient))
+    ]
     shared.CTReconstructionSequence = [sequence_item(ConvolutionKernel=first.ConvolutionKernel)]
     if len(rescales) == 1:
         shared.PixelValueTransformationSequence = [_rescale_item(first)]
@@ -249,7 +282,9 @@ def make_enhanced(datasets: Sequence[Dataset], *, shuffle_seed: int | None = Non
     per_frame = []
     for position, k in enumerate(order):
         item = Dataset()
-        item.PlanePositionSequence = [sequence_item(ImagePositionPatient=list(datasets[k].ImagePositionPatient))]
+        item.PlanePositionSequence = [
+            sequence_item(ImagePositionPatient=list(datasets[k].ImagePositionPatient))
+        ]
         item.FrameContentSequence = [sequence_item(StackID="1", InStackPositionNumber=position + 1)]
         if len(rescales) > 1:
             item.PixelValueTransformationSequence = [_rescale_item(datasets[k])]
@@ -273,8 +308,14 @@ def _rescale_item(ds: Dataset) -> Dataset:
 
 def make_scout(*, study_uid: str, series_number: int = 1) -> list[Dataset]:
     """A one-image localizer (ImageType LOCALIZER, coronal)."""
-    return make_series(1, study_uid=study_uid, series_number=series_number, description="Topogram",
-                       image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"), orientation=(1, 0, 0, 0, 0, -1))
+    return make_series(
+        1,
+        study_uid=study_uid,
+        series_number=series_number,
+        description="Topogram",
+        image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"),
+        orientation=(1, 0, 0, 0, 0, -1),
+    )
 
 
 def make_mr_series(n: int = 24, **kwargs: object) -> list[Dataset]:
@@ -285,8 +326,9 @@ def make_mr_series(n: int = 24, **kwargs: object) -> list[Dataset]:
     return datasets
 
 
-def chest_phantom(shape: tuple[int, int, int] = (40, 96, 96), *, laa_top: float = 0.3,
-                  left_marker: bool = False) -> tuple[np.ndarray, dict]:
+def chest_phantom(
+    shape: tuple[int, int, int] = (40, 96, 96), *, laa_top: float = 0.3, left_marker: bool = False
+) -> tuple[np.ndarray, dict]:
     """A synthetic chest in HU (z, y, x): air, an elliptic body (40 HU), two lungs (−850 HU) with
     a vessel (40 HU) each; the left lung's top part (above ``laa_top`` of its half-height) is
     emphysema (−980 HU).
@@ -312,9 +354,12 @@ def chest_phantom(shape: tuple[int, int, int] = (40, 96, 96), *, laa_top: float 
     emphysema = lungs & (x > nx / 2) & (z >= zc + zr * laa_top) & (hu < -800)
     hu[emphysema] = -980.0
     if left_marker:
-        hu[:, ny // 2 - 3:ny // 2 + 3, int(nx * 0.90):int(nx * 0.93)] = 1500.0
-    return hu, {"lung_voxels": int(lungs.sum()), "laa_voxels": int((hu[lungs] < -950).sum()),
-                "mean_lung_density_hu": float(hu[lungs].mean(dtype=np.float64))}
+        hu[:, ny // 2 - 3 : ny // 2 + 3, int(nx * 0.90) : int(nx * 0.93)] = 1500.0
+    return hu, {
+        "lung_voxels": int(lungs.sum()),
+        "laa_voxels": int((hu[lungs] < -950).sum()),
+        "mean_lung_density_hu": float(hu[lungs].mean(dtype=np.float64)),
+    }
 
 
 def run_steps(arrival: Path, steps: list[dict], out_root: Path) -> tuple:
@@ -341,6 +386,7 @@ def run_steps(arrival: Path, steps: list[dict], out_root: Path) -> tuple:
 
 
 # --- issue 13: foreign objects under a CT series' UID -----------------------------------------------
+
 
 def make_rtstruct(*, study_uid: str, series_uid: str) -> Dataset:
     """An RT Structure Set (no pixels) carrying the given Study/Series Instance UIDs."""
@@ -375,12 +421,17 @@ def make_secondary_capture(like: Dataset) -> Dataset:
 # --- issue 13 (one reader rule): files whose header and bytes disagree about the encoding ------------
 
 IMPLICIT, EXPLICIT, DEFLATED, BIG = "implicit", "explicit", "deflated", "big-endian"
-_SYNTAX_OF = {IMPLICIT: pydicom.uid.ImplicitVRLittleEndian, EXPLICIT: ExplicitVRLittleEndian,
-              DEFLATED: pydicom.uid.DeflatedExplicitVRLittleEndian, BIG: pydicom.uid.ExplicitVRBigEndian}
+_SYNTAX_OF = {
+    IMPLICIT: pydicom.uid.ImplicitVRLittleEndian,
+    EXPLICIT: ExplicitVRLittleEndian,
+    DEFLATED: pydicom.uid.DeflatedExplicitVRLittleEndian,
+    BIG: pydicom.uid.ExplicitVRBigEndian,
+}
 
 
-def encoded_bytes(ds: Dataset, *, body: str, declared: str | None = "same", preamble: bool = True,
-                  meta: bool = True) -> bytes:
+def encoded_bytes(
+    ds: Dataset, *, body: str, declared: str | None = "same", preamble: bool = True, meta: bool = True
+) -> bytes:
     """``ds`` as a file whose data set is encoded as ``body`` (one of IMPLICIT, EXPLICIT, DEFLATED,
     BIG) while its file meta declares ``declared``: "same" (honest), a syntax UID, or None (a meta
     group without TransferSyntaxUID). ``preamble``/``meta`` False leave out the 128-byte preamble
@@ -428,7 +479,7 @@ def pixel_length_at(data: bytes) -> tuple[int, int]:
     import struct
 
     at = data.rindex(b"\xe0\x7f\x10\x00")
-    field = at + 8 if data[at + 4:at + 6] in (b"OB", b"OW") else at + 4
+    field = at + 8 if data[at + 4 : at + 6] in (b"OB", b"OW") else at + 4
     return field, struct.unpack_from("<L", data, field)[0]
 
 
@@ -438,7 +489,7 @@ def with_pixel_length(data: bytes, length: int) -> bytes:
     import struct
 
     field, old = pixel_length_at(data)
-    value = data[field + 4:field + 4 + old]
+    value = data[field + 4 : field + 4 + old]
     value = value[:length] + bytes(max(0, length - len(value)))
     return data[:field] + struct.pack("<L", length) + value
 

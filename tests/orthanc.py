@@ -32,15 +32,21 @@ PLUGIN_CANDIDATES = (
 def find_orthanc() -> tuple[str, Path]:
     """The Orthanc binary and the DICOMweb plugin, or skip (fail under CI) with what is missing."""
     binary = shutil.which("Orthanc") or next(
-        (p for p in ("/usr/sbin/Orthanc", "/usr/bin/Orthanc") if Path(p).exists()), None)
+        (p for p in ("/usr/sbin/Orthanc", "/usr/bin/Orthanc") if Path(p).exists()), None
+    )
     plugin = next((p for p in PLUGIN_CANDIDATES if p.exists()), None)
     if plugin is None and Path("/usr/lib/orthanc").is_dir():
         plugin = next(iter(sorted(Path("/usr/lib/orthanc").glob("libOrthancDicomWeb.so*"))), None)
     if binary and plugin:
         return binary, plugin
-    missing = ", ".join(what for what, found in (("Orthanc (apt install orthanc)", binary),
-                                                 ("its DICOMweb plugin (apt install orthanc-dicomweb)",
-                                                  plugin)) if not found)
+    missing = ", ".join(
+        what
+        for what, found in (
+            ("Orthanc (apt install orthanc)", binary),
+            ("its DICOMweb plugin (apt install orthanc-dicomweb)", plugin),
+        )
+        if not found
+    )
     message = f"DICOMweb tests need a real Orthanc: missing {missing}"
     if os.environ.get("CI"):
         pytest.fail(message + " — CI is set, so this is an error, not a skip", pytrace=False)
@@ -64,17 +70,23 @@ class Orthanc:
         while self.dicom_port == self.http_port:
             self.dicom_port = free_port()
         config = {
-            "Name": "ctwatch-test", "HttpPort": self.http_port, "DicomPort": self.dicom_port,
-            "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-            "StorageDirectory": str(folder / "storage"), "IndexDirectory": str(folder / "index"),
-            "Plugins": [str(plugin)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            "Name": "ctwatch-test",
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "StorageDirectory": str(folder / "storage"),
+            "IndexDirectory": str(folder / "index"),
+            "Plugins": [str(plugin)],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
         }
         (folder / "orthanc.json").write_text(json.dumps(config, indent=2))
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.dicomweb = f"{self.url}/dicom-web"
         self._log = (folder / "orthanc.log").open("wb")
-        self.process = subprocess.Popen([binary, str(folder / "orthanc.json")], stdout=self._log,
-                                        stderr=subprocess.STDOUT, cwd=folder)
+        self.process = subprocess.Popen(
+            [binary, str(folder / "orthanc.json")], stdout=self._log, stderr=subprocess.STDOUT, cwd=folder
+        )
         self.client = httpx.Client(base_url=self.url, timeout=30, trust_env=False)
         try:
             self._wait_ready()
@@ -99,8 +111,9 @@ class Orthanc:
         """Store instances through the REST API (POST /instances); returns how many were stored."""
         count = 0
         for ds in datasets:
-            response = self.client.post("/instances", content=to_bytes(ds),
-                                        headers={"Content-Type": "application/dicom"})
+            response = self.client.post(
+                "/instances", content=to_bytes(ds), headers={"Content-Type": "application/dicom"}
+            )
             response.raise_for_status()
             count += 1
         return count

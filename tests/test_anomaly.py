@@ -31,8 +31,9 @@ def phantom(seed: int, lesion: bool = False) -> tuple[np.ndarray, np.ndarray]:
     body = ((yy - 32) / 27) ** 2 + ((xx - 32) / 30) ** 2 <= 1
     cy, dx = 32 + rng.uniform(-2, 2), rng.uniform(-1.5, 1.5)
     ry, rx = 17 + rng.uniform(-2, 2), 10 + rng.uniform(-1, 1)
-    lungs = (((yy - cy) / ry) ** 2 + ((xx - 19 - dx) / rx) ** 2 <= 1) | \
-            (((yy - cy) / ry) ** 2 + ((xx - 45 + dx) / rx) ** 2 <= 1)
+    lungs = (((yy - cy) / ry) ** 2 + ((xx - 19 - dx) / rx) ** 2 <= 1) | (
+        ((yy - cy) / ry) ** 2 + ((xx - 45 + dx) / rx) ** 2 <= 1
+    )
     for z in range(DEPTH):
         hu[z][body] = 40 + rng.normal(0, 10, body.sum())
         hu[z][lungs] = -850 + rng.normal(0, 25, lungs.sum())
@@ -46,8 +47,17 @@ def phantom(seed: int, lesion: bool = False) -> tuple[np.ndarray, np.ndarray]:
     return hu, np.broadcast_to(lungs, hu.shape).copy()
 
 
-OPTS = AnomalyOptions(image_size=32, channels=(16, 32), slices_per_study=8, steps=120, batch_size=16, lr=2e-3,
-                      checkpoint_every=1000, device="cpu", progress=False)
+OPTS = AnomalyOptions(
+    image_size=32,
+    channels=(16, 32),
+    slices_per_study=8,
+    steps=120,
+    batch_size=16,
+    lr=2e-3,
+    checkpoint_every=1000,
+    device="cpu",
+    progress=False,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -61,8 +71,9 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory, one_thread):
-    data = np.concatenate([study_slices(*phantom(seed), OPTS.slices_per_study, OPTS.image_size)
-                           for seed in range(20)])
+    data = np.concatenate(
+        [study_slices(*phantom(seed), OPTS.slices_per_study, OPTS.image_size) for seed in range(20)]
+    )
     return train(data, OPTS, tmp_path_factory.mktemp("ckpt"), resume=False)
 
 
@@ -73,15 +84,20 @@ def test_lesion_slices_score_higher_than_held_out_normals(tiny_model) -> None:
     normal, lesion = [], []
     for seed in range(100, 104):  # held out: never seen in training
         (hu, mask), (sick, _) = phantom(seed), phantom(seed, lesion=True)
-        a, b = prepare_slices(hu, mask, levels, OPTS.image_size), prepare_slices(sick, mask, levels, OPTS.image_size)
+        a, b = (
+            prepare_slices(hu, mask, levels, OPTS.image_size),
+            prepare_slices(sick, mask, levels, OPTS.image_size),
+        )
         images = np.concatenate([a.images, b.images])  # one batch, the same noise seed
         recon = reconstruct(unet, scheduler.config, torch.from_numpy(images), seed=seed).numpy()
         scores = slice_scores(images, recon, np.concatenate([a.masks, b.masks]))[0]
-        normal.extend(scores[:len(levels)])
-        lesion.extend(scores[len(levels):])
+        normal.extend(scores[: len(levels)])
+        lesion.extend(scores[len(levels) :])
     normal_a, lesion_a = np.array(normal), np.array(lesion)
-    print(f"mean slice score normal={normal_a.mean():.4f} lesion={lesion_a.mean():.4f} "
-          f"paired lesion>normal={np.mean(lesion_a > normal_a):.2f}")
+    print(
+        f"mean slice score normal={normal_a.mean():.4f} lesion={lesion_a.mean():.4f} "
+        f"paired lesion>normal={np.mean(lesion_a > normal_a):.2f}"
+    )
     assert lesion_a.mean() > normal_a.mean()
     assert np.mean(lesion_a > normal_a) >= 0.7
 
@@ -102,15 +118,32 @@ def _zip(path: Path, seed: int, lesion: bool = False, missing: tuple[int, ...] =
     return write_zip(path, [ds for k, ds in enumerate(datasets) if k not in missing])
 
 
-def test_fit_anomaly_command_resume_and_step_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fit_anomaly_command_resume_and_step_end_to_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the subprocesses' torch: tiny model, two-CPU box
     project = Project(tmp_path)
     normals = tmp_path / "normals"
     for seed in range(3):
         _zip(normals / f"normal{seed}.zip", seed)
     (normals / "notes.txt").write_text("not DICOM")
-    args = ["fit-anomaly", "--normals", str(normals), "--image-size", "32", "--channels", "16,32",
-            "--slices-per-study", "8", "--batch-size", "8", "--checkpoint-every", "10", "--device", "cpu"]
+    args = [
+        "fit-anomaly",
+        "--normals",
+        str(normals),
+        "--image-size",
+        "32",
+        "--channels",
+        "16,32",
+        "--slices-per-study",
+        "8",
+        "--batch-size",
+        "8",
+        "--checkpoint-every",
+        "10",
+        "--device",
+        "cpu",
+    ]
     done = project.run(*args, "--steps", "20")
     assert done.returncode == 0, done.stderr
     assert "studies" in done.stdout and "fit-anomaly" in done.stderr  # table on stdout, progress on stderr
@@ -123,15 +156,20 @@ def test_fit_anomaly_command_resume_and_step_end_to_end(tmp_path: Path, monkeypa
     assert card["training"]["studies"] == 3 and card["training"]["slices"] == 24 and card["image_size"] == 32
     assert (out / "unet/diffusion_pytorch_model.safetensors").exists()
 
-    project.write_pipeline([
-        {"id": "series", "uses": "dicom.select_series", "with": {"min_slices": 20}},
-        {"id": "volume", "uses": "ct.volume"},
-        {"id": "lungs", "uses": "quantify.lungs"},
-        {"id": "anomaly", "uses": "anomaly.diffusion",
-         "with": {"checkpoint": "weights/anomaly/", "slices": 4, "heatmap": True}},
-        {"id": "fusion", "uses": "fusion.lightgbm", "with": {"model": "weights/fusion/model.txt"}},
-        {"id": "decision", "uses": "decision.pathology"},
-    ])
+    project.write_pipeline(
+        [
+            {"id": "series", "uses": "dicom.select_series", "with": {"min_slices": 20}},
+            {"id": "volume", "uses": "ct.volume"},
+            {"id": "lungs", "uses": "quantify.lungs"},
+            {
+                "id": "anomaly",
+                "uses": "anomaly.diffusion",
+                "with": {"checkpoint": "weights/anomaly/", "slices": 4, "heatmap": True},
+            },
+            {"id": "fusion", "uses": "fusion.lightgbm", "with": {"model": "weights/fusion/model.txt"}},
+            {"id": "decision", "uses": "decision.pathology"},
+        ]
+    )
     study = _zip(tmp_path / "drop/study.zip", 50, lesion=True)
     done = project.run("process", str(study))
     assert done.returncode == 0, done.stderr
@@ -147,7 +185,9 @@ def test_fit_anomaly_command_resume_and_step_end_to_end(tmp_path: Path, monkeypa
     assert result["features"]["anomaly.score"] == anomaly["score"]
     # no fusion model: nulls with a reason, never an invented number
     assert result["probability_of_pathology"] is None and result["pathology"] is None
-    assert result["most_dangerous_pathology_type"] is None and "no fusion model" in result["decision"]["reason"]
+    assert (
+        result["most_dangerous_pathology_type"] is None and "no fusion model" in result["decision"]["reason"]
+    )
     state = State(project.state_path)
     [stored] = state.study_features()
     state.close()
@@ -157,6 +197,10 @@ def test_fit_anomaly_command_resume_and_step_end_to_end(tmp_path: Path, monkeypa
     # missing slices: the section that reports the score says its levels sit on an irregular grid
     done = project.run("process", str(_zip(tmp_path / "drop/holed.zip", 51, missing=(11, 12))))
     assert done.returncode == 0, done.stderr
-    [holed] = [doc for doc in map(lambda p: json.loads(p.read_text()), project.results()) if doc["accession"] == "ACC51"]
+    [holed] = [
+        doc
+        for doc in map(lambda p: json.loads(p.read_text()), project.results())
+        if doc["accession"] == "ACC51"
+    ]
     [note] = holed["anomaly"]["warnings"]
     assert note.startswith("levels chosen by slice index on irregular slice positions: 1 gap(s)"), note

@@ -47,8 +47,9 @@ def test_safe_member_name_never_escapes(name: str) -> None:
         assert safe == safe_member_name(safe)  # normalising twice changes nothing
 
 
-@pytest.mark.parametrize("name", ["../evil.dcm", "a/../../evil", "/etc/passwd", "C:\\x.dcm",
-                                  "..\\..\\x", "a/\x00b", ""])
+@pytest.mark.parametrize(
+    "name", ["../evil.dcm", "a/../../evil", "/etc/passwd", "C:\\x.dcm", "..\\..\\x", "a/\x00b", ""]
+)
 def test_unsafe_names_refused(name: str) -> None:
     assert safe_member_name(name) is None
 
@@ -128,6 +129,7 @@ def test_only_non_dicom_files(tmp_path: Path) -> None:
 def test_scan_restores_garbage_collector_state(tmp_path: Path) -> None:
     """The scan pauses the cyclic GC for speed; it must leave it as it found it, even on error."""
     import gc
+
     path = write_zip(tmp_path / "s.zip", make_series(3))
     was = gc.isenabled()
     try:
@@ -149,8 +151,10 @@ class _Boom:
 
 
 def test_only_dicomdir_and_mac_junk(tmp_path: Path) -> None:
-    path = _zip_with(tmp_path / "dir.zip", [("DICOMDIR", to_bytes(make_series(1)[0])),
-                                            ("__MACOSX/._IMG1", b"junk"), (".DS_Store", b"junk")])
+    path = _zip_with(
+        tmp_path / "dir.zip",
+        [("DICOMDIR", to_bytes(make_series(1)[0])), ("__MACOSX/._IMG1", b"junk"), (".DS_Store", b"junk")],
+    )
     result, skipped = scan(path)
     assert result.studies == []
     assert skipped["DICOMDIR index"] == 1 and skipped["macOS metadata (__MACOSX)"] == 1
@@ -163,8 +167,14 @@ def test_two_studies_nested_folders_no_extensions_shuffled(tmp_path: Path) -> No
     with zipfile.ZipFile(buf, "w") as zf:
         for i, ds in enumerate(a):
             zf.writestr(f"PAT/STUDY1/SER{i % 3}/{i:08d}", to_bytes(ds))
-    path = write_zip(tmp_path / "two.zip", b, folder="deep/er/still", extension="", shuffle_seed=3,
-                     extra={"inner.zip": buf.getvalue(), "notes.txt": b"not dicom"})
+    path = write_zip(
+        tmp_path / "two.zip",
+        b,
+        folder="deep/er/still",
+        extension="",
+        shuffle_seed=3,
+        extra={"inner.zip": buf.getvalue(), "notes.txt": b"not dicom"},
+    )
     result, skipped = scan(path)
     counts = sorted(s.instance_count for s in result.studies)
     assert counts == [21, 22]
@@ -212,8 +222,9 @@ def _stored_zip_with_flipped_last_byte(path: Path, entries: list[tuple[str, byte
 
 def test_bad_crc_in_a_small_member_is_skipped_and_counted(tmp_path: Path) -> None:
     good = [to_bytes(ds) for ds in make_series(3)]  # smaller than the header prefix: read whole
-    path = _stored_zip_with_flipped_last_byte(tmp_path / "crc.zip", [("a", good[0]), ("b", good[1]),
-                                                                      ("c", good[2])], flip="b")
+    path = _stored_zip_with_flipped_last_byte(
+        tmp_path / "crc.zip", [("a", good[0]), ("b", good[1]), ("c", good[2])], flip="b"
+    )
     result, skipped = scan(path)
     assert result.studies[0].instance_count == 2
     assert skipped == {"unreadable member (bad CRC or truncated)": 1}
@@ -222,8 +233,9 @@ def test_bad_crc_in_a_small_member_is_skipped_and_counted(tmp_path: Path) -> Non
 def test_bad_crc_past_the_header_fails_the_decode_with_a_fix(tmp_path: Path) -> None:
     stored = np.zeros((3, 256, 256), np.int16)  # 128 KiB of pixels: the scan reads only a prefix
     good = [to_bytes(ds) for ds in make_series(3, stored=stored)]
-    path = _stored_zip_with_flipped_last_byte(tmp_path / "crc.zip", [("a", good[0]), ("b", good[1]),
-                                                                      ("c", good[2])], flip="c")
+    path = _stored_zip_with_flipped_last_byte(
+        tmp_path / "crc.zip", [("a", good[0]), ("b", good[1]), ("c", good[2])], flip="c"
+    )
     with open_arrival(path, Limits()) as contents:
         result = scan_members(contents.members)
         assert result.studies[0].instance_count == 3 and not result.skipped
@@ -243,8 +255,10 @@ def test_large_members_are_scanned_from_a_prefix_in_zips_and_folders(tmp_path: P
                 assert fh.read() == member.read()
             result = scan_members(contents.members)
             assert result.studies[0].instance_count == 4
-            assert all(i.pixel_offset is not None for i in result.studies[0].series[datasets[0].SeriesInstanceUID]
-                       .instances)
+            assert all(
+                i.pixel_offset is not None
+                for i in result.studies[0].series[datasets[0].SeriesInstanceUID].instances
+            )
 
 
 # ---------------------------------------------------------------- zero-copy members
@@ -266,7 +280,9 @@ def test_stored_members_and_files_are_views_of_a_memory_map_with_the_crc_checked
         assert isinstance(view, memoryview) and isinstance(view.obj, __import__("mmap").mmap)
         assert bytes(view) == blobs["S/0.dcm"] == stored.read()
         assert isinstance(deflated.data(), bytes) and deflated.data() == blobs["S/1.dcm"]  # inflated
-        assert isinstance(nested_member.data(), memoryview) and bytes(nested_member.data()) == blobs["S/2.dcm"]
+        assert (
+            isinstance(nested_member.data(), memoryview) and bytes(nested_member.data()) == blobs["S/2.dcm"]
+        )
         del view
     folder = write_folder(tmp_path / "folder", datasets)
     (folder / "empty").write_bytes(b"")
@@ -279,17 +295,24 @@ def test_stored_members_and_files_are_views_of_a_memory_map_with_the_crc_checked
 
 
 def test_network_and_fuse_filesystems_are_not_memory_mapped(tmp_path: Path) -> None:
-    mountinfo = "\n".join([
-        "25 1 259:2 / / rw,relatime shared:1 - ext4 /dev/nvme0n1p2 rw",
-        "90 25 0:52 / /mnt/pacs rw,relatime shared:40 - nfs4 pacs:/export rw,vers=4.2",
-        "91 25 0:53 / /mnt/share\\040drop rw,relatime - cifs //nas/drop rw,vers=3.0",
-        "92 25 0:54 / /mnt/cloud rw,nosuid - fuse.rclone remote: rw",
-        "garbage line without the separator",
-    ])
+    mountinfo = "\n".join(
+        [
+            "25 1 259:2 / / rw,relatime shared:1 - ext4 /dev/nvme0n1p2 rw",
+            "90 25 0:52 / /mnt/pacs rw,relatime shared:40 - nfs4 pacs:/export rw,vers=4.2",
+            "91 25 0:53 / /mnt/share\\040drop rw,relatime - cifs //nas/drop rw,vers=3.0",
+            "92 25 0:54 / /mnt/cloud rw,nosuid - fuse.rclone remote: rw",
+            "garbage line without the separator",
+        ]
+    )
     types = filesystem_types(mountinfo)
     assert types == {(259, 2): "ext4", (0, 52): "nfs4", (0, 53): "cifs", (0, 54): "fuse.rclone"}
-    assert [mappable_type(kind) for kind in ("ext4", "nfs4", "cifs", "fuse.rclone", None)] == \
-        [True, False, False, False, True]
+    assert [mappable_type(kind) for kind in ("ext4", "nfs4", "cifs", "fuse.rclone", None)] == [
+        True,
+        False,
+        False,
+        False,
+        True,
+    ]
     assert can_map(tmp_path)  # the test machine's temporary folder is local
 
 
@@ -303,9 +326,12 @@ def _patch_entry(path: Path, name: str, *, flags: int = 0, **fields: int) -> Pat
     OR-ed in, ``method``, ``crc`` and ``size`` (the declared uncompressed size) replaced."""
     raw = bytearray(path.read_bytes())
     encoded = name.encode()
-    for signature, name_at, layout in ((b"PK\x03\x04", 30, _LOCAL_FIELDS), (b"PK\x01\x02", 46, _CENTRAL_FIELDS)):
+    for signature, name_at, layout in (
+        (b"PK\x03\x04", 30, _LOCAL_FIELDS),
+        (b"PK\x01\x02", 46, _CENTRAL_FIELDS),
+    ):
         at = raw.find(signature)
-        while raw[at + name_at:at + name_at + len(encoded)] != encoded:
+        while raw[at + name_at : at + name_at + len(encoded)] != encoded:
             at = raw.find(signature, at + 1)
             assert at >= 0, f"no {signature!r} entry for {name}"
         offset, fmt = layout["flags"]
@@ -339,15 +365,20 @@ def _peak_bytes(read: Callable[[], object]) -> int:
         tracemalloc.stop()
 
 
-@pytest.mark.parametrize("method,mib", [(zipfile.ZIP_DEFLATED, 192), (zipfile.ZIP_STORED, 16),
-                                        (zipfile.ZIP_BZIP2, 16), (zipfile.ZIP_LZMA, 16)])
+@pytest.mark.parametrize(
+    "method,mib",
+    [(zipfile.ZIP_DEFLATED, 192), (zipfile.ZIP_STORED, 16), (zipfile.ZIP_BZIP2, 16), (zipfile.ZIP_LZMA, 16)],
+)
 def test_member_inflating_past_its_declared_size_is_stopped_in_bounded_memory(
-        tmp_path: Path, method: int, mib: int) -> None:
+    tmp_path: Path, method: int, mib: int
+) -> None:
     """The central directory says 1000 bytes, the stream inflates to ``mib`` MiB (192 MiB of zeros
     deflate to ~190 KB, so no ratio cap sees it): the read stops at the first byte too many, and
     memory stays near one chunk, never near the inflated size."""
     good = to_bytes(make_series(1)[0])
-    path = _patch_entry(_zeros_zip(tmp_path / "lie.zip", mib, method, {"good.dcm": good}), "big.dcm", size=1000)
+    path = _patch_entry(
+        _zeros_zip(tmp_path / "lie.zip", mib, method, {"good.dcm": good}), "big.dcm", size=1000
+    )
     with open_arrival(path, Limits()) as contents:
         big = next(m for m in contents.members if m.name == "big.dcm")
         assert big.size == 1000
@@ -374,16 +405,18 @@ def test_member_shorter_than_declared_or_with_a_wrong_crc_is_unreadable(tmp_path
     assert result.dicom_files == 1 and result.skipped == {"unreadable member (bad CRC or truncated)": 2}
 
 
-@pytest.mark.parametrize("declared,reason", [(50, "unreadable member (bad CRC or truncated)"),
-                                             (200_000, "corrupt nested ZIP")])
+@pytest.mark.parametrize(
+    "declared,reason", [(50, "unreadable member (bad CRC or truncated)"), (200_000, "corrupt nested ZIP")]
+)
 def test_nested_zip_that_lies_about_its_size_is_skipped(tmp_path: Path, declared: int, reason: str) -> None:
     """A lie found while its head is read leaves it a member the scan counts as unreadable; one
     found only when the whole nested ZIP is read skips it as a corrupt nested ZIP."""
     inner = io.BytesIO()
     with zipfile.ZipFile(inner, "w", compression=zipfile.ZIP_STORED) as zf:
         zf.writestr("x.bin", np.random.default_rng(1).bytes(400_000))
-    path = _zip_with(tmp_path / "outer.zip", [("inner.zip", inner.getvalue()),
-                                              ("a.dcm", to_bytes(make_series(1)[0]))])
+    path = _zip_with(
+        tmp_path / "outer.zip", [("inner.zip", inner.getvalue()), ("a.dcm", to_bytes(make_series(1)[0]))]
+    )
     _patch_entry(path, "inner.zip", size=declared)
     result, skipped = scan(path)
     assert result.dicom_files == 1 and skipped == {reason: 1}
@@ -395,25 +428,40 @@ def test_encrypted_zip_is_refused_in_plain_words(tmp_path: Path, flags: int, met
     path = _zip_with(tmp_path / "aes.zip", [("a.dcm", to_bytes(make_series(1)[0]))])
     _patch_entry(path, "a.dcm", flags=flags, method=method)
     kind = "AES encryption" if method == 99 else "ZipCrypto"
-    with pytest.raises(IngestError, match=rf"'a.dcm' is encrypted: the ZIP is password-protected \({kind}\)"
-                                          ".*export the study without a password"):
+    with pytest.raises(
+        IngestError,
+        match=rf"'a.dcm' is encrypted: the ZIP is password-protected \({kind}\)"
+        ".*export the study without a password",
+    ):
         scan(path)
 
 
 @pytest.mark.parametrize("method,words", [(9, "Deflate64"), (98, "PPMd"), (77, "an unknown method")])
-def test_unsupported_compression_method_is_refused_in_plain_words(tmp_path: Path, method: int, words: str) -> None:
+def test_unsupported_compression_method_is_refused_in_plain_words(
+    tmp_path: Path, method: int, words: str
+) -> None:
     path = _zip_with(tmp_path / "odd.zip", [("a.dcm", to_bytes(make_series(1)[0]))])
     _patch_entry(path, "a.dcm", method=method)
-    with pytest.raises(IngestError, match=rf"'a.dcm' is compressed with {words} \(ZIP method {method}\), "
-                                          "which ctwatch cannot read; re-export the ZIP with standard Deflate"):
+    with pytest.raises(
+        IngestError,
+        match=rf"'a.dcm' is compressed with {words} \(ZIP method {method}\), "
+        "which ctwatch cannot read; re-export the ZIP with standard Deflate",
+    ):
         scan(path)
 
 
-@pytest.mark.parametrize("method", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA])
-def test_every_supported_method_reads_back_whole_in_prefixes_and_as_a_stream(tmp_path: Path, method: int) -> None:
+@pytest.mark.parametrize(
+    "method", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA]
+)
+def test_every_supported_method_reads_back_whole_in_prefixes_and_as_a_stream(
+    tmp_path: Path, method: int
+) -> None:
     rng = np.random.default_rng(7)
-    blobs = {"empty": b"", "odd": rng.integers(0, 4, 3 * 65536 + 17, dtype=np.uint8).tobytes(),
-             "even": rng.integers(0, 4, 2 * 65536, dtype=np.uint8).tobytes()}
+    blobs = {
+        "empty": b"",
+        "odd": rng.integers(0, 4, 3 * 65536 + 17, dtype=np.uint8).tobytes(),
+        "even": rng.integers(0, 4, 2 * 65536, dtype=np.uint8).tobytes(),
+    }
     datasets = make_series(3, stored=np.arange(3 * 64 * 64, dtype=np.int16).reshape(3, 64, 64))
     blobs.update({f"S/{i}.dcm": to_bytes(ds) for i, ds in enumerate(datasets)})
     path = tmp_path / "m.zip"
@@ -425,7 +473,7 @@ def test_every_supported_method_reads_back_whole_in_prefixes_and_as_a_stream(tmp
             data = blobs[member.name]
             assert member.read() == bytes(member.data()) == data
             for n in (0, 1, 4096, len(data) - 1, len(data), len(data) + 1):
-                assert member.read_prefix(max(n, 0)) == data[:max(n, 0)]
+                assert member.read_prefix(max(n, 0)) == data[: max(n, 0)]
             with member.open() as fh:
                 assert fh.read(5) + fh.read() == data
         assert scan_members(contents.members).dicom_files == 3

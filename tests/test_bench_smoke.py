@@ -19,8 +19,13 @@ from bench import fast, naive
 from bench.generate import SMOKE, VARIANTS, ensure_studies, stored_pixels
 
 REPO = Path(__file__).resolve().parent.parent
-KEYS = ("ingest_fraction_of_memory_read", "fast_vs_naive_cpu_ratio", "zeroshot_vs_encode_ratio",
-        "studies_per_hour_overlap_on", "studies_per_hour_overlap_off")
+KEYS = (
+    "ingest_fraction_of_memory_read",
+    "fast_vs_naive_cpu_ratio",
+    "zeroshot_vs_encode_ratio",
+    "studies_per_hour_overlap_on",
+    "studies_per_hour_overlap_off",
+)
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +35,21 @@ def studies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def test_smoke_run_writes_finite_figures(tmp_path: Path) -> None:
     out = tmp_path / "figures.json"
-    run = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--smoke", "--json", str(out),
-                          "--out", str(tmp_path / "cache")],
-                         capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "run.py"),
+            "--smoke",
+            "--json",
+            str(out),
+            "--out",
+            str(tmp_path / "cache"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=tmp_path,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     figures = json.loads(out.read_text())
     for key in KEYS:
@@ -47,7 +64,10 @@ def test_smoke_run_writes_finite_figures(tmp_path: Path) -> None:
             wanted += ["fast: ZIP → CT-CLIP tensor", "naive: ZIP → CT-CLIP tensor"]
         for stage in wanted:
             cell = stages[f"ingest/{variant}"][stage]
-            assert math.isfinite(cell["cpu_s_median"]) and math.isfinite(cell["wall_s_median"]), (variant, stage)
+            assert math.isfinite(cell["cpu_s_median"]) and math.isfinite(cell["wall_s_median"]), (
+                variant,
+                stage,
+            )
     assert "ctclip.zero_shot (clip)" in stages["steps"] and "write (result JSON, atomic)" in stages["steps"]
     assert figures["details"]["prefetch_max_inflight_seen"] <= 2
     assert "ingest_fraction_of_memory_read" in run.stdout
@@ -58,7 +78,9 @@ def test_fast_and_naive_paths_give_the_same_volume_and_input(studies: dict[str, 
     path = studies[variant]
     mine = fast.fast_tensor(path)
     theirs = naive.naive_tensor(path)
-    assert mine.volume.hu.dtype == np.int16 and theirs.volume.hu.dtype == np.float64  # exact: whole slope, intercept
+    assert (
+        mine.volume.hu.dtype == np.int16 and theirs.volume.hu.dtype == np.float64
+    )  # exact: whole slope, intercept
     assert mine.volume.hu.shape == theirs.volume.hu.shape == (SMOKE.slices, SMOKE.size, SMOKE.size)
     # lossless input: the HU volumes are identical, and both are the generated pixels exactly
     assert np.array_equal(mine.volume.hu.astype(np.float64), theirs.volume.hu)

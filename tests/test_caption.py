@@ -36,11 +36,13 @@ FAMILY_NOTE = "BLIP (BlipForConditionalGeneration)"
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("weights")
-    return {"blip": tinyvlm.build_blip(root / "tiny-blip"),
-            "blip2": tinyvlm.build_blip2_opt(root / "tiny-blip2-opt"),
-            "blip2-t5": tinyvlm.build_blip2_t5(root / "tiny-blip2-t5"),
-            "gemma3": tinyvlm.build_gemma3(root / "tiny-gemma3"),
-            "bert": tinyvlm.build_bert(root / "tiny-bert")}
+    return {
+        "blip": tinyvlm.build_blip(root / "tiny-blip"),
+        "blip2": tinyvlm.build_blip2_opt(root / "tiny-blip2-opt"),
+        "blip2-t5": tinyvlm.build_blip2_t5(root / "tiny-blip2-t5"),
+        "gemma3": tinyvlm.build_gemma3(root / "tiny-gemma3"),
+        "bert": tinyvlm.build_bert(root / "tiny-bert"),
+    }
 
 
 def phantom_zip(path: Path) -> Path:
@@ -49,11 +51,20 @@ def phantom_zip(path: Path) -> Path:
 
 
 def pipeline_steps(model: str, **caption: object) -> list[dict]:
-    return [{"id": "series", "uses": "dicom.select_series", "with": {"min_slices": 20}},
-            {"id": "volume", "uses": "ct.volume"},
-            {"id": "slices", "uses": "render.key_slices", "with": {"count": 2, "windows": ["lung", "mediastinal"]}},
-            {"id": "caption", "uses": "caption.image_to_text",
-             "with": {"model": model, "max_new_tokens": 6, **caption}}]
+    return [
+        {"id": "series", "uses": "dicom.select_series", "with": {"min_slices": 20}},
+        {"id": "volume", "uses": "ct.volume"},
+        {
+            "id": "slices",
+            "uses": "render.key_slices",
+            "with": {"count": 2, "windows": ["lung", "mediastinal"]},
+        },
+        {
+            "id": "caption",
+            "uses": "caption.image_to_text",
+            "with": {"model": model, "max_new_tokens": 6, **caption},
+        },
+    ]
 
 
 def result_of(run) -> dict:  # noqa: ANN001 - CompletedProcess
@@ -111,17 +122,29 @@ def test_blip_end_to_end_from_zip_cache_hit_and_prompt_change(project, tiny, tmp
     captions = first["captions"]
     assert len(captions) == 4  # 2 levels × 2 windows, all captioned
     assert {(c["window"], c["slice_number"]) for c in captions} == {
-        ("lung", 1), ("lung", 2), ("mediastinal", 1), ("mediastinal", 2)}
+        ("lung", 1),
+        ("lung", 2),
+        ("mediastinal", 1),
+        ("mediastinal", 2),
+    }
     for c, s in zip(captions, first["key_slices"], strict=True):
         assert c["diagnostic"] is False and c["model"] == "tiny-blip" and c["cached"] is False
         assert isinstance(c["text"], str) and c["text"]
         assert c["image"] == s["file"] and c["slice_index"] == s["slice_index"] and c["z_mm"] == s["z_mm"]
     [method] = first["captioning"]
     assert method["diagnostic"] is False and "not a diagnosis" in method["notice"]
-    assert method["model"]["family"] == "blip" and method["model"]["architecture"] == "BlipForConditionalGeneration"
+    assert (
+        method["model"]["family"] == "blip"
+        and method["model"]["architecture"] == "BlipForConditionalGeneration"
+    )
     assert len(method["model"]["folder_sha256"]) == 64 and method["model"]["path"] == model
     assert method["prompt"] == {"text": None, "sha256": None, "applied_as": "unconditional caption"}
-    assert method["generation"] == {"max_new_tokens": 6, "num_beams": 1, "do_sample": False, "dtype": "float32"}
+    assert method["generation"] == {
+        "max_new_tokens": 6,
+        "num_beams": 1,
+        "do_sample": False,
+        "dtype": "float32",
+    }
     assert method["batching"]["generate_calls"] == 1 and method["batching"]["images_per_call"] == [4]
     assert method["batching"]["generated"] == 4 and method["batching"]["cache_hits"] == 0
     # The Excel row (derived from SQLite) carries the captions under the honest header.
@@ -170,10 +193,16 @@ def test_family_from_zip_one_generate_call_and_content_cache(family: str, tiny, 
     assert len(captions) == 4 and all(c["diagnostic"] is False for c in captions)
     assert all(c["model"] == tiny[family].name and isinstance(c["text"], str) for c in captions)
     method = ctx.result["captioning"][0]
-    expected = {"blip2": ("blip-2", "Blip2ForConditionalGeneration", "opt"),
-                "blip2-t5": ("blip-2", "Blip2ForConditionalGeneration", "t5"),
-                "gemma3": ("chat", "Gemma3ForConditionalGeneration", None)}[family]
-    assert (method["model"]["family"], method["model"]["architecture"], method["model"]["language_model"]) == expected
+    expected = {
+        "blip2": ("blip-2", "Blip2ForConditionalGeneration", "opt"),
+        "blip2-t5": ("blip-2", "Blip2ForConditionalGeneration", "t5"),
+        "gemma3": ("chat", "Gemma3ForConditionalGeneration", None),
+    }[family]
+    assert (
+        method["model"]["family"],
+        method["model"]["architecture"],
+        method["model"]["language_model"],
+    ) == expected
     if family == "gemma3":  # a chat model always gets a prompt, applied through its chat template
         assert method["prompt"]["text"] and "chat template" in method["prompt"]["applied_as"]
     # One generate call for the four slices, and the vision encoder saw them as one batch of four.
@@ -215,7 +244,10 @@ def test_studies_share_generate_calls_up_to_batch_size(tiny, tmp_path: Path) -> 
     assert captioner.stats.images_per_call == [8, 1] and captioner.stats.vision_batches == [8, 1]
     for ctx in contexts:
         assert [(c["window"], c["slice_number"]) for c in ctx.result["captions"]] == [
-            ("lung", 1), ("lung", 2), ("mediastinal", 2)]
+            ("lung", 1),
+            ("lung", 2),
+            ("mediastinal", 2),
+        ]
         assert ctx.result["captioning"][0]["batching"]["studies_in_batch"] == 3
     assert contexts[0].result["captioning"][0]["batching"]["images_per_call"] == [8]
     assert contexts[2].result["captioning"][0]["batching"]["images_per_call"] == [8, 1]
@@ -231,18 +263,27 @@ def test_unsupported_folder_fails_at_compile_time_with_the_families(project, tin
     run = project.run("check-config")
     assert run.returncode == 2
     assert "BertModel cannot caption images" in run.stderr and FAMILY_NOTE in run.stderr
-    assert "BLIP-2 (Blip2ForConditionalGeneration" in run.stderr and "Gemma3ForConditionalGeneration" in run.stderr
+    assert (
+        "BLIP-2 (Blip2ForConditionalGeneration" in run.stderr
+        and "Gemma3ForConditionalGeneration" in run.stderr
+    )
     assert "steps[3] (caption)" in run.stderr
 
 
 def test_param_errors_at_compile_time(tmp_path: Path) -> None:
     env = StepEnv(root=tmp_path, device="cpu")
-    spec = PipelineSpec.model_validate({"name": "t", "version": 1, "steps": pipeline_steps(
-        "weights/caption/absent", dtype="fp16", images=["lungs:1"])[2:]})
+    spec = PipelineSpec.model_validate(
+        {
+            "name": "t",
+            "version": 1,
+            "steps": pipeline_steps("weights/caption/absent", dtype="fp16", images=["lungs:1"])[2:],
+        }
+    )
     _, problems = compile_steps(spec, default_registry(), env)
     assert any("image selector" in p and "lungs:1" in p for p in problems), problems
-    spec = PipelineSpec.model_validate({"name": "t", "version": 1, "steps": pipeline_steps(
-        "weights/caption/absent", dtype="fp16")[2:]})
+    spec = PipelineSpec.model_validate(
+        {"name": "t", "version": 1, "steps": pipeline_steps("weights/caption/absent", dtype="fp16")[2:]}
+    )
     _, problems = compile_steps(spec, default_registry(), env)
     assert any("fp16 needs CUDA" in p for p in problems), problems
 
@@ -269,8 +310,10 @@ def test_content_cache_store_is_per_thread_and_migrated(tmp_path: Path) -> None:
     store = State.content_cache(tmp_path / "db.sqlite")
     store.put("k", "from main")
     seen: list[str | None] = []
-    worker = threading.Thread(target=lambda: (seen.append(store.get("k")), store.put("k2", "from worker")),
-                              name="ctwatch-test-cache")
+    worker = threading.Thread(
+        target=lambda: (seen.append(store.get("k")), store.put("k2", "from worker")),
+        name="ctwatch-test-cache",
+    )
     worker.start()
     worker.join(10)
     assert seen == ["from main"] and store.get("k2") == "from worker" and store.get("nope") is None

@@ -79,11 +79,14 @@ def _pipeline(tmp_path: Path, steps: list[dict]) -> Path:
 
 
 def test_pipeline_problems_reported_at_once(tmp_path: Path) -> None:
-    path = _pipeline(tmp_path, [
-        {"id": "a", "uses": "dicom.select_serie"},
-        {"id": "b", "uses": "dicom.select_series", "with": {"min_slices": "many", "colour": 1}},
-        {"id": "b", "uses": "util.delay", "with": {"seconds": -1}},
-    ])
+    path = _pipeline(
+        tmp_path,
+        [
+            {"id": "a", "uses": "dicom.select_serie"},
+            {"id": "b", "uses": "dicom.select_series", "with": {"min_slices": "many", "colour": 1}},
+            {"id": "b", "uses": "util.delay", "with": {"seconds": -1}},
+        ],
+    )
     with pytest.raises(ConfigError) as err:
         load_pipeline(path, default_registry(), StepEnv(tmp_path))
     text = str(err.value)

@@ -104,12 +104,22 @@ def _series(keep: list[int]) -> list:
 
 
 def _pipeline(optional: bool = False) -> list[dict]:
-    return [{"id": "series", "uses": "dicom.select_series", "with": {"min_slices": 20}},
-            {"id": "volume", "uses": "ct.volume"},
-            {"id": "clip", "uses": "ctclip.zero_shot", "optional": optional,
-             "with": {"checkpoint": "weights/ct_clip/small_ctclip.pt", **SMALL}},
-            {"id": "lipro", "uses": "ctclip.classify", "optional": optional,
-             "with": {"checkpoint": "weights/ct_clip/small_lipro.pt", **SMALL}}]
+    return [
+        {"id": "series", "uses": "dicom.select_series", "with": {"min_slices": 20}},
+        {"id": "volume", "uses": "ct.volume"},
+        {
+            "id": "clip",
+            "uses": "ctclip.zero_shot",
+            "optional": optional,
+            "with": {"checkpoint": "weights/ct_clip/small_ctclip.pt", **SMALL},
+        },
+        {
+            "id": "lipro",
+            "uses": "ctclip.classify",
+            "optional": optional,
+            "with": {"checkpoint": "weights/ct_clip/small_lipro.pt", **SMALL},
+        },
+    ]
 
 
 def test_a_study_with_missing_slices_reaches_the_model_on_its_true_grid(tmp_path: Path) -> None:
@@ -137,16 +147,21 @@ def test_a_study_with_missing_slices_reaches_the_model_on_its_true_grid(tmp_path
     json.loads(json.dumps(ctx.result, allow_nan=False))
     # the complete study: official path, no note
     _install_small_weights(tmp_path / "full")
-    ctx, outcome = run_steps(write_zip(tmp_path / "full.zip", _series(list(range(DEPTH)))), _pipeline(),
-                             tmp_path / "full")
+    ctx, outcome = run_steps(
+        write_zip(tmp_path / "full.zip", _series(list(range(DEPTH)))), _pipeline(), tmp_path / "full"
+    )
     assert outcome.status == "Success", outcome.error
     assert ctx.result["models"]["clip"]["warnings"] == []
-    assert ctx.result["models"]["clip"]["preprocessing"]["slice_positions"] == "uniform median step (regular grid)"
+    assert (
+        ctx.result["models"]["clip"]["preprocessing"]["slice_positions"]
+        == "uniform median step (regular grid)"
+    )
 
 
 @pytest.mark.parametrize("optional", [False, True])
-def test_unknown_pixel_spacing_withholds_the_ctclip_steps_with_the_reason(tmp_path: Path, optional: bool,
-                                                                      caplog: pytest.LogCaptureFixture) -> None:
+def test_unknown_pixel_spacing_withholds_the_ctclip_steps_with_the_reason(
+    tmp_path: Path, optional: bool, caplog: pytest.LogCaptureFixture
+) -> None:
     _install_small_weights(tmp_path)
     datasets = _series(list(range(DEPTH)))
     for ds in datasets:

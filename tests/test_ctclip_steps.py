@@ -26,8 +26,11 @@ from tests.conftest import FIXTURES, Project
 from tests.dicomgen import make_series, run_steps, write_zip
 
 FIX = FIXTURES / "ct_clip"
-SMALL = {"vocab": "weights/ct_clip/vocab.txt", "config": "weights/ct_clip/small_config.json",
-         "target_xyz": [32, 32, 24]}
+SMALL = {
+    "vocab": "weights/ct_clip/vocab.txt",
+    "config": "weights/ct_clip/small_config.json",
+    "target_xyz": [32, 32, 24],
+}
 PIXEL_SPACING, SLICE_STEP, INTERCEPT = 1.5, 2.0, -1024.0
 
 
@@ -39,10 +42,12 @@ def _install_small_weights(root: Path) -> None:
 
 
 def _pipeline(zero_shot: dict, classify: dict) -> list[dict]:
-    return [{"id": "series", "uses": "dicom.select_series", "with": {"min_slices": 20}},
-            {"id": "volume", "uses": "ct.volume"},
-            {"id": "clip", "uses": "ctclip.zero_shot", "with": zero_shot},
-            {"id": "lipro", "uses": "ctclip.classify", "with": classify}]
+    return [
+        {"id": "series", "uses": "dicom.select_series", "with": {"min_slices": 20}},
+        {"id": "volume", "uses": "ct.volume"},
+        {"id": "clip", "uses": "ctclip.zero_shot", "with": zero_shot},
+        {"id": "lipro", "uses": "ctclip.classify", "with": classify},
+    ]
 
 
 def _stored(seed: int) -> np.ndarray:
@@ -62,8 +67,11 @@ def _expected(stored: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     tensor = preprocess_volume(hu_xyz, spacing_xyz, (32, 32, 24))
     clip = load_ctclip(FIX / "small_ctclip.pt", FIX / "vocab.txt", FIX / "small_config.json")
     lipro = load_ctclip(FIX / "small_lipro.pt", FIX / "vocab.txt", FIX / "small_config.json")
-    return (clip.zero_shot(tensor)[0].numpy(), lipro.classify(tensor)[0].numpy(),
-            clip.encode_image(tensor)[0].numpy())
+    return (
+        clip.zero_shot(tensor)[0].numpy(),
+        lipro.classify(tensor)[0].numpy(),
+        clip.encode_image(tensor)[0].numpy(),
+    )
 
 
 def _sha256(path: Path) -> str:
@@ -71,13 +79,26 @@ def _sha256(path: Path) -> str:
 
 
 def test_zero_shot_and_classify_end_to_end_two_studies(tmp_path: Path) -> None:
-    project = Project(tmp_path, _pipeline(
-        {"checkpoint": "weights/ct_clip/small_ctclip.pt", "save_latent": True, "batch_size": 5, **SMALL},
-        {"checkpoint": "weights/ct_clip/small_lipro.pt", **SMALL}))
+    project = Project(
+        tmp_path,
+        _pipeline(
+            {"checkpoint": "weights/ct_clip/small_ctclip.pt", "save_latent": True, "batch_size": 5, **SMALL},
+            {"checkpoint": "weights/ct_clip/small_lipro.pt", **SMALL},
+        ),
+    )
     _install_small_weights(project.root)
     stored = {seed: _stored(seed) for seed in (1, 2)}
-    series = {seed: make_series(24, stored=stored[seed], pixel_spacing=PIXEL_SPACING, spacing=SLICE_STEP,
-                                intercept=INTERCEPT, description=f"S{seed}") for seed in stored}
+    series = {
+        seed: make_series(
+            24,
+            stored=stored[seed],
+            pixel_spacing=PIXEL_SPACING,
+            spacing=SLICE_STEP,
+            intercept=INTERCEPT,
+            description=f"S{seed}",
+        )
+        for seed in stored
+    }
     path = write_zip(tmp_path / "two.zip", series[1] + series[2], shuffle_seed=3)
     proc = project.run("process", str(path))
     assert proc.returncode == 0, proc.stderr
@@ -118,13 +139,21 @@ def test_zero_shot_and_classify_end_to_end_two_studies(tmp_path: Path) -> None:
 
 
 def test_missing_weights_make_steps_skipped_and_study_partial(tmp_path: Path) -> None:
-    project = Project(tmp_path, _pipeline(
-        {"checkpoint": "weights/ct_clip/small_ctclip.pt", **SMALL},
-        {"checkpoint": "weights/ct_clip/CT_LiPro_v2.pt", **SMALL}))
+    project = Project(
+        tmp_path,
+        _pipeline(
+            {"checkpoint": "weights/ct_clip/small_ctclip.pt", **SMALL},
+            {"checkpoint": "weights/ct_clip/CT_LiPro_v2.pt", **SMALL},
+        ),
+    )
     _install_small_weights(project.root)
     (project.root / "weights" / "ct_clip" / "small_ctclip.pt").unlink()
-    path = write_zip(tmp_path / "s.zip", make_series(24, stored=_stored(3), pixel_spacing=PIXEL_SPACING,
-                                                     spacing=SLICE_STEP, intercept=INTERCEPT))
+    path = write_zip(
+        tmp_path / "s.zip",
+        make_series(
+            24, stored=_stored(3), pixel_spacing=PIXEL_SPACING, spacing=SLICE_STEP, intercept=INTERCEPT
+        ),
+    )
     proc = project.run("process", str(path))
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(project.results()[0].read_text())
@@ -148,21 +177,42 @@ def _compile(steps: list[dict], root: Path) -> list[str]:
 def test_compile_time_checks(tmp_path: Path) -> None:
     _install_small_weights(tmp_path)
     base = [{"id": "series", "uses": "dicom.select_series"}, {"id": "volume", "uses": "ct.volume"}]
-    ok = _compile(base + [{"id": "clip", "uses": "ctclip.zero_shot", "with": {
-        "checkpoint": "weights/ct_clip/small_ctclip.pt", **SMALL,
-        "findings": ["Emphysema", {"name": "Nodule", "present": "A nodule.", "absent": "No nodule."}]}}],
-        tmp_path)
+    ok = _compile(
+        base
+        + [
+            {
+                "id": "clip",
+                "uses": "ctclip.zero_shot",
+                "with": {
+                    "checkpoint": "weights/ct_clip/small_ctclip.pt",
+                    **SMALL,
+                    "findings": [
+                        "Emphysema",
+                        {"name": "Nodule", "present": "A nodule.", "absent": "No nodule."},
+                    ],
+                },
+            }
+        ],
+        tmp_path,
+    )
     assert ok == []
-    problems = _compile(base + [
-        {"id": "a", "uses": "ctclip.zero_shot", "with": {**SMALL, "target_xyz": [64, 64, 24]}},
-        {"id": "b", "uses": "ctclip.zero_shot", "with": {"findings": ["Emphysema", "Emphysema"]}},
-        {"id": "c", "uses": "ctclip.classify", "with": {"target_xyz": [480, 480, 245]}},
-        {"id": "d", "uses": "ctclip.zero_shot", "with": {"batch_size": 0, "save_latents": True}},
-    ], tmp_path)
+    problems = _compile(
+        base
+        + [
+            {"id": "a", "uses": "ctclip.zero_shot", "with": {**SMALL, "target_xyz": [64, 64, 24]}},
+            {"id": "b", "uses": "ctclip.zero_shot", "with": {"findings": ["Emphysema", "Emphysema"]}},
+            {"id": "c", "uses": "ctclip.classify", "with": {"target_xyz": [480, 480, 245]}},
+            {"id": "d", "uses": "ctclip.zero_shot", "with": {"batch_size": 0, "save_latents": True}},
+        ],
+        tmp_path,
+    )
     text = "\n".join(problems)
     assert "(a): with.target_xyz (value: [64, 64, 24]): this model takes 32x32 images" in text
     assert "(b): with.findings (value: ['Emphysema']): listed twice" in text
-    assert "(c): with.target_xyz (value: [480, 480, 245]): Z must be a multiple of the temporal patch size 10" in text
+    assert (
+        "(c): with.target_xyz (value: [480, 480, 245]): Z must be a multiple of the temporal patch size 10"
+        in text
+    )
     assert "steps[5].with.batch_size" in text and "steps[5].with.save_latents" in text
 
 
@@ -170,39 +220,72 @@ def test_step_ids_and_weight_files(tmp_path: Path) -> None:
     from processor.pipeline.spec import load_pipeline
 
     path = tmp_path / "p.yaml"
-    path.write_text(json.dumps({"name": "t", "version": 1, "steps": [
-        {"id": "series", "uses": "dicom.select_series"}, {"id": "volume", "uses": "ct.volume"},
-        {"id": "clip", "uses": "ctclip.zero_shot"},
-        {"id": "lipro", "uses": "ctclip.classify", "with": {"config": "cfg.json"}}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "name": "t",
+                "version": 1,
+                "steps": [
+                    {"id": "series", "uses": "dicom.select_series"},
+                    {"id": "volume", "uses": "ct.volume"},
+                    {"id": "clip", "uses": "ctclip.zero_shot"},
+                    {"id": "lipro", "uses": "ctclip.classify", "with": {"config": "cfg.json"}},
+                ],
+            }
+        )
+    )
     pipeline = load_pipeline(path, default_registry(), StepEnv(tmp_path, "cpu"))
     clip, lipro = pipeline.steps[2].step, pipeline.steps[3].step
     assert (clip.step_id, lipro.step_id) == ("clip", "lipro")
-    assert clip.weight_files() == [tmp_path / "weights/ct_clip/CT_VocabFine_v2.pt",
-                                   tmp_path / "weights/ct_clip/vocab.txt"]
-    assert lipro.weight_files() == [tmp_path / "weights/ct_clip/CT_LiPro_v2.pt",
-                                    tmp_path / "weights/ct_clip/vocab.txt", tmp_path / "cfg.json"]
+    assert clip.weight_files() == [
+        tmp_path / "weights/ct_clip/CT_VocabFine_v2.pt",
+        tmp_path / "weights/ct_clip/vocab.txt",
+    ]
+    assert lipro.weight_files() == [
+        tmp_path / "weights/ct_clip/CT_LiPro_v2.pt",
+        tmp_path / "weights/ct_clip/vocab.txt",
+        tmp_path / "cfg.json",
+    ]
 
 
 def test_bad_model_config_is_a_compile_problem(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("{not json")
-    problems = _compile([{"id": "series", "uses": "dicom.select_series"}, {"id": "volume", "uses": "ct.volume"},
-                         {"id": "clip", "uses": "ctclip.zero_shot", "with": {"config": "bad.json"}}], tmp_path)
+    problems = _compile(
+        [
+            {"id": "series", "uses": "dicom.select_series"},
+            {"id": "volume", "uses": "ct.volume"},
+            {"id": "clip", "uses": "ctclip.zero_shot", "with": {"config": "bad.json"}},
+        ],
+        tmp_path,
+    )
     assert len(problems) == 1 and "with.config" in problems[0] and "cannot be read" in problems[0]
 
 
 def test_the_shared_input_is_released_by_the_last_ctclip_step(tmp_path: Path) -> None:
     _install_small_weights(tmp_path)
-    arrival = write_zip(tmp_path / "s.zip", make_series(24, stored=_stored(1), pixel_spacing=PIXEL_SPACING,
-                                                        spacing=SLICE_STEP, intercept=INTERCEPT))
-    both = _pipeline({"checkpoint": "weights/ct_clip/small_ctclip.pt", **SMALL},
-                     {"checkpoint": "weights/ct_clip/small_lipro.pt", **SMALL})
+    arrival = write_zip(
+        tmp_path / "s.zip",
+        make_series(
+            24, stored=_stored(1), pixel_spacing=PIXEL_SPACING, spacing=SLICE_STEP, intercept=INTERCEPT
+        ),
+    )
+    both = _pipeline(
+        {"checkpoint": "weights/ct_clip/small_ctclip.pt", **SMALL},
+        {"checkpoint": "weights/ct_clip/small_lipro.pt", **SMALL},
+    )
     ctx, outcome = run_steps(arrival, both, tmp_path)
     assert outcome.status == "Success", outcome.error
     assert ctx.values["ctclip_inputs"] == {}  # taken out by the classify step, not held for the study
     other_size = both[:3] + [{**both[3], "with": {**both[3]["with"], "target_xyz": [32, 32, 32]}}]
-    compiled, problems = compile_steps(PipelineSpec.model_validate({"name": "t", "version": 1, "steps": other_size}),
-                                       default_registry(), StepEnv(root=tmp_path))
+    compiled, problems = compile_steps(
+        PipelineSpec.model_validate({"name": "t", "version": 1, "steps": other_size}),
+        default_registry(),
+        StepEnv(root=tmp_path),
+    )
     assert not problems and [c.step.shares_input for c in compiled[2:]] == [False, False]
-    compiled, _ = compile_steps(PipelineSpec.model_validate({"name": "t", "version": 1, "steps": both}),
-                                default_registry(), StepEnv(root=tmp_path))
+    compiled, _ = compile_steps(
+        PipelineSpec.model_validate({"name": "t", "version": 1, "steps": both}),
+        default_registry(),
+        StepEnv(root=tmp_path),
+    )
     assert [c.step.shares_input for c in compiled[2:]] == [True, False]

@@ -18,11 +18,26 @@ def test_fresh_install_gets_weight_free_results_from_a_dropped_zip(tmp_path) -> 
     shutil.copy(REPO / "pipelines" / "chest-ct.yaml", project.pipeline)
     hu, truth = chest_phantom((40, 96, 96))
     stored = np.round(hu + 1024).astype(np.int16)  # intercept −1024, slope 1
-    thin = make_series(40, stored=stored, spacing=2.5, kernel="B70f", series_number=3,
-                       description="LUNG 2.5", pixel_spacing=4.0)
+    thin = make_series(
+        40,
+        stored=stored,
+        spacing=2.5,
+        kernel="B70f",
+        series_number=3,
+        description="LUNG 2.5",
+        pixel_spacing=4.0,
+    )
     study_uid = thin[0].StudyInstanceUID
-    thick = make_series(20, study_uid=study_uid, stored=stored[::2], spacing=5.0, kernel="B30f",
-                        series_number=2, description="SOFT 5mm", pixel_spacing=4.0)
+    thick = make_series(
+        20,
+        study_uid=study_uid,
+        stored=stored[::2],
+        spacing=5.0,
+        kernel="B30f",
+        series_number=2,
+        description="SOFT 5mm",
+        pixel_spacing=4.0,
+    )
     scout = make_scout(study_uid=study_uid)
     write_zip(tmp_path / "drop.zip", thin + thick + scout, shuffle_seed=5)
     daemon = project.start()

@@ -46,49 +46,117 @@ class Db:
     def arrival(self, name: str) -> dict:
         self.n += 1
         reg = self.state.register_arrival(
-            kind="inbox", name=name, original_path=f"/in/{name}", current_path=f"/in/{name}",
-            sha256=hashlib.sha256(f"{name}{self.n}".encode()).hexdigest(), size=100 + self.n,
-            pipeline_name="chest-ct", pipeline_version=1)
+            kind="inbox",
+            name=name,
+            original_path=f"/in/{name}",
+            current_path=f"/in/{name}",
+            sha256=hashlib.sha256(f"{name}{self.n}".encode()).hexdigest(),
+            size=100 + self.n,
+            pipeline_name="chest-ct",
+            pipeline_version=1,
+        )
         return self.state.claim(reg.arrival_id)
 
-    def study(self, name: str, *, probability: float | None = None, findings: dict | None = None,
-              status: str = "Success", error: str | None = None, caption: str | None = None,
-              lungs: dict | None = None, accession: str = "ACC12345") -> dict:
+    def study(
+        self,
+        name: str,
+        *,
+        probability: float | None = None,
+        findings: dict | None = None,
+        status: str = "Success",
+        error: str | None = None,
+        caption: str | None = None,
+        lungs: dict | None = None,
+        accession: str = "ACC12345",
+    ) -> dict:
         arrival = self.arrival(name)
         uid = f"1.2.826.0.1.{self.n}"
-        sections: dict = {"series_selection": {"chosen": f"{uid}.2", "series": [
-            {"series_uid": f"{uid}.9", "number": 1, "description": "SCOUT", "count": 2, "reason": "scout"},
-            {"series_uid": f"{uid}.2", "number": 2, "description": "CHEST 1.0 B70f", "count": 241,
-             "reason": "chosen"}]}}
+        sections: dict = {
+            "series_selection": {
+                "chosen": f"{uid}.2",
+                "series": [
+                    {
+                        "series_uid": f"{uid}.9",
+                        "number": 1,
+                        "description": "SCOUT",
+                        "count": 2,
+                        "reason": "scout",
+                    },
+                    {
+                        "series_uid": f"{uid}.2",
+                        "number": 2,
+                        "description": "CHEST 1.0 B70f",
+                        "count": 241,
+                        "reason": "chosen",
+                    },
+                ],
+            }
+        }
         if probability is not None:
-            sections["decision"] = {"probability_of_pathology": probability, "pathology": int(probability >= 0.5),
-                                    "most_dangerous_pathology_type": max(findings or {"none": 0},
-                                                                         key=(findings or {"none": 0}).get),
-                                    "threshold": 0.5}
+            sections["decision"] = {
+                "probability_of_pathology": probability,
+                "pathology": int(probability >= 0.5),
+                "most_dangerous_pathology_type": max(
+                    findings or {"none": 0}, key=(findings or {"none": 0}).get
+                ),
+                "threshold": 0.5,
+            }
         if findings:
             sections["models"] = {
-                "clip": {"kind": "zero_shot", "model": "ct-clip", "sha256": "0" * 64,
-                         "probabilities": {k: v * 0.9 for k, v in findings.items()}},
-                "head": {"kind": "supervised", "model": "head", "sha256": "1" * 64, "probabilities": findings}}
+                "clip": {
+                    "kind": "zero_shot",
+                    "model": "ct-clip",
+                    "sha256": "0" * 64,
+                    "probabilities": {k: v * 0.9 for k, v in findings.items()},
+                },
+                "head": {
+                    "kind": "supervised",
+                    "model": "head",
+                    "sha256": "1" * 64,
+                    "probabilities": findings,
+                },
+            }
         if caption:
-            sections["captions"] = [{"text": caption, "model": "blip2", "window": "lung", "slice_index": 120,
-                                     "diagnostic": False}]
+            sections["captions"] = [
+                {"text": caption, "model": "blip2", "window": "lung", "slice_index": 120, "diagnostic": False}
+            ]
         if lungs:
             sections["lungs"] = lungs
         json_path = self.outbox / TODAY.isoformat() / f"{uid}.json"
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text("{}")
         result = build_result(
-            study_uid=uid, accession=accession, outcome_status=status, error=error, seconds=12.5,
-            sections=sections, steps=[], source={"kind": "inbox", "name": name}, pipeline={"name": "chest-ct",
-                                                                                          "version": 1},
-            device="cpu", dicom={}, warnings=[], finished_at=datetime.now(UTC).isoformat())
-        self.state.record_study(arrival.id, uid, {
-            "series_uid": result["series_uid"], "accession": accession, "status": status,
-            "probability_of_pathology": result["probability_of_pathology"], "pathology": result["pathology"],
-            "most_dangerous_pathology_type": result["most_dangerous_pathology_type"], "error": error,
-            "json_path": str(json_path), "seconds": 12.5, "result": result}, [
-            {"step_id": "series", "uses": "dicom.select_series", "status": "done", "seconds": 0.2}])
+            study_uid=uid,
+            accession=accession,
+            outcome_status=status,
+            error=error,
+            seconds=12.5,
+            sections=sections,
+            steps=[],
+            source={"kind": "inbox", "name": name},
+            pipeline={"name": "chest-ct", "version": 1},
+            device="cpu",
+            dicom={},
+            warnings=[],
+            finished_at=datetime.now(UTC).isoformat(),
+        )
+        self.state.record_study(
+            arrival.id,
+            uid,
+            {
+                "series_uid": result["series_uid"],
+                "accession": accession,
+                "status": status,
+                "probability_of_pathology": result["probability_of_pathology"],
+                "pathology": result["pathology"],
+                "most_dangerous_pathology_type": result["most_dangerous_pathology_type"],
+                "error": error,
+                "json_path": str(json_path),
+                "seconds": 12.5,
+                "result": result,
+            },
+            [{"step_id": "series", "uses": "dicom.select_series", "status": "done", "seconds": 0.2}],
+        )
         self.state.finish_arrival(arrival.id, "done")
         return {"arrival": arrival.id, "uid": uid, "json": json_path}
 
@@ -104,8 +172,10 @@ class Db:
                 rows = conn.execute(f"select rowid, finished_at from {table} where {key} = ?", [arrival_id])
                 for rowid, finished in rows.fetchall():
                     older = datetime.fromisoformat(finished) - timedelta(days=days)
-                    conn.execute(f"update {table} set finished_at = ? where rowid = ?",
-                                 [older.isoformat(timespec="seconds"), rowid])
+                    conn.execute(
+                        f"update {table} set finished_at = ? where rowid = ?",
+                        [older.isoformat(timespec="seconds"), rowid],
+                    )
         conn.close()
 
 
@@ -124,12 +194,19 @@ def reports_for(db: Db, **settings) -> tuple[Reports, State]:
 
 def fill_standard(db: Db) -> dict:
     return {
-        "sick": db.study("sick.zip", probability=0.91, findings={"Lung nodule": 0.93, "Emphysema": 0.41,
-                                                                 "Pleural effusion": 0.62, "Atelectasis": 0.1},
-                         caption="Irregular nodule in the right upper lobe — lung window",
-                         lungs={"volume_ml": 5234.4, "laa950_percent": 12.34, "plausible": True}),
-        "well": db.study("well.zip", probability=0.12, findings={"Lung nodule": 0.2, "Emphysema": 0.05},
-                         lungs={"volume_ml": 4800.0, "laa950_percent": 2.1}),
+        "sick": db.study(
+            "sick.zip",
+            probability=0.91,
+            findings={"Lung nodule": 0.93, "Emphysema": 0.41, "Pleural effusion": 0.62, "Atelectasis": 0.1},
+            caption="Irregular nodule in the right upper lobe — lung window",
+            lungs={"volume_ml": 5234.4, "laa950_percent": 12.34, "plausible": True},
+        ),
+        "well": db.study(
+            "well.zip",
+            probability=0.12,
+            findings={"Lung nodule": 0.2, "Emphysema": 0.05},
+            lungs={"volume_ml": 4800.0, "laa950_percent": 2.1},
+        ),
         "failed": db.study("broken.zip", status="Failure", error="step series: fewer than 20 slices"),
         "bare": db.study("bare.zip"),  # no decision, no models, no lungs: every section is optional
         "rejected": db.rejected("notes.zip", "no DICOM images found among 1 file(s)"),
@@ -168,8 +245,10 @@ def test_studies_sheet_rows_formats_and_highlighting(db: Db) -> None:
     assert sick["Probability of pathology"] == pytest.approx(0.91)
     assert sick["Most dangerous type"] == "Lung nodule"
     assert [(sick[f"Finding {i}"], sick[f"P {i}"]) for i in (1, 2, 3)] == [
-        ("Lung nodule", pytest.approx(0.93)), ("Pleural effusion", pytest.approx(0.62)),
-        ("Emphysema", pytest.approx(0.41))]
+        ("Lung nodule", pytest.approx(0.93)),
+        ("Pleural effusion", pytest.approx(0.62)),
+        ("Emphysema", pytest.approx(0.41)),
+    ]
     assert sick["Lung volume (mL)"] == pytest.approx(5234.4) and sick["%LAA-950"] == pytest.approx(12.34)
     assert sick[CAPTION_HEADER].startswith("Irregular nodule")
     assert sick["Processing time (s)"] == pytest.approx(12.5)
@@ -181,14 +260,18 @@ def test_studies_sheet_rows_formats_and_highlighting(db: Db) -> None:
     link = ws.cell(row=line, column=HEADERS.index("JSON") + 1)
     assert link.hyperlink is not None and not Path(link.hyperlink.target).is_absolute()
     assert (db.outbox / "reports" / link.hyperlink.target).resolve() == made["sick"]["json"].resolve()
-    assert all(ws.cell(row=line, column=c).fill.fgColor.rgb == PATHOLOGY_FILL for c in range(1, len(HEADERS) + 1))
+    assert all(
+        ws.cell(row=line, column=c).fill.fgColor.rgb == PATHOLOGY_FILL for c in range(1, len(HEADERS) + 1)
+    )
 
     line, well = by_file["well.zip"]
     assert well["Pathology"] == 0 and well["Finding 3"] is None
     assert ws.cell(row=line, column=1).fill.fgColor.rgb != PATHOLOGY_FILL
 
-    for name, status, reason in (("broken.zip", "Failure", "fewer than 20 slices"),
-                                 ("notes.zip", "Rejected", "no DICOM images")):
+    for name, status, reason in (
+        ("broken.zip", "Failure", "fewer than 20 slices"),
+        ("notes.zip", "Rejected", "no DICOM images"),
+    ):
         line, row = by_file[name]
         assert row["Status"] == status and reason in row["Error"]
         assert ws.cell(row=line, column=1).fill.fgColor.rgb == FAILURE_FILL
@@ -213,7 +296,7 @@ def test_summary_sheet_counts_failures_and_weekly_bins(db: Db) -> None:
     def table(title: str) -> list[tuple]:
         start = next(i for i, row in enumerate(cells) if row[0] == title)
         out = []
-        for row in cells[start + 1:]:
+        for row in cells[start + 1 :]:
             if row[0] is None:
                 break
             out.append(tuple(v for v in row if v is not None))
@@ -225,8 +308,10 @@ def test_summary_sheet_counts_failures_and_weekly_bins(db: Db) -> None:
     assert findings["Lung nodule"][1:4] == (2, 2, 1)  # most dangerous twice, in top 3 twice, ≥ 0.5 once
     assert findings["Pleural effusion"][1:4] == (0, 1, 1)
     failures = table("Failures")
-    assert [r[-1] for r in failures[1:]] == ["step series: fewer than 20 slices",
-                                            "no DICOM images found among 1 file(s)"]
+    assert [r[-1] for r in failures[1:]] == [
+        "step series: fewer than 20 slices",
+        "no DICOM images found among 1 file(s)",
+    ]
     weekly = table("Probability of pathology by week (threshold 0.5)")
     header, week = weekly[0], dict(zip(weekly[0], weekly[1], strict=True))
     assert "0.9–1.0" in header and "0.1–0.2" in header
@@ -297,7 +382,11 @@ def test_locked_or_unwritable_target_goes_to_pending_then_real_file_has_every_ro
     for target in (latest, day):
         assert not pending_path(target).exists()
         wb = openpyxl.load_workbook(target)
-        assert [r["Source file"] for r in sheet_rows(wb["Studies"])] == ["first.zip", "second.zip", "third.zip"]
+        assert [r["Source file"] for r in sheet_rows(wb["Studies"])] == [
+            "first.zip",
+            "second.zip",
+            "third.zip",
+        ]
         wb.close()
     assert not list(reports_dir.glob(".*.tmp.xlsx")), "no temp file is left behind"
 
@@ -339,9 +428,22 @@ def test_report_command_and_libreoffice_round_trip(tmp_path: Path) -> None:
     home.mkdir()
     env = {**os.environ, "HOME": str(home)}
     convert = subprocess.run(
-        ["soffice", "--headless", f"-env:UserInstallation={(tmp_path / 'lo-profile').as_uri()}",
-         "--convert-to", "csv:Text - txt - csv (StarCalc):44,34,76,1", "--outdir", str(out), str(latest)],
-        capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
+        [
+            "soffice",
+            "--headless",
+            f"-env:UserInstallation={(tmp_path / 'lo-profile').as_uri()}",
+            "--convert-to",
+            "csv:Text - txt - csv (StarCalc):44,34,76,1",
+            "--outdir",
+            str(out),
+            str(latest),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+        cwd=tmp_path,
+    )
     assert convert.returncode == 0, convert.stderr
     with (out / "ctwatch-latest.csv").open(encoding="utf-8", newline="") as fh:
         table = list(csv.reader(fh))

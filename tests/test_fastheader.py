@@ -42,7 +42,7 @@ def _pydicom_read(data: bytes) -> tuple[fastheader.Facts, int | None]:
     fp = io.BytesIO(data)
     ds = pydicom.dcmread(fp, stop_before_pixels=True)
     at = fp.tell()
-    offset = at if data[at:at + 4] == b"\xe0\x7f\x10\x00" else None
+    offset = at if data[at : at + 4] == b"\xe0\x7f\x10\x00" else None
     syntax = str(ds.file_meta.TransferSyntaxUID)
     return facts_from_dataset(ds, transfer_syntax=syntax, implicit=bool(ds.original_encoding[0])), offset
 
@@ -53,8 +53,11 @@ def _both(data: bytes) -> tuple[tuple[fastheader.Facts, int | None], tuple[fasth
 
 
 def _differences(a: fastheader.Facts, b: fastheader.Facts) -> dict:
-    return {f.name: (getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a)
-            if getattr(a, f.name) != getattr(b, f.name)}
+    return {
+        f.name: (getattr(a, f.name), getattr(b, f.name))
+        for f in dataclasses.fields(a)
+        if getattr(a, f.name) != getattr(b, f.name)
+    }
 
 
 def _member(name: str, data: bytes) -> Member:
@@ -73,13 +76,18 @@ def _corpus() -> dict[str, bytes]:
     out["scout"] = dicomgen.to_bytes(dicomgen.make_scout(study_uid=classic[0].StudyInstanceUID)[0])
     out["mr"] = dicomgen.to_bytes(dicomgen.make_mr_series(1)[0])
     undefined = copy.deepcopy(classic[0])
-    undefined.ReferencedImageSequence = Sequence([dicomgen.sequence_item(ReferencedSOPInstanceUID="1.2.3.4"),
-                                                  dicomgen.sequence_item(ReferencedSOPInstanceUID="1.2.3.5")])
+    undefined.ReferencedImageSequence = Sequence(
+        [
+            dicomgen.sequence_item(ReferencedSOPInstanceUID="1.2.3.4"),
+            dicomgen.sequence_item(ReferencedSOPInstanceUID="1.2.3.5"),
+        ]
+    )
     undefined["ReferencedImageSequence"].is_undefined_length = True
     for item in undefined.ReferencedImageSequence:
         item.is_undefined_length_sequence_item = True
-    undefined.private_block(0x0029, "CTWATCH NESTED", create=True).add_new(0x10, "SQ", [
-        dicomgen.sequence_item(ImagePositionPatient=[9, 9, 9], ImageType=["DERIVED"])])  # wanted tags nested: ignored
+    undefined.private_block(0x0029, "CTWATCH NESTED", create=True).add_new(
+        0x10, "SQ", [dicomgen.sequence_item(ImagePositionPatient=[9, 9, 9], ImageType=["DERIVED"])]
+    )  # wanted tags nested: ignored
     out["undefined-length sequences"] = dicomgen.to_bytes(undefined)
     padded = copy.deepcopy(classic[0])
     padded.ImagePositionPatient = ["-1.5", " 2", "3.25 "]
@@ -89,7 +97,13 @@ def _corpus() -> dict[str, bytes]:
     padded.TemporalPositionIdentifier = "2"
     out["padded values"] = dicomgen.to_bytes(padded)
     missing = copy.deepcopy(classic[0])
-    for keyword in ("RescaleSlope", "RescaleIntercept", "SliceThickness", "ConvolutionKernel", "InstanceNumber"):
+    for keyword in (
+        "RescaleSlope",
+        "RescaleIntercept",
+        "SliceThickness",
+        "ConvolutionKernel",
+        "InstanceNumber",
+    ):
         delattr(missing, keyword)
     missing.PixelSpacing = None
     out["missing values"] = dicomgen.to_bytes(missing)
@@ -209,8 +223,9 @@ class _Case:
 
     def __init__(self, ds: Dataset, syntax: str) -> None:
         self.data, self.syntax = dicomgen.to_bytes(ds), syntax
-        self.text = "\n".join(str(e) for e in ds if e.tag.group in (0x0008, 0x0018, 0x0020, 0x0028)
-                              or e.tag.is_private)
+        self.text = "\n".join(
+            str(e) for e in ds if e.tag.group in (0x0008, 0x0018, 0x0020, 0x0028) or e.tag.is_private
+        )
 
     def __repr__(self) -> str:
         return f"<{self.syntax}\n{self.text}>"
@@ -239,8 +254,14 @@ def _header(draw: st.DrawFn) -> _Case:
         if draw(st.booleans()):
             block.add_new(0x10, "OB", draw(st.binary(max_size=300)))
         else:
-            block.add_new(0x10, "SQ", [dicomgen.sequence_item(ImagePositionPatient=[1, 2, 3], SliceThickness="9")
-                                       for _ in range(draw(st.integers(0, 2)))])
+            block.add_new(
+                0x10,
+                "SQ",
+                [
+                    dicomgen.sequence_item(ImagePositionPatient=[1, 2, 3], SliceThickness="9")
+                    for _ in range(draw(st.integers(0, 2)))
+                ],
+            )
             element = block[0x10]
             element.is_undefined_length = draw(st.booleans())
     return _Case(ds, syntax)
@@ -252,11 +273,17 @@ def test_random_headers_read_the_same_by_both_readers(case: _Case) -> None:
     data, syntax = case.data, case.syntax
     mine, theirs = _both(data)
     assert _differences(mine[0], theirs[0]) == {}
-    assert mine[1] == theirs[1], (mine[1], theirs[1], len(data), data[(theirs[1] or 0) - 24:(theirs[1] or 0) + 8])
+    assert mine[1] == theirs[1], (
+        mine[1],
+        theirs[1],
+        len(data),
+        data[(theirs[1] or 0) - 24 : (theirs[1] or 0) + 8],
+    )
     assert mine[0].transfer_syntax == syntax and mine[0].implicit == (syntax == ImplicitVRLittleEndian)
 
 
 # --- odd values found in review: never crash the scan, same facts from both readers ------------------
+
 
 def _patched(tag: int, vr: bytes, old: bytes, new: bytes) -> bytes:
     """A generated file whose element ``tag`` (explicit VR, value ``old``) now holds ``new``."""
@@ -277,8 +304,10 @@ def test_an_unknown_or_private_transfer_syntax_is_declined_not_a_crash(syntax: b
     assert result.dicom_files == 1 and result.studies[0].series
 
 
-@pytest.mark.parametrize(("tag", "value"), [(0x00200013, b"1e999 "), (0x00200013, b"nan "),
-                                            (0x00280008, b"inf "), (0x00281052, b"-inf")])
+@pytest.mark.parametrize(
+    ("tag", "value"),
+    [(0x00200013, b"1e999 "), (0x00200013, b"nan "), (0x00280008, b"inf "), (0x00281052, b"-inf")],
+)
 def test_non_finite_numbers_are_read_as_missing_by_both_readers(tag: int, value: bytes) -> None:
     vr = b"DS" if tag == 0x00281052 else b"IS"
     data = _patched(tag, vr, b"1 ", value)

@@ -32,9 +32,12 @@ from tests import dicomgen
 
 SHAPE = (40, 64, 64)
 SLICE_MM, PIXEL_MM = 2.5, 5.0  # 5 mm pixels: the 64 × 64 phantom has adult-sized lungs (~1.3 L)
-STEPS = [{"id": "series", "uses": "dicom.select_series", "with": {"min_slices": 20}},
-         {"id": "volume", "uses": "ct.volume"}, {"id": "lungs", "uses": "quantify.lungs"},
-         {"id": "slices", "uses": "render.key_slices"}]
+STEPS = [
+    {"id": "series", "uses": "dicom.select_series", "with": {"min_slices": 20}},
+    {"id": "volume", "uses": "ct.volume"},
+    {"id": "lungs", "uses": "quantify.lungs"},
+    {"id": "slices", "uses": "render.key_slices"},
+]
 LUNG_HU, BODY_HU = -850.0, 40.0  # chest_phantom's parenchyma and soft tissue
 
 
@@ -44,8 +47,9 @@ def phantom() -> tuple[np.ndarray, dict]:
 
 
 def _classic(stored: np.ndarray, **kwargs: object) -> list[Dataset]:
-    return dicomgen.make_series(SHAPE[0], stored=stored, spacing=SLICE_MM, pixel_spacing=PIXEL_MM,
-                                kernel="B70f", **kwargs)  # type: ignore[arg-type]
+    return dicomgen.make_series(
+        SHAPE[0], stored=stored, spacing=SLICE_MM, pixel_spacing=PIXEL_MM, kernel="B70f", **kwargs
+    )  # type: ignore[arg-type]
 
 
 def _run(tmp_path: Path, datasets: list[Dataset]) -> StudyContext:
@@ -87,14 +91,23 @@ def test_clean_control_gives_the_phantom(tmp_path: Path, phantom: tuple) -> None
 
 # --- BH-10: gantry tilt ------------------------------------------------------------------------------
 
-def test_gantry_tilt_spacing_is_the_distance_between_the_tilted_planes(tmp_path: Path, phantom: tuple) -> None:
+
+def test_gantry_tilt_spacing_is_the_distance_between_the_tilted_planes(
+    tmp_path: Path, phantom: tuple
+) -> None:
     hu, truth = phantom
     tilt = math.radians(20.0)
-    datasets = _classic((hu + 1024).astype(np.int16), orientation=(1, 0, 0, 0, math.cos(tilt), math.sin(tilt)))
+    datasets = _classic(
+        (hu + 1024).astype(np.int16), orientation=(1, 0, 0, 0, math.cos(tilt), math.sin(tilt))
+    )
     rows, cols = SHAPE[1:]
     y0 = -rows * PIXEL_MM / 2
     for k, ds in enumerate(datasets):  # the table moves 2.5 mm along z; the planes lean 20° about left-right
-        ds.ImagePositionPatient = [-cols * PIXEL_MM / 2, y0 * math.cos(tilt), k * SLICE_MM + y0 * math.sin(tilt)]
+        ds.ImagePositionPatient = [
+            -cols * PIXEL_MM / 2,
+            y0 * math.cos(tilt),
+            k * SLICE_MM + y0 * math.sin(tilt),
+        ]
         ds.SliceLocation = k * SLICE_MM
         ds.GantryDetectorTilt = 20
         del ds.SpacingBetweenSlices
@@ -108,6 +121,7 @@ def test_gantry_tilt_spacing_is_the_distance_between_the_tilted_planes(tmp_path:
 
 # --- BH-11: Enhanced CT, frames stored head to feet ----------------------------------------------------
 
+
 def test_enhanced_ct_stored_head_to_feet_equals_the_classic_study(tmp_path: Path, phantom: tuple) -> None:
     hu, truth = phantom
     classic = _classic((hu + 1024).astype(np.int16))
@@ -116,11 +130,20 @@ def test_enhanced_ct_stored_head_to_feet_equals_the_classic_study(tmp_path: Path
     enhanced = dicomgen.make_enhanced(classic[::-1])  # frame 1 is the most superior slice
     del enhanced.SpacingBetweenSlices
     enhanced.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].SpacingBetweenSlices = SLICE_MM
-    for keyword in ("PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient", "RescaleIntercept",
-                    "RescaleSlope", "SliceThickness", "SpacingBetweenSlices"):
+    for keyword in (
+        "PixelSpacing",
+        "ImageOrientationPatient",
+        "ImagePositionPatient",
+        "RescaleIntercept",
+        "RescaleSlope",
+        "SliceThickness",
+        "SpacingBetweenSlices",
+    ):
         assert keyword not in enhanced, keyword  # only in the functional groups
-    stored_z = [float(f.PlanePositionSequence[0].ImagePositionPatient[2])
-                for f in enhanced.PerFrameFunctionalGroupsSequence]
+    stored_z = [
+        float(f.PlanePositionSequence[0].ImagePositionPatient[2])
+        for f in enhanced.PerFrameFunctionalGroupsSequence
+    ]
     assert stored_z == sorted(stored_z, reverse=True)
     ctx = _run(tmp_path, [enhanced])
     assert ctx.result["volume"]["enhanced_multiframe"] is True
@@ -132,6 +155,7 @@ def test_enhanced_ct_stored_head_to_feet_equals_the_classic_study(tmp_path: Path
 
 
 # --- BH-12, BH-13: compressed signed pixels ------------------------------------------------------------
+
 
 def _signed_series(hu: np.ndarray, bits_stored: int) -> list[Dataset]:
     """Stored value = HU (intercept 0), signed, ``bits_stored`` of 16 bits."""
@@ -159,7 +183,9 @@ def test_jpeg_ls_of_signed_12_bit_values_gives_exact_hu(tmp_path: Path, phantom:
     _assert_lungs_of_the_phantom(ctx, truth)
 
 
-def test_jpeg_2000_unsigned_codestream_under_a_signed_header_gives_exact_hu(tmp_path: Path, phantom: tuple) -> None:
+def test_jpeg_2000_unsigned_codestream_under_a_signed_header_gives_exact_hu(
+    tmp_path: Path, phantom: tuple
+) -> None:
     hu, truth = phantom
     datasets = []
     for ds in _signed_series(hu, 13):
@@ -176,6 +202,7 @@ def test_jpeg_2000_unsigned_codestream_under_a_signed_header_gives_exact_hu(tmp_
 
 
 # --- BH-14: padding outside the reconstruction circle -------------------------------------------------
+
 
 def test_padding_outside_the_field_never_enters_the_lungs(tmp_path: Path, phantom: tuple) -> None:
     hu, truth = phantom
@@ -200,6 +227,7 @@ def test_padding_outside_the_field_never_enters_the_lungs(tmp_path: Path, phanto
 
 # --- BH-15: MONOCHROME1 -----------------------------------------------------------------------------
 
+
 def test_monochrome1_keeps_hu_and_previews_show_lungs_dark(tmp_path: Path, phantom: tuple) -> None:
     hu, truth = phantom
     datasets = _classic((hu + 1024).astype(np.int16))
@@ -208,7 +236,9 @@ def test_monochrome1_keeps_hu_and_previews_show_lungs_dark(tmp_path: Path, phant
     ctx = _run(tmp_path, datasets)
     _assert_hu_of_the_phantom(ctx, hu)
     _assert_lungs_of_the_phantom(ctx, truth)
-    entry = next(e for e in ctx.result["key_slices"] if e["window"] == "lung" and e["file"].endswith("_2.png"))
+    entry = next(
+        e for e in ctx.result["key_slices"] if e["window"] == "lung" and e["file"].endswith("_2.png")
+    )
     image = np.asarray(Image.open(io.BytesIO((ctx.out_dir.parent / entry["file"]).read_bytes())))
     level = hu[entry["slice_index"]]
     assert image.shape == level.shape  # standard orientation, square pixels: pixel for pixel
@@ -232,7 +262,14 @@ def test_the_in_process_reader_api_that_outside_checkers_use_stays(tmp_path: Pat
         verdicts = evaluate([series_facts(s) for s in study.series.values()], SelectionRules(min_slices=20))
         volume = load_volume(study.series[verdicts[0].facts.uid], workers=1)
     metrics = lung_metrics(volume.hu, lung_mask(volume.hu), volume.spacing_zyx).as_dict()
-    assert {"frames_in_series", "frames_used", "duplicates_dropped", "phases_split", "spacing",
-            "tilt_degrees"} <= set(volume.provenance)
-    assert metrics["volume_ml"] == pytest.approx(truth["lung_voxels"] * float(np.prod(volume.spacing_zyx)) / 1000,
-                                                 rel=0.02)
+    assert {
+        "frames_in_series",
+        "frames_used",
+        "duplicates_dropped",
+        "phases_split",
+        "spacing",
+        "tilt_degrees",
+    } <= set(volume.provenance)
+    assert metrics["volume_ml"] == pytest.approx(
+        truth["lung_voxels"] * float(np.prod(volume.spacing_zyx)) / 1000, rel=0.02
+    )

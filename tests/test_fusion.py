@@ -40,9 +40,13 @@ def _synthetic(seed: int = 0) -> tuple[list[dict[str, float]], np.ndarray]:
     y = (2.5 * nodule + anomaly + rng.normal(0, 0.2, N) > 1.25).astype(int)
     rows = []
     for i in range(N):
-        row = {"head.Lung nodule": nodule[i], "anomaly.score": anomaly[i],
-               "zs.Emphysema": rng.uniform(0, 1), "zs.Lung nodule": rng.uniform(0, 1),
-               "lungs.laa950_percent": rng.uniform(0, 20)}
+        row = {
+            "head.Lung nodule": nodule[i],
+            "anomaly.score": anomaly[i],
+            "zs.Emphysema": rng.uniform(0, 1),
+            "zs.Lung nodule": rng.uniform(0, 1),
+            "lungs.laa950_percent": rng.uniform(0, 20),
+        }
         if i % 7 == 0:
             del row["head.Lung nodule"]  # a study processed before the head existed
         rows.append(row)
@@ -56,8 +60,16 @@ def _uid(i: int) -> str:
 def _store(state_path: Path, rows: list[dict[str, float]]) -> None:
     state = State(state_path)
     for i, features in enumerate(rows):
-        arrival = state.register_arrival(kind="cli", name=f"s{i}.zip", original_path="x", current_path="x",
-                                         sha256=f"{i:064x}", size=1, pipeline_name="p", pipeline_version=1)
+        arrival = state.register_arrival(
+            kind="cli",
+            name=f"s{i}.zip",
+            original_path="x",
+            current_path="x",
+            sha256=f"{i:064x}",
+            size=1,
+            pipeline_name="p",
+            pipeline_version=1,
+        )
         state.record_features(arrival.arrival_id, _uid(i), f"ACC{i}", features)
     state.close()
 
@@ -68,8 +80,14 @@ def _labels(path: Path, y: np.ndarray, *, findings: dict[str, np.ndarray] | None
         writer.writerow(["study_uid", "accession", "pathology", *(findings or {})])
         for i, label in enumerate(y):
             # half the rows keyed by UID, half by accession only
-            writer.writerow([_uid(i) if i % 2 else "", f"ACC{i}", int(label),
-                             *(int(v[i]) for v in (findings or {}).values())])
+            writer.writerow(
+                [
+                    _uid(i) if i % 2 else "",
+                    f"ACC{i}",
+                    int(label),
+                    *(int(v[i]) for v in (findings or {}).values()),
+                ]
+            )
     return path
 
 
@@ -102,8 +120,9 @@ def test_fit_fusion_learns_a_real_signal(fitted) -> None:
     root, fit, _ = fitted
     assert fit.installed and fit.report.auroc >= 0.9 and fit.report.better_than_chance
     card = json.loads((root / "weights/fusion/card.json").read_text())
-    assert card["feature_names"] == sorted(["head.Lung nodule", "anomaly.score", "zs.Emphysema", "zs.Lung nodule",
-                                            "lungs.laa950_percent"])
+    assert card["feature_names"] == sorted(
+        ["head.Lung nodule", "anomaly.score", "zs.Emphysema", "zs.Lung nodule", "lungs.laa950_percent"]
+    )
     assert card["cv"]["auroc"] >= 0.9 and card["threshold_rule"] == "youden"
     assert 0 < card["threshold"] < 1 and len(card["data_hash"]) == 64
     assert card["training"]["studies"] == N and card["training"]["unmatched_labels"] == 0
@@ -162,7 +181,11 @@ def test_missing_features_still_fuse(fitted) -> None:
     step.run(ctx)
     fusion = ctx.result["fusion"]
     assert 0 < fusion["probability"] < 1
-    assert sorted(fusion["features_missing"]) == ["head.Lung nodule", "lungs.laa950_percent", "zs.Lung nodule"]
+    assert sorted(fusion["features_missing"]) == [
+        "head.Lung nodule",
+        "lungs.laa950_percent",
+        "zs.Lung nodule",
+    ]
     assert any("features missing" in w for w in ctx.warnings)
     DecisionPathology(DecisionParams(), StepEnv(root)).run(ctx)
     decision = ctx.result["decision"]
@@ -212,12 +235,27 @@ def _install_models(root: Path, fusion_root: Path) -> None:
     for name in ("small_ctclip.pt", "small_lipro.pt", "small_config.json", "vocab.txt"):
         shutil.copy(FIXTURES / "ct_clip" / name, root / "weights/ct_clip" / name)
     torch.manual_seed(0)
-    save_head(root / "weights/head", build_head(16, HEAD_FINDINGS),
-              {"architecture": {"in_dim": 16, "hidden": 0, "dropout": 0.1}, "findings": HEAD_FINDINGS,
-               "thresholds": {"Emphysema": 0.45, "Lung nodule": 0.5}, "date": "2024-01-01"})
-    save_anomaly_model(root / "weights/anomaly", build_unet(32, (16, 32)), build_scheduler(),
-                       {"image_size": 32, "window": {"width": 1500, "level": -600}, "date": "2024-01-01",
-                        "defaults": {"slices": 4, "noise_level": 0.3, "ddim_steps": 10}})
+    save_head(
+        root / "weights/head",
+        build_head(16, HEAD_FINDINGS),
+        {
+            "architecture": {"in_dim": 16, "hidden": 0, "dropout": 0.1},
+            "findings": HEAD_FINDINGS,
+            "thresholds": {"Emphysema": 0.45, "Lung nodule": 0.5},
+            "date": "2024-01-01",
+        },
+    )
+    save_anomaly_model(
+        root / "weights/anomaly",
+        build_unet(32, (16, 32)),
+        build_scheduler(),
+        {
+            "image_size": 32,
+            "window": {"width": 1500, "level": -600},
+            "date": "2024-01-01",
+            "defaults": {"slices": 4, "noise_level": 0.3, "ddim_steps": 10},
+        },
+    )
 
 
 def _default_steps() -> list[dict]:
@@ -263,8 +301,11 @@ def test_default_pipeline_features_port_equals_the_json_features(fitted, tmp_pat
     assert features["anomaly.score"] == result["anomaly"]["score"] == result["features"]["anomaly.score"]
     assert features["lungs.volume_ml"] == result["lungs"]["volume_ml"] > 0
     assert features["head.Lung nodule"] == result["models"]["head"]["probabilities"]["Lung nodule"]
-    assert [(s.step_id, s.source) for s in ctx.values["scores"]] == [("clip", "zs"), ("lipro", "lipro"),
-                                                                      ("head", "head")]
+    assert [(s.step_id, s.source) for s in ctx.values["scores"]] == [
+        ("clip", "zs"),
+        ("lipro", "lipro"),
+        ("head", "head"),
+    ]
     assert all(isinstance(s, ModelScores) for s in ctx.values["scores"])
 
     # fusion on the port = the booster on the JSON's features (computed here without the step)

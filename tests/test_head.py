@@ -45,8 +45,16 @@ def fitted(tmp_path_factory: pytest.TempPathFactory):
     x, y = _data()
     state = State(project.state_path)
     for i in range(N):
-        arrival = state.register_arrival(kind="cli", name=f"s{i}.zip", original_path="x", current_path="x",
-                                         sha256=f"{i:064x}", size=1, pipeline_name="p", pipeline_version=1)
+        arrival = state.register_arrival(
+            kind="cli",
+            name=f"s{i}.zip",
+            original_path="x",
+            current_path="x",
+            sha256=f"{i:064x}",
+            size=1,
+            pipeline_name="p",
+            pipeline_version=1,
+        )
         state.record_features(arrival.arrival_id, _uid(i), None, {"zs.Emphysema": 0.5}, {"ctclip": x[i]})
     state.close()
     labels = root / "labels.csv"
@@ -63,7 +71,11 @@ def fitted(tmp_path_factory: pytest.TempPathFactory):
 def test_fit_head_cv_auroc(fitted) -> None:
     root, _, _, stdout = fitted
     card = json.loads((root / "weights/head/card.json").read_text())
-    assert card["findings"] == FINDINGS and card["architecture"] == {"in_dim": DIM, "hidden": 0, "dropout": 0.1}
+    assert card["findings"] == FINDINGS and card["architecture"] == {
+        "in_dim": DIM,
+        "hidden": 0,
+        "dropout": 0.1,
+    }
     per_finding = card["cv"]["per_finding"]
     for name in FINDINGS:
         assert per_finding[name]["auroc"] >= 0.9, per_finding
@@ -112,8 +124,16 @@ def test_mlp_head_and_bad_labels(tmp_path: Path) -> None:
     x, y = _data(seed=3)
     state = State(tmp_path / "s.db")
     for i in range(N):
-        arrival = state.register_arrival(kind="cli", name=f"s{i}", original_path="x", current_path="x",
-                                         sha256=f"{i:064x}", size=1, pipeline_name="p", pipeline_version=1)
+        arrival = state.register_arrival(
+            kind="cli",
+            name=f"s{i}",
+            original_path="x",
+            current_path="x",
+            sha256=f"{i:064x}",
+            size=1,
+            pipeline_name="p",
+            pipeline_version=1,
+        )
         state.record_features(arrival.arrival_id, _uid(i), f"A{i}", {}, {"ctclip": x[i]})
     labels = tmp_path / "labels.csv"
     labels.write_text("accession,Lung nodule\n" + "".join(f"A{i},{int(y[i, 0])}\n" for i in range(N)))

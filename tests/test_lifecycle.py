@@ -74,11 +74,16 @@ def test_worker_that_dies_while_recording_is_restarted_and_finishes_the_arrival(
     write_zip(project.inbox / "study.zip", make_series(20))
     daemon = project.start()
     try:
-        wait_for(lambda: "thread.died part=worker" in project.log_text(), 60, "the worker to die and be restarted")
+        wait_for(
+            lambda: "thread.died part=worker" in project.log_text(), 60, "the worker to die and be restarted"
+        )
         assert db_rows(project, "select state, placed from arrivals") == [("done", 0)], (
-            "its end is recorded before the receipt and the move")
+            "its end is recorded before the receipt and the move"
+        )
         receipts.unlink()  # the cause goes away; nobody restarts the daemon
-        wait_for(lambda: db_rows(project, "select placed from arrivals") == [(1,)], 90, "the recorded end finished")
+        wait_for(
+            lambda: db_rows(project, "select placed from arrivals") == [(1,)], 90, "the recorded end finished"
+        )
     finally:
         assert _stop(daemon) == 0, project.log_text()[-3000:]
     receipt = json.loads(next(receipts.glob("*.json")).read_text())

@@ -10,8 +10,11 @@ import pytest
 from processor.dicom.lungs import LungSettings, lung_mask, lung_metrics
 from tests import dicomgen
 
-STEPS = [{"id": "series", "uses": "dicom.select_series"}, {"id": "volume", "uses": "ct.volume"},
-         {"id": "lungs", "uses": "quantify.lungs"}]
+STEPS = [
+    {"id": "series", "uses": "dicom.select_series"},
+    {"id": "volume", "uses": "ct.volume"},
+    {"id": "lungs", "uses": "quantify.lungs"},
+]
 PHANTOM_SHAPE = (40, 96, 96)
 SLICE_MM, PIXEL_MM = 6.0, 3.5
 
@@ -19,8 +22,9 @@ SLICE_MM, PIXEL_MM = 6.0, 3.5
 def test_phantom_volume_and_laa_within_2_percent_through_the_engine(tmp_path: Path) -> None:
     hu, truth = dicomgen.chest_phantom(PHANTOM_SHAPE)
     stored = (hu + 1024).astype(np.int16)  # the usual CT storage: intercept −1024
-    datasets = dicomgen.make_series(PHANTOM_SHAPE[0], stored=stored, spacing=SLICE_MM, pixel_spacing=PIXEL_MM,
-                                    kernel="B70f")
+    datasets = dicomgen.make_series(
+        PHANTOM_SHAPE[0], stored=stored, spacing=SLICE_MM, pixel_spacing=PIXEL_MM, kernel="B70f"
+    )
     path = dicomgen.write_zip(tmp_path / "phantom.zip", datasets, shuffle_seed=11)
     ctx, outcome = dicomgen.run_steps(path, STEPS, tmp_path)
     assert outcome.status == "Success", outcome.error
@@ -82,8 +86,12 @@ def test_real_ct_small_series_gives_plausible_densities_and_honest_flags(tmp_pat
     assert 0 <= lungs["laa950_percent"] < 10
     assert 50 < lungs["volume_ml"] < 500
     assert lungs["plausible"] is False
-    assert set(lungs["flags"]) == {"volume_below_min", "lungs_cut_at_first_slice", "lungs_cut_at_last_slice",
-                                   "lungs_cut_in_plane"}  # the lungs reach the top, left and right edges
+    assert set(lungs["flags"]) == {
+        "volume_below_min",
+        "lungs_cut_at_first_slice",
+        "lungs_cut_at_last_slice",
+        "lungs_cut_in_plane",
+    }  # the lungs reach the top, left and right edges
     assert "top, left and right edges of the image on 30 of 30 lung slices" in lungs["summary"]
     assert any("lung numbers partial or not plausible" in w for w in ctx.warnings)
 

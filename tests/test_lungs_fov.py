@@ -21,14 +21,24 @@ from processor.dicom.body import body_spans
 from processor.dicom.lungs import LungSettings, lung_mask, lung_metrics, slab_thickness_mm
 from tests import dicomgen
 
-STEPS = [{"id": "series", "uses": "dicom.select_series"}, {"id": "volume", "uses": "ct.volume"},
-         {"id": "lungs", "uses": "quantify.lungs"}]
+STEPS = [
+    {"id": "series", "uses": "dicom.select_series"},
+    {"id": "volume", "uses": "ct.volume"},
+    {"id": "lungs", "uses": "quantify.lungs"},
+]
 SPACING = (5.0, 2.5, 2.5)  # z, row, column (mm)
 
 
-def fov_phantom(shape: tuple[int, int, int] = (40, 128, 128), *, outside_hu: float = -930.0,
-                body_half_width: float = 0.62, body_half_height: float = 0.40, table: str = "apart",
-                noise: float = 20.0, seed: int = 3) -> tuple[np.ndarray, dict]:
+def fov_phantom(
+    shape: tuple[int, int, int] = (40, 128, 128),
+    *,
+    outside_hu: float = -930.0,
+    body_half_width: float = 0.62,
+    body_half_height: float = 0.40,
+    table: str = "apart",
+    noise: float = 20.0,
+    seed: int = 3,
+) -> tuple[np.ndarray, dict]:
     """A chest in HU (z, y, x) seen through a field of view of ``shape``; fractions are of the image size.
 
     Body (40 HU): an elliptic cylinder centred at 45 % of the height, ``body_half_width`` and
@@ -50,28 +60,39 @@ def fov_phantom(shape: tuple[int, int, int] = (40, 128, 128), *, outside_hu: flo
     lungs = np.zeros(shape, bool)
     centres = (nx / 2 - 0.48 * body_half_width * nx, nx / 2 + 0.48 * body_half_width * nx)
     for cx in centres:
-        lungs |= (((z - cz) / (0.4 * nz)) ** 2 + ((y - cy) / (0.25 * ny)) ** 2
-                  + ((x - cx) / (0.355 * body_half_width * nx)) ** 2) <= 1
+        lungs |= (
+            ((z - cz) / (0.4 * nz)) ** 2
+            + ((y - cy) / (0.25 * ny)) ** 2
+            + ((x - cx) / (0.355 * body_half_width * nx)) ** 2
+        ) <= 1
     hu[lungs] = -850.0
     hu[lungs & (x > nx / 2) & (y < cy - 0.08 * ny)] = -980.0
-    deep = ndimage.binary_erosion(lungs, np.array([[[0, 0, 0]] * 3, [[0, 1, 0], [1, 1, 1], [0, 1, 0]],
-                                                   [[0, 0, 0]] * 3], bool), iterations=3)
+    deep = ndimage.binary_erosion(
+        lungs,
+        np.array([[[0, 0, 0]] * 3, [[0, 1, 0], [1, 1, 1], [0, 1, 0]], [[0, 0, 0]] * 3], bool),
+        iterations=3,
+    )
     for cx in (centres[0] + 0.08 * body_half_width * nx, centres[1] - 0.08 * body_half_width * nx):
         hu[((y - cy) ** 2 + (x - round(cx)) ** 2 <= 2) & deep] = 40.0
     table_core = np.zeros(shape, bool)
     if table != "none":
         top = int(round((cy + body_half_height * ny) + (0.05 * ny if table == "apart" else -1)))
         height = max(3, round(0.03 * ny))
-        hu[:, top:top + height, :] = 300.0
+        hu[:, top : top + height, :] = 300.0
         if table == "apart":
-            table_core[:, top + 1:top + height - 1, 4:nx - 4] = True
+            table_core[:, top + 1 : top + height - 1, 4 : nx - 4] = True
             hu[table_core] = -950.0
     outside = ~np.broadcast_to(body, shape) & (hu == outside_hu)
     hu += np.random.default_rng(seed).normal(0, noise, shape).astype(np.float32)
     hu = np.rint(hu)
-    return hu, {"lungs": lungs, "outside": outside, "table_core": table_core,
-                "lung_voxels": int(lungs.sum()), "laa_voxels": int((hu[lungs] < -950).sum()),
-                "mean_lung_density_hu": float(hu[lungs].mean(dtype=np.float64))}
+    return hu, {
+        "lungs": lungs,
+        "outside": outside,
+        "table_core": table_core,
+        "lung_voxels": int(lungs.sum()),
+        "laa_voxels": int((hu[lungs] < -950).sum()),
+        "mean_lung_density_hu": float(hu[lungs].mean(dtype=np.float64)),
+    }
 
 
 def true_ml(voxels: int, spacing: tuple[float, float, float] = SPACING) -> float:
@@ -86,8 +107,9 @@ def assert_truth(metrics, truth: dict, spacing: tuple[float, float, float] = SPA
 
 @pytest.mark.parametrize("outside_hu", [-930.0, -960.0, -1000.0])
 @pytest.mark.parametrize("table", ["apart", "touching", "none"])
-def test_tight_fov_outside_air_is_never_lung_and_cut_lungs_are_kept_and_flagged(outside_hu: float,
-                                                                                 table: str) -> None:
+def test_tight_fov_outside_air_is_never_lung_and_cut_lungs_are_kept_and_flagged(
+    outside_hu: float, table: str
+) -> None:
     hu, truth = fov_phantom(outside_hu=outside_hu, table=table)
     mask = lung_mask(hu)
     assert not (mask & truth["outside"]).any() and not (mask & truth["table_core"]).any()
@@ -181,7 +203,7 @@ def test_slabs_tile_the_scanned_range(steps: list[float], start: float) -> None:
 def test_missing_slices_inside_the_lungs_are_bridged_and_flagged() -> None:
     hu, truth = fov_phantom(outside_hu=-1000.0, body_half_width=0.46)
     positions = np.arange(hu.shape[0]) * SPACING[0]
-    keep = np.r_[0:18, 21:hu.shape[0]]  # slices 18-20 missing, in the middle of the lungs
+    keep = np.r_[0:18, 21 : hu.shape[0]]  # slices 18-20 missing, in the middle of the lungs
     metrics = lung_metrics(hu[keep], lung_mask(hu[keep]), SPACING, positions_mm=positions[keep])
     whole = true_ml(truth["lung_voxels"])
     assert metrics.volume_ml == pytest.approx(whole, rel=0.02)  # integrated over the true slabs
@@ -195,7 +217,7 @@ def test_missing_slices_inside_the_lungs_are_bridged_and_flagged() -> None:
 def test_a_gap_outside_the_lungs_is_not_a_lung_flag() -> None:
     hu, truth = fov_phantom(outside_hu=-1000.0, body_half_width=0.46)
     positions = np.arange(hu.shape[0]) * SPACING[0]
-    keep = np.r_[0:1, 3:hu.shape[0]]  # below the lungs (they start at slice 4)
+    keep = np.r_[0:1, 3 : hu.shape[0]]  # below the lungs (they start at slice 4)
     assert not truth["lungs"][:4].any()
     metrics = lung_metrics(hu[keep], lung_mask(hu[keep]), SPACING, positions_mm=positions[keep])
     assert metrics.flags == []
@@ -216,11 +238,13 @@ def test_unknown_pixel_spacing_withholds_the_volume_only() -> None:
     json.dumps(silent.as_dict(), allow_nan=False)
 
 
-def _run(tmp_path: Path, hu: np.ndarray, *, drop: list[int] | None = None,
-         pixel_spacing: bool = True) -> tuple:
+def _run(
+    tmp_path: Path, hu: np.ndarray, *, drop: list[int] | None = None, pixel_spacing: bool = True
+) -> tuple:
     stored = (hu + 1024).astype(np.int16)
-    datasets = dicomgen.make_series(hu.shape[0], stored=stored, spacing=SPACING[0], pixel_spacing=SPACING[1],
-                                    kernel="B70f")
+    datasets = dicomgen.make_series(
+        hu.shape[0], stored=stored, spacing=SPACING[0], pixel_spacing=SPACING[1], kernel="B70f"
+    )
     for ds in datasets:
         if not pixel_spacing:
             del ds.PixelSpacing

@@ -28,10 +28,21 @@ LUNG_HU, BODY_HU = -850.0, 40.0
 TWO_LUNGS = ((-70.0, 0.0, 55.0, 80.0), (70.0, 0.0, 55.0, 80.0))  # centre x, y and half-axes (mm)
 
 
-def chest(ny: int, nx: int, pixel_mm: tuple[float, float], *, nz: int = 24, slice_mm: float = 10.0,
-          torso: tuple[float, float] = (150.0, 110.0), lungs=TWO_LUNGS, arms=(), outside_hu: float = -1000.0,
-          gas: tuple[float, float, float, float] | None = None, noise: float = 20.0,
-          seed: int = 1) -> tuple[np.ndarray, dict]:
+def chest(
+    ny: int,
+    nx: int,
+    pixel_mm: tuple[float, float],
+    *,
+    nz: int = 24,
+    slice_mm: float = 10.0,
+    torso: tuple[float, float] = (150.0, 110.0),
+    lungs=TWO_LUNGS,
+    arms=(),
+    outside_hu: float = -1000.0,
+    gas: tuple[float, float, float, float] | None = None,
+    noise: float = 20.0,
+    seed: int = 1,
+) -> tuple[np.ndarray, dict]:
     """HU (z, y, x) of a chest on an ``ny`` × ``nx`` grid of ``pixel_mm`` (rows, columns), centred.
 
     Torso: an elliptic cylinder of half-axes ``torso`` (mm). Lungs: ellipsoids (x, y, half-axes in
@@ -67,8 +78,13 @@ def ml(mask: np.ndarray, pixel_mm: tuple[float, float], slice_mm: float = 10.0) 
 
 # -- 1. the body mask's size is in mm: the same chest on any grid gives the same lungs -------------
 
-GRIDS = [((160, 160), (2.5, 2.5)), ((200, 200), (2.0, 2.0)), ((512, 512), (0.9, 0.9)),
-         ((200, 134), (2.0, 3.0)), ((134, 200), (3.0, 2.0))]
+GRIDS = [
+    ((160, 160), (2.5, 2.5)),
+    ((200, 200), (2.0, 2.0)),
+    ((512, 512), (0.9, 0.9)),
+    ((200, 134), (2.0, 3.0)),
+    ((134, 200), (3.0, 2.0)),
+]
 
 
 @pytest.mark.parametrize(("matrix", "pixel_mm"), GRIDS)
@@ -107,7 +123,10 @@ def test_lung_beyond_the_body_outline_is_kept_and_flagged_never_cut_silently() -
 
 # -- 2. a gas bubble below one hemithorax is not the second lung -----------------------------------
 
-@pytest.mark.parametrize(("gas", "slices"), [((60.0, -20.0, -140.0, 45.0), 30), ((70.0, 20.0, 160.0, 45.0), 36)])
+
+@pytest.mark.parametrize(
+    ("gas", "slices"), [((60.0, -20.0, -140.0, 45.0), 30), ((70.0, 20.0, 160.0, 45.0), 36)]
+)
 def test_one_lung_and_a_gas_bubble_beyond_its_height_is_one_lung(gas, slices: int) -> None:
     pixel_mm = (2.5, 2.5)
     hu, truth = chest(160, 160, pixel_mm, nz=slices, lungs=TWO_LUNGS[:1], gas=gas)
@@ -117,7 +136,8 @@ def test_one_lung_and_a_gas_bubble_beyond_its_height_is_one_lung(gas, slices: in
     assert np.array_equal(found.mask, truth["lungs"])
     metrics = lung_metrics(hu, found.mask, (10.0, *pixel_mm), found=found)
     assert metrics.laa950_percent == pytest.approx(
-        np.count_nonzero(hu[truth["lungs"]] < -950) / truth["lungs"].sum() * 100, abs=0.01)
+        np.count_nonzero(hu[truth["lungs"]] < -950) / truth["lungs"].sum() * 100, abs=0.01
+    )
     assert metrics.flags == ["one_lung"]
     assert "only one lung" in metrics.summary.lower() and "was left out" in metrics.summary
 
@@ -155,13 +175,26 @@ def test_max_components_one_keeps_one_lung_and_says_so() -> None:
 ARMS_DOWN = ((-195.0, 10.0, 45.0, 55.0), (195.0, 10.0, 45.0, 55.0))
 
 
-@pytest.mark.parametrize(("matrix", "pixel_mm", "outside_hu"),
-                         [((118, 245), (2.0, 2.0), -930.0), ((160, 245), (2.0, 2.0), -1000.0),
-                          ((110, 170), (3.0, 3.0), -1000.0), ((236, 490), (1.0, 1.0), -930.0)])
+@pytest.mark.parametrize(
+    ("matrix", "pixel_mm", "outside_hu"),
+    [
+        ((118, 245), (2.0, 2.0), -930.0),
+        ((160, 245), (2.0, 2.0), -1000.0),
+        ((110, 170), (3.0, 3.0), -1000.0),
+        ((236, 490), (1.0, 1.0), -930.0),
+    ],
+)
 def test_arms_down_touching_the_torso_outside_air_is_not_lung(matrix, pixel_mm, outside_hu: float) -> None:
     slice_mm = 20.0 if matrix[1] > 300 else 10.0
-    hu, truth = chest(*matrix, pixel_mm, arms=ARMS_DOWN, outside_hu=outside_hu, noise=30.0,
-                      nz=12 if matrix[1] > 300 else 24, slice_mm=slice_mm)
+    hu, truth = chest(
+        *matrix,
+        pixel_mm,
+        arms=ARMS_DOWN,
+        outside_hu=outside_hu,
+        noise=30.0,
+        nz=12 if matrix[1] > 300 else 24,
+        slice_mm=slice_mm,
+    )
     found = segment_lungs(hu, None, pixel_mm)
     assert not (found.mask & truth["outside"]).any()
     assert np.array_equal(found.mask, truth["lungs"])
@@ -172,8 +205,15 @@ def test_arms_down_touching_the_torso_outside_air_is_not_lung(matrix, pixel_mm, 
 def test_a_lung_cut_by_the_field_of_view_is_still_kept_with_arms_down() -> None:
     """The wrapping rule removes air that passes around the body, not a lung cut at one edge."""
     pixel_mm = (2.0, 2.0)
-    hu, truth = chest(118, 245, pixel_mm, arms=ARMS_DOWN, outside_hu=-930.0, noise=30.0,
-                      lungs=((-70.0, 0.0, 55.0, 80.0), (70.0, 0.0, 55.0, 80.0)))
+    hu, truth = chest(
+        118,
+        245,
+        pixel_mm,
+        arms=ARMS_DOWN,
+        outside_hu=-930.0,
+        noise=30.0,
+        lungs=((-70.0, 0.0, 55.0, 80.0), (70.0, 0.0, 55.0, 80.0)),
+    )
     crop = hu[:, :, 60:]  # the field of view cuts the right lung (patient right, image left)
     lungs = truth["lungs"][:, :, 60:]
     assert lungs[:, :, 0].any()
@@ -185,15 +225,20 @@ def test_a_lung_cut_by_the_field_of_view_is_still_kept_with_arms_down() -> None:
 
 # -- through the engine: the pixel spacing reaches the body mask -----------------------------------
 
+
 def test_the_lungs_section_on_a_2mm_grid_is_exact_and_plausible(tmp_path: Path) -> None:
     pixel_mm, slice_mm = (2.0, 2.0), 10.0
     hu, truth = chest(200, 200, pixel_mm, nz=24, slice_mm=slice_mm)
     stored = (hu + 1024).astype(np.int16)
-    datasets = dicomgen.make_series(hu.shape[0], stored=stored, spacing=slice_mm, pixel_spacing=pixel_mm[0],
-                                    kernel="B70f")
+    datasets = dicomgen.make_series(
+        hu.shape[0], stored=stored, spacing=slice_mm, pixel_spacing=pixel_mm[0], kernel="B70f"
+    )
     path = dicomgen.write_zip(tmp_path / "study.zip", datasets, shuffle_seed=3)
-    steps = [{"id": "series", "uses": "dicom.select_series"}, {"id": "volume", "uses": "ct.volume"},
-             {"id": "lungs", "uses": "quantify.lungs"}]
+    steps = [
+        {"id": "series", "uses": "dicom.select_series"},
+        {"id": "volume", "uses": "ct.volume"},
+        {"id": "lungs", "uses": "quantify.lungs"},
+    ]
     ctx, outcome = dicomgen.run_steps(path, steps, tmp_path)
     assert outcome.status == "Success", outcome.error
     lungs = json.loads(json.dumps(ctx.result["lungs"], allow_nan=False))

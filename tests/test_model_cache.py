@@ -72,8 +72,12 @@ def test_concurrent_gets_load_once() -> None:
     gate = threading.Event()
     loader = Loader(gate=gate)
     results: list[nn.Module] = []
-    threads = [threading.Thread(target=lambda: results.append(cache.get(("ctclip", "x"), loader)),
-                                name=f"ctwatch-test-{i}") for i in range(8)]
+    threads = [
+        threading.Thread(
+            target=lambda: results.append(cache.get(("ctclip", "x"), loader)), name=f"ctwatch-test-{i}"
+        )
+        for i in range(8)
+    ]
     for thread in threads:
         thread.start()
     # another key is not blocked while "x" is loading

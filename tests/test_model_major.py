@@ -21,14 +21,22 @@ from tests.test_ctclip_steps import (
     _stored,
 )
 
-STEPS = [{"id": "series", "uses": "dicom.select_series", "with": {"min_slices": 20}},
-         {"id": "volume", "uses": "ct.volume"},
-         {"id": "lungs", "uses": "quantify.lungs"},
-         {"id": "clip", "uses": "ctclip.zero_shot", "with": {"checkpoint": "weights/ct_clip/small_ctclip.pt",
-                                                            **SMALL}},
-         {"id": "lipro", "uses": "ctclip.classify", "with": {"checkpoint": "weights/ct_clip/small_lipro.pt",
-                                                           **SMALL}},
-         {"id": "decision", "uses": "decision.pathology"}]
+STEPS = [
+    {"id": "series", "uses": "dicom.select_series", "with": {"min_slices": 20}},
+    {"id": "volume", "uses": "ct.volume"},
+    {"id": "lungs", "uses": "quantify.lungs"},
+    {
+        "id": "clip",
+        "uses": "ctclip.zero_shot",
+        "with": {"checkpoint": "weights/ct_clip/small_ctclip.pt", **SMALL},
+    },
+    {
+        "id": "lipro",
+        "uses": "ctclip.classify",
+        "with": {"checkpoint": "weights/ct_clip/small_lipro.pt", **SMALL},
+    },
+    {"id": "decision", "uses": "decision.pathology"},
+]
 
 
 def _run(root: Path, zips: list[Path], *, together: bool) -> tuple[dict[str, dict], dict]:
@@ -66,8 +74,14 @@ def _comparable(doc: dict) -> dict:
 def test_model_major_equals_study_major_and_loads_each_model_once(tmp_path: Path) -> None:
     zips = []
     for seed in (1, 2, 3):
-        series = make_series(24, stored=_stored(seed), pixel_spacing=PIXEL_SPACING, spacing=SLICE_STEP,
-                             intercept=INTERCEPT, description=f"S{seed}")
+        series = make_series(
+            24,
+            stored=_stored(seed),
+            pixel_spacing=PIXEL_SPACING,
+            spacing=SLICE_STEP,
+            intercept=INTERCEPT,
+            description=f"S{seed}",
+        )
         zips.append(write_zip(tmp_path / f"s{seed}.zip", series))
     major, major_stats = _run(tmp_path / "model-major", zips, together=True)
     minor, minor_stats = _run(tmp_path / "study-major", zips, together=False)
@@ -91,8 +105,14 @@ def test_worker_takes_night_arrivals_together_after_the_day_queue(tmp_path: Path
     night_dir.mkdir()
     paths = []
     for seed in (1, 2, 3, 4):
-        series = make_series(24, stored=_stored(seed), pixel_spacing=PIXEL_SPACING, spacing=SLICE_STEP,
-                             intercept=INTERCEPT, description=f"S{seed}")
+        series = make_series(
+            24,
+            stored=_stored(seed),
+            pixel_spacing=PIXEL_SPACING,
+            spacing=SLICE_STEP,
+            intercept=INTERCEPT,
+            description=f"S{seed}",
+        )
         folder = night_dir if seed > 1 else project.inbox
         paths.append((write_zip(folder / f"s{seed}.zip", series), seed > 1))
     for path, night in reversed(paths):  # the night arrivals are registered first
@@ -113,8 +133,11 @@ def test_prefetch_prepares_the_next_arrival_while_the_current_one_finishes(tmp_p
 
     from processor.worker import Worker
 
-    steps = [STEPS[0], {"id": "hold", "uses": "util.delay", "with": {"seconds": 0.5}},
-             {"id": "decision", "uses": "decision.pathology"}]
+    steps = [
+        STEPS[0],
+        {"id": "hold", "uses": "util.delay", "with": {"seconds": 0.5}},
+        {"id": "decision", "uses": "decision.pathology"},
+    ]
     project = Project(tmp_path, steps)
     components = build(load_settings(project.config))
     for seed in (1, 2, 3):
@@ -122,8 +145,11 @@ def test_prefetch_prepares_the_next_arrival_while_the_current_one_finishes(tmp_p
         components.intake.accept(path)
     caplog.set_level(logging.INFO, logger="processor")
     _run_worker(Worker(components.state, components.executor(), max_inflight=1), project, 3)
-    events = [(r.getMessage().split()[0], r.getMessage().split()[1]) for r in caplog.records
-              if r.getMessage().startswith(("arrival.start", "arrival.done"))]
+    events = [
+        (r.getMessage().split()[0], r.getMessage().split()[1])
+        for r in caplog.records
+        if r.getMessage().startswith(("arrival.start", "arrival.done"))
+    ]
     assert events.index(("arrival.start", "arrival=2")) < events.index(("arrival.done", "arrival=1"))
     assert components.state.counts_by_state() == {"done": 3}
     components.state.close()

@@ -30,8 +30,9 @@ from tests.dicomgen import make_series, to_bytes, write_zip
 from tests.test_spine_e2e import _stop, db_rows
 
 UTF8_FLAG = 0x800
-pytestmark = pytest.mark.skipif(os.fsencode("\udcfc") != b"\xfc",
-                                reason="needs the UTF-8 filesystem encoding with surrogate escapes")
+pytestmark = pytest.mark.skipif(
+    os.fsencode("\udcfc") != b"\xfc", reason="needs the UTF-8 filesystem encoding with surrogate escapes"
+)
 
 
 # ---------------------------------------------------------------- building inputs with raw names
@@ -55,10 +56,12 @@ def zip_bytes_with_raw_names(members: list[tuple[bytes, bytes]], *, utf8_flag: b
     return bytes(blob)
 
 
-def _patch_name(blob: bytearray, at: int, *, flags_at: int, name_at: int, raw: bytes, utf8_flag: bool) -> None:
+def _patch_name(
+    blob: bytearray, at: int, *, flags_at: int, name_at: int, raw: bytes, utf8_flag: bool
+) -> None:
     flags = struct.unpack_from("<H", blob, at + flags_at)[0]
     struct.pack_into("<H", blob, at + flags_at, flags | UTF8_FLAG if utf8_flag else flags & ~UTF8_FLAG)
-    blob[at + name_at:at + name_at + len(raw)] = raw
+    blob[at + name_at : at + name_at + len(raw)] = raw
 
 
 def study_members(prefix: bytes, n: int = 20) -> list[tuple[bytes, bytes]]:
@@ -174,8 +177,12 @@ def test_display_examples() -> None:
     assert display_text("a\u2028b") == "a\\u2028b"
 
 
-_names = st.lists(st.binary(min_size=2, max_size=30).filter(lambda b: not b.endswith(b"/")), min_size=1,
-                  max_size=5, unique=True)
+_names = st.lists(
+    st.binary(min_size=2, max_size=30).filter(lambda b: not b.endswith(b"/")),
+    min_size=1,
+    max_size=5,
+    unique=True,
+)
 
 
 @given(_names, st.booleans())
@@ -208,9 +215,16 @@ def test_folder_and_zip_members_have_display_and_raw_names(tmp_path: Path) -> No
 def test_state_keeps_raw_paths_and_shows_names(tmp_path: Path) -> None:
     state = State(tmp_path / "state.db")
     path = str(_named(tmp_path, b"M\xfcller.zip"))
-    aid = state.register_arrival(kind="cli", name=os.path.basename(path), original_path=path,
-                                 current_path=path, sha256="0" * 64, size=1, pipeline_name="p",
-                                 pipeline_version=1).arrival_id
+    aid = state.register_arrival(
+        kind="cli",
+        name=os.path.basename(path),
+        original_path=path,
+        current_path=path,
+        sha256="0" * 64,
+        size=1,
+        pipeline_name="p",
+        pipeline_version=1,
+    ).arrival_id
     state.finish_arrival(aid, "failed", error=f"cannot read {path}")
     arrival = state.arrival(aid)
     assert arrival.current_path == path and arrival.original_path == path
@@ -220,15 +234,23 @@ def test_state_keeps_raw_paths_and_shows_names(tmp_path: Path) -> None:
 
 
 def test_excel_cell_shows_escaped_name(tmp_path: Path) -> None:
-    row = rejection_row({"source_file": "Zeile\nzwei\x1b.zip", "state": "quarantined", "error": "bad",
-                         "arrival_id": 1, "kind": "inbox"})
+    row = rejection_row(
+        {
+            "source_file": "Zeile\nzwei\x1b.zip",
+            "state": "quarantined",
+            "error": "bad",
+            "arrival_id": 1,
+            "kind": "inbox",
+        }
+    )
     assert row["Source file"] == "Zeile\\nzwei\\x1b.zip"
     write_workbook(tmp_path / "r.xlsx", Report("t", [row], 0.5, datetime.now(UTC)))
 
 
 # ---------------------------------------------------------------- process
 def test_process_names_in_any_encoding_and_a_bad_input_does_not_stop_the_batch(
-        project: Project, tmp_path: Path) -> None:
+    project: Project, tmp_path: Path
+) -> None:
     inputs = make_inputs(tmp_path / "in")
     broken = tmp_path / "in" / "broken.zip"
     broken.write_bytes(b"PK\x03\x04 not really a zip")
@@ -259,10 +281,16 @@ def test_daemon_names_in_any_encoding(project: Project, tmp_path: Path) -> None:
     try:
         for item in inputs:
             os.replace(item.path, project.inbox / item.path.name)
-        wait_for(lambda: len(list((project.outbox / "receipts").glob("*.json"))) == len(inputs), 120,
-                 "a receipt for every input")
-        wait_for(lambda: len(db_rows(project, "select 1 from arrivals where state = 'done'")) == len(inputs),
-                 60, "every arrival done")
+        wait_for(
+            lambda: len(list((project.outbox / "receipts").glob("*.json"))) == len(inputs),
+            120,
+            "a receipt for every input",
+        )
+        wait_for(
+            lambda: len(db_rows(project, "select 1 from arrivals where state = 'done'")) == len(inputs),
+            60,
+            "every arrival done",
+        )
     finally:
         assert _stop(daemon) == 0, project.log_text()[-3000:]
     assert_receipts(project, inputs)
@@ -273,7 +301,9 @@ def test_daemon_names_in_any_encoding(project: Project, tmp_path: Path) -> None:
     assert_clean_log(project.root.joinpath("daemon.log").read_bytes().decode("utf-8"), inputs)
 
 
-def test_daemon_input_that_cannot_be_taken_in_ends_once_in_quarantine(project: Project, tmp_path: Path) -> None:
+def test_daemon_input_that_cannot_be_taken_in_ends_once_in_quarantine(
+    project: Project, tmp_path: Path
+) -> None:
     work = project.inbox / ".ctwatch" / "work"
     work.parent.mkdir(parents=True)
     work.write_text("not a folder")  # every move into the work folder now fails, before registration
@@ -285,15 +315,22 @@ def test_daemon_input_that_cannot_be_taken_in_ends_once_in_quarantine(project: P
         wait_for(lambda: list((project.outbox / "receipts").glob("*.json")), 60, "the first receipt")
         second = write_zip(tmp_path / "later.zip", make_series(20))  # several scans later
         os.replace(second, project.inbox / second.name)
-        wait_for(lambda: len(list((project.outbox / "receipts").glob("*.json"))) == 2, 60, "the second receipt")
+        wait_for(
+            lambda: len(list((project.outbox / "receipts").glob("*.json"))) == 2, 60, "the second receipt"
+        )
     finally:
         assert _stop(daemon) == 0, project.log_text()[-3000:]
-    receipts = assert_receipts(project, [Input(first, b"M\xfcller_Thorax.zip"), Input(second, b"later.zip")],
-                               outcome="rejected")
+    receipts = assert_receipts(
+        project, [Input(first, b"M\xfcller_Thorax.zip"), Input(second, b"later.zip")], outcome="rejected"
+    )
     assert "could not be taken in" in receipts["later.zip"]["message"]
     quarantine = project.inbox / ".ctwatch" / "quarantine"
     assert sorted(p.name for p in quarantine.iterdir()) == [
-        "M\\xfcller_Thorax.zip", "M\\xfcller_Thorax.zip.error.txt", "later.zip", "later.zip.error.txt"]
+        "M\\xfcller_Thorax.zip",
+        "M\\xfcller_Thorax.zip.error.txt",
+        "later.zip",
+        "later.zip.error.txt",
+    ]
     note = (quarantine / "M\\xfcller_Thorax.zip.error.txt").read_text(encoding="utf-8")
     assert "M\\xfcller_Thorax.zip" in note and "could not be taken in" in note
     assert db_rows(project, "select state from arrivals") == [("quarantined",), ("quarantined",)]

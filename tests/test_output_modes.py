@@ -19,9 +19,12 @@ from tests import dicomgen
 from tests.conftest import REPO, Project, _env
 
 NOBODY = 65534
-STEPS = [{"id": "series", "uses": "dicom.select_series", "with": {"min_slices": 20}},
-         {"id": "volume", "uses": "ct.volume"}, {"id": "lungs", "uses": "quantify.lungs"},
-         {"id": "slices", "uses": "render.key_slices"}]
+STEPS = [
+    {"id": "series", "uses": "dicom.select_series", "with": {"min_slices": 20}},
+    {"id": "volume", "uses": "ct.volume"},
+    {"id": "lungs", "uses": "quantify.lungs"},
+    {"id": "slices", "uses": "render.key_slices"},
+]
 
 
 @pytest.fixture
@@ -38,11 +41,25 @@ def _process_under_umask(root: Path, mask: str) -> Project:
     hu, _ = dicomgen.chest_phantom((24, 64, 64))
     datasets = dicomgen.make_series(24, stored=np.round(hu + 1024).astype(np.int16), pixel_spacing=5.0)
     study = dicomgen.write_zip(root / "study.zip", datasets)
-    command = f"umask {mask} && exec \"$0\" \"$@\""
+    command = f'umask {mask} && exec "$0" "$@"'
     for args in (["process", str(study)], ["report"]):
-        done = subprocess.run(["sh", "-c", command, sys.executable, str(REPO / "run.py"), *args,
-                               "--config", str(project.config)], capture_output=True, text=True,
-                              cwd=root, env=_env(), timeout=120)
+        done = subprocess.run(
+            [
+                "sh",
+                "-c",
+                command,
+                sys.executable,
+                str(REPO / "run.py"),
+                *args,
+                "--config",
+                str(project.config),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=root,
+            env=_env(),
+            timeout=120,
+        )
         assert done.returncode == 0, done.stderr[-2000:]
     return project
 
@@ -54,14 +71,19 @@ def _outputs(project: Project) -> list[Path]:
     return files
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
-                    reason="reading as another user needs root and setpriv (util-linux)")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="reading as another user needs root and setpriv (util-linux)",
+)
 def test_another_account_reads_every_output_under_umask_022(shared_root: Path) -> None:
     project = _process_under_umask(shared_root, "022")
     for path in _outputs(project):
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
-        read = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "cat",
-                               str(path)], capture_output=True, timeout=30)
+        read = subprocess.run(
+            ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "cat", str(path)],
+            capture_output=True,
+            timeout=30,
+        )
         assert read.returncode == 0, (path, read.stderr)
         assert read.stdout == path.read_bytes()
 

@@ -22,8 +22,11 @@ from tests import dicomgen
 NORMAL = np.array([0.0, 0.0, 1.0])
 SHAPE = (40, 64, 64)
 SLICE_MM, PIXEL_MM = 2.5, 5.0  # 64 × 5 mm: an adult-sized field of view for the small phantom
-STEPS = [{"id": "series", "uses": "dicom.select_series", "with": {"min_slices": 20}},
-         {"id": "volume", "uses": "ct.volume"}, {"id": "lungs", "uses": "quantify.lungs"}]
+STEPS = [
+    {"id": "series", "uses": "dicom.select_series", "with": {"min_slices": 20}},
+    {"id": "volume", "uses": "ct.volume"},
+    {"id": "lungs", "uses": "quantify.lungs"},
+]
 
 
 def _make(n: int, **kwargs: object) -> list:
@@ -37,11 +40,19 @@ def _positions(z: list[float]) -> np.ndarray:
 
 # --- kind 1: properties of the ordering ----------------------------------------------------------
 
+
 @settings(max_examples=150, deadline=None)
-@given(n=st.integers(20, 90), step=st.floats(0.5, 5.0), cuts=st.lists(st.floats(0.05, 0.95), min_size=1, max_size=4),
-       share=st.booleans(), labels=st.permutations(list(range(1, 6))), seed=st.integers(0, 2**31))
+@given(
+    n=st.integers(20, 90),
+    step=st.floats(0.5, 5.0),
+    cuts=st.lists(st.floats(0.05, 0.95), min_size=1, max_size=4),
+    share=st.booleans(),
+    labels=st.permutations(list(range(1, 6))),
+    seed=st.integers(0, 2**31),
+)
 def test_any_split_of_one_scan_into_acquisitions_gives_back_the_whole_scan(
-        n: int, step: float, cuts: list[float], share: bool, labels: list[int], seed: int) -> None:
+    n: int, step: float, cuts: list[float], share: bool, labels: list[int], seed: int
+) -> None:
     z = [k * step for k in range(n)]
     bounds = sorted({max(1, min(n - 1, round(c * n))) for c in cuts})
     chunks, start = [], 0
@@ -55,32 +66,48 @@ def test_any_split_of_one_scan_into_acquisitions_gives_back_the_whole_scan(
             frames.append((z[chunk[0] - 1], label))
         frames.extend((z[k], label) for k in chunk)
     random.Random(seed).shuffle(frames)
-    result = order_frames(_positions([f[0] for f in frames]), NORMAL,
-                          phase_keys={"AcquisitionNumber": [f[1] for f in frames]})
+    result = order_frames(
+        _positions([f[0] for f in frames]), NORMAL, phase_keys={"AcquisitionNumber": [f[1] for f in frames]}
+    )
     assert result.phases is None
     np.testing.assert_allclose(result.positions_mm, z)  # every position once, none lost, in order
     assert len(result.dropped) == len(frames) - n
 
 
 @settings(max_examples=150, deadline=None)
-@given(n=st.integers(20, 80), step=st.floats(1.0, 5.0), offset=st.floats(0.05, 0.95), cover=st.floats(0.6, 1.0),
-       second_first=st.booleans(), rule=st.sampled_from(["first", "last", "largest"]), seed=st.integers(0, 2**31))
-def test_two_phases_at_any_offset_never_interleave(n: int, step: float, offset: float, cover: float,
-                                                   second_first: bool, rule: str, seed: int) -> None:
+@given(
+    n=st.integers(20, 80),
+    step=st.floats(1.0, 5.0),
+    offset=st.floats(0.05, 0.95),
+    cover=st.floats(0.6, 1.0),
+    second_first=st.booleans(),
+    rule=st.sampled_from(["first", "last", "largest"]),
+    seed=st.integers(0, 2**31),
+)
+def test_two_phases_at_any_offset_never_interleave(
+    n: int, step: float, offset: float, cover: float, second_first: bool, rule: str, seed: int
+) -> None:
     a = [k * step for k in range(n)]
     m = max(2, round(n * cover))
     b = [k * step + offset * step for k in range(m)]
     labels = ("7", "3") if second_first else ("3", "7")  # key order decides "first", not file order
     frames = [(v, labels[0], 0) for v in a] + [(v, labels[1], 1) for v in b]
     random.Random(seed).shuffle(frames)
-    result = order_frames(_positions([f[0] for f in frames]), NORMAL,
-                          phase_keys={"AcquisitionNumber": [f[1] for f in frames]}, rule=rule)
+    result = order_frames(
+        _positions([f[0] for f in frames]),
+        NORMAL,
+        phase_keys={"AcquisitionNumber": [f[1] for f in frames]},
+        rule=rule,
+    )
     kept_phase = {frames[i][2] for i in result.order}
     assert len(kept_phase) == 1  # never an interleaved stack
     assert result.phases is not None and len(result.phases["phases"]) == 2
     in_key_order = [0, 1] if not second_first else [1, 0]  # phase index by ascending AcquisitionNumber
-    expected = {"first": in_key_order[0], "last": in_key_order[1],
-                "largest": 0 if n > m or (n == m and in_key_order[0] == 0) else 1}[rule]
+    expected = {
+        "first": in_key_order[0],
+        "last": in_key_order[1],
+        "largest": 0 if n > m or (n == m and in_key_order[0] == 0) else 1,
+    }[rule]
     assert kept_phase == {expected}
     assert len(result.order) == (n if expected == 0 else m)
     assert np.all(np.diff(result.positions_mm) > 0)
@@ -91,7 +118,9 @@ def test_per_slice_acquisition_numbers_with_two_passes_are_split_by_acquisition_
     positions = _positions(z + [v + 1.2 for v in z])
     per_slice = [str(i) for i in range(60)]  # no use as a phase key: every image has its own number
     times = time_clusters([36000 + 0.1 * k for k in range(30)] + [36045 + 0.1 * k for k in range(30)])
-    result = order_frames(positions, NORMAL, phase_keys={"AcquisitionNumber": per_slice, "acquisition time": times})
+    result = order_frames(
+        positions, NORMAL, phase_keys={"AcquisitionNumber": per_slice, "acquisition time": times}
+    )
     assert result.phases["split_by"] == "acquisition time"
     assert sorted(result.order) == list(range(30))
 
@@ -109,8 +138,9 @@ def test_temporal_positions_at_identical_positions_are_phases_and_the_rule_picks
 def test_parts_that_overlap_by_a_few_slices_at_other_positions_do_not_interleave() -> None:
     first = [k * 2.5 for k in range(30)]  # 0 .. 72.5
     second = [70.0 + 1.2 + k * 2.5 for k in range(30)]  # 71.2 .. 143.7: overlaps the first by one slice
-    result = order_frames(_positions(first + second), NORMAL,
-                          phase_keys={"AcquisitionNumber": ["1"] * 30 + ["2"] * 30})
+    result = order_frames(
+        _positions(first + second), NORMAL, phase_keys={"AcquisitionNumber": ["1"] * 30 + ["2"] * 30}
+    )
     assert result.phases is None and result.parts is not None
     d = result.positions_mm
     assert np.all(np.diff(d) > 1.0)  # no 1.2/1.3 mm interleaving at the seam
@@ -120,7 +150,9 @@ def test_parts_that_overlap_by_a_few_slices_at_other_positions_do_not_interleave
 def test_a_few_stray_images_never_become_the_chosen_phase() -> None:
     z = [k * 2.5 for k in range(80)]
     # one repeated image with a lower AcquisitionNumber inside the scan: left out, never "phase 1"
-    result = order_frames(_positions([*z, 100.0]), NORMAL, phase_keys={"AcquisitionNumber": ["2"] * 80 + ["1"]})
+    result = order_frames(
+        _positions([*z, 100.0]), NORMAL, phase_keys={"AcquisitionNumber": ["2"] * 80 + ["1"]}
+    )
     assert result.phases is None and len(result.order) == 80 and 80 not in result.order
     assert result.left_out["frames"] == 1
     # three slices of the scan without the tag (on its grid, at free positions) fill their places
@@ -153,7 +185,9 @@ def test_passes_told_apart_by_acquisition_date_and_time_even_across_midnight() -
 def test_a_second_pass_overlapping_a_good_part_of_the_first_is_a_phase_not_a_part() -> None:
     a = [k * 2.5 for k in range(80)]
     b = [120.0 + k * 2.5 for k in range(80)]  # 40 % of it inside the first pass's range
-    result = order_frames(_positions(a + b), NORMAL, phase_keys={"AcquisitionNumber": ["1"] * 80 + ["2"] * 80})
+    result = order_frames(
+        _positions(a + b), NORMAL, phase_keys={"AcquisitionNumber": ["1"] * 80 + ["2"] * 80}
+    )
     assert result.phases is not None and sorted(result.order) == list(range(80))
 
 
@@ -164,6 +198,7 @@ def test_tm_values() -> None:
 
 
 # --- kinds 1, 2 and 5 end to end on real DICOM --------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def phantom() -> tuple[np.ndarray, dict]:
@@ -188,8 +223,7 @@ def test_two_acquisitions_sharing_a_position_are_one_volume(tmp_path: Path, phan
     stored = _stored(hu)
     study, series = generate_uid(), generate_uid()
     feet = _make(21, study_uid=study, series_uid=series, stored=stored[:21])
-    head = _make(20, study_uid=study, series_uid=series, stored=stored[20:],
-                                origin=(0, 0, 20 * SLICE_MM))
+    head = _make(20, study_uid=study, series_uid=series, stored=stored[20:], origin=(0, 0, 20 * SLICE_MM))
     for ds in feet:
         ds.AcquisitionNumber = 2
     for ds in head:
@@ -211,8 +245,7 @@ def test_two_contrast_phases_offset_in_z_are_separated(tmp_path: Path, phantom: 
     enhanced = hu.copy()
     enhanced[hu == 40.0] = 200.0
     plain = _make(40, study_uid=study, series_uid=series, stored=_stored(hu))
-    contrast = _make(40, study_uid=study, series_uid=series, stored=_stored(enhanced),
-                                    origin=(0, 0, 1.2))
+    contrast = _make(40, study_uid=study, series_uid=series, stored=_stored(enhanced), origin=(0, 0, 1.2))
     for ds in plain:
         ds.AcquisitionNumber = 1
     for ds in contrast:
@@ -231,7 +264,9 @@ def test_two_contrast_phases_offset_in_z_are_separated(tmp_path: Path, phantom: 
     assert ctx.result["lungs"]["volume_ml"] == pytest.approx(_true_ml(truth), rel=0.02)
 
 
-def test_orientation_noise_on_either_side_of_a_rounding_edge_is_one_stack(tmp_path: Path, phantom: tuple) -> None:
+def test_orientation_noise_on_either_side_of_a_rounding_edge_is_one_stack(
+    tmp_path: Path, phantom: tuple
+) -> None:
     hu, truth = phantom
     datasets = _make(40, stored=_stored(hu))
     for k, ds in enumerate(datasets):
@@ -242,9 +277,12 @@ def test_orientation_noise_on_either_side_of_a_rounding_edge_is_one_stack(tmp_pa
     assert ctx.values["volume"].hu.shape == SHAPE
 
 
-@pytest.mark.parametrize("foreign", ["scout", "rtstruct", "secondary capture", "coronal", "matrix", "spacing"])
-def test_foreign_instances_in_the_series_are_set_aside_and_counted(tmp_path: Path, phantom: tuple,
-                                                                   foreign: str) -> None:
+@pytest.mark.parametrize(
+    "foreign", ["scout", "rtstruct", "secondary capture", "coronal", "matrix", "spacing"]
+)
+def test_foreign_instances_in_the_series_are_set_aside_and_counted(
+    tmp_path: Path, phantom: tuple, foreign: str
+) -> None:
     hu, truth = phantom
     study, series = generate_uid(), generate_uid()
     axial = _make(40, study_uid=study, series_uid=series, stored=_stored(hu))
@@ -283,8 +321,9 @@ def test_foreign_instances_in_the_series_are_set_aside_and_counted(tmp_path: Pat
 
 
 @pytest.mark.parametrize("numbering", ["same", "reversed"])
-def test_two_reconstructions_under_one_series_uid_are_never_mixed(tmp_path: Path, phantom: tuple,
-                                                                  numbering: str) -> None:
+def test_two_reconstructions_under_one_series_uid_are_never_mixed(
+    tmp_path: Path, phantom: tuple, numbering: str
+) -> None:
     hu, truth = phantom
     study, series = generate_uid(), generate_uid()
     sharp = hu.copy()
@@ -345,20 +384,58 @@ def test_pixel_spacing_is_never_invented(tmp_path: Path, phantom: tuple, case: s
 
 
 def test_unknown_slice_thickness_is_ranked_by_the_measured_step_and_called_unknown() -> None:
-    common = {"description": "", "modality": "CT", "image_type": ("ORIGINAL", "PRIMARY", "AXIAL"),
-              "orientations": 1, "tilt_from_axial_deg": 0.0, "matrix_sizes": ((512, 512),),
-              "pixel_spacings": ((0.7, 0.7),)}
-    unknown_thin = SeriesFacts(uid="1.1", number=3, image_count=300, slice_count=300, thickness_mm=None,
-                               coverage_mm=299.0, measured_step_mm=1.0, **common)
-    thick = SeriesFacts(uid="1.2", number=2, image_count=60, slice_count=60, thickness_mm=5.0,
-                        coverage_mm=295.0, measured_step_mm=5.0, **common)
+    common = {
+        "description": "",
+        "modality": "CT",
+        "image_type": ("ORIGINAL", "PRIMARY", "AXIAL"),
+        "orientations": 1,
+        "tilt_from_axial_deg": 0.0,
+        "matrix_sizes": ((512, 512),),
+        "pixel_spacings": ((0.7, 0.7),),
+    }
+    unknown_thin = SeriesFacts(
+        uid="1.1",
+        number=3,
+        image_count=300,
+        slice_count=300,
+        thickness_mm=None,
+        coverage_mm=299.0,
+        measured_step_mm=1.0,
+        **common,
+    )
+    thick = SeriesFacts(
+        uid="1.2",
+        number=2,
+        image_count=60,
+        slice_count=60,
+        thickness_mm=5.0,
+        coverage_mm=295.0,
+        measured_step_mm=5.0,
+        **common,
+    )
     verdicts = evaluate([thick, unknown_thin], SelectionRules())
     assert verdicts[0].facts.uid == "1.1"
     assert verdicts[0].row()["thickness_source"] == "measured step between positions"
-    unknown_thick = SeriesFacts(uid="1.3", number=4, image_count=60, slice_count=60, thickness_mm=None,
-                                coverage_mm=295.0, measured_step_mm=5.0, **common)
-    thin = SeriesFacts(uid="1.4", number=5, image_count=300, slice_count=300, thickness_mm=1.0,
-                       coverage_mm=299.0, measured_step_mm=1.0, **common)
+    unknown_thick = SeriesFacts(
+        uid="1.3",
+        number=4,
+        image_count=60,
+        slice_count=60,
+        thickness_mm=None,
+        coverage_mm=295.0,
+        measured_step_mm=5.0,
+        **common,
+    )
+    thin = SeriesFacts(
+        uid="1.4",
+        number=5,
+        image_count=300,
+        slice_count=300,
+        thickness_mm=1.0,
+        coverage_mm=299.0,
+        measured_step_mm=1.0,
+        **common,
+    )
     verdicts = evaluate([unknown_thick, thin], SelectionRules())
     assert verdicts[0].facts.uid == "1.4"
     assert "unknown (SliceThickness missing; measured step 5 mm)" in verdicts[1].reason
@@ -375,8 +452,7 @@ def test_phases_and_set_aside_images_reach_the_json_and_the_excel_row(tmp_path: 
     hu, _ = phantom
     study, series = generate_uid(), generate_uid()
     plain = _make(40, study_uid=study, series_uid=series, stored=_stored(hu))
-    contrast = _make(40, study_uid=study, series_uid=series, stored=_stored(hu + 100),
-                                    origin=(0, 0, 1.2))
+    contrast = _make(40, study_uid=study, series_uid=series, stored=_stored(hu + 100), origin=(0, 0, 1.2))
     for n, ds in enumerate(plain + contrast):
         ds.AcquisitionNumber = 1 if n < 40 else 2
     scout = dicomgen.make_scout(study_uid=study)[0]
@@ -397,7 +473,9 @@ def test_phases_and_set_aside_images_reach_the_json_and_the_excel_row(tmp_path: 
     assert sheet.row_dimensions[2].height >= 15 * lines  # tall enough that wrapped notes do not overlap
 
 
-def test_a_zero_rescale_slope_is_refused_and_a_missing_rescale_is_said(tmp_path: Path, phantom: tuple) -> None:
+def test_a_zero_rescale_slope_is_refused_and_a_missing_rescale_is_said(
+    tmp_path: Path, phantom: tuple
+) -> None:
     hu, _ = phantom
     zero = _make(40, stored=_stored(hu))
     for ds in zero:
@@ -414,13 +492,15 @@ def test_a_zero_rescale_slope_is_refused_and_a_missing_rescale_is_said(tmp_path:
     assert np.array_equal(ctx.values["volume"].hu, hu.astype(np.int16))
 
 
-def test_an_enhanced_ct_holding_an_axial_and_a_coronal_stack_uses_the_axial_one(tmp_path: Path,
-                                                                              phantom: tuple) -> None:
+def test_an_enhanced_ct_holding_an_axial_and_a_coronal_stack_uses_the_axial_one(
+    tmp_path: Path, phantom: tuple
+) -> None:
     hu, truth = phantom
     study, series = generate_uid(), generate_uid()
     axial = _make(40, study_uid=study, series_uid=series, stored=_stored(hu))
-    coronal = _make(20, study_uid=study, series_uid=series, stored=_stored(hu[:20]),
-                    orientation=(1, 0, 0, 0, 0, -1))
+    coronal = _make(
+        20, study_uid=study, series_uid=series, stored=_stored(hu[:20]), orientation=(1, 0, 0, 0, 0, -1)
+    )
     enhanced = dicomgen.make_enhanced(axial + coronal)
     for item in enhanced.PerFrameFunctionalGroupsSequence[40:]:
         item.PlaneOrientationSequence = [dicomgen.sequence_item(ImageOrientationPatient=[1, 0, 0, 0, 0, -1])]
@@ -435,9 +515,9 @@ def test_an_enhanced_ct_holding_an_axial_and_a_coronal_stack_uses_the_axial_one(
 def _comma_decimals(data: bytes) -> bytes:
     """The file with ImagePositionPatient written with decimal commas ('2,5'), as some exports do."""
     at = data.index(b"\x20\x00\x32\x00DS")
-    length = int.from_bytes(data[at + 6:at + 8], "little")
-    value = data[at + 8:at + 8 + length]
-    return data[:at + 8] + value.replace(b".", b",") + data[at + 8 + length:]
+    length = int.from_bytes(data[at + 6 : at + 8], "little")
+    value = data[at + 8 : at + 8 + length]
+    return data[: at + 8] + value.replace(b".", b",") + data[at + 8 + length :]
 
 
 def test_images_without_geometry_are_named_as_such(tmp_path: Path, phantom: tuple) -> None:
@@ -463,8 +543,9 @@ def test_enhanced_ct_with_a_non_finite_rescale_is_named_never_used(tmp_path: Pat
     classic = _make(24, stored=_stored(hu)[:24])
     enhanced = dicomgen.make_enhanced(classic)
     for item in enhanced.PerFrameFunctionalGroupsSequence[:3]:
-        transform = item.get("PixelValueTransformationSequence") or enhanced.SharedFunctionalGroupsSequence[0].get(
-            "PixelValueTransformationSequence")
+        transform = item.get("PixelValueTransformationSequence") or enhanced.SharedFunctionalGroupsSequence[
+            0
+        ].get("PixelValueTransformationSequence")
         assert transform is not None, "the generator states the rescale per frame or shared"
         if "PixelValueTransformationSequence" not in item:
             item.PixelValueTransformationSequence = copy.deepcopy(transform)

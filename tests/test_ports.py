@@ -83,6 +83,7 @@ def _problems(tmp_path: Path, steps: list[dict]) -> str:
 
 def test_a_bare_name_is_refused_at_import() -> None:
     with pytest.raises(TypeError, match=r"Needy.needs: 'volume' is not a Port. Fix: declare Port\('volume'"):
+
         class Needy(Step):
             uses = "test.needy"
             summary = "needs a volume by name only"
@@ -90,27 +91,37 @@ def test_a_bare_name_is_refused_at_import() -> None:
 
 
 def test_a_need_provided_with_another_type_names_step_port_and_providers(tmp_path: Path) -> None:
-    text = _problems(tmp_path, [{"id": "fake", "uses": "test.list_volume"},
-                                {"id": "lungs", "uses": "quantify.lungs"}])
-    assert ("steps[1] (lungs, uses quantify.lungs): needs 'volume' as Volume, but step 'fake' provides it "
-            "as list") in text
+    text = _problems(
+        tmp_path, [{"id": "fake", "uses": "test.list_volume"}, {"id": "lungs", "uses": "quantify.lungs"}]
+    )
+    assert (
+        "steps[1] (lungs, uses quantify.lungs): needs 'volume' as Volume, but step 'fake' provides it as list"
+    ) in text
     assert "provided by ct.volume" in text
 
 
 def test_a_need_provided_only_later_says_where(tmp_path: Path) -> None:
-    text = _problems(tmp_path, [{"id": "series", "uses": "dicom.select_series"},
-                                {"id": "lungs", "uses": "quantify.lungs"},
-                                {"id": "volume", "uses": "ct.volume"}])
+    text = _problems(
+        tmp_path,
+        [
+            {"id": "series", "uses": "dicom.select_series"},
+            {"id": "lungs", "uses": "quantify.lungs"},
+            {"id": "volume", "uses": "ct.volume"},
+        ],
+    )
     assert "steps[1] (lungs, uses quantify.lungs): needs 'volume', which no earlier step provides" in text
     assert "move this step after step 'volume'" in text
     assert text.count(" - ") == 1  # ct.volume's own need (series) is met
 
 
 def test_every_problem_at_once_with_the_registered_providers(tmp_path: Path) -> None:
-    text = _problems(tmp_path, [{"id": "fusion", "uses": "fusion.lightgbm"},
-                                {"id": "head", "uses": "ctclip.head"}])
-    assert "steps[0] (fusion, uses fusion.lightgbm): needs 'features', which no earlier step provides (type dict)" \
+    text = _problems(
+        tmp_path, [{"id": "fusion", "uses": "fusion.lightgbm"}, {"id": "head", "uses": "ctclip.head"}]
+    )
+    assert (
+        "steps[0] (fusion, uses fusion.lightgbm): needs 'features', which no earlier step provides (type dict)"
         in text
+    )
     assert "Fix: move this step after step 'head', which provides it later in the pipeline." in text
     assert "steps[1] (head, uses ctclip.head): needs 'ctclip_latent'" in text
     assert "provided by ctclip.classify, ctclip.zero_shot" in text
@@ -118,28 +129,51 @@ def test_every_problem_at_once_with_the_registered_providers(tmp_path: Path) -> 
 
 def test_the_registered_providers_are_listed(tmp_path: Path) -> None:
     text = _problems(tmp_path, [{"id": "fusion", "uses": "fusion.lightgbm"}])
-    assert ("Fix: add a step that provides it before this one (provided by anomaly.diffusion, ctclip.classify, "
-            "ctclip.head, ctclip.zero_shot, quantify.lungs, test.good_features, test.wrong_features).") in text
+    assert (
+        "Fix: add a step that provides it before this one (provided by anomaly.diffusion, ctclip.classify, "
+        "ctclip.head, ctclip.zero_shot, quantify.lungs, test.good_features, test.wrong_features)."
+    ) in text
 
 
 def test_optional_needs_may_be_absent_but_not_of_another_type(tmp_path: Path) -> None:
-    _load(tmp_path, [{"id": "series", "uses": "dicom.select_series"}, {"id": "volume", "uses": "ct.volume"},
-                     {"id": "slices", "uses": "render.key_slices"}, {"id": "decision", "uses": "decision.pathology"}])
-    text = _problems(tmp_path, [{"id": "fake", "uses": "test.dict_fusion"},
-                                {"id": "decision", "uses": "decision.pathology"}])
-    assert ("steps[1] (decision, uses decision.pathology): needs 'fusion' as FusionOutput, but step 'fake' "
-            "provides it as dict. Fix: provide it with a step that gives a FusionOutput (provided by "
-            "fusion.lightgbm).") in text
-    text = _problems(tmp_path, [{"id": "fake", "uses": "test.list_volume"},
-                                {"id": "series", "uses": "dicom.select_series"}, {"id": "volume", "uses": "ct.volume"},
-                                {"id": "slices", "uses": "render.key_slices"}])
-    assert "steps[2] (volume, uses ct.volume): provides 'volume' as Volume, but step 'fake' already provides " \
-           "it as list" in text
+    _load(
+        tmp_path,
+        [
+            {"id": "series", "uses": "dicom.select_series"},
+            {"id": "volume", "uses": "ct.volume"},
+            {"id": "slices", "uses": "render.key_slices"},
+            {"id": "decision", "uses": "decision.pathology"},
+        ],
+    )
+    text = _problems(
+        tmp_path,
+        [{"id": "fake", "uses": "test.dict_fusion"}, {"id": "decision", "uses": "decision.pathology"}],
+    )
+    assert (
+        "steps[1] (decision, uses decision.pathology): needs 'fusion' as FusionOutput, but step 'fake' "
+        "provides it as dict. Fix: provide it with a step that gives a FusionOutput (provided by "
+        "fusion.lightgbm)."
+    ) in text
+    text = _problems(
+        tmp_path,
+        [
+            {"id": "fake", "uses": "test.list_volume"},
+            {"id": "series", "uses": "dicom.select_series"},
+            {"id": "volume", "uses": "ct.volume"},
+            {"id": "slices", "uses": "render.key_slices"},
+        ],
+    )
+    assert (
+        "steps[2] (volume, uses ct.volume): provides 'volume' as Volume, but step 'fake' already provides "
+        "it as list" in text
+    )
 
 
 def test_a_value_of_the_wrong_type_fails_its_step_not_the_next(tmp_path: Path) -> None:
-    pipeline = _load(tmp_path, [{"id": "bad", "uses": "test.wrong_features"},
-                                {"id": "read", "uses": "test.reads_features"}])
+    pipeline = _load(
+        tmp_path,
+        [{"id": "bad", "uses": "test.wrong_features"}, {"id": "read", "uses": "test.reads_features"}],
+    )
     ctx = StudyContext(1, Study("1.2.3"), tmp_path / "out")
     outcome = PipelineRunner(pipeline).run(ctx)
     assert outcome.status == "Failure"
@@ -147,8 +181,10 @@ def test_a_value_of_the_wrong_type_fails_its_step_not_the_next(tmp_path: Path) -
     assert "provided 'features' as list, but the step declares it as dict" in outcome.steps[0].error
     assert "seen" not in ctx.result
 
-    pipeline = _load(tmp_path, [{"id": "good", "uses": "test.good_features"},
-                                {"id": "read", "uses": "test.reads_features"}])
+    pipeline = _load(
+        tmp_path,
+        [{"id": "good", "uses": "test.good_features"}, {"id": "read", "uses": "test.reads_features"}],
+    )
     ctx = StudyContext(1, Study("1.2.3"), tmp_path / "out")
     assert PipelineRunner(pipeline).run(ctx).status == "Success" and ctx.result["seen"] == {"x.y": 0.5}
 

@@ -37,10 +37,20 @@ from processor.intake.archive import Limits, open_arrival
 from tests import dicomgen
 from tests.dicomgen import BIG, DEFLATED, EXPLICIT, IMPLICIT
 
-DECLARED = {"honest": "same", "none": None, "implicit": ImplicitVRLittleEndian, "explicit": ExplicitVRLittleEndian,
-            "deflated": DeflatedExplicitVRLittleEndian, "big-endian": ExplicitVRBigEndian}
-BODY_SYNTAX = {IMPLICIT: ImplicitVRLittleEndian, EXPLICIT: ExplicitVRLittleEndian,
-               DEFLATED: DeflatedExplicitVRLittleEndian, BIG: ExplicitVRBigEndian}
+DECLARED = {
+    "honest": "same",
+    "none": None,
+    "implicit": ImplicitVRLittleEndian,
+    "explicit": ExplicitVRLittleEndian,
+    "deflated": DeflatedExplicitVRLittleEndian,
+    "big-endian": ExplicitVRBigEndian,
+}
+BODY_SYNTAX = {
+    IMPLICIT: ImplicitVRLittleEndian,
+    EXPLICIT: ExplicitVRLittleEndian,
+    DEFLATED: DeflatedExplicitVRLittleEndian,
+    BIG: ExplicitVRBigEndian,
+}
 ADVICE = ("force=True", "force reading", "Traceback", "pydicom.config")
 
 
@@ -69,10 +79,13 @@ def _refusal(blobs: list[bytes]) -> str:
 
 # --- read right: every plain body under every declared plain syntax ------------------------------------
 
+
 @pytest.mark.parametrize("size", [8, 200])  # 8×8: a shifted view would silently fit; 200×200: it would not
 @pytest.mark.parametrize("declared", sorted(DECLARED))
 @pytest.mark.parametrize("body", [IMPLICIT, EXPLICIT, DEFLATED, BIG])
-def test_the_bytes_decide_the_encoding_whatever_the_header_declares(body: str, declared: str, size: int) -> None:
+def test_the_bytes_decide_the_encoding_whatever_the_header_declares(
+    body: str, declared: str, size: int
+) -> None:
     datasets, hu = dicomgen.small_series(3, size)
     blobs = [dicomgen.encoded_bytes(ds, body=body, declared=DECLARED[declared]) for ds in datasets]
     series = _series(blobs)
@@ -88,14 +101,20 @@ def test_the_bytes_decide_the_encoding_whatever_the_header_declares(body: str, d
 
 @pytest.mark.parametrize("meta", [False, True], ids=["bare", "meta-without-preamble"])
 @pytest.mark.parametrize("body", [IMPLICIT, EXPLICIT])
-def test_files_without_preamble_read_like_any_series_from_a_zip(tmp_path: Path, body: str, meta: bool) -> None:
+def test_files_without_preamble_read_like_any_series_from_a_zip(
+    tmp_path: Path, body: str, meta: bool
+) -> None:
     """pydicom #316 / #860: no preamble, no 'DICM', perhaps no file meta at all."""
     datasets, hu = dicomgen.small_series(4, 64)
     path = tmp_path / "bare.zip"
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
         for i, ds in enumerate(datasets):
-            zf.writestr(f"IM{i}", dicomgen.encoded_bytes(ds, body=body, preamble=False, meta=meta,
-                                                         declared="same" if meta else None))
+            zf.writestr(
+                f"IM{i}",
+                dicomgen.encoded_bytes(
+                    ds, body=body, preamble=False, meta=meta, declared="same" if meta else None
+                ),
+            )
     with open_arrival(path, Limits()) as contents:
         result = scan_members(contents.members)
         assert result.dicom_files == 4 and not result.skipped
@@ -121,6 +140,7 @@ def test_raw_pixels_under_a_compressed_syntax_are_read_as_raw() -> None:
 
 # --- one rule: the lean walker and the pydicom reader decide alike --------------------------------------
 
+
 @pytest.mark.parametrize("declared", sorted(DECLARED))
 @pytest.mark.parametrize("body", [IMPLICIT, EXPLICIT])
 def test_walker_and_pydicom_reader_give_the_same_facts_and_offset(body: str, declared: str) -> None:
@@ -131,8 +151,13 @@ def test_walker_and_pydicom_reader_give_the_same_facts_and_offset(body: str, dec
     theirs = facts_from_dataset(ds, transfer_syntax=found.transfer_syntax, implicit=found.implicit)
     assert facts_of(walked) == theirs and walked.pixel_offset == offset is not None
     assert ds.original_encoding == (body == IMPLICIT, True)
-    assert theirs.declared_syntax == ("" if DECLARED[declared] is None else
-                                      BODY_SYNTAX[body] if declared == "honest" else DECLARED[declared])
+    assert theirs.declared_syntax == (
+        ""
+        if DECLARED[declared] is None
+        else BODY_SYNTAX[body]
+        if declared == "honest"
+        else DECLARED[declared]
+    )
 
 
 def test_the_scan_logs_a_corrected_encoding_once(caplog: pytest.LogCaptureFixture) -> None:
@@ -141,8 +166,9 @@ def test_the_scan_logs_a_corrected_encoding_once(caplog: pytest.LogCaptureFixtur
     with caplog.at_level(logging.WARNING, logger="processor.dicom.scan"):
         scan_members(_members(blobs))
     notes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("scan.encoding")]
-    assert notes == ["scan.encoding files=3 read='declared Implicit VR Little Endian, "
-                     "read as Explicit VR Little Endian'"]
+    assert notes == [
+        "scan.encoding files=3 read='declared Implicit VR Little Endian, read as Explicit VR Little Endian'"
+    ]
 
 
 def test_decide_refuses_bytes_that_are_no_element_in_any_encoding() -> None:
@@ -153,6 +179,7 @@ def test_decide_refuses_bytes_that_are_no_element_in_any_encoding() -> None:
 
 
 # --- refused with the cause: pixel data that is not what the header says --------------------------------
+
 
 @pytest.mark.parametrize("body", [IMPLICIT, EXPLICIT])
 @pytest.mark.parametrize("change", [-2, +64])
@@ -181,11 +208,19 @@ def test_an_image_size_that_disagrees_with_the_pixel_data_is_refused(body: str) 
 def test_a_truncated_pixel_element_is_refused_as_truncated(kind: str, where: str) -> None:
     datasets, _ = dicomgen.small_series(3, 64)
     body = {"implicit": IMPLICIT, "explicit": EXPLICIT, "big-endian": BIG, "bare": IMPLICIT}[kind]
-    blobs = [dicomgen.encoded_bytes(ds, body=body, preamble=kind != "bare", meta=kind != "bare",
-                                    declared=None if kind == "bare" else "same") for ds in datasets]
+    blobs = [
+        dicomgen.encoded_bytes(
+            ds,
+            body=body,
+            preamble=kind != "bare",
+            meta=kind != "bare",
+            declared=None if kind == "bare" else "same",
+        )
+        for ds in datasets
+    ]
     tag = b"\x7f\xe0\x00\x10" if body == BIG else b"\xe0\x7f\x10\x00"
     at = blobs[2].rindex(tag)
-    blobs[2] = blobs[2][:at + (6 if where == "element header" else 100)]
+    blobs[2] = blobs[2][: at + (6 if where == "element header" else 100)]
     message = _refusal(blobs)
     assert message.startswith("cannot read DICOM/IM0002.dcm: the file ends") and "truncated" in message
 
@@ -194,25 +229,37 @@ def test_a_truncated_pixel_element_is_refused_as_truncated(kind: str, where: str
 def test_compressed_pixels_under_an_uncompressed_syntax_are_refused(declared: str) -> None:
     datasets, _ = dicomgen.small_series(3, 16)
     body = IMPLICIT if declared == ImplicitVRLittleEndian else EXPLICIT
-    blobs = [dicomgen.encoded_bytes(dicomgen.encode(ds, "rle"), body=body, declared=declared) for ds in datasets]
+    blobs = [
+        dicomgen.encoded_bytes(dicomgen.encode(ds, "rle"), body=body, declared=declared) for ds in datasets
+    ]
     assert "encapsulated (compressed)" in _refusal(blobs)
 
 
 def test_plain_cause_drops_the_library_advice() -> None:
     from pydicom.errors import InvalidDicomError
 
-    exc = InvalidDicomError("File is missing DICOM File Meta Information header or the 'DICM' prefix is "
-                            "missing from the header. Use force=True to force reading.")
-    assert plain_cause(exc) == ("File is missing DICOM File Meta Information header or the 'DICM' prefix is "
-                                "missing from the header")
+    exc = InvalidDicomError(
+        "File is missing DICOM File Meta Information header or the 'DICM' prefix is "
+        "missing from the header. Use force=True to force reading."
+    )
+    assert plain_cause(exc) == (
+        "File is missing DICOM File Meta Information header or the 'DICM' prefix is missing from the header"
+    )
     assert plain_cause(ValueError("")) == "the reader failed (ValueError)"
 
 
 # --- the user's view: `run.py process` -----------------------------------------------------------------
 
-def test_process_reads_mislabelled_files_and_refuses_a_truncated_one_without_traceback(project, tmp_path) -> None:
-    project.write_pipeline([{"id": "series", "uses": "dicom.select_series", "with": {"min_slices": 3}},
-                            {"id": "volume", "uses": "ct.volume"}])
+
+def test_process_reads_mislabelled_files_and_refuses_a_truncated_one_without_traceback(
+    project, tmp_path
+) -> None:
+    project.write_pipeline(
+        [
+            {"id": "series", "uses": "dicom.select_series", "with": {"min_slices": 3}},
+            {"id": "volume", "uses": "ct.volume"},
+        ]
+    )
     datasets, _ = dicomgen.small_series(4, 8)
     lying = tmp_path / "lying.zip"  # header: Implicit VR; body: Explicit VR (small frames)
     bare = tmp_path / "bare.zip"
@@ -222,12 +269,13 @@ def test_process_reads_mislabelled_files_and_refuses_a_truncated_one_without_tra
             zf.writestr(f"IM{i}", dicomgen.encoded_bytes(ds, body=EXPLICIT, declared=ImplicitVRLittleEndian))
     with zipfile.ZipFile(bare, "w") as zf:
         for i, ds in enumerate(dicomgen.small_series(4, 8, seed=5)[0]):
-            zf.writestr(f"IM{i}", dicomgen.encoded_bytes(ds, body=IMPLICIT, preamble=False, meta=False,
-                                                         declared=None))
+            zf.writestr(
+                f"IM{i}", dicomgen.encoded_bytes(ds, body=IMPLICIT, preamble=False, meta=False, declared=None)
+            )
     with zipfile.ZipFile(cut, "w") as zf:
         for i, ds in enumerate(dicomgen.small_series(4, 8, seed=6)[0]):
             data = dicomgen.encoded_bytes(ds, body=EXPLICIT)
-            zf.writestr(f"IM{i}", data[:data.rindex(b"\xe0\x7f\x10\x00") + 40] if i == 2 else data)
+            zf.writestr(f"IM{i}", data[: data.rindex(b"\xe0\x7f\x10\x00") + 40] if i == 2 else data)
     run = project.run("process", str(lying), str(bare), str(cut))
     output = run.stdout + run.stderr
     assert not any(a in output for a in ADVICE), output[-3000:]

@@ -15,8 +15,12 @@ from processor.dicom.render import choose_levels, orient, radiological_orientati
 from tests import dicomgen
 
 SHAPE = (24, 64, 64)
-STEPS = [{"id": "series", "uses": "dicom.select_series"}, {"id": "volume", "uses": "ct.volume"},
-         {"id": "lungs", "uses": "quantify.lungs"}, {"id": "slices", "uses": "render.key_slices"}]
+STEPS = [
+    {"id": "series", "uses": "dicom.select_series"},
+    {"id": "volume", "uses": "ct.volume"},
+    {"id": "lungs", "uses": "quantify.lungs"},
+    {"id": "slices", "uses": "render.key_slices"},
+]
 
 
 def _marker_side(image: np.ndarray) -> tuple[str, str]:
@@ -27,17 +31,27 @@ def _marker_side(image: np.ndarray) -> tuple[str, str]:
 
 
 def _phantom_series(orientation: tuple[float, ...], stored_hu: np.ndarray) -> list:
-    return dicomgen.make_series(SHAPE[0], stored=(stored_hu + 1024).astype(np.int16), orientation=orientation,
-                                spacing=6.0, pixel_spacing=5.0, kernel="B70f")
+    return dicomgen.make_series(
+        SHAPE[0],
+        stored=(stored_hu + 1024).astype(np.int16),
+        orientation=orientation,
+        spacing=6.0,
+        pixel_spacing=5.0,
+        kernel="B70f",
+    )
 
 
-@pytest.mark.parametrize(("name", "orientation", "to_stored"), [
-    ("standard", (1, 0, 0, 0, 1, 0), lambda a: a),
-    ("columns run to patient right", (-1, 0, 0, 0, 1, 0), lambda a: a[:, :, ::-1]),
-    ("feet-first prone", (-1, 0, 0, 0, -1, 0), lambda a: a[:, ::-1, ::-1]),
-])
-def test_marker_on_patient_left_appears_on_image_right(tmp_path: Path, name: str, orientation: tuple,
-                                                       to_stored: object) -> None:
+@pytest.mark.parametrize(
+    ("name", "orientation", "to_stored"),
+    [
+        ("standard", (1, 0, 0, 0, 1, 0), lambda a: a),
+        ("columns run to patient right", (-1, 0, 0, 0, 1, 0), lambda a: a[:, :, ::-1]),
+        ("feet-first prone", (-1, 0, 0, 0, -1, 0), lambda a: a[:, ::-1, ::-1]),
+    ],
+)
+def test_marker_on_patient_left_appears_on_image_right(
+    tmp_path: Path, name: str, orientation: tuple, to_stored: object
+) -> None:
     hu, _ = dicomgen.chest_phantom(SHAPE, left_marker=True)  # marker at patient-left, mid antero-posterior
     hu[:, 6:9, 30:34] = 1500.0  # a second marker at the front of the body (anterior)
     datasets = _phantom_series(orientation, np.ascontiguousarray(to_stored(hu)))  # type: ignore[operator]
@@ -61,8 +75,9 @@ def test_pngs_are_written_next_to_the_study_json_and_listed(tmp_path: Path) -> N
     ctx, outcome = dicomgen.run_steps(path, STEPS, tmp_path)
     assert outcome.status == "Success", outcome.error
     listed = ctx.result["key_slices"]
-    assert [e["file"] for e in listed] == [f"{ctx.study.uid}/key_{w}_{n}.png"
-                                           for w in ("lung", "mediastinal") for n in (1, 2, 3)]
+    assert [e["file"] for e in listed] == [
+        f"{ctx.study.uid}/key_{w}_{n}.png" for w in ("lung", "mediastinal") for n in (1, 2, 3)
+    ]
     json_folder = ctx.out_dir.parent  # <outbox>/<date>/, where <StudyUID>.json is written
     mask_z = np.flatnonzero(ctx.values["lung_mask"].any(axis=(1, 2)))
     for entry, key in zip(listed, ctx.values["key_slices"], strict=True):
@@ -82,8 +97,11 @@ def test_pngs_are_written_next_to_the_study_json_and_listed(tmp_path: Path) -> N
 def test_without_a_lung_mask_levels_span_the_volume(tmp_path: Path) -> None:
     hu, _ = dicomgen.chest_phantom(SHAPE)
     path = dicomgen.write_zip(tmp_path / "p.zip", _phantom_series((1, 0, 0, 0, 1, 0), hu))
-    steps = [STEPS[0], STEPS[1], {"id": "slices", "uses": "render.key_slices",
-                                  "with": {"count": 2, "windows": ["lung"]}}]
+    steps = [
+        STEPS[0],
+        STEPS[1],
+        {"id": "slices", "uses": "render.key_slices", "with": {"count": 2, "windows": ["lung"]}},
+    ]
     ctx, outcome = dicomgen.run_steps(path, steps, tmp_path)
     assert outcome.status == "Success", outcome.error
     assert [e["slice_index"] for e in ctx.result["key_slices"]] == [8, 15]
@@ -118,22 +136,32 @@ ROW_MM, COL_MM = 2.0, 3.0  # PixelSpacing: between rows, between columns
 
 
 def _anisotropic_series(stored_hu: np.ndarray, orientation: tuple[float, ...]) -> list:
-    datasets = dicomgen.make_series(stored_hu.shape[0], stored=np.rint(stored_hu + 1024).astype(np.int16),
-                                    orientation=orientation, spacing=5.0)
+    datasets = dicomgen.make_series(
+        stored_hu.shape[0],
+        stored=np.rint(stored_hu + 1024).astype(np.int16),
+        orientation=orientation,
+        spacing=5.0,
+    )
     for ds in datasets:
         ds.PixelSpacing = [ROW_MM, COL_MM]
     return datasets
 
 
-def _physical_phantom(shape_rc: tuple[int, int], mm: tuple[float, float], depth: int, centre_mm: tuple[float, float],
-                      body_mm: tuple[float, float], lung_mm: float) -> np.ndarray:
+def _physical_phantom(
+    shape_rc: tuple[int, int],
+    mm: tuple[float, float],
+    depth: int,
+    centre_mm: tuple[float, float],
+    body_mm: tuple[float, float],
+    lung_mm: float,
+) -> np.ndarray:
     """HU (z, rows, cols) sampled at row/column spacing ``mm``: an elliptic body (40 HU) with semi-axes
     ``body_mm`` along (rows, cols) and a round lung (−850 HU) of radius ``lung_mm`` in its middle."""
     r = (np.arange(shape_rc[0])[:, None] + 0.5) * mm[0] - centre_mm[0]
     c = (np.arange(shape_rc[1])[None, :] + 0.5) * mm[1] - centre_mm[1]
     plane = np.full(shape_rc, -1000.0, np.float32)
     plane[(r / body_mm[0]) ** 2 + (c / body_mm[1]) ** 2 <= 1] = 40.0
-    plane[r ** 2 + c ** 2 <= lung_mm ** 2] = -850.0
+    plane[r**2 + c**2 <= lung_mm**2] = -850.0
     return np.repeat(plane[None], depth, axis=0)
 
 
@@ -172,7 +200,9 @@ def test_a_circle_on_a_2_by_3_mm_grid_comes_out_round(tmp_path: Path) -> None:
     lung = ctx.values["key_slices"][1]
     assert set(np.unique(lung.image[:, :2])) <= {int(window(np.float32(-1000.0), 1500, -600))}
     again, _ = dicomgen.run_steps(path, steps, tmp_path / "again")
-    assert [e["sha256"] for e in again.result["key_slices"]] == [e["sha256"] for e in ctx.result["key_slices"]]
+    assert [e["sha256"] for e in again.result["key_slices"]] == [
+        e["sha256"] for e in ctx.result["key_slices"]
+    ]
 
 
 def test_a_transposed_acquisition_follows_the_displayed_axes(tmp_path: Path) -> None:
@@ -227,8 +257,9 @@ def test_square_pixels_are_left_alone() -> None:
     assert to_square_pixels(image, square) is image
     assert square.as_dict(3, 4)["resampled"] is False and square.pixel_mm == 0.7
     grid = PixelGrid.of(1.0, 2.0, upright)
-    assert grid.output_shape(3, 4) == (3, 8) and PixelGrid.of(1.0, 2.0, Orientation(True, False, False)).output_shape(
-        3, 4) == (6, 4)
+    assert grid.output_shape(3, 4) == (3, 8) and PixelGrid.of(
+        1.0, 2.0, Orientation(True, False, False)
+    ).output_shape(3, 4) == (6, 4)
     # linear, pixel centres aligned: doubling [0, 10] gives [0, 2.5, 7.5, 10]
     assert stretch(np.array([[0, 10]], np.int16), 1, 4).tolist() == [[0.0, 2.5, 7.5, 10.0]]
     assert PixelGrid.of(float("nan"), 1.0, upright).unknown is not None

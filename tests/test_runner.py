@@ -49,7 +49,9 @@ def _ctx(uid: str, tmp_path: Path) -> StudyContext:
 
 
 def test_out_of_memory_makes_the_study_partial_and_later_steps_still_run(tmp_path: Path) -> None:
-    pipeline, _ = _pipeline(tmp_path, [{"id": "big", "uses": "test.oom"}, {"id": "mark", "uses": "test.mark"}])
+    pipeline, _ = _pipeline(
+        tmp_path, [{"id": "big", "uses": "test.oom"}, {"id": "mark", "uses": "test.mark"}]
+    )
     outcome = PipelineRunner(pipeline).run(_ctx("1.2", tmp_path))
     assert outcome.status == "Partial" and outcome.error is None
     assert [(r.step_id, r.status) for r in outcome.steps] == [("big", "failed"), ("mark", "done")]

@@ -36,7 +36,12 @@ def test_night_window_rules() -> None:
     window = NightWindow.parse("01:00-06:00")
     assert str(window) == "01:00-06:00"
     assert [window.contains(at(h, m)) for h, m in ((0, 59), (1, 0), (5, 59), (6, 0), (14, 0))] == [
-        False, True, True, False, False]
+        False,
+        True,
+        True,
+        False,
+        False,
+    ]
     assert window.night_before(at(2)) == at(6), "inside: every night arrival so far may run"
     assert window.night_before(at(14)) is None, "outside: the night batch pauses"
     assert window.night_before(at(14), run_on=True) == at(6), "run on: the batch of last night continues"
@@ -45,7 +50,14 @@ def test_night_window_rules() -> None:
 
     wrapping = NightWindow.parse("22:00-05:00")
     assert [wrapping.contains(at(h)) for h in (21, 22, 23, 0, 4, 5, 12)] == [
-        False, True, True, True, True, False, False]
+        False,
+        True,
+        True,
+        True,
+        True,
+        False,
+        False,
+    ]
     assert wrapping.night_before(at(23)) == at(5, day=MONDAY + timedelta(days=1))
     assert wrapping.night_before(at(3)) == at(5)
     aware = datetime(2025, 3, 10, 2, 0, tzinfo=UTC)
@@ -59,9 +71,17 @@ def test_claim_day_first_and_night_cutoff(tmp_path: Path) -> None:
     state = State(tmp_path / "db.sqlite")
 
     def register(name: str, night: bool, created: str) -> int:
-        aid = state.register_arrival(kind="night" if night else "inbox", name=name, original_path=name,
-                                     current_path=name, sha256=name * 8, size=1, pipeline_name="p",
-                                     pipeline_version=1, night=night).arrival_id
+        aid = state.register_arrival(
+            kind="night" if night else "inbox",
+            name=name,
+            original_path=name,
+            current_path=name,
+            sha256=name * 8,
+            size=1,
+            pipeline_name="p",
+            pipeline_version=1,
+            night=night,
+        ).arrival_id
         state.update_arrival(aid, created_at=created)
         return aid
 
@@ -92,7 +112,9 @@ def _components(project: Project, **overrides) -> Components:
     return build(load_settings(project.config, overrides))
 
 
-def _drop(components: Components, project: Project, name: str, *, night: bool = False, slices: int = 20) -> int:
+def _drop(
+    components: Components, project: Project, name: str, *, night: bool = False, slices: int = 20
+) -> int:
     folder = project.inbox / "night" if night else project.inbox
     path = write_zip(folder / name, make_series(slices))
     aid = components.intake.accept(path, night=night)
@@ -112,7 +134,8 @@ def _idle_after(worker: Worker, passes: int = 2) -> None:
 
 
 def test_night_arrivals_wait_run_in_the_window_after_the_day_queue_and_pause_at_its_end(
-        project: Project) -> None:
+    project: Project,
+) -> None:
     # Wall-clock times from tomorrow on: arrivals are registered now, and "now" never runs backwards.
     tomorrow = date.today() + timedelta(days=1)
     components = _components(project)
@@ -130,8 +153,15 @@ def test_night_arrivals_wait_run_in_the_window_after_the_day_queue_and_pause_at_
         if aid == n1:
             clock.now = at(6, 30, day=tomorrow + timedelta(days=1))  # the window closes meanwhile
 
-    worker = Worker(components.state, components.executor(), night_before=window.night_before,
-                    can_claim=gate.is_set, on_processed=processed, clock=clock, poll_seconds=0.05)
+    worker = Worker(
+        components.state,
+        components.executor(),
+        night_before=window.night_before,
+        can_claim=gate.is_set,
+        on_processed=processed,
+        clock=clock,
+        poll_seconds=0.05,
+    )
     worker.start()
     try:
         wait_for(lambda: order == [d1], 60, "the day arrival")
@@ -207,7 +237,9 @@ def test_scheduled_jobs_retention_and_rollover_in_a_running_daemon(project: Proj
     try:
         jobs = {j["id"]: j["next_run"] for j in daemon.scheduler.next_jobs()}
         assert set(jobs) == {"report-rollover", "night-window-start", "rescan", "retention"}
-        assert jobs["report-rollover"][11:19] == "00:00:00" and jobs["night-window-start"][11:19] == "01:00:00"
+        assert (
+            jobs["report-rollover"][11:19] == "00:00:00" and jobs["night-window-start"][11:19] == "01:00:00"
+        )
         assert jobs["retention"][11:19] == "00:30:00"
         daemon.scheduler.run_now("retention")
         wait_for(lambda: not old.exists(), 30, "retention to remove the 30-day-old archive")
@@ -257,8 +289,11 @@ def test_disk_guard_in_health_and_status_of_a_running_daemon(tmp_path: Path) -> 
     write_zip(project.inbox / "waits.zip", make_series(20))
     proc = project.start()
     try:
-        match = wait_for(lambda: re.search(r"status\.listening url=(http://[^/ ]+)/", project.log_text()),
-                         60, "the status server")
+        match = wait_for(
+            lambda: re.search(r"status\.listening url=(http://[^/ ]+)/", project.log_text()),
+            60,
+            "the status server",
+        )
         base = match.group(1)
         wait_for(lambda: "arrival.registered" in project.log_text(), 60, "the arrival to be registered")
         with pytest.raises(urllib.error.HTTPError) as err:
@@ -284,16 +319,23 @@ def test_disk_guard_in_health_and_status_of_a_running_daemon(tmp_path: Path) -> 
 @pytest.mark.parametrize("mode", ["step", "study"])
 def test_shutdown_mode_step_or_study(project: Project, mode: str, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
-    project.write_pipeline([{"id": "series", "uses": "dicom.select_series"},
-                            {"id": "hold", "uses": "util.delay", "with": {"seconds": 0.5}},
-                            {"id": "hold2", "uses": "util.delay", "with": {"seconds": 0.5}}])
+    project.write_pipeline(
+        [
+            {"id": "series", "uses": "dicom.select_series"},
+            {"id": "hold", "uses": "util.delay", "with": {"seconds": 0.5}},
+            {"id": "hold2", "uses": "util.delay", "with": {"seconds": 0.5}},
+        ]
+    )
     components = _components(project, **{"worker.shutdown": mode})
     aid = _drop(components, project, "study.zip")
     worker = Worker(components.state, components.executor(), poll_seconds=0.05)
     worker.start()
     try:
-        wait_for(lambda: "step.done" in caplog.text and "step=series" in caplog.text, 30,
-                 "the study to be under way (its first step done)")
+        wait_for(
+            lambda: "step.done" in caplog.text and "step=series" in caplog.text,
+            30,
+            "the study to be under way (its first step done)",
+        )
         worker.stop()
         worker.join(30)
         assert not worker.is_alive()

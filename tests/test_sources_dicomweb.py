@@ -41,21 +41,36 @@ def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
 
 def configure(folder: Path, *sources: dict, **fetch: object) -> tuple[Project, Settings]:
     folder.mkdir(parents=True, exist_ok=True)
-    project = Project(folder, sources=list(sources), fetch={"allow_hosts": ["127.0.0.1"], "timeout_seconds": 20,
-                                                       "retries": 1, "backoff_seconds": 0.05, **fetch})
+    project = Project(
+        folder,
+        sources=list(sources),
+        fetch={
+            "allow_hosts": ["127.0.0.1"],
+            "timeout_seconds": 20,
+            "retries": 1,
+            "backoff_seconds": 0.05,
+            **fetch,
+        },
+    )
     return project, load_settings(project.config)
 
 
 def poller_for(settings: Settings) -> SourcePoller:
     def make_intake(state: State) -> Intake:
-        return Intake(state, pipeline_name="test-ct", pipeline_version=1, inbox_dirs=settings.inbox.dirs,
-                      outbox=settings.outbox)
+        return Intake(
+            state,
+            pipeline_name="test-ct",
+            pipeline_version=1,
+            inbox_dirs=settings.inbox.dirs,
+            outbox=settings.outbox,
+        )
 
     return SourcePoller(settings, settings.state, make_intake, rng=random.Random(3))
 
 
-def study(n: int, *, date: str = TODAY, modality: str = "CT", study_uid: str | None = None,
-          series_number: int = 2) -> list:
+def study(
+    n: int, *, date: str = TODAY, modality: str = "CT", study_uid: str | None = None, series_number: int = 2
+) -> list:
     maker = make_mr_series if modality == "MR" else make_series
     datasets = maker(n, study_uid=study_uid, series_number=series_number)
     for ds in datasets:
@@ -72,12 +87,27 @@ def fetched_uids(settings: Settings, arrival_ids: list[int]) -> list[str]:
 
 
 def test_new_studies_are_found_retrieved_processed_and_fetched_once(
-        tmp_path: Path, orthanc: Orthanc, caplog: pytest.LogCaptureFixture) -> None:
-    project, cfg = configure(tmp_path / "p", {
-        "name": "pacs", "kind": "dicomweb", "url": orthanc.dicomweb, "every": "2m",
-        "query": {"ModalitiesInStudy": "CT"}, "lookback": "2d"}, {
-        # one study per page: real limit/offset paging (Orthanc 1.10 pages correctly on StudyDate alone)
-        "name": "pacs-paged", "kind": "dicomweb", "url": orthanc.dicomweb, "lookback": "2d", "page_size": 1})
+    tmp_path: Path, orthanc: Orthanc, caplog: pytest.LogCaptureFixture
+) -> None:
+    project, cfg = configure(
+        tmp_path / "p",
+        {
+            "name": "pacs",
+            "kind": "dicomweb",
+            "url": orthanc.dicomweb,
+            "every": "2m",
+            "query": {"ModalitiesInStudy": "CT"},
+            "lookback": "2d",
+        },
+        {
+            # one study per page: real limit/offset paging (Orthanc 1.10 pages correctly on StudyDate alone)
+            "name": "pacs-paged",
+            "kind": "dicomweb",
+            "url": orthanc.dicomweb,
+            "lookback": "2d",
+            "page_size": 1,
+        },
+    )
     first = study(24)
     uid_a = first[0].StudyInstanceUID
     orthanc.upload(first)
@@ -132,28 +162,42 @@ def test_new_studies_are_found_retrieved_processed_and_fetched_once(
     caplog.set_level(logging.INFO, logger="httpx")
     paged = poller.poll("pacs-paged", NOW)
     assert "limit=1&offset=3" in caplog.text, "the fourth (empty) page was asked for"
-    assert sorted(fetched_uids(cfg, paged.arrivals)) == sorted([uid_a, second[0].StudyInstanceUID,
-                                                                mr[0].StudyInstanceUID])
+    assert sorted(fetched_uids(cfg, paged.arrivals)) == sorted(
+        [uid_a, second[0].StudyInstanceUID, mr[0].StudyInstanceUID]
+    )
     state = State(cfg.state)
     try:
-        states = {state.arrival(a).source_url.rsplit("/", 1)[1]: state.arrival(a).state
-                  for a in paged.arrivals}
+        states = {
+            state.arrival(a).source_url.rsplit("/", 1)[1]: state.arrival(a).state for a in paged.arrivals
+        }
     finally:
         state.close()
-    assert states == {uid_a: "duplicate", second[0].StudyInstanceUID: "duplicate",
-                      mr[0].StudyInstanceUID: "pending"}
+    assert states == {
+        uid_a: "duplicate",
+        second[0].StudyInstanceUID: "duplicate",
+        mr[0].StudyInstanceUID: "pending",
+    }
 
     status = project.run("status")
     assert "pacs  [dicomweb, every 120s]" in status.stdout and "arrivals=3" in status.stdout
 
 
 def test_a_modality_filter_with_paging_misses_no_study(
-        tmp_path: Path, orthanc: Orthanc, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, orthanc: Orthanc, caplog: pytest.LogCaptureFixture
+) -> None:
     """Orthanc 1.10 answers nothing past the first page when ModalitiesInStudy is filtered: the
     studies are listed again without the filter and matched here (CT kept, MR left out)."""
-    _, cfg = configure(tmp_path / "p", {
-        "name": "pacs", "kind": "dicomweb", "url": orthanc.dicomweb, "lookback": "2d", "page_size": 1,
-        "query": {"ModalitiesInStudy": "CT"}})
+    _, cfg = configure(
+        tmp_path / "p",
+        {
+            "name": "pacs",
+            "kind": "dicomweb",
+            "url": orthanc.dicomweb,
+            "lookback": "2d",
+            "page_size": 1,
+            "query": {"ModalitiesInStudy": "CT"},
+        },
+    )
     ct_studies = [study(4), study(4), study(4)]
     for datasets in ct_studies:
         orthanc.upload(datasets)
@@ -190,21 +234,26 @@ def _multipart(parts: list[bytes]) -> bytes:
     return out + b"--" + BOUNDARY + b"--\r\nepilogue"
 
 
-_tricky = st.sampled_from([b"\r\n--", b"--" + BOUNDARY[:5], b"\r\n--" + BOUNDARY[:-1], b"\r\n", b"-", b"DICM"])
-_bodies = st.lists(st.lists(st.one_of(st.binary(max_size=40), _tricky), max_size=6).map(b"".join),
-                   min_size=1, max_size=5)
+_tricky = st.sampled_from(
+    [b"\r\n--", b"--" + BOUNDARY[:5], b"\r\n--" + BOUNDARY[:-1], b"\r\n", b"-", b"DICM"]
+)
+_bodies = st.lists(
+    st.lists(st.one_of(st.binary(max_size=40), _tricky), max_size=6).map(b"".join), min_size=1, max_size=5
+)
 
 
 @settings(max_examples=150, deadline=None)
 @given(bodies=_bodies, cuts=st.lists(st.integers(min_value=1, max_value=17), min_size=1, max_size=30))
-def test_multipart_splitter_recovers_every_part_whatever_the_chunking(bodies: list[bytes], cuts: list[int]) -> None:
+def test_multipart_splitter_recovers_every_part_whatever_the_chunking(
+    bodies: list[bytes], cuts: list[int]
+) -> None:
     data = _multipart(bodies)
     with tempfile.TemporaryDirectory() as tmp:
         splitter = MultipartSplitter(BOUNDARY, Path(tmp) / "study", 10**6, "test")
         pos, i = 0, 0
         while pos < len(data):
             size = cuts[i % len(cuts)]
-            splitter.feed(data[pos:pos + size])
+            splitter.feed(data[pos : pos + size])
             pos, i = pos + size, i + 1
         written = splitter.finish()
         files = {p.name: p.read_bytes() for p in (Path(tmp) / "study").iterdir()}
@@ -218,4 +267,6 @@ def test_a_truncated_multipart_answer_is_transient_and_leaves_no_partial_file(tm
     splitter.feed(data[:200])  # the first part complete, the second cut short
     with pytest.raises(FetchTransient, match="ended before its closing boundary"):
         splitter.finish()
-    assert [p.name for p in (tmp_path / "study").iterdir()] == [f"{hashlib.sha256(b'A' * 100).hexdigest()}.dcm"]
+    assert [p.name for p in (tmp_path / "study").iterdir()] == [
+        f"{hashlib.sha256(b'A' * 100).hexdigest()}.dcm"
+    ]

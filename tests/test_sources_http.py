@@ -39,8 +39,9 @@ class Site:
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-                site.requests.append((self.path, {k.lower(): v for k, v in self.headers.items()},
-                                      time.monotonic()))
+                site.requests.append(
+                    (self.path, {k.lower(): v for k, v in self.headers.items()}, time.monotonic())
+                )
                 route = site.routes.get(self.path)
                 try:
                     if route is None:
@@ -56,8 +57,9 @@ class Site:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = False  # server_close() joins the handler threads
         self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
-                                       name="ctwatch-test-http")
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, name="ctwatch-test-http"
+        )
 
     def url(self, path: str, host: str = "127.0.0.1") -> str:
         return f"http://{host}:{self.port}{path}"
@@ -123,16 +125,29 @@ class Export:
 
 def configure(tmp_path: Path, sources: list[dict], **fetch: object) -> tuple[Project, Settings]:
     tmp_path.mkdir(parents=True, exist_ok=True)
-    project = Project(tmp_path, sources=sources,
-                      fetch={"allow_hosts": ["127.0.0.1"], "timeout_seconds": 5, "retries": 2,
-                             "backoff_seconds": 0.05, **fetch})
+    project = Project(
+        tmp_path,
+        sources=sources,
+        fetch={
+            "allow_hosts": ["127.0.0.1"],
+            "timeout_seconds": 5,
+            "retries": 2,
+            "backoff_seconds": 0.05,
+            **fetch,
+        },
+    )
     return project, load_settings(project.config)
 
 
 def poller_for(settings: Settings) -> SourcePoller:
     def make_intake(state: State) -> Intake:
-        return Intake(state, pipeline_name="test-ct", pipeline_version=1, inbox_dirs=settings.inbox.dirs,
-                      outbox=settings.outbox)
+        return Intake(
+            state,
+            pipeline_name="test-ct",
+            pipeline_version=1,
+            inbox_dirs=settings.inbox.dirs,
+            outbox=settings.outbox,
+        )
 
     return SourcePoller(settings, settings.state, make_intake, rng=random.Random(5))
 
@@ -154,8 +169,10 @@ def staging_is_empty(settings: Settings) -> bool:
 def test_conditional_get_turns_each_changed_body_into_one_arrival(tmp_path: Path, site: Site) -> None:
     export = Export(tmp_path / "site")
     site.routes["/exports/latest.zip"] = export
-    project, settings = configure(tmp_path / "p", [
-        {"name": "scanner-export", "kind": "http", "url": site.url("/exports/latest.zip"), "every": "5m"}])
+    project, settings = configure(
+        tmp_path / "p",
+        [{"name": "scanner-export", "kind": "http", "url": site.url("/exports/latest.zip"), "every": "5m"}],
+    )
     poller = poller_for(settings)
     assert poller.schedule() == [("scanner-export", 300.0)]
 
@@ -172,8 +189,7 @@ def test_conditional_get_turns_each_changed_body_into_one_arrival(tmp_path: Path
     try:
         state = components.state
         arrival = state.arrival(changed.arrivals[0])
-        assert (arrival.kind, arrival.source_name, arrival.name) == ("http", "scanner-export",
-                                                                               "latest.zip")
+        assert (arrival.kind, arrival.source_name, arrival.name) == ("http", "scanner-export", "latest.zip")
         assert arrival.source_url == site.url("/exports/latest.zip")
         assert arrival.sha256 == hashlib.sha256(export.body).hexdigest()
         assert components.executor(state).process(state.claim(arrival.id)) == "done"
@@ -195,7 +211,9 @@ def test_conditional_get_turns_each_changed_body_into_one_arrival(tmp_path: Path
 def test_same_body_without_etag_is_not_taken_twice(tmp_path: Path, site: Site) -> None:
     body = write_zip(tmp_path / "a.zip", make_series(3)).read_bytes()
     site.routes["/plain.zip"] = lambda h: send(h, 200, body, Last_Modified="Tue, 04 Mar 2025 09:00:00 GMT")
-    _, settings = configure(tmp_path / "p", [{"name": "plain", "kind": "http", "url": site.url("/plain.zip")}])
+    _, settings = configure(
+        tmp_path / "p", [{"name": "plain", "kind": "http", "url": site.url("/plain.zip")}]
+    )
     poller = poller_for(settings)
     assert len(poller.poll("plain", NOW).arrivals) == 1
     second = poller.poll("plain", NOW)  # this server ignores If-Modified-Since and sends it all again
@@ -208,9 +226,13 @@ def test_application_dicom_becomes_a_dcm_arrival_and_html_is_refused(tmp_path: P
     dcm = to_bytes(make_series(1)[0])
     site.routes["/scanner/current"] = lambda h: send(h, 200, dcm, Content_Type="application/dicom")
     site.routes["/login"] = lambda h: send(h, 200, b"<html>please log in</html>", Content_Type="text/html")
-    _, settings = configure(tmp_path / "p", [
-        {"name": "modality", "kind": "http", "url": site.url("/scanner/current")},
-        {"name": "portal", "kind": "http", "url": site.url("/login")}])
+    _, settings = configure(
+        tmp_path / "p",
+        [
+            {"name": "modality", "kind": "http", "url": site.url("/scanner/current")},
+            {"name": "portal", "kind": "http", "url": site.url("/login")},
+        ],
+    )
     poller = poller_for(settings)
     outcome = poller.poll("modality", NOW)
     state = State(settings.state)
@@ -226,14 +248,24 @@ def test_application_dicom_becomes_a_dcm_arrival_and_html_is_refused(tmp_path: P
 
 def test_body_above_the_cap_is_refused_with_a_reason(tmp_path: Path, site: Site) -> None:
     def huge(h: BaseHTTPRequestHandler) -> None:
-        send(h, 200, b"PK\x03\x04" + b"\0" * 1000, Content_Type="application/zip",
-             Content_Length=str(4 * 2**30))
+        send(
+            h,
+            200,
+            b"PK\x03\x04" + b"\0" * 1000,
+            Content_Type="application/zip",
+            Content_Length=str(4 * 2**30),
+        )
 
     site.routes["/huge.zip"] = huge
     site.routes["/stream.zip"] = lambda h: send(h, 200, b"PK\x03\x04" + b"\0" * 300_000, Content_Length="")
-    _, settings = configure(tmp_path / "p", [
-        {"name": "huge", "kind": "http", "url": site.url("/huge.zip")},
-        {"name": "stream", "kind": "http", "url": site.url("/stream.zip")}], max_bytes="100KiB")
+    _, settings = configure(
+        tmp_path / "p",
+        [
+            {"name": "huge", "kind": "http", "url": site.url("/huge.zip")},
+            {"name": "stream", "kind": "http", "url": site.url("/stream.zip")},
+        ],
+        max_bytes="100KiB",
+    )
     poller = poller_for(settings)
     outcome = poller.poll("huge", NOW)
     assert not outcome.ok and outcome.arrivals == []
@@ -252,10 +284,14 @@ def test_redirects_stay_on_allowed_hosts(tmp_path: Path, site: Site) -> None:
     site.routes["/moved"] = lambda h: send(h, 302, Location=site.url("/exports/latest.zip", host="localhost"))
     site.routes["/hop"] = lambda h: send(h, 302, Location="/exports/latest.zip")
     site.routes["/file"] = lambda h: send(h, 302, Location="file:///etc/passwd")
-    _, settings = configure(tmp_path / "p", [
-        {"name": "moved", "kind": "http", "url": site.url("/moved")},
-        {"name": "hop", "kind": "http", "url": site.url("/hop")},
-        {"name": "file", "kind": "http", "url": site.url("/file")}])
+    _, settings = configure(
+        tmp_path / "p",
+        [
+            {"name": "moved", "kind": "http", "url": site.url("/moved")},
+            {"name": "hop", "kind": "http", "url": site.url("/hop")},
+            {"name": "file", "kind": "http", "url": site.url("/file")},
+        ],
+    )
     poller = poller_for(settings)
     moved = poller.poll("moved", NOW)
     assert not moved.ok and "host localhost is not in fetch.allow_hosts" in (moved.error or "")
@@ -268,8 +304,11 @@ def test_redirects_stay_on_allowed_hosts(tmp_path: Path, site: Site) -> None:
 
 
 def test_config_refuses_other_schemes_inline_credentials_and_unlisted_hosts(tmp_path: Path) -> None:
-    for url, message in [("file:///etc/passwd", "only http:// and https://"), ("ftp://h/x.zip", "ftp scheme"),
-                         ("http://user:pw@127.0.0.1/x.zip", "credentials must not be written into the URL")]:
+    for url, message in [
+        ("file:///etc/passwd", "only http:// and https://"),
+        ("ftp://h/x.zip", "ftp scheme"),
+        ("http://user:pw@127.0.0.1/x.zip", "credentials must not be written into the URL"),
+    ]:
         folder = tmp_path / hashlib.sha256(url.encode()).hexdigest()[:8]
         folder.mkdir()
         project = Project(folder, sources=[{"name": "s", "kind": "http", "url": url}])
@@ -277,10 +316,19 @@ def test_config_refuses_other_schemes_inline_credentials_and_unlisted_hosts(tmp_
             load_settings(project.config)
         assert message in str(info.value)
     (tmp_path / "unlisted").mkdir()
-    project = Project(tmp_path / "unlisted", sources=[
-        {"name": "a", "kind": "http", "url": "https://pacs.example.org/x.zip"},
-        {"name": "a", "kind": "dicomweb", "url": "http://127.0.0.1:8042/dicom-web", "every": "2m",
-         "lookback": "2d"}])
+    project = Project(
+        tmp_path / "unlisted",
+        sources=[
+            {"name": "a", "kind": "http", "url": "https://pacs.example.org/x.zip"},
+            {
+                "name": "a",
+                "kind": "dicomweb",
+                "url": "http://127.0.0.1:8042/dicom-web",
+                "every": "2m",
+                "lookback": "2d",
+            },
+        ],
+    )
     settings = load_settings(project.config)
     assert settings.sources[1].every == 120 and settings.sources[1].lookback == 2 * 86400
     with pytest.raises(ConfigError) as info:
@@ -290,7 +338,8 @@ def test_config_refuses_other_schemes_inline_credentials_and_unlisted_hosts(tmp_
 
 
 def test_bearer_token_comes_from_the_environment_and_is_never_kept(
-        tmp_path: Path, site: Site, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, site: Site, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     token = "tok-3f9a1c77d2-secret"
     export = Export(tmp_path / "site")
 
@@ -301,9 +350,17 @@ def test_bearer_token_comes_from_the_environment_and_is_never_kept(
             export(h)
 
     site.routes["/secure.zip"] = guarded
-    project, settings = configure(tmp_path / "p", [{"name": "secure", "kind": "http",
-                                                    "url": site.url("/secure.zip"),
-                                                    "auth": {"bearer_env": "CTWATCH_TEST_TOKEN"}}])
+    project, settings = configure(
+        tmp_path / "p",
+        [
+            {
+                "name": "secure",
+                "kind": "http",
+                "url": site.url("/secure.zip"),
+                "auth": {"bearer_env": "CTWATCH_TEST_TOKEN"},
+            }
+        ],
+    )
     poller = poller_for(settings)
     monkeypatch.delenv("CTWATCH_TEST_TOKEN", raising=False)
     missing = poller.poll("secure", NOW)
@@ -329,10 +386,16 @@ def test_5xx_is_retried_with_backoff_and_4xx_is_not(tmp_path: Path, site: Site) 
 
     site.routes["/flaky.zip"] = flaky
     site.routes["/down.zip"] = lambda h: send(h, 500, b"boom")
-    _, settings = configure(tmp_path / "p", [
-        {"name": "flaky", "kind": "http", "url": site.url("/flaky.zip")},
-        {"name": "down", "kind": "http", "url": site.url("/down.zip")},
-        {"name": "gone", "kind": "http", "url": site.url("/gone.zip")}], retries=3, backoff_seconds=0.1)
+    _, settings = configure(
+        tmp_path / "p",
+        [
+            {"name": "flaky", "kind": "http", "url": site.url("/flaky.zip")},
+            {"name": "down", "kind": "http", "url": site.url("/down.zip")},
+            {"name": "gone", "kind": "http", "url": site.url("/gone.zip")},
+        ],
+        retries=3,
+        backoff_seconds=0.1,
+    )
     poller = poller_for(settings)
 
     flaky_outcome = poller.poll("flaky", NOW)
@@ -356,15 +419,23 @@ def test_a_timing_out_source_never_stalls_other_sources_or_the_inbox(tmp_path: P
     export = Export(tmp_path / "site")
     site.routes["/exports/latest.zip"] = export
     site.routes["/hang.zip"] = lambda h: (site.release.wait(15), send(h, 200, b"late"))
-    project, settings = configure(tmp_path / "p", [
-        {"name": "slow", "kind": "http", "url": site.url("/hang.zip")},
-        {"name": "healthy", "kind": "http", "url": site.url("/exports/latest.zip")}],
-        timeout_seconds=1, retries=2, backoff_seconds=0.5)
+    project, settings = configure(
+        tmp_path / "p",
+        [
+            {"name": "slow", "kind": "http", "url": site.url("/hang.zip")},
+            {"name": "healthy", "kind": "http", "url": site.url("/exports/latest.zip")},
+        ],
+        timeout_seconds=1,
+        retries=2,
+        backoff_seconds=0.5,
+    )
     poller = poller_for(settings)
     components = build(settings)
     outcomes: dict[str, object] = {}
-    slow = threading.Thread(target=lambda: outcomes.update(slow=(poller.poll("slow", NOW), time.monotonic())),
-                            name="ctwatch-test-slow-poll")
+    slow = threading.Thread(
+        target=lambda: outcomes.update(slow=(poller.poll("slow", NOW), time.monotonic())),
+        name="ctwatch-test-slow-poll",
+    )
     slow.start()
     try:
         deadline = time.monotonic() + 10
@@ -392,11 +463,17 @@ def test_a_timing_out_source_never_stalls_other_sources_or_the_inbox(tmp_path: P
 
 def test_stop_interrupts_a_backoff_wait(tmp_path: Path, site: Site) -> None:
     site.routes["/down.zip"] = lambda h: send(h, 502, b"bad gateway")
-    _, settings = configure(tmp_path / "p", [{"name": "down", "kind": "http", "url": site.url("/down.zip")}],
-                            retries=5, backoff_seconds=60)
+    _, settings = configure(
+        tmp_path / "p",
+        [{"name": "down", "kind": "http", "url": site.url("/down.zip")}],
+        retries=5,
+        backoff_seconds=60,
+    )
     poller = poller_for(settings)
     result: list = []
-    thread = threading.Thread(target=lambda: result.append(poller.poll("down", NOW)), name="ctwatch-test-poll")
+    thread = threading.Thread(
+        target=lambda: result.append(poller.poll("down", NOW)), name="ctwatch-test-poll"
+    )
     thread.start()
     deadline = time.monotonic() + 10
     while not site.hits("/down.zip") and time.monotonic() < deadline:
@@ -411,13 +488,20 @@ def test_stop_interrupts_a_backoff_wait(tmp_path: Path, site: Site) -> None:
 def test_source_threads_poll_at_start_then_on_their_interval_and_stop(tmp_path: Path, site: Site) -> None:
     export = Export(tmp_path / "site")
     site.routes["/exports/latest.zip"] = export
-    _, settings = configure(tmp_path / "p", [
-        {"name": "scanner-export", "kind": "http", "url": site.url("/exports/latest.zip"), "every": "1s"}])
+    _, settings = configure(
+        tmp_path / "p",
+        [{"name": "scanner-export", "kind": "http", "url": site.url("/exports/latest.zip"), "every": "1s"}],
+    )
     woken: list[int] = []
 
     def make_intake(state: State) -> Intake:
-        return Intake(state, pipeline_name="test-ct", pipeline_version=1, inbox_dirs=settings.inbox.dirs,
-                      outbox=settings.outbox)
+        return Intake(
+            state,
+            pipeline_name="test-ct",
+            pipeline_version=1,
+            inbox_dirs=settings.inbox.dirs,
+            outbox=settings.outbox,
+        )
 
     threads = SourceThreads(SourcePoller(settings, settings.state, make_intake, on_arrival=woken.append))
     threads.start()
@@ -437,8 +521,10 @@ def test_source_threads_poll_at_start_then_on_their_interval_and_stop(tmp_path: 
 def test_running_daemon_polls_a_source_into_a_study_json_and_status(tmp_path: Path, site: Site) -> None:
     export = Export(tmp_path / "served")
     site.routes["/latest.zip"] = export
-    project, _ = configure(tmp_path / "p", [{"name": "scanner-export", "kind": "http",
-                                             "url": site.url("/latest.zip"), "every": "1s"}])
+    project, _ = configure(
+        tmp_path / "p",
+        [{"name": "scanner-export", "kind": "http", "url": site.url("/latest.zip"), "every": "1s"}],
+    )
     daemon = project.start()
     try:
         from tests.conftest import wait_for

@@ -15,8 +15,16 @@ from processor.outputs.result import load_schema
 from tests.conftest import Project, wait_for
 from tests.dicomgen import make_series, write_folder, write_zip
 
-API_FIELDS = {"study_uid", "series_uid", "probability_of_pathology", "pathology",
-              "most_dangerous_pathology_type", "processing_status", "time_of_processing", "error"}
+API_FIELDS = {
+    "study_uid",
+    "series_uid",
+    "probability_of_pathology",
+    "pathology",
+    "most_dangerous_pathology_type",
+    "processing_status",
+    "time_of_processing",
+    "error",
+}
 
 
 def validate(path: Path) -> dict:
@@ -115,7 +123,7 @@ def test_daemon_drop_duplicate_and_growing_file(project: Project, tmp_path: Path
         with target.open("wb") as fh:
             step = len(data) // 4 + 1
             for i in range(0, len(data), step):
-                fh.write(data[i:i + step])
+                fh.write(data[i : i + step])
                 fh.flush()
                 time.sleep(0.4)
         wait_for(lambda: len(project.results()) == 1, 60, "the first result")
@@ -125,8 +133,11 @@ def test_daemon_drop_duplicate_and_growing_file(project: Project, tmp_path: Path
         wait_for(lambda: any(r["outcome"] == "duplicate" for r in project.receipts()), 60, "duplicate")
         # A hostile ZIP goes to quarantine with a note; the daemon carries on.
         (project.inbox / "slip.zip").write_bytes(_zip_slip_bytes())
-        wait_for(lambda: list((project.inbox / ".ctwatch" / "quarantine").glob("slip.zip.error.txt")),
-                 60, "quarantine note")
+        wait_for(
+            lambda: list((project.inbox / ".ctwatch" / "quarantine").glob("slip.zip.error.txt")),
+            60,
+            "quarantine note",
+        )
         later = write_zip(tmp_path / "later.zip", make_series(20))
         os.replace(later, project.inbox / "later.zip")
         wait_for(lambda: len(project.results()) == 2, 60, "a result after the bad input")
@@ -155,8 +166,12 @@ def test_daemon_picks_up_files_present_at_start_and_folders(project: Project, tm
 
 
 def test_sigkill_during_study_then_restart(project: Project, tmp_path: Path) -> None:
-    project.write_pipeline([{"id": "series", "uses": "dicom.select_series"},
-                            {"id": "hold", "uses": "util.delay", "with": {"seconds": 4}}])
+    project.write_pipeline(
+        [
+            {"id": "series", "uses": "dicom.select_series"},
+            {"id": "hold", "uses": "util.delay", "with": {"seconds": 4}},
+        ]
+    )
     write_zip(project.inbox / "study.zip", make_series(20))
     daemon = project.start()
     try:
@@ -181,9 +196,13 @@ def test_sigkill_during_study_then_restart(project: Project, tmp_path: Path) -> 
 
 
 def test_sigterm_during_study_leaves_no_running_row(project: Project) -> None:
-    project.write_pipeline([{"id": "series", "uses": "dicom.select_series"},
-                            {"id": "hold", "uses": "util.delay", "with": {"seconds": 2}},
-                            {"id": "hold2", "uses": "util.delay", "with": {"seconds": 2}}])
+    project.write_pipeline(
+        [
+            {"id": "series", "uses": "dicom.select_series"},
+            {"id": "hold", "uses": "util.delay", "with": {"seconds": 2}},
+            {"id": "hold2", "uses": "util.delay", "with": {"seconds": 2}},
+        ]
+    )
     write_zip(project.inbox / "study.zip", make_series(20))
     daemon = project.start()
     try:

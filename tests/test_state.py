@@ -8,17 +8,31 @@ from processor.state import State
 
 
 def _register(state: State, sha: str = "a" * 64, version: int = 1) -> int:
-    return state.register_arrival(kind="inbox", name="x.zip", original_path="/in/x.zip",
-                                  current_path="/in/x.zip", sha256=sha, size=1, pipeline_name="p",
-                                  pipeline_version=version).arrival_id
+    return state.register_arrival(
+        kind="inbox",
+        name="x.zip",
+        original_path="/in/x.zip",
+        current_path="/in/x.zip",
+        sha256=sha,
+        size=1,
+        pipeline_name="p",
+        pipeline_version=version,
+    ).arrival_id
 
 
 def test_same_bytes_same_pipeline_is_duplicate(tmp_path: Path) -> None:
     state = State(tmp_path / "s.db")
     first = _register(state)
-    second = state.register_arrival(kind="inbox", name="y.zip", original_path="/in/y.zip",
-                                    current_path="/in/y.zip", sha256="a" * 64, size=1,
-                                    pipeline_name="p", pipeline_version=1)
+    second = state.register_arrival(
+        kind="inbox",
+        name="y.zip",
+        original_path="/in/y.zip",
+        current_path="/in/y.zip",
+        sha256="a" * 64,
+        size=1,
+        pipeline_name="p",
+        pipeline_version=1,
+    )
     assert second.duplicate_of == first
     assert state.arrival(second.arrival_id).state == "duplicate"
     bumped = _register(state, version=2)
@@ -51,7 +65,9 @@ def test_crash_recovery_charges_the_arrival_alone_and_quarantines_it_at_the_cap(
     row = state.arrival(aid)
     assert row.state == "quarantined" and row.crashes == 3 and not row.placed
     assert "crashed the worker 3 times" in (row.error or "") and "requeue" in (row.error or "")
-    assert [a.id for a, _ in state.unplaced()] == [aid], "its move and receipt are left to the recorder's replay"
+    assert [a.id for a, _ in state.unplaced()] == [aid], (
+        "its move and receipt are left to the recorder's replay"
+    )
     state.mark_placed(aid, None)
     assert state.requeue(aid) and state.arrival(aid).state == "pending"
 
@@ -70,9 +86,17 @@ def test_crash_with_several_in_flight_charges_none_and_isolates_the_running(tmp_
 
 def test_day_queue_first_and_night_gate(tmp_path: Path) -> None:
     state = State(tmp_path / "s.db")
-    night = state.register_arrival(kind="night", name="n", original_path="n", current_path="n",
-                                   sha256="n" * 64, size=1, pipeline_name="p", pipeline_version=1,
-                                   night=True).arrival_id
+    night = state.register_arrival(
+        kind="night",
+        name="n",
+        original_path="n",
+        current_path="n",
+        sha256="n" * 64,
+        size=1,
+        pipeline_name="p",
+        pipeline_version=1,
+        night=True,
+    ).arrival_id
     day = _register(state, sha="d" * 64)
     assert state.claim_next(allow_night=False).id == day
     assert state.claim_next(allow_night=False) is None

@@ -102,11 +102,22 @@ def test_status_document(daemon: Running) -> None:
     assert status["today"]["by_outcome"]["Success"] == status["today"]["done"]
     first = status["recent_arrivals"][-1]
     assert first["id"] == 1 and first["studies"] == 1 and first["queue"] == "day"
-    assert set(first) == {"id", "state", "queue", "attempts", "received_at", "claimed_at", "finished_at",
-                          "studies"}
+    assert set(first) == {
+        "id",
+        "state",
+        "queue",
+        "attempts",
+        "received_at",
+        "claimed_at",
+        "finished_at",
+        "studies",
+    }
     assert [s["step"] for s in status["steps"]] == ["series"] and status["steps"][0]["mean_seconds"] >= 0
     assert status["models_loaded"] == []
-    assert status["disk"]["ok"] is True and {v["volume"] for v in status["disk"]["volumes"]} == {"outbox", "work"}
+    assert status["disk"]["ok"] is True and {v["volume"] for v in status["disk"]["volumes"]} == {
+        "outbox",
+        "work",
+    }
     assert status["night"]["window"] == "01:00-06:00" and status["night"]["run_on"] is False
     assert {j["id"] for j in status["next_jobs"]} == {"report-rollover", "night-window-start", "rescan"}
     assert status["eta"]["runnable_arrivals"] == 0 and status["eta"]["seconds"] == 0
@@ -190,8 +201,16 @@ def test_read_only_methods_and_unknown_paths(daemon: Running) -> None:
             status, headers, _ = daemon.request(method, path)
             assert status == 405, (method, path, status)
             assert headers["allow"] == "GET"
-    for path in ("/nowhere", "/state/ctwatch.db", "/../../config.yaml", "/%2e%2e/%2e%2e/etc/passwd",
-                 "/health/", "/status.json", "/outbox/reports/ctwatch-latest.xlsx", "//etc/passwd"):
+    for path in (
+        "/nowhere",
+        "/state/ctwatch.db",
+        "/../../config.yaml",
+        "/%2e%2e/%2e%2e/etc/passwd",
+        "/health/",
+        "/status.json",
+        "/outbox/reports/ctwatch-latest.xlsx",
+        "//etc/passwd",
+    ):
         status, headers, body = daemon.request("GET", path)
         assert status == 404, (path, status)
         assert headers["content-type"] == "application/json" and "root:" not in body

@@ -63,6 +63,7 @@ def classic(phantom: np.ndarray) -> list[Dataset]:
 
 # --- ordering properties ---------------------------------------------------------------------------
 
+
 def _rotation(ax: float, ay: float) -> np.ndarray:
     rx = np.array([[1, 0, 0], [0, math.cos(ax), -math.sin(ax)], [0, math.sin(ax), math.cos(ax)]])
     ry = np.array([[math.cos(ay), 0, math.sin(ay)], [0, 1, 0], [-math.sin(ay), 0, math.cos(ay)]])
@@ -70,12 +71,26 @@ def _rotation(ax: float, ay: float) -> np.ndarray:
 
 
 @settings(max_examples=200, deadline=None)
-@given(n=st.integers(1, 60), ax=st.floats(-0.5, 0.5), ay=st.floats(-0.5, 0.5), step=st.floats(0.3, 10),
-       origin=st.tuples(*[st.floats(-500, 500)] * 3), dup=st.lists(st.integers(0, 59), max_size=15),
-       drift=st.floats(-0.3, 0.3), seed=st.integers(0, 2**32 - 1))
+@given(
+    n=st.integers(1, 60),
+    ax=st.floats(-0.5, 0.5),
+    ay=st.floats(-0.5, 0.5),
+    step=st.floats(0.3, 10),
+    origin=st.tuples(*[st.floats(-500, 500)] * 3),
+    dup=st.lists(st.integers(0, 59), max_size=15),
+    drift=st.floats(-0.3, 0.3),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_order_is_along_the_normal_for_any_shuffle_orientation_and_duplicates(
-        n: int, ax: float, ay: float, step: float, origin: tuple[float, float, float], dup: list[int],
-        drift: float, seed: int) -> None:
+    n: int,
+    ax: float,
+    ay: float,
+    step: float,
+    origin: tuple[float, float, float],
+    dup: list[int],
+    drift: float,
+    seed: int,
+) -> None:
     turn = _rotation(ax, ay)  # an oblique but axial orientation
     row, col = turn @ np.array([1.0, 0, 0]), turn @ np.array([0, 1.0, 0])
     normal = slice_normal([*row, *col])
@@ -105,7 +120,9 @@ def test_phases_split_by_acquisition_and_per_slice_numbers_do_not_shatter_the_st
     phases = result.phases
     assert (phases["split_by"], phases["rule"], phases["chosen"]) == ("AcquisitionNumber", "first", 1)
     assert [(p["keys"], p["frames"], p["z_range_mm"]) for p in phases["phases"]] == [
-        (["1"], 10, [0.0, 9.0]), (["2"], 8, [0.0, 7.0])]
+        (["1"], 10, [0.0, 9.0]),
+        (["2"], 8, [0.0, 7.0]),
+    ]
     assert len(result.order) == 10 and result.dropped == []
     per_slice = [str(i) for i in range(18)]
     result = order_frames(positions, normal, phase_keys={"AcquisitionNumber": per_slice})
@@ -114,16 +131,23 @@ def test_phases_split_by_acquisition_and_per_slice_numbers_do_not_shatter_the_st
 
 # --- encodings ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("encoding", dicomgen.ENCODINGS)
-def test_every_lossless_encoding_gives_the_same_hu_bit_for_bit(encoding: str, classic: list[Dataset],
-                                                                phantom: np.ndarray) -> None:
+def test_every_lossless_encoding_gives_the_same_hu_bit_for_bit(
+    encoding: str, classic: list[Dataset], phantom: np.ndarray
+) -> None:
     volume = _load([dicomgen.encode(ds, encoding) for ds in classic])
     assert volume.hu.dtype == np.int16 and volume.hu.shape == SHAPE
     assert np.array_equal(volume.hu, phantom)
     syntax = volume.provenance["transfer_syntaxes"]
     assert len(syntax) == 1
-    expected = {"native": "1.2.840.10008.1.2.1 ", "rle": "1.2.840.10008.1.2.5 ", "jpeg-ls": "1.2.840.10008.1.2.4.80 ",
-                "jpeg2000": "1.2.840.10008.1.2.4.90 ", "jpeg-lossless": "1.2.840.10008.1.2.4.70 "}[encoding]
+    expected = {
+        "native": "1.2.840.10008.1.2.1 ",
+        "rle": "1.2.840.10008.1.2.5 ",
+        "jpeg-ls": "1.2.840.10008.1.2.4.80 ",
+        "jpeg2000": "1.2.840.10008.1.2.4.90 ",
+        "jpeg-lossless": "1.2.840.10008.1.2.4.70 ",
+    }[encoding]
     assert syntax[0].startswith(expected)
     decoder = volume.provenance["decoder"][0]
     assert decoder == "numpy.frombuffer" if encoding == "native" else decoder.startswith("pydicom")
@@ -143,7 +167,12 @@ def test_enhanced_multiframe_equals_classic(classic: list[Dataset], phantom: np.
     reference = _load(classic)
     series = _series([dicomgen.make_enhanced(classic, shuffle_seed=5)])
     facts = series_facts(series)
-    assert (facts.image_count, facts.slice_count, facts.kernel, facts.thickness_mm) == (24, 24, "STANDARD", 2.0)
+    assert (facts.image_count, facts.slice_count, facts.kernel, facts.thickness_mm) == (
+        24,
+        24,
+        "STANDARD",
+        2.0,
+    )
     assert evaluate([facts], SelectionRules())[0].eligible
     enhanced = load_volume(series)
     assert enhanced.provenance["enhanced_multiframe"] and enhanced.provenance["files_read"] == 1
@@ -169,7 +198,9 @@ def test_rescale_is_applied_per_frame_when_it_varies(classic: list[Dataset], pha
         assert np.array_equal(volume.hu, phantom)
 
 
-def _raw_series(raw: np.ndarray, *, signed: bool, slopes: list[float], intercepts: list[float]) -> list[Dataset]:
+def _raw_series(
+    raw: np.ndarray, *, signed: bool, slopes: list[float], intercepts: list[float]
+) -> list[Dataset]:
     datasets = dicomgen.make_series(len(raw), stored=np.zeros(raw.shape, np.int16))
     for ds, frame, slope, intercept in zip(datasets, raw, slopes, intercepts, strict=True):
         ds.PixelRepresentation = int(signed)
@@ -178,17 +209,21 @@ def _raw_series(raw: np.ndarray, *, signed: bool, slopes: list[float], intercept
     return datasets
 
 
-@pytest.mark.parametrize(("case", "signed", "slope", "intercept", "dtype"), [
-    ("whole rescale, fits", True, 1.0, -1024.0, np.int16),
-    ("whole slope 2", True, 2.0, -1000.0, np.int16),
-    ("fractional slope", True, 0.5, -1024.0, np.float32),
-    ("fractional intercept", True, 1.0, -1024.5, np.float32),
-    ("signed, overflows int16 above", True, 1.0, 1000.0, np.float32),
-    ("unsigned 16-bit beyond 32767, shifted back into range", False, 1.0, -32768.0, np.int16),
-    ("unsigned 16-bit, does not fit", False, 1.0, 0.0, np.float32),
-])
+@pytest.mark.parametrize(
+    ("case", "signed", "slope", "intercept", "dtype"),
+    [
+        ("whole rescale, fits", True, 1.0, -1024.0, np.int16),
+        ("whole slope 2", True, 2.0, -1000.0, np.int16),
+        ("fractional slope", True, 0.5, -1024.0, np.float32),
+        ("fractional intercept", True, 1.0, -1024.5, np.float32),
+        ("signed, overflows int16 above", True, 1.0, 1000.0, np.float32),
+        ("unsigned 16-bit beyond 32767, shifted back into range", False, 1.0, -32768.0, np.int16),
+        ("unsigned 16-bit, does not fit", False, 1.0, 0.0, np.float32),
+    ],
+)
 def test_hu_is_int16_exactly_when_every_value_fits_and_float32_otherwise(
-        case: str, signed: bool, slope: float, intercept: float, dtype: type) -> None:
+    case: str, signed: bool, slope: float, intercept: float, dtype: type
+) -> None:
     rng = np.random.default_rng(3)
     low, high = (-2000, 32000) if signed else (0, 65535)
     raw = rng.integers(low, high, (4, 16, 16), endpoint=True)
@@ -213,8 +248,10 @@ def test_one_frame_that_does_not_fit_makes_the_whole_volume_float32() -> None:
 
 # --- sorting, duplicates, gaps, tilt, geometry -----------------------------------------------------------
 
-def test_sorted_by_position_not_instance_number_with_duplicates_dropped(classic: list[Dataset],
-                                                                         phantom: np.ndarray, tmp_path: Path) -> None:
+
+def test_sorted_by_position_not_instance_number_with_duplicates_dropped(
+    classic: list[Dataset], phantom: np.ndarray, tmp_path: Path
+) -> None:
     datasets = [dicomgen.encode(ds, "native") for ds in classic]
     for k, ds in enumerate(datasets):
         ds.InstanceNumber = len(datasets) - k  # reversed numbering must not matter
@@ -272,7 +309,9 @@ def test_series_without_geometry_fails_with_a_fix() -> None:
 
 def test_missing_decoder_names_the_package_to_install(tmp_path: Path, classic: list[Dataset]) -> None:
     """In a fresh interpreter where pylibjpeg and pylibjpeg-libjpeg cannot be imported, JPEG lossless names it."""
-    folder = dicomgen.write_folder(tmp_path / "jpegll", [dicomgen.encode(ds, "jpeg-lossless") for ds in classic])
+    folder = dicomgen.write_folder(
+        tmp_path / "jpegll", [dicomgen.encode(ds, "jpeg-lossless") for ds in classic]
+    )
     script = (
         "import sys; sys.modules['pylibjpeg'] = sys.modules['libjpeg'] = None\n"
         "from pathlib import Path\n"
@@ -287,14 +326,19 @@ def test_missing_decoder_names_the_package_to_install(tmp_path: Path, classic: l
         "    except StepError as exc:\n"
         "        print(exc)\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert "no decoder installed" in done.stdout and "pip install pylibjpeg pylibjpeg-libjpeg" in done.stdout
 
 
 # --- native pixels read where the header scan found them ----------------------------------------------
 
-def _native_study(tmp_path: Path, syntax: str, bits_stored: int, private_bytes: int = 0) -> tuple[Path, np.ndarray]:
+
+def _native_study(
+    tmp_path: Path, syntax: str, bits_stored: int, private_bytes: int = 0
+) -> tuple[Path, np.ndarray]:
     """A ZIP of 256×256 slices (larger than the scan's header prefix) and the HU they must give."""
     rng = np.random.default_rng(7)
     low, high = -(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1
@@ -314,8 +358,12 @@ def _native_study(tmp_path: Path, syntax: str, bits_stored: int, private_bytes: 
 
 
 @pytest.mark.parametrize("bits_stored", [16, 12])
-@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian])
-def test_native_pixels_are_read_at_the_offset_the_scan_found(tmp_path: Path, syntax: str, bits_stored: int) -> None:
+@pytest.mark.parametrize(
+    "syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian]
+)
+def test_native_pixels_are_read_at_the_offset_the_scan_found(
+    tmp_path: Path, syntax: str, bits_stored: int
+) -> None:
     path, expected = _native_study(tmp_path, syntax, bits_stored)
     with open_arrival(path, Limits()) as contents:
         series = next(iter(scan_members(contents.members).studies[0].series.values()))

@@ -13,8 +13,12 @@ from processor.weights import SHIPPED_MANIFEST, exit_code, load_manifest, weight
 from tests.conftest import FIXTURES, Project
 
 FIX = FIXTURES / "ct_clip"
-DEFAULT_STEPS = [{"id": "series", "uses": "dicom.select_series"}, {"id": "volume", "uses": "ct.volume"},
-                 {"id": "clip", "uses": "ctclip.zero_shot"}, {"id": "lipro", "uses": "ctclip.classify"}]
+DEFAULT_STEPS = [
+    {"id": "series", "uses": "dicom.select_series"},
+    {"id": "volume", "uses": "ct.volume"},
+    {"id": "clip", "uses": "ctclip.zero_shot"},
+    {"id": "lipro", "uses": "ctclip.classify"},
+]
 
 
 def _row(stdout: str, path: str) -> str:
@@ -45,8 +49,11 @@ def test_weights_lists_present_and_missing(project: Project) -> None:
 
 
 def test_weights_verify_with_a_site_manifest(project: Project) -> None:
-    small = {"checkpoint": "weights/ct_clip/small_ctclip.pt", "config": "weights/ct_clip/small_config.json",
-             "target_xyz": [32, 32, 24]}
+    small = {
+        "checkpoint": "weights/ct_clip/small_ctclip.pt",
+        "config": "weights/ct_clip/small_config.json",
+        "target_xyz": [32, 32, 24],
+    }
     project.write_pipeline(DEFAULT_STEPS[:2] + [{"id": "clip", "uses": "ctclip.zero_shot", "with": small}])
     folder = project.root / "weights" / "ct_clip"
     folder.mkdir(parents=True)
@@ -54,11 +61,25 @@ def test_weights_verify_with_a_site_manifest(project: Project) -> None:
         shutil.copy(FIX / name, folder / name)
     (folder / "CT_LiPro_v2.pt").write_bytes(b"an interrupted download")
     vocab_sha = hashlib.sha256((FIX / "vocab.txt").read_bytes()).hexdigest()
-    manifest = {"version": 1, "files": [
-        {"path": "ct_clip/vocab.txt", "steps": ["ctclip.zero_shot"], "sha256": vocab_sha,
-         "licence": "MIT", "source": "CXR-BERT"},
-        {"path": "ct_clip/CT_LiPro_v2.pt", "steps": ["ctclip.classify"], "sha256": "0" * 64,
-         "licence": "CC-BY-NC-SA-4.0 (non-commercial)", "source": "CT-RATE"}]}
+    manifest = {
+        "version": 1,
+        "files": [
+            {
+                "path": "ct_clip/vocab.txt",
+                "steps": ["ctclip.zero_shot"],
+                "sha256": vocab_sha,
+                "licence": "MIT",
+                "source": "CXR-BERT",
+            },
+            {
+                "path": "ct_clip/CT_LiPro_v2.pt",
+                "steps": ["ctclip.classify"],
+                "sha256": "0" * 64,
+                "licence": "CC-BY-NC-SA-4.0 (non-commercial)",
+                "source": "CT-RATE",
+            },
+        ],
+    }
     (project.root / "weights" / "manifest.yaml").write_text(yaml.safe_dump(manifest))
 
     proc = project.run("weights", "--verify")

@@ -17,12 +17,23 @@ from pathlib import Path
 
 import torch
 
-CORPUS = ["a chest ct slice of the lung with a small nodule", "the mediastinum and the heart are normal",
-          "axial image of the thorax in a lung window", "describe this image please", "user model assistant",
-          "question answer emphysema consolidation effusion"] * 20
+CORPUS = [
+    "a chest ct slice of the lung with a small nodule",
+    "the mediastinum and the heart are normal",
+    "axial image of the thorax in a lung window",
+    "describe this image please",
+    "user model assistant",
+    "question answer emphysema consolidation effusion",
+] * 20
 _WORDS = sorted({w for line in CORPUS for w in line.split()})
-_VISION = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 2,
-           "image_size": 32, "patch_size": 8}
+_VISION = {
+    "hidden_size": 32,
+    "intermediate_size": 37,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "image_size": 32,
+    "patch_size": 8,
+}
 
 
 def check_tokenizer(tokenizer: object, minimum: int = 50) -> None:
@@ -30,15 +41,18 @@ def check_tokenizer(tokenizer: object, minimum: int = 50) -> None:
     assert size >= minimum, f"tokenizer has only {size} tokens: built from files it did not read?"
 
 
-def byte_level_bpe(specials: list[str], vocab_size: int = 320) -> tuple[dict[str, int], list[tuple[str, str]]]:
+def byte_level_bpe(
+    specials: list[str], vocab_size: int = 320
+) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Train a byte-level BPE on the little corpus: (vocab, merges) for a GPT-2 style tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     bpe.train_from_iterator(CORPUS, trainer)
     raw = json.loads(bpe.to_str())["model"]["merges"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in raw]
@@ -60,13 +74,24 @@ def build_blip(folder: Path, seed: int = 0) -> Path:
     vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *_WORDS])}
     tokenizer = BertTokenizer(vocab=vocab, do_lower_case=True)
     check_tokenizer(tokenizer, minimum=len(vocab))
-    processor = BlipProcessor(image_processor=BlipImageProcessorPil(size={"height": 32, "width": 32}),
-                              tokenizer=tokenizer)
+    processor = BlipProcessor(
+        image_processor=BlipImageProcessorPil(size={"height": 32, "width": 32}), tokenizer=tokenizer
+    )
     config = BlipConfig(
-        text_config={"vocab_size": len(tokenizer), "hidden_size": 32, "num_hidden_layers": 1,
-                     "num_attention_heads": 2, "intermediate_size": 37, "max_position_embeddings": 64,
-                     "bos_token_id": 2, "sep_token_id": 3, "pad_token_id": 0},
-        vision_config=_VISION, projection_dim=16)
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "intermediate_size": 37,
+            "max_position_embeddings": 64,
+            "bos_token_id": 2,
+            "sep_token_id": 3,
+            "pad_token_id": 0,
+        },
+        vision_config=_VISION,
+        projection_dim=16,
+    )
     return _save(BlipForConditionalGeneration(config).eval(), processor, folder)
 
 
@@ -77,23 +102,45 @@ def build_blip2_opt(folder: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     vocab, merges = byte_level_bpe(["<pad>", "</s>", "<unk>"])
-    tokenizer = GPT2TokenizerFast(vocab=vocab, merges=merges, bos_token="</s>", eos_token="</s>",
-                                  unk_token="<unk>", pad_token="<pad>")
+    tokenizer = GPT2TokenizerFast(
+        vocab=vocab, merges=merges, bos_token="</s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
     # Like the real OPT tokenizer: every text starts with the BOS token </s>.
     tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="</s> $A", pair="</s> $A </s> $B", special_tokens=[("</s>", tokenizer.bos_token_id)])
+        single="</s> $A", pair="</s> $A </s> $B", special_tokens=[("</s>", tokenizer.bos_token_id)]
+    )
     check_tokenizer(tokenizer, minimum=200)
-    processor = Blip2Processor(image_processor=BlipImageProcessorPil(size={"height": 32, "width": 32}),
-                               tokenizer=tokenizer, num_query_tokens=4)  # adds the <image> token
+    processor = Blip2Processor(
+        image_processor=BlipImageProcessorPil(size={"height": 32, "width": 32}),
+        tokenizer=tokenizer,
+        num_query_tokens=4,
+    )  # adds the <image> token
     config = Blip2Config(
         vision_config=_VISION,
-        qformer_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                        "intermediate_size": 37, "encoder_hidden_size": 32, "vocab_size": len(tokenizer)},
-        text_config={"model_type": "opt", "vocab_size": len(tokenizer), "hidden_size": 32,
-                     "num_hidden_layers": 1, "ffn_dim": 37, "num_attention_heads": 2, "word_embed_proj_dim": 32,
-                     "max_position_embeddings": 128, "pad_token_id": tokenizer.pad_token_id,
-                     "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id},
-        num_query_tokens=4, image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+        qformer_config={
+            "hidden_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "intermediate_size": 37,
+            "encoder_hidden_size": 32,
+            "vocab_size": len(tokenizer),
+        },
+        text_config={
+            "model_type": "opt",
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "num_hidden_layers": 1,
+            "ffn_dim": 37,
+            "num_attention_heads": 2,
+            "word_embed_proj_dim": 32,
+            "max_position_embeddings": 128,
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+        },
+        num_query_tokens=4,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    )
     return _save(Blip2ForConditionalGeneration(config).eval(), processor, folder)
 
 
@@ -105,27 +152,49 @@ def build_blip2_t5(folder: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     vocab, merges = byte_level_bpe(["<pad>", "</s>", "<unk>"])
-    tokenizer = GPT2TokenizerFast(vocab=vocab, merges=merges, eos_token="</s>", unk_token="<unk>",
-                                  pad_token="<pad>")
+    tokenizer = GPT2TokenizerFast(
+        vocab=vocab, merges=merges, eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
     check_tokenizer(tokenizer, minimum=200)
-    processor = Blip2Processor(image_processor=BlipImageProcessorPil(size={"height": 32, "width": 32}),
-                               tokenizer=tokenizer, num_query_tokens=4)
+    processor = Blip2Processor(
+        image_processor=BlipImageProcessorPil(size={"height": 32, "width": 32}),
+        tokenizer=tokenizer,
+        num_query_tokens=4,
+    )
     config = Blip2Config(
         vision_config=_VISION,
-        qformer_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                        "intermediate_size": 37, "encoder_hidden_size": 32, "vocab_size": len(tokenizer)},
-        text_config={"model_type": "t5", "vocab_size": len(tokenizer), "d_model": 32, "d_kv": 16, "d_ff": 37,
-                     "num_layers": 1, "num_decoder_layers": 1, "num_heads": 2,
-                     "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
-                     "decoder_start_token_id": tokenizer.pad_token_id},
-        num_query_tokens=4, image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+        qformer_config={
+            "hidden_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "intermediate_size": 37,
+            "encoder_hidden_size": 32,
+            "vocab_size": len(tokenizer),
+        },
+        text_config={
+            "model_type": "t5",
+            "vocab_size": len(tokenizer),
+            "d_model": 32,
+            "d_kv": 16,
+            "d_ff": 37,
+            "num_layers": 1,
+            "num_decoder_layers": 1,
+            "num_heads": 2,
+            "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "decoder_start_token_id": tokenizer.pad_token_id,
+        },
+        num_query_tokens=4,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    )
     return _save(Blip2ForConditionalGeneration(config).eval(), processor, folder)
 
 
 GEMMA3_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
     "{% for c in m['content'] %}{% if c['type'] == 'image' %}<start_of_image>{% else %}{{ c['text'] }}{% endif %}"
-    "{% endfor %}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+    "{% endfor %}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
 
 
 def build_gemma3(folder: Path, seed: int = 0) -> Path:
@@ -135,24 +204,60 @@ def build_gemma3(folder: Path, seed: int = 0) -> Path:
     from transformers.models.gemma3 import Gemma3ImageProcessorPil
 
     torch.manual_seed(seed)
-    vocab, merges = byte_level_bpe(["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_image>", "<end_of_image>",
-                                    "<image_soft_token>", "<start_of_turn>", "<end_of_turn>"])
-    tokenizer = GPT2TokenizerFast(vocab=vocab, merges=merges, bos_token="<bos>", eos_token="<eos>",
-                                  unk_token="<unk>", pad_token="<pad>",
-                                  extra_special_tokens={"boi_token": "<start_of_image>",
-                                                        "eoi_token": "<end_of_image>",
-                                                        "image_token": "<image_soft_token>"})
+    vocab, merges = byte_level_bpe(
+        [
+            "<pad>",
+            "<eos>",
+            "<bos>",
+            "<unk>",
+            "<start_of_image>",
+            "<end_of_image>",
+            "<image_soft_token>",
+            "<start_of_turn>",
+            "<end_of_turn>",
+        ]
+    )
+    tokenizer = GPT2TokenizerFast(
+        vocab=vocab,
+        merges=merges,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={
+            "boi_token": "<start_of_image>",
+            "eoi_token": "<end_of_image>",
+            "image_token": "<image_soft_token>",
+        },
+    )
     check_tokenizer(tokenizer, minimum=200)
-    processor = Gemma3Processor(image_processor=Gemma3ImageProcessorPil(size={"height": 32, "width": 32}),
-                                tokenizer=tokenizer, chat_template=GEMMA3_TEMPLATE, image_seq_length=4)
+    processor = Gemma3Processor(
+        image_processor=Gemma3ImageProcessorPil(size={"height": 32, "width": 32}),
+        tokenizer=tokenizer,
+        chat_template=GEMMA3_TEMPLATE,
+        image_seq_length=4,
+    )
     config = Gemma3Config(
-        text_config={"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 37,
-                     "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
-                     "max_position_embeddings": 256, "sliding_window": 32,
-                     "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
-                     "eos_token_id": tokenizer.eos_token_id},
-        vision_config=_VISION, mm_tokens_per_image=4, boi_token_index=tokenizer.boi_token_id,
-        eoi_token_index=tokenizer.convert_tokens_to_ids("<end_of_image>"), image_token_index=tokenizer.image_token_id)
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 16,
+            "max_position_embeddings": 256,
+            "sliding_window": 32,
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+        },
+        vision_config=_VISION,
+        mm_tokens_per_image=4,
+        boi_token_index=tokenizer.boi_token_id,
+        eoi_token_index=tokenizer.convert_tokens_to_ids("<end_of_image>"),
+        image_token_index=tokenizer.image_token_id,
+    )
     return _save(Gemma3ForConditionalGeneration(config).eval(), processor, folder)
 
 
@@ -160,8 +265,9 @@ def build_bert(folder: Path) -> Path:
     """A text-only model folder: not a captioner."""
     from transformers import BertConfig, BertModel
 
-    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=37)
+    config = BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37
+    )
     folder.mkdir(parents=True, exist_ok=True)
     BertModel(config).save_pretrained(folder)
     return folder

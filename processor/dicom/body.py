@@ -107,7 +107,7 @@ def _opened_mm(mask: np.ndarray, radii: tuple[int, int]) -> np.ndarray:
     ry, rx = radii
     if ry == 0 and rx == 0:
         return mask
-    dy, dx = np.ogrid[-ry:ry + 1, -rx:rx + 1]
+    dy, dx = np.ogrid[-ry : ry + 1, -rx : rx + 1]
     disc = (dy / max(ry, 0.5)) ** 2 + (dx / max(rx, 0.5)) ** 2 <= 1
     core = ndimage.binary_erosion(mask, disc[None], border_value=1)
     return ndimage.binary_dilation(core, disc[None], border_value=0) & mask
@@ -123,13 +123,15 @@ def _largest_per_slice(mask: np.ndarray) -> np.ndarray:
     # in-plane components never span slices and are numbered in scan order: slice k holds a range of ids
     top = np.maximum.accumulate(labels.reshape(len(labels), -1).max(axis=1))
     low = np.concatenate([[0], top[:-1]]) + 1
-    best = np.array([lo + int(np.argmax(sizes[lo:hi + 1])) if hi >= lo else -1
-                     for lo, hi in zip(low, top, strict=True)])
+    best = np.array(
+        [lo + int(np.argmax(sizes[lo : hi + 1])) if hi >= lo else -1 for lo, hi in zip(low, top, strict=True)]
+    )
     return labels == best[:, None, None]
 
 
-def body_polygon(hu: np.ndarray, settings: BodySettings,
-                 pixel_mm: tuple[float, float] | None = None) -> tuple[np.ndarray, int]:
+def body_polygon(
+    hu: np.ndarray, settings: BodySettings, pixel_mm: tuple[float, float] | None = None
+) -> tuple[np.ndarray, int]:
     """The body's convex hull per slice as a polygon: its reach ``max u·p`` along each direction u of
     ``_ANGLES`` (shape (z, directions), −inf in a slice without body), and the coarse grid step.
     ``pixel_mm`` (row, column spacing) sizes the opening in mm; without it the pixel rule is used."""
@@ -162,12 +164,18 @@ def polygon_spans(reach: np.ndarray, ny: int, inset: float = 0.0) -> tuple[np.nd
     outside = (_UY[flat] * yy > h[..., flat]).any(axis=2)
     left[outside], right[outside] = np.inf, -np.inf
     top = np.iinfo(np.int16).max  # pixel columns as int16: a third of the time of float comparisons
-    return (np.clip(np.ceil(left - 1e-3), 0, top).astype(np.int16),
-            np.clip(np.floor(right + 1e-3), -1, top).astype(np.int16))
+    return (
+        np.clip(np.ceil(left - 1e-3), 0, top).astype(np.int16),
+        np.clip(np.floor(right + 1e-3), -1, top).astype(np.int16),
+    )
 
 
-def body_spans(hu: np.ndarray, settings: BodySettings | None = None, inset: float = 0.0,
-               pixel_mm: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def body_spans(
+    hu: np.ndarray,
+    settings: BodySettings | None = None,
+    inset: float = 0.0,
+    pixel_mm: tuple[float, float] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """The body's interior per slice and row, as column spans ``left[z, y] ≤ x ≤ right[z, y]``
     (int16, shape (z, y); ``left > right`` where a row holds none of it), moved ``inset``
     pixels inwards. See the module docstring."""

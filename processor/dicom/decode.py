@@ -47,12 +47,17 @@ _NATIVE_DTYPES = {8: ("u1", "i1"), 16: ("<u2", "<i2"), 32: ("<u4", "<i4")}
 _JPEG = "pip install pylibjpeg pylibjpeg-libjpeg (or python-gdcm)"
 _J2K = "pip install pylibjpeg pylibjpeg-openjpeg (or python-gdcm)"
 INSTALL_HINTS = {
-    "1.2.840.10008.1.2.4.50": _JPEG, "1.2.840.10008.1.2.4.51": _JPEG,
-    "1.2.840.10008.1.2.4.57": _JPEG, "1.2.840.10008.1.2.4.70": _JPEG,
+    "1.2.840.10008.1.2.4.50": _JPEG,
+    "1.2.840.10008.1.2.4.51": _JPEG,
+    "1.2.840.10008.1.2.4.57": _JPEG,
+    "1.2.840.10008.1.2.4.70": _JPEG,
     "1.2.840.10008.1.2.4.80": "pip install pylibjpeg pylibjpeg-libjpeg (or pyjpegls, or python-gdcm)",
     "1.2.840.10008.1.2.4.81": "pip install pylibjpeg pylibjpeg-libjpeg (or pyjpegls, or python-gdcm)",
-    "1.2.840.10008.1.2.4.90": _J2K, "1.2.840.10008.1.2.4.91": _J2K,
-    "1.2.840.10008.1.2.4.201": _J2K, "1.2.840.10008.1.2.4.202": _J2K, "1.2.840.10008.1.2.4.203": _J2K,
+    "1.2.840.10008.1.2.4.90": _J2K,
+    "1.2.840.10008.1.2.4.91": _J2K,
+    "1.2.840.10008.1.2.4.201": _J2K,
+    "1.2.840.10008.1.2.4.202": _J2K,
+    "1.2.840.10008.1.2.4.203": _J2K,
     "1.2.840.10008.1.2.5": "pip install pylibjpeg pylibjpeg-rle (pydicom's own RLE decoder needs numpy)",
 }
 
@@ -69,10 +74,10 @@ def _decoder(ts: UID) -> Callable[..., tuple[np.ndarray, dict]]:
     try:
         decoder = get_decoder(ts)
     except NotImplementedError as exc:
-        raise Unreadable(f"transfer syntax {ts if ts.name == ts else f'{ts} ({ts.name})'} has no pixel decoder "
-                         "in ctwatch",
-                         "convert the series to an uncompressed syntax first (e.g. `gdcmconv --raw` or dcmtk "
-                         "`dcmdjpeg`)") from exc
+        raise Unreadable(
+            f"transfer syntax {ts if ts.name == ts else f'{ts} ({ts.name})'} has no pixel decoder in ctwatch",
+            "convert the series to an uncompressed syntax first (e.g. `gdcmconv --raw` or dcmtk `dcmdjpeg`)",
+        ) from exc
     if not decoder.is_available:
         hint = INSTALL_HINTS.get(str(ts), "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg")
         raise Unreadable(f"cannot decode {ts.name} pixel data: no decoder installed", hint)
@@ -96,8 +101,15 @@ class PixelFormat:
         f = instance.facts
         if f.bits_allocated is None:
             return None
-        return cls(f.bits_allocated, f.bits_stored or f.bits_allocated, f.pixel_representation == 1,
-                   f.samples_per_pixel, f.number_of_frames, f.rows, f.cols)
+        return cls(
+            f.bits_allocated,
+            f.bits_stored or f.bits_allocated,
+            f.pixel_representation == 1,
+            f.samples_per_pixel,
+            f.number_of_frames,
+            f.rows,
+            f.cols,
+        )
 
     @classmethod
     def of_dataset(cls, ds: Dataset) -> PixelFormat:
@@ -105,9 +117,15 @@ class PixelFormat:
         if missing:
             raise Unreadable(f"its header has no {'/'.join(missing)}, so its pixels cannot be laid out")
         bits = int(ds.BitsAllocated)
-        return cls(bits, int(ds.get("BitsStored", bits)), int(ds.get("PixelRepresentation", 0)) == 1,
-                   int(ds.get("SamplesPerPixel", 1)), int(ds.get("NumberOfFrames", 1) or 1),
-                   int(ds.Rows), int(ds.Columns))
+        return cls(
+            bits,
+            int(ds.get("BitsStored", bits)),
+            int(ds.get("PixelRepresentation", 0)) == 1,
+            int(ds.get("SamplesPerPixel", 1)),
+            int(ds.get("NumberOfFrames", 1) or 1),
+            int(ds.Rows),
+            int(ds.Columns),
+        )
 
 
 def _native_frames(fmt: PixelFormat | None, pixels: Buffer, little: bool = True) -> np.ndarray | None:
@@ -124,9 +142,11 @@ def _native_frames(fmt: PixelFormat | None, pixels: Buffer, little: bool = True)
     n, rows, cols = fmt.frames, fmt.rows, fmt.cols
     expected = n * rows * cols * (bits // 8)
     if len(pixels) not in (expected, expected + (expected & 1)):
-        raise Unreadable(f"its Pixel Data holds {len(pixels)} bytes, but Rows × Columns × frames × "
-                         f"BitsAllocated/8 = {rows} × {cols} × {n} × {bits // 8} = {expected} bytes; the pixel "
-                         "data or the image size in its header is wrong")
+        raise Unreadable(
+            f"its Pixel Data holds {len(pixels)} bytes, but Rows × Columns × frames × "
+            f"BitsAllocated/8 = {rows} × {cols} × {n} × {bits // 8} = {expected} bytes; the pixel "
+            "data or the image size in its header is wrong"
+        )
     dtype = _NATIVE_DTYPES[bits][signed]
     arr = np.frombuffer(pixels, dtype=dtype if little else dtype.replace("<", ">"), count=n * rows * cols)
     arr = arr.reshape(n, rows, cols)
@@ -156,8 +176,10 @@ def _rescale_into(out: np.ndarray, stored: np.ndarray, slope: float, intercept: 
     :class:`_NeedsFloat`. float32: converted, scaled and shifted in place.
     """
     if stored.shape != out.shape:
-        raise StepError(f"a decoded frame is {stored.shape}, expected {out.shape}; the file's Rows/Columns "
-                        "do not match its pixel data — re-export the series")
+        raise StepError(
+            f"a decoded frame is {stored.shape}, expected {out.shape}; the file's Rows/Columns "
+            "do not match its pixel data — re-export the series"
+        )
     if out.dtype == np.float32:
         out[...] = stored
         if slope != 1.0:
@@ -193,11 +215,15 @@ def _located_pixels(instance: Instance, data: Buffer) -> memoryview | None:
     """
     facts, at = instance.facts, instance.pixel_offset
     ts = facts.transfer_syntax
-    if at is None or ts not in (ImplicitVRLittleEndian, ExplicitVRLittleEndian) or data[at:at + 4] != PIXEL_DATA_TAG:
+    if (
+        at is None
+        or ts not in (ImplicitVRLittleEndian, ExplicitVRLittleEndian)
+        or data[at : at + 4] != PIXEL_DATA_TAG
+    ):
         return None
     if facts.implicit:
         start = at + 8
-    elif data[at + 4:at + 6] in (b"OB", b"OW") and data[at + 6:at + 8] == b"\0\0":
+    elif data[at + 4 : at + 6] in (b"OB", b"OW") and data[at + 6 : at + 8] == b"\0\0":
         start = at + 12
     else:
         return None
@@ -205,12 +231,16 @@ def _located_pixels(instance: Instance, data: Buffer) -> memoryview | None:
         raise Unreadable("the file ends inside its Pixel Data element: it is truncated", _COPY_AGAIN)
     (length,) = struct.unpack_from("<L", data, start - 4)
     if length == 0xFFFFFFFF:
-        raise Unreadable(f"its Pixel Data is encapsulated (compressed) although its transfer syntax, {UID(ts).name}, "
-                         "is uncompressed, so the codec is unknown")
+        raise Unreadable(
+            f"its Pixel Data is encapsulated (compressed) although its transfer syntax, {UID(ts).name}, "
+            "is uncompressed, so the codec is unknown"
+        )
     if start + length > len(data):
-        raise Unreadable(f"the file ends {len(data) - start} bytes into its Pixel Data of {length} bytes: "
-                         "it is truncated", _COPY_AGAIN)
-    return memoryview(data)[start:start + length]
+        raise Unreadable(
+            f"the file ends {len(data) - start} bytes into its Pixel Data of {length} bytes: it is truncated",
+            _COPY_AGAIN,
+        )
+    return memoryview(data)[start : start + length]
 
 
 def _decode_file(instance: Instance, data: Buffer, targets: list[_Target], hu: np.ndarray) -> tuple[str, str]:
@@ -232,17 +262,26 @@ def _decode_file(instance: Instance, data: Buffer, targets: list[_Target], hu: n
             raise Unreadable("the file ends inside its Pixel Data element: it is truncated", _COPY_AGAIN)
         raise Unreadable("it has no Pixel Data (float or double pixel data is not CT)")
     if not isinstance(element, RawDataElement):  # only a raw element keeps the stated length checked below
-        raise StepError(f"internal error: Pixel Data was converted ({type(element).__name__}) before its "
-                        "length could be checked; report this with the file")
+        raise StepError(
+            f"internal error: Pixel Data was converted ({type(element).__name__}) before its "
+            "length could be checked; report this with the file"
+        )
     value, encapsulated = element.value, element.length == 0xFFFFFFFF
     if not encapsulated and len(value) < element.length:
-        raise Unreadable(f"the file ends {len(value)} bytes into its Pixel Data of {element.length} bytes: "
-                         "it is truncated", _COPY_AGAIN)
+        raise Unreadable(
+            f"the file ends {len(value)} bytes into its Pixel Data of {element.length} bytes: "
+            "it is truncated",
+            _COPY_AGAIN,
+        )
     compressed = ts.is_transfer_syntax and ts.is_compressed
     if encapsulated and not compressed:
-        raise Unreadable(f"its Pixel Data is encapsulated (compressed) although its transfer syntax, {ts.name}, "
-                         "is uncompressed, so the codec is unknown")
-    if not encapsulated and (ts in NATIVE or not encoding.little or compressed):  # raw pixels, whatever is declared
+        raise Unreadable(
+            f"its Pixel Data is encapsulated (compressed) although its transfer syntax, {ts.name}, "
+            "is uncompressed, so the codec is unknown"
+        )
+    if not encapsulated and (
+        ts in NATIVE or not encoding.little or compressed
+    ):  # raw pixels, whatever is declared
         frames = _native_frames(PixelFormat.of_dataset(ds), value, encoding.little)
         if frames is not None:
             for t in targets:
@@ -273,22 +312,42 @@ def _read_and_decode(series: Series, index: int, targets: list[_Target], hu: np.
     except Unreadable as exc:
         raise StepError(f"cannot read {name}: {exc}. Fix: {exc.fix}") from exc
     except (OSError, zipfile.BadZipFile, zlib.error) as exc:
-        raise StepError(f"cannot read {name} ({plain_cause(exc)}): the member is corrupt (bad CRC) or "
-                        f"truncated. Fix: {_COPY_AGAIN}") from exc
+        raise StepError(
+            f"cannot read {name} ({plain_cause(exc)}): the member is corrupt (bad CRC) or "
+            f"truncated. Fix: {_COPY_AGAIN}"
+        ) from exc
     except _READER_ERRORS as exc:
-        raise StepError(f"cannot decode {name}: {plain_cause(exc)}. Fix: check the file with "
-                        "`dcmdump`/`gdcminfo` and re-export the series; a missing codec names the package to "
-                        "install") from exc
+        raise StepError(
+            f"cannot decode {name}: {plain_cause(exc)}. Fix: check the file with "
+            "`dcmdump`/`gdcminfo` and re-export the series; a missing codec names the package to "
+            "install"
+        ) from exc
 
 
 _COPY_AGAIN = "copy the study again from the source"
-_READER_ERRORS = (InvalidDicomError, ValueError, RuntimeError, AttributeError, KeyError, EOFError, TypeError,
-                  IndexError, NotImplementedError, OverflowError, struct.error)
+_READER_ERRORS = (
+    InvalidDicomError,
+    ValueError,
+    RuntimeError,
+    AttributeError,
+    KeyError,
+    EOFError,
+    TypeError,
+    IndexError,
+    NotImplementedError,
+    OverflowError,
+    struct.error,
+)
 
 
 def _exact_in_int16(kept: list[Frame]) -> bool:
-    return all(float(f.slope).is_integer() and float(f.intercept).is_integer() and
-               abs(f.slope) <= _INT16.max and abs(f.intercept) <= 1 << 20 for f in kept)
+    return all(
+        float(f.slope).is_integer()
+        and float(f.intercept).is_integer()
+        and abs(f.slope) <= _INT16.max
+        and abs(f.intercept) <= 1 << 20
+        for f in kept
+    )
 
 
 def decode_into(series: Series, kept: list[Frame], workers: int = 4) -> tuple[np.ndarray, dict]:
@@ -315,8 +374,11 @@ def _decode_as(series: Series, kept: list[Frame], workers: int, dtype: type) -> 
             results = list(pool.map(lambda job: _read_and_decode(series, job[0], job[1], hu), jobs))
     syntaxes = sorted({ts for ts, _ in results})
     decoders = sorted({dec for _, dec in results})
-    return hu, {"transfer_syntaxes": [f"{ts} ({UID(ts).name})" for ts in syntaxes], "decoder": decoders,
-                "files_read": len(jobs)}
+    return hu, {
+        "transfer_syntaxes": [f"{ts} ({UID(ts).name})" for ts in syntaxes],
+        "decoder": decoders,
+        "files_read": len(jobs),
+    }
 
 
 def rescale_info(kept: list[Frame]) -> dict:
@@ -324,5 +386,10 @@ def rescale_info(kept: list[Frame]) -> dict:
     if len(pairs) == 1:
         slope, intercept = pairs.pop()
         return {"rescale": {"per_frame": False, "slope": slope, "intercept": intercept}}
-    return {"rescale": {"per_frame": True, "slopes": sorted({p[0] for p in pairs}),
-                        "intercepts": sorted({p[1] for p in pairs})}}
+    return {
+        "rescale": {
+            "per_frame": True,
+            "slopes": sorted({p[0] for p in pairs}),
+            "intercepts": sorted({p[1] for p in pairs}),
+        }
+    }

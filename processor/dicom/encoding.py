@@ -33,15 +33,54 @@ from pydicom.uid import UID
 IMPLICIT_LE, EXPLICIT_LE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1"
 DEFLATED, BIG_ENDIAN = "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2"
 PLAIN = frozenset({IMPLICIT_LE, EXPLICIT_LE, DEFLATED, BIG_ENDIAN})  # syntaxes the bytes can correct
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
-VRS = frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"OB",
-                 b"OD", b"OF", b"OL", b"OV", b"OW", b"PN", b"SH", b"SL", b"SQ", b"SS", b"ST", b"SV", b"TM",
-                 b"UC", b"UI", b"UL", b"UN", b"UR", b"US", b"UT", b"UV"})
+_LONG_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+VRS = frozenset(
+    {
+        b"AE",
+        b"AS",
+        b"AT",
+        b"CS",
+        b"DA",
+        b"DS",
+        b"DT",
+        b"FD",
+        b"FL",
+        b"IS",
+        b"LO",
+        b"LT",
+        b"OB",
+        b"OD",
+        b"OF",
+        b"OL",
+        b"OV",
+        b"OW",
+        b"PN",
+        b"SH",
+        b"SL",
+        b"SQ",
+        b"SS",
+        b"ST",
+        b"SV",
+        b"TM",
+        b"UC",
+        b"UI",
+        b"UL",
+        b"UN",
+        b"UR",
+        b"US",
+        b"UT",
+        b"UV",
+    }
+)
 PROBE_BYTES = 6  # bytes of the first element the rule looks at: tag (4) and, when explicit, VR (2)
 _VERIFY = 4  # elements stepped over to verify the probe
 _INFLATE_PROBE = 1024  # compressed bytes inflated (to at most this many) to probe a deflated body
-_FIX = ("re-export the series from the scanner or PACS (or rewrite the file, e.g. with dcmtk "
-        "`dcmconv`), then drop it again")
+_FIX = (
+    "re-export the series from the scanner or PACS (or rewrite the file, e.g. with dcmtk "
+    "`dcmconv`), then drop it again"
+)
 
 
 class Unreadable(Exception):
@@ -93,7 +132,7 @@ def correction(declared: str, syntax: str, implicit: bool) -> str | None:
 
 def _probe(buf: bytes | memoryview, pos: int) -> tuple[bool, bool] | None:
     """(implicit, little) as the element at ``pos`` shows it; None when it is no element."""
-    head = bytes(buf[pos:pos + PROBE_BYTES])
+    head = bytes(buf[pos : pos + PROBE_BYTES])
     if len(head) < PROBE_BYTES:
         return None
     group_le, group_be = struct.unpack_from("<H", head)[0], struct.unpack_from(">H", head)[0]
@@ -130,7 +169,7 @@ def _reads(buf: bytes | memoryview, pos: int, implicit: bool, little: bool) -> b
         if implicit:
             length, pos = struct.unpack_from(long_format, buf, pos + 4)[0], pos + 8
         else:
-            vr = bytes(buf[pos + 4:pos + 6])
+            vr = bytes(buf[pos + 4 : pos + 6])
             if vr not in VRS:
                 return False
             if vr in _LONG_VRS:
@@ -150,7 +189,7 @@ def _reads(buf: bytes | memoryview, pos: int, implicit: bool, little: bool) -> b
 def _inflated_head(buf: bytes | memoryview, start: int) -> bytes | None:
     try:
         inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-        return inflater.decompress(bytes(buf[start:start + _INFLATE_PROBE]), _INFLATE_PROBE)
+        return inflater.decompress(bytes(buf[start : start + _INFLATE_PROBE]), _INFLATE_PROBE)
     except zlib.error:
         return None
 
@@ -171,8 +210,10 @@ def decide(buf: bytes | memoryview, start: int, declared: str) -> Encoding:
         if found is not None and found[1]:
             return Encoding(DEFLATED, declared, found[0], True, True, start)
     if probe is None:
-        raise Unreadable(f"its data set does not start with a DICOM element in any encoding (it declares "
-                         f"{name(declared)}); the file is damaged or not DICOM")
+        raise Unreadable(
+            f"its data set does not start with a DICOM element in any encoding (it declares "
+            f"{name(declared)}); the file is damaged or not DICOM"
+        )
     implicit, little = probe
     if declared in PLAIN or not declared or not little:
         syntax = (IMPLICIT_LE if implicit else EXPLICIT_LE) if little else BIG_ENDIAN
@@ -183,8 +224,9 @@ def decide(buf: bytes | memoryview, start: int, declared: str) -> Encoding:
 
 # --- the pydicom reader, told the decided encoding --------------------------------------------------
 
+
 def _group(buf: bytes | memoryview, pos: int) -> int | None:
-    two = bytes(buf[pos:pos + 2])
+    two = bytes(buf[pos : pos + 2])
     return struct.unpack("<H", two)[0] if len(two) == 2 else None
 
 
@@ -192,7 +234,9 @@ def _stop_at_pixels(tag: BaseTag, vr: str | None, length: int) -> bool:
     return tag in (0x7FE00010, 0x7FE00008, 0x7FE00009)
 
 
-def read_file(data: bytes | memoryview, *, stop_before_pixels: bool) -> tuple[FileDataset, Encoding, int | None]:
+def read_file(
+    data: bytes | memoryview, *, stop_before_pixels: bool
+) -> tuple[FileDataset, Encoding, int | None]:
     """Parse a file with pydicom in the encoding :func:`decide` finds in its bytes.
 
     Returns the dataset (its ``original_encoding`` is the decided one; its file meta as stored),
@@ -210,8 +254,9 @@ def read_file(data: bytes | memoryview, *, stop_before_pixels: bool) -> tuple[Fi
     if _group(data, fp.tell()) == 0x0002:
         meta_probe = _probe(data, fp.tell())  # Explicit VR LE by the standard; an implicit one is read so
         meta_implicit = meta_probe is None or meta_probe[0]
-        file_meta = FileMetaDataset(read_dataset(fp, meta_implicit, True,
-                                                 stop_when=lambda tag, vr, length: tag >> 16 != 0x0002))
+        file_meta = FileMetaDataset(
+            read_dataset(fp, meta_implicit, True, stop_when=lambda tag, vr, length: tag >> 16 != 0x0002)
+        )
     if _group(data, fp.tell()) == 0x0000:  # a command set (always Implicit VR LE): kept, as pydicom does
         command = read_dataset(fp, True, True, stop_when=lambda tag, vr, length: tag >> 16 != 0x0000)
     else:
@@ -221,14 +266,15 @@ def read_file(data: bytes | memoryview, *, stop_before_pixels: bool) -> tuple[Fi
     source: io.BytesIO = fp
     if encoding.deflated:
         try:
-            source = io.BytesIO(zlib.decompress(bytes(data[encoding.start:]), -zlib.MAX_WBITS))
+            source = io.BytesIO(zlib.decompress(bytes(data[encoding.start :]), -zlib.MAX_WBITS))
         except zlib.error as exc:
             raise Unreadable(f"its deflated data set does not inflate ({exc}): the file is damaged") from exc
-    dataset = read_dataset(source, encoding.implicit, encoding.little,
-                           stop_when=_stop_at_pixels if stop_before_pixels else None)
+    dataset = read_dataset(
+        source, encoding.implicit, encoding.little, stop_when=_stop_at_pixels if stop_before_pixels else None
+    )
     dataset.update(command)
     at = source.tell()
-    offset = at if source is fp and bytes(data[at:at + 4]) == b"\xe0\x7f\x10\x00" else None
+    offset = at if source is fp and bytes(data[at : at + 4]) == b"\xe0\x7f\x10\x00" else None
     ds = FileDataset(fp, dataset, preamble, file_meta, encoding.implicit, encoding.little)
     ds.set_original_encoding(encoding.implicit, encoding.little, dataset.original_character_set)
     return ds, encoding, offset
@@ -236,8 +282,11 @@ def read_file(data: bytes | memoryview, *, stop_before_pixels: bool) -> tuple[Fi
 
 # --- a library's exception in words ------------------------------------------------------------------
 
-_ADVICE = re.compile(r"[^.]*\b(?:force\s*=\s*True|force reading|pydicom\.config|config\.settings|"
-                     r"reading_validation_mode|raise an issue|github\.com)\b[^.]*\.?", re.IGNORECASE)
+_ADVICE = re.compile(
+    r"[^.]*\b(?:force\s*=\s*True|force reading|pydicom\.config|config\.settings|"
+    r"reading_validation_mode|raise an issue|github\.com)\b[^.]*\.?",
+    re.IGNORECASE,
+)
 
 
 def plain_cause(exc: BaseException) -> str:

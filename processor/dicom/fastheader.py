@@ -38,25 +38,68 @@ UNDEFINED = 0xFFFFFFFF
 
 # keyword → tag of every value the fast path reads (file meta and top-level dataset)
 TAGS: dict[str, int] = {
-    "MediaStorageSOPClassUID": 0x00020002, "TransferSyntaxUID": 0x00020010,
-    "ImageType": 0x00080008, "SOPClassUID": 0x00080016, "SOPInstanceUID": 0x00080018,
-    "AcquisitionDate": 0x00080022, "AcquisitionDateTime": 0x0008002A,
-    "AcquisitionTime": 0x00080032, "Modality": 0x00080060, "ImagerPixelSpacing": 0x00181164,
-    "SliceThickness": 0x00180050, "ConvolutionKernel": 0x00181210,
-    "StudyInstanceUID": 0x0020000D, "SeriesInstanceUID": 0x0020000E,
-    "AcquisitionNumber": 0x00200012, "InstanceNumber": 0x00200013,
-    "ImagePositionPatient": 0x00200032, "ImageOrientationPatient": 0x00200037,
-    "TemporalPositionIdentifier": 0x00200100, "TemporalPositionIndex": 0x00209128,
-    "SamplesPerPixel": 0x00280002, "NumberOfFrames": 0x00280008, "Rows": 0x00280010, "Columns": 0x00280011,
-    "PixelSpacing": 0x00280030, "BitsAllocated": 0x00280100, "BitsStored": 0x00280101,
-    "PixelRepresentation": 0x00280103, "RescaleIntercept": 0x00281052, "RescaleSlope": 0x00281053,
+    "MediaStorageSOPClassUID": 0x00020002,
+    "TransferSyntaxUID": 0x00020010,
+    "ImageType": 0x00080008,
+    "SOPClassUID": 0x00080016,
+    "SOPInstanceUID": 0x00080018,
+    "AcquisitionDate": 0x00080022,
+    "AcquisitionDateTime": 0x0008002A,
+    "AcquisitionTime": 0x00080032,
+    "Modality": 0x00080060,
+    "ImagerPixelSpacing": 0x00181164,
+    "SliceThickness": 0x00180050,
+    "ConvolutionKernel": 0x00181210,
+    "StudyInstanceUID": 0x0020000D,
+    "SeriesInstanceUID": 0x0020000E,
+    "AcquisitionNumber": 0x00200012,
+    "InstanceNumber": 0x00200013,
+    "ImagePositionPatient": 0x00200032,
+    "ImageOrientationPatient": 0x00200037,
+    "TemporalPositionIdentifier": 0x00200100,
+    "TemporalPositionIndex": 0x00209128,
+    "SamplesPerPixel": 0x00280002,
+    "NumberOfFrames": 0x00280008,
+    "Rows": 0x00280010,
+    "Columns": 0x00280011,
+    "PixelSpacing": 0x00280030,
+    "BitsAllocated": 0x00280100,
+    "BitsStored": 0x00280101,
+    "PixelRepresentation": 0x00280103,
+    "RescaleIntercept": 0x00281052,
+    "RescaleSlope": 0x00281053,
 }
 WANTED = frozenset(TAGS.values()) | {PER_FRAME_GROUPS}
 _BINARY = {"SamplesPerPixel", "Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation"}  # US
 
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
-_SHORT_VRS = frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT",
-                        b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"})
+_LONG_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+_SHORT_VRS = frozenset(
+    {
+        b"AE",
+        b"AS",
+        b"AT",
+        b"CS",
+        b"DA",
+        b"DS",
+        b"DT",
+        b"FD",
+        b"FL",
+        b"IS",
+        b"LO",
+        b"LT",
+        b"PN",
+        b"SH",
+        b"SL",
+        b"SS",
+        b"ST",
+        b"TM",
+        b"UI",
+        b"UL",
+        b"US",
+    }
+)
 _EXPLICIT = struct.Struct("<HH2sH")
 _IMPLICIT = struct.Struct("<HHL")
 _UL = struct.Struct("<L")
@@ -93,8 +136,9 @@ def walk(buf: bytes | memoryview) -> Walked:
     if meta_end > end:
         raise Truncated("file meta information cut short")
     values: dict[int, bytes] = {}
-    if _walk(view, 144, meta_end, False, values, top=True) is not None or \
-            any(tag >> 16 != 0x0002 for tag in values):
+    if _walk(view, 144, meta_end, False, values, top=True) is not None or any(
+        tag >> 16 != 0x0002 for tag in values
+    ):
         raise Declined("file meta information holds more than group 0002")
     if meta_end + 2 <= end and _US.unpack_from(view, meta_end)[0] == 0x0002:
         raise Declined("file meta group length does not cover group 0002")
@@ -119,11 +163,16 @@ def walk(buf: bytes | memoryview) -> Walked:
     return Walked(values, syntax, encoding.implicit, offset, declared)
 
 
-def _walk(view: memoryview, pos: int, end: int, implicit: bool, out: dict[int, bytes] | None,
-          top: bool) -> int | None:
+def _walk(
+    view: memoryview, pos: int, end: int, implicit: bool, out: dict[int, bytes] | None, top: bool
+) -> int | None:
     """Step over elements in [pos, end). At the top level returns where Pixel Data starts (or None
     at the end); inside an item of undefined length returns the position after its delimiter."""
-    unpack_explicit, unpack_implicit, unpack_ul = _EXPLICIT.unpack_from, _IMPLICIT.unpack_from, _UL.unpack_from
+    unpack_explicit, unpack_implicit, unpack_ul = (
+        _EXPLICIT.unpack_from,
+        _IMPLICIT.unpack_from,
+        _UL.unpack_from,
+    )
     long_vrs, short_vrs = _LONG_VRS, _SHORT_VRS
     while pos < end:
         if pos + 8 > end:
@@ -294,15 +343,22 @@ def facts_of(walked: Walked) -> Facts:
     if TAGS["TemporalPositionIdentifier"] in v:
         temporal = _text(raw("TemporalPositionIdentifier")) or ""
     else:
-        temporal = str(_UL.unpack_from(temporal_index)[0]) if temporal_index and len(temporal_index) >= 4 else ""
+        temporal = (
+            str(_UL.unpack_from(temporal_index)[0]) if temporal_index and len(temporal_index) >= 4 else ""
+        )
     return Facts(
-        sop_uid=_text(raw("SOPInstanceUID")) or "", study_uid=_text(raw("StudyInstanceUID")) or "",
-        series_uid=_text(raw("SeriesInstanceUID")) or "", sop_class_uid=_text(raw("SOPClassUID")) or "",
+        sop_uid=_text(raw("SOPInstanceUID")) or "",
+        study_uid=_text(raw("StudyInstanceUID")) or "",
+        series_uid=_text(raw("SeriesInstanceUID")) or "",
+        sop_class_uid=_text(raw("SOPClassUID")) or "",
         media_sop_class_uid=_text(raw("MediaStorageSOPClassUID")) or "",
-        transfer_syntax=walked.transfer_syntax, implicit=walked.implicit,
+        transfer_syntax=walked.transfer_syntax,
+        implicit=walked.implicit,
         enhanced=PER_FRAME_GROUPS in v,
-        rows=_us(raw("Rows")) or 0, cols=_us(raw("Columns")) or 0,
-        bits_allocated=_us(raw("BitsAllocated")), bits_stored=_us(raw("BitsStored")),
+        rows=_us(raw("Rows")) or 0,
+        cols=_us(raw("Columns")) or 0,
+        bits_allocated=_us(raw("BitsAllocated")),
+        bits_stored=_us(raw("BitsStored")),
         pixel_representation=_us(raw("PixelRepresentation")) or 0,
         samples_per_pixel=_us(raw("SamplesPerPixel")) or 1,
         number_of_frames=int(_float(raw("NumberOfFrames"), 1) or 1),
@@ -312,9 +368,11 @@ def facts_of(walked: Walked) -> Facts:
         thickness=_float(raw("SliceThickness")),
         slope=_float(raw("RescaleSlope"), 1.0),  # a stated 0 stays 0: the volume step refuses it
         intercept=_float(raw("RescaleIntercept"), 0.0),
-        rescale_stated=_float(raw("RescaleSlope")) is not None and _float(raw("RescaleIntercept")) is not None,
+        rescale_stated=_float(raw("RescaleSlope")) is not None
+        and _float(raw("RescaleIntercept")) is not None,
         instance_number=int(_float(raw("InstanceNumber"), 0) or 0),
-        temporal=temporal, acquisition=_text(raw("AcquisitionNumber")) or "",
+        temporal=temporal,
+        acquisition=_text(raw("AcquisitionNumber")) or "",
         image_type=tuple(p.upper() for p in (_parts(raw("ImageType")) or ())),
         kernel="\\".join(_parts(raw("ConvolutionKernel")) or ()),
         modality=_text(raw("Modality")) or "",
@@ -328,6 +386,7 @@ def facts_of(walked: Walked) -> Facts:
 
 def facts_from_dataset(ds: Dataset, *, transfer_syntax: str, implicit: bool) -> Facts:
     """The same :class:`Facts` from a header pydicom parsed (the fallback for declined layouts)."""
+
     def get(keyword: str, default: object = None) -> Any:
         """The converted value; an unconvertible one (e.g. IS '1e999') reads as missing."""
         try:
@@ -376,26 +435,41 @@ def facts_from_dataset(ds: Dataset, *, transfer_syntax: str, implicit: bool) -> 
     file_meta = getattr(ds, "file_meta", None)
     temporal = get("TemporalPositionIdentifier", get("TemporalPositionIndex", ""))
     return Facts(
-        sop_uid=text("SOPInstanceUID"), study_uid=text("StudyInstanceUID"), series_uid=text("SeriesInstanceUID"),
+        sop_uid=text("SOPInstanceUID"),
+        study_uid=text("StudyInstanceUID"),
+        series_uid=text("SeriesInstanceUID"),
         sop_class_uid=text("SOPClassUID"),
-        media_sop_class_uid=str(file_meta.get("MediaStorageSOPClassUID", "")) if file_meta is not None else "",
-        transfer_syntax=transfer_syntax, implicit=implicit,
+        media_sop_class_uid=str(file_meta.get("MediaStorageSOPClassUID", ""))
+        if file_meta is not None
+        else "",
+        transfer_syntax=transfer_syntax,
+        implicit=implicit,
         enhanced="PerFrameFunctionalGroupsSequence" in ds,
-        rows=integer("Rows") or 0, cols=integer("Columns") or 0,
-        bits_allocated=integer("BitsAllocated"), bits_stored=integer("BitsStored"),
+        rows=integer("Rows") or 0,
+        cols=integer("Columns") or 0,
+        bits_allocated=integer("BitsAllocated"),
+        bits_stored=integer("BitsStored"),
         pixel_representation=integer("PixelRepresentation") or 0,
         samples_per_pixel=integer("SamplesPerPixel") or 1,
         number_of_frames=int(number("NumberOfFrames", 1) or 1),
-        position=numbers("ImagePositionPatient", 3), orientation=numbers("ImageOrientationPatient", 6),
-        pixel_spacing=numbers("PixelSpacing", 2), thickness=number("SliceThickness"),
-        slope=number("RescaleSlope", 1.0), intercept=number("RescaleIntercept", 0.0),
+        position=numbers("ImagePositionPatient", 3),
+        orientation=numbers("ImageOrientationPatient", 6),
+        pixel_spacing=numbers("PixelSpacing", 2),
+        thickness=number("SliceThickness"),
+        slope=number("RescaleSlope", 1.0),
+        intercept=number("RescaleIntercept", 0.0),
         rescale_stated=number("RescaleSlope") is not None and number("RescaleIntercept") is not None,
         instance_number=int(number("InstanceNumber", 0) or 0),
-        temporal="" if temporal is None else str(temporal).strip("\0 "), acquisition=text("AcquisitionNumber"),
+        temporal="" if temporal is None else str(temporal).strip("\0 "),
+        acquisition=text("AcquisitionNumber"),
         image_type=tuple(p.upper() for p in multi("ImageType")),
         kernel="\\".join(multi("ConvolutionKernel")),
-        modality=text("Modality"), acquisition_time=text("AcquisitionTime"),
-        acquisition_date=text("AcquisitionDate"), acquisition_datetime=text("AcquisitionDateTime"),
+        modality=text("Modality"),
+        acquisition_time=text("AcquisitionTime"),
+        acquisition_date=text("AcquisitionDate"),
+        acquisition_datetime=text("AcquisitionDateTime"),
         imager_pixel_spacing=numbers("ImagerPixelSpacing", 2),
-        declared_syntax=str(file_meta.get("TransferSyntaxUID", "") or "").strip("\0 ") if file_meta is not None else "",
+        declared_syntax=str(file_meta.get("TransferSyntaxUID", "") or "").strip("\0 ")
+        if file_meta is not None
+        else "",
     )

@@ -50,7 +50,9 @@ class Frame:
     acquisition_time: str = ""  # AcquisitionTime (TM) as stored
     acquisition_date: str = ""  # AcquisitionDate (DA)
     rescale_stated: bool = True  # RescaleSlope and RescaleIntercept stated (else 1 and 0 were assumed)
-    acquisition_datetime: str = ""  # AcquisitionDateTime (DT), or an enhanced frame's FrameAcquisitionDateTime
+    acquisition_datetime: str = (
+        ""  # AcquisitionDateTime (DT), or an enhanced frame's FrameAcquisitionDateTime
+    )
 
 
 @overload
@@ -98,13 +100,26 @@ def _fg(per_frame: Dataset | None, shared: Dataset | None, sequence: str, keywor
 def classic_frame(index: int, facts: Facts) -> Frame:
     """The one frame of a classic (single-frame) file, from its header facts."""
     return Frame(
-        instance=index, frame=0, position=facts.position, orientation=facts.orientation,
-        pixel_spacing=facts.pixel_spacing, thickness=facts.thickness, rows=facts.rows, cols=facts.cols,
-        slope=facts.slope, intercept=facts.intercept, instance_number=facts.instance_number,
-        temporal=facts.temporal, acquisition=facts.acquisition, image_type=facts.image_type,
-        kernel=facts.kernel, imager_pixel_spacing=facts.imager_pixel_spacing,
-        acquisition_time=facts.acquisition_time, acquisition_date=facts.acquisition_date,
-        acquisition_datetime=facts.acquisition_datetime, rescale_stated=facts.rescale_stated,
+        instance=index,
+        frame=0,
+        position=facts.position,
+        orientation=facts.orientation,
+        pixel_spacing=facts.pixel_spacing,
+        thickness=facts.thickness,
+        rows=facts.rows,
+        cols=facts.cols,
+        slope=facts.slope,
+        intercept=facts.intercept,
+        instance_number=facts.instance_number,
+        temporal=facts.temporal,
+        acquisition=facts.acquisition,
+        image_type=facts.image_type,
+        kernel=facts.kernel,
+        imager_pixel_spacing=facts.imager_pixel_spacing,
+        acquisition_time=facts.acquisition_time,
+        acquisition_date=facts.acquisition_date,
+        acquisition_datetime=facts.acquisition_datetime,
+        rescale_stated=facts.rescale_stated,
     )
 
 
@@ -115,36 +130,46 @@ def _enhanced_frames(index: int, header: Dataset) -> list[Frame]:
     image_type = tuple(str(v).upper() for v in (header.get("ImageType") or ()))
     frames = []
     for f, item in enumerate(per_frame):
+
         def fg(sequence: str, keyword: str, item: Dataset = item) -> Any:
             return _fg(item, shared, sequence, keyword)
+
         slope = _float(fg("PixelValueTransformationSequence", "RescaleSlope"), None)
         intercept = _float(fg("PixelValueTransformationSequence", "RescaleIntercept"), None)
         stack = fg("FrameContentSequence", "StackID")
         temporal = fg("FrameContentSequence", "TemporalPositionIndex")
         frame_type = fg("CTImageFrameTypeSequence", "FrameType")
-        frames.append(Frame(
-            instance=index, frame=f,
-            position=_floats(fg("PlanePositionSequence", "ImagePositionPatient"), 3),
-            orientation=_floats(fg("PlaneOrientationSequence", "ImageOrientationPatient"), 6),
-            pixel_spacing=_floats(fg("PixelMeasuresSequence", "PixelSpacing"), 2),
-            thickness=_float(fg("PixelMeasuresSequence", "SliceThickness")),
-            rows=int(header.get("Rows", 0) or 0), cols=int(header.get("Columns", 0) or 0),
-            slope=slope if slope is not None else _float(header.get("RescaleSlope"), 1.0),
-            intercept=intercept if intercept is not None else _float(header.get("RescaleIntercept"), 0.0),
-            rescale_stated=(slope is not None or _float(header.get("RescaleSlope")) is not None)
-            and (intercept is not None or _float(header.get("RescaleIntercept")) is not None),
-            instance_number=int(_float(header.get("InstanceNumber"), 0) or 0),
-            temporal=f"{stack or ''}/{temporal or ''}" if (stack or temporal) else "",
-            acquisition=str(header.get("AcquisitionNumber", "") or ""),
-            image_type=tuple(str(v).upper() for v in frame_type) if frame_type else image_type,
-            kernel=_kernel(fg("CTReconstructionSequence", "ConvolutionKernel")
-                           or header.get("ConvolutionKernel")),
-            imager_pixel_spacing=_floats(header.get("ImagerPixelSpacing"), 2),
-            acquisition_time=str(header.get("AcquisitionTime") or ""),
-            acquisition_date=str(header.get("AcquisitionDate") or ""),
-            acquisition_datetime=str(fg("FrameContentSequence", "FrameAcquisitionDateTime")
-                                     or header.get("AcquisitionDateTime") or ""),
-        ))
+        frames.append(
+            Frame(
+                instance=index,
+                frame=f,
+                position=_floats(fg("PlanePositionSequence", "ImagePositionPatient"), 3),
+                orientation=_floats(fg("PlaneOrientationSequence", "ImageOrientationPatient"), 6),
+                pixel_spacing=_floats(fg("PixelMeasuresSequence", "PixelSpacing"), 2),
+                thickness=_float(fg("PixelMeasuresSequence", "SliceThickness")),
+                rows=int(header.get("Rows", 0) or 0),
+                cols=int(header.get("Columns", 0) or 0),
+                slope=slope if slope is not None else _float(header.get("RescaleSlope"), 1.0),
+                intercept=intercept if intercept is not None else _float(header.get("RescaleIntercept"), 0.0),
+                rescale_stated=(slope is not None or _float(header.get("RescaleSlope")) is not None)
+                and (intercept is not None or _float(header.get("RescaleIntercept")) is not None),
+                instance_number=int(_float(header.get("InstanceNumber"), 0) or 0),
+                temporal=f"{stack or ''}/{temporal or ''}" if (stack or temporal) else "",
+                acquisition=str(header.get("AcquisitionNumber", "") or ""),
+                image_type=tuple(str(v).upper() for v in frame_type) if frame_type else image_type,
+                kernel=_kernel(
+                    fg("CTReconstructionSequence", "ConvolutionKernel") or header.get("ConvolutionKernel")
+                ),
+                imager_pixel_spacing=_floats(header.get("ImagerPixelSpacing"), 2),
+                acquisition_time=str(header.get("AcquisitionTime") or ""),
+                acquisition_date=str(header.get("AcquisitionDate") or ""),
+                acquisition_datetime=str(
+                    fg("FrameContentSequence", "FrameAcquisitionDateTime")
+                    or header.get("AcquisitionDateTime")
+                    or ""
+                ),
+            )
+        )
     return frames
 
 

@@ -43,13 +43,20 @@ class SliceGrid:
 
     def note(self, what: str) -> str:
         """``"<what> irregular slice positions: 2 gap(s), steps 1.25–3.75 mm (median 1.25)"``."""
-        return (f"{what} irregular slice positions: {self.gaps} gap(s), steps {self.min_mm:.3g}–{self.max_mm:.3g} mm "
-                f"(median {self.median_mm:.3g})")
+        return (
+            f"{what} irregular slice positions: {self.gaps} gap(s), steps {self.min_mm:.3g}–{self.max_mm:.3g} mm "
+            f"(median {self.median_mm:.3g})"
+        )
 
     def as_dict(self) -> dict:
-        return {"regular": not self.irregular, "gaps": self.gaps, "uneven": self.uneven,
-                "median_step_mm": _round(self.median_mm), "min_step_mm": _round(self.min_mm),
-                "max_step_mm": _round(self.max_mm)}
+        return {
+            "regular": not self.irregular,
+            "gaps": self.gaps,
+            "uneven": self.uneven,
+            "median_step_mm": _round(self.median_mm),
+            "min_step_mm": _round(self.min_mm),
+            "max_step_mm": _round(self.max_mm),
+        }
 
 
 def _round(value: float | None) -> float | None:

@@ -79,8 +79,9 @@ class LungSettings:
 
     @property
     def body(self) -> BodySettings:
-        return BodySettings(self.body_threshold_hu, self.body_grid_px, self.body_opening_px,
-                            self.body_thin_mm)
+        return BodySettings(
+            self.body_threshold_hu, self.body_grid_px, self.body_opening_px, self.body_thin_mm
+        )
 
 
 @dataclass
@@ -102,9 +103,15 @@ class LungMetrics:
         return "Use the lung numbers with care: " + " ".join(n[0].upper() + n[1:] + "." for n in self.notes)
 
     def as_dict(self) -> dict:
-        return {"volume_ml": self.volume_ml, "laa950_percent": self.laa950_percent,
-                "mean_lung_density_hu": self.mean_lung_density_hu, "plausible": self.plausible,
-                "flags": list(self.flags), "notes": list(self.notes), "summary": self.summary}
+        return {
+            "volume_ml": self.volume_ml,
+            "laa950_percent": self.laa950_percent,
+            "mean_lung_density_hu": self.mean_lung_density_hu,
+            "plausible": self.plausible,
+            "flags": list(self.flags),
+            "notes": list(self.notes),
+            "summary": self.summary,
+        }
 
 
 _CHUNK_VOXELS = 1 << 17  # voxels per step of the label statistics: small enough to stay in cache
@@ -134,8 +141,13 @@ def _edge_labels(labels: np.ndarray, pad: np.ndarray | None) -> np.ndarray:
     return np.unique(ids[ids > 0])
 
 
-def _label_stats(labels: np.ndarray, count: int, air: np.ndarray, hull: tuple[np.ndarray, np.ndarray],
-                 deep: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, ...]:
+def _label_stats(
+    labels: np.ndarray,
+    count: int,
+    air: np.ndarray,
+    hull: tuple[np.ndarray, np.ndarray],
+    deep: tuple[np.ndarray, np.ndarray],
+) -> tuple[np.ndarray, ...]:
     """Voxel count of every component, its counts inside the body's interior (``hull`` spans) and
     well inside it (``deep`` spans, a subset), and the slices each spans — one pass over whole
     slices, a few at a time, so the temporaries stay in cache. The slice span is per step (a
@@ -145,12 +157,14 @@ def _label_stats(labels: np.ndarray, count: int, air: np.ndarray, hull: tuple[np
     counts, inside, well = np.zeros(n, np.intp), np.zeros(n, np.intp), np.zeros(n, np.intp)
     first, last = np.full(n, nz), np.zeros(n, np.intp)
     for z in range(0, nz, step):
-        here_air, lab = air[z:z + step], labels[z:z + step]
+        here_air, lab = air[z : z + step], labels[z : z + step]
         here = np.bincount(lab[here_air], minlength=n)
         counts += here
-        within = here_air & _inside(hull[0][z:z + step], hull[1][z:z + step], nx)
+        within = here_air & _inside(hull[0][z : z + step], hull[1][z : z + step], nx)
         inside += np.bincount(lab[within], minlength=n)
-        well += np.bincount(lab[within & _inside(deep[0][z:z + step], deep[1][z:z + step], nx)], minlength=n)
+        well += np.bincount(
+            lab[within & _inside(deep[0][z : z + step], deep[1][z : z + step], nx)], minlength=n
+        )
         seen = here > 0
         first[seen & (first == nz)] = z
         last[seen] = min(z + step, nz)
@@ -166,8 +180,12 @@ def _wrapping(labels: np.ndarray, ids: np.ndarray, hull: tuple[np.ndarray, np.nd
     nx = labels.shape[2]
     out: dict[int, int] = {}
     for c in (int(c) for c in ids):
-        edges = [(labels[:, 0, :] == c).any(axis=1), (labels[:, -1, :] == c).any(axis=1),
-                 (labels[:, :, 0] == c).any(axis=1), (labels[:, :, -1] == c).any(axis=1)]
+        edges = [
+            (labels[:, 0, :] == c).any(axis=1),
+            (labels[:, -1, :] == c).any(axis=1),
+            (labels[:, :, 0] == c).any(axis=1),
+            (labels[:, :, -1] == c).any(axis=1),
+        ]
         total = 0
         for z in np.flatnonzero((edges[0] & edges[1]) | (edges[2] & edges[3])):
             here = labels[z] == c
@@ -210,7 +228,7 @@ def _fill_holes_in_plane(slab: np.ndarray, z0: int, shape: tuple[int, ...]) -> n
     box = np.zeros((slab.shape[0], y1 - y0 + 2, x1 - x0 + 2), bool)
     box[:, 1:-1, 1:-1] = slab[:, y0:y1, x0:x1]
     background, _ = ndimage.label(~box, structure=IN_PLANE)
-    out[z0:z0 + slab.shape[0], y0:y1, x0:x1] = (background != background[:, :1, :1])[:, 1:-1, 1:-1]
+    out[z0 : z0 + slab.shape[0], y0:y1, x0:x1] = (background != background[:, :1, :1])[:, 1:-1, 1:-1]
     return out
 
 
@@ -223,14 +241,16 @@ class LungMask:
     notes: list[str] = field(default_factory=list)
 
 
-def lung_mask(hu: np.ndarray, settings: LungSettings | None = None,
-              pixel_mm: tuple[float, float] | None = None) -> np.ndarray:
+def lung_mask(
+    hu: np.ndarray, settings: LungSettings | None = None, pixel_mm: tuple[float, float] | None = None
+) -> np.ndarray:
     """Boolean (z, y, x) lung mask of a HU volume (see the module docstring for the method)."""
     return segment_lungs(hu, settings, pixel_mm).mask
 
 
-def segment_lungs(hu: np.ndarray, settings: LungSettings | None = None,
-                  pixel_mm: tuple[float, float] | None = None) -> LungMask:
+def segment_lungs(
+    hu: np.ndarray, settings: LungSettings | None = None, pixel_mm: tuple[float, float] | None = None
+) -> LungMask:
     """The lung mask of a HU volume with its flags and notes. ``pixel_mm`` (row, column spacing)
     sizes the body mask's opening in mm; without it the pixel rule is used (module docstring)."""
     settings = settings or LungSettings()
@@ -263,8 +283,10 @@ def segment_lungs(hu: np.ndarray, settings: LungSettings | None = None,
         return LungMask(np.zeros(hu.shape, bool))
     order = candidates[np.argsort(-sizes[candidates], kind="stable")]
     step = max(1, _CHUNK_VOXELS // max(1, labels[0].size))
-    ranges = {int(c): _z_range(labels, int(c), int(first[c]), int(last[c]), step)
-              for c in order[:settings.max_components]}
+    ranges = {
+        int(c): _z_range(labels, int(c), int(first[c]), int(last[c]), step)
+        for c in order[: settings.max_components]
+    }
     chosen, rejected = _choose(order, sizes, ranges, settings)
     z0, z1 = min(ranges[c][0] for c in chosen), max(ranges[c][1] for c in chosen)
     lookup = np.zeros(count + 1, bool)
@@ -274,15 +296,18 @@ def segment_lungs(hu: np.ndarray, settings: LungSettings | None = None,
         mask &= ~pad
     result = LungMask(mask)
     if pixel_mm is None or not all(math.isfinite(float(v)) and float(v) > 0 for v in pixel_mm):
-        result.notes.append(f"the body mask's opening used the pixel rule ({settings.body_opening_px} grid "
-                            "pixels), as the pixel spacing is not known")
+        result.notes.append(
+            f"the body mask's opening used the pixel rule ({settings.body_opening_px} grid "
+            "pixels), as the pixel spacing is not known"
+        )
     _note_outline(result, [c for c in chosen if not open_edge[c]], counts, inside)
     _note_one_lung(result, mask, rejected, sizes, counts)
     return result
 
 
-def _choose(order: np.ndarray, sizes: np.ndarray, ranges: dict[int, tuple[int, int]],
-            settings: LungSettings) -> tuple[list[int], list[int]]:
+def _choose(
+    order: np.ndarray, sizes: np.ndarray, ranges: dict[int, tuple[int, int]], settings: LungSettings
+) -> tuple[list[int], list[int]]:
     """The largest component, and further ones up to ``max_components`` that are each at least
     ``min_component_ratio`` of it and lie beside it: a lung spans most of the thorax, so at least
     ``second_lung_min_z_overlap`` of a further component's slices must be slices of the largest
@@ -290,7 +315,7 @@ def _choose(order: np.ndarray, sizes: np.ndarray, ranges: dict[int, tuple[int, i
     largest = int(order[0])
     lo, hi = ranges[largest]
     chosen, rejected = [largest], []
-    for c in (int(c) for c in order[1:settings.max_components]):
+    for c in (int(c) for c in order[1 : settings.max_components]):
         if sizes[c] < settings.min_component_ratio * sizes[largest]:
             break
         c_lo, c_hi = ranges[c]
@@ -307,13 +332,16 @@ def _note_outline(result: LungMask, closed: list[int], counts: np.ndarray, insid
     total, beyond = int(counts[closed].sum()), int((counts[closed] - inside[closed]).sum())
     if total and beyond > 0.01 * total:
         result.flags.append("lungs_beyond_body_outline")
-        result.notes.append(f"{100 * beyond / total:.1f} % of the lung air lies beyond the body outline found "
-                            "in its slices and was kept: the body mask did not find the whole chest wall "
-                            "(a very thin chest wall, or tissue below −500 HU), so check the lung mask")
+        result.notes.append(
+            f"{100 * beyond / total:.1f} % of the lung air lies beyond the body outline found "
+            "in its slices and was kept: the body mask did not find the whole chest wall "
+            "(a very thin chest wall, or tissue below −500 HU), so check the lung mask"
+        )
 
 
-def _note_one_lung(result: LungMask, mask: np.ndarray, rejected: list[int], sizes: np.ndarray,
-                   counts: np.ndarray) -> None:
+def _note_one_lung(
+    result: LungMask, mask: np.ndarray, rejected: list[int], sizes: np.ndarray, counts: np.ndarray
+) -> None:
     """``one_lung`` when the mask holds a single lung: in its largest slice, one in-plane part."""
     areas = mask.sum(axis=(1, 2))
     peak = int(np.argmax(areas))
@@ -322,13 +350,17 @@ def _note_one_lung(result: LungMask, mask: np.ndarray, rejected: list[int], size
     why = ""
     if rejected:
         share = ", ".join(f"{100 * counts[c] / max(1, int(mask.sum())):.0f} %" for c in rejected)
-        why = (f"; an air-filled space ({share} of the lung's volume) was left out because it does not "
-               "lie beside the lung (its slices are mostly above or below the lung's: gas in the stomach "
-               "or bowel, not lung)")
+        why = (
+            f"; an air-filled space ({share} of the lung's volume) was left out because it does not "
+            "lie beside the lung (its slices are mostly above or below the lung's: gas in the stomach "
+            "or bowel, not lung)"
+        )
     if int(big.sum()) == 1:
         result.flags.append("one_lung")
-        result.notes.append("only one lung was found: if the patient has two, the other is collapsed, filled "
-                            "or outside the series, and the numbers describe one lung" + why)
+        result.notes.append(
+            "only one lung was found: if the patient has two, the other is collapsed, filled "
+            "or outside the series, and the numbers describe one lung" + why
+        )
     elif why:
         result.notes.append(why[2].upper() + why[3:])
 
@@ -343,9 +375,16 @@ def slab_thickness_mm(positions_mm: np.ndarray) -> np.ndarray:
     return np.diff(edges)
 
 
-def lung_metrics(hu: np.ndarray, mask: np.ndarray, spacing_zyx: tuple[float, float, float],
-                 settings: LungSettings | None = None, *, positions_mm: np.ndarray | None = None,
-                 spacing_unknown: str | None = None, found: LungMask | None = None) -> LungMetrics:
+def lung_metrics(
+    hu: np.ndarray,
+    mask: np.ndarray,
+    spacing_zyx: tuple[float, float, float],
+    settings: LungSettings | None = None,
+    *,
+    positions_mm: np.ndarray | None = None,
+    spacing_unknown: str | None = None,
+    found: LungMask | None = None,
+) -> LungMetrics:
     """Volume, %LAA-950 and mean lung density inside ``mask``, with plausibility flags.
 
     ``positions_mm`` (one per slice, ascending along the normal) gives each slice its true slab
@@ -357,14 +396,22 @@ def lung_metrics(hu: np.ndarray, mask: np.ndarray, spacing_zyx: tuple[float, flo
     nz = mask.shape[0]
     if positions_mm is not None and len(positions_mm) != nz:
         raise ValueError(f"{len(positions_mm)} slice positions for {nz} slices")
-    slabs = slab_thickness_mm(positions_mm) if positions_mm is not None and nz > 1 \
+    slabs = (
+        slab_thickness_mm(positions_mm)
+        if positions_mm is not None and nz > 1
         else np.full(nz, float(spacing_zyx[0]))
+    )
     areas = mask.sum(axis=(1, 2))
     voxels = int(areas.sum())
     unknown = _unknown_spacing(spacing_zyx, slabs, spacing_unknown)
     if voxels == 0:
-        metrics = LungMetrics(None if unknown else 0.0, None, None, ["empty_mask"],
-                              ["no lung was found: the series may not show the chest, or is not in HU"])
+        metrics = LungMetrics(
+            None if unknown else 0.0,
+            None,
+            None,
+            ["empty_mask"],
+            ["no lung was found: the series may not show the chest, or is not in HU"],
+        )
         _flag_spacing(metrics, unknown)
         return metrics
     metrics = _measure(hu, mask, slabs, areas, voxels, unknown, spacing_zyx, settings, positions_mm)
@@ -374,9 +421,17 @@ def lung_metrics(hu: np.ndarray, mask: np.ndarray, spacing_zyx: tuple[float, flo
     return metrics
 
 
-def _measure(hu: np.ndarray, mask: np.ndarray, slabs: np.ndarray, areas: np.ndarray, voxels: int,
-             unknown: str | None, spacing_zyx: tuple[float, float, float], settings: LungSettings,
-             positions_mm: np.ndarray | None) -> LungMetrics:
+def _measure(
+    hu: np.ndarray,
+    mask: np.ndarray,
+    slabs: np.ndarray,
+    areas: np.ndarray,
+    voxels: int,
+    unknown: str | None,
+    spacing_zyx: tuple[float, float, float],
+    settings: LungSettings,
+    positions_mm: np.ndarray | None,
+) -> LungMetrics:
     box = _bounding_box(mask, areas)
     values = hu[box][mask[box]]  # slice by slice, in the order of the box
     present = np.flatnonzero(areas[box[0]])
@@ -401,8 +456,9 @@ def _measure(hu: np.ndarray, mask: np.ndarray, slabs: np.ndarray, areas: np.ndar
     return metrics
 
 
-def _unknown_spacing(spacing_zyx: tuple[float, float, float], slabs: np.ndarray,
-                     reason: str | None) -> str | None:
+def _unknown_spacing(
+    spacing_zyx: tuple[float, float, float], slabs: np.ndarray, reason: str | None
+) -> str | None:
     """Why the volume cannot be given in mL (the caller's reason first), or None."""
     if reason:
         return reason
@@ -424,36 +480,52 @@ def _bounding_box(mask: np.ndarray, areas: np.ndarray) -> tuple[slice, slice, sl
 def _flag_spacing(metrics: LungMetrics, unknown: str | None) -> None:
     if unknown:
         metrics.flags.append("spacing_unknown")
-        metrics.notes.append(f"no lung volume in mL: {unknown} (%LAA-950 and mean lung density need no "
-                             "spacing and are given)")
+        metrics.notes.append(
+            f"no lung volume in mL: {unknown} (%LAA-950 and mean lung density need no spacing and are given)"
+        )
 
 
 def _flag(metrics: LungMetrics, areas: np.ndarray, settings: LungSettings) -> None:
     if metrics.volume_ml is not None and metrics.volume_ml < settings.min_volume_ml:
         metrics.flags.append("volume_below_min")
-        metrics.notes.append(f"lung volume {metrics.volume_ml:.0f} mL is below {settings.min_volume_ml:.0f} "
-                             "mL: the series does not cover the lungs or the mask failed")
+        metrics.notes.append(
+            f"lung volume {metrics.volume_ml:.0f} mL is below {settings.min_volume_ml:.0f} "
+            "mL: the series does not cover the lungs or the mask failed"
+        )
     if metrics.volume_ml is not None and metrics.volume_ml > settings.max_volume_ml:
         metrics.flags.append("volume_above_max")
-        metrics.notes.append(f"lung volume {metrics.volume_ml:.0f} mL is above {settings.max_volume_ml:.0f} "
-                             "mL: air outside the lungs was probably included")
+        metrics.notes.append(
+            f"lung volume {metrics.volume_ml:.0f} mL is above {settings.max_volume_ml:.0f} "
+            "mL: air outside the lungs was probably included"
+        )
     peak = float(areas.max())
     for end, name in ((0, "first"), (-1, "last")):
         if peak and areas[end] > settings.cut_area_ratio * peak:
             metrics.flags.append(f"lungs_cut_at_{name}_slice")
-            metrics.notes.append(f"the lungs continue beyond the {name} slice: the series does not cover "
-                                 "the whole lungs, so volume and %LAA are partial")
+            metrics.notes.append(
+                f"the lungs continue beyond the {name} slice: the series does not cover "
+                "the whole lungs, so volume and %LAA are partial"
+            )
 
 
-def _flag_in_plane(metrics: LungMetrics, hu: np.ndarray, mask: np.ndarray,
-                   box: tuple[slice, slice, slice], settings: LungSettings) -> None:
+def _flag_in_plane(
+    metrics: LungMetrics,
+    hu: np.ndarray,
+    mask: np.ndarray,
+    box: tuple[slice, slice, slice],
+    settings: LungSettings,
+) -> None:
     """``lungs_cut_in_plane`` when the mask reaches the image edge or the padding outside the
     reconstruction circle: the field of view cuts the lungs."""
     z = box[0]
     rows, cols = (slice(max(0, s.start - 1), s.stop + 1) for s in box[1:])  # with the pixels around it
     edges, cut = [], np.zeros(z.stop - z.start, bool)
-    for name, face in (("top", mask[z, 0, :]), ("bottom", mask[z, -1, :]),
-                       ("left", mask[z, :, 0]), ("right", mask[z, :, -1])):
+    for name, face in (
+        ("top", mask[z, 0, :]),
+        ("bottom", mask[z, -1, :]),
+        ("left", mask[z, :, 0]),
+        ("right", mask[z, :, -1]),
+    ):
         hit = face.any(axis=1)
         if hit.any():
             edges.append(name)
@@ -469,13 +541,16 @@ def _flag_in_plane(metrics: LungMetrics, hu: np.ndarray, mask: np.ndarray,
     if where:
         lung_slices = int(np.count_nonzero(mask[z].any(axis=(1, 2))))
         metrics.flags.append("lungs_cut_in_plane")
-        metrics.notes.append(f"the lungs reach {_join(where)} on {int(cut.sum())} of {lung_slices} lung "
-                             "slices: the field of view is narrower than the chest and cuts them off, so the "
-                             "lung volume and %LAA-950 cover only the part inside the image")
+        metrics.notes.append(
+            f"the lungs reach {_join(where)} on {int(cut.sum())} of {lung_slices} lung "
+            "slices: the field of view is narrower than the chest and cuts them off, so the "
+            "lung volume and %LAA-950 cover only the part inside the image"
+        )
 
 
-def _flag_gaps(metrics: LungMetrics, positions: np.ndarray, areas: np.ndarray,
-               settings: LungSettings) -> None:
+def _flag_gaps(
+    metrics: LungMetrics, positions: np.ndarray, areas: np.ndarray, settings: LungSettings
+) -> None:
     """``gap_in_lungs`` for each step over ``gap_factor`` × the median step inside the lungs' z extent."""
     steps = np.diff(positions)
     if len(steps) == 0:
@@ -485,14 +560,18 @@ def _flag_gaps(metrics: LungMetrics, positions: np.ndarray, areas: np.ndarray,
     gaps = [int(k) for k in np.flatnonzero(steps > settings.gap_factor * median) if zs[0] <= k < zs[-1]]
     if not gaps:
         return
-    described = [f"{steps[k]:.1f} mm between slices {k} and {k + 1} (at {positions[k]:.1f} and "
-                 f"{positions[k + 1]:.1f} mm, about {max(1, round(steps[k] / median) - 1)} slice(s) missing)"
-                 for k in gaps[:3]]
+    described = [
+        f"{steps[k]:.1f} mm between slices {k} and {k + 1} (at {positions[k]:.1f} and "
+        f"{positions[k + 1]:.1f} mm, about {max(1, round(steps[k] / median) - 1)} slice(s) missing)"
+        for k in gaps[:3]
+    ]
     more = f" and {len(gaps) - 3} more" if len(gaps) > 3 else ""
     metrics.flags.append("gap_in_lungs")
-    metrics.notes.append(f"slices are missing inside the lungs: {'; '.join(described)}{more}, where the "
-                         f"other slices are {median:.2f} mm apart; the lung volume bridges the gap (each "
-                         "slice counts its true slab) but what lies in it was not imaged")
+    metrics.notes.append(
+        f"slices are missing inside the lungs: {'; '.join(described)}{more}, where the "
+        f"other slices are {median:.2f} mm apart; the lung volume bridges the gap (each "
+        "slice counts its true slab) but what lies in it was not imaged"
+    )
 
 
 def _join(parts: list[str]) -> str:

@@ -69,8 +69,11 @@ class _Group:
         return inside / len(self.d)
 
     def summary(self) -> dict:
-        return {"key": self.key or "none", "frames": len(self.members),
-                "z_range_mm": [round(self.lo, 3), round(self.hi, 3)]}
+        return {
+            "key": self.key or "none",
+            "frames": len(self.members),
+            "z_range_mm": [round(self.lo, 3), round(self.hi, 3)],
+        }
 
 
 def _natural(key: str) -> tuple:
@@ -97,8 +100,12 @@ def _groups(values: Sequence[str], d: np.ndarray, candidates: Sequence[int]) -> 
     keys = sorted(by_key, key=_natural)
     singles = [k for k in keys if len(by_key[k]) == 1 and k != ""]
     if len(singles) > 1 and len(singles) < len(keys):
-        merged = _group(f"{singles[0]}…{singles[-1]} (one value per image)", [by_key[k][0] for k in singles], d,
-                        per_image=True)
+        merged = _group(
+            f"{singles[0]}…{singles[-1]} (one value per image)",
+            [by_key[k][0] for k in singles],
+            d,
+            per_image=True,
+        )
         rest = [_group(k, by_key[k], d) for k in keys if k not in singles]
         return sorted([*rest, merged], key=lambda g: _natural(g.key.split("…")[0]))
     return [_group(k, by_key[k], d) for k in keys]
@@ -110,7 +117,10 @@ def _conflict(a: _Group, b: _Group, tol: float) -> bool:
     The images of a per-image group need not be one block (parts of a scan can each be a single
     image, at either end), so only its own images inside the other group's range count for it.
     """
-    shares = [a.share_inside(b, tol) if not b.per_image else 0.0, b.share_inside(a, tol) if not a.per_image else 0.0]
+    shares = [
+        a.share_inside(b, tol) if not b.per_image else 0.0,
+        b.share_inside(a, tol) if not a.per_image else 0.0,
+    ]
     return max(shares) >= OVERLAP_FRACTION
 
 
@@ -145,7 +155,9 @@ def acquisition_seconds(date: str, time: str, stamp: str) -> float | None:
     """Seconds of an acquisition moment: from AcquisitionDateTime (DT), else AcquisitionDate (DA)
     + AcquisitionTime (TM) as seconds since 1970 (UTC offsets ignored: one scanner, one clock), else
     the time of day alone; None when nothing is stated."""
-    text = stamp.strip() or (date.strip() + time.strip().replace(":", "") if date.strip() and time.strip() else "")
+    text = stamp.strip() or (
+        date.strip() + time.strip().replace(":", "") if date.strip() and time.strip() else ""
+    )
     match = _DT.match(text)
     if match:
         y, mo, dd, hh, mm, ss, frac = match.groups()
@@ -183,7 +195,9 @@ def time_clusters(seconds: Sequence[float | None], gap_s: float = PHASE_TIME_GAP
         previous = t
         assert start is not None
         if start >= 2 * 86400:  # a date and time
-            labels[i] = datetime.fromtimestamp(start, UTC).strftime("%Y-%m-%d %H:%M:%S.") + f"{start % 1:.1f}"[2:]
+            labels[i] = (
+                datetime.fromtimestamp(start, UTC).strftime("%Y-%m-%d %H:%M:%S.") + f"{start % 1:.1f}"[2:]
+            )
         else:
             hours, rest = divmod(start, 3600)
             labels[i] = f"{int(hours):02d}:{int(rest // 60):02d}:{rest % 60:04.1f}"
@@ -196,7 +210,9 @@ class Ordering:
 
     order: list[int]
     positions_mm: np.ndarray  # distance along the normal of each kept frame, ascending
-    dropped: list[int] = field(default_factory=list)  # repeated positions removed (one image kept per position)
+    dropped: list[int] = field(
+        default_factory=list
+    )  # repeated positions removed (one image kept per position)
     phases: dict | None = None  # how a multi-phase series was split, when it was
     parts: dict | None = None  # how a scan in several acquisitions was merged, when it was
     replaced: list[int] = field(default_factory=list)  # frames of an earlier part inside a later part's range
@@ -228,7 +244,9 @@ def _merge_parts(parts: list[_Group], d: np.ndarray, tol: float) -> tuple[list[i
     return kept, duplicates, replaced
 
 
-def _on_grid(unkeyed: list[int], members: list[int], d: np.ndarray, tol: float) -> tuple[list[int], list[int]]:
+def _on_grid(
+    unkeyed: list[int], members: list[int], d: np.ndarray, tol: float
+) -> tuple[list[int], list[int]]:
     """Unkeyed frames that sit on the slice grid of ``members`` at a free position, and the others."""
     grid = np.unique(np.round(d[members] / tol) * tol)
     if len(grid) < 2:
@@ -244,8 +262,9 @@ def _on_grid(unkeyed: list[int], members: list[int], d: np.ndarray, tol: float) 
     return fit, off
 
 
-def _split(values: Sequence[str], d: np.ndarray, candidates: list[int],
-           tol: float) -> tuple[list[list[_Group]], list[_Group]]:
+def _split(
+    values: Sequence[str], d: np.ndarray, candidates: list[int], tol: float
+) -> tuple[list[list[_Group]], list[_Group]]:
     """The real phases of one key, and the groups of stray images (phases too small to be one)."""
     groups = _groups(values, d, candidates)
     if len(groups) < 2:
@@ -258,9 +277,15 @@ def _split(values: Sequence[str], d: np.ndarray, candidates: list[int],
     return real, stray
 
 
-def order_frames(positions: np.ndarray, normal: np.ndarray, *, tiebreak: Sequence[int] | None = None,
-                 phase_keys: dict[str, Sequence[str]] | None = None, rule: str = "first",
-                 tol: float = DUPLICATE_TOLERANCE_MM) -> Ordering:
+def order_frames(
+    positions: np.ndarray,
+    normal: np.ndarray,
+    *,
+    tiebreak: Sequence[int] | None = None,
+    phase_keys: dict[str, Sequence[str]] | None = None,
+    rule: str = "first",
+    tol: float = DUPLICATE_TOLERANCE_MM,
+) -> Ordering:
     """Sort frames along ``normal``; decide phases or parts by geometry; keep one frame per position.
 
     ``positions`` is (n, 3) ImagePositionPatient in mm. ``phase_keys`` maps a tag name to each
@@ -283,25 +308,46 @@ def order_frames(positions: np.ndarray, normal: np.ndarray, *, tiebreak: Sequenc
         members = [i for g in real[chosen] for i in g.members]
         if stray:  # stray images fill free positions of the kept grid; the others are left out
             fit, off = _on_grid([i for g in stray for i in g.members], members, d, tol)
-            left_out = {"by": name, "groups": [g.summary() for g in stray][:20], "frames": len(off),
-                        "filled_free_positions": len(fit),
-                        "reason": f"too few images for a phase (under {MINOR_PHASE_FRACTION:.0%} of the main "
-                                  "acquisition) inside its z range"}
+            left_out = {
+                "by": name,
+                "groups": [g.summary() for g in stray][:20],
+                "frames": len(off),
+                "filled_free_positions": len(fit),
+                "reason": f"too few images for a phase (under {MINOR_PHASE_FRACTION:.0%} of the main "
+                "acquisition) inside its z range",
+            }
             dropped = set(off)
             candidates = [i for i in candidates if i not in dropped]
         if len(real) == 1:
             if len(real[0]) > 1 and parts is None:
                 parts = real[0]
-                parts_info = {"merged_by": name, "parts": [g.summary() for g in parts][:20],
-                              "part_count": len(parts)}
+                parts_info = {
+                    "merged_by": name,
+                    "parts": [g.summary() for g in parts][:20],
+                    "part_count": len(parts),
+                }
             continue
-        phases_info = {"split_by": name, "rule": rule, "chosen": chosen + 1, "phases": [
-            {"number": k + 1, "keys": [g.key or "none" for g in phase][:20], "frames": sizes[k],
-             "z_range_mm": [round(min(g.lo for g in phase), 3), round(max(g.hi for g in phase), 3)],
-             "members": [i for g in phase for i in g.members]} for k, phase in enumerate(real)]}
+        phases_info = {
+            "split_by": name,
+            "rule": rule,
+            "chosen": chosen + 1,
+            "phases": [
+                {
+                    "number": k + 1,
+                    "keys": [g.key or "none" for g in phase][:20],
+                    "frames": sizes[k],
+                    "z_range_mm": [round(min(g.lo for g in phase), 3), round(max(g.hi for g in phase), 3)],
+                    "members": [i for g in phase for i in g.members],
+                }
+                for k, phase in enumerate(real)
+            ],
+        }
         parts = real[chosen] if len(real[chosen]) > 1 else None
-        parts_info = ({"merged_by": name, "parts": [g.summary() for g in parts][:20], "part_count": len(parts)}
-                      if parts else None)
+        parts_info = (
+            {"merged_by": name, "parts": [g.summary() for g in parts][:20], "part_count": len(parts)}
+            if parts
+            else None
+        )
         in_phases = {j for p in real for g in p for j in g.members}
         filled = [i for i in candidates if i not in in_phases]
         candidates = members + filled
@@ -309,8 +355,16 @@ def order_frames(positions: np.ndarray, normal: np.ndarray, *, tiebreak: Sequenc
     return _finish(d, candidates, parts, tiebreak, tol, phases_info, parts_info, left_out)
 
 
-def _finish(d: np.ndarray, candidates: list[int], parts: list[_Group] | None, tiebreak: Sequence[int] | None,
-            tol: float, phases_info: dict | None, parts_info: dict | None, left_out: dict | None) -> Ordering:
+def _finish(
+    d: np.ndarray,
+    candidates: list[int],
+    parts: list[_Group] | None,
+    tiebreak: Sequence[int] | None,
+    tol: float,
+    phases_info: dict | None,
+    parts_info: dict | None,
+    left_out: dict | None,
+) -> Ordering:
     duplicates: list[int] = []
     replaced: list[int] = []
     if parts is not None:
@@ -328,7 +382,19 @@ def _finish(d: np.ndarray, candidates: list[int], parts: list[_Group] | None, ti
         else:
             order.append(i)
     if parts_info is not None:
-        parts_info.update({"repeated_positions_dropped": len(duplicates), "replaced_by_later_part": len(replaced),
-                           "kept_at_repeats": "the later acquisition (key order)"})
-    return Ordering(order, d[order] if order else np.empty(0), sorted(duplicates), phases_info, parts_info,
-                    sorted(replaced), left_out)
+        parts_info.update(
+            {
+                "repeated_positions_dropped": len(duplicates),
+                "replaced_by_later_part": len(replaced),
+                "kept_at_repeats": "the later acquisition (key order)",
+            }
+        )
+    return Ordering(
+        order,
+        d[order] if order else np.empty(0),
+        sorted(duplicates),
+        phases_info,
+        parts_info,
+        sorted(replaced),
+        left_out,
+    )

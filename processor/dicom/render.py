@@ -51,8 +51,11 @@ class Orientation:
     flip_ud: bool
 
     def as_dict(self) -> dict:
-        return {"transposed": self.transpose, "flipped_left_right": self.flip_lr,
-                "flipped_up_down": self.flip_ud}
+        return {
+            "transposed": self.transpose,
+            "flipped_left_right": self.flip_lr,
+            "flipped_up_down": self.flip_ud,
+        }
 
 
 def radiological_orientation(row_cosines: Sequence[float], column_cosines: Sequence[float]) -> Orientation:
@@ -86,8 +89,9 @@ class PixelGrid:
     unknown: str | None = None
 
     @classmethod
-    def of(cls, row_spacing: float, column_spacing: float, how: Orientation,
-           unknown: str | None = None) -> PixelGrid:
+    def of(
+        cls, row_spacing: float, column_spacing: float, how: Orientation, unknown: str | None = None
+    ) -> PixelGrid:
         """The displayed grid of a slice with DICOM PixelSpacing (row, column) after ``how``."""
         if unknown is None and not (_positive(row_spacing) and _positive(column_spacing)):
             unknown = f"PixelSpacing is not a positive number ({row_spacing}, {column_spacing})"
@@ -108,20 +112,33 @@ class PixelGrid:
         pixel = self.pixel_mm
         if pixel is None or self.vertical_mm is None or self.horizontal_mm is None:
             return rows, cols
-        return (max(1, round(rows * self.vertical_mm / pixel)), max(1, round(cols * self.horizontal_mm / pixel)))
+        return (
+            max(1, round(rows * self.vertical_mm / pixel)),
+            max(1, round(cols * self.horizontal_mm / pixel)),
+        )
 
     def as_dict(self, rows: int, cols: int) -> dict:
         out_rows, out_cols = self.output_shape(rows, cols)
-        record: dict = {"resampled": (out_rows, out_cols) != (rows, cols),
-                        "displayed_spacing_mm": ({"vertical": self.vertical_mm, "horizontal": self.horizontal_mm}
-                                                 if self.unknown is None else None),
-                        "output_pixel_mm": self.pixel_mm, "image_size": [out_rows, out_cols]}
+        record: dict = {
+            "resampled": (out_rows, out_cols) != (rows, cols),
+            "displayed_spacing_mm": (
+                {"vertical": self.vertical_mm, "horizontal": self.horizontal_mm}
+                if self.unknown is None
+                else None
+            ),
+            "output_pixel_mm": self.pixel_mm,
+            "image_size": [out_rows, out_cols],
+        }
         if self.unknown is not None:
-            record["method"] = (f"not resampled: pixel spacing unknown ({self.unknown}); one PNG pixel per "
-                                "stored pixel, so the physical aspect ratio may be wrong")
+            record["method"] = (
+                f"not resampled: pixel spacing unknown ({self.unknown}); one PNG pixel per "
+                "stored pixel, so the physical aspect ratio may be wrong"
+            )
         elif record["resampled"]:
-            record["method"] = ("resampled to square pixels at the finer spacing: linear interpolation of HU "
-                                "along the coarser displayed axis, after orientation, before windowing")
+            record["method"] = (
+                "resampled to square pixels at the finer spacing: linear interpolation of HU "
+                "along the coarser displayed axis, after orientation, before windowing"
+            )
         else:
             record["method"] = "not resampled: the stored pixels are square (to within one output pixel)"
         return record

@@ -44,9 +44,25 @@ _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
 HEADER_PREFIX = 64 * 1024  # bytes read for a header; CT headers are ~2–10 KB
 PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
-_PARSE_ERRORS = (InvalidDicomError, ValueError, EOFError, KeyError, TypeError, AttributeError,
-                 OverflowError, IndexError, NotImplementedError, struct.error)
-_UNREADABLE = (OSError, RuntimeError, EOFError, zipfile.BadZipFile, zlib.error)  # CRC, truncation, bad inflate
+_PARSE_ERRORS = (
+    InvalidDicomError,
+    ValueError,
+    EOFError,
+    KeyError,
+    TypeError,
+    AttributeError,
+    OverflowError,
+    IndexError,
+    NotImplementedError,
+    struct.error,
+)
+_UNREADABLE = (
+    OSError,
+    RuntimeError,
+    EOFError,
+    zipfile.BadZipFile,
+    zlib.error,
+)  # CRC, truncation, bad inflate
 
 
 class Instance:
@@ -54,8 +70,9 @@ class Instance:
 
     __slots__ = ("member", "facts", "pixel_offset", "_header")
 
-    def __init__(self, member: Member, facts: Facts, pixel_offset: int | None = None,
-                 header: Dataset | None = None) -> None:
+    def __init__(
+        self, member: Member, facts: Facts, pixel_offset: int | None = None, header: Dataset | None = None
+    ) -> None:
         self.member = member
         self.facts = facts
         self.pixel_offset = pixel_offset  # where the (7FE0,0010) element starts in the member's bytes
@@ -74,8 +91,10 @@ class Instance:
             except CorruptDicom as exc:
                 raise CorruptDicom(f"cannot read the header of {self.member.name}: {exc}") from exc
             except _UNREADABLE as exc:
-                raise CorruptDicom(f"cannot read {self.member.name} ({plain_cause(exc)}): the member is "
-                                   "corrupt or truncated — copy the study again from the source") from exc
+                raise CorruptDicom(
+                    f"cannot read {self.member.name} ({plain_cause(exc)}): the member is "
+                    "corrupt or truncated — copy the study again from the source"
+                ) from exc
             if header is None:
                 raise CorruptDicom(f"the header of {self.member.name} no longer parses")
             self._header = header
@@ -194,7 +213,11 @@ def member_header(member: Member, prefix: int = HEADER_PREFIX) -> Parsed:
             try:
                 parsed = _parse_header(head)
             except CorruptDicom:
-                parsed = (None, None, None)  # perhaps only cut short by the prefix: decide on the whole member
+                parsed = (
+                    None,
+                    None,
+                    None,
+                )  # perhaps only cut short by the prefix: decide on the whole member
             if parsed[1] is not None:
                 return parsed
     return _parse_header(member.data())

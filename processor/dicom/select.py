@@ -51,8 +51,17 @@ DEFAULT_LUNG_KERNELS: tuple[str, ...] = (
     r"Y[AB]",  # Philips lung kernels
     r"BONEPLUS",  # GE BONEPLUS, read as a lung kernel
 )
-DERIVED_MARKERS = {"DERIVED", "MIP", "MINIP", "MINIMUM", "MPR", "REFORMATTED", "PROJECTION IMAGE",
-                   "VOLUME_RENDER", "CURVED"}
+DERIVED_MARKERS = {
+    "DERIVED",
+    "MIP",
+    "MINIP",
+    "MINIMUM",
+    "MPR",
+    "REFORMATTED",
+    "PROJECTION IMAGE",
+    "VOLUME_RENDER",
+    "CURVED",
+}
 DERIVED_WORDS = re.compile(r"\b(MIP|MINIP|MPR|REFORMAT\w*|VRT)\b", re.IGNORECASE)
 GEOMETRY_TOLERANCE = 1e-3
 
@@ -115,19 +124,33 @@ class Verdict:
 
     def row(self) -> dict:
         f = self.facts
-        return {"series_uid": f.uid, "number": f.number, "description": f.description,
-                "modality": f.modality, "kernel": f.kernel, "thickness": f.thickness_mm,
-                "count": f.image_count, "slices": f.slice_count,
-                "z_coverage_mm": round(f.coverage_mm, 1), "image_type": list(f.image_type),
-                "thickness_source": "SliceThickness" if f.thickness_mm is not None else
-                ("measured step between positions" if f.measured_step_mm is not None else "unknown"),
-                "set_aside": dict(f.set_aside),
-                "eligible": self.eligible, "rank": self.rank, "score": self.score, "reason": self.reason}
+        return {
+            "series_uid": f.uid,
+            "number": f.number,
+            "description": f.description,
+            "modality": f.modality,
+            "kernel": f.kernel,
+            "thickness": f.thickness_mm,
+            "count": f.image_count,
+            "slices": f.slice_count,
+            "z_coverage_mm": round(f.coverage_mm, 1),
+            "image_type": list(f.image_type),
+            "thickness_source": "SliceThickness"
+            if f.thickness_mm is not None
+            else ("measured step between positions" if f.measured_step_mm is not None else "unknown"),
+            "set_aside": dict(f.set_aside),
+            "eligible": self.eligible,
+            "rank": self.rank,
+            "score": self.score,
+            "reason": self.reason,
+        }
 
 
 def _close(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
     """``np.allclose(a, b, atol=GEOMETRY_TOLERANCE)`` for short tuples, without numpy's per-call cost."""
-    return len(a) == len(b) and all(abs(x - y) <= GEOMETRY_TOLERANCE + 1e-5 * abs(y) for x, y in zip(a, b, strict=True))
+    return len(a) == len(b) and all(
+        abs(x - y) <= GEOMETRY_TOLERANCE + 1e-5 * abs(y) for x, y in zip(a, b, strict=True)
+    )
 
 
 def _distinct(values: Sequence[tuple[float, ...]]) -> list[tuple[float, ...]]:
@@ -159,14 +182,18 @@ def series_facts(series: Series, stack: Stack | None = None) -> SeriesFacts:
     step = float(np.median(np.diff(unique))) if len(unique) > 1 else None
     first = stack.series.instances[0] if stack.series.instances else None
     return SeriesFacts(
-        uid=series.uid, number=stack.series.number if first else series.number,
+        uid=series.uid,
+        number=stack.series.number if first else series.number,
         description=stack.series.description if first else series.description,
         modality=stack.modality or (series.modality if not first else ""),
-        image_count=len(frames), slice_count=len(unique), image_type=stack.image_type,
+        image_count=len(frames),
+        slice_count=len(unique),
+        image_type=stack.image_type,
         kernel=next((f.kernel for f in frames if f.kernel), ""),
         thickness_mm=round(float(np.median(thickness)), 3) if thickness else None,
         coverage_mm=float(np.ptp(distances)) if len(distances) else 0.0,
-        tilt_from_axial_deg=tilt, orientations=len(orientations),
+        tilt_from_axial_deg=tilt,
+        orientations=len(orientations),
         matrix_sizes=tuple(sorted({(f.rows, f.cols) for f in frames})),
         pixel_spacings=tuple(_distinct([f.pixel_spacing for f in frames if f.pixel_spacing])),
         measured_step_mm=round(step, 3) if step else None,
@@ -193,8 +220,11 @@ def hard_problems(facts: SeriesFacts, rules: SelectionRules) -> list[str]:
     """Every hard rule the series fails, in plain words."""
     problems = []
     if facts.image_count == 0 and facts.set_aside:
-        return ["no image stack: every instance was set aside ("
-                + ", ".join(f"{reason}: {n}" for reason, n in sorted(facts.set_aside.items())) + ")"]
+        return [
+            "no image stack: every instance was set aside ("
+            + ", ".join(f"{reason}: {n}" for reason, n in sorted(facts.set_aside.items()))
+            + ")"
+        ]
     if facts.modality.upper() != rules.modality.upper():
         problems.append(f"modality {facts.modality or '?'} is not {rules.modality}")
     if "LOCALIZER" in facts.image_type:
@@ -206,17 +236,24 @@ def hard_problems(facts: SeriesFacts, rules: SelectionRules) -> list[str]:
     elif facts.orientations > 1:
         problems.append(f"{facts.orientations} different orientations in one series")
     elif facts.tilt_from_axial_deg > rules.axial_tolerance_deg:
-        problems.append(f"not axial: slice normal {facts.tilt_from_axial_deg:.0f}° from the feet–head axis "
-                        f"(axial_tolerance_deg={rules.axial_tolerance_deg:g})")
+        problems.append(
+            f"not axial: slice normal {facts.tilt_from_axial_deg:.0f}° from the feet–head axis "
+            f"(axial_tolerance_deg={rules.axial_tolerance_deg:g})"
+        )
     if len(facts.matrix_sizes) > 1:
         problems.append("mixed image sizes " + ", ".join(f"{r}x{c}" for r, c in facts.matrix_sizes))
     if len(facts.pixel_spacings) > 1:
         problems.append(f"{len(facts.pixel_spacings)} different pixel spacings")
     if facts.slice_count < rules.min_slices:
-        missing = (f" ({facts.without_geometry} image(s) without a readable ImagePositionPatient/"
-                   "ImageOrientationPatient)" if facts.without_geometry else "")
-        problems.append(f"{facts.slice_count} usable slice positions{missing}, fewer than "
-                        f"min_slices={rules.min_slices}")
+        missing = (
+            f" ({facts.without_geometry} image(s) without a readable ImagePositionPatient/"
+            "ImageOrientationPatient)"
+            if facts.without_geometry
+            else ""
+        )
+        problems.append(
+            f"{facts.slice_count} usable slice positions{missing}, fewer than min_slices={rules.min_slices}"
+        )
     return problems
 
 
@@ -225,12 +262,14 @@ def score(facts: SeriesFacts, rules: SelectionRules) -> float:
     known = facts.effective_thickness_mm
     thickness = known if known is not None else math.inf
     tenths = round(thickness * 10) if math.isfinite(thickness) else 100
-    value = (1000 * (derived_evidence(facts) is None)
-             + 500 * (thickness <= rules.max_thickness_mm)
-             + 4 * max(0, 100 - tenths)
-             + 2 * is_lung_kernel(facts.kernel, rules.lung_kernels)
-             + min(round(facts.coverage_mm), 999) / 1000
-             + min(facts.image_count, 9999) / 1e7)
+    value = (
+        1000 * (derived_evidence(facts) is None)
+        + 500 * (thickness <= rules.max_thickness_mm)
+        + 4 * max(0, 100 - tenths)
+        + 2 * is_lung_kernel(facts.kernel, rules.lung_kernels)
+        + min(round(facts.coverage_mm), 999) / 1000
+        + min(facts.image_count, 9999) / 1e7
+    )
     return round(value, 7)
 
 
@@ -241,9 +280,15 @@ def _outranked_reason(loser: SeriesFacts, winner: SeriesFacts, rules: SelectionR
         return f"{who}: DERIVED ({loser_derived}) vs ORIGINAL"
     lt, wt = loser.effective_thickness_mm, winner.effective_thickness_mm
     if lt is None or wt is None or round(lt * 10) != round(wt * 10):
-        over = f", above max_thickness_mm={rules.max_thickness_mm:g}" if lt and lt > rules.max_thickness_mm else ""
+        over = (
+            f", above max_thickness_mm={rules.max_thickness_mm:g}"
+            if lt and lt > rules.max_thickness_mm
+            else ""
+        )
         return f"{who}: thicker slices ({loser.thickness_words()} vs {winner.thickness_words()}{over})"
-    if is_lung_kernel(winner.kernel, rules.lung_kernels) and not is_lung_kernel(loser.kernel, rules.lung_kernels):
+    if is_lung_kernel(winner.kernel, rules.lung_kernels) and not is_lung_kernel(
+        loser.kernel, rules.lung_kernels
+    ):
         return f"{who}: kernel {loser.kernel or '?'} is not a lung kernel (chosen: {winner.kernel})"
     if round(loser.coverage_mm) != round(winner.coverage_mm):
         return f"{who}: less z coverage ({loser.coverage_mm:.0f} mm vs {winner.coverage_mm:.0f} mm)"
@@ -256,8 +301,13 @@ def evaluate(facts: Sequence[SeriesFacts], rules: SelectionRules) -> list[Verdic
     eligible = [v for v in verdicts if v.eligible]
     for v in eligible:
         v.score = score(v.facts, rules)
-    eligible.sort(key=lambda v: (-(v.score or 0.0), v.facts.number if v.facts.number is not None else 1 << 30,
-                                 v.facts.uid))
+    eligible.sort(
+        key=lambda v: (
+            -(v.score or 0.0),
+            v.facts.number if v.facts.number is not None else 1 << 30,
+            v.facts.uid,
+        )
+    )
     for rank, v in enumerate(eligible, start=1):
         v.rank = rank
         v.reason = "chosen" if rank == 1 else _outranked_reason(v.facts, eligible[0].facts, rules)

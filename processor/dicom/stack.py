@@ -40,12 +40,19 @@ SECONDARY_CAPTURE = ("1.2.840.10008.5.1.4.1.1.7",)  # and its multi-frame varian
 # Records (481.3–.481.9 apart from 481.1 RT Image and 481.2 RT Dose), Structured Reports and Key
 # Object Selection (88.x), Presentation States (11.x), raw data and registrations (66, 66.1, 66.3),
 # encapsulated documents (104.x).
-NON_IMAGE_PREFIXES = ("1.2.840.10008.5.1.4.1.1.481.3", "1.2.840.10008.5.1.4.1.1.481.4",
-                      "1.2.840.10008.5.1.4.1.1.481.5", "1.2.840.10008.5.1.4.1.1.481.6",
-                      "1.2.840.10008.5.1.4.1.1.481.7", "1.2.840.10008.5.1.4.1.1.481.8",
-                      "1.2.840.10008.5.1.4.1.1.481.9", "1.2.840.10008.5.1.4.1.1.88.",
-                      "1.2.840.10008.5.1.4.1.1.11.", "1.2.840.10008.5.1.4.1.1.66",
-                      "1.2.840.10008.5.1.4.1.1.104.")
+NON_IMAGE_PREFIXES = (
+    "1.2.840.10008.5.1.4.1.1.481.3",
+    "1.2.840.10008.5.1.4.1.1.481.4",
+    "1.2.840.10008.5.1.4.1.1.481.5",
+    "1.2.840.10008.5.1.4.1.1.481.6",
+    "1.2.840.10008.5.1.4.1.1.481.7",
+    "1.2.840.10008.5.1.4.1.1.481.8",
+    "1.2.840.10008.5.1.4.1.1.481.9",
+    "1.2.840.10008.5.1.4.1.1.88.",
+    "1.2.840.10008.5.1.4.1.1.11.",
+    "1.2.840.10008.5.1.4.1.1.66",
+    "1.2.840.10008.5.1.4.1.1.104.",
+)
 ORIENTATION_TOLERANCE = 1e-3  # direction cosines equal to this are one orientation
 SPACING_TOLERANCE_MM = 1e-3  # pixel spacings equal to this are one spacing
 
@@ -103,7 +110,10 @@ class _Clusters:
         if value is None:
             return None
         for known in self.seen:
-            if len(known) == len(value) and max(abs(a - b) for a, b in zip(known, value, strict=True)) <= self.tolerance:
+            if (
+                len(known) == len(value)
+                and max(abs(a - b) for a, b in zip(known, value, strict=True)) <= self.tolerance
+            ):
                 return known
         self.seen.append(tuple(value))
         return tuple(value)
@@ -134,24 +144,44 @@ def image_stack(series: Series) -> Stack:
         if reason is not None:
             reasons[index] = reason
     orientations, spacings = _Clusters(ORIENTATION_TOLERANCE), _Clusters(SPACING_TOLERANCE_MM)
-    rules: list[tuple[Callable[[Instance, list[Frame]], Hashable], Callable[[Hashable], str],
-                      Callable[[Hashable], float] | None]] = [
+    rules: list[
+        tuple[
+            Callable[[Instance, list[Frame]], Hashable],
+            Callable[[Hashable], str],
+            Callable[[Hashable], float] | None,
+        ]
+    ] = [
         (lambda inst, fs: inst.facts.modality or None, lambda k: f"other modality ({k})", None),
-        (lambda inst, fs: orientations.key(fs[0].orientation),
-         lambda k: f"other orientation ({plane_name(cast(tuple[float, ...], k))})" if k is not None
-         else "no ImageOrientationPatient (left out)",
-         _axial_score),
-        (lambda inst, fs: (fs[0].rows, fs[0].cols),
-         lambda k: "other matrix size ({}x{})".format(*cast(tuple[int, int], k)), None),
-        (lambda inst, fs: spacings.key(fs[0].pixel_spacing),
-         lambda k: "other pixel spacing ({} mm)".format("\\".join(f"{v:g}" for v in cast(tuple[float, ...], k)))
-         if k
-         else "no PixelSpacing (left out)",
-         None),
+        (
+            lambda inst, fs: orientations.key(fs[0].orientation),
+            lambda k: (
+                f"other orientation ({plane_name(cast(tuple[float, ...], k))})"
+                if k is not None
+                else "no ImageOrientationPatient (left out)"
+            ),
+            _axial_score,
+        ),
+        (
+            lambda inst, fs: (fs[0].rows, fs[0].cols),
+            lambda k: "other matrix size ({}x{})".format(*cast(tuple[int, int], k)),
+            None,
+        ),
+        (
+            lambda inst, fs: spacings.key(fs[0].pixel_spacing),
+            lambda k: (
+                "other pixel spacing ({} mm)".format("\\".join(f"{v:g}" for v in cast(tuple[float, ...], k)))
+                if k
+                else "no PixelSpacing (left out)"
+            ),
+            None,
+        ),
     ]
     for key_of, describe, prefer in rules:
-        keys = {i: key_of(series.instances[i], by_instance[i]) for i in range(len(series.instances))
-                if i not in reasons}
+        keys = {
+            i: key_of(series.instances[i], by_instance[i])
+            for i in range(len(series.instances))
+            if i not in reasons
+        }
         counts: Counter = Counter()
         for i, key in keys.items():
             counts[key] += len(by_instance[i])

@@ -84,8 +84,9 @@ class Volume:
         return float(np.prod(self.spacing_zyx))
 
 
-def plan_frames(series: Series, tol: float = DUPLICATE_TOLERANCE_MM,
-                phase_rule: str = "first") -> tuple[list[Frame], np.ndarray, dict]:
+def plan_frames(
+    series: Series, tol: float = DUPLICATE_TOLERANCE_MM, phase_rule: str = "first"
+) -> tuple[list[Frame], np.ndarray, dict]:
     """The frames to decode sorted along the normal, their positions on it (mm), and the provenance.
 
     ``series`` should be an image stack (:func:`processor.dicom.stack.image_stack`). Phases and
@@ -97,42 +98,60 @@ def plan_frames(series: Series, tol: float = DUPLICATE_TOLERANCE_MM,
     stacked, frames_aside = stack_frames(every)
     frames = [f for f in stacked if f.position is not None and f.orientation is not None]
     if not frames:
-        raise StepError(f"series {series.number}: no image has ImagePositionPatient/ImageOrientationPatient; "
-                        "the slices cannot be stacked — export the original axial series")
+        raise StepError(
+            f"series {series.number}: no image has ImagePositionPatient/ImageOrientationPatient; "
+            "the slices cannot be stacked — export the original axial series"
+        )
     orientation = frames[0].orientation
     assert orientation is not None
     if any(not np.allclose(np.asarray(f.orientation, float), orientation, atol=1e-3) for f in frames):
-        raise StepError(f"series {series.number}: slices have different orientations; "
-                        "choose a series with one orientation (dicom.select_series rejects such series)")
+        raise StepError(
+            f"series {series.number}: slices have different orientations; "
+            "choose a series with one orientation (dicom.select_series rejects such series)"
+        )
     if len({(f.rows, f.cols) for f in frames}) > 1:
         raise StepError(f"series {series.number}: slices have different sizes; choose another series")
     zero = sum(1 for f in frames if f.slope == 0)
     if zero:
-        raise StepError(f"series {series.number}: RescaleSlope is 0 in {zero} image(s), so Hounsfield units "
-                        "cannot be computed (every pixel would read as the intercept); re-export the series")
+        raise StepError(
+            f"series {series.number}: RescaleSlope is 0 in {zero} image(s), so Hounsfield units "
+            "cannot be computed (every pixel would read as the intercept); re-export the series"
+        )
     normal = slice_normal(orientation)
-    times = time_clusters([acquisition_seconds(f.acquisition_date, f.acquisition_time, f.acquisition_datetime)
-                           for f in frames])
+    times = time_clusters(
+        [acquisition_seconds(f.acquisition_date, f.acquisition_time, f.acquisition_datetime) for f in frames]
+    )
     ordering = order_frames(
-        np.asarray([f.position for f in frames]), normal,
+        np.asarray([f.position for f in frames]),
+        normal,
         tiebreak=[f.instance_number * 100_000 + f.frame for f in frames],
-        phase_keys={"reconstruction": [_reconstruction(f) for f in frames],
-                    "temporal position": [f.temporal for f in frames],
-                    "AcquisitionNumber": [f.acquisition for f in frames],
-                    "acquisition time": times}, rule=phase_rule, tol=tol)
+        phase_keys={
+            "reconstruction": [_reconstruction(f) for f in frames],
+            "temporal position": [f.temporal for f in frames],
+            "AcquisitionNumber": [f.acquisition for f in frames],
+            "acquisition time": times,
+        },
+        rule=phase_rule,
+        tol=tol,
+    )
     kept = [frames[i] for i in ordering.order]
     phases = ordering.phases
     if phases is not None:
         for phase in phases["phases"]:
             phase["frames_list"] = [frames[i] for i in phase.pop("members")]
-    info: dict = {"sorted_by": "ImagePositionPatient · slice normal",
-                  "normal": [round(float(v), 6) for v in normal],
-                  "frames_in_series": len(every), "frames_without_position": len(stacked) - len(frames),
-                  "frames_set_aside": dict(frames_aside),
-                  "frames_used": len(kept),
-                  "duplicates_dropped": len(ordering.dropped), "phases_split": phases,
-                  "parts_merged": ordering.parts, "stray_images": ordering.left_out,
-                  "rescale_missing": sum(1 for f in kept if not f.rescale_stated)}
+    info: dict = {
+        "sorted_by": "ImagePositionPatient · slice normal",
+        "normal": [round(float(v), 6) for v in normal],
+        "frames_in_series": len(every),
+        "frames_without_position": len(stacked) - len(frames),
+        "frames_set_aside": dict(frames_aside),
+        "frames_used": len(kept),
+        "duplicates_dropped": len(ordering.dropped),
+        "phases_split": phases,
+        "parts_merged": ordering.parts,
+        "stray_images": ordering.left_out,
+        "rescale_missing": sum(1 for f in kept if not f.rescale_stated),
+    }
     if ordering.dropped:
         log.warning("volume.duplicates series=%s dropped=%d", series.number, len(ordering.dropped))
     info.update(_spacing_info(ordering.positions_mm))
@@ -151,14 +170,26 @@ def _spacing_info(d: np.ndarray) -> dict:
         return {"spacing": {"median_mm": None, "min_mm": None, "max_mm": None, "uneven": False, "gaps": []}}
     median = float(np.median(steps))
     uneven = bool(np.any(np.abs(steps - median) > max(0.01, UNEVEN_TOLERANCE * median)))
-    gaps = [{"after_slice": int(k), "step_mm": round(float(s), 3)} for k, s in enumerate(steps)
-            if s > GAP_FACTOR * median]
-    return {"spacing": {"median_mm": round(median, 4), "min_mm": round(float(steps.min()), 4),
-                        "max_mm": round(float(steps.max()), 4), "uneven": uneven, "gaps": gaps}}
+    gaps = [
+        {"after_slice": int(k), "step_mm": round(float(s), 3)}
+        for k, s in enumerate(steps)
+        if s > GAP_FACTOR * median
+    ]
+    return {
+        "spacing": {
+            "median_mm": round(median, 4),
+            "min_mm": round(float(steps.min()), 4),
+            "max_mm": round(float(steps.max()), 4),
+            "uneven": uneven,
+            "gaps": gaps,
+        }
+    }
 
 
 def _valid(spacing: tuple[float, ...] | None) -> tuple[float, float] | None:
-    return (spacing[0], spacing[1]) if spacing is not None and len(spacing) == 2 and min(spacing) > 0 else None
+    return (
+        (spacing[0], spacing[1]) if spacing is not None and len(spacing) == 2 and min(spacing) > 0 else None
+    )
 
 
 def in_plane_spacing(kept: list[Frame]) -> tuple[tuple[float, float], str, str | None]:
@@ -176,14 +207,20 @@ def in_plane_spacing(kept: list[Frame]) -> tuple[tuple[float, float], str, str |
     what = "missing" if kept[0].pixel_spacing is None else "zero or negative"
     if imager is not None:
         return imager, f"ImagerPixelSpacing (fallback: PixelSpacing {what})", None
-    return (math.nan, math.nan), "unknown", (
-        f"pixel spacing unknown: PixelSpacing (0028,0030) is {what} and there is no ImagerPixelSpacing; "
-        "mm-based outputs (lung volume in mL, model resampling) are withheld — export the series with "
-        "PixelSpacing")
+    return (
+        (math.nan, math.nan),
+        "unknown",
+        (
+            f"pixel spacing unknown: PixelSpacing (0028,0030) is {what} and there is no ImagerPixelSpacing; "
+            "mm-based outputs (lung volume in mL, model resampling) are withheld — export the series with "
+            "PixelSpacing"
+        ),
+    )
 
 
-def geometry(kept: list[Frame], median_step: float | None,
-             pixel_spacing: tuple[float, float] | None = None) -> tuple[np.ndarray, tuple[float, float, float], float]:
+def geometry(
+    kept: list[Frame], median_step: float | None, pixel_spacing: tuple[float, float] | None = None
+) -> tuple[np.ndarray, tuple[float, float, float], float]:
     """(affine, spacing_zyx, tilt in degrees) of the sorted frames; unknown spacings are NaN."""
     orientation = np.asarray(kept[0].orientation, float)
     row, col = orientation[:3], orientation[3:]
@@ -228,8 +265,9 @@ def _describe_phases(series: Series, phases: dict, hu: np.ndarray, workers: int)
         phase["mean_body_hu"] = _body_hu(image[0])
 
 
-def load_volume(series: Series, *, workers: int = 4, tol: float = DUPLICATE_TOLERANCE_MM,
-                phase_rule: str = "first") -> Volume:
+def load_volume(
+    series: Series, *, workers: int = 4, tol: float = DUPLICATE_TOLERANCE_MM, phase_rule: str = "first"
+) -> Volume:
     """Decode the series' image stack into a :class:`Volume` (HU int16 or float32, spacing, affine, provenance).
 
     Instances that cannot belong to the axial stack are set aside first (counted in
@@ -238,8 +276,11 @@ def load_volume(series: Series, *, workers: int = 4, tol: float = DUPLICATE_TOLE
     stack = image_stack(series)
     series = stack.series
     if not series.instances:
-        raise StepError("no image stack: every instance of the series was set aside ("
-                        + ", ".join(f"{r}: {n}" for r, n in sorted(stack.set_aside.items())) + ")")
+        raise StepError(
+            "no image stack: every instance of the series was set aside ("
+            + ", ".join(f"{r}: {n}" for r, n in sorted(stack.set_aside.items()))
+            + ")"
+        )
     kept, positions, info = plan_frames(series, tol, phase_rule)
     pixel, source, unknown = in_plane_spacing(kept)
     affine, spacing, tilt = geometry(kept, info["spacing"]["median_mm"], pixel)
@@ -250,16 +291,34 @@ def load_volume(series: Series, *, workers: int = 4, tol: float = DUPLICATE_TOLE
     gantry = series.instances[0].header.get("GantryDetectorTilt")
     info.update(decode_info)
     info.update(rescale_info(kept))
-    info.update({"set_aside": {**stack.set_aside, **info["frames_set_aside"]},
-                 "shape": list(hu.shape), "dtype": str(hu.dtype), "spacing_zyx": [_rounded(v) for v in spacing],
-                 "in_plane_spacing": {"source": source, "row_mm": _rounded(pixel[0]), "column_mm": _rounded(pixel[1]),
-                                      "unknown_reason": unknown},
-                 "tilt_degrees": round(tilt, 2), "tilted": tilt > TILT_WARN_DEG,
-                 "gantry_detector_tilt": float(gantry) if gantry not in (None, "") else None,
-                 "enhanced_multiframe": first.facts.enhanced,
-                 "affine": [[_rounded(float(v), 6) for v in row] for row in affine]})
-    log.info("volume.loaded series=%s shape=%s spacing=%s tilt=%.2f duplicates=%d", series.number,
-             "x".join(map(str, hu.shape)), info["spacing_zyx"], tilt, info["duplicates_dropped"])
+    info.update(
+        {
+            "set_aside": {**stack.set_aside, **info["frames_set_aside"]},
+            "shape": list(hu.shape),
+            "dtype": str(hu.dtype),
+            "spacing_zyx": [_rounded(v) for v in spacing],
+            "in_plane_spacing": {
+                "source": source,
+                "row_mm": _rounded(pixel[0]),
+                "column_mm": _rounded(pixel[1]),
+                "unknown_reason": unknown,
+            },
+            "tilt_degrees": round(tilt, 2),
+            "tilted": tilt > TILT_WARN_DEG,
+            "gantry_detector_tilt": float(gantry) if gantry not in (None, "") else None,
+            "enhanced_multiframe": first.facts.enhanced,
+            "affine": [[_rounded(float(v), 6) for v in row] for row in affine],
+        }
+    )
+    log.info(
+        "volume.loaded series=%s shape=%s spacing=%s tilt=%.2f duplicates=%d",
+        series.number,
+        "x".join(map(str, hu.shape)),
+        info["spacing_zyx"],
+        tilt,
+        info["duplicates_dropped"],
+    )
     orientation = np.asarray(kept[0].orientation, float)
-    return Volume(hu, spacing, affine, positions, series.uid, info, spacing_unknown=unknown,
-                  cosines=orientation)
+    return Volume(
+        hu, spacing, affine, positions, series.uid, info, spacing_unknown=unknown, cosines=orientation
+    )

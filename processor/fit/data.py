@@ -52,20 +52,25 @@ def read_labels(path: Path, wanted: Sequence[str] | None = None) -> Labels:
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise ConfigError(f"{path}: cannot read the labels CSV ({exc}). Fix: pass a comma-separated file "
-                          "with a header row.") from exc
+        raise ConfigError(
+            f"{path}: cannot read the labels CSV ({exc}). Fix: pass a comma-separated file with a header row."
+        ) from exc
     lower = {c.strip().lower(): c for c in frame.columns}
     uid_col = next((lower[n] for n in UID_NAMES if n in lower), None)
     acc_col = next((lower[n] for n in ACCESSION_NAMES if n in lower), None)
     if uid_col is None and acc_col is None:
-        raise ConfigError(f"{path}: no key column. Fix: add a column `study_uid` (StudyInstanceUID) or "
-                          f"`accession`; the columns are {list(frame.columns)}.")
+        raise ConfigError(
+            f"{path}: no key column. Fix: add a column `study_uid` (StudyInstanceUID) or "
+            f"`accession`; the columns are {list(frame.columns)}."
+        )
     label_cols = [c for c in frame.columns if c not in (uid_col, acc_col)]
     if wanted is not None:
         missing = [w for w in wanted if w not in label_cols]
         if missing:
-            raise ConfigError(f"{path}: no column {', '.join(map(repr, missing))}. Fix: check the spelling; "
-                              f"the label columns are {label_cols}.")
+            raise ConfigError(
+                f"{path}: no column {', '.join(map(repr, missing))}. Fix: check the spelling; "
+                f"the label columns are {label_cols}."
+            )
         label_cols = list(wanted)
     columns: dict[str, np.ndarray] = {}
     for col in label_cols:
@@ -75,8 +80,10 @@ def read_labels(path: Path, wanted: Sequence[str] | None = None) -> Labels:
             if text == "":
                 continue
             if text not in ("0", "1", "0.0", "1.0"):
-                raise ConfigError(f"{path}: row {i + 2}, column {col!r} is {cell!r}. Fix: labels are 0 or 1 "
-                                  "(leave the cell empty when unknown).")
+                raise ConfigError(
+                    f"{path}: row {i + 2}, column {col!r} is {cell!r}. Fix: labels are 0 or 1 "
+                    "(leave the cell empty when unknown)."
+                )
             values[i] = float(text)
         columns[col] = values
     none: list[str | None] = [None] * len(frame)
@@ -84,7 +91,9 @@ def read_labels(path: Path, wanted: Sequence[str] | None = None) -> Labels:
     accs = [_text(v) for v in frame[acc_col]] if acc_col else list(none)
     for i, (u, a) in enumerate(zip(uids, accs, strict=True)):
         if u is None and a is None:
-            raise ConfigError(f"{path}: row {i + 2} has neither a study UID nor an accession. Fix: fill one in.")
+            raise ConfigError(
+                f"{path}: row {i + 2} has neither a study UID nor an accession. Fix: fill one in."
+            )
     for name, keys in (("study_uid", uids), ("accession", accs)):
         seen = [k for k in keys if k is not None]
         dupes = sorted({k for k in seen if seen.count(k) > 1})
@@ -144,5 +153,7 @@ def unmatched_note(joined: Joined, total: int) -> str:
     if not joined.unmatched:
         return f"{total} labelled studies, all found in the database"
     shown = ", ".join(joined.unmatched[:3]) + (" …" if len(joined.unmatched) > 3 else "")
-    return (f"{total} labelled studies, {len(joined.rows)} found in the database; {len(joined.unmatched)} "
-            f"not processed yet (or processed without this model): {shown}")
+    return (
+        f"{total} labelled studies, {len(joined.rows)} found in the database; {len(joined.unmatched)} "
+        f"not processed yet (or processed without this model): {shown}"
+    )

@@ -74,7 +74,9 @@ def study_slices(hu: np.ndarray, mask: np.ndarray, count: int, size: int) -> np.
     return prepare_slices(hu, mask, levels, size, LUNG_WINDOW).images
 
 
-def read_normals(folder: Path, count: int, size: int, progress: bool = True) -> tuple[np.ndarray, list[str], list[str]]:
+def read_normals(
+    folder: Path, count: int, size: int, progress: bool = True
+) -> tuple[np.ndarray, list[str], list[str]]:
     """Slices of every readable study under ``folder``; (images, study uids, skipped reasons)."""
     from processor.dicom.lungs import lung_mask
     from processor.dicom.scan import scan_members
@@ -83,12 +85,15 @@ def read_normals(folder: Path, count: int, size: int, progress: bool = True) -> 
     from processor.intake.archive import Limits, open_arrival
 
     if not folder.is_dir():
-        raise ConfigError(f"--normals {folder}: not a folder. Fix: pass a folder of ZIPs or DICOM folders of "
-                          "studies read as normal.")
+        raise ConfigError(
+            f"--normals {folder}: not a folder. Fix: pass a folder of ZIPs or DICOM folders of "
+            "studies read as normal."
+        )
     entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
     images, uids, skipped = [], [], []
-    for entry in tqdm(entries, desc="reading normals", unit="input", file=sys.stderr, disable=not progress,
-                      leave=False):
+    for entry in tqdm(
+        entries, desc="reading normals", unit="input", file=sys.stderr, disable=not progress, leave=False
+    ):
         try:
             with open_arrival(entry, Limits()) as contents:
                 for study in scan_members(contents.members).studies:
@@ -106,8 +111,10 @@ def read_normals(folder: Path, count: int, size: int, progress: bool = True) -> 
         except (CtwatchError, OSError) as exc:
             skipped.append(f"{entry.name}: {exc}")
     if not images:
-        raise ConfigError(f"--normals {folder}: no usable study found ({len(skipped)} skipped: "
-                          f"{'; '.join(skipped[:3])}). Fix: put ZIPs or folders of chest-CT DICOM there.")
+        raise ConfigError(
+            f"--normals {folder}: no usable study found ({len(skipped)} skipped: "
+            f"{'; '.join(skipped[:3])}). Fix: put ZIPs or folders of chest-CT DICOM there."
+        )
     return np.concatenate(images).astype(np.float32), uids, skipped
 
 
@@ -117,8 +124,14 @@ def _save_atomic(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def train(data: np.ndarray, opts: AnomalyOptions, checkpoint_dir: Path, *, resume: bool,
-          on_step: Callable[[int, float], None] | None = None) -> tuple[Any, Any, float]:
+def train(
+    data: np.ndarray,
+    opts: AnomalyOptions,
+    checkpoint_dir: Path,
+    *,
+    resume: bool,
+    on_step: Callable[[int, float], None] | None = None,
+) -> tuple[Any, Any, float]:
     """Train (or resume) the UNet on ``data`` (N, 1, S, S); returns (unet, scheduler, final EMA loss)."""
     from processor.models.device import resolve_device
 
@@ -138,8 +151,14 @@ def train(data: np.ndarray, opts: AnomalyOptions, checkpoint_dir: Path, *, resum
     images = torch.from_numpy(data).to(device)
     n_train = scheduler.config.num_train_timesteps
     unet.train()
-    with tqdm(total=opts.steps, initial=start, desc="fit-anomaly", unit="step", file=sys.stderr,
-              disable=not opts.progress) as bar:
+    with tqdm(
+        total=opts.steps,
+        initial=start,
+        desc="fit-anomaly",
+        unit="step",
+        file=sys.stderr,
+        disable=not opts.progress,
+    ) as bar:
         for step in range(start, opts.steps):
             gen = torch.Generator().manual_seed(opts.seed * 1_000_003 + step)  # resume-exact batches
             idx = torch.randint(0, images.shape[0], (min(opts.batch_size, images.shape[0]),), generator=gen)
@@ -157,13 +176,21 @@ def train(data: np.ndarray, opts: AnomalyOptions, checkpoint_dir: Path, *, resum
             if on_step is not None:
                 on_step(step + 1, ema)
             if (step + 1) % opts.checkpoint_every == 0 or step + 1 == opts.steps:
-                _save_atomic({"unet": unet.state_dict(), "optimiser": optimiser.state_dict(), "step": step + 1,
-                              "ema_loss": ema}, state_path)
+                _save_atomic(
+                    {
+                        "unet": unet.state_dict(),
+                        "optimiser": optimiser.state_dict(),
+                        "step": step + 1,
+                        "ema_loss": ema,
+                    },
+                    state_path,
+                )
     return unet.eval(), scheduler, ema
 
 
-def fit_anomaly(normals: Path | None, out: Path, opts: AnomalyOptions = AnomalyOptions(), *,
-                resume: bool = False) -> AnomalyFit:
+def fit_anomaly(
+    normals: Path | None, out: Path, opts: AnomalyOptions = AnomalyOptions(), *, resume: bool = False
+) -> AnomalyFit:
     checkpoint_dir = out / "checkpoint"
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     cache = checkpoint_dir / "slices.npz"
@@ -172,12 +199,15 @@ def fit_anomaly(normals: Path | None, out: Path, opts: AnomalyOptions = AnomalyO
         data, uids = saved["images"], [str(u) for u in saved["uids"]]
         skipped: list[str] = []
         if data.shape[-1] != opts.image_size:
-            raise ConfigError(f"{cache}: slices are {data.shape[-1]} px but --image-size is {opts.image_size}. "
-                              "Fix: resume with the same options, or start again without --resume.")
+            raise ConfigError(
+                f"{cache}: slices are {data.shape[-1]} px but --image-size is {opts.image_size}. "
+                "Fix: resume with the same options, or start again without --resume."
+            )
     else:
         if normals is None:
-            raise ConfigError("fit-anomaly needs --normals DIR (or --resume with a checkpoint in "
-                              f"{checkpoint_dir}).")
+            raise ConfigError(
+                f"fit-anomaly needs --normals DIR (or --resume with a checkpoint in {checkpoint_dir})."
+            )
         data, uids, skipped = read_normals(normals, opts.slices_per_study, opts.image_size, opts.progress)
         tmp = checkpoint_dir / ".slices.tmp.npz"
         np.savez(tmp, images=data, uids=np.asarray(uids))
@@ -186,15 +216,28 @@ def fit_anomaly(normals: Path | None, out: Path, opts: AnomalyOptions = AnomalyO
     started = time.monotonic()
     unet, scheduler, loss = train(data, opts, checkpoint_dir, resume=resume)
     card = {
-        "kind": "anomaly.diffusion", "image_size": opts.image_size,
+        "kind": "anomaly.diffusion",
+        "image_size": opts.image_size,
         "window": {"width": LUNG_WINDOW[0], "level": LUNG_WINDOW[1]},
-        "defaults": {"slices": opts.slices_per_study, "noise_level": opts.noise_level,
-                     "ddim_steps": opts.ddim_steps},
-        "training": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(opts).items()
-                        if k not in ("progress",)},
-                     "studies": len(uids), "slices": int(data.shape[0]), "final_ema_loss": round(loss, 6),
-                     "seconds_this_run": round(time.monotonic() - started, 1), "skipped": skipped},
-        "data_hash": data_hash(sorted(uids), data), "date": now_iso(),
+        "defaults": {
+            "slices": opts.slices_per_study,
+            "noise_level": opts.noise_level,
+            "ddim_steps": opts.ddim_steps,
+        },
+        "training": {
+            **{
+                k: (list(v) if isinstance(v, tuple) else v)
+                for k, v in asdict(opts).items()
+                if k not in ("progress",)
+            },
+            "studies": len(uids),
+            "slices": int(data.shape[0]),
+            "final_ema_loss": round(loss, 6),
+            "seconds_this_run": round(time.monotonic() - started, 1),
+            "skipped": skipped,
+        },
+        "data_hash": data_hash(sorted(uids), data),
+        "date": now_iso(),
     }
     unet.to("cpu")
     save_anomaly_model(out, unet, scheduler, card)
@@ -205,8 +248,12 @@ def fit_anomaly(normals: Path | None, out: Path, opts: AnomalyOptions = AnomalyO
 def report_text(fit: AnomalyFit) -> str:
     from processor.fit.metrics import format_table
 
-    rows = [["studies", fit.studies], ["slices", fit.slices], ["training steps", fit.steps],
-            ["final loss (EMA)", fit.final_loss]]
+    rows = [
+        ["studies", fit.studies],
+        ["slices", fit.slices],
+        ["training steps", fit.steps],
+        ["final loss (EMA)", fit.final_loss],
+    ]
     lines = [format_table(["metric", "value"], rows)]
     if fit.skipped:
         lines += ["", f"skipped {len(fit.skipped)}:", *(f"  {s}" for s in fit.skipped)]

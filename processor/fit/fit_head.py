@@ -58,7 +58,10 @@ class HeadFit:
 def train_head(x: np.ndarray, y: np.ndarray, opts: HeadOptions, bar: tqdm | None = None) -> FindingHead:
     """Full-batch AdamW on the masked binary cross-entropy (NaN labels do not count)."""
     torch.manual_seed(opts.seed)
-    xt, yt = torch.from_numpy(x.astype(np.float32)), torch.from_numpy(np.nan_to_num(y, nan=0.0).astype(np.float32))
+    xt, yt = (
+        torch.from_numpy(x.astype(np.float32)),
+        torch.from_numpy(np.nan_to_num(y, nan=0.0).astype(np.float32)),
+    )
     known = torch.from_numpy(~np.isnan(y)).float()
     model = build_head(x.shape[1], [str(i) for i in range(y.shape[1])], opts.hidden, opts.dropout)
     model.set_normalisation(xt.mean(0), xt.std(0, unbiased=False))
@@ -85,11 +88,22 @@ def _strata(y: np.ndarray) -> np.ndarray:
     return strata
 
 
-def _cross_validate(x: np.ndarray, y: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]], oof: np.ndarray,
-                    opts: HeadOptions) -> FindingHead:
+def _cross_validate(
+    x: np.ndarray,
+    y: np.ndarray,
+    folds: list[tuple[np.ndarray, np.ndarray]],
+    oof: np.ndarray,
+    opts: HeadOptions,
+) -> FindingHead:
     """Fill ``oof`` with out-of-fold probabilities; return the head refitted on every study."""
-    with tqdm(total=opts.epochs * (opts.folds + 1), desc="fit-head", unit="epoch", file=sys.stderr,
-              disable=not opts.progress, leave=False) as bar:
+    with tqdm(
+        total=opts.epochs * (opts.folds + 1),
+        desc="fit-head",
+        unit="epoch",
+        file=sys.stderr,
+        disable=not opts.progress,
+        leave=False,
+    ) as bar:
         for k, (train, test) in enumerate(folds):
             bar.set_postfix_str(f"fold {k + 1}/{opts.folds}", refresh=False)
             model = train_head(x[train], y[train], opts, bar)
@@ -105,21 +119,27 @@ def fit_head(state: State, labels_path: Path, out: Path, opts: HeadOptions = Hea
         raise ConfigError(f"{labels_path}: no label columns. Fix: add one 0/1 column per finding.")
     stored = state.study_latents(LATENT_NAME)
     if not stored:
-        raise ConfigError(f"{state.path}: no CT-CLIP image latents are stored. Fix: run the pipeline with a "
-                          "ctclip step (it stores the latent) over the labelled studies, then fit again.")
+        raise ConfigError(
+            f"{state.path}: no CT-CLIP image latents are stored. Fix: run the pipeline with a "
+            "ctclip step (it stores the latent) over the labelled studies, then fit again."
+        )
     joined = join(labels, stored)
     note = unmatched_note(joined, len(labels))
     if len(joined.rows) < 2 * opts.folds:
-        raise ConfigError(f"{labels_path}: {note}; at least {2 * opts.folds} are needed for {opts.folds}-fold "
-                          "cross-validation. Fix: process more labelled studies first.")
+        raise ConfigError(
+            f"{labels_path}: {note}; at least {2 * opts.folds} are needed for {opts.folds}-fold "
+            "cross-validation. Fix: process more labelled studies first."
+        )
     x = np.stack([row["vector"] for row in joined.rows]).astype(np.float32)
     y = np.stack([labels.columns[f][joined.label_index] for f in findings], axis=1)
     for j, name in enumerate(findings):
         known = y[~np.isnan(y[:, j]), j]
         if known.sum() < 2 or (known == 0).sum() < 2:
-            raise ConfigError(f"{labels_path}: finding {name!r} has {int(known.sum())} positive and "
-                              f"{int((known == 0).sum())} negative matched studies; at least 2 of each are "
-                              "needed. Fix: add labelled studies or leave it out with --findings.")
+            raise ConfigError(
+                f"{labels_path}: finding {name!r} has {int(known.sum())} positive and "
+                f"{int((known == 0).sum())} negative matched studies; at least 2 of each are "
+                "needed. Fix: add labelled studies or leave it out with --findings."
+            )
     folds = metrics.stratified_folds(_strata(y), opts.folds, opts.seed)
     oof = np.full(y.shape, np.nan)
     threads = torch.get_num_threads()
@@ -139,13 +159,20 @@ def fit_head(state: State, labels_path: Path, out: Path, opts: HeadOptions = Hea
         curves[f"{name} (AUROC {report.auroc:.3f})"] = (fpr, tpr)
     keys = [row["study_uid"] for row in joined.rows]
     card = {
-        "kind": "ctclip.head", "latent": LATENT_NAME, "findings": findings,
+        "kind": "ctclip.head",
+        "latent": LATENT_NAME,
+        "findings": findings,
         "architecture": {"in_dim": int(x.shape[1]), "hidden": opts.hidden, "dropout": opts.dropout},
         "thresholds": {name: cv[name]["threshold"] for name in findings},
         "cv": {"folds": opts.folds, "seed": opts.seed, "per_finding": cv},
-        "training": {"studies": len(keys), "epochs": opts.epochs, "lr": opts.lr,
-                     "weight_decay": opts.weight_decay, "labels_file": str(labels_path),
-                     "unmatched_labels": len(joined.unmatched)},
+        "training": {
+            "studies": len(keys),
+            "epochs": opts.epochs,
+            "lr": opts.lr,
+            "weight_decay": opts.weight_decay,
+            "labels_file": str(labels_path),
+            "unmatched_labels": len(joined.unmatched),
+        },
         "training_set_hash": data_hash(keys, x, np.nan_to_num(y, nan=-1)),
         "date": now_iso(),
     }
@@ -160,10 +187,22 @@ def report_text(fit: HeadFit) -> str:
     for name in fit.findings:
         m = fit.card["cv"]["per_finding"][name]
         low, high = m["auroc_ci95"]
-        rows.append([name, m["n"], m["positives"], m["auroc"], low, high, m["threshold"], m["sensitivity"],
-                     m["specificity"]])
-    table = metrics.format_table(["finding", "n", "pos", "CV AUROC", "CI low", "CI high", "threshold", "sens",
-                                  "spec"], rows)
+        rows.append(
+            [
+                name,
+                m["n"],
+                m["positives"],
+                m["auroc"],
+                low,
+                high,
+                m["threshold"],
+                m["sensitivity"],
+                m["specificity"],
+            ]
+        )
+    table = metrics.format_table(
+        ["finding", "n", "pos", "CV AUROC", "CI low", "CI high", "threshold", "sens", "spec"], rows
+    )
     weak = [n for n in fit.findings if not fit.card["cv"]["per_finding"][n]["better_than_chance"]]
     lines = [table, ""]
     if weak:

@@ -21,7 +21,9 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy.stats import rankdata
 
 
-def _arrays(y: Sequence[float] | np.ndarray, s: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _arrays(
+    y: Sequence[float] | np.ndarray, s: Sequence[float] | np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     y_arr = np.asarray(y, dtype=float).ravel()
     s_arr = np.asarray(s, dtype=float).ravel()
     if y_arr.shape != s_arr.shape:
@@ -47,13 +49,16 @@ def auroc_ci(auc: float, n_pos: int, n_neg: int, z: float = 1.959964) -> tuple[f
     if math.isnan(auc) or n_pos == 0 or n_neg == 0:
         return float("nan"), float("nan")
     q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
-    var = (auc * (1 - auc) + (n_pos - 1) * (q1 - auc * auc) + (n_neg - 1) * (q2 - auc * auc)) / (n_pos * n_neg)
+    var = (auc * (1 - auc) + (n_pos - 1) * (q1 - auc * auc) + (n_neg - 1) * (q2 - auc * auc)) / (
+        n_pos * n_neg
+    )
     se = math.sqrt(max(var, 1e-12))
     return max(0.0, auc - z * se), min(1.0, auc + z * se)
 
 
-def roc_curve(y: Sequence[float] | np.ndarray,
-              s: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def roc_curve(
+    y: Sequence[float] | np.ndarray, s: Sequence[float] | np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(fpr, tpr, thresholds), thresholds descending; the first point is (0, 0) at +inf."""
     pos, scores = _arrays(y, s)
     order = np.argsort(-scores, kind="mergesort")
@@ -67,8 +72,9 @@ def roc_curve(y: Sequence[float] | np.ndarray,
     return fpr, tpr, np.r_[np.inf, scores[last_of_run]]
 
 
-def sensitivity_specificity(y: Sequence[float] | np.ndarray, s: Sequence[float] | np.ndarray,
-                            threshold: float) -> tuple[float, float]:
+def sensitivity_specificity(
+    y: Sequence[float] | np.ndarray, s: Sequence[float] | np.ndarray, threshold: float
+) -> tuple[float, float]:
     pos, scores = _arrays(y, s)
     called = scores >= threshold
     sens = float((called & pos).sum() / pos.sum()) if pos.any() else float("nan")
@@ -83,8 +89,9 @@ def youden_threshold(y: Sequence[float] | np.ndarray, s: Sequence[float] | np.nd
     return float(thresholds[1:][int(np.argmax(j))])
 
 
-def threshold_for_sensitivity(y: Sequence[float] | np.ndarray, s: Sequence[float] | np.ndarray,
-                              target: float) -> float:
+def threshold_for_sensitivity(
+    y: Sequence[float] | np.ndarray, s: Sequence[float] | np.ndarray, target: float
+) -> float:
     """The highest threshold whose sensitivity is at least ``target`` (best specificity for it)."""
     if not 0 < target <= 1:
         raise ValueError(f"target sensitivity must be in (0, 1], got {target}")
@@ -110,18 +117,25 @@ class BinaryReport:
         return not math.isnan(self.auroc_low) and self.auroc_low > 0.5
 
     def as_dict(self) -> dict[str, Any]:
-        return {"n": self.n, "positives": self.positives, "auroc": _r(self.auroc),
-                "auroc_ci95": [_r(self.auroc_low), _r(self.auroc_high)], "threshold": _r(self.threshold),
-                "sensitivity": _r(self.sensitivity), "specificity": _r(self.specificity),
-                "better_than_chance": self.better_than_chance}
+        return {
+            "n": self.n,
+            "positives": self.positives,
+            "auroc": _r(self.auroc),
+            "auroc_ci95": [_r(self.auroc_low), _r(self.auroc_high)],
+            "threshold": _r(self.threshold),
+            "sensitivity": _r(self.sensitivity),
+            "specificity": _r(self.specificity),
+            "better_than_chance": self.better_than_chance,
+        }
 
 
 def _r(value: float) -> float | None:
     return None if value is None or math.isnan(value) else round(float(value), 4)
 
 
-def binary_report(y: Sequence[float] | np.ndarray, s: Sequence[float] | np.ndarray,
-                  threshold: float) -> BinaryReport:
+def binary_report(
+    y: Sequence[float] | np.ndarray, s: Sequence[float] | np.ndarray, threshold: float
+) -> BinaryReport:
     pos, _ = _arrays(y, s)
     auc = auroc(y, s)
     low, high = auroc_ci(auc, int(pos.sum()), int((~pos).sum()))
@@ -129,8 +143,9 @@ def binary_report(y: Sequence[float] | np.ndarray, s: Sequence[float] | np.ndarr
     return BinaryReport(int(pos.size), int(pos.sum()), auc, low, high, threshold, sens, spec)
 
 
-def stratified_folds(strata: Sequence[object] | np.ndarray, k: int,
-                     seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+def stratified_folds(
+    strata: Sequence[object] | np.ndarray, k: int, seed: int = 0
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """``k`` (train, test) index pairs; each stratum is shuffled and dealt round-robin to the folds."""
     strata = np.asarray(strata)
     if k < 2:
@@ -151,6 +166,7 @@ def stratified_folds(strata: Sequence[object] | np.ndarray, k: int,
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A plain-text table with aligned columns (numbers right-aligned)."""
+
     def cell(value: object) -> str:
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return "-"
@@ -160,20 +176,38 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
 
     text = [[cell(v) for v in row] for row in rows]
     widths = [max([len(h), *(len(r[i]) for r in text)]) for i, h in enumerate(headers)]
-    numeric = [all(isinstance(row[i], int | float) or row[i] is None for row in rows) for i in range(len(headers))]
+    numeric = [
+        all(isinstance(row[i], int | float) or row[i] is None for row in rows) for i in range(len(headers))
+    ]
 
     def line(values: Sequence[str]) -> str:
-        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True))
+        return "  ".join(
+            v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True)
+        )
 
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in text)]).rstrip()
 
 
-_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75),
-            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+_COLOURS = [
+    (31, 119, 180),
+    (214, 39, 40),
+    (44, 160, 44),
+    (255, 127, 14),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+]
 
 
-def roc_png(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], title: str, size: int = 560,
-            marker: tuple[float, float] | None = None) -> bytes:
+def roc_png(
+    curves: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    title: str,
+    size: int = 560,
+    marker: tuple[float, float] | None = None,
+) -> bytes:
     """PNG bytes of ROC curves (label → (fpr, tpr)), with the chance diagonal and an optional point."""
     font = ImageFont.load_default()
     img = Image.new("RGB", (size, size), "white")

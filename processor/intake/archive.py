@@ -50,8 +50,15 @@ log = logging.getLogger(__name__)
 
 ZIP_MAGIC = b"PK\x03\x04"
 # What zipfile raises for a damaged archive (a bad name encoding is a ValueError; see zipnames).
-ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError,
-              struct.error)
+ZIP_ERRORS = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    OSError,
+    EOFError,
+    ValueError,
+    NotImplementedError,
+    struct.error,
+)
 EMPTY_ZIP_MAGIC = b"PK\x05\x06"
 
 
@@ -107,11 +114,15 @@ class _Budget:
         self.members += 1
         self.total += size
         if self.members > self.limits.max_members:
-            raise IngestError(f"{where}: more than {self.limits.max_members} members; "
-                              "split the export into smaller ZIPs or raise limits.max_members")
+            raise IngestError(
+                f"{where}: more than {self.limits.max_members} members; "
+                "split the export into smaller ZIPs or raise limits.max_members"
+            )
         if self.total > self.limits.max_total_bytes:
-            raise IngestError(f"{where}: more than {self.limits.max_total_bytes} bytes uncompressed "
-                              "(a ZIP bomb, or an export too large); raise limits.max_total_bytes if genuine")
+            raise IngestError(
+                f"{where}: more than {self.limits.max_total_bytes} bytes uncompressed "
+                "(a ZIP bomb, or an export too large); raise limits.max_total_bytes if genuine"
+            )
 
 
 def _check_zip(zf: zipfile.ZipFile, label: str, budget: _Budget) -> list[tuple[zipfile.ZipInfo, str]]:
@@ -122,11 +133,15 @@ def _check_zip(zf: zipfile.ZipFile, label: str, budget: _Budget) -> list[tuple[z
         where = f"{label}: member '{display_text(text)}'"
         name = safe_member_name(text)
         if name is None:
-            raise IngestError(f"{where} has an absolute or '..' path (zip-slip); "
-                              "the archive was refused — re-export it without such paths")
+            raise IngestError(
+                f"{where} has an absolute or '..' path (zip-slip); "
+                "the archive was refused — re-export it without such paths"
+            )
         if stat.S_ISLNK(info.external_attr >> 16):
-            raise IngestError(f"{where} is a symbolic link; archives with links are refused — "
-                              "re-export the study without links")
+            raise IngestError(
+                f"{where} is a symbolic link; archives with links are refused — "
+                "re-export the study without links"
+            )
         if info.is_dir():
             continue
         why = refusal(info)
@@ -135,8 +150,10 @@ def _check_zip(zf: zipfile.ZipFile, label: str, budget: _Budget) -> list[tuple[z
         budget.take(label, info.file_size)
         ratio = info.file_size / max(info.compress_size, 1)
         if info.file_size > 1_000_000 and ratio > budget.limits.max_ratio:
-            raise IngestError(f"{where} expands {ratio:.0f}x (limit {budget.limits.max_ratio:g}); "
-                              "refused as a likely ZIP bomb")
+            raise IngestError(
+                f"{where} expands {ratio:.0f}x (limit {budget.limits.max_ratio:g}); "
+                "refused as a likely ZIP bomb"
+            )
         files.append((info, name))
     return files
 
@@ -148,7 +165,9 @@ def _zip_reader(zf: zipfile.ZipFile, info: zipfile.ZipInfo, where: str) -> Calla
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, then name and extra-field lengths at 26 and 28
 
 
-def _stored_viewer(buffer: Buffer | mmap.mmap | None, info: zipfile.ZipInfo) -> Callable[[], memoryview] | None:
+def _stored_viewer(
+    buffer: Buffer | mmap.mmap | None, info: zipfile.ZipInfo
+) -> Callable[[], memoryview] | None:
     """A zero-copy view of a STORED member inside ``buffer`` (the whole ZIP), or None."""
     if buffer is None or info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
         return None
@@ -159,11 +178,30 @@ def _stored_viewer(buffer: Buffer | mmap.mmap | None, info: zipfile.ZipInfo) -> 
     start = at + _LOCAL_HEADER.size + name_len + extra_len
     if magic != ZIP_MAGIC or start + info.file_size > len(buffer):
         return None
-    return lambda: memoryview(buffer)[start:start + info.file_size]
+    return lambda: memoryview(buffer)[start : start + info.file_size]
 
 
-NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs",
-                                 "lustre", "gpfs", "davfs", "virtiofs", "ncpfs", "coda", "ocfs2", "beegfs"})
+NETWORK_FILESYSTEMS = frozenset(
+    {
+        "nfs",
+        "nfs4",
+        "cifs",
+        "smb3",
+        "smbfs",
+        "9p",
+        "afs",
+        "ceph",
+        "glusterfs",
+        "lustre",
+        "gpfs",
+        "davfs",
+        "virtiofs",
+        "ncpfs",
+        "coda",
+        "ocfs2",
+        "beegfs",
+    }
+)
 
 
 def filesystem_types(mountinfo: str) -> dict[tuple[int, int], str]:
@@ -208,14 +246,27 @@ def _zip_opener(zf: zipfile.ZipFile, info: zipfile.ZipInfo, where: str) -> Calla
     return lambda: open_member(zf, info, where)
 
 
-def _read_zip(zf: zipfile.ZipFile, label: str, budget: _Budget, contents: Contents,
-              stack: ExitStack, depth: int, buffer: Buffer | mmap.mmap | None = None) -> None:
+def _read_zip(
+    zf: zipfile.ZipFile,
+    label: str,
+    budget: _Budget,
+    contents: Contents,
+    stack: ExitStack,
+    depth: int,
+    buffer: Buffer | mmap.mmap | None = None,
+) -> None:
     for info, name in _check_zip(zf, label, budget):
         where = f"{label}: member '{display_text(name)}'"
         prefix = "" if depth == 0 else label.split("!", 1)[1] + "!"
-        member = Member(prefix + display_text(name), info.file_size, _zip_reader(zf, info, where),
-                        _zip_opener(zf, info, where), _stored_viewer(buffer, info), info.CRC,
-                        member_raw_name(info))
+        member = Member(
+            prefix + display_text(name),
+            info.file_size,
+            _zip_reader(zf, info, where),
+            _zip_opener(zf, info, where),
+            _stored_viewer(buffer, info),
+            info.CRC,
+            member_raw_name(info),
+        )
         try:
             head = member.read_prefix(4)
         except zipfile.BadZipFile:
@@ -252,6 +303,7 @@ def _file_viewer(path: Path, mappable: bool) -> Callable[[], memoryview] | None:
     def view() -> memoryview:
         mapped = _mapped(path)
         return memoryview(mapped if mapped is not None else path.read_bytes())
+
     return view
 
 
@@ -265,8 +317,16 @@ def _read_folder(root: Path, budget: _Budget, contents: Contents, mappable: bool
         size = path.stat().st_size
         budget.take(display_name(root), size)
         relative = path.relative_to(root).as_posix()
-        contents.members.append(Member(display_name(relative), size, _file_reader(path), _file_opener(path),
-                                       _file_viewer(path, mappable), raw_name=raw_name(relative)))
+        contents.members.append(
+            Member(
+                display_name(relative),
+                size,
+                _file_reader(path),
+                _file_opener(path),
+                _file_viewer(path, mappable),
+                raw_name=raw_name(relative),
+            )
+        )
 
 
 @contextmanager
@@ -283,8 +343,10 @@ def open_arrival(path: Path, limits: Limits) -> Iterator[Contents]:
             try:
                 zf = stack.enter_context(open_zip(path))
             except ZIP_ERRORS as exc:
-                raise IngestError(f"{label}: the ZIP cannot be read ({display_text(str(exc))}); it is "
-                                  "truncated or corrupt — copy it again from the source") from exc
+                raise IngestError(
+                    f"{label}: the ZIP cannot be read ({display_text(str(exc))}); it is "
+                    "truncated or corrupt — copy it again from the source"
+                ) from exc
             mapped = _mapped(path) if mappable else None
             if mapped is not None:
                 stack.callback(_close_map, mapped)
@@ -292,9 +354,16 @@ def open_arrival(path: Path, limits: Limits) -> Iterator[Contents]:
         else:
             size = path.stat().st_size
             budget.take(display_name(path.name), size)
-            contents.members.append(Member(display_name(path.name), size, _file_reader(path),
-                                           _file_opener(path), _file_viewer(path, mappable),
-                                           raw_name=raw_name(path.name)))
+            contents.members.append(
+                Member(
+                    display_name(path.name),
+                    size,
+                    _file_reader(path),
+                    _file_opener(path),
+                    _file_viewer(path, mappable),
+                    raw_name=raw_name(path.name),
+                )
+            )
         yield contents
 
 

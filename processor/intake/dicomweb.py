@@ -42,8 +42,9 @@ class StudyRef:
         return f"instances={self.instances if self.instances is not None else '?'}"
 
 
-def search_studies(client: httpx.Client, root: str, query: dict[str, str], since: date | None, *,
-                   page_size: int) -> Iterator[StudyRef]:
+def search_studies(
+    client: httpx.Client, root: str, query: dict[str, str], since: date | None, *, page_size: int
+) -> Iterator[StudyRef]:
     """QIDO-RS ``/studies`` with the configured filters, a StudyDate range and limit/offset paging.
 
     Some servers filter ``ModalitiesInStudy`` after paging (Orthanc 1.10 answers nothing past the
@@ -65,8 +66,14 @@ def search_studies(client: httpx.Client, root: str, query: dict[str, str], since
         yield from _search(client, root, unfiltered, page_size, seen, modalities)
 
 
-def _search(client: httpx.Client, root: str, params: dict[str, Any], page_size: int, seen: set[str],
-            modalities: set[str] | None = None) -> Generator[StudyRef, None, int]:
+def _search(
+    client: httpx.Client,
+    root: str,
+    params: dict[str, Any],
+    page_size: int,
+    seen: set[str],
+    modalities: set[str] | None = None,
+) -> Generator[StudyRef, None, int]:
     """Page through one QIDO-RS search; returns how many pages came back full. With ``modalities``,
     a study is kept when one of its ModalitiesInStudy is wanted, or when the server did not say."""
     full_pages = 0
@@ -149,8 +156,10 @@ def multipart_boundary(content_type: str, what: str) -> bytes:
     message["content-type"] = content_type
     boundary = message.get_param("boundary")
     if message.get_content_type() != "multipart/related" or not isinstance(boundary, str) or not boundary:
-        raise FetchRefused(f"{what}: expected a multipart/related answer with a boundary, got "
-                           f"{content_type or 'no Content-Type'}")
+        raise FetchRefused(
+            f"{what}: expected a multipart/related answer with a boundary, got "
+            f"{content_type or 'no Content-Type'}"
+        )
     return boundary.encode("latin-1")
 
 
@@ -181,9 +190,11 @@ class MultipartSplitter:
         self.total += len(chunk)
         if self.total > self.max_bytes:
             self._abort()
-            raise FetchRefused(f"{self.what}: the study is larger than fetch.max_bytes = "
-                               f"{human_bytes(self.max_bytes)}; the retrieval was stopped — raise "
-                               "fetch.max_bytes if the study is genuine")
+            raise FetchRefused(
+                f"{self.what}: the study is larger than fetch.max_bytes = "
+                f"{human_bytes(self.max_bytes)}; the retrieval was stopped — raise "
+                "fetch.max_bytes if the study is genuine"
+            )
         self.buffer += chunk
         while self._step():
             pass
@@ -201,9 +212,9 @@ class MultipartSplitter:
         if self.phase == "preamble":
             at = buf.find(self.first)
             if at < 0:
-                del buf[:max(0, len(buf) - len(self.first) + 1)]
+                del buf[: max(0, len(buf) - len(self.first) + 1)]
                 return False
-            del buf[:at + len(self.first)]
+            del buf[: at + len(self.first)]
             self.phase = "after-delimiter"
             return True
         if self.phase == "after-delimiter":
@@ -220,7 +231,7 @@ class MultipartSplitter:
                 return False
             if buf[:end].strip(b" \t"):
                 raise FetchRefused(f"{self.what}: malformed multipart delimiter line")
-            del buf[:end + 2]
+            del buf[: end + 2]
             self.phase = "headers"
             return True
         if self.phase == "headers":
@@ -242,11 +253,11 @@ class MultipartSplitter:
             if at < 0:
                 keep = len(self.delimiter) - 1
                 if len(buf) > keep:
-                    self._write(bytes(buf[:len(buf) - keep]))
-                    del buf[:len(buf) - keep]
+                    self._write(bytes(buf[: len(buf) - keep]))
+                    del buf[: len(buf) - keep]
                 return False
             self._write(bytes(buf[:at]))
-            del buf[:at + len(self.delimiter)]
+            del buf[: at + len(self.delimiter)]
             self._close_part()
             self.phase = "after-delimiter"
             return True

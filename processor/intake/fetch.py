@@ -72,12 +72,15 @@ def check_url(url: str | httpx.URL, allow_hosts: frozenset[str]) -> None:
     """Refuse anything but http(s) to an allowed host."""
     parts = urlsplit(str(url))
     if parts.scheme.lower() not in ("http", "https"):
-        raise FetchRefused(f"refused {parts.scheme or 'scheme-less'} URL {public_url(url)}: only http and "
-                           "https are fetched")
+        raise FetchRefused(
+            f"refused {parts.scheme or 'scheme-less'} URL {public_url(url)}: only http and https are fetched"
+        )
     host = (parts.hostname or "").lower()
     if host not in allow_hosts:
-        raise FetchRefused(f"refused {public_url(url)}: host {host or '(none)'} is not in fetch.allow_hosts "
-                           f"({', '.join(sorted(allow_hosts)) or 'empty'}); add it there if it is trusted")
+        raise FetchRefused(
+            f"refused {public_url(url)}: host {host or '(none)'} is not in fetch.allow_hosts "
+            f"({', '.join(sorted(allow_hosts)) or 'empty'}); add it there if it is trusted"
+        )
 
 
 def bearer_token(env_name: str | None, source: str) -> str | None:
@@ -86,9 +89,11 @@ def bearer_token(env_name: str | None, source: str) -> str | None:
         return None
     token = os.environ.get(env_name, "").strip()
     if not token:
-        raise FetchRefused(f"the environment variable {env_name} named in auth.bearer_env of source "
-                           f"{source} is not set or empty in the daemon's environment; export it and "
-                           "restart ctwatch")
+        raise FetchRefused(
+            f"the environment variable {env_name} named in auth.bearer_env of source "
+            f"{source} is not set or empty in the daemon's environment; export it and "
+            "restart ctwatch"
+        )
     return token
 
 
@@ -103,8 +108,12 @@ def open_client(policy: FetchPolicy, token: str | None) -> httpx.Client:
         headers["Authorization"] = f"Bearer {token}"
     return httpx.Client(
         timeout=httpx.Timeout(policy.timeout, connect=min(policy.timeout, 30.0)),
-        follow_redirects=True, max_redirects=MAX_REDIRECTS, trust_env=False, headers=headers,
-        event_hooks={"request": [guard]})
+        follow_redirects=True,
+        max_redirects=MAX_REDIRECTS,
+        trust_env=False,
+        headers=headers,
+        event_hooks={"request": [guard]},
+    )
 
 
 def raise_for_status(response: httpx.Response, what: str) -> None:
@@ -122,8 +131,14 @@ def raise_for_status(response: httpx.Response, what: str) -> None:
     raise FetchRefused(reason)
 
 
-def with_retries(call: Callable[[], T], policy: FetchPolicy, *, what: str, wait: Callable[[float], bool],
-                 rng: random.Random) -> T:
+def with_retries(
+    call: Callable[[], T],
+    policy: FetchPolicy,
+    *,
+    what: str,
+    wait: Callable[[float], bool],
+    rng: random.Random,
+) -> T:
     """Run ``call``; retry timeouts, connection errors and 5xx ``policy.retries`` times with backoff.
 
     ``wait(seconds)`` sleeps and returns True when shutdown was requested (then FetchInterrupted).
@@ -157,9 +172,11 @@ def check_length(response: httpx.Response, max_bytes: int, what: str) -> None:
     """Refuse before reading a body whose announced Content-Length is above the cap."""
     announced = response.headers.get("content-length")
     if announced is not None and announced.strip().isdigit() and int(announced) > max_bytes:
-        raise FetchRefused(f"{what}: the server announces {human_bytes(int(announced))} (Content-Length), "
-                           f"above fetch.max_bytes = {human_bytes(max_bytes)}; nothing was downloaded — "
-                           "raise fetch.max_bytes if the file is genuine")
+        raise FetchRefused(
+            f"{what}: the server announces {human_bytes(int(announced))} (Content-Length), "
+            f"above fetch.max_bytes = {human_bytes(max_bytes)}; nothing was downloaded — "
+            "raise fetch.max_bytes if the file is genuine"
+        )
 
 
 def stream_to_file(response: httpx.Response, dest: Path, max_bytes: int, what: str) -> tuple[str, int]:
@@ -172,9 +189,11 @@ def stream_to_file(response: httpx.Response, dest: Path, max_bytes: int, what: s
             for chunk in response.iter_bytes(CHUNK):
                 size += len(chunk)
                 if size > max_bytes:
-                    raise FetchRefused(f"{what}: the body grew past fetch.max_bytes = "
-                                       f"{human_bytes(max_bytes)}; the download was stopped and removed — "
-                                       "raise fetch.max_bytes if the file is genuine")
+                    raise FetchRefused(
+                        f"{what}: the body grew past fetch.max_bytes = "
+                        f"{human_bytes(max_bytes)}; the download was stopped and removed — "
+                        "raise fetch.max_bytes if the file is genuine"
+                    )
                 digest.update(chunk)
                 fh.write(chunk)
     except BaseException:

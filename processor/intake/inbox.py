@@ -136,5 +136,7 @@ def write_error_note(target: Path, reason: str) -> Path:
     note.write_text(
         f"ctwatch could not process {display_name(target.name)}.\n\nReason: {escape_surrogates(reason)}\n\n"
         "The file is kept here unchanged. Fix the cause, then copy it into the inbox again "
-        "(or run `python run.py requeue <arrival id>`).\n", encoding="utf-8")
+        "(or run `python run.py requeue <arrival id>`).\n",
+        encoding="utf-8",
+    )
     return note

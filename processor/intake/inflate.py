@@ -36,17 +36,32 @@ except ImportError:  # pragma: no cover - a Python built without liblzma
 CHUNK = 1 << 16  # bytes inflated (and compressed bytes read) per step
 _LZMA_DICT_MIN = 4096  # liblzma's smallest dictionary
 AES_METHOD = 99  # WinZip AES: the real method sits in the member's extra field
-SUPPORTED_METHODS = frozenset({zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED}
-                              | ({zipfile.ZIP_BZIP2} if bz2 is not None else set())
-                              | ({zipfile.ZIP_LZMA} if lzma is not None else set()))
-METHOD_NAMES = {1: "Shrink", 6: "Implode", 9: "Deflate64", 10: "PKWARE Implode", 12: "BZIP2", 14: "LZMA",
-                18: "IBM TERSE", 19: "IBM LZ77", 93: "Zstandard", 95: "XZ", 96: "JPEG", 97: "WavPack",
-                98: "PPMd"}
+SUPPORTED_METHODS = frozenset(
+    {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED}
+    | ({zipfile.ZIP_BZIP2} if bz2 is not None else set())
+    | ({zipfile.ZIP_LZMA} if lzma is not None else set())
+)
+METHOD_NAMES = {
+    1: "Shrink",
+    6: "Implode",
+    9: "Deflate64",
+    10: "PKWARE Implode",
+    12: "BZIP2",
+    14: "LZMA",
+    18: "IBM TERSE",
+    19: "IBM LZ77",
+    93: "Zstandard",
+    95: "XZ",
+    96: "JPEG",
+    97: "WavPack",
+    98: "PPMd",
+}
 _ENCRYPTED = 0x1  # general purpose flag bit 0
 _PATCHED = 0x20  # bit 5: compressed patched data
 _STRONG_ENCRYPTION = 0x40  # bit 6: PKWARE strong encryption
 _CODEC_ERRORS: tuple[type[Exception], ...] = (zlib.error, OSError, EOFError) + (
-    (lzma.LZMAError,) if lzma is not None else ())
+    (lzma.LZMAError,) if lzma is not None else ()
+)
 _LZMA_SETUP_ERRORS: tuple[type[Exception], ...] = (*_CODEC_ERRORS, ValueError)  # ValueError: bad properties
 
 
@@ -58,17 +73,28 @@ class MemberReadError(zipfile.BadZipFile):
 def refusal(info: zipfile.ZipInfo) -> str | None:
     """Why the member cannot be read, in words that say the fix; None when it can be."""
     if info.flag_bits & (_ENCRYPTED | _STRONG_ENCRYPTION) or info.compress_type == AES_METHOD:
-        kind = ("AES encryption" if info.compress_type == AES_METHOD
-                else "PKWARE strong encryption" if info.flag_bits & _STRONG_ENCRYPTION else "ZipCrypto")
-        return (f"is encrypted: the ZIP is password-protected ({kind}) and ctwatch cannot read it; "
-                "export the study without a password")
+        kind = (
+            "AES encryption"
+            if info.compress_type == AES_METHOD
+            else "PKWARE strong encryption"
+            if info.flag_bits & _STRONG_ENCRYPTION
+            else "ZipCrypto"
+        )
+        return (
+            f"is encrypted: the ZIP is password-protected ({kind}) and ctwatch cannot read it; "
+            "export the study without a password"
+        )
     if info.flag_bits & _PATCHED:
-        return ("is stored as a patch to another file (compressed patched data), which ctwatch cannot "
-                "read; re-export the ZIP with standard Deflate compression")
+        return (
+            "is stored as a patch to another file (compressed patched data), which ctwatch cannot "
+            "read; re-export the ZIP with standard Deflate compression"
+        )
     if info.compress_type not in SUPPORTED_METHODS:
         name = METHOD_NAMES.get(info.compress_type, "an unknown method")
-        return (f"is compressed with {name} (ZIP method {info.compress_type}), which ctwatch cannot read; "
-                "re-export the ZIP with standard Deflate compression (or none)")
+        return (
+            f"is compressed with {name} (ZIP method {info.compress_type}), which ctwatch cannot read; "
+            "re-export the ZIP with standard Deflate compression (or none)"
+        )
     return None
 
 
@@ -161,8 +187,10 @@ class _Inflater:
 
 
 def _corrupt(where: str, exc: Exception) -> MemberReadError:
-    return MemberReadError(f"{where} cannot be inflated ({type(exc).__name__}: {exc}): the ZIP is "
-                           "damaged — copy it again from the source")
+    return MemberReadError(
+        f"{where} cannot be inflated ({type(exc).__name__}: {exc}): the ZIP is "
+        "damaged — copy it again from the source"
+    )
 
 
 def _inflater(raw: IO[bytes], info: zipfile.ZipInfo, where: str) -> _Inflater:
@@ -226,9 +254,11 @@ class _Verified:
         if len(chunk) > self._left:
             raise self._too_long()
         if not chunk:
-            raise MemberReadError(f"{self._where} ends {self._left} bytes short of its declared size of "
-                                  f"{self._info.file_size}: the ZIP is truncated or damaged — copy it again "
-                                  "from the source")
+            raise MemberReadError(
+                f"{self._where} ends {self._left} bytes short of its declared size of "
+                f"{self._info.file_size}: the ZIP is truncated or damaged — copy it again "
+                "from the source"
+            )
         self._left -= len(chunk)
         self._crc = zlib.crc32(chunk, self._crc)
         if self._left == 0:
@@ -239,14 +269,18 @@ class _Verified:
         if self._inflater.read(1):
             raise self._too_long()
         if self._crc != self._info.CRC:
-            raise MemberReadError(f"{self._where} fails its CRC-32 check (Bad CRC-32): the ZIP is damaged — "
-                                  "copy it again from the source")
+            raise MemberReadError(
+                f"{self._where} fails its CRC-32 check (Bad CRC-32): the ZIP is damaged — "
+                "copy it again from the source"
+            )
         self._checked = True
 
     def _too_long(self) -> MemberReadError:
-        return MemberReadError(f"{self._where} inflates past its declared size of {self._info.file_size} "
-                               "bytes: the ZIP is damaged or built to exhaust memory; it was not read "
-                               "further — export the study again")
+        return MemberReadError(
+            f"{self._where} inflates past its declared size of {self._info.file_size} "
+            "bytes: the ZIP is damaged or built to exhaust memory; it was not read "
+            "further — export the study again"
+        )
 
 
 class _VerifiedStream(io.RawIOBase):
@@ -263,7 +297,7 @@ class _VerifiedStream(io.RawIOBase):
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
         view = memoryview(buffer).cast("B")
         chunk = self._member.read(len(view))
-        view[:len(chunk)] = chunk
+        view[: len(chunk)] = chunk
         return len(chunk)
 
     def close(self) -> None:

@@ -82,7 +82,9 @@ class Placements:
 
     def __init__(self, layout_for: Callable[[Path], InboxLayout]) -> None:
         self._by_kind: dict[Placement, InboxPlacement | InPlace] = {
-            Placement.INBOX: InboxPlacement(layout_for), Placement.IN_PLACE: InPlace()}
+            Placement.INBOX: InboxPlacement(layout_for),
+            Placement.IN_PLACE: InPlace(),
+        }
 
     def for_arrival(self, arrival: Arrival) -> InboxPlacement | InPlace:
         return self._by_kind[arrival.placement]

@@ -86,25 +86,38 @@ def check_sources(settings: Settings) -> None:
     allowed = set(settings.fetch.allow_hosts)
     for i, source in enumerate(settings.sources):
         if source.name in names:
-            problems.append(f"sources.{i}.name ({source.name!r}): two sources have this name. "
-                            "Fix: give each source its own name.")
+            problems.append(
+                f"sources.{i}.name ({source.name!r}): two sources have this name. "
+                "Fix: give each source its own name."
+            )
         names.add(source.name)
         host = (urlsplit(source.url).hostname or "").lower()
         if host not in allowed:
-            problems.append(f"sources.{i}.url ({public_url(source.url)!r}): host {host} is not in "
-                            f"fetch.allow_hosts. Fix: add {host} to fetch.allow_hosts if it is trusted.")
+            problems.append(
+                f"sources.{i}.url ({public_url(source.url)!r}): host {host} is not in "
+                f"fetch.allow_hosts. Fix: add {host} to fetch.allow_hosts if it is trusted."
+            )
     if problems:
         where = settings.config_file or "settings"
-        raise ConfigError(f"{where}: {len(problems)} problem(s) in the URL sources:\n"
-                          + "\n".join(f"  - {p}" for p in problems))
+        raise ConfigError(
+            f"{where}: {len(problems)} problem(s) in the URL sources:\n"
+            + "\n".join(f"  - {p}" for p in problems)
+        )
 
 
 class SourcePoller:
     """Polls the configured URL sources; every poll feeds Intake and records itself in SQLite."""
 
-    def __init__(self, settings: Settings, state_path: Path, make_intake: Callable[[State], Intake], *,
-                 on_arrival: Callable[[int], None] = lambda arrival_id: None,
-                 may_fetch: Callable[[], bool] = lambda: True, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        state_path: Path,
+        make_intake: Callable[[State], Intake],
+        *,
+        on_arrival: Callable[[int], None] = lambda arrival_id: None,
+        may_fetch: Callable[[], bool] = lambda: True,
+        rng: random.Random | None = None,
+    ) -> None:
         check_sources(settings)
         self.sources = {s.name: s for s in settings.sources}
         self.state_path = Path(state_path)
@@ -113,9 +126,12 @@ class SourcePoller:
         self.may_fetch = may_fetch
         self.rng = rng or random.Random()
         self.policy = FetchPolicy(
-            allow_hosts=frozenset(settings.fetch.allow_hosts), timeout=settings.fetch.timeout_seconds,
-            max_bytes=settings.fetch.max_bytes, retries=settings.fetch.retries,
-            backoff=settings.fetch.backoff_seconds)
+            allow_hosts=frozenset(settings.fetch.allow_hosts),
+            timeout=settings.fetch.timeout_seconds,
+            max_bytes=settings.fetch.max_bytes,
+            retries=settings.fetch.retries,
+            backoff=settings.fetch.backoff_seconds,
+        )
         self.staging = InboxLayout(settings.inbox.dirs[0]).control / "fetch"
         self._stop = threading.Event()
         self._locks = {name: threading.Lock() for name in self.sources}
@@ -175,20 +191,36 @@ class SourcePoller:
             if self.may_fetch():
                 self._fetch(source, state, now, at, outcome)
             else:
-                outcome.ok, outcome.error = False, ("not polled: free disk space is below disk.min_free_gb; "
-                                                    "free some space (polling resumes by itself)")
+                outcome.ok, outcome.error = (
+                    False,
+                    (
+                        "not polled: free disk space is below disk.min_free_gb; "
+                        "free some space (polling resumes by itself)"
+                    ),
+                )
             if outcome.detail == "interrupted by shutdown":
                 return outcome
             if outcome.ok:
-                state.source_poll_succeeded(source.name, at, arrivals=len(outcome.arrivals),
-                                            detail=outcome.detail)
-                log.info("source.poll source=%s outcome=ok arrivals=%d unchanged=%d detail=%r",
-                         source.name, len(outcome.arrivals), outcome.unchanged, outcome.detail)
+                state.source_poll_succeeded(
+                    source.name, at, arrivals=len(outcome.arrivals), detail=outcome.detail
+                )
+                log.info(
+                    "source.poll source=%s outcome=ok arrivals=%d unchanged=%d detail=%r",
+                    source.name,
+                    len(outcome.arrivals),
+                    outcome.unchanged,
+                    outcome.detail,
+                )
             else:
-                state.source_poll_failed(source.name, at, error=outcome.error or "",
-                                         arrivals=len(outcome.arrivals))
-                log.warning("source.poll source=%s outcome=error arrivals=%d error=%r",
-                            source.name, len(outcome.arrivals), outcome.error)
+                state.source_poll_failed(
+                    source.name, at, error=outcome.error or "", arrivals=len(outcome.arrivals)
+                )
+                log.warning(
+                    "source.poll source=%s outcome=error arrivals=%d error=%r",
+                    source.name,
+                    len(outcome.arrivals),
+                    outcome.error,
+                )
         except sqlite3.Error as exc:  # e.g. locked past the busy timeout: reported, not raised
             log.error("source.poll source=%s outcome=error error=%r", source.name, f"state: {exc}")
             outcome.ok, outcome.error = False, f"state database: {exc}"
@@ -198,8 +230,9 @@ class SourcePoller:
             self.on_arrival(arrival_id)
         return outcome
 
-    def _fetch(self, source: SourceSettings, state: State, now: datetime, at: str,
-               outcome: PollOutcome) -> None:
+    def _fetch(
+        self, source: SourceSettings, state: State, now: datetime, at: str, outcome: PollOutcome
+    ) -> None:
         """Run the source's fetch; every failure ends up in ``outcome`` (never raised)."""
         try:
             intake = self.make_intake(state)
@@ -227,8 +260,9 @@ class SourcePoller:
         return folder
 
     # ------------------------------------------------------------------ http
-    def _poll_http(self, source: SourceSettings, client: httpx.Client, state: State, intake: Intake,
-                   outcome: PollOutcome) -> None:
+    def _poll_http(
+        self, source: SourceSettings, client: httpx.Client, state: State, intake: Intake, outcome: PollOutcome
+    ) -> None:
         known = state.source_validators(source.name)
         conditional = {}
         if known["etag"]:
@@ -244,42 +278,67 @@ class SourcePoller:
                 return
             assert isinstance(download, _Download)
             if download.sha256 == known["last_sha256"] or state.source_has_body(source.name, download.sha256):
-                state.set_source_validators(source.name, etag=download.etag,
-                                            last_modified=download.last_modified, sha256=download.sha256)
+                state.set_source_validators(
+                    source.name,
+                    etag=download.etag,
+                    last_modified=download.last_modified,
+                    sha256=download.sha256,
+                )
                 outcome.unchanged, outcome.detail = 1, "unchanged body (same sha256 as the last one taken)"
                 return
             path = folder / _arrival_name(source, download)
             download.path.rename(path)
-            arrival_id = intake.accept(path, kind="http", source_name=source.name,
-                                       source_url=public_url(source.url))
-            state.set_source_validators(source.name, etag=download.etag, last_modified=download.last_modified,
-                                        sha256=download.sha256)
+            arrival_id = intake.accept(
+                path, kind="http", source_name=source.name, source_url=public_url(source.url)
+            )
+            state.set_source_validators(
+                source.name, etag=download.etag, last_modified=download.last_modified, sha256=download.sha256
+            )
             if arrival_id is not None:
                 outcome.arrivals.append(arrival_id)
             outcome.detail = f"new body {download.sha256[:12]} ({download.size} bytes)"
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
-    def _get(self, client: httpx.Client, url: str, conditional: dict[str, str], folder: Path,
-             what: str) -> _Download | None:
+    def _get(
+        self, client: httpx.Client, url: str, conditional: dict[str, str], folder: Path, what: str
+    ) -> _Download | None:
         with client.stream("GET", url, headers=conditional) as response:
             if response.status_code == 304:
                 return None
             raise_for_status(response, what)
             target = folder / "body.part"
             sha, size = stream_to_file(response, target, self.policy.max_bytes, what)
-            return _Download(target, sha, size, response.headers.get("content-type", ""),
-                             _disposition_filename(response.headers.get("content-disposition", "")),
-                             response.headers.get("etag"), response.headers.get("last-modified"))
+            return _Download(
+                target,
+                sha,
+                size,
+                response.headers.get("content-type", ""),
+                _disposition_filename(response.headers.get("content-disposition", "")),
+                response.headers.get("etag"),
+                response.headers.get("last-modified"),
+            )
 
     # ------------------------------------------------------------------ dicomweb
-    def _poll_dicomweb(self, source: SourceSettings, client: httpx.Client, state: State, intake: Intake,
-                       now: datetime, outcome: PollOutcome, at: str) -> None:
+    def _poll_dicomweb(
+        self,
+        source: SourceSettings,
+        client: httpx.Client,
+        state: State,
+        intake: Intake,
+        now: datetime,
+        outcome: PollOutcome,
+        at: str,
+    ) -> None:
         root = source.url.rstrip("/")
         since = _since(now, source.lookback)
         what = f"QIDO-RS {public_url(root)}/studies"
-        studies = self._retrying(lambda: list(dicomweb.search_studies(
-            client, root, source.query, since, page_size=source.page_size)), what)
+        studies = self._retrying(
+            lambda: list(
+                dicomweb.search_studies(client, root, source.query, since, page_size=source.page_size)
+            ),
+            what,
+        )
         assert isinstance(studies, list)
         errors = []
         for ref in studies:
@@ -292,21 +351,30 @@ class SourcePoller:
                 arrival_id = self._fetch_study(source, client, intake, root, ref)
             except FetchRefused as exc:  # this study only; the others go on, it is tried again next poll
                 errors.append(str(exc))
-                log.warning("source.study_refused source=%s study=%s reason=%r", source.name, ref.uid, str(exc))
+                log.warning(
+                    "source.study_refused source=%s study=%s reason=%r", source.name, ref.uid, str(exc)
+                )
                 continue
             state.record_source_item(source.name, ref.uid, ref.version, arrival_id, at)
             if arrival_id is not None:
                 outcome.arrivals.append(arrival_id)
-        outcome.detail = (f"{len(studies)} stud{'y' if len(studies) == 1 else 'ies'} listed, "
-                          f"{len(outcome.arrivals)} fetched, {outcome.unchanged} already fetched")
+        outcome.detail = (
+            f"{len(studies)} stud{'y' if len(studies) == 1 else 'ies'} listed, "
+            f"{len(outcome.arrivals)} fetched, {outcome.unchanged} already fetched"
+        )
         if errors:
-            outcome.ok, outcome.error = False, f"{len(errors)} stud(ies) not fetched: " + "; ".join(errors[:3])
+            outcome.ok, outcome.error = (
+                False,
+                f"{len(errors)} stud(ies) not fetched: " + "; ".join(errors[:3]),
+            )
 
-    def _fetch_study(self, source: SourceSettings, client: httpx.Client, intake: Intake, root: str,
-                     ref: dicomweb.StudyRef) -> int | None:
+    def _fetch_study(
+        self, source: SourceSettings, client: httpx.Client, intake: Intake, root: str, ref: dicomweb.StudyRef
+    ) -> int | None:
         outer = self._new_staging_dir()
         folder = outer / safe_name(f"{source.name}-{ref.uid}-n{ref.instances or 0}")
         try:
+
             def attempt() -> int:
                 shutil.rmtree(folder, ignore_errors=True)  # a retried retrieval starts from scratch
                 return dicomweb.retrieve_study(client, root, ref.uid, folder, self.policy.max_bytes)
@@ -314,10 +382,19 @@ class SourcePoller:
             count = self._retrying(attempt, f"WADO-RS {public_url(root)}/studies/{ref.uid}")
             if count == 0:
                 raise FetchRefused(f"WADO-RS retrieve of study {ref.uid} returned no DICOM instances")
-            log.info("source.study_retrieved source=%s study=%s instances=%s listed=%s",
-                     source.name, ref.uid, count, ref.instances)
-            return intake.accept(folder, kind="dicomweb", source_name=source.name,
-                                 source_url=f"{public_url(root)}/studies/{ref.uid}")
+            log.info(
+                "source.study_retrieved source=%s study=%s instances=%s listed=%s",
+                source.name,
+                ref.uid,
+                count,
+                ref.instances,
+            )
+            return intake.accept(
+                folder,
+                kind="dicomweb",
+                source_name=source.name,
+                source_url=f"{public_url(root)}/studies/{ref.uid}",
+            )
         finally:
             shutil.rmtree(outer, ignore_errors=True)
 
@@ -329,7 +406,9 @@ class SourceThreads:
     else (the scheduler's single job thread included). ``stop()`` also interrupts backoff waits.
     """
 
-    def __init__(self, poller: SourcePoller, clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+    def __init__(
+        self, poller: SourcePoller, clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    ) -> None:
         self.poller = poller
         self.clock = clock
         self._stop = threading.Event()
@@ -337,8 +416,9 @@ class SourceThreads:
 
     def start(self) -> None:
         for name, every in self.poller.schedule():
-            thread = threading.Thread(target=self._loop, args=(name, every), name=f"ctwatch-source-{name}",
-                                      daemon=True)
+            thread = threading.Thread(
+                target=self._loop, args=(name, every), name=f"ctwatch-source-{name}", daemon=True
+            )
             thread.start()
             self._threads.append(thread)
 
@@ -388,8 +468,10 @@ def _arrival_name(source: SourceSettings, download: _Download) -> str:
     elif head[128:132] == b"DICM" or content_type == "application/dicom":
         suffix = ".dcm"
     else:
-        raise FetchRefused(f"{public_url(source.url)}: the body is neither a ZIP nor a DICOM file "
-                           f"(Content-Type {content_type or 'none'}); point the source at a .zip or .dcm")
+        raise FetchRefused(
+            f"{public_url(source.url)}: the body is neither a ZIP nor a DICOM file "
+            f"(Content-Type {content_type or 'none'}); point the source at a .zip or .dcm"
+        )
     return name if name.lower().endswith(suffix) else name + suffix
 
 

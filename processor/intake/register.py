@@ -65,8 +65,15 @@ class _Entry:
 class Intake:
     """Registers arrivals in SQLite. Inbox files move into ``.ctwatch/work``; CLI inputs stay put."""
 
-    def __init__(self, state: State, *, pipeline_name: str, pipeline_version: int,
-                 inbox_dirs: Iterable[Path], outbox: Path) -> None:
+    def __init__(
+        self,
+        state: State,
+        *,
+        pipeline_name: str,
+        pipeline_version: int,
+        inbox_dirs: Iterable[Path],
+        outbox: Path,
+    ) -> None:
         self.state = state
         self.pipeline_name = pipeline_name
         self.pipeline_version = pipeline_version
@@ -81,8 +88,15 @@ class Intake:
                 return InboxLayout(inbox)
         return InboxLayout(resolved.parent)
 
-    def accept(self, path: Path, *, night: bool = False, kind: str | None = None,
-               source_name: str | None = None, source_url: str | None = None) -> int | None:
+    def accept(
+        self,
+        path: Path,
+        *,
+        night: bool = False,
+        kind: str | None = None,
+        source_name: str | None = None,
+        source_url: str | None = None,
+    ) -> int | None:
         """Register a stable inbox entry and move it into the work folder. Returns the arrival id.
 
         None when the entry is already being processed, or vanished before it was taken in. Any
@@ -117,21 +131,38 @@ class Intake:
         if layout is not None:
             layout.ensure()
         registered = self.state.register_arrival(
-            kind=entry.kind, name=entry.name, name_bytes=entry.name_bytes, original_path=str(path),
-            current_path=str(path), sha256=entry.sha256, size=entry.size, pipeline_name=self.pipeline_name,
-            pipeline_version=self.pipeline_version, night=entry.night, source_name=entry.source_name,
-            source_url=entry.source_url)
+            kind=entry.kind,
+            name=entry.name,
+            name_bytes=entry.name_bytes,
+            original_path=str(path),
+            current_path=str(path),
+            sha256=entry.sha256,
+            size=entry.size,
+            pipeline_name=self.pipeline_name,
+            pipeline_version=self.pipeline_version,
+            night=entry.night,
+            source_name=entry.source_name,
+            source_url=entry.source_url,
+        )
         aid = entry.arrival_id = registered.arrival_id
         if registered.duplicate_of is not None:
             entry.moved_to = self._finish_duplicate(aid, registered.duplicate_of, path, layout)
             return aid
         if layout is None:
             return aid
-        fault_point("url.registered" if entry.kind in ("http", "dicomweb") else "intake.registered", entry.name)
+        fault_point(
+            "url.registered" if entry.kind in ("http", "dicomweb") else "intake.registered", entry.name
+        )
         entry.moved_to = move(path, layout.work / work_name(aid, entry.name))
         self.state.update_arrival(aid, current_path=str(entry.moved_to))
-        log.info("arrival.registered arrival=%s name=%s sha256=%s size=%d night=%s",
-                 aid, entry.name, entry.sha256[:12], entry.size, entry.night)
+        log.info(
+            "arrival.registered arrival=%s name=%s sha256=%s size=%d night=%s",
+            aid,
+            entry.name,
+            entry.sha256[:12],
+            entry.size,
+            entry.night,
+        )
         return aid
 
     # ------------------------------------------------------------------ failures
@@ -141,8 +172,9 @@ class Intake:
             log.exception("arrival.registration_incomplete arrival=%s name=%s", entry.arrival_id, entry.name)
             return entry.arrival_id
         if not os.path.lexists(entry.path):
-            log.warning("arrival.vanished name=%s path=%s: gone before it could be taken in",
-                        entry.name, entry.path)
+            log.warning(
+                "arrival.vanished name=%s path=%s: gone before it could be taken in", entry.name, entry.path
+            )
             return entry.arrival_id
         reason = _reason(exc)
         dest = self._quarantine_dest(entry)
@@ -153,8 +185,14 @@ class Intake:
         if aid is not None:
             self.state.update_arrival(aid, receipt_path=str(receipt))
             self.state.mark_placed(aid, str(where))
-        log.warning("arrival.quarantined arrival=%s name=%s reason=%r receipt=%s", aid, entry.name, reason,
-                    receipt.name, exc_info=not isinstance(exc, EXPECTED))  # a traceback only for a bug
+        log.warning(
+            "arrival.quarantined arrival=%s name=%s reason=%r receipt=%s",
+            aid,
+            entry.name,
+            reason,
+            receipt.name,
+            exc_info=not isinstance(exc, EXPECTED),
+        )  # a traceback only for a bug
         return aid
 
     def _quarantine_dest(self, entry: _Entry) -> Path | None:
@@ -165,8 +203,12 @@ class Intake:
         try:
             return free_path(self.layout_for(entry.path).quarantine, entry.name, entry.arrival_id or 0)
         except OSError as exc:
-            log.error("arrival.quarantine_failed name=%s path=%s error=%s", entry.name, entry.path,
-                      display_text(str(exc)))
+            log.error(
+                "arrival.quarantine_failed name=%s path=%s error=%s",
+                entry.name,
+                entry.path,
+                display_text(str(exc)),
+            )
             return None
 
     def _quarantine(self, entry: _Entry, dest: Path | None, reason: str) -> Path:
@@ -181,8 +223,12 @@ class Intake:
             fault_point("quarantine.note_written", entry.name)
             return dest
         except OSError as exc:
-            log.error("arrival.quarantine_failed name=%s path=%s error=%s", entry.name, entry.path,
-                      display_text(str(exc)))
+            log.error(
+                "arrival.quarantine_failed name=%s path=%s error=%s",
+                entry.name,
+                entry.path,
+                display_text(str(exc)),
+            )
             return entry.path if os.path.lexists(entry.path) else dest
 
     def _record_rejected(self, entry: _Entry, reason: str, dest: Path | None) -> int | None:
@@ -193,16 +239,29 @@ class Intake:
                 aid = entry.arrival_id
             else:
                 aid = self.state.register_arrival(
-                    kind=entry.kind, name=entry.name, name_bytes=entry.name_bytes,
-                    original_path=str(entry.path), current_path=str(entry.path), sha256=entry.sha256,
-                    size=entry.size, pipeline_name=self.pipeline_name, pipeline_version=self.pipeline_version,
-                    night=entry.night, source_name=entry.source_name, source_url=entry.source_url,
-                    refused=reason).arrival_id
+                    kind=entry.kind,
+                    name=entry.name,
+                    name_bytes=entry.name_bytes,
+                    original_path=str(entry.path),
+                    current_path=str(entry.path),
+                    sha256=entry.sha256,
+                    size=entry.size,
+                    pipeline_name=self.pipeline_name,
+                    pipeline_version=self.pipeline_version,
+                    night=entry.night,
+                    source_name=entry.source_name,
+                    source_url=entry.source_url,
+                    refused=reason,
+                ).arrival_id
             arrival = self.state.arrival(aid)
-            self.state.finish(aid, ArrivalState.QUARANTINED, error=reason,
-                              final_path=str(dest) if dest is not None else None,
-                              receipt_path=str(receipt_path(self.outbox, aid, arrival.name)),
-                              receipt=receipt_document(arrival, "rejected", reason))
+            self.state.finish(
+                aid,
+                ArrivalState.QUARANTINED,
+                error=reason,
+                final_path=str(dest) if dest is not None else None,
+                receipt_path=str(receipt_path(self.outbox, aid, arrival.name)),
+                receipt=receipt_document(arrival, "rejected", reason),
+            )
             return aid
         except Exception:  # noqa: BLE001 — the receipt below still tells the user; logged once here
             log.exception("arrival.unrecorded name=%s: the database refused the rejected arrival", entry.name)
@@ -212,12 +271,21 @@ class Intake:
         """End a duplicate: its receipt and place recorded first, then the move (replayed after a crash)."""
         arrival = self.state.arrival(aid)
         results = [s["json_path"] for s in self.state.studies_for(original)]
-        document = receipt_document(arrival, "duplicate",
-                                    duplicate_message(original, self.pipeline_name, self.pipeline_version),
-                                    studies=[{"json": p} for p in results if p])
+        document = receipt_document(
+            arrival,
+            "duplicate",
+            duplicate_message(original, self.pipeline_name, self.pipeline_version),
+            studies=[{"json": p} for p in results if p],
+        )
         dest = free_path(layout.done(date.today()), arrival.name, aid) if layout is not None else None
-        self.state.finish(aid, ArrivalState.DUPLICATE, error=None, final_path=str(dest) if dest else None,
-                          receipt_path=str(receipt_path(self.outbox, aid, arrival.name)), receipt=document)
+        self.state.finish(
+            aid,
+            ArrivalState.DUPLICATE,
+            error=None,
+            final_path=str(dest) if dest else None,
+            receipt_path=str(receipt_path(self.outbox, aid, arrival.name)),
+            receipt=document,
+        )
         where = move(path, dest) if dest is not None else path
         write_receipt_document(self.outbox, document)
         self.state.mark_placed(aid, str(where))
@@ -238,12 +306,22 @@ def _reason(exc: Exception) -> str:
         what = f"the state database refused it ({exc}); check the free space and the `state` setting"
     else:
         what = f"of an internal error ({type(exc).__name__}: {exc}); please report it"
-    return display_text(f"The input could not be taken in: {what}. Copy it into the inbox again "
-                        "once the cause is fixed.")
+    return display_text(
+        f"The input could not be taken in: {what}. Copy it into the inbox again once the cause is fixed."
+    )
 
 
 def _unregistered(entry: _Entry, where: Path) -> Arrival:
     """What a receipt needs of an arrival the database refused to record (its id is not used)."""
-    return Arrival(id=0, kind=entry.kind, name=entry.name, name_bytes=entry.name_bytes,
-                   source_name=entry.source_name, sha256=entry.sha256 or "", size=entry.size,
-                   state=ArrivalState.QUARANTINED, created_at=utcnow(), current_path=str(where))
+    return Arrival(
+        id=0,
+        kind=entry.kind,
+        name=entry.name,
+        name_bytes=entry.name_bytes,
+        source_name=entry.source_name,
+        sha256=entry.sha256 or "",
+        size=entry.size,
+        state=ArrivalState.QUARANTINED,
+        created_at=utcnow(),
+        current_path=str(where),
+    )

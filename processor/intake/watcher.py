@@ -124,9 +124,17 @@ class StabilityTracker:
 class InboxWatcher:
     """Finds stable entries in the inbox folders and calls ``on_stable(path, night)`` for each."""
 
-    def __init__(self, inbox_dirs: Iterable[Path], night_dirs: Iterable[Path], *, stable_seconds: float,
-                 scan_interval: float, on_stable: Callable[[Path, bool], None],
-                 use_watchdog: bool = True, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        inbox_dirs: Iterable[Path],
+        night_dirs: Iterable[Path],
+        *,
+        stable_seconds: float,
+        scan_interval: float,
+        on_stable: Callable[[Path, bool], None],
+        use_watchdog: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.inbox_dirs = [Path(p) for p in inbox_dirs]
         self.night_dirs = [Path(p) for p in night_dirs]
         self.scan_interval = scan_interval
@@ -175,7 +183,9 @@ class InboxWatcher:
                     if os.path.lexists(path):  # not taken out of the inbox: leave it until it changes
                         self.tracker.set_aside(path, sig)
             except Exception:  # one bad entry must not stop the watcher; logged once, then set aside
-                log.exception("watch.handover_failed path=%s: left alone until it changes", display_name(path))
+                log.exception(
+                    "watch.handover_failed path=%s: left alone until it changes", display_name(path)
+                )
                 self.tracker.set_aside(path, sig)
         self.tracker.prune(present)
         self.last_scan = time.time()

@@ -84,7 +84,7 @@ def _falsely_flagged_names(fh: IO[bytes]) -> dict[int, int]:
         signature, flags, name_len, extra_len, comment_len = _CENTRAL.unpack_from(data, at)
         if signature != b"PK\x01\x02":
             break
-        name = data[at + _CENTRAL_SIZE:at + _CENTRAL_SIZE + name_len]
+        name = data[at + _CENTRAL_SIZE : at + _CENTRAL_SIZE + name_len]
         if flags & UTF8_FLAG and not _is_utf8(name):
             patches[start + at + 9] = data[at + 9] & ~(UTF8_FLAG >> 8)
         at += _CENTRAL_SIZE + name_len + extra_len + comment_len
@@ -172,8 +172,8 @@ class _PatchedView(io.RawIOBase):
         start = self._fh.tell()
         view = memoryview(buffer).cast("B")
         data = self._fh.read(len(view))
-        view[:len(data)] = data
+        view[: len(data)] = data
         first = bisect.bisect_left(self._offsets, start)
-        for offset in self._offsets[first:bisect.bisect_left(self._offsets, start + len(data))]:
+        for offset in self._offsets[first : bisect.bisect_left(self._offsets, start + len(data))]:
             view[offset - start] = self._values[offset]
         return len(data)

@@ -61,11 +61,17 @@ class _Entry:
 class ModelCache:
     """Capacity- and GPU-budget-bounded LRU of loaded models; safe to share between threads."""
 
-    def __init__(self, capacity: int, device: str | torch.device = "cpu",
-                 gpu_memory_budget_gb: float | None = None, precision: str = "auto") -> None:
+    def __init__(
+        self,
+        capacity: int,
+        device: str | torch.device = "cpu",
+        gpu_memory_budget_gb: float | None = None,
+        precision: str = "auto",
+    ) -> None:
         if capacity < 1:
-            raise ConfigError(f"models.capacity {capacity}: must be at least 1. Fix: set models.capacity: 1 "
-                              "or more.")
+            raise ConfigError(
+                f"models.capacity {capacity}: must be at least 1. Fix: set models.capacity: 1 or more."
+            )
         if precision != "auto" and precision not in PRECISIONS:
             raise ConfigError(f"models.precision {precision!r}: use auto, fp32, bf16 or fp16.")
         self.capacity = capacity
@@ -104,8 +110,13 @@ class ModelCache:
                 self.loads[key] = self.loads.get(key, 0) + 1
                 self._key_locks.pop(key, None)
                 evicted = self._evict_over_limits(keep=key)
-            log.info("models.loaded key=%s seconds=%.2f resident=%d device=%s", _name(key), seconds,
-                     len(self._entries), self.device)
+            log.info(
+                "models.loaded key=%s seconds=%.2f resident=%d device=%s",
+                _name(key),
+                seconds,
+                len(self._entries),
+                self.device,
+            )
             if evicted:
                 self.trim()
             return model
@@ -172,16 +183,30 @@ class ModelCache:
     def loaded(self) -> list[dict[str, Any]]:
         """Resident models, most recently used last (for /status)."""
         with self._lock:
-            return [{"key": _name(key), "loads": self.loads.get(key, 0), "hits": e.hits,
-                     "load_seconds": round(e.load_seconds, 3), "gpu_bytes": e.gpu_bytes,
-                     "loaded_at": e.loaded_at, "last_used": e.last_used}
-                    for key, e in self._entries.items()]
+            return [
+                {
+                    "key": _name(key),
+                    "loads": self.loads.get(key, 0),
+                    "hits": e.hits,
+                    "load_seconds": round(e.load_seconds, 3),
+                    "gpu_bytes": e.gpu_bytes,
+                    "loaded_at": e.loaded_at,
+                    "last_used": e.last_used,
+                }
+                for key, e in self._entries.items()
+            ]
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            return {"resident": len(self._entries), "capacity": self.capacity,
-                    "loads": sum(self.loads.values()), "hits": self.hits, "evictions": self.evictions,
-                    "gpu_allocated_bytes": self._gpu_allocated(), "gpu_budget_bytes": self.gpu_budget_bytes}
+            return {
+                "resident": len(self._entries),
+                "capacity": self.capacity,
+                "loads": sum(self.loads.values()),
+                "hits": self.hits,
+                "evictions": self.evictions,
+                "gpu_allocated_bytes": self._gpu_allocated(),
+                "gpu_budget_bytes": self.gpu_budget_bytes,
+            }
 
     # ---------------------------------------------------------------- precision, checksums
     def autocast_dtype(self) -> torch.dtype | None:
@@ -200,8 +225,12 @@ class ModelCache:
             if known is None:
                 started = time.perf_counter()
                 known = self._digests[key] = sha256_file(resolved)
-                log.info("models.sha256 file=%s bytes=%d seconds=%.2f", resolved, stat.st_size,
-                         time.perf_counter() - started)
+                log.info(
+                    "models.sha256 file=%s bytes=%d seconds=%.2f",
+                    resolved,
+                    stat.st_size,
+                    time.perf_counter() - started,
+                )
             return known
 
 
@@ -211,8 +240,9 @@ def _name(key: Hashable) -> str:
     return str(key)
 
 
-def run_with_oom_backoff(fn: Callable[[list[T]], Sequence[R]], items: Sequence[T],
-                         batch_size: int) -> list[R]:
+def run_with_oom_backoff(
+    fn: Callable[[list[T]], Sequence[R]], items: Sequence[T], batch_size: int
+) -> list[R]:
     """Apply ``fn`` to ``items`` in micro-batches; on CUDA OOM halve the batch and retry.
 
     ``fn`` takes a list (a slice of ``items``) and returns one result per item. The smaller batch size is
@@ -223,7 +253,7 @@ def run_with_oom_backoff(fn: Callable[[list[T]], Sequence[R]], items: Sequence[T
     results: list[R] = []
     start, size = 0, batch_size
     while start < len(items):
-        chunk = list(items[start:start + size])
+        chunk = list(items[start : start + size])
         try:
             out = fn(chunk)
         except torch.cuda.OutOfMemoryError:

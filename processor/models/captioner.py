@@ -80,8 +80,10 @@ def read_config(folder: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise WeightsError(f"{path}: cannot read the model config ({exc}). Fix: point `model:` at a folder "
-                           "written by save_pretrained (it holds config.json and the weights).") from exc
+        raise WeightsError(
+            f"{path}: cannot read the model config ({exc}). Fix: point `model:` at a folder "
+            "written by save_pretrained (it holds config.json and the weights)."
+        ) from exc
 
 
 def detect(folder: Path) -> ModelInfo:
@@ -96,8 +98,10 @@ def detect(folder: Path) -> ModelInfo:
     if "Blip2ForConditionalGeneration" in architectures or (not architectures and model_type == "blip-2"):
         language = str((config.get("text_config") or {}).get("model_type", "opt"))
         if language not in BLIP2_LANGUAGE_MODELS:
-            raise UnsupportedModel(f"{folder}: BLIP-2 with a {language!r} language model is not supported "
-                                   f"(only OPT and Flan-T5). {supported}")
+            raise UnsupportedModel(
+                f"{folder}: BLIP-2 with a {language!r} language model is not supported "
+                f"(only OPT and Flan-T5). {supported}"
+            )
         return ModelInfo(folder, "blip-2", "Blip2ForConditionalGeneration", model_type, language)
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as MAPPING
 
@@ -106,11 +110,15 @@ def detect(folder: Path) -> ModelInfo:
     if chat_arch is None and not architectures and model_type in MAPPING:
         chat_arch = MAPPING[model_type]
     if chat_arch is None or model_type in ("blip", "blip-2"):
-        raise UnsupportedModel(f"{folder}: architecture {architecture} cannot caption images here. {supported}")
+        raise UnsupportedModel(
+            f"{folder}: architecture {architecture} cannot caption images here. {supported}"
+        )
     if not has_chat_template(folder):
-        raise UnsupportedModel(f"{folder}: {chat_arch} is an image-text-to-text model but its processor has "
-                               "no chat template (chat_template.jinja / chat_template.json), so there is no "
-                               f"defined way to give it the prompt. {supported}")
+        raise UnsupportedModel(
+            f"{folder}: {chat_arch} is an image-text-to-text model but its processor has "
+            "no chat template (chat_template.jinja / chat_template.json), so there is no "
+            f"defined way to give it the prompt. {supported}"
+        )
     return ModelInfo(folder, "chat", chat_arch, model_type)
 
 
@@ -144,7 +152,9 @@ def weight_files(folder: Path) -> list[Path]:
             try:
                 shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
             except (OSError, ValueError, KeyError) as exc:
-                raise WeightsError(f"{index}: unreadable weight index ({exc}); copy the folder again") from exc
+                raise WeightsError(
+                    f"{index}: unreadable weight index ({exc}); copy the folder again"
+                ) from exc
             return files + [folder / s for s in shards]
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (folder / name).exists():
@@ -208,7 +218,9 @@ class Captioner:
         if vision is not None:
             vision.register_forward_hook(self._on_vision_forward, with_kwargs=True)
 
-    def _on_vision_forward(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+    def _on_vision_forward(
+        self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> None:
         pixels = args[0] if args else kwargs.get("pixel_values")
         if pixels is not None and hasattr(pixels, "shape"):
             self.stats.vision_batches.append(int(pixels.shape[0]))
@@ -242,12 +254,21 @@ class Captioner:
             return dict(self.processor(images=pil, return_tensors="pt"))
         if family == "blip-2":
             # Text (possibly empty) always goes in, so the query-token placeholders are in input_ids.
-            return dict(self.processor(images=pil, text=[prompt or ""] * n, padding=True, return_tensors="pt"))
+            return dict(
+                self.processor(images=pil, text=[prompt or ""] * n, padding=True, return_tensors="pt")
+            )
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         bos = getattr(self.processor.tokenizer, "bos_token", None)
-        return dict(self.processor(images=[[image] for image in pil], text=[text] * n, padding=True,
-                                   add_special_tokens=not (bos and text.startswith(bos)), return_tensors="pt"))
+        return dict(
+            self.processor(
+                images=[[image] for image in pil],
+                text=[text] * n,
+                padding=True,
+                add_special_tokens=not (bos and text.startswith(bos)),
+                return_tensors="pt",
+            )
+        )
 
     def _decode(self, output: Any, input_ids: Any) -> list[str]:
         tokens = output
@@ -287,22 +308,34 @@ def load_captioner(info: ModelInfo, device: str, dtype: Any) -> Captioner:
     try:
         processor = transformers.AutoProcessor.from_pretrained(folder, local_files_only=True)
     except (ImportError, AttributeError) as exc:
-        raise WeightsError(f"{folder}: the {info.architecture} processor cannot be built here ({exc}). In "
-                           "transformers 5 some VLM processors (e.g. Qwen2-VL, InternVL) need torchvision "
-                           "for their video part. Fix: pip install torchvision, or use a BLIP, BLIP-2 or "
-                           "Gemma 3 folder.") from exc
+        raise WeightsError(
+            f"{folder}: the {info.architecture} processor cannot be built here ({exc}). In "
+            "transformers 5 some VLM processors (e.g. Qwen2-VL, InternVL) need torchvision "
+            "for their video part. Fix: pip install torchvision, or use a BLIP, BLIP-2 or "
+            "Gemma 3 folder."
+        ) from exc
     except (OSError, ValueError) as exc:
-        raise WeightsError(f"{folder}: cannot load the processor/tokenizer ({exc}). Fix: save it into the "
-                           "same folder with processor.save_pretrained(folder).") from exc
+        raise WeightsError(
+            f"{folder}: cannot load the processor/tokenizer ({exc}). Fix: save it into the "
+            "same folder with processor.save_pretrained(folder)."
+        ) from exc
     try:
         model = model_cls.from_pretrained(folder, local_files_only=True, dtype=dtype or torch.float32)
     except (OSError, ValueError) as exc:
-        raise WeightsError(f"{folder}: cannot load {info.architecture} weights ({exc}). Fix: copy the "
-                           "complete folder written by model.save_pretrained(folder).") from exc
+        raise WeightsError(
+            f"{folder}: cannot load {info.architecture} weights ({exc}). Fix: copy the "
+            "complete folder written by model.save_pretrained(folder)."
+        ) from exc
     model.to(device).eval()
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is not None and info.decoder_only:
         tokenizer.padding_side = "left"  # generation continues right after each prompt
-    log.info("caption.model_loaded folder=%s family=%s architecture=%s device=%s dtype=%s", folder,
-             info.family, info.architecture, device, dtype or "float32")
+    log.info(
+        "caption.model_loaded folder=%s family=%s architecture=%s device=%s dtype=%s",
+        folder,
+        info.family,
+        info.architecture,
+        device,
+        dtype or "float32",
+    )
     return Captioner(info, model, processor, torch.device(device), dtype)

@@ -88,8 +88,9 @@ def _config_from_dict(raw: dict[str, Any], source: str) -> CTClipConfig:
         bert = dict(raw["bert_config"])
         ctvit = CTViTConfig(**raw["ctvit"])
         clip = raw["ctclip"]
-        max_length = (raw["tokenizer_max_length"] if "tokenizer_max_length" in raw
-                      else bert["max_position_embeddings"])
+        max_length = (
+            raw["tokenizer_max_length"] if "tokenizer_max_length" in raw else bert["max_position_embeddings"]
+        )
         set_flags = [flag for flag in _UNSUPPORTED_FLAGS if clip.get(flag)]
         if set_flags:
             raise ConfigError(f"{source}: ctclip options {set_flags} are not supported (v2 uses false)")

@@ -48,8 +48,10 @@ def resampled_shape(shape_zxy: Sequence[int], spacing_zxy: Sequence[float]) -> t
 def _check_spacing(spacing: Sequence[float]) -> tuple[float, ...]:
     values = tuple(float(v) for v in spacing)
     if not all(math.isfinite(v) and v > 0 for v in values):
-        raise ValueError(f"voxel spacing {values} mm is not a positive number on every axis; a volume "
-                         "whose spacing is unknown cannot be resampled to mm")
+        raise ValueError(
+            f"voxel spacing {values} mm is not a positive number on every axis; a volume "
+            "whose spacing is unknown cannot be resampled to mm"
+        )
     return values
 
 
@@ -85,8 +87,9 @@ def planned_shape_zxy(
 _ZXY_OF_XYZ = {0: 1, 1: 2, 2: 0}  # axis of the (X, Y, Z) input → axis of the (Z, X, Y) working array
 
 
-def _resample_on_positions(zxy: np.ndarray, axis: int, positions: Sequence[float], step: float,
-                           size: int) -> np.ndarray:
+def _resample_on_positions(
+    zxy: np.ndarray, axis: int, positions: Sequence[float], step: float, size: int
+) -> np.ndarray:
     """Linear interpolation along ``axis`` of ``zxy`` at ``size`` target positions on the true grid."""
     c, extent = _grid_positions(positions, step)
     n = len(c)
@@ -281,7 +284,9 @@ def ctrate_xyz_from_dicom(
     return out, (spacing[0], spacing[1], spacing[2])
 
 
-def ctrate_slice_positions(positions_mm: Sequence[float], affine_or_direction: np.ndarray) -> tuple[int, np.ndarray]:
+def ctrate_slice_positions(
+    positions_mm: Sequence[float], affine_or_direction: np.ndarray
+) -> tuple[int, np.ndarray]:
     """Where DICOM's slice axis lands in :func:`ctrate_xyz_from_dicom`'s (X, Y, Z) output: that
     axis and the slice positions (mm, along the normal) in the output's array order — the
     ``positions`` argument of :func:`preprocess_volume` for an irregular slice grid."""

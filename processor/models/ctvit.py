@@ -156,12 +156,14 @@ class Transformer(nn.Module):
     def __init__(self, dim: int, depth: int, dim_head: int, heads: int, ff_mult: int) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
-            nn.ModuleList([
-                PEG(dim),
-                Attention(dim, dim_head, heads),
-                None,  # type: ignore[list-item]  # torch's stubs say Module; a None slot works at runtime
-                feed_forward(dim, ff_mult),
-            ])
+            nn.ModuleList(
+                [
+                    PEG(dim),
+                    Attention(dim, dim_head, heads),
+                    None,  # type: ignore[list-item]  # torch's stubs say Module; a None slot works at runtime
+                    feed_forward(dim, ff_mult),
+                ]
+            )
             for _ in range(depth)
         )
         self.norm_out = GammaLayerNorm(dim)

@@ -37,18 +37,29 @@ LUNG_WINDOW = (1500.0, -600.0)  # width, level in HU
 CROP_MARGIN = 0.08
 
 
-def build_unet(image_size: int = 64, channels: Sequence[int] = (32, 64, 64), layers_per_block: int = 1) -> Any:
+def build_unet(
+    image_size: int = 64, channels: Sequence[int] = (32, 64, 64), layers_per_block: int = 1
+) -> Any:
     """A small noise-prediction UNet for ``image_size``² single-channel slices."""
     from diffusers import UNet2DModel
 
     if image_size % (2 ** (len(channels) - 1)):
-        raise ValueError(f"image_size {image_size} must be divisible by {2 ** (len(channels) - 1)} "
-                         f"for {len(channels)} resolution levels")
+        raise ValueError(
+            f"image_size {image_size} must be divisible by {2 ** (len(channels) - 1)} "
+            f"for {len(channels)} resolution levels"
+        )
     groups = min(8, *channels)
-    return UNet2DModel(sample_size=image_size, in_channels=1, out_channels=1, block_out_channels=tuple(channels),
-                       layers_per_block=layers_per_block, down_block_types=("DownBlock2D",) * len(channels),
-                       up_block_types=("UpBlock2D",) * len(channels), add_attention=False,
-                       norm_num_groups=groups)
+    return UNet2DModel(
+        sample_size=image_size,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=tuple(channels),
+        layers_per_block=layers_per_block,
+        down_block_types=("DownBlock2D",) * len(channels),
+        up_block_types=("UpBlock2D",) * len(channels),
+        add_attention=False,
+        norm_num_groups=groups,
+    )
 
 
 def build_scheduler(num_train_timesteps: int = 1000, beta_schedule: str = "linear") -> Any:
@@ -80,8 +91,13 @@ def lung_box(mask: np.ndarray, shape: tuple[int, int]) -> tuple[int, int, int, i
     return y0, y0 + side, x0, x0 + side
 
 
-def prepare_slices(hu: np.ndarray, mask: np.ndarray | None, indices: Sequence[int], size: int,
-                   window: tuple[float, float] = LUNG_WINDOW) -> Prepared:
+def prepare_slices(
+    hu: np.ndarray,
+    mask: np.ndarray | None,
+    indices: Sequence[int],
+    size: int,
+    window: tuple[float, float] = LUNG_WINDOW,
+) -> Prepared:
     """Axial slices ``indices`` of a (z, y, x) HU volume as model input (see the module docstring)."""
     idx = list(indices)
     slices = hu[idx].astype(np.float32)
@@ -90,15 +106,30 @@ def prepare_slices(hu: np.ndarray, mask: np.ndarray | None, indices: Sequence[in
     y0, y1, x0, x1 = box
     width, level = window
     scaled = np.clip((slices[:, y0:y1, x0:x1] - (level - width / 2)) / width, 0.0, 1.0) * 2.0 - 1.0
-    images = F.interpolate(torch.from_numpy(np.ascontiguousarray(scaled))[:, None], size=(size, size), mode="area")
-    masks = F.interpolate(torch.from_numpy(lung[:, y0:y1, x0:x1].astype(np.float32))[:, None],
-                          size=(size, size), mode="area")[:, 0] > 0.5
+    images = F.interpolate(
+        torch.from_numpy(np.ascontiguousarray(scaled))[:, None], size=(size, size), mode="area"
+    )
+    masks = (
+        F.interpolate(
+            torch.from_numpy(lung[:, y0:y1, x0:x1].astype(np.float32))[:, None],
+            size=(size, size),
+            mode="area",
+        )[:, 0]
+        > 0.5
+    )
     return Prepared(images.numpy().astype(np.float32), masks.numpy(), box)
 
 
 @torch.inference_mode()
-def reconstruct(unet: Any, scheduler_config: Any, images: torch.Tensor, *, noise_level: float = 0.3,
-                steps: int = 50, seed: int = 0) -> torch.Tensor:
+def reconstruct(
+    unet: Any,
+    scheduler_config: Any,
+    images: torch.Tensor,
+    *,
+    noise_level: float = 0.3,
+    steps: int = 50,
+    seed: int = 0,
+) -> torch.Tensor:
     """Noise ``images`` (B, 1, S, S) to ``noise_level`` of ``steps`` DDIM steps and denoise back."""
     from diffusers import DDIMScheduler
 
@@ -156,8 +187,10 @@ def load_anomaly_model(folder: Path, device: str | torch.device = "cpu") -> Load
         unet = UNet2DModel.from_pretrained(folder / "unet", low_cpu_mem_usage=False)
         scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
     except (OSError, ValueError, KeyError) as exc:
-        raise WeightsError(f"{folder}: not an anomaly model written by `python run.py fit-anomaly` ({exc}). "
-                           "Fix: run fit-anomaly, or point the step at the folder holding unet/, scheduler/ and "
-                           "card.json.") from exc
+        raise WeightsError(
+            f"{folder}: not an anomaly model written by `python run.py fit-anomaly` ({exc}). "
+            "Fix: run fit-anomaly, or point the step at the folder holding unet/, scheduler/ and "
+            "card.json."
+        ) from exc
     unet.to(device).eval()
     return LoadedAnomaly(unet, scheduler.config, card, weights_file(folder))

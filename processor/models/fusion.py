@@ -43,16 +43,20 @@ class FusedModel:
             self.names: list[str] = list(self.card["feature_names"])
             self.threshold = float(self.card["threshold"])
         except (OSError, ValueError, KeyError, lgb.basic.LightGBMError) as exc:
-            raise WeightsError(f"{model_path}: cannot load the fusion model with {card_path.name} ({exc}). "
-                               "Fix: run `python run.py fit-fusion` again.") from exc
+            raise WeightsError(
+                f"{model_path}: cannot load the fusion model with {card_path.name} ({exc}). "
+                "Fix: run `python run.py fit-fusion` again."
+            ) from exc
         inner = self.booster.feature_name()
         expected = [booster_name(n) for n in self.names]
         if inner != expected:
             diff = sorted(set(inner) ^ set(expected))[:5] or ["(same names, different order)"]
-            raise WeightsError(f"{model_path}: the booster's {len(inner)} feature names differ from the "
-                               f"{len(expected)} in {card_path} (e.g. {', '.join(diff)}); refusing to fuse with "
-                               "a model and card from different fits. Fix: keep model.txt and card.json from "
-                               "the same fit-fusion run together.")
+            raise WeightsError(
+                f"{model_path}: the booster's {len(inner)} feature names differ from the "
+                f"{len(expected)} in {card_path} (e.g. {', '.join(diff)}); refusing to fuse with "
+                "a model and card from different fits. Fix: keep model.txt and card.json from "
+                "the same fit-fusion run together."
+            )
         self.model_path = model_path
 
     def predict(self, features: Mapping[str, float]) -> tuple[float, dict[str, float], float, list[str]]:

@@ -35,8 +35,9 @@ class FindingHead(nn.Module):
         self.register_buffer("mean", torch.zeros(in_dim))
         self.register_buffer("std", torch.ones(in_dim))
         if hidden > 0:
-            self.net: nn.Module = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout),
-                                                nn.Linear(hidden, n_findings))
+            self.net: nn.Module = nn.Sequential(
+                nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, n_findings)
+            )
         else:
             self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, n_findings))
 
@@ -87,13 +88,19 @@ def load_head(folder: Path, device: str | torch.device = "cpu") -> LoadedHead:
         findings = list(card["findings"])
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise WeightsError(f"{folder}: not a head written by `python run.py fit-head` ({exc}). "
-                           "Fix: run fit-head again or point the step at the right folder.") from exc
-    model = build_head(int(arch["in_dim"]), findings, int(arch.get("hidden", 0)), float(arch.get("dropout", 0.1)))
+        raise WeightsError(
+            f"{folder}: not a head written by `python run.py fit-head` ({exc}). "
+            "Fix: run fit-head again or point the step at the right folder."
+        ) from exc
+    model = build_head(
+        int(arch["in_dim"]), findings, int(arch.get("hidden", 0)), float(arch.get("dropout", 0.1))
+    )
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise WeightsError(f"{weights_path}: does not match its card.json ({exc}). Fix: keep head.pt and "
-                           "card.json from the same fit-head run together.") from exc
+        raise WeightsError(
+            f"{weights_path}: does not match its card.json ({exc}). Fix: keep head.pt and "
+            "card.json from the same fit-head run together."
+        ) from exc
     model.to(device).eval()
     return LoadedHead(model, findings, card, weights_path)

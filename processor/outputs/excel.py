@@ -33,15 +33,17 @@ from processor.names import display_name
 log = logging.getLogger(__name__)
 
 CAPTION_HEADER = "Caption (auto-generated, not a diagnosis)"
-PATHOLOGY_FILL = "FFFFC7CE"   # light red: the decision said pathology = 1
-FAILURE_FILL = "FFFCE4D6"     # light orange: the study (or the whole arrival) could not be analysed
+PATHOLOGY_FILL = "FFFFC7CE"  # light red: the decision said pathology = 1
+FAILURE_FILL = "FFFCE4D6"  # light orange: the study (or the whole arrival) could not be analysed
 HEADER_FILL = "FF1F4E78"
 FAILED_STATUSES = ("Failure", "Failed", "Rejected")
 
 DATETIME_FORMAT = "yyyy-mm-dd hh:mm:ss"
 PROBABILITY_FORMAT = "0.000"
 
-NOTES_HEADER = "Notes"  # the study's warnings in plain words: set-aside images, phases, fallbacks, gaps, lung flags
+NOTES_HEADER = (
+    "Notes"  # the study's warnings in plain words: set-aside images, phases, fallbacks, gaps, lung flags
+)
 NOTE_SEPARATOR = "\n• "
 NOTES_WIDTH = 60  # characters
 LINE_POINTS = 15.0  # row height of one wrapped line of the default 11 pt font
@@ -53,6 +55,7 @@ def _wrapped_height(text: str, width: float) -> float:
     per_line = max(1, int(width * 1.1))
     lines = sum(max(1, -(-len(part) // per_line)) for part in text.split("\n"))
     return min(409.0, LINE_POINTS * lines)
+
 
 # (header, width, number format or None)
 STUDY_COLUMNS: list[tuple[str, float, str | None]] = [
@@ -113,7 +116,7 @@ def top_findings(result: dict[str, Any], n: int = 3) -> list[tuple[str, float]]:
     """The ``n`` highest per-finding probabilities across every model (a finding counts once)."""
     best: dict[str, float] = {}
     models = result.get("models")
-    for model in (models.values() if isinstance(models, dict) else []):
+    for model in models.values() if isinstance(models, dict) else []:
         probabilities = model.get("probabilities") if isinstance(model, dict) else None
         if not isinstance(probabilities, dict):
             continue
@@ -212,14 +215,18 @@ def rejection_row(row: dict[str, Any]) -> dict[str, Any]:
     """A "Studies" row for an arrival that produced no study (rejected input, or failed outright)."""
     out: dict[str, Any] = dict.fromkeys(HEADERS)
     claimed, finished = _local(row.get("claimed_at")), _local(row.get("finished_at"))
-    out.update({
-        "Received": _local(row.get("received_at")), "Finished": finished,
-        "Source file": _shown_name(row.get("source_file")), "Source": source_label(row),
-        "Arrival": row.get("arrival_id"),
-        "Status": "Rejected" if row.get("state") == "quarantined" else "Failed",
-        "Error": row.get("error"),
-        "Processing time (s)": (finished - claimed).total_seconds() if claimed and finished else None,
-    })
+    out.update(
+        {
+            "Received": _local(row.get("received_at")),
+            "Finished": finished,
+            "Source file": _shown_name(row.get("source_file")),
+            "Source": source_label(row),
+            "Arrival": row.get("arrival_id"),
+            "Status": "Rejected" if row.get("state") == "quarantined" else "Failed",
+            "Error": row.get("error"),
+            "Processing time (s)": (finished - claimed).total_seconds() if claimed and finished else None,
+        }
+    )
     return out
 
 
@@ -295,7 +302,8 @@ def _style_studies(ws: Worksheet, rows: list[dict[str, Any]]) -> None:
                 ws.cell(row=r, column=col).fill = fill
         if row.get(NOTES_HEADER):
             ws.cell(row=r, column=HEADERS.index(NOTES_HEADER) + 1).alignment = Alignment(
-                vertical="top", wrap_text=True)
+                vertical="top", wrap_text=True
+            )
             ws.row_dimensions[r].height = _wrapped_height(str(row[NOTES_HEADER]), NOTES_WIDTH)
         link = row.get("JSON")
         if link:
@@ -308,11 +316,15 @@ def _style_studies(ws: Worksheet, rows: list[dict[str, Any]]) -> None:
 def _write_summary(writer: pd.ExcelWriter, report: Report) -> None:
     rows, threshold = report.rows, report.threshold
     sheet = "Summary"
-    notes = pd.DataFrame({"ctwatch report": [
-        report.title,
-        f"generated {report.generated:%Y-%m-%d %H:%M}; decision threshold {threshold:g}",
-        "derived from the ctwatch database; rebuild any time with `python run.py report`",
-    ]})
+    notes = pd.DataFrame(
+        {
+            "ctwatch report": [
+                report.title,
+                f"generated {report.generated:%Y-%m-%d %H:%M}; decision threshold {threshold:g}",
+                "derived from the ctwatch database; rebuild any time with `python run.py report`",
+            ]
+        }
+    )
     notes.to_excel(writer, sheet_name=sheet, index=False)
     ws = writer.sheets[sheet]
     ws.cell(row=1, column=1).font = Font(bold=True, size=13)
@@ -344,11 +356,23 @@ def _summary_tables(rows: list[dict[str, Any]], threshold: float) -> list[tuple[
     return [
         ("By status", by_status),
         ("By finding", _by_finding(rows, threshold)),
-        ("Failures", pd.DataFrame(
-            [{"Received": r.get("Received"), "Source file": r.get("Source file"),
-              "Study UID": r.get("Study UID"), "Status": r.get("Status"), "Reason": r.get("Error")}
-             for r in rows if r.get("Status") in FAILED_STATUSES],
-            columns=["Received", "Source file", "Study UID", "Status", "Reason"])),
+        (
+            "Failures",
+            pd.DataFrame(
+                [
+                    {
+                        "Received": r.get("Received"),
+                        "Source file": r.get("Source file"),
+                        "Study UID": r.get("Study UID"),
+                        "Status": r.get("Status"),
+                        "Reason": r.get("Error"),
+                    }
+                    for r in rows
+                    if r.get("Status") in FAILED_STATUSES
+                ],
+                columns=["Received", "Source file", "Study UID", "Status", "Reason"],
+            ),
+        ),
         (f"Probability of pathology by week (threshold {threshold:g})", probability_by_week(rows, threshold)),
     ]
 
@@ -356,7 +380,9 @@ def _summary_tables(rows: list[dict[str, Any]], threshold: float) -> list[tuple[
 def _by_finding(rows: list[dict[str, Any]], threshold: float) -> pd.DataFrame:
     scored: Counter[str] = Counter()
     above: Counter[str] = Counter()
-    dangerous: Counter[str] = Counter(str(r["Most dangerous type"]) for r in rows if r.get("Most dangerous type"))
+    dangerous: Counter[str] = Counter(
+        str(r["Most dangerous type"]) for r in rows if r.get("Most dangerous type")
+    )
     sums: Counter[str] = Counter()
     for row in rows:
         for i in range(1, 4):
@@ -366,10 +392,18 @@ def _by_finding(rows: list[dict[str, Any]], threshold: float) -> pd.DataFrame:
                 sums[name] += p
                 above[name] += p >= threshold
     names = sorted(set(scored) | set(dangerous), key=lambda n: (-dangerous[n], -above[n], n))
-    return pd.DataFrame([{
-        "Finding": n, "Most dangerous type (studies)": dangerous[n], "In top 3 (studies)": scored[n],
-        f"P ≥ {threshold:g} (studies)": above[n],
-        "Mean P when in top 3": (sums[n] / scored[n]) if scored[n] else None} for n in names])
+    return pd.DataFrame(
+        [
+            {
+                "Finding": n,
+                "Most dangerous type (studies)": dangerous[n],
+                "In top 3 (studies)": scored[n],
+                f"P ≥ {threshold:g} (studies)": above[n],
+                "Mean P when in top 3": (sums[n] / scored[n]) if scored[n] else None,
+            }
+            for n in names
+        ]
+    )
 
 
 BINS = [round(i / 10, 1) for i in range(11)]
@@ -385,9 +419,17 @@ def probability_by_week(rows: Iterable[dict[str, Any]], threshold: float) -> pd.
         if when is None or row.get("Status") in ("Rejected", "Failed"):
             continue
         week = when.date() - timedelta(days=when.weekday())
-        bucket = weeks.setdefault(week, {"Week starting": week.isoformat(), "Studies": 0,
-                                         "Below threshold": 0, "At or above threshold": 0,
-                                         "No probability": 0, **dict.fromkeys(labels, 0)})
+        bucket = weeks.setdefault(
+            week,
+            {
+                "Week starting": week.isoformat(),
+                "Studies": 0,
+                "Below threshold": 0,
+                "At or above threshold": 0,
+                "No probability": 0,
+                **dict.fromkeys(labels, 0),
+            },
+        )
         bucket["Studies"] += 1
         if p is None:
             bucket["No probability"] += 1
@@ -458,9 +500,17 @@ def publish(target: Path, report: Report) -> Published:
     try:
         _atomic(pending, write)
     except OSError as exc:
-        log.warning("report.unwritable target=%s reason=%r pending_error=%r; will retry at the next update",
-                    target, reason, str(exc))
+        log.warning(
+            "report.unwritable target=%s reason=%r pending_error=%r; will retry at the next update",
+            target,
+            reason,
+            str(exc),
+        )
         return Published(target, None, True, reason)
-    log.warning("report.locked target=%s reason=%r wrote=%s; will retry at the next update",
-                target, reason, pending.name)
+    log.warning(
+        "report.locked target=%s reason=%r wrote=%s; will retry at the next update",
+        target,
+        reason,
+        pending.name,
+    )
     return Published(target, pending, True, reason)

@@ -28,7 +28,9 @@ class OutboxLayout:
         day = datetime.fromisoformat(arrival.created_at).astimezone().date()
         return self.outbox / day.isoformat()
 
-    def json_path(self, state: State, arrival: Arrival, study_uid: str, taken: set[Path] | None = None) -> Path:
+    def json_path(
+        self, state: State, arrival: Arrival, study_uid: str, taken: set[Path] | None = None
+    ) -> Path:
         """Where a study's result JSON goes. A UID that is not digits and dots is written as
         ``invalid-uid``; a path another arrival's study already owns (or ``taken`` by a study of
         this batch) gets ``.a<arrival id>`` before ``.json``. A re-run of the same arrival and

@@ -21,9 +21,15 @@ from processor.vocab import ReceiptOutcome, utcnow
 OUTCOMES = tuple(ReceiptOutcome)
 
 
-def receipt_document(arrival: Arrival, outcome: str, message: str, *,
-                     studies: list[dict[str, Any]] | None = None,
-                     skipped: dict[str, int] | None = None, registered: bool = True) -> dict[str, Any]:
+def receipt_document(
+    arrival: Arrival,
+    outcome: str,
+    message: str,
+    *,
+    studies: list[dict[str, Any]] | None = None,
+    skipped: dict[str, int] | None = None,
+    registered: bool = True,
+) -> dict[str, Any]:
     """The receipt of an arrival as a JSON document; ``message`` is plain words for a person.
 
     ``registered=False``: an input the database refused to record (``arrival_id`` null).
@@ -55,17 +61,28 @@ def write_receipt_document(outbox: Path, document: dict[str, Any]) -> Path:
     return path
 
 
-def write_receipt(outbox: Path, arrival: Arrival, outcome: str, message: str, *,
-                  studies: list[dict[str, Any]] | None = None,
-                  skipped: dict[str, int] | None = None, registered: bool = True) -> Path:
+def write_receipt(
+    outbox: Path,
+    arrival: Arrival,
+    outcome: str,
+    message: str,
+    *,
+    studies: list[dict[str, Any]] | None = None,
+    skipped: dict[str, int] | None = None,
+    registered: bool = True,
+) -> Path:
     """Write (or replace) the receipt of an arrival; ``message`` is plain words for a person."""
-    return write_receipt_document(outbox, receipt_document(
-        arrival, outcome, message, studies=studies, skipped=skipped, registered=registered))
+    return write_receipt_document(
+        outbox,
+        receipt_document(arrival, outcome, message, studies=studies, skipped=skipped, registered=registered),
+    )
 
 
 def duplicate_message(original: int | None, pipeline_name: str | None, pipeline_version: int | None) -> str:
-    return (f"The same bytes arrived before as arrival {original} and were not processed again "
-            f"for pipeline {pipeline_name} v{pipeline_version}.")
+    return (
+        f"The same bytes arrived before as arrival {original} and were not processed again "
+        f"for pipeline {pipeline_name} v{pipeline_version}."
+    )
 
 
 def receipt_path(outbox: Path, arrival_id: int | None, name: str) -> Path:

@@ -76,8 +76,16 @@ class FinishedStudy:
 class StudyRecorder:
     """Owns the outbox layout and every write that finishes an arrival (see the module docstring)."""
 
-    def __init__(self, state: State, layout: OutboxLayout, placement_for: Callable[[Arrival], PlacementPolicy],
-                 *, device: str, pipeline: Mapping[str, Any], today: Callable[[], date] = date.today) -> None:
+    def __init__(
+        self,
+        state: State,
+        layout: OutboxLayout,
+        placement_for: Callable[[Arrival], PlacementPolicy],
+        *,
+        device: str,
+        pipeline: Mapping[str, Any],
+        today: Callable[[], date] = date.today,
+    ) -> None:
         self.state = state
         self.layout = layout
         self.placement_for = placement_for
@@ -106,18 +114,29 @@ class StudyRecorder:
             fault_point("study.json_written", arrival.name)
             documents.append(document)
         failed = [s for s in studies if s.status == StudyStatus.FAILURE]
-        message = (f"{len(studies)} stud{'y' if len(studies) == 1 else 'ies'} processed"
-                   + (f"; {len(failed)} could not be analysed: " + "; ".join(str(s.error) for s in failed)
-                      if failed else "."))
-        receipt = receipt_document(arrival, ReceiptOutcome.ACCEPTED, message, skipped=skipped, studies=[
-            {"study_uid": s.study_uid, "status": s.status, "json": str(s.json_path), "error": s.error}
-            for s in studies])
+        message = f"{len(studies)} stud{'y' if len(studies) == 1 else 'ies'} processed" + (
+            f"; {len(failed)} could not be analysed: " + "; ".join(str(s.error) for s in failed)
+            if failed
+            else "."
+        )
+        receipt = receipt_document(
+            arrival,
+            ReceiptOutcome.ACCEPTED,
+            message,
+            skipped=skipped,
+            studies=[
+                {"study_uid": s.study_uid, "status": s.status, "json": str(s.json_path), "error": s.error}
+                for s in studies
+            ],
+        )
         rows = [self._rows(study, document) for study, document in zip(studies, documents, strict=True)]
         self._finish(arrival, ArrivalState.DONE, None, receipt, rows)
         log.info("arrival.done arrival=%s studies=%d failures=%d", arrival.id, len(studies), len(failed))
         return ArrivalState.DONE
 
-    def reject(self, arrival: Arrival, reason: str, state: ArrivalState = ArrivalState.QUARANTINED) -> ArrivalState:
+    def reject(
+        self, arrival: Arrival, reason: str, state: ArrivalState = ArrivalState.QUARANTINED
+    ) -> ArrivalState:
         """Record an arrival that could not be processed (``quarantined``: its input is at fault;
         ``failed``: ctwatch is), then place its input in quarantine/ with the reason beside it."""
         outcome = ReceiptOutcome.REJECTED if state == ArrivalState.QUARANTINED else ReceiptOutcome.FAILED
@@ -125,13 +144,25 @@ class StudyRecorder:
         log.warning("arrival.%s arrival=%s name=%s reason=%r", state, arrival.id, arrival.name, reason)
         return state
 
-    def _finish(self, arrival: Arrival, state: ArrivalState, reason: str | None, receipt: dict[str, Any],
-                rows: list[dict[str, Any]]) -> None:
+    def _finish(
+        self,
+        arrival: Arrival,
+        state: ArrivalState,
+        reason: str | None,
+        receipt: dict[str, Any],
+        rows: list[dict[str, Any]],
+    ) -> None:
         placement = self.placement_for(arrival)
         dest = placement.final_path(arrival, quarantine=state != ArrivalState.DONE, today=self.today())
-        self.state.finish(arrival.id, state, error=reason, final_path=str(dest) if dest is not None else None,
-                          receipt_path=str(receipt_path(self.layout.outbox, arrival.id, receipt["name"])),
-                          receipt=receipt, studies=rows)
+        self.state.finish(
+            arrival.id,
+            state,
+            error=reason,
+            final_path=str(dest) if dest is not None else None,
+            receipt_path=str(receipt_path(self.layout.outbox, arrival.id, receipt["name"])),
+            receipt=receipt,
+            studies=rows,
+        )
         fault_point("arrival.recorded", arrival.name)
         self._place(self.state.arrival(arrival.id), receipt)
 
@@ -151,8 +182,13 @@ class StudyRecorder:
             placement.note(where, arrival.error)
             fault_point("quarantine.note_written", arrival.name)
         if path is None:
-            log.warning("arrival.input_missing arrival=%s name=%s: not at %s nor at %s", arrival.id, arrival.name,
-                        arrival.current_path, arrival.final_path)
+            log.warning(
+                "arrival.input_missing arrival=%s name=%s: not at %s nor at %s",
+                arrival.id,
+                arrival.name,
+                arrival.current_path,
+                arrival.final_path,
+            )
         self.state.mark_placed(arrival.id, str(where) if where is not None else None)
 
     # ------------------------------------------------------------------ replay
@@ -171,14 +207,18 @@ class StudyRecorder:
             try:
                 if arrival.final_path is None and arrival.placement.value == "inbox":
                     dest = self.placement_for(arrival).final_path(
-                        arrival, quarantine=arrival.state not in (ArrivalState.DONE, ArrivalState.DUPLICATE),
-                        today=self.today())
+                        arrival,
+                        quarantine=arrival.state not in (ArrivalState.DONE, ArrivalState.DUPLICATE),
+                        today=self.today(),
+                    )
                     self.state.update_arrival(arrival.id, final_path=str(dest) if dest else None)
                     arrival = self.state.arrival(arrival.id)
                 document = receipt if receipt is not None else self._receipt_for(arrival)
                 if receipt is None:
-                    self.state.update_arrival(arrival.id, receipt_path=str(receipt_path(
-                        self.layout.outbox, arrival.id, document["name"])))
+                    self.state.update_arrival(
+                        arrival.id,
+                        receipt_path=str(receipt_path(self.layout.outbox, arrival.id, document["name"])),
+                    )
                 self._place(arrival, document)
                 finished.append(arrival.id)
                 log.warning("arrival.replayed arrival=%s state=%s", arrival.id, arrival.state)
@@ -188,35 +228,75 @@ class StudyRecorder:
 
     def _receipt_for(self, arrival: Arrival) -> dict[str, Any]:
         if arrival.state == ArrivalState.DUPLICATE:
-            studies = [{"json": s["json_path"]} for s in self.state.studies_for(arrival.duplicate_of or 0)
-                       if s["json_path"]]
-            return receipt_document(arrival, ReceiptOutcome.DUPLICATE, duplicate_message(
-                arrival.duplicate_of, arrival.pipeline_name, arrival.pipeline_version), studies=studies)
-        outcome = ReceiptOutcome.REJECTED if arrival.state == ArrivalState.QUARANTINED else ReceiptOutcome.FAILED
+            studies = [
+                {"json": s["json_path"]}
+                for s in self.state.studies_for(arrival.duplicate_of or 0)
+                if s["json_path"]
+            ]
+            return receipt_document(
+                arrival,
+                ReceiptOutcome.DUPLICATE,
+                duplicate_message(arrival.duplicate_of, arrival.pipeline_name, arrival.pipeline_version),
+                studies=studies,
+            )
+        outcome = (
+            ReceiptOutcome.REJECTED if arrival.state == ArrivalState.QUARANTINED else ReceiptOutcome.FAILED
+        )
         return receipt_document(arrival, outcome, arrival.error or "no reason was recorded")
 
     # ------------------------------------------------------------------ documents
     def _result(self, arrival: Arrival, study: FinishedStudy) -> dict[str, Any]:
         seconds = sum(float(step["seconds"]) for step in study.steps)
         return build_result(
-            study_uid=study.study_uid, accession=study.accession, outcome_status=study.status,
-            error=study.error, seconds=seconds, sections=study.sections, steps=study.steps,
-            source=_source(arrival), device=self.device, warnings=study.warnings, finished_at=utcnow(),
-            pipeline=self.pipeline, dicom=study.dicom)
+            study_uid=study.study_uid,
+            accession=study.accession,
+            outcome_status=study.status,
+            error=study.error,
+            seconds=seconds,
+            sections=study.sections,
+            steps=study.steps,
+            source=_source(arrival),
+            device=self.device,
+            warnings=study.warnings,
+            finished_at=utcnow(),
+            pipeline=self.pipeline,
+            dicom=study.dicom,
+        )
 
     def _rows(self, study: FinishedStudy, result: dict[str, Any]) -> dict[str, Any]:
         seconds = sum(float(step["seconds"]) for step in study.steps)
-        return {"study_uid": study.study_uid, "fields": {
-            "series_uid": result["series_uid"], "accession": study.accession, "status": study.status,
-            "probability_of_pathology": result["probability_of_pathology"], "pathology": result["pathology"],
-            "most_dangerous_pathology_type": result["most_dangerous_pathology_type"],
-            "error": study.error, "json_path": str(study.json_path), "seconds": seconds, "result": result,
-        }, "steps": [{key: step[key] for key in ("step_id", "uses", "status", "seconds", "error")}
-                     for step in study.steps],
-            "features": study.features, "latents": study.latents}
+        return {
+            "study_uid": study.study_uid,
+            "fields": {
+                "series_uid": result["series_uid"],
+                "accession": study.accession,
+                "status": study.status,
+                "probability_of_pathology": result["probability_of_pathology"],
+                "pathology": result["pathology"],
+                "most_dangerous_pathology_type": result["most_dangerous_pathology_type"],
+                "error": study.error,
+                "json_path": str(study.json_path),
+                "seconds": seconds,
+                "result": result,
+            },
+            "steps": [
+                {key: step[key] for key in ("step_id", "uses", "status", "seconds", "error")}
+                for step in study.steps
+            ],
+            "features": study.features,
+            "latents": study.latents,
+        }
 
 
 def _source(arrival: Arrival) -> dict[str, Any]:
-    return {"kind": arrival.kind, "name": arrival.name, "name_bytes": arrival.name_bytes,
-            "sha256": arrival.sha256, "size": arrival.size, "arrival_id": arrival.id,
-            "source_name": arrival.source_name, "url": arrival.source_url, "received_at": arrival.created_at}
+    return {
+        "kind": arrival.kind,
+        "name": arrival.name,
+        "name_bytes": arrival.name_bytes,
+        "sha256": arrival.sha256,
+        "size": arrival.size,
+        "arrival_id": arrival.id,
+        "source_name": arrival.source_name,
+        "url": arrival.source_url,
+        "received_at": arrival.created_at,
+    }

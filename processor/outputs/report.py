@@ -48,8 +48,9 @@ def local_day(stored: str) -> date:
 class Reports:
     """Builds and publishes workbooks from one State connection (read-only is enough)."""
 
-    def __init__(self, state: State, settings: ReportSettings,
-                 clock: Callable[[], datetime] = datetime.now) -> None:
+    def __init__(
+        self, state: State, settings: ReportSettings, clock: Callable[[], datetime] = datetime.now
+    ) -> None:
         from processor.outputs import excel  # pandas loads only where workbooks are written
 
         self.excel = excel
@@ -66,15 +67,22 @@ class Reports:
         return sorted(rows, key=lambda r: (r["Finished"] or datetime.min, r["Arrival"] or 0))
 
     def write_day(self, day: date) -> Published:
-        report = self.excel.Report(f"ctwatch — studies finished on {day.isoformat()}", self.rows(day, day),
-                        self.settings.threshold, self.clock())
+        report = self.excel.Report(
+            f"ctwatch — studies finished on {day.isoformat()}",
+            self.rows(day, day),
+            self.settings.threshold,
+            self.clock(),
+        )
         return self.excel.publish(self.dir / day_name(day), report)
 
     def write_latest(self, today: date) -> Published:
         first = today - timedelta(days=self.settings.rolling_days - 1)
-        report = self.excel.Report(f"ctwatch — last {self.settings.rolling_days} day(s): "
-                        f"{first.isoformat()} to {today.isoformat()}", self.rows(first, today),
-                        self.settings.threshold, self.clock())
+        report = self.excel.Report(
+            f"ctwatch — last {self.settings.rolling_days} day(s): {first.isoformat()} to {today.isoformat()}",
+            self.rows(first, today),
+            self.settings.threshold,
+            self.clock(),
+        )
         return self.excel.publish(self.dir / LATEST_NAME, report)
 
     def rebuild(self, since: date | None, today: date) -> list[Published]:
@@ -95,18 +103,19 @@ class Reports:
 class ReportUpdater:
     """The ``ctwatch-reports`` thread: debounced rewrites after studies finish, and the roll-over."""
 
-    def __init__(self, state_path: Path, settings: ReportSettings, *,
-                 clock: Callable[[], datetime] = datetime.now) -> None:
+    def __init__(
+        self, state_path: Path, settings: ReportSettings, *, clock: Callable[[], datetime] = datetime.now
+    ) -> None:
         self.state_path = state_path
         self.settings = settings
         self.clock = clock
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._dirty = True              # the first pass writes today's and the rolling workbook
+        self._dirty = True  # the first pass writes today's and the rolling workbook
         self._force_days: set[date] = set()
         self._force = False
-        self._retry: set[date | None] = set()   # None stands for the rolling workbook
+        self._retry: set[date | None] = set()  # None stands for the rolling workbook
         self._since: str | None = None
         self._last_write = float("-inf")
         self._thread: threading.Thread | None = None

@@ -17,14 +17,34 @@ SCHEMA_VERSION = "1.0"
 SCHEMA_PATH = Path(__file__).with_name("result.schema.json")
 
 # Sections that steps add to ctx.result and that appear in the JSON under the same key.
-API_FIELDS = ("study_uid", "series_uid", "probability_of_pathology", "pathology",
-              "most_dangerous_pathology_type", "processing_status", "time_of_processing", "error")
+API_FIELDS = (
+    "study_uid",
+    "series_uid",
+    "probability_of_pathology",
+    "pathology",
+    "most_dangerous_pathology_type",
+    "processing_status",
+    "time_of_processing",
+    "error",
+)
 
 
-def build_result(*, study_uid: str, accession: str | None, outcome_status: str, error: str | None,
-                 seconds: float, sections: dict[str, Any], steps: list[dict[str, Any]],
-                 source: dict[str, Any], pipeline: dict[str, Any], device: str,
-                 dicom: dict[str, Any], warnings: list[str], finished_at: str) -> dict[str, Any]:
+def build_result(
+    *,
+    study_uid: str,
+    accession: str | None,
+    outcome_status: str,
+    error: str | None,
+    seconds: float,
+    sections: dict[str, Any],
+    steps: list[dict[str, Any]],
+    source: dict[str, Any],
+    pipeline: dict[str, Any],
+    device: str,
+    dicom: dict[str, Any],
+    warnings: list[str],
+    finished_at: str,
+) -> dict[str, Any]:
     """Assemble the JSON document. Decision fields come only from a step that computed them."""
     decision = sections.get("decision") or {}
     selection = sections.get("series_selection") or {}

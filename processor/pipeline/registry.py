@@ -15,8 +15,10 @@ class StepRegistry:
         """Register a step class under ``cls.uses``; a name registered twice is a programming error."""
         name = cls.uses
         if name in self._steps:
-            raise ValueError(f"step name {name!r} registered twice ({self._steps[name].__qualname__} "
-                             f"and {cls.__qualname__})")
+            raise ValueError(
+                f"step name {name!r} registered twice ({self._steps[name].__qualname__} "
+                f"and {cls.__qualname__})"
+            )
         if not cls.summary:
             raise ValueError(f"step {name!r} has no summary; every step is documented")
         self._steps[name] = cls

@@ -72,8 +72,9 @@ class PipelineRunner:
         """Run every step in order on one study; ``should_stop`` is checked between steps."""
         return self.run_many([ctx], should_stop)[0]
 
-    def run_many(self, ctxs: Sequence[StudyContext],
-                 should_stop: Callable[[], bool] = lambda: False) -> list[StudyOutcome]:
+    def run_many(
+        self, ctxs: Sequence[StudyContext], should_stop: Callable[[], bool] = lambda: False
+    ) -> list[StudyOutcome]:
         """Model-major: each step over every live study, then the next step."""
         runs = [StudyRun(ctx) for ctx in ctxs]
         self.advance(runs, 0, len(self.pipeline.steps), should_stop)
@@ -86,8 +87,9 @@ class PipelineRunner:
                 return index
         return len(self.pipeline.steps)
 
-    def advance(self, runs: Sequence[StudyRun], start: int, stop: int,
-                should_stop: Callable[[], bool] = lambda: False) -> None:
+    def advance(
+        self, runs: Sequence[StudyRun], start: int, stop: int, should_stop: Callable[[], bool] = lambda: False
+    ) -> None:
         """Run steps ``[start, stop)`` over ``runs``; records land on each run."""
         for compiled in self.pipeline.steps[start:stop]:
             if should_stop():
@@ -97,8 +99,9 @@ class PipelineRunner:
             live = [run for run in runs if run.error is None and not run.interrupted]
             for run in runs:
                 if run.error is not None:
-                    run.records.append(StepRecord(compiled.id, compiled.uses, "not_run",
-                                                  error="an earlier step failed"))
+                    run.records.append(
+                        StepRecord(compiled.id, compiled.uses, "not_run", error="an earlier step failed")
+                    )
             if live and self._weights_ready(compiled, live):
                 self._run_step(compiled, [run for run in live if self._inputs_ready(compiled, run)])
 
@@ -109,8 +112,11 @@ class PipelineRunner:
         reason = "weights not installed: " + ", ".join(missing)
         fail = self.pipeline.on_missing_weights == "fail"
         for run in live:
-            run.records.append(StepRecord(compiled.id, compiled.uses, "failed" if fail else "skipped",
-                                          error=reason, missing=missing))
+            run.records.append(
+                StepRecord(
+                    compiled.id, compiled.uses, "failed" if fail else "skipped", error=reason, missing=missing
+                )
+            )
             if fail:
                 run.error = f"step {compiled.id}: {reason} (pipeline sets on_missing_weights: fail)"
             else:
@@ -162,13 +168,17 @@ class PipelineRunner:
                 log.info("step.done study=%s step=%s seconds=%.2f", run.ctx.label, compiled.id, seconds)
                 continue
             run.records.append(StepRecord(compiled.id, compiled.uses, "failed", seconds, problem))
-            log.warning("step.failed study=%s step=%s seconds=%.2f error=%r", run.ctx.label, compiled.id,
-                        seconds, problem)
+            log.warning(
+                "step.failed study=%s step=%s seconds=%.2f error=%r",
+                run.ctx.label,
+                compiled.id,
+                seconds,
+                problem,
+            )
             if compiled.spec.optional or exhausted:
                 run.partial = True  # out of memory even at batch 1: this step's result is missing only
             else:
                 run.error = f"step {compiled.id}: {problem}"
-
 
     @staticmethod
     def _withheld(compiled: CompiledStep, runs: list[StudyRun], reason: str, seconds: float) -> None:
@@ -183,8 +193,10 @@ def _wrong_type(compiled: CompiledStep, ctx: StudyContext) -> str | None:
     for port in compiled.step.provides:
         if port.name in ctx.values and not isinstance(ctx.values[port.name], port.type):
             found = type(ctx.values[port.name]).__name__
-            return (f"TypeError: provided {port.name!r} as {found}, but the step declares it as "
-                    f"{port.type.__name__}. Fix: this is a bug in step {compiled.uses!r}; report it.")
+            return (
+                f"TypeError: provided {port.name!r} as {found}, but the step declares it as "
+                f"{port.type.__name__}. Fix: this is a bug in step {compiled.uses!r}; report it."
+            )
     return None
 
 

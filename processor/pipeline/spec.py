@@ -70,8 +70,11 @@ def _validation_lines(prefix: str, exc: ValidationError) -> list[str]:
     for err in exc.errors():
         where = _loc((*([prefix] if prefix else []), *err["loc"]))
         value = "" if err["type"] == "missing" else f" (value: {err.get('input')!r})"
-        fix = ("remove it or check the spelling against the step's documented parameters"
-               if err["type"] == "extra_forbidden" else "see `python run.py steps` for the parameters")
+        fix = (
+            "remove it or check the spelling against the step's documented parameters"
+            if err["type"] == "extra_forbidden"
+            else "see `python run.py steps` for the parameters"
+        )
         lines.append(f"{where}{value}: {err['msg']}. Fix: {fix}.")
     return lines
 
@@ -82,25 +85,37 @@ def load_pipeline(path: Path, registry: StepRegistry, env: StepEnv) -> Pipeline:
         text = path.read_text(encoding="utf-8")
         raw = yaml.safe_load(text)
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the pipeline file ({exc.strerror}). "
-                          "Fix: point `pipeline:` in the config at an existing YAML file.") from exc
+        raise ConfigError(
+            f"{path}: cannot read the pipeline file ({exc.strerror}). "
+            "Fix: point `pipeline:` in the config at an existing YAML file."
+        ) from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     try:
         spec = PipelineSpec.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError("\n".join([f"{path}: the pipeline has problems:",
-                                     *("  - " + line for line in _validation_lines("", exc))])) from exc
+        raise ConfigError(
+            "\n".join(
+                [
+                    f"{path}: the pipeline has problems:",
+                    *("  - " + line for line in _validation_lines("", exc)),
+                ]
+            )
+        ) from exc
     steps, problems = compile_steps(spec, registry, env)
     if problems:
-        raise ConfigError("\n".join([f"{path}: the pipeline has {len(problems)} problem(s):",
-                                     *("  - " + p for p in problems)]))
+        raise ConfigError(
+            "\n".join(
+                [f"{path}: the pipeline has {len(problems)} problem(s):", *("  - " + p for p in problems)]
+            )
+        )
     digest = hashlib.sha256(text.encode()).hexdigest()
     return Pipeline(spec.name, spec.version, spec.on_missing_weights, tuple(steps), path, digest)
 
 
-def compile_steps(spec: PipelineSpec, registry: StepRegistry,
-                  env: StepEnv) -> tuple[list[CompiledStep], list[str]]:
+def compile_steps(
+    spec: PipelineSpec, registry: StepRegistry, env: StepEnv
+) -> tuple[list[CompiledStep], list[str]]:
     problems: list[str] = []
     compiled: list[CompiledStep] = []
     provided: dict[str, tuple[Port, str]] = {}  # port name -> (the port as first provided, its step id)
@@ -109,12 +124,17 @@ def compile_steps(spec: PipelineSpec, registry: StepRegistry,
     for index, (step_spec, cls) in enumerate(resolved):
         where = f"steps[{index}]"
         if step_spec.id in seen_ids:
-            problems.append(f"{where}.id (value: {step_spec.id!r}): used twice. Fix: give each step its own id.")
+            problems.append(
+                f"{where}.id (value: {step_spec.id!r}): used twice. Fix: give each step its own id."
+            )
         seen_ids.add(step_spec.id)
         if cls is None:
             near = registry.closest(step_spec.uses)
-            hint = f"did you mean {' or '.join(repr(n) for n in near)}?" if near else \
-                f"known steps: {', '.join(registry.names())}"
+            hint = (
+                f"did you mean {' or '.join(repr(n) for n in near)}?"
+                if near
+                else f"known steps: {', '.join(registry.names())}"
+            )
             problems.append(f"{where}.uses (value: {step_spec.uses!r}): unknown step. Fix: {hint}")
             continue
         try:
@@ -123,7 +143,7 @@ def compile_steps(spec: PipelineSpec, registry: StepRegistry,
             problems.extend(_validation_lines(f"{where}.with", exc))
             continue
         head = f"{where} ({step_spec.id}, uses {cls.uses})"
-        later = [(s.id, c) for s, c in resolved[index + 1:] if c is not None]
+        later = [(s.id, c) for s, c in resolved[index + 1 :] if c is not None]
         problems.extend(_port_problems(head, cls, provided, later, registry))
         step = cls(params, env)
         step.step_id = step_spec.id
@@ -131,17 +151,24 @@ def compile_steps(spec: PipelineSpec, registry: StepRegistry,
         for port in cls.provides:
             first = provided.setdefault(port.name, (port, step_spec.id))
             if first[0].type is not port.type:
-                problems.append(f"{head}: provides {port.name!r} as {port.type.__name__}, but step {first[1]!r} "
-                                f"already provides it as {first[0].type.__name__}. Fix: give one of the two "
-                                "ports another name; a port has one type in a pipeline.")
+                problems.append(
+                    f"{head}: provides {port.name!r} as {port.type.__name__}, but step {first[1]!r} "
+                    f"already provides it as {first[0].type.__name__}. Fix: give one of the two "
+                    "ports another name; a port has one type in a pipeline."
+                )
         compiled.append(CompiledStep(step_spec.id, step_spec, step))
     for index, done in enumerate(compiled):
-        done.step.link([c.step for c in compiled[index + 1:]])
+        done.step.link([c.step for c in compiled[index + 1 :]])
     return compiled, problems
 
 
-def _port_problems(head: str, cls: type[Step], provided: dict[str, tuple[Port, str]],
-                   later: list[tuple[str, type[Step]]], registry: StepRegistry) -> list[str]:
+def _port_problems(
+    head: str,
+    cls: type[Step],
+    provided: dict[str, tuple[Port, str]],
+    later: list[tuple[str, type[Step]]],
+    registry: StepRegistry,
+) -> list[str]:
     """A need no earlier step provides, or one provided with another type (optional needs: only that)."""
     problems = []
     for need, optional in [*((n, False) for n in cls.needs), *((n, True) for n in cls.optional_needs)]:
@@ -150,14 +177,21 @@ def _port_problems(head: str, cls: type[Step], provided: dict[str, tuple[Port, s
             if optional:
                 continue
             after = next((sid for sid, c in later if any(need.accepts(p) for p in c.provides)), None)
-            fix = (f"move this step after step {after!r}, which provides it later in the pipeline" if after else
-                   f"add a step that provides it before this one ({_providers(registry, need)})")
-            problems.append(f"{head}: needs {need.name!r}, which no earlier step provides (type "
-                            f"{need.type.__name__}). Fix: {fix}.")
+            fix = (
+                f"move this step after step {after!r}, which provides it later in the pipeline"
+                if after
+                else f"add a step that provides it before this one ({_providers(registry, need)})"
+            )
+            problems.append(
+                f"{head}: needs {need.name!r}, which no earlier step provides (type "
+                f"{need.type.__name__}). Fix: {fix}."
+            )
         elif not need.accepts(found[0]):
-            problems.append(f"{head}: needs {need.name!r} as {need.type.__name__}, but step {found[1]!r} provides "
-                            f"it as {found[0].type.__name__}. Fix: provide it with a step that gives a "
-                            f"{need.type.__name__} ({_providers(registry, need)}).")
+            problems.append(
+                f"{head}: needs {need.name!r} as {need.type.__name__}, but step {found[1]!r} provides "
+                f"it as {found[0].type.__name__}. Fix: provide it with a step that gives a "
+                f"{need.type.__name__} ({_providers(registry, need)})."
+            )
     return problems
 
 

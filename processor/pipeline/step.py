@@ -46,7 +46,9 @@ class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-AnyParams: TypeAlias = Params  # the base, for annotations inside Step (where ``Params`` is the class attribute)
+AnyParams: TypeAlias = (
+    Params  # the base, for annotations inside Step (where ``Params`` is the class attribute)
+)
 
 
 @dataclass
@@ -89,7 +91,9 @@ class Step:
     optional_needs: ClassVar[tuple[Port, ...]] = ()
     provides: ClassVar[tuple[Port, ...]] = ()
     device: ClassVar[str] = "cpu"
-    batched: ClassVar[bool] = False  # True when run_batch shares work (model load, micro-batches) across studies
+    batched: ClassVar[bool] = (
+        False  # True when run_batch shares work (model load, micro-batches) across studies
+    )
     step_id: str = ""  # the pipeline's id for this step instance; set by compile_steps
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -98,8 +102,10 @@ class Step:
         for attr in ("needs", "optional_needs", "provides"):
             wrong = [p for p in getattr(cls, attr) if not isinstance(p, Port)]
             if wrong:
-                raise TypeError(f"{cls.__qualname__}.{attr}: {wrong[0]!r} is not a Port. Fix: declare "
-                                f"Port({wrong[0]!r}, <type>), or use one of processor.steps.ports.")
+                raise TypeError(
+                    f"{cls.__qualname__}.{attr}: {wrong[0]!r} is not a Port. Fix: declare "
+                    f"Port({wrong[0]!r}, <type>), or use one of processor.steps.ports."
+                )
 
     def __init__(self, params: AnyParams, env: StepEnv) -> None:
         self.params = params

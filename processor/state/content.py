@@ -15,8 +15,10 @@ class ContentRows(Database):
         return rows[0]["value"] if rows else None
 
     def content_put(self, key: str, value: str) -> None:
-        self.db.execute("insert or replace into content_cache (key, value, created_at) values (?, ?, ?)",
-                        [key, value, utcnow()])
+        self.db.execute(
+            "insert or replace into content_cache (key, value, created_at) values (?, ?, ?)",
+            [key, value, utcnow()],
+        )
 
 
 class ContentCacheStore(ContentRows):

@@ -28,11 +28,23 @@ _CLAIM = "update arrivals set state = 'running', attempts = attempts + 1, claime
 
 class Queue(Database):
     # ------------------------------------------------------------------ registering
-    def register_arrival(self, *, kind: str, name: str, original_path: str, current_path: str,
-                         sha256: str, size: int, pipeline_name: str, pipeline_version: int,
-                         night: bool = False, source_name: str | None = None,
-                         source_url: str | None = None, name_bytes: str | None = None,
-                         refused: str | None = None) -> Registered:
+    def register_arrival(
+        self,
+        *,
+        kind: str,
+        name: str,
+        original_path: str,
+        current_path: str,
+        sha256: str,
+        size: int,
+        pipeline_name: str,
+        pipeline_version: int,
+        night: bool = False,
+        source_name: str | None = None,
+        source_url: str | None = None,
+        name_bytes: str | None = None,
+        refused: str | None = None,
+    ) -> Registered:
         """Record an arrival; the same bytes for the same pipeline name+version become a duplicate.
 
         A copy of an arrival that *failed* is a fresh attempt, not a duplicate (users re-drop to retry).
@@ -40,15 +52,28 @@ class Queue(Database):
         its bytes as ``name_bytes`` unless given. ``refused`` records the arrival as quarantined at
         once with that reason (an input that could not be taken in), so no worker ever claims it.
         """
-        row = {"kind": kind, "name": display_name(name), "name_bytes": name_bytes or name_bytes_hex(name),
-               "original_path": stored_path(original_path), "current_path": stored_path(current_path),
-               "sha256": sha256, "size": size, "pipeline_name": pipeline_name,
-               "pipeline_version": pipeline_version, "night": int(night), "attempts": 0,
-               "source_name": source_name, "source_url": source_url, "created_at": utcnow()}
+        row = {
+            "kind": kind,
+            "name": display_name(name),
+            "name_bytes": name_bytes or name_bytes_hex(name),
+            "original_path": stored_path(original_path),
+            "current_path": stored_path(current_path),
+            "sha256": sha256,
+            "size": size,
+            "pipeline_name": pipeline_name,
+            "pipeline_version": pipeline_version,
+            "night": int(night),
+            "attempts": 0,
+            "source_name": source_name,
+            "source_url": source_url,
+            "created_at": utcnow(),
+        }
         with self.transaction():
             first = None if refused else self._first_copy(sha256, pipeline_name, pipeline_version)
             if refused:
-                row.update(state="quarantined", error=escape_surrogates(refused), finished_at=utcnow(), placed=0)
+                row.update(
+                    state="quarantined", error=escape_surrogates(refused), finished_at=utcnow(), placed=0
+                )
             elif first is not None:
                 row.update(state="duplicate", duplicate_of=first, finished_at=utcnow(), placed=0)
             else:
@@ -58,37 +83,53 @@ class Queue(Database):
         return Registered(int(arrival_id), first)
 
     def _first_copy(self, sha256: str, name: str, version: int) -> int | None:
-        rows = list(self.db.query(
-            "select id from arrivals where sha256 = ? and pipeline_name = ? and pipeline_version = ? "
-            "and state not in ('duplicate', 'failed') order by id limit 1", [sha256, name, version]))
+        rows = list(
+            self.db.query(
+                "select id from arrivals where sha256 = ? and pipeline_name = ? and pipeline_version = ? "
+                "and state not in ('duplicate', 'failed') order by id limit 1",
+                [sha256, name, version],
+            )
+        )
         return rows[0]["id"] if rows else None
 
     def source_has_body(self, source_name: str, sha256: str) -> bool:
         """Whether these bytes were already taken from this URL source (and did not fail): a poll after
         a crash between registering a body and recording the source's validators finds them here."""
-        rows = list(self.db.query("select 1 from arrivals where source_name = ? and sha256 = ? "
-                                  "and state != 'failed' limit 1", [source_name, sha256]))
+        rows = list(
+            self.db.query(
+                "select 1 from arrivals where source_name = ? and sha256 = ? and state != 'failed' limit 1",
+                [source_name, sha256],
+            )
+        )
         return bool(rows)
 
     def active_paths(self) -> set[str]:
         """Paths of arrivals not yet finished or not yet placed (the watcher must not register them again)."""
-        return {os.fsdecode(row["current_path"]) for row in self.db.query(
-            "select current_path from arrivals where (state in ('pending', 'prepared', 'running') "
-            "or placed = 0) and current_path is not null")}
+        return {
+            os.fsdecode(row["current_path"])
+            for row in self.db.query(
+                "select current_path from arrivals where (state in ('pending', 'prepared', 'running') "
+                "or placed = 0) and current_path is not null"
+            )
+        }
 
     # ------------------------------------------------------------------ claiming
     def claim(self, arrival_id: int) -> Arrival | None:
         """Take one pending (or prepared) arrival for processing: ``running``, one attempt charged."""
         with self.transaction():
-            cur = self.db.execute("update arrivals set state = 'running', attempts = attempts + 1, "
-                                  "claimed_at = ? where id = ? and state in ('pending', 'prepared')",
-                                  [utcnow(), arrival_id])
+            cur = self.db.execute(
+                "update arrivals set state = 'running', attempts = attempts + 1, "
+                "claimed_at = ? where id = ? and state in ('pending', 'prepared')",
+                [utcnow(), arrival_id],
+            )
         return self.arrival(arrival_id) if cur.rowcount == 1 else None
 
     def prepare(self, arrival_id: int) -> Arrival | None:
         """Hold a pending arrival for the prefetcher's CPU stage (``prepared``): no attempt charged."""
-        cur = self.db.execute("update arrivals set state = 'prepared', claimed_at = ? "
-                              "where id = ? and state = 'pending'", [utcnow(), arrival_id])
+        cur = self.db.execute(
+            "update arrivals set state = 'prepared', claimed_at = ? where id = ? and state = 'pending'",
+            [utcnow(), arrival_id],
+        )
         return self.arrival(arrival_id) if cur.rowcount == 1 else None
 
     def peek_next(self, night_before: str | None) -> Arrival | None:
@@ -96,8 +137,12 @@ class Queue(Database):
         ``night_before``, none when it is None), without taking it."""
         night_clause = "and night = 0" if night_before is None else "and (night = 0 or created_at < ?)"
         args = [] if night_before is None else [night_before]
-        rows = list(self.db.query(
-            f"select * from arrivals where state = 'pending' {night_clause} order by night, id limit 1", args))
+        rows = list(
+            self.db.query(
+                f"select * from arrivals where state = 'pending' {night_clause} order by night, id limit 1",
+                args,
+            )
+        )
         return Arrival.from_row(rows[0]) if rows else None
 
     def claim_next_until(self, night_before: str | None) -> Arrival | None:
@@ -105,9 +150,12 @@ class Queue(Database):
         night_clause = "and night = 0" if night_before is None else "and (night = 0 or created_at < ?)"
         args = [] if night_before is None else [night_before]
         with self.transaction():
-            rows = list(self.db.query(
-                f"select id from arrivals where state = 'pending' {night_clause} order by night, id limit 1",
-                args))
+            rows = list(
+                self.db.query(
+                    f"select id from arrivals where state = 'pending' {night_clause} order by night, id limit 1",
+                    args,
+                )
+            )
             if not rows:
                 return None
             self.db.execute(_CLAIM, [utcnow(), rows[0]["id"]])
@@ -119,8 +167,11 @@ class Queue(Database):
 
     def release(self, arrival_id: int) -> None:
         """Put a running or prepared arrival back to pending, uncharged (clean shutdown)."""
-        self.db.execute("update arrivals set attempts = max(attempts - (state = 'running'), 0), "
-                        "state = 'pending' where id = ? and state in ('running', 'prepared')", [arrival_id])
+        self.db.execute(
+            "update arrivals set attempts = max(attempts - (state = 'running'), 0), "
+            "state = 'pending' where id = ? and state in ('running', 'prepared')",
+            [arrival_id],
+        )
 
     def recover_in_flight(self, max_crashes: int) -> list[Arrival]:
         """At start-up, after a crash: what was in flight goes back to the queue, charged fairly.
@@ -139,8 +190,14 @@ class Queue(Database):
             for row in rows:
                 crashes = row["crashes"] + (1 if alone else 0)
                 if alone and crashes >= max_crashes:
-                    self._set(row["id"], state="quarantined", crashes=crashes, finished_at=utcnow(),
-                              placed=0, error=crash_reason(crashes))
+                    self._set(
+                        row["id"],
+                        state="quarantined",
+                        crashes=crashes,
+                        finished_at=utcnow(),
+                        placed=0,
+                        error=crash_reason(crashes),
+                    )
                 elif alone:
                     self._set(row["id"], state="pending", crashes=crashes)
                 else:
@@ -153,8 +210,17 @@ class Queue(Database):
         return self.recover_in_flight(max_attempts)
 
     # ------------------------------------------------------------------ the end of an arrival
-    def finish(self, arrival_id: int, state: ArrivalState, *, error: str | None, final_path: str | None,
-               receipt_path: str, receipt: dict[str, Any], studies: list[dict[str, Any]] | None = None) -> None:
+    def finish(
+        self,
+        arrival_id: int,
+        state: ArrivalState,
+        *,
+        error: str | None,
+        final_path: str | None,
+        receipt_path: str,
+        receipt: dict[str, Any],
+        studies: list[dict[str, Any]] | None = None,
+    ) -> None:
         """Record an arrival's end in one transaction, before any file moves (intent first).
 
         ``studies``: per study ``{"study_uid", "fields", "steps", "features", "latents"}`` (see
@@ -165,8 +231,17 @@ class Queue(Database):
         with self.transaction():
             for study in studies or []:
                 self.write_study(arrival_id, **study)  # type: ignore[attr-defined]
-            self._set(arrival_id, state=state, error=error, finished_at=utcnow(), final_path=final_path,
-                      receipt_path=receipt_path, receipt_json=dumps(receipt), placed=0, isolate=0)
+            self._set(
+                arrival_id,
+                state=state,
+                error=error,
+                finished_at=utcnow(),
+                final_path=final_path,
+                receipt_path=receipt_path,
+                receipt_json=dumps(receipt),
+                placed=0,
+                isolate=0,
+            )
 
     def mark_placed(self, arrival_id: int, current_path: str | None) -> None:
         """The input is where the recorded end put it; the receipt is written."""
@@ -181,11 +256,20 @@ class Queue(Database):
         import json
 
         clause, args = ("and finished_at < ?", [finished_before]) if finished_before else ("", [])
-        return [(Arrival.from_row(row), json.loads(row["receipt_json"]) if row["receipt_json"] else None)
-                for row in self.db.query(f"select * from arrivals where placed = 0 {clause} order by id", args)]
+        return [
+            (Arrival.from_row(row), json.loads(row["receipt_json"]) if row["receipt_json"] else None)
+            for row in self.db.query(f"select * from arrivals where placed = 0 {clause} order by id", args)
+        ]
 
-    def finish_arrival(self, arrival_id: int, state: str, *, error: str | None = None,
-                       current_path: str | None = None, receipt_path: str | None = None) -> None:
+    def finish_arrival(
+        self,
+        arrival_id: int,
+        state: str,
+        *,
+        error: str | None = None,
+        current_path: str | None = None,
+        receipt_path: str | None = None,
+    ) -> None:
         """Set a final state directly (intake's refusals and duplicates, which move nothing after)."""
         assert state in FINAL_STATES, state
         fields: dict[str, Any] = {"state": state, "error": error, "finished_at": utcnow()}
@@ -201,19 +285,26 @@ class Queue(Database):
     def _set(self, arrival_id: int, **fields: Any) -> None:
         from processor.state.db import PATH_COLUMNS
 
-        stored = {key: stored_path(value) if key in PATH_COLUMNS else storable(value)
-                  for key, value in fields.items()}
+        stored = {
+            key: stored_path(value) if key in PATH_COLUMNS else storable(value)
+            for key, value in fields.items()
+        }
         self.db.table("arrivals").update(arrival_id, stored)
 
     def requeue(self, arrival_id: int) -> bool:
-        cur = self.db.execute("update arrivals set state = 'pending', attempts = 0, crashes = 0, isolate = 0, "
-                              "error = null where id = ? and state in ('failed', 'quarantined') "
-                              "and placed is not 0", [arrival_id])
+        cur = self.db.execute(
+            "update arrivals set state = 'pending', attempts = 0, crashes = 0, isolate = 0, "
+            "error = null where id = ? and state in ('failed', 'quarantined') "
+            "and placed is not 0",
+            [arrival_id],
+        )
         return cur.rowcount == 1
 
     def requeue_failed(self) -> int:
-        cur = self.db.execute("update arrivals set state = 'pending', attempts = 0, crashes = 0, isolate = 0, "
-                              "error = null where state = 'failed' and placed is not 0")
+        cur = self.db.execute(
+            "update arrivals set state = 'pending', attempts = 0, crashes = 0, isolate = 0, "
+            "error = null where state = 'failed' and placed is not 0"
+        )
         return cur.rowcount
 
     # ------------------------------------------------------------------ reading
@@ -222,15 +313,23 @@ class Queue(Database):
 
     def arrivals(self, *, limit: int = 10, state: str | None = None) -> list[Arrival]:
         where, args = ("where state = ?", [state]) if state else ("", [])
-        return [Arrival.from_row(row) for row in self.db.query(
-            f"select * from arrivals {where} order by id desc limit ?", [*args, limit])]
+        return [
+            Arrival.from_row(row)
+            for row in self.db.query(
+                f"select * from arrivals {where} order by id desc limit ?", [*args, limit]
+            )
+        ]
 
     def counts_by_state(self) -> dict[str, int]:
-        return {row["state"]: row["n"] for row in self.db.query(
-            "select state, count(*) as n from arrivals group by state")}
+        return {
+            row["state"]: row["n"]
+            for row in self.db.query("select state, count(*) as n from arrivals group by state")
+        }
 
 
 def crash_reason(crashes: int) -> str:
-    return (f"crashed the worker {crashes} times (the process died while only this input was being "
-            "processed: out of memory, or a decoder fault); it is set aside so the others go on. "
-            "Check the log, then requeue it with `python run.py requeue <arrival id>` once the cause is fixed")
+    return (
+        f"crashed the worker {crashes} times (the process died while only this input was being "
+        "processed: out of memory, or a decoder fault); it is set aside so the others go on. "
+        "Check the log, then requeue it with `python run.py requeue <arrival id>` once the cause is fixed"
+    )

@@ -15,78 +15,118 @@ class ReadModels(Database):
 
     def report_studies(self, start: str, end: str) -> list[dict[str, Any]]:
         """Studies finished in ``[start, end)`` with what the report needs of their arrival."""
-        return list(self.db.query(
-            "select s.id, s.arrival_id, s.study_uid, s.series_uid, s.accession, s.status, "
-            "s.probability_of_pathology, s.pathology, s.most_dangerous_pathology_type, s.error, "
-            "s.json_path, s.seconds, s.result_json, s.finished_at, a.name as source_file, a.kind, "
-            "a.source_name, a.source_url, "
-            "a.created_at as received_at from studies s join arrivals a on a.id = s.arrival_id "
-            "where s.finished_at >= ? and s.finished_at < ? order by s.finished_at, s.id", [start, end]))
+        return list(
+            self.db.query(
+                "select s.id, s.arrival_id, s.study_uid, s.series_uid, s.accession, s.status, "
+                "s.probability_of_pathology, s.pathology, s.most_dangerous_pathology_type, s.error, "
+                "s.json_path, s.seconds, s.result_json, s.finished_at, a.name as source_file, a.kind, "
+                "a.source_name, a.source_url, "
+                "a.created_at as received_at from studies s join arrivals a on a.id = s.arrival_id "
+                "where s.finished_at >= ? and s.finished_at < ? order by s.finished_at, s.id",
+                [start, end],
+            )
+        )
 
     def report_rejections(self, start: str, end: str) -> list[dict[str, Any]]:
         """Arrivals that ended failed or quarantined in ``[start, end)`` without any study row."""
-        return list(self.db.query(
-            "select a.id as arrival_id, a.name as source_file, a.kind, a.source_name, a.source_url, a.state, "
-            "a.error, "
-            "a.created_at as received_at, a.finished_at, a.claimed_at from arrivals a "
-            "where a.state in ('failed', 'quarantined') and a.finished_at >= ? and a.finished_at < ? "
-            "and not exists (select 1 from studies s where s.arrival_id = a.id) "
-            "order by a.finished_at, a.id", [start, end]))
+        return list(
+            self.db.query(
+                "select a.id as arrival_id, a.name as source_file, a.kind, a.source_name, a.source_url, a.state, "
+                "a.error, "
+                "a.created_at as received_at, a.finished_at, a.claimed_at from arrivals a "
+                "where a.state in ('failed', 'quarantined') and a.finished_at >= ? and a.finished_at < ? "
+                "and not exists (select 1 from studies s where s.arrival_id = a.id) "
+                "order by a.finished_at, a.id",
+                [start, end],
+            )
+        )
 
     def finished_since(self, since: str) -> list[str]:
         """``finished_at`` of every report row (study or rejected arrival) finished at or after ``since``."""
-        return [row["t"] for row in self.db.query(
-            "select finished_at as t from studies where finished_at >= ? union all "
-            "select finished_at as t from arrivals where state in ('failed', 'quarantined') "
-            "and finished_at >= ?", [since, since])]
+        return [
+            row["t"]
+            for row in self.db.query(
+                "select finished_at as t from studies where finished_at >= ? union all "
+                "select finished_at as t from arrivals where state in ('failed', 'quarantined') "
+                "and finished_at >= ?",
+                [since, since],
+            )
+        ]
 
     def first_finished(self) -> str | None:
-        rows = list(self.db.query(
-            "select min(t) as t from (select min(finished_at) as t from studies union all "
-            "select min(finished_at) from arrivals where state in ('failed', 'quarantined'))"))
+        rows = list(
+            self.db.query(
+                "select min(t) as t from (select min(finished_at) as t from studies union all "
+                "select min(finished_at) from arrivals where state in ('failed', 'quarantined'))"
+            )
+        )
         return rows[0]["t"] if rows else None
 
     def queue_depth(self) -> dict[str, int]:
         """Active arrivals by state and queue: ``pending_day``, ``pending_night``, ``running``."""
         depth = {"pending_day": 0, "pending_night": 0, "running": 0}
-        for row in self.db.query("select state, night, count(*) as n from arrivals "
-                                 "where state in ('pending', 'prepared', 'running') group by state, night"):
-            key = "running" if row["state"] == "running" else (
-                "pending_night" if row["night"] else "pending_day")
+        for row in self.db.query(
+            "select state, night, count(*) as n from arrivals "
+            "where state in ('pending', 'prepared', 'running') group by state, night"
+        ):
+            key = (
+                "running"
+                if row["state"] == "running"
+                else ("pending_night" if row["night"] else "pending_day")
+            )
             depth[key] += row["n"]
         return depth
 
     def outcomes_since(self, since: str) -> dict[str, int]:
         """Studies by status finished since ``since``, plus arrivals failed/quarantined without a study."""
-        counts = {row["status"]: row["n"] for row in self.db.query(
-            "select status, count(*) as n from studies where finished_at >= ? group by status", [since])}
+        counts = {
+            row["status"]: row["n"]
+            for row in self.db.query(
+                "select status, count(*) as n from studies where finished_at >= ? group by status", [since]
+            )
+        }
         for row in self.db.query(
-                "select state, count(*) as n from arrivals a where state in ('failed', 'quarantined') "
-                "and finished_at >= ? and not exists (select 1 from studies s where s.arrival_id = a.id) "
-                "group by state", [since]):
+            "select state, count(*) as n from arrivals a where state in ('failed', 'quarantined') "
+            "and finished_at >= ? and not exists (select 1 from studies s where s.arrival_id = a.id) "
+            "group by state",
+            [since],
+        ):
             counts[row["state"]] = counts.get(row["state"], 0) + row["n"]
         return counts
 
     def studies_by_status(self) -> dict[str, int]:
-        return {row["status"]: row["n"] for row in self.db.query(
-            "select status, count(*) as n from studies group by status")}
+        return {
+            row["status"]: row["n"]
+            for row in self.db.query("select status, count(*) as n from studies group by status")
+        }
 
     def recent_arrivals(self, limit: int = 20) -> list[dict[str, Any]]:
         """The newest arrivals without names, paths or error text (safe for the status endpoint)."""
-        return list(self.db.query(
-            "select a.id, a.state, a.kind, a.night, a.attempts, a.created_at, a.claimed_at, a.finished_at, "
-            "(select count(*) from studies s where s.arrival_id = a.id) as studies "
-            "from arrivals a order by a.id desc limit ?", [limit]))
+        return list(
+            self.db.query(
+                "select a.id, a.state, a.kind, a.night, a.attempts, a.created_at, a.claimed_at, a.finished_at, "
+                "(select count(*) from studies s where s.arrival_id = a.id) as studies "
+                "from arrivals a order by a.id desc limit ?",
+                [limit],
+            )
+        )
 
     def step_means(self) -> list[dict[str, Any]]:
         """Mean seconds and run count of each step id over the steps that ran to completion."""
-        return list(self.db.query(
-            "select step_id, count(*) as runs, avg(seconds) as mean_seconds, sum(seconds) as total_seconds "
-            "from step_runs where status = 'done' group by step_id order by step_id"))
+        return list(
+            self.db.query(
+                "select step_id, count(*) as runs, avg(seconds) as mean_seconds, sum(seconds) as total_seconds "
+                "from step_runs where status = 'done' group by step_id order by step_id"
+            )
+        )
 
     def recent_arrival_spans(self, limit: int = 20) -> list[tuple[str, str]]:
         """(claimed_at, finished_at) of the newest arrivals that finished processing (for an ETA)."""
-        return [(row["claimed_at"], row["finished_at"]) for row in self.db.query(
-            "select claimed_at, finished_at from arrivals where state in ('done', 'failed') "
-            "and claimed_at is not null and finished_at is not null order by id desc limit ?", [limit])]
-
+        return [
+            (row["claimed_at"], row["finished_at"])
+            for row in self.db.query(
+                "select claimed_at, finished_at from arrivals where state in ('done', 'failed') "
+                "and claimed_at is not null and finished_at is not null order by id desc limit ?",
+                [limit],
+            )
+        ]

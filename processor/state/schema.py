@@ -8,72 +8,162 @@ import sqlite_utils
 
 
 def _m1_initial(db: sqlite_utils.Database) -> None:
-    db.table("arrivals").create({
-        "id": int, "kind": str, "source_name": str, "source_url": str, "name": str,
-        "original_path": str, "current_path": str, "sha256": str, "size": int,
-        "pipeline_name": str, "pipeline_version": int, "state": str, "night": int,
-        "attempts": int, "error": str, "duplicate_of": int, "receipt_path": str,
-        "created_at": str, "claimed_at": str, "finished_at": str,
-    }, pk="id", not_null={"kind", "name", "sha256", "state"}, defaults={"attempts": 0, "night": 0})
+    db.table("arrivals").create(
+        {
+            "id": int,
+            "kind": str,
+            "source_name": str,
+            "source_url": str,
+            "name": str,
+            "original_path": str,
+            "current_path": str,
+            "sha256": str,
+            "size": int,
+            "pipeline_name": str,
+            "pipeline_version": int,
+            "state": str,
+            "night": int,
+            "attempts": int,
+            "error": str,
+            "duplicate_of": int,
+            "receipt_path": str,
+            "created_at": str,
+            "claimed_at": str,
+            "finished_at": str,
+        },
+        pk="id",
+        not_null={"kind", "name", "sha256", "state"},
+        defaults={"attempts": 0, "night": 0},
+    )
     db.table("arrivals").create_index(["sha256", "pipeline_name", "pipeline_version"])
     db.table("arrivals").create_index(["state", "night", "id"])
-    db.table("studies").create({
-        "id": int, "arrival_id": int, "study_uid": str, "series_uid": str, "accession": str,
-        "status": str, "probability_of_pathology": float, "pathology": int,
-        "most_dangerous_pathology_type": str, "error": str, "json_path": str, "seconds": float,
-        "result_json": str, "created_at": str, "finished_at": str,
-    }, pk="id", foreign_keys=[("arrival_id", "arrivals", "id")])
+    db.table("studies").create(
+        {
+            "id": int,
+            "arrival_id": int,
+            "study_uid": str,
+            "series_uid": str,
+            "accession": str,
+            "status": str,
+            "probability_of_pathology": float,
+            "pathology": int,
+            "most_dangerous_pathology_type": str,
+            "error": str,
+            "json_path": str,
+            "seconds": float,
+            "result_json": str,
+            "created_at": str,
+            "finished_at": str,
+        },
+        pk="id",
+        foreign_keys=[("arrival_id", "arrivals", "id")],
+    )
     db.table("studies").create_index(["arrival_id", "study_uid"], unique=True)
     db.table("studies").create_index(["json_path"])
-    db.table("step_runs").create({
-        "id": int, "arrival_id": int, "study_uid": str, "step_id": str, "uses": str,
-        "status": str, "seconds": float, "error": str, "finished_at": str,
-    }, pk="id", foreign_keys=[("arrival_id", "arrivals", "id")])
+    db.table("step_runs").create(
+        {
+            "id": int,
+            "arrival_id": int,
+            "study_uid": str,
+            "step_id": str,
+            "uses": str,
+            "status": str,
+            "seconds": float,
+            "error": str,
+            "finished_at": str,
+        },
+        pk="id",
+        foreign_keys=[("arrival_id", "arrivals", "id")],
+    )
     db.table("step_runs").create_index(["arrival_id", "study_uid"])
 
 
 def _m3_sources(db: sqlite_utils.Database) -> None:
     """URL sources: one row per configured source (poll bookkeeping, HTTP validators), and the
     DICOMweb study versions already fetched. No credential is ever stored here."""
-    db.table("sources").create({
-        "name": str, "kind": str, "url": str, "polls": int, "successes": int, "failures": int,
-        "arrivals": int, "last_poll_at": str, "last_success_at": str, "last_error": str,
-        "last_error_at": str, "last_detail": str, "etag": str, "last_modified": str, "last_sha256": str,
-    }, pk="name", defaults={"polls": 0, "successes": 0, "failures": 0, "arrivals": 0})
-    db.table("source_items").create({
-        "id": int, "source_name": str, "item_key": str, "version": str, "arrival_id": int,
-        "fetched_at": str,
-    }, pk="id", not_null={"source_name", "item_key", "version"})
+    db.table("sources").create(
+        {
+            "name": str,
+            "kind": str,
+            "url": str,
+            "polls": int,
+            "successes": int,
+            "failures": int,
+            "arrivals": int,
+            "last_poll_at": str,
+            "last_success_at": str,
+            "last_error": str,
+            "last_error_at": str,
+            "last_detail": str,
+            "etag": str,
+            "last_modified": str,
+            "last_sha256": str,
+        },
+        pk="name",
+        defaults={"polls": 0, "successes": 0, "failures": 0, "arrivals": 0},
+    )
+    db.table("source_items").create(
+        {
+            "id": int,
+            "source_name": str,
+            "item_key": str,
+            "version": str,
+            "arrival_id": int,
+            "fetched_at": str,
+        },
+        pk="id",
+        not_null={"source_name", "item_key", "version"},
+    )
     db.table("source_items").create_index(["source_name", "item_key", "version"], unique=True)
 
 
 def _m5_features(db: sqlite_utils.Database) -> None:
     """Model outputs per study, so fit commands never re-run a model (issue 8)."""
-    db.table("features").create({
-        "id": int, "arrival_id": int, "study_uid": str, "accession": str, "name": str, "value": float,
-        "created_at": str,
-    }, pk="id", foreign_keys=[("arrival_id", "arrivals", "id")], not_null={"study_uid", "name"})
+    db.table("features").create(
+        {
+            "id": int,
+            "arrival_id": int,
+            "study_uid": str,
+            "accession": str,
+            "name": str,
+            "value": float,
+            "created_at": str,
+        },
+        pk="id",
+        foreign_keys=[("arrival_id", "arrivals", "id")],
+        not_null={"study_uid", "name"},
+    )
     db.table("features").create_index(["arrival_id", "study_uid", "name"], unique=True)
     db.table("features").create_index(["study_uid"])
-    db.table("latents").create({
-        "id": int, "arrival_id": int, "study_uid": str, "accession": str, "name": str, "dim": int,
-        "vector": bytes, "created_at": str,
-    }, pk="id", foreign_keys=[("arrival_id", "arrivals", "id")], not_null={"study_uid", "name"})
+    db.table("latents").create(
+        {
+            "id": int,
+            "arrival_id": int,
+            "study_uid": str,
+            "accession": str,
+            "name": str,
+            "dim": int,
+            "vector": bytes,
+            "created_at": str,
+        },
+        pk="id",
+        foreign_keys=[("arrival_id", "arrivals", "id")],
+        not_null={"study_uid", "name"},
+    )
     db.table("latents").create_index(["arrival_id", "study_uid", "name"], unique=True)
     db.table("latents").create_index(["study_uid"])
 
 
 def _m4_caption_cache(db: sqlite_utils.Database) -> None:
     """Results computed from content (captions): key = hash of image, model, prompt and settings (issue 7)."""
-    db.table("content_cache").create({"key": str, "value": str, "created_at": str}, pk="key",
-                               not_null={"value"})
+    db.table("content_cache").create(
+        {"key": str, "value": str, "created_at": str}, pk="key", not_null={"value"}
+    )
 
 
 def _m6_name_bytes(db: sqlite_utils.Database) -> None:
     """The raw bytes of each arrival's name, in hex (names are bytes; ``name`` is for display)."""
     db.table("arrivals").add_column("name_bytes", str)
-
-
 
 
 def _m7_recorder(db: sqlite_utils.Database) -> None:

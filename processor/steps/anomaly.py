@@ -45,8 +45,10 @@ class AnomalyParams(Params):
 
 class AnomalyDiffusion(_WeightedStep):
     uses = "anomaly.diffusion"
-    summary = ("Diffusion anomaly score (fit-anomaly's UNet + DDIM): K lung-window slices noised and denoised "
-               "in one batch; reconstruction error inside the lung mask per slice and per study.")
+    summary = (
+        "Diffusion anomaly score (fit-anomaly's UNet + DDIM): K lung-window slices noised and denoised "
+        "in one batch; reconstruction error inside the lung mask per slice and per study."
+    )
     Params = AnomalyParams
     needs = (VOLUME, LUNG_MASK)
     provides = (FEATURES,)
@@ -68,7 +70,9 @@ class AnomalyDiffusion(_WeightedStep):
 
         p: AnomalyParams = self.params  # type: ignore[assignment]
         folder = self.folder()
-        model = self.cached(("anomaly.diffusion", str(folder)), lambda: load_anomaly_model(folder, self.env.device))
+        model = self.cached(
+            ("anomaly.diffusion", str(folder)), lambda: load_anomaly_model(folder, self.env.device)
+        )
         card = model.card
         defaults = card.get("defaults", {})
         count = p.slices or int(defaults.get("slices", 16))
@@ -79,24 +83,51 @@ class AnomalyDiffusion(_WeightedStep):
         levels, how = choose_levels(count, volume.hu.shape[0], mask)
         prepared = prepare_slices(volume.hu, mask, levels, int(card["image_size"]), window)
         device = next(model.unet.parameters()).device
-        recon = reconstruct(model.unet, model.scheduler_config, torch.from_numpy(prepared.images).to(device),
-                            noise_level=noise_level, steps=steps, seed=p.seed).float().cpu().numpy()
+        recon = (
+            reconstruct(
+                model.unet,
+                model.scheduler_config,
+                torch.from_numpy(prepared.images).to(device),
+                noise_level=noise_level,
+                steps=steps,
+                seed=p.seed,
+            )
+            .float()
+            .cpu()
+            .numpy()
+        )
         scores, error = slice_scores(prepared.images, recon, prepared.masks)
         score = float(scores.max() if p.aggregate == "max" else scores.mean())
-        rows: list[dict[str, object]] = [{"slice_index": int(k), "z_mm": round(float(volume.positions_mm[k]), 3),
-                 "score": round(float(s), 6), "lung_pixels": int(prepared.masks[i].sum())}
-                for i, (k, s) in enumerate(zip(levels, scores, strict=True))]
+        rows: list[dict[str, object]] = [
+            {
+                "slice_index": int(k),
+                "z_mm": round(float(volume.positions_mm[k]), 3),
+                "score": round(float(s), 6),
+                "lung_pixels": int(prepared.masks[i].sum()),
+            }
+            for i, (k, s) in enumerate(zip(levels, scores, strict=True))
+        ]
         if p.heatmap:
             for i, row in enumerate(rows):
                 path = ctx.out_dir / f"anomaly_{i + 1}.png"
-                write_atomic(path, _heatmap_png(prepared.images[i, 0], recon[i, 0], error[i], prepared.masks[i]))
+                write_atomic(
+                    path, _heatmap_png(prepared.images[i, 0], recon[i, 0], error[i], prepared.masks[i])
+                )
                 row["heatmap"] = f"{ctx.out_dir.name}/{path.name}"
         grid = SliceGrid.of(volume.positions_mm)
         ctx.result["anomaly"] = {
-            "model": "unet/" + model.weights_path.name, "sha256": self.digest(model.weights_path),
-            "trained": card.get("date"), "score": round(score, 6), "aggregate": p.aggregate,
-            "noise_level": noise_level, "ddim_steps": steps, "seed": p.seed, "image_size": int(card["image_size"]),
-            "slice_choice": how, "crop_yx": list(prepared.box), "slices": rows,
+            "model": "unet/" + model.weights_path.name,
+            "sha256": self.digest(model.weights_path),
+            "trained": card.get("date"),
+            "score": round(score, 6),
+            "aggregate": p.aggregate,
+            "noise_level": noise_level,
+            "ddim_steps": steps,
+            "seed": p.seed,
+            "image_size": int(card["image_size"]),
+            "slice_choice": how,
+            "crop_yx": list(prepared.box),
+            "slices": rows,
             "warnings": [grid.note("levels chosen by slice index on")] if grid.irregular else [],
         }
         ctx.result.setdefault("features", {})["anomaly.score"] = round(score, 6)

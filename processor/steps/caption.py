@@ -43,8 +43,10 @@ from processor.steps.ports import CAPTIONS, KEY_SLICES
 
 log = logging.getLogger(__name__)
 
-NOTICE = ("Automatically generated description of a rendered preview image by a general-purpose "
-          "image-captioning model; not a diagnosis and not reviewed by a clinician.")
+NOTICE = (
+    "Automatically generated description of a rendered preview image by a general-purpose "
+    "image-captioning model; not a diagnosis and not reviewed by a clinician."
+)
 CACHE_KEY_VERSION = 1
 _SELECTOR = re.compile(r"^(all|\*|lung|mediastinal|bone)(?::([1-9][0-9]?))?$")
 DTYPES: dict[str, str | None] = {"auto": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -59,24 +61,33 @@ class ContentCache(Protocol):
 
 
 class CaptionParams(Params):
-    model: str = Field(description="model folder written by save_pretrained, e.g. weights/caption/blip2-opt-2.7b")
-    prompt: str | None = Field(None, description="BLIP: caption prefix; BLIP-2: text after the image "
-                                                 "('Question: … Answer:'); chat VLMs: the user turn")
+    model: str = Field(
+        description="model folder written by save_pretrained, e.g. weights/caption/blip2-opt-2.7b"
+    )
+    prompt: str | None = Field(
+        None,
+        description="BLIP: caption prefix; BLIP-2: text after the image "
+        "('Question: … Answer:'); chat VLMs: the user turn",
+    )
     max_new_tokens: int = Field(40, ge=1, le=512, description="longest caption, in tokens")
     num_beams: int = Field(1, ge=1, le=16, description="beam search width (1 = greedy); never sampled")
-    images: list[str] = Field(["all"], min_length=1,
-                              description="which key slices: all, a window (lung), or window:number (lung:2)")
+    images: list[str] = Field(
+        ["all"], min_length=1, description="which key slices: all, a window (lung), or window:number (lung:2)"
+    )
     batch_size: int = Field(16, ge=1, le=256, description="most images per generate call")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto = bf16 on CUDA, fp32 on CPU; bf16/fp16 need CUDA")
+        "auto", description="auto = bf16 on CUDA, fp32 on CPU; bf16/fp16 need CUDA"
+    )
 
     @field_validator("images")
     @classmethod
     def _selectors(cls, value: list[str]) -> list[str]:
         bad = [v for v in value if not _SELECTOR.match(v)]
         if bad:
-            raise ValueError(f"cannot read image selector(s) {bad!r}; write all, a window name (lung, "
-                             "mediastinal, bone), or window:number such as lung:2 (* for any window)")
+            raise ValueError(
+                f"cannot read image selector(s) {bad!r}; write all, a window name (lung, "
+                "mediastinal, bone), or window:number such as lung:2 (* for any window)"
+            )
         return value
 
     @field_validator("prompt")
@@ -96,9 +107,11 @@ class _Item:
 
 class CaptionImages(Step):
     uses = "caption.image_to_text"
-    summary = ("Describe the rendered key slices with a local image captioner (BLIP, BLIP-2 or a chat VLM "
-               "folder under weights/); one batched generate call per study, captions cached by image, "
-               "model, prompt and settings; every caption marked diagnostic: false.")
+    summary = (
+        "Describe the rendered key slices with a local image captioner (BLIP, BLIP-2 or a chat VLM "
+        "folder under weights/); one batched generate call per study, captions cached by image, "
+        "model, prompt and settings; every caption marked diagnostic: false."
+    )
     Params = CaptionParams
     needs = (KEY_SLICES,)
     provides = (CAPTIONS,)
@@ -125,8 +138,10 @@ class CaptionImages(Step):
     def check(self) -> list[str]:
         problems = []
         if self.p.dtype in ("bf16", "fp16") and not self.env.device.startswith("cuda"):
-            problems.append(f"with.dtype (value: {self.p.dtype!r}): {self.p.dtype} needs CUDA and this daemon "
-                            f"runs on {self.env.device}. Fix: use dtype: auto or fp32.")
+            problems.append(
+                f"with.dtype (value: {self.p.dtype!r}): {self.p.dtype} needs CUDA and this daemon "
+                f"runs on {self.env.device}. Fix: use dtype: auto or fp32."
+            )
         if (self.folder / "config.json").exists():
             try:
                 cap.detect(self.folder)
@@ -155,10 +170,17 @@ class CaptionImages(Step):
         dtype_name = self._dtype_name()
         generation = cap.Generation(self.p.max_new_tokens, self.p.num_beams)
         cache: ContentCache | None = self.env.content_cache
-        items = [_Item(index, key_slice,
-                       None if cache is None else
-                       self._cache_key(key_slice.image, folder_hash, prompt_hash, generation, dtype_name))
-                 for index, ctx in enumerate(contexts) for key_slice in self._select(ctx)]
+        items = [
+            _Item(
+                index,
+                key_slice,
+                None
+                if cache is None
+                else self._cache_key(key_slice.image, folder_hash, prompt_hash, generation, dtype_name),
+            )
+            for index, ctx in enumerate(contexts)
+            for key_slice in self._select(ctx)
+        ]
         texts: dict[int, str] = {}
         for n, item in enumerate(items):
             hit = cache.get(item.key) if cache is not None and item.key is not None else None
@@ -174,22 +196,47 @@ class CaptionImages(Step):
         for index, ctx in enumerate(contexts):
             mine = [n for n, item in enumerate(items) if item.study == index]
             my_calls = [c for c in calls if any(items[n].study == index for n in c)]
-            self._record(ctx, info, [(items[n].slice, texts[n], n in cached) for n in mine], {
-                "model": {"name": info.name, "path": self.p.model, "family": info.family,
-                          "architecture": info.architecture, "language_model": info.language_model,
-                          "folder_sha256": folder_hash},
-                "prompt": {"text": prompt, "sha256": prompt_hash, "applied_as": _applied_as(info, prompt)},
-                "generation": {**generation.kwargs(), "dtype": dtype_name},
-                "device": self.env.device,
-                "batching": {"generate_calls": len(my_calls), "images_per_call": [len(c) for c in my_calls],
-                             "studies_in_batch": len(contexts), "generated": len(set(mine) - cached),
-                             "cache_hits": len(set(mine) & cached),
-                             "content_cache": "on" if cache is not None else "off"},
-                "seconds": round(seconds, 3),
-            })
+            self._record(
+                ctx,
+                info,
+                [(items[n].slice, texts[n], n in cached) for n in mine],
+                {
+                    "model": {
+                        "name": info.name,
+                        "path": self.p.model,
+                        "family": info.family,
+                        "architecture": info.architecture,
+                        "language_model": info.language_model,
+                        "folder_sha256": folder_hash,
+                    },
+                    "prompt": {
+                        "text": prompt,
+                        "sha256": prompt_hash,
+                        "applied_as": _applied_as(info, prompt),
+                    },
+                    "generation": {**generation.kwargs(), "dtype": dtype_name},
+                    "device": self.env.device,
+                    "batching": {
+                        "generate_calls": len(my_calls),
+                        "images_per_call": [len(c) for c in my_calls],
+                        "studies_in_batch": len(contexts),
+                        "generated": len(set(mine) - cached),
+                        "cache_hits": len(set(mine) & cached),
+                        "content_cache": "on" if cache is not None else "off",
+                    },
+                    "seconds": round(seconds, 3),
+                },
+            )
 
-    def _generate(self, captioner: cap.Captioner, items: list[_Item], todo: list[int], prompt: str | None,
-                  generation: cap.Generation, calls: list[list[int]]) -> dict[int, str]:
+    def _generate(
+        self,
+        captioner: cap.Captioner,
+        items: list[_Item],
+        todo: list[int],
+        prompt: str | None,
+        generation: cap.Generation,
+        calls: list[list[int]],
+    ) -> dict[int, str]:
         """Caption ``items[todo]`` in calls of up to batch_size images (halved on CUDA OOM); cache them."""
         from processor.models.cache import run_with_oom_backoff
 
@@ -206,20 +253,43 @@ class CaptionImages(Step):
                 cache.put(item_key, text)
         return texts
 
-    def _record(self, ctx: StudyContext, info: cap.ModelInfo, done: list[tuple[Any, str, bool]],
-                method: dict[str, Any]) -> None:
+    def _record(
+        self,
+        ctx: StudyContext,
+        info: cap.ModelInfo,
+        done: list[tuple[Any, str, bool]],
+        method: dict[str, Any],
+    ) -> None:
         folder = ctx.out_dir.name
-        captions = [{"text": text, "model": info.name, "window": s.window, "slice_number": s.number,
-                     "slice_index": s.slice_index, "z_mm": s.z_mm, "image": f"{folder}/{s.path.name}",
-                     "diagnostic": False, "cached": hit} for s, text, hit in done]
+        captions = [
+            {
+                "text": text,
+                "model": info.name,
+                "window": s.window,
+                "slice_number": s.number,
+                "slice_index": s.slice_index,
+                "z_mm": s.z_mm,
+                "image": f"{folder}/{s.path.name}",
+                "diagnostic": False,
+                "cached": hit,
+            }
+            for s, text, hit in done
+        ]
         ctx.values.setdefault("captions", []).extend(captions)
         ctx.result.setdefault("captions", []).extend(captions)
-        ctx.result.setdefault("captioning", []).append({"step": self.uses, "step_id": self.step_id,
-                                                        "diagnostic": False,
-                                                        "notice": NOTICE, **method})
+        ctx.result.setdefault("captioning", []).append(
+            {"step": self.uses, "step_id": self.step_id, "diagnostic": False, "notice": NOTICE, **method}
+        )
         b = method["batching"]
-        log.info("caption.done study=%s images=%d generated=%d cache_hits=%d calls=%d model=%s", ctx.label,
-                 len(captions), b["generated"], b["cache_hits"], b["generate_calls"], info.name)
+        log.info(
+            "caption.done study=%s images=%d generated=%d cache_hits=%d calls=%d model=%s",
+            ctx.label,
+            len(captions),
+            b["generated"],
+            b["cache_hits"],
+            b["generate_calls"],
+            info.name,
+        )
 
     # ------------------------------------------------------------------ helpers
     def _select(self, ctx: StudyContext) -> list[Any]:
@@ -235,8 +305,10 @@ class CaptionImages(Step):
                     break
         if not chosen:
             have = sorted({f"{s.window}:{s.number}" for s in slices})
-            ctx.warnings.append(f"caption: images {self.p.images} matched none of the rendered slices "
-                                f"({', '.join(have) or 'none'}); nothing was captioned")
+            ctx.warnings.append(
+                f"caption: images {self.p.images} matched none of the rendered slices "
+                f"({', '.join(have) or 'none'}); nothing was captioned"
+            )
         return chosen
 
     def _dtype_name(self) -> str:
@@ -259,12 +331,25 @@ class CaptionImages(Step):
         return known
 
     @staticmethod
-    def _cache_key(image: np.ndarray, folder_hash: str, prompt_hash: str | None, generation: cap.Generation,
-                   dtype_name: str) -> str:
+    def _cache_key(
+        image: np.ndarray,
+        folder_hash: str,
+        prompt_hash: str | None,
+        generation: cap.Generation,
+        dtype_name: str,
+    ) -> str:
         pixels = np.ascontiguousarray(image)
-        image_hash = hashlib.sha256(f"{pixels.dtype.str}{pixels.shape}".encode() + pixels.tobytes()).hexdigest()
-        parts = {"v": CACHE_KEY_VERSION, "image_sha256": image_hash, "model": folder_hash,
-                 "prompt_sha256": prompt_hash, "generation": generation.kwargs(), "dtype": dtype_name}
+        image_hash = hashlib.sha256(
+            f"{pixels.dtype.str}{pixels.shape}".encode() + pixels.tobytes()
+        ).hexdigest()
+        parts = {
+            "v": CACHE_KEY_VERSION,
+            "image_sha256": image_hash,
+            "model": folder_hash,
+            "prompt_sha256": prompt_hash,
+            "generation": generation.kwargs(),
+            "dtype": dtype_name,
+        }
         return "caption:" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
     def _captioner(self, info: cap.ModelInfo, fingerprint: tuple[Any, ...], dtype_name: str) -> cap.Captioner:
@@ -278,8 +363,13 @@ class CaptionImages(Step):
                 self._own_models = ModelCache(capacity=1, device=self.env.device)
             models = self._own_models
         dtype = None if dtype_name == "float32" else getattr(torch, dtype_name)
-        key = (self.uses, str(self.folder), hashlib.sha256(repr(fingerprint).encode()).hexdigest()[:16],
-               dtype_name, self.env.device)
+        key = (
+            self.uses,
+            str(self.folder),
+            hashlib.sha256(repr(fingerprint).encode()).hexdigest()[:16],
+            dtype_name,
+            self.env.device,
+        )
         captioner: cap.Captioner = models.get(key, lambda: cap.load_captioner(info, self.env.device, dtype))
         self._last = weakref.ref(captioner)
         return captioner

@@ -94,11 +94,16 @@ class CTClipParams(Params):
 
 
 class ZeroShotParams(CTClipParams):
-    checkpoint: str = Field("weights/ct_clip/CT_VocabFine_v2.pt",
-                            description="CT-CLIP v2 .pt file (CT_VocabFine_v2.pt or CT-CLIP_v2.pt)")
+    checkpoint: str = Field(
+        "weights/ct_clip/CT_VocabFine_v2.pt",
+        description="CT-CLIP v2 .pt file (CT_VocabFine_v2.pt or CT-CLIP_v2.pt)",
+    )
     findings: list[str | FindingPrompt] | None = Field(
-        None, description="finding names or {name, present, absent}; default: the 18 CT-RATE findings")
-    batch_size: int = Field(8, ge=1, le=1024, description="prompts per text-encoder micro-batch (halved on OOM)")
+        None, description="finding names or {name, present, absent}; default: the 18 CT-RATE findings"
+    )
+    batch_size: int = Field(
+        8, ge=1, le=1024, description="prompts per text-encoder micro-batch (halved on OOM)"
+    )
 
 
 class ClassifyParams(CTClipParams):
@@ -149,12 +154,16 @@ class _CTClipStep(Step):
         side, frames = cfg.ctvit.image_size, cfg.ctvit.temporal_patch_size
         problems = []
         if (x, y) != (side, side):
-            problems.append(f"with.target_xyz (value: {list(self.p.target_xyz)}): this model takes "
-                            f"{side}x{side} images. Fix: use target_xyz [{side}, {side}, {z}]"
-                            + (" (the released v2 models: [480, 480, 240])." if config is None else "."))
+            problems.append(
+                f"with.target_xyz (value: {list(self.p.target_xyz)}): this model takes "
+                f"{side}x{side} images. Fix: use target_xyz [{side}, {side}, {z}]"
+                + (" (the released v2 models: [480, 480, 240])." if config is None else ".")
+            )
         if z % frames:
-            problems.append(f"with.target_xyz (value: {list(self.p.target_xyz)}): Z must be a multiple of "
-                            f"the temporal patch size {frames}. Fix: e.g. {max(frames, z // frames * frames)}.")
+            problems.append(
+                f"with.target_xyz (value: {list(self.p.target_xyz)}): Z must be a multiple of "
+                f"the temporal patch size {frames}. Fix: e.g. {max(frames, z // frames * frames)}."
+            )
         return problems
 
     # ---------------------------------------------------------------- model
@@ -173,13 +182,23 @@ class _CTClipStep(Step):
         checkpoint, vocab, config = self._paths()
         cache = self._cache()
         amp = cache.autocast_dtype()
-        key = ("ctclip", str(checkpoint), str(vocab), str(config) if config else None, self.env.device,
-               str(amp).removeprefix("torch.") if amp else "fp32")
+        key = (
+            "ctclip",
+            str(checkpoint),
+            str(vocab),
+            str(config) if config else None,
+            self.env.device,
+            str(amp).removeprefix("torch.") if amp else "fp32",
+        )
 
         def load() -> CTClip:
             model = load_ctclip(checkpoint, vocab, config, self.env.device, autocast_dtype=amp)
-            log.warning("ctclip.licence file=%s licence=%r: the CT-CLIP weights (CT-RATE release) may be "
-                        "used for non-commercial purposes only", checkpoint.name, LICENCE)
+            log.warning(
+                "ctclip.licence file=%s licence=%r: the CT-CLIP weights (CT-RATE release) may be "
+                "used for non-commercial purposes only",
+                checkpoint.name,
+                LICENCE,
+            )
             return model
 
         return cache.get(key, load)
@@ -198,8 +217,9 @@ class _CTClipStep(Step):
         return found
 
     def link(self, later: Sequence[Step]) -> None:
-        self.shares_input = any(isinstance(s, _CTClipStep) and tuple(s.p.target_xyz) == tuple(self.p.target_xyz)
-                                for s in later)
+        self.shares_input = any(
+            isinstance(s, _CTClipStep) and tuple(s.p.target_xyz) == tuple(self.p.target_xyz) for s in later
+        )
 
     def _preprocess(self, ctx: StudyContext) -> tuple[torch.Tensor, dict[str, Any]]:
         from processor.models.ctclip_preprocess import (
@@ -228,8 +248,10 @@ class _CTClipStep(Step):
             "orientation": {
                 "from": "DICOM volume [slice, row, column]",
                 "to": "CT-RATE NIfTI array (X, Y, Z) = (patient left, posterior, superior)",
-                "axes": {out: {"from": DICOM_AXES[src], "flipped": flip}
-                         for out, src, flip in zip("XYZ", order, flips, strict=True)},
+                "axes": {
+                    out: {"from": DICOM_AXES[src], "flipped": flip}
+                    for out, src, flip in zip("XYZ", order, flips, strict=True)
+                },
             },
             "input_shape_xyz": list(hu_xyz.shape),
             "input_spacing_xyz_mm": [round(s, 6) for s in spacing_xyz],
@@ -237,9 +259,12 @@ class _CTClipStep(Step):
             "clip": "before resampling",
             "target_spacing_zxy_mm": list(TARGET_SPACING_ZXY),
             "resampling": "trilinear, float64, align_corners=False, int()-truncated sizes",
-            "slice_positions": ("true positions (irregular grid): linear along the slice axis at the target "
-                                "positions, then trilinear in-plane" if positions is not None
-                                else "uniform median step (regular grid)"),
+            "slice_positions": (
+                "true positions (irregular grid): linear along the slice axis at the target "
+                "positions, then trilinear in-plane"
+                if positions is not None
+                else "uniform median step (regular grid)"
+            ),
             "slice_grid": {**grid.as_dict(), "note": grid.note("resampled from") if grid.irregular else None},
             "resampled_shape_zxy": list(planned_shape_zxy(hu_xyz.shape, spacing_xyz, positions)),
             "scale": "HU / 1000",
@@ -283,8 +308,15 @@ class _CTClipStep(Step):
         add_features(ctx, {f"{prefix}.{finding}": p for finding, p in probabilities.items()})
         add_scores(ctx, ModelScores(self.sid, prefix, probabilities))
         top = max(probabilities, key=probabilities.__getitem__)
-        log.info("ctclip.done study=%s step=%s kind=%s findings=%d top=%r p=%.3f", ctx.label, self.sid,
-                 self.kind, len(probabilities), top, probabilities[top])
+        log.info(
+            "ctclip.done study=%s step=%s kind=%s findings=%d top=%r p=%.3f",
+            ctx.label,
+            self.sid,
+            self.kind,
+            len(probabilities),
+            top,
+            probabilities[top],
+        )
 
     def probabilities(self, model: CTClip, latent: torch.Tensor) -> dict[str, float]:
         raise NotImplementedError
@@ -304,9 +336,11 @@ def _require_spacing(volume: Any) -> None:
         reason = f"voxel spacing (z, y, x) {tuple(float(v) for v in volume.spacing_zyx)} mm is not positive"
     if reason is not None:
         reason = reason.removeprefix("pixel spacing unknown: ")
-        raise WithheldError(f"pixel spacing unknown: {reason}. CT-CLIP resamples the volume to 1.5 x 0.75 x 0.75 mm "
-                        "and a guessed spacing would give wrong numbers, so this step did not run. Fix: export "
-                        "the series with PixelSpacing (0028,0030) and ImagePositionPatient on every slice.")
+        raise WithheldError(
+            f"pixel spacing unknown: {reason}. CT-CLIP resamples the volume to 1.5 x 0.75 x 0.75 mm "
+            "and a guessed spacing would give wrong numbers, so this step did not run. Fix: export "
+            "the series with PixelSpacing (0028,0030) and ImagePositionPatient on every slice."
+        )
 
 
 def _grid_warnings(preprocessing: dict[str, Any]) -> list[str]:
@@ -317,8 +351,10 @@ def _grid_warnings(preprocessing: dict[str, Any]) -> list[str]:
 
 class ZeroShot(_CTClipStep):
     uses = "ctclip.zero_shot"
-    summary = ("CT-CLIP v2 zero-shot: probability of each CT-RATE finding (or custom prompts) from the "
-               "\"is present\" / \"is not present\" prompt pair; the image latent for later steps.")
+    summary = (
+        "CT-CLIP v2 zero-shot: probability of each CT-RATE finding (or custom prompts) from the "
+        '"is present" / "is not present" prompt pair; the image latent for later steps.'
+    )
     Params = ZeroShotParams
     kind = "ctclip_zero_shot"
 
@@ -326,7 +362,9 @@ class ZeroShot(_CTClipStep):
         params: ZeroShotParams = self.params  # type: ignore[assignment]
         names = [f if isinstance(f, str) else f.name for f in params.findings or []]
         twice = sorted({n for n in names if names.count(n) > 1})
-        problems = [f"with.findings (value: {twice}): listed twice. Fix: name each finding once."] if twice else []
+        problems = (
+            [f"with.findings (value: {twice}): listed twice. Fix: name each finding once."] if twice else []
+        )
         if params.findings == []:
             problems.append("with.findings: empty. Fix: remove the key for the 18 CT-RATE findings.")
         return problems + super().check()
@@ -365,8 +403,10 @@ class ZeroShot(_CTClipStep):
 
 class Classify(_CTClipStep):
     uses = "ctclip.classify"
-    summary = ("CT-LiPro (CT_LiPro_v2): supervised linear-probe probabilities of the 18 CT-RATE findings "
-               "from the CT-CLIP image latent.")
+    summary = (
+        "CT-LiPro (CT_LiPro_v2): supervised linear-probe probabilities of the 18 CT-RATE findings "
+        "from the CT-CLIP image latent."
+    )
     Params = ClassifyParams
     kind = "ctclip_lipro"
 
@@ -377,15 +417,19 @@ class Classify(_CTClipStep):
         from processor.models.ctclip import CTRATE_FINDINGS
 
         if model.classifier is None:
-            raise WeightsError(f"{Path(self.p.checkpoint).name} is not a CT-LiPro checkpoint (no classifier.* "
-                               "keys). Fix: point ctclip.classify at CT_LiPro_v2.pt, or use ctclip.zero_shot "
-                               "for CT-CLIP_v2.pt / CT_VocabFine_v2.pt.")
+            raise WeightsError(
+                f"{Path(self.p.checkpoint).name} is not a CT-LiPro checkpoint (no classifier.* "
+                "keys). Fix: point ctclip.classify at CT_LiPro_v2.pt, or use ctclip.zero_shot "
+                "for CT-CLIP_v2.pt / CT_VocabFine_v2.pt."
+            )
         # the same arithmetic as CTClip.classify, on the latent already encoded
         with torch.inference_mode():
             probs = torch.sigmoid(model.classifier(F.relu(latent)))[0]
         if probs.shape[0] != len(CTRATE_FINDINGS):
-            raise WeightsError(f"the CT-LiPro head has {probs.shape[0]} outputs, expected "
-                               f"{len(CTRATE_FINDINGS)} (the CT-RATE findings).")
+            raise WeightsError(
+                f"the CT-LiPro head has {probs.shape[0]} outputs, expected "
+                f"{len(CTRATE_FINDINGS)} (the CT-RATE findings)."
+            )
         return {name: float(p) for name, p in zip(CTRATE_FINDINGS, probs.tolist(), strict=True)}
 
 

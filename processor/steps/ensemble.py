@@ -53,11 +53,27 @@ NO_PATHOLOGY = "No significant pathology"
 # that need work-up (possible malignancy, infection), then chronic, then incidental. A site sets
 # its own with `severity_order:`; findings not listed rank after all listed ones.
 SEVERITY_ORDER: tuple[str, ...] = (
-    "Pericardial effusion", "Pleural effusion", "Consolidation", "Lung nodule", "Lymphadenopathy",
-    "Lung opacity", "Interlobular septal thickening", "Pulmonary fibrotic sequela", "Atelectasis",
-    "Cardiomegaly", "Bronchiectasis", "Emphysema", "Mosaic attenuation pattern", "Peribronchial thickening",
-    "Coronary artery wall calcification", "Arterial wall calcification", "Hiatal hernia", "Medical material",
+    "Pericardial effusion",
+    "Pleural effusion",
+    "Consolidation",
+    "Lung nodule",
+    "Lymphadenopathy",
+    "Lung opacity",
+    "Interlobular septal thickening",
+    "Pulmonary fibrotic sequela",
+    "Atelectasis",
+    "Cardiomegaly",
+    "Bronchiectasis",
+    "Emphysema",
+    "Mosaic attenuation pattern",
+    "Peribronchial thickening",
+    "Coronary artery wall calcification",
+    "Arterial wall calcification",
+    "Hiatal hernia",
+    "Medical material",
 )
+
+
 def collect_features(result: Mapping[str, Any]) -> dict[str, float]:
     """Every numeric model output in a result JSON under its feature name (:mod:`processor.steps.ports`).
 
@@ -111,8 +127,10 @@ class HeadParams(Params):
 
 class CtclipHead(_WeightedStep):
     uses = "ctclip.head"
-    summary = ("The site's supervised head (linear or 1-hidden-layer MLP, trained by fit-head) on the CT-CLIP "
-               "image latent: per-finding probabilities.")
+    summary = (
+        "The site's supervised head (linear or 1-hidden-layer MLP, trained by fit-head) on the CT-CLIP "
+        "image latent: per-finding probabilities."
+    )
     Params = HeadParams
     needs = (CTCLIP_LATENT,)
     provides = (FEATURES, SCORES)
@@ -135,17 +153,22 @@ class CtclipHead(_WeightedStep):
         latent = np.asarray(ctx.values[CTCLIP_LATENT.name], dtype=np.float32).ravel()
         expected = head.card["architecture"]["in_dim"]
         if latent.size != expected:
-            raise StepError(f"the CT-CLIP latent has {latent.size} values but the head in {folder} was trained "
-                            f"on {expected}. Fix: refit the head (fit-head) on latents of this CT-CLIP model.")
+            raise StepError(
+                f"the CT-CLIP latent has {latent.size} values but the head in {folder} was trained "
+                f"on {expected}. Fix: refit the head (fit-head) on latents of this CT-CLIP model."
+            )
         device = next(head.model.parameters()).device
         probs = head.model.probabilities(torch.from_numpy(latent)[None].to(device))[0].cpu().numpy()
         probabilities = {f: round(float(p), 6) for f, p in zip(head.findings, probs, strict=True)}
         thresholds = head.card.get("thresholds", {})
         ctx.result.setdefault("models", {})[self.sid] = {
-            "kind": "ctclip_head", "model": str(head.weights_path.relative_to(folder.parent)),
-            "sha256": self.digest(head.weights_path), "trained": head.card.get("date"),
+            "kind": "ctclip_head",
+            "model": str(head.weights_path.relative_to(folder.parent)),
+            "sha256": self.digest(head.weights_path),
+            "trained": head.card.get("date"),
             "training_set_hash": head.card.get("training_set_hash"),
-            "thresholds": thresholds, "probabilities": probabilities,
+            "thresholds": thresholds,
+            "probabilities": probabilities,
         }
         named = {f"head.{f}": p for f, p in probabilities.items()}
         ctx.result.setdefault("features", {}).update(named)
@@ -163,8 +186,10 @@ class FusionParams(Params):
 
 class FusionLightGBM(_WeightedStep):
     uses = "fusion.lightgbm"
-    summary = ("LightGBM fusion (fit-fusion) of every model's outputs into probability_of_pathology, with "
-               "per-model SHAP contributions; missing features are NaN, so a partial ensemble still fuses.")
+    summary = (
+        "LightGBM fusion (fit-fusion) of every model's outputs into probability_of_pathology, with "
+        "per-model SHAP contributions; missing features are NaN, so a partial ensemble still fuses."
+    )
     Params = FusionParams
     needs = (FEATURES,)
     provides = (FUSION,)
@@ -201,30 +226,53 @@ class FusionLightGBM(_WeightedStep):
             by_model[group] = by_model.get(group, 0.0) + value
         threshold = p.threshold if p.threshold is not None else fused.threshold
         out = FusionOutput(
-            probability=round(probability, 6), threshold=threshold,
-            finding_thresholds={f: t["threshold"] for f, t in fused.card.get("finding_thresholds", {}).items()},
-            contributions={"units": "log-odds (SHAP, LightGBM pred_contrib)", "bias": round(bias, 6),
-                           "by_model": {k: round(v, 6) for k, v in sorted(by_model.items())},
-                           "by_feature": {k: round(v, 6) for k, v in by_feature.items()}})
+            probability=round(probability, 6),
+            threshold=threshold,
+            finding_thresholds={
+                f: t["threshold"] for f, t in fused.card.get("finding_thresholds", {}).items()
+            },
+            contributions={
+                "units": "log-odds (SHAP, LightGBM pred_contrib)",
+                "bias": round(bias, 6),
+                "by_model": {k: round(v, 6) for k, v in sorted(by_model.items())},
+                "by_feature": {k: round(v, 6) for k, v in by_feature.items()},
+            },
+        )
         ctx.values[FUSION.name] = out
         ctx.result["fusion"] = {
-            "model": fused.model_path.name, "sha256": self.digest(fused.model_path),
-            "trained": fused.card.get("date"), "data_hash": fused.card.get("data_hash"),
-            "probability": out.probability, "threshold": threshold,
-            "threshold_source": "pipeline" if p.threshold is not None else fused.card.get("threshold_rule", "card"),
-            "features_used": len(fused.names) - len(missing), "features_missing": missing,
-            "contributions": out.contributions, "finding_thresholds": out.finding_thresholds,
+            "model": fused.model_path.name,
+            "sha256": self.digest(fused.model_path),
+            "trained": fused.card.get("date"),
+            "data_hash": fused.card.get("data_hash"),
+            "probability": out.probability,
+            "threshold": threshold,
+            "threshold_source": "pipeline"
+            if p.threshold is not None
+            else fused.card.get("threshold_rule", "card"),
+            "features_used": len(fused.names) - len(missing),
+            "features_missing": missing,
+            "contributions": out.contributions,
+            "finding_thresholds": out.finding_thresholds,
         }
         if missing:
-            ctx.warnings.append(f"fusion: {len(missing)} of {len(fused.names)} features missing (fused as NaN): "
-                                + ", ".join(missing[:5]) + (" …" if len(missing) > 5 else ""))
-        log.info("fusion.done study=%s p=%.4f threshold=%.4f missing=%d", ctx.label, probability, threshold,
-                 len(missing))
+            ctx.warnings.append(
+                f"fusion: {len(missing)} of {len(fused.names)} features missing (fused as NaN): "
+                + ", ".join(missing[:5])
+                + (" …" if len(missing) > 5 else "")
+            )
+        log.info(
+            "fusion.done study=%s p=%.4f threshold=%.4f missing=%d",
+            ctx.label,
+            probability,
+            threshold,
+            len(missing),
+        )
 
 
 # ---------------------------------------------------------------------------------------- decision
-def finding_probabilities(scores: Sequence[ModelScores],
-                          sources: Sequence[str]) -> dict[str, tuple[float, str, float | None]]:
+def finding_probabilities(
+    scores: Sequence[ModelScores], sources: Sequence[str]
+) -> dict[str, tuple[float, str, float | None]]:
     """finding → (probability, feature name, the model's own fitted threshold), first source wins.
 
     Within a source the first model (in run order) that gives a finding wins.
@@ -234,7 +282,8 @@ def finding_probabilities(scores: Sequence[ModelScores],
         for finding, prob in entry.probabilities.items():
             if is_number(prob):
                 by_prefix.setdefault(entry.source, {}).setdefault(
-                    finding, (float(prob), f"{entry.source}.{finding}", entry.thresholds.get(finding)))
+                    finding, (float(prob), f"{entry.source}.{finding}", entry.thresholds.get(finding))
+                )
     out: dict[str, tuple[float, str, float | None]] = {}
     for prefix in sources:
         for finding, value in by_prefix.get(prefix, {}).items():
@@ -242,8 +291,9 @@ def finding_probabilities(scores: Sequence[ModelScores],
     return out
 
 
-def most_dangerous(findings: Mapping[str, float], thresholds: Mapping[str, float],
-                   severity_order: Sequence[str]) -> tuple[str | None, list[str]]:
+def most_dangerous(
+    findings: Mapping[str, float], thresholds: Mapping[str, float], severity_order: Sequence[str]
+) -> tuple[str | None, list[str]]:
     """(most dangerous finding or NO_PATHOLOGY, every finding at or above its threshold, most severe first).
 
     ``None`` when there are no findings at all. Order: position in ``severity_order`` (unlisted
@@ -257,8 +307,13 @@ def most_dangerous(findings: Mapping[str, float], thresholds: Mapping[str, float
     return (positive[0] if positive else NO_PATHOLOGY), positive
 
 
-def decide(probability: float | None, threshold: float | None, findings: Mapping[str, float],
-           thresholds: Mapping[str, float], severity_order: Sequence[str]) -> dict[str, Any]:
+def decide(
+    probability: float | None,
+    threshold: float | None,
+    findings: Mapping[str, float],
+    thresholds: Mapping[str, float],
+    severity_order: Sequence[str],
+) -> dict[str, Any]:
     """The decision fields from the fused probability and the per-finding probabilities (pure)."""
     reasons = []
     if probability is None:
@@ -270,22 +325,30 @@ def decide(probability: float | None, threshold: float | None, findings: Mapping
         pathology = int(probability >= threshold)
     worst, positive = most_dangerous(findings, thresholds, severity_order)
     if worst is None:
-        reasons.append("no model produced per-finding probabilities, so most_dangerous_pathology_type is null")
+        reasons.append(
+            "no model produced per-finding probabilities, so most_dangerous_pathology_type is null"
+        )
     return {
         "probability_of_pathology": None if probability is None else round(float(probability), 6),
-        "pathology": pathology, "most_dangerous_pathology_type": worst, "threshold": threshold,
-        "reason": "; ".join(reasons) or None, "findings_above_threshold": positive,
+        "pathology": pathology,
+        "most_dangerous_pathology_type": worst,
+        "threshold": threshold,
+        "reason": "; ".join(reasons) or None,
+        "findings_above_threshold": positive,
     }
 
 
 class DecisionParams(Params):
-    severity_order: list[str] = Field(list(SEVERITY_ORDER),
-                                      description="findings from most to least dangerous")
+    severity_order: list[str] = Field(
+        list(SEVERITY_ORDER), description="findings from most to least dangerous"
+    )
     finding_threshold: float = Field(0.5, ge=0, le=1, description="default per-finding threshold")
-    finding_thresholds: dict[str, float] = Field({},
-                                                 description="per-finding thresholds (override fitted ones)")
-    sources: list[str] = Field(["head", "lipro", "zs"], min_length=1,
-                               description="per-finding probability sources, preferred first")
+    finding_thresholds: dict[str, float] = Field(
+        {}, description="per-finding thresholds (override fitted ones)"
+    )
+    sources: list[str] = Field(
+        ["head", "lipro", "zs"], min_length=1, description="per-finding probability sources, preferred first"
+    )
 
     @field_validator("severity_order")
     @classmethod
@@ -306,8 +369,10 @@ class DecisionParams(Params):
 
 class DecisionPathology(Step):
     uses = "decision.pathology"
-    summary = ("The API decision fields: probability_of_pathology and pathology from the fusion step (null "
-               "without one), most_dangerous_pathology_type by severity order and per-finding thresholds.")
+    summary = (
+        "The API decision fields: probability_of_pathology and pathology from the fusion step (null "
+        "without one), most_dangerous_pathology_type by severity order and per-finding thresholds."
+    )
     Params = DecisionParams
     optional_needs = (FUSION, SCORES)
 
@@ -318,21 +383,41 @@ class DecisionPathology(Step):
         fitted = fusion.finding_thresholds if fusion else {}
         thresholds, threshold_from = {}, {}
         for finding, (_, _, own) in found.items():
-            for source, value in (("pipeline", p.finding_thresholds.get(finding)), ("fusion card", fitted.get(finding)),
-                                  ("model card", own), ("default", p.finding_threshold)):
+            for source, value in (
+                ("pipeline", p.finding_thresholds.get(finding)),
+                ("fusion card", fitted.get(finding)),
+                ("model card", own),
+                ("default", p.finding_threshold),
+            ):
                 if value is not None:
                     thresholds[finding], threshold_from[finding] = float(value), source
                     break
-        decision = decide(fusion.probability if fusion else None, fusion.threshold if fusion else None,
-                          {f: v[0] for f, v in found.items()}, thresholds, p.severity_order)
+        decision = decide(
+            fusion.probability if fusion else None,
+            fusion.threshold if fusion else None,
+            {f: v[0] for f, v in found.items()},
+            thresholds,
+            p.severity_order,
+        )
         decision["contributions"] = fusion.contributions if fusion else None
-        decision["findings"] = {f: {"probability": v[0], "source": v[1], "threshold": thresholds[f],
-                                    "threshold_from": threshold_from[f], "positive": v[0] >= thresholds[f]}
-                                for f, v in found.items()}
+        decision["findings"] = {
+            f: {
+                "probability": v[0],
+                "source": v[1],
+                "threshold": thresholds[f],
+                "threshold_from": threshold_from[f],
+                "positive": v[0] >= thresholds[f],
+            }
+            for f, v in found.items()
+        }
         ctx.result["decision"] = decision
-        log.info("decision.done study=%s p=%s pathology=%s most_dangerous=%r", ctx.label,
-                 decision["probability_of_pathology"], decision["pathology"],
-                 decision["most_dangerous_pathology_type"])
+        log.info(
+            "decision.done study=%s p=%s pathology=%s most_dangerous=%r",
+            ctx.label,
+            decision["probability_of_pathology"],
+            decision["pathology"],
+            decision["most_dangerous_pathology_type"],
+        )
 
 
 def register(registry: StepRegistry) -> None:

@@ -37,10 +37,12 @@ class LungParams(Params):
 
 class QuantifyLungs(Step):
     uses = "quantify.lungs"
-    summary = ("Weight-free lung quantification: threshold lung mask (−320 HU) inside a body mask (outside "
-               "air never counts, lungs cut by the field of view are kept and flagged), largest components, "
-               "holes filled; lung volume mL over each slice's true slab, %LAA-950, mean lung density, "
-               "plausibility flags with notes in plain words.")
+    summary = (
+        "Weight-free lung quantification: threshold lung mask (−320 HU) inside a body mask (outside "
+        "air never counts, lungs cut by the field of view are kept and flagged), largest components, "
+        "holes filled; lung volume mL over each slice's true slab, %LAA-950, mean lung density, "
+        "plausibility flags with notes in plain words."
+    )
     Params = LungParams
     needs = (VOLUME,)
     provides = (LUNG_MASK, FEATURES)
@@ -52,23 +54,44 @@ class QuantifyLungs(Step):
         pixel_mm = None if volume.spacing_unknown else (volume.spacing_zyx[1], volume.spacing_zyx[2])
         found = segment_lungs(volume.hu, settings, pixel_mm)
         mask = found.mask
-        metrics = lung_metrics(volume.hu, mask, volume.spacing_zyx, settings, positions_mm=volume.positions_mm,
-                               spacing_unknown=volume.spacing_unknown, found=found)
+        metrics = lung_metrics(
+            volume.hu,
+            mask,
+            volume.spacing_zyx,
+            settings,
+            positions_mm=volume.positions_mm,
+            spacing_unknown=volume.spacing_unknown,
+            found=found,
+        )
         numbers = metrics.as_dict()
         ctx.values[LUNG_MASK.name] = mask
         add_features(ctx, {f"lungs.{key}": numbers.get(key) for key in LUNG_FEATURES})
-        ctx.result["lungs"] = {**numbers, "method": "threshold",
-                               "threshold_hu": settings.threshold_hu,
-                               "laa_threshold_hu": settings.laa_threshold_hu,
-                               "body_mask": True, "body_threshold_hu": settings.body_threshold_hu,
-                               "body_thin_mm": settings.body_thin_mm if pixel_mm else None,
-                               "volume_integration": "slab thickness of each slice from its position"}
+        ctx.result["lungs"] = {
+            **numbers,
+            "method": "threshold",
+            "threshold_hu": settings.threshold_hu,
+            "laa_threshold_hu": settings.laa_threshold_hu,
+            "body_mask": True,
+            "body_threshold_hu": settings.body_threshold_hu,
+            "body_thin_mm": settings.body_thin_mm if pixel_mm else None,
+            "volume_integration": "slab thickness of each slice from its position",
+        }
         if not metrics.plausible:
-            ctx.warnings.append("lungs: lung numbers partial or not plausible (" + ", ".join(metrics.flags)
-                                + "): " + "; ".join(metrics.notes))
-        log.info("lungs.done study=%s volume_ml=%s laa950=%s mld=%s plausible=%s flags=%s", ctx.label,
-                 metrics.volume_ml, metrics.laa950_percent, metrics.mean_lung_density_hu, metrics.plausible,
-                 ",".join(metrics.flags) or "-")
+            ctx.warnings.append(
+                "lungs: lung numbers partial or not plausible ("
+                + ", ".join(metrics.flags)
+                + "): "
+                + "; ".join(metrics.notes)
+            )
+        log.info(
+            "lungs.done study=%s volume_ml=%s laa950=%s mld=%s plausible=%s flags=%s",
+            ctx.label,
+            metrics.volume_ml,
+            metrics.laa950_percent,
+            metrics.mean_lung_density_hu,
+            metrics.plausible,
+            ",".join(metrics.flags) or "-",
+        )
 
 
 def register(registry: StepRegistry) -> None:

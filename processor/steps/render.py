@@ -70,9 +70,11 @@ class KeySliceParams(Params):
 
 class RenderKeySlices(Step):
     uses = "render.key_slices"
-    summary = ("PNG previews of N axial levels through the lungs in lung (W1500/L-600) and mediastinal "
-               "(W350/L40) windows, radiological orientation, square physical pixels (the coarser axis resampled "
-               "to the finer spacing), written next to the study JSON.")
+    summary = (
+        "PNG previews of N axial levels through the lungs in lung (W1500/L-600) and mediastinal "
+        "(W350/L40) windows, radiological orientation, square physical pixels (the coarser axis resampled "
+        "to the finer spacing), written next to the study JSON."
+    )
     Params = KeySliceParams
     needs = (VOLUME,)
     optional_needs = (LUNG_MASK,)
@@ -94,22 +96,50 @@ class RenderKeySlices(Step):
                 image = window(shown[k], width, level)
                 path = ctx.out_dir / f"key_{name}_{number}.png"
                 digest = write_atomic(path, png_bytes(image))
-                slices.append(KeySlice(name, number, k, round(float(volume.positions_mm[k]), 3), path, image,
-                                       digest, grid.pixel_mm))
+                slices.append(
+                    KeySlice(
+                        name,
+                        number,
+                        k,
+                        round(float(volume.positions_mm[k]), 3),
+                        path,
+                        image,
+                        digest,
+                        grid.pixel_mm,
+                    )
+                )
         folder = ctx.out_dir.name
         ctx.values["key_slices"] = slices
         ctx.result["key_slices"] = [
-            {"file": f"{folder}/{s.path.name}", "window": s.window, "width": WINDOWS[s.window][0],
-             "level": WINDOWS[s.window][1], "slice_index": s.slice_index, "z_mm": s.z_mm, "sha256": s.sha256}
-            for s in slices]
-        ctx.result["key_slices_method"] = {"levels": how, "count": params.count, "windows": list(params.windows),
-                                           "orientation": {"convention": "radiological", **turn.as_dict()},
-                                           "pixels": grid.as_dict(*_displayed_shape(volume.hu.shape, turn))}
+            {
+                "file": f"{folder}/{s.path.name}",
+                "window": s.window,
+                "width": WINDOWS[s.window][0],
+                "level": WINDOWS[s.window][1],
+                "slice_index": s.slice_index,
+                "z_mm": s.z_mm,
+                "sha256": s.sha256,
+            }
+            for s in slices
+        ]
+        ctx.result["key_slices_method"] = {
+            "levels": how,
+            "count": params.count,
+            "windows": list(params.windows),
+            "orientation": {"convention": "radiological", **turn.as_dict()},
+            "pixels": grid.as_dict(*_displayed_shape(volume.hu.shape, turn)),
+        }
         if grid.unknown is not None:
-            log.warning("render.unscaled study=%s reason=%r: previews shown pixel for pixel", ctx.label,
-                        grid.unknown)
-        log.info("render.done study=%s images=%d levels=%s pixel_mm=%s", ctx.label, len(slices), levels,
-                 grid.pixel_mm)
+            log.warning(
+                "render.unscaled study=%s reason=%r: previews shown pixel for pixel", ctx.label, grid.unknown
+            )
+        log.info(
+            "render.done study=%s images=%d levels=%s pixel_mm=%s",
+            ctx.label,
+            len(slices),
+            levels,
+            grid.pixel_mm,
+        )
 
 
 def _displayed_shape(shape_zyx: tuple[int, ...], turn: Orientation) -> tuple[int, int]:
@@ -129,8 +159,10 @@ def _orientation(volume: Any) -> Orientation:
         affine = np.asarray(volume.affine, dtype=np.float64)
         row, col = affine[:3, 0], affine[:3, 1]
     if not (np.all(np.isfinite(row)) and np.all(np.isfinite(col))) or not (row.any() and col.any()):
-        raise StepError("the volume has no in-plane directions (ImageOrientationPatient), so the radiological "
-                        "orientation of the previews cannot be decided; re-export the series with its geometry")
+        raise StepError(
+            "the volume has no in-plane directions (ImageOrientationPatient), so the radiological "
+            "orientation of the previews cannot be decided; re-export the series with its geometry"
+        )
     return radiological_orientation(row.tolist(), col.tolist())
 
 

@@ -38,56 +38,89 @@ class SelectParams(Params):
             try:
                 re.compile(pattern)
             except re.error as exc:
-                raise ValueError(f"{pattern!r} is not a valid regular expression ({exc}); "
-                                 "write e.g. 'B7\\d[fs]?' or quote plain names like 'LUNG'") from exc
+                raise ValueError(
+                    f"{pattern!r} is not a valid regular expression ({exc}); "
+                    "write e.g. 'B7\\d[fs]?' or quote plain names like 'LUNG'"
+                ) from exc
         return value
 
     def rules(self) -> SelectionRules:
-        return SelectionRules(modality=self.modality, min_slices=self.min_slices,
-                              axial_tolerance_deg=self.axial_tolerance_deg,
-                              max_thickness_mm=self.max_thickness_mm, lung_kernels=tuple(self.lung_kernels))
+        return SelectionRules(
+            modality=self.modality,
+            min_slices=self.min_slices,
+            axial_tolerance_deg=self.axial_tolerance_deg,
+            max_thickness_mm=self.max_thickness_mm,
+            lung_kernels=tuple(self.lung_kernels),
+        )
 
 
 class SelectSeries(Step):
     uses = "dicom.select_series"
-    summary = ("Choose the series to analyse: CT, axial, not a scout, consistent geometry, ≥ min_slices; "
-               "then ORIGINAL, thin, lung kernel, coverage, count — every series listed with its reason.")
+    summary = (
+        "Choose the series to analyse: CT, axial, not a scout, consistent geometry, ≥ min_slices; "
+        "then ORIGINAL, thin, lung kernel, coverage, count — every series listed with its reason."
+    )
     Params = SelectParams
     provides = (SERIES,)
 
     def run(self, ctx: StudyContext) -> None:
         params: SelectParams = self.params  # type: ignore[assignment]
         stacks = {uid: image_stack(series) for uid, series in ctx.study.series.items()}
-        verdicts = evaluate([series_facts(s, stacks[uid]) for uid, s in ctx.study.series.items()], params.rules())
+        verdicts = evaluate(
+            [series_facts(s, stacks[uid]) for uid, s in ctx.study.series.items()], params.rules()
+        )
         rows = [v.row() for v in verdicts]
         chosen = verdicts[0] if verdicts and verdicts[0].eligible else None
         selection: dict = {"chosen": chosen.facts.uid if chosen else None, "series": rows}
         ctx.result["series_selection"] = selection
         for v in verdicts:
-            log.info("series.verdict study=%s series=%s rank=%s score=%s reason=%r set_aside=%s", ctx.label,
-                     v.facts.number, v.rank, v.score, v.reason, v.facts.set_aside or "{}")
+            log.info(
+                "series.verdict study=%s series=%s rank=%s score=%s reason=%r set_aside=%s",
+                ctx.label,
+                v.facts.number,
+                v.rank,
+                v.score,
+                v.reason,
+                v.facts.set_aside or "{}",
+            )
         if chosen is None:
-            raise StepError("no eligible series: " + "; ".join(
-                f"series {r['number']} ({r['description'] or 'no description'}): {r['reason']}" for r in rows)
+            raise StepError(
+                "no eligible series: "
+                + "; ".join(
+                    f"series {r['number']} ({r['description'] or 'no description'}): {r['reason']}"
+                    for r in rows
+                )
                 + ". Fix: include the original axial CT series (≥ min_slices images) in the export, "
-                  "or relax the dicom.select_series rules in the pipeline YAML")
+                "or relax the dicom.select_series rules in the pipeline YAML"
+            )
         stack = stacks[chosen.facts.uid]
-        aside = chosen.facts.set_aside  # whole instances, and frames of another stack inside a multi-frame file
+        aside = (
+            chosen.facts.set_aside
+        )  # whole instances, and frames of another stack inside a multi-frame file
         selection["set_aside"] = dict(aside)
         if aside:
-            selection["set_aside_files"] = [{"file": name, "reason": reason}
-                                            for name, reason in stack.set_aside_files[:MAX_LISTED]]
+            selection["set_aside_files"] = [
+                {"file": name, "reason": reason} for name, reason in stack.set_aside_files[:MAX_LISTED]
+            ]
             ctx.warnings.append(
                 f"series {chosen.facts.number}: {sum(aside.values())} image(s) under the same "
-                "SeriesInstanceUID set aside (" + ", ".join(f"{reason}: {n}" for reason, n in
-                                                           sorted(aside.items()))
-                + f"); the image stack of {chosen.facts.image_count} image(s) was used")
+                "SeriesInstanceUID set aside ("
+                + ", ".join(f"{reason}: {n}" for reason, n in sorted(aside.items()))
+                + f"); the image stack of {chosen.facts.image_count} image(s) was used"
+            )
         if chosen.facts.thickness_mm is None:
-            ctx.warnings.append(f"series {chosen.facts.number}: slice thickness "
-                                f"{chosen.facts.thickness_words()}")
+            ctx.warnings.append(
+                f"series {chosen.facts.number}: slice thickness {chosen.facts.thickness_words()}"
+            )
         ctx.values["series"] = ctx.study.series[chosen.facts.uid]  # ct.volume sets the same instances aside
-        log.info("series.chosen study=%s series=%s slices=%d kernel=%s thickness=%s", ctx.label,
-                 chosen.facts.number, chosen.facts.slice_count, chosen.facts.kernel, chosen.facts.thickness_mm)
+        log.info(
+            "series.chosen study=%s series=%s slices=%d kernel=%s thickness=%s",
+            ctx.label,
+            chosen.facts.number,
+            chosen.facts.slice_count,
+            chosen.facts.kernel,
+            chosen.facts.thickness_mm,
+        )
 
 
 def register(registry: StepRegistry) -> None:
