@@ -578,8 +578,8 @@ def test_poison_study_is_charged_alone(tmp_path: Path, daemons: Callable[[Projec
     for _ in range(8):
         proc = runs.start("study.started~poison")
         wait_for(
-            lambda: runs.broken(proc) or runs.drained(inputs),
-            60,  # noqa: B023
+            lambda proc=proc: runs.broken(proc) or runs.drained(inputs),
+            60,
             f"the daemon to crash on the poison study or drain (run {len(exits) + 1})",
         )
         assert "Exception in thread" not in runs.log(), runs.tail()
