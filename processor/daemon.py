@@ -38,7 +38,12 @@ log = logging.getLogger(__name__)
 
 
 def resolve_device_name(spec: str) -> str:
-    """``auto|cpu|cuda[:N]`` → the concrete device; ``cuda`` without CUDA is a ConfigError."""
+    """``auto|cpu|cuda[:N]`` → the concrete device; ``cuda`` without CUDA is a ConfigError.
+
+    ``cpu`` needs no torch: a daemon whose pipeline runs no model then starts without importing it.
+    """
+    if spec.strip().lower() == "cpu":
+        return "cpu"
     from processor.models.device import resolve_device
 
     return str(resolve_device(spec))

@@ -23,19 +23,21 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
-
-import torch
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from processor.errors import ConfigError
-from processor.models.device import default_autocast_dtype
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
 
-PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# models.precision → the torch dtype's name (None: float32, no autocast); torch itself is imported only
+# when a model runs, so a daemon whose pipeline needs no model starts without it.
+PRECISIONS: dict[str, str | None] = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
 _HASH_CHUNK = 8 * 2**20
 
 
@@ -75,7 +77,7 @@ class ModelCache:
         if precision != "auto" and precision not in PRECISIONS:
             raise ConfigError(f"models.precision {precision!r}: use auto, fp32, bf16 or fp16.")
         self.capacity = capacity
-        self.device = torch.device(device)
+        self.device_name = str(device)
         self.gpu_budget_bytes = None if gpu_memory_budget_gb is None else int(gpu_memory_budget_gb * 1e9)
         self.precision = precision
         self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()
@@ -150,8 +152,23 @@ class ModelCache:
     def _over_budget(self) -> bool:
         return self.gpu_budget_bytes is not None and self._gpu_allocated() > self.gpu_budget_bytes
 
+    @property
+    def device(self) -> torch.device:
+        """The cache's device as a ``torch.device`` (imports torch)."""
+        import torch
+
+        return torch.device(self.device_name)
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.device_name.startswith("cuda")
+
     def _gpu_allocated(self) -> int:
-        if self.device.type != "cuda" or not torch.cuda.is_available():
+        if not self.on_cuda:
+            return 0
+        import torch
+
+        if not torch.cuda.is_available():
             return 0
         return int(torch.cuda.memory_allocated(self.device))
 
@@ -173,8 +190,11 @@ class ModelCache:
     def trim(self) -> None:
         """Collect garbage and hand cached CUDA blocks back to the driver."""
         gc.collect()
-        if self.device.type == "cuda" and torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        if self.on_cuda:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     def __contains__(self, key: Hashable) -> bool:
         with self._lock:
@@ -211,9 +231,14 @@ class ModelCache:
     # ---------------------------------------------------------------- precision, checksums
     def autocast_dtype(self) -> torch.dtype | None:
         """``models.precision`` for this device: auto = bfloat16 on CUDA, float32 (None) on the CPU."""
+        import torch
+
+        from processor.models.device import default_autocast_dtype
+
         if self.precision == "auto":
             return default_autocast_dtype(self.device)
-        return PRECISIONS[self.precision]
+        name = PRECISIONS[self.precision]
+        return None if name is None else getattr(torch, name)
 
     def digest(self, path: str | Path) -> str:
         """sha256 of ``path``, computed once per (resolved path, size, mtime)."""
@@ -250,6 +275,8 @@ def run_with_oom_backoff(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    import torch
+
     results: list[R] = []
     start, size = 0, batch_size
     while start < len(items):
