@@ -22,6 +22,7 @@ from functools import partial
 from processor.errors import ResourceExhaustedError, StepError, WeightsError, WithheldError
 from processor.pipeline.spec import CompiledStep, Pipeline
 from processor.pipeline.step import StudyContext
+from processor.vocab import StepStatus, StudyStatus
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 class StepRecord:
     step_id: str
     uses: str
-    status: str  # done | skipped | failed | not_run
+    status: StepStatus
     seconds: float = 0.0
     error: str | None = None
     missing: list[str] = field(default_factory=list)
@@ -41,7 +42,7 @@ class StepRecord:
 
 @dataclass
 class StudyOutcome:
-    status: str  # Success | Partial | Failure
+    status: StudyStatus
     error: str | None
     steps: list[StepRecord]
     interrupted: bool = False
@@ -59,8 +60,14 @@ class StudyRun:
 
     def outcome(self) -> StudyOutcome:
         if self.interrupted:
-            return StudyOutcome("Failure", "interrupted by shutdown", self.records, interrupted=True)
-        status = "Failure" if self.error else ("Partial" if self.partial else "Success")
+            return StudyOutcome(
+                StudyStatus.FAILURE, "interrupted by shutdown", self.records, interrupted=True
+            )
+        status = (
+            StudyStatus.FAILURE
+            if self.error
+            else (StudyStatus.PARTIAL if self.partial else StudyStatus.SUCCESS)
+        )
         return StudyOutcome(status, self.error, self.records)
 
 
@@ -100,7 +107,9 @@ class PipelineRunner:
             for run in runs:
                 if run.error is not None:
                     run.records.append(
-                        StepRecord(compiled.id, compiled.uses, "not_run", error="an earlier step failed")
+                        StepRecord(
+                            compiled.id, compiled.uses, StepStatus.NOT_RUN, error="an earlier step failed"
+                        )
                     )
             if live and self._weights_ready(compiled, live):
                 self._run_step(compiled, [run for run in live if self._inputs_ready(compiled, run)])
@@ -114,7 +123,11 @@ class PipelineRunner:
         for run in live:
             run.records.append(
                 StepRecord(
-                    compiled.id, compiled.uses, "failed" if fail else "skipped", error=reason, missing=missing
+                    compiled.id,
+                    compiled.uses,
+                    StepStatus.FAILED if fail else StepStatus.SKIPPED,
+                    error=reason,
+                    missing=missing,
                 )
             )
             if fail:
@@ -129,7 +142,7 @@ class PipelineRunner:
         if not missing:
             return True
         reason = f"needs {', '.join(missing)}, which an earlier skipped step did not provide"
-        run.records.append(StepRecord(compiled.id, compiled.uses, "skipped", error=reason))
+        run.records.append(StepRecord(compiled.id, compiled.uses, StepStatus.SKIPPED, error=reason))
         run.partial = True
         log.info("step.skipped study=%s step=%s reason=%r", run.ctx.label, compiled.id, reason)
         return False
@@ -164,10 +177,10 @@ class PipelineRunner:
         for run in runs:
             problem = failure if failure is not None else _wrong_type(compiled, run.ctx)
             if problem is None:
-                run.records.append(StepRecord(compiled.id, compiled.uses, "done", seconds))
+                run.records.append(StepRecord(compiled.id, compiled.uses, StepStatus.DONE, seconds))
                 log.info("step.done study=%s step=%s seconds=%.2f", run.ctx.label, compiled.id, seconds)
                 continue
-            run.records.append(StepRecord(compiled.id, compiled.uses, "failed", seconds, problem))
+            run.records.append(StepRecord(compiled.id, compiled.uses, StepStatus.FAILED, seconds, problem))
             log.warning(
                 "step.failed study=%s step=%s seconds=%.2f error=%r",
                 run.ctx.label,
@@ -183,7 +196,7 @@ class PipelineRunner:
     @staticmethod
     def _withheld(compiled: CompiledStep, runs: list[StudyRun], reason: str, seconds: float) -> None:
         for run in runs:
-            run.records.append(StepRecord(compiled.id, compiled.uses, "skipped", seconds, reason))
+            run.records.append(StepRecord(compiled.id, compiled.uses, StepStatus.SKIPPED, seconds, reason))
             run.partial = True
             log.info("step.skipped study=%s step=%s reason=%r", run.ctx.label, compiled.id, reason)
 
