@@ -42,6 +42,9 @@ class InboxPlacement:
         """A free name in ``done/<today>`` or ``quarantine`` for this input."""
         layout = self._layout(arrival)
         folder = layout.quarantine if quarantine else layout.done(today)
+        here = self.locate(arrival)
+        if here is not None and here.parent == folder:  # e.g. a requeued input rejected again: it stays
+            return here
         return free_path(folder, arrival.name, arrival.id)
 
     def place(self, path: Path, dest: Path) -> Path:
