@@ -52,11 +52,13 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 
 
 def write_json_atomic(path: Path, document: Any) -> None:
-    text = json.dumps(document, indent=2, default=_json_default) + "\n"
+    text = json.dumps(document, indent=2, default=json_default) + "\n"
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
-def _json_default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
+    """What ``json.dumps`` writes for values it does not know: arrays and numpy numbers as lists and
+    numbers (``tolist``), paths as text."""
     if hasattr(value, "tolist"):
         return value.tolist()
     if isinstance(value, Path):

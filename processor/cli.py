@@ -150,11 +150,17 @@ def cmd_process(settings: Settings, args: argparse.Namespace) -> int:
     Paths are printed as display names (bytes that are not UTF-8 as ``\\xNN``).
     """
     from processor.daemon import build, log_paths
+    from processor.instance import InstanceLock
 
     components = build(settings)
     log_paths(settings, components.pipeline, components.device)
+    lock = InstanceLock(settings.state)
+    lock.acquire("process command")  # ConfigError (exit 2) while a daemon or another `process` runs
     executor = components.executor(components.state)
     state = components.state
+    for row in state.recover_in_flight(settings.limits.max_attempts):  # what a killed run left
+        log.warning("arrival.recovered arrival=%s state=%s crashes=%s", row.id, row.state, row.crashes)
+    executor.recorder.replay()
     code = EXIT_OK
     for path in args.paths:
         try:
@@ -166,6 +172,7 @@ def cmd_process(settings: Settings, args: argparse.Namespace) -> int:
             ok = False
         code = code if ok else EXIT_FAILED
     state.close()
+    lock.release()
     return code
 
 
@@ -180,6 +187,10 @@ def _process_one(path: Path, intake: Intake, state: State, executor: LocalExecut
         print(f"{shown}\trejected\tnot recorded; see the receipt in outbox/receipts", file=sys.stderr)
         return False
     arrival = state.arrival(aid)
+    if arrival.state == "duplicate" and arrival.duplicate_of is not None:
+        original = state.arrival(arrival.duplicate_of)
+        if original.state == "pending":  # the first copy was left unfinished (a killed run): finish it now
+            aid, arrival = original.id, original
     if arrival.state == "duplicate":
         for study in state.studies_for(arrival.duplicate_of or 0):
             print(

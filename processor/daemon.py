@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from processor.config import Settings
 from processor.errors import ConfigError
 from processor.executor import LocalExecutor
+from processor.instance import InstanceLock
 from processor.intake.archive import Limits
 from processor.intake.placement import Placements
 from processor.intake.poller import SourcePoller, SourceThreads
@@ -178,6 +179,7 @@ class Daemon:
         )
         self._watch_state: State | None = None
         self.supervisor = Supervisor({"worker": self.worker})
+        self.lock = InstanceLock(s.state)
         self._threads_started = False
 
     # ------------------------------------------------------------------ hooks (other threads)
@@ -270,6 +272,7 @@ class Daemon:
             log.warning("outbox.stale_temp_removed path=%s", stale)
 
     def start(self) -> None:
+        self.lock.acquire("daemon")  # before anything is recovered, cleaned or claimed
         self.recover()
         self._watch_state = self.c.state
         s = self.c.settings
@@ -340,6 +343,7 @@ class Daemon:
         if self.status is not None:
             self.status.stop()
         self.c.state.close()
+        self.lock.release()
         log.info("daemon.stopped")
 
 

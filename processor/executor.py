@@ -234,6 +234,7 @@ class LocalExecutor:
         return [self.recorder.reject(arrival, reason, ArrivalState.FAILED) for arrival in arrivals]
 
     def _release(self, arrival: Arrival) -> ArrivalState:
+        self.recorder.release(arrival)
         self.state.release(arrival.id)
         log.info("arrival.released arrival=%s reason=shutdown", arrival.id)
         return ArrivalState.PENDING

@@ -27,8 +27,8 @@ POINTS: tuple[str, ...] = (
     "arrival.claimed",  # arrival marked running
     "prefetch.prepared",  # CPU stage of a prefetched arrival done, GPU stage not started
     "study.started",  # first step of a study about to run (subject: the arrival's name)
-    "study.json_written",  # the study's result JSON written, nothing in SQLite yet
-    "arrival.recorded",  # final state, rows and intended placement committed; no file moved yet
+    "arrival.recorded",  # final state, rows, result documents and intended placement committed; no file yet
+    "study.json_written",  # a study's result JSON written from the recorded document
     "arrival.receipt_written",  # receipt written, input not yet moved
     "arrival.moved",  # input moved to done/ or quarantine/, placement not yet marked complete
     "quarantine.note_before",  # input in quarantine/, its .error.txt not yet written

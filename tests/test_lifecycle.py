@@ -9,7 +9,7 @@ from pathlib import Path
 from processor.lifecycle import Supervisor
 from tests.conftest import Project, wait_for
 from tests.dicomgen import make_series, write_zip
-from tests.test_spine_e2e import _stop, db_rows
+from tests.test_spine_e2e import _stop, db_rows, states
 
 
 class _Part:
@@ -100,3 +100,61 @@ def test_supervisor_thread_is_named_and_stops(tmp_path: Path) -> None:
     supervisor.stop()
     supervisor.join(5)
     assert not supervisor.is_alive()
+
+
+def test_a_second_instance_on_the_same_state_is_refused_before_it_touches_anything(project: Project) -> None:
+    project.write_pipeline(
+        [
+            {"id": "series", "uses": "dicom.select_series"},
+            {"id": "hold", "uses": "util.delay", "with": {"seconds": 3}},
+        ]
+    )
+    write_zip(project.inbox / "study.zip", make_series(20))
+    first = project.start()
+    try:
+        wait_for(lambda: states(project) == [("running",)], 60, "a running arrival")
+        second = project.run("run", timeout=60)
+        assert second.returncode != 0
+        assert (
+            "another ctwatch process (pid" in second.stderr
+            and "is using this state database" in second.stderr
+        )
+        cli = project.run("process", str(project.inbox / "nothing.zip"), timeout=60)
+        assert cli.returncode != 0 and "drop the files into the running daemon's inbox" in cli.stderr
+        wait_for(
+            lambda: db_rows(project, "select state from arrivals") == [("done",)], 60, "the first one's study"
+        )
+    finally:
+        assert _stop(first) == 0, project.log_text()[-3000:]
+    assert db_rows(project, "select attempts, crashes from arrivals") == [(1, 0)], (
+        "not recovered by the second"
+    )
+    assert "arrival.recovered" not in project.log_text()
+
+
+def test_process_run_again_after_a_killed_process_finishes_the_input(
+    project: Project, tmp_path: Path
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, _env
+
+    study = write_zip(tmp_path / "mine" / "study.zip", make_series(20))
+    env = {**_env(), "CTWATCH_FAULT": "study.started"}
+    killed = subprocess.run(
+        [sys.executable, str(REPO / "run.py"), "process", str(study), "--config", str(project.config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=project.root,
+        env=env,
+    )
+    assert killed.returncode == 137, killed.stderr[-2000:]
+    assert db_rows(project, "select state from arrivals") == [("running",)]
+    again = project.run("process", str(study), timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "\tSuccess\t" in again.stdout
+    assert db_rows(project, "select id, state, crashes from arrivals order by id")[0] == (1, "done", 1)
+    assert os.path.exists(study), "named on the command line: it stays where it is"

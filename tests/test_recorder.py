@@ -4,6 +4,7 @@ by the replay — in process, without killing anything (the kill -9 cases are in
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from processor.config import load_settings
 from processor.daemon import Components, build
@@ -80,4 +81,61 @@ def test_crash_quarantine_from_recovery_gets_its_place_note_and_receipt(project:
     assert "crashed the worker 3 times" in (quarantine / "poison.zip.error.txt").read_text()
     receipt = json.loads(next((project.outbox / "receipts").glob("*.json")).read_text())
     assert receipt["outcome"] == "rejected" and "crashed the worker 3 times" in receipt["message"]
+    state.close()
+
+
+def test_arrivals_of_one_study_in_flight_together_never_share_a_json(project: Project) -> None:
+    components = _components(project)
+    series = make_series(20)
+    first = components.intake.accept(write_zip(project.inbox / "a.zip", series))
+    second = components.intake.accept(
+        write_zip(project.inbox / "b.zip", series, shuffle_seed=1)
+    )  # other bytes
+    assert first is not None and second is not None
+    state, executor = components.state, components.executor()
+    a, b = state.claim(first), state.claim(second)
+    assert a is not None and b is not None
+    # Both CPU stages run before either end is recorded (prefetch does this while the GPU is busy).
+    handles = [executor.prepare([a]), executor.prepare([b])]
+    assert [executor.complete(h)[0] for h in handles] == [ArrivalState.DONE, ArrivalState.DONE]
+    paths = [row["json_path"] for aid in (first, second) for row in state.studies_for(aid)]
+    assert len(set(paths)) == 2 and paths[1].endswith(f".a{second}.json"), paths
+    documents = [json.loads(Path(p).read_text()) for p in paths]
+    assert [d["source"]["arrival_id"] for d in documents] == [first, second]
+    state.close()
+
+
+def test_a_requeued_quarantined_input_that_now_succeeds_leaves_no_stale_note(project: Project) -> None:
+    components = _components(project)
+    aid = components.intake.accept(write_zip(project.inbox / "flaky.zip", make_series(20)))
+    assert aid is not None
+    state = components.state
+    for _ in range(3):
+        assert state.claim(aid) is not None
+        state.recover_in_flight(max_crashes=3)
+    components.recorder().replay()
+    assert _quarantine(project) == ["flaky.zip", "flaky.zip.error.txt"]
+    assert not state.arrival(aid).isolate
+    assert state.requeue(aid)
+    claimed = state.claim(aid)
+    assert claimed is not None and components.executor().process(claimed) == ArrivalState.DONE
+    assert _quarantine(project) == [], "the note no longer says anything true"
+    receipts = list((project.outbox / "receipts").glob("*.json"))
+    assert len(receipts) == 1 and json.loads(receipts[0].read_text())["outcome"] == "accepted"
+    state.close()
+
+
+def test_a_quarantined_input_dropped_again_is_a_fresh_attempt_not_a_duplicate(project: Project) -> None:
+    components = _components(project)
+    series = make_series(20)
+    aid = components.intake.accept(write_zip(project.inbox / "x.zip", series))
+    assert aid is not None
+    state = components.state
+    for _ in range(3):
+        assert state.claim(aid) is not None
+        state.recover_in_flight(max_crashes=3)
+    again = components.intake.accept(write_zip(project.inbox / "x.zip", series))
+    assert again is not None and again != aid
+    row = state.arrival(again)
+    assert row.state == "pending" and row.duplicate_of is None
     state.close()

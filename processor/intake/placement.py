@@ -53,7 +53,11 @@ class InboxPlacement:
             return dest
         if dest.exists():  # taken since the intent was recorded (a user's file): the next free name
             dest = free_path(dest.parent, dest.name, 0)
-        return move(path, dest)
+        moved = move(path, dest)
+        note = path.with_name(path.name + ".error.txt")
+        if path.parent.name == "quarantine" and dest.parent != path.parent and note.is_file():
+            note.unlink()  # ours, and no longer true: the input left quarantine (a requeue that worked)
+        return moved
 
     def note(self, dest: Path, reason: str) -> None:
         """The ``.error.txt`` beside a quarantined input (rewritten the same way on a replay)."""

@@ -2,21 +2,25 @@
 
 Finishing is one recorded, idempotent transition (intent first):
 
-1. each study's result JSON is written (atomic; a re-run writes the same path again);
-2. one SQLite transaction records the study and step rows, features and latents, the arrival's
-   final state and reason, its receipt document and where the input is to go (``placed = 0``);
-3. the receipt file is written, the input moved (quarantine: its ``.error.txt`` written), and
-   ``placed = 1`` closes the transition.
+1. one SQLite transaction records the study and step rows (each with its result document),
+   features and latents, the arrival's final state and reason, its receipt document and where
+   the input is to go (``placed = 0``);
+2. each study's result JSON is written from the recorded document (atomic), then the receipt, the
+   input is moved (quarantine: its ``.error.txt`` written), and ``placed = 1`` closes it.
 
-A crash after step 2 is finished by :meth:`StudyRecorder.replay` at the next start, from what step
-2 recorded: the real reason is never lost, the input is never orphaned, no second JSON or receipt
-appears. A crash before step 2 leaves the arrival in flight; it is processed again (and its JSON
-path is the same one). ``fault_point`` calls mark each gap for the fault-injection tests.
+A crash after step 1 is finished by :meth:`StudyRecorder.replay` (at the worker's start, and when
+it is idle) from what step 1 recorded: the real reason is never lost, the input never orphaned,
+and no JSON or receipt appears twice. A crash before step 1 leaves no result file at all (the
+arrival is processed again), so a JSON in the outbox always has its row and its final state.
+JSON paths are reserved from the CPU stage on, so arrivals of one study in flight together never
+share a path. ``fault_point`` calls mark each gap for the fault-injection tests.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -32,7 +36,7 @@ from processor.outputs.receipt import (
     receipt_path,
     write_receipt_document,
 )
-from processor.outputs.result import build_result, write_json_atomic
+from processor.outputs.result import build_result, plain_json, write_json_atomic
 from processor.state import Arrival, State
 from processor.vocab import ArrivalState, ReceiptOutcome, StudyStatus, utcnow
 
@@ -92,10 +96,28 @@ class StudyRecorder:
         self.device = device
         self.pipeline = dict(pipeline)
         self.today = today
+        self._reserved: dict[Path, tuple[int, str]] = {}  # JSON path → (arrival id, study UID), in flight
+        self._reserve_lock = threading.Lock()
 
     # ------------------------------------------------------------------ paths
     def json_path(self, arrival: Arrival, study_uid: str, taken: set[Path] | None = None) -> Path:
-        return self.layout.json_path(self.state, arrival, study_uid, taken)
+        """The result JSON path of one study of ``arrival``, reserved for it until its end is recorded.
+
+        Chosen in the CPU stage (the previews go beside it), possibly in a prefetch thread while
+        other arrivals of the same study are still being processed: a path reserved by another
+        arrival counts as taken, so two arrivals never share one JSON (the second gets ``.a<id>``).
+        """
+        with self._reserve_lock:
+            others = {path for path, owner in self._reserved.items() if owner[0] != arrival.id}
+            path = self.layout.json_path(self.state, arrival, study_uid, (taken or set()) | others)
+            self._reserved[path] = (arrival.id, study_uid)
+        return path
+
+    def release(self, arrival: Arrival) -> None:
+        """Drop the JSON paths reserved for an arrival (its end is recorded, or it goes back to the queue)."""
+        with self._reserve_lock:
+            for path in [p for p, owner in self._reserved.items() if owner[0] == arrival.id]:
+                del self._reserved[path]
 
     def locate(self, arrival: Arrival) -> Path | None:
         """Where the input is now (None: moved or deleted outside ctwatch)."""
@@ -107,12 +129,7 @@ class StudyRecorder:
     # ------------------------------------------------------------------ finishing
     def accept(self, arrival: Arrival, studies: list[FinishedStudy], skipped: Counter[str]) -> ArrivalState:
         """Record the studies of an arrival that was read and processed, then place its input in done/."""
-        documents = []
-        for study in studies:
-            document = self._result(arrival, study)
-            write_json_atomic(study.json_path, document)
-            fault_point("study.json_written", arrival.name)
-            documents.append(document)
+        documents = [self._result(arrival, study) for study in studies]
         failed = [s for s in studies if s.status == StudyStatus.FAILURE]
         message = f"{len(studies)} stud{'y' if len(studies) == 1 else 'ies'} processed" + (
             f"; {len(failed)} could not be analysed: " + "; ".join(str(s.error) for s in failed)
@@ -163,11 +180,16 @@ class StudyRecorder:
             receipt=receipt,
             studies=rows,
         )
+        self.release(arrival)
         fault_point("arrival.recorded", arrival.name)
         self._place(self.state.arrival(arrival.id), receipt)
 
     def _place(self, arrival: Arrival, receipt: dict[str, Any]) -> None:
-        """Steps 3 of the module docstring, from the recorded end; safe to repeat."""
+        """Step 3 of the module docstring, from the recorded end; safe to repeat."""
+        for row in self.state.studies_for(arrival.id):  # each JSON exactly as the transaction recorded it
+            if row["json_path"] and row["result_json"]:
+                write_json_atomic(Path(row["json_path"]), json.loads(row["result_json"]))
+                fault_point("study.json_written", arrival.name)
         write_receipt_document(self.layout.outbox, receipt)
         fault_point("arrival.receipt_written", arrival.name)
         placement = self.placement_for(arrival)
@@ -246,21 +268,24 @@ class StudyRecorder:
 
     # ------------------------------------------------------------------ documents
     def _result(self, arrival: Arrival, study: FinishedStudy) -> dict[str, Any]:
+        """The study's result JSON as plain JSON values: what the file and ``studies.result_json`` hold."""
         seconds = sum(float(step["seconds"]) for step in study.steps)
-        return build_result(
-            study_uid=study.study_uid,
-            accession=study.accession,
-            outcome_status=study.status,
-            error=study.error,
-            seconds=seconds,
-            sections=study.sections,
-            steps=study.steps,
-            source=_source(arrival),
-            device=self.device,
-            warnings=study.warnings,
-            finished_at=utcnow(),
-            pipeline=self.pipeline,
-            dicom=study.dicom,
+        return plain_json(
+            build_result(
+                study_uid=study.study_uid,
+                accession=study.accession,
+                outcome_status=study.status,
+                error=study.error,
+                seconds=seconds,
+                sections=study.sections,
+                steps=study.steps,
+                source=_source(arrival),
+                device=self.device,
+                warnings=study.warnings,
+                finished_at=utcnow(),
+                pipeline=self.pipeline,
+                dicom=study.dicom,
+            )
         )
 
     def _rows(self, study: FinishedStudy, result: dict[str, Any]) -> dict[str, Any]:

@@ -9,9 +9,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from processor.atomic import write_json_atomic
+from processor.atomic import json_default, write_json_atomic
 
-__all__ = ["build_result", "load_schema", "write_json_atomic"]
+__all__ = ["build_result", "load_schema", "plain_json", "write_json_atomic"]
 
 SCHEMA_VERSION = "1.0"
 SCHEMA_PATH = Path(__file__).with_name("result.schema.json")
@@ -74,3 +74,10 @@ def build_result(
 
 def load_schema() -> dict[str, Any]:
     return json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+
+
+def plain_json(document: Any) -> Any:
+    """``document`` as plain JSON values (numpy arrays and numbers as lists and numbers, paths as
+    text), exactly as :func:`write_json_atomic` would write it; so a document stored in SQLite and
+    written again later gives the same file."""
+    return json.loads(json.dumps(document, default=json_default))

@@ -47,7 +47,8 @@ class Queue(Database):
     ) -> Registered:
         """Record an arrival; the same bytes for the same pipeline name+version become a duplicate.
 
-        A copy of an arrival that *failed* is a fresh attempt, not a duplicate (users re-drop to retry).
+        A copy of an arrival that *failed* or was *quarantined* is a fresh attempt, not a duplicate:
+        the quarantine note tells users to fix the cause and drop the file again.
         ``name`` may be raw (a ``str`` with surrogate escapes): it is stored as its display name, and
         its bytes as ``name_bytes`` unless given. ``refused`` records the arrival as quarantined at
         once with that reason (an input that could not be taken in), so no worker ever claims it.
@@ -86,7 +87,7 @@ class Queue(Database):
         rows = list(
             self.db.query(
                 "select id from arrivals where sha256 = ? and pipeline_name = ? and pipeline_version = ? "
-                "and state not in ('duplicate', 'failed') order by id limit 1",
+                "and state not in ('duplicate', 'failed', 'quarantined') order by id limit 1",
                 [sha256, name, version],
             )
         )
@@ -192,6 +193,7 @@ class Queue(Database):
                 if alone and crashes >= max_crashes:
                     self._set(
                         row["id"],
+                        isolate=0,
                         state="quarantined",
                         crashes=crashes,
                         finished_at=utcnow(),
