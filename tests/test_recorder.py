@@ -8,6 +8,7 @@ from pathlib import Path
 
 from processor.config import load_settings
 from processor.daemon import Components, build
+from processor.state import State
 from processor.vocab import ArrivalState
 from tests.conftest import Project
 from tests.dicomgen import make_series, write_zip
@@ -15,6 +16,13 @@ from tests.dicomgen import make_series, write_zip
 
 def _components(project: Project) -> Components:
     return build(load_settings(project.config))
+
+
+def _crash_three_times(state: State, aid: int) -> None:
+    """Claimed, and the process died with it alone in flight, three times (limits.max_attempts 3)."""
+    for _ in range(3):
+        assert state.claim(aid) is not None
+        state.recover_in_flight(max_crashes=3)
 
 
 def _quarantine(project: Project) -> list[str]:
@@ -72,9 +80,7 @@ def test_crash_quarantine_from_recovery_gets_its_place_note_and_receipt(project:
     aid = components.intake.accept(write_zip(project.inbox / "poison.zip", make_series(20)))
     assert aid is not None
     state = components.state
-    for _ in range(3):  # claimed, and the process died with it alone in flight, three times
-        assert state.claim(aid) is not None
-        state.recover_in_flight(max_crashes=3)
+    _crash_three_times(state, aid)
     assert components.recorder().replay() == [aid]
     quarantine = project.inbox / ".ctwatch" / "quarantine"
     assert sorted(p.name for p in quarantine.iterdir()) == ["poison.zip", "poison.zip.error.txt"]
@@ -110,9 +116,7 @@ def test_a_requeued_quarantined_input_that_now_succeeds_leaves_no_stale_note(pro
     aid = components.intake.accept(write_zip(project.inbox / "flaky.zip", make_series(20)))
     assert aid is not None
     state = components.state
-    for _ in range(3):
-        assert state.claim(aid) is not None
-        state.recover_in_flight(max_crashes=3)
+    _crash_three_times(state, aid)
     components.recorder().replay()
     assert _quarantine(project) == ["flaky.zip", "flaky.zip.error.txt"]
     assert not state.arrival(aid).isolate
@@ -131,9 +135,7 @@ def test_a_quarantined_input_dropped_again_is_a_fresh_attempt_not_a_duplicate(pr
     aid = components.intake.accept(write_zip(project.inbox / "x.zip", series))
     assert aid is not None
     state = components.state
-    for _ in range(3):
-        assert state.claim(aid) is not None
-        state.recover_in_flight(max_crashes=3)
+    _crash_three_times(state, aid)
     again = components.intake.accept(write_zip(project.inbox / "x.zip", series))
     assert again is not None and again != aid
     row = state.arrival(again)

@@ -30,7 +30,7 @@ from processor.outputs.receipt import (
     write_receipt,
     write_receipt_document,
 )
-from processor.state import Arrival, State
+from processor.state import Arrival, Registered, State
 from processor.vocab import ArrivalState, utcnow
 
 log = logging.getLogger(__name__)
@@ -130,20 +130,7 @@ class Intake:
         layout = None if entry.in_place else self.layout_for(path)
         if layout is not None:
             layout.ensure()
-        registered = self.state.register_arrival(
-            kind=entry.kind,
-            name=entry.name,
-            name_bytes=entry.name_bytes,
-            original_path=str(path),
-            current_path=str(path),
-            sha256=entry.sha256,
-            size=entry.size,
-            pipeline_name=self.pipeline_name,
-            pipeline_version=self.pipeline_version,
-            night=entry.night,
-            source_name=entry.source_name,
-            source_url=entry.source_url,
-        )
+        registered = self._register_row(entry, path)
         aid = entry.arrival_id = registered.arrival_id
         if registered.duplicate_of is not None:
             entry.moved_to = self._finish_duplicate(aid, registered.duplicate_of, path, layout)
@@ -164,6 +151,23 @@ class Intake:
             entry.night,
         )
         return aid
+
+    def _register_row(self, entry: _Entry, path: Path, *, refused: str | None = None) -> Registered:
+        return self.state.register_arrival(
+            kind=entry.kind,
+            name=entry.name,
+            name_bytes=entry.name_bytes,
+            original_path=str(path),
+            current_path=str(path),
+            sha256=entry.sha256,
+            size=entry.size,
+            pipeline_name=self.pipeline_name,
+            pipeline_version=self.pipeline_version,
+            night=entry.night,
+            source_name=entry.source_name,
+            source_url=entry.source_url,
+            refused=refused,
+        )
 
     # ------------------------------------------------------------------ failures
     def _not_taken_in(self, entry: _Entry, exc: Exception) -> int | None:
@@ -238,21 +242,7 @@ class Intake:
             if entry.arrival_id is not None:
                 aid = entry.arrival_id
             else:
-                aid = self.state.register_arrival(
-                    kind=entry.kind,
-                    name=entry.name,
-                    name_bytes=entry.name_bytes,
-                    original_path=str(entry.path),
-                    current_path=str(entry.path),
-                    sha256=entry.sha256,
-                    size=entry.size,
-                    pipeline_name=self.pipeline_name,
-                    pipeline_version=self.pipeline_version,
-                    night=entry.night,
-                    source_name=entry.source_name,
-                    source_url=entry.source_url,
-                    refused=reason,
-                ).arrival_id
+                aid = self._register_row(entry, entry.path, refused=reason).arrival_id
             arrival = self.state.arrival(aid)
             self.state.finish(
                 aid,
