@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from processor.state import State
+from processor.vocab import ArrivalState
 
 
 def _register(state: State, sha: str = "a" * 64, version: int = 1) -> int:
@@ -112,3 +113,13 @@ def test_readonly_connection_cannot_write(tmp_path: Path) -> None:
     ro = State(tmp_path / "s.db", readonly=True)
     with pytest.raises(sqlite3.OperationalError):
         ro.db.execute("delete from arrivals")
+
+
+def test_crash_while_another_end_was_being_placed_charges_nobody(tmp_path: Path) -> None:
+    state = State(tmp_path / "s.db")
+    finishing, running = _register(state, sha="1" * 64), _register(state, sha="2" * 64)
+    assert state.claim(finishing) is not None and state.claim(running) is not None
+    state.finish(finishing, ArrivalState.DONE, error=None, final_path=None, receipt_path="r", receipt={})
+    state.recover_in_flight(max_crashes=1)  # the process died while the first was being placed
+    row = state.arrival(running)
+    assert (row.state, row.crashes, row.isolate) == ("pending", 0, True)

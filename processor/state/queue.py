@@ -178,7 +178,7 @@ class Queue(Database):
         """At start-up, after a crash: what was in flight goes back to the queue, charged fairly.
 
         ``prepared`` arrivals (waiting in the prefetch queue, not started) go back untouched. One
-        ``running`` arrival alone is charged the crash (``crashes + 1``); at ``max_crashes`` it
+        ``running`` arrival alone (no other running, no recorded end still being placed) is charged the crash (``crashes + 1``); at ``max_crashes`` it
         ends quarantined ("crashed the worker N times"), its placement left to the recorder's replay.
         Several running together are each sent back uncharged with ``isolate`` set, so each runs
         alone next time and a crash then names its cause.
@@ -187,7 +187,9 @@ class Queue(Database):
         with self.transaction():
             self.db.execute("update arrivals set state = 'pending' where state = 'prepared'")
             rows = list(self.db.query("select * from arrivals where state = 'running' order by id"))
-            alone = len(rows) == 1
+            # An end being finished (recorded, not yet placed) was in flight too: the crash may be its.
+            finishing = next(iter(self.db.query("select count(*) as n from arrivals where placed = 0")))["n"]
+            alone = len(rows) == 1 and finishing == 0
             for row in rows:
                 crashes = row["crashes"] + (1 if alone else 0)
                 if alone and crashes >= max_crashes:
