@@ -24,7 +24,7 @@ from processor.names import display_name, display_text
 if TYPE_CHECKING:
     from processor.executor import LocalExecutor
     from processor.intake.register import Intake
-    from processor.state import State
+    from processor.state import Arrival, State
 
 log = logging.getLogger(__name__)
 
@@ -158,13 +158,16 @@ def cmd_process(settings: Settings, args: argparse.Namespace) -> int:
     lock.acquire("process command")  # ConfigError (exit 2) while a daemon or another `process` runs
     executor = components.executor(components.state)
     state = components.state
+    capped: dict[str, Arrival] = {}  # inputs the crash cap just quarantined: reported, not tried again
     for row in state.recover_in_flight(settings.limits.max_attempts):  # what a killed run left
         log.warning("arrival.recovered arrival=%s state=%s crashes=%s", row.id, row.state, row.crashes)
+        if row.state == "quarantined" and row.current_path:
+            capped[row.current_path] = row
     executor.recorder.replay()
     code = EXIT_OK
     for path in args.paths:
         try:
-            ok = _process_one(path, components.intake, state, executor)
+            ok = _process_one(path, components.intake, state, executor, capped)
         except Exception as exc:  # noqa: BLE001 — one bad input never stops the batch; logged once here
             log.exception("process.input_failed path=%s", display_name(path))
             reason = display_text(f"internal error: {type(exc).__name__}: {exc}")
@@ -176,21 +179,37 @@ def cmd_process(settings: Settings, args: argparse.Namespace) -> int:
     return code
 
 
-def _process_one(path: Path, intake: Intake, state: State, executor: LocalExecutor) -> bool:
-    """Register and run one input, printing its lines; False when it was rejected or failed."""
+def _process_one(
+    path: Path,
+    intake: Intake,
+    state: State,
+    executor: LocalExecutor,
+    capped: dict[str, Arrival] | None = None,
+) -> bool:
+    """Register and run one input, printing its lines; False when it was rejected or failed.
+
+    ``capped``: inputs (by path) that crashed the process ``limits.max_attempts`` times in earlier
+    runs and were just quarantined by the recovery: reported, not run again in this one.
+    """
+    from processor.intake.inbox import sha256_of
+
     shown = display_name(path)
     if not path.exists():
         print(f"{shown}: not found", file=sys.stderr)
         return False
+    stopped = (capped or {}).get(str(path.resolve()))
+    if stopped is not None:
+        print(f"{shown}\tquarantined\t{display_text(stopped.error or '')}", file=sys.stderr)
+        return False
+    if path.is_file():  # a killed run left these bytes pending: finish that arrival, no second row
+        pending = state.unfinished_copy(sha256_of(path)[0], executor.pipeline.name, executor.pipeline.version)
+        if pending is not None:
+            return _run_arrival(shown, pending.id, state, executor)
     aid = intake.accept_in_place(path)
     if aid is None:
         print(f"{shown}\trejected\tnot recorded; see the receipt in outbox/receipts", file=sys.stderr)
         return False
     arrival = state.arrival(aid)
-    if arrival.state == "duplicate" and arrival.duplicate_of is not None:
-        original = state.arrival(arrival.duplicate_of)
-        if original.state == "pending":  # the first copy was left unfinished (a killed run): finish it now
-            aid, arrival = original.id, original
     if arrival.state == "duplicate":
         for study in state.studies_for(arrival.duplicate_of or 0):
             print(
@@ -201,6 +220,10 @@ def _process_one(path: Path, intake: Intake, state: State, executor: LocalExecut
     if arrival.state == "quarantined":
         print(f"{shown}\tquarantined\t{display_text(arrival.error or '')}", file=sys.stderr)
         return False
+    return _run_arrival(shown, aid, state, executor)
+
+
+def _run_arrival(shown: str, aid: int, state: State, executor: LocalExecutor) -> bool:
     claimed = state.claim(aid)
     if claimed is None:
         print(f"{shown}: arrival {aid} was taken by a running daemon; see `status`", file=sys.stderr)

@@ -309,11 +309,31 @@ class Daemon:
     def run_until_stopped(self) -> int:
         try:
             self.start()
+            ticks = 0
             while not self.stop_requested.wait(0.5):
-                pass
+                ticks += 1
+                if ticks % LOCK_CHECK_TICKS == 0:
+                    self._check_lock()
         finally:
             self.shutdown()
         return 0
+
+    def _check_lock(self) -> None:
+        """Our lock file must still be the one we hold (see :mod:`processor.instance`)."""
+        if self.lock.still_held():
+            return
+        try:
+            self.lock.reassert()
+            log.warning(
+                "daemon.lock_recreated path=%s: the lock file was deleted or replaced", self.lock.path
+            )
+        except ConfigError as exc:
+            log.error(
+                "daemon.lock_lost path=%s: %s; stopping so two processes never share the database",
+                self.lock.path,
+                exc,
+            )
+            self.stop()
 
     def stop(self) -> None:
         self.stop_requested.set()
@@ -348,6 +368,7 @@ class Daemon:
 
 
 RESCAN_SECONDS = 60.0
+LOCK_CHECK_TICKS = 4  # the lock file is checked every 4 × 0.5 s
 REPLAY_SETTLE_SECONDS = 5.0  # an end recorded this long ago and still not placed was interrupted
 
 

@@ -158,3 +158,45 @@ def test_process_run_again_after_a_killed_process_finishes_the_input(
     assert "\tSuccess\t" in again.stdout
     assert db_rows(project, "select id, state, crashes from arrivals order by id")[0] == (1, "done", 1)
     assert os.path.exists(study), "named on the command line: it stays where it is"
+
+
+def test_a_deleted_lock_file_is_locked_again_so_a_second_instance_is_still_refused(project: Project) -> None:
+    first = project.start()
+    lock = project.state_path.with_name(project.state_path.name + ".lock")
+    try:
+        wait_for(lambda: "daemon.started" in project.log_text(), 60, "the daemon to start")
+        lock.unlink()  # a clean-up habit after a kill -9
+        wait_for(lambda: "daemon.lock_recreated" in project.log_text(), 30, "the lock file locked again")
+        second = project.run("run", timeout=60)
+        assert second.returncode != 0 and "is using this state database" in second.stderr
+    finally:
+        assert _stop(first) == 0, project.log_text()[-3000:]
+
+
+def test_process_reports_an_input_the_crash_cap_quarantined_instead_of_trying_it_again(
+    project: Project, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, _env
+
+    poison = write_zip(tmp_path / "mine" / "poison.zip", make_series(20))
+    env = {**_env(), "CTWATCH_FAULT": "study.started~poison"}  # it crashes the process every time
+
+    def process() -> subprocess.CompletedProcess[str]:
+        command = [
+            sys.executable,
+            str(REPO / "run.py"),
+            "process",
+            str(poison),
+            "--config",
+            str(project.config),
+        ]
+        return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=project.root, env=env)
+
+    assert [process().returncode for _ in range(3)] == [137, 137, 137]
+    last = process()
+    assert last.returncode == 1, last.stderr[-2000:]
+    assert "quarantined" in last.stderr and "crashed the worker 3 times" in last.stderr
+    assert db_rows(project, "select state, crashes from arrivals") == [("quarantined", 3)]

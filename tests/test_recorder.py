@@ -141,3 +141,17 @@ def test_a_quarantined_input_dropped_again_is_a_fresh_attempt_not_a_duplicate(pr
     row = state.arrival(again)
     assert row.state == "pending" and row.duplicate_of is None
     state.close()
+
+
+def test_a_study_uid_too_long_for_a_file_name_gets_a_name_that_fits(project: Project) -> None:
+    from processor.outputs.layout import OutboxLayout, is_file_uid
+
+    components = _components(project)
+    aid = components.intake.accept(write_zip(project.inbox / "long.zip", make_series(20)))
+    assert aid is not None
+    arrival = components.state.arrival(aid)
+    long_uid = "1.2." + "1234567890." * 24 + "9"
+    assert not is_file_uid(long_uid) and is_file_uid("1.2.840.10008.5.1.4.1.1.2")
+    path = OutboxLayout(project.outbox).json_path(components.state, arrival, long_uid)
+    assert path.name == "invalid-uid.json"
+    components.state.close()

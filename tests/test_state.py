@@ -123,3 +123,15 @@ def test_crash_while_another_end_was_being_placed_charges_nobody(tmp_path: Path)
     state.recover_in_flight(max_crashes=1)  # the process died while the first was being placed
     row = state.arrival(running)
     assert (row.state, row.crashes, row.isolate) == ("pending", 0, True)
+
+
+def test_an_old_end_stuck_unplaced_does_not_switch_off_the_crash_cap(tmp_path: Path) -> None:
+    state = State(tmp_path / "s.db")
+    stuck, poison = _register(state, sha="1" * 64), _register(state, sha="2" * 64)
+    assert state.claim(stuck) is not None
+    state.finish(stuck, ArrivalState.DONE, error=None, final_path=None, receipt_path="r", receipt={})
+    state.update_arrival(stuck, finished_at="2000-01-01T00:00:00+00:00")  # stuck long ago (an OS error)
+    for _ in range(2):
+        assert state.claim(poison) is not None
+        state.recover_in_flight(max_crashes=2)
+    assert state.arrival(poison).state == "quarantined"

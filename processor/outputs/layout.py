@@ -31,13 +31,22 @@ class OutboxLayout:
     def json_path(
         self, state: State, arrival: Arrival, study_uid: str, taken: set[Path] | None = None
     ) -> Path:
-        """Where a study's result JSON goes. A UID that is not digits and dots is written as
+        """Where a study's result JSON goes. A UID that is not digits and dots, or longer than the
+        64 characters DICOM allows (a file name must stay within 255 bytes), is written as
         ``invalid-uid``; a path another arrival's study already owns (or ``taken`` by a study of
         this batch) gets ``.a<arrival id>`` before ``.json``. A re-run of the same arrival and
         study gets the same path, so a crash and a retry never leave two files for one study."""
-        safe_uid = study_uid if all(c.isdigit() or c == "." for c in study_uid) else "invalid-uid"
+        safe_uid = study_uid if is_file_uid(study_uid) else "invalid-uid"
         path = self.day_folder(arrival) / f"{safe_uid}.json"
         owner = state.json_path_owner(str(path))
         if (owner is not None and owner != (arrival.id, study_uid)) or path in (taken or set()):
             path = path.with_name(f"{safe_uid}.a{arrival.id}.json")
         return path
+
+
+UID_MAX = 64  # DICOM PS3.5 §9.1: a UID is at most 64 characters
+
+
+def is_file_uid(uid: str) -> bool:
+    """Whether a UID can name a file as it is: digits and dots, at most :data:`UID_MAX` characters."""
+    return 0 < len(uid) <= UID_MAX and all(c.isdigit() or c == "." for c in uid)

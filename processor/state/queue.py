@@ -93,6 +93,17 @@ class Queue(Database):
         )
         return rows[0]["id"] if rows else None
 
+    def unfinished_copy(self, sha256: str, pipeline_name: str, pipeline_version: int) -> Arrival | None:
+        """A pending arrival of these bytes for this pipeline (one a killed run left), or None."""
+        rows = list(
+            self.db.query(
+                "select * from arrivals where sha256 = ? and pipeline_name = ? and pipeline_version = ? "
+                "and state = 'pending' order by id limit 1",
+                [sha256, pipeline_name, pipeline_version],
+            )
+        )
+        return Arrival.from_row(rows[0]) if rows else None
+
     def source_has_body(self, source_name: str, sha256: str) -> bool:
         """Whether these bytes were already taken from this URL source (and did not fail): a poll after
         a crash between registering a body and recording the source's validators finds them here."""
@@ -187,8 +198,18 @@ class Queue(Database):
         with self.transaction():
             self.db.execute("update arrivals set state = 'pending' where state = 'prepared'")
             rows = list(self.db.query("select * from arrivals where state = 'running' order by id"))
-            # An end being finished (recorded, not yet placed) was in flight too: the crash may be its.
-            finishing = next(iter(self.db.query("select count(*) as n from arrivals where placed = 0")))["n"]
+            # An end recorded while that arrival ran, and not yet placed, was in flight too: the crash
+            # may be its. (Older unplaced ends — stuck on an OS error — say nothing about this crash.)
+            finishing = 0
+            if len(rows) == 1:
+                finishing = next(
+                    iter(
+                        self.db.query(
+                            "select count(*) as n from arrivals where placed = 0 and finished_at >= ?",
+                            [rows[0]["claimed_at"] or ""],
+                        )
+                    )
+                )["n"]
             alone = len(rows) == 1 and finishing == 0
             for row in rows:
                 crashes = row["crashes"] + (1 if alone else 0)
