@@ -202,9 +202,12 @@ def _process_one(
         print(f"{shown}\tquarantined\t{display_text(stopped.error or '')}", file=sys.stderr)
         return False
     if path.is_file():  # a killed run left these bytes pending: finish that arrival, no second row
-        pending = state.unfinished_copy(sha256_of(path)[0], executor.pipeline.name, executor.pipeline.version)
-        if pending is not None:
-            return _run_arrival(shown, pending.id, state, executor)
+        pipeline = executor.pipeline
+        candidates = state.unfinished_copies(path.stat().st_size, pipeline.name, pipeline.version)
+        sha256 = sha256_of(path)[0] if candidates else None
+        for pending in candidates:
+            if pending.sha256 == sha256:
+                return _run_arrival(shown, pending.id, state, executor)
     aid = intake.accept_in_place(path)
     if aid is None:
         print(f"{shown}\trejected\tnot recorded; see the receipt in outbox/receipts", file=sys.stderr)

@@ -135,7 +135,7 @@ class Worker:
 
     def _run_claimed(self) -> int:
         """Claim the next arrival (and, at night, a batch) and run both stages here."""
-        batch = self._claim_batch()
+        batch = self._take_batch(prepare=False)
         if not batch:
             return 0
         self._finish(
@@ -179,9 +179,6 @@ class Worker:
             if not batch:
                 return
             yield batch
-
-    def _claim_batch(self) -> list[Arrival]:
-        return self._take_batch(prepare=False)
 
     def _take_batch(self, *, prepare: bool) -> list[Arrival]:
         """The next arrival (plus a night batch) taken as ``prepared`` or claimed ``running``.

@@ -170,7 +170,7 @@ class StudyRecorder:
         rows: list[dict[str, Any]],
     ) -> None:
         placement = self.placement_for(arrival)
-        dest = placement.final_path(arrival, quarantine=state != ArrivalState.DONE, today=self.today())
+        dest = placement.final_path(arrival, quarantine=_to_quarantine(state), today=self.today())
         self.state.finish(
             arrival.id,
             state,
@@ -195,7 +195,7 @@ class StudyRecorder:
         placement = self.placement_for(arrival)
         path = placement.locate(arrival)
         where: Path | None = path
-        quarantine = arrival.state != ArrivalState.DONE and arrival.state != ArrivalState.DUPLICATE
+        quarantine = _to_quarantine(arrival.state)
         dest = Path(arrival.final_path) if arrival.final_path else None
         if path is not None and dest is not None:
             where = placement.place(path, dest)
@@ -227,10 +227,10 @@ class StudyRecorder:
             before = (datetime.now(UTC) - timedelta(seconds=settle_seconds)).isoformat(timespec="seconds")
         for arrival, receipt in self.state.unplaced(before):
             try:
-                if arrival.final_path is None and arrival.placement.value == "inbox":
+                if arrival.final_path is None:  # ended by crash recovery: its place is chosen now
                     dest = self.placement_for(arrival).final_path(
                         arrival,
-                        quarantine=arrival.state not in (ArrivalState.DONE, ArrivalState.DUPLICATE),
+                        quarantine=_to_quarantine(arrival.state),
                         today=self.today(),
                     )
                     self.state.update_arrival(arrival.id, final_path=str(dest) if dest else None)
@@ -311,6 +311,11 @@ class StudyRecorder:
             "features": study.features,
             "latents": study.latents,
         }
+
+
+def _to_quarantine(state: ArrivalState) -> bool:
+    """Whether an input that ended in ``state`` goes to quarantine/ (else done/)."""
+    return state not in (ArrivalState.DONE, ArrivalState.DUPLICATE)
 
 
 def _source(arrival: Arrival) -> dict[str, Any]:

@@ -15,12 +15,13 @@ recorder replays the recorded intent (:meth:`Queue.unplaced`).
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
 from processor.names import display_name, escape_surrogates, name_bytes_hex
 from processor.state.arrival import Arrival, Registered
-from processor.state.db import Database, dumps, storable, stored_path
+from processor.state.db import PATH_COLUMNS, Database, dumps, storable, stored_path
 from processor.vocab import FINAL_STATES, ArrivalState, utcnow
 
 _CLAIM = "update arrivals set state = 'running', attempts = attempts + 1, claimed_at = ? where id = ?"
@@ -93,16 +94,15 @@ class Queue(Database):
         )
         return rows[0]["id"] if rows else None
 
-    def unfinished_copy(self, sha256: str, pipeline_name: str, pipeline_version: int) -> Arrival | None:
-        """A pending arrival of these bytes for this pipeline (one a killed run left), or None."""
-        rows = list(
-            self.db.query(
-                "select * from arrivals where sha256 = ? and pipeline_name = ? and pipeline_version = ? "
-                "and state = 'pending' order by id limit 1",
-                [sha256, pipeline_name, pipeline_version],
-            )
+    def unfinished_copies(self, size: int, pipeline_name: str, pipeline_version: int) -> list[Arrival]:
+        """Pending arrivals of ``size`` bytes for this pipeline (what a killed run left), oldest first;
+        the caller compares their sha256 (hashing only when there is a candidate)."""
+        rows = self.db.query(
+            "select * from arrivals where size = ? and pipeline_name = ? and pipeline_version = ? "
+            "and state = 'pending' order by id",
+            [size, pipeline_name, pipeline_version],
         )
-        return Arrival.from_row(rows[0]) if rows else None
+        return [Arrival.from_row(row) for row in rows]
 
     def source_has_body(self, source_name: str, sha256: str) -> bool:
         """Whether these bytes were already taken from this URL source (and did not fail): a poll after
@@ -159,19 +159,12 @@ class Queue(Database):
 
     def claim_next_until(self, night_before: str | None) -> Arrival | None:
         """Atomically take the next arrival (see :meth:`peek_next`) and mark it running."""
-        night_clause = "and night = 0" if night_before is None else "and (night = 0 or created_at < ?)"
-        args = [] if night_before is None else [night_before]
         with self.transaction():
-            rows = list(
-                self.db.query(
-                    f"select id from arrivals where state = 'pending' {night_clause} order by night, id limit 1",
-                    args,
-                )
-            )
-            if not rows:
+            head = self.peek_next(night_before)
+            if head is None:
                 return None
-            self.db.execute(_CLAIM, [utcnow(), rows[0]["id"]])
-        return self.arrival(rows[0]["id"])
+            self.db.execute(_CLAIM, [utcnow(), head.id])
+        return self.arrival(head.id)
 
     def claim_next(self, *, allow_night: bool) -> Arrival | None:
         """The oldest pending arrival (day queue first), marked running."""
@@ -230,10 +223,6 @@ class Queue(Database):
                 recovered.append(self.arrival(row["id"]))
         return recovered
 
-    def recover_running(self, max_attempts: int) -> list[Arrival]:
-        """Former name of :meth:`recover_in_flight`."""
-        return self.recover_in_flight(max_attempts)
-
     # ------------------------------------------------------------------ the end of an arrival
     def finish(
         self,
@@ -278,8 +267,6 @@ class Queue(Database):
     def unplaced(self, finished_before: str | None = None) -> list[tuple[Arrival, dict[str, Any] | None]]:
         """Finished arrivals whose move or receipt may not have happened, with their receipt document
         (only those finished before ``finished_before``, when given)."""
-        import json
-
         clause, args = ("and finished_at < ?", [finished_before]) if finished_before else ("", [])
         return [
             (Arrival.from_row(row), json.loads(row["receipt_json"]) if row["receipt_json"] else None)
@@ -308,8 +295,6 @@ class Queue(Database):
         self._set(arrival_id, **fields)
 
     def _set(self, arrival_id: int, **fields: Any) -> None:
-        from processor.state.db import PATH_COLUMNS
-
         stored = {
             key: stored_path(value) if key in PATH_COLUMNS else storable(value)
             for key, value in fields.items()
