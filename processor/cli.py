@@ -110,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     config_path = args.config or default_config_path()
     try:
         settings = load_settings(config_path)
+        if command in ("run", "process"):  # one process per state, before anything is touched
+            from processor.instance import InstanceLock
+
+            args.instance_lock = InstanceLock(settings.state)
+            args.instance_lock.acquire("daemon" if command == "run" else "process command")
         setup_logging(settings if command in ("run", "process") else None, settings.log_level)
         return COMMANDS[command](settings, args)
     except ConfigError as exc:
@@ -125,7 +130,7 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
 
     components = build(settings)
     log_paths(settings, components.pipeline, components.device)
-    daemon = Daemon(components)
+    daemon = Daemon(components, lock=args.instance_lock)
     signals_seen = []
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -150,12 +155,10 @@ def cmd_process(settings: Settings, args: argparse.Namespace) -> int:
     Paths are printed as display names (bytes that are not UTF-8 as ``\\xNN``).
     """
     from processor.daemon import build, log_paths
-    from processor.instance import InstanceLock
 
+    lock = args.instance_lock  # taken in main(): exit 2 while a daemon or another `process` runs
     components = build(settings)
     log_paths(settings, components.pipeline, components.device)
-    lock = InstanceLock(settings.state)
-    lock.acquire("process command")  # ConfigError (exit 2) while a daemon or another `process` runs
     executor = components.executor(components.state)
     state = components.state
     capped: dict[str, Arrival] = {}  # inputs the crash cap just quarantined: reported, not tried again

@@ -311,8 +311,49 @@ def load_settings(path: str | Path, overrides: dict[str, Any] | None = None) -> 
         settings = Settings.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_format_errors(path, exc)) from exc
-    settings = settings.resolve(path.resolve().parent)
-    return settings.model_copy(update={"config_file": path.resolve()})
+    settings = settings.resolve(path.resolve().parent).model_copy(update={"config_file": path.resolve()})
+    check_layout(settings)
+    return settings
+
+
+def check_layout(settings: Settings) -> None:
+    """Refuse folders that overlap in ways that make the daemon eat its own output.
+
+    An inbox is scanned for arrivals: anything ctwatch writes (outbox, reports, state database,
+    weights) must not lie inside one, and no inbox may lie inside the outbox. Night folders may lie
+    inside a day inbox (the default ``inbox/night``): the watcher keeps them apart. Raises a
+    :class:`ConfigError` naming every overlap and its fix.
+    """
+    inboxes = [("inbox.dirs", d) for d in settings.inbox.dirs]
+    inboxes += [("inbox.night_dirs", d) for d in settings.inbox.night_dirs]
+    written = [
+        ("outbox", settings.outbox),
+        ("reports.dir", settings.reports.dir),
+        ("state", settings.state),
+        ("weights", settings.weights),
+    ]
+    problems = []
+    for inbox_key, inbox in inboxes:
+        for key, target in written:
+            if _within(target, inbox):
+                problems.append(
+                    f"  - {key} ({target}) lies inside {inbox_key} ({inbox}): ctwatch would take its own "
+                    f"files for arrivals. Fix: put {key} outside every inbox folder."
+                )
+        if _within(inbox, settings.outbox):
+            problems.append(
+                f"  - {inbox_key} ({inbox}) lies inside the outbox ({settings.outbox}): results and "
+                "dropped studies would mix. Fix: give the inbox its own folder outside the outbox."
+            )
+    if problems:
+        where = settings.config_file or "settings"
+        raise ConfigError(f"{where}: folders overlap:\n" + "\n".join(problems))
+
+
+def _within(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it (both absolute; symlinks resolved)."""
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
 
 
 def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:

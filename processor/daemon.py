@@ -134,7 +134,7 @@ class Daemon:
     thread is joined, and ``run_until_stopped`` returns 0.
     """
 
-    def __init__(self, components: Components) -> None:
+    def __init__(self, components: Components, lock: InstanceLock | None = None) -> None:
         self.c = components
         s = components.settings
         self.stop_requested = threading.Event()
@@ -179,7 +179,7 @@ class Daemon:
         )
         self._watch_state: State | None = None
         self.supervisor = Supervisor({"worker": self.worker})
-        self.lock = InstanceLock(s.state)
+        self.lock = lock or InstanceLock(s.state)
         self._threads_started = False
 
     # ------------------------------------------------------------------ hooks (other threads)
@@ -272,7 +272,8 @@ class Daemon:
             log.warning("outbox.stale_temp_removed path=%s", stale)
 
     def start(self) -> None:
-        self.lock.acquire("daemon")  # before anything is recovered, cleaned or claimed
+        if not self.lock.held:  # the CLI takes it before the database is opened
+            self.lock.acquire("daemon")
         self.recover()
         self._watch_state = self.c.state
         s = self.c.settings

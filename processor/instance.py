@@ -40,9 +40,9 @@ class InstanceLock:
             holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
             os.close(fd)
             raise ConfigError(
-                f"state {self.state_path}: another ctwatch process ({holder}) is using this state "
-                f"database, so this {what} does not start. Fix: stop the other one first, or (for "
-                "`process`) drop the files into the running daemon's inbox instead."
+                f"another ctwatch ({holder}) holds {self.state_path}, so this {what} does not start "
+                "and has touched nothing. Fix: stop the other one first, or (for `process`) drop the "
+                "files into the running daemon's inbox instead."
             ) from None
         if _inode_at(self.path) != _inode_of(fd):  # deleted or replaced between open and flock: again
             os.close(fd)
@@ -50,6 +50,10 @@ class InstanceLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}, {what}\n".encode(), 0)
         self._fd, self._inode, self._what = fd, _inode_of(fd), what
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
 
     def still_held(self) -> bool:
         """Whether the file at the lock's path is still the one this process holds locked."""

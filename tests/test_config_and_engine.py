@@ -55,6 +55,39 @@ def test_bad_config_exits_2(project: Project) -> None:
     assert "surprise" in proc.stderr and str(project.config) in proc.stderr
 
 
+@pytest.mark.parametrize(
+    "changes,key",
+    [
+        ({"outbox": "inbox/results"}, "outbox"),
+        ({"state": "inbox/state/ctwatch.db"}, "state"),
+        ({"weights": "inbox/weights"}, "weights"),
+        ({"reports": {"dir": "inbox"}}, "reports.dir"),
+        ({"inbox": {"dirs": ["outbox/drop"], "night_dirs": []}}, "inbox.dirs"),
+        ({"inbox": {"dirs": ["inbox"], "night_dirs": ["outbox"]}}, "inbox.night_dirs"),
+    ],
+)
+def test_folders_that_overlap_an_inbox_are_refused_with_the_fix(
+    project: Project, changes: dict, key: str
+) -> None:
+    data = yaml.safe_load(project.config.read_text())
+    data.update(changes)
+    project.config.write_text(yaml.safe_dump(data))
+    proc = project.run("check-config")
+    assert proc.returncode == 2, proc.stderr
+    assert "folders overlap" in proc.stderr and f"  - {key} (" in proc.stderr
+    assert "Fix:" in proc.stderr
+    run = project.run("run", timeout=60)  # the daemon refuses too, before it creates anything
+    assert run.returncode == 2 and "folders overlap" in run.stderr
+    assert not list(project.root.rglob("*.db")) and not (project.root / "outbox").exists()
+
+
+def test_night_folders_inside_the_day_inbox_are_fine(tmp_path: Path) -> None:
+    cfg = tmp_path / "ok.yaml"
+    cfg.write_text("root: .\ninbox: {dirs: [inbox], night_dirs: [inbox/night]}\noutbox: out\n")
+    settings = load_settings(cfg)
+    assert settings.inbox.night_dirs == [tmp_path / "inbox" / "night"]
+
+
 def test_cuda_without_cuda_is_a_config_error(project: Project) -> None:
     import torch
 

@@ -113,14 +113,18 @@ def test_a_second_instance_on_the_same_state_is_refused_before_it_touches_anythi
     first = project.start()
     try:
         wait_for(lambda: states(project) == [("running",)], 60, "a running arrival")
+        file_log = project.state_path.parent / "ctwatch.log"
+        log_before = file_log.read_text()
         second = project.run("run", timeout=60)
-        assert second.returncode != 0
-        assert (
-            "another ctwatch process (pid" in second.stderr
-            and "is using this state database" in second.stderr
-        )
+        assert second.returncode == 2, second.stderr
+        holder = f"another ctwatch (pid {first.pid}, daemon) holds {project.state_path}"
+        assert holder in second.stderr, second.stderr
         cli = project.run("process", str(project.inbox / "nothing.zip"), timeout=60)
-        assert cli.returncode != 0 and "drop the files into the running daemon's inbox" in cli.stderr
+        assert cli.returncode == 2 and "drop the files into the running daemon's inbox" in cli.stderr
+        assert holder in cli.stderr, cli.stderr
+        assert file_log.read_text().count("config file=") == log_before.count("config file=") == 1, (
+            "the refused ones logged nothing: they stopped before opening the log or the database"
+        )
         wait_for(
             lambda: db_rows(project, "select state from arrivals") == [("done",)], 60, "the first one's study"
         )
@@ -168,7 +172,7 @@ def test_a_deleted_lock_file_is_locked_again_so_a_second_instance_is_still_refus
         lock.unlink()  # a clean-up habit after a kill -9
         wait_for(lambda: "daemon.lock_recreated" in project.log_text(), 30, "the lock file locked again")
         second = project.run("run", timeout=60)
-        assert second.returncode != 0 and "is using this state database" in second.stderr
+        assert second.returncode == 2 and f"holds {project.state_path}" in second.stderr
     finally:
         assert _stop(first) == 0, project.log_text()[-3000:]
 
