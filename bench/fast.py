@@ -6,7 +6,7 @@
 ``ctrate_xyz_from_dicom`` → ``preprocess_volume`` at the official (480, 480, 240).
 
 ``stage_breakdown`` times the same code one stage at a time inside one open arrival, so the
-stages add up to the fast path: opening the ZIP (central directory, memory map), the header scan
+stages add up to the fast path: opening the ZIP (central directory), the header scan
 (reads headers in place, or inflates only their prefix), series selection, and reading + CRC-32
 check + decoding the chosen series into the HU volume (the only stage that touches pixels).
 """
@@ -64,7 +64,7 @@ def fast_tensor(zip_path: Path, target_xyz: tuple[int, int, int] = TARGET_SHAPE_
 
 
 STAGES = (
-    "open ZIP (central directory, memory map)",
+    "open ZIP (central directory)",
     "header scan",
     "select series",
     "read + CRC + decode → HU volume",

@@ -1,13 +1,19 @@
 """Byte sources: the bytes of one file of an arrival, however they are stored.
 
 A byte source is a :class:`Member`: a name, a size, and callables that hand over its bytes —
-read whole, streamed, or viewed without a copy (a ``memoryview`` of a memory map). Intake builds
+read whole, streamed, or, when they are stored as they are (a STORED ZIP member, a file, bytes
+already in memory), read straight from where they lie without inflating anything. Intake builds
 members (a ZIP member, a file of a folder, bytes already in memory, see
 :mod:`processor.intake.archive`); the DICOM readers (:mod:`processor.dicom`) only read them, and
 never need to know where the bytes come from. This module is the kernel both sides share: it
 imports nothing of ctwatch.
 
-A :data:`Buffer` is what a reader is handed: ``bytes`` or a zero-copy ``memoryview``.
+Inputs are read with ordinary reads (``os.pread``, ``read``), never memory-mapped: an input is not
+the daemon's own file, and a map of a file that shrinks while it is read stops the process with
+SIGBUS, where a read returns short and becomes an error for that arrival.
+
+A :data:`Buffer` is what a reader is handed: ``bytes``, or a ``memoryview`` of bytes already in
+memory (a member of a nested ZIP).
 """
 
 from __future__ import annotations
@@ -31,8 +37,10 @@ class Member:
     from bytes already in memory) the prefix is a slice of ``read()``. A ZIP member's CRC is only
     checked when its stream is read to the end, i.e. by a prefix that covers the whole member.
 
-    ``viewer``, when given, returns the member's bytes without copying them (a ``memoryview`` of a
-    memory map); ``crc`` is the CRC-32 the ZIP recorded for them (None for files on disk).
+    ``span``, when given, returns ``n`` bytes of the member from ``offset`` exactly as they are
+    stored (a STORED member's byte range in its ZIP, a file's bytes, a slice of bytes in memory):
+    nothing is inflated and nothing is copied twice. ``crc`` is the CRC-32 the ZIP recorded for
+    them (None for files on disk).
 
     ``name`` is always valid text for logs and JSON (:func:`processor.names.display_name`: bytes that
     do not decode shown as ``\\xNN``); ``raw_name`` is the name's bytes as the ZIP or the
@@ -43,30 +51,42 @@ class Member:
     size: int
     reader: Callable[[], bytes] = field(repr=False, compare=False)
     opener: Callable[[], IO[bytes]] | None = field(default=None, repr=False, compare=False)
-    viewer: Callable[[], memoryview] | None = field(default=None, repr=False, compare=False)
+    span: Callable[[int, int], Buffer] | None = field(default=None, repr=False, compare=False)
     crc: int | None = field(default=None, repr=False, compare=False)
     raw_name: bytes = field(default=b"", repr=False, compare=False)
+
+    @property
+    def viewer(self) -> Callable[[], Buffer] | None:
+        """All of the member's stored bytes without inflating them and without the CRC-32 check
+        (None when they must be inflated)."""
+        span = self.span
+        if span is None:
+            return None
+        size = self.size
+        return lambda: span(0, size)
 
     def read(self) -> bytes:
         return self.reader()
 
     def data(self) -> Buffer:
-        """All of the member's bytes, zero-copy where possible; a ZIP member's CRC-32 is checked."""
-        if self.viewer is None:
+        """All of the member's bytes, read straight where they are stored; a ZIP member's CRC-32 is checked."""
+        if self.span is None:
             return self.reader()
-        view = self.viewer()
-        if self.crc is not None and zlib.crc32(view) != self.crc:
+        stored = self.span(0, self.size)
+        if self.crc is not None and zlib.crc32(stored) != self.crc:
             raise zipfile.BadZipFile(f"Bad CRC-32 for file {self.name!r}")
-        return view
+        return stored
 
     def head(self, n: int) -> Buffer:
-        """At least the first ``n`` bytes (all of them when the member is shorter), for reading a header.
+        """The first ``n`` bytes (all of them when the member is shorter), for reading a header.
 
-        Zero-copy members give their whole view unchecked (a header parse reads only what it
-        needs); a head that covers the whole member is CRC-checked, so a short file is verified.
+        A head that covers the whole member is the member's :meth:`data` (CRC-checked), so a short
+        file is verified; a shorter head is read where it lies, or inflated from a stream.
         """
-        if self.viewer is not None:
-            return self.data() if self.size <= n else self.viewer()
+        if self.size <= n:
+            return self.data()
+        if self.span is not None:
+            return self.span(0, n)
         return self.read_prefix(n)
 
     def open(self) -> IO[bytes]:
@@ -75,6 +95,8 @@ class Member:
 
     def read_prefix(self, n: int) -> bytes:
         """The first ``n`` bytes (all of them when the member is shorter)."""
+        if self.span is not None:
+            return bytes(self.data()[:n]) if n >= self.size else bytes(self.span(0, n))
         if self.opener is None:
             return self.reader()[:n]
         with self.opener() as fh:

@@ -10,11 +10,12 @@ import logging
 import logging.handlers
 import signal
 import sys
+import traceback
 from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from processor.config import Settings, default_config_path, load_settings
 from processor.errors import ConfigError, WeightsError
@@ -80,6 +81,23 @@ class OneLineFormatter(logging.Formatter):
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 — logging's name
         return display_text(super().formatMessage(record))
+
+    def formatException(self, ei: Any) -> str:  # noqa: N802 — logging's name
+        """The traceback as usual, but each exception's message escaped to one line: a message
+        quoting a name with a newline (an OSError's file name) cannot forge a log line."""
+        top = traceback.TracebackException(*ei)
+        pending: list[traceback.TracebackException | None] = [top]
+        seen: set[int] = set()
+        while pending:
+            te = pending.pop()
+            if te is None or id(te) in seen:
+                continue
+            seen.add(id(te))
+            message = getattr(te, "_str", None)  # what format_exception_only prints
+            if isinstance(message, str):
+                setattr(te, "_str", display_text(message))  # noqa: B010 — a private field, on purpose
+            pending += [te.__cause__, te.__context__, *(getattr(te, "exceptions", None) or [])]
+        return "".join(top.format()).rstrip("\n")
 
 
 def setup_logging(settings: Settings | None, level: str = "INFO") -> None:
@@ -207,7 +225,10 @@ def _process_one(
     if path.is_file():  # a killed run left these bytes pending: finish that arrival, no second row
         pipeline = executor.pipeline
         candidates = state.unfinished_copies(path.stat().st_size, pipeline.name, pipeline.version)
-        sha256 = sha256_of(path)[0] if candidates else None
+        try:
+            sha256 = sha256_of(path)[0] if candidates else None
+        except OSError:  # unreadable: accept_in_place below refuses it with the plain reason
+            candidates, sha256 = [], None
         for pending in candidates:
             if pending.sha256 == sha256:
                 return _run_arrival(shown, pending.id, state, executor)

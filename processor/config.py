@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from processor.errors import ConfigError
+from processor.redact import redact_url
 
 _SIZE_UNITS = {
     "": 1,
@@ -82,6 +83,7 @@ class LimitSettings(_Section):
     max_total_bytes: ByteSize = 8 * 2**30
     max_ratio: float = Field(default=200, gt=1)
     max_attempts: int = Field(default=3, ge=1)
+    max_seconds_per_arrival: float = Field(default=600, gt=0)
 
 
 class ModelSettings(_Section):
@@ -286,6 +288,8 @@ def _format_errors(path: Path, exc: ValidationError) -> str:
     for err in exc.errors():
         key = ".".join(str(part) for part in err["loc"]) or "(top level)"
         value = err.get("input")
+        if isinstance(value, str) and "://" in value:  # a URL may hold a password or a signed query
+            value = redact_url(value)
         hint = _HINTS.get(err["type"], "see the config reference in README.md")
         shown = "" if err["type"] == "missing" else f" (value: {value!r})"
         lines.append(f"  - {key}{shown}: {err['msg']}. Fix: {hint}.")

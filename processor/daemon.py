@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -15,11 +17,12 @@ from processor.errors import ConfigError
 from processor.executor import LocalExecutor
 from processor.instance import InstanceLock
 from processor.intake.archive import Limits
+from processor.intake.orphans import adopt_orphans
 from processor.intake.placement import Placements
 from processor.intake.poller import SourcePoller, SourceThreads
 from processor.intake.register import Intake
 from processor.intake.watcher import InboxWatcher
-from processor.lifecycle import Supervisor
+from processor.lifecycle import Lifecycle, Supervisor
 from processor.outputs.layout import OutboxLayout
 from processor.outputs.recorder import StudyRecorder
 from processor.outputs.report import ReportUpdater
@@ -79,7 +82,12 @@ class Components:
         return LocalExecutor(
             self.pipeline,
             self.recorder(state),
-            limits=Limits(s.limits.max_members, s.limits.max_total_bytes, s.limits.max_ratio),
+            limits=Limits(
+                s.limits.max_members,
+                s.limits.max_total_bytes,
+                s.limits.max_ratio,
+                s.limits.max_seconds_per_arrival,
+            ),
             finish_study_on_stop=s.worker.shutdown == "study",
         )
 
@@ -142,12 +150,15 @@ class Daemon:
         self.disk = DiskGuard(guarded_volumes(s), s.disk.min_free_gb)
         self.reports = ReportUpdater(s.state, s.reports) if s.reports.enabled else None
         executor = components.executor()
+        self.recorder = executor.recorder
+        self.state_file = StateFileGuard(s.state)
+        self._next_replay = 0.0
         self.worker = Worker(
             components.state,
             executor,
-            can_claim=self.disk.ok,
+            can_claim=self._may_take,
             on_start=executor.recorder.replay,
-            on_idle=lambda: executor.recorder.replay(settle_seconds=REPLAY_SETTLE_SECONDS),
+            on_idle=self._idle_replay,
             night_before=self._night_before,
             on_processed=self._on_processed,
             night_batch=s.worker.night_batch,
@@ -171,20 +182,47 @@ class Daemon:
             rescan_seconds=RESCAN_SECONDS,
         )
         self.poller = SourcePoller(
-            s, s.state, self._intake_for, on_arrival=self._on_source_arrival, may_fetch=self.disk.ok
+            s, s.state, self._intake_for, on_arrival=self._on_source_arrival, may_fetch=self._may_take
         )
         self.sources = SourceThreads(self.poller)
         self.status = (
             StatusServer(s.state, self._probes(), s.status.host, s.status.port) if s.status.enabled else None
         )
         self._watch_state: State | None = None
-        self.supervisor = Supervisor({"worker": self.worker})
+        kept: dict[str, Lifecycle] = {
+            "worker": self.worker,
+            "watcher": self.watcher,
+            "scheduler": self.scheduler,
+            "housekeeping": self.housekeeping,
+        }
+        if self.reports is not None:
+            kept["reports"] = self.reports
+        if self.status is not None:
+            kept["status"] = self.status
+        if list(self.poller.schedule()):
+            kept["sources"] = self.sources
+        self.supervisor = Supervisor(kept)
         self.lock = lock or InstanceLock(s.state)
         self._threads_started = False
+        self._started_at: float | None = None
 
     # ------------------------------------------------------------------ hooks (other threads)
+    def _may_take(self) -> bool:
+        """New work may be claimed or fetched: the state database is ours and the disk has room."""
+        return self.state_file.lost is None and self.disk.ok()
+
+    def _idle_replay(self) -> None:
+        """On the worker's idle passes, at most every ``IDLE_REPLAY_SECONDS``: place recorded ends an
+        OS error interrupted (a read-only outbox, a full disk)."""
+        if time.monotonic() < self._next_replay:
+            return
+        self._next_replay = time.monotonic() + IDLE_REPLAY_SECONDS
+        self.recorder.replay(settle_seconds=REPLAY_SETTLE_SECONDS)
+
     def _on_stable(self, path: Path, night: bool) -> None:
         assert self._watch_state is not None
+        if self.state_file.lost is not None:
+            raise StateLost(self.state_file.lost)  # the watcher sets it aside; taken in after a restart
         if self._intake_for(self._watch_state).accept(path, night=night) is not None:
             self.worker.wake_event.set()
 
@@ -247,7 +285,38 @@ class Daemon:
                 "next_start": self.window.next_start(now).isoformat(timespec="seconds"),
             },
             stopping=self.stop_requested.is_set,
+            threads=lambda: self.supervisor.report(),
+            intake=self._intake_probe,
+            faults=self._faults,
         )
+
+    def _intake_probe(self) -> dict[str, float | None]:
+        """Seconds since the watcher last finished a scan, and when that means intake is stuck."""
+        s = self.c.settings.inbox
+        last = self.watcher.last_scan or self._started_at
+        return {
+            "seconds_since_scan": None if last is None else round(time.time() - last, 1),
+            "scan_interval_seconds": s.scan_interval_seconds,
+            "stale_after_seconds": max(
+                INTAKE_STALE_SCANS * s.scan_interval_seconds, INTAKE_STALE_MIN_SECONDS
+            ),
+        }
+
+    def _faults(self) -> list[str]:
+        """Conditions that stop work without stopping a thread, in plain words (no outside text)."""
+        faults = []
+        if self.state_file.lost is not None:
+            faults.append(self.state_file.lost)
+        paused = self.worker.paused_reason()
+        if paused is not None:
+            faults.append(paused)
+        if self.recorder.unplaced_failures:
+            faults.append(
+                f"{self.recorder.unplaced_failures} finished arrival(s) could not be written out yet "
+                "(results, receipt or the move of the input); tried again every "
+                f"{IDLE_REPLAY_SECONDS:g} s — see state/ctwatch.log"
+            )
+        return faults
 
     def _models_loaded(self) -> list[dict]:
         return [
@@ -268,12 +337,21 @@ class Daemon:
                 row.crashes,
                 row.isolate,
             )
-        for stale in remove_stale_temp_files(self.c.settings.outbox):
+        s = self.c.settings
+        for stale in remove_stale_temp_files(s.outbox, s.reports.dir):
             log.warning("outbox.stale_temp_removed path=%s", stale)
+        adopt_orphans(
+            self.c.state,
+            [*s.inbox.dirs, *s.inbox.night_dirs],
+            pipeline_name=self.c.pipeline.name,
+            pipeline_version=self.c.pipeline.version,
+        )
 
     def start(self) -> None:
         if not self.lock.held:  # the CLI takes it before the database is opened
             self.lock.acquire("daemon")
+        self.state_file.remember()
+        self._started_at = time.time()
         self.recover()
         self._watch_state = self.c.state
         s = self.c.settings
@@ -290,11 +368,11 @@ class Daemon:
             self.reports.start()
         self.housekeeping.start()
         self.worker.start()
-        self.supervisor.start()
         self.watcher.start()
         self.scheduler.start()
         self.poller.clean_staging(self.c.state.active_paths())
         self.sources.start()
+        self.supervisor.start()  # from now on a part whose thread dies is started again
         self._threads_started = True
         log.info(
             "daemon.started threads=worker,watcher,scheduler,housekeeping%s%s sources=%d night_window=%s "
@@ -315,6 +393,7 @@ class Daemon:
                 ticks += 1
                 if ticks % LOCK_CHECK_TICKS == 0:
                     self._check_lock()
+                    self.state_file.check()
         finally:
             self.shutdown()
         return 0
@@ -369,20 +448,66 @@ class Daemon:
 
 
 RESCAN_SECONDS = 60.0
+IDLE_REPLAY_SECONDS = 10.0
+INTAKE_STALE_SCANS = 6  # /health turns 503 when no scan finished for this many intervals…
+INTAKE_STALE_MIN_SECONDS = 60.0  # …and at least this long (hashing a large ZIP holds a scan)
 LOCK_CHECK_TICKS = 4  # the lock file is checked every 4 × 0.5 s
 REPLAY_SETTLE_SECONDS = 5.0  # an end recorded this long ago and still not placed was interrupted
 
 
-def remove_stale_temp_files(outbox: Path) -> list[Path]:
+def remove_stale_temp_files(*folders: Path) -> list[Path]:
     """Delete the ``.<name>.*.tmp`` (and workbook ``.<name>.*.tmp.xlsx``) files an interrupted atomic
-    write left (ours, never user data)."""
+    write left in the outbox and the reports folder (ours, never user data)."""
     patterns = (".*.tmp", ".*.tmp.xlsx")
-    stale = (
-        [p for pattern in patterns for p in outbox.rglob(pattern) if p.is_file()] if outbox.exists() else []
+    stale = sorted(
+        {p for folder in folders if folder.exists() for pattern in patterns for p in folder.rglob(pattern)}
     )
     for path in stale:
-        path.unlink(missing_ok=True)
+        if path.is_file():
+            path.unlink(missing_ok=True)
     return stale
+
+
+class StateLost(RuntimeError):
+    """The state database file was deleted or replaced under the running daemon."""
+
+
+class StateFileGuard:
+    """Notices the state database deleted or replaced while the daemon runs (an inode check).
+
+    The daemon's connections still write to the file they opened; a deleted one is gone at exit and
+    a replaced one is not the file a restart will read. From then on nothing new is claimed, fetched
+    or taken in, and ``/health`` says why; a restart opens the file now at the path, and the inputs
+    in the work folder with no row there are registered again (:mod:`processor.intake.orphans`).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._inode: tuple[int, int] | None = None
+        self.lost: str | None = None
+
+    def remember(self) -> None:
+        self._inode = self._now()
+
+    def check(self) -> None:
+        if self.lost is not None or self._inode is None:
+            return
+        now = self._now()
+        if now == self._inode:
+            return
+        what = "deleted" if now is None else "replaced by another file"
+        self.lost = (
+            f"the state database {self.path} was {what} while ctwatch ran: nothing new is claimed or "
+            "taken in. Restart ctwatch (inputs waiting in the work folder are registered again at start)"
+        )
+        log.error("state.lost path=%s: %s", self.path, what)
+
+    def _now(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return st.st_dev, st.st_ino
 
 
 def guarded_volumes(settings: Settings) -> list[tuple[str, Path]]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -23,7 +24,7 @@ from typing import Protocol
 from processor.dicom.scan import Study, scan_members
 from processor.errors import IngestError
 from processor.faults import fault_point
-from processor.intake.archive import Limits, open_arrival
+from processor.intake.archive import ArrivalKind, Contents, Limits, open_arrival
 from processor.outputs.recorder import FinishedStudy, StudyRecorder
 from processor.pipeline.runner import PipelineRunner, StudyRun
 from processor.pipeline.spec import Pipeline
@@ -38,6 +39,10 @@ StopCheck = Callable[[], bool]
 
 def _never() -> bool:
     return False
+
+
+class _Stopped(Exception):
+    """A stop was requested while an arrival was read: it is released, to be read again later."""
 
 
 class Handle(Protocol):
@@ -93,7 +98,9 @@ class LocalExecutor:
     """Runs the pipeline in this process (see the module docstring).
 
     ``finish_study_on_stop`` (``worker.shutdown: study``) lets a running study finish its steps after
-    a stop request; the stop then takes effect before the next study.
+    a stop request; the stop then takes effect before the next study. Reading an arrival (opening it
+    and scanning its headers) always stops at a stop request, and is refused once it has taken
+    ``limits.max_seconds_per_arrival`` by ``clock`` (seconds): both are checked at every chunk read.
     """
 
     def __init__(
@@ -103,12 +110,14 @@ class LocalExecutor:
         *,
         limits: Limits,
         finish_study_on_stop: bool = False,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.pipeline = pipeline
         self.runner = PipelineRunner(pipeline)
         self.recorder = recorder
         self.limits = limits
         self.finish_study_on_stop = finish_study_on_stop
+        self.clock = clock
 
     @property
     def state(self) -> State:
@@ -144,7 +153,11 @@ class LocalExecutor:
                     "arrival.start arrival=%s name=%s attempt=%s", arrival.id, arrival.name, arrival.attempts
                 )
                 try:
-                    prepared.opened.append(self._open(arrival, stack))
+                    prepared.opened.append(self._open(arrival, stack, should_stop))
+                except _Stopped:
+                    log.info("arrival.read_stopped arrival=%s", arrival.id)
+                    prepared.stopped = True
+                    break
                 except IngestError as exc:
                     prepared.rejected[arrival.id] = (str(exc), ArrivalState.QUARANTINED)
                 except Exception as exc:  # a bug must not kill the worker; the arrival is kept, marked failed
@@ -154,25 +167,44 @@ class LocalExecutor:
                         ArrivalState.FAILED,
                     )
             try:
-                self._start_studies(prepared, should_stop)
+                if not prepared.stopped:
+                    self._start_studies(prepared, should_stop)
             except Exception as exc:  # noqa: BLE001 — recorded and applied to the batch in complete()
                 log.exception("batch.crashed arrivals=%s", [item.arrival.id for item in prepared.opened])
                 prepared.crash = f"internal error: {type(exc).__name__}: {exc}"
         return prepared
 
-    def _open(self, arrival: Arrival, stack: ExitStack) -> _Opened:
+    def _open(self, arrival: Arrival, stack: ExitStack, should_stop: StopCheck) -> _Opened:
         path = self.recorder.locate(arrival)
         if path is None:
             raise IngestError(
                 f"the input {arrival.name} is no longer at {arrival.current_path} "
                 "(moved or deleted outside ctwatch)"
             )
-        contents = stack.enter_context(open_arrival(path, self.limits))
+        limit, started = self.limits.max_seconds_per_arrival, self.clock()
+        files: list[int] = []  # how many files it holds, once known
+
+        def check() -> None:
+            if should_stop():
+                raise _Stopped
+            if self.clock() - started > limit:
+                held = f"its {files[0]} file(s)" if files else "it"
+                raise IngestError(
+                    f"reading {held} took longer than limits.max_seconds_per_arrival ({limit:g} s), "
+                    "so it was not analysed: it holds too much that is slow to read (e.g. thousands "
+                    "of files that are not DICOM) — remove what is not DICOM or split the export "
+                    "into smaller ZIPs, or raise limits.max_seconds_per_arrival if it is genuine"
+                )
+
+        contents = stack.enter_context(open_arrival(path, self.limits, check))
+        files.append(len(contents.members))
+        check()
         with gc_paused():
             scan = scan_members(contents.members)
+        contents.budget.settle()
         skipped = contents.skipped + scan.skipped
         if not scan.studies:
-            raise IngestError(_no_dicom_message(len(contents.members), skipped))
+            raise IngestError(_no_dicom_message(contents, skipped))
         return _Opened(arrival, scan.studies, skipped, scan.dicom_files)
 
     def _step_stop(self, should_stop: StopCheck) -> StopCheck:
@@ -265,9 +297,15 @@ def _finished(run: StudyRun, json_path: Path, item: _Opened) -> FinishedStudy:
     )
 
 
-def _no_dicom_message(members: int, skipped: Counter[str]) -> str:
+def _no_dicom_message(contents: Contents, skipped: Counter[str]) -> str:
+    if contents.kind == ArrivalKind.FILE and contents.what is not None and set(skipped) == {"not DICOM"}:
+        what, fix = contents.what
+        return f"no DICOM images found: the file is not a ZIP, it is {what} — {fix}"
     detail = ", ".join(f"{n} {reason}" for reason, n in skipped.most_common()) or "it is empty"
-    return f"no DICOM images found among {members} file(s) ({detail}); export the study as DICOM files"
+    return (
+        f"no DICOM images found among {len(contents.members)} file(s) ({detail}); "
+        "export the study as DICOM files"
+    )
 
 
 _gc_lock = threading.Lock()

@@ -50,8 +50,12 @@ class Supervisor:
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
-    def start(self) -> None:
+    def __post_init__(self) -> None:
         self._kept = [_Kept(name, part) for name, part in self.keep.items()]
+
+    def start(self) -> None:
+        if not self._kept:
+            self._kept = [_Kept(name, part) for name, part in self.keep.items()]
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="ctwatch-supervisor", daemon=True)
         self._thread.start()
@@ -69,6 +73,13 @@ class Supervisor:
     def restarts(self) -> dict[str, int]:
         """How often each kept part was restarted (for the status endpoint)."""
         return {kept.name: kept.restarts for kept in self._kept}
+
+    def report(self) -> list[dict[str, object]]:
+        """Each kept part: ``{"thread", "alive", "restarts"}`` — for ``/health``, ``/status``, ``/metrics``."""
+        return [
+            {"thread": kept.name, "alive": bool(kept.part.is_alive()), "restarts": kept.restarts}
+            for kept in self._kept
+        ]
 
     def check(self, now: float | None = None) -> None:
         """One look at every kept part (the loop calls this every ``interval`` seconds)."""

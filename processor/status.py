@@ -14,6 +14,7 @@ from __future__ import annotations
 import html
 import json
 import logging
+import sqlite3
 import sys
 import threading
 import time
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from processor.redact import redact_optional_url, reduce_source_error
 from processor.state import State
 
 log = logging.getLogger(__name__)
@@ -51,17 +53,40 @@ class Probes:
     models: Callable[[], list[dict[str, Any]]] = list
     night: Callable[[datetime], dict[str, Any]] = lambda now: {}
     stopping: Callable[[], bool] = lambda: False
+    threads: Callable[[], list[dict[str, Any]]] = list
+    intake: Callable[[], dict[str, Any]] = dict
+    faults: Callable[[], list[str]] = list
 
 
 # ---------------------------------------------------------------------------------------- documents
-def health(probes: Probes, state: State) -> tuple[int, dict[str, Any]]:
-    """200 ``{"status": "healthy"}`` (as the CT-CLIP Inference API), else 503 with the reasons."""
+def health(probes: Probes, state: State | None) -> tuple[int, dict[str, Any]]:
+    """200 ``{"status": "healthy"}`` (as the CT-CLIP Inference API), else 503 with the reasons.
+
+    ``state`` None: the database could not even be opened (deleted, unreadable)."""
     reasons = []
     if probes.stopping():
         reasons.append("the daemon is shutting down")
-    if not probes.worker_alive():
+    threads = probes.threads()
+    for thread in threads:
+        if not thread["alive"]:
+            reasons.append(
+                f"the {thread['thread']} thread has stopped (restarted {thread['restarts']} time(s) so far; "
+                "it is started again automatically); see state/ctwatch.log"
+            )
+    if not threads and not probes.worker_alive():
         reasons.append("the worker thread is not running; see state/ctwatch.log and restart ctwatch")
+    intake = probes.intake()
+    quiet, stale_after = intake.get("seconds_since_scan"), intake.get("stale_after_seconds")
+    if quiet is not None and stale_after is not None and quiet > stale_after:
+        reasons.append(
+            f"intake has not finished a scan of the inbox for {quiet:.0f} s (one is due every "
+            f"{intake.get('scan_interval_seconds', 0):g} s); new files are not being taken in — "
+            "see state/ctwatch.log"
+        )
+    reasons.extend(probes.faults())
     try:
+        if state is None:
+            raise sqlite3.OperationalError("unable to open database file")
         state.ping()
     except Exception as exc:  # any database failure is the answer here, not a crash
         reasons.append(f"the database does not answer: {type(exc).__name__}: {exc}")
@@ -125,6 +150,8 @@ def collect_status(probes: Probes, state: State, now: datetime | None = None) ->
             "failed": sum(n for k, n in outcomes.items() if k not in ("Success", "Partial")),
             "by_outcome": outcomes,
         },
+        "threads": probes.threads(),
+        "intake": probes.intake(),
         "worker": {
             "alive": probes.worker_alive(),
             "current_arrival": current,
@@ -152,13 +179,38 @@ def collect_status(probes: Probes, state: State, now: datetime | None = None) ->
         "disk": probes.disk(),
         "night": night,
         "next_jobs": probes.next_jobs(),
-        "sources": state.sources(),
+        "sources": [source_view(row) for row in state.sources()],
         "eta": {
             "runnable_arrivals": runnable,
             "mean_seconds_per_arrival": round(mean_arrival, 2) if mean_arrival is not None else None,
             "seconds": eta,
         },
     }
+
+
+SOURCE_FIELDS = (
+    "name",
+    "kind",
+    "url",
+    "polls",
+    "successes",
+    "failures",
+    "arrivals",
+    "last_poll_at",
+    "last_success_at",
+    "last_error",
+    "last_error_at",
+    "last_detail",
+)
+
+
+def source_view(row: dict[str, Any]) -> dict[str, Any]:
+    """One URL source as served: these fields only, the URL without credentials or query and the error
+    as its category (again here, whatever the row holds — nothing from outside leaves this port)."""
+    view = {key: row.get(key) for key in SOURCE_FIELDS}
+    view["url"] = redact_optional_url(view["url"])
+    view["last_error"] = reduce_source_error(view["last_error"])
+    return view
 
 
 # ---------------------------------------------------------------------------------------- metrics
@@ -258,6 +310,26 @@ def metrics_text(status: dict[str, Any], totals: dict[str, int]) -> str:
     family(
         "ctwatch_worker_alive", "gauge", "1 while the worker thread runs.", [({}, status["worker"]["alive"])]
     )
+    threads = status.get("threads", [])
+    family(
+        "ctwatch_thread_up",
+        "gauge",
+        "1 while each supervised thread runs.",
+        [({"thread": t["thread"]}, t["alive"]) for t in threads],
+    )
+    family(
+        "ctwatch_thread_restarts_total",
+        "counter",
+        "Times the supervisor restarted each thread after it died.",
+        [({"thread": t["thread"]}, t["restarts"]) for t in threads],
+    )
+    quiet = status.get("intake", {}).get("seconds_since_scan")
+    family(
+        "ctwatch_intake_seconds_since_scan",
+        "gauge",
+        "Seconds since the watcher last finished a scan of the inbox folders.",
+        [] if quiet is None else [({}, quiet)],
+    )
     family(
         "ctwatch_prefetch_inflight",
         "gauge",
@@ -333,6 +405,15 @@ def status_html(status: dict[str, Any]) -> str:
             + ")",
         ],
         ["current arrival", status["worker"]["current_arrival"]],
+        [
+            "threads",
+            ", ".join(
+                f"{t['thread']} {'up' if t['alive'] else 'DOWN'}"
+                + (f" (restarted {t['restarts']}×)" if t["restarts"] else "")
+                for t in status.get("threads", [])
+            )
+            or "—",
+        ],
         ["ETA of the queue", "unknown" if eta is None else f"{eta:.0f} s"],
         ["night window", json.dumps(status["night"])],
         [
@@ -392,6 +473,25 @@ td,th{{border:1px solid #ccc;padding:.25em .6em;text-align:left}}th{{background:
     }
 <h2>Next scheduled jobs</h2>
 {table(["job", "next run"], [[j["id"], j["next_run"]] for j in status["next_jobs"]])}
+<h2>URL sources</h2>
+{
+        table(
+            ["source", "kind", "url", "polls", "failures", "arrivals", "last success", "last error"],
+            [
+                [
+                    r["name"],
+                    r["kind"],
+                    r["url"],
+                    r["polls"],
+                    r["failures"],
+                    r["arrivals"],
+                    r["last_success_at"],
+                    f"{r['last_error_at']}: {r['last_error']}" if r["last_error"] else None,
+                ]
+                for r in status["sources"]
+            ],
+        )
+    }
 </body></html>
 """
 
@@ -438,12 +538,16 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             route()
-        except Exception as exc:  # a failed read answers 503; the server keeps serving
+        except Exception as exc:  # a failed read answers 503 with every reason known; the server lives
             log.exception("status.request_failed path=%s", path)
+            _, known = health(self.server.app.probes, None)
             self._send(
                 503,
                 "application/json",
-                {"status": "unhealthy", "reasons": [f"status unavailable: {type(exc).__name__}"]},
+                {
+                    "status": "unhealthy",
+                    "reasons": [f"status unavailable: {type(exc).__name__}", *known.get("reasons", [])],
+                },
             )
 
     def __getattr__(self, name: str) -> Any:
@@ -460,7 +564,12 @@ class _Handler(BaseHTTPRequestHandler):
         )
 
     def _health(self) -> None:
-        code, document = self.server.app.read(lambda state, probes: health(probes, state))
+        app = self.server.app
+        try:
+            code, document = app.read(lambda state, probes: health(probes, state))
+        except sqlite3.Error:  # the database cannot even be opened: said, with every other reason
+            log.warning("status.database_unavailable path=/health", exc_info=True)
+            code, document = health(app.probes, None)
         self._send(code, "application/json", document)
 
     def _status(self) -> None:
@@ -517,8 +626,14 @@ class StatusServer:
             return query(self._state, self.probes)
 
     def start(self) -> None:
-        """Bind (OSError when the port is taken) and serve on the ``ctwatch-status`` thread."""
-        self._server = _Server((self.host, self.requested_port), _Handler)
+        """Bind (OSError when the port is taken) and serve on the ``ctwatch-status`` thread.
+
+        Called again by the supervisor when that thread died: the old socket is closed first and
+        the same port is bound again."""
+        if self._server is not None:
+            self._server.server_close()
+        port = self.port if self.port is not None else self.requested_port
+        self._server = _Server((self.host, port), _Handler)
         self._server.app = self
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(

@@ -9,8 +9,10 @@ when the process died (``isolate``) is run alone, so a crash is charged to the i
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -77,7 +79,11 @@ class Worker:
         self.idle_passes = 0
         self.processed = 0
         self._held: set[int] = set()  # prepared or claimed here, not yet completed
+        self._unreleased: set[int] = set()  # to go back to the queue; the database refused so far
         self._thread: threading.Thread | None = None
+        self.fault: str | None = None  # why finishing failed last (plain words, no outside text)
+        self._retry_at = 0.0  # monotonic: no claim before this, after a fault (backing off)
+        self._backoff = 0.0
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -108,30 +114,51 @@ class Worker:
         pool = Prefetcher(self._prepare_ahead, self.max_inflight) if self.max_inflight > 0 else None
         self.prefetcher = pool
         try:
+            self._release(self._held | self._unreleased, "restart")  # left by a previous life of this thread
             if self.on_start is not None:  # e.g. finish recorded ends a crash or a dead thread left
-                self.on_start()
+                self._guarded("on_start", self.on_start)
             while not self.stop_event.is_set():
                 self.last_beat = time.time()
                 handled = self._run_prefetched(pool) if pool is not None else 0
                 if not handled and not self.stop_event.is_set():
                     handled = self._run_claimed()
                 if not handled:
+                    if self._unreleased:
+                        self._release(set(self._unreleased), "fault")
                     if self.on_idle is not None:
-                        self.on_idle()
+                        self._guarded("on_idle", self.on_idle)
                     self.idle_passes += 1
                     self.wake_event.wait(self.poll_seconds)
                     self.wake_event.clear()
-        except BaseException:  # an OS or SQLite error while recording: the supervisor starts us again
+        except BaseException:  # a bug outside any arrival: the supervisor starts us again
             log.exception("worker.crashed current=%s: held arrivals go back to the queue", self.current)
             raise
         finally:
             if pool is not None:
                 pool.close()
-            for arrival_id in sorted(self._held):  # prepared or claimed, never completed: back to the queue
-                self.state.release(arrival_id)
-                log.info("arrival.released arrival=%s reason=shutdown", arrival_id)
-            self._held.clear()
+            self._release(set(self._held), "shutdown")
             self.executor.close()
+
+    def _guarded(self, what: str, hook: Callable[[], object]) -> None:
+        """Run a hook; an error in it is logged and tried again later, never the end of the loop."""
+        try:
+            hook()
+        except Exception:  # noqa: BLE001 — e.g. the database locked by another process for a while
+            log.exception("worker.%s_failed: tried again on the next pass", what)
+
+    def _release(self, ids: set[int], reason: str) -> None:
+        """Prepared or claimed here and never completed: back to the queue, uncharged. An id the
+        database refuses now (locked, disk full) is kept and tried again on the next idle pass."""
+        for arrival_id in sorted(ids):
+            self._held.discard(arrival_id)
+            try:
+                self.state.release(arrival_id)
+            except sqlite3.Error:
+                log.exception("arrival.release_failed arrival=%s: tried again later", arrival_id)
+                self._unreleased.add(arrival_id)
+                continue
+            self._unreleased.discard(arrival_id)
+            log.info("arrival.released arrival=%s reason=%s", arrival_id, reason)
 
     def _run_claimed(self) -> int:
         """Claim the next arrival (and, at night, a batch) and run both stages here."""
@@ -151,7 +178,9 @@ class Worker:
         handled = 0
         for item in pool.map(self._prepared_batches()):
             batch = item.job
-            if item.error is not None:
+            if isinstance(item.error, WORLD_ERRORS):  # e.g. the database locked: retried, not failed
+                self._faulted(batch, item.error)
+            elif item.error is not None:
                 reason = f"internal error: {type(item.error).__name__}: {item.error}"
                 self._finish(batch, functools.partial(self.executor.fail, batch, reason))
             else:
@@ -202,7 +231,7 @@ class Worker:
             return []
 
     def _take(self, *, prepare: bool, alone_ok: bool, night_only: bool = False) -> Arrival | None:
-        if not self.can_claim():
+        if time.monotonic() < self._retry_at or not self.can_claim():
             return None
         candidate = self.state.peek_next(self.night_cutoff(self.clock()))
         if candidate is None or (candidate.isolate and not alone_ok) or (night_only and not candidate.night):
@@ -223,10 +252,67 @@ class Worker:
         self.current, self.current_since = batch[0].id, time.time()
         try:
             outcomes = run()
+        except WORLD_ERRORS as exc:  # the outbox, the disk or the database, not the input
+            self._faulted(batch, exc)
+            return
+        except Exception as exc:  # noqa: BLE001 — a bug while finishing: this batch fails, we go on
+            log.exception("worker.finish_crashed arrivals=%s", [a.id for a in batch])
+            outcomes = self._fail_unrecorded(batch, f"internal error: {type(exc).__name__}: {exc}")
         finally:
             self.current = self.current_since = None
         self._held.difference_update(a.id for a in batch)
+        self.fault, self._backoff = None, 0.0
         self.processed += len(batch)
         if self.on_processed is not None:
             for arrival, outcome in zip(batch, outcomes, strict=True):
                 self.on_processed(arrival.id, outcome)
+
+    def paused_reason(self) -> str | None:
+        """Why claims are paused right now (after a fault, until its back-off ends), else None."""
+        return self.fault if self.fault is not None and time.monotonic() < self._retry_at else None
+
+    def _faulted(self, batch: list[Arrival], exc: BaseException) -> None:
+        """Finishing failed because of the world (read-only outbox, full disk, database locked or
+        gone): the batch goes back to the queue uncharged (an end already recorded is placed by
+        the replay), and claims pause with a doubling back-off until the cause goes away."""
+        self._backoff = min(FAULT_MAX_BACKOFF, self._backoff * 2 or FAULT_FIRST_BACKOFF)
+        self._retry_at = time.monotonic() + self._backoff
+        self.fault = (
+            f"processing paused: {fault_text(exc)}; the arrival goes back to the queue and is tried "
+            f"again in {self._backoff:.0f} s (see state/ctwatch.log)"
+        )
+        log.error(
+            "worker.finish_failed arrivals=%s retry_in=%.0f: %s",
+            [a.id for a in batch],
+            self._backoff,
+            fault_text(exc),
+            exc_info=exc,
+        )
+        self._release({a.id for a in batch}, "fault")
+
+    def _fail_unrecorded(self, batch: list[Arrival], reason: str) -> list[ArrivalState]:
+        """Record ``reason`` as the end of each arrival of the batch whose end is not recorded yet."""
+        outcomes = []
+        for arrival in batch:
+            now = self.state.arrival(arrival.id)
+            if now.state in (ArrivalState.RUNNING, ArrivalState.PREPARED):
+                outcomes.extend(self.executor.fail([now], reason))
+            else:
+                outcomes.append(ArrivalState(now.state))
+        return outcomes
+
+
+WORLD_ERRORS = (OSError, sqlite3.Error)
+FAULT_FIRST_BACKOFF = 5.0
+FAULT_MAX_BACKOFF = 60.0
+
+
+def fault_text(exc: BaseException) -> str:
+    """What went wrong, in plain words without a path, a name or any text from outside."""
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorname", None) or type(exc).__name__
+        return f"the state database refused a write ({code})"
+    if isinstance(exc, OSError) and exc.errno is not None:
+        name = errno.errorcode.get(exc.errno, str(exc.errno))
+        return f"a file could not be written or moved ({os.strerror(exc.errno).lower()}, {name})"
+    return f"a file could not be written or moved ({type(exc).__name__})"

@@ -19,14 +19,7 @@ from hypothesis import strategies as st
 from processor.dicom.scan import HEADER_PREFIX, scan_members
 from processor.dicom.volume import load_volume
 from processor.errors import IngestError, StepError
-from processor.intake.archive import (
-    Limits,
-    can_map,
-    filesystem_types,
-    mappable_type,
-    open_arrival,
-    safe_member_name,
-)
+from processor.intake.archive import Limits, open_arrival, safe_member_name
 from tests.dicomgen import make_series, to_bytes, write_folder, write_zip
 
 
@@ -261,8 +254,11 @@ def test_large_members_are_scanned_from_a_prefix_in_zips_and_folders(tmp_path: P
             )
 
 
-# ---------------------------------------------------------------- zero-copy members
-def test_stored_members_and_files_are_views_of_a_memory_map_with_the_crc_checked(tmp_path: Path) -> None:
+# ---------------------------------------------------------------- members read where they lie
+def test_stored_members_and_files_are_read_where_they_lie_with_the_crc_checked(tmp_path: Path) -> None:
+    """A STORED member is its exact byte range of the ZIP (ordinary reads, no memory map), a member
+    of a nested ZIP a view of the bytes in memory, a DEFLATE member inflated; a file of a folder is
+    read from disk. Heads are read where they lie, never the whole member."""
     datasets = make_series(3, stored=np.arange(3 * 64 * 64, dtype=np.int16).reshape(3, 64, 64))
     blobs = {f"S/{i}.dcm": to_bytes(ds) for i, ds in enumerate(datasets)}
     zpath = tmp_path / "mixed.zip"
@@ -276,44 +272,35 @@ def test_stored_members_and_files_are_views_of_a_memory_map_with_the_crc_checked
     with open_arrival(zpath, Limits()) as contents:
         by_name = {m.name: m for m in contents.members}
         stored, deflated, nested_member = by_name["S/0.dcm"], by_name["S/1.dcm"], by_name["inner.zip!S/2.dcm"]
-        view = stored.data()
-        assert isinstance(view, memoryview) and isinstance(view.obj, __import__("mmap").mmap)
-        assert bytes(view) == blobs["S/0.dcm"] == stored.read()
-        assert isinstance(deflated.data(), bytes) and deflated.data() == blobs["S/1.dcm"]  # inflated
-        assert (
-            isinstance(nested_member.data(), memoryview) and bytes(nested_member.data()) == blobs["S/2.dcm"]
-        )
-        del view
+        assert isinstance(stored.data(), bytes) and stored.data() == blobs["S/0.dcm"] == stored.read()
+        assert stored.head(100) == blobs["S/0.dcm"][:100] and stored.read_prefix(7) == blobs["S/0.dcm"][:7]
+        assert deflated.span is None and deflated.data() == blobs["S/1.dcm"]  # inflated
+        assert isinstance(nested_member.data(), memoryview)
+        assert bytes(nested_member.data()) == blobs["S/2.dcm"]
+        assert scan_members(contents.members).dicom_files == 3
     folder = write_folder(tmp_path / "folder", datasets)
     (folder / "empty").write_bytes(b"")
     with open_arrival(folder, Limits()) as contents:
         by_name = {m.name: m for m in contents.members}
-        assert isinstance(by_name["IM00001"].data(), memoryview)
-        assert bytes(by_name["IM00001"].data()) == blobs["S/0.dcm"]
+        assert (
+            by_name["IM00001"].data() == blobs["S/0.dcm"]
+            and by_name["IM00001"].head(9) == blobs["S/0.dcm"][:9]
+        )
         assert bytes(by_name["empty"].data()) == b""
         assert scan_members(contents.members).studies[0].instance_count == 3
 
 
-def test_network_and_fuse_filesystems_are_not_memory_mapped(tmp_path: Path) -> None:
-    mountinfo = "\n".join(
-        [
-            "25 1 259:2 / / rw,relatime shared:1 - ext4 /dev/nvme0n1p2 rw",
-            "90 25 0:52 / /mnt/pacs rw,relatime shared:40 - nfs4 pacs:/export rw,vers=4.2",
-            "91 25 0:53 / /mnt/share\\040drop rw,relatime - cifs //nas/drop rw,vers=3.0",
-            "92 25 0:54 / /mnt/cloud rw,nosuid - fuse.rclone remote: rw",
-            "garbage line without the separator",
-        ]
+def test_a_stored_member_with_a_bad_crc_is_refused_when_read_whole(tmp_path: Path) -> None:
+    good = [to_bytes(ds) for ds in make_series(2, stored=np.zeros((2, 256, 256), np.int16))]
+    path = _stored_zip_with_flipped_last_byte(
+        tmp_path / "crc.zip", [("a", good[0]), ("b", good[1])], flip="b"
     )
-    types = filesystem_types(mountinfo)
-    assert types == {(259, 2): "ext4", (0, 52): "nfs4", (0, 53): "cifs", (0, 54): "fuse.rclone"}
-    assert [mappable_type(kind) for kind in ("ext4", "nfs4", "cifs", "fuse.rclone", None)] == [
-        True,
-        False,
-        False,
-        False,
-        True,
-    ]
-    assert can_map(tmp_path)  # the test machine's temporary folder is local
+    with open_arrival(path, Limits()) as contents:
+        b = next(m for m in contents.members if m.name == "b")
+        assert b.head(HEADER_PREFIX) == good[1][:HEADER_PREFIX]  # the head alone is not checked
+        for read in (b.read, b.data, lambda: b.read_prefix(len(good[1]))):
+            with pytest.raises(zipfile.BadZipFile, match="CRC"):
+                read()
 
 
 # ---------------------------------------------------------------- members that lie, and what cannot be read

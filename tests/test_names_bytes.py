@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import struct
 import unicodedata
@@ -21,6 +22,7 @@ from hypothesis import strategies as st
 
 from processor.intake.archive import Limits, open_arrival
 from processor.intake.inbox import fit_name
+from processor.intake.register import Intake
 from processor.intake.zipnames import member_raw_name, member_text, open_zip
 from processor.names import display_name, display_text, name_bytes_hex, name_from_hex, raw_name
 from processor.outputs.excel import Report, rejection_row, write_workbook
@@ -336,3 +338,60 @@ def test_daemon_input_that_cannot_be_taken_in_ends_once_in_quarantine(
     assert db_rows(project, "select state from arrivals") == [("quarantined",), ("quarantined",)]
     log = project.root.joinpath("daemon.log").read_bytes().decode("utf-8")
     assert "Traceback" not in log and log.count("arrival.quarantined") == 2
+
+
+# ---------------------------------------------------------------- log lines (issue 15: log forging)
+LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"  # every boundary str.splitlines knows
+
+
+@given(st.text(alphabet=st.characters(blacklist_categories=())))  # surrogates and controls included
+def test_display_text_of_any_text_is_one_line(text: str) -> None:
+    shown = display_text(text)
+    assert len(shown.splitlines()) <= 1 and not any(ch in shown for ch in LINE_BREAKS)
+    shown.encode("utf-8")
+
+
+def test_every_line_break_is_shown_as_its_escape() -> None:
+    for ch in LINE_BREAKS:
+        assert display_name(f"a{ch}b") == "a" + ch.encode("unicode_escape").decode("ascii") + "b"
+
+
+def test_intake_log_lines_show_escaped_paths(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The intake's own log lines escape a name, whatever handler writes them (not only the CLI's
+    one-line formatter): an entry that can be neither registered nor quarantined logs its path."""
+    inbox = tmp_path / "inbox"
+    control = inbox / ".ctwatch"
+    control.mkdir(parents=True)
+    (control / "work").write_text("in the way")  # registering fails: no work folder can be made
+    (control / "quarantine").write_text("in the way")  # and so does the move to quarantine
+    raw = b"Zeile\nINJECTED level=CRITICAL \xfc.zip"
+    path = write_zip(_named(inbox, raw), make_series(20))
+    state = State(tmp_path / "state.db")
+    intake = Intake(state, pipeline_name="p", pipeline_version=1, inbox_dirs=[inbox], outbox=tmp_path / "out")
+    with caplog.at_level(logging.DEBUG, logger="processor"):
+        aid = intake.accept(path)
+    state.close()
+    assert aid is not None and path.exists(), "refused, and left where it was"
+    lines = caplog.text.splitlines()
+    assert not [line for line in lines if line.startswith("INJECTED")], caplog.text
+    shown = display_name(raw)
+    failed = [line for line in lines if "arrival.quarantine_failed" in line]
+    assert failed and f"path={display_name(path)}" in failed[0] and shown in failed[0]
+    assert any(f"arrival.quarantined arrival={aid} name={shown} " in line for line in lines)
+
+
+def test_a_traceback_quoting_a_name_with_a_newline_cannot_forge_a_log_line() -> None:
+    import logging
+    import sys
+
+    from processor.cli import OneLineFormatter
+
+    formatter = OneLineFormatter("%(levelname)s %(message)s")
+    try:
+        raise RuntimeError("cannot read x.zip\nERROR forged line")
+    except RuntimeError:
+        record = logging.LogRecord("t", logging.ERROR, __file__, 1, "failed %s", ("a\nb",), sys.exc_info())
+    text = formatter.format(record)
+    assert not any(line.startswith("ERROR forged") for line in text.splitlines()), text
+    assert "RuntimeError: cannot read x.zip\\nERROR forged line" in text
+    assert text.splitlines()[0] == "ERROR failed a\\nb"

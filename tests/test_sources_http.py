@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -241,8 +242,11 @@ def test_application_dicom_becomes_a_dcm_arrival_and_html_is_refused(tmp_path: P
     finally:
         state.close()
     refused = poller.poll("portal", NOW)
-    assert not refused.ok and "neither a ZIP nor a DICOM" in (refused.error or "")
-    assert "text/html" in source_row(settings, "portal")["last_error"]
+    assert refused.error == (
+        "download failed: not DICOM (Content-Type text/html) — the body is neither a ZIP nor a DICOM "
+        "file; point the source at a .zip or .dcm"
+    )
+    assert source_row(settings, "portal")["last_error"] == refused.error
     assert staging_is_empty(settings)
 
 
@@ -269,12 +273,15 @@ def test_body_above_the_cap_is_refused_with_a_reason(tmp_path: Path, site: Site)
     poller = poller_for(settings)
     outcome = poller.poll("huge", NOW)
     assert not outcome.ok and outcome.arrivals == []
-    assert "4.0 GiB (Content-Length), above fetch.max_bytes = 100.0 KiB" in (outcome.error or "")
+    assert outcome.error == (
+        "download failed: too large (4.0 GiB announced, fetch.max_bytes = 100.0 KiB) — "
+        "raise fetch.max_bytes if it is genuine"
+    )
     assert len(site.hits("/huge.zip")) == 1, "a refusal is not retried"
     assert source_row(settings, "huge")["last_error"] == outcome.error
 
     streamed = poller.poll("stream", NOW)  # no Content-Length: the cap stops the download itself
-    assert not streamed.ok and "grew past fetch.max_bytes" in (streamed.error or "")
+    assert not streamed.ok and "too large (fetch.max_bytes = 100.0 KiB)" in (streamed.error or "")
     assert staging_is_empty(settings)
 
 
@@ -294,11 +301,12 @@ def test_redirects_stay_on_allowed_hosts(tmp_path: Path, site: Site) -> None:
     )
     poller = poller_for(settings)
     moved = poller.poll("moved", NOW)
-    assert not moved.ok and "host localhost is not in fetch.allow_hosts" in (moved.error or "")
+    assert moved.error is not None and moved.error.startswith("download failed: redirect refused — ")
+    assert "add that host to fetch.allow_hosts" in moved.error and "localhost" not in moved.error
     assert site.hits("/exports/latest.zip") == [], "the refused redirect target was never requested"
     assert len(site.hits("/moved")) == 1
     file_redirect = poller.poll("file", NOW)
-    assert not file_redirect.ok and "only http and https" in (file_redirect.error or "")
+    assert file_redirect.error == moved.error and "passwd" not in file_redirect.error
     hop = poller.poll("hop", NOW)
     assert hop.ok and len(hop.arrivals) == 1
 
@@ -364,7 +372,9 @@ def test_bearer_token_comes_from_the_environment_and_is_never_kept(
     poller = poller_for(settings)
     monkeypatch.delenv("CTWATCH_TEST_TOKEN", raising=False)
     missing = poller.poll("secure", NOW)
-    assert not missing.ok and "CTWATCH_TEST_TOKEN" in (missing.error or "") and site.requests == []
+    assert not missing.ok and site.requests == []
+    assert (missing.error or "").startswith("poll failed: token not set — export the environment variable ")
+    assert "source.token_missing env=CTWATCH_TEST_TOKEN" in caplog.text, "the log names the variable"
 
     monkeypatch.setenv("CTWATCH_TEST_TOKEN", token)
     caplog.set_level(logging.DEBUG)
@@ -408,11 +418,12 @@ def test_5xx_is_retried_with_backoff_and_4xx_is_not(tmp_path: Path, site: Site) 
     for k, gap in enumerate(gaps):  # exponential: 0.1·2^k scaled by jitter in [0.5, 1]
         assert gap >= 0.5 * 0.1 * 2**k - 0.01, gaps
     row = source_row(settings, "down")
-    assert (row["failures"], row["successes"]) == (1, 0) and "HTTP 500" in row["last_error"]
+    assert (row["failures"], row["successes"]) == (1, 0)
+    assert row["last_error"] == "download failed: HTTP 500, gave up after 4 attempts"
 
     gone = poller.poll("gone", NOW)
-    assert not gone.ok and "HTTP 404" in (gone.error or "") and len(site.hits("/gone.zip")) == 1
-    assert "attempts" not in (gone.error or "")
+    assert gone.error == "download failed: HTTP 404 — check the source's url"
+    assert len(site.hits("/gone.zip")) == 1
 
 
 def test_a_timing_out_source_never_stalls_other_sources_or_the_inbox(tmp_path: Path, site: Site) -> None:
@@ -453,10 +464,10 @@ def test_a_timing_out_source_never_stalls_other_sources_or_the_inbox(tmp_path: P
         components.state.close()
     outcome, slow_done = outcomes["slow"]  # type: ignore[misc]
     assert inbox_done < slow_done, "the inbox arrival finished while the slow source was still retrying"
-    assert not outcome.ok and "timed out" in outcome.error and "gave up after 3 attempts" in outcome.error
+    assert outcome.error == "download failed: timed out, gave up after 3 attempts — see fetch.timeout_seconds"
     assert len(site.hits("/hang.zip")) == 3
     row = source_row(settings, "slow")
-    assert row["failures"] == 1 and "timed out" in row["last_error"]
+    assert row["failures"] == 1 and row["last_error"] == outcome.error
     status = project.run("status")
     assert "slow  [http, every 300s]" in status.stdout and "last error" in status.stdout
 
@@ -541,3 +552,30 @@ def test_running_daemon_polls_a_source_into_a_study_json_and_status(tmp_path: Pa
     assert any("if-none-match" in headers for _, headers, _ in site.hits("/latest.zip")[1:])
     status = project.run("status")
     assert "scanner-export" in status.stdout
+
+
+def test_transport_failures_are_recorded_as_categories(tmp_path: Path, site: Site) -> None:
+    """TLS to a plain-http server and a closed port: the category and our fix, never the library's words."""
+    export = Export(tmp_path / "site")
+    site.routes["/exports/latest.zip"] = export
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()
+    _, settings = configure(
+        tmp_path / "p",
+        [
+            {"name": "tls", "kind": "http", "url": f"https://127.0.0.1:{site.port}/exports/latest.zip"},
+            {"name": "closed", "kind": "http", "url": f"http://127.0.0.1:{closed_port}/x.zip"},
+        ],
+        retries=0,
+    )
+    poller = poller_for(settings)
+    assert poller.poll("tls", NOW).error == (
+        "download failed: TLS error, gave up after 1 attempt — check the server's certificate and the url's scheme"
+    )
+    assert poller.poll("closed", NOW).error == (
+        "download failed: connection refused, gave up after 1 attempt — "
+        "check that the server runs and listens on the url's port"
+    )
+    assert source_row(settings, "tls")["last_error"].startswith("download failed: TLS error")

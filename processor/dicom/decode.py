@@ -1,7 +1,7 @@
 """Decoding the chosen frames of a series into one preallocated HU array.
 
 Only the chosen frames are read. Uncompressed pixel data becomes a zero-copy
-``np.frombuffer`` view (of the memory-mapped ZIP or file, see ``processor.bytesource``) that
+``np.frombuffer`` view (of the member's bytes, read once, see ``processor.bytesource``) that
 is rescaled straight into the one preallocated volume; for Implicit/Explicit VR Little Endian
 files the view starts at the Pixel Data offset the header scan found, so the file is not parsed
 again (deflated, unusual layouts and compressed syntaxes are parsed in full by pydicom). Both read
@@ -38,7 +38,7 @@ from processor.bytesource import Buffer
 from processor.dicom.encoding import Unreadable, plain_cause, read_file
 from processor.dicom.frames import Frame
 from processor.dicom.scan import PIXEL_DATA_TAG, Instance, Series
-from processor.errors import StepError
+from processor.errors import IngestError, StepError
 
 log = logging.getLogger(__name__)
 
@@ -311,6 +311,8 @@ def _read_and_decode(series: Series, index: int, targets: list[_Target], hu: np.
         raise StepError(f"{name}: {exc}") from exc
     except Unreadable as exc:
         raise StepError(f"cannot read {name}: {exc}. Fix: {exc.fix}") from exc
+    except IngestError as exc:  # the input changed under us (shrank while read): its own plain words
+        raise StepError(f"cannot read {name}: {exc}") from exc
     except (OSError, zipfile.BadZipFile, zlib.error) as exc:
         raise StepError(
             f"cannot read {name} ({plain_cause(exc)}): the member is corrupt (bad CRC) or "

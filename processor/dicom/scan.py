@@ -1,8 +1,11 @@
 """Find DICOM among an arrival's members by content, read headers only, group into studies/series.
 
 DICOM is recognised by its ``DICM`` preamble marker, or — for files written without a preamble —
-by a header parse that yields the three instance UIDs. ``DICOMDIR``, ``__MACOSX/``, ``.DS_Store``,
-other files and corrupt DICOM are skipped and counted by reason.
+by a header parse that yields the three instance UIDs. Before anything is parsed, a member's first
+bytes must look like the start of a DICOM file (:func:`looks_like_dicom`): zeros, text, HTML,
+PDF, images and random bytes are "not DICOM" from their first bytes, never inflated whole nor
+parsed. ``DICOMDIR``, ``__MACOSX/``, ``.DS_Store``, other files and corrupt DICOM are skipped and
+counted by reason.
 
 Each file's header is read by the lean walker of :mod:`processor.dicom.fastheader` (the values
 grouping, selection and decoding need, and where Pixel Data starts); a layout it declines is
@@ -12,9 +15,9 @@ bytes show (:mod:`processor.dicom.encoding`; a header that declares another one 
 on demand (``Instance.header``) and eagerly for the first file of every series, while the
 arrival is still open.
 
-A member that cannot be viewed in place is read from its first :data:`HEADER_PREFIX` bytes
-(inflated) when its header ends there, otherwise whole. A ZIP member's CRC is checked when it is
-read whole, so a bad CRC past the header surfaces when the member is decoded.
+A member's header is read from its first :data:`HEADER_PREFIX` bytes (read where they lie, or
+inflated) when it ends there, otherwise from the whole member, read once. A ZIP member's CRC is
+checked when it is read whole, so a bad CRC past the header surfaces when the member is decoded.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from processor.bytesource import Buffer, Member
-from processor.dicom.encoding import Encoding, Unreadable, correction, plain_cause, read_file
+from processor.dicom.encoding import VRS, Encoding, Unreadable, correction, plain_cause, read_file
 from processor.dicom.fastheader import Declined, Facts, Truncated, facts_from_dataset, facts_of, walk
 from processor.errors import StepError
 
@@ -44,6 +47,16 @@ _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
 HEADER_PREFIX = 64 * 1024  # bytes read for a header; CT headers are ~2–10 KB
 PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
+# A data set holding SOPInstanceUID (0008,0018), its tags ascending, starts in one of these groups:
+# command (0000), file meta (0002), directory (0004), identifying (0008).
+_FIRST_GROUPS = frozenset({0x0000, 0x0002, 0x0004, 0x0008})
+_START_ELEMENTS = 4  # elements stepped over by looks_like_dicom
+_INFLATE_PROBE = 1024  # bytes of a bare deflated data set inflated by looks_like_dicom
+_LONG_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+# (implicit, little) tried by looks_like_dicom: Explicit VR LE, Implicit VR LE, Explicit VR BE
+_ENCODINGS = ((False, True), (True, True), (False, False))
 _PARSE_ERRORS = (
     InvalidDicomError,
     ValueError,
@@ -205,10 +218,86 @@ class CorruptDicom(StepError):
     with this message, the daemon lives)."""
 
 
-def member_header(member: Member, prefix: int = HEADER_PREFIX) -> Parsed:
+def looks_like_dicom(head: Buffer) -> bool:
+    """Whether a member's first bytes can begin a DICOM file — decided without parsing it.
+
+    A Part 10 file has the 128-byte preamble and ``DICM`` (what follows is checked by
+    :func:`read_instance`). A file written without them (pydicom #316, #860) starts with an
+    element of group 0000, 0002, 0004 or 0008 (see :data:`_FIRST_GROUPS`), and its first elements
+    step, their tags ascending, in Explicit VR or Implicit VR Little Endian, or Explicit VR Big
+    Endian; a file meta group (Explicit VR Little Endian by the standard) that steps so is enough,
+    whatever encoding its data set has. A bare deflated data set is one whose first bytes inflate
+    to such elements.
+    """
+    if len(head) >= 132 and bytes(head[128:132]) == b"DICM":
+        return True
+    return _starts(head)
+
+
+def _starts(buf: Buffer) -> bool:
+    """Whether ``buf`` starts with DICOM elements (see :func:`looks_like_dicom`)."""
+    if any(_steps(buf, implicit, little) for implicit, little in _ENCODINGS):
+        return True
+    try:
+        inflated = zlib.decompressobj(-zlib.MAX_WBITS).decompress(bytes(buf[:_INFLATE_PROBE]), _INFLATE_PROBE)
+    except zlib.error:
+        return False
+    return any(_steps(inflated, implicit, True) for implicit in (False, True))
+
+
+def _steps(buf: Buffer, implicit: bool, little: bool) -> bool:
+    """Whether the first :data:`_START_ELEMENTS` elements of ``buf`` step in this encoding. A value
+    longer than ``buf`` (a prefix), a sequence of undefined length or the end of a file meta group
+    ends the walk: what was read decides."""
+    order = "<" if little else ">"
+    tag_of, short, long = struct.Struct(order + "HH"), struct.Struct(order + "H"), struct.Struct(order + "L")
+    end, pos, last = len(buf), 0, -1
+    for n in range(_START_ELEMENTS):
+        if pos + 8 > end:
+            return n > 0
+        group, element = tag_of.unpack_from(buf, pos)
+        if n > 0 and last >> 16 == 0x0002 and group != 0x0002:
+            return True  # past a file meta group: the data set may have another encoding
+        tag = group << 16 | element
+        if tag <= last or group == 0xFFFE or (n == 0 and group not in _FIRST_GROUPS):
+            return False
+        if implicit:
+            length, header = long.unpack_from(buf, pos + 4)[0], 8
+        else:
+            vr = bytes(buf[pos + 4 : pos + 6])
+            if vr not in VRS:
+                return False
+            if vr in _LONG_VRS:
+                if pos + 12 > end:
+                    return True
+                length, header = long.unpack_from(buf, pos + 8)[0], 12
+            else:
+                length, header = short.unpack_from(buf, pos + 6)[0], 8
+        if length == 0xFFFFFFFF:
+            return True
+        pos, last = pos + header + length, tag
+    return True
+
+
+class _Bytes:
+    """A member's first :data:`HEADER_PREFIX` bytes and, when they are not enough, all of them —
+    each read (or inflated) at most once."""
+
+    def __init__(self, member: Member) -> None:
+        self.member = member
+        self.head = member.head(HEADER_PREFIX)
+        self._whole: Buffer | None = self.head if len(self.head) >= member.size else None
+
+    def whole(self) -> Buffer:
+        if self._whole is None:
+            self._whole = self.member.data()
+        return self._whole
+
+
+def member_header(member: Member, prefix: int = HEADER_PREFIX, read: _Bytes | None = None) -> Parsed:
     """:func:`_parse_header` of a member, reading only its first ``prefix`` bytes when they hold the header."""
     if member.size > prefix:
-        head = bytes(member.head(prefix)[:prefix])
+        head = bytes(member.head(prefix)[:prefix] if read is None else read.head[:prefix])
         if PIXEL_DATA_TAG in head:  # cheap gate: the header cannot end inside this prefix otherwise
             try:
                 parsed = _parse_header(head)
@@ -220,21 +309,21 @@ def member_header(member: Member, prefix: int = HEADER_PREFIX) -> Parsed:
                 )  # perhaps only cut short by the prefix: decide on the whole member
             if parsed[1] is not None:
                 return parsed
-    return _parse_header(member.data())
+    return _parse_header(member.data() if read is None else read.whole())
 
 
-def _walked(member: Member) -> tuple[Facts, int | None] | None:
+def _walked(read: _Bytes) -> tuple[Facts, int | None] | None:
     """Facts and Pixel Data offset by the lean walker, or None when it declines the layout."""
-    head = member.head(HEADER_PREFIX)
+    head, size = read.head, read.member.size
     try:
         try:
             walked = walk(head)
-            if walked.pixel_offset is None and len(head) < member.size:
+            if walked.pixel_offset is None and len(head) < size:
                 raise Truncated("no pixel data in the prefix")
         except Truncated:
-            if len(head) >= member.size:
+            if len(head) >= size:
                 return None
-            walked = walk(member.data())
+            walked = walk(read.whole())
         facts = facts_of(walked)
     except Declined:
         return None
@@ -245,10 +334,15 @@ def _walked(member: Member) -> tuple[Facts, int | None] | None:
 
 def read_instance(member: Member) -> Instance | None:
     """The member as an :class:`Instance`, or None when it is not DICOM (:class:`CorruptDicom` when broken)."""
-    fast = _walked(member)
+    read = _Bytes(member)
+    if not looks_like_dicom(read.head):
+        return None
+    if len(read.head) >= 132 and bytes(read.head[128:132]) == b"DICM" and not _starts(read.head[132:]):
+        raise CorruptDicom("no DICOM element follows its 'DICM' marker")
+    fast = _walked(read)
     if fast is not None:
         return Instance(member, fast[0], fast[1])
-    header, offset, encoding = member_header(member)
+    header, offset, encoding = member_header(member, read=read)
     if header is None or encoding is None:
         return None
     facts = facts_from_dataset(header, transfer_syntax=encoding.transfer_syntax, implicit=encoding.implicit)

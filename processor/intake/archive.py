@@ -10,25 +10,33 @@ The caps are checked against the sizes the central directory declares, and a mem
 inflated past its declared size (so never past the total either): :mod:`.inflate` reads it in
 chunks and stops at the first byte too many. What is found only while a member is read — that
 lie, a stream cut short, a bad CRC-32 — is a :class:`zipfile.BadZipFile` for that member alone,
-which the scan counts as an unreadable member.
+which the scan counts as an unreadable member. Every chunk read or inflated while the arrival is
+opened and scanned is also charged to its :class:`ReadBudget`: the bytes actually read, a member
+read twice counting twice, may not pass ``limits.max_total_bytes``, and the budget's check (the
+executor's time budget and stop request) runs at every chunk, so no archive holds the reader
+longer than one chunk past either.
 
-Members are :class:`processor.bytesource.Member` byte sources. Zero copy where the bytes allow it:
-a ZIP on disk is memory-mapped, and a member STORED in it (the usual way DICOM is zipped: it
-hardly deflates) is a ``memoryview`` of that map; files of a folder are mapped one by one.
-:meth:`Member.data` checks a ZIP member's CRC-32 before handing its bytes over, as :mod:`zipfile`
-does; :meth:`Member.head` is for headers and checks the CRC only when it covers the whole member.
-A mapped file must not shrink while it is read (the OS would stop the process with SIGBUS): the
-daemon maps only inputs it has moved into its own ``.ctwatch/work/`` folder (``python run.py
-process`` reads its arguments in place), and never files on a network or FUSE filesystem, where
-an I/O error would also arrive as SIGBUS instead of an exception — those are read with ordinary
-reads (:func:`can_map`).
+Inputs are read with ordinary I/O, never memory-mapped: they are not the daemon's own files, and
+a writer that still holds one open can truncate it after it was moved into ``work/`` (a mapped
+file that shrinks stops the process with SIGBUS). A ZIP is held open for the arrival and a STORED
+member (the usual way DICOM is zipped: it hardly deflates) is read with ``os.pread`` of exactly
+its byte range; a file of a folder is opened and read when its bytes are wanted. A file that
+shrank or changed size since it was opened or listed is an :class:`IngestError` for the arrival
+("… shrank while it was read; copy it again"), never a signal. :meth:`Member.data` checks a ZIP
+member's CRC-32 before handing its bytes over, as :mod:`zipfile` does.
+
+A folder, a file or a ZIP that the service user cannot read (a sub-folder it cannot list, a file
+it cannot open) refuses the whole arrival in plain words, so that a study missing files is never
+analysed as if it were complete. An empty file and an HTML page (a login or error page saved
+under the study's name) are refused with their own reasons; what other single file that holds no
+DICOM is, :func:`what_file_is` says for the executor's message.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
-import mmap
 import os
 import stat
 import struct
@@ -37,12 +45,13 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path, PurePosixPath
 from typing import IO
 
 from processor.bytesource import Buffer, Member
 from processor.errors import IngestError
-from processor.intake.inflate import open_member, read_member, refusal
+from processor.intake.inflate import MemberReadError, ReadGuard, open_member, read_member, refusal
 from processor.intake.zipnames import member_raw_name, member_text, open_zip
 from processor.names import display_name, display_text, raw_name
 
@@ -60,6 +69,8 @@ ZIP_ERRORS = (
     struct.error,
 )
 EMPTY_ZIP_MAGIC = b"PK\x05\x06"
+READ_CHUNK = 16 << 20  # bytes of a STORED member or a file read (and charged) per call
+_COPY_AGAIN = "copy it again from the source, then drop it again"
 
 
 @dataclass(frozen=True)
@@ -67,14 +78,60 @@ class Limits:
     max_members: int = 20_000
     max_total_bytes: int = 8 * 2**30
     max_ratio: float = 200.0
+    max_seconds_per_arrival: float = 600.0  # applied by the executor (opening and scanning)
+
+
+class ArrivalKind(StrEnum):
+    ZIP = "zip"
+    FOLDER = "folder"
+    FILE = "file"
+
+
+class ReadBudget:
+    """The running cost of reading one arrival while it is opened and scanned.
+
+    :meth:`charge` counts the bytes actually read or inflated (a member read twice counts twice)
+    against ``max_bytes`` and runs ``check`` (which raises to stop the reading: the time budget, a
+    stop request). :meth:`settle` ends the count once the scan is over: the steps then read only
+    the series they chose, each member no further than its declared size.
+    """
+
+    def __init__(self, max_bytes: int, check: Callable[[], None] | None = None) -> None:
+        self.max_bytes = max_bytes
+        self.check = check
+        self.spent = 0
+        self.counting = True
+
+    def charge(self, n: int) -> None:
+        if not self.counting:
+            return
+        self.spent += n
+        if self.spent > self.max_bytes:
+            raise IngestError(
+                f"reading its files took more than {self.max_bytes} bytes (read or inflated); the "
+                "archive is built to exhaust the reader, or the export is too large — raise "
+                "limits.max_total_bytes if it is genuine"
+            )
+        if self.check is not None:
+            self.check()
+
+    def settle(self) -> None:
+        self.counting = False
 
 
 @dataclass
 class Contents:
-    """What an arrival holds: its members, and the entries skipped with a reason each."""
+    """What an arrival holds: its members, and the entries skipped with a reason each.
+
+    ``what``, for a single file that is not a ZIP, is what its first bytes show it is
+    (:func:`what_file_is`), for a message when it holds no DICOM.
+    """
 
     members: list[Member] = field(default_factory=list)
     skipped: Counter[str] = field(default_factory=Counter)
+    kind: ArrivalKind = ArrivalKind.FILE
+    budget: ReadBudget = field(default_factory=lambda: ReadBudget(Limits.max_total_bytes))
+    what: tuple[str, str] | None = None
 
 
 def safe_member_name(name: str) -> str | None:
@@ -100,6 +157,111 @@ def is_zip_bytes(head: bytes) -> bool:
 def is_zip_path(path: Path) -> bool:
     with path.open("rb") as fh:
         return is_zip_bytes(fh.read(4))
+
+
+def cannot_read(what: str, exc: OSError) -> IngestError:
+    """The plain reason (and fix) for an input, or a part of one, that cannot be opened or listed."""
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return IngestError(
+            f"cannot read {what}: permission denied — give the service user read access to it, "
+            "then drop it again"
+        )
+    if exc.errno == errno.ENOENT:
+        return IngestError(f"cannot read {what}: it was deleted while it was read — {_COPY_AGAIN}")
+    cause = os.strerror(exc.errno) if exc.errno else display_text(str(exc))
+    return IngestError(
+        f"cannot read {what}: {cause} — check the disk or share it lies on, then drop it again"
+    )
+
+
+def _shrank(what: str, was: int, now: int) -> IngestError:
+    verb = "shrank" if now < was else "changed size"
+    return IngestError(
+        f"{what} {verb} while it was read ({was} bytes, now {now}): something is still writing "
+        f"or truncating it — {_COPY_AGAIN}"
+    )
+
+
+def _pread(fd: int, n: int, offset: int, budget: ReadBudget, what: str) -> Buffer:
+    """Up to ``n`` bytes at ``offset`` (fewer only at the end of the file), each chunk charged; an
+    I/O error is refused in plain words (:func:`cannot_read`)."""
+    try:
+        if n <= READ_CHUNK:
+            budget.charge(n)
+            return os.pread(fd, n, offset)
+        view = memoryview(bytearray(n))
+        got = 0
+        while got < n:
+            budget.charge(min(READ_CHUNK, n - got))
+            read = os.preadv(fd, [view[got : got + READ_CHUNK]], offset + got)
+            if read == 0:
+                break
+            got += read
+        return view[:got].toreadonly()
+    except OSError as exc:
+        raise cannot_read(what, exc) from exc
+
+
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, then name and extra-field lengths at 26 and 28
+
+
+class _Input:
+    """An input file held open while its arrival is read (a ZIP): read by ``os.pread``."""
+
+    def __init__(self, fh: IO[bytes], label: str, budget: ReadBudget) -> None:
+        self.fd = fh.fileno()
+        self.size = os.fstat(self.fd).st_size
+        self.label = label
+        self.budget = budget
+
+    def check_unchanged(self) -> None:
+        now = os.fstat(self.fd).st_size
+        if now != self.size:
+            raise _shrank(f"the ZIP {self.label}", self.size, now)
+
+    # ReadGuard (processor.intake.inflate): chunks go to the budget, failures are checked here
+    def charge(self, n: int) -> None:
+        self.budget.charge(n)
+
+    def failed(self, exc: Exception) -> None:
+        self.check_unchanged()
+
+    def span(self, info: zipfile.ZipInfo, where: str) -> Callable[[int, int], Buffer]:
+        """A STORED member's bytes [offset, offset + n), read where they lie in the ZIP."""
+        start: list[int] = []
+
+        def read(offset: int, n: int) -> Buffer:
+            if not start:
+                header = os.pread(self.fd, _LOCAL_HEADER.size, info.header_offset)
+                if len(header) == _LOCAL_HEADER.size and header[:4] == ZIP_MAGIC:
+                    _, name_len, extra_len = _LOCAL_HEADER.unpack(header)
+                    start.append(info.header_offset + _LOCAL_HEADER.size + name_len + extra_len)
+                else:
+                    self.check_unchanged()
+                    raise MemberReadError(f"{where}: its local header is missing or cut short")
+            data = _pread(self.fd, n, start[0] + offset, self.budget, f"the ZIP {self.label}")
+            if len(data) < n:
+                self.check_unchanged()
+                raise MemberReadError(
+                    f"{where} ends past the end of the ZIP: the ZIP is truncated or damaged — "
+                    "copy it again from the source"
+                )
+            return data
+
+        return read
+
+
+class _InMemory:
+    """The ReadGuard of a ZIP nested in another, read from bytes in memory: chunks are charged."""
+
+    def __init__(self, budget: ReadBudget) -> None:
+        self.budget = budget
+
+    def charge(self, n: int) -> None:
+        self.budget.charge(n)
+
+    def failed(self, exc: Exception) -> None:
+        """Bytes in memory do not change: the failure stands."""
 
 
 class _Budget:
@@ -158,19 +320,10 @@ def _check_zip(zf: zipfile.ZipFile, label: str, budget: _Budget) -> list[tuple[z
     return files
 
 
-def _zip_reader(zf: zipfile.ZipFile, info: zipfile.ZipInfo, where: str) -> Callable[[], bytes]:
-    return lambda: read_member(zf, info, where)
-
-
-_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, then name and extra-field lengths at 26 and 28
-
-
-def _stored_viewer(
-    buffer: Buffer | mmap.mmap | None, info: zipfile.ZipInfo
-) -> Callable[[], memoryview] | None:
-    """A zero-copy view of a STORED member inside ``buffer`` (the whole ZIP), or None."""
-    if buffer is None or info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
-        return None
+def _memory_span(
+    buffer: bytes, info: zipfile.ZipInfo, budget: ReadBudget
+) -> Callable[[int, int], Buffer] | None:
+    """A STORED member of a nested ZIP (whose bytes are in memory) as a view of them, or None."""
     at = info.header_offset
     if at + _LOCAL_HEADER.size > len(buffer):
         return None
@@ -178,72 +331,24 @@ def _stored_viewer(
     start = at + _LOCAL_HEADER.size + name_len + extra_len
     if magic != ZIP_MAGIC or start + info.file_size > len(buffer):
         return None
-    return lambda: memoryview(buffer)[start : start + info.file_size]
+
+    def view(offset: int, n: int) -> memoryview:
+        budget.charge(n)
+        return memoryview(buffer)[start + offset : start + offset + n]
+
+    return view
 
 
-NETWORK_FILESYSTEMS = frozenset(
-    {
-        "nfs",
-        "nfs4",
-        "cifs",
-        "smb3",
-        "smbfs",
-        "9p",
-        "afs",
-        "ceph",
-        "glusterfs",
-        "lustre",
-        "gpfs",
-        "davfs",
-        "virtiofs",
-        "ncpfs",
-        "coda",
-        "ocfs2",
-        "beegfs",
-    }
-)
+def _zip_reader(
+    zf: zipfile.ZipFile, info: zipfile.ZipInfo, where: str, guard: ReadGuard
+) -> Callable[[], bytes]:
+    return lambda: read_member(zf, info, where, guard)
 
 
-def filesystem_types(mountinfo: str) -> dict[tuple[int, int], str]:
-    """(major, minor) device → filesystem type, from the text of ``/proc/self/mountinfo``."""
-    types: dict[tuple[int, int], str] = {}
-    for line in mountinfo.splitlines():
-        before, sep, after = line.partition(" - ")
-        fields = before.split()
-        if not sep or len(fields) < 3 or ":" not in fields[2] or not after.split():
-            continue
-        major, _, minor = fields[2].partition(":")
-        if major.isdigit() and minor.isdigit():
-            types[(int(major), int(minor))] = after.split()[0]
-    return types
-
-
-def can_map(path: Path) -> bool:
-    """Whether ``path`` is on a local filesystem, safe to memory-map (True where it cannot be told)."""
-    try:
-        device = path.stat().st_dev
-        mountinfo = Path("/proc/self/mountinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return True
-    return mappable_type(filesystem_types(mountinfo).get((os.major(device), os.minor(device))))
-
-
-def mappable_type(kind: str | None) -> bool:
-    """False for network and FUSE filesystems (an I/O error there would arrive as SIGBUS)."""
-    return kind is None or not (kind in NETWORK_FILESYSTEMS or kind.startswith("fuse"))
-
-
-def _mapped(path: Path) -> mmap.mmap | None:
-    """A read-only memory map of a file (None when empty or the platform refuses)."""
-    try:
-        with path.open("rb") as fh:
-            return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-    except (OSError, ValueError):
-        return None
-
-
-def _zip_opener(zf: zipfile.ZipFile, info: zipfile.ZipInfo, where: str) -> Callable[[], IO[bytes]]:
-    return lambda: open_member(zf, info, where)
+def _zip_opener(
+    zf: zipfile.ZipFile, info: zipfile.ZipInfo, where: str, guard: ReadGuard
+) -> Callable[[], IO[bytes]]:
+    return lambda: open_member(zf, info, where, guard)
 
 
 def _read_zip(
@@ -253,17 +358,24 @@ def _read_zip(
     contents: Contents,
     stack: ExitStack,
     depth: int,
-    buffer: Buffer | mmap.mmap | None = None,
+    source: _Input | bytes,
 ) -> None:
+    guard: ReadGuard = source if isinstance(source, _Input) else _InMemory(contents.budget)
     for info, name in _check_zip(zf, label, budget):
         where = f"{label}: member '{display_text(name)}'"
         prefix = "" if depth == 0 else label.split("!", 1)[1] + "!"
+        span = None
+        if info.compress_type == zipfile.ZIP_STORED and info.compress_size == info.file_size:
+            if isinstance(source, _Input):
+                span = source.span(info, where)
+            else:
+                span = _memory_span(source, info, contents.budget)
         member = Member(
             prefix + display_text(name),
             info.file_size,
-            _zip_reader(zf, info, where),
-            _zip_opener(zf, info, where),
-            _stored_viewer(buffer, info),
+            _zip_reader(zf, info, where, guard),
+            _zip_opener(zf, info, where, guard),
+            span,
             info.CRC,
             member_raw_name(info),
         )
@@ -286,93 +398,166 @@ def _read_zip(
         contents.members.append(member)
 
 
-def _file_reader(path: Path) -> Callable[[], bytes]:
-    return path.read_bytes
+def _file_member(path: Path, name: str, raw: bytes, size: int, budget: ReadBudget) -> Member:
+    """A file of a folder (or a single file), opened and read when its bytes are wanted; a file
+    whose size is no longer the one it had when listed is refused (it is being written)."""
+
+    def span(offset: int, n: int) -> Buffer:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError as exc:
+            raise cannot_read(name, exc) from exc
+        try:
+            if (now := os.fstat(fd).st_size) != size:
+                raise _shrank(f"the file {name}", size, now)
+            data = _pread(fd, n, offset, budget, name)
+            if len(data) < n:
+                raise _shrank(f"the file {name}", size, os.fstat(fd).st_size)
+            return data
+        finally:
+            os.close(fd)
+
+    return Member(name, size, lambda: bytes(span(0, size)), None, span, raw_name=raw)
 
 
-def _file_opener(path: Path) -> Callable[[], IO[bytes]]:
-    return lambda: path.open("rb")
+def _opened_size(path: Path, what: str) -> int | None:
+    """The size of a regular file, opened to be sure it can be read; None when it is no longer
+    one (replaced by a link, a pipe or a device since it was listed)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return None
+        raise cannot_read(what, exc) from exc
+    try:
+        info = os.fstat(fd)
+    finally:
+        os.close(fd)
+    return info.st_size if stat.S_ISREG(info.st_mode) else None
 
 
-def _file_viewer(path: Path, mappable: bool) -> Callable[[], memoryview] | None:
-    """A zero-copy view of a whole file (read into memory when it cannot be mapped, e.g. empty);
-    None on a filesystem that must not be mapped."""
-    if not mappable:
-        return None
-
-    def view() -> memoryview:
-        mapped = _mapped(path)
-        return memoryview(mapped if mapped is not None else path.read_bytes())
-
-    return view
-
-
-def _read_folder(root: Path, budget: _Budget, contents: Contents, mappable: bool) -> None:
-    for path in sorted(root.rglob("*")):
-        if path.is_symlink():
-            contents.skipped["symbolic link"] += 1
-            continue
-        if not path.is_file():
-            continue
-        size = path.stat().st_size
-        budget.take(display_name(root), size)
+def _read_folder(root: Path, budget: _Budget, contents: Contents) -> None:
+    """Every regular file under ``root``: a sub-folder that cannot be listed or a file that cannot
+    be opened refuses the arrival (never a study analysed without them)."""
+    label = display_name(root.name)
+    files: list[Path] = []
+    folders = [root]
+    while folders:
+        folder = folders.pop()
+        relative = folder.relative_to(root).as_posix()
+        what = label if folder == root else f"'{display_name(relative)}' in {label}"
+        try:
+            with os.scandir(folder) as listing:
+                entries = list(listing)
+            for entry in entries:
+                if entry.is_symlink():
+                    contents.skipped["symbolic link"] += 1
+                elif entry.is_dir(follow_symlinks=False):
+                    folders.append(Path(entry.path))
+                elif entry.is_file(follow_symlinks=False):
+                    files.append(Path(entry.path))
+        except OSError as exc:
+            raise cannot_read(what, exc) from exc
+    for path in sorted(files):
         relative = path.relative_to(root).as_posix()
-        contents.members.append(
-            Member(
-                display_name(relative),
-                size,
-                _file_reader(path),
-                _file_opener(path),
-                _file_viewer(path, mappable),
-                raw_name=raw_name(relative),
-            )
+        size = _opened_size(path, f"'{display_name(relative)}' in {label}")
+        if size is None:
+            contents.skipped["not a regular file"] += 1
+            continue
+        budget.take(label, size)
+        member = _file_member(path, display_name(relative), raw_name(relative), size, contents.budget)
+        contents.members.append(member)
+
+
+def _open_single(path: Path, label: str) -> tuple[IO[bytes], bytes]:
+    """The input file opened for reading, and its first bytes; a plain refusal when it cannot be
+    read, is empty or is an HTML page."""
+    try:
+        fh = os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb")  # a pipe never blocks it
+    except OSError as exc:
+        raise cannot_read(label, exc) from exc
+    try:
+        head = fh.read(1024)
+    except OSError as exc:
+        fh.close()
+        raise cannot_read(label, exc) from exc
+    if not head:
+        fh.close()
+        raise IngestError(
+            f"the file {label} is empty (0 bytes): the copy or download did not complete — {_COPY_AGAIN}"
         )
+    if _is_html(head):
+        fh.close()
+        raise IngestError(
+            f"the file {label} is an HTML page, not DICOM or a ZIP: the download probably returned "
+            "a login or error page — sign in and download the study again, or export it from the "
+            "PACS as DICOM"
+        )
+    return fh, head
+
+
+def _is_html(head: bytes) -> bool:
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    return text.startswith((b"<!doctype html", b"<html")) or (text.startswith(b"<") and b"<html" in text)
+
+
+_REPACK = "ctwatch reads ZIP archives only: re-pack the study as a ZIP (or drop its folder)"
+_EXPORT = "export the study as DICOM (a ZIP of DICOM files, a folder of them, or one DICOM file)"
+_SIGNATURES: tuple[tuple[bytes, int, str, str], ...] = (
+    (b"%PDF", 0, "a PDF document", _EXPORT),
+    (b"\x1f\x8b", 0, "a gzip file", _REPACK),
+    (b"7z\xbc\xaf\x27\x1c", 0, "a 7-Zip archive", _REPACK),
+    (b"Rar!\x1a\x07", 0, "a RAR archive", _REPACK),
+    (b"ustar", 257, "a tar archive", _REPACK),
+    (b"\x89PNG", 0, "a PNG image", _EXPORT),
+    (b"\xff\xd8\xff", 0, "a JPEG image", _EXPORT),
+)
+
+
+def what_file_is(head: bytes) -> tuple[str, str]:
+    """(what a file that is neither a ZIP nor DICOM is, by its first bytes; the fix)."""
+    for magic, at, what, fix in _SIGNATURES:
+        if head[at : at + len(magic)] == magic:
+            return what, fix
+    text = head.decode("utf-8", "replace").rstrip("\ufffd")  # a character cut at the end of the head
+    if all(ch.isprintable() or ch in "\t\r\n\f" for ch in text):
+        return "text", _EXPORT
+    return "binary data of no kind ctwatch knows", _EXPORT
 
 
 @contextmanager
-def open_arrival(path: Path, limits: Limits) -> Iterator[Contents]:
-    """Yield the members of a ZIP, a folder or a single file. ZIP handles stay open inside the block."""
+def open_arrival(path: Path, limits: Limits, check: Callable[[], None] | None = None) -> Iterator[Contents]:
+    """Yield the members of a ZIP, a folder or a single file. The ZIP stays open inside the block.
+
+    ``check`` runs at every chunk read until ``contents.budget.settle()`` (see :class:`ReadBudget`).
+    """
     budget = _Budget(limits)
-    contents = Contents()
+    label = display_name(path.name)
+    contents = Contents(budget=ReadBudget(limits.max_total_bytes, check))
     with ExitStack() as stack:
-        mappable = can_map(path)
         if path.is_dir():
-            _read_folder(path, budget, contents, mappable)
-        elif is_zip_path(path):
-            label = display_name(path.name)
-            try:
-                zf = stack.enter_context(open_zip(path))
-            except ZIP_ERRORS as exc:
-                raise IngestError(
-                    f"{label}: the ZIP cannot be read ({display_text(str(exc))}); it is "
-                    "truncated or corrupt — copy it again from the source"
-                ) from exc
-            mapped = _mapped(path) if mappable else None
-            if mapped is not None:
-                stack.callback(_close_map, mapped)
-            _read_zip(zf, label, budget, contents, stack, depth=0, buffer=mapped)
+            contents.kind = ArrivalKind.FOLDER
+            _read_folder(path, budget, contents)
         else:
-            size = path.stat().st_size
-            budget.take(display_name(path.name), size)
-            contents.members.append(
-                Member(
-                    display_name(path.name),
-                    size,
-                    _file_reader(path),
-                    _file_opener(path),
-                    _file_viewer(path, mappable),
-                    raw_name=raw_name(path.name),
-                )
-            )
+            fh, head = _open_single(path, label)
+            stack.enter_context(fh)
+            if is_zip_bytes(head):
+                contents.kind = ArrivalKind.ZIP
+                source = _Input(fh, label, contents.budget)
+                try:
+                    zf = stack.enter_context(open_zip(fh))
+                except ZIP_ERRORS as exc:
+                    raise IngestError(
+                        f"{label}: the ZIP cannot be read ({display_text(str(exc))}); it is "
+                        "truncated or corrupt — copy it again from the source"
+                    ) from exc
+                _read_zip(zf, label, budget, contents, stack, depth=0, source=source)
+            else:
+                size = os.fstat(fh.fileno()).st_size
+                budget.take(label, size)
+                contents.what = what_file_is(head)
+                contents.members.append(_file_member(path, label, raw_name(path.name), size, contents.budget))
         yield contents
-
-
-def _close_map(mapped: mmap.mmap) -> None:
-    """Close a ZIP's map at the end of its block; while views of it live on, the collector closes it."""
-    try:
-        mapped.close()
-    except BufferError:
-        log.debug("archive.map_in_use: closed when its last view is released")
 
 
 def zip_central_directory_reads(path: Path) -> bool:

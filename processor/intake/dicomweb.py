@@ -19,7 +19,8 @@ from typing import IO, Any
 
 import httpx
 
-from processor.intake.fetch import FetchRefused, FetchTransient, check_length, human_bytes, raise_for_status
+from processor.intake.fetch import FetchRefused, FetchTransient, check_length, raise_for_status, too_large
+from processor.redact import Failure, SourceFailure, What
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +84,13 @@ def _search(
         response = client.get(f"{root}/studies", params=params, headers={"Accept": "application/dicom+json"})
         if response.status_code == 204:
             return full_pages
-        raise_for_status(response, "QIDO-RS study search")
+        raise_for_status(response, What.SEARCH)
         try:
             items = response.json() if response.content.strip() else []
-        except ValueError as exc:
-            raise FetchTransient(f"QIDO-RS study search: the answer is not JSON ({exc})") from exc
+        except ValueError as exc:  # not JSON: the server's text is not kept
+            raise FetchTransient(SourceFailure(What.SEARCH, Failure.BAD_ANSWER)) from exc
         if not isinstance(items, list):
-            raise FetchRefused("QIDO-RS study search: the answer is not a JSON list of studies")
+            raise FetchRefused(SourceFailure(What.SEARCH, Failure.BAD_ANSWER))
         full_pages += len(items) >= page_size
         fresh = 0
         for item in items:
@@ -121,7 +122,7 @@ def _modality_matches(item: Any, wanted: set[str] | None) -> bool:
 def _study_ref(item: Any) -> StudyRef | None:
     uid = _first_value(item, STUDY_UID)
     if not isinstance(uid, str) or len(uid) > 64 or not _UID.fullmatch(uid):
-        log.warning("source.qido.skipped reason=%r uid=%r", "missing or malformed StudyInstanceUID", uid)
+        log.warning("source.qido.skipped reason=%r", "missing or malformed StudyInstanceUID")
         return None
     count = _first_value(item, INSTANCE_COUNT)
     try:
@@ -140,7 +141,7 @@ def _first_value(item: Any, tag: str) -> Any:
 
 def retrieve_study(client: httpx.Client, root: str, uid: str, folder: Path, max_bytes: int) -> int:
     """WADO-RS retrieve of a whole study into ``folder``; returns the number of instances written."""
-    what = f"WADO-RS retrieve of study {uid}"
+    what = What.RETRIEVE
     with client.stream("GET", f"{root}/studies/{uid}", headers={"Accept": RETRIEVE_ACCEPT}) as response:
         raise_for_status(response, what)
         check_length(response, max_bytes, what)
@@ -151,15 +152,12 @@ def retrieve_study(client: httpx.Client, root: str, uid: str, folder: Path, max_
         return splitter.finish()
 
 
-def multipart_boundary(content_type: str, what: str) -> bytes:
+def multipart_boundary(content_type: str, what: What) -> bytes:
     message = email.message.Message()
     message["content-type"] = content_type
     boundary = message.get_param("boundary")
     if message.get_content_type() != "multipart/related" or not isinstance(boundary, str) or not boundary:
-        raise FetchRefused(
-            f"{what}: expected a multipart/related answer with a boundary, got "
-            f"{content_type or 'no Content-Type'}"
-        )
+        raise FetchRefused(SourceFailure(what, Failure.BAD_ANSWER))
     return boundary.encode("latin-1")
 
 
@@ -170,7 +168,7 @@ class MultipartSplitter:
     memory stays small whatever the study size. Parts that are not ``application/dicom`` are skipped.
     """
 
-    def __init__(self, boundary: bytes, folder: Path, max_bytes: int, what: str) -> None:
+    def __init__(self, boundary: bytes, folder: Path, max_bytes: int, what: What = What.RETRIEVE) -> None:
         self.first = b"--" + boundary
         self.delimiter = b"\r\n--" + boundary
         self.folder = folder
@@ -190,11 +188,7 @@ class MultipartSplitter:
         self.total += len(chunk)
         if self.total > self.max_bytes:
             self._abort()
-            raise FetchRefused(
-                f"{self.what}: the study is larger than fetch.max_bytes = "
-                f"{human_bytes(self.max_bytes)}; the retrieval was stopped — raise "
-                "fetch.max_bytes if the study is genuine"
-            )
+            raise too_large(self.what, self.max_bytes)
         self.buffer += chunk
         while self._step():
             pass
@@ -202,7 +196,7 @@ class MultipartSplitter:
     def finish(self) -> int:
         if self.phase != "done":
             self._abort()
-            raise FetchTransient(f"{self.what}: the multipart answer ended before its closing boundary")
+            raise FetchTransient(SourceFailure(self.what, Failure.LOST))  # ended before its closing boundary
         return self.written
 
     # ------------------------------------------------------------------ state machine
@@ -227,10 +221,10 @@ class MultipartSplitter:
             end = buf.find(b"\r\n")
             if end < 0:
                 if len(buf) > 1024:
-                    raise FetchRefused(f"{self.what}: malformed multipart delimiter line")
+                    raise FetchRefused(SourceFailure(self.what, Failure.BAD_ANSWER))  # delimiter line
                 return False
             if buf[:end].strip(b" \t"):
-                raise FetchRefused(f"{self.what}: malformed multipart delimiter line")
+                raise FetchRefused(SourceFailure(self.what, Failure.BAD_ANSWER))  # delimiter line
             del buf[: end + 2]
             self.phase = "headers"
             return True
@@ -241,7 +235,7 @@ class MultipartSplitter:
                 end = buf.find(b"\r\n\r\n")
                 if end < 0:
                     if len(buf) > MAX_PART_HEADER:
-                        raise FetchRefused(f"{self.what}: a multipart part header is too long")
+                        raise FetchRefused(SourceFailure(self.what, Failure.BAD_ANSWER))  # header too long
                     return False
                 headers, consumed = bytes(buf[:end]), end + 4
             del buf[:consumed]
@@ -273,7 +267,7 @@ class MultipartSplitter:
         content_type = message.get_content_type() if message["content-type"] else "application/dicom"
         if content_type != "application/dicom":
             self.skipped += 1
-            log.info("source.wado.part_skipped content_type=%s", content_type)
+            log.info("source.wado.part_skipped reason=%r", "not application/dicom")
             self._fh = None
             return
         self._tmp = self.folder / f".part-{self.written + self.skipped:06d}.tmp"

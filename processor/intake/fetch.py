@@ -8,7 +8,9 @@ environment variable the config names — never from the config, never logged or
 Failures split along the error tree: :class:`FetchRefused` (an :class:`IngestError`: 4xx, a host
 or scheme not allowed, a body above the cap — never retried) and :class:`FetchTransient` (a
 :class:`TransientError`: timeouts, connection errors, 5xx — retried by :func:`with_retries` with
-exponential backoff and jitter).
+exponential backoff and jitter). Each carries a :class:`~processor.redact.SourceFailure`: what
+failed, its category and HTTP status code in ctwatch's words — never the server's reason phrase,
+body, headers or redirect target, never a URL (see :mod:`processor.redact`).
 """
 
 from __future__ import annotations
@@ -17,15 +19,18 @@ import hashlib
 import logging
 import os
 import random
+import socket
+import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import httpx
 
 from processor.errors import IngestError, TransientError
+from processor.redact import Failure, SourceFailure, What
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +43,17 @@ MAX_REDIRECTS = 5
 class FetchRefused(IngestError):
     """The source answered, or would be reached, in a way that retrying cannot fix."""
 
+    def __init__(self, failure: SourceFailure) -> None:
+        super().__init__(str(failure))
+        self.failure = failure
+
 
 class FetchTransient(TransientError):
     """A failure that may pass (timeout, connection, 5xx); retried with backoff."""
+
+    def __init__(self, failure: SourceFailure) -> None:
+        super().__init__(str(failure))
+        self.failure = failure
 
 
 class FetchInterrupted(Exception):
@@ -57,48 +70,36 @@ class FetchPolicy:
     backoff_cap: float = BACKOFF_CAP_SECONDS
 
 
-def public_url(url: str | httpx.URL) -> str:
-    """The URL without any user:password part (safe for logs, SQLite, results and /status)."""
-    parts = urlsplit(str(url))
-    if parts.username is None and parts.password is None:
-        return str(url)
-    host = parts.hostname or ""
-    host = f"[{host}]" if ":" in host else host
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-
-
 def check_url(url: str | httpx.URL, allow_hosts: frozenset[str]) -> None:
-    """Refuse anything but http(s) to an allowed host."""
+    """Refuse anything but http(s) to an allowed host (names neither: a redirect's target is the server's text)."""
     parts = urlsplit(str(url))
-    if parts.scheme.lower() not in ("http", "https"):
-        raise FetchRefused(
-            f"refused {parts.scheme or 'scheme-less'} URL {public_url(url)}: only http and https are fetched"
-        )
     host = (parts.hostname or "").lower()
-    if host not in allow_hosts:
-        raise FetchRefused(
-            f"refused {public_url(url)}: host {host or '(none)'} is not in fetch.allow_hosts "
-            f"({', '.join(sorted(allow_hosts)) or 'empty'}); add it there if it is trusted"
-        )
+    if parts.scheme.lower() not in ("http", "https") or host not in allow_hosts:
+        raise FetchRefused(SourceFailure(What.POLL, Failure.REDIRECT))
 
 
-def bearer_token(env_name: str | None, source: str) -> str | None:
+def bearer_token(env_name: str | None) -> str | None:
     """The token from the environment variable named in the config (None when no auth is configured)."""
     if env_name is None:
         return None
     token = os.environ.get(env_name, "").strip()
     if not token:
-        raise FetchRefused(
-            f"the environment variable {env_name} named in auth.bearer_env of source "
-            f"{source} is not set or empty in the daemon's environment; export it and "
-            "restart ctwatch"
-        )
+        log.error("source.token_missing env=%s: export it to the daemon and restart ctwatch", env_name)
+        raise FetchRefused(SourceFailure(What.POLL, Failure.NO_TOKEN))
     return token
 
 
 def open_client(policy: FetchPolicy, token: str | None) -> httpx.Client:
-    """An httpx client that enforces the allow-list on every request, redirects included."""
+    """An httpx client that enforces the allow-list on every request, redirects included.
+
+    httpx logs every request at INFO with its full URL (a pre-signed query included) and the
+    server's reason phrase; those lines are kept out of ctwatch's log (WARNING and above only),
+    unless a level was set on purpose (a test looking at the requests).
+    """
+    for name in ("httpx", "httpcore"):
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.WARNING)
 
     def guard(request: httpx.Request) -> None:
         check_url(request.url, policy.allow_hosts)
@@ -116,26 +117,22 @@ def open_client(policy: FetchPolicy, token: str | None) -> httpx.Client:
     )
 
 
-def raise_for_status(response: httpx.Response, what: str) -> None:
-    """5xx → transient; any other non-2xx → refused, with the server's reason."""
+def raise_for_status(response: httpx.Response, what: What) -> None:
+    """5xx → transient; any other non-2xx → refused. Only the status code is kept, never the reason."""
     code = response.status_code
     if 200 <= code < 300:
         return
-    reason = f"{what}: HTTP {code} {response.reason_phrase}"
-    if response.history:
-        reason += f" from {public_url(response.url)} (after a redirect)"
+    failure = SourceFailure(what, Failure.HTTP, status=code, after_redirect=bool(response.history))
     if code >= 500:
-        raise FetchTransient(reason)
-    if code in (401, 403):
-        raise FetchRefused(reason + "; check the token named in auth.bearer_env and its permissions")
-    raise FetchRefused(reason)
+        raise FetchTransient(failure)
+    raise FetchRefused(failure)
 
 
 def with_retries(
     call: Callable[[], T],
     policy: FetchPolicy,
     *,
-    what: str,
+    what: What,
     wait: Callable[[float], bool],
     rng: random.Random,
 ) -> T:
@@ -148,38 +145,71 @@ def with_retries(
         attempt += 1
         try:
             return call()
+        except FetchRefused as exc:  # the allow-list hook does not know what the request was for
+            if exc.failure.what is What.POLL:
+                raise FetchRefused(replace(exc.failure, what=what)) from exc
+            raise
         except httpx.TooManyRedirects as exc:
-            raise FetchRefused(f"{what}: more than {MAX_REDIRECTS} redirects") from exc
+            raise FetchRefused(SourceFailure(what, Failure.REDIRECTS)) from exc
         except httpx.UnsupportedProtocol as exc:
-            raise FetchRefused(f"{what}: {exc}") from exc
+            raise FetchRefused(SourceFailure(what, Failure.REDIRECT)) from exc
         except (httpx.TransportError, FetchTransient) as exc:
-            reason = str(exc) if isinstance(exc, FetchTransient) else f"{what}: {_describe(exc)}"
+            failure = exc.failure if isinstance(exc, FetchTransient) else transport_failure(exc, what)
             if attempt > policy.retries:
-                raise FetchTransient(f"{reason} (gave up after {attempt} attempts)") from exc
+                raise FetchTransient(replace(failure, attempts=attempt)) from exc
             delay = min(policy.backoff_cap, policy.backoff * 2 ** (attempt - 1)) * rng.uniform(0.5, 1.0)
-            log.warning("source.retry what=%r attempt=%d reason=%r wait=%.2f", what, attempt, reason, delay)
+            log.warning(
+                "source.retry what=%r attempt=%d reason=%r wait=%.2f", str(what), attempt, str(failure), delay
+            )
             if wait(delay):
-                raise FetchInterrupted(what) from exc
+                raise FetchInterrupted(str(what)) from exc
 
 
-def _describe(exc: httpx.TransportError) -> str:
+def transport_failure(exc: httpx.TransportError, what: What) -> SourceFailure:
+    """A transport error as its category; the OS or TLS library's words are looked at, never kept."""
     if isinstance(exc, httpx.TimeoutException):
-        return f"timed out ({type(exc).__name__}; see fetch.timeout_seconds)"
-    return f"{type(exc).__name__}: {exc}"
+        return SourceFailure(what, Failure.TIMEOUT)
+    if isinstance(exc, httpx.ProtocolError):
+        return SourceFailure(what, Failure.PROTOCOL)
+    if isinstance(exc, httpx.UnsupportedProtocol):
+        return SourceFailure(what, Failure.REDIRECT)
+    causes: list[BaseException] = []
+    cause: BaseException | None = exc
+    while cause is not None and len(causes) < 8:
+        causes.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    if any(isinstance(c, ssl.SSLError) for c in causes) or "ssl" in str(exc).lower():
+        return SourceFailure(what, Failure.TLS)
+    if isinstance(exc, httpx.ConnectError):
+        if any(isinstance(c, ConnectionRefusedError) for c in causes) or "refused" in str(exc).lower():
+            return SourceFailure(what, Failure.REFUSED)
+        if any(isinstance(c, socket.gaierror) for c in causes):
+            return SourceFailure(what, Failure.UNRESOLVED)
+        return SourceFailure(what, Failure.CONNECT)
+    return SourceFailure(what, Failure.LOST)
 
 
-def check_length(response: httpx.Response, max_bytes: int, what: str) -> None:
+def check_length(response: httpx.Response, max_bytes: int, what: What) -> None:
     """Refuse before reading a body whose announced Content-Length is above the cap."""
     announced = response.headers.get("content-length")
     if announced is not None and announced.strip().isdigit() and int(announced) > max_bytes:
         raise FetchRefused(
-            f"{what}: the server announces {human_bytes(int(announced))} (Content-Length), "
-            f"above fetch.max_bytes = {human_bytes(max_bytes)}; nothing was downloaded — "
-            "raise fetch.max_bytes if the file is genuine"
+            SourceFailure(
+                what,
+                Failure.TOO_LARGE,
+                detail=f"{human_bytes(int(announced))} announced, fetch.max_bytes = {human_bytes(max_bytes)}",
+            )
         )
 
 
-def stream_to_file(response: httpx.Response, dest: Path, max_bytes: int, what: str) -> tuple[str, int]:
+def too_large(what: What, max_bytes: int) -> FetchRefused:
+    """A body (or study) that grew past the cap while it was read."""
+    return FetchRefused(
+        SourceFailure(what, Failure.TOO_LARGE, detail=f"fetch.max_bytes = {human_bytes(max_bytes)}")
+    )
+
+
+def stream_to_file(response: httpx.Response, dest: Path, max_bytes: int, what: What) -> tuple[str, int]:
     """Write the body to ``dest`` (removed on any failure); returns (sha256, size)."""
     check_length(response, max_bytes, what)
     digest = hashlib.sha256()
@@ -189,11 +219,7 @@ def stream_to_file(response: httpx.Response, dest: Path, max_bytes: int, what: s
             for chunk in response.iter_bytes(CHUNK):
                 size += len(chunk)
                 if size > max_bytes:
-                    raise FetchRefused(
-                        f"{what}: the body grew past fetch.max_bytes = "
-                        f"{human_bytes(max_bytes)}; the download was stopped and removed — "
-                        "raise fetch.max_bytes if the file is genuine"
-                    )
+                    raise too_large(what, max_bytes)
                 digest.update(chunk)
                 fh.write(chunk)
     except BaseException:

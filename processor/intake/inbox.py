@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -35,16 +36,51 @@ def is_temporary_name(name: str) -> bool:
 
 def sha256_of(path: Path) -> tuple[str, int]:
     """Content hash (hex) and size in bytes of a file, or of a folder (each file's relative name as
-    raw bytes, a NUL, its bytes; in sorted order). ``OSError`` when something cannot be read."""
+    raw bytes, a NUL, its bytes; in sorted order). ``OSError`` when something cannot be read —
+    ``PermissionError`` naming the part, for a file or sub-folder ctwatch may not read."""
     digest = hashlib.sha256()
     size = 0
     if path.is_dir():
-        for child in sorted(p for p in path.rglob("*") if p.is_file() and not p.is_symlink()):
+        for child, _ in folder_files(path):
             digest.update(raw_name(child.relative_to(path).as_posix()) + b"\x00")
             size += _feed(digest, child)
     else:
         size = _feed(digest, path)
     return digest.hexdigest(), size
+
+
+def folder_files(root: Path) -> Iterator[tuple[Path, os.stat_result]]:
+    """Every regular file under ``root`` with its ``lstat``, in the order ``sorted(root.rglob("*"))``
+    gives. Symbolic links are neither followed nor listed; nor are pipes, sockets and devices.
+
+    ``Path.rglob`` silently leaves out a sub-folder it may not list; this raises ``PermissionError``
+    (its ``filename`` the folder or file) for any part it cannot list or stat, so a folder is never
+    taken for complete when it is not. A part that vanishes during the walk is left out (``root``
+    itself must exist). Iterative: no nesting depth is too deep.
+    """
+    stack: list[tuple[Path, os.stat_result | None]] = [(root, None)]
+    while stack:
+        path, st = stack.pop()
+        if st is not None:
+            yield path, st
+            continue
+        try:
+            with os.scandir(path) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
+        except FileNotFoundError:
+            if path == root:
+                raise
+            continue
+        children: list[tuple[Path, os.stat_result | None]] = []
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    children.append((Path(entry.path), None))
+                elif entry.is_file(follow_symlinks=False):
+                    children.append((Path(entry.path), entry.stat(follow_symlinks=False)))
+            except FileNotFoundError:
+                continue
+        stack.extend(reversed(children))  # the first name next: a folder's files before its next sibling
 
 
 def _feed(digest: hashlib._Hash, path: Path) -> int:
@@ -122,7 +158,7 @@ def free_path(folder: Path, name: str, arrival_id: int) -> Path:
 def move(src: Path, dest: Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     os.replace(src, dest) if not dest.exists() else _refuse(dest)
-    log.debug("file.moved from=%s to=%s", src, dest)
+    log.debug("file.moved from=%s to=%s", display_name(src), display_name(dest))
     return dest
 
 

@@ -14,6 +14,11 @@ unreadable member. The last bytes of a member are handed over only once all of i
 Whether a member can be read at all (:func:`refusal`) is known from the central directory:
 encryption and compression methods other than STORED, DEFLATE, BZIP2 and LZMA are refused before
 any member is read.
+
+A :class:`ReadGuard`, when given, sees every chunk before it is handed over (:meth:`ReadGuard.charge`:
+the arrival's running budget of bytes, its time budget, a stop request — any of which may end the
+read by raising) and every failure (:meth:`ReadGuard.failed`, which may raise a truer error: the
+archive shrank while it was read).
 """
 
 from __future__ import annotations
@@ -62,12 +67,23 @@ _STRONG_ENCRYPTION = 0x40  # bit 6: PKWARE strong encryption
 _CODEC_ERRORS: tuple[type[Exception], ...] = (zlib.error, OSError, EOFError) + (
     (lzma.LZMAError,) if lzma is not None else ()
 )
+_OPEN_ERRORS = (zipfile.BadZipFile, EOFError, OSError)
 _LZMA_SETUP_ERRORS: tuple[type[Exception], ...] = (*_CODEC_ERRORS, ValueError)  # ValueError: bad properties
 
 
 class MemberReadError(zipfile.BadZipFile):
     """A member's bytes do not match its entry: longer or shorter than declared, a corrupt
     compressed stream, or a CRC-32 mismatch. The message names the member and says why."""
+
+
+class ReadGuard(Protocol):
+    """What watches the reads of one arrival (see the module docstring)."""
+
+    def charge(self, n: int) -> None:
+        """``n`` more bytes were read or inflated; raises to stop reading."""
+
+    def failed(self, exc: Exception) -> None:
+        """A read failed with ``exc``; raises a truer error when there is one, else returns."""
 
 
 def refusal(info: zipfile.ZipInfo) -> str | None:
@@ -98,22 +114,41 @@ def refusal(info: zipfile.ZipInfo) -> str | None:
     return None
 
 
-def read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, where: str) -> bytes:
+def read_member(
+    zf: zipfile.ZipFile, info: zipfile.ZipInfo, where: str, guard: ReadGuard | None = None
+) -> bytes:
     """All of a member's bytes, verified (size and CRC-32); :class:`MemberReadError` otherwise."""
-    with _compressed(zf, info) as raw:
-        member = _Verified(_inflater(raw, info, where), info, where)
+    raw, member = _open(zf, info, where, guard)
+    with raw:
         return b"".join(iter(lambda: member.read(CHUNK), b""))
 
 
-def open_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, where: str) -> IO[bytes]:
+def open_member(
+    zf: zipfile.ZipFile, info: zipfile.ZipInfo, where: str, guard: ReadGuard | None = None
+) -> IO[bytes]:
     """A stream over a member's bytes; its last bytes come only once all are verified (size, CRC-32)."""
-    raw = _compressed(zf, info)
-    try:
-        member = _Verified(_inflater(raw, info, where), info, where)
-    except BaseException:
-        raw.close()
-        raise
+    raw, member = _open(zf, info, where, guard)
     return io.BufferedReader(_VerifiedStream(raw, member))
+
+
+def _open(
+    zf: zipfile.ZipFile, info: zipfile.ZipInfo, where: str, guard: ReadGuard | None
+) -> tuple[IO[bytes], _Verified]:
+    """The member's compressed stream and its verified reader. A failure to open them (a local
+    header or an LZMA header cut short or damaged) is shown to the guard first."""
+    try:
+        raw = _compressed(zf, info)
+    except _OPEN_ERRORS as exc:
+        if guard is not None:
+            guard.failed(exc)
+        raise
+    try:
+        return raw, _Verified(_inflater(raw, info, where), info, where, guard)
+    except BaseException as exc:
+        raw.close()
+        if guard is not None and isinstance(exc, MemberReadError):
+            guard.failed(exc)
+        raise
 
 
 def _compressed(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> IO[bytes]:
@@ -234,17 +269,31 @@ class _Verified:
     its declared size is inflated, and the bytes that reach that size are handed over only once the
     stream is known to end there and the CRC-32 matches."""
 
-    def __init__(self, inflater: _Inflater, info: zipfile.ZipInfo, where: str) -> None:
+    def __init__(
+        self, inflater: _Inflater, info: zipfile.ZipInfo, where: str, guard: ReadGuard | None = None
+    ) -> None:
         self._inflater = inflater
         self._info = info
         self._where = where
+        self._guard = guard
         self._left = info.file_size
         self._crc = 0
         self._checked = False
 
     def read(self, n: int) -> bytes:
         """Up to ``n`` bytes (at most :data:`CHUNK`); b"" at the end; :class:`MemberReadError`
-        as soon as the bytes contradict the entry."""
+        as soon as the bytes contradict the entry. Each chunk is charged to the guard."""
+        try:
+            chunk = self._read(n)
+        except MemberReadError as exc:
+            if self._guard is not None:
+                self._guard.failed(exc)
+            raise
+        if chunk and self._guard is not None:
+            self._guard.charge(len(chunk))
+        return chunk
+
+    def _read(self, n: int) -> bytes:
         if self._checked or n <= 0:
             return b""
         if self._left == 0:  # an empty member

@@ -12,21 +12,26 @@ shared with other sources, so one slow or failing source never stalls another or
   paging); each study version not fetched yet — StudyInstanceUID + its instance count — is
   retrieved by WADO-RS into a folder of instances that becomes one arrival. A study that grows
   later has a new version and is fetched again.
+
+Nothing the server chooses is written (:mod:`processor.redact`): an error is recorded and logged
+as its category and HTTP status code, a URL without credentials, query or fragment, and an http
+arrival is named after the configured URL's path (never the server's Content-Disposition).
 """
 
 from __future__ import annotations
 
-import email.message
 import logging
 import random
+import re
 import shutil
 import sqlite3
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
+from email.utils import format_datetime, parsedate_to_datetime
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -39,26 +44,33 @@ from processor.intake.fetch import (
     FetchInterrupted,
     FetchPolicy,
     FetchRefused,
+    FetchTransient,
     bearer_token,
     open_client,
-    public_url,
     raise_for_status,
     stream_to_file,
+    transport_failure,
     with_retries,
 )
 from processor.intake.inbox import InboxLayout
 from processor.intake.register import Intake
+from processor.redact import Failure, SourceFailure, What, content_type_detail, redact_url
 from processor.safename import safe_name
 from processor.state import State
 
 log = logging.getLogger(__name__)
 
 ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
+# An entity-tag as RFC 9110 writes it; anything else is not kept (the body's sha256 still dedupes).
+_ENTITY_TAG = re.compile(r'(?:W/)?"[\x21\x23-\x7e]{0,126}"')
 
 
 @dataclass
 class PollOutcome:
-    """What one poll of one source did. ``ok`` is False when an error was recorded."""
+    """What one poll of one source did. ``ok`` is False when an error was recorded.
+
+    ``error`` is :class:`~processor.redact.SourceFailure` text: ctwatch's words only.
+    """
 
     source: str
     ok: bool
@@ -74,7 +86,6 @@ class _Download:
     sha256: str
     size: int
     content_type: str
-    filename: str | None
     etag: str | None
     last_modified: str | None
 
@@ -94,7 +105,7 @@ def check_sources(settings: Settings) -> None:
         host = (urlsplit(source.url).hostname or "").lower()
         if host not in allowed:
             problems.append(
-                f"sources.{i}.url ({public_url(source.url)!r}): host {host} is not in "
+                f"sources.{i}.url ({redact_url(source.url)!r}): host {host} is not in "
                 f"fetch.allow_hosts. Fix: add {host} to fetch.allow_hosts if it is trusted."
             )
     if problems:
@@ -185,19 +196,13 @@ class SourcePoller:
             state = State(self.state_path)
         except (sqlite3.Error, OSError) as exc:  # nothing can be recorded; the next poll tries again
             log.error("source.poll source=%s outcome=error error=%r", source.name, f"state: {exc}")
-            return PollOutcome(source.name, False, error=f"cannot open the state database: {exc}")
+            return PollOutcome(source.name, False, error=str(SourceFailure(What.POLL, Failure.STATE)))
         try:
-            state.source_poll_started(source.name, source.kind, public_url(source.url), at)
+            state.source_poll_started(source.name, source.kind, redact_url(source.url), at)
             if self.may_fetch():
                 self._fetch(source, state, now, at, outcome)
             else:
-                outcome.ok, outcome.error = (
-                    False,
-                    (
-                        "not polled: free disk space is below disk.min_free_gb; "
-                        "free some space (polling resumes by itself)"
-                    ),
-                )
+                outcome.ok, outcome.error = False, str(SourceFailure(What.POLL, Failure.LOW_DISK))
             if outcome.detail == "interrupted by shutdown":
                 return outcome
             if outcome.ok:
@@ -223,7 +228,7 @@ class SourcePoller:
                 )
         except sqlite3.Error as exc:  # e.g. locked past the busy timeout: reported, not raised
             log.error("source.poll source=%s outcome=error error=%r", source.name, f"state: {exc}")
-            outcome.ok, outcome.error = False, f"state database: {exc}"
+            outcome.ok, outcome.error = False, str(SourceFailure(What.POLL, Failure.STATE))
         finally:
             state.close()
         for arrival_id in outcome.arrivals:
@@ -236,7 +241,7 @@ class SourcePoller:
         """Run the source's fetch; every failure ends up in ``outcome`` (never raised)."""
         try:
             intake = self.make_intake(state)
-            token = bearer_token(source.auth.bearer_env if source.auth else None, source.name)
+            token = bearer_token(source.auth.bearer_env if source.auth else None)
             with open_client(self.policy, token) as client:
                 if source.kind == "http":
                     self._poll_http(source, client, state, intake, outcome)
@@ -246,12 +251,12 @@ class SourcePoller:
             outcome.ok, outcome.detail = False, "interrupted by shutdown"
             log.info("source.poll source=%s outcome=interrupted", source.name)
         except (CtwatchError, httpx.HTTPError, OSError, sqlite3.Error) as exc:
-            outcome.ok, outcome.error = False, _message(exc)
-        except Exception as exc:  # a bug must not kill the polling thread; it is recorded
+            outcome.ok, outcome.error = False, str(_failure(exc, source.name))
+        except Exception:  # a bug must not kill the polling thread; it is recorded
             log.exception("source.crashed source=%s", source.name)
-            outcome.ok, outcome.error = False, f"internal error: {type(exc).__name__}: {exc}"
+            outcome.ok, outcome.error = False, str(SourceFailure(What.POLL, Failure.INTERNAL))
 
-    def _retrying(self, call: Callable[[], object], what: str) -> object:
+    def _retrying(self, call: Callable[[], object], what: What) -> object:
         return with_retries(call, self.policy, what=what, wait=self._stop.wait, rng=self.rng)
 
     def _new_staging_dir(self) -> Path:
@@ -271,7 +276,7 @@ class SourcePoller:
             conditional["If-Modified-Since"] = known["last_modified"]
         folder = self._new_staging_dir()
         try:
-            what = f"GET {public_url(source.url)}"
+            what = What.DOWNLOAD
             download = self._retrying(lambda: self._get(client, source.url, conditional, folder, what), what)
             if download is None:
                 outcome.unchanged, outcome.detail = 1, "not modified (304)"
@@ -289,7 +294,7 @@ class SourcePoller:
             path = folder / _arrival_name(source, download)
             download.path.rename(path)
             arrival_id = intake.accept(
-                path, kind="http", source_name=source.name, source_url=public_url(source.url)
+                path, kind="http", source_name=source.name, source_url=redact_url(source.url)
             )
             state.set_source_validators(
                 source.name, etag=download.etag, last_modified=download.last_modified, sha256=download.sha256
@@ -301,7 +306,7 @@ class SourcePoller:
             shutil.rmtree(folder, ignore_errors=True)
 
     def _get(
-        self, client: httpx.Client, url: str, conditional: dict[str, str], folder: Path, what: str
+        self, client: httpx.Client, url: str, conditional: dict[str, str], folder: Path, what: What
     ) -> _Download | None:
         with client.stream("GET", url, headers=conditional) as response:
             if response.status_code == 304:
@@ -314,9 +319,8 @@ class SourcePoller:
                 sha,
                 size,
                 response.headers.get("content-type", ""),
-                _disposition_filename(response.headers.get("content-disposition", "")),
-                response.headers.get("etag"),
-                response.headers.get("last-modified"),
+                _entity_tag(response.headers.get("etag")),
+                _http_date(response.headers.get("last-modified")),
             )
 
     # ------------------------------------------------------------------ dicomweb
@@ -332,7 +336,7 @@ class SourcePoller:
     ) -> None:
         root = source.url.rstrip("/")
         since = _since(now, source.lookback)
-        what = f"QIDO-RS {public_url(root)}/studies"
+        what = What.SEARCH
         studies = self._retrying(
             lambda: list(
                 dicomweb.search_studies(client, root, source.query, since, page_size=source.page_size)
@@ -340,7 +344,7 @@ class SourcePoller:
             what,
         )
         assert isinstance(studies, list)
-        errors = []
+        errors: list[SourceFailure] = []
         for ref in studies:
             if state.source_item_known(source.name, ref.uid, ref.version):
                 outcome.unchanged += 1
@@ -350,9 +354,12 @@ class SourcePoller:
             try:
                 arrival_id = self._fetch_study(source, client, intake, root, ref)
             except FetchRefused as exc:  # this study only; the others go on, it is tried again next poll
-                errors.append(str(exc))
+                errors.append(exc.failure)
                 log.warning(
-                    "source.study_refused source=%s study=%s reason=%r", source.name, ref.uid, str(exc)
+                    "source.study_refused source=%s study=%s reason=%r",
+                    source.name,
+                    _study_label(ref.uid),
+                    str(exc.failure),
                 )
                 continue
             state.record_source_item(source.name, ref.uid, ref.version, arrival_id, at)
@@ -363,10 +370,7 @@ class SourcePoller:
             f"{len(outcome.arrivals)} fetched, {outcome.unchanged} already fetched"
         )
         if errors:
-            outcome.ok, outcome.error = (
-                False,
-                f"{len(errors)} stud(ies) not fetched: " + "; ".join(errors[:3]),
-            )
+            outcome.ok, outcome.error = False, str(replace(errors[0], studies=len(errors)))
 
     def _fetch_study(
         self, source: SourceSettings, client: httpx.Client, intake: Intake, root: str, ref: dicomweb.StudyRef
@@ -379,13 +383,13 @@ class SourcePoller:
                 shutil.rmtree(folder, ignore_errors=True)  # a retried retrieval starts from scratch
                 return dicomweb.retrieve_study(client, root, ref.uid, folder, self.policy.max_bytes)
 
-            count = self._retrying(attempt, f"WADO-RS {public_url(root)}/studies/{ref.uid}")
+            count = self._retrying(attempt, What.RETRIEVE)
             if count == 0:
-                raise FetchRefused(f"WADO-RS retrieve of study {ref.uid} returned no DICOM instances")
+                raise FetchRefused(SourceFailure(What.RETRIEVE, Failure.NO_INSTANCES))
             log.info(
                 "source.study_retrieved source=%s study=%s instances=%s listed=%s",
                 source.name,
-                ref.uid,
+                _study_label(ref.uid),
                 count,
                 ref.instances,
             )
@@ -393,7 +397,7 @@ class SourcePoller:
                 folder,
                 kind="dicomweb",
                 source_name=source.name,
-                source_url=f"{public_url(root)}/studies/{ref.uid}",
+                source_url=f"{redact_url(root)}/studies/{ref.uid}",
             )
         finally:
             shutil.rmtree(outer, ignore_errors=True)
@@ -412,20 +416,31 @@ class SourceThreads:
         self.poller = poller
         self.clock = clock
         self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self._threads: dict[str, threading.Thread] = {}
+        self.errors = 0
 
     def start(self) -> None:
+        """Start a thread for each source that has none running (the supervisor calls this again
+        when one died: only that one is started anew)."""
+        self._stop.clear()
         for name, every in self.poller.schedule():
+            running = self._threads.get(name)
+            if running is not None and running.is_alive():
+                continue
             thread = threading.Thread(
                 target=self._loop, args=(name, every), name=f"ctwatch-source-{name}", daemon=True
             )
             thread.start()
-            self._threads.append(thread)
+            self._threads[name] = thread
 
     def _loop(self, name: str, every: float) -> None:
         while not self._stop.is_set():
             started = time.monotonic()
-            self.poller.poll(name, self.clock())
+            try:
+                self.poller.poll(name, self.clock())
+            except Exception:  # noqa: BLE001 — e.g. the database locked; one poll lost, the loop lives
+                self.errors += 1
+                log.exception("source.poll_crashed source=%s: polled again at the next interval", name)
             self._stop.wait(max(0.0, every - (time.monotonic() - started)))
 
     def stop(self) -> None:
@@ -433,11 +448,12 @@ class SourceThreads:
         self.poller.stop()
 
     def join(self, timeout: float | None = None) -> None:
-        for thread in self._threads:
+        for thread in self._threads.values():
             thread.join(timeout)
 
     def is_alive(self) -> bool:
-        return any(t.is_alive() for t in self._threads)
+        """True while every source's thread runs (one dead source is a dead part to restart)."""
+        return bool(self._threads) and all(t.is_alive() for t in self._threads.values())
 
 
 def _since(now: datetime, lookback: float | None) -> date | None:
@@ -447,20 +463,37 @@ def _since(now: datetime, lookback: float | None) -> date | None:
     return (local - timedelta(seconds=lookback)).date()
 
 
-def _disposition_filename(header: str) -> str | None:
+def _entity_tag(header: str | None) -> str | None:
+    """The ETag to send back in If-None-Match, when it is one (kept in ``sources.etag`` only)."""
+    if header is None or not _ENTITY_TAG.fullmatch(header.strip()):
+        return None
+    return header.strip()
+
+
+def _http_date(header: str | None) -> str | None:
+    """Last-Modified re-written from its parsed date (so nothing but a date is kept), or None."""
     if not header:
         return None
-    message = email.message.Message()
-    message["content-disposition"] = header
-    name = message.get_filename()
-    return name or None
+    try:
+        when = parsedate_to_datetime(header)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return format_datetime(when.astimezone(UTC), usegmt=True)
+
+
+def _study_label(uid: str) -> str:
+    """A study in a log line: the end of its UID, as the pipeline's ``study=`` labels show it."""
+    return uid[-12:]
 
 
 def _arrival_name(source: SourceSettings, download: _Download) -> str:
-    """A safe file name for the body; the suffix follows the content (.zip / .dcm)."""
+    """A safe file name for the body, from the configured URL's path (its last part) or the source's
+    name — never the server's Content-Disposition, nor a query; the suffix follows the content."""
     with download.path.open("rb") as fh:
         head = fh.read(132)
-    candidate = download.filename or unquote(urlsplit(source.url).path.rsplit("/", 1)[-1]) or source.name
+    candidate = unquote(urlsplit(redact_url(source.url)).path.rsplit("/", 1)[-1]) or source.name
     name = safe_name(candidate.rsplit("/", 1)[-1].rsplit("\\", 1)[-1]).lstrip(".") or source.name
     content_type = download.content_type.split(";")[0].strip().lower()
     if head[:4] in ZIP_MAGICS:
@@ -469,14 +502,24 @@ def _arrival_name(source: SourceSettings, download: _Download) -> str:
         suffix = ".dcm"
     else:
         raise FetchRefused(
-            f"{public_url(source.url)}: the body is neither a ZIP nor a DICOM file "
-            f"(Content-Type {content_type or 'none'}); point the source at a .zip or .dcm"
+            SourceFailure(What.DOWNLOAD, Failure.NOT_DICOM, detail=content_type_detail(content_type))
         )
     return name if name.lower().endswith(suffix) else name + suffix
 
 
-def _message(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    if isinstance(exc, httpx.HTTPError) and not isinstance(exc, httpx.HTTPStatusError):
-        return f"{type(exc).__name__}: {text}"
-    return text
+def _failure(exc: BaseException, source: str) -> SourceFailure:
+    """Any failure of a poll as its category; the details that are ours go to the log only."""
+    if isinstance(exc, FetchRefused | FetchTransient):
+        return exc.failure
+    if isinstance(exc, httpx.TransportError):
+        return transport_failure(exc, What.POLL)
+    if isinstance(exc, httpx.HTTPError):  # e.g. a body that does not decode as its Content-Encoding
+        return SourceFailure(What.POLL, Failure.PROTOCOL)
+    if isinstance(exc, sqlite3.Error):
+        log.error("source.state_error source=%s error=%r", source, str(exc))
+        return SourceFailure(What.POLL, Failure.STATE)
+    if isinstance(exc, OSError):
+        log.error("source.write_error source=%s error=%r", source, exc.strerror or type(exc).__name__)
+        return SourceFailure(What.POLL, Failure.WRITE)
+    log.error("source.error source=%s error=%r", source, type(exc).__name__)
+    return SourceFailure(What.POLL, Failure.OTHER)

@@ -6,13 +6,18 @@ Names are bytes: the entry's name is recorded as its display name plus its raw b
 Whatever goes wrong before an entry is safely registered and in the work folder (it cannot be
 read or hashed, the database refuses it, the move fails) ends here, once: the entry becomes a
 *rejected* arrival with a receipt, and an inbox entry moves to quarantine with a note saying why.
-Nothing is retried at the next scan.
+Nothing is retried at the next scan. An input with any part the service user may not read (the
+file, the folder, a file or sub-folder in it) is refused whole, its receipt naming that part:
+"cannot read <part>: permission denied — give the service user read access, then drop it again".
+An entry that cannot even be moved to quarantine stays where it is, its receipt written; the
+watcher leaves it alone until it changes.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pwd
 import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -124,9 +129,12 @@ class Intake:
 
     def _register(self, entry: _Entry) -> int:
         path = entry.path
-        if not (path.is_file() or path.is_dir()):  # reading a FIFO would block for ever
-            raise IngestError("it is neither a file nor a folder (a pipe, socket or device)")
-        entry.sha256, entry.size = sha256_of(path)
+        try:
+            if not (path.is_file() or path.is_dir()):  # reading a FIFO would block for ever
+                raise IngestError("it is neither a file nor a folder (a pipe, socket or device)")
+            entry.sha256, entry.size = sha256_of(path)
+        except PermissionError as exc:  # the whole input, or any file or sub-folder in it
+            raise Unreadable(_cannot_read(entry, exc)) from exc
         layout = None if entry.in_place else self.layout_for(path)
         if layout is not None:
             layout.ensure()
@@ -177,7 +185,9 @@ class Intake:
             return entry.arrival_id
         if not os.path.lexists(entry.path):
             log.warning(
-                "arrival.vanished name=%s path=%s: gone before it could be taken in", entry.name, entry.path
+                "arrival.vanished name=%s path=%s: gone before it could be taken in",
+                entry.name,
+                display_name(entry.path),
             )
             return entry.arrival_id
         reason = _reason(exc)
@@ -210,7 +220,7 @@ class Intake:
             log.error(
                 "arrival.quarantine_failed name=%s path=%s error=%s",
                 entry.name,
-                entry.path,
+                display_name(entry.path),
                 display_text(str(exc)),
             )
             return None
@@ -230,7 +240,7 @@ class Intake:
             log.error(
                 "arrival.quarantine_failed name=%s path=%s error=%s",
                 entry.name,
-                entry.path,
+                display_name(entry.path),
                 display_text(str(exc)),
             )
             return entry.path if os.path.lexists(entry.path) else dest
@@ -283,10 +293,40 @@ class Intake:
         return where
 
 
+class Unreadable(IngestError):
+    """The input, or a file or sub-folder in it, may not be read by the service user."""
+
+
+def _cannot_read(entry: _Entry, exc: PermissionError) -> str:
+    """``cannot read <part>: permission denied — …``: the part named from the input's own folder."""
+    part = entry.name
+    if exc.filename:
+        failed = Path(os.fsdecode(exc.filename))
+        if failed.is_relative_to(entry.path.parent):
+            part = display_name(failed.relative_to(entry.path.parent).as_posix())
+    again = "process it again" if entry.in_place else "drop it again"
+    return (
+        f"cannot read {part}: permission denied — give the service user ({_service_user()}) read "
+        f"access, then {again}"
+    )
+
+
+def _service_user() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid {os.geteuid()}"
+
+
 def _reason(exc: Exception) -> str:
     """Why an entry could not be taken in, in plain words with the fix."""
+    if isinstance(exc, Unreadable):
+        return display_text(f"The input could not be taken in: {exc}.")
     if isinstance(exc, PermissionError):
-        what = "ctwatch may not read or move it (permission denied); let the daemon's user read and move it"
+        what = (
+            "ctwatch may not move it (permission denied); give the service user "
+            f"({_service_user()}) write access to the inbox folder and to the input"
+        )
     elif isinstance(exc, OSError):
         where = f": {display_name(exc.filename)}" if exc.filename else ""
         what = f"it could not be read or moved ({exc.strerror or type(exc).__name__}{where})"

@@ -8,7 +8,10 @@ unreadable while unchanged for three stable periods is handed over anyway, to be
 its reason rather than wait forever.
 
 An entry is handed over once: if it is still in the inbox afterwards (the intake could not move
-it), or the hand-over raised (logged once), it is set aside and left alone until it changes.
+it), or the hand-over raised (logged once), it is set aside and left alone until it changes — a
+write, or a change of owner or permissions. An entry ctwatch may not read is handed over like any
+other once quiet, for the intake to refuse with the reason; nothing an entry or a pass raises ends
+the watcher thread (see :class:`InboxWatcher`).
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
 from processor.intake.archive import is_zip_path, zip_central_directory_reads
-from processor.intake.inbox import CONTROL_DIR, is_temporary_name
-from processor.names import display_name
+from processor.intake.inbox import CONTROL_DIR, folder_files, is_temporary_name
+from processor.names import display_name, display_text
 
 log = logging.getLogger(__name__)
 
@@ -35,25 +38,33 @@ Signature = tuple[int, int, float]
 
 
 def signature(path: Path) -> Signature | None:
-    """(file count, total bytes, newest mtime) of a file or folder; None while it holds temp names
-    or is gone. A folder that cannot be listed gives its own size and mtime (count -1), so it still
-    becomes stable and is handed over, to be rejected with the reason."""
+    """(file count, total bytes, newest change) of a file or folder; None while it holds temp names
+    or is gone. A change is a write or a change of owner or permissions (the later of mtime and
+    ctime), so an entry set aside because it could not be read is looked at again once it may be.
+
+    A folder that cannot be walked whole (a sub-folder or file ctwatch may not list or stat) gives
+    its own size and change time (count -1), so it still becomes stable and is handed over, to be
+    refused with the reason; :func:`processor.intake.inbox.folder_files` says why ``rglob`` is not
+    used (it leaves out what it may not list)."""
     try:
         if path.is_dir():
-            count, total, newest = 0, 0, path.stat().st_mtime
-            for child in path.rglob("*"):
-                if is_temporary_name(child.name) and child.is_file():
+            st = path.stat()
+            count, total, newest = 0, 0, _changed(st)
+            for child, st in folder_files(path):
+                if is_temporary_name(child.name):
                     return None
-                if child.is_file():
-                    st = child.stat()
-                    count, total, newest = count + 1, total + st.st_size, max(newest, st.st_mtime)
+                count, total, newest = count + 1, total + st.st_size, max(newest, _changed(st))
             return (count, total, newest)
         st = path.stat()
-        return (1, st.st_size, st.st_mtime)
+        return (1, st.st_size, _changed(st))
     except FileNotFoundError:
         return None
     except OSError:
         return _own_signature(path)
+
+
+def _changed(st: os.stat_result) -> float:
+    return max(st.st_mtime, st.st_ctime)
 
 
 def _own_signature(path: Path) -> Signature | None:
@@ -61,7 +72,7 @@ def _own_signature(path: Path) -> Signature | None:
         st = path.lstat()
     except OSError:
         return None
-    return (-1, st.st_size, st.st_mtime)
+    return (-1, st.st_size, _changed(st))
 
 
 def is_special(path: Path) -> bool:
@@ -122,7 +133,15 @@ class StabilityTracker:
 
 
 class InboxWatcher:
-    """Finds stable entries in the inbox folders and calls ``on_stable(path, night)`` for each."""
+    """Finds stable entries in the inbox folders and calls ``on_stable(path, night)`` for each.
+
+    Nothing one entry does ends the scan, and nothing one pass does ends the thread: every failure
+    (an entry's, a folder's that cannot be listed, a whole pass's) is caught, counted in
+    :attr:`errors` and logged — once, until it changes or goes, not at every scan.
+    :attr:`last_scan` (wall-clock seconds) moves only when a pass has run to its end with every
+    folder listed, so a caller can tell when intake has stopped scanning; :attr:`unlisted` names the
+    folders the last pass could not list, and why.
+    """
 
     def __init__(
         self,
@@ -147,23 +166,33 @@ class InboxWatcher:
         self._thread: threading.Thread | None = None
         self._observer: BaseObserver | None = None  # Observer is the platform's BaseObserver subclass
         self.last_scan: float | None = None
+        self.errors = 0
+        self.unlisted: dict[Path, str] = {}
+        self._failing: dict[Path, str] = {}  # entries whose failure is logged already: what failed
+        self._pass_failure: str | None = None
 
     # ------------------------------------------------------------------ scanning
     def candidates(self) -> list[tuple[Path, bool]]:
+        """Entries of every inbox and night folder that may become arrivals. A folder that cannot be
+        listed is named in :attr:`unlisted`; an entry that cannot be looked at is logged and left out
+        of this pass."""
         out: list[tuple[Path, bool]] = []
         roots = [(d, False) for d in self.inbox_dirs] + [(d, True) for d in self.night_dirs]
-        night_set = {d.resolve() for d in self.night_dirs}
+        night_set = {os.path.realpath(d) for d in self.night_dirs}
+        unlisted: dict[Path, str] = {}
         for root, night in roots:
-            if not root.is_dir():
+            try:
+                entries = sorted(root.iterdir())
+            except OSError as exc:
+                unlisted[root] = _why(exc)
                 continue
-            for entry in sorted(root.iterdir()):
-                if entry.name == CONTROL_DIR or is_temporary_name(entry.name):
-                    continue
-                if entry.resolve() in night_set and not night:
-                    continue
-                if entry.is_symlink() or is_special(entry):
-                    continue
-                out.append((entry, night))
+            for entry in entries:
+                try:
+                    if _is_candidate(entry, night, night_set):
+                        out.append((entry, night))
+                except Exception as exc:  # noqa: BLE001 — one entry never ends the scan
+                    self._entry_failed(entry, "list", exc)
+        self._note_unlisted(unlisted)
         return out
 
     def scan_once(self) -> list[Path]:
@@ -173,23 +202,37 @@ class InboxWatcher:
         present: set[Path] = set()
         for path, night in self.candidates():
             present.add(path)
+            if self._check(path, night, now):
+                handed.append(path)
+        self.tracker.prune(present)
+        for path in [p for p in self._failing if not os.path.lexists(p)]:
+            del self._failing[path]
+        if not self.unlisted:
+            self.last_scan = time.time()
+        return handed
+
+    def _check(self, path: Path, night: bool, now: float) -> bool:
+        """Hand the entry over if it is stable; whether it was. Never raises: a failure is logged
+        (once) and the entry set aside until it changes."""
+        sig: Signature | None = None
+        step = "check"
+        try:
             sig = signature(path)
             if sig is None or (sig[0] == 0 and path.is_dir()) or self.tracker.is_set_aside(path, sig):
-                continue
-            try:
-                if self._ready(path, sig, now):
-                    self.on_stable(path, night)
-                    handed.append(path)
-                    if os.path.lexists(path):  # not taken out of the inbox: leave it until it changes
-                        self.tracker.set_aside(path, sig)
-            except Exception:  # one bad entry must not stop the watcher; logged once, then set aside
-                log.exception(
-                    "watch.handover_failed path=%s: left alone until it changes", display_name(path)
-                )
+                return False
+            if not self._ready(path, sig, now):
+                return False
+            step = "handover"
+            self.on_stable(path, night)
+            if os.path.lexists(path):  # not taken out of the inbox: leave it until it changes
                 self.tracker.set_aside(path, sig)
-        self.tracker.prune(present)
-        self.last_scan = time.time()
-        return handed
+            self._failing.pop(path, None)
+            return True
+        except Exception as exc:  # noqa: BLE001 — one bad entry must not stop the watcher
+            self._entry_failed(path, step, exc)
+            if sig is not None:
+                self.tracker.set_aside(path, sig)
+            return False
 
     def _ready(self, path: Path, sig: Signature, now: float) -> bool:
         """Whether the entry is stable (and, for a ZIP, readable or unreadable for long enough)."""
@@ -204,30 +247,103 @@ class InboxWatcher:
         self.tracker.forget(path)
         return True
 
+    def _entry_failed(self, path: Path, step: str, exc: Exception) -> None:
+        """Count a failure; log it once per entry and kind (a traceback only for what is not an OS
+        error). ``step``: list (looking at the entry), check (its signature, stability) or handover."""
+        self.errors += 1
+        what = f"{step}:{type(exc).__name__}"
+        if self._failing.get(path) == what:
+            log.debug("watch.%s_failed path=%s again", step, display_name(path))
+            return
+        self._failing[path] = what
+        log.warning(
+            "watch.%s_failed path=%s error=%s: %s",
+            step,
+            display_name(path),
+            _why(exc),
+            "looked at again next scan" if step == "list" else "left alone until it changes",
+            exc_info=not isinstance(exc, OSError),
+        )
+
+    def _note_unlisted(self, unlisted: dict[Path, str]) -> None:
+        """Count every folder not listed; log it when it starts (or its reason changes) and ends."""
+        self.errors += len(unlisted)
+        for root, why in unlisted.items():
+            if self.unlisted.get(root) != why:
+                log.error(
+                    "watch.folder_unreadable folder=%s error=%s: nothing in it is taken in; give the "
+                    "service user read and search access to it (or create it)",
+                    display_name(root),
+                    why,
+                )
+        for root in self.unlisted.keys() - unlisted.keys():
+            log.info("watch.folder_readable folder=%s: scanning it again", display_name(root))
+        self.unlisted = unlisted
+
     # ------------------------------------------------------------------ thread
     def start(self) -> None:
+        """Start the scan thread (and the watchdog observer). The supervisor calls this again when
+        the scan thread died: a live observer is kept, a dead one replaced."""
+        self._stop.clear()
         for folder in self.inbox_dirs + self.night_dirs:
-            folder.mkdir(parents=True, exist_ok=True)
-        if self.use_watchdog:
-            self._observer = Observer()
-            handler = _WakeHandler(self._wake)
-            for folder in self.inbox_dirs:
-                self._observer.schedule(handler, str(folder), recursive=True)
-            self._observer.start()
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:  # each scan names it until it exists (see ``unlisted``)
+                log.error("watch.folder_not_created folder=%s error=%s", display_name(folder), _why(exc))
+        if self.use_watchdog and not (self._observer is not None and self._observer.is_alive()):
+            self._start_observer()
         self._thread = threading.Thread(target=self._loop, name="ctwatch-watcher", daemon=True)
         self._thread.start()
+
+    def _start_observer(self) -> None:
+        """File events only wake the scan early: without them (an inbox it may not watch, the inotify
+        watch limit reached, folders nested deeper than watchdog's recursive walk goes) the periodic
+        scan still finds everything, so no failure here stops the daemon."""
+        observer = Observer()
+        handler = _WakeHandler(self._wake)
+        try:
+            for folder in self.inbox_dirs:
+                observer.schedule(handler, str(folder), recursive=True)
+            observer.start()
+        except Exception as exc:  # noqa: BLE001 — a watchdog failure costs only the early wake-ups
+            log.warning(
+                "watch.events_unavailable error=%s: scanning every %gs instead",
+                _why(exc),
+                self.scan_interval,
+                exc_info=not isinstance(exc, OSError),
+            )
+            observer.unschedule_all()
+            return
+        self._observer = observer
 
     def wake(self) -> None:
         self._wake.set()
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self.scan_once()
+            self._pass()
             wait = self.scan_interval
             if self.tracker.pending():
                 wait = min(wait, max(self.tracker.stable_seconds / 2, 0.1))
             self._wake.wait(wait)
             self._wake.clear()
+
+    def _pass(self) -> None:
+        """One scan; an exception ends the pass, never the thread (a traceback once per kind)."""
+        try:
+            self.scan_once()
+        except Exception as exc:  # noqa: BLE001 — the next pass runs; last_scan tells it did not finish
+            self.errors += 1
+            what = f"{type(exc).__name__}: {exc}"
+            if what != self._pass_failure:
+                log.exception("watch.scan_failed errors=%d: the next scan runs as usual", self.errors)
+            else:
+                log.debug("watch.scan_failed again errors=%d", self.errors)
+            self._pass_failure = what
+            return
+        if self._pass_failure is not None:
+            log.info("watch.scan_recovered errors=%d", self.errors)
+            self._pass_failure = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -243,6 +359,23 @@ class InboxWatcher:
 
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+
+def _is_candidate(entry: Path, night: bool, night_set: set[str]) -> bool:
+    """Whether an inbox entry may become an arrival (``OSError`` when it cannot even be looked at)."""
+    if entry.name == CONTROL_DIR or is_temporary_name(entry.name):
+        return False
+    if not night and os.path.realpath(entry) in night_set:  # realpath: never raises on a link loop
+        return False
+    return not (entry.is_symlink() or is_special(entry))
+
+
+def _why(exc: BaseException) -> str:
+    """An exception as one line of text (names escaped), for a log line."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f" ({display_name(exc.filename)})" if exc.filename else ""
+        return display_text(f"{exc.strerror}{where}")
+    return display_text(f"{type(exc).__name__}: {exc}")
 
 
 def _incomplete_zip(path: Path) -> bool:

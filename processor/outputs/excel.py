@@ -29,6 +29,7 @@ from openpyxl.worksheet.worksheet import Worksheet
 from processor.atomic import file_mode
 from processor.faults import fault_point
 from processor.names import display_name
+from processor.redact import redact_optional_url
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +208,7 @@ def study_row(row: dict[str, Any], reports_dir: Path) -> dict[str, Any]:
 def source_label(row: dict[str, Any]) -> str:
     """Where the arrival came from: the inbox, or a URL source's name and URL (never credentials)."""
     if row.get("source_name"):
-        return f"{row['source_name']} ({row.get('source_url') or row.get('kind')})"
+        return f"{row['source_name']} ({redact_optional_url(row.get('source_url')) or row.get('kind')})"
     return {"night": "night inbox", "cli": "command line"}.get(str(row.get("kind")), "inbox")
 
 

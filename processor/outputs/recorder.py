@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from processor.faults import fault_point
+from processor.names import display_name
 from processor.outputs.layout import OutboxLayout
 from processor.outputs.receipt import (
     duplicate_message,
@@ -37,6 +38,7 @@ from processor.outputs.receipt import (
     write_receipt_document,
 )
 from processor.outputs.result import build_result, plain_json, write_json_atomic
+from processor.redact import redact_optional_url
 from processor.state import Arrival, State
 from processor.vocab import ArrivalState, ReceiptOutcome, StudyStatus, utcnow
 
@@ -98,6 +100,7 @@ class StudyRecorder:
         self.today = today
         self._reserved: dict[Path, tuple[int, str]] = {}  # JSON path → (arrival id, study UID), in flight
         self._reserve_lock = threading.Lock()
+        self.unplaced_failures = 0  # recorded ends the last replay could not place (an OS error)
 
     # ------------------------------------------------------------------ paths
     def json_path(self, arrival: Arrival, study_uid: str, taken: set[Path] | None = None) -> Path:
@@ -208,8 +211,8 @@ class StudyRecorder:
                 "arrival.input_missing arrival=%s name=%s: not at %s nor at %s",
                 arrival.id,
                 arrival.name,
-                arrival.current_path,
-                arrival.final_path,
+                display_name(arrival.current_path or ""),
+                display_name(arrival.final_path or ""),
             )
         self.state.mark_placed(arrival.id, str(where) if where is not None else None)
 
@@ -222,6 +225,7 @@ class StudyRecorder:
         ago (while the daemon runs, so an end being finished by another thread is left to it).
         """
         finished = []
+        failures = 0
         before = None
         if settle_seconds is not None:
             before = (datetime.now(UTC) - timedelta(seconds=settle_seconds)).isoformat(timespec="seconds")
@@ -244,8 +248,10 @@ class StudyRecorder:
                 self._place(arrival, document)
                 finished.append(arrival.id)
                 log.warning("arrival.replayed arrival=%s state=%s", arrival.id, arrival.state)
-            except OSError:  # the next start tries again; the daemon goes on
+            except OSError:  # tried again on an idle pass and at the next start; the daemon goes on
+                failures += 1
                 log.exception("arrival.replay_failed arrival=%s", arrival.id)
+        self.unplaced_failures = failures
         return finished
 
     def _receipt_for(self, arrival: Arrival) -> dict[str, Any]:
@@ -327,6 +333,6 @@ def _source(arrival: Arrival) -> dict[str, Any]:
         "size": arrival.size,
         "arrival_id": arrival.id,
         "source_name": arrival.source_name,
-        "url": arrival.source_url,
+        "url": redact_optional_url(arrival.source_url),
         "received_at": arrival.created_at,
     }

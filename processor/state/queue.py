@@ -125,6 +125,16 @@ class Queue(Database):
             )
         }
 
+    def path_rows(self) -> list[dict[str, object]]:
+        """``id, name, original_path, current_path, final_path`` of every arrival (paths as text)."""
+        columns = ("original_path", "current_path", "final_path")
+        return [
+            {**dict(row), **{c: os.fsdecode(row[c]) if row[c] else None for c in columns}}
+            for row in self.db.query(
+                "select id, name, original_path, current_path, final_path from arrivals order by id"
+            )
+        ]
+
     # ------------------------------------------------------------------ claiming
     def claim(self, arrival_id: int) -> Arrival | None:
         """Take one pending (or prepared) arrival for processing: ``running``, one attempt charged."""

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 import sqlite_utils
+
+from processor.redact import redact_url, reduce_source_error
 
 
 def _m1_initial(db: sqlite_utils.Database) -> None:
@@ -183,6 +186,35 @@ def _m7_recorder(db: sqlite_utils.Database) -> None:
     db.table("arrivals").create_index(["placed"])
 
 
+def _m8_redact_sources(db: sqlite_utils.Database) -> None:
+    """Issue 15: no outside text from URL sources is kept. Rows an older ctwatch wrote verbatim are
+    reduced: source URLs lose credentials, query and fragment (``sources.url``,
+    ``arrivals.source_url``, ``source.url`` in ``studies.result_json``), and ``sources.last_error``
+    becomes its category and status code (:mod:`processor.redact`)."""
+    for row in list(db.query("select name, url, last_error from sources")):
+        db.execute(
+            "update sources set url = ?, last_error = ? where name = ?",
+            [
+                None if row["url"] is None else redact_url(row["url"]),
+                reduce_source_error(row["last_error"]),
+                row["name"],
+            ],
+        )
+    for row in list(db.query("select id, source_url from arrivals where source_url is not null")):
+        db.execute(
+            "update arrivals set source_url = ? where id = ?", [redact_url(row["source_url"]), row["id"]]
+        )
+    for row in list(db.query("""select id, result_json from studies where result_json like '%"url"%'""")):
+        try:
+            document = json.loads(row["result_json"])
+            url = document["source"]["url"]
+        except (ValueError, TypeError, KeyError):
+            continue
+        if isinstance(url, str) and redact_url(url) != url:
+            document["source"]["url"] = redact_url(url)
+            db.execute("update studies set result_json = ? where id = ?", [json.dumps(document), row["id"]])
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("0001_initial", _m1_initial),
     ("0003_sources", _m3_sources),
@@ -190,4 +222,5 @@ MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("0005_features", _m5_features),
     ("0006_name_bytes", _m6_name_bytes),
     ("0007_recorder", _m7_recorder),
+    ("0008_redact_sources", _m8_redact_sources),
 ]

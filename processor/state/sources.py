@@ -1,9 +1,17 @@
-"""URL sources: poll bookkeeping, HTTP validators, and the DICOMweb study versions already fetched."""
+"""URL sources: poll bookkeeping, HTTP validators, and the DICOMweb study versions already fetched.
+
+No outside text is kept or handed out here: a URL is stored and read back through
+:func:`~processor.redact.redact_url` (no credentials, query or fragment) and an error through
+:func:`~processor.redact.reduce_source_error` (ctwatch's category words only) — on write, and again on
+read for a row an older ctwatch wrote (migration ``0008_redact_sources`` cleans those too). The ETag
+is the one exception: an opaque validator sent back to the same server, never read for display.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from processor.redact import redact_optional_url, redact_url, reduce_source_error
 from processor.state.db import Database
 
 
@@ -14,7 +22,7 @@ class Sources(Database):
             self.db.execute(
                 "insert into sources (name, kind, url) values (?, ?, ?) on conflict(name) "
                 "do update set kind = excluded.kind, url = excluded.url",
-                [name, kind, url],
+                [name, kind, redact_url(url)],
             )
             self.db.execute(
                 "update sources set polls = polls + 1, last_poll_at = ? where name = ?", [at, name]
@@ -31,7 +39,7 @@ class Sources(Database):
         self.db.execute(
             "update sources set failures = failures + 1, arrivals = arrivals + ?, "
             "last_error = ?, last_error_at = ?, last_detail = ? where name = ?",
-            [arrivals, error, at, "error", name],
+            [arrivals, reduce_source_error(error), at, "error", name],
         )
 
     def source_validators(self, name: str) -> dict[str, str | None]:
@@ -77,9 +85,13 @@ class Sources(Database):
         """Per-source poll bookkeeping for ``status`` and the status endpoint (holds no credentials)."""
         if not self.db.table("sources").exists():  # a read-only connection to a database not yet migrated
             return []
-        return list(
+        rows = list(
             self.db.query(
                 "select name, kind, url, polls, successes, failures, arrivals, last_poll_at, last_success_at, "
                 "last_error, last_error_at, last_detail from sources order by name"
             )
         )
+        for row in rows:  # defence in depth: a row written before URLs and errors were redacted
+            row["url"] = redact_optional_url(row["url"])
+            row["last_error"] = reduce_source_error(row["last_error"])
+        return rows
