@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -27,13 +26,12 @@ from processor.daemon import Daemon, build
 from processor.intake.orphans import adopt_orphans
 from processor.state import State
 from processor.status import Probes, health
-from tests.conftest import REPO, Project, _env, wait_for
+from tests.conftest import Project, wait_for
 from tests.dicomgen import make_series, write_zip
 from tests.test_spine_e2e import _stop, db_rows, states
+from tests.test_unreadable_inputs import start_daemon
 
 IS_ROOT = os.geteuid() == 0
-# Without these, root obeys file modes like any account (a read-only folder is read-only to it).
-NO_OVERRIDE = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", "--"]
 
 DELAYED = [
     {"id": "series", "uses": "dicom.select_series"},
@@ -42,16 +40,8 @@ DELAYED = [
 
 
 def _start(project: Project, *, unprivileged: bool = False) -> subprocess.Popen[str]:
-    prefix = NO_OVERRIDE if unprivileged and IS_ROOT and shutil.which("setpriv") else []
-    with (project.root / "daemon.log").open("a") as log:
-        return subprocess.Popen(
-            [*prefix, sys.executable, str(REPO / "run.py"), "run", "--config", str(project.config)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            text=True,
-            cwd=project.root,
-            env=_env(),
-        )
+    """The daemon as a child process; ``unprivileged``: without root's override-everything powers."""
+    return start_daemon(project) if unprivileged else project.start()
 
 
 def _status_url(project: Project) -> str:

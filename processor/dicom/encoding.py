@@ -152,35 +152,47 @@ def _verified(buf: bytes | memoryview, pos: int) -> tuple[bool, bool] | None:
     return probe if probe is not None and _reads(buf, pos, *probe) else None
 
 
+ELEMENT_CUT = -1  # element_head's value length when a long-VR header runs past the bytes at hand
+
+
+def element_head(
+    buf: bytes | memoryview, pos: int, implicit: bool, little: bool
+) -> tuple[int, int, int, int] | None:
+    """``(group, element, value length, header length)`` of the data element at ``pos`` in this
+    encoding (PS3.5 §7.1: 8-byte headers, 12 for the long VRs), or None when an explicit VR is no VR.
+    The caller makes sure 8 bytes are there; a 12-byte header cut by the end of ``buf`` has the value
+    length :data:`ELEMENT_CUT`. A value length of 0xFFFFFFFF is undefined (a sequence)."""
+    order = "<" if little else ">"
+    group, element = struct.unpack_from(order + "HH", buf, pos)
+    if implicit:
+        return group, element, struct.unpack_from(order + "L", buf, pos + 4)[0], 8
+    vr = bytes(buf[pos + 4 : pos + 6])
+    if vr not in VRS:
+        return None
+    if vr in _LONG_VRS:
+        if pos + 12 > len(buf):
+            return group, element, ELEMENT_CUT, 12
+        return group, element, struct.unpack_from(order + "L", buf, pos + 8)[0], 12
+    return group, element, struct.unpack_from(order + "H", buf, pos + 6)[0], 8
+
+
 def _reads(buf: bytes | memoryview, pos: int, implicit: bool, little: bool) -> bool:
     """Whether the first elements at ``pos`` step as a data set in this encoding: up to :data:`_VERIFY`
     elements, each with a tag outside the item group, a VR (when explicit), and a value that ends
     inside ``buf``. Bytes that end after at least one whole element (a prefix) count as read."""
     end = len(buf)
-    tag_format = "<HH" if little else ">HH"
-    long_format = "<L" if little else ">L"
-    short_format = "<H" if little else ">H"
     for n in range(_VERIFY):
         if pos + 8 > end:
             return n > 0 or pos == end
-        group = struct.unpack_from(tag_format, buf, pos)[0]
-        if group == 0xFFFE:
+        head = element_head(buf, pos, implicit, little)
+        if head is None or head[0] == 0xFFFE:
             return False
-        if implicit:
-            length, pos = struct.unpack_from(long_format, buf, pos + 4)[0], pos + 8
-        else:
-            vr = bytes(buf[pos + 4 : pos + 6])
-            if vr not in VRS:
-                return False
-            if vr in _LONG_VRS:
-                if pos + 12 > end:
-                    return n > 0
-                length, pos = struct.unpack_from(long_format, buf, pos + 8)[0], pos + 12
-            else:
-                length, pos = struct.unpack_from(short_format, buf, pos + 6)[0], pos + 8
+        length = head[2]
+        if length == ELEMENT_CUT:
+            return n > 0
         if length == 0xFFFFFFFF:
             return True  # a sequence (or encapsulated pixels): not stepped over here
-        pos += length
+        pos += head[3] + length
         if pos > end:
             return n > 0
     return True

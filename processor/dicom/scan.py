@@ -36,7 +36,15 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from processor.bytesource import Buffer, Member
-from processor.dicom.encoding import VRS, Encoding, Unreadable, correction, plain_cause, read_file
+from processor.dicom.encoding import (
+    ELEMENT_CUT,
+    Encoding,
+    Unreadable,
+    correction,
+    element_head,
+    plain_cause,
+    read_file,
+)
 from processor.dicom.fastheader import Declined, Facts, Truncated, facts_from_dataset, facts_of, walk
 from processor.errors import StepError
 
@@ -52,9 +60,6 @@ PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
 _FIRST_GROUPS = frozenset({0x0000, 0x0002, 0x0004, 0x0008})
 _START_ELEMENTS = 4  # elements stepped over by looks_like_dicom
 _INFLATE_PROBE = 1024  # bytes of a bare deflated data set inflated by looks_like_dicom
-_LONG_VRS = frozenset(
-    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
-)
 # (implicit, little) tried by looks_like_dicom: Explicit VR LE, Implicit VR LE, Explicit VR BE
 _ENCODINGS = ((False, True), (True, True), (False, False))
 _PARSE_ERRORS = (
@@ -249,32 +254,22 @@ def _steps(buf: Buffer, implicit: bool, little: bool) -> bool:
     """Whether the first :data:`_START_ELEMENTS` elements of ``buf`` step in this encoding. A value
     longer than ``buf`` (a prefix), a sequence of undefined length or the end of a file meta group
     ends the walk: what was read decides."""
-    order = "<" if little else ">"
-    tag_of, short, long = struct.Struct(order + "HH"), struct.Struct(order + "H"), struct.Struct(order + "L")
     end, pos, last = len(buf), 0, -1
     for n in range(_START_ELEMENTS):
         if pos + 8 > end:
             return n > 0
-        group, element = tag_of.unpack_from(buf, pos)
+        group, element = struct.unpack_from("<HH" if little else ">HH", buf, pos)
         if n > 0 and last >> 16 == 0x0002 and group != 0x0002:
             return True  # past a file meta group: the data set may have another encoding
         tag = group << 16 | element
         if tag <= last or group == 0xFFFE or (n == 0 and group not in _FIRST_GROUPS):
             return False
-        if implicit:
-            length, header = long.unpack_from(buf, pos + 4)[0], 8
-        else:
-            vr = bytes(buf[pos + 4 : pos + 6])
-            if vr not in VRS:
-                return False
-            if vr in _LONG_VRS:
-                if pos + 12 > end:
-                    return True
-                length, header = long.unpack_from(buf, pos + 8)[0], 12
-            else:
-                length, header = short.unpack_from(buf, pos + 6)[0], 8
-        if length == 0xFFFFFFFF:
-            return True
+        head = element_head(buf, pos, implicit, little)
+        if head is None:
+            return False
+        length, header = head[2], head[3]
+        if length in (ELEMENT_CUT, 0xFFFFFFFF):
+            return True  # a header cut by the prefix's end, or a sequence: what was read decides
         pos, last = pos + header + length, tag
     return True
 
