@@ -323,8 +323,9 @@ def load_settings(path: str | Path, overrides: dict[str, Any] | None = None) -> 
 def check_layout(settings: Settings) -> None:
     """Refuse folders that overlap in ways that make the daemon eat its own output.
 
-    An inbox is scanned for arrivals: anything ctwatch writes (outbox, reports, state database,
-    weights) must not lie inside one, and no inbox may lie inside the outbox. Night folders may lie
+    An inbox is scanned for arrivals: anything ctwatch writes or reads as its own (outbox, reports,
+    state database, weights, the pipeline and config files) must not lie inside one; no inbox may
+    lie inside the outbox, inside another day inbox or inside a night folder. Night folders may lie
     inside a day inbox (the default ``inbox/night``): the watcher keeps them apart. Raises a
     :class:`ConfigError` naming every overlap and its fix.
     """
@@ -335,14 +336,33 @@ def check_layout(settings: Settings) -> None:
         ("reports.dir", settings.reports.dir),
         ("state", settings.state),
         ("weights", settings.weights),
+        ("pipeline", settings.pipeline),
     ]
+    if settings.config_file is not None:
+        written.append(("the config file", settings.config_file))
     problems = []
+    days = settings.inbox.dirs
+    for i, day in enumerate(days):  # an inbox inside another would be taken in by the outer one
+        for j, other in enumerate(days):
+            if i != j and _within(day, other):
+                problems.append(
+                    f"  - inbox.dirs ({day}) lies inside another inbox folder ({other}): the outer one would "
+                    "take the inner folder in as one arrival. Fix: list only the outer one, or give each "
+                    "its own folder."
+                )
+        for night in settings.inbox.night_dirs:
+            if _within(day, night):
+                problems.append(
+                    f"  - inbox.dirs ({day}) lies inside inbox.night_dirs ({night}): the night folder would "
+                    "take it in. Fix: put night folders inside the day inbox (the default inbox/night), "
+                    "never the other way round."
+                )
     for inbox_key, inbox in inboxes:
         for key, target in written:
             if _within(target, inbox):
                 problems.append(
                     f"  - {key} ({target}) lies inside {inbox_key} ({inbox}): ctwatch would take its own "
-                    f"files for arrivals. Fix: put {key} outside every inbox folder."
+                    f"files for arrivals. Fix: put it outside every inbox folder."
                 )
         if _within(inbox, settings.outbox):
             problems.append(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -234,6 +235,7 @@ class Daemon:
             pipeline_version=self.c.pipeline.version,
             inbox_dirs=s.inbox.dirs,
             outbox=s.outbox,
+            should_stop=self.stop_requested.is_set,
         )
 
     def _on_source_arrival(self, arrival_id: int) -> None:
@@ -307,6 +309,12 @@ class Daemon:
         faults = []
         if self.state_file.lost is not None:
             faults.append(self.state_file.lost)
+        deferred = list(self.watcher.deferred.copy().values())
+        if deferred:
+            faults.append(
+                f"intake paused for {len(deferred)} input(s): {deferred[0].split(';')[0]}; they stay in "
+                "the inbox and are tried again"
+            )
         paused = self.worker.paused_reason()
         if paused is not None:
             faults.append(paused)
@@ -448,6 +456,7 @@ class Daemon:
 
 
 RESCAN_SECONDS = 60.0
+WRITE_PROBE_SECONDS = 5.0  # how often the disk guard checks that its folders can be written
 IDLE_REPLAY_SECONDS = 10.0
 INTAKE_STALE_SCANS = 6  # /health turns 503 when no scan finished for this many intervals…
 INTAKE_STALE_MIN_SECONDS = 60.0  # …and at least this long (hashing a large ZIP holds a scan)
@@ -497,8 +506,9 @@ class StateFileGuard:
             return
         what = "deleted" if now is None else "replaced by another file"
         self.lost = (
-            f"the state database {self.path} was {what} while ctwatch ran: nothing new is claimed or "
-            "taken in. Restart ctwatch (inputs waiting in the work folder are registered again at start)"
+            f"the state database (the `state` setting) was {what} while ctwatch ran: nothing new is "
+            "claimed or taken in. Restart ctwatch (inputs waiting in the work folder are registered "
+            "again at start)"
         )
         log.error("state.lost path=%s: %s", self.path, what)
 
@@ -519,7 +529,8 @@ def guarded_volumes(settings: Settings) -> list[tuple[str, Path]]:
 
 
 class DiskGuard:
-    """Stops new claims while free space on a guarded volume is below ``min_free_gb``.
+    """Stops new claims while free space on a guarded volume is below ``min_free_gb``, or while the
+    outbox cannot be written (a read-only share, a lost permission) or a folder cannot be checked.
 
     Arrivals keep being registered and wait safely in the inbox; claims resume when space returns.
     ``min_free_gb`` may be changed at run time (tests use a tiny and a huge threshold).
@@ -530,25 +541,58 @@ class DiskGuard:
         self.min_free_gb = min_free_gb
         self._low: str | None = None
         self._lock = threading.Lock()
+        self._probed_until = 0.0
+        self._unwritable_now: list[str] = []
 
     def report(self) -> dict:
-        free = [(name, int(disk_free_gb(path) * 1e9)) for name, path in self.volumes]
+        free: list[tuple[str, int]] = []
+        problems = []
+        for name, path in self.volumes:
+            try:
+                free.append((name, int(disk_free_gb(path) * 1e9)))
+            except OSError as exc:  # e.g. a parent folder lost its search permission
+                problems.append(f"the {name} folder cannot be checked ({_os_words(exc)})")
         low = [(name, n) for name, n in free if n < self.min_free_gb * 1e9]
-        reason = None
         if low:
-            reason = (
+            problems.append(
                 "low disk space: "
                 + ", ".join(f"{n / 1e9:.1f} GB free on the {name} volume" for name, n in low)
-                + f", below disk.min_free_gb = {self.min_free_gb:g}; new arrivals wait in the inbox "
-                "until space is freed"
+                + f", below disk.min_free_gb = {self.min_free_gb:g}"
             )
+        problems += self._unwritable()
+        reason = None
+        if problems:
+            reason = "; ".join(problems) + "; new arrivals wait in the inbox until this is fixed"
         self._note(reason)
         return {
-            "ok": not low,
+            "ok": not problems,
             "reason": reason,
             "min_free_gb": self.min_free_gb,
             "volumes": [{"volume": name, "free_bytes": n} for name, n in free],
         }
+
+    def _unwritable(self) -> list[str]:
+        """The guarded folders ctwatch cannot create a file in (read-only share, lost permission),
+        looked at every ``WRITE_PROBE_SECONDS``: a study is never started only to fail writing its
+        previews or results."""
+        now = time.monotonic()
+        with self._lock:
+            if now < self._probed_until:
+                return list(self._unwritable_now)
+            self._probed_until = now + WRITE_PROBE_SECONDS
+        found = []
+        for name, path in self.volumes:
+            if name != "outbox" or not path.is_dir():
+                continue  # the inboxes' own folders are the intake's; a missing outbox is created
+            try:
+                fd, probe = tempfile.mkstemp(prefix=".ctwatch-probe.", suffix=".tmp", dir=path)
+                os.close(fd)
+                os.unlink(probe)
+            except OSError as exc:
+                found.append(f"the {name} folder cannot be written ({_os_words(exc)})")
+        with self._lock:
+            self._unwritable_now = found
+        return found
 
     def ok(self) -> bool:
         return bool(self.report()["ok"])
@@ -575,6 +619,11 @@ def ctwatch_version() -> str:
             return str(tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]["version"])
         except (OSError, KeyError, tomllib.TOMLDecodeError):
             return "unknown"
+
+
+def _os_words(exc: OSError) -> str:
+    """An OS error in plain words, without the path."""
+    return (exc.strerror or type(exc).__name__).lower()
 
 
 def disk_free_gb(path: Path) -> float:

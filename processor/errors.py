@@ -10,7 +10,9 @@
      │    ├── ResourceExhaustedError  out of memory even at batch 1: that step fails, study is Partial
      │    └── WithheldError  the input lacks what the step's output needs (e.g. pixel spacing for mm):
      │                       the step is skipped with the reason, study is Partial
-     └── TransientError   may succeed later (network, locked file): retry with backoff
+     ├── TransientError   may succeed later (network, locked file): retry with backoff
+     └── Deferred         an input cannot be taken in now for a reason not its own (the database busy,
+                          the daemon stopping): it stays where it is and is tried again
 
 Chain with ``raise ... from exc``; log a traceback once, where the error is handled.
 """
@@ -49,3 +51,8 @@ class WithheldError(StepError):
 
 class TransientError(CtwatchError):
     """A failure that may pass; the caller retries with backoff."""
+
+
+class Deferred(CtwatchError):
+    """An input cannot be taken in now for a reason that is not its own (the state database locked or
+    full, the daemon stopping): it is left where it is, untouched, and tried again later."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import sqlite3
 import threading
 import time
 from collections import Counter
@@ -160,6 +161,8 @@ class LocalExecutor:
                     break
                 except IngestError as exc:
                     prepared.rejected[arrival.id] = (str(exc), ArrivalState.QUARANTINED)
+                except sqlite3.Error:  # the database, not the input: the worker sends the batch back
+                    raise
                 except Exception as exc:  # a bug must not kill the worker; the arrival is kept, marked failed
                     log.exception("arrival.crashed arrival=%s", arrival.id)
                     prepared.rejected[arrival.id] = (
@@ -169,6 +172,8 @@ class LocalExecutor:
             try:
                 if not prepared.stopped:
                     self._start_studies(prepared, should_stop)
+            except sqlite3.Error:  # the database, not the input: the worker sends the batch back
+                raise
             except Exception as exc:  # noqa: BLE001 — recorded and applied to the batch in complete()
                 log.exception("batch.crashed arrivals=%s", [item.arrival.id for item in prepared.opened])
                 prepared.crash = f"internal error: {type(exc).__name__}: {exc}"

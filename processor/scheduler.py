@@ -179,26 +179,54 @@ class Scheduler:
         rescan_seconds: float = 60.0,
         retention_at: time = time(0, 30),
     ) -> None:
+        # APScheduler logs every job addition and run at INFO; our own schedule.* lines say enough.
+        logging.getLogger("apscheduler").setLevel(logging.WARNING)
+        jobs: list[tuple[Job, str, str, dict[str, Any]]] = [
+            (on_rollover, "report-rollover", "cron", {"hour": 0, "minute": 0}),
+            (
+                on_night_start,
+                "night-window-start",
+                "cron",
+                {"hour": window.start.hour, "minute": window.start.minute},
+            ),
+            (on_rescan, "rescan", "interval", {"seconds": rescan_seconds}),
+        ]
+        if on_retention is not None:
+            jobs.append(
+                (
+                    on_retention,
+                    "retention",
+                    "cron",
+                    {"hour": retention_at.hour, "minute": retention_at.minute},
+                )
+            )
+        self._jobs = jobs
+        self._scheduler = self._build()
+        self._started = False
+
+    def _build(self) -> Any:
         from apscheduler.executors.pool import ThreadPoolExecutor
         from apscheduler.schedulers.background import BackgroundScheduler
 
-        self._scheduler = BackgroundScheduler(
+        scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(1)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 600},
         )
-        # APScheduler logs every job addition and run at INFO; our own schedule.* lines say enough.
-        logging.getLogger("apscheduler").setLevel(logging.WARNING)
-
-        def add(job: Job, job_id: str, trigger: str, **when: Any) -> None:
-            self._scheduler.add_job(_run(job, job_id), trigger, id=job_id, name=job_id, **when)
-
-        add(on_rollover, "report-rollover", "cron", hour=0, minute=0)
-        add(on_night_start, "night-window-start", "cron", hour=window.start.hour, minute=window.start.minute)
-        add(on_rescan, "rescan", "interval", seconds=rescan_seconds)
-        if on_retention is not None:
-            add(on_retention, "retention", "cron", hour=retention_at.hour, minute=retention_at.minute)
+        for job, job_id, trigger, when in self._jobs:
+            scheduler.add_job(_run(job, job_id), trigger, id=job_id, name=job_id, **when)
+        return scheduler
 
     def start(self) -> None:
+        """Start the jobs. Called again by the supervisor when APScheduler's thread died: that
+        scheduler is put away and a fresh one with the same jobs is started."""
+        if self._started:  # APScheduler cannot start a scheduler twice: a fresh one, same jobs
+            if self._scheduler.running:
+                try:
+                    self._scheduler.shutdown(wait=False)
+                except Exception:  # noqa: BLE001 — it is replaced whatever state it was left in
+                    log.warning("schedule.shutdown_failed: replaced by a fresh scheduler", exc_info=True)
+            self._scheduler = self._build()
+        self._started = True
         self._scheduler.start()
 
     def shutdown(self) -> None:
@@ -213,7 +241,9 @@ class Scheduler:
         """Nothing more to wait for: :meth:`stop` already waited."""
 
     def is_alive(self) -> bool:
-        return bool(self._scheduler.running)
+        """Running, and its thread alive (a dead thread leaves APScheduler's flag set)."""
+        thread = getattr(self._scheduler, "_thread", None)
+        return bool(self._scheduler.running) and thread is not None and thread.is_alive()
 
     def run_now(self, job_id: str) -> None:
         """Fire a job at once (it still runs on the scheduler's thread and receives the real time)."""

@@ -24,13 +24,14 @@ from datetime import UTC, datetime
 from datetime import time as dtime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from processor.redact import redact_optional_url, reduce_source_error
 from processor.state import State
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 REQUEST_TIMEOUT = 5.0
 RECENT_ARRIVALS = 20
@@ -62,20 +63,30 @@ class Probes:
 def health(probes: Probes, state: State | None) -> tuple[int, dict[str, Any]]:
     """200 ``{"status": "healthy"}`` (as the CT-CLIP Inference API), else 503 with the reasons.
 
-    ``state`` None: the database could not even be opened (deleted, unreadable)."""
-    reasons = []
-    if probes.stopping():
+    ``state`` None: the database could not even be opened (deleted, unreadable). A probe that
+    raises is itself a reason, never a failed answer."""
+    reasons: list[str] = []
+
+    def ask(what: str, probe: Callable[[], T], fallback: T) -> T:
+        try:
+            return probe()
+        except Exception as exc:  # noqa: BLE001 — the answer says so; the endpoint always answers
+            log.warning("status.probe_failed probe=%s", what, exc_info=True)
+            reasons.append(f"the {what} check failed ({type(exc).__name__}); see state/ctwatch.log")
+            return fallback
+
+    if ask("shutdown", probes.stopping, False):
         reasons.append("the daemon is shutting down")
-    threads = probes.threads()
+    threads: list[dict[str, Any]] = ask("thread", probes.threads, [])
     for thread in threads:
         if not thread["alive"]:
             reasons.append(
                 f"the {thread['thread']} thread has stopped (restarted {thread['restarts']} time(s) so far; "
                 "it is started again automatically); see state/ctwatch.log"
             )
-    if not threads and not probes.worker_alive():
+    if not threads and not ask("worker", probes.worker_alive, False):
         reasons.append("the worker thread is not running; see state/ctwatch.log and restart ctwatch")
-    intake = probes.intake()
+    intake: dict[str, Any] = ask("intake", probes.intake, {})
     quiet, stale_after = intake.get("seconds_since_scan"), intake.get("stale_after_seconds")
     if quiet is not None and stale_after is not None and quiet > stale_after:
         reasons.append(
@@ -83,14 +94,15 @@ def health(probes: Probes, state: State | None) -> tuple[int, dict[str, Any]]:
             f"{intake.get('scan_interval_seconds', 0):g} s); new files are not being taken in — "
             "see state/ctwatch.log"
         )
-    reasons.extend(probes.faults())
+    faults: list[str] = ask("fault", probes.faults, [])
+    reasons.extend(faults)
     try:
         if state is None:
             raise sqlite3.OperationalError("unable to open database file")
         state.ping()
     except Exception as exc:  # any database failure is the answer here, not a crash
         reasons.append(f"the database does not answer: {type(exc).__name__}: {exc}")
-    disk = probes.disk()
+    disk: dict[str, Any] = ask("disk", probes.disk, {"ok": True})
     if not disk.get("ok", True):
         reasons.append(str(disk.get("reason") or "low disk space"))
     if reasons:

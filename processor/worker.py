@@ -226,7 +226,7 @@ class Worker:
                     break
                 batch.append(more)
             return batch
-        except sqlite3.Error:  # e.g. the disk filled up under SQLite; wait and try again
+        except WORLD_ERRORS:  # e.g. the database locked, the disk full; wait and try again
             log.exception("worker.claim_failed db=%s", self.state.path)
             return []
 
@@ -257,7 +257,11 @@ class Worker:
             return
         except Exception as exc:  # noqa: BLE001 — a bug while finishing: this batch fails, we go on
             log.exception("worker.finish_crashed arrivals=%s", [a.id for a in batch])
-            outcomes = self._fail_unrecorded(batch, f"internal error: {type(exc).__name__}: {exc}")
+            try:
+                outcomes = self._fail_unrecorded(batch, f"internal error: {type(exc).__name__}: {exc}")
+            except WORLD_ERRORS as world:  # and then the outbox or the database failed too
+                self._faulted(batch, world)
+                return
         finally:
             self.current = self.current_since = None
         self._held.difference_update(a.id for a in batch)

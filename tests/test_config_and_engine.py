@@ -64,6 +64,9 @@ def test_bad_config_exits_2(project: Project) -> None:
         ({"reports": {"dir": "inbox"}}, "reports.dir"),
         ({"inbox": {"dirs": ["outbox/drop"], "night_dirs": []}}, "inbox.dirs"),
         ({"inbox": {"dirs": ["inbox"], "night_dirs": ["outbox"]}}, "inbox.night_dirs"),
+        ({"inbox": {"dirs": ["inbox", "inbox/sub"], "night_dirs": []}}, "inbox.dirs"),
+        ({"inbox": {"dirs": ["night/day"], "night_dirs": ["night"]}}, "inbox.dirs"),
+        ({"pipeline": "inbox/pipeline.yaml"}, "pipeline"),
     ],
 )
 def test_folders_that_overlap_an_inbox_are_refused_with_the_fix(

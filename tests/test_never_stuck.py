@@ -73,21 +73,31 @@ def _no_thread_died(project: Project) -> None:
 
 
 # ---------------------------------------------------------------------------------------- outbox
-def test_a_read_only_outbox_pauses_the_finish_and_it_completes_when_writable_again(project: Project) -> None:
+def test_a_read_only_outbox_holds_claims_and_the_study_runs_when_writable_again(project: Project) -> None:
     if not IS_ROOT:
         pytest.skip("needs root to drop the capabilities that override file modes")
+    project.write_pipeline(  # a step that writes previews into the outbox before the recorder
+        [
+            {"id": "series", "uses": "dicom.select_series"},
+            {"id": "volume", "uses": "ct.volume"},
+            {"id": "slices", "uses": "render.key_slices", "with": {"count": 1, "windows": ["lung"]}},
+        ]
+    )
     project.outbox.mkdir(parents=True)
     daemon = _start(project, unprivileged=True)
     try:
         url = _status_url(project)
         project.outbox.chmod(0o555)  # the share went read-only under the daemon
+        wait_for(lambda: _unhealthy_with(url, "outbox folder cannot be written"), 60, "/health to say why")
         write_zip(project.inbox / "study.zip", make_series(20))
-        wait_for(lambda: _unhealthy_with(url, "could not be written out"), 60, "/health to say why")
-        assert db_rows(project, "select state, placed from arrivals") == [("done", 0)]
+        wait_for(lambda: states(project) == [("pending",)], 30, "the study registered")
+        time.sleep(2)
+        assert states(project) == [("pending",)], "never started only to fail writing its previews"
         project.outbox.chmod(0o755)  # the cause goes away; nobody restarts the daemon
-        wait_for(lambda: db_rows(project, "select placed from arrivals") == [(1,)], 60, "the end placed")
+        wait_for(lambda: states(project) == [("done",)], 60, "the study done")
         wait_for(lambda: _health(url)[0] == 200, 30, "/health green again")
-        assert len(project.results()) == 1 and project.receipts()[0]["outcome"] == "accepted"
+        [result] = [json.loads(p.read_text()) for p in project.results()]
+        assert result["processing_status"] == "Success", result.get("error")
         assert db_rows(project, "select attempts, crashes from arrivals") == [(1, 0)]
     finally:
         project.outbox.chmod(0o755)
@@ -151,12 +161,16 @@ def test_the_database_write_locked_past_the_busy_timeout_sends_the_arrival_back_
             text=True,
         )
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        write_zip(project.inbox / "second.zip", make_series(20))  # dropped while the lock is held
         wait_for(lambda: "worker.finish_failed" in project.log_text(), 60, "the finish to fail")
         assert _unhealthy_with(url, "processing paused"), _health(url)
+        wait_for(lambda: _unhealthy_with(url, "intake paused"), 30, "/health to name the waiting drop")
+        assert (project.inbox / "second.zip").exists(), "left in the inbox, not quarantined"
         holder.wait(60)
-        wait_for(lambda: states(project) == [("done",)], 90, "the study done once the lock is gone")
-        assert db_rows(project, "select attempts, crashes from arrivals") == [(1, 0)], "never charged"
-        assert len(project.results()) == 1 and len(project.receipts()) == 1
+        wait_for(lambda: states(project) == [("done",), ("done",)], 120, "both done once the lock is gone")
+        assert db_rows(project, "select attempts, crashes from arrivals") == [(1, 0), (1, 0)], "never charged"
+        assert len(project.results()) == 2 and len(project.receipts()) == 2
+        assert not list((project.inbox / ".ctwatch").glob("quarantine/*"))
     finally:
         if holder is not None:
             holder.kill()
@@ -300,3 +314,36 @@ def test_the_status_thread_is_restarted_on_the_same_port(project: Project) -> No
     finally:
         daemon.stop()
         daemon.shutdown()
+
+
+def test_sigterm_while_large_inputs_are_hashed_exits_within_seconds_and_leaves_them(project: Project) -> None:
+    for i in range(3):  # sparse: quick to make, seconds to hash
+        with (project.inbox / f"big{i}.zip").open("wb") as fh:
+            fh.truncate(6 * 2**30)
+    daemon = _start(project)
+    try:
+        wait_for(lambda: "daemon.started" in project.log_text(), 60, "the daemon to start")
+        time.sleep(1.5)  # the watcher is hashing the first one now
+    finally:
+        started = time.monotonic()
+        assert _stop(daemon) == 0, project.log_text()[-3000:]
+        took = time.monotonic() - started
+    assert took < 20, f"SIGTERM took {took:.0f} s"
+    left = sorted(p.name for p in project.inbox.glob("big*.zip"))
+    assert len(left) >= 2, "the ones not taken in stay in the inbox for the next start"
+    assert "watch.handover_deferred" in project.log_text() or len(left) == 3
+
+
+def test_a_deleted_night_folder_is_made_again_and_intake_stays_healthy(project: Project) -> None:
+    daemon = _start(project)
+    try:
+        url = _status_url(project)
+        night = project.inbox / "night"
+        wait_for(night.is_dir, 30, "the night folder")
+        night.rmdir()  # an operator tidies up
+        wait_for(lambda: "watch.folder_recreated" in project.log_text(), 30, "the folder made again")
+        assert night.is_dir() and _health(url)[0] == 200
+        write_zip(night / "n.zip", make_series(20))
+        wait_for(lambda: len(states(project)) == 1, 30, "a night drop registered")
+    finally:
+        assert _stop(daemon) == 0, project.log_text()[-3000:]

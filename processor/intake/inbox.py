@@ -14,11 +14,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
+from processor.errors import Deferred
 from processor.names import display_name, escape_surrogates, raw_name
 
 log = logging.getLogger(__name__)
@@ -34,18 +35,19 @@ def is_temporary_name(name: str) -> bool:
     return name.startswith(".") or name.startswith("~$") or lower.endswith(TEMP_SUFFIXES)
 
 
-def sha256_of(path: Path) -> tuple[str, int]:
+def sha256_of(path: Path, should_stop: Callable[[], bool] | None = None) -> tuple[str, int]:
     """Content hash (hex) and size in bytes of a file, or of a folder (each file's relative name as
     raw bytes, a NUL, its bytes; in sorted order). ``OSError`` when something cannot be read —
-    ``PermissionError`` naming the part, for a file or sub-folder ctwatch may not read."""
+    ``PermissionError`` naming the part, for a file or sub-folder ctwatch may not read.
+    ``should_stop`` is asked at every MiB: :class:`~processor.errors.Deferred` once it says yes."""
     digest = hashlib.sha256()
     size = 0
     if path.is_dir():
         for child, _ in folder_files(path):
             digest.update(raw_name(child.relative_to(path).as_posix()) + b"\x00")
-            size += _feed(digest, child)
+            size += _feed(digest, child, should_stop)
     else:
-        size = _feed(digest, path)
+        size = _feed(digest, path, should_stop)
     return digest.hexdigest(), size
 
 
@@ -83,10 +85,12 @@ def folder_files(root: Path) -> Iterator[tuple[Path, os.stat_result]]:
         stack.extend(reversed(children))  # the first name next: a folder's files before its next sibling
 
 
-def _feed(digest: hashlib._Hash, path: Path) -> int:
+def _feed(digest: hashlib._Hash, path: Path, should_stop: Callable[[], bool] | None = None) -> int:
     size = 0
     with path.open("rb") as fh:
         while chunk := fh.read(1 << 20):
+            if should_stop is not None and should_stop():
+                raise Deferred("the daemon is stopping; the input is taken in at the next start")
             digest.update(chunk)
             size += len(chunk)
     return size

@@ -19,12 +19,12 @@ import logging
 import os
 import pwd
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
-from processor.errors import IngestError
+from processor.errors import Deferred, IngestError
 from processor.faults import fault_point
 from processor.intake.inbox import InboxLayout, free_path, move, sha256_of, work_name, write_error_note
 from processor.names import display_name, display_text, name_bytes_hex
@@ -78,7 +78,9 @@ class Intake:
         pipeline_version: int,
         inbox_dirs: Iterable[Path],
         outbox: Path,
+        should_stop: Callable[[], bool] | None = None,
     ) -> None:
+        self.should_stop = should_stop  # asked while hashing: Deferred once the daemon is stopping
         self.state = state
         self.pipeline_name = pipeline_name
         self.pipeline_version = pipeline_version
@@ -113,6 +115,15 @@ class Intake:
             if str(path) in self.state.active_paths():
                 return None
             return self._register(entry)
+        except Deferred:
+            raise
+        except sqlite3.OperationalError as exc:
+            if entry.arrival_id is None and entry.moved_to is None:  # nothing recorded, nothing moved
+                raise Deferred(
+                    f"the state database refused a write ({exc.sqlite_errorname or exc}); the input "
+                    "stays in the inbox and is taken in once it answers"
+                ) from exc
+            return self._not_taken_in(entry, exc)
         except Exception as exc:  # noqa: BLE001 — every failure ends as a rejected arrival, never a retry
             return self._not_taken_in(entry, exc)
 
@@ -132,7 +143,7 @@ class Intake:
         try:
             if not (path.is_file() or path.is_dir()):  # reading a FIFO would block for ever
                 raise IngestError("it is neither a file nor a folder (a pipe, socket or device)")
-            entry.sha256, entry.size = sha256_of(path)
+            entry.sha256, entry.size = sha256_of(path, self.should_stop)
         except PermissionError as exc:  # the whole input, or any file or sub-folder in it
             raise Unreadable(_cannot_read(entry, exc)) from exc
         layout = None if entry.in_place else self.layout_for(path)

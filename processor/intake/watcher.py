@@ -20,6 +20,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +29,17 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
+from processor.errors import Deferred
 from processor.intake.archive import is_zip_path, zip_central_directory_reads
 from processor.intake.inbox import CONTROL_DIR, folder_files, is_temporary_name
 from processor.names import display_name, display_text
 
 log = logging.getLogger(__name__)
+# watchdog's inotify emitter warns (on its own thread, to stderr) when a folder created during its
+# recursive walk is added twice; the watch is the same one, so nothing is lost.
+warnings.filterwarnings(
+    "ignore", message="Callback with id", category=RuntimeWarning, module="watchdog.observers.inotify"
+)
 
 Signature = tuple[int, int, float]
 
@@ -169,6 +176,7 @@ class InboxWatcher:
         self.errors = 0
         self.unlisted: dict[Path, str] = {}
         self._failing: dict[Path, str] = {}  # entries whose failure is logged already: what failed
+        self.deferred: dict[Path, str] = {}  # entries left for later, not by their fault: why
         self._pass_failure: str | None = None
 
     # ------------------------------------------------------------------ scanning
@@ -182,6 +190,9 @@ class InboxWatcher:
         unlisted: dict[Path, str] = {}
         for root, night in roots:
             try:
+                if not os.path.lexists(root):  # deleted while we run (an emptied night folder): again
+                    root.mkdir(parents=True, exist_ok=True)
+                    log.warning("watch.folder_recreated folder=%s", display_name(root))
                 entries = sorted(root.iterdir())
             except OSError as exc:
                 unlisted[root] = _why(exc)
@@ -207,6 +218,8 @@ class InboxWatcher:
         self.tracker.prune(present)
         for path in [p for p in self._failing if not os.path.lexists(p)]:
             del self._failing[path]
+        for path in [p for p in self.deferred if not os.path.lexists(p)]:
+            del self.deferred[path]
         if not self.unlisted:
             self.last_scan = time.time()
         return handed
@@ -227,7 +240,14 @@ class InboxWatcher:
             if os.path.lexists(path):  # not taken out of the inbox: leave it until it changes
                 self.tracker.set_aside(path, sig)
             self._failing.pop(path, None)
+            self.deferred.pop(path, None)
             return True
+        except Deferred as exc:  # not the entry's fault (the database busy, a stop): left as it is
+            if self.deferred.get(path) != str(exc):
+                log.warning("watch.handover_deferred path=%s: %s", display_name(path), exc)
+            self.deferred[path] = str(exc)
+            self.tracker.forget(path)  # looked at again once stable, like a new entry
+            return False
         except Exception as exc:  # noqa: BLE001 — one bad entry must not stop the watcher
             self._entry_failed(path, step, exc)
             if sig is not None:
