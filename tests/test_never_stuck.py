@@ -347,3 +347,19 @@ def test_a_deleted_night_folder_is_made_again_and_intake_stays_healthy(project: 
         wait_for(lambda: len(states(project)) == 1, 30, "a night drop registered")
     finally:
         assert _stop(daemon) == 0, project.log_text()[-3000:]
+
+
+def test_a_folder_copied_from_a_mac_becomes_stable_but_one_being_copied_by_rsync_waits(
+    tmp_path: Path,
+) -> None:
+    from processor.intake.watcher import signature
+
+    folder = tmp_path / "study"
+    folder.mkdir()
+    (folder / "1.dcm").write_bytes(b"x" * 10)
+    (folder / ".DS_Store").write_bytes(b"finder")
+    (folder / "._1.dcm").write_bytes(b"appledouble")
+    sig = signature(folder)
+    assert sig is not None and sig[0] == 3, "Finder's leftovers never make a folder wait for ever"
+    (folder / ".2.dcm.Xa81Bq").write_bytes(b"half")  # rsync's name while it copies 2.dcm
+    assert signature(folder) is None

@@ -29,8 +29,16 @@ TEMP_SUFFIXES = (".part", ".tmp", ".crdownload", ".partial", ".download", ".file
 CONTROL_DIR = ".ctwatch"
 
 
+# Dot-names that desktops leave for good beside copied files (Finder's folder settings and AppleDouble
+# resource forks): never temporary, or a folder copied from a Mac would never become stable.
+DESKTOP_LEFTOVERS = (".DS_Store", "._")
+
+
 def is_temporary_name(name: str) -> bool:
-    """Names that copy tools use while a file is still being written; they wait until renamed."""
+    """Names that copy tools use while a file is still being written (rsync's ``.name.XXXXXX``, a
+    browser's ``.crdownload``…); they wait until renamed. ``.DS_Store`` and ``._*`` are not."""
+    if name == DESKTOP_LEFTOVERS[0] or name.startswith(DESKTOP_LEFTOVERS[1]):
+        return False
     lower = name.lower()
     return name.startswith(".") or name.startswith("~$") or lower.endswith(TEMP_SUFFIXES)
 

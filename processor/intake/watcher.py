@@ -383,7 +383,7 @@ class InboxWatcher:
 
 def _is_candidate(entry: Path, night: bool, night_set: set[str]) -> bool:
     """Whether an inbox entry may become an arrival (``OSError`` when it cannot even be looked at)."""
-    if entry.name == CONTROL_DIR or is_temporary_name(entry.name):
+    if entry.name.startswith(".") or is_temporary_name(entry.name):  # hidden (.DS_Store…) or copying
         return False
     if not night and os.path.realpath(entry) in night_set:  # realpath: never raises on a link loop
         return False
