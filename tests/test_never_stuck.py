@@ -363,3 +363,25 @@ def test_a_folder_copied_from_a_mac_becomes_stable_but_one_being_copied_by_rsync
     assert sig is not None and sig[0] == 3, "Finder's leftovers never make a folder wait for ever"
     (folder / ".2.dcm.Xa81Bq").write_bytes(b"half")  # rsync's name while it copies 2.dcm
     assert signature(folder) is None
+
+
+def test_temp_files_a_kill_left_are_removed_at_start_also_in_a_reports_folder_outside_the_outbox(
+    tmp_path: Path,
+) -> None:
+    project = Project(tmp_path, reports={"dir": "workbooks"})
+    reports = tmp_path / "workbooks"
+    reports.mkdir()
+    workbook_temp = reports / ".ctwatch-2026-11-29.x1y2.tmp.xlsx"  # what Excel publishing leaves
+    workbook_temp.write_bytes(b"PK half")
+    json_temp = project.outbox / "2026-11-29" / ".1.2.3.json.ab12.tmp"
+    json_temp.parent.mkdir(parents=True)
+    json_temp.write_text("{half")
+    kept = reports / "notes.tmp.txt"  # not ours: left alone
+    kept.write_text("mine")
+    daemon = Daemon(build(load_settings(project.config)))
+    daemon.start()
+    try:
+        assert not workbook_temp.exists() and not json_temp.exists() and kept.exists()
+    finally:
+        daemon.stop()
+        daemon.shutdown()
