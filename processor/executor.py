@@ -201,7 +201,7 @@ class LocalExecutor:
                     "into smaller ZIPs, or raise limits.max_seconds_per_arrival if it is genuine"
                 )
 
-        contents = stack.enter_context(open_arrival(path, self.limits, check))
+        contents = stack.enter_context(open_arrival(path, self.limits, check, name=arrival.name))
         files.append(len(contents.members))
         check()
         with gc_paused():

@@ -385,3 +385,16 @@ def test_temp_files_a_kill_left_are_removed_at_start_also_in_a_reports_folder_ou
     finally:
         daemon.stop()
         daemon.shutdown()
+
+
+def test_reasons_name_the_input_as_dropped_not_as_it_lies_in_the_work_folder(project: Project) -> None:
+    (project.inbox / "empty.zip").write_bytes(b"")
+    (project.inbox / "login.zip").write_text("<!DOCTYPE html><html><body>Sign in</body></html>")
+    daemon = _start(project)
+    try:
+        wait_for(lambda: len(project.receipts()) == 2, 60, "both receipts")
+    finally:
+        assert _stop(daemon) == 0, project.log_text()[-3000:]
+    reasons = {r["name"]: r["message"] for r in project.receipts()}
+    assert reasons["empty.zip"].startswith("the file empty.zip is empty (0 bytes)"), reasons
+    assert reasons["login.zip"].startswith("the file login.zip is an HTML page"), reasons

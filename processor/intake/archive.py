@@ -436,10 +436,9 @@ def _opened_size(path: Path, what: str) -> int | None:
     return info.st_size if stat.S_ISREG(info.st_mode) else None
 
 
-def _read_folder(root: Path, budget: _Budget, contents: Contents) -> None:
+def _read_folder(root: Path, budget: _Budget, contents: Contents, label: str) -> None:
     """Every regular file under ``root``: a sub-folder that cannot be listed or a file that cannot
-    be opened refuses the arrival (never a study analysed without them)."""
-    label = display_name(root.name)
+    be opened refuses the arrival (never a study analysed without them). ``label``: its shown name."""
     files: list[Path] = []
     folders = [root]
     while folders:
@@ -526,18 +525,22 @@ def what_file_is(head: bytes) -> tuple[str, str]:
 
 
 @contextmanager
-def open_arrival(path: Path, limits: Limits, check: Callable[[], None] | None = None) -> Iterator[Contents]:
+def open_arrival(
+    path: Path, limits: Limits, check: Callable[[], None] | None = None, *, name: str | None = None
+) -> Iterator[Contents]:
     """Yield the members of a ZIP, a folder or a single file. The ZIP stays open inside the block.
 
     ``check`` runs at every chunk read until ``contents.budget.settle()`` (see :class:`ReadBudget`).
+    ``name``: what the user called the input (reasons name it; default the file's own name, which
+    in the work folder carries ctwatch's ``a<id>-`` prefix).
     """
     budget = _Budget(limits)
-    label = display_name(path.name)
+    label = display_name(name if name is not None else path.name)
     contents = Contents(budget=ReadBudget(limits.max_total_bytes, check))
     with ExitStack() as stack:
         if path.is_dir():
             contents.kind = ArrivalKind.FOLDER
-            _read_folder(path, budget, contents)
+            _read_folder(path, budget, contents, label)
         else:
             fh, head = _open_single(path, label)
             stack.enter_context(fh)
