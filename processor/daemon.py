@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from processor.config import Settings
-from processor.errors import ConfigError
+from processor.errors import ConfigError, Deferred
 from processor.executor import LocalExecutor
 from processor.instance import InstanceLock
 from processor.intake.archive import Limits
@@ -477,8 +477,9 @@ def remove_stale_temp_files(*folders: Path) -> list[Path]:
     return stale
 
 
-class StateLost(RuntimeError):
-    """The state database file was deleted or replaced under the running daemon."""
+class StateLost(Deferred):
+    """The state database file was deleted or replaced under the running daemon: a dropped file is
+    left in the inbox, for the restart."""
 
 
 class StateFileGuard:
