@@ -9,7 +9,7 @@ from pathlib import Path
 from processor.lifecycle import Supervisor
 from tests.conftest import Project, wait_for
 from tests.dicomgen import make_series, write_zip
-from tests.test_spine_e2e import _stop, db_rows, states
+from tests.test_spine_e2e import _stop, db_rows, start_with_a_running_study
 
 
 class _Part:
@@ -103,16 +103,8 @@ def test_supervisor_thread_is_named_and_stops(tmp_path: Path) -> None:
 
 
 def test_a_second_instance_on_the_same_state_is_refused_before_it_touches_anything(project: Project) -> None:
-    project.write_pipeline(
-        [
-            {"id": "series", "uses": "dicom.select_series"},
-            {"id": "hold", "uses": "util.delay", "with": {"seconds": 3}},
-        ]
-    )
-    write_zip(project.inbox / "study.zip", make_series(20))
-    first = project.start()
+    first = start_with_a_running_study(project, 3)
     try:
-        wait_for(lambda: states(project) == [("running",)], 60, "a running arrival")
         file_log = project.state_path.parent / "ctwatch.log"
         log_before = file_log.read_text()
         second = project.run("run", timeout=60)

@@ -25,6 +25,17 @@ def _crash_three_times(state: State, aid: int) -> None:
         state.recover_in_flight(max_crashes=3)
 
 
+def _crashed_into_quarantine(
+    project: Project, name: str, series: list | None = None
+) -> tuple[Components, int]:
+    """A ZIP taken in and then quarantined by crash recovery (:func:`_crash_three_times`)."""
+    components = _components(project)
+    aid = components.intake.accept(write_zip(project.inbox / name, series or make_series(20)))
+    assert aid is not None
+    _crash_three_times(components.state, aid)
+    return components, aid
+
+
 def _quarantine(project: Project) -> list[str]:
     return sorted(p.name for p in (project.inbox / ".ctwatch" / "quarantine").iterdir())
 
@@ -76,11 +87,8 @@ def test_an_end_recorded_but_not_placed_is_finished_by_the_replay(project: Proje
 
 
 def test_crash_quarantine_from_recovery_gets_its_place_note_and_receipt(project: Project) -> None:
-    components = _components(project)
-    aid = components.intake.accept(write_zip(project.inbox / "poison.zip", make_series(20)))
-    assert aid is not None
+    components, aid = _crashed_into_quarantine(project, "poison.zip")
     state = components.state
-    _crash_three_times(state, aid)
     assert components.recorder().replay() == [aid]
     quarantine = project.inbox / ".ctwatch" / "quarantine"
     assert sorted(p.name for p in quarantine.iterdir()) == ["poison.zip", "poison.zip.error.txt"]
@@ -112,11 +120,8 @@ def test_arrivals_of_one_study_in_flight_together_never_share_a_json(project: Pr
 
 
 def test_a_requeued_quarantined_input_that_now_succeeds_leaves_no_stale_note(project: Project) -> None:
-    components = _components(project)
-    aid = components.intake.accept(write_zip(project.inbox / "flaky.zip", make_series(20)))
-    assert aid is not None
+    components, aid = _crashed_into_quarantine(project, "flaky.zip")
     state = components.state
-    _crash_three_times(state, aid)
     components.recorder().replay()
     assert _quarantine(project) == ["flaky.zip", "flaky.zip.error.txt"]
     assert not state.arrival(aid).isolate
@@ -130,12 +135,9 @@ def test_a_requeued_quarantined_input_that_now_succeeds_leaves_no_stale_note(pro
 
 
 def test_a_quarantined_input_dropped_again_is_a_fresh_attempt_not_a_duplicate(project: Project) -> None:
-    components = _components(project)
     series = make_series(20)
-    aid = components.intake.accept(write_zip(project.inbox / "x.zip", series))
-    assert aid is not None
+    components, aid = _crashed_into_quarantine(project, "x.zip", series)
     state = components.state
-    _crash_three_times(state, aid)
     again = components.intake.accept(write_zip(project.inbox / "x.zip", series))
     assert again is not None and again != aid
     row = state.arrival(again)

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import sqlite3
+import subprocess
 import time
 from pathlib import Path
 
@@ -107,6 +108,25 @@ def test_pipeline_version_bump_reprocesses(project: Project, tmp_path: Path) -> 
 
 
 # ---------------------------------------------------------------- daemon
+def start_with_a_running_study(project: Project, hold_seconds: float) -> subprocess.Popen[str]:
+    """The daemon, once a dropped study is running (held ``hold_seconds`` by ``util.delay``)."""
+    project.write_pipeline(
+        [
+            {"id": "series", "uses": "dicom.select_series"},
+            {"id": "hold", "uses": "util.delay", "with": {"seconds": hold_seconds}},
+        ]
+    )
+    write_zip(project.inbox / "study.zip", make_series(20))
+    daemon = project.start()
+    try:
+        wait_for(lambda: states(project) == [("running",)], 60, "a running arrival")
+    except BaseException:
+        daemon.kill()
+        daemon.wait(timeout=30)
+        raise
+    return daemon
+
+
 def _stop(proc) -> int:
     proc.send_signal(signal.SIGTERM)
     return proc.wait(timeout=60)
@@ -166,19 +186,9 @@ def test_daemon_picks_up_files_present_at_start_and_folders(project: Project, tm
 
 
 def test_sigkill_during_study_then_restart(project: Project, tmp_path: Path) -> None:
-    project.write_pipeline(
-        [
-            {"id": "series", "uses": "dicom.select_series"},
-            {"id": "hold", "uses": "util.delay", "with": {"seconds": 4}},
-        ]
-    )
-    write_zip(project.inbox / "study.zip", make_series(20))
-    daemon = project.start()
-    try:
-        wait_for(lambda: states(project) == [("running",)], 60, "a running arrival")
-    finally:
-        daemon.kill()
-        daemon.wait(timeout=30)
+    daemon = start_with_a_running_study(project, 4)
+    daemon.kill()
+    daemon.wait(timeout=30)
     assert project.results() == []
     # What a write interrupted by the kill would leave: removed at the next start, never served.
     stale = project.outbox / "2000-01-01" / ".1.2.3.json.abcd.tmp"
