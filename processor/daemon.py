@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from processor.config import Settings
-from processor.errors import ConfigError, Deferred
+from processor.errors import ConfigError, Deferred, os_error_words
 from processor.executor import LocalExecutor
 from processor.instance import InstanceLock
 from processor.intake.archive import Limits
@@ -552,7 +552,7 @@ class DiskGuard:
             try:
                 free.append((name, int(disk_free_gb(path) * 1e9)))
             except OSError as exc:  # e.g. a parent folder lost its search permission
-                problems.append(f"the {name} folder cannot be checked ({_os_words(exc)})")
+                problems.append(f"the {name} folder cannot be checked ({os_error_words(exc)})")
         low = [(name, n) for name, n in free if n < self.min_free_gb * 1e9]
         if low:
             problems.append(
@@ -590,7 +590,7 @@ class DiskGuard:
                 os.close(fd)
                 os.unlink(probe)
             except OSError as exc:
-                found.append(f"the {name} folder cannot be written ({_os_words(exc)})")
+                found.append(f"the {name} folder cannot be written ({os_error_words(exc)})")
         with self._lock:
             self._unwritable_now = found
         return found
@@ -620,11 +620,6 @@ def ctwatch_version() -> str:
             return str(tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]["version"])
         except (OSError, KeyError, tomllib.TOMLDecodeError):
             return "unknown"
-
-
-def _os_words(exc: OSError) -> str:
-    """An OS error in plain words, without the path."""
-    return (exc.strerror or type(exc).__name__).lower()
 
 
 def disk_free_gb(path: Path) -> float:

@@ -56,3 +56,9 @@ class TransientError(CtwatchError):
 class Deferred(CtwatchError):
     """An input cannot be taken in now for a reason that is not its own (the state database locked or
     full, the daemon stopping): it is left where it is, untouched, and tried again later."""
+
+
+def os_error_words(exc: OSError) -> str:
+    """An OS error in plain words without its path or file name ("permission denied", "no space
+    left on device"), for texts that must carry nothing from outside."""
+    return (exc.strerror or type(exc).__name__).lower()

@@ -12,13 +12,13 @@ from __future__ import annotations
 import errno
 import functools
 import logging
-import os
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 
+from processor.errors import os_error_words
 from processor.executor import Executor, Handle
 from processor.faults import fault_point
 from processor.prefetch import Prefetcher
@@ -318,5 +318,5 @@ def fault_text(exc: BaseException) -> str:
         return f"the state database refused a write ({code})"
     if isinstance(exc, OSError) and exc.errno is not None:
         name = errno.errorcode.get(exc.errno, str(exc.errno))
-        return f"a file could not be written or moved ({os.strerror(exc.errno).lower()}, {name})"
+        return f"a file could not be written or moved ({os_error_words(exc)}, {name})"
     return f"a file could not be written or moved ({type(exc).__name__})"

@@ -16,6 +16,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from processor.errors import os_error_words
 from processor.intake.inbox import InboxLayout, is_temporary_name, sha256_of, work_name
 from processor.names import display_name
 from processor.state import State
@@ -79,7 +80,7 @@ def _adopt(state: State, inbox: Path, path: Path, pipeline_name: str, pipeline_v
     except OSError as exc:
         refused = (
             f"The input could not be taken in again after the state database was lost: it cannot be "
-            f"read ({(exc.strerror or type(exc).__name__).lower()}). Copy it into the inbox again once "
+            f"read ({os_error_words(exc)}). Copy it into the inbox again once "
             "the cause is fixed."
         )
     registered = state.register_arrival(
