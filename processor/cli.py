@@ -1,4 +1,4 @@
-"""Command line: ``run`` (the daemon, default), ``process``, ``status``, ``requeue``, ``check-config``, ``steps``, ``report``, ``weights``.
+"""Command line: ``run`` (the daemon, default), ``process``, ``status``, ``requeue``, ``check-config``, ``steps``, ``report``, ``weights``, ``export``.
 
 Exit codes: 0 fine, 1 some input was rejected or failed, 2 bad configuration or pipeline.
 """
@@ -70,6 +70,24 @@ def _parser() -> argparse.ArgumentParser:
         "weights", parents=[common], help="list the model files the pipeline needs and their status"
     )
     p.add_argument("--verify", action="store_true", help="also compare sha256 checksums (reads every file)")
+    p = sub.add_parser(
+        "export",
+        parents=[common],
+        help="write stored features, latents (with provenance) and labels-ready study keys for a notebook",
+    )
+    p.add_argument(
+        "--since", type=_date, required=True, metavar="YYYY-MM-DD", help="first day (studies processed since)"
+    )
+    p.add_argument(
+        "--until", type=_date, default=None, metavar="YYYY-MM-DD", help="last day, included (default: no end)"
+    )
+    p.add_argument("--to", type=Path, required=True, metavar="DIR", help="folder to write into (created)")
+    p.add_argument(
+        "--format",
+        choices=("npz", "parquet"),
+        default="npz",
+        help="npz: CSV tables + latents.npz (default); parquet: .parquet tables (needs pyarrow)",
+    )
     add_fit_parsers(sub, common)
     return parser
 
@@ -331,10 +349,12 @@ def cmd_check_config(settings: Settings, args: argparse.Namespace) -> int:
     from processor.pipeline.spec import load_pipeline
     from processor.pipeline.step import StepEnv
     from processor.steps import default_registry
+    from processor.weights import pinned_sha256
 
     check_sources(settings)
     device = resolve_device_name(settings.device)
-    pipeline = load_pipeline(settings.pipeline, default_registry(), StepEnv(settings.root, device))
+    env = StepEnv(settings.root, device, pinned_sha256=pinned_sha256(settings))
+    pipeline = load_pipeline(settings.pipeline, default_registry(), env)
     print(f"config {settings.config_file}: OK (root {settings.root}, device {device})")
     print(f"pipeline {pipeline.name} v{pipeline.version}: OK, {len(pipeline.steps)} steps")
     return EXIT_OK
@@ -399,6 +419,27 @@ def cmd_report(settings: Settings, args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
+    from processor.outputs.export import ExportError, export
+    from processor.state import State
+
+    if not settings.state.exists():
+        print(f"no state yet at {settings.state}: nothing to export", file=sys.stderr)
+        return EXIT_FAILED
+    state = State(settings.state)  # read-write only to bring an older database's schema up to date
+    try:
+        done = export(state, args.to, since=args.since, until=args.until, fmt=args.format)
+    except ExportError as exc:
+        print(f"ctwatch: export refused\n{exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        state.close()
+    for name, rows in done.rows.items():
+        print(f"{done.folder / name}\t{rows} row(s)")
+    print(done.folder / "manifest.json")
+    return EXIT_OK
+
+
 COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "run": cmd_run,
     "process": cmd_process,
@@ -408,5 +449,6 @@ COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "steps": cmd_steps,
     "report": cmd_report,
     "weights": cmd_weights,
+    "export": cmd_export,
     **FIT_COMMANDS,
 }

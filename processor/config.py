@@ -21,6 +21,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from processor.errors import ConfigError
 from processor.redact import redact_url
@@ -86,10 +87,32 @@ class LimitSettings(_Section):
     max_seconds_per_arrival: float = Field(default=600, gt=0)
 
 
+# models.precision bf16/fp16 ran CT-CLIP under autocast; refused since, with the fix (docs/precision.md).
+REMOVED_PRECISIONS = ("bf16", "fp16")
+PRECISION_REMOVED = (
+    "no longer exists: it ran CT-CLIP under {value} autocast, which moved the reference model's "
+    "probabilities by up to 0.12 and flipped VQ codes (docs/precision.md); CT-CLIP steps now run fp32 "
+    "on every device unless a step opts in, and the captioner's `dtype: auto` is already bf16 on CUDA"
+)
+PRECISION_FIX = (
+    "remove models.precision (or set auto), and add `precision: bf16` (or fp16) to the `with:` of "
+    "each ctclip step that should trade accuracy for speed"
+)
+
+
 class ModelSettings(_Section):
     capacity: int = Field(default=4, ge=1)
     gpu_memory_budget_gb: float | None = Field(default=None, gt=0)
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # auto: each model's documented default (CT-CLIP fp32; the captioner's `dtype: auto` bf16 on
+    # CUDA); fp32: float32 for every model that follows it. A CT-CLIP step's own `precision` wins.
+    precision: Literal["auto", "fp32"] = "auto"
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _removed_precision(cls, value: Any) -> Any:
+        if value in REMOVED_PRECISIONS:
+            raise PydanticCustomError("precision_removed", PRECISION_REMOVED, {"value": value})
+        return value
 
 
 class ReportSettings(_Section):
@@ -280,6 +303,7 @@ _HINTS = {
     "int_parsing": "write a whole number without quotes",
     "float_parsing": "write a number without quotes",
     "missing": "add this key",
+    "precision_removed": PRECISION_FIX,
 }
 
 

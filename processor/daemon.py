@@ -34,6 +34,7 @@ from processor.scheduler import Housekeeping, NightWindow, Scheduler, apply_rete
 from processor.state import State
 from processor.status import Probes, StatusServer
 from processor.steps import default_registry
+from processor.weights import pinned_sha256
 from processor.worker import Worker
 
 if TYPE_CHECKING:
@@ -101,7 +102,11 @@ def build(settings: Settings, registry: StepRegistry | None = None) -> Component
     m = settings.models
     models = ModelCache(m.capacity, device, m.gpu_memory_budget_gb, precision=m.precision)
     env = StepEnv(
-        root=settings.root, device=device, models=models, content_cache=State.content_cache(settings.state)
+        root=settings.root,
+        device=device,
+        models=models,
+        content_cache=State.content_cache(settings.state),
+        pinned_sha256=pinned_sha256(settings),
     )
     pipeline = load_pipeline(settings.pipeline, registry or default_registry(), env)
     state = State(settings.state)

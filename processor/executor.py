@@ -30,6 +30,7 @@ from processor.outputs.recorder import FinishedStudy, StudyRecorder
 from processor.pipeline.runner import PipelineRunner, StudyRun
 from processor.pipeline.spec import Pipeline
 from processor.pipeline.step import StudyContext
+from processor.provenance import software_versions
 from processor.state import Arrival, State
 from processor.vocab import ArrivalState, StudyStatus
 
@@ -260,12 +261,17 @@ class LocalExecutor:
             elif prepared.interrupted() or item is None:
                 finals.append(self._release(arrival))
             else:
-                finals.append(
-                    self.recorder.accept(
-                        arrival, [_finished(run, path, item) for run, path in item.runs], item.skipped
-                    )
-                )
+                finished = [
+                    _finished(run, path, item, self._patient_key(run.ctx.study)) for run, path in item.runs
+                ]
+                finals.append(self.recorder.accept(arrival, finished, item.skipped))
         return finals
+
+    def _patient_key(self, study: Study) -> str:
+        """The study's patient pseudonym (the PatientID itself goes no further than this call);
+        "" when its DICOM has no PatientID, so that NULL keeps meaning "not recorded" (studies
+        processed before migration 0009), which the fit commands refuse to group silently."""
+        return self.state.patient_key(study.patient_id, study.issuer_of_patient_id) or ""
 
     def fail(self, arrivals: Sequence[Arrival], reason: str) -> list[ArrivalState]:
         return [self.recorder.reject(arrival, reason, ArrivalState.FAILED) for arrival in arrivals]
@@ -277,11 +283,15 @@ class LocalExecutor:
         return ArrivalState.PENDING
 
 
-def _finished(run: StudyRun, json_path: Path, item: _Opened) -> FinishedStudy:
-    """A study's outcome as the recorder takes it: sections, declared ports, step records."""
+def _finished(run: StudyRun, json_path: Path, item: _Opened, patient_key: str | None) -> FinishedStudy:
+    """A study's outcome as the recorder takes it: sections, declared ports with their provenance
+    (the ports' companion values, see :mod:`processor.steps.ports`), step records."""
     ctx, outcome = run.ctx, run.outcome()
     study = ctx.study
     latent = ctx.values.get("ctclip_latent")
+    features = dict(ctx.values.get("features") or {})
+    feature_models = ctx.values.get("feature_models") or {}
+    latent_models = ctx.values.get("latent_models") or {}
     return FinishedStudy(
         study_uid=study.uid,
         accession=study.accession,
@@ -291,8 +301,12 @@ def _finished(run: StudyRun, json_path: Path, item: _Opened) -> FinishedStudy:
         sections=ctx.result,
         steps=[r.as_dict() for r in outcome.steps],
         warnings=ctx.warnings,
-        features=dict(ctx.values.get("features") or {}),
+        features=features,
         latents={"ctclip": latent} if latent is not None else {},
+        feature_models={name: feature_models.get(name) for name in features},
+        latent_models={"ctclip": latent_models.get("ctclip")} if latent is not None else {},
+        software=software_versions(),
+        patient_key=patient_key,
         dicom={
             "instances_in_arrival": item.n_dicom,
             "instances_in_study": study.instance_count,

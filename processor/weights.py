@@ -10,6 +10,10 @@ it, its status and where to get it:
 * ``present-unverified``: present, not checked (no ``--verify``, no published sha256, or a folder);
 * ``MISMATCH``: present, but the sha256 differs (``--verify``): a corrupt or different file;
 * ``missing``: absent.
+
+A row ending in ``/`` (``caption/<model>/``) stands for a model folder and the files a step names
+inside it. :func:`pinned_sha256` hands the pinned checksums to the steps (``StepEnv.pinned_sha256``),
+which refuse a pinned file whose sha256 differs, at ``check-config`` and when the model loads.
 """
 
 from __future__ import annotations
@@ -79,6 +83,16 @@ def load_manifest(path: Path) -> Manifest:
         ) from exc
 
 
+def pinned_sha256(settings: Settings) -> dict[Path, str]:
+    """Resolved path → sha256 for every manifest file with a pinned checksum (steps check them at load)."""
+    manifest = load_manifest(manifest_path(settings))
+    return {
+        (settings.weights / entry.path).resolve(): entry.sha256
+        for entry in manifest.files
+        if entry.sha256 is not None and not entry.path.endswith("/")
+    }
+
+
 def pipeline_weight_files(settings: Settings) -> dict[Path, list[str]]:
     """Resolved weight path → ["<step id> (<uses>)", ...] for the configured pipeline."""
     from processor.pipeline.spec import load_pipeline
@@ -106,28 +120,56 @@ def _present(path: Path) -> bool:
     return path.is_file() or (path.is_dir() and any(path.iterdir()))
 
 
+def covering_row(path: Path, manifest: Manifest, weights: Path) -> ManifestFile | None:
+    """The manifest row naming ``path``: the file itself, or a folder row (``caption/<model>/``) it lies in."""
+    for entry in manifest.files:
+        listed = (weights / entry.path).resolve()
+        if listed == path or (entry.path.endswith("/") and listed in path.parents):
+            return entry
+    return None
+
+
 def weight_rows(settings: Settings, verify: bool = False) -> list[WeightRow]:
-    """One row per manifest file, then one per pipeline file the manifest does not list."""
+    """One row per manifest file, then one per pipeline file the manifest does not list.
+
+    A folder row (``caption/<model>/``) stands for the files a step names inside it; such a file gets
+    its own row only when the folder is there but the file is not.
+    """
     manifest = load_manifest(manifest_path(settings))
     used = pipeline_weight_files(settings)
     rows: list[WeightRow] = []
-    seen: set[Path] = set()
     for entry in manifest.files:
         path = (settings.weights / entry.path).resolve()
-        seen.add(path)
+        is_folder = entry.path.endswith("/")
+        steps = list(used.get(path, []))
+        for inner, users in used.items():
+            if is_folder and path in inner.parents:
+                steps += [s for s in users if s not in steps]
         rows.append(
             WeightRow(
                 path,
-                _shown(path, settings.root, entry.path.endswith("/")),
-                used.get(path, []),
+                _shown(path, settings.root, is_folder),
+                steps,
                 source=entry.source,
                 licence=entry.licence,
                 expected_sha256=entry.sha256,
                 planned=entry.status == "planned",
             )
         )
+    rows += _rows_outside_the_manifest(used, manifest, settings)
+    for row in rows:
+        _check(row, verify)
+    return rows
+
+
+def _rows_outside_the_manifest(
+    used: dict[Path, list[str]], manifest: Manifest, settings: Settings
+) -> list[WeightRow]:
+    """Pipeline files no manifest row names, and files missing from a model folder that is there."""
+    rows = []
     for path, steps in used.items():
-        if path not in seen:
+        covering = covering_row(path, manifest, settings.weights)
+        if covering is None:
             rows.append(
                 WeightRow(
                     path,
@@ -137,8 +179,11 @@ def weight_rows(settings: Settings, verify: bool = False) -> list[WeightRow]:
                     source="not in the manifest: named by the pipeline",
                 )
             )
-    for row in rows:
-        _check(row, verify)
+        elif covering.path.endswith("/") and not path.exists():
+            folder = (settings.weights / covering.path).resolve()
+            if _present(folder):  # an incomplete copy: name the file that is missing
+                shown = _shown(folder, settings.root, True)
+                rows.append(WeightRow(path, _shown(path, settings.root), steps, source=f"part of {shown}"))
     return rows
 
 

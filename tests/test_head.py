@@ -12,6 +12,7 @@ import torch
 
 from processor.dicom.scan import Study
 from processor.errors import StepError
+from processor.models.calibration_map import Calibration
 from processor.models.head import load_head
 from processor.pipeline.step import StepEnv, StudyContext
 from processor.state import State
@@ -63,7 +64,10 @@ def fitted(tmp_path_factory: pytest.TempPathFactory):
         writer.writerow(["StudyInstanceUID", *FINDINGS, "Cardiomegaly"])
         for i in range(N):
             writer.writerow([_uid(i), *("" if np.isnan(v) else int(v) for v in y[i]), i % 2])
-    done = project.run("fit-head", "--labels", str(labels), "--findings", *FINDINGS, "--epochs", "150")
+    # features stored without a studies row: no patient recorded, so each study is its own patient
+    done = project.run(
+        "fit-head", "--labels", str(labels), "--findings", *FINDINGS, "--epochs", "100", "--allow-ungrouped"
+    )
     assert done.returncode == 0, done.stderr
     return root, x, y, done.stdout
 
@@ -92,7 +96,11 @@ def test_head_loads_in_the_step(fitted) -> None:
     step.step_id = "head"
     assert all(p.exists() for p in step.weight_files())
     head = load_head(root / "weights/head")
-    expected = torch.sigmoid(head.model(torch.from_numpy(x[:5]))).detach().numpy()
+    raw = torch.sigmoid(head.model(torch.from_numpy(x[:5]))).detach().numpy()
+    # the head's output passed through each finding's calibration map from its card
+    maps = [Calibration.from_dict(head.card["calibration"][f]) for f in FINDINGS]
+    assert all(m.method in ("isotonic", "sigmoid") for m in maps)
+    expected = np.stack([maps[j].apply(raw[:, j]) for j in range(len(FINDINGS))], axis=1)
     for i in range(5):
         ctx = StudyContext(1, Study(_uid(i)), Path("unused"))
         ctx.values["ctclip_latent"] = x[i]
@@ -137,10 +145,15 @@ def test_mlp_head_and_bad_labels(tmp_path: Path) -> None:
         state.record_features(arrival.arrival_id, _uid(i), f"A{i}", {}, {"ctclip": x[i]})
     labels = tmp_path / "labels.csv"
     labels.write_text("accession,Lung nodule\n" + "".join(f"A{i},{int(y[i, 0])}\n" for i in range(N)))
-    fit = fit_head(state, labels, tmp_path / "head", HeadOptions(hidden=32, epochs=100, progress=False))
+    fit = fit_head(
+        state,
+        labels,
+        tmp_path / "head",
+        HeadOptions(hidden=32, epochs=100, progress=False, allow_ungrouped=True),
+    )
     assert fit.cv_auroc["Lung nodule"] >= 0.85
     assert load_head(tmp_path / "head").card["architecture"]["hidden"] == 32
     labels.write_text("accession,Lung nodule\nA1,yes\n")
     with pytest.raises(ConfigError, match="0 or 1"):
-        fit_head(state, labels, tmp_path / "head2", HeadOptions(progress=False))
+        fit_head(state, labels, tmp_path / "head2", HeadOptions(progress=False, allow_ungrouped=True))
     state.close()

@@ -108,9 +108,18 @@ def test_settings_are_checked_and_precision_maps_to_autocast() -> None:
         ModelCache(capacity=0)
     with pytest.raises(ConfigError, match="models.precision"):
         ModelCache(capacity=1, precision="int8")
-    assert ModelCache(1, "cpu").autocast_dtype() is None  # auto on the CPU: exact float32
+    # what models whose `auto` follows the cache get (the captioner; CT-CLIP never reads it):
+    # unchanged by CT-CLIP's fp32 default, bf16 on CUDA and exact float32 on the CPU
+    assert ModelCache(1, "cpu").autocast_dtype() is None
+    assert ModelCache(1, "cuda").autocast_dtype() is torch.bfloat16  # a name only: no CUDA needed
     assert ModelCache(1, "cpu", precision="fp32").autocast_dtype() is None
-    assert ModelCache(1, "cpu", precision="bf16").autocast_dtype() is torch.bfloat16
+    assert ModelCache(1, "cuda", precision="fp32").autocast_dtype() is None
+    # the old global low precision is refused with the per-step fix
+    for removed in ("bf16", "fp16"):
+        with pytest.raises(
+            ConfigError, match=rf"models.precision '{removed}' no longer exists.*`precision: bf16`"
+        ):
+            ModelCache(1, "cpu", precision=removed)
 
 
 def test_digest_is_computed_once_per_file_version(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -168,6 +168,8 @@ def test_the_database_write_locked_past_the_busy_timeout_sends_the_arrival_back_
         assert (project.inbox / "second.zip").exists(), "left in the inbox, not quarantined"
         holder.wait(60)
         wait_for(lambda: states(project) == [("done",), ("done",)], 120, "both done once the lock is gone")
+        # "done" is committed before the receipt is written and the input moved: wait for placed
+        wait_for(lambda: db_rows(project, "select placed from arrivals") == [(1,), (1,)], 60, "placed")
         assert db_rows(project, "select attempts, crashes from arrivals") == [(1, 0), (1, 0)], "never charged"
         assert len(project.results()) == 2 and len(project.receipts()) == 2
         assert not list((project.inbox / ".ctwatch").glob("quarantine/*"))

@@ -271,3 +271,30 @@ def build_bert(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     BertModel(config).save_pretrained(folder)
     return folder
+
+
+def downgrade_blip2(
+    folder: Path, *, config: bool = True, processor: bool = True, tokenizer: bool = True
+) -> Path:
+    """Turn a saved BLIP-2 folder back into the layout saved before transformers 4.47 (all three:
+    legacy), or undo only some parts (half converted): ``config`` drops ``image_token_index`` from
+    config.json; ``processor`` replaces processor_config.json by the old preprocessor_config.json
+    (image processor only, no ``num_query_tokens``); ``tokenizer`` removes the ``<image>`` token."""
+    if config:
+        path = folder / "config.json"
+        saved = json.loads(path.read_text())
+        saved.pop("image_token_index", None)
+        path.write_text(json.dumps(saved, indent=2))
+    if processor:
+        path = folder / "processor_config.json"
+        image = json.loads(path.read_text())["image_processor"]
+        (folder / "preprocessor_config.json").write_text(
+            json.dumps({**image, "processor_class": "Blip2Processor"}, indent=2)
+        )
+        path.unlink()
+    if tokenizer:
+        path = folder / "tokenizer.json"
+        saved = json.loads(path.read_text())
+        saved["added_tokens"] = [t for t in saved["added_tokens"] if t["content"] != "<image>"]
+        path.write_text(json.dumps(saved))
+    return folder

@@ -160,6 +160,19 @@ class Study:
         return str(value) if value else None
 
     @property
+    def patient_id(self) -> str | None:
+        """PatientID (0010,0020) of the first header. Never store or log it: the state keeps only
+        its keyed hash (``State.patient_key``)."""
+        value = self.first_header.get("PatientID")
+        return str(value) if value else None
+
+    @property
+    def issuer_of_patient_id(self) -> str | None:
+        """IssuerOfPatientID (0010,0021) of the first header: the namespace of the PatientID."""
+        value = self.first_header.get("IssuerOfPatientID")
+        return str(value) if value else None
+
+    @property
     def instance_count(self) -> int:
         return sum(len(s.instances) for s in self.series.values())
 

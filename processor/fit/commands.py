@@ -1,4 +1,4 @@
-"""The ``fit-head``, ``fit-fusion`` and ``fit-anomaly`` commands: arguments and entry points.
+"""The ``fit-head``, ``fit-fusion``, ``fit-anomaly`` and ``evaluate`` commands: arguments and entry points.
 
 Kept light (no torch/lightgbm import) because the CLI builds its parser on every start. Each
 command reads SQLite (or a folder of normal studies), writes under ``settings.weights`` (or
@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from processor.fit.evaluate import add_evaluate_parser, cmd_evaluate
 
 if TYPE_CHECKING:
     from processor.config import Settings
@@ -44,6 +46,11 @@ def add_fit_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentPa
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="output folder (default: <weights>/head)")
+    p.add_argument(
+        "--allow-ungrouped",
+        action="store_true",
+        help="fit on studies processed before patients were recorded, each as a patient of its own",
+    )
 
     p = sub.add_parser(
         "fit-fusion",
@@ -75,6 +82,20 @@ def add_fit_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentPa
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="install the model even when no better than chance")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: <weights>/fusion)")
+    p.add_argument(
+        "--head", type=Path, default=None, help="the installed head's folder (default: <weights>/head)"
+    )
+    p.add_argument(
+        "--anomaly",
+        type=Path,
+        default=None,
+        help="the installed anomaly model's folder (default: <weights>/anomaly)",
+    )
+    p.add_argument(
+        "--allow-ungrouped",
+        action="store_true",
+        help="fit on studies processed before patients were recorded, each as a patient of its own",
+    )
 
     p = sub.add_parser(
         "fit-anomaly",
@@ -96,9 +117,17 @@ def add_fit_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentPa
         "--noise-level", type=float, default=0.3, help="default for the step: fraction of DDIM steps"
     )
     p.add_argument("--ddim-steps", type=int, default=50, help="default for the step: DDIM steps")
+    p.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=0.15,
+        help="share of patients held out to measure the loss on (0 = none; grouped by PatientID)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the config's device)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: <weights>/anomaly)")
+
+    add_evaluate_parser(sub, common)
 
 
 @contextmanager
@@ -130,6 +159,7 @@ def cmd_fit_head(settings: Settings, args: argparse.Namespace) -> int:
         folds=args.folds,
         seed=args.seed,
         findings=tuple(args.findings) if args.findings else None,
+        allow_ungrouped=args.allow_ungrouped,
     )
     with _stored_state(settings) as state:
         fit = fit_head(state, args.labels, args.out or settings.weights / "head", opts)
@@ -149,6 +179,9 @@ def cmd_fit_fusion(settings: Settings, args: argparse.Namespace) -> int:
         target_sensitivity=args.target_sensitivity,
         features=tuple(args.features) if args.features else None,
         force=args.force,
+        head=args.head or settings.weights / "head",
+        anomaly=args.anomaly or settings.weights / "anomaly",
+        allow_ungrouped=args.allow_ungrouped,
     )
     with _stored_state(settings) as state:
         fit = fit_fusion(state, args.labels, args.out or settings.weights / "fusion", opts)
@@ -169,10 +202,16 @@ def cmd_fit_anomaly(settings: Settings, args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         noise_level=args.noise_level,
         ddim_steps=args.ddim_steps,
+        validation_fraction=args.validation_fraction,
         seed=args.seed,
         device=args.device or settings.device,
     )
-    fit = fit_anomaly(args.normals, args.out or settings.weights / "anomaly", opts, resume=args.resume)
+    out = args.out or settings.weights / "anomaly"
+    if settings.state.exists():  # name the training patients as fit-fusion and evaluate see them
+        with _stored_state(settings) as state:
+            fit = fit_anomaly(args.normals, out, opts, resume=args.resume, patient_key=state.patient_key)
+    else:
+        fit = fit_anomaly(args.normals, out, opts, resume=args.resume)
     print(report_text(fit))
     return EXIT_OK
 
@@ -181,4 +220,5 @@ FIT_COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "fit-head": cmd_fit_head,
     "fit-fusion": cmd_fit_fusion,
     "fit-anomaly": cmd_fit_anomaly,
+    "evaluate": cmd_evaluate,
 }

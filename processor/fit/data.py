@@ -25,6 +25,7 @@ from processor.errors import ConfigError
 
 UID_NAMES = ("study_uid", "studyinstanceuid", "study_instance_uid")
 ACCESSION_NAMES = ("accession", "accessionnumber", "accession_number")
+OOF_NAME = "oof.csv"  # a fitted model's out-of-fold outputs on its training studies, beside its card
 
 
 @dataclass
@@ -112,7 +113,9 @@ class Joined:
 
 
 def join(labels: Labels, studies: Sequence[dict[str, Any]]) -> Joined:
-    """Match label rows to stored studies by study UID, else by accession (unique ones only)."""
+    """Match label rows to stored studies by study UID, else by accession (unique ones only).
+
+    ConfigError when two label rows reach the same study (one by UID, one by accession)."""
     by_uid = {s["study_uid"]: s for s in studies}
     by_acc: dict[str, list[dict[str, Any]]] = {}
     for s in studies:
@@ -128,7 +131,9 @@ def join(labels: Labels, studies: Sequence[dict[str, Any]]) -> Joined:
             continue
         rows.append(study)
         index.append(i)
-    return Joined(rows, np.asarray(index, dtype=int), unmatched)
+    joined = Joined(rows, np.asarray(index, dtype=int), unmatched)
+    check_one_row_per_study(labels, joined)
+    return joined
 
 
 def data_hash(keys: Sequence[str], *arrays: np.ndarray) -> str:
@@ -157,3 +162,82 @@ def unmatched_note(joined: Joined, total: int) -> str:
         f"{total} labelled studies, {len(joined.rows)} found in the database; {len(joined.unmatched)} "
         f"not processed yet (or processed without this model): {shown}"
     )
+
+
+def study_key(study_uid: str) -> str:
+    """A study's key in a card's ``training_keys``: the first 16 hex digits of sha256(StudyInstanceUID)."""
+    return hashlib.sha256(study_uid.encode()).hexdigest()[:16]
+
+
+def patient_tag(patient_key: str | None) -> str | None:
+    """A patient's key in a card's ``training_groups``: the first 16 hex digits of
+    sha256(patient_key) (the keyed pseudonym hashed once more: a card never carries the pseudonym)."""
+    return hashlib.sha256(patient_key.encode()).hexdigest()[:16] if patient_key else None
+
+
+def training_groups(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The ``training_groups`` of a card: the tags of the patients of ``rows`` (those with a key)."""
+    return sorted({tag for row in rows if (tag := patient_tag(row.get("patient_key")))})
+
+
+def in_training_set(row: dict[str, Any], card: dict[str, Any]) -> bool:
+    """True when a card's model saw this study, or another study of the same patient: its outputs
+    for the patient are in-sample (a model that memorised the patient scores every scan of them)."""
+    if study_key(row["study_uid"]) in set(card.get("training_keys") or ()):
+        return True
+    tag = patient_tag(row.get("patient_key"))
+    return tag is not None and tag in set(card.get("training_groups") or ())
+
+
+UNKNOWN_PATIENT = None  # patient_key of a study processed before ctwatch recorded patients
+NO_PATIENT_ID = ""  # patient_key of a study whose DICOM has no PatientID
+
+
+def patient_groups(rows: Sequence[dict[str, Any]], *, allow_unknown: bool = False) -> list[str]:
+    """The fold group of each stored study: its patient pseudonym, or the study itself when its
+    DICOM has no PatientID (a patient of its own).
+
+    A study processed before ctwatch recorded patients (``patient_key`` NULL) cannot be grouped:
+    ConfigError with the fix, unless ``allow_unknown`` (then it too is a patient of its own, and
+    :func:`grouping_note` says so).
+    """
+    unknown = [row["study_uid"] for row in rows if row.get("patient_key") is UNKNOWN_PATIENT]
+    if unknown and not allow_unknown:
+        raise ConfigError(
+            f"{len(unknown)} of {len(rows)} labelled studies were processed before ctwatch recorded "
+            f"patients (e.g. {unknown[0]}), so two scans of one patient could land in different "
+            "folds and inflate every figure. Fix: process them again (`python run.py process` on "
+            "the inputs), or pass --allow-ungrouped to treat each as a patient of its own (the "
+            "card says so)."
+        )
+    return [
+        f"patient:{row['patient_key']}" if row.get("patient_key") else f"study:{row['study_uid']}"
+        for row in rows
+    ]
+
+
+def grouping_note(groups: Sequence[str], rows: Sequence[dict[str, Any]] | None = None) -> str:
+    patients = {g for g in groups if g.startswith("patient:")}
+    alone = sum(1 for g in groups if g.startswith("study:"))
+    unknown = sum(1 for row in rows or () if row.get("patient_key") is UNKNOWN_PATIENT)
+    text = f"folds grouped by patient: {len(groups)} studies of {len(patients) + alone} patients"
+    if alone - unknown:
+        text += f" ({alone - unknown} studies without a PatientID count as a patient each)"
+    if unknown:
+        text += (
+            f"; NOT grouped: {unknown} studies processed before patients were recorded count as a "
+            "patient each (--allow-ungrouped)"
+        )
+    return text
+
+
+def check_one_row_per_study(labels: Labels, joined: Joined) -> None:
+    """ConfigError when two label rows (one keyed by UID, one by accession) reach the same study."""
+    seen: dict[str, int] = {}
+    for row, index in zip(joined.rows, joined.label_index, strict=True):
+        first = seen.setdefault(row["study_uid"], int(index))
+        if first != int(index):
+            raise ConfigError(
+                f"{labels.path}: rows {first + 2} and {int(index) + 2} are the same study "
+                f"{row['study_uid']} (one by study UID, one by accession). Fix: one row per study."
+            )

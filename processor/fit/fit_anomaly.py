@@ -11,6 +11,7 @@ optimiser, step; the prepared slices once), so ``--resume`` continues exactly wh
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sys
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from processor.errors import ConfigError, CtwatchError
-from processor.fit.data import data_hash, now_iso
+from processor.fit.data import data_hash, now_iso, patient_tag, study_key
 from processor.models.diffusion import (
     LUNG_WINDOW,
     build_scheduler,
@@ -34,8 +35,12 @@ from processor.models.diffusion import (
     prepare_slices,
     save_anomaly_model,
 )
+from processor.provenance import software_versions
 
 log = logging.getLogger(__name__)
+
+PatientKey = Callable[[str | None, str | None], str | None]
+"""``State.patient_key``: (PatientID, IssuerOfPatientID) → the database's pseudonym."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,7 @@ class AnomalyOptions:
     seed: int = 0
     device: str = "auto"
     progress: bool = True
+    validation_fraction: float = 0.15  # share of patients held out to measure the loss on
 
 
 @dataclass
@@ -75,9 +81,11 @@ def study_slices(hu: np.ndarray, mask: np.ndarray, count: int, size: int) -> np.
 
 
 def read_normals(
-    folder: Path, count: int, size: int, progress: bool = True
-) -> tuple[np.ndarray, list[str], list[str]]:
-    """Slices of every readable study under ``folder``; (images, study uids, skipped reasons)."""
+    folder: Path, count: int, size: int, progress: bool = True, patient_key: PatientKey | None = None
+) -> NormalSet:
+    """Slices of every readable study under ``folder`` (:class:`NormalSet`). A patient group is the
+    database's pseudonym (``patient_key``) or else sha256 of IssuerOfPatientID and PatientID kept in
+    memory only (never written); a study without a PatientID is a group of its own."""
     from processor.dicom.lungs import lung_mask
     from processor.dicom.scan import scan_members
     from processor.dicom.select import SelectionRules, evaluate, series_facts
@@ -90,7 +98,7 @@ def read_normals(
             "studies read as normal."
         )
     entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
-    images, uids, skipped = [], [], []
+    images, uids, patients, skipped = [], [], [], []
     for entry in tqdm(
         entries, desc="reading normals", unit="input", file=sys.stderr, disable=not progress, leave=False
     ):
@@ -108,6 +116,7 @@ def read_normals(
                         continue
                     images.append(study_slices(volume.hu, mask, count, size))
                     uids.append(study.uid)
+                    patients.append(_patient_group(study, patient_key))
         except (CtwatchError, OSError) as exc:
             skipped.append(f"{entry.name}: {exc}")
     if not images:
@@ -115,7 +124,71 @@ def read_normals(
             f"--normals {folder}: no usable study found ({len(skipped)} skipped: "
             f"{'; '.join(skipped[:3])}). Fix: put ZIPs or folders of chest-CT DICOM there."
         )
-    return np.concatenate(images).astype(np.float32), uids, skipped
+    counts = [len(block) for block in images]
+    return NormalSet(
+        np.concatenate(images).astype(np.float32),
+        uids,
+        patients,
+        skipped,
+        np.repeat(np.arange(len(uids)), counts),
+    )
+
+
+@dataclass
+class NormalSet:
+    """What ``read_normals`` found: ``images`` (N, 1, S, S), one study UID and patient group per
+    study, the skipped inputs with reasons, and the study index of every slice."""
+
+    images: np.ndarray
+    uids: list[str]
+    patients: list[str]
+    skipped: list[str]
+    study_of_slice: np.ndarray
+
+
+def _patient_group(study: Any, patient_key: PatientKey | None) -> str:
+    """``patient:<pseudonym>`` (the state database's keyed hash when given, else a sha256 kept in
+    memory only), or ``study:<uid>`` when the study has no PatientID."""
+    pid = (study.patient_id or "").strip()
+    if not pid:
+        return f"study:{study.uid}"
+    issuer = (study.issuer_of_patient_id or "").strip()
+    if patient_key is not None:
+        return f"patient:{patient_key(pid, issuer)}"
+    return "patient:" + hashlib.sha256(f"{issuer}\x00{pid}".encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def split_by_patient(patients: list[str], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) study indices; every study of a patient on one side
+    (``sklearn.model_selection.GroupShuffleSplit``). No validation when ``fraction`` is 0 or there
+    are fewer than 4 patients."""
+    from sklearn.model_selection import GroupShuffleSplit
+
+    everything = np.arange(len(patients))
+    if fraction <= 0 or len(set(patients)) < 4:
+        return everything, everything[:0]
+    splitter = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
+    train, validation = next(splitter.split(everything, groups=patients))
+    return np.sort(train), np.sort(validation)
+
+
+@torch.no_grad()
+def noise_prediction_loss(unet: Any, scheduler: Any, images: np.ndarray, seed: int, batch: int = 64) -> float:
+    """The DDPM training loss (MSE of the predicted noise) on ``images`` at fixed, seeded timesteps
+    and noise, so the training and validation figures are measured the same way."""
+    device = next(unet.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    data = torch.from_numpy(images)
+    n_train = scheduler.config.num_train_timesteps
+    noise = torch.randn(data.shape, generator=gen)
+    t = torch.randint(0, n_train, (data.shape[0],), generator=gen)
+    total = 0.0
+    for start in range(0, data.shape[0], batch):
+        x = data[start : start + batch].to(device)
+        eps, steps = noise[start : start + batch].to(device), t[start : start + batch].to(device)
+        pred = unet(scheduler.add_noise(x, eps, steps), steps).sample
+        total += float(F.mse_loss(pred, eps, reduction="sum"))
+    return total / float(np.prod(images.shape))
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
@@ -189,14 +262,26 @@ def train(
 
 
 def fit_anomaly(
-    normals: Path | None, out: Path, opts: AnomalyOptions = AnomalyOptions(), *, resume: bool = False
+    normals: Path | None,
+    out: Path,
+    opts: AnomalyOptions = AnomalyOptions(),
+    *,
+    resume: bool = False,
+    patient_key: PatientKey | None = None,
 ) -> AnomalyFit:
+    """Train on ``normals`` (or resume). ``patient_key``: the state database's pseudonym function,
+    so the card can name the training patients (``training_groups``) as fit-fusion and evaluate
+    see them; without it only the training studies are listed."""
     checkpoint_dir = out / "checkpoint"
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     cache = checkpoint_dir / "slices.npz"
     if resume and cache.exists():
         saved = np.load(cache)
         data, uids = saved["images"], [str(u) for u in saved["uids"]]
+        study_of_slice, groups = saved["study_of_slice"], [int(g) for g in saved["groups"]]
+        tags = [str(g) for g in saved["tags"]]
+        # the split the checkpoint was trained with, whatever --seed/--validation-fraction say now
+        train_studies, validation_studies = saved["train_studies"], saved["validation_studies"]
         skipped: list[str] = []
         if data.shape[-1] != opts.image_size:
             raise ConfigError(
@@ -208,13 +293,50 @@ def fit_anomaly(
             raise ConfigError(
                 f"fit-anomaly needs --normals DIR (or --resume with a checkpoint in {checkpoint_dir})."
             )
-        data, uids, skipped = read_normals(normals, opts.slices_per_study, opts.image_size, opts.progress)
+        found = read_normals(normals, opts.slices_per_study, opts.image_size, opts.progress, patient_key)
+        data, uids, patients, skipped = found.images, found.uids, found.patients, found.skipped
+        study_of_slice = found.study_of_slice
+        first: dict[str, int] = {}  # patients by first appearance: no hash of a PatientID on disk
+        groups = [first.setdefault(g, len(first)) for g in patients]
+        # card tags of the database's pseudonyms (never a plain hash of a PatientID)
+        tags = [
+            (patient_tag(g.removeprefix("patient:")) or "")
+            if patient_key and g.startswith("patient:")
+            else ""
+            for g in patients
+        ]
+        train_studies, validation_studies = split_by_patient(
+            [str(g) for g in groups], opts.validation_fraction, opts.seed
+        )
         tmp = checkpoint_dir / ".slices.tmp.npz"
-        np.savez(tmp, images=data, uids=np.asarray(uids))
+        np.savez(
+            tmp,
+            images=data,
+            uids=np.asarray(uids),
+            study_of_slice=study_of_slice,
+            groups=np.asarray(groups),
+            tags=np.asarray(tags),
+            train_studies=train_studies,
+            validation_studies=validation_studies,
+        )
         os.replace(tmp, cache)
         (checkpoint_dir / "state.pt").unlink(missing_ok=True)  # a fresh run never resumes a stale one
+    train_rows = np.isin(study_of_slice, train_studies)
     started = time.monotonic()
-    unet, scheduler, loss = train(data, opts, checkpoint_dir, resume=resume)
+    unet, scheduler, loss = train(data[train_rows], opts, checkpoint_dir, resume=resume)
+    validation: dict[str, Any] = {"patients": 0, "studies": 0}
+    if validation_studies.size:
+        held_out = data[~train_rows]
+        seen = data[train_rows][: held_out.shape[0] * 4]  # a sample of the training slices
+        validation = {
+            "patients": len({groups[i] for i in validation_studies}),
+            "studies": int(validation_studies.size),
+            "slices": int(held_out.shape[0]),
+            "rule": "noise-prediction MSE at seeded timesteps and noise; patients held out by GroupShuffleSplit",
+            "loss": round(noise_prediction_loss(unet, scheduler, held_out, opts.seed), 6),
+            "training_loss_same_protocol": round(noise_prediction_loss(unet, scheduler, seen, opts.seed), 6),
+        }
+    trained_uids = [uids[i] for i in train_studies]
     card = {
         "kind": "anomaly.diffusion",
         "image_size": opts.image_size,
@@ -230,19 +352,32 @@ def fit_anomaly(
                 for k, v in asdict(opts).items()
                 if k not in ("progress",)
             },
-            "studies": len(uids),
-            "slices": int(data.shape[0]),
+            "studies": len(trained_uids),
+            "slices": int(train_rows.sum()),
             "final_ema_loss": round(loss, 6),
             "seconds_this_run": round(time.monotonic() - started, 1),
             "skipped": skipped,
         },
+        "validation": validation,
+        # the studies it trained on: their anomaly scores are in-sample, so fit-fusion will not
+        # stack on them (the held-out validation studies are not among them)
+        "training_keys": sorted({study_key(u) for u in trained_uids}),
+        "training_groups": sorted({tags[i] for i in train_studies if tags[i]}),
+        "software": software_versions(),
         "data_hash": data_hash(sorted(uids), data),
         "date": now_iso(),
     }
     unet.to("cpu")
     save_anomaly_model(out, unet, scheduler, card)
-    log.info("fit_anomaly.done folder=%s studies=%d slices=%d loss=%.4f", out, len(uids), data.shape[0], loss)
-    return AnomalyFit(out, len(uids), int(data.shape[0]), opts.steps, loss, skipped, card)
+    log.info(
+        "fit_anomaly.done folder=%s studies=%d slices=%d loss=%.4f validation=%s",
+        out,
+        len(trained_uids),
+        int(train_rows.sum()),
+        loss,
+        validation.get("loss"),
+    )
+    return AnomalyFit(out, len(trained_uids), int(train_rows.sum()), opts.steps, loss, skipped, card)
 
 
 def report_text(fit: AnomalyFit) -> str:
@@ -254,6 +389,13 @@ def report_text(fit: AnomalyFit) -> str:
         ["training steps", fit.steps],
         ["final loss (EMA)", fit.final_loss],
     ]
+    validation = fit.card.get("validation") or {}
+    if validation.get("studies"):
+        rows += [
+            ["validation patients (held out)", validation["patients"]],
+            ["validation loss", validation["loss"]],
+            ["training loss, same protocol", validation["training_loss_same_protocol"]],
+        ]
     lines = [format_table(["metric", "value"], rows)]
     if fit.skipped:
         lines += ["", f"skipped {len(fit.skipped)}:", *(f"  {s}" for s in fit.skipped)]

@@ -1,14 +1,23 @@
 """``fit-head``: train the supervised head on stored CT-CLIP latents from a labels CSV.
 
 Latents come from SQLite (``latents`` table, name ``ctclip``, the latest arrival of each study),
-labels from the CSV (see :mod:`processor.fit.data`). Folds are stratified on each study's rarest
-positive finding (or "none"), so every fold sees every finding. Out-of-fold probabilities give
-the CV AUROC per finding and a Youden threshold per finding; the head is then refitted on all
-studies and written with its card and ROC plot to ``weights/head/``.
+labels from the CSV (see :mod:`processor.fit.data`). Cross-validation is nested and grouped by
+patient (:mod:`processor.fit.nested`): outer folds (stratified on each study's rarest positive
+finding, every study of a patient in one fold) give the CV AUROC per finding; inside each
+training part, inner folds choose the calibration map and the threshold that the held-out fold is
+called with, so sensitivity, specificity and the calibration error are measured on studies no
+part of the fit saw. The head is then refitted on all studies, calibrated on the outer
+out-of-fold scores, and written with its card, ROC and reliability plots to ``weights/head/``.
+
+``oof.csv`` beside it holds each training study's calibrated out-of-fold probabilities and its
+fold: ``fit-fusion`` stacks on those, never on the installed head's in-sample outputs.
+The card binds the head to the CT-CLIP checkpoint whose latents trained it (``trained_on``).
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -22,7 +31,20 @@ from tqdm import tqdm
 from processor.atomic import write_bytes_atomic
 from processor.errors import ConfigError
 from processor.fit import metrics
-from processor.fit.data import data_hash, join, now_iso, read_labels, unmatched_note
+from processor.fit.data import (
+    OOF_NAME,
+    data_hash,
+    grouping_note,
+    join,
+    now_iso,
+    patient_groups,
+    read_labels,
+    study_key,
+    training_groups,
+    unmatched_note,
+)
+from processor.fit.nested import INNER_FOLDS, nested_cv, output_card
+from processor.models.cache import sha256_file
 from processor.models.head import FindingHead, build_head, save_head
 from processor.state import State
 
@@ -42,6 +64,7 @@ class HeadOptions:
     seed: int = 0
     findings: tuple[str, ...] | None = None
     progress: bool = True
+    allow_ungrouped: bool = False  # studies processed before patients were recorded: one group each
 
 
 @dataclass
@@ -88,31 +111,28 @@ def _strata(y: np.ndarray) -> np.ndarray:
     return strata
 
 
-def _cross_validate(
-    x: np.ndarray,
-    y: np.ndarray,
-    folds: list[tuple[np.ndarray, np.ndarray]],
-    oof: np.ndarray,
-    opts: HeadOptions,
-) -> FindingHead:
-    """Fill ``oof`` with out-of-fold probabilities; return the head refitted on every study."""
-    with tqdm(
-        total=opts.epochs * (opts.folds + 1),
-        desc="fit-head",
-        unit="epoch",
-        file=sys.stderr,
-        disable=not opts.progress,
-        leave=False,
-    ) as bar:
-        for k, (train, test) in enumerate(folds):
-            bar.set_postfix_str(f"fold {k + 1}/{opts.folds}", refresh=False)
-            model = train_head(x[train], y[train], opts, bar)
-            oof[test] = model.probabilities(torch.from_numpy(x[test])).numpy()
-        bar.set_postfix_str("all studies", refresh=False)
-        return train_head(x, y, opts, bar)
+def _latent_source(rows: list[dict[str, Any]], labels_path: Path) -> str | None:
+    """The sha256 of the CT-CLIP checkpoint that produced every latent, None when not recorded."""
+    shas = {row.get("model_sha256") for row in rows}
+    known = sorted(s for s in shas if s)
+    if len(known) > 1 or (known and None in shas):
+        counts = ", ".join(
+            f"{(s or 'unrecorded')[:12]}: {sum(1 for r in rows if r.get('model_sha256') == s)}"
+            for s in sorted(shas, key=str)
+        )
+        raise ConfigError(
+            f"{labels_path}: the stored latents come from different CT-CLIP checkpoints ({counts} "
+            "studies); a head trained on a mix would score neither model right. Fix: process "
+            "the labelled studies again with one checkpoint (`python run.py requeue` or drop "
+            "them again), then fit."
+        )
+    return known[0] if known else None
 
 
 def fit_head(state: State, labels_path: Path, out: Path, opts: HeadOptions = HeadOptions()) -> HeadFit:
+    from processor.fit.calibration import reliability_png
+    from processor.provenance import software_versions
+
     labels = read_labels(labels_path, opts.findings)
     findings = list(labels.columns)
     if not findings:
@@ -125,46 +145,88 @@ def fit_head(state: State, labels_path: Path, out: Path, opts: HeadOptions = Hea
         )
     joined = join(labels, stored)
     note = unmatched_note(joined, len(labels))
-    if len(joined.rows) < 2 * opts.folds:
+    groups = patient_groups(joined.rows, allow_unknown=opts.allow_ungrouped)
+    if len(set(groups)) < 2 * opts.folds:
         raise ConfigError(
-            f"{labels_path}: {note}; at least {2 * opts.folds} are needed for {opts.folds}-fold "
-            "cross-validation. Fix: process more labelled studies first."
+            f"{labels_path}: {note}, of {len(set(groups))} patients; at least {2 * opts.folds} "
+            f"patients are needed for nested {opts.folds}-fold cross-validation. Fix: process more "
+            "labelled studies first (or lower --folds)."
         )
+    latent_sha = _latent_source(joined.rows, labels_path)
     x = np.stack([row["vector"] for row in joined.rows]).astype(np.float32)
     y = np.stack([labels.columns[f][joined.label_index] for f in findings], axis=1)
     for j, name in enumerate(findings):
         known = y[~np.isnan(y[:, j]), j]
-        if known.sum() < 2 or (known == 0).sum() < 2:
+        if known.sum() < 2 * opts.folds or (known == 0).sum() < 2 * opts.folds:
             raise ConfigError(
                 f"{labels_path}: finding {name!r} has {int(known.sum())} positive and "
-                f"{int((known == 0).sum())} negative matched studies; at least 2 of each are "
-                "needed. Fix: add labelled studies or leave it out with --findings."
+                f"{int((known == 0).sum())} negative matched studies; nested {opts.folds}-fold "
+                f"cross-validation needs at least {2 * opts.folds} of each. Fix: add labelled "
+                "studies, lower --folds, or leave it out with --findings."
             )
-    folds = metrics.stratified_folds(_strata(y), opts.folds, opts.seed)
-    oof = np.full(y.shape, np.nan)
+    fits = opts.folds * (INNER_FOLDS + 1) + 1
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a few hundred rows: extra threads only add synchronisation
-    try:
-        final = _cross_validate(x, y, folds, oof, opts)
-    finally:
-        torch.set_num_threads(threads)
+    with tqdm(
+        total=opts.epochs * fits,
+        desc="fit-head",
+        unit="epoch",
+        file=sys.stderr,
+        disable=not opts.progress,
+        leave=False,
+    ) as bar:
+
+        def fit_predict(train: np.ndarray, test: np.ndarray) -> np.ndarray:
+            model = train_head(x[train], y[train], opts, bar)
+            return model.probabilities(torch.from_numpy(x[test])).numpy().astype(float)
+
+        try:
+            nested = nested_cv(
+                fit_predict,
+                y,
+                groups,
+                _strata(y),
+                opts.folds,
+                opts.seed,
+                progress=lambda text: bar.set_postfix_str(text, refresh=False),
+            )
+            bar.set_postfix_str("all studies", refresh=False)
+            final = train_head(x, y, opts, bar)
+        except ValueError as exc:
+            raise ConfigError(f"{labels_path}: {exc}. Fix: add labelled studies or lower --folds.") from exc
+        finally:
+            torch.set_num_threads(threads)
     cv: dict[str, dict[str, Any]] = {}
-    curves = {}
+    curves, reliability = {}, {}
     for j, name in enumerate(findings):
-        ok = ~np.isnan(y[:, j])
-        threshold = metrics.youden_threshold(y[ok, j], oof[ok, j])
-        report = metrics.binary_report(y[ok, j], oof[ok, j], threshold)
-        cv[name] = report.as_dict()
-        fpr, tpr, _ = metrics.roc_curve(y[ok, j], oof[ok, j])
-        curves[f"{name} (AUROC {report.auroc:.3f})"] = (fpr, tpr)
+        result = nested.outputs[j]
+        cv[name] = output_card(result, y[:, j], groups, opts.seed)
+        ok = result.known
+        fpr, tpr, _ = metrics.roc_curve(y[ok, j], result.raw_oof[ok])
+        curves[f"{name} (AUROC {cv[name]['auroc']:.3f})"] = (fpr, tpr)
+        reliability[name] = (y[ok, j], result.calibrated_oof[ok])
     keys = [row["study_uid"] for row in joined.rows]
     card = {
         "kind": "ctclip.head",
         "latent": LATENT_NAME,
         "findings": findings,
         "architecture": {"in_dim": int(x.shape[1]), "hidden": opts.hidden, "dropout": opts.dropout},
-        "thresholds": {name: cv[name]["threshold"] for name in findings},
-        "cv": {"folds": opts.folds, "seed": opts.seed, "per_finding": cv},
+        "thresholds": {name: round(nested.outputs[j].threshold, 6) for j, name in enumerate(findings)},
+        "threshold_rule": "youden on calibrated out-of-fold probabilities",
+        "calibration": {name: nested.outputs[j].calibration.as_dict() for j, name in enumerate(findings)},
+        "cv": {
+            "folds": opts.folds,
+            "seed": opts.seed,
+            "scheme": "nested, grouped by patient (StratifiedGroupKFold)"
+            if not any(r.get("patient_key") is None for r in joined.rows)
+            else "nested; NOT grouped by patient for studies processed before patients were recorded",
+            "patients": len(set(groups)),
+            "per_finding": cv,
+        },
+        "trained_on": {"latent": LATENT_NAME, "model_sha256": latent_sha},
+        "training_keys": sorted(study_key(k) for k in keys),
+        # their patients too: the head's outputs on another scan of one of them are in-sample
+        "training_groups": training_groups(joined.rows),
         "training": {
             "studies": len(keys),
             "epochs": opts.epochs,
@@ -173,13 +235,54 @@ def fit_head(state: State, labels_path: Path, out: Path, opts: HeadOptions = Hea
             "labels_file": str(labels_path),
             "unmatched_labels": len(joined.unmatched),
         },
+        "software": software_versions(),
         "training_set_hash": data_hash(keys, x, np.nan_to_num(y, nan=-1)),
         "date": now_iso(),
     }
-    save_head(out, final, card)
-    write_bytes_atomic(out / "roc.png", metrics.roc_png(curves, f"ctclip.head - {opts.folds}-fold CV ROC"))
+    weights = save_head(out, final, card)
+    write_bytes_atomic(out / OOF_NAME, _oof_csv(joined.rows, nested, findings, sha256_file(weights)))
+    write_bytes_atomic(
+        out / "roc.png", metrics.roc_png(curves, f"ctclip.head - nested {opts.folds}-fold CV ROC")
+    )
+    write_bytes_atomic(
+        out / "reliability.png",
+        reliability_png(reliability, "ctclip.head - calibrated out-of-fold probabilities"),
+    )
+    if latent_sha is None:
+        note += (
+            "; the latents' CT-CLIP checkpoint is not recorded (processed by an older ctwatch), "
+            "so the head cannot be bound to it: process the studies again to bind it"
+        )
+    note += "; " + grouping_note(groups, joined.rows)
     log.info("fit_head.done folder=%s studies=%d findings=%d", out, len(keys), len(findings))
-    return HeadFit(out, findings, {n: cv[n]["auroc"] for n in findings}, oof, y, card, note)
+    return HeadFit(
+        out,
+        findings,
+        {n: cv[n]["auroc"] for n in findings},
+        np.stack([o.calibrated_oof for o in nested.outputs], axis=1),
+        y,
+        card,
+        note,
+    )
+
+
+def _oof_csv(rows: list[dict[str, Any]], nested: Any, findings: list[str], head_sha256: str) -> bytes:
+    """study_key (not the UID), fold, ``head.<finding>`` (calibrated out-of-fold probabilities), and
+    the sha256 of the head.pt they belong to: fit-fusion ignores the file beside another head."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["study_key", "head_sha256", "fold", *(f"head.{f}" for f in findings)])
+    for i, row in enumerate(rows):
+        values = [nested.outputs[j].calibrated_oof[i] for j in range(len(findings))]
+        writer.writerow(
+            [
+                study_key(row["study_uid"]),
+                head_sha256,
+                int(nested.fold_of[i]),
+                *("" if np.isnan(v) else f"{v:.6f}" for v in values),
+            ]
+        )
+    return buffer.getvalue().encode()
 
 
 def report_text(fit: HeadFit) -> str:
@@ -198,16 +301,39 @@ def report_text(fit: HeadFit) -> str:
                 m["threshold"],
                 m["sensitivity"],
                 m["specificity"],
+                m["ece"],
+                m["calibration"]["method"],
             ]
         )
     table = metrics.format_table(
-        ["finding", "n", "pos", "CV AUROC", "CI low", "CI high", "threshold", "sens", "spec"], rows
+        [
+            "finding",
+            "n",
+            "pos",
+            "CV AUROC",
+            "CI low",
+            "CI high",
+            "threshold",
+            "sens",
+            "spec",
+            "ECE",
+            "calibration",
+        ],
+        rows,
     )
     weak = [n for n in fit.findings if not fit.card["cv"]["per_finding"][n]["better_than_chance"]]
-    lines = [table, ""]
+    lines = [
+        table,
+        "",
+        f"nested {fit.card['cv']['folds']}-fold CV grouped by patient: AUROC from out-of-fold scores; "
+        "sens/spec and ECE on held-out folds called and calibrated by what their training folds chose",
+    ]
     if weak:
         lines.append("no better than chance (95% CI of the AUROC includes 0.5): " + ", ".join(weak))
     if fit.note:
         lines.append(fit.note)
-    lines.append(f"wrote {fit.folder / 'head.pt'}, {fit.folder / 'card.json'} and {fit.folder / 'roc.png'}")
+    lines.append(
+        f"wrote {fit.folder / 'head.pt'}, {fit.folder / 'card.json'}, {fit.folder / OOF_NAME}, "
+        f"{fit.folder / 'roc.png'} and {fit.folder / 'reliability.png'}"
+    )
     return "\n".join(lines)

@@ -1,24 +1,24 @@
-"""Binary-classification metrics, stratified folds, a metrics table and a ROC plot (Pillow).
+"""Binary-classification metrics, patient-grouped folds, a metrics table and a ROC plot (Pillow).
 
-scikit-learn is not a dependency, so these are written here (a deliberate choice, small and
-tested): AUROC is the Mann–Whitney U statistic from average ranks (``scipy.stats.rankdata``), so
-tied scores count one half, exactly like ``sklearn.metrics.roc_auc_score``. Its 95 % interval uses
-the Hanley & McNeil (1982) standard error. Thresholds: Youden's J (max sensitivity + specificity
-− 1) or the highest threshold that reaches a target sensitivity. A case is positive when
-``score >= threshold`` (the same rule as the ``decision`` step).
+AUROC and the ROC curve are scikit-learn's (``roc_auc_score``, ``roc_curve``); tied scores count
+one half. The AUROC's 95 % interval is a percentile bootstrap that resamples patients, not scans
+(:func:`processor.fit.calibration.bootstrap_auroc_ci`), so two scans of one patient move together.
+Folds: ``StratifiedGroupKFold`` — every study of a patient lands in the same fold. Thresholds:
+Youden's J (max sensitivity + specificity − 1) or the highest threshold that reaches a target
+sensitivity. A case is positive when ``score >= threshold`` (the same rule as the ``decision`` step).
 """
 
 from __future__ import annotations
 
 import io
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-from scipy.stats import rankdata
 
 
 def _arrays(
@@ -34,49 +34,41 @@ def _arrays(
 
 
 def auroc(y: Sequence[float] | np.ndarray, s: Sequence[float] | np.ndarray) -> float:
-    """Area under the ROC curve; NaN when only one class is present."""
+    """Area under the ROC curve (``sklearn.metrics.roc_auc_score``); NaN when one class only."""
+    from sklearn.metrics import roc_auc_score
+
     pos, scores = _arrays(y, s)
-    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    if n_pos == 0 or n_neg == 0:
+    if pos.all() or not pos.any():
         return float("nan")
-    ranks = rankdata(scores)  # average ranks: ties count 1/2
-    u = ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
-
-
-def auroc_ci(auc: float, n_pos: int, n_neg: int, z: float = 1.959964) -> tuple[float, float]:
-    """Approximate 95 % confidence interval of an AUROC (Hanley & McNeil standard error)."""
-    if math.isnan(auc) or n_pos == 0 or n_neg == 0:
-        return float("nan"), float("nan")
-    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
-    var = (auc * (1 - auc) + (n_pos - 1) * (q1 - auc * auc) + (n_neg - 1) * (q2 - auc * auc)) / (
-        n_pos * n_neg
-    )
-    se = math.sqrt(max(var, 1e-12))
-    return max(0.0, auc - z * se), min(1.0, auc + z * se)
+    return float(roc_auc_score(pos, scores))
 
 
 def roc_curve(
     y: Sequence[float] | np.ndarray, s: Sequence[float] | np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(fpr, tpr, thresholds), thresholds descending; the first point is (0, 0) at +inf."""
+    """(fpr, tpr, thresholds), thresholds descending; the first point is (0, 0) at +inf.
+
+    ``sklearn.metrics.roc_curve`` with every distinct score kept as a threshold.
+    """
+    from sklearn.metrics import roc_curve as sk_roc_curve
+
     pos, scores = _arrays(y, s)
-    order = np.argsort(-scores, kind="mergesort")
-    scores, pos = scores[order], pos[order]
-    last_of_run = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]
-    tps = np.cumsum(pos)[last_of_run]
-    fps = (last_of_run + 1) - tps
-    n_pos, n_neg = max(int(pos.sum()), 1), max(int((~pos).sum()), 1)
-    fpr = np.r_[0.0, fps / n_neg]
-    tpr = np.r_[0.0, tps / n_pos]
-    return fpr, tpr, np.r_[np.inf, scores[last_of_run]]
+    if pos.all() or not pos.any():  # sklearn warns and returns NaN rates: say it plainly instead
+        raise ValueError("a ROC curve needs positive and negative cases")
+    fpr, tpr, thresholds = sk_roc_curve(pos, scores, drop_intermediate=False)
+    return fpr, tpr, thresholds
 
 
 def sensitivity_specificity(
     y: Sequence[float] | np.ndarray, s: Sequence[float] | np.ndarray, threshold: float
 ) -> tuple[float, float]:
     pos, scores = _arrays(y, s)
-    called = scores >= threshold
+    return decided_sensitivity_specificity(pos, scores >= threshold)
+
+
+def decided_sensitivity_specificity(y: np.ndarray, called: np.ndarray) -> tuple[float, float]:
+    """Sensitivity and specificity of yes/no calls (``called``) against labels ``y`` (0/1)."""
+    pos, called = np.asarray(y, dtype=bool), np.asarray(called, dtype=bool)
     sens = float((called & pos).sum() / pos.sum()) if pos.any() else float("nan")
     spec = float((~called & ~pos).sum() / (~pos).sum()) if (~pos).any() else float("nan")
     return sens, spec
@@ -134,34 +126,61 @@ def _r(value: float) -> float | None:
 
 
 def binary_report(
-    y: Sequence[float] | np.ndarray, s: Sequence[float] | np.ndarray, threshold: float
+    y: Sequence[float] | np.ndarray,
+    s: Sequence[float] | np.ndarray,
+    threshold: float,
+    *,
+    groups: Sequence[str] | None = None,
+    called: np.ndarray | None = None,
+    seed: int = 0,
 ) -> BinaryReport:
-    pos, _ = _arrays(y, s)
-    auc = auroc(y, s)
-    low, high = auroc_ci(auc, int(pos.sum()), int((~pos).sum()))
-    sens, spec = sensitivity_specificity(y, s, threshold)
+    """AUROC with a patient-grouped bootstrap 95 % CI, and sensitivity/specificity.
+
+    ``called``: the yes/no calls to score (e.g. each held-out fold thresholded at the threshold
+    chosen inside its own training folds); default ``s >= threshold``.
+    """
+    from processor.fit.calibration import bootstrap_auroc_ci
+
+    pos, scores = _arrays(y, s)
+    auc = auroc(pos, scores)
+    if math.isnan(auc):
+        low = high = float("nan")
+    else:
+        low, high = bootstrap_auroc_ci(pos.astype(float), scores, groups=groups, seed=seed)
+    if called is None:
+        called = scores >= threshold
+    sens, spec = decided_sensitivity_specificity(pos, called)
     return BinaryReport(int(pos.size), int(pos.sum()), auc, low, high, threshold, sens, spec)
 
 
-def stratified_folds(
-    strata: Sequence[object] | np.ndarray, k: int, seed: int = 0
+def grouped_folds(
+    strata: Sequence[object] | np.ndarray,
+    groups: Sequence[str] | np.ndarray,
+    k: int,
+    seed: int = 0,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``k`` (train, test) index pairs; each stratum is shuffled and dealt round-robin to the folds."""
-    strata = np.asarray(strata)
+    """``k`` (train, test) index pairs: every row of a group (patient) in one fold, strata balanced.
+
+    ``sklearn.model_selection.StratifiedGroupKFold(k, shuffle=True, random_state=seed)``. Raises
+    ValueError when there are fewer groups than folds.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    strata_arr = np.asarray([str(s) for s in strata])
+    # groups numbered by first appearance: the folds depend on the data and the seed only, not on
+    # the spelling of the (keyed, per-database) patient pseudonyms
+    first: dict[str, int] = {}
+    group_arr = np.asarray([first.setdefault(str(g), len(first)) for g in groups])
     if k < 2:
         raise ValueError("cross-validation needs at least 2 folds")
-    if strata.size < k:
-        raise ValueError(f"{strata.size} rows cannot be split into {k} folds")
-    rng = np.random.default_rng(seed)
-    fold_of = np.empty(strata.size, dtype=int)
-    offset = 0
-    for value in np.unique(strata):
-        idx = np.flatnonzero(strata == value)
-        rng.shuffle(idx)
-        fold_of[idx] = (np.arange(idx.size) + offset) % k
-        offset += idx.size  # continue the deal where the last stratum stopped: folds stay balanced
-    everything = np.arange(strata.size)
-    return [(everything[fold_of != f], everything[fold_of == f]) for f in range(k)]
+    if np.unique(group_arr).size < k:
+        raise ValueError(f"{np.unique(group_arr).size} patients cannot be split into {k} folds")
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        # sklearn warns when a stratum has fewer patients than folds; the folds are still valid
+        warnings.filterwarnings("ignore", message=".*least populated class.*", category=UserWarning)
+        folds = list(splitter.split(np.zeros(strata_arr.size), strata_arr, group_arr))
+    return [(np.sort(tr), np.sort(te)) for tr, te in folds if te.size]
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

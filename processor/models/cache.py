@@ -6,8 +6,11 @@
   (``torch.cuda.memory_allocated`` on the cache's CUDA device), the least recently used model is
   dropped. ``loaded()`` describes what is resident (for /status), ``stats()`` counts loads, hits
   and evictions, ``trim()`` returns freed CUDA memory to the driver.
-* ``autocast_dtype()`` turns the ``models.precision`` setting into the autocast dtype for the
-  cache's device (``auto``: bfloat16 on CUDA, exact float32 on the CPU).
+* ``autocast_dtype()`` turns the ``models.precision`` setting into the dtype of models whose own
+  setting is ``auto`` and follows the cache (the captioner's ``dtype: auto``): ``auto`` = that
+  model's default, bfloat16 on CUDA and exact float32 on the CPU; ``fp32`` = float32 everywhere.
+  CT-CLIP steps never read it: they run at their own ``precision`` (fp32 unless a step opts in),
+  and ``models.precision: bf16`` / ``fp16`` are refused with the fix (docs/precision.md).
 * ``digest(path)``: sha256 of a weights file, computed once per (path, size, mtime).
 * ``run_with_oom_backoff(fn, items, batch_size)``: micro-batches that halve on CUDA OOM.
 """
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from processor.config import PRECISION_FIX, PRECISION_REMOVED, REMOVED_PRECISIONS
 from processor.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -35,9 +39,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 
-# models.precision → the torch dtype's name (None: float32, no autocast); torch itself is imported only
-# when a model runs, so a daemon whose pipeline needs no model starts without it.
-PRECISIONS: dict[str, str | None] = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
+# models.precision: auto (each model's documented default) or fp32 (float32 for every model that
+# follows the cache). bf16/fp16 (low precision for every model, CT-CLIP included) are refused: bf16
+# moved CT-CLIP's probabilities by up to 0.12 (docs/precision.md). torch is imported only when a
+# model runs, so a daemon whose pipeline needs no model starts without it.
+PRECISIONS = ("auto", "fp32")
 _HASH_CHUNK = 8 * 2**20
 
 
@@ -74,8 +80,13 @@ class ModelCache:
             raise ConfigError(
                 f"models.capacity {capacity}: must be at least 1. Fix: set models.capacity: 1 or more."
             )
-        if precision != "auto" and precision not in PRECISIONS:
-            raise ConfigError(f"models.precision {precision!r}: use auto, fp32, bf16 or fp16.")
+        if precision in REMOVED_PRECISIONS:
+            raise ConfigError(
+                f"models.precision {precision!r} {PRECISION_REMOVED.format(value=precision)}. "
+                f"Fix: {PRECISION_FIX}."
+            )
+        if precision not in PRECISIONS:
+            raise ConfigError(f"models.precision {precision!r}: use auto or fp32 (docs/precision.md).")
         self.capacity = capacity
         self.device_name = str(device)
         self.gpu_budget_bytes = None if gpu_memory_budget_gb is None else int(gpu_memory_budget_gb * 1e9)
@@ -230,15 +241,16 @@ class ModelCache:
 
     # ---------------------------------------------------------------- precision, checksums
     def autocast_dtype(self) -> torch.dtype | None:
-        """``models.precision`` for this device: auto = bfloat16 on CUDA, float32 (None) on the CPU."""
-        import torch
+        """The dtype of models whose ``auto`` follows the cache (the captioner; never CT-CLIP).
 
+        ``models.precision: auto`` = their default, bfloat16 on CUDA and float32 (None) on the CPU;
+        ``fp32`` = float32 (None) everywhere.
+        """
         from processor.models.device import default_autocast_dtype
 
         if self.precision == "auto":
             return default_autocast_dtype(self.device)
-        name = PRECISIONS[self.precision]
-        return None if name is None else getattr(torch, name)
+        return None
 
     def digest(self, path: str | Path) -> str:
         """sha256 of ``path``, computed once per (resolved path, size, mtime)."""

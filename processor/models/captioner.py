@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from processor.errors import WeightsError
+from processor.models.image_tokens import BLIP2_FIX, blip2_problems, check_image_tokens
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +233,8 @@ class Captioner:
         if not images:
             return []
         inputs = self._inputs(images, effective_prompt(self.info, prompt))
+        # never a caption of the prompt alone: the image tokens must be there (StepError otherwise)
+        check_image_tokens(self.info.family, self.model.config, inputs.get("input_ids"), self.info.folder)
         with self._lock, torch.inference_mode():
             inputs = {k: (v.to(self.device) if hasattr(v, "to") else v) for k, v in inputs.items()}
             if "pixel_values" in inputs and self.dtype is not None:
@@ -326,6 +329,13 @@ def load_captioner(info: ModelInfo, device: str, dtype: Any) -> Captioner:
             f"{folder}: cannot load {info.architecture} weights ({exc}). Fix: copy the "
             "complete folder written by model.save_pretrained(folder)."
         ) from exc
+    if info.family == "blip-2":
+        problems = blip2_problems(processor, model.config)
+        if problems:
+            raise WeightsError(
+                f"{folder}: this BLIP-2 folder cannot show the image to the model: "
+                f"{'; '.join(problems)}. {BLIP2_FIX}"
+            )
     model.to(device).eval()
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is not None and info.decoder_only:

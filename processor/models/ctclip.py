@@ -38,11 +38,12 @@ from processor.models.ctclip_checkpoint import (
     split_lipro,
 )
 from processor.models.ctclip_preprocess import ctrate_xyz_from_dicom, preprocess_volume
+from processor.models.ctclip_vocab import build_tokenizer
 from processor.models.ctvit import CTViT
 from processor.models.device import (
     autocast_context,
     check_autocast_dtype,
-    default_autocast_dtype,
+    precision_name,
     resolve_device,
 )
 
@@ -83,19 +84,6 @@ PRESENT_TEMPLATE = "{} is present."
 ABSENT_TEMPLATE = "{} is not present."
 
 Finding = str | tuple[str, str, str]
-AutocastSpec = torch.dtype | None | Literal["auto"]
-
-
-def build_tokenizer(vocab: str | Path) -> BertTokenizer:
-    """WordPiece tokenizer from a CXR-BERT style vocab.txt (lower-casing)."""
-    path = Path(vocab)
-    if not path.is_file():
-        raise WeightsError(
-            f"tokenizer vocabulary {path} not found. Hint: place the 30522-entry vocab.txt of "
-            "microsoft/BiomedVLP-CXR-BERT-specialized there; it is not part of the .pt file."
-        )
-    # transformers 5: vocab_file= silently yields a 5-token tokenizer; vocab= is correct.
-    return BertTokenizer(vocab=str(path), do_lower_case=True)
 
 
 def _findings_prompts(findings: Sequence[Finding] | None) -> list[tuple[str, str, str]]:
@@ -155,6 +143,9 @@ class CTClip(nn.Module):
     ) -> CTClip:
         """Move to ``device``, freeze, eval mode; set autocast dtype and attention kernel.
 
+        ``autocast_dtype=None`` is true float32 (the official inference); on CUDA TF32 is off
+        (:func:`exact_float32`, called by :func:`resolve_device`) whatever the dtype, so the parts
+        autocast keeps in float32 (the VQ code choice, norms, softmax) stay exact too.
         ``fused_attention=None`` uses SDPA on CUDA and the exact plain attention on CPU.
         """
         self.to(device)
@@ -335,14 +326,16 @@ def load_ctclip(
     config: str | Path | None = None,
     device: str | torch.device = "cpu",
     *,
-    autocast_dtype: AutocastSpec = "auto",
+    autocast_dtype: torch.dtype | None = None,
     text_padding: Literal["max_length", "longest"] = "max_length",
     fused_attention: bool | None = None,
 ) -> CTClip:
     """Load a released CT-CLIP v2 / VocabFine v2 / LiPro v2 checkpoint, ready for inference.
 
     ``config=None`` is the official v2 architecture; otherwise a JSON shaped like
-    small_config.json. ``autocast_dtype="auto"`` = bfloat16 on CUDA, float32 on CPU.
+    small_config.json. ``autocast_dtype=None`` (the default on every device) is float32 with
+    TF32 off, as the official inference; ``torch.bfloat16`` / ``torch.float16`` run the image
+    and text towers under autocast, an opt-in whose deviation docs/precision.md measures.
     ``text_padding="longest"`` is faster on CPU and differs from the official max_length
     padding by ~1e-6 in the CLS state. ``fused_attention=None`` = SDPA on CUDA, exact
     plain attention on CPU.
@@ -351,17 +344,16 @@ def load_ctclip(
     if text_padding not in ("max_length", "longest"):
         raise ConfigError(f"text_padding {text_padding!r}: use 'max_length' or 'longest'")
     cfg = load_config(config)
-    tokenizer = build_tokenizer(vocab)
-    if len(tokenizer) != cfg.bert["vocab_size"]:
-        raise WeightsError(
-            f"vocabulary {vocab} has {len(tokenizer)} tokens but the model expects "
-            f"{cfg.bert['vocab_size']}. Hint: use the vocab.txt of "
-            "microsoft/BiomedVLP-CXR-BERT-specialized (30522 entries)."
-        )
+    tokenizer = build_tokenizer(vocab, cfg.bert["vocab_size"])  # checked by content, WeightsError
     info = inspect_checkpoint(checkpoint)
     model = _build_and_load(cfg, tokenizer, read_state_dict(info.path), info)
     model.text_padding = text_padding
-    amp = default_autocast_dtype(dev) if autocast_dtype == "auto" else autocast_dtype
-    model.place(dev, amp, fused_attention)
-    log.info("ctclip.loaded path=%s kind=%s device=%s autocast=%s", info.path, info.kind, dev, amp)
+    model.place(dev, autocast_dtype, fused_attention)
+    log.info(
+        "ctclip.loaded path=%s kind=%s device=%s precision=%s",
+        info.path,
+        info.kind,
+        dev,
+        precision_name(model.autocast_dtype),
+    )
     return model

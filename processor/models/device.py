@@ -2,10 +2,19 @@
 
 * ``resolve_device("auto" | "cpu" | "cuda" | "cuda:N")`` turns a settings value into a
   ``torch.device``. Asking for CUDA on a machine without it is a :class:`ConfigError`;
-  there is never a silent fallback to the CPU.
-* ``default_autocast_dtype(device)`` is bfloat16 on CUDA and ``None`` (full float32) on CPU.
+  there is never a silent fallback to the CPU. A CUDA device comes with TF32 turned off.
+* ``PRECISIONS`` names the precisions a model step may run at (``fp32``, ``bf16``, ``fp16``) and
+  ``precision_dtype(name)`` gives the autocast dtype (``None`` for fp32: no autocast).
+* ``default_autocast_dtype(device)`` is bfloat16 on CUDA and ``None`` (full float32) on CPU: the
+  low-precision default of models that have one (the captioner's ``dtype: auto``). CT-CLIP does
+  not use it: it runs float32 unless a step opts in (docs/precision.md).
 * ``autocast_context(device, dtype)`` returns the matching ``torch.autocast`` context, or a
   no-op context when ``dtype`` is ``None``.
+* ``exact_float32(device)`` turns TF32 off for cuBLAS matmuls and cuDNN convolutions when
+  ``device`` is CUDA (process-wide torch settings, logged when they change) and returns whether
+  TF32 is in use: ``False`` on CUDA, ``None`` on the CPU, where TF32 does not exist. Called where
+  a CUDA device is resolved, and by each CT-CLIP step before it runs (which records the answer).
+  ``disable_tf32()`` and ``tf32_enabled()`` set and read the flags on any device.
 """
 
 from __future__ import annotations
@@ -23,13 +32,15 @@ log = logging.getLogger(__name__)
 
 _CUDA_SPEC = re.compile(r"^cuda(?::(\d+))?$")
 AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(spec: str | torch.device) -> torch.device:
     """Map ``auto|cpu|cuda|cuda:N`` (or a ``torch.device``) to a usable device.
 
     Raises ConfigError for an unknown spelling, for CUDA without CUDA, and for a CUDA index
-    that does not exist.
+    that does not exist. Resolving a CUDA device turns TF32 off (:func:`exact_float32`), so every
+    float32 model of the process runs true float32 from the start, whatever ran first.
     """
     if isinstance(spec, torch.device):
         spec = str(spec)
@@ -37,6 +48,7 @@ def resolve_device(spec: str | torch.device) -> torch.device:
     if text == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         log.info("device.resolved spec=auto device=%s", device)
+        exact_float32(device)
         return device
     if text == "cpu":
         return torch.device("cpu")
@@ -56,12 +68,60 @@ def resolve_device(spec: str | torch.device) -> torch.device:
             f"device {spec!r} was requested but only {count} CUDA device(s) exist. "
             f"Hint: use cuda:0 … cuda:{count - 1}."
         )
-    return torch.device("cuda", index)
+    device = torch.device("cuda", index)
+    exact_float32(device)
+    return device
 
 
 def default_autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """bfloat16 autocast on CUDA, exact float32 on CPU."""
+    """bfloat16 autocast on CUDA, exact float32 on CPU (the captioner's ``auto``; never CT-CLIP's)."""
     return torch.bfloat16 if device.type == "cuda" else None
+
+
+def precision_dtype(name: str) -> torch.dtype | None:
+    """The autocast dtype of a precision name: fp32 → None (no autocast), bf16, fp16."""
+    try:
+        return PRECISIONS[name]
+    except KeyError:
+        raise ConfigError(
+            f"precision {name!r} is not known. Fix: use one of {', '.join(PRECISIONS)}."
+        ) from None
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """The precision name of an autocast dtype (None → fp32)."""
+    return next(name for name, known in PRECISIONS.items() if known == dtype)
+
+
+def tf32_enabled() -> bool:
+    """Whether float32 matmuls (cuBLAS) or convolutions (cuDNN) may run in TF32 (readable on any device)."""
+    try:
+        return bool(torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)
+    except RuntimeError:  # torch >= 2.9 when its new per-operator flags were set apart: cannot tell
+        return True
+
+
+def disable_tf32() -> None:
+    """True float32 for cuBLAS matmuls and cuDNN convolutions (and RNNs); process-wide.
+
+    TF32 keeps 10 mantissa bits: on Ampere and later it changes CT-CLIP's PEG Conv3d and
+    projections by far more than float32 rounding. Fused attention (SDPA) stays on: its float32
+    kernel does not read these flags and keeps float32 accuracy (3xTF32 on Ampere and later).
+    Logged only when a flag changes, so once per process in practice.
+    """
+    before = tf32_enabled()
+    torch.backends.cuda.matmul.allow_tf32 = False  # = torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
+    if before:
+        log.info("device.tf32 matmul=off cudnn=off reason=float32 models run in true float32")
+
+
+def exact_float32(device: torch.device) -> bool | None:
+    """TF32 off when ``device`` is CUDA; returns whether TF32 is in use (None on the CPU: no TF32)."""
+    if device.type != "cuda":
+        return None
+    disable_tf32()
+    return tf32_enabled()
 
 
 def check_autocast_dtype(dtype: torch.dtype | None) -> torch.dtype | None:

@@ -14,12 +14,14 @@ import json
 import math
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from processor.errors import WeightsError
+from processor.models.calibration_map import Calibration
 
 
 def booster_name(name: str) -> str:
@@ -42,7 +44,8 @@ class FusedModel:
             self.booster = lgb.Booster(model_file=str(model_path))
             self.names: list[str] = list(self.card["feature_names"])
             self.threshold = float(self.card["threshold"])
-        except (OSError, ValueError, KeyError, lgb.basic.LightGBMError) as exc:
+            self.calibration = Calibration.from_dict(self.card.get("calibration"))
+        except (OSError, ValueError, KeyError, TypeError, lgb.basic.LightGBMError) as exc:
             raise WeightsError(
                 f"{model_path}: cannot load the fusion model with {card_path.name} ({exc}). "
                 "Fix: run `python run.py fit-fusion` again."
@@ -59,11 +62,24 @@ class FusedModel:
             )
         self.model_path = model_path
 
-    def predict(self, features: Mapping[str, float]) -> tuple[float, dict[str, float], float, list[str]]:
-        """(probability, SHAP contribution per feature, bias, missing feature names) for one study."""
+    def predict(self, features: Mapping[str, float]) -> Prediction:
+        """The calibrated probability, the booster's own, SHAP contributions and missing features."""
         row = np.array([[features.get(n, np.nan) for n in self.names]], dtype=np.float64)
-        probability = float(self.booster.predict(row)[0])
+        raw = float(self.booster.predict(row)[0])
         contrib = self.booster.predict(row, pred_contrib=True)[0]
         by_feature = {n: float(c) for n, c in zip(self.names, contrib[:-1], strict=True)}
         missing = [n for n in self.names if not _finite(features.get(n))]
-        return probability, by_feature, float(contrib[-1]), missing
+        probability = float(self.calibration.apply(raw))
+        return Prediction(probability, raw, by_feature, float(contrib[-1]), missing)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One study's fusion output. ``probability``: calibrated (the card's map; what the threshold is
+    on); ``raw``: the booster's output; ``by_feature``/``bias``: SHAP values in log-odds of ``raw``."""
+
+    probability: float
+    raw: float
+    by_feature: dict[str, float]
+    bias: float
+    missing: list[str]

@@ -3,7 +3,8 @@
 A linear layer (``hidden: 0``) or a one-hidden-layer MLP (``hidden: N``, GELU, dropout), after a
 standardisation whose mean and std (from the training set) are buffers of the module. Saved as a
 folder: ``head.pt`` (a plain state dict, loaded with ``weights_only=True``) and ``card.json``
-(architecture, findings, CV AUROC, training-set hash, date — written by ``fit-head``).
+(architecture, findings, per-finding calibration maps and thresholds, CV figures, the CT-CLIP
+checkpoint it was trained on, training-set hash, date — written by ``fit-head``).
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from processor.errors import WeightsError
+from processor.models.calibration_map import Calibration
 
 WEIGHTS_NAME = "head.pt"
 CARD_NAME = "card.json"
@@ -62,6 +65,23 @@ class LoadedHead:
     card: dict[str, Any]
     weights_path: Path
 
+    def probabilities(self, latent: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities (n_findings,) for one latent (in_dim,), float32.
+
+        The head's sigmoid output passed through each finding's calibration map from the card
+        (:mod:`processor.models.calibration_map`); a card without one (an older fit) is used as is.
+        """
+        device = next(self.model.parameters()).device
+        raw = self.model.probabilities(torch.from_numpy(np.asarray(latent, np.float32))[None].to(device))
+        raw_np = raw[0].cpu().numpy().astype(float)
+        calibration = self.card.get("calibration") or {}
+        return np.array(
+            [
+                Calibration.from_dict(calibration.get(f)).apply(v)
+                for f, v in zip(self.findings, raw_np, strict=True)
+            ]
+        )
+
 
 def build_head(in_dim: int, findings: Sequence[str], hidden: int = 0, dropout: float = 0.1) -> FindingHead:
     return FindingHead(in_dim, len(findings), hidden, dropout)
@@ -87,6 +107,8 @@ def load_head(folder: Path, device: str | torch.device = "cpu") -> LoadedHead:
         arch = card["architecture"]
         findings = list(card["findings"])
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
+        for entry in (card.get("calibration") or {}).values():
+            Calibration.from_dict(entry)  # an unknown method is refused here, not per study
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise WeightsError(
             f"{folder}: not a head written by `python run.py fit-head` ({exc}). "

@@ -63,7 +63,12 @@ class FinishedStudy:
 
     ``sections``: the study's result sections (``ctx.result``); ``features`` (name → number) and
     ``latents`` (name → vector) the model outputs the fit commands use; ``steps``: one dict per
-    step run (``step_id, uses, status, seconds, error``).
+    step run (``step_id, uses, status, seconds, error``). Provenance: ``feature_models`` /
+    ``latent_models`` (name → sha256 of the checkpoint that produced it, None when weight-free) and
+    ``software`` (distribution → version), stored with each feature and latent row.
+    ``patient_key``: the patient's pseudonym (``State.patient_key``; "" when the DICOM has no
+    PatientID, None only when not known), stored in the studies row only — never the PatientID
+    itself, and never in the result JSON.
     """
 
     study_uid: str
@@ -77,6 +82,10 @@ class FinishedStudy:
     features: dict[str, float] = field(default_factory=dict)
     latents: dict[str, Any] = field(default_factory=dict)
     dicom: dict[str, Any] = field(default_factory=dict)
+    feature_models: dict[str, str | None] = field(default_factory=dict)
+    latent_models: dict[str, str | None] = field(default_factory=dict)
+    software: dict[str, str] = field(default_factory=dict)
+    patient_key: str | None = None
 
 
 class StudyRecorder:
@@ -308,6 +317,7 @@ class StudyRecorder:
                 "error": study.error,
                 "json_path": str(study.json_path),
                 "seconds": seconds,
+                "patient_key": study.patient_key,
                 "result": result,
             },
             "steps": [
@@ -316,6 +326,9 @@ class StudyRecorder:
             ],
             "features": study.features,
             "latents": study.latents,
+            "feature_models": study.feature_models,
+            "latent_models": study.latent_models,
+            "software": study.software,
         }
 
 

@@ -1,7 +1,8 @@
 """Pipeline YAML → checked, compiled list of step instances.
 
 Every problem is collected before anything runs — unknown step (with the closest names), bad
-parameter, an input no earlier step provides (or provides with another type), a duplicate id — and
+parameter, an input no earlier step provides (or provides with another type), a duplicate id, a
+model trained on another checkpoint's outputs than the earlier steps give it (``Step.bind``) — and
 reported at once as a ConfigError naming the file, the dotted location, the value and the fix.
 """
 
@@ -159,6 +160,12 @@ def compile_steps(
         compiled.append(CompiledStep(step_spec.id, step_spec, step))
     for index, done in enumerate(compiled):
         done.step.link([c.step for c in compiled[index + 1 :]])
+    where_of = {s.id: i for i, s in reversed(list(enumerate(spec.steps)))}
+    for index, done in enumerate(compiled):
+        problems.extend(
+            f"steps[{where_of[done.id]}] ({done.id}): {p}"
+            for p in done.step.bind([c.step for c in compiled[:index]])
+        )
     return compiled, problems
 
 

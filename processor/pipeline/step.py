@@ -12,7 +12,7 @@ Steps never touch SQLite or the outbox layout beyond ``ctx.out_dir``; models com
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
@@ -59,6 +59,8 @@ class StepEnv:
     device: str = "cpu"
     models: Any = None
     content_cache: Any = None
+    # resolved path → sha256 the weights manifest pins for it (files only; built by the caller)
+    pinned_sha256: Mapping[Path, str] = field(default_factory=dict)
 
     def path(self, value: str | Path) -> Path:
         path = Path(value)
@@ -122,6 +124,21 @@ class Step:
     def link(self, later: Sequence[Step]) -> None:
         """Told at compile time which steps run after this one in the pipeline (default: ignored)."""
 
+    def output_sha256(self, output: str) -> str | None:
+        """The sha256 of the checkpoint file this step's ``output`` comes from, for a later step's
+        :meth:`bind`: ``output`` is a port name (``ctclip_latent``) or a feature prefix (``zs``).
+
+        None when this step does not give that output, or its file is absent now (then the step is
+        skipped at run time and a later one gives it). Default: None (weight-free steps).
+        """
+        return None
+
+    def bind(self, earlier: Sequence[Step]) -> list[str]:
+        """Problems binding this step to what ``earlier`` steps (pipeline order) will give it, found at
+        compile time — e.g. a model trained on another checkpoint's outputs; each with its fix.
+        Default: none. See :func:`bound_output`."""
+        return []
+
     def run(self, ctx: StudyContext) -> None:
         raise NotImplementedError
 
@@ -129,3 +146,13 @@ class Step:
         """Several studies at once (model-major order); batched steps override this."""
         for ctx in ctxs:
             self.run(ctx)
+
+
+def bound_output(earlier: Sequence[Step], output: str) -> tuple[Step, str] | None:
+    """The earlier step whose ``output`` a later step will receive, with its checkpoint's sha256: the
+    first one (in pipeline order) that gives it with its file present; None when none does."""
+    for step in earlier:
+        sha256 = step.output_sha256(output)
+        if sha256 is not None:
+            return step, sha256
+    return None

@@ -4,7 +4,9 @@ Only this package writes SQL. Parts: :mod:`~processor.state.schema` (migrations)
 :mod:`~processor.state.queue` (arrivals: register, claim, crash recovery, the recorded end),
 :mod:`~processor.state.results` (studies, steps, features, latents), :mod:`~processor.state.sources`
 (URL sources), :mod:`~processor.state.reads` (read models for reports and status),
-:mod:`~processor.state.content` (content cache). The status server opens its own with
+:mod:`~processor.state.content` (content cache), :mod:`~processor.state.meta` (the ``meta`` table
+and the patient pseudonym, :meth:`State.patient_key`), :mod:`~processor.state.exports` (read
+models for ``export``). The status server opens its own with
 ``readonly=True``.
 
 Names are bytes (:mod:`processor.names`): an arrival's ``name`` is its display name and
@@ -18,6 +20,8 @@ from pathlib import Path
 
 from processor.state.arrival import Arrival, Registered
 from processor.state.content import ContentCacheStore, ContentRows
+from processor.state.exports import ExportRows
+from processor.state.meta import Meta
 from processor.state.queue import Queue, crash_reason
 from processor.state.reads import ReadModels
 from processor.state.results import Results
@@ -28,7 +32,7 @@ from processor.vocab import utcnow
 __all__ = ["MIGRATIONS", "Arrival", "ContentCacheStore", "Registered", "State", "crash_reason", "utcnow"]
 
 
-class State(Queue, Results, Sources, ReadModels, ContentRows):
+class State(Queue, Results, Sources, ReadModels, ContentRows, Meta, ExportRows):
     """The ctwatch database: every query, from any thread (each thread gets its own connection)."""
 
     @staticmethod

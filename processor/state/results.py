@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from processor.state.db import Database, storable
@@ -26,10 +27,15 @@ class Results(Database):
         steps: list[dict[str, Any]],
         features: dict[str, float] | None = None,
         latents: dict[str, Any] | None = None,
+        *,
+        feature_models: Mapping[str, str | None] | None = None,
+        latent_models: Mapping[str, str | None] | None = None,
+        software: Mapping[str, str] | None = None,
     ) -> None:
         """One study's outcome, step runs, features and latents, inside the caller's transaction.
 
-        A re-run of the same arrival replaces them. ``fields`` may hold ``result`` (the JSON document).
+        A re-run of the same arrival replaces them. ``fields`` may hold ``result`` (the JSON document)
+        and ``patient_key``; the provenance arguments are those of :meth:`record_features`.
         """
         fields = dict(fields)
         document = fields.pop("result", None)
@@ -59,7 +65,16 @@ class Results(Database):
                 {"arrival_id": arrival_id, "study_uid": study_uid, "finished_at": utcnow(), **step}
             )
         if features is not None or latents is not None:
-            self._write_features(arrival_id, study_uid, fields.get("accession"), features or {}, latents)
+            self._write_features(
+                arrival_id,
+                study_uid,
+                fields.get("accession"),
+                features or {},
+                latents,
+                feature_models=feature_models,
+                latent_models=latent_models,
+                software=software,
+            )
 
     def record_study(
         self, arrival_id: int, study_uid: str, fields: dict[str, Any], steps: list[dict[str, Any]]
@@ -81,13 +96,30 @@ class Results(Database):
         accession: str | None,
         features: dict[str, float],
         latents: dict[str, Any] | None = None,
+        *,
+        feature_models: Mapping[str, str | None] | None = None,
+        latent_models: Mapping[str, str | None] | None = None,
+        software: Mapping[str, str] | None = None,
     ) -> None:
         """Store one study's model outputs (name → number) and latent vectors (float32 BLOBs).
 
         A re-run of the same arrival replaces them; non-finite numbers are stored as NULL.
+        Provenance, per row: ``feature_models`` / ``latent_models`` (name → sha256 of the checkpoint
+        that produced it; absent or None for weight-free features) → ``model_sha256``, and
+        ``software`` (distribution → version, :func:`processor.provenance.software_versions`) →
+        ``software`` as JSON.
         """
         with self.transaction():
-            self._write_features(arrival_id, study_uid, accession, features, latents)
+            self._write_features(
+                arrival_id,
+                study_uid,
+                accession,
+                features,
+                latents,
+                feature_models=feature_models,
+                latent_models=latent_models,
+                software=software,
+            )
 
     def _write_features(
         self,
@@ -96,10 +128,16 @@ class Results(Database):
         accession: str | None,
         features: dict[str, float],
         latents: dict[str, Any] | None,
+        *,
+        feature_models: Mapping[str, str | None] | None = None,
+        latent_models: Mapping[str, str | None] | None = None,
+        software: Mapping[str, str] | None = None,
     ) -> None:
         import numpy as np
 
         now = utcnow()
+        versions = json.dumps(dict(software), sort_keys=True) if software is not None else None
+        feature_models, latent_models = feature_models or {}, latent_models or {}
         for table in ("features", "latents"):
             self.db.execute(
                 f"delete from {table} where arrival_id = ? and study_uid = ?", [arrival_id, study_uid]
@@ -113,6 +151,8 @@ class Results(Database):
                     "accession": accession,
                     "name": name,
                     "value": number if number is not None and np.isfinite(number) else None,
+                    "model_sha256": feature_models.get(name),
+                    "software": versions,
                     "created_at": now,
                 }
             )
@@ -128,6 +168,8 @@ class Results(Database):
                     "name": name,
                     "dim": int(array.size),
                     "vector": array.tobytes(),
+                    "model_sha256": latent_models.get(name),
+                    "software": versions,
                     "created_at": now,
                 }
             )
@@ -135,14 +177,21 @@ class Results(Database):
     def study_features(self) -> list[dict[str, Any]]:
         """Features of every study, from its latest arrival that recorded any.
 
-        One dict per study: ``{"study_uid", "accession", "arrival_id", "features": {name: value}}``
-        (NULL values come back as NaN).
+        One dict per study: ``{"study_uid", "accession", "arrival_id", "patient_key", "features":
+        {name: value}, "models": {name: sha256 or None}, "software": {distribution: version}}``.
+        NULL values come back as NaN; ``patient_key`` is the studies row's of the same arrival (None
+        when there is none, or no PatientID); ``models`` None and ``software`` ``{}`` for rows
+        written before provenance was recorded (migration 0009).
         """
         studies: dict[str, dict[str, Any]] = {}
+        versions = _Versions()
         for row in self.db.query(
-            "select f.arrival_id, f.study_uid, f.accession, f.name, f.value from features f "
+            "select f.arrival_id, f.study_uid, f.accession, f.name, f.value, f.model_sha256, "
+            "f.software, s.patient_key from features f "
             "join (select study_uid, max(arrival_id) as latest from features group by study_uid) m "
-            "on f.study_uid = m.study_uid and f.arrival_id = m.latest order by f.study_uid, f.name"
+            "on f.study_uid = m.study_uid and f.arrival_id = m.latest "
+            "left join studies s on s.arrival_id = f.arrival_id and s.study_uid = f.study_uid "
+            "order by f.study_uid, f.name"
         ):
             entry = studies.setdefault(
                 row["study_uid"],
@@ -150,31 +199,81 @@ class Results(Database):
                     "study_uid": row["study_uid"],
                     "accession": row["accession"],
                     "arrival_id": row["arrival_id"],
+                    "patient_key": row["patient_key"],
                     "features": {},
+                    "models": {},
+                    "software": {},
                 },
             )
             entry["features"][row["name"]] = float("nan") if row["value"] is None else float(row["value"])
+            entry["models"][row["name"]] = row["model_sha256"]
+            if not entry["software"]:
+                entry["software"] = versions.of(row["software"])
         return list(studies.values())
 
     def study_latents(self, name: str) -> list[dict[str, Any]]:
         """Latent vectors called ``name`` (e.g. ``ctclip``), one per study from its latest arrival.
 
-        One dict per study: ``{"study_uid", "accession", "arrival_id", "vector": float32 array}``.
+        One dict per study: ``{"study_uid", "accession", "arrival_id", "patient_key", "vector":
+        float32 array, "model_sha256": sha256 of the checkpoint or None, "software": dict}`` (the
+        provenance as in :meth:`study_features`).
         """
         import numpy as np
 
+        versions = _Versions()
         return [
             {
                 "study_uid": row["study_uid"],
                 "accession": row["accession"],
                 "arrival_id": row["arrival_id"],
+                "patient_key": row["patient_key"],
                 "vector": np.frombuffer(row["vector"], dtype="<f4").astype(np.float32),
+                "model_sha256": row["model_sha256"],
+                "software": versions.of(row["software"]),
             }
             for row in self.db.query(
-                "select l.arrival_id, l.study_uid, l.accession, l.vector from latents l "
+                "select l.arrival_id, l.study_uid, l.accession, l.vector, l.model_sha256, l.software, "
+                "s.patient_key from latents l "
                 "join (select study_uid, max(arrival_id) as latest from latents where name = ? "
                 "group by study_uid) m on l.study_uid = m.study_uid and l.arrival_id = m.latest "
+                "left join studies s on s.arrival_id = l.arrival_id and s.study_uid = l.study_uid "
                 "where l.name = ? order by l.study_uid",
                 [name, name],
             )
         ]
+
+    def latest_study_rows(self) -> list[dict[str, Any]]:
+        """Each study's ``studies`` row of its latest arrival: study_uid, accession, arrival_id,
+        patient_key, status, probability_of_pathology, result_json (for ``evaluate``)."""
+        return list(
+            self.db.query(
+                "select s.study_uid, s.accession, s.arrival_id, s.patient_key, s.status, "
+                "s.probability_of_pathology, s.result_json from studies s "
+                "join (select study_uid, max(arrival_id) as latest from studies group by study_uid) m "
+                "on s.study_uid = m.study_uid and s.arrival_id = m.latest"
+            )
+        )
+
+    def step_seconds(self, step_id: str) -> list[float]:
+        """Wall seconds of every finished run of pipeline step ``step_id``."""
+        return [
+            float(r["seconds"])
+            for r in self.db.query(
+                "select seconds from step_runs where step_id = ? and status = 'done' and seconds is not null",
+                [step_id],
+            )
+        ]
+
+
+class _Versions:
+    """``software`` JSON text → dict, each distinct text parsed once (every row of a run repeats it)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, dict[str, str]] = {}
+
+    def of(self, text: str | None) -> dict[str, str]:
+        if not text:
+            return {}
+        if text not in self._seen:
+            self._seen[text] = dict(json.loads(text))
+        return dict(self._seen[text])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Callable
 
 import sqlite_utils
@@ -215,6 +216,24 @@ def _m8_redact_sources(db: sqlite_utils.Database) -> None:
             db.execute("update studies set result_json = ? where id = ?", [json.dumps(document), row["id"]])
 
 
+def _m9_provenance(db: sqlite_utils.Database) -> None:
+    """Issue 16: provenance that binds, and the patient pseudonym.
+
+    ``features`` / ``latents`` get ``model_sha256`` (sha256 of the checkpoint file that produced the
+    value; NULL for weight-free features such as ``lungs.*`` and for rows an older ctwatch wrote) and
+    ``software`` (JSON object: distribution → version). ``studies`` gets ``patient_key``: the
+    HMAC-SHA256 of IssuerOfPatientID and PatientID under ``meta.patient_key_secret`` (32 random
+    bytes, hex, made here once), so studies group by patient without the ID ever being stored.
+    """
+    for table in ("features", "latents"):
+        db.table(table).add_column("model_sha256", str)
+        db.table(table).add_column("software", str)
+    db.table("studies").add_column("patient_key", str)
+    db.table("studies").create_index(["patient_key"])
+    db.table("meta").create({"key": str, "value": str}, pk="key", not_null={"value"})
+    db.table("meta").insert({"key": "patient_key_secret", "value": secrets.token_hex(32)})
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("0001_initial", _m1_initial),
     ("0003_sources", _m3_sources),
@@ -223,4 +242,5 @@ MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("0006_name_bytes", _m6_name_bytes),
     ("0007_recorder", _m7_recorder),
     ("0008_redact_sources", _m8_redact_sources),
+    ("0009_provenance", _m9_provenance),
 ]

@@ -63,6 +63,15 @@ class AnomalyDiffusion(_WeightedStep):
         folder = self.folder()
         return [weights_file(folder), folder / "scheduler" / "scheduler_config.json", folder / CARD_NAME]
 
+    def output_sha256(self, output: str) -> str | None:
+        """The UNet weights' sha256 for the ``anomaly`` features (compile-time binding)."""
+        if output != "anomaly":
+            return None
+        from processor.models.diffusion import weights_file
+
+        weights = weights_file(self.folder())
+        return self.digest(weights) if weights.is_file() else None
+
     def run(self, ctx: StudyContext) -> None:
         import torch
 
@@ -115,9 +124,10 @@ class AnomalyDiffusion(_WeightedStep):
                 )
                 row["heatmap"] = f"{ctx.out_dir.name}/{path.name}"
         grid = SliceGrid.of(volume.positions_mm)
+        weights_sha = self.digest(model.weights_path)  # in the result and with the feature (provenance)
         ctx.result["anomaly"] = {
             "model": "unet/" + model.weights_path.name,
-            "sha256": self.digest(model.weights_path),
+            "sha256": weights_sha,
             "trained": card.get("date"),
             "score": round(score, 6),
             "aggregate": p.aggregate,
@@ -131,7 +141,7 @@ class AnomalyDiffusion(_WeightedStep):
             "warnings": [grid.note("levels chosen by slice index on")] if grid.irregular else [],
         }
         ctx.result.setdefault("features", {})["anomaly.score"] = round(score, 6)
-        add_features(ctx, {"anomaly.score": round(score, 6)}, replace=True)
+        add_features(ctx, {"anomaly.score": round(score, 6)}, replace=True, model_sha256=weights_sha)
         log.info("anomaly.done study=%s score=%.5f slices=%d", ctx.label, score, len(rows))
 
 

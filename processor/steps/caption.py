@@ -37,6 +37,7 @@ from pydantic import Field, field_validator
 
 from processor.errors import WeightsError
 from processor.models import captioner as cap
+from processor.models.image_tokens import blip2_folder_problems
 from processor.pipeline.registry import StepRegistry
 from processor.pipeline.step import Params, Step, StepEnv, StudyContext
 from processor.steps.ports import CAPTIONS, KEY_SLICES
@@ -144,7 +145,11 @@ class CaptionImages(Step):
             )
         if (self.folder / "config.json").exists():
             try:
-                cap.detect(self.folder)
+                if cap.detect(self.folder).family == "blip-2":  # legacy or half-converted folders
+                    problems += [
+                        f"with.model (value: {self.p.model!r}): {p}"
+                        for p in blip2_folder_problems(self.folder)
+                    ]
             except (cap.UnsupportedModel, WeightsError) as exc:
                 problems.append(f"with.model (value: {self.p.model!r}): {exc}")
         return problems

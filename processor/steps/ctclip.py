@@ -4,7 +4,10 @@ Both take the ``volume`` port, map it to CT-RATE's (X, Y, Z) array order
 (:func:`ctrate_xyz_from_dicom`), apply the official v2 inference preprocessing
 (:func:`preprocess_volume`), encode the image once with a model from the shared cache, and add
 ``result["models"][<step id>]``: kind, model file, sha256, licence, per-finding probabilities,
-the preprocessing record and the saved latent's file (``save_latent``). They provide the ports
+the preprocessing record, the saved latent's file (``save_latent``), and what ran: ``precision``
+(the step's ``precision``: fp32 by default on every device, bf16/fp16 only as an explicit opt-in;
+``models.precision`` never applies) and ``tf32`` (False on CUDA, where it is turned off; None on
+the CPU). See docs/precision.md. They provide the ports
 ``ctclip_latent`` (the first CT-CLIP step's image latent, (dim_latent,) float32), ``features``
 (``zs.<finding>`` / ``lipro.<finding>``) and ``scores`` (:mod:`processor.steps.ports`), and
 ``values["ctclip_latent.<step id>"]``.
@@ -34,7 +37,7 @@ import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import Field, field_validator
@@ -54,6 +57,8 @@ from processor.steps.ports import (
     ModelScores,
     add_features,
     add_scores,
+    model_identity,
+    set_latent,
 )
 
 if TYPE_CHECKING:
@@ -84,6 +89,11 @@ class CTClipParams(Params):
     config: str | None = Field(None, description="architecture JSON for non-official models; omit for v2")
     target_xyz: tuple[int, int, int] = Field(OFFICIAL_TARGET_XYZ, description="model input size (X, Y, Z)")
     save_latent: bool = Field(False, description="write the image latent as .npy next to the JSON")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="fp32 (default, every device: the official numbers) or an opt-in bf16/fp16 autocast "
+        "(faster on CUDA; moves probabilities, see docs/precision.md); fp16 needs CUDA",
+    )
 
     @field_validator("target_xyz")
     @classmethod
@@ -143,16 +153,21 @@ class _CTClipStep(Step):
     def check(self) -> list[str]:
         from processor.models.ctclip_checkpoint import load_config
 
+        problems = []
+        if self.p.precision == "fp16" and not self.env.device.startswith("cuda"):
+            problems.append(
+                f"with.precision (value: 'fp16'): fp16 autocast needs CUDA and this daemon runs on "
+                f"{self.env.device}. Fix: remove the key (fp32, the official numbers) or use bf16."
+            )
         _, _, config = self._paths()
         if config is not None and not config.is_file():
-            return []  # reported as missing weights when a study runs
+            return problems  # a missing config is reported as missing weights when a study runs
         try:
             cfg = load_config(config)
         except ConfigError as exc:
-            return [f"with.config: {exc}"]
+            return [*problems, f"with.config: {exc}"]
         x, y, z = self.p.target_xyz
         side, frames = cfg.ctvit.image_size, cfg.ctvit.temporal_patch_size
-        problems = []
         if (x, y) != (side, side):
             problems.append(
                 f"with.target_xyz (value: {list(self.p.target_xyz)}): this model takes "
@@ -164,7 +179,24 @@ class _CTClipStep(Step):
                 f"with.target_xyz (value: {list(self.p.target_xyz)}): Z must be a multiple of "
                 f"the temporal patch size {frames}. Fix: e.g. {max(frames, z // frames * frames)}."
             )
-        return problems
+        return problems + self._vocab_problems()
+
+    def _vocab_problems(self) -> list[str]:
+        """The vocabulary's layout, and its sha256 where the manifest pins one. Absent files and a size
+        that does not fit the model are reported when the model loads (``weights`` still lists them)."""
+        from processor.models.cache import sha256_file
+        from processor.models.ctclip_vocab import check_vocab, sha256_problem
+
+        _, vocab, _ = self._paths()
+        if not vocab.is_file():
+            return []
+        try:
+            problems = check_vocab(vocab)
+        except WeightsError as exc:
+            problems = [str(exc)]
+        pinned = self.env.pinned_sha256.get(vocab.resolve())
+        mismatch = sha256_problem(vocab, sha256_file(vocab), pinned) if pinned else None
+        return [f"with.vocab (value: {self.p.vocab!r}): {p}" for p in [*problems, *filter(None, [mismatch])]]
 
     # ---------------------------------------------------------------- model
     def _cache(self) -> ModelCache:
@@ -178,20 +210,26 @@ class _CTClipStep(Step):
 
     def model(self) -> CTClip:
         from processor.models.ctclip import load_ctclip
+        from processor.models.ctclip_vocab import sha256_problem
+        from processor.models.device import precision_dtype
 
         checkpoint, vocab, config = self._paths()
         cache = self._cache()
-        amp = cache.autocast_dtype()
+        amp = precision_dtype(self.p.precision)  # CT-CLIP's own setting; models.precision never applies
         key = (
             "ctclip",
             str(checkpoint),
             str(vocab),
             str(config) if config else None,
             self.env.device,
-            str(amp).removeprefix("torch.") if amp else "fp32",
+            self.p.precision,
         )
 
         def load() -> CTClip:
+            pinned = self.env.pinned_sha256.get(vocab.resolve())
+            mismatch = sha256_problem(vocab, cache.digest(vocab), pinned) if pinned else None
+            if mismatch:
+                raise WeightsError(mismatch)
             model = load_ctclip(checkpoint, vocab, config, self.env.device, autocast_dtype=amp)
             log.warning(
                 "ctclip.licence file=%s licence=%r: the CT-CLIP weights (CT-RATE release) may be "
@@ -220,6 +258,13 @@ class _CTClipStep(Step):
         self.shares_input = any(
             isinstance(s, _CTClipStep) and tuple(s.p.target_xyz) == tuple(self.p.target_xyz) for s in later
         )
+
+    def output_sha256(self, output: str) -> str | None:
+        """The checkpoint's sha256 for the latent and this step's features (compile-time binding)."""
+        checkpoint = self._paths()[0]
+        if output not in (CTCLIP_LATENT.name, KIND_PREFIX[self.kind]) or not checkpoint.is_file():
+            return None
+        return model_identity(self._cache().digest(checkpoint), self.p.precision)
 
     def _preprocess(self, ctx: StudyContext) -> tuple[torch.Tensor, dict[str, Any]]:
         from processor.models.ctclip_preprocess import (
@@ -276,25 +321,29 @@ class _CTClipStep(Step):
         return tensor, record
 
     def run(self, ctx: StudyContext) -> None:
+        from processor.models.device import exact_float32
+
         _require_spacing(ctx.values[VOLUME.name])
         model = self.model()
+        tf32 = exact_float32(model.device)  # re-asserted per study: the flags are process-wide
         checkpoint, vocab, config = self._paths()
         tensor, preprocessing = self._input(ctx)
         latent_t = model.encode_image(tensor)
         probabilities = self.probabilities(model, latent_t)
         latent = latent_t[0].detach().cpu().numpy().astype(np.float32)
         cache = self._cache()
-        amp = cache.autocast_dtype()
+        checkpoint_sha = cache.digest(checkpoint)  # in the result and with each output (provenance)
         entry: dict[str, Any] = {
             "kind": self.kind,
             "model": checkpoint.name,
-            "sha256": cache.digest(checkpoint),
+            "sha256": checkpoint_sha,
             "vocab": vocab.name,
             "vocab_sha256": cache.digest(vocab),
             "config": config.name if config else None,
             "licence": LICENCE,
             "device": str(model.device),
-            "precision": str(amp).removeprefix("torch.") if amp else "fp32",
+            "precision": self.p.precision,
+            "tf32": tf32,
             "probabilities": probabilities,
             "preprocessing": preprocessing,
             "latent_dim": int(latent.shape[0]),
@@ -302,10 +351,15 @@ class _CTClipStep(Step):
             "warnings": _grid_warnings(preprocessing),
         }
         ctx.result.setdefault("models", {})[self.sid] = entry
-        ctx.values.setdefault(CTCLIP_LATENT.name, latent)
+        identity = model_identity(checkpoint_sha, self.p.precision)  # what fits bind to
+        set_latent(ctx, latent, identity)
         ctx.values[f"ctclip_latent.{self.sid}"] = latent
         prefix = KIND_PREFIX[self.kind]
-        add_features(ctx, {f"{prefix}.{finding}": p for finding, p in probabilities.items()})
+        add_features(
+            ctx,
+            {f"{prefix}.{finding}": p for finding, p in probabilities.items()},
+            model_sha256=identity,
+        )
         add_scores(ctx, ModelScores(self.sid, prefix, probabilities))
         top = max(probabilities, key=probabilities.__getitem__)
         log.info(

@@ -10,9 +10,32 @@
   section the result JSON's ``probability_of_pathology`` / ``pathology`` /
   ``most_dangerous_pathology_type`` are read from. Put it last. It reads the ``fusion`` and
   ``scores`` ports when present. Without a fusion model the first two are null (never an invented
-  number); ``most_dangerous_pathology_type`` is the first finding in ``severity_order`` whose
-  probability reaches its threshold, "No significant pathology" when none does, and null with a
-  reason when no model gave per-finding probabilities.
+  number). ``most_dangerous_pathology_type`` agrees with ``pathology`` by construction:
+
+  ================ ========================================== ====================================
+  pathology        per-finding probabilities                  most_dangerous_pathology_type
+  ================ ========================================== ====================================
+  null (no fusion) any                                        null — "no fusion model, so no
+                                                              decision"
+  0                any (even findings above their thresholds) "No significant pathology"
+  1                one or more at or above a fitted threshold the most severe of those (rule below)
+  1                none at or above a fitted threshold        null — "pathology is 1 but no finding
+                                                              reached its fitted threshold"
+  1                none has a fitted threshold (zero-shot     null — "… no finding has a fitted
+                   only, no card thresholds)                  threshold"
+  1                none at all                                null — "… no model gave per-finding
+                                                              probabilities"
+  ================ ========================================== ====================================
+
+  A finding's threshold comes from the pipeline's ``finding_thresholds`` (a deliberate site
+  choice, ``threshold_from: pipeline``), else the fusion card's fitted ``finding_thresholds``
+  (``fusion card``), else the card of the model that gave the probability (``model card``, the
+  head's ``thresholds``). There is no default: a finding without one has ``threshold`` and
+  ``positive`` null and never counts — zero-shot probabilities are a two-way softmax and sigmoid
+  outputs are uncalibrated, so 0.5 means nothing. The rule (``MOST_DANGEROUS_RULE``, written into
+  every decision as ``most_dangerous_rule``): among the findings at or above their threshold, the
+  first in ``severity_order`` (unlisted ones after all listed), then the larger margin (probability
+  minus threshold), then the name. ``reason`` explains every null.
 
 Feature names and the ports are listed in :mod:`processor.steps.ports`; :func:`collect_features`
 derives the same features from a result JSON.
@@ -22,21 +45,26 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from processor.errors import StepError, WeightsError
 from processor.models.fusion import FusedModel
 from processor.pipeline.registry import StepRegistry
 from processor.pipeline.step import Params, Step, StepEnv, StudyContext
+from processor.steps import binding
 from processor.steps.ports import (
     CTCLIP_LATENT,
+    FEATURE_MODELS,
     FEATURES,
     FUSION,
     KIND_PREFIX,
+    LATENT_MODELS,
     LUNG_FEATURES,
     SCORES,
     FusionOutput,
@@ -49,6 +77,14 @@ from processor.steps.ports import (
 log = logging.getLogger(__name__)
 
 NO_PATHOLOGY = "No significant pathology"
+# Where a finding's threshold may come from, in precedence order; there is no default.
+THRESHOLD_SOURCES: tuple[str, ...] = ("pipeline", "fusion card", "model card")
+MOST_DANGEROUS_RULE = (
+    "pathology 1: among findings at or above their threshold (pipeline finding_thresholds, else the "
+    "fusion card's, else the model card's; never a default), the first in severity_order (unlisted "
+    "after listed), then the larger probability - threshold, then name; none: null. pathology 0: "
+    f"{NO_PATHOLOGY!r}. No fusion model: null"
+)
 # Default order for most_dangerous_pathology_type: acute and life-threatening first, then findings
 # that need work-up (possible malignancy, infection), then chronic, then incidental. A site sets
 # its own with `severity_order:`; findings not listed rank after all listed ones.
@@ -121,6 +157,9 @@ class _WeightedStep(Step):
 
 
 # ---------------------------------------------------------------------------------------- head
+HEAD_WEIGHTS, HEAD_CARD = "head.pt", "card.json"  # processor.models.head's names (it imports torch)
+
+
 class HeadParams(Params):
     checkpoint: str = Field("weights/head/", description="folder written by `python run.py fit-head`")
 
@@ -143,13 +182,32 @@ class CtclipHead(_WeightedStep):
 
         return [self.folder() / WEIGHTS_NAME, self.folder() / CARD_NAME]
 
-    def run(self, ctx: StudyContext) -> None:
-        import torch
+    def output_sha256(self, output: str) -> str | None:
+        weights = self.folder() / HEAD_WEIGHTS
+        return self.digest(weights) if output == KIND_PREFIX["ctclip_head"] and weights.is_file() else None
 
+    def bind(self, earlier: Sequence[Step]) -> list[str]:
+        """Refuse a head whose card says it was trained on another CT-CLIP checkpoint's latents."""
+        return binding.head_bind(self.folder(), binding.read_card(self.folder() / HEAD_CARD), earlier)
+
+    def _check_provenance(self, ctx: StudyContext, card: Mapping[str, Any], folder: Path) -> None:
+        found = binding.head_trained_sha(card)
+        if found is None:
+            ctx.warnings.append(binding.head_unknown(folder))
+            return
+        latent, trained = found
+        current = (ctx.values.get(LATENT_MODELS) or {}).get(latent)
+        if trained is None:  # fitted on latents whose checkpoint was not recorded
+            ctx.warnings.append(binding.head_unknown(folder))
+        elif current is not None and current != trained:
+            raise StepError(binding.head_message(folder, trained, current))
+
+    def run(self, ctx: StudyContext) -> None:
         from processor.models.head import load_head
 
         folder = self.folder()
         head = self.cached(("ctclip.head", str(folder)), lambda: load_head(folder, self.env.device))
+        self._check_provenance(ctx, head.card, folder)
         latent = np.asarray(ctx.values[CTCLIP_LATENT.name], dtype=np.float32).ravel()
         expected = head.card["architecture"]["in_dim"]
         if latent.size != expected:
@@ -157,14 +215,14 @@ class CtclipHead(_WeightedStep):
                 f"the CT-CLIP latent has {latent.size} values but the head in {folder} was trained "
                 f"on {expected}. Fix: refit the head (fit-head) on latents of this CT-CLIP model."
             )
-        device = next(head.model.parameters()).device
-        probs = head.model.probabilities(torch.from_numpy(latent)[None].to(device))[0].cpu().numpy()
+        probs = head.probabilities(latent)  # calibrated with the card's per-finding maps
         probabilities = {f: round(float(p), 6) for f, p in zip(head.findings, probs, strict=True)}
         thresholds = head.card.get("thresholds", {})
+        weights_sha = self.digest(head.weights_path)  # in the result and with each feature (provenance)
         ctx.result.setdefault("models", {})[self.sid] = {
             "kind": "ctclip_head",
             "model": str(head.weights_path.relative_to(folder.parent)),
-            "sha256": self.digest(head.weights_path),
+            "sha256": weights_sha,
             "trained": head.card.get("date"),
             "training_set_hash": head.card.get("training_set_hash"),
             "thresholds": thresholds,
@@ -172,7 +230,7 @@ class CtclipHead(_WeightedStep):
         }
         named = {f"head.{f}": p for f, p in probabilities.items()}
         ctx.result.setdefault("features", {}).update(named)
-        add_features(ctx, named, replace=True)
+        add_features(ctx, named, replace=True, model_sha256=weights_sha)
         add_scores(ctx, ModelScores(self.sid, KIND_PREFIX["ctclip_head"], probabilities, thresholds))
         log.info("head.done study=%s step=%s findings=%d", ctx.label, self.sid, len(probabilities))
 
@@ -216,10 +274,45 @@ class FusionLightGBM(_WeightedStep):
         model, card = self.paths()
         return self.cached(("fusion.lightgbm", str(model)), lambda: FusedModel(model, card))  # type: ignore[no-any-return]
 
+    def bind(self, earlier: Sequence[Step]) -> list[str]:
+        """Refuse a booster whose card says a feature came from another checkpoint than the earlier
+        step giving it here (zs/lipro: the CT-CLIP checkpoint, head: head.pt, anomaly: its UNet)."""
+        model, card = self.paths()
+        if not (model.exists() and card.exists()):
+            return []
+        try:
+            fused = self.load()
+        except WeightsError:
+            return []  # reported by check()
+        return binding.fusion_bind(model, fused.card, earlier)
+
+    def _check_provenance(self, ctx: StudyContext, fused: FusedModel, missing: Sequence[str]) -> None:
+        trained = binding.fusion_trained(fused.card)
+        if trained is None:
+            ctx.warnings.append(binding.fusion_unknown(fused.model_path))
+            return
+        used = [name for name in fused.names if name not in set(missing)]
+        found = binding.mismatches(trained, ctx.values.get(FEATURE_MODELS) or {}, used)
+        if found:
+            raise StepError(binding.fusion_message(fused.model_path, found))
+        current = ctx.values.get(FEATURE_MODELS) or {}
+        unbound = [n for n in used if trained.get(n) is None and current.get(n) is not None]
+        if unbound:  # model outputs it was fitted on without a recorded checkpoint
+            ctx.warnings.append(
+                binding.fusion_unknown(fused.model_path) + " Unbound: " + ", ".join(unbound[:5])
+            )
+
     def run(self, ctx: StudyContext) -> None:
         p: FusionParams = self.params  # type: ignore[assignment]
         fused = self.load()
-        probability, by_feature, bias, missing = fused.predict(ctx.values[FEATURES.name])
+        prediction = fused.predict(ctx.values[FEATURES.name])
+        probability, by_feature, bias, missing = (
+            prediction.probability,
+            prediction.by_feature,
+            prediction.bias,
+            prediction.missing,
+        )
+        self._check_provenance(ctx, fused, missing)
         by_model: dict[str, float] = {}
         for name, value in by_feature.items():
             group = name.split(".", 1)[0]
@@ -231,8 +324,13 @@ class FusionLightGBM(_WeightedStep):
             finding_thresholds={
                 f: t["threshold"] for f, t in fused.card.get("finding_thresholds", {}).items()
             },
+            finding_threshold_features={
+                f: t["feature"]
+                for f, t in fused.card.get("finding_thresholds", {}).items()
+                if isinstance(t.get("feature"), str)
+            },
             contributions={
-                "units": "log-odds (SHAP, LightGBM pred_contrib)",
+                "units": "log-odds of raw_probability (SHAP, LightGBM pred_contrib)",
                 "bias": round(bias, 6),
                 "by_model": {k: round(v, 6) for k, v in sorted(by_model.items())},
                 "by_feature": {k: round(v, 6) for k, v in by_feature.items()},
@@ -245,6 +343,8 @@ class FusionLightGBM(_WeightedStep):
             "trained": fused.card.get("date"),
             "data_hash": fused.card.get("data_hash"),
             "probability": out.probability,
+            "raw_probability": round(prediction.raw, 6),
+            "calibration": fused.calibration.method,
             "threshold": threshold,
             "threshold_source": "pipeline"
             if p.threshold is not None
@@ -253,6 +353,7 @@ class FusionLightGBM(_WeightedStep):
             "features_missing": missing,
             "contributions": out.contributions,
             "finding_thresholds": out.finding_thresholds,
+            "finding_threshold_features": out.finding_threshold_features,
         }
         if missing:
             ctx.warnings.append(
@@ -270,6 +371,33 @@ class FusionLightGBM(_WeightedStep):
 
 
 # ---------------------------------------------------------------------------------------- decision
+@dataclass(frozen=True)
+class Finding:
+    """One finding: its probability, the feature it came from, and its threshold when one is fitted.
+
+    ``threshold_from`` is one of :data:`THRESHOLD_SOURCES`, or None with ``threshold`` None: the
+    finding has no fitted threshold and is never judged (``positive`` None), never on a default.
+    """
+
+    probability: float
+    source: str
+    threshold: float | None = None
+    threshold_from: str | None = None
+
+    @property
+    def positive(self) -> bool | None:
+        return None if self.threshold is None else self.probability >= self.threshold
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "probability": self.probability,
+            "source": self.source,
+            "threshold": self.threshold,
+            "threshold_from": self.threshold_from,
+            "positive": self.positive,
+        }
+
+
 def finding_probabilities(
     scores: Sequence[ModelScores], sources: Sequence[str]
 ) -> dict[str, tuple[float, str, float | None]]:
@@ -291,64 +419,142 @@ def finding_probabilities(
     return out
 
 
-def most_dangerous(
-    findings: Mapping[str, float], thresholds: Mapping[str, float], severity_order: Sequence[str]
-) -> tuple[str | None, list[str]]:
-    """(most dangerous finding or NO_PATHOLOGY, every finding at or above its threshold, most severe first).
+def with_thresholds(
+    found: Mapping[str, tuple[float, str, float | None]],
+    pipeline: Mapping[str, float],
+    fusion_card: Mapping[str, float],
+    fusion_features: Mapping[str, str] | None = None,
+) -> dict[str, Finding]:
+    """Each finding with its threshold: the pipeline's, else the fusion card's, else the model card's.
 
-    ``None`` when there are no findings at all. Order: position in ``severity_order`` (unlisted
-    after all listed), then higher probability, then name.
+    A fusion-card threshold was fitted on one feature (``fusion_features``: finding → feature name);
+    it is used only when the finding's probability comes from that same feature.
     """
-    if not findings:
-        return None, []
+    out = {}
+    fusion_features = fusion_features or {}
+    for name, (probability, source, own) in found.items():
+        out[name] = Finding(probability, source)
+        fitted_on = fusion_features.get(name)
+        card = fusion_card.get(name) if fitted_on in (None, source) else None
+        candidates = (pipeline.get(name), card, own)
+        for origin, value in zip(THRESHOLD_SOURCES, candidates, strict=True):
+            if value is not None and is_number(value):  # a NaN in a card is no threshold
+                out[name] = Finding(probability, source, float(value), origin)
+                break
+    return out
+
+
+def rank_positive(findings: Mapping[str, Finding], severity_order: Sequence[str]) -> list[str]:
+    """The findings at or above their threshold, most dangerous first (:data:`MOST_DANGEROUS_RULE`)."""
     rank = {name: i for i, name in enumerate(severity_order)}
-    positive = [f for f, p in findings.items() if p >= thresholds[f]]
-    positive.sort(key=lambda f: (rank.get(f, len(rank)), -findings[f], f))
-    return (positive[0] if positive else NO_PATHOLOGY), positive
+    margins = {
+        name: f.probability - f.threshold
+        for name, f in findings.items()
+        if f.threshold is not None and f.positive
+    }
+    return sorted(margins, key=lambda name: (rank.get(name, len(rank)), -margins[name], name))
+
+
+def _no_finding_reason(findings: Mapping[str, Finding]) -> str:
+    """Why pathology is 1 but most_dangerous_pathology_type is null."""
+    if not findings:
+        return "pathology is 1 but no model gave per-finding probabilities"
+    if all(f.threshold is None for f in findings.values()):
+        return (
+            "pathology is 1 but no finding has a fitted threshold (fusion card, model card or the "
+            "pipeline's finding_thresholds); a default threshold on uncalibrated probabilities is "
+            "never used"
+        )
+    return "pathology is 1 but no finding reached its fitted threshold"
 
 
 def decide(
     probability: float | None,
     threshold: float | None,
-    findings: Mapping[str, float],
-    thresholds: Mapping[str, float],
+    findings: Mapping[str, Finding],
     severity_order: Sequence[str],
 ) -> dict[str, Any]:
-    """The decision fields from the fused probability and the per-finding probabilities (pure)."""
-    reasons = []
+    """The decision fields from the fused probability and the findings (pure).
+
+    Follows the truth table in the module docstring; ``reason`` explains every null.
+    """
+    positive = rank_positive(findings, severity_order)
+    reasons: list[str] = []
+    worst: str | None = None
     if probability is None:
         pathology = None
-        reasons.append("no fusion model ran, so probability_of_pathology and pathology are null")
+        reasons.append(
+            "no fusion model, so no decision: probability_of_pathology, pathology and "
+            "most_dangerous_pathology_type are null"
+        )
     else:
         if threshold is None:
             raise ValueError("a fused probability needs a threshold")
         pathology = int(probability >= threshold)
-    worst, positive = most_dangerous(findings, thresholds, severity_order)
-    if worst is None:
+        if pathology == 0:
+            worst = NO_PATHOLOGY
+            if positive:
+                reasons.append(
+                    f"pathology is 0, so {NO_PATHOLOGY!r}, although {', '.join(positive)} reached "
+                    + ("its threshold" if len(positive) == 1 else "their thresholds")
+                    + ": the fused decision rules"
+                )
+        elif positive:
+            worst = positive[0]
+        else:
+            reasons.append(_no_finding_reason(findings) + ", so most_dangerous_pathology_type is null")
+    unfitted = sorted(name for name, f in findings.items() if f.threshold is None)
+    if unfitted:
         reasons.append(
-            "no model produced per-finding probabilities, so most_dangerous_pathology_type is null"
+            f"{len(unfitted)} finding(s) have no fitted threshold ({', '.join(unfitted[:3])}"
+            + (" …" if len(unfitted) > 3 else "")
+            + "), so their threshold and positive are null"
         )
     return {
         "probability_of_pathology": None if probability is None else round(float(probability), 6),
         "pathology": pathology,
         "most_dangerous_pathology_type": worst,
+        "most_dangerous_rule": MOST_DANGEROUS_RULE,
         "threshold": threshold,
         "reason": "; ".join(reasons) or None,
         "findings_above_threshold": positive,
+        "findings": {name: f.as_dict() for name, f in findings.items()},
     }
 
 
 class DecisionParams(Params):
     severity_order: list[str] = Field(
-        list(SEVERITY_ORDER), description="findings from most to least dangerous"
+        list(SEVERITY_ORDER),
+        description=(
+            "findings from most to least dangerous: when pathology is 1, most_dangerous_pathology_type "
+            "is the first of those at or above their threshold (unlisted after listed, then the larger "
+            "probability - threshold, then name)"
+        ),
     )
-    finding_threshold: float = Field(0.5, ge=0, le=1, description="default per-finding threshold")
     finding_thresholds: dict[str, float] = Field(
-        {}, description="per-finding thresholds (override fitted ones)"
+        {},
+        description=(
+            "site-chosen per-finding thresholds (threshold_from: pipeline); they override the fusion "
+            "card's and the model card's fitted ones. A finding with no threshold here or in a "
+            "fitted card never counts"
+        ),
     )
     sources: list[str] = Field(
         ["head", "lipro", "zs"], min_length=1, description="per-finding probability sources, preferred first"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and "finding_threshold" in data:
+            raise PydanticCustomError(
+                "extra_forbidden",
+                "`finding_threshold` was removed: one default threshold on uncalibrated probabilities "
+                "named findings that contradicted `pathology`. Thresholds now come from the fusion "
+                "card (fit-fusion with a label column per finding) or the head's card (fit-head); to "
+                "choose one as a site, set it per finding under `finding_thresholds`",
+            )
+        return data
 
     @field_validator("severity_order")
     @classmethod
@@ -371,7 +577,8 @@ class DecisionPathology(Step):
     uses = "decision.pathology"
     summary = (
         "The API decision fields: probability_of_pathology and pathology from the fusion step (null "
-        "without one), most_dangerous_pathology_type by severity order and per-finding thresholds."
+        "without one); most_dangerous_pathology_type only when pathology is 1, the most severe finding "
+        "at or above a fitted (or site-set) threshold, never a default one."
     )
     Params = DecisionParams
     optional_needs = (FUSION, SCORES)
@@ -380,36 +587,19 @@ class DecisionPathology(Step):
         p: DecisionParams = self.params  # type: ignore[assignment]
         fusion: FusionOutput | None = ctx.values.get(FUSION.name)
         found = finding_probabilities(ctx.values.get(SCORES.name, []), p.sources)
-        fitted = fusion.finding_thresholds if fusion else {}
-        thresholds, threshold_from = {}, {}
-        for finding, (_, _, own) in found.items():
-            for source, value in (
-                ("pipeline", p.finding_thresholds.get(finding)),
-                ("fusion card", fitted.get(finding)),
-                ("model card", own),
-                ("default", p.finding_threshold),
-            ):
-                if value is not None:
-                    thresholds[finding], threshold_from[finding] = float(value), source
-                    break
+        findings = with_thresholds(
+            found,
+            p.finding_thresholds,
+            fusion.finding_thresholds if fusion else {},
+            fusion.finding_threshold_features if fusion else {},
+        )
         decision = decide(
             fusion.probability if fusion else None,
             fusion.threshold if fusion else None,
-            {f: v[0] for f, v in found.items()},
-            thresholds,
+            findings,
             p.severity_order,
         )
         decision["contributions"] = fusion.contributions if fusion else None
-        decision["findings"] = {
-            f: {
-                "probability": v[0],
-                "source": v[1],
-                "threshold": thresholds[f],
-                "threshold_from": threshold_from[f],
-                "positive": v[0] >= thresholds[f],
-            }
-            for f, v in found.items()
-        }
         ctx.result["decision"] = decision
         log.info(
             "decision.done study=%s p=%s pathology=%s most_dangerous=%r",

@@ -16,6 +16,21 @@ scores          list[ModelScores]     ctclip.*, ctclip.head → decision.patholo
 fusion          FusionOutput          fusion.lightgbm → decision.pathology (optional)
 =============== ===================== ============================================================
 
+Two companion values travel with these ports (they are not ports of their own: a step that
+declares the port may read its companion). Both map a name to the sha256 of the checkpoint file
+that produced the value — the same digest the step writes as ``sha256`` in its result section,
+with ``+bf16``/``+fp16`` appended when a CT-CLIP step ran at that precision (:func:`model_identity`)
+— or None for a weight-free value; the recorder stores them as each row's ``model_sha256``:
+
+=============== ===================== ============================================================
+value           type                  written by → read by
+=============== ===================== ============================================================
+feature_models  dict[str, str | None] :func:`add_features`, one entry per feature it adds or
+                                      replaces (None: ``lungs.*``) → fusion.lightgbm (binding)
+latent_models   dict[str, str | None] :func:`set_latent` (``{"ctclip": sha256}`` from the step whose
+                                      latent ``ctclip_latent`` holds) → ctclip.head (binding)
+=============== ===================== ============================================================
+
 ``features`` is accumulated: every step that has some adds them with :func:`add_features`. Names:
 ``zs.<finding>`` (ctclip.zero_shot), ``lipro.<finding>`` (ctclip.classify), ``head.<finding>``,
 ``anomaly.score``, ``lungs.volume_ml``, ``lungs.laa950_percent``, ``lungs.mean_lung_density_hu``;
@@ -47,6 +62,9 @@ CTCLIP_LATENT = Port("ctclip_latent", np.ndarray)
 FEATURES = Port("features", dict)
 SCORES = Port("scores", list)
 
+FEATURE_MODELS = "feature_models"  # companion of FEATURES: name → checkpoint sha256 or None
+LATENT_MODELS = "latent_models"  # companion of CTCLIP_LATENT: {"ctclip": checkpoint sha256}
+
 KIND_PREFIX = {"ctclip_zero_shot": "zs", "ctclip_lipro": "lipro", "ctclip_head": "head"}
 LUNG_FEATURES = ("volume_ml", "laa950_percent", "mean_lung_density_hu")
 
@@ -69,6 +87,9 @@ class FusionOutput:
     threshold: float
     finding_thresholds: Mapping[str, float]
     contributions: Mapping[str, Any]
+    # finding → the feature its threshold was fitted on (e.g. "head.Lung nodule"): the threshold
+    # holds for that model's probability only, never for another source's
+    finding_threshold_features: Mapping[str, str] = field(default_factory=dict)
 
 
 FUSION = Port("fusion", FusionOutput)
@@ -79,21 +100,42 @@ def is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def add_features(ctx: StudyContext, values: Mapping[str, Any], *, replace: bool = False) -> None:
+def add_features(
+    ctx: StudyContext, values: Mapping[str, Any], *, replace: bool = False, model_sha256: str | None = None
+) -> None:
     """Add the finite ``values`` to the ``features`` port (created empty by the first provider).
 
     ``replace``: a value replaces one already there (head and anomaly); otherwise the first stays.
+    ``model_sha256``: the checkpoint the values come from (None: weight-free), recorded in
+    ``values["feature_models"]`` for each value that went in, so a name's provenance is always that
+    of the value it holds.
     """
     features: dict[str, float] = ctx.values.setdefault(FEATURES.name, {})
+    models: dict[str, str | None] = ctx.values.setdefault(FEATURE_MODELS, {})
     for name, value in values.items():
-        if not is_number(value):
+        if not is_number(value) or (name in features and not replace):
             continue
-        if replace:
-            features[name] = float(value)
-        else:
-            features.setdefault(name, float(value))
+        features[name] = float(value)
+        models[name] = model_sha256
+
+
+def set_latent(ctx: StudyContext, latent: np.ndarray, model_sha256: str, name: str = "ctclip") -> None:
+    """Provide ``ctclip_latent`` unless an earlier step did (the first CT-CLIP step's latent wins), with
+    its checkpoint's sha256 in ``values["latent_models"][name]``."""
+    if CTCLIP_LATENT.name in ctx.values:
+        return
+    ctx.values[CTCLIP_LATENT.name] = latent
+    ctx.values.setdefault(LATENT_MODELS, {})[name] = model_sha256
 
 
 def add_scores(ctx: StudyContext, scores: ModelScores) -> None:
     """Append one model's per-finding probabilities to the ``scores`` port (in run order)."""
     ctx.values.setdefault(SCORES.name, []).append(scores)
+
+
+def model_identity(sha256: str, precision: str = "fp32") -> str:
+    """What a model output is bound to: the checkpoint's sha256, with ``+bf16`` or ``+fp16``
+    appended when the model ran at that precision. Outputs of one checkpoint at two precisions are
+    not comparable (bf16 moved the reference model's probabilities by up to 0.12,
+    docs/precision.md), so a head or fusion fitted on one refuses the other."""
+    return sha256 if precision == "fp32" else f"{sha256}+{precision}"
