@@ -18,25 +18,12 @@ A case is positive when ``p >= threshold`` (the rule of the ``decision`` step).
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
 
 ArrayLike = Sequence[float] | np.ndarray
-
-_COLOURS = [
-    (31, 119, 180),
-    (214, 39, 40),
-    (44, 160, 44),
-    (255, 127, 14),
-    (148, 103, 189),
-    (140, 86, 75),
-    (227, 119, 194),
-    (127, 127, 127),
-]
 
 
 def _binary(y: ArrayLike, p: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
@@ -236,24 +223,12 @@ def reliability_png(
     histogram of p per curve (the share of cases in each bin, scaled to the tallest bar)."""
     from sklearn.calibration import calibration_curve
 
-    font = ImageFont.load_default()
+    from processor.fit.metrics import COLOURS, UnitSquare
+
     strip = 70
-    img = Image.new("RGB", (size, size + strip), "white")
-    draw = ImageDraw.Draw(img)
-    left, top, right, bottom = 56, 34, size - 16, size - 46
-    width, height = right - left, bottom - top
-
-    def xy(px: float, py: float) -> tuple[float, float]:
-        return left + px * width, bottom - py * height
-
-    for tick in np.linspace(0, 1, 6):
-        x, y = xy(tick, tick)
-        draw.line([(x, top), (x, bottom)], fill=(230, 230, 230))
-        draw.line([(left, y), (right, y)], fill=(230, 230, 230))
-        draw.text((x - 8, bottom + 6), f"{tick:.1f}", fill="black", font=font)
-        draw.text((left - 30, y - 6), f"{tick:.1f}", fill="black", font=font)
-    draw.rectangle([left, top, right, bottom], outline="black")
-    draw.line([xy(0, 0), xy(1, 1)], fill=(160, 160, 160), width=1)
+    frame = UnitSquare.new(size, extra_height=strip)
+    draw, font, xy = frame.draw, frame.font, frame.xy
+    left, top, right, width = frame.left, frame.top, frame.right, frame.width
 
     hist_top, hist_bottom = size + 4, size + strip - 8
     draw.rectangle([left, hist_top, right, hist_bottom], outline=(200, 200, 200))
@@ -267,7 +242,7 @@ def reliability_png(
     tallest = max((float(s.max()) for s in shares.values()), default=1.0)
     for i, name in enumerate(names):
         y_arr, p_arr = checked[name]
-        colour = _COLOURS[i % len(_COLOURS)]
+        colour = COLOURS[i % len(COLOURS)]
         observed, predicted = calibration_curve(y_arr, p_arr, n_bins=n_bins, strategy="uniform")
         points = [xy(float(px), float(py)) for px, py in zip(predicted, observed, strict=True)]
         if len(points) > 1:
@@ -289,6 +264,4 @@ def reliability_png(
     draw.text((4, top - 14), "observed positive rate", fill="black", font=font)
     draw.text((4, hist_top + 2), "cases", fill=(90, 90, 90), font=font)
     draw.text((4, hist_top + 14), "per bin", fill=(90, 90, 90), font=font)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
+    return frame.png()

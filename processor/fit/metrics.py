@@ -207,7 +207,7 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in text)]).rstrip()
 
 
-_COLOURS = [
+COLOURS = [
     (31, 119, 180),
     (214, 39, 40),
     (44, 160, 44),
@@ -221,6 +221,46 @@ _COLOURS = [
 ]
 
 
+@dataclass(frozen=True)
+class UnitSquare:
+    """A plot of [0, 1] × [0, 1] on a Pillow image: the frame, the grid and 0.0–1.0 ticks drawn, the
+    diagonal in grey. ``xy`` maps data to pixels; ``left, top, right, bottom`` bound the plot."""
+
+    image: Image.Image
+    draw: ImageDraw.ImageDraw
+    font: Any
+    left: int
+    top: int
+    right: int
+    bottom: int
+
+    @classmethod
+    def new(cls, size: int, extra_height: int = 0) -> UnitSquare:
+        image = Image.new("RGB", (size, size + extra_height), "white")
+        frame = cls(image, ImageDraw.Draw(image), ImageFont.load_default(), 56, 34, size - 16, size - 46)
+        for tick in np.linspace(0, 1, 6):
+            x, y = frame.xy(tick, tick)
+            frame.draw.line([(x, frame.top), (x, frame.bottom)], fill=(230, 230, 230))
+            frame.draw.line([(frame.left, y), (frame.right, y)], fill=(230, 230, 230))
+            frame.draw.text((x - 8, frame.bottom + 6), f"{tick:.1f}", fill="black", font=frame.font)
+            frame.draw.text((frame.left - 30, y - 6), f"{tick:.1f}", fill="black", font=frame.font)
+        frame.draw.rectangle([frame.left, frame.top, frame.right, frame.bottom], outline="black")
+        frame.draw.line([frame.xy(0, 0), frame.xy(1, 1)], fill=(160, 160, 160), width=1)
+        return frame
+
+    @property
+    def width(self) -> int:
+        return self.right - self.left
+
+    def xy(self, fx: float, fy: float) -> tuple[float, float]:
+        return self.left + fx * self.width, self.bottom - fy * (self.bottom - self.top)
+
+    def png(self) -> bytes:
+        buf = io.BytesIO()
+        self.image.save(buf, format="PNG")
+        return buf.getvalue()
+
+
 def roc_png(
     curves: Mapping[str, tuple[np.ndarray, np.ndarray]],
     title: str,
@@ -228,33 +268,20 @@ def roc_png(
     marker: tuple[float, float] | None = None,
 ) -> bytes:
     """PNG bytes of ROC curves (label → (fpr, tpr)), with the chance diagonal and an optional point."""
-    font = ImageFont.load_default()
-    img = Image.new("RGB", (size, size), "white")
-    draw = ImageDraw.Draw(img)
-    left, top, right, bottom = 56, 34, size - 16, size - 46
-    width, height = right - left, bottom - top
-
-    def xy(fx: float, ty: float) -> tuple[float, float]:
-        return left + fx * width, bottom - ty * height
-
-    for tick in np.linspace(0, 1, 6):
-        x, y = xy(tick, tick)
-        draw.line([(x, top), (x, bottom)], fill=(230, 230, 230))
-        draw.line([(left, y), (right, y)], fill=(230, 230, 230))
-        draw.text((x - 8, bottom + 6), f"{tick:.1f}", fill="black", font=font)
-        draw.text((left - 30, y - 6), f"{tick:.1f}", fill="black", font=font)
-    draw.rectangle([left, top, right, bottom], outline="black")
-    draw.line([xy(0, 0), xy(1, 1)], fill=(160, 160, 160), width=1)
+    frame = UnitSquare.new(size)
+    draw, font, xy = frame.draw, frame.font, frame.xy
     for i, (label, (fpr, tpr)) in enumerate(curves.items()):
-        colour = _COLOURS[i % len(_COLOURS)]
+        colour = COLOURS[i % len(COLOURS)]
         draw.line([xy(float(f), float(t)) for f, t in zip(fpr, tpr, strict=True)], fill=colour, width=2)
-        draw.text((left + 8, bottom - 16 - 14 * (len(curves) - 1 - i)), label, fill=colour, font=font)
+        draw.text(
+            (frame.left + 8, frame.bottom - 16 - 14 * (len(curves) - 1 - i)), label, fill=colour, font=font
+        )
     if marker is not None:
         x, y = xy(*marker)
         draw.ellipse([x - 4, y - 4, x + 4, y + 4], outline="black", width=2)
-    draw.text((left, 10), title, fill="black", font=font)
-    draw.text((left + width / 2 - 70, size - 22), "1 - specificity (FPR)", fill="black", font=font)
-    draw.text((4, top - 26), "sensitivity", fill="black", font=font)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
+    draw.text((frame.left, 10), title, fill="black", font=font)
+    draw.text(
+        (frame.left + frame.width / 2 - 70, size - 22), "1 - specificity (FPR)", fill="black", font=font
+    )
+    draw.text((4, frame.top - 26), "sensitivity", fill="black", font=font)
+    return frame.png()
