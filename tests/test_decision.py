@@ -372,3 +372,21 @@ def test_fusion_card_threshold_holds_only_for_the_feature_it_was_fitted_on() -> 
     same_source = with_thresholds(found, {}, {"Lung nodule": 0.4}, {"Lung nodule": "lipro.Lung nodule"})
     assert same_source["Lung nodule"].threshold == 0.4
     assert same_source["Lung nodule"].threshold_from == "fusion card"
+
+
+def test_a_head_no_better_than_chance_gives_no_threshold() -> None:
+    """fit-head installs a head even when a finding's CV AUROC interval includes 0.5; the decision
+    never calls that finding on its threshold."""
+    from processor.steps.ensemble import usable_thresholds
+
+    card = {
+        "thresholds": {"Emphysema": 0.43, "Lung nodule": 0.51},
+        "cv": {
+            "per_finding": {
+                "Emphysema": {"better_than_chance": False},
+                "Lung nodule": {"better_than_chance": True},
+            }
+        },
+    }
+    assert usable_thresholds(card) == {"Lung nodule": 0.51}
+    assert usable_thresholds({"thresholds": {"Emphysema": 0.4}}) == {"Emphysema": 0.4}  # older card

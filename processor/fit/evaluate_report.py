@@ -184,8 +184,12 @@ def markdown(evaluation: Evaluation, files: dict[str, str]) -> str:
         "- Sensitivity, specificity, TP FP FN TN: a study is called positive when its score is at or "
         "above the threshold; thresholds are the installed cards' (else the ones the studies were "
         "decided with), never chosen on these labels.",
-        "- ECE: expected calibration error, 10 equal-width bins (Guo et al. 2017); `calibration.png` "
-        "shows the reliability diagram.",
+        "- ECE: expected calibration error, 10 equal-width bins (Guo et al. 2017)"
+        + (
+            "; `calibration.png` shows the reliability diagram of the fused probability."
+            if "calibration.png" in files
+            else "; no fused probability was scored, so there is no reliability diagram of it."
+        ),
         "",
     ]
     return "\n".join(lines)

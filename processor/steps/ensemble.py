@@ -164,6 +164,17 @@ class HeadParams(Params):
     checkpoint: str = Field("weights/head/", description="folder written by `python run.py fit-head`")
 
 
+def usable_thresholds(card: Mapping[str, Any]) -> dict[str, float]:
+    """A head card's per-finding thresholds, without those of findings where the card's own CV says
+    the head is no better than chance: a finding is never called on such a threshold."""
+    per_finding = (card.get("cv") or {}).get("per_finding") or {}
+    return {
+        f: float(t)
+        for f, t in (card.get("thresholds") or {}).items()
+        if is_number(t) and (per_finding.get(f) or {}).get("better_than_chance", True)
+    }
+
+
 class CtclipHead(_WeightedStep):
     uses = "ctclip.head"
     summary = (
@@ -217,7 +228,13 @@ class CtclipHead(_WeightedStep):
             )
         probs = head.probabilities(latent)  # calibrated with the card's per-finding maps
         probabilities = {f: round(float(p), 6) for f, p in zip(head.findings, probs, strict=True)}
-        thresholds = head.card.get("thresholds", {})
+        thresholds = usable_thresholds(head.card)
+        weak = sorted(set(head.card.get("thresholds", {})) - set(thresholds))
+        if weak:
+            ctx.warnings.append(
+                f"head: no threshold used for {', '.join(weak)}: its card says the head is no better "
+                "than chance there (95% CI of the CV AUROC includes 0.5)"
+            )
         weights_sha = self.digest(head.weights_path)  # in the result and with each feature (provenance)
         ctx.result.setdefault("models", {})[self.sid] = {
             "kind": "ctclip_head",
@@ -321,8 +338,11 @@ class FusionLightGBM(_WeightedStep):
         out = FusionOutput(
             probability=round(probability, 6),
             threshold=threshold,
+            # a threshold fitted where its feature is no better than chance calls nothing
             finding_thresholds={
-                f: t["threshold"] for f, t in fused.card.get("finding_thresholds", {}).items()
+                f: t["threshold"]
+                for f, t in fused.card.get("finding_thresholds", {}).items()
+                if t.get("better_than_chance", True)
             },
             finding_threshold_features={
                 f: t["feature"]
