@@ -390,3 +390,20 @@ def test_a_head_no_better_than_chance_gives_no_threshold() -> None:
     }
     assert usable_thresholds(card) == {"Lung nodule": 0.51}
     assert usable_thresholds({"thresholds": {"Emphysema": 0.4}}) == {"Emphysema": 0.4}  # older card
+
+
+def test_a_fusion_card_verdict_of_chance_is_not_sidestepped_by_the_model_card() -> None:
+    """The fusion card fitted head.Pleural effusion's threshold and found it no better than chance:
+    the head card's own threshold must not take its place."""
+    from processor.steps.ensemble import with_thresholds
+
+    found = {"Pleural effusion": (0.7, "head.Pleural effusion", 0.2)}
+    vetoed = {"Pleural effusion": "head.Pleural effusion"}
+    f = with_thresholds(found, {}, {}, vetoed, vetoed)["Pleural effusion"]
+    assert f.threshold is None and f.positive is None
+    other_source = with_thresholds(
+        {"Pleural effusion": (0.7, "lipro.Pleural effusion", 0.2)}, {}, {}, vetoed, vetoed
+    )["Pleural effusion"]
+    assert other_source.threshold == 0.2 and other_source.threshold_from == "model card"
+    site = with_thresholds(found, {"Pleural effusion": 0.5}, {}, vetoed, vetoed)["Pleural effusion"]
+    assert site.threshold == 0.5 and site.threshold_from == "pipeline"  # a deliberate site choice

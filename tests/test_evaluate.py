@@ -124,7 +124,11 @@ def test_four_studies_by_hand(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "| fused probability | 4 | 2 | 0.750 |" in text and "![roc.png](roc.png)" in text
 
     # An installed fusion card wins over what the studies were decided with, and the report says so.
-    _card(project, "fusion", {"threshold": 0.35, "feature_names": ["zs.Emphysema"], "training_keys": []})
+    _card(
+        project,
+        "fusion",
+        {"threshold": 0.35, "feature_names": ["zs.Emphysema"], "training_keys": [], "training_groups": []},
+    )
     evaluation = evaluate(settings, labels, orientation=False, n_boot=200)
     fig = evaluation.pathology[0].figures
     assert fig["confusion"] == {"tp": 2, "fp": 1, "fn": 0, "tn": 1}  # 0.4 ≥ 0.35 now
@@ -184,12 +188,17 @@ def test_figures_match_sklearn_and_the_leakage_guard(synthetic) -> None:
             "feature_names": ["head.Lung nodule", "zs.Lung nodule"],
             "finding_thresholds": {"Lung nodule": {"feature": "zs.Lung nodule", "threshold": 0.6}},
             "training_keys": [study_key(_uid(i)) for i in fusion_train],
+            "training_groups": [],
         },
     )
     _card(
         project,
         "head",
-        {"thresholds": {"Lung nodule": 0.55}, "training_keys": [study_key(_uid(i)) for i in head_train]},
+        {
+            "thresholds": {"Lung nodule": 0.55},
+            "training_keys": [study_key(_uid(i)) for i in head_train],
+            "training_groups": [],
+        },
     )
     settings = load_settings(project.config)
     ev = evaluate(settings, project.root / "labels.csv", orientation=False, n_boot=500, seed=3)
@@ -430,3 +439,32 @@ def test_orientation_skipped_without_a_zero_shot_step(synthetic) -> None:
     assert ev.orientation == {
         "skipped": f"the configured pipeline ({project.pipeline}) has no ctclip.zero_shot step"
     }
+
+
+def test_installed_thresholds_are_the_ones_the_decision_step_uses(tmp_path: Path) -> None:
+    """A threshold whose card says no better than chance calls nothing in the decision step, so
+    evaluate reports no sensitivity at it either (and never falls back to another card's)."""
+    from processor.fit.installed import Card, installed_threshold
+
+    fusion = {
+        "finding_thresholds": {
+            "Pleural effusion": {
+                "feature": "head.Pleural effusion",
+                "threshold": 0.9,
+                "better_than_chance": False,
+            }
+        }
+    }
+    head = {
+        "thresholds": {"Pleural effusion": 0.2, "Lung nodule": 0.4},
+        "cv": {"per_finding": {"Lung nodule": {"better_than_chance": False}}},
+    }
+    cards = {
+        "fusion": Card("fusion", tmp_path / "fusion/card.json", fusion),
+        "head": Card("head", tmp_path / "head/card.json", head),
+        "anomaly": Card("anomaly", tmp_path / "anomaly/card.json", None),
+    }
+    threshold, origin, fitted_on = installed_threshold(cards, [], "Pleural effusion", "head.Pleural effusion")
+    assert threshold is None and "no better than chance" in str(origin) and fitted_on == []
+    threshold, origin, _ = installed_threshold(cards, [], "Lung nodule", "head.Lung nodule")
+    assert threshold is None and "head card" in str(origin)

@@ -240,6 +240,13 @@ def test_fusion_refuses_in_sample_and_unbound_inputs(stacked, tmp_path: Path) ->
     (other / "card.json").write_text(json.dumps(card))
     with pytest.raises(ConfigError, match="another head model than the installed one"):
         fit_fusion(state, labels, tmp_path / "f2", FusionOptions(progress=False, head=other))
+    older = tmp_path / "older_head"  # a head fitted before cards listed their training sets
+    shutil.copytree(root / "weights/head", older)
+    card = json.loads((older / "card.json").read_text())
+    del card["training_keys"], card["training_groups"]
+    (older / "card.json").write_text(json.dumps(card))
+    with pytest.raises(ConfigError, match="does not list its training studies"):
+        fit_fusion(state, labels, tmp_path / "f5", FusionOptions(progress=False, head=older))
     with pytest.raises(ConfigError, match="no installed head model"):
         fit_fusion(state, labels, tmp_path / "f3", FusionOptions(progress=False, head=tmp_path / "none"))
     # leaving the head's outputs out is the other fix the message offers
@@ -277,7 +284,23 @@ def test_fusion_refuses_anomaly_scores_of_its_training_normals(tmp_path: Path) -
     from processor.fit.data import study_key
 
     normals = [uid for uid, y in rows if y == 0][:10]  # fit-anomaly trained on ten of the normals
-    (folder / "card.json").write_text(json.dumps({"training_keys": [study_key(u) for u in normals]}))
+    # fit-anomaly run without the state database: it lists its studies but cannot name the patients
+    (folder / "card.json").write_text(
+        json.dumps({"training_keys": [study_key(u) for u in normals], "training_groups": None})
+    )
+    with pytest.raises(
+        ConfigError, match="anomaly.score: cannot tell .* does not name its training patients"
+    ):
+        fit_fusion(state, labels, tmp_path / "f", FusionOptions(progress=False, anomaly=folder))
+    card = {
+        "training_keys": [study_key(u) for u in normals],
+        "training_groups": [],
+        "patient_key_fingerprint": state.patient_key_fingerprint(),
+    }
+    (folder / "card.json").write_text(json.dumps({**card, "patient_key_fingerprint": "0" * 16}))
+    with pytest.raises(ConfigError, match="named under another state database's secret"):
+        fit_fusion(state, labels, tmp_path / "f", FusionOptions(progress=False, anomaly=folder))
+    (folder / "card.json").write_text(json.dumps(card))
     with pytest.raises(ConfigError, match="anomaly.score: 60 studies have values from another anomaly model"):
         fit_fusion(state, labels, tmp_path / "f", FusionOptions(progress=False, anomaly=folder))
     anomaly_sha = sha256_file(weights)

@@ -209,7 +209,14 @@ def cmd_fit_anomaly(settings: Settings, args: argparse.Namespace) -> int:
     out = args.out or settings.weights / "anomaly"
     if settings.state.exists():  # name the training patients as fit-fusion and evaluate see them
         with _stored_state(settings) as state:
-            fit = fit_anomaly(args.normals, out, opts, resume=args.resume, patient_key=state.patient_key)
+            fit = fit_anomaly(
+                args.normals,
+                out,
+                opts,
+                resume=args.resume,
+                patient_key=state.patient_key,
+                patient_key_fingerprint=state.patient_key_fingerprint(),
+            )
     else:
         fit = fit_anomaly(args.normals, out, opts, resume=args.resume)
     print(report_text(fit))

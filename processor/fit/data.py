@@ -180,13 +180,51 @@ def training_groups(rows: Sequence[dict[str, Any]]) -> list[str]:
     return sorted({tag for row in rows if (tag := patient_tag(row.get("patient_key")))})
 
 
+@dataclass(frozen=True)
+class TrainingSet:
+    """What a card says its model saw: studies (``training_keys``) and patients
+    (``training_groups``; None when the card does not name them, e.g. fit-anomaly run without the
+    state database, or a card from an older ctwatch)."""
+
+    keys: frozenset[str] | None
+    groups: frozenset[str] | None
+    fingerprint: str | None  # of the database secret the patient tags were made under
+
+    @classmethod
+    def of(cls, card: dict[str, Any]) -> TrainingSet:
+        keys, groups = card.get("training_keys"), card.get("training_groups")
+        return cls(
+            None if keys is None else frozenset(keys),
+            None if groups is None else frozenset(groups),
+            card.get("patient_key_fingerprint"),
+        )
+
+    def contains(self, row: dict[str, Any]) -> bool:
+        """True when the model saw this study, or another study of the same patient: its outputs
+        for the patient are in-sample (a model that memorised the patient scores every scan)."""
+        if self.keys is not None and study_key(row["study_uid"]) in self.keys:
+            return True
+        tag = patient_tag(row.get("patient_key"))
+        return tag is not None and self.groups is not None and tag in self.groups
+
+    def gaps(self, current_fingerprint: str | None) -> list[str]:
+        """Why this training set cannot be checked completely (empty when it can)."""
+        out = []
+        if self.keys is None:
+            out.append("it does not list its training studies (fitted by an older ctwatch)")
+        if self.groups is None:
+            out.append(
+                "it does not name its training patients (fitted by an older ctwatch, or fit-anomaly "
+                "run without the state database)"
+            )
+        elif self.fingerprint and current_fingerprint and self.fingerprint != current_fingerprint:
+            out.append("its training patients were named under another state database's secret")
+        return out
+
+
 def in_training_set(row: dict[str, Any], card: dict[str, Any]) -> bool:
-    """True when a card's model saw this study, or another study of the same patient: its outputs
-    for the patient are in-sample (a model that memorised the patient scores every scan of them)."""
-    if study_key(row["study_uid"]) in set(card.get("training_keys") or ()):
-        return True
-    tag = patient_tag(row.get("patient_key"))
-    return tag is not None and tag in set(card.get("training_groups") or ())
+    """:meth:`TrainingSet.contains` for one row (build a :class:`TrainingSet` once for many)."""
+    return TrainingSet.of(card).contains(row)
 
 
 UNKNOWN_PATIENT = None  # patient_key of a study processed before ctwatch recorded patients

@@ -262,7 +262,7 @@ def evaluate(
         )
         evaluation.cards = read_cards(settings.weights, evaluation.warnings)
         values = {c: labels.columns[c][joined.label_index] for c in columns}
-        _score_all(evaluation, joined.rows, values)
+        _score_all(evaluation, joined.rows, values, state.patient_key_fingerprint())
         if not evaluation.pathology and not evaluation.findings:
             raise ConfigError(
                 f"{labels_path}: {len(joined.rows)} labelled studies are stored, but none has a model "
@@ -299,10 +299,15 @@ def _columns(labels: Labels, findings: Sequence[str] | None, path: Path) -> list
     return ([TARGET] if TARGET in labels.columns and TARGET not in findings else []) + list(findings)
 
 
-def _score_all(evaluation: Evaluation, rows: list[dict[str, Any]], values: dict[str, np.ndarray]) -> None:
+def _score_all(
+    evaluation: Evaluation,
+    rows: list[dict[str, Any]],
+    values: dict[str, np.ndarray],
+    fingerprint: str | None = None,
+) -> None:
     import numpy as np
 
-    scorer = _Scorer(evaluation, rows)
+    scorer = _Scorer(evaluation, rows, fingerprint)
     for label, y_all in values.items():
         if label == TARGET:
             scores = [(FUSED, np.array([np.nan if r["fused"] is None else r["fused"] for r in rows]))]
@@ -326,10 +331,12 @@ def _stored_model(row: dict[str, Any], score: str) -> str | None:
 class _Scorer:
     """Scores one (label, score) pair at a time over the labelled studies, with the leakage guard."""
 
-    def __init__(self, evaluation: Evaluation, rows: list[dict[str, Any]]) -> None:
+    def __init__(
+        self, evaluation: Evaluation, rows: list[dict[str, Any]], fingerprint: str | None = None
+    ) -> None:
         import numpy as np
 
-        from processor.fit.data import in_training_set, patient_groups, study_key
+        from processor.fit.data import TrainingSet, patient_groups, study_key
 
         self.evaluation, self.rows = evaluation, rows
         self.keys = [study_key(r["study_uid"]) for r in rows]
@@ -346,9 +353,16 @@ class _Scorer:
         self.trained: dict[str, np.ndarray] = {}
         for model, card in evaluation.cards.items():
             if card.training_keys is not None and card.data is not None:
-                hit = np.array([in_training_set(r, card.data) for r in rows], dtype=bool)
+                training = TrainingSet.of(card.data)
+                hit = np.array([training.contains(r) for r in rows], dtype=bool)
                 self.trained[model] = hit
                 evaluation.left_out[model] = int(hit.sum())
+                gaps = [g for g in training.gaps(fingerprint) if "training studies" not in g]
+                if gaps:
+                    evaluation.warnings.append(
+                        f"{card.path}: {'; '.join(gaps)}, so other scans of its training patients "
+                        f"cannot be recognised and may be scored as held out. Fix: refit it (fit-{model})."
+                    )
 
     def _warn_once(self, model: str, text: str) -> None:
         if model not in self.warned:

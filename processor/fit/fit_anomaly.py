@@ -268,6 +268,7 @@ def fit_anomaly(
     *,
     resume: bool = False,
     patient_key: PatientKey | None = None,
+    patient_key_fingerprint: str | None = None,
 ) -> AnomalyFit:
     """Train on ``normals`` (or resume). ``patient_key``: the state database's pseudonym function,
     so the card can name the training patients (``training_groups``) as fit-fusion and evaluate
@@ -280,6 +281,10 @@ def fit_anomaly(
         data, uids = saved["images"], [str(u) for u in saved["uids"]]
         study_of_slice, groups = saved["study_of_slice"], [int(g) for g in saved["groups"]]
         tags = [str(g) for g in saved["tags"]]
+        # were the patients named with the state database's pseudonyms when the slices were read?
+        named = bool(saved["named"]) if "named" in saved.files else False
+        # the pseudonyms' database is the one of the first run, whatever database is present now
+        patient_key_fingerprint = str(saved["fingerprint"]) if "fingerprint" in saved.files else None
         # the split the checkpoint was trained with, whatever --seed/--validation-fraction say now
         train_studies, validation_studies = saved["train_studies"], saved["validation_studies"]
         skipped: list[str] = []
@@ -294,6 +299,7 @@ def fit_anomaly(
                 f"fit-anomaly needs --normals DIR (or --resume with a checkpoint in {checkpoint_dir})."
             )
         found = read_normals(normals, opts.slices_per_study, opts.image_size, opts.progress, patient_key)
+        named = patient_key is not None
         data, uids, patients, skipped = found.images, found.uids, found.patients, found.skipped
         study_of_slice = found.study_of_slice
         first: dict[str, int] = {}  # patients by first appearance: no hash of a PatientID on disk
@@ -318,6 +324,8 @@ def fit_anomaly(
             tags=np.asarray(tags),
             train_studies=train_studies,
             validation_studies=validation_studies,
+            named=np.asarray(patient_key is not None),
+            fingerprint=np.asarray(patient_key_fingerprint or ""),
         )
         os.replace(tmp, cache)
         (checkpoint_dir / "state.pt").unlink(missing_ok=True)  # a fresh run never resumes a stale one
@@ -362,7 +370,10 @@ def fit_anomaly(
         # the studies it trained on: their anomaly scores are in-sample, so fit-fusion will not
         # stack on them (the held-out validation studies are not among them)
         "training_keys": sorted({study_key(u) for u in trained_uids}),
-        "training_groups": sorted({tags[i] for i in train_studies if tags[i]}),
+        # None: the patients could not be named as the database names them (no state database,
+        # or slices read without it); fit-fusion and evaluate then refuse to trust other scans
+        "training_groups": sorted({tags[i] for i in train_studies if tags[i]}) if named else None,
+        "patient_key_fingerprint": patient_key_fingerprint if named else None,
         "software": software_versions(),
         "data_hash": data_hash(sorted(uids), data),
         "date": now_iso(),

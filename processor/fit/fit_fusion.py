@@ -48,9 +48,9 @@ from processor.errors import ConfigError
 from processor.fit import metrics
 from processor.fit.data import (
     OOF_NAME,
+    TrainingSet,
     data_hash,
     grouping_note,
-    in_training_set,
     join,
     now_iso,
     patient_groups,
@@ -160,7 +160,11 @@ def _installed(prefix: str, folder: Path | None, weights: str) -> _Fitted:
 
 
 def _stack(
-    rows: list[dict[str, Any]], names: list[str], fitted: list[_Fitted], labels_path: Path
+    rows: list[dict[str, Any]],
+    names: list[str],
+    fitted: list[_Fitted],
+    labels_path: Path,
+    fingerprint: str | None = None,
 ) -> tuple[np.ndarray, dict[str, str | None], list[str]]:
     """The feature matrix with out-of-fold values where a model saw the study, the checkpoint of
     each feature, and notes; ConfigError listing every in-sample or unbound input with its fix."""
@@ -177,10 +181,19 @@ def _stack(
             if not np.isnan(v)
         }
         if model is not None:
+            training = TrainingSet.of(model.card)
+            gaps = training.gaps(fingerprint)
+            if gaps and any(not np.isnan(v) for v in x[:, j]):
+                problems.append(
+                    f"{name}: cannot tell which studies the {prefix} model in {model.folder} saw: "
+                    f"{'; '.join(gaps)}. Fix: refit it (fit-{prefix}) where this state database is, "
+                    "or leave the feature out with --features."
+                )
+                continue
             replaced = in_sample = foreign = 0
             for i, row in enumerate(rows):
                 # the study, or another scan of its patient, was in the model's training set
-                trained_on_it = in_training_set(row, model.card)
+                trained_on_it = training.contains(row)
                 value_sha = (row.get("models") or {}).get(name)
                 key = study_key(row["study_uid"])
                 if trained_on_it and name in model.oof.get(key, {}):
@@ -320,7 +333,8 @@ def fit_fusion(
         _installed("head", opts.head, "head.pt"),
         _installed("anomaly", opts.anomaly, "unet/diffusion_pytorch_model.safetensors"),
     ]
-    x, sources, stack_notes = _stack(rows, names, fitted, labels_path)
+    fingerprint = state.patient_key_fingerprint()
+    x, sources, stack_notes = _stack(rows, names, fitted, labels_path, fingerprint)
     with tqdm(
         total=opts.folds * (INNER_FOLDS + 1) + 1,
         desc="fit-fusion",
@@ -380,7 +394,7 @@ def fit_fusion(
             labels,
             joined,
             names,
-            _stack(joined.rows, names, fitted, labels_path)[0],
+            _stack(joined.rows, names, fitted, labels_path, fingerprint)[0],
             all_groups,
             opts,
         ),
@@ -390,6 +404,7 @@ def fit_fusion(
         # every study any part of the fit saw (the pathology rows and the finding-threshold rows)
         "training_keys": sorted({study_key(r["study_uid"]) for r in joined.rows}),
         "training_groups": training_groups(joined.rows),
+        "patient_key_fingerprint": fingerprint,
         "training": {
             "studies": len(keys),
             "positives": int(y.sum()),

@@ -227,6 +227,7 @@ def fit_head(state: State, labels_path: Path, out: Path, opts: HeadOptions = Hea
         "training_keys": sorted(study_key(k) for k in keys),
         # their patients too: the head's outputs on another scan of one of them are in-sample
         "training_groups": training_groups(joined.rows),
+        "patient_key_fingerprint": state.patient_key_fingerprint(),
         "training": {
             "studies": len(keys),
             "epochs": opts.epochs,

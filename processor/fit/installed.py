@@ -125,11 +125,18 @@ def installed_threshold(
     if score == FUSED and fusion is not None and "threshold" in fusion:
         return float(fusion["threshold"]), f"fusion card ({cards['fusion'].path})", ["fusion"]
     if score not in (FUSED, "anomaly.score"):
+        # the decision step's selection: the fusion card's threshold for this very feature, else
+        # the head card's; one whose card says "no better than chance" calls nothing
         entry = ((fusion or {}).get("finding_thresholds") or {}).get(label) or {}
         if entry.get("feature") == score and entry.get("threshold") is not None:
+            if entry.get("better_than_chance", True) is False:
+                return None, f"none: the fusion card ({cards['fusion'].path}) says no better than chance", []
             return float(entry["threshold"]), f"fusion card ({cards['fusion'].path})", ["fusion"]
         own = ((head or {}).get("thresholds") or {}).get(label)
         if score.startswith("head.") and own is not None:
+            per_finding = ((head or {}).get("cv") or {}).get("per_finding") or {}
+            if (per_finding.get(label) or {}).get("better_than_chance", True) is False:
+                return None, f"none: the head card ({cards['head'].path}) says no better than chance", []
             return float(own), f"head card ({cards['head'].path})", ["head"]
     recorded = threshold_from_results(rows, label, score)
     if recorded is None:

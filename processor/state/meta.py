@@ -39,3 +39,11 @@ class Meta(Database):
             secret = self._patient_secret = bytes.fromhex(stored)
         message = f"{(issuer or '').strip()}\x00{pid}".encode("utf-8", "surrogatepass")
         return hmac.new(secret, message, hashlib.sha256).hexdigest()
+
+    def patient_key_fingerprint(self) -> str:
+        """16 hex digits that identify this database's secret (an HMAC of a constant, not of any
+        patient): cards record it, so patient tags made under another database are recognised."""
+        key = self.patient_key("ctwatch patient key fingerprint")
+        assert key is not None
+        return key[:16]
+

@@ -349,6 +349,11 @@ class FusionLightGBM(_WeightedStep):
                 for f, t in fused.card.get("finding_thresholds", {}).items()
                 if isinstance(t.get("feature"), str)
             },
+            finding_thresholds_vetoed={
+                f: t["feature"]
+                for f, t in fused.card.get("finding_thresholds", {}).items()
+                if isinstance(t.get("feature"), str) and t.get("better_than_chance", True) is False
+            },
             contributions={
                 "units": "log-odds of raw_probability (SHAP, LightGBM pred_contrib)",
                 "bias": round(bias, 6),
@@ -357,6 +362,17 @@ class FusionLightGBM(_WeightedStep):
             },
         )
         ctx.values[FUSION.name] = out
+        if (fused.card.get("cv") or {}).get("better_than_chance") is False:
+            ctx.warnings.append(
+                f"fusion: {fused.model_path} is no better than chance by its own card (installed with "
+                "--force): probability_of_pathology and pathology carry no evidence"
+            )
+        if out.finding_thresholds_vetoed:
+            ctx.warnings.append(
+                "fusion: no threshold for "
+                + ", ".join(f"{f} ({feature})" for f, feature in out.finding_thresholds_vetoed.items())
+                + ": the fusion card says these outputs are no better than chance"
+            )
         ctx.result["fusion"] = {
             "model": fused.model_path.name,
             "sha256": self.digest(fused.model_path),
@@ -444,16 +460,21 @@ def with_thresholds(
     pipeline: Mapping[str, float],
     fusion_card: Mapping[str, float],
     fusion_features: Mapping[str, str] | None = None,
+    fusion_vetoed: Mapping[str, str] | None = None,
 ) -> dict[str, Finding]:
     """Each finding with its threshold: the pipeline's, else the fusion card's, else the model card's.
 
     A fusion-card threshold was fitted on one feature (``fusion_features``: finding → feature name);
-    it is used only when the finding's probability comes from that same feature.
+    it is used only when the finding's probability comes from that same feature. When the card
+    found that feature no better than chance (``fusion_vetoed``), the finding gets no threshold at
+    all (unless the site set one): the model card's own is not used in its place.
     """
     out = {}
-    fusion_features = fusion_features or {}
+    fusion_features, fusion_vetoed = fusion_features or {}, fusion_vetoed or {}
     for name, (probability, source, own) in found.items():
         out[name] = Finding(probability, source)
+        if fusion_vetoed.get(name) == source and pipeline.get(name) is None:
+            continue  # the fusion card found this very output no better than chance: never called
         fitted_on = fusion_features.get(name)
         card = fusion_card.get(name) if fitted_on in (None, source) else None
         candidates = (pipeline.get(name), card, own)
@@ -612,6 +633,7 @@ class DecisionPathology(Step):
             p.finding_thresholds,
             fusion.finding_thresholds if fusion else {},
             fusion.finding_threshold_features if fusion else {},
+            fusion.finding_thresholds_vetoed if fusion else {},
         )
         decision = decide(
             fusion.probability if fusion else None,

@@ -90,6 +90,9 @@ class FusionOutput:
     # finding → the feature its threshold was fitted on (e.g. "head.Lung nodule"): the threshold
     # holds for that model's probability only, never for another source's
     finding_threshold_features: Mapping[str, str] = field(default_factory=dict)
+    # finding → feature whose fitted threshold the card itself says is no better than chance: that
+    # model output is never called, not even on its own model's card
+    finding_thresholds_vetoed: Mapping[str, str] = field(default_factory=dict)
 
 
 FUSION = Port("fusion", FusionOutput)
