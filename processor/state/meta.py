@@ -46,4 +46,3 @@ class Meta(Database):
         key = self.patient_key("ctwatch patient key fingerprint")
         assert key is not None
         return key[:16]
-
