@@ -320,6 +320,13 @@ def _no_dicom_message(contents: Contents, skipped: Counter[str]) -> str:
     if contents.kind == ArrivalKind.FILE and contents.what is not None and set(skipped) == {"not DICOM"}:
         what, fix = contents.what
         return f"no DICOM images found: the file is not a ZIP, it is {what} — {fix}"
+    zips = [m for m in contents.members if m.name.lower().endswith(".zip")]
+    if contents.kind == ArrivalKind.FOLDER and zips and set(skipped) == {"not DICOM"}:
+        return (
+            f"no DICOM images found: the folder holds {len(zips)} ZIP file(s) and no DICOM files. "
+            "A folder is read as the DICOM files of one drop, so the ZIPs inside are not opened — "
+            "drop each ZIP on its own (or give them one by one to `python run.py process`)"
+        )
     detail = ", ".join(f"{n} {reason}" for reason, n in skipped.most_common()) or "it is empty"
     return (
         f"no DICOM images found among {len(contents.members)} file(s) ({detail}); "

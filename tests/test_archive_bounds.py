@@ -257,8 +257,18 @@ def _deflate64(path: Path) -> Path:
             lambda p: p.write_bytes(b"PK\x05\x06" + bytes(18)),
             "no DICOM images found among 0 file(s)",
         ),
+        (
+            "batch",  # a folder of ZIPs: read as one drop's DICOM files, so its ZIPs are not opened
+            lambda p: (
+                p.mkdir(),
+                write_zip(p / "a.zip", make_series(3)),
+                write_zip(p / "b.zip", make_series(3)),
+            ),
+            "the folder holds 2 ZIP file(s) and no DICOM files. A folder is read as the DICOM files of "
+            "one drop, so the ZIPs inside are not opened — drop each ZIP on its own",
+        ),
     ],
-    ids=["empty", "html", "pdf", "text", "7z", "deflate64", "empty-zip"],
+    ids=["empty", "html", "pdf", "text", "7z", "deflate64", "empty-zip", "folder-of-zips"],
 )
 def test_inputs_without_dicom_are_quarantined_with_their_own_plain_reason(
     project: Project, name: str, make: Callable[[Path], object], words: str
