@@ -222,11 +222,6 @@ class TrainingSet:
         return out
 
 
-def in_training_set(row: dict[str, Any], card: dict[str, Any]) -> bool:
-    """:meth:`TrainingSet.contains` for one row (build a :class:`TrainingSet` once for many)."""
-    return TrainingSet.of(card).contains(row)
-
-
 UNKNOWN_PATIENT = None  # patient_key of a study processed before ctwatch recorded patients
 NO_PATIENT_ID = ""  # patient_key of a study whose DICOM has no PatientID
 

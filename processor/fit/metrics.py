@@ -59,13 +59,6 @@ def roc_curve(
     return fpr, tpr, thresholds
 
 
-def sensitivity_specificity(
-    y: Sequence[float] | np.ndarray, s: Sequence[float] | np.ndarray, threshold: float
-) -> tuple[float, float]:
-    pos, scores = _arrays(y, s)
-    return decided_sensitivity_specificity(pos, scores >= threshold)
-
-
 def decided_sensitivity_specificity(y: np.ndarray, called: np.ndarray) -> tuple[float, float]:
     """Sensitivity and specificity of yes/no calls (``called``) against labels ``y`` (0/1)."""
     pos, called = np.asarray(y, dtype=bool), np.asarray(called, dtype=bool)
