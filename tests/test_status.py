@@ -2,22 +2,36 @@
 
 from __future__ import annotations
 
+import html
 import http.client
 import json
+import os
 import re
 import signal
 import socket
 import sqlite3
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import openpyxl
 import pytest
 
-from tests.conftest import Project, wait_for
+from processor.config import load_settings
+from processor.pipeline.registry import StepRegistry
+from processor.pipeline.spec import Pipeline, PipelineSpec, compile_steps, load_pipeline
+from processor.pipeline.step import Step, StepEnv, StudyContext
+from processor.state import State
+from processor.status import Probes, collect_status, metrics_text, pipeline_plan, status_html
+from processor.status.plan import Forecast, PipelinePlan, PlannedStep, forecast
+from processor.status.words import duration_words, night_words, problem_words
+from processor.steps import default_registry
+from processor.vocab import Priority, StepProblem
+from tests.conftest import REPO, Project, wait_for
 from tests.dicomgen import PATIENT_ID, PATIENT_NAME, make_series, write_zip
 
 ACCESSION = "ACC12345"
@@ -97,7 +111,7 @@ def test_status_document(daemon: Running) -> None:
     assert status["version"] and status["uptime_seconds"] >= 0 and status["device"] == "cpu"
     assert status["gpu_memory"] is None
     assert status["pipeline"]["name"] == "test-ct" and status["pipeline"]["version"] == 1
-    assert status["queue"] == {"pending_day": 0, "pending_night": 0, "running": 0}
+    assert status["queue"] == {"pending_urgent": 0, "pending_day": 0, "pending_night": 0, "running": 0}
     assert status["today"]["done"] >= 1 and status["today"]["failed"] == 0
     assert status["today"]["by_outcome"]["Success"] == status["today"]["done"]
     first = status["recent_arrivals"][-1]
@@ -113,6 +127,24 @@ def test_status_document(daemon: Running) -> None:
         "studies",
     }
     assert [s["step"] for s in status["steps"]] == ["series"] and status["steps"][0]["mean_seconds"] >= 0
+    [series] = status["steps"]
+    assert series["name"] == "series selection" and series["in_pipeline"] is True
+    assert series["today"]["done"] >= 1 and series["today"]["failed"] == series["today"]["skipped"] == 0
+    assert series["next_study"] == {
+        "outcome": "runs",
+        "problem": None,
+        "words": "ready",
+        "missing_files": [],
+        "unreadable_files": [],
+    }
+    assert series["last_failure"] is None and series["today_problems"] == []
+    assert status["model_files"] == [] and status["model_files_problem"] is None  # this pipeline reads none
+    assert status["pipeline_file_changed"] is False
+    assert status["summary"][0].startswith(f"Today: {status['today']['done']} stud")
+    assert status["summary"][1] == "Every step of the pipeline (1) is ready to run on the next study."
+    assert re.fullmatch(r"\d+ (s|min( \d+ s)?)", status["uptime"]), status["uptime"]
+    assert status["today"]["since"].endswith("T00:00:00" + status["now"][19:])  # the server's local midnight
+    assert " 01:00" in status["night"]["words"] and "06:00" in status["night"]["words"]
     assert status["models_loaded"] == []
     assert status["disk"]["ok"] is True and {v["volume"] for v in status["disk"]["volumes"]} == {
         "outbox",
@@ -184,12 +216,21 @@ def test_metrics_are_prometheus_text(daemon: Running) -> None:
     assert samples[("ctwatch_disk_ok", ())] == 1 and samples[("ctwatch_worker_alive", ())] == 1
     assert samples[("ctwatch_disk_free_bytes", (("volume", "outbox"),))] > 0
     assert ("ctwatch_uptime_seconds", ()) in samples and ("ctwatch_night_window_open", ()) in samples
+    assert samples[("ctwatch_step_today", (("status", "done"), ("step", "series")))] >= 1
+    assert samples[("ctwatch_step_today", (("status", "skipped"), ("step", "series")))] == 0
+    assert samples[("ctwatch_step_ready", (("problem", "none"), ("step", "series")))] == 1
+    assert samples[("ctwatch_step_model_files_missing", (("step", "series"),))] == 0
+    assert samples[("ctwatch_night_window_next_start_timestamp_seconds", ())] > time.time()
 
 
 def test_html_page_refreshes_itself_without_external_assets(daemon: Running) -> None:
     status, headers, body = daemon.request("GET", "/")
     assert status == 200 and headers["content-type"] == "text/html; charset=utf-8"
     assert '<meta http-equiv="refresh"' in body and "healthy" in body
+    assert "Every step of the pipeline (1) is ready to run on the next study." in body
+    assert re.search(r"<td>up for</td><td>\d+ (s|min)", body)
+    assert re.search(r"<td>night window</td><td>(closed now; opens at 01:00|open now, until 06:00)", body)
+    assert "<td>series selection (series)</td>" in body and "{&quot;" not in body and '{"' not in body
     assert "default-src 'none'" in headers["content-security-policy"]
     assert not re.search(r"(src|href)\s*=", body, re.I) and "<script" not in body.lower()
     assert "http://" not in body and "https://" not in body
@@ -266,3 +307,315 @@ def test_sigterm_stops_cleanly(daemon: Running) -> None:
     assert "daemon.stopped" in log and "Traceback" not in log
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", daemon.port), timeout=2).close()
+
+
+# ---------------------------------------------------------------------------------------- words
+@pytest.mark.parametrize(
+    ("seconds", "words"),
+    [
+        (None, "unknown"),
+        (0.4, "0 s"),
+        (59.4, "59 s"),
+        (60, "1 min"),
+        (61, "1 min 1 s"),
+        (3600, "1 h"),
+        (3660, "1 h 1 min"),
+        (86400, "1 day"),
+        (2 * 86400 + 3 * 3600 + 5, "2 days 3 h"),
+    ],
+)
+def test_durations_in_words(seconds: float | None, words: str) -> None:
+    assert duration_words(seconds) == words
+
+
+def test_the_night_window_in_words() -> None:
+    cet = timezone(timedelta(hours=1), "CET")
+    evening = datetime(2026, 11, 29, 22, 30, tzinfo=cet)
+    night = {
+        "window": "01:00-06:00",
+        "open": False,
+        "run_on": False,
+        "next_start": "2026-11-30T01:00:00+01:00",
+    }
+    assert night_words(night, evening, 2) == (
+        "closed now; opens at 01:00 (in 2 h 30 min) and closes at 06:00 (server time, CET (UTC+01:00)); "
+        "2 inputs from the night folder wait for it. Night-folder inputs not finished by 06:00 wait for "
+        "the next night."
+    )
+    at_three = datetime(2026, 11, 30, 3, 0, tzinfo=cet)
+    assert night_words({**night, "open": True, "run_on": True}, at_three, 1) == (
+        "open now, until 06:00 (server time, CET (UTC+01:00)); 1 input from the night folder still waiting. "
+        "A night batch not finished by 06:00 runs on until it is done."
+    )
+    assert night_words({"window": "00:00-00:00", "open": True}, evening, 0).startswith("open all day")
+    assert night_words({}, evening, 0) == "not configured"
+
+
+def test_the_next_study_is_forecast_as_the_runner_walks_it() -> None:
+    """A step with a missing model file is skipped, and so is one that needs only what it gives; with
+    ``on_missing_weights: fail`` the study fails there and the rest is not reached."""
+    plan = PipelinePlan(
+        "skip",
+        (
+            PlannedStep("volume", "ct.volume", "cpu", (), ("volume",)),
+            PlannedStep(
+                "clip", "ctclip.zero_shot", "gpu", ("volume",), ("ctclip_latent",), ("weights/a.pt",)
+            ),
+            PlannedStep(
+                "lipro", "ctclip.classify", "gpu", ("volume",), ("ctclip_latent",), ("weights/b.pt",)
+            ),
+            PlannedStep("head", "ctclip.head", "cpu", ("ctclip_latent",), ("features",)),
+            PlannedStep("decision", "decision.pathology", "cpu"),
+        ),
+    )
+    ahead = forecast(plan)
+    assert ahead["volume"] == Forecast("runs") and ahead["decision"] == Forecast("runs")
+    assert ahead["clip"] == Forecast(
+        "skipped", StepProblem.MODEL_MISSING, "model file missing: weights/a.pt", ("weights/a.pt",)
+    )
+    assert ahead["head"] == Forecast(
+        "skipped", StepProblem.NEEDS_SKIPPED, "needs ctclip_latent from clip or lipro, which are skipped"
+    )
+    failing = forecast(replace(plan, on_missing_weights="fail"))
+    assert failing["clip"].outcome == "fails" and failing["clip"].words.startswith(
+        "fails every study: model file"
+    )
+    assert (
+        failing["lipro"]
+        == failing["head"]
+        == failing["decision"]
+        == Forecast("not_run", StepProblem.EARLIER_FAILED, "not reached: step clip fails first")
+    )
+
+
+# ---------------------------------------------------------------------------------------- model files now
+def _status(project: Project, plan_of: object, pipeline: dict) -> tuple[dict, str, str]:
+    """The /status document, page and metrics of ``project``'s database with that plan, in-process."""
+    state = State(project.state_path)
+    try:
+        probes = Probes("test", "cpu", pipeline, plan=plan_of)  # type: ignore[arg-type]
+        doc = collect_status(probes, state)
+        return doc, html.unescape(status_html(doc)), metrics_text(doc, state.studies_by_status())
+    finally:
+        state.close()
+
+
+def test_unreadable_and_missing_model_files_in_a_weights_folder_outside_the_root(tmp_path: Path) -> None:
+    """``{not json`` in the caption model's index: that step is forecast to fail, naming the file, the
+    others still run and the headline says so; paths show relative to the configured weights folder
+    (never absolute); an urgent input waiting is counted as urgent, not day."""
+    models = tmp_path / "models"  # the configured weights folder, outside the installation's root
+    blip = models / "caption" / "blip2-opt-2.7b"
+    blip.mkdir(parents=True)
+    (blip / "model.safetensors.index.json").write_text("{not json")
+    clip = {
+        "checkpoint": str(models / "ct_clip" / "CT_VocabFine_v2.pt"),
+        "vocab": str(models / "ct_clip" / "vocab.txt"),
+    }
+    (tmp_path / "site").mkdir()
+    project = Project(
+        tmp_path / "site",
+        [
+            {"id": "series", "uses": "dicom.select_series"},
+            {"id": "volume", "uses": "ct.volume"},
+            {"id": "slices", "uses": "render.key_slices"},
+            {
+                "id": "caption",
+                "uses": "caption.image_to_text",
+                "optional": True,
+                "with": {"model": str(blip)},
+            },
+            {"id": "clip", "uses": "ctclip.zero_shot", "optional": True, "with": clip},
+        ],
+        weights=str(models),
+    )
+    settings = load_settings(project.config)
+    pipeline = load_pipeline(settings.pipeline, default_registry(), StepEnv(settings.root, "cpu"))
+    state = State(project.state_path)
+    state.register_arrival(
+        kind="inbox",
+        name="urgent.zip",
+        original_path="/in/urgent.zip",
+        current_path="/in/urgent.zip",
+        sha256="c" * 64,
+        size=1,
+        pipeline_name="test-ct",
+        pipeline_version=1,
+        priority=Priority.URGENT,
+    )
+    state.close()
+    doc, page, metrics = _status(
+        project, lambda: pipeline_plan(pipeline, settings), {"name": "test-ct", "version": 1}
+    )
+
+    index = "<weights>/caption/blip2-opt-2.7b/model.safetensors.index.json"
+    steps = {s["step"]: s["next_study"] for s in doc["steps"]}
+    assert steps["caption"] == {
+        "outcome": "fails",
+        "problem": "model_unusable",
+        "words": f"model file unreadable: {index}",
+        "missing_files": [],
+        "unreadable_files": [index],
+    }
+    assert steps["clip"]["outcome"] == "skipped" and steps["clip"]["missing_files"] == [
+        "<weights>/ct_clip/CT_VocabFine_v2.pt",
+        "<weights>/ct_clip/vocab.txt",
+    ]
+    assert [steps[s]["outcome"] for s in ("series", "volume", "slices")] == ["runs"] * 3
+    assert doc["summary"][1].startswith(
+        "2 of 5 steps will not run on the next study — model file could not be loaded"
+    )
+    assert "captioning; model file missing: CT-CLIP zero-shot. See Model files below." in doc["summary"][1]
+    files = {f["file"]: f["status"] for f in doc["model_files"]}
+    assert files[index] == "UNREADABLE" and files["<weights>/ct_clip/vocab.txt"] == "missing"
+    assert f"fails: model file unreadable: {index}" in page
+    assert "2 of 4 missing: install them in the weights folder the config names (`weights:`" in page
+    assert "1 cannot be read: copy that model folder again" in page and "under weights/" not in page
+    for text in (json.dumps(doc), page, metrics):
+        assert str(tmp_path) not in text  # no absolute path leaves the port
+    # the urgent lane: in /status, on the page and in /metrics, not counted under day
+    assert doc["queue"] == {"pending_urgent": 1, "pending_day": 0, "pending_night": 0, "running": 0}
+    assert doc["eta"]["runnable_arrivals"] == 1 and "pending urgent: 1, pending day: 0" in page
+    samples = parse_prometheus(metrics)
+    assert samples[("ctwatch_queue_depth", (("queue", "urgent"), ("state", "pending")))] == 1
+    assert samples[("ctwatch_queue_depth", (("queue", "day"), ("state", "pending")))] == 0
+
+
+class Model(Step):
+    uses = "test.model"
+    summary = "reads weights/m.bin"
+
+    def weight_files(self) -> list[Path]:
+        return [self.env.root / "weights" / "m.bin"]
+
+    def run(self, ctx: StudyContext) -> None:
+        ctx.result["model"] = True
+
+
+class Plain(Step):
+    uses = "test.plain"
+    summary = "needs no model"
+
+    def run(self, ctx: StudyContext) -> None:
+        ctx.result["plain"] = True
+
+
+def test_a_model_that_failed_is_forecast_to_fail_until_its_files_change(tmp_path: Path) -> None:
+    """The last run of a step failed with ``model_unusable`` and its file has not changed since: the
+    forecast says it will fail (not "runs"), and so does the headline; once the file is replaced it
+    says "runs" again. The headline words today's Partial study (an optional step failed) and the
+    input that failed before any result from those facts."""
+    project = Project(tmp_path)
+    (tmp_path / "weights").mkdir()
+    model = tmp_path / "weights" / "m.bin"
+    model.write_bytes(b"corrupt")
+    registry = StepRegistry()
+    registry.register(Model)
+    registry.register(Plain)
+    spec = PipelineSpec.model_validate(
+        {
+            "name": "t",
+            "version": 1,
+            "steps": [
+                {"id": "model", "uses": "test.model", "optional": True},
+                {"id": "plain", "uses": "test.plain"},
+            ],
+        }
+    )
+    compiled, problems = compile_steps(spec, registry, StepEnv(tmp_path))
+    assert not problems
+    pipeline = Pipeline("t", 1, "skip", tuple(compiled), project.pipeline, "x")
+    settings = load_settings(project.config)
+    failed_at = datetime.now(UTC) + timedelta(seconds=2)  # after the file was written (ISO seconds)
+    stamp = failed_at.isoformat(timespec="seconds")
+    state = State(project.state_path)
+    try:
+        arrival = state.register_arrival(
+            kind="inbox",
+            name="a.zip",
+            original_path="/in/a.zip",
+            current_path="/in/a.zip",
+            sha256="d" * 64,
+            size=1,
+            pipeline_name="t",
+            pipeline_version=1,
+        ).arrival_id
+        state.db.execute("update arrivals set state = 'done', finished_at = ? where id = ?", [stamp, arrival])
+        state.db.table("studies").insert(
+            {"arrival_id": arrival, "study_uid": "1.2.3", "status": "Partial", "finished_at": stamp}
+        )
+        for step_id, uses, status, problem in (
+            ("model", "test.model", "failed", "model_unusable"),
+            ("plain", "test.plain", "done", None),
+        ):
+            state.db.table("step_runs").insert(
+                {
+                    "arrival_id": arrival,
+                    "study_uid": "1.2.3",
+                    "step_id": step_id,
+                    "uses": uses,
+                    "status": status,
+                    "seconds": 0.1,
+                    "error": "cannot load weights/m.bin" if problem else None,
+                    "problem": problem,
+                    "finished_at": stamp,
+                }
+            )
+        crashed = state.register_arrival(
+            kind="inbox",
+            name="b.zip",
+            original_path="/in/b.zip",
+            current_path="/in/b.zip",
+            sha256="e" * 64,
+            size=1,
+            pipeline_name="t",
+            pipeline_version=1,
+        ).arrival_id
+        state.db.execute(
+            "update arrivals set state = 'failed', finished_at = ? where id = ?", [stamp, crashed]
+        )
+    finally:
+        state.close()
+    plan_now = lambda: pipeline_plan(pipeline, settings)  # noqa: E731 — the daemon's probe, as it is
+    doc, page, _ = _status(project, plan_now, {"name": "t", "version": 1})
+    ahead = {s["step"]: s["next_study"] for s in doc["steps"]}
+    assert ahead["model"]["outcome"] == "fails" and ahead["model"]["problem"] == "model_unusable"
+    assert ahead["model"]["words"] == "will fail: model file unusable (failed today: 1)"
+    assert ahead["plain"]["outcome"] == "runs"
+    assert doc["summary"] == [
+        "Today: 1 study processed — 0 with every step, 1 partly (some steps failed), 0 failed; 1 input "
+        "failed before any result (ctwatch crashed on it or an internal error; the Excel report says which).",
+        "1 of 2 steps will not run on the next study — model file could not be loaded (corrupt, incomplete "
+        "or the wrong kind) — check it with `python run.py weights --verify`: model.",
+    ]
+    assert "will fail: model file unusable (failed today: 1)" in page and "ready to run" not in page
+    # another pipeline version's runs say nothing about this one
+    other, _, _ = _status(project, plan_now, {"name": "t", "version": 2})
+    assert {s["step"]: s["next_study"]["outcome"] for s in other["steps"]} == {
+        "model": "runs",
+        "plain": "runs",
+    }
+    # a new copy of the file: nothing known says it fails now
+    later = failed_at.timestamp() + 60
+    os.utime(model, (later, later))
+    doc, _, _ = _status(project, plan_now, {"name": "t", "version": 1})
+    assert doc["summary"][1] == "Every step of the pipeline (2) is ready to run on the next study."
+    assert problem_words(StepProblem.UNRECORDED) == (
+        "failed (recorded by an older ctwatch; its reason is in the Excel report)"
+    )
+
+
+def test_today_starts_at_local_midnight_on_a_daylight_saving_day() -> None:
+    """29 March 2026 in Berlin: the clocks go from +01:00 to +02:00 at 02:00, so at noon "today"
+    began at 00:00+01:00 (23:00 UTC the day before), not at 00:00+02:00. Run with TZ=Europe/Berlin in
+    a child, as the server's own zone."""
+    code = (
+        "from datetime import datetime\n"
+        "from processor.status.document import local_midnight\n"
+        "now = datetime(2026, 3, 29, 12, 0).astimezone()\n"
+        "print(now.isoformat(), local_midnight(now).isoformat())\n"
+    )
+    env = {**os.environ, "TZ": "Europe/Berlin", "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["2026-03-29T12:00:00+02:00", "2026-03-29T00:00:00+01:00"]

@@ -8,7 +8,8 @@ source URLs carry a signed query too. A real daemon polls them, failing and succ
 planted may reach ``/status``, ``/metrics``, ``/health``, the HTML page, any text column of any
 table of the state database (the ETag excepted: it is an opaque validator sent back to the same
 server, see ``processor/state/sources.py``), the log files, the receipts, the result JSON, the
-workbook or ``ctwatch status``.
+workbook or ``ctwatch status``. Step error texts (which may carry a series description, a file name
+or a UID) reach the port only as a category in our words (issue 17).
 """
 
 from __future__ import annotations
@@ -425,6 +426,149 @@ def test_rows_an_older_ctwatch_wrote_are_cleaned_and_never_served(tmp_path: Path
         assert json.loads(document) == {"source": {"kind": "http", "url": row["url"]}, "study_uid": "1.2.3"}
     finally:
         conn.close()
+
+
+# ---------------------------------------------------------------------------------------------- step errors
+STEP_PLANTS = {  # legacy rows (no category): step id → (status, error text with a name, a UID, a path)
+    "series": ("failed", f"no eligible series: series 2 ({NAME} CHEST {UID}): 10 slices < 20"),
+    "volume": ("not_run", "an earlier step failed"),
+    "clip": ("skipped", f"weights not installed: /data/{NAME}/{UID}/CT_VocabFine_v2.pt"),
+    "head": ("skipped", "needs ctclip_latent, which an earlier skipped step did not provide"),
+    "lungs": ("skipped", f"the pixel spacing of {NAME}.dcm is unknown ({UID})"),
+}
+
+
+def test_step_errors_reach_the_port_as_categories_only(tmp_path: Path) -> None:
+    """Step error texts carry what a study carries (series descriptions, file names, UIDs): the port
+    serves each step's counts, last failure and reasons as a category in our words, never the text —
+    for rows written before categories were stored (the migration files them) and after."""
+    from processor.config import load_settings
+    from processor.pipeline.spec import load_pipeline
+    from processor.pipeline.step import StepEnv
+    from processor.status import pipeline_plan
+    from processor.steps import default_registry
+    from processor.vocab import StepProblem
+
+    (tmp_path / "p").mkdir()
+    project = Project(
+        tmp_path / "p",
+        pipeline_steps=[
+            {"id": "series", "uses": "dicom.select_series"},
+            {"id": "volume", "uses": "ct.volume"},
+            {"id": "lungs", "uses": "quantify.lungs"},
+            {"id": "fusion", "uses": "fusion.lightgbm"},
+        ],
+    )
+    db = project.state_path
+    db.parent.mkdir(parents=True)
+    State(db).close()
+    conn = sqlite3.connect(db)  # as an older ctwatch left it: no category column, rows with raw texts
+    try:
+        for (index,) in conn.execute(
+            "select name from sqlite_master where type = 'index' and tbl_name = 'step_runs' and sql like '%finished_at%'"
+        ).fetchall():
+            conn.execute(f'drop index "{index}"')
+        conn.execute("alter table step_runs drop column problem")
+        conn.execute("delete from _migrations where name = '0012_step_problems'")
+        conn.execute(
+            "insert into arrivals (kind, name, sha256, state) values ('zip', ?, 'ab', 'done')",
+            [f"{NAME}.zip"],
+        )
+        for step, (status, error) in STEP_PLANTS.items():
+            conn.execute(
+                "insert into step_runs (arrival_id, study_uid, step_id, uses, status, seconds, error, finished_at) "
+                "values (1, ?, ?, 'x', ?, 0.1, ?, '2025-03-04T10:00:00+00:00')",
+                [UID, step, status, error],
+            )
+        conn.commit()
+    finally:
+        conn.close()
+    state = State(db)  # the migration files the old rows
+    try:
+        filed = {r["step_id"]: r["problem"] for r in state.db.query("select step_id, problem from step_runs")}
+        assert filed == {
+            "series": "unrecorded",
+            "volume": "earlier_failed",
+            "clip": "model_missing",
+            "head": "needs_skipped",
+            "lungs": "withheld",
+        }
+        arrival = state.register_arrival(
+            kind="zip",
+            name=f"{NAME}.zip",
+            original_path=f"/in/{NAME}.zip",
+            current_path=f"/in/{NAME}.zip",
+            sha256="cd" * 32,
+            size=1,
+            pipeline_name="test-ct",
+            pipeline_version=1,
+        )
+        steps = [  # today's runs, as the recorder stores them
+            {
+                "step_id": "series",
+                "uses": "dicom.select_series",
+                "status": "done",
+                "seconds": 0.1,
+                "error": None,
+            },
+            {
+                "step_id": "volume",
+                "uses": "ct.volume",
+                "status": "failed",
+                "seconds": 0.2,
+                "error": f"cannot read {NAME}/{UID}.dcm: bad JPEG",
+                "problem": StepProblem.STUDY,
+            },
+            {
+                "step_id": "lungs",
+                "uses": "quantify.lungs",
+                "status": "not_run",
+                "seconds": 0.0,
+                "error": "an earlier step failed",
+                "problem": StepProblem.EARLIER_FAILED,
+            },
+        ]
+        state.record_study(arrival.arrival_id, UID, {"status": "Failure", "error": f"{NAME} {UID}"}, steps)
+    finally:
+        state.close()
+
+    settings = load_settings(project.config)
+    pipeline = load_pipeline(settings.pipeline, default_registry(), StepEnv(settings.root, "cpu"))
+    server = StatusServer(
+        db,
+        Probes(
+            version="t",
+            device="cpu",
+            pipeline={"name": "test-ct", "version": 1},
+            plan=lambda: pipeline_plan(pipeline, settings),
+        ),
+        "127.0.0.1",
+        0,
+    )
+    server.start()
+    try:
+        assert server.port is not None
+        served = {path: get(server.port, path)[1] for path in ("/status", "/metrics", "/")}
+        steps_served = {row["step"]: row for row in status_document(server.port)["steps"]}
+    finally:
+        server.stop()
+    assert {path: leaks(text) for path, text in served.items()} == {"/status": [], "/metrics": [], "/": []}
+    assert list(steps_served) == [
+        "series",
+        "volume",
+        "lungs",
+        "fusion",
+    ]  # old ids without runs today: not listed
+    assert steps_served["volume"]["today"] == {"done": 0, "skipped": 0, "failed": 1, "not_run": 0}
+    assert steps_served["volume"]["last_failure"]["problem"] == "study"
+    assert steps_served["series"]["last_failure"]["problem"] == "unrecorded"  # the old row: no newer failure
+    assert steps_served["series"]["today"] == {"done": 1, "skipped": 0, "failed": 0, "not_run": 0}
+    assert steps_served["fusion"]["today"] == {"done": 0, "skipped": 0, "failed": 0, "not_run": 0}
+    assert steps_served["fusion"]["next_study"]["words"] == (
+        "model file missing: weights/fusion/model.txt, weights/fusion/card.json"
+    )
+    assert "could not process the study (its row in the Excel report says why)" in served["/"]
+    assert 'ctwatch_step_last_failure_timestamp_seconds{step="volume",problem="study"}' in served["/metrics"]
 
 
 # ---------------------------------------------------------------------------------------------- pure logic

@@ -152,9 +152,12 @@ def weight_files(folder: Path) -> list[Path]:
         if index.exists():
             try:
                 shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-            except (OSError, ValueError, KeyError) as exc:
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                why = f"no weight_map: {exc}" if isinstance(exc, KeyError) else str(exc)
                 raise WeightsError(
-                    f"{index}: unreadable weight index ({exc}); copy the folder again"
+                    f"{index}: the model's weight index cannot be read ({why}), so the model cannot "
+                    "be loaded. Fix: copy the model folder again from its source",
+                    path=index,
                 ) from exc
             return files + [folder / s for s in shards]
     for name in ("model.safetensors", "pytorch_model.bin"):
