@@ -1,18 +1,24 @@
-"""``python run.py weights [--verify]``: which model files the configured pipeline needs, and whether they are there.
+"""``python run.py weights [--verify]``: the model files the configured pipeline uses, and whether they are there.
 
-The expected files are listed in ``weights/manifest.yaml`` (paths relative to the settings'
-``weights`` folder). A ``manifest.yaml`` inside that folder takes precedence over the one shipped
-with ctwatch, so a site can pin the checksums of its own trusted copies. Each row is a manifest
-file or a file a pipeline step asks for (``Step.weight_files()``), with the pipeline steps using
-it, its status and where to get it:
+The list comes from the compiled pipeline: every step names the files it reads
+(``Step.weight_files()``), and there is one row per file, or per model folder, in pipeline order —
+nothing else. Where each comes from, its licence and its published sha256 come from
+``weights/manifest.yaml`` (paths relative to the settings' ``weights`` folder), which lists exactly
+the files the shipped pipelines (``pipelines/*.yaml``) use. A ``manifest.yaml`` inside the settings'
+weights folder takes precedence over the shipped one, so a site can pin the checksums of its own
+trusted copies, or describe the files of a pipeline of its own. Each row has a status:
 
 * ``verified``: present and its sha256 matches the manifest (``--verify`` only);
 * ``present-unverified``: present, not checked (no ``--verify``, no published sha256, or a folder);
 * ``MISMATCH``: present, but the sha256 differs (``--verify``): a corrupt or different file;
-* ``missing``: absent.
+* ``missing``: absent;
+* ``UNREADABLE``: the model folder's weight index cannot be read, so the files it names cannot be
+  known and the model cannot load (``problem`` says why): its steps fail on every study.
 
-A row ending in ``/`` (``caption/<model>/``) stands for a model folder and the files a step names
-inside it. :func:`pinned_sha256` hands the pinned checksums to the steps (``StepEnv.pinned_sha256``),
+A manifest row ending in ``/`` (``caption/<model>/``) stands for a model folder and the files a step
+names inside it: the folder gets one row, and a file missing from a folder that is there gets its
+own. A file no manifest row names is still listed (the pipeline reads it), with the fix in place of
+a source. :func:`pinned_sha256` hands the pinned checksums to the steps (``StepEnv.pinned_sha256``),
 which refuse a pinned file whose sha256 differs, at ``check-config`` and when the model loads.
 """
 
@@ -20,7 +26,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -31,6 +36,7 @@ from processor.models.cache import sha256_file
 
 SHIPPED_MANIFEST = Path(__file__).resolve().parent.parent / "weights" / "manifest.yaml"
 NOT_PUBLISHED = "not published"
+UNREADABLE = "UNREADABLE"
 
 
 class ManifestFile(BaseModel):
@@ -38,7 +44,9 @@ class ManifestFile(BaseModel):
     path: str
     description: str = ""
     steps: list[str] = Field(default_factory=list)
-    status: Literal["required", "optional", "planned"] = "required"
+    # accepted from manifests copied before 2025-11 (required / optional / planned) and ignored: which
+    # files are needed is what the configured pipeline's steps name, nothing else
+    status: str | None = None
     sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     size: str | None = None
     licence: str = ""
@@ -53,6 +61,15 @@ class Manifest(BaseModel):
 
 @dataclass
 class WeightRow:
+    """One file (or model folder) the configured pipeline uses.
+
+    ``used_by``: ``"<step id> (<uses>)"`` of each step reading it, in pipeline order (never empty).
+    ``entry``: the manifest row's ``path`` describing it (None: no row names it, ``in_manifest``
+    False). ``expected_sha256``: the manifest's pinned sha256 (None: not published).
+    ``actual_sha256``: computed by ``--verify`` for a present file. ``problem``: why the file
+    cannot be read (status ``UNREADABLE``), in plain words; None otherwise.
+    """
+
     path: Path
     shown: str
     used_by: list[str] = field(default_factory=list)
@@ -62,7 +79,17 @@ class WeightRow:
     expected_sha256: str | None = None
     actual_sha256: str | None = None
     in_manifest: bool = True
-    planned: bool = False
+    entry: str | None = None
+    problem: str | None = None
+
+    @property
+    def sha256_text(self) -> str:
+        """The published sha256, or the words saying there is none."""
+        if self.expected_sha256:
+            return self.expected_sha256
+        if self.shown.endswith("/"):
+            return f"{NOT_PUBLISHED} (a folder: compare each file with the SHA256 its model page lists)"
+        return NOT_PUBLISHED
 
 
 def manifest_path(settings: Settings) -> Path:
@@ -93,19 +120,47 @@ def pinned_sha256(settings: Settings) -> dict[Path, str]:
     }
 
 
-def pipeline_weight_files(settings: Settings) -> dict[Path, list[str]]:
-    """Resolved weight path → ["<step id> (<uses>)", ...] for the configured pipeline."""
+@dataclass
+class PipelineWeights:
+    """What a pipeline reads: ``used`` (resolved path → ["<step id> (<uses>)", ...], pipeline
+    order), ``unreadable`` (resolved path of a weight index that cannot be read → why, in plain
+    words; the path is also in ``used``) and the pipeline's ``on_missing_weights``."""
+
+    used: dict[Path, list[str]]
+    unreadable: dict[Path, str]
+    on_missing_weights: str
+
+
+def pipeline_weights(pipeline: Path, root: Path) -> PipelineWeights:
+    """The files the pipeline YAML at ``pipeline`` reads, compiled with paths relative to ``root``.
+    ``ConfigError`` if it does not compile; an unreadable weight index is a row, never an error."""
     from processor.pipeline.spec import load_pipeline
     from processor.pipeline.step import StepEnv
+    from processor.pipeline.weightfiles import weight_files_now
     from processor.steps import default_registry
 
     # device "cpu": listing files needs no GPU, and a missing one must not hide the table
-    pipeline = load_pipeline(settings.pipeline, default_registry(), StepEnv(settings.root, "cpu"))
+    compiled_pipeline = load_pipeline(pipeline, default_registry(), StepEnv(root, "cpu"))
     used: dict[Path, list[str]] = {}
-    for compiled in pipeline.steps:
-        for path in compiled.step.weight_files():
-            used.setdefault(path.resolve(), []).append(f"{compiled.id} ({compiled.uses})")
-    return used
+    unreadable: dict[Path, str] = {}
+    for compiled in compiled_pipeline.steps:
+        files = weight_files_now(compiled.step)
+        paths = list(files.files)
+        if files.why is not None and files.unreadable is not None:
+            paths.append(files.unreadable)
+            unreadable[files.unreadable.resolve()] = files.why.removeprefix(f"{files.unreadable}: ")
+        for path in paths:
+            users = used.setdefault(path.resolve(), [])
+            name = f"{compiled.id} ({compiled.uses})"
+            if name not in users:
+                users.append(name)
+    return PipelineWeights(used, unreadable, compiled_pipeline.on_missing_weights)
+
+
+def weight_files_of(pipeline: Path, root: Path) -> dict[Path, list[str]]:
+    """Resolved weight path → ["<step id> (<uses>)", ...] for the pipeline YAML at ``pipeline``,
+    compiled with paths relative to ``root``, in pipeline order. ``ConfigError`` if it does not compile."""
+    return pipeline_weights(pipeline, root).used
 
 
 def _shown(path: Path, root: Path, folder: bool = False) -> str:
@@ -129,67 +184,81 @@ def covering_row(path: Path, manifest: Manifest, weights: Path) -> ManifestFile 
     return None
 
 
-def weight_rows(settings: Settings, verify: bool = False) -> list[WeightRow]:
-    """One row per manifest file, then one per pipeline file the manifest does not list.
+@dataclass
+class WeightTable:
+    """The rows of ``python run.py weights`` and the pipeline's ``on_missing_weights``."""
 
-    A folder row (``caption/<model>/``) stands for the files a step names inside it; such a file gets
-    its own row only when the folder is there but the file is not.
+    rows: list[WeightRow]
+    on_missing_weights: str = "skip"
+
+
+def weight_rows(settings: Settings, verify: bool = False) -> list[WeightRow]:
+    """:func:`weight_table`'s rows."""
+    return weight_table(settings, verify).rows
+
+
+def weight_table(settings: Settings, verify: bool = False) -> WeightTable:
+    """One row per file, or model folder, the configured pipeline uses (pipeline order), with the
+    source, licence and sha256 its manifest row gives; ``verify`` hashes every present file.
+
+    A model folder row (``caption/<model>/``) stands for the files a step names inside it; such a file
+    gets its own row only when the folder is there but the file is not, or when it is the folder's
+    weight index and cannot be read (``UNREADABLE``). ``ConfigError`` when the manifest or the
+    pipeline cannot be read.
     """
     manifest = load_manifest(manifest_path(settings))
-    used = pipeline_weight_files(settings)
-    rows: list[WeightRow] = []
-    for entry in manifest.files:
-        path = (settings.weights / entry.path).resolve()
-        is_folder = entry.path.endswith("/")
-        steps = list(used.get(path, []))
-        for inner, users in used.items():
-            if is_folder and path in inner.parents:
-                steps += [s for s in users if s not in steps]
-        rows.append(
-            WeightRow(
+    reads = pipeline_weights(settings.pipeline, settings.root)
+    rows: dict[str, WeightRow] = {}
+    for path, steps in reads.used.items():
+        entry = covering_row(path, manifest, settings.weights)
+        if entry is None:
+            row = WeightRow(
                 path,
-                _shown(path, settings.root, is_folder),
-                steps,
-                source=entry.source,
-                licence=entry.licence,
-                expected_sha256=entry.sha256,
-                planned=entry.status == "planned",
+                _shown(path, settings.root),
+                source=f"not listed in {manifest_path(settings)}: add a row with its source and licence",
+                in_manifest=False,
             )
-        )
-    rows += _rows_outside_the_manifest(used, manifest, settings)
-    for row in rows:
+        elif entry.path.endswith("/"):
+            folder = (settings.weights / entry.path).resolve()
+            row = _row_for(entry, folder, _shown(folder, settings.root, True))
+            _add_users(rows.setdefault(row.shown, row), steps)
+            if path in reads.unreadable or (_present(folder) and not path.exists()):
+                # an incomplete copy, or its index unreadable: name that file
+                row = _row_for(entry, path, _shown(path, settings.root))
+                row.source = f"part of {_shown(folder, settings.root, True)}: {entry.source}"
+                row.expected_sha256 = None
+            else:
+                continue
+        else:
+            row = _row_for(entry, path, _shown(path, settings.root))
+        _add_users(rows.setdefault(row.shown, row), steps)
+    for row in rows.values():
+        row.problem = reads.unreadable.get(row.path)
         _check(row, verify)
-    return rows
+    return WeightTable(list(rows.values()), reads.on_missing_weights)
 
 
-def _rows_outside_the_manifest(
-    used: dict[Path, list[str]], manifest: Manifest, settings: Settings
-) -> list[WeightRow]:
-    """Pipeline files no manifest row names, and files missing from a model folder that is there."""
-    rows = []
-    for path, steps in used.items():
-        covering = covering_row(path, manifest, settings.weights)
-        if covering is None:
-            rows.append(
-                WeightRow(
-                    path,
-                    _shown(path, settings.root),
-                    steps,
-                    in_manifest=False,
-                    source="not in the manifest: named by the pipeline",
-                )
-            )
-        elif covering.path.endswith("/") and not path.exists():
-            folder = (settings.weights / covering.path).resolve()
-            if _present(folder):  # an incomplete copy: name the file that is missing
-                shown = _shown(folder, settings.root, True)
-                rows.append(WeightRow(path, _shown(path, settings.root), steps, source=f"part of {shown}"))
-    return rows
+def _row_for(entry: ManifestFile, path: Path, shown: str) -> WeightRow:
+    return WeightRow(
+        path,
+        shown,
+        source=entry.source,
+        licence=entry.licence,
+        expected_sha256=entry.sha256,
+        entry=entry.path,
+    )
+
+
+def _add_users(row: WeightRow, steps: list[str]) -> None:
+    row.used_by += [s for s in steps if s not in row.used_by]
 
 
 def _check(row: WeightRow, verify: bool) -> None:
     if not _present(row.path):
         row.status = "missing"
+        return
+    if row.problem is not None:
+        row.status = UNREADABLE
         return
     row.status = "present-unverified"
     if verify and row.path.is_file():
@@ -199,30 +268,36 @@ def _check(row: WeightRow, verify: bool) -> None:
 
 
 def exit_code(rows: list[WeightRow]) -> int:
-    """1 when a file fails verification or a file the pipeline uses is missing, else 0."""
-    bad = any(r.status == "MISMATCH" or (r.status == "missing" and r.used_by) for r in rows)
+    """1 when a file fails verification, cannot be read, or a file the pipeline uses is missing, else 0."""
+    bad = any(r.status in ("MISMATCH", UNREADABLE) or (r.status == "missing" and r.used_by) for r in rows)
     return 1 if bad else 0
 
 
-def format_table(rows: list[WeightRow], settings: Settings, verify: bool) -> str:
-    header = ("FILE", "USED BY (this pipeline)", "STATUS", "GET IT FROM")
-    cells = [
-        (
-            r.shown,
-            ", ".join(r.used_by) or ("- (step not built yet)" if r.planned else "-"),
-            r.status,
-            r.source or "-",
-        )
-        for r in rows
-    ]
+def format_table(
+    rows: list[WeightRow], settings: Settings, verify: bool, on_missing_weights: str = "skip"
+) -> str:
+    """The ``weights`` command's text: a FILE / USED BY / STATUS line per row, then its source,
+    licence and sha256 (or why it cannot be read) on indented lines, then what to do —
+    ``on_missing_weights`` (the pipeline's setting) decides what missing files do to a study."""
+    header = ("FILE", "USED BY (this pipeline)", "STATUS")
+    cells = [(r.shown, ", ".join(r.used_by) or "-", r.status) for r in rows]
     widths = [max(len(c[i]) for c in [header, *cells]) for i in range(3)]
     lines = [
         f"weights folder: {settings.weights}   manifest: {manifest_path(settings)}   "
         f"pipeline: {settings.pipeline}",
         "",
+        "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip(),
     ]
-    for cell in [header, *cells]:
-        lines.append("  ".join(c.ljust(w) for c, w in zip(cell, widths, strict=False)) + "  " + cell[3])
+    for row, cell in zip(rows, cells, strict=True):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(cell, widths, strict=True)).rstrip())
+        if row.problem is not None:
+            lines.append(f"    problem: {row.problem}")
+        lines.append(f"    source:  {row.source or '-'}")
+        if row.in_manifest:
+            lines.append(f"    licence: {row.licence or '-'}")
+            lines.append(f"    sha256:  {row.sha256_text}")
+    if not rows:
+        lines.append("(none: no step of this pipeline reads a model file)")
     unpinned = [r for r in rows if r.actual_sha256 and r.expected_sha256 is None]
     if unpinned:
         lines += [
@@ -238,9 +313,23 @@ def format_table(rows: list[WeightRow], settings: Settings, verify: bool) -> str
             )
     missing = [r.shown for r in rows if r.status == "missing" and r.used_by]
     if missing:
+        effect = (
+            "every study will fail at the first step that reads one (the pipeline sets "
+            "on_missing_weights: fail)"
+            if on_missing_weights == "fail"
+            else "their steps will be recorded as skipped and studies come out Partial (the pipeline "
+            "sets on_missing_weights: skip)"
+        )
         lines.append(
-            f"\n{len(missing)} file(s) the pipeline uses are missing; their steps will be recorded "
-            "as skipped. See weights/README.md for where to get them."
+            f"\n{len(missing)} file(s) the pipeline uses are missing: {effect}. "
+            "See weights/README.md for where to get them."
+        )
+    unreadable = [r for r in rows if r.status == UNREADABLE]
+    if unreadable:
+        lines.append(
+            f"{len(unreadable)} file(s) cannot be read: their steps fail on every study (a Partial study "
+            "when the step is optional, a Failure otherwise). Fix: copy the model folder again from its "
+            "source."
         )
     nc = sorted({r.licence for r in rows if "non-commercial" in r.licence.lower() and r.used_by})
     if nc:
