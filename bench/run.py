@@ -28,7 +28,7 @@ if str(REPO) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench import engine, fast, naive  # noqa: E402
+from bench import engine, fast, latency, naive  # noqa: E402
 from bench.generate import FULL, OUT, SMOKE, VARIANTS, StudySpec, ensure_studies  # noqa: E402
 from bench.timing import Samples, repeat, timed  # noqa: E402
 
@@ -313,6 +313,30 @@ def figures(
     }
 
 
+def _median(values: list[float]) -> float:
+    return float(np.median(values))
+
+
+def print_latency(lat: dict[str, list[latency.Latency]], say: Any) -> None:
+    say(f"\ndrop → JSON latency, s after the copy ended (medians; {next(iter(lat.values()))[0].filesystem})")
+    say(f"  {'drop':<24} {'→ taken':>9} {'→ JSON':>9} {'n':>3}")
+    for mode, runs in lat.items():
+        taken, json_s = _median([r.taken_s for r in runs]), _median([r.json_s for r in runs])
+        say(f"  {mode:<24} {taken:>9.2f} {json_s:>9.2f} {len(runs):>3}")
+
+
+def latency_figures(lat: dict[str, list[latency.Latency]]) -> dict[str, Any]:
+    json_s = {mode: round(_median([r.json_s for r in runs]), 3) for mode, runs in lat.items()}
+    taken_s = {mode: round(_median([r.taken_s for r in runs]), 3) for mode, runs in lat.items()}
+    close, quiet = latency.MODES[0], latency.MODES[1]
+    return {
+        "drop_to_json_s": json_s,
+        "drop_to_taken_s": taken_s,
+        "drop_to_json_close_vs_quiet_ratio": _finite(json_s[close] / json_s[quiet]),
+        "drop_to_taken_close_vs_quiet_ratio": _finite(taken_s[close] / taken_s[quiet]),
+    }
+
+
 def _stage_dict(stages: dict[str, Samples]) -> dict[str, Any]:
     return {k: v.as_dict() for k, v in stages.items()}
 
@@ -334,6 +358,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--no-caption", action="store_true", help="skip the tiny BLIP-2 caption step")
+    p.add_argument(
+        "--no-latency", action="store_true", help="skip the drop → JSON latency (about 2 min in a full run)"
+    )
     p.add_argument(
         "--out", type=Path, default=OUT, help="cache folder for generated studies (default bench/out)"
     )
@@ -363,12 +390,12 @@ def main(argv: list[str] | None = None) -> int:
         f"5 mm series; {spec.pixel_bytes / 1e6:.1f} MB pixels in the chosen series; N={n}"
     )
 
-    say("\n[1/5] ZIP → HU volume → CT-CLIP input, per variant")
+    say("\n[1/6] ZIP → HU volume → CT-CLIP input, per variant")
     variants, volume = per_variant(paths, n, say)
-    say("[2/5] memory read reference, volume stages")
+    say("[2/6] memory read reference, volume stages")
     mem = memory_read(volume, n)
     vol_stages = volume_stages(volume, n, paths[headline])
-    say("[3/5] pipeline steps through the engine (small reference models)")
+    say("[3/6] pipeline steps through the engine (small reference models)")
     caption = None if (args.smoke or args.no_caption) else engine.tiny_caption_model(args.out)
     with engine.scratch("ctwatch-bench-") as tmp:
         env = engine.bench_env(tmp)
@@ -376,13 +403,21 @@ def main(argv: list[str] | None = None) -> int:
         steps = engine.time_steps(paths[headline], pipeline, n, tmp)
         assert steps.ctx is not None
         steps.samples["write (result JSON, atomic)"] = engine.time_write(steps.ctx, max(n, 3))
-    say("[4/5] CT-CLIP zero-shot vs one image encode (32×32×24 reference model)")
+    say("[4/6] CT-CLIP zero-shot vs one image encode (32×32×24 reference model)")
     zs = ctclip_ratio(volume, 10 if args.smoke else 30)
     del volume
     gc.collect()
     tp_path = paths.get("deflated", paths[headline])
-    say(f"[5/5] throughput, weight-free pipeline, {k} studies ({tp_path.stem}), overlap off/on x{runs}")
+    say(f"[5/6] throughput, weight-free pipeline, {k} studies ({tp_path.stem}), overlap off/on x{runs}")
     tp = throughput(tp_path, k, runs, args.max_inflight, args.out)
+    lat: dict[str, list[latency.Latency]] = {}
+    if not args.no_latency:
+        quiet = latency.SMOKE_QUIET if args.smoke else latency.DEFAULTS
+        say(
+            f"[6/6] drop → JSON latency ({paths[headline].stem}): one daemon, a new study per drop; quiet periods "
+            f"{quiet.stable:g} s (file) / {quiet.folder:g} s (folder), scan every {quiet.scan:g} s"
+        )
+        lat = latency.measure(paths[headline], quiet, repeats=n)  # quiet-period drops once each
 
     for variant, stages in variants.items():
         print_table(f"{variant} ({paths[variant].stat().st_size / 1e6:.1f} MB ZIP) — medians", stages, say)
@@ -408,6 +443,9 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     figs = figures(spec, variants, headline, mem, zs, tp)
+    if lat:
+        print_latency(lat, say)
+        figs["details"].update(latency_figures(lat))
     machine["loadavg_at_end"] = [round(v, 2) for v in os.getloadavg()]
     say("\nfigures (headline variant: " + headline + ")")
     goals = {
@@ -445,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
                     mode: [t.__dict__ | {"per_hour": round(t.per_hour, 2)} for t in ts]
                     for mode, ts in tp.items()
                 },
+                "latency": {mode: [r.__dict__ for r in runs] for mode, runs in lat.items()},
                 "bench_seconds": round(seconds, 1),
             }
         )

@@ -19,7 +19,13 @@ from hypothesis import strategies as st
 from processor.dicom.scan import HEADER_PREFIX, scan_members
 from processor.dicom.volume import load_volume
 from processor.errors import IngestError, StepError
-from processor.intake.archive import Limits, open_arrival, safe_member_name
+from processor.intake.archive import (
+    ZIP_IN_FOLDER,
+    Limits,
+    open_arrival,
+    safe_member_name,
+    zip_central_directory_reads,
+)
 from tests.dicomgen import make_series, to_bytes, write_folder, write_zip
 
 
@@ -109,7 +115,7 @@ def test_truncated_zip_refused(tmp_path: Path) -> None:
     good = write_zip(tmp_path / "good.zip", make_series(4))
     cut = tmp_path / "cut.zip"
     cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    with pytest.raises(IngestError, match="truncated or corrupt"):
+    with pytest.raises(IngestError, match="cut.zip is cut short, or has data after its end"):
         scan(cut)
 
 
@@ -464,3 +470,95 @@ def test_every_supported_method_reads_back_whole_in_prefixes_and_as_a_stream(
             with member.open() as fh:
                 assert fh.read(5) + fh.read() == data
         assert scan_members(contents.members).dicom_files == 3
+
+
+# ---------------------------------------------------------------- where a ZIP ends (issue 17, review F1)
+def _outer_with_a_zip_last(tmp_path: Path) -> tuple[bytes, int]:
+    """A ZIP of 3 slices whose last member is a ZIP of 3 more, stored as ``zip`` stores ``.zip``
+    members; and the offset where that inner ZIP's bytes end."""
+    study = make_series(3)[0].StudyInstanceUID
+    inner = io.BytesIO()
+    with zipfile.ZipFile(inner, "w", zipfile.ZIP_DEFLATED) as zf:
+        for i, ds in enumerate(make_series(3, study_uid=study, series_number=3)):
+            zf.writestr(f"S3/IM{i}.dcm", to_bytes(ds))
+    outer = _zip_with(
+        tmp_path / "outer.zip",
+        [(f"S2/IM{i}.dcm", to_bytes(ds)) for i, ds in enumerate(make_series(3, study_uid=study))],
+    )
+    with zipfile.ZipFile(outer, "a") as zf:
+        zf.writestr(zipfile.ZipInfo("series3.zip"), inner.getvalue(), compress_type=zipfile.ZIP_STORED)
+    data = outer.read_bytes()
+    return data, data.index(inner.getvalue()) + len(inner.getvalue())
+
+
+def test_a_zip_cut_short_after_a_zip_member_is_neither_complete_nor_read_as_that_member(
+    tmp_path: Path,
+) -> None:
+    """zipfile finds the inner ZIP's end record and reads the cut copy as the inner ZIP alone."""
+    data, inner_end = _outer_with_a_zip_last(tmp_path)
+    whole = tmp_path / "whole.zip"
+    whole.write_bytes(data)
+    assert zip_central_directory_reads(whole)
+    result, skipped = scan(whole)
+    assert result.dicom_files == 6 and not skipped
+    for cut in (inner_end, inner_end + 50, len(data) - 30):
+        path = tmp_path / f"cut{cut}.zip"
+        path.write_bytes(data[:cut])
+        assert not zip_central_directory_reads(path), cut
+        with pytest.raises(IngestError) as err:
+            scan(path)
+        assert f"the ZIP cannot be read: cut{cut}.zip is cut short" in str(err.value)
+        assert "copy it again from the source" in str(err.value)
+
+
+def test_a_zip_with_a_comment_or_zip64_ends_reads_and_one_with_data_around_it_does_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blob = to_bytes(make_series(1)[0])
+    commented = tmp_path / "comment.zip"
+    with zipfile.ZipFile(commented, "w") as zf:
+        zf.writestr("a.dcm", blob)
+        zf.comment = b"exported by PACS"
+    big = tmp_path / "zip64.zip"
+    monkeypatch.setattr(zipfile, "ZIP_FILECOUNT_LIMIT", 0)  # zipfile writes ZIP64 end records
+    _zip_with(big, [("a.dcm", blob)])
+    monkeypatch.undo()
+    assert b"PK\x06\x06" in big.read_bytes()[-200:]
+    for path in (commented, big):
+        assert zip_central_directory_reads(path), path.name
+        assert scan(path)[0].dicom_files == 1
+    for name, data, words in [
+        ("after.zip", commented.read_bytes() + b"\0" * 100, "has data after its end"),
+        ("zip64cut.zip", big.read_bytes()[:-1], "has data after its end"),
+        ("twice.zip", big.read_bytes() + commented.read_bytes(), "joined to other data"),
+    ]:
+        path = tmp_path / name
+        path.write_bytes(data)
+        assert not zip_central_directory_reads(path), name
+        with pytest.raises(IngestError, match=words):
+            scan(path)
+
+
+@pytest.mark.parametrize("adjusted", [False, True], ids=["stub", "offsets-adjusted"])
+def test_a_self_extracting_archive_is_named_as_one(tmp_path: Path, adjusted: bool) -> None:
+    """A program with a ZIP appended (``zip -A`` adjusts the offsets for the program) is not read
+    as a ZIP: ctwatch does not run programs."""
+    stub = b"MZ\x90\x00" + bytes(2000)
+    path = tmp_path / "study.exe"
+    with path.open("wb") as fh:
+        fh.write(stub)
+        with zipfile.ZipFile(fh, "w") as zf:  # appended to a file: offsets count from its start
+            zf.writestr("a.dcm", to_bytes(make_series(1)[0]))
+    if not adjusted:
+        path.write_bytes(stub + _zip_with(tmp_path / "plain.zip", [("a.dcm", b"x")]).read_bytes())
+    with open_arrival(path, Limits()) as contents:
+        assert contents.what is not None and contents.what[0].startswith("a self-extracting archive")
+        assert "ctwatch does not run programs" in contents.what[1]
+
+
+def test_a_zip_inside_a_folder_is_skipped_with_a_reason_that_says_so(tmp_path: Path) -> None:
+    folder = write_folder(tmp_path / "study", make_series(2))
+    write_zip(folder / "more.ZIP", make_series(2))
+    result, skipped = scan(folder)
+    assert result.dicom_files == 2 and skipped == {ZIP_IN_FOLDER: 1}
+    assert "drop each ZIP on its own" in ZIP_IN_FOLDER

@@ -8,6 +8,7 @@ root read everything (``setpriv``), on files and folders owned by another user.
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 import subprocess
@@ -43,6 +44,14 @@ def _zeros_zip(path: Path, members: int, good: list | None = None) -> Path:
         for i, ds in enumerate(good or []):
             zf.writestr(f"study/IM{i:04d}", to_bytes(ds))
     return path
+
+
+def _zip_bytes(datasets: list) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for i, ds in enumerate(datasets):
+            zf.writestr(f"IM{i}", to_bytes(ds))
+    return buffer.getvalue()
 
 
 # ---------------------------------------------------------------- what is DICOM, from its first bytes
@@ -267,8 +276,13 @@ def _deflate64(path: Path) -> Path:
             "the folder holds 2 ZIP file(s) and no DICOM files. A folder is read as the DICOM files of "
             "one drop, so the ZIPs inside are not opened — drop each ZIP on its own",
         ),
+        (
+            "study.exe",  # a program with a ZIP appended
+            lambda p: p.write_bytes(b"MZ\x90\x00" + bytes(500) + _zip_bytes(make_series(1))),
+            "it is a self-extracting archive (a program with a ZIP inside) — ctwatch does not run programs",
+        ),
     ],
-    ids=["empty", "html", "pdf", "text", "7z", "deflate64", "empty-zip", "folder-of-zips"],
+    ids=["empty", "html", "pdf", "text", "7z", "deflate64", "empty-zip", "folder-of-zips", "self-extracting"],
 )
 def test_inputs_without_dicom_are_quarantined_with_their_own_plain_reason(
     project: Project, name: str, make: Callable[[Path], object], words: str

@@ -29,7 +29,14 @@ A folder, a file or a ZIP that the service user cannot read (a sub-folder it can
 it cannot open) refuses the whole arrival in plain words, so that a study missing files is never
 analysed as if it were complete. An empty file and an HTML page (a login or error page saved
 under the study's name) are refused with their own reasons; what other single file that holds no
-DICOM is, :func:`what_file_is` says for the executor's message.
+DICOM is, :func:`what_file_is` says for the executor's message (a program with a ZIP appended, a
+self-extracting archive, is named as one: ctwatch runs no programs).
+
+A ZIP is read only when it ends as a whole ZIP does (:mod:`.zipend`): a copy cut short just after a
+member that is itself a ZIP is refused in plain words, never read as that smaller ZIP. In a folder,
+a file under a temporary name (a copy's leftover, which the watcher waited on; see
+:mod:`.watcher`) and a ZIP (a folder is read as the DICOM files of one drop) are not read: each is
+counted under ``skipped`` with its reason (:data:`TEMPORARY_IN_FOLDER`, :data:`ZIP_IN_FOLDER`).
 """
 
 from __future__ import annotations
@@ -51,8 +58,10 @@ from typing import IO
 
 from processor.bytesource import Buffer, Member
 from processor.errors import IngestError
+from processor.intake.inbox import is_temporary_name
 from processor.intake.inflate import MemberReadError, ReadGuard, open_member, read_member, refusal
-from processor.intake.zipnames import member_raw_name, member_text, open_zip
+from processor.intake.zipend import ZipEndError, ends_in_zip, open_whole_zip
+from processor.intake.zipnames import member_raw_name, member_text
 from processor.names import display_name, display_text, raw_name
 
 log = logging.getLogger(__name__)
@@ -70,6 +79,9 @@ ZIP_ERRORS = (
 )
 EMPTY_ZIP_MAGIC = b"PK\x05\x06"
 READ_CHUNK = 16 << 20  # bytes of a STORED member or a file read (and charged) per call
+# files of a dropped folder that are not read, counted under these reasons
+TEMPORARY_IN_FOLDER = "temporary-named file left in the folder (.name, ~$name, name.tmp…)"
+ZIP_IN_FOLDER = "ZIP inside a folder, not opened (drop each ZIP on its own)"
 _COPY_AGAIN = "copy it again from the source, then drop it again"
 
 
@@ -238,7 +250,7 @@ class _Input:
                     start.append(info.header_offset + _LOCAL_HEADER.size + name_len + extra_len)
                 else:
                     self.check_unchanged()
-                    raise MemberReadError(f"{where}: its local header is missing or cut short")
+                    raise MemberReadError(f"{where} cannot be read: its local header is missing or cut short")
             data = _pread(self.fd, n, start[0] + offset, self.budget, f"the ZIP {self.label}")
             if len(data) < n:
                 self.check_unchanged()
@@ -277,12 +289,12 @@ class _Budget:
         self.total += size
         if self.members > self.limits.max_members:
             raise IngestError(
-                f"{where}: more than {self.limits.max_members} members; "
+                f"too many files: {where} holds more than {self.limits.max_members} members; "
                 "split the export into smaller ZIPs or raise limits.max_members"
             )
         if self.total > self.limits.max_total_bytes:
             raise IngestError(
-                f"{where}: more than {self.limits.max_total_bytes} bytes uncompressed "
+                f"too large: {where} holds more than {self.limits.max_total_bytes} bytes uncompressed "
                 "(a ZIP bomb, or an export too large); raise limits.max_total_bytes if genuine"
             )
 
@@ -292,7 +304,7 @@ def _check_zip(zf: zipfile.ZipFile, label: str, budget: _Budget) -> list[tuple[z
     files = []
     for info in zf.infolist():
         text = member_text(info)
-        where = f"{label}: member '{display_text(text)}'"
+        where = f"in {label}, member '{display_text(text)}'"
         name = safe_member_name(text)
         if name is None:
             raise IngestError(
@@ -362,7 +374,7 @@ def _read_zip(
 ) -> None:
     guard: ReadGuard = source if isinstance(source, _Input) else _InMemory(contents.budget)
     for info, name in _check_zip(zf, label, budget):
-        where = f"{label}: member '{display_text(name)}'"
+        where = f"in {label}, member '{display_text(name)}'"
         prefix = "" if depth == 0 else label.split("!", 1)[1] + "!"
         span = None
         if info.compress_type == zipfile.ZIP_STORED and info.compress_size == info.file_size:
@@ -389,7 +401,7 @@ def _read_zip(
                 continue
             try:
                 inner_bytes = member.read()
-                inner = stack.enter_context(open_zip(io.BytesIO(inner_bytes)))
+                inner = stack.enter_context(open_whole_zip(io.BytesIO(inner_bytes)))
             except ZIP_ERRORS:
                 contents.skipped["corrupt nested ZIP"] += 1
                 continue
@@ -458,6 +470,12 @@ def _read_folder(root: Path, budget: _Budget, contents: Contents, label: str) ->
         except OSError as exc:
             raise cannot_read(what, exc) from exc
     for path in sorted(files):
+        if is_temporary_name(path.name):  # a copy's leftover: the watcher waited for it to change
+            contents.skipped[TEMPORARY_IN_FOLDER] += 1
+            continue
+        if path.name.lower().endswith(".zip"):
+            contents.skipped[ZIP_IN_FOLDER] += 1
+            continue
         relative = path.relative_to(root).as_posix()
         size = _opened_size(path, f"'{display_name(relative)}' in {label}")
         if size is None:
@@ -513,6 +531,20 @@ _SIGNATURES: tuple[tuple[bytes, int, str, str], ...] = (
 )
 
 
+_SELF_EXTRACTING = (
+    "a self-extracting archive (a program with a ZIP inside)",
+    "ctwatch does not run programs: export the study as a plain ZIP, or extract it and drop the folder",
+)
+
+
+def _ends_in_zip(fh: IO[bytes]) -> bool:
+    """Whether a file that does not begin as a ZIP ends in one (:func:`.zipend.ends_in_zip`)."""
+    try:
+        return ends_in_zip(fh)
+    except OSError:
+        return False
+
+
 def what_file_is(head: bytes) -> tuple[str, str]:
     """(what a file that is neither a ZIP nor DICOM is, by its first bytes; the fix)."""
     for magic, at, what, fix in _SIGNATURES:
@@ -548,26 +580,31 @@ def open_arrival(
                 contents.kind = ArrivalKind.ZIP
                 source = _Input(fh, label, contents.budget)
                 try:
-                    zf = stack.enter_context(open_zip(fh))
+                    zf = stack.enter_context(open_whole_zip(fh))
+                except ZipEndError as exc:
+                    raise IngestError(f"the ZIP cannot be read: {label} {exc} — {_COPY_AGAIN}") from exc
                 except ZIP_ERRORS as exc:
                     raise IngestError(
-                        f"{label}: the ZIP cannot be read ({display_text(str(exc))}); it is "
+                        f"the ZIP cannot be read ({display_text(str(exc))}): {label} is "
                         "truncated or corrupt — copy it again from the source"
                     ) from exc
                 _read_zip(zf, label, budget, contents, stack, depth=0, source=source)
             else:
                 size = os.fstat(fh.fileno()).st_size
                 budget.take(label, size)
-                contents.what = what_file_is(head)
+                contents.what = _SELF_EXTRACTING if _ends_in_zip(fh) else what_file_is(head)
                 contents.members.append(_file_member(path, label, raw_name(path.name), size, contents.budget))
         yield contents
 
 
 def zip_central_directory_reads(path: Path) -> bool:
-    """True when the file's ZIP central directory can be read (the copy is complete)."""
-    try:
-        with open_zip(path) as zf:
-            zf.infolist()
-        return True
-    except ZIP_ERRORS:
-        return False
+    """True when the file's ZIP central directory can be read and ends the file as its end record
+    says (:func:`processor.intake.zipend.check_whole`): the copy is complete. ``OSError`` when the
+    file cannot be opened."""
+    with path.open("rb") as fh:
+        try:
+            with open_whole_zip(fh) as zf:
+                zf.infolist()
+            return True
+        except ZIP_ERRORS:
+            return False

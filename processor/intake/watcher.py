@@ -2,10 +2,37 @@
 
 A watchdog observer (inotify where available) wakes the scanner early; a periodic scan runs
 regardless, because file events do not arrive from SMB/NFS shares, and a scan at start-up picks up
-what arrived while the daemon was stopped. An entry is stable when its size and mtime have not
-changed for ``stable_seconds``, and — for a ZIP — its central directory reads. A ZIP that stays
-unreadable while unchanged for three stable periods is handed over anyway, to be rejected with
-its reason rather than wait forever.
+what arrived while the daemon was stopped.
+
+An entry is taken when it is *complete*:
+
+* a file once its size and change time have not changed for ``stable_seconds`` (the quiet period);
+* a folder once its file count, total size and newest change have not changed for
+  ``folder_stable_seconds`` (longer: a network copy of a folder pauses between files);
+* and its content reads whole: a ZIP's central directory reads; a DICOM file, and every DICOM file
+  of a folder, parses and holds all of its Pixel Data (:mod:`processor.intake.complete`).
+
+Content that stays unreadable while unchanged for three quiet periods is handed over anyway, never
+waited on for ever: a ZIP to be rejected with its reason; a folder to be processed with what reads —
+the warning ``watch.unfinished_handover`` names each file that did not, the reader sets it aside
+(counted under ``skipped`` in the receipt, or the study fails naming it when its pixels are cut
+short) and it stays in the folder, kept whole in ``done/`` or ``quarantine/``; nothing is deleted.
+
+A file or folder dropped under a temporary name (``x.zip.part``, rsync's ``.x.zip.XXXXXX``; see
+:func:`processor.intake.inbox.is_temporary_name`) waits until it is renamed. A file under such a
+name *inside* a dropped folder is a copy in progress, or a leftover that will never be renamed (a
+desktop's ``.directory``, an editor's ``~$notes.docx``, a thumbnail cache's dot-file): the folder
+waits while it changes, and once the folder has stayed unchanged for :data:`LEFTOVER_PERIODS` of its
+quiet periods the file is a leftover — the folder is taken, the reader sets the file aside (counted
+under ``skipped``) and it stays in the folder. A folder that waits on such a file past one quiet
+period is logged once (``watch.waiting_on_temporary``, naming the files) so that an admin sees why.
+
+Events come from every inbox, night and urgent folder; one inside another (the default night and
+urgent folders lie in the day inbox) is covered by that one's recursive watch and not watched twice.
+
+On a local disk a ZIP or DICOM file is taken as soon as its writer has closed it (or renamed it into
+place) and its content reads whole, without the quiet period (:mod:`processor.intake.closes`, which
+also says why network shares keep the quiet period and how a write after the close is handled).
 
 An entry is handed over once: if it is still in the inbox afterwards (the intake could not move
 it), or the hand-over raised (logged once), it is set aside and left alone until it changes — a
@@ -25,12 +52,22 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    FileClosedEvent,
+    FileClosedNoWriteEvent,
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileOpenedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
 from processor.errors import Deferred
-from processor.intake.archive import is_zip_path, zip_central_directory_reads
+from processor.intake.closes import SETTLE_SECONDS, CloseEvents, close_events_trusted, filesystem_type
+from processor.intake.complete import ContentChecks
 from processor.intake.inbox import CONTROL_DIR, folder_files, is_temporary_name
 from processor.names import display_name, display_text
 
@@ -42,32 +79,41 @@ warnings.filterwarnings(
 )
 
 Signature = tuple[int, int, float]
+UNREADABLE_PERIODS = 3  # quiet periods an entry whose content does not read whole is waited for
+LEFTOVER_PERIODS = 3  # quiet periods a folder holding temporary-named files is waited for
 
 
 def signature(path: Path) -> Signature | None:
-    """(file count, total bytes, newest change) of a file or folder; None while it holds temp names
-    or is gone. A change is a write or a change of owner or permissions (the later of mtime and
+    """(file count, total bytes, newest change) of a file or folder (see :func:`looked_at`)."""
+    return looked_at(path)[0]
+
+
+def looked_at(path: Path) -> tuple[Signature | None, list[Path]]:
+    """(file count, total bytes, newest change) of a file or folder, None when it is gone; and the
+    files of a folder under a temporary name, which it counts too (while one is written, the folder
+    changes). A change is a write or a change of owner or permissions (the later of mtime and
     ctime), so an entry set aside because it could not be read is looked at again once it may be.
 
     A folder that cannot be walked whole (a sub-folder or file ctwatch may not list or stat) gives
     its own size and change time (count -1), so it still becomes stable and is handed over, to be
     refused with the reason; :func:`processor.intake.inbox.folder_files` says why ``rglob`` is not
     used (it leaves out what it may not list)."""
+    temporary: list[Path] = []
     try:
         if path.is_dir():
             st = path.stat()
             count, total, newest = 0, 0, _changed(st)
             for child, st in folder_files(path):
                 if is_temporary_name(child.name):
-                    return None
+                    temporary.append(child)
                 count, total, newest = count + 1, total + st.st_size, max(newest, _changed(st))
-            return (count, total, newest)
+            return (count, total, newest), temporary
         st = path.stat()
-        return (1, st.st_size, _changed(st))
+        return (1, st.st_size, _changed(st)), temporary
     except FileNotFoundError:
-        return None
+        return None, []
     except OSError:
-        return _own_signature(path)
+        return _own_signature(path), []
 
 
 def _changed(st: os.stat_result) -> float:
@@ -104,14 +150,15 @@ class StabilityTracker:
         self._seen: dict[Path, _Seen] = {}
         self._set_aside: dict[Path, Signature] = {}
 
-    def stable(self, path: Path, sig: Signature, now: float) -> float | None:
-        """Seconds the entry has been unchanged once past the threshold, else None."""
+    def stable(self, path: Path, sig: Signature, now: float, need: float | None = None) -> float | None:
+        """Seconds the entry has been unchanged once past ``need`` (default ``stable_seconds``), else None."""
+        need = self.stable_seconds if need is None else need
         seen = self._seen.get(path)
         if seen is None or seen.sig != sig:
             self._seen[path] = _Seen(sig, now)
-            return None if self.stable_seconds > 0 else 0.0
+            return None if need > 0 else 0.0
         quiet = now - seen.since
-        return quiet if quiet >= self.stable_seconds else None
+        return quiet if quiet >= need else None
 
     def forget(self, path: Path) -> None:
         self._seen.pop(path, None)
@@ -142,6 +189,9 @@ class StabilityTracker:
 class InboxWatcher:
     """Finds stable entries in the inbox folders and calls ``on_stable(path, night)`` for each.
 
+    ``urgent_dirs`` are scanned like day inboxes (``night`` False; the caller tells their entries
+    apart by folder); a day inbox never takes a night or urgent folder inside it in as an entry.
+
     Nothing one entry does ends the scan, and nothing one pass does ends the thread: every failure
     (an entry's, a folder's that cannot be listed, a whole pass's) is caught, counted in
     :attr:`errors` and logged — once, until it changes or goes, not at every scan.
@@ -160,13 +210,20 @@ class InboxWatcher:
         on_stable: Callable[[Path, bool], None],
         use_watchdog: bool = True,
         clock: Callable[[], float] = time.monotonic,
+        urgent_dirs: Iterable[Path] = (),
+        folder_stable_seconds: float | None = None,
     ) -> None:
         self.inbox_dirs = [Path(p) for p in inbox_dirs]
         self.night_dirs = [Path(p) for p in night_dirs]
+        self.urgent_dirs = [Path(p) for p in urgent_dirs]
         self.scan_interval = scan_interval
         self.on_stable = on_stable
         self.clock = clock
         self.tracker = StabilityTracker(stable_seconds)
+        # a folder's quiet period (seconds; None: a file's); never shorter than a file's
+        self.folder_stable_seconds = max(stable_seconds, folder_stable_seconds or 0.0)
+        self.closes = CloseEvents((), clock, settle=min(SETTLE_SECONDS, stable_seconds))
+        self.contents = ContentChecks()
         self.use_watchdog = use_watchdog
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -177,6 +234,7 @@ class InboxWatcher:
         self.unlisted: dict[Path, str] = {}
         self._failing: dict[Path, str] = {}  # entries whose failure is logged already: what failed
         self.deferred: dict[Path, str] = {}  # entries left for later, not by their fault: why
+        self._temporary_logged: set[Path] = set()  # folders whose wait on temporary names is logged
         self._pass_failure: str | None = None
 
     # ------------------------------------------------------------------ scanning
@@ -185,8 +243,10 @@ class InboxWatcher:
         listed is named in :attr:`unlisted`; an entry that cannot be looked at is logged and left out
         of this pass."""
         out: list[tuple[Path, bool]] = []
-        roots = [(d, False) for d in self.inbox_dirs] + [(d, True) for d in self.night_dirs]
-        night_set = {os.path.realpath(d) for d in self.night_dirs}
+        roots = [(d, False) for d in self.inbox_dirs + self.urgent_dirs] + [
+            (d, True) for d in self.night_dirs
+        ]
+        night_set = {os.path.realpath(d) for d in self.night_dirs + self.urgent_dirs}  # lanes, not entries
         unlisted: dict[Path, str] = {}
         for root, night in roots:
             try:
@@ -216,10 +276,13 @@ class InboxWatcher:
             if self._check(path, night, now):
                 handed.append(path)
         self.tracker.prune(present)
+        self.closes.prune(present)
+        self.contents.prune(present)
         for path in [p for p in self._failing if not os.path.lexists(p)]:
             del self._failing[path]
         for path in [p for p in self.deferred if not os.path.lexists(p)]:
             del self.deferred[path]
+        self._temporary_logged &= present
         if not self.unlisted:
             self.last_scan = time.time()
         return handed
@@ -230,10 +293,10 @@ class InboxWatcher:
         sig: Signature | None = None
         step = "check"
         try:
-            sig = signature(path)
+            sig, temporary = looked_at(path)
             if sig is None or (sig[0] == 0 and path.is_dir()) or self.tracker.is_set_aside(path, sig):
                 return False
-            if not self._ready(path, sig, now):
+            if not self._ready(path, sig, now, temporary):
                 return False
             step = "handover"
             self.on_stable(path, night)
@@ -254,18 +317,66 @@ class InboxWatcher:
                 self.tracker.set_aside(path, sig)
             return False
 
-    def _ready(self, path: Path, sig: Signature, now: float) -> bool:
-        """Whether the entry is stable (and, for a ZIP, readable or unreadable for long enough)."""
-        quiet = self.tracker.stable(path, sig, now)
+    def _ready(self, path: Path, sig: Signature, now: float, temporary: list[Path]) -> bool:
+        """Whether the entry is complete (see the module docstring): quiet for its period and whole,
+        or unreadable for :data:`UNREADABLE_PERIODS` of them; or a file closed on a local disk and
+        whole. A folder holding ``temporary`` (temporary-named files) waits for
+        :data:`LEFTOVER_PERIODS` of its quiet periods."""
+        folder = path.is_dir()
+        need = self.folder_stable_seconds if folder else self.tracker.stable_seconds
+        quiet = self.tracker.stable(path, sig, now, need)
         if quiet is None:
-            return False
-        if path.is_file() and _incomplete_zip(path):
-            if quiet < 3 * max(self.tracker.stable_seconds, 1.0):
-                log.debug("watch.zip_unreadable path=%s quiet=%.1f", display_name(path), quiet)
+            if folder or not self.closes.settled(path, sig[1], now):
                 return False
-            log.warning("watch.zip_unreadable_handover path=%s quiet=%.1f", display_name(path), quiet)
+            content = self.contents.of(path, sig)
+            if content.missing or not content.known:
+                self.closes.forget(path)  # unchanged until written again: the quiet period decides
+                return False
+            log.info("watch.closed path=%s: taken as its writer closed it", display_name(path))
+        else:
+            if temporary and not self._leftovers(path, temporary, quiet, need):
+                return False
+            missing = self.contents.of(path, sig).missing
+            if missing:
+                if quiet < UNREADABLE_PERIODS * max(need, 1.0):
+                    log.debug(
+                        "watch.unfinished path=%s quiet=%.1f: %s", display_name(path), quiet, missing[0][1]
+                    )
+                    return False
+                _log_unfinished_handover(path, quiet, missing)
         self.tracker.forget(path)
+        self.closes.forget(path)
+        self.contents.forget(path)
+        self._temporary_logged.discard(path)
         return True
+
+    def _leftovers(self, path: Path, temporary: list[Path], quiet: float, need: float) -> bool:
+        """Whether a folder's temporary-named files have stayed unchanged long enough to be leftovers
+        (the folder quiet for :data:`LEFTOVER_PERIODS` quiet periods); logged once when it waits."""
+        if quiet >= LEFTOVER_PERIODS * max(need, 1.0):
+            log.info(
+                "watch.leftovers_set_aside path=%s files=%d: taken; its temporary-named files (%s) "
+                "were unchanged for %d quiet periods, so they are not copies in progress: they are "
+                "skipped, and kept in the folder",
+                display_name(path),
+                len(temporary),
+                _parts(path, temporary),
+                LEFTOVER_PERIODS,
+            )
+            return True
+        if path not in self._temporary_logged:
+            self._temporary_logged.add(path)
+            log.warning(
+                "watch.waiting_on_temporary path=%s files=%d: waiting while it holds files named as "
+                "copies in progress (%s); once the folder is unchanged for %d quiet periods (%.0f s) "
+                "they count as leftovers, are skipped and the folder is taken",
+                display_name(path),
+                len(temporary),
+                _parts(path, temporary),
+                LEFTOVER_PERIODS,
+                LEFTOVER_PERIODS * max(need, 1.0),
+            )
+        return False
 
     def _entry_failed(self, path: Path, step: str, exc: Exception) -> None:
         """Count a failure; log it once per entry and kind (a traceback only for what is not an OS
@@ -305,7 +416,7 @@ class InboxWatcher:
         """Start the scan thread (and the watchdog observer). The supervisor calls this again when
         the scan thread died: a live observer is kept, a dead one replaced."""
         self._stop.clear()
-        for folder in self.inbox_dirs + self.night_dirs:
+        for folder in self.inbox_dirs + self.night_dirs + self.urgent_dirs:
             try:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as exc:  # each scan names it until it exists (see ``unlisted``)
@@ -320,10 +431,20 @@ class InboxWatcher:
         watch limit reached, folders nested deeper than watchdog's recursive walk goes) the periodic
         scan still finds everything, so no failure here stops the daemon."""
         observer = Observer()
-        handler = _WakeHandler(self._wake)
-        try:
-            for folder in self.inbox_dirs:
+        self.closes.roots = self._close_roots()
+        handler = _WakeHandler(self._wake, self.closes)
+        for folder in self.watched_folders():
+            try:
                 observer.schedule(handler, str(folder), recursive=True)
+            except Exception as exc:  # noqa: BLE001 — this folder is scanned without early wake-ups
+                log.warning(
+                    "watch.events_unavailable folder=%s error=%s: scanning it every %gs instead",
+                    display_name(folder),
+                    _why(exc),
+                    self.scan_interval,
+                    exc_info=not isinstance(exc, OSError),
+                )
+        try:
             observer.start()
         except Exception as exc:  # noqa: BLE001 — a watchdog failure costs only the early wake-ups
             log.warning(
@@ -336,6 +457,40 @@ class InboxWatcher:
             return
         self._observer = observer
 
+    def watched_folders(self) -> list[Path]:
+        """The inbox, night and urgent folders to watch (recursively), each once: a folder inside
+        another (the same folder after links are resolved, or one below it) is left to that one."""
+        folders = self.inbox_dirs + self.night_dirs + self.urgent_dirs
+        real = [os.path.realpath(f) for f in folders]
+        return [
+            folder
+            for i, folder in enumerate(folders)
+            if not any(
+                (real[i] == other and j < i) or real[i].startswith(other.rstrip("/") + "/")
+                for j, other in enumerate(real)
+                if j != i
+            )
+        ]
+
+    def _close_roots(self) -> set[Path]:
+        """The watched folders on a local filesystem, whose files may be taken when their writer
+        closes them (:mod:`processor.intake.closes`); each folder's filesystem is logged."""
+        roots = set()
+        for folder in self.inbox_dirs + self.night_dirs + self.urgent_dirs:
+            fs = filesystem_type(folder)
+            trusted = close_events_trusted(fs)
+            if trusted:
+                roots.add(folder)
+            log.info(
+                "watch.close_events folder=%s filesystem=%s: %s",
+                display_name(folder),
+                fs or "unknown",
+                "a ZIP or DICOM file is taken once its writer closes it and it reads whole"
+                if trusted
+                else "not a local disk (or unknown), so every file waits for its quiet period",
+            )
+        return roots
+
     def wake(self) -> None:
         self._wake.set()
 
@@ -345,6 +500,9 @@ class InboxWatcher:
             wait = self.scan_interval
             if self.tracker.pending():
                 wait = min(wait, max(self.tracker.stable_seconds / 2, 0.1))
+            settling = self.closes.waiting(self.clock())
+            if settling is not None:  # a closed file is looked at again as soon as its close settles
+                wait = min(wait, settling + 0.01)
             self._wake.wait(wait)
             self._wake.clear()
 
@@ -398,19 +556,51 @@ def _why(exc: BaseException) -> str:
     return display_text(f"{type(exc).__name__}: {exc}")
 
 
-def _incomplete_zip(path: Path) -> bool:
-    """A ZIP whose central directory does not read (yet). A file that cannot be opened at all is
-    not waited for: the intake rejects it with the reason."""
-    try:
-        return is_zip_path(path) and not zip_central_directory_reads(path)
-    except OSError:
-        return False
+def _parts(path: Path, parts: list[Path]) -> str:
+    """Up to five parts of a folder by their relative names (escaped), and how many more."""
+    shown = ", ".join(display_name(part.relative_to(path).as_posix()) for part in parts[:5])
+    return shown + (f" and {len(parts) - 5} more" if len(parts) > 5 else "")
+
+
+def _log_unfinished_handover(path: Path, quiet: float, missing: list[tuple[Path, str]]) -> None:
+    """Say, in plain words, which parts of an entry are handed over although they never read whole."""
+    shown = "; ".join(
+        f"{display_name(part.relative_to(path).as_posix() if part != path else part.name)}: {why}"
+        for part, why in missing[:5]
+    )
+    more = f"; and {len(missing) - 5} more" if len(missing) > 5 else ""
+    log.warning(
+        "watch.unfinished_handover path=%s quiet=%.1f files=%d: taken in although unchanged for %d quiet "
+        "periods and still not whole (%s%s); what does not read is refused or set aside with the reason "
+        "in the receipt, and kept with the input: nothing is deleted",
+        display_name(path),
+        quiet,
+        len(missing),
+        UNREADABLE_PERIODS,
+        shown,
+        more,
+    )
 
 
 class _WakeHandler(FileSystemEventHandler):
-    def __init__(self, wake: threading.Event) -> None:
+    """Wakes the scan on any event outside the control folder, and tells ``closes`` when a file
+    was closed after writing, renamed into place, or written again."""
+
+    def __init__(self, wake: threading.Event, closes: CloseEvents | None = None) -> None:
         self._wake = wake
+        self._closes = closes
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if f"/{CONTROL_DIR}" not in str(event.src_path):
-            self._wake.set()
+        src = os.fsdecode(event.src_path)
+        if f"/{CONTROL_DIR}" in src or isinstance(event, FileOpenedEvent | FileClosedNoWriteEvent):
+            return  # ctwatch's own work, or a reader: nothing changed
+        closes = self._closes
+        if closes is not None:
+            if isinstance(event, FileClosedEvent):
+                closes.closed(src)
+            elif isinstance(event, FileMovedEvent):
+                closes.written(src)
+                closes.closed(event.dest_path)
+            elif isinstance(event, FileModifiedEvent | FileCreatedEvent):
+                closes.written(src)
+        self._wake.set()
