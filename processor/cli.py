@@ -49,7 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", type=Path)
     sub.add_parser("status", parents=[common], help="counts by state and the last 10 arrivals")
     p = sub.add_parser(
-        "requeue", parents=[common], help="put a failed or quarantined arrival back in the queue"
+        "requeue",
+        parents=[common],
+        help="put a failed or quarantined arrival back in the queue (an ignored late series: analyse it "
+        "as a new version of its study)",
     )
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("arrival_id", nargs="?", type=int)
@@ -255,15 +258,21 @@ def _process_one(
         print(f"{shown}\trejected\tnot recorded; see the receipt in outbox/receipts", file=sys.stderr)
         return False
     arrival = state.arrival(aid)
-    if arrival.state == "duplicate":
-        for study in state.studies_for(arrival.duplicate_of or 0):
+    if arrival.state == "duplicate":  # only of an arrival with a full result (see register_arrival)
+        studies = state.studies_for(arrival.duplicate_of or 0)
+        for study in studies:
             print(
                 f"{shown}\t{study['study_uid']}\t{study['status']}\t{study['json_path']}\t"
                 f"(duplicate of arrival {arrival.duplicate_of})"
             )
+        if not studies:  # never expected; still one line for the input
+            print(f"{shown}\tduplicate\t(duplicate of arrival {arrival.duplicate_of})")
         return True
     if arrival.state == "quarantined":
-        print(f"{shown}\tquarantined\t{display_text(arrival.error or '')}", file=sys.stderr)
+        print(
+            f"{shown}\tquarantined\t{display_text(arrival.error or '')}{_retry_note(arrival)}",
+            file=sys.stderr,
+        )
         return False
     return _run_arrival(shown, aid, state, executor)
 
@@ -273,14 +282,51 @@ def _run_arrival(shown: str, aid: int, state: State, executor: LocalExecutor) ->
     if claimed is None:
         print(f"{shown}: arrival {aid} was taken by a running daemon; see `status`", file=sys.stderr)
         return True
-    final = executor.process_many([claimed])[0]
+    from processor.errors import os_error_words
+    from processor.executor import EarlierPartFault
+
+    try:
+        final = executor.process_many([claimed])[0]
+    except EarlierPartFault as exc:  # not the input's fault: back to the queue, uncharged
+        executor.recorder.release(claimed)
+        state.release(aid)
+        print(
+            f"{shown}\tpending\tan earlier part of its study could not be read ({os_error_words(exc)}); "
+            "it stays in the queue, uncharged: process it again once the disk answers",
+            file=sys.stderr,
+        )
+        return False
+    if final in ("duplicate", "ignored"):  # a late series with nothing new in it, or not analysed
+        row = state.arrival(aid)
+        why = f"duplicate of arrival {row.duplicate_of}: nothing new in it" if row.duplicate_of else row.error
+        print(f"{shown}\t{final}\t{display_text(why or '')}")
+        return True
     ok = final == "done"
+    retry = _retry_note(claimed)
     for study in state.studies_for(aid):
-        print(f"{shown}\t{study['study_uid']}\t{study['status']}\t{study['json_path']}")
+        kept = study["superseded_by"]  # a version that lacks images of the current one and came out worse
+        note = f"\t(not current: the result of arrival {kept} stays the study's current one)" if kept else ""
+        print(f"{shown}\t{study['study_uid']}\t{study['status']}\t{study['json_path']}{retry}{note}")
         ok = ok and study["status"] != "Failure"
     if final != "done":
-        print(f"{shown}\t{final}\t{display_text(state.arrival(aid).error or '')}", file=sys.stderr)
+        print(f"{shown}\t{final}\t{display_text(state.arrival(aid).error or '')}{retry}", file=sys.stderr)
     return ok
+
+
+def _retry_note(arrival: Arrival) -> str:
+    """``\t(fresh attempt after arrival N)`` for bytes whose earlier arrival gave no full result."""
+    return f"\t(fresh attempt after arrival {arrival.retry_of})" if arrival.retry_of is not None else ""
+
+
+def _state_for_reading(settings: Settings, what: str) -> State:
+    """A read-only :class:`State` on the configured database, its schema first brought up to date
+    (:func:`processor.state.upgrade.bring_up_to_date`: under the state lock, never while another
+    ctwatch holds it; ``ConfigError`` with the fix when it cannot be)."""
+    from processor.state import State
+    from processor.state.upgrade import bring_up_to_date
+
+    bring_up_to_date(settings.state, what)
+    return State(settings.state, readonly=True)
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
@@ -289,13 +335,20 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     if not settings.state.exists():
         print(f"no state yet at {settings.state}: the daemon has not run with this config")
         return EXIT_OK
-    state = State(settings.state, readonly=True)
+    try:
+        state = _state_for_reading(settings, "status")
+    except ConfigError as exc:  # an older ctwatch runs on it: show what can be shown, and why not more
+        print(f"note: {exc}", file=sys.stderr)
+        state = State(settings.state, readonly=True)
     counts = state.counts_by_state()
     print("arrivals by state: " + (", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none"))
     print(f"{'id':>6}  {'state':<11} {'attempts':>8}  {'received':<25} name / reason")
     for row in state.arrivals(limit=10):
         reason = f"  — {row.error}" if row.error else ""
-        print(f"{row.id:>6}  {row.state:<11} {row.attempts:>8}  {row.created_at:<25} {row.name}{reason}")
+        lane = " [urgent]" if row.priority == "urgent" else ""
+        print(
+            f"{row.id:>6}  {row.state:<11} {row.attempts:>8}  {row.created_at:<25} {row.name}{lane}{reason}"
+        )
     _print_sources(settings, state.sources())
     state.close()
     return EXIT_OK
@@ -334,13 +387,48 @@ def _print_sources(settings: Settings, rows: list[dict]) -> None:
 def cmd_requeue(settings: Settings, args: argparse.Namespace) -> int:
     from processor.state import State
 
-    state = State(settings.state)
-    if args.failed:
-        print(f"requeued {state.requeue_failed()} failed arrival(s)")
+    if not settings.state.exists():  # never create a database just to find nothing in it
+        if args.failed:
+            print(f"requeued 0 failed arrival(s): no state database yet at {settings.state}")
+            return EXIT_OK
+        print(
+            f"no arrival {args.arrival_id} in {settings.state}: that database does not exist yet "
+            "(the daemon has not run with this config)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    state = State(settings.state, timeout=settings.limits.database_busy_seconds)
+    try:
+        if args.failed:
+            print(f"requeued {state.requeue_failed()} failed arrival(s)")
+            return EXIT_OK
+        return _requeue_one(state, settings.state, args.arrival_id)
+    finally:
+        state.close()
+
+
+def _requeue_one(state: State, where: Path, arrival_id: int) -> int:
+    """Requeue one failed, quarantined or ignored arrival; say plainly why not otherwise (exit 1)."""
+    from sqlite_utils.db import NotFoundError
+
+    try:
+        arrival = state.arrival(arrival_id)
+    except NotFoundError:
+        print(
+            f"no arrival {arrival_id} in {where}; `python run.py status` lists the latest arrivals",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    if state.requeue(arrival_id):
+        again = " (it is analysed as a new version of its study)" if arrival.state == "ignored" else ""
+        print(f"arrival {arrival_id} ({arrival.name}): requeued{again}")
         return EXIT_OK
-    ok = state.requeue(args.arrival_id)
-    print(f"arrival {args.arrival_id}: " + ("requeued" if ok else "not failed or quarantined; nothing done"))
-    return EXIT_OK if ok else EXIT_FAILED
+    if arrival.state in ("failed", "quarantined", "ignored"):  # its end is recorded, not yet moved
+        why = f"is {arrival.state} but its input is still being moved; try again in a minute"
+    else:
+        why = f"is {arrival.state}, not failed, quarantined or ignored; nothing done"
+    print(f"arrival {arrival_id} ({arrival.name}) {why}", file=sys.stderr)
+    return EXIT_FAILED
 
 
 def cmd_check_config(settings: Settings, args: argparse.Namespace) -> int:
@@ -348,6 +436,7 @@ def cmd_check_config(settings: Settings, args: argparse.Namespace) -> int:
     from processor.intake.poller import check_sources
     from processor.pipeline.spec import load_pipeline
     from processor.pipeline.step import StepEnv
+    from processor.pipeline.weightfiles import weight_files_now
     from processor.steps import default_registry
     from processor.weights import pinned_sha256
 
@@ -357,6 +446,11 @@ def cmd_check_config(settings: Settings, args: argparse.Namespace) -> int:
     pipeline = load_pipeline(settings.pipeline, default_registry(), env)
     print(f"config {settings.config_file}: OK (root {settings.root}, device {device})")
     print(f"pipeline {pipeline.name} v{pipeline.version}: OK, {len(pipeline.steps)} steps")
+    for compiled in pipeline.steps:  # a model that cannot load is not a config error: the step fails
+        why = weight_files_now(compiled.step).why
+        if why is not None:
+            effect = "the study is Partial" if compiled.spec.optional else "the study fails"
+            print(f"warning: step {compiled.id} will fail on every study ({effect}): {why}")
     return EXIT_OK
 
 
@@ -377,11 +471,11 @@ def cmd_steps(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_weights(settings: Settings, args: argparse.Namespace) -> int:
-    from processor.weights import exit_code, format_table, weight_rows
+    from processor.weights import exit_code, format_table, weight_table
 
-    rows = weight_rows(settings, verify=args.verify)
-    print(format_table(rows, settings, verify=args.verify))
-    return exit_code(rows)
+    table = weight_table(settings, verify=args.verify)
+    print(format_table(table.rows, settings, args.verify, table.on_missing_weights))
+    return exit_code(table.rows)
 
 
 def _date(text: str) -> date:
@@ -395,12 +489,11 @@ def _date(text: str) -> date:
 
 def cmd_report(settings: Settings, args: argparse.Namespace) -> int:
     from processor.outputs.report import Reports
-    from processor.state import State
 
     if not settings.state.exists():
         print(f"no state yet at {settings.state}: nothing to report")
         return EXIT_OK
-    state = State(settings.state, readonly=True)
+    state = _state_for_reading(settings, "report")
     try:
         outcomes = Reports(state, settings.reports).rebuild(args.since, date.today())
     finally:
@@ -421,12 +514,11 @@ def cmd_report(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
     from processor.outputs.export import ExportError, export
-    from processor.state import State
 
     if not settings.state.exists():
         print(f"no state yet at {settings.state}: nothing to export", file=sys.stderr)
         return EXIT_FAILED
-    state = State(settings.state)  # read-write only to bring an older database's schema up to date
+    state = _state_for_reading(settings, "export")
     try:
         done = export(state, args.to, since=args.since, until=args.until, fmt=args.format)
     except ExportError as exc:

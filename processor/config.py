@@ -18,6 +18,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -25,6 +26,7 @@ from pydantic_core import PydanticCustomError
 
 from processor.errors import ConfigError
 from processor.redact import redact_url
+from processor.vocab import LateSeries
 
 _SIZE_UNITS = {
     "": 1,
@@ -65,12 +67,38 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+FOLDER_STABLE_SECONDS = 60.0  # a folder's default quiet period
+
+
 class InboxSettings(_Section):
     dirs: list[Path] = Field(default_factory=lambda: [Path("inbox")], min_length=1)
     night_dirs: list[Path] = Field(default_factory=lambda: [Path("inbox/night")])
+    urgent_dirs: list[Path] = Field(default_factory=lambda: [Path("inbox/urgent")])
     stable_seconds: float = Field(default=10, ge=0)
+    # A folder's quiet period: network copies pause between files (mercure's series quiet time is
+    # 60 s). Unset: 60, or stable_seconds when that is longer; set shorter than stable_seconds: refused.
+    folder_stable_seconds: float = Field(default=FOLDER_STABLE_SECONDS, ge=0)
     scan_interval_seconds: float = Field(default=5, gt=0)
     use_watchdog: bool = True
+
+    @field_validator("folder_stable_seconds")
+    @classmethod
+    def _folder_quiet(cls, value: float, info: ValidationInfo) -> float:
+        file_quiet = info.data.get("stable_seconds")
+        if file_quiet is not None and value < file_quiet:
+            raise PydanticCustomError(
+                "folder_quiet_too_short",
+                "is shorter than inbox.stable_seconds ({file_quiet}): a folder would be taken after less "
+                "quiet than a single file, although a folder copy pauses between its files",
+                {"file_quiet": f"{file_quiet:g}"},
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _folder_quiet_default(self) -> InboxSettings:
+        if "folder_stable_seconds" not in self.model_fields_set:
+            self.folder_stable_seconds = max(self.folder_stable_seconds, self.stable_seconds)
+        return self
 
 
 class StatusSettings(_Section):
@@ -85,6 +113,9 @@ class LimitSettings(_Section):
     max_ratio: float = Field(default=200, gt=1)
     max_attempts: int = Field(default=3, ge=1)
     max_seconds_per_arrival: float = Field(default=600, gt=0)
+    # How long a write waits for another program's lock on the state database (SQLite's busy timeout)
+    # before the finish is retried later or the arrival goes back to the queue, uncharged.
+    database_busy_seconds: float = Field(default=30, gt=0)
 
 
 # models.precision bf16/fp16 ran CT-CLIP under autocast; refused since, with the fix (docs/precision.md).
@@ -258,6 +289,8 @@ class Settings(_Section):
     sources: list[SourceSettings] = Field(default_factory=list)
     fetch: FetchSettings = FetchSettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # Images of a study already analysed from an earlier arrival (processor.vocab.LateSeries).
+    late_series: LateSeries = LateSeries.NEW_VERSION
     config_file: Path | None = Field(default=None, exclude=True)
 
     @field_validator("device")
@@ -265,6 +298,17 @@ class Settings(_Section):
     def _device(cls, value: str) -> str:
         if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", value):
             raise ValueError("device must be auto, cpu, cuda or cuda:N")
+        return value
+
+    @field_validator("late_series", mode="before")
+    @classmethod
+    def _late_series(cls, value: Any) -> Any:
+        if value not in tuple(LateSeries):
+            raise ValueError(
+                "late_series must be new_version (a study whose images arrive in several parts is "
+                "analysed again with all of them, and the new result supersedes the earlier one) or "
+                "ignore (the later parts are not analysed; their receipt says why)"
+            )
         return value
 
     def resolve(self, base: Path) -> Settings:
@@ -278,6 +322,7 @@ class Settings(_Section):
             update={
                 "dirs": [absolute(p) for p in self.inbox.dirs],
                 "night_dirs": [absolute(p) for p in self.inbox.night_dirs],
+                "urgent_dirs": [absolute(p) for p in self.inbox.urgent_dirs],
             }
         )
         return self.model_copy(
@@ -304,6 +349,8 @@ _HINTS = {
     "float_parsing": "write a number without quotes",
     "missing": "add this key",
     "precision_removed": PRECISION_FIX,
+    "folder_quiet_too_short": "make inbox.folder_stable_seconds at least inbox.stable_seconds, or remove it "
+    "(default: 60, or stable_seconds when that is longer)",
 }
 
 
@@ -349,12 +396,14 @@ def check_layout(settings: Settings) -> None:
 
     An inbox is scanned for arrivals: anything ctwatch writes or reads as its own (outbox, reports,
     state database, weights, the pipeline and config files) must not lie inside one; no inbox may
-    lie inside the outbox, inside another day inbox or inside a night folder. Night folders may lie
-    inside a day inbox (the default ``inbox/night``): the watcher keeps them apart. Raises a
+    lie inside the outbox, inside another day inbox or inside a night or urgent folder. Night and
+    urgent folders may lie inside a day inbox (the defaults ``inbox/night``, ``inbox/urgent``): the
+    watcher keeps them apart; never inside each other or inside another of their kind. Raises a
     :class:`ConfigError` naming every overlap and its fix.
     """
     inboxes = [("inbox.dirs", d) for d in settings.inbox.dirs]
     inboxes += [("inbox.night_dirs", d) for d in settings.inbox.night_dirs]
+    inboxes += [("inbox.urgent_dirs", d) for d in settings.inbox.urgent_dirs]
     written = [
         ("outbox", settings.outbox),
         ("reports.dir", settings.reports.dir),
@@ -381,6 +430,7 @@ def check_layout(settings: Settings) -> None:
                     "take it in. Fix: put night folders inside the day inbox (the default inbox/night), "
                     "never the other way round."
                 )
+    problems += _lane_overlaps(settings)
     for inbox_key, inbox in inboxes:
         for key, target in written:
             if _within(target, inbox):
@@ -396,6 +446,30 @@ def check_layout(settings: Settings) -> None:
     if problems:
         where = settings.config_file or "settings"
         raise ConfigError(f"{where}: folders overlap:\n" + "\n".join(problems))
+
+
+def _lane_overlaps(settings: Settings) -> list[str]:
+    """Urgent folders against day inboxes, night folders and each other (see :func:`check_layout`)."""
+    problems = []
+    urgents = settings.inbox.urgent_dirs
+    for i, urgent in enumerate(urgents):
+        lanes = [("inbox.night_dirs", d) for d in settings.inbox.night_dirs]
+        lanes += [("inbox.urgent_dirs", d) for d in urgents[i + 1 :]]
+        for day in settings.inbox.dirs:
+            if _within(day, urgent):
+                problems.append(
+                    f"  - inbox.dirs ({day}) lies inside or is inbox.urgent_dirs ({urgent}): every drop "
+                    "would be taken as urgent, or twice. Fix: put urgent folders inside the day inbox "
+                    "(the default inbox/urgent), never the other way round."
+                )
+        for key, other in lanes:
+            if _within(other, urgent) or _within(urgent, other):
+                problems.append(
+                    f"  - inbox.urgent_dirs ({urgent}) and {key} ({other}) overlap: a drop there would "
+                    "be both (or taken in as a folder by the outer one). Fix: give each its own folder, "
+                    "side by side."
+                )
+    return problems
 
 
 def _within(path: Path, folder: Path) -> bool:

@@ -32,7 +32,7 @@ from processor.pipeline.spec import Pipeline, load_pipeline
 from processor.pipeline.step import StepEnv
 from processor.scheduler import Housekeeping, NightWindow, Scheduler, apply_retention, done_roots
 from processor.state import State
-from processor.status import Probes, StatusServer
+from processor.status import Probes, StatusServer, pipeline_plan
 from processor.steps import default_registry
 from processor.weights import pinned_sha256
 from processor.worker import Worker
@@ -91,6 +91,7 @@ class Components:
                 s.limits.max_seconds_per_arrival,
             ),
             finish_study_on_stop=s.worker.shutdown == "study",
+            late_series=s.late_series,
         )
 
 
@@ -109,7 +110,7 @@ def build(settings: Settings, registry: StepRegistry | None = None) -> Component
         pinned_sha256=pinned_sha256(settings),
     )
     pipeline = load_pipeline(settings.pipeline, registry or default_registry(), env)
-    state = State(settings.state)
+    state = State(settings.state, timeout=settings.limits.database_busy_seconds)
     intake = Intake(
         state,
         pipeline_name=pipeline.name,
@@ -124,9 +125,10 @@ def build(settings: Settings, registry: StepRegistry | None = None) -> Component
 def log_paths(settings: Settings, pipeline: Pipeline, device: str) -> None:
     log.info("config file=%s root=%s", settings.config_file, settings.root)
     log.info(
-        "config inbox=%s night=%s outbox=%s state=%s",
+        "config inbox=%s night=%s urgent=%s outbox=%s state=%s",
         ",".join(map(str, settings.inbox.dirs)),
         ",".join(map(str, settings.inbox.night_dirs)),
+        ",".join(map(str, settings.inbox.urgent_dirs)),
         settings.outbox,
         settings.state,
     )
@@ -174,10 +176,13 @@ class Daemon:
             s.inbox.dirs,
             s.inbox.night_dirs,
             stable_seconds=s.inbox.stable_seconds,
+            folder_stable_seconds=s.inbox.folder_stable_seconds,
             scan_interval=s.inbox.scan_interval_seconds,
             on_stable=self._on_stable,
             use_watchdog=s.inbox.use_watchdog,
+            urgent_dirs=s.inbox.urgent_dirs,
         )
+        self._urgent_dirs = {os.path.realpath(d) for d in s.inbox.urgent_dirs}
         self.housekeeping = Housekeeping()
         self.scheduler = Scheduler(
             window=self.window,
@@ -229,7 +234,8 @@ class Daemon:
         assert self._watch_state is not None
         if self.state_file.lost is not None:
             raise StateLost(self.state_file.lost)  # the watcher sets it aside; taken in after a restart
-        if self._intake_for(self._watch_state).accept(path, night=night) is not None:
+        urgent = os.path.realpath(path.parent) in self._urgent_dirs
+        if self._intake_for(self._watch_state).accept(path, night=night, urgent=urgent) is not None:
             self.worker.wake_event.set()
 
     def _intake_for(self, state: State) -> Intake:
@@ -265,7 +271,7 @@ class Daemon:
         s = self.c.settings
         keep_days = s.retention.keep_days
         assert keep_days is not None
-        roots = done_roots([*s.inbox.dirs, *s.inbox.night_dirs])
+        roots = done_roots([*s.inbox.dirs, *s.inbox.night_dirs, *s.inbox.urgent_dirs])
         self.housekeeping.submit("retention", lambda: apply_retention(roots, keep_days, now.date()))
 
     def _probes(self) -> Probes:
@@ -295,6 +301,7 @@ class Daemon:
             threads=lambda: self.supervisor.report(),
             intake=self._intake_probe,
             faults=self._faults,
+            plan=lambda: pipeline_plan(self.c.pipeline, s),
         )
 
     def _intake_probe(self) -> dict[str, float | None]:
@@ -355,7 +362,7 @@ class Daemon:
             log.warning("outbox.stale_temp_removed path=%s", stale)
         adopt_orphans(
             self.c.state,
-            [*s.inbox.dirs, *s.inbox.night_dirs],
+            [*s.inbox.dirs, *s.inbox.night_dirs, *s.inbox.urgent_dirs],
             pipeline_name=self.c.pipeline.name,
             pipeline_version=self.c.pipeline.version,
         )

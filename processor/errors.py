@@ -11,6 +11,8 @@
      │    └── WithheldError  the input lacks what the step's output needs (e.g. pixel spacing for mm):
      │                       the step is skipped with the reason, study is Partial
      ├── TransientError   may succeed later (network, locked file): retry with backoff
+     │    └── VersionConflict  another arrival of the same study was recorded while this one ran:
+     │                         it goes back to the queue, uncharged, and runs again with that one
      └── Deferred         an input cannot be taken in now for a reason not its own (the database busy,
                           the daemon stopping): it stays where it is and is tried again
 
@@ -18,6 +20,8 @@ Chain with ``raise ... from exc``; log a traceback once, where the error is hand
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 
 class CtwatchError(Exception):
@@ -29,7 +33,12 @@ class ConfigError(CtwatchError):
 
 
 class WeightsError(CtwatchError):
-    """Model weights are missing, unreadable or of the wrong kind."""
+    """Model weights are missing, unreadable or of the wrong kind; ``path``: the file at fault, when
+    one is known (shown to users relative to the weights folder, never quoted from the message)."""
+
+    def __init__(self, message: str, path: Path | None = None) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class IngestError(CtwatchError):
@@ -51,6 +60,12 @@ class WithheldError(StepError):
 
 class TransientError(CtwatchError):
     """A failure that may pass; the caller retries with backoff."""
+
+
+class VersionConflict(TransientError):
+    """The results of a study changed while an arrival of it was processed (another arrival of the
+    same study was recorded first): recording it would leave two current versions, or one that
+    lacks the other's images. Nothing is recorded; the arrival goes back to the queue uncharged."""
 
 
 class Deferred(CtwatchError):

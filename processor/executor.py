@@ -22,17 +22,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from processor.dicom.scan import Study, scan_members
-from processor.errors import IngestError
+from processor.dicom.scan import ScanResult, Study, scan_members
+from processor.errors import Deferred, IngestError
 from processor.faults import fault_point
-from processor.intake.archive import ArrivalKind, Contents, Limits, open_arrival
+from processor.intake.archive import ZIP_IN_FOLDER, ArrivalKind, Contents, Limits, open_arrival
+from processor.intake.inbox import sha256_of
+from processor.intake.late_series import LatePlanner, series_instances, sop_digests
 from processor.outputs.recorder import FinishedStudy, StudyRecorder
+from processor.outputs.versions import CHANGED, GONE, Lineage, SetAside
 from processor.pipeline.runner import PipelineRunner, StudyRun
 from processor.pipeline.spec import Pipeline
 from processor.pipeline.step import StudyContext
 from processor.provenance import software_versions
 from processor.state import Arrival, State
-from processor.vocab import ArrivalState, StudyStatus
+from processor.vocab import ArrivalState, LateSeries, StudyStatus
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,21 @@ def _never() -> bool:
 
 class _Stopped(Exception):
     """A stop was requested while an arrival was read: it is released, to be read again later."""
+
+
+class EarlierPartFault(OSError):
+    """An OS error (EIO, ESTALE, EMFILE…) while an earlier part of a study was read again: not the
+    input's fault, so :meth:`LocalExecutor.prepare` lets it through and the caller sends the arrival
+    back to the queue uncharged, as for other faults of the world (the worker: ``WORLD_ERRORS``)."""
+
+    def __init__(self, cause: OSError) -> None:
+        super().__init__(cause.errno, cause.strerror or str(cause))
+
+
+class _EarlierPartUnreadable(Exception):
+    """An earlier part of a study is on disk, unchanged, and cannot be read now for a reason that is
+    not an OS error (e.g. it no longer reads within the time limit): the arrival fails with this
+    reason, and nothing is recorded for its studies."""
 
 
 class Handle(Protocol):
@@ -69,13 +87,17 @@ class Executor(Protocol):
 
 @dataclass
 class _Opened:
-    """An arrival whose archive was opened and scanned, with the studies it yielded."""
+    """An arrival whose archive was opened and scanned, with the studies to analyse (a late series:
+    merged with the earlier parts) and those set aside (:mod:`processor.intake.late_series`)."""
 
     arrival: Arrival
     studies: list[Study]
     skipped: Counter[str]
     n_dicom: int
     runs: list[tuple[StudyRun, Path]] = field(default_factory=list)
+    lineage: dict[str, Lineage] = field(default_factory=dict)
+    warnings: dict[str, list[str]] = field(default_factory=dict)
+    set_aside: list[SetAside] = field(default_factory=list)
 
 
 @dataclass
@@ -103,6 +125,10 @@ class LocalExecutor:
     a stop request; the stop then takes effect before the next study. Reading an arrival (opening it
     and scanning its headers) always stops at a stop request, and is refused once it has taken
     ``limits.max_seconds_per_arrival`` by ``clock`` (seconds): both are checked at every chunk read.
+    ``late_series``: what becomes of images of a study analysed before (:class:`LatePlanner`). Each
+    earlier part of a study read again gets a time limit of its own, the same
+    ``limits.max_seconds_per_arrival`` (it was read within it when it was analysed), after its
+    sha256 is checked against the one recorded then (not timed, like the hash at registration).
     """
 
     def __init__(
@@ -113,8 +139,10 @@ class LocalExecutor:
         limits: Limits,
         finish_study_on_stop: bool = False,
         clock: Callable[[], float] = time.monotonic,
+        late_series: LateSeries = LateSeries.NEW_VERSION,
     ) -> None:
         self.pipeline = pipeline
+        self.planner = LatePlanner(recorder.state, late_series, pipeline.name, pipeline.version)
         self.runner = PipelineRunner(pipeline)
         self.recorder = recorder
         self.limits = limits
@@ -160,6 +188,10 @@ class LocalExecutor:
                     log.info("arrival.read_stopped arrival=%s", arrival.id)
                     prepared.stopped = True
                     break
+                except EarlierPartFault:  # the world, not the input: the caller sends the batch back
+                    raise
+                except _EarlierPartUnreadable as exc:
+                    prepared.rejected[arrival.id] = (str(exc), ArrivalState.FAILED)
                 except IngestError as exc:
                     prepared.rejected[arrival.id] = (str(exc), ArrivalState.QUARANTINED)
                 except sqlite3.Error:  # the database, not the input: the worker sends the batch back
@@ -187,6 +219,29 @@ class LocalExecutor:
                 f"the input {arrival.name} is no longer at {arrival.current_path} "
                 "(moved or deleted outside ctwatch)"
             )
+        contents, scan = self._scan(path, arrival.name, stack, should_stop, _SLOW_INPUT)
+        skipped = contents.skipped + scan.skipped
+        if not scan.studies:
+            raise IngestError(_no_dicom_message(contents, skipped))
+        plan = self.planner.plan(
+            arrival, scan.studies, lambda earlier: self._read(arrival, earlier, stack, should_stop)
+        )
+        return _Opened(
+            arrival,
+            plan.studies,
+            skipped,
+            scan.dicom_files,
+            lineage=plan.lineage,
+            warnings=plan.warnings,
+            set_aside=plan.set_aside,
+        )
+
+    def _scan(
+        self, path: Path, name: str, stack: ExitStack, should_stop: StopCheck, slow: str
+    ) -> tuple[Contents, ScanResult]:
+        """Open one input (open while ``stack`` is) and scan its headers, within a time limit of its
+        own, ``limits.max_seconds_per_arrival`` (else :class:`IngestError`: "reading its N file(s)
+        took longer than … — ``slow``")."""
         limit, started = self.limits.max_seconds_per_arrival, self.clock()
         files: list[int] = []  # how many files it holds, once known
 
@@ -196,22 +251,49 @@ class LocalExecutor:
             if self.clock() - started > limit:
                 held = f"its {files[0]} file(s)" if files else "it"
                 raise IngestError(
-                    f"reading {held} took longer than limits.max_seconds_per_arrival ({limit:g} s), "
-                    "so it was not analysed: it holds too much that is slow to read (e.g. thousands "
-                    "of files that are not DICOM) — remove what is not DICOM or split the export "
-                    "into smaller ZIPs, or raise limits.max_seconds_per_arrival if it is genuine"
+                    f"reading {held} took longer than limits.max_seconds_per_arrival ({limit:g} s), {slow}"
                 )
 
-        contents = stack.enter_context(open_arrival(path, self.limits, check, name=arrival.name))
+        contents = stack.enter_context(open_arrival(path, self.limits, check, name=name))
         files.append(len(contents.members))
         check()
         with gc_paused():
             scan = scan_members(contents.members)
         contents.budget.settle()
-        skipped = contents.skipped + scan.skipped
-        if not scan.studies:
-            raise IngestError(_no_dicom_message(contents, skipped))
-        return _Opened(arrival, scan.studies, skipped, scan.dicom_files)
+        return contents, scan
+
+    def _read(
+        self, arrival: Arrival, earlier: Arrival, stack: ExitStack, should_stop: StopCheck
+    ) -> list[Study] | str:
+        """The studies in an earlier arrival's input, read again once it is in its final place (open
+        while ``stack`` is); :data:`GONE` when it is no longer where the recorder finds it,
+        :data:`CHANGED` when its sha256 is not the one recorded. :class:`EarlierPartFault` on an OS
+        error, :class:`_EarlierPartUnreadable` when it cannot be read otherwise."""
+        path = self.recorder.locate(self.recorder.wait_placed(earlier.id))
+        if path is None:
+            return GONE
+        try:
+            if earlier.sha256 and sha256_of(path, should_stop)[0] != earlier.sha256:
+                log.warning("late_series.part_changed arrival=%s earlier=%s", arrival.id, earlier.id)
+                return CHANGED
+            return self._scan(path, earlier.name, stack, should_stop, _SLOW_PART)[1].studies
+        except Deferred as exc:  # a stop while hashing
+            raise _Stopped from exc
+        except FileNotFoundError:  # removed between the look and the read
+            return GONE
+        except OSError as exc:
+            raise EarlierPartFault(exc) from exc
+        except IngestError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, FileNotFoundError):
+                return GONE
+            if isinstance(cause, OSError):
+                raise EarlierPartFault(cause) from exc
+            raise _EarlierPartUnreadable(
+                f"arrival {earlier.id} ({earlier.name}), which brought an earlier part of a study in this "
+                f"input, could not be read again: {exc}. Nothing was analysed, so that study's current "
+                f"result stays as it was; once that is fixed, run `python run.py requeue {arrival.id}`"
+            ) from exc
 
     def _step_stop(self, should_stop: StopCheck) -> StopCheck:
         return _never if self.finish_study_on_stop else should_stop
@@ -222,9 +304,9 @@ class LocalExecutor:
             for study in item.studies:
                 json_path = self.recorder.json_path(item.arrival, study.uid, taken)
                 taken.add(json_path)
-                item.runs.append(
-                    (StudyRun(StudyContext(item.arrival.id, study, json_path.with_suffix(""))), json_path)
-                )
+                ctx = StudyContext(item.arrival.id, study, json_path.with_suffix(""))
+                ctx.warnings.extend(item.warnings.get(study.uid, []))
+                item.runs.append((StudyRun(ctx), json_path))
         if should_stop():
             prepared.stopped = True
             return
@@ -238,6 +320,7 @@ class LocalExecutor:
         assert isinstance(handle, Prepared), type(handle)
         prepared = handle
         crash = prepared.crash
+        sent_back = self._superseded_meanwhile(prepared) if crash is None else set()
         if crash is None and not prepared.interrupted():
             try:
                 self.runner.advance(
@@ -256,6 +339,8 @@ class LocalExecutor:
             if arrival.id in prepared.rejected:
                 reason, state = prepared.rejected[arrival.id]
                 finals.append(self.recorder.reject(arrival, reason, state))
+            elif arrival.id in sent_back:
+                finals.append(self._release(arrival, "superseded_meanwhile"))
             elif crash is not None:
                 finals.append(self.recorder.reject(arrival, crash, ArrivalState.FAILED))
             elif prepared.interrupted() or item is None:
@@ -264,8 +349,22 @@ class LocalExecutor:
                 finished = [
                     _finished(run, path, item, self._patient_key(run.ctx.study)) for run, path in item.runs
                 ]
-                finals.append(self.recorder.accept(arrival, finished, item.skipped))
+                finals.append(self.recorder.accept(arrival, finished, item.skipped, item.set_aside))
         return finals
+
+    def _superseded_meanwhile(self, prepared: Prepared) -> set[int]:
+        """Arrivals whose plan is out of date before their GPU stage (another arrival of one of their
+        studies was recorded since, e.g. while this one was prefetched): dropped from the handle, to
+        be sent back and run again with that result. The recorder checks again in its transaction."""
+        stale = {
+            item.arrival.id
+            for item in prepared.opened
+            for study_uid, lineage in item.lineage.items()
+            if sorted(lineage.supersedes)
+            != [c.arrival_id for c in self.state.current_versions(study_uid, excluding=item.arrival.id)]
+        }
+        prepared.opened = [item for item in prepared.opened if item.arrival.id not in stale]
+        return stale
 
     def _patient_key(self, study: Study) -> str:
         """The study's patient pseudonym (the PatientID itself goes no further than this call);
@@ -276,10 +375,10 @@ class LocalExecutor:
     def fail(self, arrivals: Sequence[Arrival], reason: str) -> list[ArrivalState]:
         return [self.recorder.reject(arrival, reason, ArrivalState.FAILED) for arrival in arrivals]
 
-    def _release(self, arrival: Arrival) -> ArrivalState:
+    def _release(self, arrival: Arrival, reason: str = "shutdown") -> ArrivalState:
         self.recorder.release(arrival)
         self.state.release(arrival.id)
-        log.info("arrival.released arrival=%s reason=shutdown", arrival.id)
+        log.info("arrival.released arrival=%s reason=%s", arrival.id, reason)
         return ArrivalState.PENDING
 
 
@@ -307,6 +406,9 @@ def _finished(run: StudyRun, json_path: Path, item: _Opened, patient_key: str | 
         latent_models={"ctclip": latent_models.get("ctclip")} if latent is not None else {},
         software=software_versions(),
         patient_key=patient_key,
+        lineage=item.lineage.get(study.uid, Lineage(input_ids=(item.arrival.id,))),
+        series_instances=series_instances(study),
+        sop_digests=sop_digests(study),
         dicom={
             "instances_in_arrival": item.n_dicom,
             "instances_in_study": study.instance_count,
@@ -316,20 +418,32 @@ def _finished(run: StudyRun, json_path: Path, item: _Opened, patient_key: str | 
     )
 
 
+_SLOW_INPUT = (
+    "so it was not analysed: it holds too much that is slow to read (e.g. thousands of files that are "
+    "not DICOM) — remove what is not DICOM or split the export into smaller ZIPs, or raise "
+    "limits.max_seconds_per_arrival if it is genuine"
+)
+_SLOW_PART = (
+    "the time each earlier input read again is given: its disk may be slow now, or the limit was "
+    "lowered since it was analysed — raise limits.max_seconds_per_arrival if it is genuine"
+)
+
+
 def _no_dicom_message(contents: Contents, skipped: Counter[str]) -> str:
     if contents.kind == ArrivalKind.FILE and contents.what is not None and set(skipped) == {"not DICOM"}:
         what, fix = contents.what
         return f"no DICOM images found: the file is not a ZIP, it is {what} — {fix}"
-    zips = [m for m in contents.members if m.name.lower().endswith(".zip")]
-    if contents.kind == ArrivalKind.FOLDER and zips and set(skipped) == {"not DICOM"}:
+    zips = skipped[ZIP_IN_FOLDER]
+    if contents.kind == ArrivalKind.FOLDER and zips and set(skipped) <= {ZIP_IN_FOLDER, "not DICOM"}:
         return (
-            f"no DICOM images found: the folder holds {len(zips)} ZIP file(s) and no DICOM files. "
+            f"no DICOM images found: the folder holds {zips} ZIP file(s) and no DICOM files. "
             "A folder is read as the DICOM files of one drop, so the ZIPs inside are not opened — "
             "drop each ZIP on its own (or give them one by one to `python run.py process`)"
         )
     detail = ", ".join(f"{n} {reason}" for reason, n in skipped.most_common()) or "it is empty"
     return (
-        f"no DICOM images found among {len(contents.members)} file(s) ({detail}); "
+        f"no DICOM images found among {len(contents.members) + sum(contents.skipped.values())} "
+        f"file(s) ({detail}); "
         "export the study as DICOM files"
     )
 

@@ -33,7 +33,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Generic, TypeVar
@@ -104,7 +104,7 @@ class Prefetcher(Generic[T, U]):
         with self._lock:
             return self._inflight
 
-    def map(self, jobs: Iterable[T]) -> Iterator[Prefetched[T, U]]:
+    def map(self, jobs: Iterable[T]) -> Generator[Prefetched[T, U], None, None]:
         """Yield a :class:`Prefetched` per job, in job order, preparing up to ``max_inflight`` ahead.
 
         One ``map`` at a time per pool. Raises :class:`PrefetchClosed` when the pool is closed
@@ -136,7 +136,7 @@ class Prefetcher(Generic[T, U]):
         self.close()
 
     # ------------------------------------------------------------------ consumer side
-    def _generate(self, jobs: Iterator[T]) -> Iterator[Prefetched[T, U]]:
+    def _generate(self, jobs: Iterator[T]) -> Generator[Prefetched[T, U], None, None]:
         with self._lock:
             if self._mapping:
                 raise RuntimeError("Prefetcher.map is already running; finish or break that loop first")

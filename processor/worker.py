@@ -1,10 +1,17 @@
 """The worker: the one thread that claims arrivals and hands them to the executor.
 
-Day queue first; night arrivals only when the schedule allows (and then, model-major, in batches
-of ``night_batch``). With ``max_inflight`` > 0 the next arrivals' CPU stage runs in a prefetch
-thread while this thread completes the current ones; an arrival waiting in the prefetch queue is
-only *prepared* (not charged an attempt) until the prefetch thread starts on it. An arrival that was in flight with others
-when the process died (``isolate``) is run alone, so a crash is charged to the input that caused it.
+Urgent arrivals first, then the day queue; night arrivals only when the schedule allows (and then,
+model-major, in batches of ``night_batch``). With ``max_inflight`` > 0 the next arrivals' CPU stage
+runs in a prefetch thread while this thread completes the current ones; an arrival waiting in the
+prefetch queue is only *prepared* (not charged an attempt) until the prefetch thread starts on it.
+An arrival that was in flight with others when the process died (``isolate``) is run alone, so a
+crash is charged to the input that caused it.
+
+An urgent arrival never waits for work that has not started: a night batch stops growing at it,
+and a routine batch taken ahead for the prefetcher is not started while urgent work waits — it goes
+back to the queue, uncharged. The urgent one waits only for the batches already started: the one
+being completed and the one in its CPU stage (a day arrival each, or a night batch of up to
+``night_batch`` studies, which run model-major as one unit and are never split).
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from processor.executor import Executor, Handle
 from processor.faults import fault_point
 from processor.prefetch import Prefetcher
 from processor.state import Arrival, State
-from processor.vocab import ArrivalState
+from processor.vocab import ArrivalState, Priority
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +185,11 @@ class Worker:
         handled = 0
         for item in pool.map(self._prepared_batches()):
             batch = item.job
-            if isinstance(item.error, WORLD_ERRORS):  # e.g. the database locked: retried, not failed
+            if isinstance(item.error, UrgentFirst):  # put back; held again if taken again meanwhile
+                self._held.difference_update(
+                    a.id for a in batch if self.state.arrival(a.id).state == "pending"
+                )
+            elif isinstance(item.error, WORLD_ERRORS):  # e.g. the database locked: retried, not failed
                 self._faulted(batch, item.error)
             elif item.error is not None:
                 reason = f"internal error: {type(item.error).__name__}: {item.error}"
@@ -193,7 +204,15 @@ class Worker:
         return handled
 
     def _prepare_ahead(self, batch: list[Arrival]) -> Handle:
-        """In the prefetch thread: the batch is claimed (``running``, charged) when its work starts."""
+        """In the prefetch thread: the batch is claimed (``running``, charged) when its work starts —
+        unless it is routine and an urgent arrival waits (in the queue, or taken ahead behind it):
+        then it goes back to the queue untouched (:class:`UrgentFirst`), at its place: it is taken
+        again right after the urgent one."""
+        if not any(a.priority == Priority.URGENT for a in batch) and self.state.urgent_waiting():
+            for arrival in batch:
+                self.state.release(arrival.id)  # prepared → pending; no attempt was charged
+            log.info("worker.urgent_first put_back=%s", [a.id for a in batch])
+            raise UrgentFirst([a.id for a in batch])
         claimed = [self.state.claim(arrival.id) or arrival for arrival in batch]
         handle = self.executor.prepare(claimed, self.stop_event.is_set)
         for arrival in batch:
@@ -213,7 +232,7 @@ class Worker:
         """The next arrival (plus a night batch) taken as ``prepared`` or claimed ``running``.
 
         Empty when the queue is empty, claims are paused (disk guard), or — when preparing — the
-        next arrival must run alone.
+        next arrival must run alone. A night batch ends early at an urgent arrival (the next in line).
         """
         try:
             first = self._take(prepare=prepare, alone_ok=not prepare)
@@ -306,6 +325,10 @@ class Worker:
         return outcomes
 
 
+class UrgentFirst(Exception):  # noqa: N818 — a signal between the worker's threads, not an error
+    """A routine batch taken ahead was put back in the queue because urgent work waits."""
+
+
 WORLD_ERRORS = (OSError, sqlite3.Error)
 FAULT_FIRST_BACKOFF = 5.0
 FAULT_MAX_BACKOFF = 60.0
@@ -318,5 +341,5 @@ def fault_text(exc: BaseException) -> str:
         return f"the state database refused a write ({code})"
     if isinstance(exc, OSError) and exc.errno is not None:
         name = errno.errorcode.get(exc.errno, str(exc.errno))
-        return f"a file could not be written or moved ({os_error_words(exc)}, {name})"
-    return f"a file could not be written or moved ({type(exc).__name__})"
+        return f"a file could not be read, written or moved ({os_error_words(exc)}, {name})"
+    return f"a file could not be read, written or moved ({type(exc).__name__})"

@@ -56,6 +56,7 @@ class Project:
                 "dirs": ["inbox"],
                 "night_dirs": ["inbox/night"],
                 "stable_seconds": 0.5,
+                "folder_stable_seconds": 1.0,
                 "scan_interval_seconds": 0.3,
             },
             "outbox": "outbox",

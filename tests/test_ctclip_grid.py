@@ -172,9 +172,9 @@ def test_unknown_pixel_spacing_withholds_the_ctclip_steps_with_the_reason(
     records = {r.step_id: r for r in outcome.steps}
     assert records["volume"].status == "done"
     clip = records["clip"]
-    assert clip.status == "skipped" and clip.error is not None, clip
-    assert clip.error.startswith("pixel spacing unknown: PixelSpacing (0028,0030)"), clip.error
-    assert "a guessed spacing would give wrong numbers" in clip.error
+    assert clip.status == "skipped" and clip.error is None and clip.reason is not None, clip
+    assert clip.reason.startswith("pixel spacing unknown: PixelSpacing (0028,0030)"), clip.reason
+    assert "a guessed spacing would give wrong numbers" in clip.reason
     assert "models" not in ctx.result and "ctclip_latent" not in ctx.values
     assert "ctclip.licence" not in caplog.text  # no model was loaded for a study it cannot serve
     # the CT-CLIP numbers are withheld with the reason, the rest of the study stands, optional or not

@@ -64,5 +64,6 @@ def test_fresh_install_gets_weight_free_results_from_a_dropped_zip(tmp_path) -> 
     assert {statuses[k] for k in ("series", "volume", "lungs", "slices")} == {"done"}
     for step in doc["steps"]:
         if step["status"] == "skipped":
-            assert step["missing"] and "weights not installed" in step["error"]
+            # a skip is not a failure: the reason is in "reason", "error" stays for failures
+            assert step["missing"] and "weights not installed" in step["reason"] and step["error"] is None
     assert doc["probability_of_pathology"] is None  # no model ran, no number shown

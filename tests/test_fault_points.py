@@ -291,10 +291,11 @@ def control(project: Project) -> Path:
 
 
 def leftovers(project: Project) -> list[str]:
-    """Entries still in the inbox (or its night folder) or in work/."""
-    out = [p.name for p in project.inbox.iterdir() if p.name not in (".ctwatch", "night")]
-    night = project.inbox / "night"
-    out += [f"night/{p.name}" for p in night.iterdir()] if night.is_dir() else []
+    """Entries still in the inbox (or its night and urgent folders) or in work/."""
+    out = [p.name for p in project.inbox.iterdir() if p.name not in (".ctwatch", "night", "urgent")]
+    for lane in ("night", "urgent"):
+        folder = project.inbox / lane
+        out += [f"{lane}/{p.name}" for p in folder.iterdir()] if folder.is_dir() else []
     work = control(project) / "work"
     out += [f"work/{p.name}" for p in work.iterdir()] if work.is_dir() else []
     return out

@@ -66,7 +66,7 @@ def _comparable(doc: dict) -> dict:
     """The result without what legitimately differs between runs (times, arrival ids, paths)."""
     drop = {"time_of_processing", "finished_at", "source", "steps"}
     out = {k: v for k, v in doc.items() if k not in drop}
-    out["steps"] = [(s["step_id"], s["status"], s["error"]) for s in doc["steps"]]
+    out["steps"] = [(s["step_id"], s["status"], s["error"], s["reason"]) for s in doc["steps"]]
     return out
 
 

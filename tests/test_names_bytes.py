@@ -299,7 +299,7 @@ def test_daemon_names_in_any_encoding(project: Project, tmp_path: Path) -> None:
     assert_results(project, inputs)
     done = {p.name for p in (project.inbox / ".ctwatch" / "done").glob("*/*")}
     assert done == {fit_name(i.shown, spare=len(".error.txt")) for i in inputs}, "kept under display names"
-    assert sorted(p.name for p in project.inbox.iterdir()) == [".ctwatch", "night"]
+    assert sorted(p.name for p in project.inbox.iterdir()) == [".ctwatch", "night", "urgent"]
     assert_clean_log(project.root.joinpath("daemon.log").read_bytes().decode("utf-8"), inputs)
 
 

@@ -143,18 +143,21 @@ def test_the_database_write_locked_past_the_busy_timeout_sends_the_arrival_back_
     project: Project,
 ) -> None:
     project.write_pipeline(DELAYED)
+    settings = yaml.safe_load(project.config.read_text())
+    settings["limits"] = {"database_busy_seconds": 3}  # SQLite's busy timeout: 30 s by default
+    project.config.write_text(yaml.safe_dump(settings))
     daemon = _start(project)
     holder = None
     try:
         url = _status_url(project)
         write_zip(project.inbox / "study.zip", make_series(20))
         wait_for(lambda: states(project) == [("running",)], 60, "the study to run")
-        holder = subprocess.Popen(  # another process takes SQLite's write lock for 36 s
+        holder = subprocess.Popen(  # another process takes SQLite's write lock for 8 s, past the 3 s wait
             [
                 sys.executable,
                 "-c",
                 "import sqlite3, sys, time; c = sqlite3.connect(sys.argv[1], isolation_level=None); "
-                "c.execute('begin immediate'); print('locked', flush=True); time.sleep(36); c.rollback()",
+                "c.execute('begin immediate'); print('locked', flush=True); time.sleep(8); c.rollback()",
                 str(project.state_path),
             ],
             stdout=subprocess.PIPE,
@@ -354,7 +357,7 @@ def test_a_deleted_night_folder_is_made_again_and_intake_stays_healthy(project: 
 def test_a_folder_copied_from_a_mac_becomes_stable_but_one_being_copied_by_rsync_waits(
     tmp_path: Path,
 ) -> None:
-    from processor.intake.watcher import signature
+    from processor.intake.watcher import looked_at, signature
 
     folder = tmp_path / "study"
     folder.mkdir()
@@ -364,7 +367,8 @@ def test_a_folder_copied_from_a_mac_becomes_stable_but_one_being_copied_by_rsync
     sig = signature(folder)
     assert sig is not None and sig[0] == 3, "Finder's leftovers never make a folder wait for ever"
     (folder / ".2.dcm.Xa81Bq").write_bytes(b"half")  # rsync's name while it copies 2.dcm
-    assert signature(folder) is None
+    sig, temporary = looked_at(folder)  # the folder waits on it (tests/test_complete_before_taken.py)
+    assert sig is not None and sig[0] == 4 and temporary == [folder / ".2.dcm.Xa81Bq"]
 
 
 def test_temp_files_a_kill_left_are_removed_at_start_also_in_a_reports_folder_outside_the_outbox(

@@ -102,20 +102,27 @@ def test_arrivals_of_one_study_in_flight_together_never_share_a_json(project: Pr
     components = _components(project)
     series = make_series(20)
     first = components.intake.accept(write_zip(project.inbox / "a.zip", series))
-    second = components.intake.accept(
-        write_zip(project.inbox / "b.zip", series, shuffle_seed=1)
-    )  # other bytes
+    more = make_series(20, study_uid=series[0].StudyInstanceUID, series_number=3)  # a late series
+    second = components.intake.accept(write_zip(project.inbox / "b.zip", more))
     assert first is not None and second is not None
     state, executor = components.state, components.executor()
     a, b = state.claim(first), state.claim(second)
     assert a is not None and b is not None
     # Both CPU stages run before either end is recorded (prefetch does this while the GPU is busy).
     handles = [executor.prepare([a]), executor.prepare([b])]
-    assert [executor.complete(h)[0] for h in handles] == [ArrivalState.DONE, ArrivalState.DONE]
+    reserved = [path for h in handles for item in h.opened for _, path in item.runs]
+    assert len(set(reserved)) == 2 and reserved[1].name.endswith(f".a{second}.json"), reserved
+    # b was planned before a's result existed: sent back before its GPU stage, uncharged, to run
+    # again as a new version of the study with a's images (test_late_series has the rest).
+    assert [executor.complete(h)[0] for h in handles] == [ArrivalState.DONE, ArrivalState.PENDING]
+    assert state.arrival(second).attempts == 0
+    again = state.claim(second)
+    assert again is not None and executor.process(again) == ArrivalState.DONE
     paths = [row["json_path"] for aid in (first, second) for row in state.studies_for(aid)]
     assert len(set(paths)) == 2 and paths[1].endswith(f".a{second}.json"), paths
     documents = [json.loads(Path(p).read_text()) for p in paths]
     assert [d["source"]["arrival_id"] for d in documents] == [first, second]
+    assert documents[1]["supersedes"]["arrival_id"] == first
     state.close()
 
 
@@ -141,7 +148,7 @@ def test_a_quarantined_input_dropped_again_is_a_fresh_attempt_not_a_duplicate(pr
     again = components.intake.accept(write_zip(project.inbox / "x.zip", series))
     assert again is not None and again != aid
     row = state.arrival(again)
-    assert row.state == "pending" and row.duplicate_of is None
+    assert row.state == "pending" and row.duplicate_of is None and row.retry_of == aid
     state.close()
 
 

@@ -46,7 +46,7 @@ def test_failed_original_does_not_make_a_duplicate(tmp_path: Path) -> None:
     state.claim_next(allow_night=True)
     state.finish_arrival(first, "failed", error="boom")
     again = _register(state)
-    assert state.arrival(again).state == "pending"
+    assert state.arrival(again).state == "pending" and state.arrival(again).retry_of == first
 
 
 def test_crash_recovery_charges_the_arrival_alone_and_quarantines_it_at_the_cap(tmp_path: Path) -> None:

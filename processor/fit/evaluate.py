@@ -4,8 +4,8 @@
 labels CSV (:func:`processor.fit.data.read_labels`: ``study_uid`` or ``accession``, then 0/1 per
 column), matches it to the studies in the state database, and reports:
 
-- ``pathology``: the fused ``probability_of_pathology`` (the ``studies`` row of each study's latest
-  arrival) and ``anomaly.score`` when stored;
+- ``pathology``: the fused ``probability_of_pathology`` (each study's current result: the
+  ``studies`` row no later version replaced) and ``anomaly.score`` when stored;
 - every other column (a finding): each stored source of it, ``head.``, ``lipro.`` and ``zs.``.
 
 For each: n, positives, AUROC (``roc_auc_score``) with a 95 % percentile-bootstrap interval that

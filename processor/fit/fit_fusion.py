@@ -1,6 +1,6 @@
 """``fit-fusion``: train the LightGBM fusion booster on stored features and a labels CSV.
 
-Features come from SQLite (``features`` table, the latest arrival of each study); a feature a
+Features come from SQLite (``features`` table, those of each study's current result); a feature a
 study lacks is NaN, which LightGBM routes down its learned default branch, so a partial ensemble
 still fuses. Labels: ``pathology`` (0/1) is the target; any other column whose name is a finding
 gets a threshold on the first stored probability of it found among ``head.``, ``lipro.``, ``zs.``

@@ -1,6 +1,6 @@
 """``fit-head``: train the supervised head on stored CT-CLIP latents from a labels CSV.
 
-Latents come from SQLite (``latents`` table, name ``ctclip``, the latest arrival of each study),
+Latents come from SQLite (``latents`` table, name ``ctclip``, each study's current result),
 labels from the CSV (see :mod:`processor.fit.data`). Cross-validation is nested and grouped by
 patient (:mod:`processor.fit.nested`): outer folds (stratified on each study's rarest positive
 finding, every study of a patient in one fold) give the CV AUROC per finding; inside each

@@ -68,8 +68,8 @@ def read_cards(weights: Path, warnings: list[str]) -> dict[str, Card]:
 
 
 def stored_studies(state: State) -> list[dict[str, Any]]:
-    """Every stored study: the features of its latest arrival that recorded any
-    (``State.study_features``) and the fused probability and result of its latest ``studies`` row
+    """Every stored study: the features of its current result (``State.study_features``) and the
+    fused probability and result of that ``studies`` row (``State.latest_study_rows``)
     (``fused``: a number or None, ``result``: the result JSON as a dict, ``study_arrival_id``)."""
     by_uid: dict[str, dict[str, Any]] = {
         row["study_uid"]: {**row, "fused": None, "result": {}, "study_arrival_id": row["arrival_id"]}

@@ -29,14 +29,14 @@ from processor.faults import fault_point
 from processor.intake.inbox import InboxLayout, free_path, move, sha256_of, work_name, write_error_note
 from processor.names import display_name, display_text, name_bytes_hex
 from processor.outputs.receipt import (
-    duplicate_message,
+    duplicate_receipt,
     receipt_document,
     receipt_path,
     write_receipt,
     write_receipt_document,
 )
 from processor.state import Arrival, Registered, State
-from processor.vocab import ArrivalState, utcnow
+from processor.vocab import ArrivalState, Priority, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ class _Entry:
     source_name: str | None = None
     source_url: str | None = None
     in_place: bool = False
+    priority: Priority = Priority.ROUTINE
     sha256: str = ""
     size: int = 0
     arrival_id: int | None = None
@@ -103,14 +104,18 @@ class Intake:
         kind: str | None = None,
         source_name: str | None = None,
         source_url: str | None = None,
+        urgent: bool = False,
     ) -> int | None:
         """Register a stable inbox entry and move it into the work folder. Returns the arrival id.
+
+        ``urgent``: an entry of an urgent folder (``inbox.urgent_dirs``), claimed before any other.
 
         None when the entry is already being processed, or vanished before it was taken in. Any
         other failure ends the entry as a rejected arrival (see the module docstring) whose id is
         returned (None when even the database refused it; its receipt is then named by time).
         """
         entry = _Entry(path, kind or ("night" if night else "inbox"), night, source_name, source_url)
+        entry.priority = Priority.URGENT if urgent else Priority.ROUTINE
         try:
             if str(path) in self.state.active_paths():
                 return None
@@ -162,12 +167,14 @@ class Intake:
         entry.moved_to = move(path, layout.work / work_name(aid, entry.name))
         self.state.update_arrival(aid, current_path=str(entry.moved_to))
         log.info(
-            "arrival.registered arrival=%s name=%s sha256=%s size=%d night=%s",
+            "arrival.registered arrival=%s name=%s sha256=%s size=%d night=%s priority=%s retry_of=%s",
             aid,
             entry.name,
             entry.sha256[:12],
             entry.size,
             entry.night,
+            entry.priority,
+            registered.retry_of,
         )
         return aid
 
@@ -186,6 +193,7 @@ class Intake:
             source_name=entry.source_name,
             source_url=entry.source_url,
             refused=refused,
+            priority=entry.priority,
         )
 
     # ------------------------------------------------------------------ failures
@@ -281,13 +289,7 @@ class Intake:
     def _finish_duplicate(self, aid: int, original: int, path: Path, layout: InboxLayout | None) -> Path:
         """End a duplicate: its receipt and place recorded first, then the move (replayed after a crash)."""
         arrival = self.state.arrival(aid)
-        results = [s["json_path"] for s in self.state.studies_for(original)]
-        document = receipt_document(
-            arrival,
-            "duplicate",
-            duplicate_message(original, self.pipeline_name, self.pipeline_version),
-            studies=[{"json": p} for p in results if p],
-        )
+        document = duplicate_receipt(arrival, self.state.arrival(original), self.state.studies_for(original))
         dest = free_path(layout.done(date.today()), arrival.name, aid) if layout is not None else None
         self.state.finish(
             aid,
@@ -300,7 +302,13 @@ class Intake:
         where = move(path, dest) if dest is not None else path
         write_receipt_document(self.outbox, document)
         self.state.mark_placed(aid, str(where))
-        log.info("arrival.duplicate arrival=%s of=%s name=%s", aid, original, arrival.name)
+        log.info(
+            "arrival.duplicate arrival=%s of=%s name=%s priority=%s",
+            aid,
+            original,
+            arrival.name,
+            arrival.priority,
+        )  # an urgent one made ``original`` urgent if it still waits (see Queue.register_arrival)
         return where
 
 

@@ -1,4 +1,8 @@
-"""One receipt per arrival in ``outbox/receipts/``: accepted, duplicate or rejected, and why.
+"""One receipt per arrival in ``outbox/receipts/``: accepted, duplicate, rejected or failed, and why.
+
+``priority`` is the arrival's lane (``routine`` or ``urgent``). A fresh attempt — bytes whose
+earlier arrival gave no result — carries ``retry_of`` (that arrival's id) and says so in its
+message; a duplicate carries ``duplicate_of`` and lists the earlier arrival's studies.
 
 ``name`` is the input's display name (valid text; bytes that are not UTF-8 shown as ``\\xNN``)
 and ``name_bytes`` its raw bytes in hex, so the exact name can always be recovered
@@ -16,7 +20,7 @@ from processor.names import display_name, escape_surrogates, name_bytes_hex
 from processor.outputs.result import write_json_atomic
 from processor.safename import safe_name
 from processor.state import Arrival
-from processor.vocab import ReceiptOutcome, utcnow
+from processor.vocab import ArrivalState, Priority, ReceiptOutcome, utcnow
 
 OUTCOMES = tuple(ReceiptOutcome)
 
@@ -36,6 +40,9 @@ def receipt_document(
     """
     outcome = ReceiptOutcome(outcome)
     name = display_name(arrival.name)
+    if arrival.retry_of is not None and outcome != ReceiptOutcome.DUPLICATE:
+        message = message.rstrip()
+        message = f"{message}{'' if message.endswith('.') else '.'} {retry_message(arrival.retry_of)}"
     return {
         "arrival_id": arrival.id if registered else None,
         "name": name,
@@ -46,7 +53,9 @@ def receipt_document(
         "size": arrival.size,
         "outcome": str(outcome),
         "message": escape_surrogates(message),
+        "priority": str(arrival.priority),
         "duplicate_of": arrival.duplicate_of,
+        "retry_of": arrival.retry_of,
         "studies": studies or [],
         "skipped": {escape_surrogates(reason): count for reason, count in (skipped or {}).items()},
         "received_at": arrival.created_at,
@@ -78,10 +87,70 @@ def write_receipt(
     )
 
 
-def duplicate_message(original: int | None, pipeline_name: str | None, pipeline_version: int | None) -> str:
+def duplicate_message(
+    original: int | None,
+    pipeline_name: str | None,
+    pipeline_version: int | None,
+    original_state: str | None = None,
+    *,
+    promoted: bool = False,
+) -> str:
+    """Why a copy was not processed: which earlier arrival gave (or is giving) the result.
+    ``promoted``: the copy was urgent and made the waiting arrival urgent."""
+    state = ArrivalState(original_state) if original_state is not None else None
+    if state is not None and not state.final:
+        if state == ArrivalState.RUNNING:
+            where = "which is already being processed"
+        else:
+            lane = ": it is now urgent, so it is taken before routine work" if promoted else ""
+            where = f"which is waiting in the queue{lane}"
+        where += (
+            f"; they were not processed again for pipeline {pipeline_name} v{pipeline_version}. "
+            f"Arrival {original}'s receipt will say how it ended"
+        )
+    else:
+        where = (
+            f"which produced the result(s) listed under studies; they were not processed again "
+            f"for pipeline {pipeline_name} v{pipeline_version}"
+        )
+    return f"The same bytes arrived before as arrival {original}, {where}."
+
+
+def duplicate_receipt(
+    arrival: Arrival, original: Arrival, study_rows: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The receipt of a duplicate: the earlier arrival ``original`` and its studies (rows of
+    ``State.studies_for``: study UID, status, result JSON, ``superseded_by``). An urgent copy of an
+    arrival still waiting made it urgent (:meth:`processor.state.queue.Queue.register_arrival`)."""
+    promoted = arrival.priority == Priority.URGENT and original.state in (
+        ArrivalState.PENDING,
+        ArrivalState.PREPARED,
+    )
+    message = duplicate_message(
+        original.id, arrival.pipeline_name, arrival.pipeline_version, original.state, promoted=promoted
+    )
+    for row in study_rows:  # replaced since (late series): say which result is the study's now
+        if row.get("superseded_by") is not None:
+            message += (
+                f" Its result of study {row['study_uid']} is no longer the study's current one: read "
+                f"that of arrival {row['superseded_by']}."
+            )
+    return receipt_document(
+        arrival,
+        ReceiptOutcome.DUPLICATE,
+        message,
+        studies=[
+            {"study_uid": row["study_uid"], "status": row["status"], "json": row["json_path"]}
+            for row in study_rows
+            if row["json_path"]
+        ],
+    )
+
+
+def retry_message(earlier: int) -> str:
     return (
-        f"The same bytes arrived before as arrival {original} and were not processed again "
-        f"for pipeline {pipeline_name} v{pipeline_version}."
+        f"This was a fresh attempt: the same bytes arrived before as arrival {earlier}, "
+        "which ended without a full result (its receipt says why)."
     )
 
 

@@ -4,8 +4,12 @@ Finishing is one recorded, idempotent transition (intent first):
 
 1. one SQLite transaction records the study and step rows (each with its result document),
    features and latents, the arrival's final state and reason, its receipt document and where
-   the input is to go (``placed = 0``);
-2. each study's result JSON is written from the recorded document (atomic), then the receipt, the
+   the input is to go (``placed = 0``) — and, for a new version of a study (late series), marks
+   the results it supersedes, each result document given a ``superseded_by`` pointer (a version
+   that lacks images the current one used and came out worse supersedes nothing: its own row and
+   document point at the result that stays current, :meth:`~processor.outputs.versions.Lineage.stays_out`);
+2. each study's result JSON is written from the recorded document (atomic), then each superseded
+   one that is still there is rewritten from its updated document (atomic), then the receipt, the
    input is moved (quarantine: its ``.error.txt`` written), and ``placed = 1`` closes it.
 
 A crash after step 1 is finished by :meth:`StudyRecorder.replay` (at the worker's start, and when
@@ -21,28 +25,33 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections import Counter
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
+from processor.errors import VersionConflict
 from processor.faults import fault_point
 from processor.names import display_name
 from processor.outputs.layout import OutboxLayout
 from processor.outputs.receipt import (
-    duplicate_message,
+    duplicate_receipt,
     receipt_document,
     receipt_path,
     write_receipt_document,
 )
 from processor.outputs.result import build_result, plain_json, write_json_atomic
+from processor.outputs.versions import IGNORED, Lineage, SetAside, end_without_studies
 from processor.redact import redact_optional_url
 from processor.state import Arrival, State
-from processor.vocab import ArrivalState, ReceiptOutcome, StudyStatus, utcnow
+from processor.vocab import ArrivalState, LateSeries, ReceiptOutcome, StudyStatus, utcnow
 
 log = logging.getLogger(__name__)
+
+PLACE_WAIT_SECONDS = 10.0  # placing takes milliseconds; longer means an OS error holds it
 
 
 class PlacementPolicy(Protocol):
@@ -63,12 +72,15 @@ class FinishedStudy:
 
     ``sections``: the study's result sections (``ctx.result``); ``features`` (name → number) and
     ``latents`` (name → vector) the model outputs the fit commands use; ``steps``: one dict per
-    step run (``step_id, uses, status, seconds, error``). Provenance: ``feature_models`` /
+    step run (``step_id, uses, status, seconds, error, problem``). Provenance: ``feature_models`` /
     ``latent_models`` (name → sha256 of the checkpoint that produced it, None when weight-free) and
     ``software`` (distribution → version), stored with each feature and latent row.
     ``patient_key``: the patient's pseudonym (``State.patient_key``; "" when the DICOM has no
     PatientID, None only when not known), stored in the studies row only — never the PatientID
-    itself, and never in the result JSON.
+    itself, and never in the result JSON. ``lineage``: its place among the results of the same study
+    (a new version: what it supersedes and the arrivals whose images it used);
+    ``series_instances``: per series ``[instances, sha256 of the sorted SOPInstanceUIDs]``;
+    ``sop_digests``: every image it used (``studies.sop_digests``, see :mod:`processor.state.versions`).
     """
 
     study_uid: str
@@ -86,6 +98,9 @@ class FinishedStudy:
     latent_models: dict[str, str | None] = field(default_factory=dict)
     software: dict[str, str] = field(default_factory=dict)
     patient_key: str | None = None
+    lineage: Lineage = field(default_factory=Lineage)
+    series_instances: dict[str, list[int | str]] = field(default_factory=dict)
+    sop_digests: bytes = b""
 
 
 class StudyRecorder:
@@ -110,6 +125,7 @@ class StudyRecorder:
         self._reserved: dict[Path, tuple[int, str]] = {}  # JSON path → (arrival id, study UID), in flight
         self._reserve_lock = threading.Lock()
         self.unplaced_failures = 0  # recorded ends the last replay could not place (an OS error)
+        self._placed = threading.Condition()  # notified whenever an input reaches its final place
 
     # ------------------------------------------------------------------ paths
     def json_path(self, arrival: Arrival, study_uid: str, taken: set[Path] | None = None) -> Path:
@@ -139,8 +155,20 @@ class StudyRecorder:
         return path
 
     # ------------------------------------------------------------------ finishing
-    def accept(self, arrival: Arrival, studies: list[FinishedStudy], skipped: Counter[str]) -> ArrivalState:
-        """Record the studies of an arrival that was read and processed, then place its input in done/."""
+    def accept(
+        self,
+        arrival: Arrival,
+        studies: list[FinishedStudy],
+        skipped: Counter[str],
+        set_aside: Sequence[SetAside] = (),
+    ) -> ArrivalState:
+        """Record the studies of an arrival that was read and processed, then place its input in done/.
+
+        ``set_aside``: its studies that were not analysed, since an earlier result answers for them
+        (:mod:`processor.intake.late_series`); with no study analysed the arrival ends ``duplicate``
+        or ``ignored``. ``pending`` when another arrival of one of its studies was recorded while it
+        ran (:class:`~processor.errors.VersionConflict`): nothing is recorded, it runs again.
+        """
         documents = [self._result(arrival, study) for study in studies]
         failed = [s for s in studies if s.status == StudyStatus.FAILURE]
         message = f"{len(studies)} stud{'y' if len(studies) == 1 else 'ies'} processed" + (
@@ -148,20 +176,41 @@ class StudyRecorder:
             if failed
             else "."
         )
+        state, outcome, reason, duplicate_of = ArrivalState.DONE, ReceiptOutcome.ACCEPTED, None, None
+        if set_aside and not studies:
+            state, reason, duplicate_of = end_without_studies(arrival.id, set_aside)
+            outcome = ReceiptOutcome(state)
+        notes = [note for s in studies if (note := s.lineage.receipt_note(s.study_uid, arrival.id, s.status))]
+        notes += [s.message(arrival.id) for s in set_aside]
         receipt = receipt_document(
-            arrival,
-            ReceiptOutcome.ACCEPTED,
-            message,
+            replace(arrival, duplicate_of=duplicate_of) if duplicate_of is not None else arrival,
+            outcome,
+            " ".join(([message] if studies else []) + notes),
             skipped=skipped,
             studies=[
                 {"study_uid": s.study_uid, "status": s.status, "json": str(s.json_path), "error": s.error}
                 for s in studies
-            ],
+            ]
+            + [s.receipt_entry() for s in set_aside],
         )
         rows = [self._rows(study, document) for study, document in zip(studies, documents, strict=True)]
-        self._finish(arrival, ArrivalState.DONE, None, receipt, rows)
-        log.info("arrival.done arrival=%s studies=%d failures=%d", arrival.id, len(studies), len(failed))
-        return ArrivalState.DONE
+        ignored = LateSeries.IGNORE if any(s.kind == IGNORED for s in set_aside) else None
+        try:
+            self._finish(arrival, state, reason, receipt, rows, duplicate_of, ignored)
+        except VersionConflict as exc:
+            self.release(arrival)
+            self.state.release(arrival.id)
+            log.warning("arrival.sent_back arrival=%s: %s; it runs again with that result", arrival.id, exc)
+            return ArrivalState.PENDING
+        log.info(
+            "arrival.%s arrival=%s studies=%d failures=%d set_aside=%d",
+            state,
+            arrival.id,
+            len(studies),
+            len(failed),
+            len(set_aside),
+        )
+        return state
 
     def reject(
         self, arrival: Arrival, reason: str, state: ArrivalState = ArrivalState.QUARANTINED
@@ -180,6 +229,8 @@ class StudyRecorder:
         reason: str | None,
         receipt: dict[str, Any],
         rows: list[dict[str, Any]],
+        duplicate_of: int | None = None,
+        late_series: LateSeries | None = None,
     ) -> None:
         placement = self.placement_for(arrival)
         dest = placement.final_path(arrival, quarantine=_to_quarantine(state), today=self.today())
@@ -191,6 +242,8 @@ class StudyRecorder:
             receipt_path=str(receipt_path(self.layout.outbox, arrival.id, receipt["name"])),
             receipt=receipt,
             studies=rows,
+            duplicate_of=duplicate_of,
+            late_series=late_series,
         )
         self.release(arrival)
         fault_point("arrival.recorded", arrival.name)
@@ -201,6 +254,11 @@ class StudyRecorder:
         for row in self.state.studies_for(arrival.id):  # each JSON exactly as the transaction recorded it
             if row["json_path"] and row["result_json"]:
                 write_json_atomic(Path(row["json_path"]), json.loads(row["result_json"]))
+                fault_point("study.json_written", arrival.name)
+        for row in self.state.superseded_rows(arrival.id):  # each now names this arrival's result
+            earlier = Path(row["json_path"]) if row["json_path"] else None
+            if earlier is not None and row["result_json"] and earlier.exists():
+                write_json_atomic(earlier, json.loads(row["result_json"]))
                 fault_point("study.json_written", arrival.name)
         write_receipt_document(self.layout.outbox, receipt)
         fault_point("arrival.receipt_written", arrival.name)
@@ -224,6 +282,21 @@ class StudyRecorder:
                 display_name(arrival.final_path or ""),
             )
         self.state.mark_placed(arrival.id, str(where) if where is not None else None)
+        with self._placed:
+            self._placed.notify_all()
+
+    def wait_placed(self, arrival_id: int, timeout: float = PLACE_WAIT_SECONDS) -> Arrival:
+        """The arrival once its input is in its final place, waiting at most ``timeout`` seconds
+        for the thread that recorded its end to move it (a prefetch thread about to read an
+        earlier part of a study must not read a folder that moves under it); after that, as it is."""
+        deadline = time.monotonic() + timeout
+        with self._placed:
+            while True:
+                arrival = self.state.arrival(arrival_id)
+                left = deadline - time.monotonic()
+                if arrival.placed or left <= 0:
+                    return arrival
+                self._placed.wait(left)
 
     # ------------------------------------------------------------------ replay
     def replay(self, settle_seconds: float | None = None) -> list[int]:
@@ -264,18 +337,9 @@ class StudyRecorder:
         return finished
 
     def _receipt_for(self, arrival: Arrival) -> dict[str, Any]:
-        if arrival.state == ArrivalState.DUPLICATE:
-            studies = [
-                {"json": s["json_path"]}
-                for s in self.state.studies_for(arrival.duplicate_of or 0)
-                if s["json_path"]
-            ]
-            return receipt_document(
-                arrival,
-                ReceiptOutcome.DUPLICATE,
-                duplicate_message(arrival.duplicate_of, arrival.pipeline_name, arrival.pipeline_version),
-                studies=studies,
-            )
+        if arrival.state == ArrivalState.DUPLICATE and arrival.duplicate_of is not None:
+            original = self.state.arrival(arrival.duplicate_of)
+            return duplicate_receipt(arrival, original, self.state.studies_for(original.id))
         outcome = (
             ReceiptOutcome.REJECTED if arrival.state == ArrivalState.QUARANTINED else ReceiptOutcome.FAILED
         )
@@ -285,6 +349,10 @@ class StudyRecorder:
     def _result(self, arrival: Arrival, study: FinishedStudy) -> dict[str, Any]:
         """The study's result JSON as plain JSON values: what the file and ``studies.result_json`` hold."""
         seconds = sum(float(step["seconds"]) for step in study.steps)
+        kept_out = study.lineage.stays_out(study.status)  # a version that does not replace the current one
+        warnings = (
+            [*study.warnings, study.lineage.kept_out_words(study.status)] if kept_out else study.warnings
+        )
         return plain_json(
             build_result(
                 study_uid=study.study_uid,
@@ -296,15 +364,18 @@ class StudyRecorder:
                 steps=study.steps,
                 source=_source(arrival),
                 device=self.device,
-                warnings=study.warnings,
+                warnings=warnings,
                 finished_at=utcnow(),
                 pipeline=self.pipeline,
                 dicom=study.dicom,
             )
+            | study.lineage.document(study.status)
         )
 
     def _rows(self, study: FinishedStudy, result: dict[str, Any]) -> dict[str, Any]:
         seconds = sum(float(step["seconds"]) for step in study.steps)
+        lineage = study.lineage
+        stays_out = lineage.stays_out(study.status)
         return {
             "study_uid": study.study_uid,
             "fields": {
@@ -318,10 +389,23 @@ class StudyRecorder:
                 "json_path": str(study.json_path),
                 "seconds": seconds,
                 "patient_key": study.patient_key,
+                # current (a requeued arrival's own earlier row included), or, when it stays out,
+                # the result that stays current
+                "superseded_by": lineage.predecessor.arrival_id
+                if stays_out and lineage.predecessor
+                else None,
+                "inputs": json.dumps(list(lineage.input_ids)),
+                "series_instances": json.dumps(study.series_instances),
+                "sop_digests": study.sop_digests or None,
                 "result": result,
             },
+            "supersedes": list(lineage.supersedes),
+            "stays_out": stays_out,
             "steps": [
-                {key: step[key] for key in ("step_id", "uses", "status", "seconds", "error")}
+                {
+                    **{key: step[key] for key in ("step_id", "uses", "status", "seconds", "error")},
+                    "problem": step.get("problem"),
+                }
                 for step in study.steps
             ],
             "features": study.features,
@@ -334,7 +418,7 @@ class StudyRecorder:
 
 def _to_quarantine(state: ArrivalState) -> bool:
     """Whether an input that ended in ``state`` goes to quarantine/ (else done/)."""
-    return state not in (ArrivalState.DONE, ArrivalState.DUPLICATE)
+    return state not in (ArrivalState.DONE, ArrivalState.DUPLICATE, ArrivalState.IGNORED)
 
 
 def _source(arrival: Arrival) -> dict[str, Any]:
@@ -345,6 +429,7 @@ def _source(arrival: Arrival) -> dict[str, Any]:
         "sha256": arrival.sha256,
         "size": arrival.size,
         "arrival_id": arrival.id,
+        "priority": arrival.priority,
         "source_name": arrival.source_name,
         "url": redact_optional_url(arrival.source_url),
         "received_at": arrival.created_at,

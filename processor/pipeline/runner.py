@@ -5,9 +5,11 @@ Studies can go through one at a time (*study-major*, :meth:`PipelineRunner.run`)
 the next step starts, through the step's ``run_batch`` (one model load, shared micro-batches).
 Both orders give the same results; the steps of a pipeline can also be advanced in stages
 (:meth:`PipelineRunner.advance`), so the CPU steps of the next studies may run while the GPU steps
-of the current ones do. A step whose ``needs`` are missing (an earlier step was skipped) is skipped
-too; a value a step provides is checked against its port's type (``isinstance``), and a wrong one
-fails that step.
+of the current ones do. A step whose weight files are absent is skipped (or fails the study, with
+``on_missing_weights: fail``); one whose files cannot even be listed (an unreadable weight index)
+fails with ``model_unusable``, as a model that does not load would. A step whose ``needs`` are
+missing (an earlier step was skipped) is skipped too; a value a step provides is checked against
+its port's type (``isinstance``), and a wrong one fails that step.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from functools import partial
 from processor.errors import ResourceExhaustedError, StepError, WeightsError, WithheldError
 from processor.pipeline.spec import CompiledStep, Pipeline
 from processor.pipeline.step import StudyContext
-from processor.vocab import StepStatus, StudyStatus
+from processor.pipeline.weightfiles import weight_files_now
+from processor.vocab import StepProblem, StepStatus, StudyStatus
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +36,10 @@ class StepRecord:
     uses: str
     status: StepStatus
     seconds: float = 0.0
-    error: str | None = None
-    missing: list[str] = field(default_factory=list)
+    error: str | None = None  # why the step failed (status failed); None for any other status
+    missing: list[str] = field(default_factory=list)  # absent weight files behind a skip or failure
+    problem: StepProblem | None = None  # the category of ``error`` or ``reason`` (None when done)
+    reason: str | None = None  # why it did not run (status skipped or not_run); None otherwise
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -108,14 +113,22 @@ class PipelineRunner:
                 if run.error is not None:
                     run.records.append(
                         StepRecord(
-                            compiled.id, compiled.uses, StepStatus.NOT_RUN, error="an earlier step failed"
+                            compiled.id,
+                            compiled.uses,
+                            StepStatus.NOT_RUN,
+                            reason="an earlier step failed",
+                            problem=StepProblem.EARLIER_FAILED,
                         )
                     )
             if live and self._weights_ready(compiled, live):
                 self._run_step(compiled, [run for run in live if self._inputs_ready(compiled, run)])
 
     def _weights_ready(self, compiled: CompiledStep, live: list[StudyRun]) -> bool:
-        missing = [str(p) for p in compiled.step.weight_files() if not p.exists()]
+        weights = weight_files_now(compiled.step)
+        if weights.why is not None:
+            self._unusable(compiled, live, weights.why)
+            return False
+        missing = [str(p) for p in weights.missing]
         if not missing:
             return True
         reason = "weights not installed: " + ", ".join(missing)
@@ -126,23 +139,54 @@ class PipelineRunner:
                     compiled.id,
                     compiled.uses,
                     StepStatus.FAILED if fail else StepStatus.SKIPPED,
-                    error=reason,
+                    error=reason if fail else None,
+                    reason=None if fail else reason,
                     missing=missing,
+                    problem=StepProblem.MODEL_MISSING,
                 )
             )
             if fail:
-                run.error = f"step {compiled.id}: {reason} (pipeline sets on_missing_weights: fail)"
+                run.error = f"{reason} (in step {compiled.id}; the pipeline sets on_missing_weights: fail)"
             else:
                 run.partial = True
             log.info("step.skipped study=%s step=%s reason=%r", run.ctx.label, compiled.id, reason)
         return False
+
+    @staticmethod
+    def _unusable(compiled: CompiledStep, live: list[StudyRun], why: str) -> None:
+        """The step's model files cannot even be listed (an unreadable weight index): it fails on
+        every study, as a model that does not load would; the study is Partial when the step is
+        optional, a Failure otherwise."""
+        for run in live:
+            run.records.append(
+                StepRecord(
+                    compiled.id,
+                    compiled.uses,
+                    StepStatus.FAILED,
+                    error=why,
+                    problem=StepProblem.MODEL_UNUSABLE,
+                )
+            )
+            log.warning("step.failed study=%s step=%s seconds=0.00 error=%r", run.ctx.label, compiled.id, why)
+            if compiled.spec.optional:
+                run.partial = True
+            else:
+                run.error = f"{why} (in step {compiled.id})"
 
     def _inputs_ready(self, compiled: CompiledStep, run: StudyRun) -> bool:
         missing = [port.name for port in compiled.step.needs if port.name not in run.ctx.values]
         if not missing:
             return True
         reason = f"needs {', '.join(missing)}, which an earlier skipped step did not provide"
-        run.records.append(StepRecord(compiled.id, compiled.uses, StepStatus.SKIPPED, error=reason))
+        run.records.append(
+            StepRecord(
+                compiled.id,
+                compiled.uses,
+                StepStatus.SKIPPED,
+                reason=reason,
+                problem=StepProblem.NEEDS_SKIPPED,
+            )
+        )
         run.partial = True
         log.info("step.skipped study=%s step=%s reason=%r", run.ctx.label, compiled.id, reason)
         return False
@@ -158,6 +202,7 @@ class PipelineRunner:
     def _invoke(self, compiled: CompiledStep, runs: list[StudyRun], call: Callable[[], None]) -> None:
         started = time.perf_counter()
         failure: str | None = None
+        kind = StepProblem.INTERNAL
         exhausted = False
         try:
             call()
@@ -166,37 +211,61 @@ class PipelineRunner:
             return
         except (StepError, WeightsError) as exc:
             failure, exhausted = str(exc), isinstance(exc, ResourceExhaustedError)
+            kind = StepProblem.MODEL_UNUSABLE if isinstance(exc, WeightsError) else StepProblem.STUDY
         except Exception as exc:  # a bug or library error must fail the studies, not the daemon
             exhausted = _is_out_of_memory(exc)
             if not exhausted:
                 log.exception("step.crashed step=%s studies=%d", compiled.id, len(runs))
-            failure = f"{type(exc).__name__}: {exc}"
+            failure = (
+                f"out of memory on the GPU, even one study at a time ({type(exc).__name__}: {exc})"
+                if exhausted
+                else f"internal error ({type(exc).__name__}: {exc}); see the log and please report it"
+            )
         if exhausted:
+            kind = StepProblem.OUT_OF_MEMORY
             _trim_models(compiled)
         seconds = (time.perf_counter() - started) / len(runs)
         for run in runs:
-            problem = failure if failure is not None else _wrong_type(compiled, run.ctx)
-            if problem is None:
+            error = failure if failure is not None else _wrong_type(compiled, run.ctx)
+            if error is None:
                 run.records.append(StepRecord(compiled.id, compiled.uses, StepStatus.DONE, seconds))
                 log.info("step.done study=%s step=%s seconds=%.2f", run.ctx.label, compiled.id, seconds)
                 continue
-            run.records.append(StepRecord(compiled.id, compiled.uses, StepStatus.FAILED, seconds, problem))
+            run.records.append(
+                StepRecord(
+                    compiled.id,
+                    compiled.uses,
+                    StepStatus.FAILED,
+                    seconds,
+                    error,
+                    problem=kind if failure is not None else StepProblem.INTERNAL,
+                )
+            )
             log.warning(
                 "step.failed study=%s step=%s seconds=%.2f error=%r",
                 run.ctx.label,
                 compiled.id,
                 seconds,
-                problem,
+                error,
             )
             if compiled.spec.optional or exhausted:
                 run.partial = True  # out of memory even at batch 1: this step's result is missing only
             else:
-                run.error = f"step {compiled.id}: {problem}"
+                run.error = f"{error} (in step {compiled.id})"
 
     @staticmethod
     def _withheld(compiled: CompiledStep, runs: list[StudyRun], reason: str, seconds: float) -> None:
         for run in runs:
-            run.records.append(StepRecord(compiled.id, compiled.uses, StepStatus.SKIPPED, seconds, reason))
+            run.records.append(
+                StepRecord(
+                    compiled.id,
+                    compiled.uses,
+                    StepStatus.SKIPPED,
+                    seconds,
+                    reason=reason,
+                    problem=StepProblem.WITHHELD,
+                )
+            )
             run.partial = True
             log.info("step.skipped study=%s step=%s reason=%r", run.ctx.label, compiled.id, reason)
 
@@ -207,8 +276,8 @@ def _wrong_type(compiled: CompiledStep, ctx: StudyContext) -> str | None:
         if port.name in ctx.values and not isinstance(ctx.values[port.name], port.type):
             found = type(ctx.values[port.name]).__name__
             return (
-                f"TypeError: provided {port.name!r} as {found}, but the step declares it as "
-                f"{port.type.__name__}. Fix: this is a bug in step {compiled.uses!r}; report it."
+                f"internal error (a bug in step {compiled.uses!r}): provided {port.name!r} as {found}, "
+                f"but the step declares it as {port.type.__name__}. Fix: report it."
             )
     return None
 

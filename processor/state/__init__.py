@@ -2,12 +2,14 @@
 
 Only this package writes SQL. Parts: :mod:`~processor.state.schema` (migrations),
 :mod:`~processor.state.queue` (arrivals: register, claim, crash recovery, the recorded end),
-:mod:`~processor.state.results` (studies, steps, features, latents), :mod:`~processor.state.sources`
+:mod:`~processor.state.results` (studies, steps, features, latents), :mod:`~processor.state.versions`
+(which result of a study is current, and what superseded the others), :mod:`~processor.state.sources`
 (URL sources), :mod:`~processor.state.reads` (read models for reports and status),
 :mod:`~processor.state.content` (content cache), :mod:`~processor.state.meta` (the ``meta`` table
 and the patient pseudonym, :meth:`State.patient_key`), :mod:`~processor.state.exports` (read
-models for ``export``). The status server opens its own with
-``readonly=True``.
+models for ``export``), :mod:`~processor.state.upgrade` (an older database's schema brought up to
+date, under the state lock, before a command that only reads it). The status server opens its own
+with ``readonly=True``.
 
 Names are bytes (:mod:`processor.names`): an arrival's ``name`` is its display name and
 ``name_bytes`` the raw bytes in hex; path columns are text when valid UTF-8, else a BLOB of the
@@ -27,12 +29,22 @@ from processor.state.reads import ReadModels
 from processor.state.results import Results
 from processor.state.schema import MIGRATIONS
 from processor.state.sources import Sources
+from processor.state.versions import CurrentVersion, Versions
 from processor.vocab import utcnow
 
-__all__ = ["MIGRATIONS", "Arrival", "ContentCacheStore", "Registered", "State", "crash_reason", "utcnow"]
+__all__ = [
+    "MIGRATIONS",
+    "Arrival",
+    "ContentCacheStore",
+    "CurrentVersion",
+    "Registered",
+    "State",
+    "crash_reason",
+    "utcnow",
+]
 
 
-class State(Queue, Results, Sources, ReadModels, ContentRows, Meta, ExportRows):
+class State(Queue, Results, Versions, Sources, ReadModels, ContentRows, Meta, ExportRows):
     """The ctwatch database: every query, from any thread (each thread gets its own connection)."""
 
     @staticmethod

@@ -11,7 +11,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from processor.vocab import ArrivalState, Placement
+from processor.vocab import ArrivalState, Placement, Priority
 
 
 @dataclass(frozen=True)
@@ -43,11 +43,13 @@ class Arrival:
     finished_at: str | None = None
     final_path: str | None = None  # where the input goes (or went) at its final state
     placed: bool = True  # False between the recorded final state and the completed move
+    priority: Priority = Priority.ROUTINE  # urgent arrivals are claimed first
+    retry_of: int | None = None  # a fresh attempt of these bytes: the earlier arrival that gave no result
+    late_series: str | None = None  # "ignore": a study of it was ignored; "new_version": requeued since
 
     @property
     def placement(self) -> Placement:
-        """Files named on the command line stay put; everything else lives in an inbox's folders."""
-        return Placement.IN_PLACE if self.kind == "cli" else Placement.INBOX
+        return placement_of(self.kind)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,6 +62,7 @@ class Arrival:
             value = values.get(column)
             values[column] = os.fsdecode(value) if isinstance(value, bytes) else value
         values["state"] = ArrivalState(values["state"])
+        values["priority"] = Priority(values.get("priority") or Priority.ROUTINE)
         values["night"] = bool(values.get("night") or 0)
         values["isolate"] = bool(values.get("isolate") or 0)
         values["placed"] = values.get("placed") is None or bool(values.get("placed"))
@@ -68,9 +71,17 @@ class Arrival:
         return cls(**values)
 
 
+def placement_of(kind: str | None) -> Placement:
+    """Where an arrival of ``kind`` lives: files named on the command line (``cli``) stay put;
+    everything else lives in an inbox's folders."""
+    return Placement.IN_PLACE if kind == "cli" else Placement.INBOX
+
+
 @dataclass(frozen=True)
 class Registered:
-    """Outcome of registering an arrival: its id, and the id of the original when a duplicate."""
+    """Outcome of registering an arrival: its id, the id of the original when a duplicate, and the
+    earlier arrival that gave no result when it is a fresh attempt."""
 
     arrival_id: int
     duplicate_of: int | None
+    retry_of: int | None = None

@@ -22,7 +22,7 @@ from typing import Any
 from processor.names import display_name, escape_surrogates, name_bytes_hex
 from processor.state.arrival import Arrival, Registered
 from processor.state.db import PATH_COLUMNS, Database, dumps, storable, stored_path
-from processor.vocab import FINAL_STATES, ArrivalState, utcnow
+from processor.vocab import FINAL_STATES, ArrivalState, Priority, StudyStatus, utcnow
 
 _CLAIM = "update arrivals set state = 'running', attempts = attempts + 1, claimed_at = ? where id = ?"
 
@@ -45,11 +45,17 @@ class Queue(Database):
         source_url: str | None = None,
         name_bytes: str | None = None,
         refused: str | None = None,
+        priority: Priority = Priority.ROUTINE,
     ) -> Registered:
-        """Record an arrival; the same bytes for the same pipeline name+version become a duplicate.
+        """Record an arrival; the same bytes for the same pipeline name+version become a duplicate
+        of the earlier arrival that gave (or is giving) their result.
 
-        A copy of an arrival that *failed* or was *quarantined* is a fresh attempt, not a duplicate:
-        the quarantine note tells users to fix the cause and drop the file again.
+        A copy of bytes whose earlier arrival gave no usable result — it was rejected, failed, was
+        quarantined (crash cap included), or a study of it failed — is a *fresh attempt*, not a
+        duplicate: the quarantine note and the receipt tell users to fix the cause and drop the
+        file again. Its ``retry_of`` names the latest such arrival (of any pipeline version). An urgent
+        copy of bytes still waiting in the queue (``pending`` or ``prepared``) makes that arrival urgent
+        (and a day arrival, if it was a night one), so it is taken next.
         ``name`` may be raw (a ``str`` with surrogate escapes): it is stored as its display name, and
         its bytes as ``name_bytes`` unless given. ``refused`` records the arrival as quarantined at
         once with that reason (an input that could not be taken in), so no worker ever claims it.
@@ -65,6 +71,7 @@ class Queue(Database):
             "pipeline_name": pipeline_name,
             "pipeline_version": pipeline_version,
             "night": int(night),
+            "priority": str(Priority(priority)),
             "attempts": 0,
             "source_name": source_name,
             "source_url": source_url,
@@ -72,24 +79,51 @@ class Queue(Database):
         }
         with self.transaction():
             first = None if refused else self._first_copy(sha256, pipeline_name, pipeline_version)
+            retry_of = None if first is not None else self._last_without_result(sha256)
+            row["retry_of"] = retry_of
             if refused:
                 row.update(
                     state="quarantined", error=escape_surrogates(refused), finished_at=utcnow(), placed=0
                 )
             elif first is not None:
                 row.update(state="duplicate", duplicate_of=first, finished_at=utcnow(), placed=0)
+                if Priority(priority) == Priority.URGENT:  # asked for now: the waiting copy goes first
+                    self.db.execute(
+                        "update arrivals set priority = 'urgent', night = 0 "
+                        "where id = ? and state in ('pending', 'prepared')",
+                        [first],
+                    )
             else:
                 row.update(state="pending")
             arrival_id = self.db.table("arrivals").insert(row).last_pk
         assert arrival_id is not None
-        return Registered(int(arrival_id), first)
+        return Registered(int(arrival_id), first, retry_of)
 
     def _first_copy(self, sha256: str, name: str, version: int) -> int | None:
+        """The earliest arrival of these bytes for this pipeline that gave a result that is still its
+        study's current one (or may give one: pending or running), else None.
+
+        Bytes whose result a later version replaced (late series) are not a duplicate here: they are
+        read, and end ``duplicate`` of the current result when it used all their images
+        (:mod:`processor.intake.late_series`), else make a new version that does."""
         rows = list(
             self.db.query(
-                "select id from arrivals where sha256 = ? and pipeline_name = ? and pipeline_version = ? "
-                "and state not in ('duplicate', 'failed', 'quarantined') order by id limit 1",
-                [sha256, name, version],
+                "select id from arrivals a where sha256 = ? and pipeline_name = ? and pipeline_version = ? "
+                f"and state not in ('duplicate', 'failed', 'quarantined') and not {_A_STUDY_FAILED} "
+                f"and not {_A_RESULT_REPLACED} order by id limit 1",
+                [sha256, name, version, StudyStatus.FAILURE],
+            )
+        )
+        return rows[0]["id"] if rows else None
+
+    def _last_without_result(self, sha256: str) -> int | None:
+        """The latest arrival of these bytes that ended without a usable result (see
+        :meth:`register_arrival`), else None."""
+        rows = list(
+            self.db.query(
+                "select id from arrivals a where sha256 = ? and (state in ('failed', 'quarantined') "
+                f"or (state = 'done' and {_A_STUDY_FAILED})) order by id desc limit 1",
+                [sha256, StudyStatus.FAILURE],
             )
         )
         return rows[0]["id"] if rows else None
@@ -155,17 +189,26 @@ class Queue(Database):
         return self.arrival(arrival_id) if cur.rowcount == 1 else None
 
     def peek_next(self, night_before: str | None) -> Arrival | None:
-        """The arrival the next claim would take (day queue first; night ones registered before
-        ``night_before``, none when it is None), without taking it."""
+        """The arrival the next claim would take (urgent first, then the day queue; night ones
+        registered before ``night_before``, none when it is None), without taking it."""
         night_clause = "and night = 0" if night_before is None else "and (night = 0 or created_at < ?)"
         args = [] if night_before is None else [night_before]
         rows = list(
             self.db.query(
-                f"select * from arrivals where state = 'pending' {night_clause} order by night, id limit 1",
+                f"select * from arrivals where state = 'pending' {night_clause} "
+                "order by priority = 'urgent' desc, night, id limit 1",
                 args,
             )
         )
         return Arrival.from_row(rows[0]) if rows else None
+
+    def urgent_waiting(self) -> bool:
+        """Whether an urgent arrival waits: in the queue, or taken ahead by the prefetcher
+        (``prepared``) but not started."""
+        rows = self.db.query(
+            "select 1 from arrivals where state in ('pending', 'prepared') and priority = 'urgent' limit 1"
+        )
+        return any(True for _ in rows)
 
     def claim_next_until(self, night_before: str | None) -> Arrival | None:
         """Atomically take the next arrival (see :meth:`peek_next`) and mark it running."""
@@ -244,17 +287,38 @@ class Queue(Database):
         receipt_path: str,
         receipt: dict[str, Any],
         studies: list[dict[str, Any]] | None = None,
+        duplicate_of: int | None = None,
+        late_series: str | None = None,
     ) -> None:
         """Record an arrival's end in one transaction, before any file moves (intent first).
 
         ``studies``: per study ``{"study_uid", "fields", "steps", "features", "latents"}`` (see
-        :meth:`processor.state.results.Results.write_study`). ``final_path``: where the input is to
-        go (None: it stays where it is). The arrival is left ``placed = 0`` until :meth:`mark_placed`.
+        :meth:`processor.state.results.Results.write_study`) and ``"supersedes"``: the arrivals whose
+        results of the study were current when it was planned (:meth:`~processor.state.versions.
+        Versions.supersede`; :class:`~processor.errors.VersionConflict`, nothing recorded, when that
+        changed meanwhile); ``"stays_out"``: true when it does not replace them (only checked). ``final_path``: where the input is to go (None: it stays where it is).
+        ``duplicate_of``: the arrival whose result it duplicates (nothing new in it); ``late_series``:
+        ``ignore`` when a study of it was not analysed under that setting (:meth:`requeue` may then
+        send it back). The arrival is left ``placed = 0`` until :meth:`mark_placed`.
         """
         assert state in FINAL_STATES, state
         with self.transaction():
             for study in studies or []:
+                study = dict(study)
+                earlier = study.pop("supersedes", None)
+                stays_out = study.pop("stays_out", False)
+                if earlier is not None:
+                    self.supersede(  # type: ignore[attr-defined]
+                        arrival_id,
+                        study["study_uid"],
+                        earlier,
+                        study["fields"].get("json_path"),
+                        stays_out=stays_out,
+                    )
                 self.write_study(arrival_id, **study)  # type: ignore[attr-defined]
+            if duplicate_of is not None or late_series is not None:
+                marks = {"duplicate_of": duplicate_of, "late_series": late_series}
+                self._set(arrival_id, **{k: v for k, v in marks.items() if v is not None})
             self._set(
                 arrival_id,
                 state=state,
@@ -312,10 +376,14 @@ class Queue(Database):
         self.db.table("arrivals").update(arrival_id, stored)
 
     def requeue(self, arrival_id: int) -> bool:
+        """Put a failed, quarantined or ignored arrival back in the queue. One with a study that was
+        not analysed under ``late_series: ignore`` (``ignored``, or ``done`` with other studies) is
+        then analysed again with ``new_version``: that study as a new version with the earlier images."""
         cur = self.db.execute(
-            "update arrivals set state = 'pending', attempts = 0, crashes = 0, isolate = 0, "
-            "error = null where id = ? and state in ('failed', 'quarantined') "
-            "and placed is not 0",
+            "update arrivals set late_series = case when late_series = 'ignore' then 'new_version' "
+            "else late_series end, state = 'pending', attempts = 0, crashes = 0, isolate = 0, "
+            "error = null where id = ? and (state in ('failed', 'quarantined', 'ignored') "
+            "or (state = 'done' and late_series = 'ignore')) and placed is not 0",
             [arrival_id],
         )
         return cur.rowcount == 1
@@ -345,6 +413,12 @@ class Queue(Database):
             row["state"]: row["n"]
             for row in self.db.query("select state, count(*) as n from arrivals group by state")
         }
+
+
+_A_STUDY_FAILED = "exists (select 1 from studies s where s.arrival_id = a.id and s.status = ?)"  # one of the arrival's studies could not be analysed: the arrival gave no full result
+_A_RESULT_REPLACED = (  # a result of the arrival is not its study's current one (late series)
+    "exists (select 1 from studies s where s.arrival_id = a.id and s.superseded_by is not null)"
+)
 
 
 def crash_reason(crashes: int) -> str:

@@ -14,10 +14,16 @@ class ReadModels(Database):
         return int(next(iter(self.db.query("select count(*) as n from arrivals")))["n"])
 
     def report_studies(self, start: str, end: str) -> list[dict[str, Any]]:
-        """Studies finished in ``[start, end)`` with what the report needs of their arrival."""
+        """Studies finished in ``[start, end)`` with what the report needs of their arrival.
+
+        ``superseded_by``: NULL for the current result of the study, else the arrival whose result is
+        current instead: a newer one (a late series, a newer pipeline) that replaced it, or, for a
+        new version kept out because it lacked images and came out worse, the one that stayed
+        current (:mod:`processor.state.versions`).
+        """
         return list(
             self.db.query(
-                "select s.id, s.arrival_id, s.study_uid, s.series_uid, s.accession, s.status, "
+                "select s.id, s.arrival_id, s.study_uid, s.series_uid, s.accession, s.status, s.superseded_by, "
                 "s.probability_of_pathology, s.pathology, s.most_dangerous_pathology_type, s.error, "
                 "s.json_path, s.seconds, s.result_json, s.finished_at, a.name as source_file, a.kind, "
                 "a.source_name, a.source_url, "
@@ -28,11 +34,12 @@ class ReadModels(Database):
         )
 
     def report_rejections(self, start: str, end: str) -> list[dict[str, Any]]:
-        """Arrivals that ended failed or quarantined in ``[start, end)`` without any study row."""
+        """Arrivals that ended failed or quarantined in ``[start, end)`` without any study row, with
+        ``crashes`` (deaths of the worker on it alone) and ``placed`` (0 while its move is pending)."""
         return list(
             self.db.query(
                 "select a.id as arrival_id, a.name as source_file, a.kind, a.source_name, a.source_url, a.state, "
-                "a.error, "
+                "a.error, a.crashes, a.placed, "
                 "a.created_at as received_at, a.finished_at, a.claimed_at from arrivals a "
                 "where a.state in ('failed', 'quarantined') and a.finished_at >= ? and a.finished_at < ? "
                 "and not exists (select 1 from studies s where s.arrival_id = a.id) "
@@ -63,17 +70,20 @@ class ReadModels(Database):
         return rows[0]["t"] if rows else None
 
     def queue_depth(self) -> dict[str, int]:
-        """Active arrivals by state and queue: ``pending_day``, ``pending_night``, ``running``."""
-        depth = {"pending_day": 0, "pending_night": 0, "running": 0}
+        """Active arrivals by state and queue: ``pending_urgent`` (from ``inbox.urgent_dirs``, taken
+        first), ``pending_day``, ``pending_night`` (each pending arrival in one of the three) and
+        ``running``; ``prepared`` (taken ahead by the prefetcher) counts as pending."""
+        depth = {"pending_urgent": 0, "pending_day": 0, "pending_night": 0, "running": 0}
         for row in self.db.query(
-            "select state, night, count(*) as n from arrivals "
-            "where state in ('pending', 'prepared', 'running') group by state, night"
+            "select state, night, priority = 'urgent' as urgent, count(*) as n from arrivals "
+            "where state in ('pending', 'prepared', 'running') group by 1, 2, 3"
         ):
-            key = (
-                "running"
-                if row["state"] == "running"
-                else ("pending_night" if row["night"] else "pending_day")
-            )
+            if row["state"] == "running":
+                key = "running"
+            elif row["urgent"]:
+                key = "pending_urgent"
+            else:
+                key = "pending_night" if row["night"] else "pending_day"
             depth[key] += row["n"]
         return depth
 
@@ -104,7 +114,8 @@ class ReadModels(Database):
         """The newest arrivals without names, paths or error text (safe for the status endpoint)."""
         return list(
             self.db.query(
-                "select a.id, a.state, a.kind, a.night, a.attempts, a.created_at, a.claimed_at, a.finished_at, "
+                "select a.id, a.state, a.kind, a.night, a.priority, a.attempts, a.created_at, a.claimed_at, "
+                "a.finished_at, "
                 "(select count(*) from studies s where s.arrival_id = a.id) as studies "
                 "from arrivals a order by a.id desc limit ?",
                 [limit],
@@ -119,6 +130,54 @@ class ReadModels(Database):
                 "from step_runs where status = 'done' group by step_id order by step_id"
             )
         )
+
+    def step_counts_since(self, since: str) -> list[dict[str, Any]]:
+        """Step runs finished at or after ``since``: ``step_id, uses, status, problem, n`` per group
+        (``problem``: :class:`processor.vocab.StepProblem`, None for done). No error text."""
+        return list(
+            self.db.query(
+                "select step_id, max(uses) as uses, status, problem, count(*) as n from step_runs "
+                "where finished_at >= ? group by step_id, status, problem order by step_id",
+                [since],
+            )
+        )
+
+    def last_step_failures(self) -> list[dict[str, Any]]:
+        """The newest failed run of each step id: ``step_id, problem, finished_at``. No error text."""
+        # SQLite takes the bare ``problem`` from the row holding max(finished_at)
+        return list(
+            self.db.query(
+                "select step_id, problem, max(finished_at) as finished_at from step_runs "
+                "where status = 'failed' group by step_id order by step_id"
+            )
+        )
+
+    def last_step_runs(self, since: str, pipeline_name: str, pipeline_version: int) -> list[dict[str, Any]]:
+        """The newest run of each step id finished since ``since`` in arrivals of that pipeline name
+        and version: ``step_id, uses, status, problem, finished_at``. No error text."""
+        # SQLite takes the bare columns from the row holding max(finished_at)
+        return list(
+            self.db.query(
+                "select r.step_id, r.uses, r.status, r.problem, max(r.finished_at) as finished_at "
+                "from step_runs r join arrivals a on a.id = r.arrival_id where r.finished_at >= ? "
+                "and a.pipeline_name = ? and a.pipeline_version = ? group by r.step_id order by r.step_id",
+                [since, pipeline_name, pipeline_version],
+            )
+        )
+
+    def partial_steps_since(self, since: str) -> dict[str, int]:
+        """Of the Partial studies finished since ``since``: how many had a step ``skipped`` and how
+        many had one ``failed`` (a study may count in both)."""
+        rows = list(
+            self.db.query(
+                "select coalesce(sum(skipped), 0) as skipped, coalesce(sum(failed), 0) as failed from "
+                "(select max(r.status = 'skipped') as skipped, max(r.status = 'failed') as failed "
+                "from studies s join step_runs r on r.arrival_id = s.arrival_id and r.study_uid = s.study_uid "
+                "where s.status = 'Partial' and s.finished_at >= ? group by s.id)",
+                [since],
+            )
+        )
+        return {"skipped": int(rows[0]["skipped"]), "failed": int(rows[0]["failed"])}
 
     def recent_arrival_spans(self, limit: int = 20) -> list[tuple[str, str]]:
         """(claimed_at, finished_at) of the newest arrivals that finished processing (for an ETA)."""

@@ -7,7 +7,18 @@ from collections.abc import Mapping
 from typing import Any
 
 from processor.state.db import Database, storable
+from processor.state.versions import CURRENT_ARRIVALS
 from processor.vocab import utcnow
+
+
+def _current_of(table: str) -> str:
+    """SQL: ``study_uid, arrival_id`` of each study's current result (:data:`CURRENT_ARRIVALS`),
+    plus, for a study with rows in ``table`` and none in ``studies`` (features recorded alone, with
+    :meth:`Results.record_features`), its latest arrival there."""
+    return (
+        f"{CURRENT_ARRIVALS} union all select t.study_uid, max(t.arrival_id) from {table} t "
+        "where not exists (select 1 from studies s where s.study_uid = t.study_uid) group by t.study_uid"
+    )
 
 
 class Results(Database):
@@ -175,7 +186,8 @@ class Results(Database):
             )
 
     def study_features(self) -> list[dict[str, Any]]:
-        """Features of every study, from its latest arrival that recorded any.
+        """Features of every study, from its current result (the arrival whose result no later
+        version replaced, see :mod:`processor.state.versions`); none when that result recorded none.
 
         One dict per study: ``{"study_uid", "accession", "arrival_id", "patient_key", "features":
         {name: value}, "models": {name: sha256 or None}, "software": {distribution: version}}``.
@@ -188,8 +200,7 @@ class Results(Database):
         for row in self.db.query(
             "select f.arrival_id, f.study_uid, f.accession, f.name, f.value, f.model_sha256, "
             "f.software, s.patient_key from features f "
-            "join (select study_uid, max(arrival_id) as latest from features group by study_uid) m "
-            "on f.study_uid = m.study_uid and f.arrival_id = m.latest "
+            f"join ({_current_of('features')}) m on f.study_uid = m.study_uid and f.arrival_id = m.arrival_id "
             "left join studies s on s.arrival_id = f.arrival_id and s.study_uid = f.study_uid "
             "order by f.study_uid, f.name"
         ):
@@ -212,7 +223,8 @@ class Results(Database):
         return list(studies.values())
 
     def study_latents(self, name: str) -> list[dict[str, Any]]:
-        """Latent vectors called ``name`` (e.g. ``ctclip``), one per study from its latest arrival.
+        """Latent vectors called ``name`` (e.g. ``ctclip``), one per study, from its current result
+        (as :meth:`study_features`).
 
         One dict per study: ``{"study_uid", "accession", "arrival_id", "patient_key", "vector":
         float32 array, "model_sha256": sha256 of the checkpoint or None, "software": dict}`` (the
@@ -234,23 +246,22 @@ class Results(Database):
             for row in self.db.query(
                 "select l.arrival_id, l.study_uid, l.accession, l.vector, l.model_sha256, l.software, "
                 "s.patient_key from latents l "
-                "join (select study_uid, max(arrival_id) as latest from latents where name = ? "
-                "group by study_uid) m on l.study_uid = m.study_uid and l.arrival_id = m.latest "
+                f"join ({_current_of('latents')}) m on l.study_uid = m.study_uid and l.arrival_id = m.arrival_id "
                 "left join studies s on s.arrival_id = l.arrival_id and s.study_uid = l.study_uid "
                 "where l.name = ? order by l.study_uid",
-                [name, name],
+                [name],
             )
         ]
 
     def latest_study_rows(self) -> list[dict[str, Any]]:
-        """Each study's ``studies`` row of its latest arrival: study_uid, accession, arrival_id,
+        """Each study's current result (its ``studies`` row that no later version replaced, see
+        :data:`~processor.state.versions.CURRENT_ARRIVALS`): study_uid, accession, arrival_id,
         patient_key, status, probability_of_pathology, result_json (for ``evaluate``)."""
         return list(
             self.db.query(
                 "select s.study_uid, s.accession, s.arrival_id, s.patient_key, s.status, "
                 "s.probability_of_pathology, s.result_json from studies s "
-                "join (select study_uid, max(arrival_id) as latest from studies group by study_uid) m "
-                "on s.study_uid = m.study_uid and s.arrival_id = m.latest"
+                f"join ({CURRENT_ARRIVALS}) m on s.study_uid = m.study_uid and s.arrival_id = m.arrival_id"
             )
         )
 

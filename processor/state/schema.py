@@ -234,6 +234,71 @@ def _m9_provenance(db: sqlite_utils.Database) -> None:
     db.table("meta").insert({"key": "patient_key_secret", "value": secrets.token_hex(32)})
 
 
+def _m10_priority(db: sqlite_utils.Database) -> None:
+    """Issue 17: the urgent lane and fresh attempts.
+
+    ``priority``: ``routine`` or ``urgent`` (:class:`processor.vocab.Priority`); urgent arrivals
+    are claimed first. ``retry_of``: for a copy of bytes whose earlier arrival ended without a
+    usable result (rejected, failed, quarantined, or a study that failed), that arrival's id — the
+    copy is a fresh attempt, and its receipt says so.
+    """
+    arrivals = db.table("arrivals")
+    arrivals.add_column("priority", str, not_null_default="routine")
+    arrivals.add_column("retry_of", int)
+    arrivals.create_index(["state", "priority"])
+
+
+def _m11_late_series(db: sqlite_utils.Database) -> None:
+    """Issue 17: late series — a study analysed again when more of its images arrive.
+
+    ``studies``: ``superseded_by`` (the arrival whose result replaced this one; NULL: the current
+    version), ``inputs`` (JSON list of the arrivals whose images the result used; NULL on older
+    rows: the arrival itself) and ``series_instances`` (JSON ``{series UID: [instances, sha256 of
+    the sorted SOPInstanceUIDs]}``), see :mod:`processor.state.versions`. ``arrivals.late_series``:
+    ``ignore`` when a study of the arrival was not analysed under that setting, ``new_version``
+    once ``requeue`` sent it back to be analysed anyway; NULL otherwise (the setting decides).
+    """
+    studies = db.table("studies")
+    studies.add_column("superseded_by", int)
+    studies.add_column("inputs", str)
+    studies.add_column("series_instances", str)
+    studies.create_index(["study_uid"])
+    db.table("arrivals").add_column("late_series", str)
+
+
+def _m12_step_problems(db: sqlite_utils.Database) -> None:
+    """Issue 17: why a step gave no result, as a closed category (:class:`processor.vocab.StepProblem`).
+
+    ``step_runs.problem`` is set by the runner from now on; older rows get it from the runner's own
+    words (the weights, earlier-step and skip texts), and a failure it cannot tell apart becomes
+    ``unrecorded``. Indexes serve the status page: today's runs, and the last failure of each step.
+    """
+    db.table("step_runs").add_column("problem", str)
+    for problem, where in (
+        ("earlier_failed", "status = 'not_run'"),
+        ("model_missing", "status in ('skipped', 'failed') and error like 'weights not installed%'"),
+        (
+            "needs_skipped",
+            "status = 'skipped' and error like 'needs %which an earlier skipped step did not provide'",
+        ),
+        ("withheld", "status = 'skipped'"),
+        ("internal", "status = 'failed' and error like 'TypeError: provided %'"),
+        ("unrecorded", "status = 'failed'"),
+    ):
+        db.execute(f"update step_runs set problem = ? where problem is null and {where}", [problem])
+    db.table("step_runs").create_index(["finished_at"])
+    db.table("step_runs").create_index(["status", "step_id", "finished_at"])
+
+
+def _m13_sop_digests(db: sqlite_utils.Database) -> None:
+    """Issue 17 (late series): ``studies.sop_digests``, the images a result used, one by one — the
+    sorted 8-byte BLAKE2b digests of their SOPInstanceUIDs, concatenated (a BLOB; NULL on older
+    rows), see :mod:`processor.state.versions`. A later arrival holding only some of them is then
+    known to bring nothing new, and a new version that lacks some of them is known to, even once
+    the earlier inputs are no longer on disk."""
+    db.table("studies").add_column("sop_digests", bytes)
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("0001_initial", _m1_initial),
     ("0003_sources", _m3_sources),
@@ -243,4 +308,8 @@ MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("0007_recorder", _m7_recorder),
     ("0008_redact_sources", _m8_redact_sources),
     ("0009_provenance", _m9_provenance),
+    ("0010_priority", _m10_priority),
+    ("0011_late_series", _m11_late_series),
+    ("0012_step_problems", _m12_step_problems),
+    ("0013_sop_digests", _m13_sop_digests),
 ]
