@@ -68,6 +68,7 @@ class _Section(BaseModel):
 
 
 FOLDER_STABLE_SECONDS = 60.0  # a folder's default quiet period
+FOLDER_QUIET_FACTOR = 6  # an unset folder quiet period is this many file quiet periods
 
 
 class InboxSettings(_Section):
@@ -76,7 +77,7 @@ class InboxSettings(_Section):
     urgent_dirs: list[Path] = Field(default_factory=lambda: [Path("inbox/urgent")])
     stable_seconds: float = Field(default=10, ge=0)
     # A folder's quiet period: network copies pause between files (mercure's series quiet time is
-    # 60 s). Unset: 60, or stable_seconds when that is longer; set shorter than stable_seconds: refused.
+    # 60 s). Unset: six times stable_seconds (60 s by default); set shorter than stable_seconds: refused.
     folder_stable_seconds: float = Field(default=FOLDER_STABLE_SECONDS, ge=0)
     scan_interval_seconds: float = Field(default=5, gt=0)
     use_watchdog: bool = True
@@ -97,7 +98,9 @@ class InboxSettings(_Section):
     @model_validator(mode="after")
     def _folder_quiet_default(self) -> InboxSettings:
         if "folder_stable_seconds" not in self.model_fields_set:
-            self.folder_stable_seconds = max(self.folder_stable_seconds, self.stable_seconds)
+            # Six file quiet periods: 60 s with the default 10 s (mercure's series quiet time); a site
+            # that shortened the file's (a local disk) gets folders in proportion.
+            self.folder_stable_seconds = FOLDER_QUIET_FACTOR * self.stable_seconds
         return self
 
 
@@ -350,7 +353,7 @@ _HINTS = {
     "missing": "add this key",
     "precision_removed": PRECISION_FIX,
     "folder_quiet_too_short": "make inbox.folder_stable_seconds at least inbox.stable_seconds, or remove it "
-    "(default: 60, or stable_seconds when that is longer)",
+    "(default: six times stable_seconds, 60 s with the default 10 s)",
 }
 
 

@@ -131,7 +131,9 @@ def test_a_late_series_is_analysed_with_every_part_and_supersedes_the_earlier_re
     (old_row, old_fill), (new_row, new_fill) = rows[1], rows[2]
     assert old_row[header.index("What ran")].startswith("REPLACED by the result of arrival 2")
     assert old_fill == SUPERSEDED_FILL and new_fill != SUPERSEDED_FILL
-    assert not new_row[header.index("What ran")].startswith("REPLACED")
+    assert new_row[header.index("What ran")].startswith(
+        "NEW VERSION of this study, replacing the result of arrival 1: analysed with the images of arrivals 1, 2."
+    )
     summary = [tuple(v for v in r if v is not None) for r in book["Summary"].iter_rows(values_only=True)]
     statuses = summary[summary.index(("By status",)) + 2 :]
     statuses = dict(r for r in statuses[: next(i for i, r in enumerate(statuses) if not r)])

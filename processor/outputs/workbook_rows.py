@@ -181,6 +181,7 @@ def study_row(row: dict[str, Any], reports_dir: Path) -> dict[str, Any]:
         "Status": status,
         WHAT_RAN_HEADER: (
             _replaced_words(row.get("superseded_by"), result.get("superseded_by"))
+            + _version_words(result.get("supersedes"), result.get("inputs"))
             + (explain.what_ran(result, status=status, error=row.get("error"), probability=probability) or "")
         )
         or None,
@@ -221,6 +222,21 @@ def _replaced_words(superseded_by: Any, pointer: Any) -> str:
         f"REPLACED by the result of arrival {superseded_by}, which analysed this study again with "
         "images that arrived later: read that row.\n"
     )
+
+
+def _version_words(supersedes: Any, inputs: Any) -> str:
+    """The first line of What ran for a new version of a study (late series), else "": which
+    arrivals' images it used and whose result it replaced."""
+    if not isinstance(supersedes, dict):
+        return ""
+    used = [i.get("arrival_id") for i in inputs or [] if isinstance(i, dict) and not i.get("missing")]
+    left_out = [i.get("arrival_id") for i in inputs or [] if isinstance(i, dict) and i.get("missing")]
+    words = f"NEW VERSION of this study, replacing the result of arrival {supersedes.get('arrival_id')}"
+    if used:
+        words += ": analysed with the images of arrivals " + ", ".join(str(a) for a in sorted(used))
+    if left_out:
+        words += " (those of arrivals " + ", ".join(str(a) for a in sorted(left_out)) + " could not be used)"
+    return words + ".\n"
 
 
 def source_label(row: dict[str, Any]) -> str:

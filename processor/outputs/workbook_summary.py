@@ -163,7 +163,9 @@ def _summary_tables(rows: list[dict[str, Any]], threshold: float) -> list[tuple[
     statuses = Counter(str(r.get("Status") or "unknown") for r in rows)
     if replaced:
         statuses["Not the current result (not counted above)"] = replaced
-    by_status = pd.DataFrame([{"Status": k, "Count": v} for k, v in sorted(statuses.items())])
+    counted = sorted((k, v) for k, v in statuses.items() if not k.startswith("Not the current"))
+    counted += [(k, v) for k, v in statuses.items() if k.startswith("Not the current")]  # last
+    by_status = pd.DataFrame([{"Status": k, "Count": v} for k, v in counted])
     return [
         ("By status", by_status),
         ("What ran (studies)", _what_ran_table(rows)),
