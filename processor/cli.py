@@ -283,7 +283,7 @@ def _run_arrival(shown: str, aid: int, state: State, executor: LocalExecutor) ->
         print(f"{shown}: arrival {aid} was taken by a running daemon; see `status`", file=sys.stderr)
         return True
     from processor.errors import os_error_words
-    from processor.executor import EarlierPartFault
+    from processor.executor_read import EarlierPartFault
 
     try:
         final = executor.process_many([claimed])[0]

@@ -10,26 +10,33 @@ writer of SQLite and the outbox.
 
 from __future__ import annotations
 
-import gc
 import logging
 import sqlite3
-import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from processor.dicom.scan import ScanResult, Study, scan_members
-from processor.errors import Deferred, IngestError
+from processor.dicom.scan import Study
+from processor.errors import IngestError
+from processor.executor_read import (
+    SLOW_INPUT,
+    EarlierPartFault,
+    EarlierPartUnreadable,
+    StopCheck,
+    Stopped,
+    no_dicom_message,
+    read_earlier,
+    scan_input,
+)
 from processor.faults import fault_point
-from processor.intake.archive import ZIP_IN_FOLDER, ArrivalKind, Contents, Limits, open_arrival
-from processor.intake.inbox import sha256_of
+from processor.intake.archive import Limits
 from processor.intake.late_series import LatePlanner, series_instances, sop_digests
 from processor.outputs.recorder import FinishedStudy, StudyRecorder
-from processor.outputs.versions import CHANGED, GONE, Lineage, SetAside
+from processor.outputs.versions import Lineage, SetAside
 from processor.pipeline.runner import PipelineRunner, StudyRun
 from processor.pipeline.spec import Pipeline
 from processor.pipeline.step import StudyContext
@@ -39,30 +46,9 @@ from processor.vocab import ArrivalState, LateSeries, StudyStatus
 
 log = logging.getLogger(__name__)
 
-StopCheck = Callable[[], bool]
-
 
 def _never() -> bool:
     return False
-
-
-class _Stopped(Exception):
-    """A stop was requested while an arrival was read: it is released, to be read again later."""
-
-
-class EarlierPartFault(OSError):
-    """An OS error (EIO, ESTALE, EMFILE…) while an earlier part of a study was read again: not the
-    input's fault, so :meth:`LocalExecutor.prepare` lets it through and the caller sends the arrival
-    back to the queue uncharged, as for other faults of the world (the worker: ``WORLD_ERRORS``)."""
-
-    def __init__(self, cause: OSError) -> None:
-        super().__init__(cause.errno, cause.strerror or str(cause))
-
-
-class _EarlierPartUnreadable(Exception):
-    """An earlier part of a study is on disk, unchanged, and cannot be read now for a reason that is
-    not an OS error (e.g. it no longer reads within the time limit): the arrival fails with this
-    reason, and nothing is recorded for its studies."""
 
 
 class Handle(Protocol):
@@ -184,13 +170,13 @@ class LocalExecutor:
                 )
                 try:
                     prepared.opened.append(self._open(arrival, stack, should_stop))
-                except _Stopped:
+                except Stopped:
                     log.info("arrival.read_stopped arrival=%s", arrival.id)
                     prepared.stopped = True
                     break
                 except EarlierPartFault:  # the world, not the input: the caller sends the batch back
                     raise
-                except _EarlierPartUnreadable as exc:
+                except EarlierPartUnreadable as exc:
                     prepared.rejected[arrival.id] = (str(exc), ArrivalState.FAILED)
                 except IngestError as exc:
                     prepared.rejected[arrival.id] = (str(exc), ArrivalState.QUARANTINED)
@@ -219,12 +205,18 @@ class LocalExecutor:
                 f"the input {arrival.name} is no longer at {arrival.current_path} "
                 "(moved or deleted outside ctwatch)"
             )
-        contents, scan = self._scan(path, arrival.name, stack, should_stop, _SLOW_INPUT)
+        contents, scan = scan_input(
+            path, arrival.name, stack, should_stop, SLOW_INPUT, self.limits, self.clock
+        )
         skipped = contents.skipped + scan.skipped
         if not scan.studies:
-            raise IngestError(_no_dicom_message(contents, skipped))
+            raise IngestError(no_dicom_message(contents, skipped))
         plan = self.planner.plan(
-            arrival, scan.studies, lambda earlier: self._read(arrival, earlier, stack, should_stop)
+            arrival,
+            scan.studies,
+            lambda earlier: read_earlier(
+                self.recorder, arrival, earlier, stack, should_stop, self.limits, self.clock
+            ),
         )
         return _Opened(
             arrival,
@@ -235,65 +227,6 @@ class LocalExecutor:
             warnings=plan.warnings,
             set_aside=plan.set_aside,
         )
-
-    def _scan(
-        self, path: Path, name: str, stack: ExitStack, should_stop: StopCheck, slow: str
-    ) -> tuple[Contents, ScanResult]:
-        """Open one input (open while ``stack`` is) and scan its headers, within a time limit of its
-        own, ``limits.max_seconds_per_arrival`` (else :class:`IngestError`: "reading its N file(s)
-        took longer than … — ``slow``")."""
-        limit, started = self.limits.max_seconds_per_arrival, self.clock()
-        files: list[int] = []  # how many files it holds, once known
-
-        def check() -> None:
-            if should_stop():
-                raise _Stopped
-            if self.clock() - started > limit:
-                held = f"its {files[0]} file(s)" if files else "it"
-                raise IngestError(
-                    f"reading {held} took longer than limits.max_seconds_per_arrival ({limit:g} s), {slow}"
-                )
-
-        contents = stack.enter_context(open_arrival(path, self.limits, check, name=name))
-        files.append(len(contents.members))
-        check()
-        with gc_paused():
-            scan = scan_members(contents.members)
-        contents.budget.settle()
-        return contents, scan
-
-    def _read(
-        self, arrival: Arrival, earlier: Arrival, stack: ExitStack, should_stop: StopCheck
-    ) -> list[Study] | str:
-        """The studies in an earlier arrival's input, read again once it is in its final place (open
-        while ``stack`` is); :data:`GONE` when it is no longer where the recorder finds it,
-        :data:`CHANGED` when its sha256 is not the one recorded. :class:`EarlierPartFault` on an OS
-        error, :class:`_EarlierPartUnreadable` when it cannot be read otherwise."""
-        path = self.recorder.locate(self.recorder.wait_placed(earlier.id))
-        if path is None:
-            return GONE
-        try:
-            if earlier.sha256 and sha256_of(path, should_stop)[0] != earlier.sha256:
-                log.warning("late_series.part_changed arrival=%s earlier=%s", arrival.id, earlier.id)
-                return CHANGED
-            return self._scan(path, earlier.name, stack, should_stop, _SLOW_PART)[1].studies
-        except Deferred as exc:  # a stop while hashing
-            raise _Stopped from exc
-        except FileNotFoundError:  # removed between the look and the read
-            return GONE
-        except OSError as exc:
-            raise EarlierPartFault(exc) from exc
-        except IngestError as exc:
-            cause = exc.__cause__
-            if isinstance(cause, FileNotFoundError):
-                return GONE
-            if isinstance(cause, OSError):
-                raise EarlierPartFault(cause) from exc
-            raise _EarlierPartUnreadable(
-                f"arrival {earlier.id} ({earlier.name}), which brought an earlier part of a study in this "
-                f"input, could not be read again: {exc}. Nothing was analysed, so that study's current "
-                f"result stays as it was; once that is fixed, run `python run.py requeue {arrival.id}`"
-            ) from exc
 
     def _step_stop(self, should_stop: StopCheck) -> StopCheck:
         return _never if self.finish_study_on_stop else should_stop
@@ -416,63 +349,3 @@ def _finished(run: StudyRun, json_path: Path, item: _Opened, patient_key: str | 
             "skipped": dict(item.skipped),
         },
     )
-
-
-_SLOW_INPUT = (
-    "so it was not analysed: it holds too much that is slow to read (e.g. thousands of files that are "
-    "not DICOM) — remove what is not DICOM or split the export into smaller ZIPs, or raise "
-    "limits.max_seconds_per_arrival if it is genuine"
-)
-_SLOW_PART = (
-    "the time each earlier input read again is given: its disk may be slow now, or the limit was "
-    "lowered since it was analysed — raise limits.max_seconds_per_arrival if it is genuine"
-)
-
-
-def _no_dicom_message(contents: Contents, skipped: Counter[str]) -> str:
-    if contents.kind == ArrivalKind.FILE and contents.what is not None and set(skipped) == {"not DICOM"}:
-        what, fix = contents.what
-        return f"no DICOM images found: the file is not a ZIP, it is {what} — {fix}"
-    zips = skipped[ZIP_IN_FOLDER]
-    if contents.kind == ArrivalKind.FOLDER and zips and set(skipped) <= {ZIP_IN_FOLDER, "not DICOM"}:
-        return (
-            f"no DICOM images found: the folder holds {zips} ZIP file(s) and no DICOM files. "
-            "A folder is read as the DICOM files of one drop, so the ZIPs inside are not opened — "
-            "drop each ZIP on its own (or give them one by one to `python run.py process`)"
-        )
-    detail = ", ".join(f"{n} {reason}" for reason, n in skipped.most_common()) or "it is empty"
-    return (
-        f"no DICOM images found among {len(contents.members) + sum(contents.skipped.values())} "
-        f"file(s) ({detail}); "
-        "export the study as DICOM files"
-    )
-
-
-_gc_lock = threading.Lock()
-_gc_pausers = 0
-_gc_was_enabled = False
-
-
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    """Pause Python's cyclic garbage collector (process-wide) while DICOM headers are parsed.
-
-    A header parse allocates ~270 small tracked objects per file (pydicom ``RawDataElement`` tuples,
-    tags, datasets) and frees none of them in cycles, so the collector's repeated passes over the
-    growing heap were a third of the scan's CPU time. Counted, so that overlapping scans in several
-    threads restore the collector's state only when the last one ends. It lives here, with the
-    process that owns the threads, not in the library code that parses.
-    """
-    global _gc_pausers, _gc_was_enabled
-    with _gc_lock:
-        if _gc_pausers == 0:
-            _gc_was_enabled = gc.isenabled()
-            gc.disable()
-        _gc_pausers += 1
-    try:
-        yield
-    finally:
-        with _gc_lock:
-            _gc_pausers -= 1
-            if _gc_pausers == 0 and _gc_was_enabled:
-                gc.enable()

@@ -20,12 +20,12 @@ from processor.dicom.scan import HEADER_PREFIX, scan_members
 from processor.dicom.volume import load_volume
 from processor.errors import IngestError, StepError
 from processor.intake.archive import (
-    ZIP_IN_FOLDER,
     Limits,
     open_arrival,
     safe_member_name,
     zip_central_directory_reads,
 )
+from processor.intake.diskfiles import ZIP_IN_FOLDER
 from tests.dicomgen import make_series, to_bytes, write_folder, write_zip
 
 

@@ -18,9 +18,10 @@ import pytest
 
 from processor.config import load_settings
 from processor.errors import ConfigError
-from processor.intake.archive import TEMPORARY_IN_FOLDER, Limits, open_arrival
+from processor.intake.archive import Limits, open_arrival
 from processor.intake.closes import CloseEvents, close_events_trusted, filesystem_type
 from processor.intake.complete import Verdict, check_file
+from processor.intake.diskfiles import TEMPORARY_IN_FOLDER
 from processor.intake.watcher import InboxWatcher
 from tests.conftest import Project, wait_for
 from tests.dicomgen import BIG, encode, encoded_bytes, make_series, to_bytes, write_zip
@@ -231,8 +232,8 @@ def test_folder_quiet_period_is_checked_against_a_files(tmp_path: Path) -> None:
         "inbox.folder_stable_seconds (value: 5)" in text and "shorter than inbox.stable_seconds (10)" in text
     )
     assert "Fix: make inbox.folder_stable_seconds at least inbox.stable_seconds" in text
-    cfg.write_text("inbox: {stable_seconds: 90}\n")
-    assert load_settings(cfg).inbox.folder_stable_seconds == 90, "unset: never shorter than a file's"
+    cfg.write_text("inbox: {stable_seconds: 1}\n")
+    assert load_settings(cfg).inbox.folder_stable_seconds == 6, "unset: six file quiet periods"
     cfg.write_text("inbox: {stable_seconds: 10}\n")
     assert load_settings(cfg).inbox.folder_stable_seconds == 60
 

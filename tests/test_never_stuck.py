@@ -357,7 +357,7 @@ def test_a_deleted_night_folder_is_made_again_and_intake_stays_healthy(project: 
 def test_a_folder_copied_from_a_mac_becomes_stable_but_one_being_copied_by_rsync_waits(
     tmp_path: Path,
 ) -> None:
-    from processor.intake.watcher import looked_at, signature
+    from processor.intake.stability import looked_at, signature
 
     folder = tmp_path / "study"
     folder.mkdir()

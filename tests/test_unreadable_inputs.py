@@ -26,7 +26,8 @@ from pathlib import Path
 import pytest
 
 from processor.intake.inbox import folder_files, sha256_of
-from processor.intake.watcher import InboxWatcher, signature
+from processor.intake.stability import signature
+from processor.intake.watcher import InboxWatcher
 from tests.conftest import REPO, Project, _env, wait_for
 from tests.dicomgen import make_series, write_zip
 from tests.test_spine_e2e import _stop, db_rows

@@ -62,7 +62,7 @@ _START_ELEMENTS = 4  # elements stepped over by looks_like_dicom
 _INFLATE_PROBE = 1024  # bytes of a bare deflated data set inflated by looks_like_dicom
 # (implicit, little) tried by looks_like_dicom: Explicit VR LE, Implicit VR LE, Explicit VR BE
 _ENCODINGS = ((False, True), (True, True), (False, False))
-_PARSE_ERRORS = (
+PARSE_ERRORS = (
     InvalidDicomError,
     ValueError,
     EOFError,
@@ -214,7 +214,7 @@ def _parse_header(data: Buffer) -> Parsed:
         if has_preamble:
             raise CorruptDicom(str(exc)) from exc
         return None, None, None
-    except _PARSE_ERRORS as exc:
+    except PARSE_ERRORS as exc:
         if has_preamble:
             raise CorruptDicom(plain_cause(exc)) from exc
         return None, None, None
@@ -360,7 +360,7 @@ def read_instance(member: Member) -> Instance | None:
 def scan_members(members: Iterable[Member]) -> ScanResult:
     """Read headers of every DICOM member and group them; count what was skipped and why.
 
-    Callers that scan many files wrap this in :func:`processor.executor.gc_paused` (the executor
+    Callers that scan many files wrap this in :func:`processor.executor_read.gc_paused` (the executor
     does): pausing the collector is a process-wide decision, not this library's.
     """
     return _scan_members(members)

@@ -29,19 +29,18 @@ A folder, a file or a ZIP that the service user cannot read (a sub-folder it can
 it cannot open) refuses the whole arrival in plain words, so that a study missing files is never
 analysed as if it were complete. An empty file and an HTML page (a login or error page saved
 under the study's name) are refused with their own reasons; what other single file that holds no
-DICOM is, :func:`what_file_is` says for the executor's message (a program with a ZIP appended, a
+DICOM is, :func:`.diskfiles.what_file_is` says for the executor's message (a program with a ZIP appended, a
 self-extracting archive, is named as one: ctwatch runs no programs).
 
 A ZIP is read only when it ends as a whole ZIP does (:mod:`.zipend`): a copy cut short just after a
 member that is itself a ZIP is refused in plain words, never read as that smaller ZIP. In a folder,
 a file under a temporary name (a copy's leftover, which the watcher waited on; see
 :mod:`.watcher`) and a ZIP (a folder is read as the DICOM files of one drop) are not read: each is
-counted under ``skipped`` with its reason (:data:`TEMPORARY_IN_FOLDER`, :data:`ZIP_IN_FOLDER`).
+counted under ``skipped`` with its reason (:data:`.diskfiles.TEMPORARY_IN_FOLDER`, :data:`.diskfiles.ZIP_IN_FOLDER`).
 """
 
 from __future__ import annotations
 
-import errno
 import io
 import logging
 import os
@@ -58,7 +57,8 @@ from typing import IO
 
 from processor.bytesource import Buffer, Member
 from processor.errors import IngestError
-from processor.intake.inbox import is_temporary_name
+from processor.intake.bounds import COPY_AGAIN, Budget, Limits, ReadBudget, pread, shrank
+from processor.intake.diskfiles import file_member, open_single, read_folder, what_file_is
 from processor.intake.inflate import MemberReadError, ReadGuard, open_member, read_member, refusal
 from processor.intake.zipend import ZipEndError, ends_in_zip, open_whole_zip
 from processor.intake.zipnames import member_raw_name, member_text
@@ -78,19 +78,6 @@ ZIP_ERRORS = (
     struct.error,
 )
 EMPTY_ZIP_MAGIC = b"PK\x05\x06"
-READ_CHUNK = 16 << 20  # bytes of a STORED member or a file read (and charged) per call
-# files of a dropped folder that are not read, counted under these reasons
-TEMPORARY_IN_FOLDER = "temporary-named file left in the folder (.name, ~$name, name.tmp…)"
-ZIP_IN_FOLDER = "ZIP inside a folder, not opened (drop each ZIP on its own)"
-_COPY_AGAIN = "copy it again from the source, then drop it again"
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_members: int = 20_000
-    max_total_bytes: int = 8 * 2**30
-    max_ratio: float = 200.0
-    max_seconds_per_arrival: float = 600.0  # applied by the executor (opening and scanning)
 
 
 class ArrivalKind(StrEnum):
@@ -99,44 +86,12 @@ class ArrivalKind(StrEnum):
     FILE = "file"
 
 
-class ReadBudget:
-    """The running cost of reading one arrival while it is opened and scanned.
-
-    :meth:`charge` counts the bytes actually read or inflated (a member read twice counts twice)
-    against ``max_bytes`` and runs ``check`` (which raises to stop the reading: the time budget, a
-    stop request). :meth:`settle` ends the count once the scan is over: the steps then read only
-    the series they chose, each member no further than its declared size.
-    """
-
-    def __init__(self, max_bytes: int, check: Callable[[], None] | None = None) -> None:
-        self.max_bytes = max_bytes
-        self.check = check
-        self.spent = 0
-        self.counting = True
-
-    def charge(self, n: int) -> None:
-        if not self.counting:
-            return
-        self.spent += n
-        if self.spent > self.max_bytes:
-            raise IngestError(
-                f"reading its files took more than {self.max_bytes} bytes (read or inflated); the "
-                "archive is built to exhaust the reader, or the export is too large — raise "
-                "limits.max_total_bytes if it is genuine"
-            )
-        if self.check is not None:
-            self.check()
-
-    def settle(self) -> None:
-        self.counting = False
-
-
 @dataclass
 class Contents:
     """What an arrival holds: its members, and the entries skipped with a reason each.
 
     ``what``, for a single file that is not a ZIP, is what its first bytes show it is
-    (:func:`what_file_is`), for a message when it holds no DICOM.
+    (:func:`.diskfiles.what_file_is`), for a message when it holds no DICOM.
     """
 
     members: list[Member] = field(default_factory=list)
@@ -171,49 +126,6 @@ def is_zip_path(path: Path) -> bool:
         return is_zip_bytes(fh.read(4))
 
 
-def cannot_read(what: str, exc: OSError) -> IngestError:
-    """The plain reason (and fix) for an input, or a part of one, that cannot be opened or listed."""
-    if exc.errno in (errno.EACCES, errno.EPERM):
-        return IngestError(
-            f"cannot read {what}: permission denied — give the service user read access to it, "
-            "then drop it again"
-        )
-    if exc.errno == errno.ENOENT:
-        return IngestError(f"cannot read {what}: it was deleted while it was read — {_COPY_AGAIN}")
-    cause = os.strerror(exc.errno) if exc.errno else display_text(str(exc))
-    return IngestError(
-        f"cannot read {what}: {cause} — check the disk or share it lies on, then drop it again"
-    )
-
-
-def _shrank(what: str, was: int, now: int) -> IngestError:
-    verb = "shrank" if now < was else "changed size"
-    return IngestError(
-        f"{what} {verb} while it was read ({was} bytes, now {now}): something is still writing "
-        f"or truncating it — {_COPY_AGAIN}"
-    )
-
-
-def _pread(fd: int, n: int, offset: int, budget: ReadBudget, what: str) -> Buffer:
-    """Up to ``n`` bytes at ``offset`` (fewer only at the end of the file), each chunk charged; an
-    I/O error is refused in plain words (:func:`cannot_read`)."""
-    try:
-        if n <= READ_CHUNK:
-            budget.charge(n)
-            return os.pread(fd, n, offset)
-        view = memoryview(bytearray(n))
-        got = 0
-        while got < n:
-            budget.charge(min(READ_CHUNK, n - got))
-            read = os.preadv(fd, [view[got : got + READ_CHUNK]], offset + got)
-            if read == 0:
-                break
-            got += read
-        return view[:got].toreadonly()
-    except OSError as exc:
-        raise cannot_read(what, exc) from exc
-
-
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, then name and extra-field lengths at 26 and 28
 
 
@@ -229,7 +141,7 @@ class _Input:
     def check_unchanged(self) -> None:
         now = os.fstat(self.fd).st_size
         if now != self.size:
-            raise _shrank(f"the ZIP {self.label}", self.size, now)
+            raise shrank(f"the ZIP {self.label}", self.size, now)
 
     # ReadGuard (processor.intake.inflate): chunks go to the budget, failures are checked here
     def charge(self, n: int) -> None:
@@ -251,7 +163,7 @@ class _Input:
                 else:
                     self.check_unchanged()
                     raise MemberReadError(f"{where} cannot be read: its local header is missing or cut short")
-            data = _pread(self.fd, n, start[0] + offset, self.budget, f"the ZIP {self.label}")
+            data = pread(self.fd, n, start[0] + offset, self.budget, f"the ZIP {self.label}")
             if len(data) < n:
                 self.check_unchanged()
                 raise MemberReadError(
@@ -276,30 +188,7 @@ class _InMemory:
         """Bytes in memory do not change: the failure stands."""
 
 
-class _Budget:
-    """Member count and uncompressed bytes, shared by an archive and the ZIPs nested inside it."""
-
-    def __init__(self, limits: Limits) -> None:
-        self.limits = limits
-        self.members = 0
-        self.total = 0
-
-    def take(self, where: str, size: int) -> None:
-        self.members += 1
-        self.total += size
-        if self.members > self.limits.max_members:
-            raise IngestError(
-                f"too many files: {where} holds more than {self.limits.max_members} members; "
-                "split the export into smaller ZIPs or raise limits.max_members"
-            )
-        if self.total > self.limits.max_total_bytes:
-            raise IngestError(
-                f"too large: {where} holds more than {self.limits.max_total_bytes} bytes uncompressed "
-                "(a ZIP bomb, or an export too large); raise limits.max_total_bytes if genuine"
-            )
-
-
-def _check_zip(zf: zipfile.ZipFile, label: str, budget: _Budget) -> list[tuple[zipfile.ZipInfo, str]]:
+def _check_zip(zf: zipfile.ZipFile, label: str, budget: Budget) -> list[tuple[zipfile.ZipInfo, str]]:
     """Vet every entry of an open ZIP; returns (info, safe name) of the files in it."""
     files = []
     for info in zf.infolist():
@@ -366,7 +255,7 @@ def _zip_opener(
 def _read_zip(
     zf: zipfile.ZipFile,
     label: str,
-    budget: _Budget,
+    budget: Budget,
     contents: Contents,
     stack: ExitStack,
     depth: int,
@@ -410,127 +299,6 @@ def _read_zip(
         contents.members.append(member)
 
 
-def _file_member(path: Path, name: str, raw: bytes, size: int, budget: ReadBudget) -> Member:
-    """A file of a folder (or a single file), opened and read when its bytes are wanted; a file
-    whose size is no longer the one it had when listed is refused (it is being written)."""
-
-    def span(offset: int, n: int) -> Buffer:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except OSError as exc:
-            raise cannot_read(name, exc) from exc
-        try:
-            if (now := os.fstat(fd).st_size) != size:
-                raise _shrank(f"the file {name}", size, now)
-            data = _pread(fd, n, offset, budget, name)
-            if len(data) < n:
-                raise _shrank(f"the file {name}", size, os.fstat(fd).st_size)
-            return data
-        finally:
-            os.close(fd)
-
-    return Member(name, size, lambda: bytes(span(0, size)), None, span, raw_name=raw)
-
-
-def _opened_size(path: Path, what: str) -> int | None:
-    """The size of a regular file, opened to be sure it can be read; None when it is no longer
-    one (replaced by a link, a pipe or a device since it was listed)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            return None
-        raise cannot_read(what, exc) from exc
-    try:
-        info = os.fstat(fd)
-    finally:
-        os.close(fd)
-    return info.st_size if stat.S_ISREG(info.st_mode) else None
-
-
-def _read_folder(root: Path, budget: _Budget, contents: Contents, label: str) -> None:
-    """Every regular file under ``root``: a sub-folder that cannot be listed or a file that cannot
-    be opened refuses the arrival (never a study analysed without them). ``label``: its shown name."""
-    files: list[Path] = []
-    folders = [root]
-    while folders:
-        folder = folders.pop()
-        relative = folder.relative_to(root).as_posix()
-        what = label if folder == root else f"'{display_name(relative)}' in {label}"
-        try:
-            with os.scandir(folder) as listing:
-                entries = list(listing)
-            for entry in entries:
-                if entry.is_symlink():
-                    contents.skipped["symbolic link"] += 1
-                elif entry.is_dir(follow_symlinks=False):
-                    folders.append(Path(entry.path))
-                elif entry.is_file(follow_symlinks=False):
-                    files.append(Path(entry.path))
-        except OSError as exc:
-            raise cannot_read(what, exc) from exc
-    for path in sorted(files):
-        if is_temporary_name(path.name):  # a copy's leftover: the watcher waited for it to change
-            contents.skipped[TEMPORARY_IN_FOLDER] += 1
-            continue
-        if path.name.lower().endswith(".zip"):
-            contents.skipped[ZIP_IN_FOLDER] += 1
-            continue
-        relative = path.relative_to(root).as_posix()
-        size = _opened_size(path, f"'{display_name(relative)}' in {label}")
-        if size is None:
-            contents.skipped["not a regular file"] += 1
-            continue
-        budget.take(label, size)
-        member = _file_member(path, display_name(relative), raw_name(relative), size, contents.budget)
-        contents.members.append(member)
-
-
-def _open_single(path: Path, label: str) -> tuple[IO[bytes], bytes]:
-    """The input file opened for reading, and its first bytes; a plain refusal when it cannot be
-    read, is empty or is an HTML page."""
-    try:
-        fh = os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb")  # a pipe never blocks it
-    except OSError as exc:
-        raise cannot_read(label, exc) from exc
-    try:
-        head = fh.read(1024)
-    except OSError as exc:
-        fh.close()
-        raise cannot_read(label, exc) from exc
-    if not head:
-        fh.close()
-        raise IngestError(
-            f"the file {label} is empty (0 bytes): the copy or download did not complete — {_COPY_AGAIN}"
-        )
-    if _is_html(head):
-        fh.close()
-        raise IngestError(
-            f"the file {label} is an HTML page, not DICOM or a ZIP: the download probably returned "
-            "a login or error page — sign in and download the study again, or export it from the "
-            "PACS as DICOM"
-        )
-    return fh, head
-
-
-def _is_html(head: bytes) -> bool:
-    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
-    return text.startswith((b"<!doctype html", b"<html")) or (text.startswith(b"<") and b"<html" in text)
-
-
-_REPACK = "ctwatch reads ZIP archives only: re-pack the study as a ZIP (or drop its folder)"
-_EXPORT = "export the study as DICOM (a ZIP of DICOM files, a folder of them, or one DICOM file)"
-_SIGNATURES: tuple[tuple[bytes, int, str, str], ...] = (
-    (b"%PDF", 0, "a PDF document", _EXPORT),
-    (b"\x1f\x8b", 0, "a gzip file", _REPACK),
-    (b"7z\xbc\xaf\x27\x1c", 0, "a 7-Zip archive", _REPACK),
-    (b"Rar!\x1a\x07", 0, "a RAR archive", _REPACK),
-    (b"ustar", 257, "a tar archive", _REPACK),
-    (b"\x89PNG", 0, "a PNG image", _EXPORT),
-    (b"\xff\xd8\xff", 0, "a JPEG image", _EXPORT),
-)
-
-
 _SELF_EXTRACTING = (
     "a self-extracting archive (a program with a ZIP inside)",
     "ctwatch does not run programs: export the study as a plain ZIP, or extract it and drop the folder",
@@ -545,17 +313,6 @@ def _ends_in_zip(fh: IO[bytes]) -> bool:
         return False
 
 
-def what_file_is(head: bytes) -> tuple[str, str]:
-    """(what a file that is neither a ZIP nor DICOM is, by its first bytes; the fix)."""
-    for magic, at, what, fix in _SIGNATURES:
-        if head[at : at + len(magic)] == magic:
-            return what, fix
-    text = head.decode("utf-8", "replace").rstrip("\ufffd")  # a character cut at the end of the head
-    if all(ch.isprintable() or ch in "\t\r\n\f" for ch in text):
-        return "text", _EXPORT
-    return "binary data of no kind ctwatch knows", _EXPORT
-
-
 @contextmanager
 def open_arrival(
     path: Path, limits: Limits, check: Callable[[], None] | None = None, *, name: str | None = None
@@ -566,15 +323,15 @@ def open_arrival(
     ``name``: what the user called the input (reasons name it; default the file's own name, which
     in the work folder carries ctwatch's ``a<id>-`` prefix).
     """
-    budget = _Budget(limits)
+    budget = Budget(limits)
     label = display_name(name if name is not None else path.name)
     contents = Contents(budget=ReadBudget(limits.max_total_bytes, check))
     with ExitStack() as stack:
         if path.is_dir():
             contents.kind = ArrivalKind.FOLDER
-            _read_folder(path, budget, contents, label)
+            read_folder(path, budget, contents, label)
         else:
-            fh, head = _open_single(path, label)
+            fh, head = open_single(path, label)
             stack.enter_context(fh)
             if is_zip_bytes(head):
                 contents.kind = ArrivalKind.ZIP
@@ -582,7 +339,7 @@ def open_arrival(
                 try:
                     zf = stack.enter_context(open_whole_zip(fh))
                 except ZipEndError as exc:
-                    raise IngestError(f"the ZIP cannot be read: {label} {exc} — {_COPY_AGAIN}") from exc
+                    raise IngestError(f"the ZIP cannot be read: {label} {exc} — {COPY_AGAIN}") from exc
                 except ZIP_ERRORS as exc:
                     raise IngestError(
                         f"the ZIP cannot be read ({display_text(str(exc))}): {label} is "
@@ -593,7 +350,7 @@ def open_arrival(
                 size = os.fstat(fh.fileno()).st_size
                 budget.take(label, size)
                 contents.what = _SELF_EXTRACTING if _ends_in_zip(fh) else what_file_is(head)
-                contents.members.append(_file_member(path, label, raw_name(path.name), size, contents.budget))
+                contents.members.append(file_member(path, label, raw_name(path.name), size, contents.budget))
         yield contents
 
 

@@ -39,12 +39,11 @@ from pathlib import Path
 from typing import IO
 
 from pydicom.dataelem import RawDataElement
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from processor.dicom.encoding import ELEMENT_CUT, Unreadable, element_head, plain_cause, read_file
 from processor.dicom.fastheader import PIXEL_DATA, TAGS, Declined, Truncated, walk
-from processor.dicom.scan import looks_like_dicom
+from processor.dicom.scan import PARSE_ERRORS, looks_like_dicom
 from processor.intake.archive import is_zip_path, zip_central_directory_reads
 from processor.intake.inbox import folder_files, is_temporary_name
 
@@ -52,19 +51,7 @@ HEAD_BYTES = 16 * 1024  # read first; CT headers are ~2–10 KB (the whole file 
 PREAMBLE = 132  # the 128-byte preamble and "DICM"
 _ITEM, _SEQUENCE_END, _UNDEFINED = 0xFFFEE000, 0xFFFEE0DD, 0xFFFFFFFF
 _TRAILING = 64  # elements after Pixel Data stepped over at most
-_PARSE_ERRORS = (  # what pydicom raises on a header it cannot read (as processor.dicom.scan)
-    Unreadable,
-    InvalidDicomError,
-    ValueError,
-    EOFError,
-    KeyError,
-    TypeError,
-    AttributeError,
-    OverflowError,
-    IndexError,
-    NotImplementedError,
-    struct.error,
-)
+_PARSE_ERRORS = (Unreadable, *PARSE_ERRORS)  # what a header it cannot read raises (as processor.dicom.scan)
 
 
 class Verdict(StrEnum):

@@ -20,7 +20,7 @@ from datetime import date
 from pathlib import Path
 
 from processor.errors import Deferred
-from processor.names import display_name, escape_surrogates, raw_name
+from processor.names import display_name, display_text, escape_surrogates, raw_name
 
 log = logging.getLogger(__name__)
 
@@ -188,3 +188,11 @@ def write_error_note(target: Path, reason: str) -> Path:
         encoding="utf-8",
     )
     return note
+
+
+def error_text(exc: BaseException) -> str:
+    """An exception as one line of text (names escaped), for a log line."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f" ({display_name(exc.filename)})" if exc.filename else ""
+        return display_text(f"{exc.strerror}{where}")
+    return display_text(f"{type(exc).__name__}: {exc}")

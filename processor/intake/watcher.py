@@ -47,143 +47,23 @@ import logging
 import os
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
-from watchdog.events import (
-    FileClosedEvent,
-    FileClosedNoWriteEvent,
-    FileCreatedEvent,
-    FileModifiedEvent,
-    FileMovedEvent,
-    FileOpenedEvent,
-    FileSystemEvent,
-    FileSystemEventHandler,
-)
-from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
 from processor.errors import Deferred
-from processor.intake.closes import SETTLE_SECONDS, CloseEvents, close_events_trusted, filesystem_type
+from processor.intake.closes import SETTLE_SECONDS, CloseEvents
 from processor.intake.complete import ContentChecks
-from processor.intake.inbox import CONTROL_DIR, folder_files, is_temporary_name
-from processor.names import display_name, display_text
+from processor.intake.events import WakeHandler, close_roots, start_observer, watched_folders
+from processor.intake.inbox import error_text, is_temporary_name
+from processor.intake.stability import Signature, StabilityTracker, is_special, looked_at
+from processor.names import display_name
 
 log = logging.getLogger(__name__)
-# watchdog's inotify emitter warns (on its own thread, to stderr) when a folder created during its
-# recursive walk is added twice; the watch is the same one, so nothing is lost.
-warnings.filterwarnings(
-    "ignore", message="Callback with id", category=RuntimeWarning, module="watchdog.observers.inotify"
-)
 
-Signature = tuple[int, int, float]
 UNREADABLE_PERIODS = 3  # quiet periods an entry whose content does not read whole is waited for
 LEFTOVER_PERIODS = 3  # quiet periods a folder holding temporary-named files is waited for
-
-
-def signature(path: Path) -> Signature | None:
-    """(file count, total bytes, newest change) of a file or folder (see :func:`looked_at`)."""
-    return looked_at(path)[0]
-
-
-def looked_at(path: Path) -> tuple[Signature | None, list[Path]]:
-    """(file count, total bytes, newest change) of a file or folder, None when it is gone; and the
-    files of a folder under a temporary name, which it counts too (while one is written, the folder
-    changes). A change is a write or a change of owner or permissions (the later of mtime and
-    ctime), so an entry set aside because it could not be read is looked at again once it may be.
-
-    A folder that cannot be walked whole (a sub-folder or file ctwatch may not list or stat) gives
-    its own size and change time (count -1), so it still becomes stable and is handed over, to be
-    refused with the reason; :func:`processor.intake.inbox.folder_files` says why ``rglob`` is not
-    used (it leaves out what it may not list)."""
-    temporary: list[Path] = []
-    try:
-        if path.is_dir():
-            st = path.stat()
-            count, total, newest = 0, 0, _changed(st)
-            for child, st in folder_files(path):
-                if is_temporary_name(child.name):
-                    temporary.append(child)
-                count, total, newest = count + 1, total + st.st_size, max(newest, _changed(st))
-            return (count, total, newest), temporary
-        st = path.stat()
-        return (1, st.st_size, _changed(st)), temporary
-    except FileNotFoundError:
-        return None, []
-    except OSError:
-        return _own_signature(path), []
-
-
-def _changed(st: os.stat_result) -> float:
-    return max(st.st_mtime, st.st_ctime)
-
-
-def _own_signature(path: Path) -> Signature | None:
-    try:
-        st = path.lstat()
-    except OSError:
-        return None
-    return (-1, st.st_size, _changed(st))
-
-
-def is_special(path: Path) -> bool:
-    """A FIFO, socket or device: never an arrival (reading a FIFO would block the watcher)."""
-    try:
-        return not (path.is_file() or path.is_dir())
-    except OSError:
-        return False
-
-
-@dataclass
-class _Seen:
-    sig: Signature
-    since: float
-
-
-class StabilityTracker:
-    """Remembers each candidate's signature and since when it has not changed."""
-
-    def __init__(self, stable_seconds: float) -> None:
-        self.stable_seconds = stable_seconds
-        self._seen: dict[Path, _Seen] = {}
-        self._set_aside: dict[Path, Signature] = {}
-
-    def stable(self, path: Path, sig: Signature, now: float, need: float | None = None) -> float | None:
-        """Seconds the entry has been unchanged once past ``need`` (default ``stable_seconds``), else None."""
-        need = self.stable_seconds if need is None else need
-        seen = self._seen.get(path)
-        if seen is None or seen.sig != sig:
-            self._seen[path] = _Seen(sig, now)
-            return None if need > 0 else 0.0
-        quiet = now - seen.since
-        return quiet if quiet >= need else None
-
-    def forget(self, path: Path) -> None:
-        self._seen.pop(path, None)
-
-    def set_aside(self, path: Path, sig: Signature) -> None:
-        """Leave an entry alone until its signature changes (its hand-over failed, or it is still
-        in the inbox after it: the intake could not move it, and has written its receipt)."""
-        self._set_aside[path] = sig
-
-    def is_set_aside(self, path: Path, sig: Signature) -> bool:
-        if path in self._set_aside and self._set_aside[path] != sig:
-            del self._set_aside[path]
-        return path in self._set_aside
-
-    def prune(self, present: set[Path]) -> None:
-        for path in list(self._seen):
-            if path not in present:
-                del self._seen[path]
-        for path in list(self._set_aside):
-            if path not in present:
-                del self._set_aside[path]
-
-    def pending(self) -> int:
-        """Entries seen but not yet stable (set-aside entries are not waited on)."""
-        return len(self._seen)
 
 
 class InboxWatcher:
@@ -255,7 +135,7 @@ class InboxWatcher:
                     log.warning("watch.folder_recreated folder=%s", display_name(root))
                 entries = sorted(root.iterdir())
             except OSError as exc:
-                unlisted[root] = _why(exc)
+                unlisted[root] = error_text(exc)
                 continue
             for entry in entries:
                 try:
@@ -391,7 +271,7 @@ class InboxWatcher:
             "watch.%s_failed path=%s error=%s: %s",
             step,
             display_name(path),
-            _why(exc),
+            error_text(exc),
             "looked at again next scan" if step == "list" else "left alone until it changes",
             exc_info=not isinstance(exc, OSError),
         )
@@ -420,76 +300,29 @@ class InboxWatcher:
             try:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as exc:  # each scan names it until it exists (see ``unlisted``)
-                log.error("watch.folder_not_created folder=%s error=%s", display_name(folder), _why(exc))
+                log.error(
+                    "watch.folder_not_created folder=%s error=%s", display_name(folder), error_text(exc)
+                )
         if self.use_watchdog and not (self._observer is not None and self._observer.is_alive()):
             self._start_observer()
         self._thread = threading.Thread(target=self._loop, name="ctwatch-watcher", daemon=True)
         self._thread.start()
 
     def _start_observer(self) -> None:
-        """File events only wake the scan early: without them (an inbox it may not watch, the inotify
-        watch limit reached, folders nested deeper than watchdog's recursive walk goes) the periodic
-        scan still finds everything, so no failure here stops the daemon."""
-        observer = Observer()
-        self.closes.roots = self._close_roots()
-        handler = _WakeHandler(self._wake, self.closes)
-        for folder in self.watched_folders():
-            try:
-                observer.schedule(handler, str(folder), recursive=True)
-            except Exception as exc:  # noqa: BLE001 — this folder is scanned without early wake-ups
-                log.warning(
-                    "watch.events_unavailable folder=%s error=%s: scanning it every %gs instead",
-                    display_name(folder),
-                    _why(exc),
-                    self.scan_interval,
-                    exc_info=not isinstance(exc, OSError),
-                )
-        try:
-            observer.start()
-        except Exception as exc:  # noqa: BLE001 — a watchdog failure costs only the early wake-ups
-            log.warning(
-                "watch.events_unavailable error=%s: scanning every %gs instead",
-                _why(exc),
-                self.scan_interval,
-                exc_info=not isinstance(exc, OSError),
-            )
-            observer.unschedule_all()
-            return
-        self._observer = observer
+        """Start the watchdog observer (:func:`processor.intake.events.start_observer`); the scan
+        runs without it when it cannot start."""
+        folders = self.inbox_dirs + self.night_dirs + self.urgent_dirs
+        self.closes.roots = close_roots(folders)
+        observer = start_observer(
+            WakeHandler(self._wake, self.closes), self.watched_folders(), self.scan_interval
+        )
+        if observer is not None:
+            self._observer = observer
 
     def watched_folders(self) -> list[Path]:
         """The inbox, night and urgent folders to watch (recursively), each once: a folder inside
         another (the same folder after links are resolved, or one below it) is left to that one."""
-        folders = self.inbox_dirs + self.night_dirs + self.urgent_dirs
-        real = [os.path.realpath(f) for f in folders]
-        return [
-            folder
-            for i, folder in enumerate(folders)
-            if not any(
-                (real[i] == other and j < i) or real[i].startswith(other.rstrip("/") + "/")
-                for j, other in enumerate(real)
-                if j != i
-            )
-        ]
-
-    def _close_roots(self) -> set[Path]:
-        """The watched folders on a local filesystem, whose files may be taken when their writer
-        closes them (:mod:`processor.intake.closes`); each folder's filesystem is logged."""
-        roots = set()
-        for folder in self.inbox_dirs + self.night_dirs + self.urgent_dirs:
-            fs = filesystem_type(folder)
-            trusted = close_events_trusted(fs)
-            if trusted:
-                roots.add(folder)
-            log.info(
-                "watch.close_events folder=%s filesystem=%s: %s",
-                display_name(folder),
-                fs or "unknown",
-                "a ZIP or DICOM file is taken once its writer closes it and it reads whole"
-                if trusted
-                else "not a local disk (or unknown), so every file waits for its quiet period",
-            )
-        return roots
+        return watched_folders(self.inbox_dirs + self.night_dirs + self.urgent_dirs)
 
     def wake(self) -> None:
         self._wake.set()
@@ -548,14 +381,6 @@ def _is_candidate(entry: Path, night: bool, night_set: set[str]) -> bool:
     return not (entry.is_symlink() or is_special(entry))
 
 
-def _why(exc: BaseException) -> str:
-    """An exception as one line of text (names escaped), for a log line."""
-    if isinstance(exc, OSError) and exc.strerror:
-        where = f" ({display_name(exc.filename)})" if exc.filename else ""
-        return display_text(f"{exc.strerror}{where}")
-    return display_text(f"{type(exc).__name__}: {exc}")
-
-
 def _parts(path: Path, parts: list[Path]) -> str:
     """Up to five parts of a folder by their relative names (escaped), and how many more."""
     shown = ", ".join(display_name(part.relative_to(path).as_posix()) for part in parts[:5])
@@ -580,27 +405,3 @@ def _log_unfinished_handover(path: Path, quiet: float, missing: list[tuple[Path,
         shown,
         more,
     )
-
-
-class _WakeHandler(FileSystemEventHandler):
-    """Wakes the scan on any event outside the control folder, and tells ``closes`` when a file
-    was closed after writing, renamed into place, or written again."""
-
-    def __init__(self, wake: threading.Event, closes: CloseEvents | None = None) -> None:
-        self._wake = wake
-        self._closes = closes
-
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        src = os.fsdecode(event.src_path)
-        if f"/{CONTROL_DIR}" in src or isinstance(event, FileOpenedEvent | FileClosedNoWriteEvent):
-            return  # ctwatch's own work, or a reader: nothing changed
-        closes = self._closes
-        if closes is not None:
-            if isinstance(event, FileClosedEvent):
-                closes.closed(src)
-            elif isinstance(event, FileMovedEvent):
-                closes.written(src)
-                closes.closed(event.dest_path)
-            elif isinstance(event, FileModifiedEvent | FileCreatedEvent):
-                closes.written(src)
-        self._wake.set()

@@ -229,8 +229,9 @@ def _version_words(supersedes: Any, inputs: Any) -> str:
     arrivals' images it used and whose result it replaced."""
     if not isinstance(supersedes, dict):
         return ""
-    used = [i.get("arrival_id") for i in inputs or [] if isinstance(i, dict) and not i.get("missing")]
-    left_out = [i.get("arrival_id") for i in inputs or [] if isinstance(i, dict) and i.get("missing")]
+    parts = [i for i in inputs or [] if isinstance(i, dict) and isinstance(i.get("arrival_id"), int)]
+    used = [int(i["arrival_id"]) for i in parts if not i.get("missing")]
+    left_out = [int(i["arrival_id"]) for i in parts if i.get("missing")]
     words = f"NEW VERSION of this study, replacing the result of arrival {supersedes.get('arrival_id')}"
     if used:
         words += ": analysed with the images of arrivals " + ", ".join(str(a) for a in sorted(used))
