@@ -69,6 +69,21 @@ class Running:
         return json.loads(body)
 
 
+def _register(state: State, name: str, sha_char: str, pipeline: str, **extra: object) -> int:
+    """An arrival of ``name`` (sha256 ``sha_char`` × 64) for pipeline ``pipeline`` v1; its id."""
+    return state.register_arrival(
+        kind="inbox",
+        name=name,
+        original_path=f"/in/{name}",
+        current_path=f"/in/{name}",
+        sha256=sha_char * 64,
+        size=1,
+        pipeline_name=pipeline,
+        pipeline_version=1,
+        **extra,  # type: ignore[arg-type]
+    ).arrival_id
+
+
 def _port(project: Project) -> int | None:
     match = re.search(r"status\.listening url=http://127\.0\.0\.1:(\d+)/", project.log_text())
     return int(match.group(1)) if match else None
@@ -432,17 +447,7 @@ def test_unreadable_and_missing_model_files_in_a_weights_folder_outside_the_root
     settings = load_settings(project.config)
     pipeline = load_pipeline(settings.pipeline, default_registry(), StepEnv(settings.root, "cpu"))
     state = State(project.state_path)
-    state.register_arrival(
-        kind="inbox",
-        name="urgent.zip",
-        original_path="/in/urgent.zip",
-        current_path="/in/urgent.zip",
-        sha256="c" * 64,
-        size=1,
-        pipeline_name="test-ct",
-        pipeline_version=1,
-        priority=Priority.URGENT,
-    )
+    _register(state, "urgent.zip", "c", "test-ct", priority=Priority.URGENT)
     state.close()
     doc, page, metrics = _status(
         project, lambda: pipeline_plan(pipeline, settings), {"name": "test-ct", "version": 1}
@@ -530,16 +535,7 @@ def test_a_model_that_failed_is_forecast_to_fail_until_its_files_change(tmp_path
     stamp = failed_at.isoformat(timespec="seconds")
     state = State(project.state_path)
     try:
-        arrival = state.register_arrival(
-            kind="inbox",
-            name="a.zip",
-            original_path="/in/a.zip",
-            current_path="/in/a.zip",
-            sha256="d" * 64,
-            size=1,
-            pipeline_name="t",
-            pipeline_version=1,
-        ).arrival_id
+        arrival = _register(state, "a.zip", "d", "t")
         state.db.execute("update arrivals set state = 'done', finished_at = ? where id = ?", [stamp, arrival])
         state.db.table("studies").insert(
             {"arrival_id": arrival, "study_uid": "1.2.3", "status": "Partial", "finished_at": stamp}
@@ -561,16 +557,7 @@ def test_a_model_that_failed_is_forecast_to_fail_until_its_files_change(tmp_path
                     "finished_at": stamp,
                 }
             )
-        crashed = state.register_arrival(
-            kind="inbox",
-            name="b.zip",
-            original_path="/in/b.zip",
-            current_path="/in/b.zip",
-            sha256="e" * 64,
-            size=1,
-            pipeline_name="t",
-            pipeline_version=1,
-        ).arrival_id
+        crashed = _register(state, "b.zip", "e", "t")
         state.db.execute(
             "update arrivals set state = 'failed', finished_at = ? where id = ?", [stamp, crashed]
         )
