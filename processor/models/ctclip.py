@@ -31,12 +31,11 @@ from transformers import BertConfig, BertModel, BertTokenizer
 from processor.errors import ConfigError, WeightsError
 from processor.models.ctclip_checkpoint import (
     CheckpointInfo,
-    CTClipConfig,
     inspect_checkpoint,
-    load_config,
     read_state_dict,
     split_lipro,
 )
+from processor.models.ctclip_config import CTClipConfig, load_config
 from processor.models.ctclip_preprocess import ctrate_xyz_from_dicom, preprocess_volume
 from processor.models.ctclip_vocab import build_tokenizer
 from processor.models.ctvit import CTViT

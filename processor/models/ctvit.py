@@ -22,33 +22,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
 from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from processor.models.ctclip_config import CTViTConfig
+
 log = logging.getLogger(__name__)
 
 ATTN_SCALE = 8.0
-
-
-@dataclass(frozen=True)
-class CTViTConfig:
-    """Architecture of the image encoder; defaults are the released v2 model."""
-
-    dim: int = 512
-    codebook_size: int = 8192
-    image_size: int = 480
-    patch_size: int = 20
-    temporal_patch_size: int = 10
-    spatial_depth: int = 4
-    temporal_depth: int = 4
-    dim_head: int = 32
-    heads: int = 8
-    channels: int = 1
-    ff_mult: int = 4
 
 
 class GammaLayerNorm(nn.Module):

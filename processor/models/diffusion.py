@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 
 from processor.errors import WeightsError
+from processor.models.diffusion_files import CARD_NAME, weights_file
 
 log = logging.getLogger(__name__)
 
-CARD_NAME = "card.json"
 LUNG_WINDOW = (1500.0, -600.0)  # width, level in HU
 CROP_MARGIN = 0.08
 
@@ -172,10 +172,6 @@ def save_anomaly_model(folder: Path, unet: Any, scheduler: Any, card: dict[str, 
     tmp = folder / f".{CARD_NAME}.tmp"
     tmp.write_text(json.dumps(card, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     os.replace(tmp, folder / CARD_NAME)
-
-
-def weights_file(folder: Path) -> Path:
-    return folder / "unet" / "diffusion_pytorch_model.safetensors"
 
 
 def load_anomaly_model(folder: Path, device: str | torch.device = "cpu") -> LoadedAnomaly:

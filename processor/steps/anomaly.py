@@ -58,16 +58,16 @@ class AnomalyDiffusion(_WeightedStep):
         return self.env.path(self.params.checkpoint)  # type: ignore[attr-defined]
 
     def weight_files(self) -> list[Path]:
-        from processor.models.diffusion import CARD_NAME, weights_file
+        from processor.models.diffusion_files import CARD_NAME, SCHEDULER_CONFIG, weights_file
 
         folder = self.folder()
-        return [weights_file(folder), folder / "scheduler" / "scheduler_config.json", folder / CARD_NAME]
+        return [weights_file(folder), folder / SCHEDULER_CONFIG, folder / CARD_NAME]
 
     def output_sha256(self, output: str) -> str | None:
         """The UNet weights' sha256 for the ``anomaly`` features (compile-time binding)."""
         if output != "anomaly":
             return None
-        from processor.models.diffusion import weights_file
+        from processor.models.diffusion_files import weights_file
 
         weights = weights_file(self.folder())
         return self.digest(weights) if weights.is_file() else None

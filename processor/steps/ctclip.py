@@ -151,7 +151,7 @@ class _CTClipStep(Step):
         return [checkpoint, vocab, *([config] if config else [])]
 
     def check(self) -> list[str]:
-        from processor.models.ctclip_checkpoint import load_config
+        from processor.models.ctclip_config import load_config
 
         problems = []
         if self.p.precision == "fp16" and not self.env.device.startswith("cuda"):

@@ -189,9 +189,7 @@ class CtclipHead(_WeightedStep):
         return self.env.path(self.params.checkpoint)  # type: ignore[attr-defined]
 
     def weight_files(self) -> list[Path]:
-        from processor.models.head import CARD_NAME, WEIGHTS_NAME
-
-        return [self.folder() / WEIGHTS_NAME, self.folder() / CARD_NAME]
+        return [self.folder() / HEAD_WEIGHTS, self.folder() / HEAD_CARD]
 
     def output_sha256(self, output: str) -> str | None:
         weights = self.folder() / HEAD_WEIGHTS
