@@ -233,7 +233,8 @@ def test_nothing_in_the_inbox_stops_the_watcher(project: Project, tmp_path: Path
     log = project.log_text()
     assert "Exception in thread" not in log, log[-3000:]
     assert log.count("watch.folder_unreadable") == 1 and "inbox/night" in log
-    assert "watch.events_unavailable" in log, "watchdog could not watch the deep folder: scans only"
+    if sys.version_info < (3, 12):  # 3.12's os.walk is iterative (gh-89727): watchdog then watches it
+        assert "watch.events_unavailable" in log, "watchdog could not watch the deep folder: scans only"
     assert (project.inbox / "loop.zip").is_symlink(), "a link is never an arrival, never touched"
 
 
