@@ -47,6 +47,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 
+import cc3d
 import numpy as np
 from scipy import ndimage
 
@@ -248,6 +249,15 @@ def lung_mask(
     return segment_lungs(hu, settings, pixel_mm).mask
 
 
+def label_3d(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """Face-connected (6-neighbour) components of a 3-D boolean ``mask``: int32 labels numbered in
+    raster order of their first voxel, 0 for background, and their count — the same array as
+    ``scipy.ndimage.label(mask)`` (its default structure), computed by connected-components-3d,
+    which labels the whole volume in one pass without holding the GIL."""
+    labels, count = cc3d.connected_components(mask, connectivity=6, return_N=True, out_dtype=np.uint32)
+    return labels.view(np.int32), int(count)
+
+
 def segment_lungs(
     hu: np.ndarray, settings: LungSettings | None = None, pixel_mm: tuple[float, float] | None = None
 ) -> LungMask:
@@ -258,7 +268,7 @@ def segment_lungs(
     pad = hu < settings.not_measured_below_hu if hu.min() < settings.not_measured_below_hu else None
     if pad is not None:
         air &= ~pad
-    labels, count = ndimage.label(air)
+    labels, count = label_3d(air)
     if count == 0:
         return LungMask(np.zeros(hu.shape, bool))
     reach, f = body_polygon(hu, settings.body, pixel_mm)
