@@ -153,6 +153,10 @@ def memory_read(volume: Any, n: int) -> dict[str, Samples]:
     return out
 
 
+LABEL_SCIPY = "lung mask 3-D labelling, scipy.ndimage.label (reference)"
+LABEL_CC3D = "lung mask 3-D labelling, connected-components-3d (used)"
+
+
 def volume_stages(volume: Any, n: int, zip_path: Path) -> dict[str, Samples]:
     """Parts of the decode timed alone (CRC-32 check, HU rescale) and the stages that start from
     the HU volume (same for every variant)."""
@@ -187,6 +191,14 @@ def volume_stages(volume: Any, n: int, zip_path: Path) -> dict[str, Samples]:
         n,
         s.setdefault("CT-CLIP preprocessing (preprocess_volume → 480×480×240)", Samples()),
     )
+    from scipy import ndimage
+
+    from processor.dicom.lungs import label_3d
+
+    air = volume.hu < -320  # the lung mask's air threshold (LungSettings.threshold_hu)
+    for _ in range(n):  # interleaved, the same mask: scipy's labelling against the one the mask uses
+        repeat(lambda: ndimage.label(air), 1, s.setdefault(LABEL_SCIPY, Samples()))
+        repeat(lambda: label_3d(air), 1, s.setdefault(LABEL_CC3D, Samples()))
     return s
 
 
@@ -443,6 +455,9 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     figs = figures(spec, variants, headline, mem, zs, tp)
+    figs["details"]["lung_labelling_cc3d_vs_scipy_cpu_ratio"] = _finite(
+        vol_stages[LABEL_CC3D].cpu_median / vol_stages[LABEL_SCIPY].cpu_median
+    )
     if lat:
         print_latency(lat, say)
         figs["details"].update(latency_figures(lat))

@@ -70,6 +70,7 @@ def test_smoke_run_writes_finite_figures(tmp_path: Path) -> None:
             )
     assert "ctclip.zero_shot (clip)" in stages["steps"] and "write (result JSON, atomic)" in stages["steps"]
     assert figures["details"]["prefetch_max_inflight_seen"] <= 2
+    assert figures["details"]["lung_labelling_cc3d_vs_scipy_cpu_ratio"] > 0
     assert "ingest_fraction_of_memory_read" in run.stdout
     latency = figures["details"]["drop_to_json_s"]  # drop → JSON through a daemon, one study per drop
     assert set(latency) == {"zip, close event", "zip, quiet period", "folder, quiet period"}
