@@ -23,17 +23,14 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
+from processor.fit.metrics import labels_and_scores
+
 ArrayLike = Sequence[float] | np.ndarray
 
 
 def _binary(y: ArrayLike, p: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """(labels as 0/1 ints, scores as floats), checked: same length, labels 0 or 1, scores finite."""
-    y_arr = np.asarray(y, dtype=float).ravel()
-    p_arr = np.asarray(p, dtype=float).ravel()
-    if y_arr.shape != p_arr.shape:
-        raise ValueError(f"labels ({y_arr.size}) and scores ({p_arr.size}) differ in length")
-    if not np.isin(y_arr, (0.0, 1.0)).all():
-        raise ValueError("labels must be 0 or 1")
+    y_arr, p_arr = labels_and_scores(y, p)
     if not np.isfinite(p_arr).all():
         raise ValueError("scores must be finite (drop studies without a score first)")
     return y_arr.astype(int), p_arr

@@ -21,15 +21,24 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 
-def _arrays(
+def labels_and_scores(
     y: Sequence[float] | np.ndarray, s: Sequence[float] | np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
+    """``(labels, scores)`` as flat float arrays, checked: the same length, labels 0 or 1.
+    ValueError otherwise."""
     y_arr = np.asarray(y, dtype=float).ravel()
     s_arr = np.asarray(s, dtype=float).ravel()
     if y_arr.shape != s_arr.shape:
         raise ValueError(f"labels ({y_arr.size}) and scores ({s_arr.size}) differ in length")
     if not np.isin(y_arr, (0.0, 1.0)).all():
         raise ValueError("labels must be 0 or 1")
+    return y_arr, s_arr
+
+
+def _arrays(
+    y: Sequence[float] | np.ndarray, s: Sequence[float] | np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    y_arr, s_arr = labels_and_scores(y, s)
     return y_arr.astype(bool), s_arr
 
 
