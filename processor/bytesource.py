@@ -28,6 +28,14 @@ from typing import IO
 Buffer = bytes | memoryview
 
 
+class ArchiveClosed(ValueError):
+    """A member of a study prepared in another process was read after its archive was closed."""
+
+
+def _archive_closed() -> bytes:
+    raise ArchiveClosed("the member's archive was closed when the CPU stage ended; it cannot be read again")
+
+
 @dataclass(frozen=True)
 class Member:
     """One file inside an arrival. ``read()`` returns its bytes (from the ZIP or disk) each call.
@@ -54,6 +62,12 @@ class Member:
     span: Callable[[int, int], Buffer] | None = field(default=None, repr=False, compare=False)
     crc: int | None = field(default=None, repr=False, compare=False)
     raw_name: bytes = field(default=b"", repr=False, compare=False)
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        """Pickled (a study prepared in a CPU pool process, :mod:`processor.cpupool`) without its
+        readers: they read an archive that is closed once the CPU stage returns; a read of the copy
+        raises :class:`ArchiveClosed`."""
+        return (Member, (self.name, self.size, _archive_closed, None, None, self.crc, self.raw_name))
 
     @property
     def viewer(self) -> Callable[[], Buffer] | None:

@@ -6,6 +6,7 @@ against ``root``, which is itself relative to the folder of the config file.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -187,6 +188,24 @@ class WorkerSettings(_Section):
     # Batches whose CPU stage (reading, decoding, CPU steps) runs ahead in a prefetch thread while
     # the GPU stage of the current one runs; bounds the studies held in memory. 0 turns it off.
     max_inflight_studies: int = Field(default=2, ge=0, le=16)
+    # Processes that run the CPU stage (reading, decoding, the CPU steps) beside the worker, which
+    # keeps the GPU; at most ``max_inflight_studies`` (at least 1) of them work at once. Unset: the
+    # machine's cores − 1, at least 1. 0: the CPU stage runs in this process (prefetch thread).
+    cpu_workers: int | None = Field(default=None, ge=0, le=64)
+
+    def cpu_processes(self) -> int:
+        """How many CPU pool processes to start: ``cpu_workers`` (unset: cores − 1, at least 1),
+        no more than can work at once (``max_inflight_studies``, at least 1); 0 when off."""
+        wanted = self.cpu_workers if self.cpu_workers is not None else max(1, usable_cores() - 1)
+        return min(wanted, max(1, self.max_inflight_studies))
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, e.g. a container's CPU set)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 _DURATION_UNITS = {"": 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}

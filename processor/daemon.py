@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from processor.config import Settings
+from processor.cpupool import CpuPool, PooledExecutor
 from processor.errors import ConfigError, Deferred, os_error_words
-from processor.executor import LocalExecutor
+from processor.executor import Executor, LocalExecutor
 from processor.instance import InstanceLock
 from processor.intake.archive import Limits
 from processor.intake.orphans import adopt_orphans
@@ -95,6 +96,33 @@ class Components:
         )
 
 
+def cpu_stage_executor(settings: Settings, device: str) -> LocalExecutor:
+    """What a CPU pool process (:mod:`processor.cpupool`) runs: the same pipeline file compiled for
+    the daemon's ``device`` (resolved there, so no process but the daemon touches CUDA; the CPU
+    steps load no model), the state database opened read-only, and the same recorder's paths."""
+    from processor.models.cache import ModelCache
+
+    m = settings.models
+    models = ModelCache(m.capacity, device, m.gpu_memory_budget_gb, precision=m.precision)
+    env = StepEnv(
+        root=settings.root,
+        device=device,
+        models=models,
+        content_cache=State.content_cache(settings.state),
+        pinned_sha256=pinned_sha256(settings),
+    )
+    pipeline = load_pipeline(settings.pipeline, default_registry(), env)
+    state = State(settings.state, readonly=True, timeout=settings.limits.database_busy_seconds)
+    intake = Intake(
+        state,
+        pipeline_name=pipeline.name,
+        pipeline_version=pipeline.version,
+        inbox_dirs=settings.inbox.dirs,
+        outbox=settings.outbox,
+    )
+    return Components(settings, pipeline, device, models, state, intake).executor()
+
+
 def build(settings: Settings, registry: StepRegistry | None = None) -> Components:
     """Compile the pipeline (ConfigError on any problem), open state, wire intake."""
     device = resolve_device_name(settings.device)
@@ -157,20 +185,27 @@ class Daemon:
         self.window = NightWindow.parse(s.schedule.night_window)
         self.disk = DiskGuard(guarded_volumes(s), s.disk.min_free_gb)
         self.reports = ReportUpdater(s.state, s.reports) if s.reports.enabled else None
-        executor = components.executor()
-        self.recorder = executor.recorder
+        local = components.executor()
+        self.recorder = local.recorder
+        processes = s.worker.cpu_processes()
+        self.cpu_pool: CpuPool | None = None
+        executor: Executor = local
+        if processes:
+            self.cpu_pool = CpuPool(s, local, processes, device=components.device)
+            executor = PooledExecutor(local, self.cpu_pool, s.limits.max_attempts)
         self.state_file = StateFileGuard(s.state)
         self._next_replay = 0.0
         self.worker = Worker(
             components.state,
             executor,
             can_claim=self._may_take,
-            on_start=executor.recorder.replay,
+            on_start=self.recorder.replay,
             on_idle=self._idle_replay,
             night_before=self._night_before,
             on_processed=self._on_processed,
             night_batch=s.worker.night_batch,
             max_inflight=s.worker.max_inflight_studies,
+            prefetch_workers=max(1, processes),
         )
         self.watcher = InboxWatcher(
             s.inbox.dirs,
@@ -387,6 +422,8 @@ class Daemon:
         if self.reports is not None:
             self.reports.start()
         self.housekeeping.start()
+        if self.cpu_pool is not None:  # a process that cannot compile the pipeline: ConfigError now
+            self.cpu_pool.start()
         self.worker.start()
         self.watcher.start()
         self.scheduler.start()
@@ -396,13 +433,15 @@ class Daemon:
         self._threads_started = True
         log.info(
             "daemon.started threads=worker,watcher,scheduler,housekeeping%s%s sources=%d night_window=%s "
-            "disk_min_free_gb=%g shutdown=%s",
+            "disk_min_free_gb=%g shutdown=%s cpu_workers=%d max_inflight_studies=%d",
             ",reports" if self.reports else "",
             ",status" if self.status else "",
             len(s.sources),
             self.window,
             s.disk.min_free_gb,
             s.worker.shutdown,
+            self.cpu_pool.size if self.cpu_pool else 0,
+            s.worker.max_inflight_studies,
         )
 
     def run_until_stopped(self) -> int:
@@ -455,6 +494,8 @@ class Daemon:
                 "daemon.worker_still_running arrival=%s; it returns to pending at the next start",
                 self.worker.current,
             )
+        if self.cpu_pool is not None:
+            self.cpu_pool.close()
         if self.reports is not None:  # after the worker, so the last finished study is in the workbooks
             self.reports.stop()
             self.reports.join(timeout)

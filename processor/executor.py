@@ -161,45 +161,54 @@ class LocalExecutor:
 
         Safe in a prefetch thread: it reads state and writes only the studies' preview files; every
         outcome is recorded by :meth:`complete` on the worker thread. Archives are closed on return.
+        The same three phases run split across processes in the CPU worker pool
+        (:mod:`processor.cpupool`): :meth:`open_batch` and :meth:`run_cpu_steps` in a pool process,
+        the result paths reserved (:meth:`reserve_paths`) here, by the one recorder.
         """
-        prepared = Prepared(arrivals)
         with ExitStack() as stack:
-            for arrival in arrivals:
-                log.info(
-                    "arrival.start arrival=%s name=%s attempt=%s", arrival.id, arrival.name, arrival.attempts
-                )
-                try:
-                    prepared.opened.append(self._open(arrival, stack, should_stop))
-                except Stopped:
-                    log.info("arrival.read_stopped arrival=%s", arrival.id)
-                    prepared.stopped = True
-                    break
-                except EarlierPartFault:  # the world, not the input: the caller sends the batch back
-                    raise
-                except EarlierPartUnreadable as exc:
-                    prepared.rejected[arrival.id] = (str(exc), ArrivalState.FAILED)
-                except IngestError as exc:
-                    prepared.rejected[arrival.id] = (str(exc), ArrivalState.QUARANTINED)
-                except sqlite3.Error:  # the database, not the input: the worker sends the batch back
-                    raise
-                except Exception as exc:  # a bug must not kill the worker; the arrival is kept, marked failed
-                    log.exception("arrival.crashed arrival=%s", arrival.id)
-                    prepared.rejected[arrival.id] = (
-                        f"internal error: {type(exc).__name__}: {exc}",
-                        ArrivalState.FAILED,
-                    )
-            try:
-                if not prepared.stopped:
-                    self._start_studies(prepared, should_stop)
-            except sqlite3.Error:  # the database, not the input: the worker sends the batch back
-                raise
-            except Exception as exc:  # noqa: BLE001 — recorded and applied to the batch in complete()
-                log.exception("batch.crashed arrivals=%s", [item.arrival.id for item in prepared.opened])
-                prepared.crash = f"internal error: {type(exc).__name__}: {exc}"
+            prepared = self.open_batch(arrivals, stack, should_stop, self.recorder.locate)
+            if not prepared.stopped:
+                self.attach_paths(prepared, self.reserve_paths(study_keys(prepared)))
+                self.run_cpu_steps(prepared, should_stop)
         return prepared
 
-    def _open(self, arrival: Arrival, stack: ExitStack, should_stop: StopCheck) -> _Opened:
-        path = self.recorder.locate(arrival)
+    def open_batch(
+        self,
+        arrivals: Sequence[Arrival],
+        stack: ExitStack,
+        should_stop: StopCheck,
+        locate: Callable[[Arrival], Path | None],
+    ) -> Prepared:
+        """Open and scan each arrival (open while ``stack`` is), and plan its studies; an input that
+        cannot be read is recorded in ``rejected``. ``locate``: where an arrival's input is now."""
+        prepared = Prepared(arrivals)
+        for arrival in arrivals:
+            log.info(
+                "arrival.start arrival=%s name=%s attempt=%s", arrival.id, arrival.name, arrival.attempts
+            )
+            try:
+                prepared.opened.append(self._open(arrival, locate(arrival), stack, should_stop))
+            except Stopped:
+                log.info("arrival.read_stopped arrival=%s", arrival.id)
+                prepared.stopped = True
+                break
+            except EarlierPartFault:  # the world, not the input: the caller sends the batch back
+                raise
+            except EarlierPartUnreadable as exc:
+                prepared.rejected[arrival.id] = (str(exc), ArrivalState.FAILED)
+            except IngestError as exc:
+                prepared.rejected[arrival.id] = (str(exc), ArrivalState.QUARANTINED)
+            except sqlite3.Error:  # the database, not the input: the worker sends the batch back
+                raise
+            except Exception as exc:  # a bug must not kill the worker; the arrival is kept, marked failed
+                log.exception("arrival.crashed arrival=%s", arrival.id)
+                prepared.rejected[arrival.id] = (
+                    f"internal error: {type(exc).__name__}: {exc}",
+                    ArrivalState.FAILED,
+                )
+        return prepared
+
+    def _open(self, arrival: Arrival, path: Path | None, stack: ExitStack, should_stop: StopCheck) -> _Opened:
         if path is None:
             raise IngestError(
                 f"the input {arrival.name} is no longer at {arrival.current_path} "
@@ -231,21 +240,43 @@ class LocalExecutor:
     def _step_stop(self, should_stop: StopCheck) -> StopCheck:
         return _never if self.finish_study_on_stop else should_stop
 
-    def _start_studies(self, prepared: Prepared, should_stop: StopCheck) -> None:
+    def reserve_paths(self, keys: Sequence[tuple[Arrival, str]]) -> list[Path]:
+        """The result JSON path of each (arrival, StudyInstanceUID), in order, reserved by the
+        recorder (two arrivals in flight never share one; see :meth:`StudyRecorder.json_path`)."""
         taken: set[Path] = set()
+        paths = []
+        for arrival, study_uid in keys:
+            path = self.recorder.json_path(arrival, study_uid, taken)
+            taken.add(path)
+            paths.append(path)
+        return paths
+
+    @staticmethod
+    def attach_paths(prepared: Prepared, paths: Sequence[Path]) -> None:
+        """Give each study of ``prepared`` (in :func:`study_keys` order) its run and result path."""
+        given = iter(paths)
         for item in prepared.opened:
             for study in item.studies:
-                json_path = self.recorder.json_path(item.arrival, study.uid, taken)
-                taken.add(json_path)
+                json_path = next(given)
                 ctx = StudyContext(item.arrival.id, study, json_path.with_suffix(""))
                 ctx.warnings.extend(item.warnings.get(study.uid, []))
                 item.runs.append((StudyRun(ctx), json_path))
-        if should_stop():
-            prepared.stopped = True
-            return
-        for item in prepared.opened:
-            fault_point("study.started", item.arrival.name)
-        self.runner.advance(prepared.runs, 0, self.runner.gpu_stage_start(), self._step_stop(should_stop))
+
+    def run_cpu_steps(self, prepared: Prepared, should_stop: StopCheck) -> None:
+        """The steps before the first GPU step, over every study of ``prepared``; a bug outside any
+        step is kept in ``prepared.crash`` and applied to the batch by :meth:`complete`."""
+        try:
+            if should_stop():
+                prepared.stopped = True
+                return
+            for item in prepared.opened:
+                fault_point("study.started", item.arrival.name)
+            self.runner.advance(prepared.runs, 0, self.runner.gpu_stage_start(), self._step_stop(should_stop))
+        except sqlite3.Error:  # the database, not the input: the worker sends the batch back
+            raise
+        except Exception as exc:  # noqa: BLE001 — recorded and applied to the batch in complete()
+            log.exception("batch.crashed arrivals=%s", [item.arrival.id for item in prepared.opened])
+            prepared.crash = f"internal error: {type(exc).__name__}: {exc}"
 
     # ------------------------------------------------------------------ GPU stage and the end
     def complete(self, handle: Handle, should_stop: StopCheck = _never) -> list[ArrivalState]:
@@ -313,6 +344,11 @@ class LocalExecutor:
         self.state.release(arrival.id)
         log.info("arrival.released arrival=%s reason=%s", arrival.id, reason)
         return ArrivalState.PENDING
+
+
+def study_keys(prepared: Prepared) -> list[tuple[Arrival, str]]:
+    """Each study of ``prepared`` as (its arrival, its StudyInstanceUID), in the order of the runs."""
+    return [(item.arrival, study.uid) for item in prepared.opened for study in item.studies]
 
 
 def _finished(run: StudyRun, json_path: Path, item: _Opened, patient_key: str | None) -> FinishedStudy:

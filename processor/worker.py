@@ -64,6 +64,7 @@ class Worker:
         max_inflight: int = 0,
         on_start: Callable[[], object] | None = None,
         on_idle: Callable[[], object] | None = None,
+        prefetch_workers: int = 1,
     ) -> None:
         self.state = state
         self.on_start = on_start
@@ -72,6 +73,7 @@ class Worker:
         self.clock = clock
         self.night_batch = night_batch
         self.max_inflight = max_inflight
+        self.prefetch_workers = prefetch_workers  # threads preparing at once (CPU pool processes)
         self.prefetcher: Prefetcher[list[Arrival], Handle] | None = None
         self.night_allowed = night_allowed
         self.night_before = night_before
@@ -118,7 +120,11 @@ class Worker:
         return None if before is None else before.astimezone(UTC).isoformat(timespec="seconds")
 
     def _loop(self) -> None:
-        pool = Prefetcher(self._prepare_ahead, self.max_inflight) if self.max_inflight > 0 else None
+        pool = (
+            Prefetcher(self._prepare_ahead, self.max_inflight, min(self.prefetch_workers, self.max_inflight))
+            if self.max_inflight > 0
+            else None
+        )
         self.prefetcher = pool
         try:
             self._release(self._held | self._unreleased, "restart")  # left by a previous life of this thread

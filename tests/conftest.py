@@ -64,6 +64,10 @@ class Project:
             "pipeline": "pipeline.yaml",
             "device": "cpu",
             "status": {"host": "127.0.0.1", "port": 0},
+            # The CPU stage in the daemon's own threads: a pool process takes seconds to start on
+            # CI's two cores, for each of the suite's daemons. tests/test_cpu_pool.py runs the pool
+            # (the default) and checks its results equal these.
+            "worker": {"cpu_workers": 0},
         }
         for key, value in overrides.items():
             settings[key] = value

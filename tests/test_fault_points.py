@@ -541,7 +541,7 @@ def test_crash_at_point_then_restart(
 ) -> None:
     settings: dict[str, Any] = {"reports": {"enabled": False}, "limits": {"max_attempts": 3}}
     if case.point == "prefetch.prepared":
-        settings["worker"] = {"max_inflight_studies": 1}
+        settings["worker"] = {"max_inflight_studies": 1, "cpu_workers": 0}
     if case.point == "excel.writing":
         settings["reports"] = {"enabled": True, "debounce_seconds": 0}
     first, last = ("1", "3") if case.victim == "bad" else ("3", "1")
@@ -568,7 +568,10 @@ def test_poison_study_is_charged_alone(tmp_path: Path, daemons: Callable[[Projec
     """A study that kills the worker every time is quarantined after limits.max_attempts crashes;
     the studies prefetched beside it are not charged for its crashes and end done."""
     project = new_project(
-        tmp_path, reports={"enabled": False}, worker={"max_inflight_studies": 1}, limits={"max_attempts": 3}
+        tmp_path,
+        reports={"enabled": False},
+        worker={"max_inflight_studies": 1, "cpu_workers": 0},
+        limits={"max_attempts": 3},
     )
     # poison.zip sorts first, so it is claimed first and the others are prefetched while it crashes.
     poison = replace(good("poison.zip"), state="quarantined", studies=(), reason=POISON)

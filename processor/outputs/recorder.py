@@ -52,6 +52,7 @@ from processor.vocab import ArrivalState, LateSeries, ReceiptOutcome, StudyStatu
 log = logging.getLogger(__name__)
 
 PLACE_WAIT_SECONDS = 10.0  # placing takes milliseconds; longer means an OS error holds it
+PLACE_POLL_SECONDS = 0.2  # how often a process without the notifying recorder looks again
 
 
 class PlacementPolicy(Protocol):
@@ -150,7 +151,7 @@ class StudyRecorder:
     def locate(self, arrival: Arrival) -> Path | None:
         """Where the input is now (None: moved or deleted outside ctwatch)."""
         path = self.placement_for(arrival).locate(arrival)
-        if path is not None and str(path) != arrival.current_path:
+        if path is not None and str(path) != arrival.current_path and not self.state.readonly:
             self.state.update_arrival(arrival.id, current_path=str(path))
         return path
 
@@ -296,7 +297,8 @@ class StudyRecorder:
                 left = deadline - time.monotonic()
                 if arrival.placed or left <= 0:
                     return arrival
-                self._placed.wait(left)
+                # notified by this process's recorder; polled for one in a CPU pool process
+                self._placed.wait(min(left, PLACE_POLL_SECONDS))
 
     # ------------------------------------------------------------------ replay
     def replay(self, settle_seconds: float | None = None) -> list[int]:

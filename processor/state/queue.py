@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from processor.names import display_name, escape_surrogates, name_bytes_hex
@@ -275,6 +276,31 @@ class Queue(Database):
                     self._set(row["id"], state="pending", isolate=1)
                 recovered.append(self.arrival(row["id"]))
         return recovered
+
+    def crashed(self, arrival_ids: Sequence[int], max_crashes: int) -> list[Arrival]:
+        """A CPU pool process (:mod:`processor.cpupool`) died while these ``running`` arrivals were
+        in it: charged as :meth:`recover_in_flight` charges the death of the whole process. One
+        alone gets ``crashes + 1`` and goes back to the queue — or, at ``max_crashes``, stays
+        ``running`` for the caller to end it quarantined with :func:`crash_reason`; several together
+        go back uncharged with ``isolate`` set. Returns the arrivals as they are now."""
+        with self.transaction():
+            rows = [
+                row
+                for arrival_id in arrival_ids
+                for row in self.db.query(
+                    "select * from arrivals where id = ? and state = 'running'", [arrival_id]
+                )
+            ]
+            alone = len(rows) == 1
+            for row in rows:
+                crashes = row["crashes"] + (1 if alone else 0)
+                if alone and crashes >= max_crashes:
+                    self._set(row["id"], crashes=crashes)
+                elif alone:
+                    self._set(row["id"], state="pending", crashes=crashes)
+                else:
+                    self._set(row["id"], state="pending", isolate=1)
+        return [self.arrival(arrival_id) for arrival_id in arrival_ids]
 
     # ------------------------------------------------------------------ the end of an arrival
     def finish(

@@ -1,0 +1,161 @@
+"""The CPU worker pool (issue 18): the CPU stage in processes of its own, results identical to the
+in-process path, a pool process's death charged to its study alone, logs and stop passed through.
+
+Real daemons (``python run.py``) on real ZIPs of real DICOM; a pool process is killed with the
+named fault point ``study.started`` (``os._exit(137)``, what the OOM killer leaves) for one poison
+input, and by ``kill -9`` of its PID.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from processor.faults import ENV
+from tests.conftest import REPO, Project, wait_for
+from tests.dicomgen import make_series, write_zip
+
+STEPS = yaml.safe_load((REPO / "pipelines" / "chest-ct.yaml").read_text())["steps"]  # weight-free here
+TIMING = {"time_of_processing", "finished_at", "source"}
+
+
+def _inputs(folder: Path, n: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    return [
+        write_zip(folder / f"chest{i}.zip", make_series(30, study_uid=f"1.2.826.0.1.3680043.10.543.{i + 1}"))
+        for i in range(n)
+    ]
+
+
+def _project(root: Path, cpu_workers: int, **overrides: object) -> Project:
+    worker = {"cpu_workers": cpu_workers, "max_inflight_studies": 2}
+    root.mkdir(parents=True)
+    return Project(root, STEPS, worker=worker, reports={"enabled": False}, **overrides)
+
+
+def _drop(project: Project, zips: list[Path]) -> None:
+    for z in zips:
+        data = z.read_bytes()
+        (project.inbox / z.name).write_bytes(data)
+
+
+def _comparable(path: Path, root: Path) -> dict:
+    doc = json.loads(path.read_text().replace(str(root), "<root>"))
+    for key in TIMING:
+        doc.pop(key, None)
+    doc["steps"] = [{k: v for k, v in step.items() if k != "seconds"} for step in doc["steps"]]
+    return doc
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0
+
+
+def _pool_pids(project: Project) -> list[int]:
+    return [int(m) for m in re.findall(r"cpu_pool\.process_started slot=\d+ pid=(\d+)", project.log_text())]
+
+
+def test_pool_gives_the_in_process_results_and_runs_in_other_processes(tmp_path: Path) -> None:
+    zips = _inputs(tmp_path / "zips", 4)
+    runs = {}
+    for workers in (2, 0):
+        project = _project(tmp_path / f"w{workers}", workers)
+        proc = project.start()
+        try:
+            wait_for(lambda p=project: "daemon.started" in p.log_text(), 60, "the daemon to start")
+            _drop(project, zips)
+            wait_for(lambda p=project: len(p.results()) == 4, 120, "4 results")
+        finally:
+            _stop(proc)
+        runs[workers] = {p.name: _comparable(p, project.root) for p in project.results()}
+        log = project.log_text()
+        if workers:
+            pids = _pool_pids(project)
+            assert len(pids) == 2 and proc.pid not in pids, log[-3000:]
+            assert "cpu_workers=2" in log
+            # the pool processes' log records reach the daemon's log (arrival.start is logged there)
+            assert log.count("arrival.start ") == 4, log[-3000:]
+        else:
+            assert not _pool_pids(project) and "cpu_workers=0" in log
+    assert runs[2].keys() == runs[0].keys() and len(runs[2]) == 4
+    for name in runs[2]:
+        assert runs[2][name] == runs[0][name], name
+    # the previews the CPU steps wrote in the pool processes are there, as in-process
+    assert sorted(p.relative_to(tmp_path / "w2") for p in (tmp_path / "w2" / "outbox").rglob("*.png"))
+
+
+def test_a_pool_process_that_dies_is_charged_to_its_study_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A poison input kills its pool process each time (limits.max_attempts: 2); the daemon lives,
+    the poison input is quarantined "crashed the worker 2 times", its neighbours are done."""
+    project = _project(tmp_path / "p", 1, limits={"max_attempts": 2})
+    zips = _inputs(tmp_path / "zips", 3)
+    zips[1] = zips[1].rename(zips[1].with_name("poison.zip"))
+    monkeypatch.setenv(ENV, "study.started~poison")
+    proc = project.start()
+    monkeypatch.delenv(ENV)
+    try:
+        wait_for(lambda: "daemon.started" in project.log_text(), 60, "the daemon to start")
+        _drop(project, zips)
+        wait_for(lambda: len(project.results()) == 2 and len(project.receipts()) == 3, 120, "3 receipts")
+        assert proc.poll() is None, "the daemon died with its pool process"
+    finally:
+        _stop(proc)
+    by_name = {r["name"]: r for r in project.receipts()}
+    assert by_name["poison.zip"]["outcome"] == "rejected", by_name["poison.zip"]
+    assert "crashed the worker 2 times" in json.dumps(by_name["poison.zip"])
+    assert {by_name[f"chest{i}.zip"]["outcome"] for i in (0, 2)} == {"accepted"}
+    assert (project.inbox / "quarantine").rglob("poison.zip")
+    log = project.log_text()
+    assert log.count("cpu_pool.process_died") == 2, log[-4000:]
+    assert "killed by signal" in log or "exit code 137" in log
+    pids = set(_pool_pids(project))  # started at start, then again when work came after a death
+    assert len(pids) >= 2 and proc.pid not in pids
+
+
+def test_kill_9_of_a_pool_process_mid_study_loses_nothing(tmp_path: Path) -> None:
+    """kill -9 of the pool process while it prepares: the study goes back, runs again, ends once."""
+    project = _project(tmp_path / "k", 1)
+    zips = [write_zip(tmp_path / "big.zip", make_series(400, study_uid="1.2.826.0.1.3680043.10.543.99"))]
+    proc = project.start()
+    try:
+        wait_for(lambda: "daemon.started" in project.log_text(), 60, "the daemon to start")
+        pid = _pool_pids(project)[0]
+        _drop(project, zips)
+        wait_for(lambda: "arrival.start " in project.log_text(), 60, "the pool to start on it")
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: len(project.receipts()) == 1, 120, "its receipt")
+        assert proc.poll() is None
+    finally:
+        _stop(proc)
+    log = project.log_text()
+    (receipt,) = project.receipts()
+    if "cpu_pool.process_died" in log:  # killed in time: charged one crash, then done
+        assert "killed by signal SIGKILL" in log
+        assert log.count("arrival.start ") == 2
+    assert receipt["outcome"] == "accepted", receipt
+    assert len(project.results()) == 1
+
+
+def test_pool_processes_end_with_a_killed_daemon(tmp_path: Path) -> None:
+    """kill -9 of the daemon: its pool processes exit at once (nothing of a dead daemon's runs on
+    beside the next one's work)."""
+    project = _project(tmp_path / "d", 2)
+    proc = project.start()
+    try:
+        wait_for(lambda: "daemon.started" in project.log_text(), 60, "the daemon to start")
+        pids = _pool_pids(project)
+        assert len(pids) == 2 and all(Path(f"/proc/{pid}").exists() for pid in pids)
+    finally:
+        proc.kill()
+        proc.wait(30)
+    wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in pids), 15, "the pool processes to exit")
