@@ -272,6 +272,8 @@ class LocalExecutor:
             for item in prepared.opened:
                 fault_point("study.started", item.arrival.name)
             self.runner.advance(prepared.runs, 0, self.runner.gpu_stage_start(), self._step_stop(should_stop))
+            if not prepared.interrupted():
+                self.runner.prepare_gpu_steps(prepared.runs)
         except sqlite3.Error:  # the database, not the input: the worker sends the batch back
             raise
         except Exception as exc:  # noqa: BLE001 — recorded and applied to the batch in complete()

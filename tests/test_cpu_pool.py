@@ -21,8 +21,30 @@ import yaml
 from processor.faults import ENV
 from tests.conftest import REPO, Project, wait_for
 from tests.dicomgen import make_series, write_zip
+from tests.test_ctclip_steps import (
+    INTERCEPT,
+    PIXEL_SPACING,
+    SLICE_STEP,
+    SMALL,
+    _install_small_weights,
+    _stored,
+)
 
 STEPS = yaml.safe_load((REPO / "pipelines" / "chest-ct.yaml").read_text())["steps"]  # weight-free here
+CLIP_STEPS = [
+    *STEPS[:4],  # series, volume, lungs, slices
+    {
+        "id": "clip",
+        "uses": "ctclip.zero_shot",
+        "with": {"checkpoint": "weights/ct_clip/small_ctclip.pt", **SMALL},
+    },
+    {
+        "id": "lipro",
+        "uses": "ctclip.classify",
+        "with": {"checkpoint": "weights/ct_clip/small_lipro.pt", **SMALL},
+    },
+    {"id": "decision", "uses": "decision.pathology"},
+]
 TIMING = {"time_of_processing", "finished_at", "source"}
 
 
@@ -34,10 +56,10 @@ def _inputs(folder: Path, n: int) -> list[Path]:
     ]
 
 
-def _project(root: Path, cpu_workers: int, **overrides: object) -> Project:
+def _project(root: Path, cpu_workers: int, steps: list[dict] = STEPS, **overrides: object) -> Project:
     worker = {"cpu_workers": cpu_workers, "max_inflight_studies": 2}
     root.mkdir(parents=True)
-    return Project(root, STEPS, worker=worker, reports={"enabled": False}, **overrides)
+    return Project(root, steps, worker=worker, reports={"enabled": False}, **overrides)
 
 
 def _drop(project: Project, zips: list[Path]) -> None:
@@ -64,10 +86,27 @@ def _pool_pids(project: Project) -> list[int]:
 
 
 def test_pool_gives_the_in_process_results_and_runs_in_other_processes(tmp_path: Path) -> None:
-    zips = _inputs(tmp_path / "zips", 4)
+    """The chest-CT pipeline with small CT-CLIP models: the CPU steps and CT-CLIP's preprocessing
+    run in pool processes (the preprocessed tensor crosses back), the models here; every result
+    equals the in-process path's."""
+    zips = _inputs(tmp_path / "zips", 3)
+    zips.append(
+        write_zip(
+            tmp_path / "zips" / "clip.zip",
+            make_series(
+                24,
+                stored=_stored(1),
+                pixel_spacing=PIXEL_SPACING,
+                spacing=SLICE_STEP,
+                intercept=INTERCEPT,
+                study_uid="1.2.826.0.1.3680043.10.543.50",
+            ),
+        )
+    )
     runs = {}
     for workers in (2, 0):
-        project = _project(tmp_path / f"w{workers}", workers)
+        project = _project(tmp_path / f"w{workers}", workers, steps=CLIP_STEPS)
+        _install_small_weights(project.root)
         proc = project.start()
         try:
             wait_for(lambda p=project: "daemon.started" in p.log_text(), 60, "the daemon to start")
@@ -83,11 +122,14 @@ def test_pool_gives_the_in_process_results_and_runs_in_other_processes(tmp_path:
             assert "cpu_workers=2" in log
             # the pool processes' log records reach the daemon's log (arrival.start is logged there)
             assert log.count("arrival.start ") == 4, log[-3000:]
+            assert "ctclip.preprocessed step=clip target_xyz=32x32x24 stage=cpu" in log
         else:
             assert not _pool_pids(project) and "cpu_workers=0" in log
     assert runs[2].keys() == runs[0].keys() and len(runs[2]) == 4
     for name in runs[2]:
         assert runs[2][name] == runs[0][name], name
+    clip = runs[2]["1.2.826.0.1.3680043.10.543.50.json"]["models"]
+    assert len(clip["clip"]["probabilities"]) == 18 and clip["lipro"]["probabilities"]
     # the previews the CPU steps wrote in the pool processes are there, as in-process
     assert sorted(p.relative_to(tmp_path / "w2") for p in (tmp_path / "w2" / "outbox").rglob("*.png"))
 

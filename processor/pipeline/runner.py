@@ -23,7 +23,7 @@ from functools import partial
 
 from processor.errors import ResourceExhaustedError, StepError, WeightsError, WithheldError
 from processor.pipeline.spec import CompiledStep, Pipeline
-from processor.pipeline.step import StudyContext
+from processor.pipeline.step import Step, StudyContext
 from processor.pipeline.weightfiles import weight_files_now
 from processor.vocab import StepProblem, StepStatus, StudyStatus
 
@@ -122,6 +122,31 @@ class PipelineRunner:
                     )
             if live and self._weights_ready(compiled, live):
                 self._run_step(compiled, [run for run in live if self._inputs_ready(compiled, run)])
+
+    def prepare_gpu_steps(self, runs: Sequence[StudyRun]) -> None:
+        """The CPU part of each GPU step (:meth:`Step.prepare`) over the studies it will run on,
+        at the end of the CPU stage. Only steps whose weight files are all there, on studies with
+        no error and whose needs are met; an error is logged and left to the step's own run."""
+        for compiled in self.pipeline.steps[self.gpu_stage_start() :]:
+            if type(compiled.step).prepare is Step.prepare:
+                continue
+            weights = weight_files_now(compiled.step)
+            if weights.why is not None or weights.missing:
+                continue
+            for run in runs:
+                if run.error is not None or run.interrupted:
+                    continue
+                if any(port.name not in run.ctx.values for port in compiled.step.needs):
+                    continue
+                try:
+                    compiled.step.prepare(run.ctx)
+                except Exception:  # noqa: BLE001 — the step's run meets it again and reports it
+                    log.warning(
+                        "step.prepare_failed study=%s step=%s: left to the step",
+                        run.ctx.label,
+                        compiled.id,
+                        exc_info=True,
+                    )
 
     def _weights_ready(self, compiled: CompiledStep, live: list[StudyRun]) -> bool:
         weights = weight_files_now(compiled.step)

@@ -124,6 +124,13 @@ class Step:
     def link(self, later: Sequence[Step]) -> None:
         """Told at compile time which steps run after this one in the pipeline (default: ignored)."""
 
+    def prepare(self, ctx: StudyContext) -> None:
+        """The CPU part of a GPU step, run in the CPU stage (a pool process or the prefetch thread,
+        overlapping the GPU work of other studies) when the step will run: its weight files are
+        there and its needs are met. It may only put values in ``ctx.values`` that :meth:`run`
+        would otherwise compute the same way (e.g. CT-CLIP's preprocessed input); an error here
+        is left for :meth:`run` to meet and report. Default: nothing."""
+
     def output_sha256(self, output: str) -> str | None:
         """The sha256 of the checkpoint file this step's ``output`` comes from, for a later step's
         :meth:`bind`: ``output`` is a port name (``ctclip_latent``) or a feature prefix (``zs``).

@@ -254,6 +254,16 @@ class _CTClipStep(Step):
                 inputs[key] = found
         return found
 
+    def prepare(self, ctx: StudyContext) -> None:
+        """The preprocessed input (float64 resampling, ~1 CPU-s a study) in the CPU stage; the step's
+        run takes it from ``ctclip_inputs`` as if it had computed it (:meth:`_input`)."""
+        _require_spacing(ctx.values[VOLUME.name])
+        inputs = ctx.values.setdefault("ctclip_inputs", {})
+        key = tuple(self.p.target_xyz)
+        if key not in inputs:
+            inputs[key] = self._preprocess(ctx)
+            log.info("ctclip.preprocessed step=%s target_xyz=%s stage=cpu", self.sid, "x".join(map(str, key)))
+
     def link(self, later: Sequence[Step]) -> None:
         self.shares_input = any(
             isinstance(s, _CTClipStep) and tuple(s.p.target_xyz) == tuple(self.p.target_xyz) for s in later
