@@ -323,6 +323,7 @@ class Daemon:
             worker_alive=self.worker.is_alive,
             worker_current=lambda: (self.worker.current, self.worker.current_since),
             prefetch_inflight=lambda: self.worker.prefetcher.inflight if self.worker.prefetcher else 0,
+            cpu_pool=self.cpu_pool.processes if self.cpu_pool is not None else list,
             disk=self.disk.report,
             next_jobs=self.scheduler.next_jobs,
             models=self._models_loaded,

@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import subprocess
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,16 @@ def _stop(proc: subprocess.Popen[str]) -> None:
     assert proc.wait(60) == 0
 
 
+def _status(project: Project) -> tuple[dict, str]:
+    """The daemon's /status document and /metrics text, over real HTTP on 127.0.0.1."""
+    port = re.findall(r"status\.listening url=http://127\.0\.0\.1:(\d+)/", project.log_text())[-1]
+    base = f"http://127.0.0.1:{port}"
+    with urllib.request.urlopen(f"{base}/status", timeout=10) as r:
+        status = json.loads(r.read())
+    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as r:
+        return status, r.read().decode()
+
+
 def _pool_pids(project: Project) -> list[int]:
     return [int(m) for m in re.findall(r"cpu_pool\.process_started slot=\d+ pid=(\d+)", project.log_text())]
 
@@ -112,6 +123,7 @@ def test_pool_gives_the_in_process_results_and_runs_in_other_processes(tmp_path:
             wait_for(lambda p=project: "daemon.started" in p.log_text(), 60, "the daemon to start")
             _drop(project, zips)
             wait_for(lambda p=project: len(p.results()) == 4, 120, "4 results")
+            status, metrics = _status(project)
         finally:
             _stop(proc)
         runs[workers] = {p.name: _comparable(p, project.root) for p in project.results()}
@@ -120,6 +132,9 @@ def test_pool_gives_the_in_process_results_and_runs_in_other_processes(tmp_path:
             pids = _pool_pids(project)
             assert len(pids) == 2 and proc.pid not in pids, log[-3000:]
             assert "cpu_workers=2" in log
+            pool = status["worker"]["cpu_processes"]
+            assert [p["alive"] for p in pool] == [True, True] and sum(p["batches"] for p in pool) == 4
+            assert "ctwatch_cpu_processes_alive 2" in metrics and "ctwatch_cpu_process_deaths_total 0" in metrics
             # the pool processes' log records reach the daemon's log (arrival.start is logged there)
             assert log.count("arrival.start ") == 4, log[-3000:]
             assert "ctclip.preprocessed step=clip target_xyz=32x32x24 stage=cpu" in log

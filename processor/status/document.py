@@ -39,6 +39,8 @@ class Probes:
     worker_alive: Callable[[], bool] = lambda: True
     worker_current: Callable[[], tuple[int | None, float | None]] = lambda: (None, None)
     prefetch_inflight: Callable[[], int] = lambda: 0
+    # the CPU pool's processes: {"slot", "pid", "alive", "batches", "deaths"} each (empty: no pool)
+    cpu_pool: Callable[[], list[dict[str, Any]]] = list
     disk: Callable[[], dict[str, Any]] = lambda: {"ok": True, "reason": None, "volumes": []}
     next_jobs: Callable[[], list[dict[str, Any]]] = list
     models: Callable[[], list[dict[str, Any]]] = list
@@ -205,6 +207,9 @@ def collect_status(probes: Probes, state: State, now: datetime | None = None) ->
             "alive": probes.worker_alive(),
             "current_arrival": current,
             "prefetch_inflight": probes.prefetch_inflight(),
+            "cpu_processes": [
+                {k: p[k] for k in ("slot", "alive", "batches", "deaths")} for p in probes.cpu_pool()
+            ],
             "current_seconds": round(time.time() - since, 1) if since else None,
         },
         "recent_arrivals": [

@@ -195,6 +195,19 @@ def metrics_text(status: dict[str, Any], totals: dict[str, int]) -> str:
         "Batches prepared ahead of the GPU stage (bounded).",
         [({}, status["worker"]["prefetch_inflight"])],
     )
+    pool = status["worker"].get("cpu_processes", [])
+    family(
+        "ctwatch_cpu_processes_alive",
+        "gauge",
+        "CPU pool processes running now (worker.cpu_workers; 0 without a pool).",
+        [({}, sum(1 for p in pool if p["alive"]))],
+    )
+    family(
+        "ctwatch_cpu_process_deaths_total",
+        "counter",
+        "CPU pool processes that died (each charged to the batch it was preparing).",
+        [({}, sum(p["deaths"] for p in pool))],
+    )
     disk = status["disk"]
     family(
         "ctwatch_disk_ok", "gauge", "0 while the disk guard stops new claims.", [({}, disk.get("ok", True))]
