@@ -36,7 +36,7 @@ import os
 import queue
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import ExitStack
@@ -152,11 +152,20 @@ class _Slot:
 class CpuPool:
     """``processes`` pool processes preparing batches for :class:`PooledExecutor`'s worker.
 
-    ``settings`` and ``device``: what each process compiles the pipeline with; ``executor``: the
-    daemon's own, whose pipeline digest each process must get and whose recorder reserves paths.
+    ``build(settings, device)``: a module-level function (pickled by name) that each process
+    calls to compile its executor; ``executor``: the daemon's own, whose pipeline digest each
+    process must get and whose recorder reserves the result paths.
     """
 
-    def __init__(self, settings: Settings, executor: LocalExecutor, processes: int, *, device: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        executor: LocalExecutor,
+        processes: int,
+        *,
+        device: str,
+        build: Callable[[Settings, str], LocalExecutor],
+    ) -> None:
         if processes < 1:
             raise ValueError(f"a CPU pool needs at least one process (got {processes})")
         self.executor = executor
@@ -167,7 +176,7 @@ class CpuPool:
             self._log_queue, _Forward(), respect_handler_level=False
         )
         level = logging.getLogger().getEffectiveLevel()
-        initargs = (settings, device, executor.pipeline.digest, self._log_queue, level)
+        initargs = (build, settings, device, executor.pipeline.digest, self._log_queue, level)
         self._slots = [_Slot(index, initargs) for index in range(processes)]
         self._free: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -350,7 +359,15 @@ _STOP: Event | None = None
 _BATCH: tuple[ExitStack, Prepared] | None = None
 
 
-def _init(settings: Settings, device: str, digest: str, log_queue: Any, level: int, stop: Event) -> None:
+def _init(
+    build: Callable[[Settings, str], LocalExecutor],
+    settings: Settings,
+    device: str,
+    digest: str,
+    log_queue: Any,
+    level: int,
+    stop: Event,
+) -> None:
     """Set up a pool process: logs to the daemon, Ctrl-C left to the daemon, the pipeline compiled."""
     global _EXECUTOR, _STOP
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon stops us through ``stop``
@@ -358,9 +375,7 @@ def _init(settings: Settings, device: str, digest: str, log_queue: Any, level: i
     root = logging.getLogger()
     root.handlers[:] = [logging.handlers.QueueHandler(log_queue)]
     root.setLevel(level)
-    from processor.daemon import cpu_stage_executor
-
-    executor = cpu_stage_executor(settings, device)
+    executor = build(settings, device)
     if executor.pipeline.digest != digest:
         raise ConfigError(
             f"the pipeline file {settings.pipeline} changed after the daemon started; restart the daemon"

@@ -191,7 +191,7 @@ class Daemon:
         self.cpu_pool: CpuPool | None = None
         executor: Executor = local
         if processes:
-            self.cpu_pool = CpuPool(s, local, processes, device=components.device)
+            self.cpu_pool = CpuPool(s, local, processes, device=components.device, build=cpu_stage_executor)
             executor = PooledExecutor(local, self.cpu_pool, s.limits.max_attempts)
         self.state_file = StateFileGuard(s.state)
         self._next_replay = 0.0

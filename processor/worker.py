@@ -2,7 +2,8 @@
 
 Urgent arrivals first, then the day queue; night arrivals only when the schedule allows (and then,
 model-major, in batches of ``night_batch``). With ``max_inflight`` > 0 the next arrivals' CPU stage
-runs in a prefetch thread while this thread completes the current ones; an arrival waiting in the
+runs in prefetch threads (``prefetch_workers`` of them, one per CPU pool process when the executor
+has a pool, :mod:`processor.cpupool`) while this thread completes the current ones; an arrival waiting in the
 prefetch queue is only *prepared* (not charged an attempt) until the prefetch thread starts on it.
 An arrival that was in flight with others when the process died (``isolate``) is run alone, so a
 crash is charged to the input that caused it.
