@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from processor.config import Settings, default_config_path, load_settings
 from processor.errors import ConfigError, WeightsError
 from processor.fit.commands import FIT_COMMANDS, add_fit_parsers
+from processor.hugepages import huge_pages_off_by_default
 from processor.names import display_name, display_text
 
 if TYPE_CHECKING:
@@ -144,6 +145,7 @@ def setup_logging(settings: Settings | None, level: str = "INFO") -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    huge_pages_off_by_default()  # before numpy allocates anything: see processor.hugepages
     args = _parser().parse_args(argv)
     command = args.command or "run"
     config_path = args.config or default_config_path()
@@ -409,7 +411,7 @@ def cmd_requeue(settings: Settings, args: argparse.Namespace) -> int:
 
 def _requeue_one(state: State, where: Path, arrival_id: int) -> int:
     """Requeue one failed, quarantined or ignored arrival; say plainly why not otherwise (exit 1)."""
-    from sqlite_utils.db import NotFoundError
+    from processor.state.sqlitelib import NotFoundError
 
     try:
         arrival = state.arrival(arrival_id)

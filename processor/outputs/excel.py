@@ -21,17 +21,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
+from openpyxl import Workbook
 from openpyxl.styles import Alignment, Font, PatternFill
 from openpyxl.utils import get_column_letter
 from openpyxl.worksheet.worksheet import Worksheet
 
 from processor.atomic import file_mode
 from processor.faults import fault_point
-from processor.outputs.sheets import FONT, row_points, set_up_printing, style_header, wrapped_lines
+from processor.outputs.sheets import (
+    FONT,
+    row_points,
+    set_up_printing,
+    style_header,
+    wrapped_lines,
+    write_table,
+)
 from processor.outputs.workbook_rows import (
     CAPTION_HEADER,
-    DATETIME_HEADERS,
     FAILED_STATUSES,
     FAILURE_FILL,
     FROZEN,
@@ -74,14 +80,15 @@ __all__ = [
 
 
 def write_workbook(path: Path, report: Report) -> None:
-    """Write the whole workbook to ``path`` (not atomic by itself; see :func:`publish`)."""
-    studies = pd.DataFrame(report.rows, columns=HEADERS)
-    for header in DATETIME_HEADERS:
-        studies[header] = pd.to_datetime(studies[header])
-    with pd.ExcelWriter(path, engine="openpyxl") as writer:
-        studies.to_excel(writer, sheet_name="Studies", index=False)
-        _style_studies(writer.sheets["Studies"], report)
-        write_summary(writer, report)
+    """Write the whole workbook to ``path`` (not atomic by itself; see :func:`publish`), with
+    openpyxl: the Studies sheet first, then the Summary sheet."""
+    workbook = Workbook()
+    workbook.remove(workbook.worksheets[0])  # the empty "Sheet" a new workbook has
+    studies = workbook.create_sheet("Studies")
+    write_table(studies, 1, HEADERS, report.rows)
+    _style_studies(studies, report)
+    write_summary(workbook.create_sheet("Summary"), report)
+    workbook.save(path)
 
 
 def _style_studies(ws: Worksheet, report: Report) -> None:

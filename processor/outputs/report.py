@@ -51,7 +51,7 @@ class Reports:
     def __init__(
         self, state: State, settings: ReportSettings, clock: Callable[[], datetime] = datetime.now
     ) -> None:
-        from processor.outputs import excel  # pandas loads only where workbooks are written
+        from processor.outputs import excel  # openpyxl loads only where workbooks are written
 
         self.excel = excel
         self.state = state

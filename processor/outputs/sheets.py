@@ -1,4 +1,5 @@
-"""Sheet layout shared by the workbooks: header style, wrapped-text row heights, print set-up.
+"""Sheet layout shared by the workbooks: tables of values, header style, wrapped-text row heights,
+print set-up.
 
 Sizes follow the spreadsheet conventions: a column width is in characters of the default font's
 digit (Calibri 11: 7 px), a row height in points (one line of the 11 pt default font: 15 pt, as
@@ -17,8 +18,10 @@ Carlito, rows keep some white space rather than cut text in Excel.
 
 from __future__ import annotations
 
+import math
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from openpyxl.styles import Alignment, Font, PatternFill
 from openpyxl.worksheet.page import PageMargins
@@ -125,6 +128,29 @@ def set_up_printing(
         ws.print_title_rows = title_rows
     if print_area:
         ws.print_area = print_area
+
+
+def cell_value(value: Any) -> Any:
+    """``value`` as a cell holds it: None and NaN leave the cell empty, infinity is the text "inf" or
+    "-inf" (as pandas' ``to_excel`` wrote them, which the workbooks used before; Excel has neither)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
+def write_table(ws: Worksheet, top: int, headers: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> int:
+    """``headers`` in row ``top`` (1-based), then one row of cells per mapping in ``rows``, the value
+    under each header (:func:`cell_value`; a missing key leaves the cell empty). Values only: styles,
+    number formats and widths are the caller's. Returns how many rows were written below the headers."""
+    for col, header in enumerate(headers, start=1):
+        ws.cell(row=top, column=col, value=header)
+    written = 0
+    for written, row in enumerate(rows, start=1):
+        for col, header in enumerate(headers, start=1):
+            value = cell_value(row.get(header))
+            if value is not None:
+                ws.cell(row=top + written, column=col, value=value)
+    return written
 
 
 def style_header(ws: Worksheet, row: int, widths: Sequence[float]) -> None:

@@ -9,16 +9,23 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import Any
 
-import pandas as pd
 from openpyxl.styles import Alignment, Font
 from openpyxl.utils import get_column_letter
 from openpyxl.worksheet.worksheet import Worksheet
 
 from processor.outputs import explain
-from processor.outputs.sheets import FONT, row_points, set_up_printing, style_header, wrapped_lines
+from processor.outputs.sheets import (
+    FONT,
+    row_points,
+    set_up_printing,
+    style_header,
+    wrapped_lines,
+    write_table,
+)
 from processor.outputs.workbook_rows import (
     DATETIME_HEADERS,
     FAILED_STATUSES,
@@ -41,36 +48,44 @@ KEPT = (
 SUMMARY_WIDTHS = [24, 14, 20, 12, 40, *([9] * 10)]  # columns A-O: the widest table (by week) fits
 
 
-def write_summary(writer: pd.ExcelWriter, report: Report) -> None:
+@dataclass(frozen=True)
+class Table:
+    """One Summary table: its column headers, and its rows as dicts keyed by header."""
+
+    columns: list[str]
+    rows: list[dict[str, Any]]
+
+    @classmethod
+    def of(cls, rows: list[dict[str, Any]]) -> Table:
+        """A table whose columns are the first row's keys (every row has the same keys)."""
+        return cls(list(rows[0]) if rows else [], rows)
+
+
+def write_summary(ws: Worksheet, report: Report) -> None:
+    """Fill the (new, empty) Summary sheet ``ws``: heading, legend, then the tables."""
     rows, threshold = report.rows, report.threshold
-    sheet = "Summary"
-    heading = pd.DataFrame(
-        {
-            "ctwatch report": [
-                report.title,
-                f"generated {report.generated:%Y-%m-%d %H:%M}; reporting line {threshold:g} "
-                "(reports.threshold; not the decision's threshold)",
-                "derived from the ctwatch database; rebuild any time with `python run.py report`",
-            ]
-        }
-    )
-    heading.to_excel(writer, sheet_name=sheet, index=False)
-    ws = writer.sheets[sheet]
+    heading = [
+        report.title,
+        f"generated {report.generated:%Y-%m-%d %H:%M}; reporting line {threshold:g} "
+        "(reports.threshold; not the decision's threshold)",
+        "derived from the ctwatch database; rebuild any time with `python run.py report`",
+    ]
+    write_table(ws, 1, ["ctwatch report"], [{"ctwatch report": line} for line in heading])
     ws.cell(row=1, column=1).font = Font(name=FONT, bold=True, size=13)
     for col, width in enumerate(SUMMARY_WIDTHS, start=1):
         ws.column_dimensions[get_column_letter(col)].width = width
     start = _write_legend(ws, len(heading) + 3, report)
-    for title, frame in _summary_tables(rows, threshold):
+    for title, table in _summary_tables(rows, threshold):
         ws.cell(row=start, column=1, value=title).font = Font(name=FONT, bold=True, size=12)
-        if frame.empty:
+        if not table.rows:
             ws.cell(row=start + 1, column=1, value="none")
             start += 4
             continue
-        frame.to_excel(writer, sheet_name=sheet, index=False, startrow=start)
-        style_header(ws, start + 1, SUMMARY_WIDTHS[: len(frame.columns)])
-        for r in range(start + 2, start + 2 + len(frame)):
+        write_table(ws, start + 1, table.columns, table.rows)
+        style_header(ws, start + 1, SUMMARY_WIDTHS[: len(table.columns)])
+        for r in range(start + 2, start + 2 + len(table.rows)):
             lines = 1
-            for c, column in enumerate(frame.columns, start=1):
+            for c, column in enumerate(table.columns, start=1):
                 cell = ws.cell(row=r, column=c)
                 cell.alignment = Alignment(horizontal="left", vertical="top", wrap_text=True)
                 if column in DATETIME_HEADERS:
@@ -80,7 +95,7 @@ def write_summary(writer: pd.ExcelWriter, report: Report) -> None:
                 elif isinstance(cell.value, str):
                     lines = max(lines, wrapped_lines(cell.value, SUMMARY_WIDTHS[c - 1]))
             ws.row_dimensions[r].height = row_points(lines)
-        start += len(frame) + 4
+        start += len(table.rows) + 4
     set_up_printing(ws, title=report.title, grid=False)
 
 
@@ -157,7 +172,7 @@ def _legend(report: Report) -> list[tuple[str, str]]:
     ]
 
 
-def _summary_tables(rows: list[dict[str, Any]], threshold: float) -> list[tuple[str, pd.DataFrame]]:
+def _summary_tables(rows: list[dict[str, Any]], threshold: float) -> list[tuple[str, Table]]:
     replaced = sum(1 for r in rows if r.get(SUPERSEDED_KEY) is not None)
     rows = [r for r in rows if r.get(SUPERSEDED_KEY) is None]  # each study counted once: its current result
     statuses = Counter(str(r.get("Status") or "unknown") for r in rows)
@@ -165,14 +180,15 @@ def _summary_tables(rows: list[dict[str, Any]], threshold: float) -> list[tuple[
         statuses["Not the current result (not counted above)"] = replaced
     counted = sorted((k, v) for k, v in statuses.items() if not k.startswith("Not the current"))
     counted += [(k, v) for k, v in statuses.items() if k.startswith("Not the current")]  # last
-    by_status = pd.DataFrame([{"Status": k, "Count": v} for k, v in counted])
+    by_status = Table(["Status", "Count"], [{"Status": k, "Count": v} for k, v in counted])
     return [
         ("By status", by_status),
         ("What ran (studies)", _what_ran_table(rows)),
         ("By finding", _by_finding(rows, threshold)),
         (
             "Failures",
-            pd.DataFrame(
+            Table(
+                ["Received", "Source file", "Study UID", "Status", "Reason"],
                 [
                     {
                         "Received": r.get("Received"),
@@ -184,7 +200,6 @@ def _summary_tables(rows: list[dict[str, Any]], threshold: float) -> list[tuple[
                     for r in rows
                     if r.get("Status") in FAILED_STATUSES
                 ],
-                columns=["Received", "Source file", "Study UID", "Status", "Reason"],
             ),
         ),
         (
@@ -194,18 +209,19 @@ def _summary_tables(rows: list[dict[str, Any]], threshold: float) -> list[tuple[
     ]
 
 
-def _what_ran_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
+def _what_ran_table(rows: list[dict[str, Any]]) -> Table:
     """Per step (in pipeline order), how many studies it ran for, lacked its model, skipped, failed."""
     counts: dict[str, Counter[str]] = {}
     for row in rows:
         for outcome in row.get(OUTCOMES_KEY) or []:
             counts.setdefault(outcome.words, Counter())[outcome.outcome] += 1
-    return pd.DataFrame(
-        [{"Step": words, **{o.capitalize(): c[o] for o in explain.Outcome}} for words, c in counts.items()]
+    return Table(
+        ["Step", *(o.capitalize() for o in explain.Outcome)],
+        [{"Step": words, **{o.capitalize(): c[o] for o in explain.Outcome}} for words, c in counts.items()],
     )
 
 
-def _by_finding(rows: list[dict[str, Any]], threshold: float) -> pd.DataFrame:
+def _by_finding(rows: list[dict[str, Any]], threshold: float) -> Table:
     scored: Counter[str] = Counter()
     above: Counter[str] = Counter()
     dangerous: Counter[str] = Counter(
@@ -218,7 +234,7 @@ def _by_finding(rows: list[dict[str, Any]], threshold: float) -> pd.DataFrame:
             sums[name] += p
             above[name] += p >= threshold
     names = sorted(set(scored) | set(dangerous), key=lambda n: (-dangerous[n], -above[n], n))
-    return pd.DataFrame(
+    return Table.of(
         [
             {
                 "Finding": n,
@@ -235,7 +251,7 @@ def _by_finding(rows: list[dict[str, Any]], threshold: float) -> pd.DataFrame:
 BINS = [round(i / 10, 1) for i in range(11)]
 
 
-def probability_by_week(rows: Iterable[dict[str, Any]], threshold: float) -> pd.DataFrame:
+def probability_by_week(rows: Iterable[dict[str, Any]], threshold: float) -> Table:
     """Studies per week (Monday start) in probability bins of 0.1, and below / at or above the
     reporting line ``threshold`` (:func:`line_columns`); arrivals that gave no study are left out."""
     labels = [f"{BINS[i]:.1f}–{BINS[i + 1]:.1f}" for i in range(10)]
@@ -264,7 +280,7 @@ def probability_by_week(rows: Iterable[dict[str, Any]], threshold: float) -> pd.
             continue
         bucket[above if p >= threshold else below] += 1
         bucket[labels[min(int(p * 10), 9)]] += 1
-    return pd.DataFrame([weeks[w] for w in sorted(weeks)])
+    return Table.of([weeks[w] for w in sorted(weeks)])
 
 
 def line_columns(threshold: float) -> tuple[str, str]:

@@ -18,10 +18,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import sqlite_utils
-
 from processor.names import escape_surrogates, is_text, raw_name
 from processor.state.schema import MIGRATIONS
+from processor.state.sqlitelib import Database as SqliteUtilsDatabase
 from processor.vocab import utcnow
 
 log = logging.getLogger(__name__)
@@ -46,11 +45,11 @@ class Database:
             self._migrate()
 
     @property
-    def db(self) -> sqlite_utils.Database:
+    def db(self) -> SqliteUtilsDatabase:
         """This thread's connection (opened on first use)."""
         db = getattr(self._local, "db", None)
         if db is None:
-            db = self._local.db = sqlite_utils.Database(self._connect())
+            db = self._local.db = SqliteUtilsDatabase(self._connect())
         return db
 
     def _connect(self) -> sqlite3.Connection:

@@ -6,9 +6,8 @@ import json
 import secrets
 from collections.abc import Callable
 
-import sqlite_utils
-
 from processor.redact import redact_url, reduce_source_error
+from processor.state.sqlitelib import sqlite_utils
 
 
 def _m1_initial(db: sqlite_utils.Database) -> None:
