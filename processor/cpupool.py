@@ -47,6 +47,7 @@ from typing import Any
 from processor.config import Settings
 from processor.errors import ConfigError
 from processor.executor import Handle, LocalExecutor, Prepared, StopCheck, study_keys
+from processor.handoff import Packed, pack, remove_stale, unpack
 from processor.outputs.recorder import StudyRecorder
 from processor.state import Arrival, State, crash_reason
 from processor.vocab import ArrivalState
@@ -133,6 +134,8 @@ class _Slot:
             process.join(timeout=5)
             exitcode = process.exitcode
         self.deaths += 1
+        if self.pid is not None:
+            remove_stale(writer=self.pid)  # a hand-off file it wrote and the daemon never mapped
         log.error(
             "cpu_pool.process_died slot=%d pid=%s %s: started again",
             self.index,
@@ -232,7 +235,7 @@ class CpuPool:
             keys = slot.call(should_stop, _open, list(arrivals), located)
             by_id = {a.id: a for a in arrivals}
             paths = self.executor.reserve_paths([(by_id[aid], uid) for aid, uid in keys])
-            prepared: Prepared = slot.call(should_stop, _run, paths)
+            prepared: Prepared = unpack(slot.call(should_stop, _run, paths))
             slot.batches += 1
             return prepared
         finally:
@@ -422,8 +425,9 @@ def _open(arrivals: list[Arrival], located: dict[int, str | None]) -> list[tuple
     return [(arrival.id, uid) for arrival, uid in study_keys(prepared)]
 
 
-def _run(paths: list[Path]) -> Prepared:
-    """Second call per batch: the CPU steps over the studies, given their reserved result paths."""
+def _run(paths: list[Path]) -> Packed:
+    """Second call per batch: the CPU steps over the studies, given their reserved result paths;
+    the prepared batch goes back packed (its volumes through shared memory, :mod:`processor.handoff`)."""
     global _BATCH
     assert _EXECUTOR is not None and _STOP is not None and _BATCH is not None
     stack, prepared = _BATCH
@@ -432,7 +436,8 @@ def _run(paths: list[Path]) -> Prepared:
         if not prepared.stopped:
             _EXECUTOR.attach_paths(prepared, paths)
             _EXECUTOR.run_cpu_steps(prepared, _STOP.is_set)
-    return prepared
+    daemon = multiprocessing.parent_process()
+    return pack(prepared, daemon.pid if daemon is not None and daemon.pid is not None else os.getppid())
 
 
 def _drop_batch() -> None:

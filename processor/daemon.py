@@ -17,6 +17,7 @@ from processor.config import Settings
 from processor.cpupool import CpuPool, PooledExecutor
 from processor.errors import ConfigError, Deferred, os_error_words
 from processor.executor import Executor, LocalExecutor
+from processor.handoff import remove_stale
 from processor.instance import InstanceLock
 from processor.intake.archive import Limits
 from processor.intake.orphans import adopt_orphans
@@ -396,6 +397,8 @@ class Daemon:
         s = self.c.settings
         for stale in remove_stale_temp_files(s.outbox, s.reports.dir):
             log.warning("outbox.stale_temp_removed path=%s", stale)
+        for stale in remove_stale():  # a killed daemon's CPU-pool hand-off files in shared memory
+            log.warning("handoff.stale_removed path=%s", stale)
         adopt_orphans(
             self.c.state,
             [*s.inbox.dirs, *s.inbox.night_dirs, *s.inbox.urgent_dirs],
