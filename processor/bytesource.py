@@ -6,7 +6,7 @@ already in memory), read straight from where they lie without inflating anything
 members (a ZIP member, a file of a folder, bytes already in memory, see
 :mod:`processor.intake.archive`); the DICOM readers (:mod:`processor.dicom`) only read them, and
 never need to know where the bytes come from. This module is the kernel both sides share: it
-imports nothing of ctwatch.
+imports nothing of ctwatch but :mod:`processor.deflate` (the CRC-32).
 
 Inputs are read with ordinary reads (``os.pread``, ``read``), never memory-mapped: an input is not
 the daemon's own file, and a map of a file that shrinks while it is read stops the process with
@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import io
 import zipfile
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO
+
+from processor.deflate import crc32
 
 Buffer = bytes | memoryview
 
@@ -87,7 +88,7 @@ class Member:
         if self.span is None:
             return self.reader()
         stored = self.span(0, self.size)
-        if self.crc is not None and zlib.crc32(stored) != self.crc:
+        if self.crc is not None and crc32(stored) != self.crc:
             raise zipfile.BadZipFile(f"Bad CRC-32 for file {self.name!r}")
         return stored
 

@@ -30,6 +30,9 @@ from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
+from processor.deflate import ERRORS as INFLATE_ERRORS
+from processor.deflate import inflate
+
 IMPLICIT_LE, EXPLICIT_LE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1"
 DEFLATED, BIG_ENDIAN = "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2"
 PLAIN = frozenset({IMPLICIT_LE, EXPLICIT_LE, DEFLATED, BIG_ENDIAN})  # syntaxes the bytes can correct
@@ -278,8 +281,8 @@ def read_file(
     source: io.BytesIO = fp
     if encoding.deflated:
         try:
-            source = io.BytesIO(zlib.decompress(bytes(data[encoding.start :]), -zlib.MAX_WBITS))
-        except zlib.error as exc:
+            source = io.BytesIO(inflate(data[encoding.start :]))
+        except INFLATE_ERRORS as exc:
             raise Unreadable(f"its deflated data set does not inflate ({exc}): the file is damaged") from exc
     dataset = read_dataset(
         source, encoding.implicit, encoding.little, stop_when=_stop_at_pixels if stop_before_pixels else None

@@ -10,6 +10,7 @@ bytes at a time, and never more than one byte past the declared size: one byte t
 that ends short, a corrupt stream or a CRC-32 that does not match raises
 :class:`MemberReadError` — a :class:`zipfile.BadZipFile`, which the readers count as an
 unreadable member. The last bytes of a member are handed over only once all of it is verified.
+DEFLATE and the CRC-32 are computed by :mod:`processor.deflate` (ISA-L, zlib's semantics).
 
 Whether a member can be read at all (:func:`refusal`) is known from the central directory:
 encryption and compression methods other than STORED, DEFLATE, BZIP2 and LZMA are refused before
@@ -26,8 +27,9 @@ from __future__ import annotations
 import copy
 import io
 import zipfile
-import zlib
 from typing import IO, Protocol
+
+from processor import deflate
 
 try:
     import bz2
@@ -64,7 +66,7 @@ METHOD_NAMES = {
 _ENCRYPTED = 0x1  # general purpose flag bit 0
 _PATCHED = 0x20  # bit 5: compressed patched data
 _STRONG_ENCRYPTION = 0x40  # bit 6: PKWARE strong encryption
-_CODEC_ERRORS: tuple[type[Exception], ...] = (zlib.error, OSError, EOFError) + (
+_CODEC_ERRORS: tuple[type[Exception], ...] = (*deflate.ERRORS, OSError, EOFError) + (
     (lzma.LZMAError,) if lzma is not None else ()
 )
 _OPEN_ERRORS = (zipfile.BadZipFile, EOFError, OSError)
@@ -178,11 +180,12 @@ class _Decompressor(Protocol):
 
 
 class _Deflate:
-    """zlib's raw DEFLATE decompressor with the interface of bz2's and lzma's (input it could not
-    use yet is kept here, not handed back)."""
+    """A raw DEFLATE decompressor (:func:`processor.deflate.inflater`) with the interface of bz2's
+    and lzma's (input it could not use yet is kept here, not handed back). An empty tail asks for
+    more input, or ``b""`` once there is none: ISA-L may still hold output back then."""
 
     def __init__(self) -> None:
-        self._z = zlib.decompressobj(-15)
+        self._z = deflate.inflater()
 
     @property
     def eof(self) -> bool:
@@ -309,7 +312,7 @@ class _Verified:
                 "from the source"
             )
         self._left -= len(chunk)
-        self._crc = zlib.crc32(chunk, self._crc)
+        self._crc = deflate.crc32(chunk, self._crc)
         if self._left == 0:
             self._check_end()
         return chunk
