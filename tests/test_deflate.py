@@ -185,3 +185,23 @@ def test_a_deflated_data_set_inflates_to_what_zlib_gives() -> None:
     with pytest.raises(deflate.ERRORS):
         deflate.inflate(stream[:-20])
     assert io.BytesIO(deflate.inflater().decompress(stream, 100)).read() == body[:100]
+
+
+def test_a_deflated_data_set_that_inflates_too_far_is_refused_as_a_bomb() -> None:
+    """A Deflated Explicit VR Little Endian file of a few hundred kB whose data set inflates to
+    300 MB (an OB element of zeros) is refused with a reason; an honest one reads, a cut one is
+    refused as cut off. (The ZIP's caps bound the member, not its deflated data set.)"""
+    from processor.dicom.encoding import Unreadable, read_file
+    from tests.dicomgen import DEFLATED, encoded_bytes, make_series
+
+    (ds,) = make_series(1)
+    honest = encoded_bytes(ds, body=DEFLATED)
+    read, encoding, _ = read_file(honest, stop_before_pixels=True)
+    assert encoding.deflated and read.SOPInstanceUID == ds.SOPInstanceUID
+    ds.add_new((0x0009, 0x1010), "OB", bytes(300 * 2**20))  # a private element: 300 MB of zeros
+    bomb = encoded_bytes(ds, body=DEFLATED)
+    assert len(bomb) < 2**20
+    with pytest.raises(Unreadable, match="refused as a decompression bomb"):
+        read_file(bomb, stop_before_pixels=True)
+    with pytest.raises(Unreadable, match="cut off|does not inflate"):
+        read_file(honest[: len(honest) - 40], stop_before_pixels=True)

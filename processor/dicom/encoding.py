@@ -31,7 +31,7 @@ from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
 from processor.deflate import ERRORS as INFLATE_ERRORS
-from processor.deflate import inflate
+from processor.deflate import inflater
 
 IMPLICIT_LE, EXPLICIT_LE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1"
 DEFLATED, BIG_ENDIAN = "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2"
@@ -280,10 +280,7 @@ def read_file(
     encoding = decide(data, fp.tell(), declared)
     source: io.BytesIO = fp
     if encoding.deflated:
-        try:
-            source = io.BytesIO(inflate(data[encoding.start :]))
-        except INFLATE_ERRORS as exc:
-            raise Unreadable(f"its deflated data set does not inflate ({exc}): the file is damaged") from exc
+        source = io.BytesIO(_inflate_data_set(data[encoding.start :]))
     dataset = read_dataset(
         source, encoding.implicit, encoding.little, stop_when=_stop_at_pixels if stop_before_pixels else None
     )
@@ -293,6 +290,34 @@ def read_file(
     ds = FileDataset(fp, dataset, preamble, file_meta, encoding.implicit, encoding.little)
     ds.set_original_encoding(encoding.implicit, encoding.little, dataset.original_character_set)
     return ds, encoding, offset
+
+
+DEFLATED_MAX_RATIO = 200  # as limits.max_ratio's default for ZIP members
+DEFLATED_FLOOR_BYTES = 64 * 2**20  # a small data set may inflate this far whatever its ratio
+DEFLATED_MAX_BYTES = 2 * 2**30  # and none further
+
+
+def _inflate_data_set(deflated: bytes | memoryview) -> bytes:
+    """A Deflated Explicit VR Little Endian data set (PS3.5 A.5), inflated no further than
+    :data:`DEFLATED_MAX_RATIO` times its size (at least :data:`DEFLATED_FLOOR_BYTES`, at most
+    :data:`DEFLATED_MAX_BYTES`): the ZIP's caps bound the member, not what a deflated data set
+    inside it inflates to — a 1 MB file could otherwise ask for gigabytes of memory."""
+    limit = min(DEFLATED_MAX_BYTES, max(DEFLATED_FLOOR_BYTES, DEFLATED_MAX_RATIO * len(deflated)))
+    stream = inflater()
+    try:
+        out = stream.decompress(deflated, limit + 1)
+        if len(out) <= limit and not stream.eof:
+            out += stream.decompress(b"", limit + 1 - len(out))  # output the inflater held back
+    except INFLATE_ERRORS as exc:
+        raise Unreadable(f"its deflated data set does not inflate ({exc}): the file is damaged") from exc
+    if len(out) > limit:
+        raise Unreadable(
+            f"its deflated data set inflates past {limit / 2**20:.0f} MB, more than "
+            f"{DEFLATED_MAX_RATIO} times its {len(deflated)} bytes: refused as a decompression bomb"
+        )
+    if not stream.eof:
+        raise Unreadable("its deflated data set ends short: the file is cut off or damaged")
+    return out
 
 
 # --- a library's exception in words ------------------------------------------------------------------
