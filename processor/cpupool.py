@@ -15,12 +15,22 @@ runs that stage in ``worker.cpu_workers`` processes, each a
   arrivals in different processes never share one (:meth:`StudyRecorder.json_path`). The
   prepared batch comes back pickled, its members without their closed archives
   (:meth:`processor.bytesource.Member.__reduce__`), and the daemon records it.
-- **Same results.** A pool process compiles the same pipeline file; its digest is checked against
-  the daemon's at start (:class:`ConfigError` otherwise). Steps run in the same code
-  (:class:`~processor.executor.LocalExecutor`), so results equal the in-process path's.
-- **Stop and logs.** A stop request reaches a pool process through an event it checks at every
-  chunk read and between steps; its log records go to the daemon's handlers through a queue
-  (:class:`logging.handlers.QueueListener`).
+- **Same results.** A pool process compiles the daemon's pipeline — the file's text as the daemon
+  read it at start, so a process started again after the file was edited still runs the pipeline
+  the daemon records; its digest is checked against the daemon's (:class:`ConfigError` otherwise).
+  Steps run in the same code (:class:`~processor.executor.LocalExecutor`), so results equal the
+  in-process path's.
+- **A death is charged to what was in it.** A process found dead before a batch (killed while it
+  waited) is started again and charges no one; one that dies with a batch in it charges that batch
+  (:class:`PooledExecutor`). One that cannot be started again (:class:`Unavailable`) sends the
+  batch back uncharged and pauses the worker, with the reason on ``/health``.
+- **Stop and logs.** A stop request reaches a pool process through a flag in shared memory it
+  reads at every chunk read and between steps; its log records go to the daemon's handlers through
+  a pipe of its own, made anew at each start (a :class:`logging.handlers.QueueHandler` writing to
+  it). Neither has a lock shared between processes: a process killed while it held one (inside
+  :class:`multiprocessing.Event`'s ``is_set()`` at a chunk read, or while writing a log record to
+  a shared queue) would leave it held for good, and the daemon's next batch and its stop would
+  wait on it forever.
 
 Memory is bounded by the caller: the worker's prefetcher takes at most ``max_inflight_studies``
 batches ahead, and calls :meth:`CpuPool.prepare` from that many threads at most.
@@ -28,6 +38,7 @@ batches ahead, and calls :meth:`CpuPool.prepare` from that many threads at most.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import logging.handlers
 import multiprocessing
@@ -36,16 +47,16 @@ import os
 import queue
 import signal
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import ExitStack
-from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any
 
 from processor.config import Settings
-from processor.errors import ConfigError
+from processor.errors import ConfigError, Unavailable
 from processor.executor import Handle, LocalExecutor, Prepared, StopCheck, study_keys
 from processor.handoff import Packed, pack, remove_stale, unpack
 from processor.outputs.recorder import StudyRecorder
@@ -56,6 +67,7 @@ log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.1  # how often a waiting call looks at the stop request
 START_SECONDS = 300.0  # a pool process that is not ready by then (compiling the pipeline) is an error
+LOG_DRAIN_SECONDS = 5.0  # how long a stopped process's last log records may take to arrive
 
 
 class PoolProcessDied(Exception):
@@ -85,20 +97,26 @@ class _Slot:
         self.index = index
         self._initargs = initargs
         self.context = multiprocessing.get_context("spawn")
-        self.stop: Event = self.context.Event()
+        self.stop: Any = self.context.RawValue(ctypes.c_bool, False)  # no lock: see the module doc
         self.executor: ProcessPoolExecutor | None = None
         self.pid: int | None = None
         self.batches = 0
         self.deaths = 0
+        self._logs: threading.Thread | None = None
 
     def start(self) -> None:
         """Start the process and wait until its pipeline is compiled (ConfigError if it cannot be)."""
+        logs, to_daemon = self.context.Pipe(duplex=False)
         self.executor = ProcessPoolExecutor(
             max_workers=1,
             mp_context=self.context,
             initializer=_init,
-            initargs=(*self._initargs, self.stop),
+            initargs=(*self._initargs, self.stop, to_daemon),
         )
+        self._logs = threading.Thread(
+            target=_forward_logs, args=(logs,), name=f"ctwatch-pool-logs-{self.index}", daemon=True
+        )
+        self._logs.start()
         try:
             self.pid = self.executor.submit(os.getpid).result(timeout=START_SECONDS)
         except Exception as exc:
@@ -107,19 +125,30 @@ class _Slot:
                 f"a CPU worker process could not start ({type(exc).__name__}: {exc}); "
                 "see state/ctwatch.log, or set worker.cpu_workers: 0 to run the CPU stage in the daemon"
             ) from exc
+        finally:
+            to_daemon.close()  # the process holds its own end: the forwarding ends when it is gone
         log.info("cpu_pool.process_started slot=%d pid=%s", self.index, self.pid)
+
+    def alive(self) -> bool:
+        """Whether the process is running: started, and not seen dead by its executor since."""
+        return self.executor is not None and not getattr(self.executor, "_broken", False)
+
+    def died_idle(self) -> None:
+        """The process died between two batches (``kill -9``, the OOM killer choosing it while it
+        waited): no batch was in it, so none is charged; it is started again for the next."""
+        self._died("while idle, no arrival in it")
 
     def call(self, should_stop: StopCheck, fn: Any, *args: Any) -> Any:
         """``fn(*args)`` in the process; a stop request is passed on while it runs."""
         assert self.executor is not None
-        self.stop.clear()
+        self.stop.value = False
         try:
             future: Future[Any] = self.executor.submit(fn, *args)
         except BrokenProcessPool as exc:  # died between two calls
             raise self._died() from exc
         while True:
             if should_stop():
-                self.stop.set()
+                self.stop.value = True
             try:
                 return future.result(timeout=POLL_SECONDS)
             except TimeoutError:
@@ -127,20 +156,27 @@ class _Slot:
             except BrokenProcessPool as exc:
                 raise self._died() from exc
 
-    def _died(self) -> PoolProcessDied:
+    def _died(self, when: str = "with a batch in it") -> PoolProcessDied:
         exitcode = None
         processes = getattr(self.executor, "_processes", None) or {}  # the one process, by pid
         for process in list(processes.values()):
             process.join(timeout=5)
             exitcode = process.exitcode
+            # The executor's own thread reaps it too: the loser of the two waits sees no code until
+            # the winner has stored it, a moment later.
+            deadline = time.monotonic() + 1.0
+            while exitcode is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+                exitcode = process.exitcode
         self.deaths += 1
         if self.pid is not None:
             remove_stale(writer=self.pid)  # a hand-off file it wrote and the daemon never mapped
         log.error(
-            "cpu_pool.process_died slot=%d pid=%s %s: started again",
+            "cpu_pool.process_died slot=%d pid=%s %s, %s: started again",
             self.index,
             self.pid,
             exit_words(exitcode),
+            when,
         )
         self.shutdown()
         return PoolProcessDied(exitcode)
@@ -149,15 +185,19 @@ class _Slot:
         if self.executor is not None:
             self.executor.shutdown(wait=True, cancel_futures=True)
             self.executor = None
+        if self._logs is not None:  # the process is gone: its last records are forwarded
+            self._logs.join(timeout=LOG_DRAIN_SECONDS)
+            self._logs = None
         self.pid = None
 
 
 class CpuPool:
     """``processes`` pool processes preparing batches for :class:`PooledExecutor`'s worker.
 
-    ``build(settings, device)``: a module-level function (pickled by name) that each process
-    calls to compile its executor; ``executor``: the daemon's own, whose pipeline digest each
-    process must get and whose recorder reserves the result paths.
+    ``build(settings, device, text)``: a module-level function (pickled by name) that each process
+    calls to compile its executor from the daemon's pipeline ``text``; ``executor``: the daemon's
+    own, whose pipeline (text and digest) each process gets and whose recorder reserves the result
+    paths.
     """
 
     def __init__(
@@ -167,19 +207,14 @@ class CpuPool:
         processes: int,
         *,
         device: str,
-        build: Callable[[Settings, str], LocalExecutor],
+        build: Callable[[Settings, str, str | None], LocalExecutor],
     ) -> None:
         if processes < 1:
             raise ValueError(f"a CPU pool needs at least one process (got {processes})")
         self.executor = executor
-        self._log_queue: multiprocessing.queues.Queue[logging.LogRecord] = multiprocessing.get_context(
-            "spawn"
-        ).Queue()
-        self._listener = logging.handlers.QueueListener(
-            self._log_queue, _Forward(), respect_handler_level=False
-        )
         level = logging.getLogger().getEffectiveLevel()
-        initargs = (build, settings, device, executor.pipeline.digest, self._log_queue, level)
+        pipeline = executor.pipeline
+        initargs = (build, settings, device, pipeline.digest, pipeline.text or None, level)
         self._slots = [_Slot(index, initargs) for index in range(processes)]
         self._free: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -194,7 +229,6 @@ class CpuPool:
         with self._lock:
             if self._started:
                 return
-            self._listener.start()
             errors: list[BaseException] = []
 
             def start(slot: _Slot) -> None:
@@ -213,7 +247,6 @@ class CpuPool:
             if errors:
                 for slot in self._slots:
                     slot.shutdown()
-                self._listener.stop()
                 raise errors[0]
             for slot in self._slots:
                 self._free.put(slot)
@@ -224,13 +257,19 @@ class CpuPool:
 
         :class:`PoolProcessDied` when the process died meanwhile (it is started again for the next
         call); ``OSError`` / ``sqlite3.Error`` from the process as :meth:`LocalExecutor.prepare`
-        raises them; :class:`ConfigError` when a process cannot be started again.
+        raises them; :class:`Unavailable` when a process cannot be started again (the worker sends
+        the batch back uncharged and pauses; the next call tries to start it again).
         """
         self.start()
         slot = self._free.get()
         try:
+            if slot.executor is not None and not slot.alive():  # died since its last batch
+                slot.died_idle()
             if slot.executor is None:
-                slot.start()
+                try:
+                    slot.start()
+                except ConfigError as exc:  # e.g. the weights manifest edited into invalid YAML
+                    raise Unavailable("a CPU worker process could not be started again") from exc
             located = {a.id: _located(self.executor, a) for a in arrivals}
             keys = slot.call(should_stop, _open, list(arrivals), located)
             by_id = {a.id: a for a in arrivals}
@@ -247,7 +286,7 @@ class CpuPool:
             {
                 "slot": s.index,
                 "pid": s.pid,
-                "alive": s.executor is not None,
+                "alive": s.alive(),
                 "batches": s.batches,
                 "deaths": s.deaths,
             }
@@ -255,13 +294,11 @@ class CpuPool:
         ]
 
     def close(self) -> None:
-        """Stop every process (after the call it runs returns) and the log forwarding."""
+        """Stop every process (after the call it runs returns) and its log forwarding."""
         with self._lock:
             for slot in self._slots:
-                slot.stop.set()
+                slot.stop.value = True
                 slot.shutdown()
-            if self._started:
-                self._listener.stop()
             self._started = False
 
 
@@ -348,40 +385,62 @@ def _located(executor: LocalExecutor, arrival: Arrival) -> str | None:
     return None if path is None else str(path)
 
 
-class _Forward(logging.Handler):
-    """Hands a pool process's log record to this process's handlers, as if logged here."""
+def _forward_logs(logs: multiprocessing.connection.Connection) -> None:
+    """Hand each log record a pool process sends to this process's handlers, as if logged here,
+    until the process is gone (its end of the pipe closed)."""
+    with logs:
+        while True:
+            try:
+                record: logging.LogRecord = logs.recv()
+            except (EOFError, OSError):
+                return
+            except Exception:  # noqa: BLE001 — one record that does not unpickle; the next ones come
+                log.warning("cpu_pool.log_record_lost", exc_info=True)
+                continue
+            record.processName = "cpu-pool"
+            logging.getLogger(record.name).handle(record)
 
-    def emit(self, record: logging.LogRecord) -> None:
-        record.processName = "cpu-pool"
-        logging.getLogger(record.name).handle(record)
+
+class _ToDaemon:
+    """The "queue" of a pool process's :class:`logging.handlers.QueueHandler`: its own pipe to the
+    daemon, written by this process alone (the handler's lock orders its threads)."""
+
+    def __init__(self, conn: multiprocessing.connection.Connection) -> None:
+        self.conn = conn
+
+    def put_nowait(self, record: logging.LogRecord) -> None:
+        self.conn.send(record)
 
 
 # ---------------------------------------------------------------------- in the pool process
 _EXECUTOR: LocalExecutor | None = None
-_STOP: Event | None = None
+_STOP: Any = None  # the slot's stop flag (a shared ctypes bool)
 _BATCH: tuple[ExitStack, Prepared] | None = None
 
 
 def _init(
-    build: Callable[[Settings, str], LocalExecutor],
+    build: Callable[[Settings, str, str | None], LocalExecutor],
     settings: Settings,
     device: str,
     digest: str,
-    log_queue: Any,
+    text: str | None,
     level: int,
-    stop: Event,
+    stop: Any,
+    to_daemon: multiprocessing.connection.Connection,
 ) -> None:
     """Set up a pool process: logs to the daemon, Ctrl-C left to the daemon, the pipeline compiled."""
     global _EXECUTOR, _STOP
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon stops us through ``stop``
     _exit_with_the_daemon()
     root = logging.getLogger()
-    root.handlers[:] = [logging.handlers.QueueHandler(log_queue)]
+    to_daemon_queue: Any = _ToDaemon(to_daemon)  # QueueHandler calls put_nowait only
+    root.handlers[:] = [logging.handlers.QueueHandler(to_daemon_queue)]
     root.setLevel(level)
-    executor = build(settings, device)
+    executor = build(settings, device, text)
     if executor.pipeline.digest != digest:
         raise ConfigError(
-            f"the pipeline file {settings.pipeline} changed after the daemon started; restart the daemon"
+            f"a CPU worker process compiled another pipeline than the daemon's ({settings.pipeline}); "
+            "restart the daemon"
         )
     _EXECUTOR, _STOP = executor, stop
 
@@ -410,7 +469,7 @@ def _open(arrivals: list[Arrival], located: dict[int, str | None]) -> list[tuple
         prepared = _EXECUTOR.open_batch(
             arrivals,
             stack,
-            _STOP.is_set,
+            _stop_requested,
             lambda a: None if located[a.id] is None else Path(located[a.id] or ""),
         )
     except OSError as exc:  # e.g. EarlierPartFault: sent back plain, so that it unpickles
@@ -435,9 +494,13 @@ def _run(paths: list[Path]) -> Packed:
     with stack:
         if not prepared.stopped:
             _EXECUTOR.attach_paths(prepared, paths)
-            _EXECUTOR.run_cpu_steps(prepared, _STOP.is_set)
+            _EXECUTOR.run_cpu_steps(prepared, _stop_requested)
     daemon = multiprocessing.parent_process()
     return pack(prepared, daemon.pid if daemon is not None and daemon.pid is not None else os.getppid())
+
+
+def _stop_requested() -> bool:
+    return bool(_STOP.value)
 
 
 def _drop_batch() -> None:

@@ -97,10 +97,12 @@ class Components:
         )
 
 
-def cpu_stage_executor(settings: Settings, device: str) -> LocalExecutor:
-    """What a CPU pool process (:mod:`processor.cpupool`) runs: the same pipeline file compiled for
-    the daemon's ``device`` (resolved there, so no process but the daemon touches CUDA; the CPU
-    steps load no model), the state database opened read-only, and the same recorder's paths."""
+def cpu_stage_executor(settings: Settings, device: str, text: str | None = None) -> LocalExecutor:
+    """What a CPU pool process (:mod:`processor.cpupool`) runs: the daemon's pipeline (``text``, the
+    file as the daemon read it at start; an edit since takes effect at the next start, in every
+    process alike) compiled for the daemon's ``device`` (resolved there, so no process but the daemon
+    touches CUDA; the CPU steps load no model), the state database opened read-only, and the same
+    recorder's paths."""
     from processor.models.cache import ModelCache
 
     m = settings.models
@@ -112,7 +114,7 @@ def cpu_stage_executor(settings: Settings, device: str) -> LocalExecutor:
         content_cache=State.content_cache(settings.state),
         pinned_sha256=pinned_sha256(settings),
     )
-    pipeline = load_pipeline(settings.pipeline, default_registry(), env)
+    pipeline = load_pipeline(settings.pipeline, default_registry(), env, text)
     state = State(settings.state, readonly=True, timeout=settings.limits.database_busy_seconds)
     intake = Intake(
         state,

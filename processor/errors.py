@@ -62,6 +62,12 @@ class TransientError(CtwatchError):
     """A failure that may pass; the caller retries with backoff."""
 
 
+class Unavailable(TransientError):
+    """Something every arrival needs cannot run for now, through no fault of the input (a CPU pool
+    process that cannot be started again): the arrivals go back to the queue uncharged and claims
+    pause with a back-off. Its text is plain words with nothing from outside (the status page shows it)."""
+
+
 class VersionConflict(TransientError):
     """The results of a study changed while an arrival of it was processed (another arrival of the
     same study was recorded first): recording it would leave two current versions, or one that

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 
-from processor.errors import os_error_words
+from processor.errors import Unavailable, os_error_words
 from processor.executor import Executor, Handle
 from processor.faults import fault_point
 from processor.prefetch import Prefetcher
@@ -336,13 +336,15 @@ class UrgentFirst(Exception):  # noqa: N818 — a signal between the worker's th
     """A routine batch taken ahead was put back in the queue because urgent work waits."""
 
 
-WORLD_ERRORS = (OSError, sqlite3.Error)
+WORLD_ERRORS = (OSError, sqlite3.Error, Unavailable)
 FAULT_FIRST_BACKOFF = 5.0
 FAULT_MAX_BACKOFF = 60.0
 
 
 def fault_text(exc: BaseException) -> str:
     """What went wrong, in plain words without a path, a name or any text from outside."""
+    if isinstance(exc, Unavailable):
+        return str(exc)
     if isinstance(exc, sqlite3.Error):
         code = getattr(exc, "sqlite_errorname", None) or type(exc).__name__
         return f"the state database refused a write ({code})"

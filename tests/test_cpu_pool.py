@@ -9,10 +9,14 @@ input, and by ``kill -9`` of its PID.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
+import sqlite3
 import subprocess
+import threading
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -134,7 +138,9 @@ def test_pool_gives_the_in_process_results_and_runs_in_other_processes(tmp_path:
             assert "cpu_workers=2" in log
             pool = status["worker"]["cpu_processes"]
             assert [p["alive"] for p in pool] == [True, True] and sum(p["batches"] for p in pool) == 4
-            assert "ctwatch_cpu_processes_alive 2" in metrics and "ctwatch_cpu_process_deaths_total 0" in metrics
+            assert (
+                "ctwatch_cpu_processes_alive 2" in metrics and "ctwatch_cpu_process_deaths_total 0" in metrics
+            )
             # the pool processes' log records reach the daemon's log (arrival.start is logged there)
             assert log.count("arrival.start ") == 4, log[-3000:]
             assert "ctclip.preprocessed step=clip target_xyz=32x32x24 stage=cpu" in log
@@ -216,3 +222,116 @@ def test_pool_processes_end_with_a_killed_daemon(tmp_path: Path) -> None:
         proc.kill()
         proc.wait(30)
     wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in pids), 15, "the pool processes to exit")
+
+
+def _health(project: Project) -> tuple[int, dict]:
+    port = re.findall(r"status\.listening url=http://127\.0\.0\.1:(\d+)/", project.log_text())[-1]
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _arrival(project: Project, name: str) -> dict:
+    with sqlite3.connect(f"file:{project.state_path}?mode=ro", uri=True) as db:
+        db.row_factory = sqlite3.Row
+        return dict(db.execute("select * from arrivals where name = ?", [name]).fetchone())
+
+
+def test_a_pool_process_started_again_runs_the_daemons_pipeline_and_charges_no_one(tmp_path: Path) -> None:
+    """A pool process killed while idle is started again for the next input, which is charged
+    nothing, and compiles the pipeline the daemon runs, not the file edited since. One that cannot
+    be started again (the weights manifest half edited) leaves the input waiting, uncharged, with
+    the reason on /health, and it runs once the cause is gone."""
+    project = _project(tmp_path / "r", 1)
+    first, second = _inputs(tmp_path / "zips", 2)
+    proc = project.start()
+    try:
+        wait_for(lambda: "daemon.started" in project.log_text(), 60, "the daemon to start")
+        project.write_pipeline(STEPS[:1], version=2)  # edited for the next start
+        os.kill(_pool_pids(project)[0], signal.SIGKILL)
+        wait_for(lambda: not _status(project)[0]["worker"]["cpu_processes"][0]["alive"], 10, "it seen dead")
+        _drop(project, [first])
+        wait_for(lambda: len(project.receipts()) == 1, 60, "the first receipt")
+        assert "while idle, no arrival in it" in project.log_text()
+        assert {k: _arrival(project, first.name)[k] for k in ("state", "crashes")} == {
+            "state": "done",
+            "crashes": 0,
+        }
+        (result,) = project.results()
+        doc = json.loads(result.read_text())
+        assert doc["pipeline"]["version"] == 1 and [s["step_id"] for s in doc["steps"]][:4] == [
+            "series",
+            "volume",
+            "lungs",
+            "slices",
+        ]
+
+        (project.root / "weights").mkdir(exist_ok=True)
+        manifest = project.root / "weights" / "manifest.yaml"
+        manifest.write_text("files: [unclosed\n")
+        os.kill(_pool_pids(project)[-1], signal.SIGKILL)
+        _drop(project, [second])
+        code, health = wait_for(lambda: (h := _health(project))[0] == 503 and h, 60, "/health to say why")
+        assert any("could not be started again" in r for r in health["reasons"]), health
+        assert {k: _arrival(project, second.name)[k] for k in ("state", "attempts", "crashes")} == {
+            "state": "pending",
+            "attempts": 0,
+            "crashes": 0,
+        }
+        manifest.unlink()
+        wait_for(lambda: len(project.receipts()) == 2, 90, "the second receipt")
+        assert proc.poll() is None
+    finally:
+        _stop(proc)
+    assert {r["outcome"] for r in project.receipts()} == {"accepted"}
+    assert _arrival(project, second.name)["crashes"] == 0
+
+
+def test_a_pool_process_killed_inside_its_stop_check_leaves_no_lock_behind(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A pool process checks the stop request at every chunk read. With a multiprocessing.Event
+    there, ``kill -9`` while reading took the event's lock with it now and then (seen in 1 of ~6
+    runs of the kill -9 test above): the daemon's next batch and its stop then waited on it forever.
+    Here the process dies holding the lock of the stop request, if it has one: the next batch runs,
+    the new process's log records arrive, and the pool still closes."""
+    from processor.config import load_settings
+    from processor.cpupool import CpuPool
+    from processor.daemon import build, cpu_stage_executor
+
+    project = _project(tmp_path / "e", 1)
+    (zipped,) = _inputs(tmp_path / "zips", 1)
+    _drop(project, [zipped])
+    c = build(load_settings(project.config))
+    arrival_id = c.intake.accept(project.inbox / zipped.name)
+    assert arrival_id is not None
+    arrival = c.state.claim(arrival_id)
+    caplog.set_level(logging.INFO)  # the level pool processes log at
+    pool = CpuPool(c.settings, c.executor(), 1, device="cpu", build=cpu_stage_executor)
+    pool.start()
+    try:
+        slot = pool._slots[0]
+        dead = slot.pid
+        lock = getattr(slot.stop, "_cond", None)  # a multiprocessing.Event's; a shared flag has none
+        assert dead is not None and (lock is None or lock.acquire(timeout=5))  # as if the process held it
+        os.kill(dead, signal.SIGKILL)
+        wait_for(lambda: not pool.processes()[0]["alive"], 10, "the process seen dead")
+        caplog.clear()
+        done: list[object] = []
+        worker = threading.Thread(target=lambda: done.append(pool.prepare([arrival], lambda: False)))
+        worker.start()
+        worker.join(60)
+        assert done, "the next batch waited on the dead process's lock"
+        (prepared,) = done
+        assert [run.ctx.study.uid for run in prepared.runs] == ["1.2.826.0.1.3680043.10.543.1"]  # type: ignore[attr-defined]
+        pool_records = [r.getMessage() for r in caplog.records if r.processName == "cpu-pool"]
+        assert any(m.startswith("arrival.start ") for m in pool_records), caplog.text
+        assert pool.processes()[0]["alive"] and pool.processes()[0]["pid"] != dead
+    finally:
+        closer = threading.Thread(target=pool.close)
+        closer.start()
+        closer.join(30)
+        c.state.close()
+    assert not closer.is_alive(), "the pool did not close"

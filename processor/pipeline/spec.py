@@ -9,7 +9,7 @@ reported at once as a ConfigError naming the file, the dotted location, the valu
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -57,6 +57,7 @@ class Pipeline:
     steps: tuple[CompiledStep, ...]
     source: Path
     digest: str
+    text: str = field(default="", repr=False, compare=False)  # the file's text as compiled
 
 
 def _loc(parts: tuple[Any, ...]) -> str:
@@ -80,10 +81,15 @@ def _validation_lines(prefix: str, exc: ValidationError) -> list[str]:
     return lines
 
 
-def load_pipeline(path: Path, registry: StepRegistry, env: StepEnv) -> Pipeline:
-    """Read and compile a pipeline file; raises ConfigError listing every problem."""
+def load_pipeline(path: Path, registry: StepRegistry, env: StepEnv, text: str | None = None) -> Pipeline:
+    """Read and compile a pipeline file; raises ConfigError listing every problem.
+
+    ``text``: the file's text as another process already read it (a CPU pool process compiles the
+    daemon's pipeline, not the file as it may have been edited since); None: read ``path``.
+    """
     try:
-        text = path.read_text(encoding="utf-8")
+        if text is None:
+            text = path.read_text(encoding="utf-8")
         raw = yaml.safe_load(text)
     except OSError as exc:
         raise ConfigError(
@@ -111,7 +117,7 @@ def load_pipeline(path: Path, registry: StepRegistry, env: StepEnv) -> Pipeline:
             )
         )
     digest = hashlib.sha256(text.encode()).hexdigest()
-    return Pipeline(spec.name, spec.version, spec.on_missing_weights, tuple(steps), path, digest)
+    return Pipeline(spec.name, spec.version, spec.on_missing_weights, tuple(steps), path, digest, text)
 
 
 def compile_steps(
