@@ -67,6 +67,7 @@ log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.1  # how often a waiting call looks at the stop request
 START_SECONDS = 300.0  # a pool process that is not ready by then (compiling the pipeline) is an error
+STUCK_LIMITS = 3  # a call is stuck after 3 × limits.max_seconds_per_arrival per arrival
 LOG_DRAIN_SECONDS = 5.0  # how long a stopped process's last log records may take to arrive
 
 
@@ -138,10 +139,14 @@ class _Slot:
         waited): no batch was in it, so none is charged; it is started again for the next."""
         self._died("while idle, no arrival in it")
 
-    def call(self, should_stop: StopCheck, fn: Any, *args: Any) -> Any:
-        """``fn(*args)`` in the process; a stop request is passed on while it runs."""
+    def call(self, should_stop: StopCheck, fn: Any, *args: Any, limit: float | None = None) -> Any:
+        """``fn(*args)`` in the process; a stop request is passed on while it runs. A call still
+        running after ``limit`` seconds (a decoder or a step stuck in native code, which no check
+        inside the process can stop) has its process killed: :class:`PoolProcessDied`, charged to
+        the batch as any death is."""
         assert self.executor is not None
         self.stop.value = False
+        deadline = None if limit is None else time.monotonic() + limit
         try:
             future: Future[Any] = self.executor.submit(fn, *args)
         except BrokenProcessPool as exc:  # died between two calls
@@ -152,6 +157,15 @@ class _Slot:
             try:
                 return future.result(timeout=POLL_SECONDS)
             except TimeoutError:
+                if deadline is not None and time.monotonic() > deadline and self.pid is not None:
+                    log.error(
+                        "cpu_pool.process_stuck slot=%d pid=%s seconds=%.0f: killed, its batch charged",
+                        self.index,
+                        self.pid,
+                        limit,
+                    )
+                    deadline = None
+                    os.kill(self.pid, signal.SIGKILL)
                 continue
             except BrokenProcessPool as exc:
                 raise self._died() from exc
@@ -212,6 +226,9 @@ class CpuPool:
         if processes < 1:
             raise ValueError(f"a CPU pool needs at least one process (got {processes})")
         self.executor = executor
+        # A call running this long per arrival is stuck (reading stops itself at the limit, a
+        # late series' earlier parts each get their own): its process is killed (see _Slot.call).
+        self.stuck_seconds = STUCK_LIMITS * settings.limits.max_seconds_per_arrival
         level = logging.getLogger().getEffectiveLevel()
         pipeline = executor.pipeline
         initargs = (build, settings, device, pipeline.digest, pipeline.text or None, level)
@@ -271,10 +288,11 @@ class CpuPool:
                 except ConfigError as exc:  # e.g. the weights manifest edited into invalid YAML
                     raise Unavailable("a CPU worker process could not be started again") from exc
             located = {a.id: _located(self.executor, a) for a in arrivals}
-            keys = slot.call(should_stop, _open, list(arrivals), located)
+            limit = self.stuck_seconds * len(arrivals)
+            keys = slot.call(should_stop, _open, list(arrivals), located, limit=limit)
             by_id = {a.id: a for a in arrivals}
             paths = self.executor.reserve_paths([(by_id[aid], uid) for aid, uid in keys])
-            prepared: Prepared = unpack(slot.call(should_stop, _run, paths))
+            prepared: Prepared = unpack(slot.call(should_stop, _run, paths, limit=limit))
             slot.batches += 1
             return prepared
         finally:

@@ -335,3 +335,36 @@ def test_a_pool_process_killed_inside_its_stop_check_leaves_no_lock_behind(
         closer.join(30)
         c.state.close()
     assert not closer.is_alive(), "the pool did not close"
+
+
+def test_a_stuck_pool_process_is_killed_and_its_batch_charged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A call still running past its limit (a decoder stuck in native code: no check inside the
+    process can stop it) has its process killed; the death is charged as any other, and the next
+    call gets a fresh process."""
+    import time
+
+    from processor.config import load_settings
+    from processor.cpupool import CpuPool, PoolProcessDied
+    from processor.daemon import build, cpu_stage_executor
+
+    project = _project(tmp_path / "s", 1)
+    c = build(load_settings(project.config))
+    pool = CpuPool(c.settings, c.executor(), 1, device="cpu", build=cpu_stage_executor)
+    pool.start()
+    try:
+        slot = pool._slots[0]
+        stuck = slot.pid
+        started = time.monotonic()
+        with pytest.raises(PoolProcessDied, match="killed by signal SIGKILL"):
+            slot.call(lambda: False, time.sleep, 3600, limit=1.0)
+        assert time.monotonic() - started < 30
+        assert f"cpu_pool.process_stuck slot=0 pid={stuck}" in caplog.text
+        assert stuck is not None and not Path(f"/proc/{stuck}").exists()
+        assert pool.processes()[0]["deaths"] == 1
+        slot.start()
+        assert slot.call(lambda: False, os.getpid, limit=30) not in (stuck, os.getpid())
+    finally:
+        pool.close()
+        c.state.close()
