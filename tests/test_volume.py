@@ -150,7 +150,7 @@ def test_every_lossless_encoding_gives_the_same_hu_bit_for_bit(
     }[encoding]
     assert syntax[0].startswith(expected)
     decoder = volume.provenance["decoder"][0]
-    assert decoder == "numpy.frombuffer" if encoding == "native" else decoder.startswith("pydicom")
+    assert decoder == "numpy.frombuffer" if encoding == "native" else decoder.startswith("imagecodecs ")
 
 
 def test_jpeg_baseline_is_decoded_close_to_the_8bit_original(classic: list[Dataset]) -> None:
@@ -308,12 +308,13 @@ def test_series_without_geometry_fails_with_a_fix() -> None:
 
 
 def test_missing_decoder_names_the_package_to_install(tmp_path: Path, classic: list[Dataset]) -> None:
-    """In a fresh interpreter where pylibjpeg and pylibjpeg-libjpeg cannot be imported, JPEG lossless names it."""
+    """In a fresh interpreter where pylibjpeg, pylibjpeg-libjpeg and imagecodecs cannot be imported,
+    JPEG lossless names the package to install."""
     folder = dicomgen.write_folder(
         tmp_path / "jpegll", [dicomgen.encode(ds, "jpeg-lossless") for ds in classic]
     )
     script = (
-        "import sys; sys.modules['pylibjpeg'] = sys.modules['libjpeg'] = None\n"
+        "import sys; sys.modules['pylibjpeg'] = sys.modules['libjpeg'] = sys.modules['imagecodecs'] = None\n"
         "from pathlib import Path\n"
         "from processor.dicom.scan import scan_members\n"
         "from processor.dicom.volume import load_volume\n"

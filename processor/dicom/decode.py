@@ -8,8 +8,11 @@ again (deflated, unusual layouts and compressed syntaxes are parsed in full by p
 the file in the encoding the scan decided from its bytes (``processor.dicom.encoding``), and the
 Pixel Data length is checked against Rows × Columns × frames × BitsAllocated/8 before any view is
 taken; every failure to read a file is one ``StepError`` naming the file, the cause and the fix.
-Compressed frames (JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000, RLE) go through pydicom's
-decoders (pylibjpeg + plugins, gdcm when installed) on a small thread pool.
+Compressed frames are decoded on a small thread pool: lossless JPEG, JPEG-LS, lossless JPEG 2000 /
+HTJ2K and RLE by imagecodecs, which releases the GIL so the threads decode side by side, giving
+pydicom's stored values exactly (``processor.dicom.codecs``); everything else (JPEG baseline and
+extended, possibly lossy JPEG 2000, colour) and any frame imagecodecs rejects by pydicom's decoders
+(pylibjpeg + plugins, gdcm when installed).
 
 HU = stored × RescaleSlope + RescaleIntercept, per frame; into **int16** whenever that is exact
 (whole slope and intercept, and the frame's rescaled extremes fit), float32 otherwise.
@@ -35,6 +38,7 @@ from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from processor.bytesource import Buffer
+from processor.dicom.codecs import fast_decoder
 from processor.dicom.encoding import Unreadable, plain_cause, read_file
 from processor.dicom.frames import Frame
 from processor.dicom.scan import PIXEL_DATA_TAG, Instance, Series
@@ -243,14 +247,17 @@ def _located_pixels(instance: Instance, data: Buffer) -> memoryview | None:
     return memoryview(data)[start : start + length]
 
 
-def _decode_file(instance: Instance, data: Buffer, targets: list[_Target], hu: np.ndarray) -> tuple[str, str]:
-    """Decode the wanted frames of one file into ``hu``; returns (transfer syntax, decoder used)."""
+def _decode_file(
+    instance: Instance, data: Buffer, targets: list[_Target], hu: np.ndarray, fast: bool = True
+) -> tuple[str, set[str]]:
+    """Decode the wanted frames of one file into ``hu``; returns (transfer syntax, decoders used).
+    ``fast``: compressed frames through imagecodecs where it gives pydicom's values exactly."""
     pixels = _located_pixels(instance, data)
     frames = _native_frames(PixelFormat.of_instance(instance), pixels) if pixels is not None else None
     if frames is not None:
         for t in targets:
             _rescale_into(hu[t.k], frames[t.frame], t.slope, t.intercept)
-        return instance.facts.transfer_syntax, "numpy.frombuffer"
+        return instance.facts.transfer_syntax, {"numpy.frombuffer"}
     # a full parse, in the encoding the bytes show (the scan's rule), told to pydicom's decoders too
     ds, encoding, _ = read_file(data, stop_before_pixels=False)
     ts = UID(encoding.transfer_syntax)
@@ -288,21 +295,29 @@ def _decode_file(instance: Instance, data: Buffer, targets: list[_Target], hu: n
                 _rescale_into(hu[t.k], frames[t.frame], t.slope, t.intercept)
             if compressed:  # a compressed syntax over raw pixels: they were read as what they are
                 ts = UID(ImplicitVRLittleEndian if encoding.implicit else ExplicitVRLittleEndian)
-            return str(ts), "numpy.frombuffer"
-    as_array = _decoder(ts)
+            return str(ts), {"numpy.frombuffer"}
+    imagecodecs = fast_decoder(ds, ts) if fast else None
+    used = set()
     for t in targets:
-        arr, _ = as_array(ds, index=t.frame, raw=True)
+        arr = imagecodecs.frame(t.frame) if imagecodecs is not None else None
+        if imagecodecs is not None and arr is not None:
+            used.add(imagecodecs.name)
+        else:  # pydicom's decoder: the reference, and the one whose words a broken frame fails in
+            arr, _ = _decoder(ts)(ds, index=t.frame, raw=True)
+            used.add("pydicom, plugins tried in order: " + ", ".join(get_decoder(ts).available_plugins))
         _rescale_into(hu[t.k], arr, t.slope, t.intercept)
-    return str(ts), "pydicom, plugins tried in order: " + ", ".join(get_decoder(ts).available_plugins)
+    return str(ts), used
 
 
-def _read_and_decode(series: Series, index: int, targets: list[_Target], hu: np.ndarray) -> tuple[str, str]:
+def _read_and_decode(
+    series: Series, index: int, targets: list[_Target], hu: np.ndarray, fast: bool = True
+) -> tuple[str, set[str]]:
     """Decode one file's frames; every reader failure becomes one :class:`StepError` that names the
     file, the cause in plain words and the fix (never a library's traceback or advice)."""
     instance = series.instances[index]
     name = instance.member.name
     try:
-        return _decode_file(instance, instance.member.data(), targets, hu)
+        return _decode_file(instance, instance.member.data(), targets, hu, fast)
     except _NeedsFloat:
         raise
     except StepError as exc:
@@ -352,17 +367,23 @@ def _exact_in_int16(kept: list[Frame]) -> bool:
     )
 
 
-def decode_into(series: Series, kept: list[Frame], workers: int = 4) -> tuple[np.ndarray, dict]:
-    """Decode the kept frames into one preallocated (z, y, x) int16 array, or float32 when int16 is not exact."""
+def decode_into(
+    series: Series, kept: list[Frame], workers: int = 4, *, imagecodecs: bool = True
+) -> tuple[np.ndarray, dict]:
+    """Decode the kept frames into one preallocated (z, y, x) int16 array, or float32 when int16 is not exact.
+
+    ``imagecodecs=False`` decodes every compressed frame with pydicom's decoders (the reference)."""
     if _exact_in_int16(kept):
         try:
-            return _decode_as(series, kept, workers, np.int16)
+            return _decode_as(series, kept, workers, np.int16, imagecodecs=imagecodecs)
         except _NeedsFloat:
             log.info("volume.float32 series=%s: a rescaled value does not fit int16", series.number)
-    return _decode_as(series, kept, workers, np.float32)
+    return _decode_as(series, kept, workers, np.float32, imagecodecs=imagecodecs)
 
 
-def _decode_as(series: Series, kept: list[Frame], workers: int, dtype: type) -> tuple[np.ndarray, dict]:
+def _decode_as(
+    series: Series, kept: list[Frame], workers: int, dtype: type, *, imagecodecs: bool = True
+) -> tuple[np.ndarray, dict]:
     hu: np.ndarray = np.empty((len(kept), kept[0].rows, kept[0].cols), dtype=dtype)
     by_file: dict[int, list[_Target]] = defaultdict(list)
     for k, f in enumerate(kept):
@@ -370,12 +391,14 @@ def _decode_as(series: Series, kept: list[Frame], workers: int, dtype: type) -> 
     jobs = list(by_file.items())
     workers = min(workers, os.cpu_count() or 1)
     if workers <= 1 or len(jobs) == 1:
-        results = [_read_and_decode(series, i, targets, hu) for i, targets in jobs]
-    else:
+        results = [_read_and_decode(series, i, targets, hu, imagecodecs) for i, targets in jobs]
+    else:  # imagecodecs lets go of the GIL while it decodes: the threads decode side by side
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ctwatch-decode") as pool:
-            results = list(pool.map(lambda job: _read_and_decode(series, job[0], job[1], hu), jobs))
+            results = list(
+                pool.map(lambda job: _read_and_decode(series, job[0], job[1], hu, imagecodecs), jobs)
+            )
     syntaxes = sorted({ts for ts, _ in results})
-    decoders = sorted({dec for _, dec in results})
+    decoders = sorted({dec for _, used in results for dec in used})
     return hu, {
         "transfer_syntaxes": [f"{ts} ({UID(ts).name})" for ts in syntaxes],
         "decoder": decoders,

@@ -253,7 +253,9 @@ def _body_hu(image: np.ndarray) -> float | None:
     return round(float(body.mean(dtype=np.float64)), 1) if body.size else None
 
 
-def _describe_phases(series: Series, phases: dict, hu: np.ndarray, workers: int) -> None:
+def _describe_phases(
+    series: Series, phases: dict, hu: np.ndarray, workers: int, imagecodecs: bool = True
+) -> None:
     """Each phase's mean body HU on its middle slice (the chosen one from the volume already decoded)."""
     for phase in phases["phases"]:
         frames = sorted(phase.pop("frames_list"), key=lambda f: f.instance_number)
@@ -261,14 +263,22 @@ def _describe_phases(series: Series, phases: dict, hu: np.ndarray, workers: int)
             phase["mean_body_hu"] = _body_hu(hu[len(hu) // 2])
             continue
         middle = frames[len(frames) // 2]
-        image, _ = _decode_as(series, [middle], 1, np.float32)
+        image, _ = _decode_as(series, [middle], 1, np.float32, imagecodecs=imagecodecs)
         phase["mean_body_hu"] = _body_hu(image[0])
 
 
 def load_volume(
-    series: Series, *, workers: int = 4, tol: float = DUPLICATE_TOLERANCE_MM, phase_rule: str = "first"
+    series: Series,
+    *,
+    workers: int = 4,
+    tol: float = DUPLICATE_TOLERANCE_MM,
+    phase_rule: str = "first",
+    imagecodecs: bool = True,
 ) -> Volume:
     """Decode the series' image stack into a :class:`Volume` (HU int16 or float32, spacing, affine, provenance).
+
+    ``imagecodecs=False`` decodes compressed frames with pydicom's decoders only (the reference the
+    imagecodecs path is tested against, :mod:`processor.dicom.codecs`).
 
     Instances that cannot belong to the axial stack are set aside first (counted in
     ``provenance["set_aside"]``); see :func:`plan_frames` for phases and parts.
@@ -284,9 +294,9 @@ def load_volume(
     kept, positions, info = plan_frames(series, tol, phase_rule)
     pixel, source, unknown = in_plane_spacing(kept)
     affine, spacing, tilt = geometry(kept, info["spacing"]["median_mm"], pixel)
-    hu, decode_info = decode_into(series, kept, workers)
+    hu, decode_info = decode_into(series, kept, workers, imagecodecs=imagecodecs)
     if info["phases_split"]:
-        _describe_phases(series, info["phases_split"], hu, workers)
+        _describe_phases(series, info["phases_split"], hu, workers, imagecodecs)
     first = series.instances[kept[0].instance]
     gantry = series.instances[0].header.get("GantryDetectorTilt")
     info.update(decode_info)
