@@ -1,5 +1,8 @@
 """Timing helpers: wall time (``time.perf_counter``) and process CPU time (``time.process_time``,
-all threads of this process: decode pools, torch intra-op threads and prefetch threads included)."""
+all threads of this process: decode pools, torch intra-op threads and prefetch threads included).
+
+``bench/run.py`` sets ``OMP_WAIT_POLICY=PASSIVE`` before torch loads, so torch's idle OpenMP threads
+sleep instead of spinning after each parallel region and their waiting is not counted as work."""
 
 from __future__ import annotations
 

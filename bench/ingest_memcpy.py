@@ -1,0 +1,83 @@
+"""Uncompressed ingest against a plain memcpy of the same bytes, interleaved in one run (issue 18, item 7).
+
+The reference is the cheapest thing a reader of the ZIP could do with its contents: copy the ZIP's
+DICOM files (every member, uncompressed: for the STORED ``uncompressed`` study the bytes the
+ingest reads, 191 MB at full size) from memory into memory that is already mapped and written
+(``np.copyto``; no page faults). ctwatch's ingest is ``bench.fast.fast_volume``: ZIP file → the
+chosen series' HU volume (open, header scan, selection, read + CRC-32 + decode, decode threads
+included). The two alternate (ABBA) ``max(5, n)`` times each, so load from other jobs hits both
+alike; CPU seconds are ``time.process_time`` (all threads), wall ``time.perf_counter``.
+
+``ingest_vs_memcpy_ratio`` = memcpy CPU s ÷ ingest CPU s (1.0 would be an ingest as cheap as
+copying its input once; issue 18's goal for uncompressed ingest is ≥ 0.2). A copy of only the
+chosen series' pixel bytes (as many bytes as the int16 volume) is timed beside it.
+"""
+
+from __future__ import annotations
+
+import gc
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench import fast
+from bench.timing import Samples, timed
+
+INGEST = "ingest: ZIP → HU volume (fast path)"
+MEMCPY = "memcpy of the ZIP's DICOM bytes (into written memory)"
+PIXELS = "memcpy of as many bytes as the HU volume"
+GOAL = 0.2  # issue 18: uncompressed ingest ≥ 0.2 × memcpy of the same bytes
+
+
+def measure(zip_path: Path, n: int) -> tuple[dict[str, Samples], dict[str, int]]:
+    """Interleaved timings (see the module doc) and the byte counts: ``zip_bytes`` (the members,
+    uncompressed) and ``volume_bytes`` (the HU volume)."""
+    with zipfile.ZipFile(zip_path) as zf:
+        data = b"".join(zf.read(info) for info in zf.infolist() if not info.is_dir())
+    src = np.frombuffer(data, np.uint8)
+    dst = np.ones_like(src)  # written once: its pages are mapped
+    volume_bytes = fast.fast_volume(zip_path).hu.nbytes  # also warms the page cache and the imports
+    k = min(volume_bytes, src.nbytes)
+    out = {label: Samples() for label in (INGEST, MEMCPY, PIXELS)}
+
+    def ingest() -> None:
+        fast.fast_volume(zip_path)
+
+    def copy() -> None:
+        np.copyto(dst, src)
+
+    def pixels() -> None:
+        np.copyto(dst[:k], src[:k])
+
+    for i in range(max(5, n)):
+        order = [(ingest, INGEST), (copy, MEMCPY), (pixels, PIXELS)]
+        for fn, label in order if i % 2 == 0 else order[::-1]:
+            gc.collect()
+            timed(fn, out[label])
+    return out, {"zip_bytes": src.nbytes, "volume_bytes": volume_bytes}
+
+
+def figures(samples: dict[str, Samples], sizes: dict[str, int]) -> dict[str, Any]:
+    """``ingest_vs_memcpy_ratio`` and its details (CPU and wall, MB/s, the pixel-bytes copy)."""
+    ingest, copy, pixels = samples[INGEST], samples[MEMCPY], samples[PIXELS]
+    mb = sizes["zip_bytes"] / 1e6
+    return {
+        "ingest_vs_memcpy_ratio": round(copy.cpu_median / ingest.cpu_median, 4),
+        "details": {
+            "reference": "np.copyto of the ZIP's DICOM members (uncompressed) into written memory, "
+            "interleaved with the ingest in this run",
+            "zip_dicom_mb": round(mb, 1),
+            "hu_volume_mb": round(sizes["volume_bytes"] / 1e6, 1),
+            "ingest_cpu_s": round(ingest.cpu_median, 4),
+            "ingest_wall_s": round(ingest.wall_median, 4),
+            "memcpy_cpu_s": round(copy.cpu_median, 4),
+            "memcpy_mb_per_s": round(mb / copy.wall_median, 1),
+            "ingest_mb_per_cpu_s": round(mb / ingest.cpu_median, 1),
+            "wall_ratio": round(copy.wall_median / ingest.wall_median, 4),
+            "pixel_bytes_memcpy_vs_ingest_ratio": round(pixels.cpu_median / ingest.cpu_median, 4),
+            "goal": f"≥ {GOAL}",
+            "met": copy.cpu_median / ingest.cpu_median >= GOAL,
+        },
+    }
