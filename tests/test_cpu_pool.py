@@ -93,7 +93,9 @@ def _status(project: Project) -> tuple[dict, str]:
     with urllib.request.urlopen(f"{base}/status", timeout=10) as r:
         status = json.loads(r.read())
     with urllib.request.urlopen(f"{base}/metrics", timeout=10) as r:
-        return status, r.read().decode()
+        metrics = r.read().decode()
+    with urllib.request.urlopen(f"{base}/", timeout=10) as r:
+        return status, metrics + r.read().decode()  # the status page's words too
 
 
 def _pool_pids(project: Project) -> list[int]:
@@ -141,11 +143,13 @@ def test_pool_gives_the_in_process_results_and_runs_in_other_processes(tmp_path:
             assert (
                 "ctwatch_cpu_processes_alive 2" in metrics and "ctwatch_cpu_process_deaths_total 0" in metrics
             )
+            assert "<td>CPU stage</td><td>2 of 2 pool processes running, 4 batches prepared</td>" in metrics
             # the pool processes' log records reach the daemon's log (arrival.start is logged there)
             assert log.count("arrival.start ") == 4, log[-3000:]
             assert "ctclip.preprocessed step=clip target_xyz=32x32x24 stage=cpu" in log
         else:
             assert not _pool_pids(project) and "cpu_workers=0" in log
+            assert "<td>CPU stage</td><td>in the daemon (worker.cpu_workers: 0)</td>" in metrics
     assert runs[2].keys() == runs[0].keys() and len(runs[2]) == 4
     for name in runs[2]:
         assert runs[2][name] == runs[0][name], name

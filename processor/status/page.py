@@ -188,6 +188,7 @@ def status_html(status: dict[str, Any]) -> str:
             )
             or "—",
         ],
+        ["CPU stage", cpu_stage_words(status["worker"].get("cpu_processes", []))],
         ["time to empty the queue", status["eta"]["words"]],
         ["night window", (status["night"] or {}).get("words", "not configured")],
         [
@@ -270,3 +271,17 @@ Refreshes every {REFRESH_SECONDS} s. Machine-readable: /status, /health, /metric
     }
 </body></html>
 """
+
+
+def cpu_stage_words(pool: list[dict[str, Any]]) -> str:
+    """Where reading and the CPU steps run, in words: the daemon itself, or its pool processes."""
+    if not pool:
+        return "in the daemon (worker.cpu_workers: 0)"
+    alive = sum(1 for p in pool if p["alive"])
+    deaths = sum(p["deaths"] for p in pool)
+    batches = sum(p["batches"] for p in pool)
+    text = f"{alive} of {len(pool)} pool process{'es' if len(pool) != 1 else ''} running, {batches} batch"
+    text += "es prepared" if batches != 1 else " prepared"
+    if deaths:
+        text += f"; {deaths} died (each charged to the arrival it held, see the log: cpu_pool.process_died)"
+    return text
