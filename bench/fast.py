@@ -13,7 +13,6 @@ check + decoding the chosen series into the HU volume (the only stage that touch
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 
 from bench.timing import Clock, Samples, timed
+from processor.deflate import crc32
 from processor.dicom.scan import ScanResult, Series, scan_members
 from processor.dicom.select import SelectionRules, evaluate, series_facts
 from processor.dicom.volume import Volume, load_volume
@@ -39,11 +39,12 @@ def choose_series(scan: ScanResult) -> Series:
     return study.series[verdicts[0].facts.uid]
 
 
-def fast_volume(zip_path: Path) -> Volume:
-    """ZIP → chosen series' HU volume, exactly as the ``dicom.select_series`` + ``ct.volume`` steps do."""
+def fast_volume(zip_path: Path, *, imagecodecs: bool = True) -> Volume:
+    """ZIP → chosen series' HU volume, exactly as the ``dicom.select_series`` + ``ct.volume`` steps do
+    (``imagecodecs=False``: compressed frames through pydicom's decoders only, the reference)."""
     with open_arrival(zip_path, LIMITS) as contents:
         series = choose_series(_scan(contents.members))
-        return load_volume(series)
+        return load_volume(series, imagecodecs=imagecodecs)
 
 
 @dataclass
@@ -83,14 +84,15 @@ def stage_breakdown(zip_path: Path, samples: dict[str, Samples]) -> Volume:
 
 
 def crc_of_chosen_series(zip_path: Path) -> Callable[[], int]:
-    """A callable that CRC-32-checks the chosen series' zero-copy members (the check inside the decode)."""
+    """A callable that CRC-32-checks the chosen series' zero-copy members (the check inside the decode,
+    with the library it uses: :func:`processor.deflate.crc32`)."""
     with open_arrival(zip_path, LIMITS) as contents:
         names = {i.member.name for i in choose_series(_scan(contents.members)).instances}
 
     def check() -> int:
         with open_arrival(zip_path, LIMITS) as contents:
             views = [m for m in contents.members if m.name in names and m.viewer is not None]
-            return sum(zlib.crc32(m.viewer()) == m.crc for m in views)
+            return sum(crc32(m.viewer()) == m.crc for m in views)
 
     return check
 

@@ -20,7 +20,7 @@ from bench.generate import SMOKE, VARIANTS, ensure_studies, stored_pixels
 
 REPO = Path(__file__).resolve().parent.parent
 KEYS = (
-    "ingest_fraction_of_memory_read",
+    "ingest_vs_memcpy_ratio",
     "fast_vs_naive_cpu_ratio",
     "zeroshot_vs_encode_ratio",
     "studies_per_hour_overlap_on",
@@ -71,7 +71,17 @@ def test_smoke_run_writes_finite_figures(tmp_path: Path) -> None:
     assert "ctclip.zero_shot (clip)" in stages["steps"] and "write (result JSON, atomic)" in stages["steps"]
     assert figures["details"]["prefetch_max_inflight_seen"] <= 2
     assert figures["details"]["lung_labelling_cc3d_vs_scipy_cpu_ratio"] > 0
-    assert "ingest_fraction_of_memory_read" in run.stdout
+    assert figures["details"]["deflate_library"].startswith("ISA-L")  # CRC-32 and inflate, against zlib
+    assert min(figures["details"][f"{part}_isal_vs_zlib_cpu_ratio"] for part in ("crc32", "inflate")) > 0
+    assert len(stages["deflate"]) == 6  # CRC-32 and inflate with each library, the ZIP read two ways
+    codecs = figures["details"]["codec_ingest"]  # compressed ingest, imagecodecs vs pydicom only
+    for variant in ("jpeg-ls", "jpeg2000"):
+        assert codecs[variant]["identical_volumes"] and codecs[variant]["imagecodecs_wall_over_cpu"] > 0
+        assert codecs[variant]["decoders"]["imagecodecs"][0].startswith("imagecodecs ")
+    assert "ingest_vs_memcpy_ratio" in run.stdout
+    assert math.isfinite(figures["details"]["ingest_fraction_of_memory_read"])  # the old reference, kept
+    assert figures["details"]["ingest_vs_memcpy"]["zip_dicom_mb"] > 0
+    assert "ingest_vs_memcpy" in stages and figures["machine"]["omp_wait_policy"]  # idle torch threads sleep
     latency = figures["details"]["drop_to_json_s"]  # drop → JSON through a daemon, one study per drop
     assert set(latency) == {"zip, close event", "zip, quiet period", "folder, quiet period"}
     assert all(math.isfinite(v) and v > 0 for v in latency.values()), latency
@@ -101,3 +111,35 @@ def test_stage_breakdown_decodes_the_same_volume(studies: dict[str, Path]) -> No
     volume = fast.stage_breakdown(studies["jpeg-ls"], samples)
     assert list(samples) == list(fast.STAGES)
     assert np.array_equal(volume.hu, fast.fast_volume(studies["uncompressed"]).hu)
+
+
+def test_daemon_rate_smoke_pool_off_and_on(tmp_path: Path) -> None:
+    """bench/daemon_rate.py: the real daemon with the CPU pool off and with one process, two tiny
+    studies each; every study gets its JSON with its weight-free steps done, the figures are finite."""
+    out = tmp_path / "daemon.json"
+    argv = ["--smoke", "--studies", "2", "--workers", "0", "1", "--json", str(out), "--out", str(tmp_path)]
+    run = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "daemon_rate.py"), *argv],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    document = json.loads(out.read_text())
+    runs = document["runs"]
+    assert [r["cpu_workers"] for r in runs] == [0, 1]
+    assert [r["pool_processes"] for r in runs] == [0, 1]
+    for r in runs:
+        assert r["results"] == r["complete"] == r["studies"] == 2, r
+        assert r["peak"]["processes"] >= 1 + r["pool_processes"]  # the daemon and its pool, measured
+        assert r["torch_processes"] == 0  # a weight-free daemon: no torch threads to count
+    modes = document["figures"]["modes"]
+    for m in modes.values():
+        for key in ("per_hour", "cpu_s_per_study", "peak_rss_mb", "peak_rss_over_hu", "peak_rss_shm_once_mb"):
+            assert math.isfinite(m[key]) and m[key] > 0, (key, m)
+        assert math.isfinite(m["growth_over_hu"]) and m["step_wall_s"]["lungs"] >= 0
+    ratio = document["figures"]["rate_vs_pool_off"]["pool, 1 process"]
+    assert math.isfinite(ratio) and ratio > 0
+    assert "studies/hour pool, 1 process ÷ pool off" in run.stdout
+    assert document["figures"]["two_process_ceiling"]["ceiling"] > 0  # what a 2nd process gains here
