@@ -103,32 +103,24 @@ def cpu_stage_executor(settings: Settings, device: str, text: str | None = None)
     process alike) compiled for the daemon's ``device`` (resolved there, so no process but the daemon
     touches CUDA; the CPU steps load no model), the state database opened read-only, and the same
     recorder's paths."""
-    from processor.models.cache import ModelCache
-
-    m = settings.models
-    models = ModelCache(m.capacity, device, m.gpu_memory_budget_gb, precision=m.precision)
-    env = StepEnv(
-        root=settings.root,
-        device=device,
-        models=models,
-        content_cache=State.content_cache(settings.state),
-        pinned_sha256=pinned_sha256(settings),
-    )
-    pipeline = load_pipeline(settings.pipeline, default_registry(), env, text)
-    state = State(settings.state, readonly=True, timeout=settings.limits.database_busy_seconds)
-    intake = Intake(
-        state,
-        pipeline_name=pipeline.name,
-        pipeline_version=pipeline.version,
-        inbox_dirs=settings.inbox.dirs,
-        outbox=settings.outbox,
-    )
-    return Components(settings, pipeline, device, models, state, intake).executor()
+    return _compose(settings, device, default_registry(), text=text, readonly=True).executor()
 
 
 def build(settings: Settings, registry: StepRegistry | None = None) -> Components:
     """Compile the pipeline (ConfigError on any problem), open state, wire intake."""
-    device = resolve_device_name(settings.device)
+    components = _compose(settings, resolve_device_name(settings.device), registry or default_registry())
+    settings.outbox.mkdir(parents=True, exist_ok=True)
+    return components
+
+
+def _compose(
+    settings: Settings,
+    device: str,
+    registry: StepRegistry,
+    *,
+    text: str | None = None,
+    readonly: bool = False,
+) -> Components:
     from processor.models.cache import ModelCache
 
     m = settings.models
@@ -140,8 +132,8 @@ def build(settings: Settings, registry: StepRegistry | None = None) -> Component
         content_cache=State.content_cache(settings.state),
         pinned_sha256=pinned_sha256(settings),
     )
-    pipeline = load_pipeline(settings.pipeline, registry or default_registry(), env)
-    state = State(settings.state, timeout=settings.limits.database_busy_seconds)
+    pipeline = load_pipeline(settings.pipeline, registry, env, text)
+    state = State(settings.state, readonly=readonly, timeout=settings.limits.database_busy_seconds)
     intake = Intake(
         state,
         pipeline_name=pipeline.name,
@@ -149,7 +141,6 @@ def build(settings: Settings, registry: StepRegistry | None = None) -> Component
         inbox_dirs=settings.inbox.dirs,
         outbox=settings.outbox,
     )
-    settings.outbox.mkdir(parents=True, exist_ok=True)
     return Components(settings, pipeline, device, models, state, intake)
 
 
