@@ -174,16 +174,18 @@ def _set_encapsulated(ds: Dataset, frames: list[bytes], uid: str) -> None:
     ds.file_meta.TransferSyntaxUID = uid
 
 
-def jpeg_lossless_sv1(frame: np.ndarray) -> bytes:
+def jpeg_lossless_sv1(frame: np.ndarray, point_transform: int = 0) -> bytes:
     """Encode one 16-bit frame as JPEG lossless, process 14, selection value 1 (left predictor).
 
     Huffman table: the 17 difference categories get fixed 5-bit codes (valid: no all-ones code).
     Samples are the 16-bit patterns of the stored values, as DICOM stores signed pixels.
+    ``point_transform`` Pt > 0 codes the samples divided by 2^Pt (ITU-T T.81 H.1.2.1: the first
+    prediction is then 2^(15 − Pt)); a decoder gives them back multiplied by 2^Pt.
     """
-    a = frame.astype(np.int64) & 0xFFFF
+    a = (frame.astype(np.int64) & 0xFFFF) >> point_transform
     rows, cols = a.shape
     pred = np.empty_like(a)
-    pred[0, 0] = 1 << 15
+    pred[0, 0] = 1 << (15 - point_transform)
     pred[0, 1:] = a[0, :-1]
     pred[1:, 0] = a[:-1, 0]
     pred[1:, 1:] = a[1:, :-1]
@@ -209,7 +211,7 @@ def jpeg_lossless_sv1(frame: np.ndarray) -> bytes:
         out += bytes([byte, 0]) if byte == 0xFF else bytes([byte])
     sof = b"\xff\xc3\x00\x0b\x10" + rows.to_bytes(2, "big") + cols.to_bytes(2, "big") + b"\x01\x01\x11\x00"
     dht = b"\xff\xc4\x00\x24\x00" + bytes([0, 0, 0, 0, 17] + [0] * 11) + bytes(range(17))
-    sos = b"\xff\xda\x00\x08\x01\x01\x00\x01\x00\x00"
+    sos = b"\xff\xda\x00\x08\x01\x01\x00\x01\x00" + bytes([point_transform])
     return b"\xff\xd8" + sof + dht + sos + bytes(out) + b"\xff\xd9"
 
 

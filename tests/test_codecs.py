@@ -25,7 +25,7 @@ from pydicom.encaps import encapsulate, get_frame
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import UID, HTJ2KLossless, JPEGLossless, JPEGLosslessSV1, JPEGLSNearLossless
 
-from processor.dicom.codecs import fast_decoder
+from processor.dicom.codecs import fast_decoder, start_of_frame
 from processor.dicom.scan import scan_members
 from processor.dicom.volume import Volume, load_volume
 from processor.errors import StepError
@@ -219,6 +219,59 @@ def test_a_broken_frame_fails_in_the_same_words_with_imagecodecs(tmp_path: Path)
             _volume(zip_path, flag)
         messages.append(str(caught.value))
     assert messages[0] == messages[1]
+
+
+@pytest.mark.parametrize(("encoding", "sof"), [("jpeg-ls", 0xF7), ("jpeg-lossless", 0xC3)])
+def test_a_damaged_lossless_frame_fails_the_study_instead_of_going_to_pydicom(
+    tmp_path: Path, encoding: str, sof: int
+) -> None:
+    """A JPEG-LS or lossless JPEG frame cut short inside a real file in a real ZIP: the lossless codec
+    refuses it, and pylibjpeg's libjpeg (which pydicom would try next) decodes such frames without
+    a word into wrong values — so the study fails, naming the file and the frame, and no volume is
+    built (the frame is of its syntax's own kind: the mislabelled-stream fallback does not apply)."""
+    hu, _ = dicomgen.chest_phantom((3, SIZE, SIZE))
+    series = dicomgen.make_series(3, stored=(np.rint(hu) + 1024).astype(np.int16), intercept=-1024.0)
+    files = [dicomgen.encode(ds, encoding) for ds in series]
+    frame = get_frame(files[1].PixelData, 0, number_of_frames=1)
+    assert start_of_frame(frame) == sof
+    files[1].PixelData = encapsulate([frame[: len(frame) * 3 // 4 & ~1]])
+    zip_path = dicomgen.write_zip(tmp_path / "damaged.zip", files)
+    with pytest.raises(StepError, match=r"^cannot decode DICOM/IMG0002\.dcm: frame 1 of its .* is damaged"):
+        _volume(zip_path, True)
+
+
+def test_a_lossless_jpeg_frame_with_a_point_transform_is_refused(tmp_path: Path) -> None:
+    """Lossless JPEG with Pt = 1: libjpeg-turbo gives the samples back × 2 as ITU-T T.81 says, but
+    jpegsof3 leaves them halved and pylibjpeg's libjpeg offsets them — either would be a wrong HU
+    that looks right, so the study fails naming the file and the point transform."""
+    hu, _ = dicomgen.chest_phantom((3, SIZE, SIZE))
+    stored = (np.rint(hu) + 1024).astype(np.int16)
+    series = dicomgen.make_series(3, stored=stored, intercept=-1024.0)
+    frames = [dicomgen.jpeg_lossless_sv1(f, point_transform=1) for f in stored]
+    assert np.array_equal(imagecodecs.jpeg8_decode(frames[0]), stored[0] >> 1 << 1)  # a conforming stream
+    files = [
+        _with_frames(ds, [f + b"\0" * (len(f) & 1)], JPEGLosslessSV1)
+        for ds, f in zip(series, frames, strict=True)
+    ]
+    zip_path = dicomgen.write_zip(tmp_path / "pt.zip", files)
+    with pytest.raises(StepError, match=r"^cannot decode DICOM/IMG000\d\.dcm: .*point transform \(Pt = 1\)"):
+        _volume(zip_path, True)
+
+
+def test_a_decoder_that_panics_fails_the_study(tmp_path: Path) -> None:
+    """An RLE frame with one byte changed: imagecodecs' output is too long, so pydicom's decoders take
+    it, and pylibjpeg-rle panics (pyo3's PanicException, a BaseException that `except Exception`
+    misses): the study fails with a StepError naming the file, it does not end the process."""
+    pytest.importorskip("rle")
+    hu, _ = dicomgen.chest_phantom((3, SIZE, SIZE))
+    series = dicomgen.make_series(3, stored=(np.rint(hu) + 1024).astype(np.int16), intercept=-1024.0)
+    files = [dicomgen.encode(ds, "rle") for ds in series]
+    frame = get_frame(files[1].PixelData, 0, number_of_frames=1)
+    middle = len(frame) // 2
+    files[1].PixelData = encapsulate([frame[:middle] + bytes([frame[middle] ^ 0x5A]) + frame[middle + 1 :]])
+    zip_path = dicomgen.write_zip(tmp_path / "panic.zip", files)
+    with pytest.raises(StepError, match=r"^cannot decode DICOM/IMG0002\.dcm: "):
+        _volume(zip_path, True)
 
 
 def test_is_available_names_only_routed_syntaxes() -> None:

@@ -972,3 +972,18 @@ def test_text_that_starts_with_an_equals_sign_stays_text(tmp_path: Path) -> None
     ws = load_workbook(tmp_path / "w.xlsx").active
     assert (ws["A2"].value, ws["A2"].data_type) == (hostile, "s")
     assert (ws["B2"].value, ws["B2"].data_type) == ("=1+1", "s")
+
+
+def test_control_characters_in_text_are_shown_not_fatal(tmp_path: Path) -> None:
+    """A DICOM description with a stray control byte (here \\x01, and an escape \\x1b): openpyxl
+    refuses the whole workbook for one such character, so every study would vanish from Excel; the
+    cell shows it as \\xNN instead, and tab and newline stay as they are."""
+    from openpyxl import Workbook, load_workbook
+
+    from processor.outputs.sheets import write_table
+
+    wb = Workbook()
+    write_table(wb.active, 1, ["series"], [{"series": "2 CHEST\x01 B70f\x1b$B,\tline\nnext"}])
+    wb.save(tmp_path / "w.xlsx")
+    ws = load_workbook(tmp_path / "w.xlsx").active
+    assert ws["A2"].value == "2 CHEST\\x01 B70f\\x1b$B,\tline\nnext"

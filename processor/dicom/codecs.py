@@ -24,18 +24,27 @@ RLE Lossless (.5)                      ``dicomrle_decode``               imageco
 Everything else stays with pydicom's decoders: JPEG baseline/extended (lossy DCT, whose rounding
 differs between libraries), JPEG 2000 and HTJ2K that may be lossy (.91, .203: the 9/7 wavelet is
 floating point), colour or multi-sample images, Bits Allocated other than 8 or 16, and any
-frame imagecodecs rejects (it then fails, if it fails, in pydicom's words).
+frame imagecodecs rejects (it then fails, if it fails, in pydicom's words) — except a lossless
+JPEG or JPEG-LS frame whose codestream is what its transfer syntax names (SOF3, SOF55) and that
+the codec refuses: such a frame is damaged (cut short, bytes changed), and pylibjpeg's libjpeg
+decodes many damaged ones without a word into wrong values, so it fails as
+:class:`RefusedFrame` instead. A stream of another kind under such a label (a lossy baseline
+JPEG labelled lossless) still goes to pydicom. A lossless JPEG frame with a point transform
+(Pt > 0, rare) is refused too: jpegsof3 leaves its samples divided by 2^Pt and pylibjpeg's libjpeg
+offsets them, where libjpeg-turbo gives them back as ITU-T T.81 H.1.2.1 says (tested).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.encaps import get_frame
 from pydicom.pixels.decoders.base import Decoder, DecodeRunner
 from pydicom.uid import (
     UID,
@@ -76,6 +85,23 @@ _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 # what a frame the plugin rejects raises out of pydicom's as_array (it wraps the codec's own error
 # in RuntimeError; validation and frame lookup raise ValueError, AttributeError and the like)
 _REJECTED = (RuntimeError, ValueError, AttributeError, TypeError, KeyError, IndexError, NotImplementedError)
+# lossless syntaxes whose codec's refusal of a codestream of their own kind means a damaged frame:
+# the Start Of Frame marker that kind has (ITU-T T.81 B.1.1.3 and table B.1: SOF3, lossless
+# Huffman; ITU-T T.87 C.2.2: SOF55, JPEG-LS)
+_LOSSLESS_SOF: dict[str, int] = {
+    JPEGLossless: 0xC3,
+    JPEGLosslessSV1: 0xC3,
+    JPEGLSLossless: 0xF7,
+    JPEGLSNearLossless: 0xF7,
+}
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}  # not DHT, JPG, DAC
+
+
+class RefusedFrame(ValueError):
+    """A lossless JPEG or JPEG-LS frame that its codec refuses although its codestream is of the
+    kind its transfer syntax names: damaged, so no other decoder is asked (see the module text).
+    Also a lossless JPEG frame with a point transform (Pt > 0), which jpegsof3 and pylibjpeg's
+    libjpeg both decode to values other than ITU-T T.81 H.1.2.1 gives (libjpeg-turbo's, tested)."""
 
 
 def is_available(uid: str) -> bool:
@@ -84,6 +110,44 @@ def is_available(uid: str) -> bool:
         return False
     codec = getattr(imagecodecs, _FUNCTIONS[uid][1], None)
     return bool(getattr(codec, "available", False))
+
+
+def _header_segments(codestream: bytes) -> Iterator[tuple[int, int]]:
+    """(marker code, offset of the marker) of each marker segment of a JPEG or JPEG-LS ``codestream``
+    from SOI up to and including the first Start Of Scan (ITU-T T.81 B.1.1: a 2-byte marker, then
+    a 2-byte length that counts itself; fill bytes 0xFF may precede a marker). Nothing when the
+    bytes do not start with SOI; stops where they stop making sense."""
+    if codestream[:2] != b"\xff\xd8":
+        return
+    at = 2
+    while at + 4 <= len(codestream) and codestream[at] == 0xFF:
+        code = codestream[at + 1]
+        if code == 0xFF:  # a fill byte (T.81 B.1.1.2)
+            at += 1
+            continue
+        yield code, at
+        if code == 0xDA:
+            return
+        at += 2 + int.from_bytes(codestream[at + 2 : at + 4], "big")
+
+
+def start_of_frame(codestream: bytes) -> int | None:
+    """The Start Of Frame marker's code of a JPEG or JPEG-LS ``codestream`` (0xC0-0xCF but
+    DHT/JPG/DAC: 0xC3 is lossless Huffman; 0xF7 is JPEG-LS), or None when there is none before the
+    first Start Of Scan."""
+    return next((code for code, _ in _header_segments(codestream) if code in _SOF_MARKERS), None)
+
+
+def point_transform(codestream: bytes) -> int | None:
+    """The point transform Pt (the Al nibble of the first Start Of Scan header, T.81 B.2.3) of a
+    JPEG ``codestream``, or None when it has no Start Of Scan header. A lossless stream with
+    Pt > 0 holds samples divided by 2^Pt; the decoder multiplies them back (T.81 H.1.2.1)."""
+    for code, at in _header_segments(codestream):
+        if code == 0xDA and at + 5 <= len(codestream):
+            components = codestream[at + 4]
+            ahal = at + 5 + 2 * components + 2  # after Ns component specs, Ss and Se
+            return codestream[ahal] & 0x0F if ahal < len(codestream) else None
+    return None
 
 
 def _container_bits(precision: int) -> int:
@@ -121,6 +185,8 @@ def decode_pixel_data(src: bytes, runner: DecodeRunner) -> bytes:
         )
         arr = imagecodecs.jpegls_decode(src)
     else:
+        if point_transform(src):  # jpegsof3 leaves such samples divided by 2^Pt (tested): refused
+            raise ValueError("a lossless JPEG stream with a point transform")
         arr = getattr(imagecodecs, name)(src)
     if arr.shape != (runner.rows, runner.columns) or arr.dtype.kind not in "ui":
         raise ValueError(f"{name} gave {arr.dtype} {arr.shape}, expected ({runner.rows}, {runner.columns})")
@@ -148,15 +214,55 @@ class FastDecoder:
     def frame(self, index: int) -> np.ndarray | None:
         """Frame ``index`` as pydicom's ``as_array(ds, index=index, raw=True)`` gives it: stored
         values, shape (Rows, Columns), dtype from Pixel Representation and the sample container.
-        None when imagecodecs rejects the frame (pydicom's decoder should take it)."""
+        None when imagecodecs rejects the frame (pydicom's decoder should take it). Raises
+        :class:`RefusedFrame` when the frame is lossless JPEG or JPEG-LS of its syntax's kind and the
+        codec refuses it."""
         ts = self.ds.file_meta.TransferSyntaxUID
         try:
             arr, _ = _decoder(str(ts)).as_array(self.ds, index=index, raw=True)
-        except _REJECTED as exc:  # visible: pydicom's decoder may accept a stream imagecodecs calls corrupt
+        except _REJECTED as exc:
+            self._refuse_if_damaged(index)
+            # visible: pydicom's decoder may accept a stream imagecodecs calls corrupt
             reason = str(exc).strip().splitlines()[-1].strip()[:200]
             log.warning("decode.fallback frame=%d syntax=%s to=pydicom reason=%s", index, ts, reason)
             return None
         return arr
+
+    def _refuse_if_damaged(self, index: int) -> None:
+        """Raise :class:`RefusedFrame` when frame ``index`` (which imagecodecs just rejected) is a
+        codestream of its lossless syntax's own kind and the codec itself refuses it — not when the
+        rejection was this module's check of its size, nor for a stream of another kind."""
+        ts = str(self.ds.file_meta.TransferSyntaxUID)
+        sof = _LOSSLESS_SOF.get(ts)
+        if sof is None:
+            return
+        try:
+            extended = self.ds.get("ExtendedOffsetTable")
+            frame = get_frame(
+                self.ds.PixelData,
+                index,
+                number_of_frames=int(self.ds.get("NumberOfFrames", 1) or 1),
+                extended_offsets=(extended, self.ds.ExtendedOffsetTableLengths) if extended else None,
+            )
+        except (ValueError, AttributeError, KeyError, IndexError, TypeError):
+            return  # the frame cannot be located: pydicom's decoder fails in its own words
+        if start_of_frame(frame) != sof:
+            return
+        if sof == 0xC3 and point_transform(frame):
+            raise RefusedFrame(
+                f"frame {index + 1} is lossless JPEG with a point transform (Pt = "
+                f"{point_transform(frame)}), which the installed decoders read differently (jpegsof3 "
+                "leaves the samples divided by 2^Pt; pylibjpeg's libjpeg offsets them), so it is "
+                "not read: convert the series to an uncompressed syntax first (e.g. `gdcmconv --raw`)"
+            )
+        try:
+            getattr(imagecodecs, _FUNCTIONS[ts][0])(frame)
+        except Exception as exc:  # noqa: BLE001 — the codec's own error class differs per codec
+            words = " ".join(str(exc).split())[:200]
+            raise RefusedFrame(
+                f"frame {index + 1} of its {UID(ts).name} pixel data is damaged (cut short or "
+                f"changed): the lossless codec ({_LIBRARY[_FUNCTIONS[ts][0]]}) refuses it: {words}"
+            ) from exc
 
 
 def fast_decoder(ds: Dataset, ts: UID) -> FastDecoder | None:

@@ -339,6 +339,17 @@ def _read_and_decode(
             "`dcmdump`/`gdcminfo` and re-export the series; a missing codec names the package to "
             "install"
         ) from exc
+    except BaseException as exc:
+        # A decoder written in Rust (pylibjpeg-rle) that panics on a damaged frame raises pyo3's
+        # PanicException, a BaseException: left alone it passes every `except Exception` and ends
+        # the `process` command or the daemon's worker thread instead of failing this study.
+        if type(exc).__name__ != "PanicException":
+            raise
+        raise StepError(
+            f"cannot decode {name}: its pixel data is damaged (the decoder stopped: "
+            f"{plain_cause(exc)}). Fix: check the file with `dcmdump`/`gdcminfo` and re-export "
+            "the series"
+        ) from None
 
 
 _COPY_AGAIN = "copy the study again from the source"

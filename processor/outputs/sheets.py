@@ -23,6 +23,7 @@ import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
 from openpyxl.styles import Alignment, Font, PatternFill
 from openpyxl.worksheet.page import PageMargins
 from openpyxl.worksheet.properties import PageSetupProperties
@@ -132,9 +133,15 @@ def set_up_printing(
 
 def cell_value(value: Any) -> Any:
     """``value`` as a cell holds it: None and NaN leave the cell empty, infinity is the text "inf" or
-    "-inf" (as pandas' ``to_excel`` wrote them, which the workbooks used before; Excel has neither)."""
+    "-inf" (as pandas' ``to_excel`` wrote them, which the workbooks used before; Excel has neither).
+    In text, each control character a worksheet cannot hold (XML 1.0 allows none of U+0000-U+001F
+    but tab, newline and carriage return; openpyxl's ``ILLEGAL_CHARACTERS_RE``) is shown as ``\\xNN``,
+    as :func:`processor.names.display_name` shows names: openpyxl refuses the whole workbook for one
+    such character (a DICOM description with a stray control byte)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, str):
+        return ILLEGAL_CHARACTERS_RE.sub(lambda m: f"\\x{ord(m.group()):02x}", value)
     return value
 
 
