@@ -10,8 +10,8 @@ runs that stage in ``worker.cpu_workers`` processes, each a
   fails only the call it was running (:class:`PoolProcessDied`, with the exit code); the slot is
   started again. A pool of several processes would break every call in flight.
 - **The recorder stays the only writer.** A pool process opens the state database read-only.
-  Between its two calls per batch — :func:`_open` (open, scan, plan the studies) and
-  :func:`_run` (the CPU steps) — the daemon's recorder reserves each study's result path, so two
+  Between its two calls per batch — :func:`~processor.cpupool_process.open_batch` (open, scan, plan the studies) and
+  :func:`~processor.cpupool_process.run_batch` (the CPU steps) — the daemon's recorder reserves each study's result path, so two
   arrivals in different processes never share one (:meth:`StudyRecorder.json_path`). The
   prepared batch comes back pickled, its members without their closed archives
   (:meth:`processor.bytesource.Member.__reduce__`), and the daemon records it.
@@ -22,7 +22,7 @@ runs that stage in ``worker.cpu_workers`` processes, each a
   in-process path's.
 - **A death is charged to what was in it.** A process found dead before a batch (killed while it
   waited) is started again and charges no one; one that dies with a batch in it charges that batch
-  (:class:`PooledExecutor`). One that cannot be started again (:class:`Unavailable`) sends the
+  (:class:`~processor.executor_pool.PooledExecutor`). One that cannot be started again (:class:`Unavailable`) sends the
   batch back uncharged and pauses the worker, with the reason on ``/health``.
 - **Stop and logs.** A stop request reaches a pool process through a flag in shared memory it
   reads at every chunk read and between steps; its log records go to the daemon's handlers through
@@ -51,17 +51,14 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import ExitStack
-from pathlib import Path
 from typing import Any
 
+from processor import cpupool_process
 from processor.config import Settings
 from processor.errors import ConfigError, Unavailable
-from processor.executor import Handle, LocalExecutor, Prepared, StopCheck, study_keys
-from processor.handoff import Packed, pack, remove_stale, unpack
-from processor.outputs.recorder import StudyRecorder
-from processor.state import Arrival, State, crash_reason
-from processor.vocab import ArrivalState
+from processor.executor import LocalExecutor, Prepared, StopCheck
+from processor.handoff import remove_stale, unpack
+from processor.state import Arrival
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +108,7 @@ class _Slot:
         self.executor = ProcessPoolExecutor(
             max_workers=1,
             mp_context=self.context,
-            initializer=_init,
+            initializer=cpupool_process.init,
             initargs=(*self._initargs, self.stop, to_daemon),
         )
         self._logs = threading.Thread(
@@ -206,7 +203,7 @@ class _Slot:
 
 
 class CpuPool:
-    """``processes`` pool processes preparing batches for :class:`PooledExecutor`'s worker.
+    """``processes`` pool processes preparing batches for :class:`~processor.executor_pool.PooledExecutor`.
 
     ``build(settings, device, text)``: a module-level function (pickled by name) that each process
     calls to compile its executor from the daemon's pipeline ``text``; ``executor``: the daemon's
@@ -289,10 +286,10 @@ class CpuPool:
                     raise Unavailable("a CPU worker process could not be started again") from exc
             located = {a.id: _located(self.executor, a) for a in arrivals}
             limit = self.stuck_seconds * len(arrivals)
-            keys = slot.call(should_stop, _open, list(arrivals), located, limit=limit)
+            keys = slot.call(should_stop, cpupool_process.open_batch, list(arrivals), located, limit=limit)
             by_id = {a.id: a for a in arrivals}
             paths = self.executor.reserve_paths([(by_id[aid], uid) for aid, uid in keys])
-            prepared: Prepared = unpack(slot.call(should_stop, _run, paths, limit=limit))
+            prepared: Prepared = unpack(slot.call(should_stop, cpupool_process.run_batch, paths, limit=limit))
             slot.batches += 1
             return prepared
         finally:
@@ -320,84 +317,6 @@ class CpuPool:
             self._started = False
 
 
-class Died:
-    """:class:`PooledExecutor`'s handle for a batch whose pool process died in its CPU stage."""
-
-    def __init__(self, arrivals: Sequence[Arrival], died: PoolProcessDied) -> None:
-        self.arrivals = arrivals
-        self.died = died
-
-
-def _never() -> bool:
-    return False
-
-
-class PooledExecutor:
-    """:class:`LocalExecutor` with its CPU stage in a :class:`CpuPool` (the executor protocol of
-    :mod:`processor.executor`); the GPU stage and every recorded end stay in this process.
-
-    A batch whose pool process died is charged as a crash of the daemon would be
-    (:meth:`processor.state.queue.Queue.crashed`): one arrival alone counts a crash and goes back
-    to the queue, quarantined with :func:`crash_reason` at ``limits.max_attempts`` crashes; several
-    go back uncharged, each to run alone next time. The other batches in flight are not touched.
-    """
-
-    def __init__(self, local: LocalExecutor, pool: CpuPool, max_crashes: int) -> None:
-        self.local = local
-        self.pool = pool
-        self.max_crashes = max_crashes
-
-    @property
-    def pipeline(self) -> Any:
-        return self.local.pipeline
-
-    @property
-    def recorder(self) -> StudyRecorder:
-        return self.local.recorder
-
-    @property
-    def state(self) -> State:
-        return self.local.state
-
-    def prepare(self, arrivals: Sequence[Arrival], should_stop: StopCheck = _never) -> Handle:
-        try:
-            return self.pool.prepare(arrivals, should_stop)
-        except PoolProcessDied as died:
-            return Died(arrivals, died)
-
-    def complete(self, handle: Handle, should_stop: StopCheck = _never) -> list[ArrivalState]:
-        if isinstance(handle, Died):
-            return self._crashed(handle)
-        return self.local.complete(handle, should_stop)
-
-    def _crashed(self, handle: Died) -> list[ArrivalState]:
-        finals = []
-        now = self.state.crashed([a.id for a in handle.arrivals], self.max_crashes)
-        for arrival in now:
-            self.recorder.release(arrival)
-            if arrival.state == ArrivalState.RUNNING:  # alone, and at the cap: set aside
-                finals.append(
-                    self.recorder.reject(arrival, crash_reason(arrival.crashes), ArrivalState.QUARANTINED)
-                )
-                continue
-            log.warning(
-                "arrival.cpu_process_died arrival=%s crashes=%s isolate=%s: %s; back to the queue",
-                arrival.id,
-                arrival.crashes,
-                arrival.isolate,
-                handle.died,
-            )
-            finals.append(ArrivalState(arrival.state))
-        return finals
-
-    def fail(self, arrivals: Sequence[Arrival], reason: str) -> list[ArrivalState]:
-        return self.local.fail(arrivals, reason)
-
-    def close(self) -> None:
-        """Nothing held between calls; the pool is closed by its owner (the daemon)."""
-        self.local.close()
-
-
 def _located(executor: LocalExecutor, arrival: Arrival) -> str | None:
     path = executor.recorder.locate(arrival)
     return None if path is None else str(path)
@@ -417,112 +336,3 @@ def _forward_logs(logs: multiprocessing.connection.Connection) -> None:
                 continue
             record.processName = "cpu-pool"
             logging.getLogger(record.name).handle(record)
-
-
-class _ToDaemon:
-    """The "queue" of a pool process's :class:`logging.handlers.QueueHandler`: its own pipe to the
-    daemon, written by this process alone (the handler's lock orders its threads)."""
-
-    def __init__(self, conn: multiprocessing.connection.Connection) -> None:
-        self.conn = conn
-
-    def put_nowait(self, record: logging.LogRecord) -> None:
-        self.conn.send(record)
-
-
-# ---------------------------------------------------------------------- in the pool process
-_EXECUTOR: LocalExecutor | None = None
-_STOP: Any = None  # the slot's stop flag (a shared ctypes bool)
-_BATCH: tuple[ExitStack, Prepared] | None = None
-
-
-def _init(
-    build: Callable[[Settings, str, str | None], LocalExecutor],
-    settings: Settings,
-    device: str,
-    digest: str,
-    text: str | None,
-    level: int,
-    stop: Any,
-    to_daemon: multiprocessing.connection.Connection,
-) -> None:
-    """Set up a pool process: logs to the daemon, Ctrl-C left to the daemon, the pipeline compiled."""
-    global _EXECUTOR, _STOP
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon stops us through ``stop``
-    _exit_with_the_daemon()
-    root = logging.getLogger()
-    to_daemon_queue: Any = _ToDaemon(to_daemon)  # QueueHandler calls put_nowait only
-    root.handlers[:] = [logging.handlers.QueueHandler(to_daemon_queue)]
-    root.setLevel(level)
-    executor = build(settings, device, text)
-    if executor.pipeline.digest != digest:
-        raise ConfigError(
-            f"a CPU worker process compiled another pipeline than the daemon's ({settings.pipeline}); "
-            "restart the daemon"
-        )
-    _EXECUTOR, _STOP = executor, stop
-
-
-def _exit_with_the_daemon() -> None:
-    """End this process the moment the daemon is gone (``kill -9``, the OOM killer): nothing of a
-    dead daemon's may go on reading inputs or writing previews beside the next daemon's work."""
-    parent = multiprocessing.parent_process()
-    if parent is None:  # pragma: no cover - always set in a spawned process
-        return
-
-    def watch() -> None:
-        multiprocessing.connection.wait([parent.sentinel])
-        os._exit(0)
-
-    threading.Thread(target=watch, name="ctwatch-daemon-watch", daemon=True).start()
-
-
-def _open(arrivals: list[Arrival], located: dict[int, str | None]) -> list[tuple[int, str]]:
-    """First call per batch: open, scan and plan; the archives stay open for :func:`_run`."""
-    global _BATCH
-    assert _EXECUTOR is not None and _STOP is not None
-    _drop_batch()
-    stack = ExitStack()
-    try:
-        prepared = _EXECUTOR.open_batch(
-            arrivals,
-            stack,
-            _stop_requested,
-            lambda a: None if located[a.id] is None else Path(located[a.id] or ""),
-        )
-    except OSError as exc:  # e.g. EarlierPartFault: sent back plain, so that it unpickles
-        stack.close()
-        raise OSError(exc.errno, exc.strerror or str(exc)) from None
-    except BaseException:
-        stack.close()
-        raise
-    _BATCH = (stack, prepared)
-    if prepared.stopped:
-        return []
-    return [(arrival.id, uid) for arrival, uid in study_keys(prepared)]
-
-
-def _run(paths: list[Path]) -> Packed:
-    """Second call per batch: the CPU steps over the studies, given their reserved result paths;
-    the prepared batch goes back packed (its volumes through shared memory, :mod:`processor.handoff`)."""
-    global _BATCH
-    assert _EXECUTOR is not None and _STOP is not None and _BATCH is not None
-    stack, prepared = _BATCH
-    _BATCH = None
-    with stack:
-        if not prepared.stopped:
-            _EXECUTOR.attach_paths(prepared, paths)
-            _EXECUTOR.run_cpu_steps(prepared, _stop_requested)
-    daemon = multiprocessing.parent_process()
-    return pack(prepared, daemon.pid if daemon is not None and daemon.pid is not None else os.getppid())
-
-
-def _stop_requested() -> bool:
-    return bool(_STOP.value)
-
-
-def _drop_batch() -> None:
-    global _BATCH
-    if _BATCH is not None:
-        _BATCH[0].close()
-        _BATCH = None

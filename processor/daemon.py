@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from processor.config import Settings
-from processor.cpupool import CpuPool, PooledExecutor
+from processor.cpupool import CpuPool
 from processor.errors import ConfigError, Deferred, os_error_words
 from processor.executor import Executor, LocalExecutor
+from processor.executor_pool import PooledExecutor
 from processor.handoff import remove_stale
 from processor.instance import InstanceLock
 from processor.intake.archive import Limits
