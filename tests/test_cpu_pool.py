@@ -26,30 +26,14 @@ import yaml
 from processor.faults import ENV
 from tests.conftest import REPO, Project, wait_for
 from tests.dicomgen import make_series, write_zip
-from tests.test_ctclip_steps import (
-    INTERCEPT,
-    PIXEL_SPACING,
-    SLICE_STEP,
-    SMALL,
-    _install_small_weights,
-    _stored,
-)
+from tests.test_ctclip_steps import INTERCEPT, PIXEL_SPACING, SLICE_STEP, _install_small_weights, _stored
+from tests.test_model_major import STEPS as MODEL_MAJOR_STEPS
 
 STEPS = yaml.safe_load((REPO / "pipelines" / "chest-ct.yaml").read_text())["steps"]  # weight-free here
 CLIP_STEPS = [
-    *STEPS[:4],  # series, volume, lungs, slices
-    {
-        "id": "clip",
-        "uses": "ctclip.zero_shot",
-        "with": {"checkpoint": "weights/ct_clip/small_ctclip.pt", **SMALL},
-    },
-    {
-        "id": "lipro",
-        "uses": "ctclip.classify",
-        "with": {"checkpoint": "weights/ct_clip/small_lipro.pt", **SMALL},
-    },
-    {"id": "decision", "uses": "decision.pathology"},
-]
+    *STEPS[:4],
+    *MODEL_MAJOR_STEPS[3:],
+]  # series, volume, lungs, slices; small clip, lipro; decision
 TIMING = {"time_of_processing", "finished_at", "source"}
 
 
