@@ -289,7 +289,14 @@ class CpuPool:
             keys = slot.call(should_stop, cpupool_process.open_batch, list(arrivals), located, limit=limit)
             by_id = {a.id: a for a in arrivals}
             paths = self.executor.reserve_paths([(by_id[aid], uid) for aid, uid in keys])
-            prepared: Prepared = unpack(slot.call(should_stop, cpupool_process.run_batch, paths, limit=limit))
+            try:
+                prepared: Prepared = unpack(
+                    slot.call(should_stop, cpupool_process.run_batch, paths, limit=limit)
+                )
+            except BaseException:  # the batch goes back (or is charged): its reserved paths are free again
+                for arrival in arrivals:
+                    self.executor.recorder.release(arrival)
+                raise
             slot.batches += 1
             return prepared
         finally:
