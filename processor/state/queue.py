@@ -259,21 +259,17 @@ class Queue(Database):
                 )["n"]
             alone = len(rows) == 1 and finishing == 0
             for row in rows:
-                crashes = row["crashes"] + (1 if alone else 0)
-                if alone and crashes >= max_crashes:
+                capped = self._charge_crash(row, alone, max_crashes)
+                if capped is not None:
                     self._set(
                         row["id"],
                         isolate=0,
                         state="quarantined",
-                        crashes=crashes,
+                        crashes=capped,
                         finished_at=utcnow(),
                         placed=0,
-                        error=crash_reason(crashes),
+                        error=crash_reason(capped),
                     )
-                elif alone:
-                    self._set(row["id"], state="pending", crashes=crashes)
-                else:
-                    self._set(row["id"], state="pending", isolate=1)
                 recovered.append(self.arrival(row["id"]))
         return recovered
 
@@ -293,14 +289,24 @@ class Queue(Database):
             ]
             alone = len(rows) == 1
             for row in rows:
-                crashes = row["crashes"] + (1 if alone else 0)
-                if alone and crashes >= max_crashes:
-                    self._set(row["id"], crashes=crashes)
-                elif alone:
-                    self._set(row["id"], state="pending", crashes=crashes)
-                else:
-                    self._set(row["id"], state="pending", isolate=1)
+                capped = self._charge_crash(row, alone, max_crashes)
+                if capped is not None:
+                    self._set(row["id"], crashes=capped)
         return [self.arrival(arrival_id) for arrival_id in arrival_ids]
+
+    def _charge_crash(self, row: Any, alone: bool, max_crashes: int) -> int | None:
+        """The one rule of crash charging, for an arrival in flight when a process died: alone, it
+        counts a crash and goes back to the queue; with others, it goes back uncharged, marked
+        ``isolate``. Returns its crash count instead, sending nothing back, when alone it reached
+        ``max_crashes`` (the caller ends it)."""
+        crashes = row["crashes"] + (1 if alone else 0)
+        if alone and crashes >= max_crashes:
+            return crashes
+        if alone:
+            self._set(row["id"], state="pending", crashes=crashes)
+        else:
+            self._set(row["id"], state="pending", isolate=1)
+        return None
 
     # ------------------------------------------------------------------ the end of an arrival
     def finish(
