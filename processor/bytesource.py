@@ -116,3 +116,29 @@ class Member:
             return self.reader()[:n]
         with self.opener() as fh:
             return fh.read(n)
+
+
+def carried(member: Member) -> Member:
+    """A copy of ``member`` that holds its bytes and keeps them when pickled: the input of a study
+    sent to a Dask worker that does not see the coordinator's files (``executor.dask.inputs:
+    bytes``, :mod:`processor.executor_dask`). Read now, whole (a ZIP member's CRC-32 is checked)."""
+    return _carried(member.name, bytes(member.data()), member.raw_name)
+
+
+def _carried(name: str, data: bytes, raw_name: bytes) -> Member:
+    view = memoryview(data)
+    return _Carried(
+        name,
+        len(data),
+        lambda: data,
+        lambda: io.BytesIO(data),
+        lambda offset, n: view[offset : offset + n],
+        None,
+        raw_name,
+    )
+
+
+@dataclass(frozen=True)
+class _Carried(Member):
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        return (_carried, (self.name, self.reader(), self.raw_name))

@@ -200,6 +200,74 @@ class WorkerSettings(_Section):
         return min(wanted, max(1, self.max_inflight_studies))
 
 
+class DaskLocalCluster(_Section):
+    """A :class:`distributed.LocalCluster` the daemon starts inside itself (one box)."""
+
+    n_workers: int = Field(default=1, ge=1, le=64)
+    threads_per_worker: int = Field(default=1, ge=1, le=64)
+    # What each worker declares; tasks ask for {"GPU": 1}, so a worker runs one batch at a time.
+    resources: dict[str, float] = Field(default_factory=lambda: {"GPU": 1.0})
+
+
+class DaskSettings(_Section):
+    """``executor: {dask: …}``: the pipeline runs on Dask workers (:mod:`processor.executor_dask`).
+
+    Exactly one of ``scheduler`` (``tcp://host:8786``, workers started with ``python run.py worker``)
+    and ``local`` (a LocalCluster started by the daemon)."""
+
+    scheduler: str | None = None
+    local: DaskLocalCluster | None = None
+    # How a worker reads an input: ``path`` (the same file on a shared filesystem, through
+    # ``path_map``) or ``bytes`` (the coordinator reads the DICOM and sends it with the task).
+    inputs: Literal["path", "bytes"] = "path"
+    # Coordinator path prefix → the same folder as the workers see it (``path`` inputs only).
+    path_map: dict[str, str] = Field(default_factory=dict)
+    # A batch whose task killed more workers than this is set aside (LocalCluster only; an outside
+    # scheduler keeps its own ``distributed.scheduler.allowed-failures``).
+    allowed_failures: int = Field(default=2, ge=0, le=10)
+    # How long to wait for a first worker before processing pauses with the reason on /health.
+    connect_seconds: float = Field(default=60.0, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _one_cluster(self) -> DaskSettings:
+        if (self.scheduler is None) == (self.local is None):
+            raise ValueError(
+                "executor.dask needs exactly one of scheduler (tcp://host:8786, workers started with "
+                "`python run.py worker`) and local ({n_workers: …}: a cluster inside the daemon)"
+            )
+        if self.scheduler is not None and not re.fullmatch(r"(tcp|tls)://[^\s/]+:[0-9]+", self.scheduler):
+            raise ValueError("executor.dask.scheduler must look like tcp://host:8786")
+        return self
+
+    def worker_path(self, path: Path) -> str:
+        """``path`` as the workers see it: the longest ``path_map`` prefix replaced (unchanged when
+        none matches)."""
+        text = str(path)
+        for prefix in sorted(self.path_map, key=len, reverse=True):
+            base = prefix.rstrip("/")
+            if text == base or text.startswith(base + "/"):
+                return self.path_map[prefix].rstrip("/") + text[len(base) :]
+        return text
+
+
+class ExecutorSettings(_Section):
+    """``executor: local`` (the default) or ``executor: {dask: {…}}``."""
+
+    dask: DaskSettings | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _word(cls, value: Any) -> Any:
+        if value == "local" or value is None:
+            return {}
+        if value == "dask":
+            raise ValueError(
+                "executor: dask needs its settings: {dask: {local: {n_workers: 2}}} or "
+                "{dask: {scheduler: tcp://host:8786}}"
+            )
+        return value
+
+
 def usable_cores() -> int:
     """The CPU cores this process may run on (its affinity mask, e.g. a container's CPU set)."""
     try:
@@ -308,6 +376,7 @@ class Settings(_Section):
     retention: RetentionSettings = RetentionSettings()
     disk: DiskSettings = DiskSettings()
     worker: WorkerSettings = WorkerSettings()
+    executor: ExecutorSettings = ExecutorSettings()
     sources: list[SourceSettings] = Field(default_factory=list)
     fetch: FetchSettings = FetchSettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

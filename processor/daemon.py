@@ -17,6 +17,7 @@ from processor.config import Settings
 from processor.cpupool import CpuPool
 from processor.errors import ConfigError, Deferred, os_error_words
 from processor.executor import Executor, LocalExecutor
+from processor.executor_dask import DaskCluster, DaskExecutor
 from processor.executor_pool import PooledExecutor
 from processor.handoff import remove_stale
 from processor.instance import InstanceLock
@@ -184,8 +185,13 @@ class Daemon:
         self.recorder = local.recorder
         processes = s.worker.cpu_processes()
         self.cpu_pool: CpuPool | None = None
+        self.dask: DaskCluster | None = None
         executor: Executor = local
-        if processes:
+        if s.executor.dask is not None:  # the pipeline runs on Dask workers; no CPU pool here
+            processes = 0
+            self.dask = DaskCluster(s, s.executor.dask, components.device)
+            executor = DaskExecutor(local, self.dask, s.limits.max_attempts)
+        elif processes:
             self.cpu_pool = CpuPool(s, local, processes, device=components.device, build=cpu_stage_executor)
             executor = PooledExecutor(local, self.cpu_pool, s.limits.max_attempts)
         self.state_file = StateFileGuard(s.state)
@@ -200,7 +206,7 @@ class Daemon:
             on_processed=self._on_processed,
             night_batch=s.worker.night_batch,
             max_inflight=s.worker.max_inflight_studies,
-            prefetch_workers=max(1, processes),
+            prefetch_workers=max(1, s.worker.max_inflight_studies if self.dask else processes),
         )
         self.watcher = InboxWatcher(
             s.inbox.dirs,
@@ -422,6 +428,8 @@ class Daemon:
         self.housekeeping.start()
         if self.cpu_pool is not None:  # a process that cannot compile the pipeline: ConfigError now
             self.cpu_pool.start()
+        if self.dask is not None:  # the LocalCluster started, or the scheduler reached: now
+            self.dask.start()
         self.worker.start()
         self.watcher.start()
         self.scheduler.start()
@@ -494,6 +502,8 @@ class Daemon:
             )
         if self.cpu_pool is not None:
             self.cpu_pool.close()
+        if self.dask is not None:
+            self.dask.close()
         if self.reports is not None:  # after the worker, so the last finished study is in the workbooks
             self.reports.stop()
             self.reports.join(timeout)

@@ -95,6 +95,7 @@ class Prepared:
     rejected: dict[int, tuple[str, ArrivalState]] = field(default_factory=dict)  # id → (reason, final state)
     crash: str | None = None
     stopped: bool = False
+    gpu_done: bool = False  # every step already ran (on a Dask worker): complete() only records
 
     @property
     def runs(self) -> list[StudyRun]:
@@ -287,7 +288,7 @@ class LocalExecutor:
         prepared = handle
         crash = prepared.crash
         sent_back = self._superseded_meanwhile(prepared) if crash is None else set()
-        if crash is None and not prepared.interrupted():
+        if crash is None and not prepared.interrupted() and not prepared.gpu_done:
             try:
                 self.runner.advance(
                     prepared.runs,

@@ -1,0 +1,339 @@
+"""The Dask executor (issue 19): the pipeline on Dask distributed workers, the daemon still the
+only writer.
+
+``executor: {dask: {local: {n_workers: 2}}}`` starts a :class:`distributed.LocalCluster` inside the
+daemon; ``executor: {dask: {scheduler: tcp://host:8786}}`` joins a scheduler whose workers were
+started with ``python run.py worker`` (:mod:`processor.dask_worker`). One code path serves both.
+
+Per batch (a day arrival, or a night batch of up to ``night_batch`` arrivals, model-major):
+
+1. **On the coordinator** (:meth:`DaskExecutor.prepare`, in a prefetch thread): the arrivals are
+   opened, scanned and planned against SQLite (late series included) and their result paths
+   reserved by the one recorder — exactly the local executor's :meth:`~LocalExecutor.open_batch`.
+   The batch is submitted as one task asking for ``resources={"GPU": 1}`` (a worker runs one at a
+   time) under a key from its inputs' sha256 and the pipeline's digest
+   (:func:`~processor.dask_worker.batch_key`): one batch in flight, one task.
+2. **On a worker** (:func:`~processor.dask_worker.run_batch`): every step, with the models the
+   worker keeps loaded; nothing durable is written there.
+3. **On the coordinator** (:meth:`DaskExecutor.complete`): the files the steps wrote are written
+   into the outbox, and the recorder records the batch as for the local executor (JSON, SQLite,
+   receipts, Excel).
+
+Failures: a worker that dies mid-batch → Dask runs the task again on another worker (at least
+once); the coordinator records the one result it gets (exactly once). A batch that killed more than
+``allowed_failures`` workers (:class:`distributed.KilledWorker`) is charged as a crash of the
+daemon would be: alone, it is set aside ("crashed N Dask workers"); with others, each goes back to
+run alone. A worker that cannot run batches at all (no plugin, an input it cannot see, no worker
+with the GPU resource) sends the batch back uncharged and pauses processing with the reason on
+``/health`` (:class:`~processor.errors.Unavailable`). A coordinator that dies leaves its arrivals
+``running`` in SQLite; its next start puts them back in the queue (``recover``) and submits them
+again. A stop request cancels the tasks in flight; their arrivals go back to the queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import CancelledError
+from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from processor.atomic import write_bytes_atomic
+from processor.bytesource import carried
+from processor.config import DaskSettings, Settings
+from processor.dask_batch import Batch, Done, InputChanged, WorkerNotReady, batch_key
+from processor.errors import Unavailable
+from processor.executor import Handle, LocalExecutor, Prepared, StopCheck, study_keys
+from processor.state import Arrival, State
+from processor.vocab import ArrivalState
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.2  # how often a waiting complete() looks at the stop request
+STUCK_LIMITS = 3  # a task is stuck after 3 × limits.max_seconds_per_arrival per arrival
+STATS_SECONDS = 2.0  # the workers' figures for status are at most this old
+
+
+def _never() -> bool:
+    return False
+
+
+def killed_reason(workers: int) -> str:
+    return (
+        f"crashed {workers} Dask workers (each died while running only this input: out of memory, "
+        "or a fault in native code); it is set aside so the others go on. Check the workers' logs, "
+        "then requeue it with `python run.py requeue <arrival id>` once the cause is fixed"
+    )
+
+
+class DaskCluster:
+    """The coordinator's link to Dask: a :class:`distributed.Client` on a LocalCluster it starts,
+    or on an outside scheduler. ``device``: what LocalCluster workers run on (the daemon's)."""
+
+    def __init__(self, settings: Settings, dask: DaskSettings, device: str) -> None:
+        self.settings = settings
+        self.dask = dask
+        self.device = device
+        self.client: Any = None
+        self.cluster: Any = None
+        self._lock = threading.Lock()
+        self._stats: tuple[float, list[dict[str, Any]]] = (0.0, [])
+
+    def start(self) -> None:
+        """Start the LocalCluster (its workers with the ctwatch plugin) or connect to the scheduler."""
+        import dask
+        from distributed import Client, LocalCluster
+
+        from processor.dask_worker import PLUGIN, CtwatchPlugin
+
+        if self.dask.local is not None:
+            local = self.dask.local
+            if local.resources.get("GPU", 0) < 1:
+                raise Unavailable("executor.dask.local.resources must give each worker GPU: 1")
+            with dask.config.set({"distributed.scheduler.allowed-failures": self.dask.allowed_failures}):
+                self.cluster = LocalCluster(
+                    n_workers=local.n_workers,
+                    threads_per_worker=local.threads_per_worker,
+                    processes=True,
+                    resources=dict(local.resources),
+                    host="127.0.0.1",
+                    scheduler_port=0,
+                    dashboard_address=None,
+                    silence_logs=logging.WARNING,
+                )
+            self.client = Client(self.cluster, set_as_default=False)
+            self.client.register_plugin(CtwatchPlugin(self.settings, self.device), name=PLUGIN)
+        else:
+            self.client = Client(self.dask.scheduler, timeout=self.dask.connect_seconds, set_as_default=False)
+        log.info(
+            "dask.connected scheduler=%s workers=%d",
+            self.client.scheduler.address,
+            len(self.client.scheduler_info().get("workers", {})),
+        )
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+        self.client = self.cluster = None
+
+    def submit(self, batch: Batch, key: str) -> Any:
+        if self.client is None:
+            raise Unavailable("the Dask executor is not connected to its scheduler yet")
+        from processor.dask_worker import run_batch
+
+        return self.client.submit(run_batch, batch, key=key, resources={"GPU": 1}, pure=False, retries=0)
+
+    def workers(self) -> list[dict[str, Any]]:
+        """Each worker's name, address, device, models loaded, batches in flight and done (at most
+        :data:`STATS_SECONDS` old; empty when not connected)."""
+        with self._lock:
+            at, cached = self._stats
+            if time.monotonic() - at < STATS_SECONDS or self.client is None:
+                return cached
+            from processor.dask_worker import worker_stats
+
+            try:
+                info = self.client.scheduler_info(n_workers=-1).get("workers", {})
+                stats = self.client.run(worker_stats, on_error="return", wait=True)
+            except Exception as exc:  # noqa: BLE001 — status must answer while the scheduler is gone
+                log.warning("dask.stats_failed: %s", exc)
+                return cached
+            rows = []
+            for address, worker in sorted(info.items()):
+                row = stats.get(address)
+                row = row if isinstance(row, dict) else {"error": str(row)}
+                rows.append(
+                    {
+                        "address": address,
+                        "name": str(worker.get("name", "")),
+                        "resources": worker.get("resources", {}),
+                        **row,
+                    }
+                )
+            self._stats = (time.monotonic(), rows)
+            return rows
+
+
+@dataclass
+class Sent:
+    """:class:`DaskExecutor`'s handle: the batch as the coordinator prepared it, and its task
+    (None when nothing of it needs a worker: every arrival rejected, or a stop while reading)."""
+
+    prepared: Prepared
+    future: Any
+    submitted: float
+
+    def __post_init__(self) -> None:
+        self.arrivals: Sequence[Arrival] = self.prepared.arrivals
+
+
+class DaskExecutor:
+    """The executor protocol of :mod:`processor.executor` on Dask (see the module docstring)."""
+
+    def __init__(self, local: LocalExecutor, cluster: DaskCluster, max_crashes: int) -> None:
+        self.local = local
+        self.cluster = cluster
+        self.dask = cluster.dask
+        self.max_crashes = max_crashes
+
+    @property
+    def pipeline(self) -> Any:
+        return self.local.pipeline
+
+    @property
+    def recorder(self) -> Any:
+        return self.local.recorder
+
+    @property
+    def state(self) -> State:
+        return self.local.state
+
+    # ------------------------------------------------------------------ on the coordinator, then submitted
+    def prepare(self, arrivals: Sequence[Arrival], should_stop: StopCheck = _never) -> Handle:
+        local = self.local
+        with ExitStack() as stack:
+            prepared = local.open_batch(arrivals, stack, should_stop, self.recorder.locate)
+            if prepared.stopped or not prepared.opened:
+                prepared.gpu_done = True
+                return Sent(prepared, None, time.monotonic())
+            local.attach_paths(prepared, local.reserve_paths(study_keys(prepared)))
+            inputs = self._ship(prepared)
+            batch = Batch(
+                prepared, self.pipeline.digest, self.pipeline.text, inputs, local.limits if inputs else None
+            )
+            try:
+                future = self.cluster.submit(batch, batch_key(arrivals, self.pipeline.digest))
+            except Exception:
+                for arrival in arrivals:
+                    self.recorder.release(arrival)
+                raise
+        log.info("dask.submitted arrivals=%s key=%s", [a.id for a in arrivals], future.key)
+        return Sent(prepared, future, time.monotonic())
+
+    def _ship(self, prepared: Prepared) -> dict[int, str]:
+        """Carry the bytes of the studies that need them (``inputs: bytes``, or a study merged from
+        several arrivals); the others travel by path: arrival id → its input as workers see it."""
+        inputs: dict[int, str] = {}
+        for item in prepared.opened:
+            by_path = self.dask.inputs == "path"
+            for study in item.studies:
+                lineage = item.lineage.get(study.uid)
+                merged = lineage is not None and tuple(lineage.input_ids) != (item.arrival.id,)
+                if by_path and not merged:
+                    continue
+                for series in study.series.values():
+                    for instance in series.instances:
+                        instance.member = carried(instance.member)
+            if by_path and any(not _carried_study(study) for study in item.studies):
+                path = self.recorder.locate(item.arrival)
+                if path is None:  # moved away since it was opened: read it on the next try
+                    raise Unavailable(f"the input of arrival {item.arrival.id} moved while it was sent")
+                inputs[item.arrival.id] = self.dask.worker_path(path)
+        return inputs
+
+    # ------------------------------------------------------------------ the result, recorded here
+    def complete(self, handle: Handle, should_stop: StopCheck = _never) -> list[ArrivalState]:
+        assert isinstance(handle, Sent), type(handle)
+        if handle.future is None:
+            return self.local.complete(handle.prepared, should_stop)
+        limit = STUCK_LIMITS * self.local.limits.max_seconds_per_arrival * max(1, len(handle.arrivals))
+        while True:
+            try:
+                done: Done = handle.future.result(timeout=POLL_SECONDS)
+                break
+            except FutureTimeout:
+                if should_stop():
+                    handle.future.cancel()
+                    return [self._release(a, "shutdown") for a in handle.arrivals]
+                if time.monotonic() - handle.submitted > limit:
+                    handle.future.cancel()
+                    return self._crashed(handle, f"it ran past {limit:g} s on a Dask worker", cap=None)
+            except (WorkerNotReady, CancelledError) as exc:
+                self._release_paths(handle)
+                raise Unavailable(f"processing paused: {_words(exc)}") from exc
+            except InputChanged as exc:
+                self._release_paths(handle)
+                return self.local.fail(handle.arrivals, str(exc))
+            except Exception as exc:
+                if type(exc).__name__ == "KilledWorker":
+                    return self._crashed(handle, str(exc), cap=1)
+                self._release_paths(handle)
+                raise
+        for folder, files in done.files.items():
+            for name, data in files.items():
+                write_bytes_atomic(Path(folder) / name, data)
+        log.info(
+            "dask.done arrivals=%s worker=%s seconds=%.2f",
+            [a.id for a in handle.arrivals],
+            done.worker,
+            done.seconds,
+        )
+        return self.local.complete(done.prepared, should_stop)
+
+    def _crashed(self, handle: Sent, why: str, cap: int | None) -> list[ArrivalState]:
+        """The task killed its workers (``cap`` 1: alone, set aside at once) or got stuck (``cap``
+        None: charged as a crash, set aside at ``limits.max_attempts``); several arrivals go back
+        uncharged, each to run alone. Arrivals rejected on the coordinator are recorded as such."""
+        prepared = handle.prepared
+        finals: dict[int, ArrivalState] = {}
+        if prepared.rejected:
+            rest = Prepared(
+                [a for a in prepared.arrivals if a.id in prepared.rejected],
+                rejected=prepared.rejected,
+                gpu_done=True,
+            )
+            for arrival, final in zip(rest.arrivals, self.local.complete(rest), strict=True):
+                finals[arrival.id] = final
+        ran = [a.id for a in prepared.arrivals if a.id not in prepared.rejected]
+        log.warning("dask.task_crashed arrivals=%s: %s", ran, why)
+        for arrival in self.state.crashed(ran, cap or self.max_crashes):
+            self.recorder.release(arrival)
+            if arrival.state == ArrivalState.RUNNING:  # alone, and at the cap: set aside
+                reason = killed_reason(self.dask.allowed_failures + 1) if cap else crash_words(why)
+                finals[arrival.id] = self.recorder.reject(arrival, reason, ArrivalState.QUARANTINED)
+            else:
+                finals[arrival.id] = ArrivalState(arrival.state)
+        return [finals[a.id] for a in prepared.arrivals]
+
+    def _release_paths(self, handle: Sent) -> None:
+        for arrival in handle.arrivals:
+            self.recorder.release(arrival)
+
+    def _release(self, arrival: Arrival, reason: str) -> ArrivalState:
+        self.recorder.release(arrival)
+        self.state.release(arrival.id)
+        log.info("arrival.released arrival=%s reason=%s", arrival.id, reason)
+        return ArrivalState.PENDING
+
+    def fail(self, arrivals: Sequence[Arrival], reason: str) -> list[ArrivalState]:
+        return self.local.fail(arrivals, reason)
+
+    def close(self) -> None:
+        """Nothing held between calls; the cluster is closed by its owner (the daemon)."""
+        self.local.close()
+
+
+def crash_words(why: str) -> str:
+    return (
+        f"{why}, more than once; it is set aside so the others go on. Check the workers' logs, then "
+        "requeue it with `python run.py requeue <arrival id>` once the cause is fixed"
+    )
+
+
+def _carried_study(study: Any) -> bool:
+    from processor.bytesource import _Carried
+
+    return all(isinstance(i.member, _Carried) for s in study.series.values() for i in s.instances)
+
+
+def _words(exc: BaseException) -> str:
+    if isinstance(exc, CancelledError):
+        return "the Dask scheduler dropped the task (it restarted, or lost its workers)"
+    return str(exc)
