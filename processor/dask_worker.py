@@ -152,6 +152,7 @@ class CtwatchPlugin(WorkerPlugin):
         self.runtime: Runtime | None = None
 
     def setup(self, worker: Any) -> None:
+        logging.getLogger("processor").setLevel(self.settings.log_level)  # records reach the daemon
         self.runtime = Runtime(self.settings, _device_for(self.device, worker.name), str(worker.name))
         log.info("dask.worker_ready name=%s device=%s", worker.name, self.runtime.device)
 
@@ -170,9 +171,11 @@ def _device_for(device: str, worker_name: object) -> str:
     return f"cuda:{index % max(1, torch.cuda.device_count())}"
 
 
-def runtime() -> Runtime:
-    """This worker's :class:`Runtime`; :class:`WorkerNotReady` on a worker without the plugin."""
-    worker = get_worker()
+def runtime(worker: Any = None) -> Runtime:
+    """This worker's :class:`Runtime`; :class:`WorkerNotReady` on a worker without the plugin.
+    ``worker``: the :class:`distributed.Worker` (None: the one running this task; ``Client.run``
+    functions are not tasks, so they pass the ``dask_worker`` they are given)."""
+    worker = worker if worker is not None else get_worker()
     plugin = worker.plugins.get(PLUGIN)
     if not isinstance(plugin, CtwatchPlugin) or plugin.runtime is None:
         raise WorkerNotReady(
@@ -185,7 +188,7 @@ def runtime() -> Runtime:
 def worker_stats(dask_worker: Any = None) -> dict[str, Any]:
     """For ``Client.run``: this worker's :meth:`Runtime.stats` (an error text when not ready)."""
     try:
-        return runtime().stats()
+        return runtime(dask_worker).stats()
     except WorkerNotReady as exc:
         return {"error": str(exc)}
 
@@ -196,6 +199,12 @@ def run_batch(batch: Batch) -> Done:
     rt = runtime()
     pipeline = rt.pipeline(batch.pipeline_digest, batch.pipeline_text)
     prepared = batch.prepared
+    log.info(
+        "dask.batch_started arrivals=%s worker=%s pid=%s",
+        [item.id for item in prepared.arrivals],
+        rt.name,
+        os.getpid(),
+    )
     rt.in_flight += 1
     try:
         with ExitStack() as stack:

@@ -83,6 +83,7 @@ class DaskCluster:
         self.cluster: Any = None
         self._lock = threading.Lock()
         self._stats: tuple[float, list[dict[str, Any]]] = (0.0, [])
+        self._gpu: tuple[float, int] = (0.0, 0)
 
     def start(self) -> None:
         """Start the LocalCluster (its workers with the ctwatch plugin) or connect to the scheduler."""
@@ -110,6 +111,9 @@ class DaskCluster:
             self.client.register_plugin(CtwatchPlugin(self.settings, self.device), name=PLUGIN)
         else:
             self.client = Client(self.dask.scheduler, timeout=self.dask.connect_seconds, set_as_default=False)
+        # the workers' records of ctwatch's own loggers, logged while they run a batch, go to the
+        # daemon's log (state/ctwatch.log) beside the coordinator's
+        self.client.forward_logging("processor", level=logging.getLogger("processor").getEffectiveLevel())
         log.info(
             "dask.connected scheduler=%s workers=%d",
             self.client.scheduler.address,
@@ -129,6 +133,21 @@ class DaskCluster:
         from processor.dask_worker import run_batch
 
         return self.client.submit(run_batch, batch, key=key, resources={"GPU": 1}, pure=False, retries=0)
+
+    def gpu_workers(self) -> int:
+        """How many connected workers declare the GPU resource (at most :data:`STATS_SECONDS` old)."""
+        with self._lock:
+            at, count = self._gpu
+            if time.monotonic() - at < STATS_SECONDS or self.client is None:
+                return count
+            try:
+                info = self.client.scheduler_info(n_workers=-1).get("workers", {})
+            except Exception as exc:  # noqa: BLE001 — the scheduler gone: no worker either
+                log.warning("dask.scheduler_unreachable: %s", exc)
+                info = {}
+            count = sum(1 for w in info.values() if w.get("resources", {}).get("GPU", 0) >= 1)
+            self._gpu = (time.monotonic(), count)
+            return count
 
     def workers(self) -> list[dict[str, Any]]:
         """Each worker's name, address, device, models loaded, batches in flight and done (at most
@@ -240,27 +259,48 @@ class DaskExecutor:
 
     # ------------------------------------------------------------------ the result, recorded here
     def complete(self, handle: Handle, should_stop: StopCheck = _never) -> list[ArrivalState]:
+        """Wait for the batch's task, write the files it brought back, and record the batch.
+
+        The stuck clock (``STUCK_LIMITS`` × ``limits.max_seconds_per_arrival`` per arrival) starts
+        here, when every batch before this one is done (Dask runs tasks first come, first served),
+        and stands still while no worker with the GPU resource is connected: a cluster with no
+        worker is not the study's fault. After ``executor.dask.connect_seconds`` without one the
+        batch goes back uncharged and processing pauses (:class:`Unavailable`)."""
         assert isinstance(handle, Sent), type(handle)
         if handle.future is None:
             return self.local.complete(handle.prepared, should_stop)
         limit = STUCK_LIMITS * self.local.limits.max_seconds_per_arrival * max(1, len(handle.arrivals))
+        started = time.monotonic()
+        workerless: float | None = None
         while True:
             try:
                 done: Done = handle.future.result(timeout=POLL_SECONDS)
                 break
             except FutureTimeout:
-                if should_stop():
+                if should_stop() and not self.local.finish_study_on_stop:
                     handle.future.cancel()
                     return [self._release(a, "shutdown") for a in handle.arrivals]
-                if time.monotonic() - handle.submitted > limit:
+                now = time.monotonic()
+                if self.cluster.gpu_workers() == 0:
+                    workerless = now if workerless is None else workerless
+                    started += POLL_SECONDS
+                    if now - workerless > self.dask.connect_seconds:
+                        handle.future.cancel()
+                        self._release_paths(handle)
+                        raise Unavailable(
+                            "processing paused: no Dask worker with the GPU resource is connected "
+                            f"(for {now - workerless:.0f} s); start workers with `python run.py worker`"
+                        ) from None
+                    continue
+                workerless = None
+                if now - started > limit:
                     handle.future.cancel()
                     return self._crashed(handle, f"it ran past {limit:g} s on a Dask worker", cap=None)
             except (WorkerNotReady, CancelledError) as exc:
                 self._release_paths(handle)
                 raise Unavailable(f"processing paused: {_words(exc)}") from exc
             except InputChanged as exc:
-                self._release_paths(handle)
-                return self.local.fail(handle.arrivals, str(exc))
+                return self._ended(handle, str(exc))
             except Exception as exc:
                 if type(exc).__name__ == "KilledWorker":
                     return self._crashed(handle, str(exc), cap=1)
@@ -277,20 +317,33 @@ class DaskExecutor:
         )
         return self.local.complete(done.prepared, should_stop)
 
+    def _rejected_ends(self, prepared: Prepared) -> dict[int, ArrivalState]:
+        """Record the arrivals of ``prepared`` rejected on the coordinator (unreadable input)."""
+        if not prepared.rejected:
+            return {}
+        rest = Prepared(
+            [a for a in prepared.arrivals if a.id in prepared.rejected],
+            rejected=prepared.rejected,
+            gpu_done=True,
+        )
+        return {a.id: final for a, final in zip(rest.arrivals, self.local.complete(rest), strict=True)}
+
+    def _ended(self, handle: Sent, reason: str) -> list[ArrivalState]:
+        """The batch failed on its worker for ``reason`` (not a crash): each arrival fails with it."""
+        prepared = handle.prepared
+        finals = self._rejected_ends(prepared)
+        for arrival in prepared.arrivals:
+            if arrival.id not in finals:
+                self.recorder.release(arrival)
+                finals[arrival.id] = self.recorder.reject(arrival, reason, ArrivalState.FAILED)
+        return [finals[a.id] for a in prepared.arrivals]
+
     def _crashed(self, handle: Sent, why: str, cap: int | None) -> list[ArrivalState]:
         """The task killed its workers (``cap`` 1: alone, set aside at once) or got stuck (``cap``
         None: charged as a crash, set aside at ``limits.max_attempts``); several arrivals go back
         uncharged, each to run alone. Arrivals rejected on the coordinator are recorded as such."""
         prepared = handle.prepared
-        finals: dict[int, ArrivalState] = {}
-        if prepared.rejected:
-            rest = Prepared(
-                [a for a in prepared.arrivals if a.id in prepared.rejected],
-                rejected=prepared.rejected,
-                gpu_done=True,
-            )
-            for arrival, final in zip(rest.arrivals, self.local.complete(rest), strict=True):
-                finals[arrival.id] = final
+        finals = self._rejected_ends(prepared)
         ran = [a.id for a in prepared.arrivals if a.id not in prepared.rejected]
         log.warning("dask.task_crashed arrivals=%s: %s", ran, why)
         for arrival in self.state.crashed(ran, cap or self.max_crashes):

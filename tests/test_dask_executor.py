@@ -6,10 +6,17 @@ ZIPs of real DICOM, workers killed by PID and by a poison input (the named fault
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import sqlite3
 from pathlib import Path
 
+import pytest
+
+from processor.faults import ENV
 from tests.conftest import Project, wait_for
-from tests.test_cpu_pool import CLIP_STEPS, _comparable, _drop, _inputs, _status, _stop
+from tests.test_cpu_pool import CLIP_STEPS, STEPS, _comparable, _drop, _inputs, _status, _stop
 from tests.test_ctclip_steps import _install_small_weights
 
 
@@ -48,3 +55,106 @@ def test_dask_results_equal_the_local_executor(tmp_path: Path) -> None:
         runs[kind] = {p.name: _comparable(p, project.root) for p in project.results()}
         print(project.log_text()[-3000:])
     assert runs["dask"] == runs["local"]
+
+
+DELAY_STEPS = [*STEPS[:2], {"id": "hold", "uses": "util.delay", "with": {"seconds": 3}}, *STEPS[2:]]
+
+
+def _started(project: Project) -> list[tuple[list[int], str, int]]:
+    """(arrival ids, worker name, worker pid) of each ``dask.batch_started`` the workers logged."""
+    return [
+        (json.loads(ids), name, int(pid))
+        for ids, name, pid in re.findall(
+            r"dask\.batch_started arrivals=(\[[0-9, ]*\]) worker=(\S+) pid=(\d+)", project.log_text()
+        )
+    ]
+
+
+def test_a_worker_killed_mid_study_loses_nothing(tmp_path: Path) -> None:
+    """kill -9 of the worker process running a study: Dask runs the task again on a worker, and
+    every study ends with exactly one JSON, recorded once."""
+    project = _dask_project(tmp_path / "k", DELAY_STEPS)
+    zips = _inputs(tmp_path / "zips", 3)
+    proc = project.start()
+    try:
+        wait_for(lambda: "daemon.started" in project.log_text(), 90, "the daemon to start")
+        _drop(project, zips[:1])
+        wait_for(lambda: _started(project), 60, "a worker to start the study")
+        (_, name, pid), = _started(project)
+        _drop(project, zips[1:])
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: len(project.receipts()) == 3, 180, "3 receipts")
+        assert proc.poll() is None
+    finally:
+        _stop(proc)
+    receipts = project.receipts()
+    assert sorted(r["outcome"] for r in receipts) == ["accepted"] * 3, receipts
+    assert len(project.results()) == 3
+    runs = [s for s in _started(project) if s[0] == [1]]
+    assert len(runs) == 2 and runs[1][2] != pid, runs  # ran again, in another process
+    log = project.log_text()
+    assert log.count("arrival.done arrival=1 ") == 1, log[-4000:]
+    with sqlite3.connect(project.root / "state" / "ctwatch.db") as db:
+        (crashes,) = db.execute("select crashes from arrivals where id = 1").fetchone()
+    assert crashes == 0  # a lost worker is not the study's fault once it finished elsewhere
+
+
+def test_a_poison_study_that_kills_its_workers_is_set_aside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A study that makes every worker running it exit (``os._exit(137)`` at ``study.started``) is
+    quarantined "crashed 2 Dask workers" after allowed_failures: 1; its neighbours are done."""
+    project = _dask_project(tmp_path / "p", STEPS, allowed_failures=1)
+    zips = _inputs(tmp_path / "zips", 3)
+    zips[1] = zips[1].rename(zips[1].with_name("poison.zip"))
+    monkeypatch.setenv(ENV, "study.started~poison")
+    proc = project.start()
+    monkeypatch.delenv(ENV)
+    try:
+        wait_for(lambda: "daemon.started" in project.log_text(), 90, "the daemon to start")
+        _drop(project, zips)
+        wait_for(lambda: len(project.receipts()) == 3, 180, "3 receipts")
+        assert proc.poll() is None, "the daemon died with its workers"
+    finally:
+        _stop(proc)
+    by_name = {r["name"]: r for r in project.receipts()}
+    assert by_name["poison.zip"]["outcome"] == "rejected", by_name["poison.zip"]
+    assert "crashed 2 Dask workers" in json.dumps(by_name["poison.zip"])
+    assert {by_name[f"chest{i}.zip"]["outcome"] for i in (0, 2)} == {"accepted"}
+    assert len(project.results()) == 2
+    assert list(project.inbox.rglob("quarantine/poison.zip"))
+
+
+def test_kill_9_of_the_daemon_with_tasks_in_flight(tmp_path: Path) -> None:
+    """kill -9 of the coordinator while its workers run studies: no worker outlives it, and after a
+    restart every study ends exactly once."""
+    project = _dask_project(tmp_path / "d", DELAY_STEPS)
+    zips = _inputs(tmp_path / "zips", 3)
+    proc = project.start()
+    try:
+        wait_for(lambda: "daemon.started" in project.log_text(), 90, "the daemon to start")
+        _drop(project, zips)
+        wait_for(lambda: len(_started(project)) >= 2, 60, "two studies on workers")
+        pids = {pid for _, _, pid in _started(project)}
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        wait_for(lambda: not any(_alive(pid) for pid in pids), 60, "the workers to end with the daemon")
+        assert not project.receipts() or len(project.receipts()) < 3
+        proc = project.start()
+        wait_for(lambda: len(project.receipts()) == 3, 180, "3 receipts after the restart")
+    finally:
+        if proc.poll() is None:
+            _stop(proc)
+    assert sorted(r["outcome"] for r in project.receipts()) == ["accepted"] * 3
+    assert len(project.results()) == 3
+    for aid in (1, 2, 3):
+        assert project.log_text().count(f"arrival.done arrival={aid} ") == 1
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split(") ")[-1].startswith("Z"))
