@@ -34,12 +34,13 @@ from distributed import WorkerPlugin, get_worker
 from processor.config import Settings
 from processor.dask_batch import KEPT_VALUES, PLUGIN, Batch, Done, InputChanged, WorkerNotReady
 from processor.errors import ConfigError, IngestError
-from processor.executor import Prepared
+from processor.executor import Prepared, RanOn
 from processor.executor_read import SLOW_INPUT, scan_input
 from processor.faults import fault_point
 from processor.intake.late_series import sop_digests
 from processor.pipeline.runner import PipelineRunner
 from processor.pipeline.spec import Pipeline
+from processor.provenance import software_versions
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +214,7 @@ def run_batch(batch: Batch) -> Done:
             stack.callback(shutil.rmtree, scratch, True)
             homes = _redirect(prepared, scratch)
             _run_steps(PipelineRunner(pipeline), prepared)
+            prepared.ran_on = RanOn(rt.device, software_versions())
             files = _collect(prepared, homes)
         rt.done += 1
     except BaseException:

@@ -86,6 +86,15 @@ class _Opened:
     set_aside: list[SetAside] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class RanOn:
+    """Where a batch's steps ran, when another process ran them: ``device`` (``cpu``, ``cuda:0``)
+    and ``software`` (:func:`~processor.provenance.software_versions` there)."""
+
+    device: str
+    software: dict[str, str]
+
+
 @dataclass
 class Prepared:
     """:class:`LocalExecutor`'s handle: arrivals after the CPU stage."""
@@ -96,6 +105,9 @@ class Prepared:
     crash: str | None = None
     stopped: bool = False
     gpu_done: bool = False  # every step already ran (on a Dask worker): complete() only records
+    # where the steps ran when not here (a Dask worker): its device and software versions, recorded
+    # in place of this process's (``device`` in the result JSON; each feature's provenance)
+    ran_on: RanOn | None = None
 
     @property
     def runs(self) -> list[StudyRun]:
@@ -314,7 +326,8 @@ class LocalExecutor:
                 finals.append(self._release(arrival))
             else:
                 finished = [
-                    _finished(run, path, item, self._patient_key(run.ctx.study)) for run, path in item.runs
+                    _finished(run, path, item, self._patient_key(run.ctx.study), prepared.ran_on)
+                    for run, path in item.runs
                 ]
                 finals.append(self.recorder.accept(arrival, finished, item.skipped, item.set_aside))
         return finals
@@ -354,7 +367,9 @@ def study_keys(prepared: Prepared) -> list[tuple[Arrival, str]]:
     return [(item.arrival, study.uid) for item in prepared.opened for study in item.studies]
 
 
-def _finished(run: StudyRun, json_path: Path, item: _Opened, patient_key: str | None) -> FinishedStudy:
+def _finished(
+    run: StudyRun, json_path: Path, item: _Opened, patient_key: str | None, ran_on: RanOn | None = None
+) -> FinishedStudy:
     """A study's outcome as the recorder takes it: sections, declared ports with their provenance
     (the ports' companion values, see :mod:`processor.steps.ports`), step records."""
     ctx, outcome = run.ctx, run.outcome()
@@ -376,7 +391,8 @@ def _finished(run: StudyRun, json_path: Path, item: _Opened, patient_key: str | 
         latents={"ctclip": latent} if latent is not None else {},
         feature_models={name: feature_models.get(name) for name in features},
         latent_models={"ctclip": latent_models.get("ctclip")} if latent is not None else {},
-        software=software_versions(),
+        software=ran_on.software if ran_on is not None else software_versions(),
+        device=ran_on.device if ran_on is not None else None,
         patient_key=patient_key,
         lineage=item.lineage.get(study.uid, Lineage(input_ids=(item.arrival.id,))),
         series_instances=series_instances(study),

@@ -98,6 +98,7 @@ class FinishedStudy:
     feature_models: dict[str, str | None] = field(default_factory=dict)
     latent_models: dict[str, str | None] = field(default_factory=dict)
     software: dict[str, str] = field(default_factory=dict)
+    device: str | None = None  # where its steps ran, when not on the recorder's device (a Dask worker)
     patient_key: str | None = None
     lineage: Lineage = field(default_factory=Lineage)
     series_instances: dict[str, list[int | str]] = field(default_factory=dict)
@@ -365,7 +366,7 @@ class StudyRecorder:
                 sections=study.sections,
                 steps=study.steps,
                 source=_source(arrival),
-                device=self.device,
+                device=study.device or self.device,
                 warnings=warnings,
                 finished_at=utcnow(),
                 pipeline=self.pipeline,
