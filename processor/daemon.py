@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from processor.config import Settings
 from processor.cpupool import CpuPool
@@ -37,6 +37,7 @@ from processor.pipeline.step import StepEnv
 from processor.scheduler import Housekeeping, NightWindow, Scheduler, apply_retention, done_roots
 from processor.state import State
 from processor.status import Probes, StatusServer, pipeline_plan
+from processor.status.cluster import executor_view
 from processor.steps import default_registry
 from processor.weights import pinned_sha256
 from processor.worker import Worker
@@ -325,6 +326,7 @@ class Daemon:
             worker_current=lambda: (self.worker.current, self.worker.current_since),
             prefetch_inflight=lambda: self.worker.prefetcher.inflight if self.worker.prefetcher else 0,
             cpu_pool=self.cpu_pool.processes if self.cpu_pool is not None else list,
+            executor=self._executor_probe,
             disk=self.disk.report,
             next_jobs=self.scheduler.next_jobs,
             models=self._models_loaded,
@@ -340,6 +342,10 @@ class Daemon:
             faults=self._faults,
             plan=lambda: pipeline_plan(self.c.pipeline, s),
         )
+
+    def _executor_probe(self) -> dict[str, Any]:
+        """Which executor runs the pipeline and, on Dask, its workers (no file names or UIDs)."""
+        return executor_view(self.c.settings.executor.dask, self.dask.workers() if self.dask else [])
 
     def _intake_probe(self) -> dict[str, float | None]:
         """Seconds since the watcher last finished a scan, and when that means intake is stuck."""

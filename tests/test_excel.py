@@ -948,6 +948,7 @@ def test_report_and_status_read_a_database_an_older_ctwatch_wrote(tmp_path: Path
     assert files == {"kept.zip", "bad.zip"}
     status = project.run("status")
     assert status.returncode == 0 and "done=1, quarantined=1" in status.stdout, status.stderr
+    assert "executor: local (the pipeline runs in this daemon)" in status.stdout
 
 
 def _migrations(path: Path) -> list[str]:

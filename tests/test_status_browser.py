@@ -225,6 +225,8 @@ def test_a_fresh_install_says_what_was_analysed_what_was_not_and_why(
         text,
     )
     assert re.search(r"up for \d+ (s|min)", text)
+    assert "executor local (the pipeline runs in this daemon)" in text and "Dask" not in text
+    assert 'ctwatch_executor_info{executor="local",cluster="none"} 1' in get(port, "/metrics")
     # Nothing of the patient, in the page or the machine-readable twins.
     everything = "\n".join([loaded.dom, json.dumps(status), get(port, "/metrics")])
     uids = [json.loads(path.read_text())["study_uid"] for path in project.results()]

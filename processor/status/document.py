@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from processor.redact import redact_optional_url, reduce_source_error
 from processor.state import State
+from processor.status.cluster import executor_view
 from processor.status.plan import PipelinePlan, model_file_facts, step_facts
 from processor.status.words import duration_words, headline, night_words, server_time, utc_offset
 
@@ -41,6 +42,8 @@ class Probes:
     prefetch_inflight: Callable[[], int] = lambda: 0
     # the CPU pool's processes: {"slot", "pid", "alive", "batches", "deaths"} each (empty: no pool)
     cpu_pool: Callable[[], list[dict[str, Any]]] = list
+    # which executor runs the pipeline, and its Dask workers (:func:`processor.status.cluster.executor_view`)
+    executor: Callable[[], dict[str, Any]] = lambda: executor_view(None, [])
     disk: Callable[[], dict[str, Any]] = lambda: {"ok": True, "reason": None, "volumes": []}
     next_jobs: Callable[[], list[dict[str, Any]]] = list
     models: Callable[[], list[dict[str, Any]]] = list
@@ -181,6 +184,11 @@ def collect_status(probes: Probes, state: State, now: datetime | None = None) ->
         plan, state.step_counts_since(today), state.last_step_failures(), state.step_means(), now, last_runs
     )
     uptime = round(time.time() - probes.started_at, 1)
+    try:
+        executor = probes.executor()
+    except Exception:  # noqa: BLE001 — the page answers without the workers and says so
+        log.warning("status.executor_failed", exc_info=True)
+        executor = {"kind": "unknown", "words": "cannot be read now; see state/ctwatch.log"}
     return {
         "status": healthy["status"],
         "reasons": healthy.get("reasons", []),
@@ -203,6 +211,7 @@ def collect_status(probes: Probes, state: State, now: datetime | None = None) ->
         },
         "threads": probes.threads(),
         "intake": probes.intake(),
+        "executor": executor,
         "worker": {
             "alive": probes.worker_alive(),
             "current_arrival": current,

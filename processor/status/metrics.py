@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
+
+Family = Callable[[str, str, str, list[tuple[dict[str, Any], float]]], None]
 
 
 def _label(value: Any) -> str:
@@ -208,6 +211,7 @@ def metrics_text(status: dict[str, Any], totals: dict[str, int]) -> str:
         "CPU pool processes that died (each charged to the batch it was preparing).",
         [({}, sum(p["deaths"] for p in pool))],
     )
+    _executor(family, status.get("executor") or {})
     disk = status["disk"]
     family(
         "ctwatch_disk_ok", "gauge", "0 while the disk guard stops new claims.", [({}, disk.get("ok", True))]
@@ -249,3 +253,48 @@ def metrics_text(status: dict[str, Any], totals: dict[str, int]) -> str:
             [({"kind": k.removesuffix("_bytes")}, v) for k, v in sorted(gpu.items())],
         )
     return "\n".join(out) + "\n"
+
+
+def _executor(family: Family, executor: dict[str, Any]) -> None:
+    """Which executor runs, and on Dask each worker's batches and model loads, labelled by the
+    worker's name and address only (never a file name or UID)."""
+    kind = executor.get("kind", "unknown")
+    family(
+        "ctwatch_executor_info",
+        "gauge",
+        "Which executor runs the pipeline (local: in this daemon; dask: on Dask workers).",
+        [({"executor": kind, "cluster": executor.get("cluster", "none")}, 1)],
+    )
+    if kind != "dask":
+        return
+    workers = executor.get("workers", [])
+    ready = [w for w in workers if w["ready"]]
+    family("ctwatch_dask_workers", "gauge", "Dask workers connected to the scheduler.", [({}, len(workers))])
+    family(
+        "ctwatch_dask_worker_ready",
+        "gauge",
+        "1 when the Dask worker can run batches (its ctwatch plugin answers), 0 when not.",
+        [(_who(w), w["ready"]) for w in workers],
+    )
+    for name, kind_, help_text, key in (
+        ("ctwatch_dask_worker_in_flight", "gauge", "Batches running on the Dask worker now.", "in_flight"),
+        ("ctwatch_dask_worker_done_total", "counter", "Batches the Dask worker finished.", "done"),
+        ("ctwatch_dask_worker_failed_total", "counter", "Batches that raised on the Dask worker.", "failed"),
+        (
+            "ctwatch_dask_worker_model_loads_total",
+            "counter",
+            "Models the Dask worker loaded since it started (a resident model is loaded once).",
+            "model_loads",
+        ),
+    ):
+        family(name, kind_, help_text, [(_who(w), w[key]) for w in ready])
+    family(
+        "ctwatch_dask_worker_models_loaded",
+        "gauge",
+        "Models resident on the Dask worker.",
+        [(_who(w), len(w["models_loaded"])) for w in ready],
+    )
+
+
+def _who(worker: dict[str, Any]) -> dict[str, Any]:
+    return {"worker": worker["name"], "address": worker["address"]}

@@ -153,6 +153,7 @@ def _model_files(status: dict[str, Any]) -> str:
 def status_html(status: dict[str, Any]) -> str:
     """A page that refreshes itself every ``REFRESH_SECONDS``, with the facts of ``/status``."""
     now = datetime.fromisoformat(status["now"])
+    on_dask = (status.get("executor") or {}).get("kind") == "dask"
     ok = status["status"] == "healthy"
     pipeline = status["pipeline"]
     clock = status.get("clock", {}).get("words", "server time")
@@ -188,7 +189,7 @@ def status_html(status: dict[str, Any]) -> str:
             )
             or "—",
         ],
-        ["CPU stage", cpu_stage_words(status["worker"].get("cpu_processes", []))],
+        *executor_rows(status.get("executor") or {}, status["worker"].get("cpu_processes", [])),
         ["time to empty the queue", status["eta"]["words"]],
         ["night window", (status["night"] or {}).get("words", "not configured")],
         [
@@ -236,13 +237,14 @@ Refreshes every {REFRESH_SECONDS} s. Machine-readable: /status, /health, /metric
 {_model_files(status)}
 <h2>Last {RECENT_ARRIVALS} arrivals</h2>
 {arrivals}
-<h2>Models loaded</h2>
+<h2>Models loaded{" in this daemon (the Dask workers' are listed below)" if on_dask else ""}</h2>
 {
         table(
             ["model", "hits", "GPU bytes"],
             [[m.get("key"), m.get("hits"), m.get("gpu_bytes")] for m in status["models_loaded"]],
         )
     }
+{dask_workers_table(status.get("executor") or {})}
 <h2>Next scheduled jobs</h2>
 {
         table(
@@ -285,3 +287,43 @@ def cpu_stage_words(pool: list[dict[str, Any]]) -> str:
     if deaths:
         text += f"; {deaths} died (each charged to the arrival it held, see the log: cpu_pool.process_died)"
     return text
+
+
+def executor_rows(executor: dict[str, Any], pool: list[dict[str, Any]]) -> list[list[Any]]:
+    """The "CPU stage" and "executor" facts, and on Dask the "Dask workers" one (how many, each
+    one's counts); on Dask the CPU steps run on the workers, whatever ``worker.cpu_workers`` says."""
+    if executor.get("kind") != "dask":
+        return [["CPU stage", cpu_stage_words(pool)], ["executor", executor.get("words", "unknown")]]
+    return [
+        ["CPU stage", "on the Dask workers, with every other step (this daemon reads and plans each input)"],
+        ["executor", executor.get("words", "unknown")],
+        ["Dask workers", executor.get("workers_words", "")],
+    ]
+
+
+def dask_workers_table(executor: dict[str, Any]) -> str:
+    """A row per Dask worker (nothing with the local executor)."""
+    if executor.get("kind") != "dask":
+        return ""
+    rows, classes = [], []
+    for w in executor.get("workers", []):
+        models = "; ".join(
+            f"{m['model']}: loaded {m['loads']}×, used {m['hits']}×" for m in w["models_loaded"]
+        )
+        rows.append(
+            [
+                w["name"],
+                w["address"],
+                w["device"] if w["ready"] else "not ready — see that worker's log",
+                w["in_flight"],
+                w["done"],
+                w["failed"],
+                models or ("none loaded yet" if w["ready"] else None),
+            ]
+        )
+        classes.append(
+            [None, None, None if w["ready"] else "fail", "n", "n", "n fail" if w["failed"] else "n", None]
+        )
+    return "<h2>Dask workers</h2>\n" + table(
+        ["worker", "address", "device", "in flight", "done", "failed", "models loaded"], rows, classes
+    )
