@@ -35,8 +35,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
-from concurrent.futures import CancelledError
+from collections.abc import Callable, Sequence
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 POLL_SECONDS = 0.2  # how often a waiting complete() looks at the stop request
 STUCK_LIMITS = 3  # a task is stuck after 3 × limits.max_seconds_per_arrival per arrival
 STATS_SECONDS = 2.0  # the workers' figures for status are at most this old
+ASK_SECONDS = 5.0  # the longest a question to the scheduler may take (status, the workerless check)
 
 
 def _never() -> bool:
@@ -84,6 +85,8 @@ class DaskCluster:
         self._lock = threading.Lock()
         self._stats: tuple[float, list[dict[str, Any]]] = (0.0, [])
         self._gpu: tuple[float, int] = (0.0, 0)
+        # one thread asks the scheduler; a hung question leaves at most this one thread waiting
+        self._asker = ThreadPoolExecutor(1, thread_name_prefix="ctwatch-dask-ask")
 
     def start(self) -> None:
         """Start the LocalCluster (its workers with the ctwatch plugin) or connect to the scheduler."""
@@ -121,6 +124,7 @@ class DaskCluster:
         )
 
     def close(self) -> None:
+        self._asker.shutdown(wait=False, cancel_futures=True)
         if self.client is not None:
             self.client.close()
         if self.cluster is not None:
@@ -134,6 +138,11 @@ class DaskCluster:
 
         return self.client.submit(run_batch, batch, key=key, resources={"GPU": 1}, pure=False, retries=0)
 
+    def _bounded(self, call: Callable[[], Any]) -> Any:
+        """``call()`` given at most :data:`ASK_SECONDS`: a scheduler that hangs (rather than
+        failing) must not hold the status page or the worker thread (``TimeoutError`` then)."""
+        return self._asker.submit(call).result(timeout=ASK_SECONDS)
+
     def gpu_workers(self) -> int:
         """How many connected workers declare the GPU resource (at most :data:`STATS_SECONDS` old)."""
         with self._lock:
@@ -141,7 +150,7 @@ class DaskCluster:
             if time.monotonic() - at < STATS_SECONDS or self.client is None:
                 return count
             try:
-                info = self.client.scheduler_info(n_workers=-1).get("workers", {})
+                info = self._bounded(lambda: self.client.scheduler_info(n_workers=-1)).get("workers", {})
             except Exception as exc:  # noqa: BLE001 — the scheduler gone: no worker either
                 log.warning("dask.scheduler_unreachable: %s", exc)
                 info = {}
@@ -159,8 +168,8 @@ class DaskCluster:
             from processor.dask_worker import worker_stats
 
             try:
-                info = self.client.scheduler_info(n_workers=-1).get("workers", {})
-                stats = self.client.run(worker_stats, on_error="return", wait=True)
+                info = self._bounded(lambda: self.client.scheduler_info(n_workers=-1)).get("workers", {})
+                stats = self._bounded(lambda: self.client.run(worker_stats, on_error="return", wait=True))
             except Exception as exc:  # noqa: BLE001 — status must answer while the scheduler is gone
                 log.warning("dask.stats_failed: %s", exc)
                 return cached
@@ -275,6 +284,9 @@ class DaskExecutor:
         while True:
             try:
                 done: Done = handle.future.result(timeout=POLL_SECONDS)
+                # Here now: the worker may drop it. A result still wanted would be copied to another
+                # worker when its worker retires, or computed again when its worker is lost.
+                handle.future.release()
                 break
             except FutureTimeout:
                 if should_stop() and not self.local.finish_study_on_stop:

@@ -35,7 +35,7 @@ def _dask_project(root: Path, steps: list[dict] = CLIP_STEPS, n_workers: int = 2
 def test_dask_results_equal_the_local_executor(tmp_path: Path) -> None:
     """10 studies on a LocalCluster of 2 worker processes (abstract GPU=1 each): 10 results equal to
     the local executor's, each model loaded once per worker, not per study."""
-    zips = _inputs(tmp_path / "zips", 4)
+    zips = _inputs(tmp_path / "zips", 10)
     runs = {}
     for kind in ("dask", "local"):
         if kind == "dask":
@@ -48,13 +48,21 @@ def test_dask_results_equal_the_local_executor(tmp_path: Path) -> None:
         try:
             wait_for(lambda p=project: "daemon.started" in p.log_text(), 90, "the daemon to start")
             _drop(project, zips)
-            wait_for(lambda p=project: len(p.results()) == 4, 180, "4 results")
-            status, metrics = _status(project)
+            wait_for(lambda p=project: len(p.results()) == 10, 180, "10 results")
+            status, _ = _status(project)
         finally:
             _stop(proc)
         runs[kind] = {p.name: _comparable(p, project.root) for p in project.results()}
-        print(project.log_text()[-3000:])
-    assert runs["dask"] == runs["local"]
+        if kind == "dask":
+            workers = status["executor"]["workers"]
+            assert len(workers) == 2 and sum(w["done"] for w in workers) == 10, workers
+            ran = {name for _, name, _ in _started(project)}
+            for worker in workers:  # a model a worker used was loaded there once, whatever it ran
+                assert all(m["loads"] == 1 for m in worker["models_loaded"]), worker
+                assert worker["model_loads"] == len(worker["models_loaded"]) == (2 if worker["done"] else 0)
+            assert ran == {w["name"] for w in workers if w["done"]}
+            assert _started(project) and all(len(ids) == 1 for ids, _, _ in _started(project))
+    assert len(runs["dask"]) == 10 and runs["dask"] == runs["local"]
 
 
 DELAY_STEPS = [*STEPS[:2], {"id": "hold", "uses": "util.delay", "with": {"seconds": 3}}, *STEPS[2:]]
