@@ -1,4 +1,4 @@
-"""Command line: ``run`` (the daemon, default), ``process``, ``status``, ``requeue``, ``check-config``, ``steps``, ``report``, ``weights``, ``export``.
+"""Command line: ``run`` (the daemon, default), ``process``, ``status``, ``requeue``, ``check-config``, ``steps``, ``report``, ``weights``, ``export``, ``worker`` (a Dask worker).
 
 Exit codes: 0 fine, 1 some input was rejected or failed, 2 bad configuration or pipeline.
 """
@@ -18,6 +18,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from processor.config import Settings, default_config_path, load_settings
+from processor.dask_workercmd import WORKER_COMMANDS, add_worker_parser
 from processor.errors import ConfigError, WeightsError
 from processor.fit.commands import FIT_COMMANDS, add_fit_parsers
 from processor.hugepages import huge_pages_off_by_default
@@ -93,6 +94,7 @@ def _parser() -> argparse.ArgumentParser:
         help="npz: CSV tables + latents.npz (default); parquet: .parquet tables (needs pyarrow)",
     )
     add_fit_parsers(sub, common)
+    add_worker_parser(sub, common)
     return parser
 
 
@@ -342,6 +344,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     except ConfigError as exc:  # an older ctwatch runs on it: show what can be shown, and why not more
         print(f"note: {exc}", file=sys.stderr)
         state = State(settings.state, readonly=True)
+    _print_executor(settings)
     counts = state.counts_by_state()
     print("arrivals by state: " + (", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none"))
     print(f"{'id':>6}  {'state':<11} {'attempts':>8}  {'received':<25} name / reason")
@@ -354,6 +357,22 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     _print_sources(settings, state.sources())
     state.close()
     return EXIT_OK
+
+
+def _print_executor(settings: Settings) -> None:
+    """The executor from the settings; Dask workers live only in the running daemon, not in the
+    database this command reads, so it says where to see them."""
+    from processor.status.cluster import executor_words
+
+    print(f"executor: {executor_words(settings.executor.dask)}")
+    if settings.executor.dask is not None:
+        where = (
+            "the running daemon lists them (name, device, models loaded, in flight, done) at /status "
+            "and on its status page"
+            if settings.status.enabled
+            else "set status.enabled: true to see them (name, device, models loaded, in flight, done)"
+        )
+        print(f"Dask workers: {where}")
 
 
 def _print_sources(settings: Settings, rows: list[dict]) -> None:
@@ -545,4 +564,5 @@ COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "weights": cmd_weights,
     "export": cmd_export,
     **FIT_COMMANDS,
+    **WORKER_COMMANDS,
 }

@@ -33,6 +33,7 @@ again. A stop request cancels the tasks in flight; their arrivals go back to the
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -45,7 +46,7 @@ from typing import Any
 
 from processor.atomic import write_bytes_atomic
 from processor.bytesource import carried
-from processor.config import DaskSettings, Settings
+from processor.config import DaskSettings, Settings, usable_cores
 from processor.dask_batch import Batch, Done, InputChanged, WorkerNotReady, batch_key
 from processor.errors import Unavailable
 from processor.executor import Handle, LocalExecutor, Prepared, StopCheck, study_keys
@@ -64,9 +65,26 @@ def _never() -> bool:
     return False
 
 
+def worker_threads(n_workers: int) -> dict[str, str]:
+    """The thread counts of numpy's and torch's math libraries in each LocalCluster worker: the
+    cores shared out (at least 1), or what the operator set in the environment. Dask's nanny sets
+    them to 1, which would run a worker's CPU steps and CPU inference on one core."""
+    import dask
+    import distributed  # noqa: F401 — loads distributed's configuration defaults
+
+    environ = {
+        str(k): str(v) for k, v in (dask.config.get("distributed.nanny.pre-spawn-environ") or {}).items()
+    }
+    share = str(max(1, usable_cores() // max(1, n_workers)))
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        environ[name] = os.environ.get(name, share)
+    return environ
+
+
 def killed_reason(workers: int) -> str:
     return (
-        f"crashed {workers} Dask workers (each died while running only this input: out of memory, "
+        f"crashed {workers} Dask worker{'s' if workers != 1 else ''} (each died while running only "
+        "this input: out of memory, "
         "or a fault in native code); it is set aside so the others go on. Check the workers' logs, "
         "then requeue it with `python run.py requeue <arrival id>` once the cause is fixed"
     )
@@ -99,7 +117,11 @@ class DaskCluster:
             local = self.dask.local
             if local.resources.get("GPU", 0) < 1:
                 raise Unavailable("executor.dask.local.resources must give each worker GPU: 1")
-            with dask.config.set({"distributed.scheduler.allowed-failures": self.dask.allowed_failures}):
+            settings = {
+                "distributed.scheduler.allowed-failures": self.dask.allowed_failures,
+                "distributed.nanny.pre-spawn-environ": worker_threads(local.n_workers),
+            }
+            with dask.config.set(settings):
                 self.cluster = LocalCluster(
                     n_workers=local.n_workers,
                     threads_per_worker=local.threads_per_worker,
@@ -210,6 +232,8 @@ class DaskExecutor:
         self.cluster = cluster
         self.dask = cluster.dask
         self.max_crashes = max_crashes
+        self._gate = threading.Lock()
+        self._running: set[Any] = set()  # our submitted tasks, until done
 
     @property
     def pipeline(self) -> Any:
@@ -233,6 +257,11 @@ class DaskExecutor:
                 return Sent(prepared, None, time.monotonic())
             local.attach_paths(prepared, local.reserve_paths(study_keys(prepared)))
             inputs = self._ship(prepared)
+            if not self._wait_for_a_free_worker(should_stop):
+                self._release_paths_of(prepared.arrivals)
+                prepared.stopped = True
+                prepared.gpu_done = True
+                return Sent(prepared, None, time.monotonic())
             batch = Batch(
                 prepared, self.pipeline.digest, self.pipeline.text, inputs, local.limits if inputs else None
             )
@@ -242,8 +271,25 @@ class DaskExecutor:
                 for arrival in arrivals:
                     self.recorder.release(arrival)
                 raise
+        with self._gate:
+            self._running.add(future)
         log.info("dask.submitted arrivals=%s key=%s", [a.id for a in arrivals], future.key)
         return Sent(prepared, future, time.monotonic())
+
+    def _wait_for_a_free_worker(self, should_stop: StopCheck) -> bool:
+        """Wait until fewer of our tasks are unfinished than GPU workers are connected (False at a
+        stop request). Dask hands a task that asks for resources to a worker at once, busy or not,
+        and counts every task handed to a worker that dies against it (``allowed-failures``): a
+        batch queued behind a poison one would be charged with its deaths. One task per worker
+        keeps a death charged to the batch that was running."""
+        while True:
+            with self._gate:
+                self._running = {f for f in self._running if not f.done()}
+                if len(self._running) < max(1, self.cluster.gpu_workers()):
+                    return True
+            if should_stop():
+                return False
+            time.sleep(POLL_SECONDS)
 
     def _ship(self, prepared: Prepared) -> dict[int, str]:
         """Carry the bytes of the studies that need them (``inputs: bytes``, or a study merged from
@@ -314,8 +360,9 @@ class DaskExecutor:
             except InputChanged as exc:
                 return self._ended(handle, str(exc))
             except Exception as exc:
-                if type(exc).__name__ == "KilledWorker":
-                    return self._crashed(handle, str(exc), cap=1)
+                if type(exc).__name__ == "KilledWorker":  # the scheduler's allowed-failures + 1 deaths
+                    deaths = int(getattr(exc, "allowed_failures", self.dask.allowed_failures)) + 1
+                    return self._crashed(handle, str(exc), cap=1, deaths=deaths)
                 self._release_paths(handle)
                 raise
         for folder, files in done.files.items():
@@ -350,7 +397,7 @@ class DaskExecutor:
                 finals[arrival.id] = self.recorder.reject(arrival, reason, ArrivalState.FAILED)
         return [finals[a.id] for a in prepared.arrivals]
 
-    def _crashed(self, handle: Sent, why: str, cap: int | None) -> list[ArrivalState]:
+    def _crashed(self, handle: Sent, why: str, cap: int | None, deaths: int = 0) -> list[ArrivalState]:
         """The task killed its workers (``cap`` 1: alone, set aside at once) or got stuck (``cap``
         None: charged as a crash, set aside at ``limits.max_attempts``); several arrivals go back
         uncharged, each to run alone. Arrivals rejected on the coordinator are recorded as such."""
@@ -361,14 +408,17 @@ class DaskExecutor:
         for arrival in self.state.crashed(ran, cap or self.max_crashes):
             self.recorder.release(arrival)
             if arrival.state == ArrivalState.RUNNING:  # alone, and at the cap: set aside
-                reason = killed_reason(self.dask.allowed_failures + 1) if cap else crash_words(why)
+                reason = killed_reason(deaths) if cap else crash_words(why)
                 finals[arrival.id] = self.recorder.reject(arrival, reason, ArrivalState.QUARANTINED)
             else:
                 finals[arrival.id] = ArrivalState(arrival.state)
         return [finals[a.id] for a in prepared.arrivals]
 
     def _release_paths(self, handle: Sent) -> None:
-        for arrival in handle.arrivals:
+        self._release_paths_of(handle.arrivals)
+
+    def _release_paths_of(self, arrivals: Sequence[Arrival]) -> None:
+        for arrival in arrivals:
             self.recorder.release(arrival)
 
     def _release(self, arrival: Arrival, reason: str) -> ArrivalState:

@@ -88,7 +88,7 @@ def test_a_worker_killed_mid_study_loses_nothing(tmp_path: Path) -> None:
         wait_for(lambda: "daemon.started" in project.log_text(), 90, "the daemon to start")
         _drop(project, zips[:1])
         wait_for(lambda: _started(project), 60, "a worker to start the study")
-        (_, name, pid), = _started(project)
+        ((_, name, pid),) = _started(project)
         _drop(project, zips[1:])
         os.kill(pid, signal.SIGKILL)
         wait_for(lambda: len(project.receipts()) == 3, 180, "3 receipts")
@@ -111,8 +111,10 @@ def test_a_poison_study_that_kills_its_workers_is_set_aside(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A study that makes every worker running it exit (``os._exit(137)`` at ``study.started``) is
-    quarantined "crashed 2 Dask workers" after allowed_failures: 1; its neighbours are done."""
-    project = _dask_project(tmp_path / "p", STEPS, allowed_failures=1)
+    quarantined "crashed 2 Dask workers" after allowed_failures: 1; its neighbours are done and
+    charged nothing, though one worker runs them all (a batch queued on a worker that dies would be
+    counted against by Dask: the executor hands a worker one batch at a time)."""
+    project = _dask_project(tmp_path / "p", STEPS, n_workers=1, allowed_failures=1)
     zips = _inputs(tmp_path / "zips", 3)
     zips[1] = zips[1].rename(zips[1].with_name("poison.zip"))
     monkeypatch.setenv(ENV, "study.started~poison")
@@ -131,6 +133,9 @@ def test_a_poison_study_that_kills_its_workers_is_set_aside(
     assert {by_name[f"chest{i}.zip"]["outcome"] for i in (0, 2)} == {"accepted"}
     assert len(project.results()) == 2
     assert list(project.inbox.rglob("quarantine/poison.zip"))
+    with sqlite3.connect(project.root / "state" / "ctwatch.db") as db:
+        charged = dict(db.execute("select name, crashes + isolate from arrivals").fetchall())
+    assert charged["chest0.zip"] == charged["chest2.zip"] == 0, charged
 
 
 def test_kill_9_of_the_daemon_with_tasks_in_flight(tmp_path: Path) -> None:
