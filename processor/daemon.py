@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 from processor.config import Settings
 from processor.cpupool import CpuPool
+from processor.dask_cluster import DaskCluster
 from processor.errors import ConfigError, Deferred, os_error_words
 from processor.executor import Executor, LocalExecutor
-from processor.executor_dask import DaskCluster, DaskExecutor
+from processor.executor_dask import DaskExecutor
 from processor.executor_pool import PooledExecutor
 from processor.handoff import remove_stale
 from processor.instance import InstanceLock
@@ -373,6 +374,9 @@ class Daemon:
         paused = self.worker.paused_reason()
         if paused is not None:
             faults.append(paused)
+        dask = self.dask.fault() if self.dask is not None else None
+        if dask is not None and (paused is None or dask not in paused):
+            faults.append(dask)
         if self.recorder.unplaced_failures:
             faults.append(
                 f"{self.recorder.unplaced_failures} finished arrival(s) could not be written out yet "

@@ -33,11 +33,10 @@ again. A stop request cancels the tasks in flight; their arrivals go back to the
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import CancelledError, ThreadPoolExecutor
+from concurrent.futures import CancelledError
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -46,8 +45,8 @@ from typing import Any
 
 from processor.atomic import write_bytes_atomic
 from processor.bytesource import carried
-from processor.config import DaskSettings, Settings, usable_cores
 from processor.dask_batch import Batch, Done, InputChanged, WorkerNotReady, batch_key
+from processor.dask_cluster import DaskCluster
 from processor.errors import Unavailable
 from processor.executor import Handle, LocalExecutor, Prepared, StopCheck, study_keys
 from processor.state import Arrival, State
@@ -57,28 +56,10 @@ log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.2  # how often a waiting complete() looks at the stop request
 STUCK_LIMITS = 3  # a task is stuck after 3 × limits.max_seconds_per_arrival per arrival
-STATS_SECONDS = 2.0  # the workers' figures for status are at most this old
-ASK_SECONDS = 5.0  # the longest a question to the scheduler may take (status, the workerless check)
 
 
 def _never() -> bool:
     return False
-
-
-def worker_threads(n_workers: int) -> dict[str, str]:
-    """The thread counts of numpy's and torch's math libraries in each LocalCluster worker: the
-    cores shared out (at least 1), or what the operator set in the environment. Dask's nanny sets
-    them to 1, which would run a worker's CPU steps and CPU inference on one core."""
-    import dask
-    import distributed  # noqa: F401 — loads distributed's configuration defaults
-
-    environ = {
-        str(k): str(v) for k, v in (dask.config.get("distributed.nanny.pre-spawn-environ") or {}).items()
-    }
-    share = str(max(1, usable_cores() // max(1, n_workers)))
-    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        environ[name] = os.environ.get(name, share)
-    return environ
 
 
 def killed_reason(workers: int) -> str:
@@ -90,127 +71,6 @@ def killed_reason(workers: int) -> str:
     )
 
 
-class DaskCluster:
-    """The coordinator's link to Dask: a :class:`distributed.Client` on a LocalCluster it starts,
-    or on an outside scheduler. ``device``: what LocalCluster workers run on (the daemon's)."""
-
-    def __init__(self, settings: Settings, dask: DaskSettings, device: str) -> None:
-        self.settings = settings
-        self.dask = dask
-        self.device = device
-        self.client: Any = None
-        self.cluster: Any = None
-        self._lock = threading.Lock()
-        self._stats: tuple[float, list[dict[str, Any]]] = (0.0, [])
-        self._gpu: tuple[float, int] = (0.0, 0)
-        # one thread asks the scheduler; a hung question leaves at most this one thread waiting
-        self._asker = ThreadPoolExecutor(1, thread_name_prefix="ctwatch-dask-ask")
-
-    def start(self) -> None:
-        """Start the LocalCluster (its workers with the ctwatch plugin) or connect to the scheduler."""
-        import dask
-        from distributed import Client, LocalCluster
-
-        from processor.dask_worker import PLUGIN, CtwatchPlugin
-
-        if self.dask.local is not None:
-            local = self.dask.local
-            if local.resources.get("GPU", 0) < 1:
-                raise Unavailable("executor.dask.local.resources must give each worker GPU: 1")
-            settings = {
-                "distributed.scheduler.allowed-failures": self.dask.allowed_failures,
-                "distributed.nanny.pre-spawn-environ": worker_threads(local.n_workers),
-            }
-            with dask.config.set(settings):
-                self.cluster = LocalCluster(
-                    n_workers=local.n_workers,
-                    threads_per_worker=local.threads_per_worker,
-                    processes=True,
-                    resources=dict(local.resources),
-                    host="127.0.0.1",
-                    scheduler_port=0,
-                    dashboard_address=None,
-                    silence_logs=logging.WARNING,
-                )
-            self.client = Client(self.cluster, set_as_default=False)
-            self.client.register_plugin(CtwatchPlugin(self.settings, self.device), name=PLUGIN)
-        else:
-            self.client = Client(self.dask.scheduler, timeout=self.dask.connect_seconds, set_as_default=False)
-        # the workers' records of ctwatch's own loggers, logged while they run a batch, go to the
-        # daemon's log (state/ctwatch.log) beside the coordinator's
-        self.client.forward_logging("processor", level=logging.getLogger("processor").getEffectiveLevel())
-        log.info(
-            "dask.connected scheduler=%s workers=%d",
-            self.client.scheduler.address,
-            len(self.client.scheduler_info().get("workers", {})),
-        )
-
-    def close(self) -> None:
-        self._asker.shutdown(wait=False, cancel_futures=True)
-        if self.client is not None:
-            self.client.close()
-        if self.cluster is not None:
-            self.cluster.close()
-        self.client = self.cluster = None
-
-    def submit(self, batch: Batch, key: str) -> Any:
-        if self.client is None:
-            raise Unavailable("the Dask executor is not connected to its scheduler yet")
-        from processor.dask_worker import run_batch
-
-        return self.client.submit(run_batch, batch, key=key, resources={"GPU": 1}, pure=False, retries=0)
-
-    def _bounded(self, call: Callable[[], Any]) -> Any:
-        """``call()`` given at most :data:`ASK_SECONDS`: a scheduler that hangs (rather than
-        failing) must not hold the status page or the worker thread (``TimeoutError`` then)."""
-        return self._asker.submit(call).result(timeout=ASK_SECONDS)
-
-    def gpu_workers(self) -> int:
-        """How many connected workers declare the GPU resource (at most :data:`STATS_SECONDS` old)."""
-        with self._lock:
-            at, count = self._gpu
-            if time.monotonic() - at < STATS_SECONDS or self.client is None:
-                return count
-            try:
-                info = self._bounded(lambda: self.client.scheduler_info(n_workers=-1)).get("workers", {})
-            except Exception as exc:  # noqa: BLE001 — the scheduler gone: no worker either
-                log.warning("dask.scheduler_unreachable: %s", exc)
-                info = {}
-            count = sum(1 for w in info.values() if w.get("resources", {}).get("GPU", 0) >= 1)
-            self._gpu = (time.monotonic(), count)
-            return count
-
-    def workers(self) -> list[dict[str, Any]]:
-        """Each worker's name, address, device, models loaded, batches in flight and done (at most
-        :data:`STATS_SECONDS` old; empty when not connected)."""
-        with self._lock:
-            at, cached = self._stats
-            if time.monotonic() - at < STATS_SECONDS or self.client is None:
-                return cached
-            from processor.dask_worker import worker_stats
-
-            try:
-                info = self._bounded(lambda: self.client.scheduler_info(n_workers=-1)).get("workers", {})
-                stats = self._bounded(lambda: self.client.run(worker_stats, on_error="return", wait=True))
-            except Exception as exc:  # noqa: BLE001 — status must answer while the scheduler is gone
-                log.warning("dask.stats_failed: %s", exc)
-                return cached
-            rows = []
-            for address, worker in sorted(info.items()):
-                row = stats.get(address)
-                row = row if isinstance(row, dict) else {"error": str(row)}
-                rows.append(
-                    {
-                        "address": address,
-                        "name": str(worker.get("name", "")),
-                        "resources": worker.get("resources", {}),
-                        **row,
-                    }
-                )
-            self._stats = (time.monotonic(), rows)
-            return rows
-
-
 @dataclass
 class Sent:
     """:class:`DaskExecutor`'s handle: the batch as the coordinator prepared it, and its task
@@ -219,6 +79,8 @@ class Sent:
     prepared: Prepared
     future: Any
     submitted: float
+    limit: float = 0.0  # seconds it may run (STUCK_LIMITS × limits.max_seconds_per_arrival per arrival)
+    stuck: str | None = None  # why it was stopped as stuck (its worker restarted), to be charged
 
     def __post_init__(self) -> None:
         self.arrivals: Sequence[Arrival] = self.prepared.arrivals
@@ -233,7 +95,8 @@ class DaskExecutor:
         self.dask = cluster.dask
         self.max_crashes = max_crashes
         self._gate = threading.Lock()
-        self._running: set[Any] = set()  # our submitted tasks, until done
+        self._running: dict[Any, Sent] = {}  # our submitted tasks, until done
+        self._watched = time.monotonic()
 
     @property
     def pipeline(self) -> Any:
@@ -256,25 +119,30 @@ class DaskExecutor:
                 prepared.gpu_done = True
                 return Sent(prepared, None, time.monotonic())
             local.attach_paths(prepared, local.reserve_paths(study_keys(prepared)))
-            inputs = self._ship(prepared)
-            if not self._wait_for_a_free_worker(should_stop):
-                self._release_paths_of(prepared.arrivals)
-                prepared.stopped = True
-                prepared.gpu_done = True
-                return Sent(prepared, None, time.monotonic())
-            batch = Batch(
-                prepared, self.pipeline.digest, self.pipeline.text, inputs, local.limits if inputs else None
-            )
             try:
-                future = self.cluster.submit(batch, batch_key(arrivals, self.pipeline.digest))
-            except Exception:
-                for arrival in arrivals:
-                    self.recorder.release(arrival)
+                inputs = self._ship(prepared)
+                if not self._wait_for_a_free_worker(should_stop):
+                    self._release_paths_of(prepared.arrivals)
+                    prepared.stopped = True
+                    prepared.gpu_done = True
+                    return Sent(prepared, None, time.monotonic())
+                batch = Batch(
+                    prepared,
+                    self.pipeline.digest,
+                    self.pipeline.text,
+                    inputs,
+                    local.limits if inputs else None,
+                )
+                with self._gate:
+                    future = self.cluster.submit(batch, batch_key(arrivals, self.pipeline.digest))
+                    limit = STUCK_LIMITS * local.limits.max_seconds_per_arrival * max(1, len(arrivals))
+                    sent = Sent(prepared, future, time.monotonic(), limit)
+                    self._running[future] = sent
+            except BaseException:
+                self._release_paths_of(prepared.arrivals)
                 raise
-        with self._gate:
-            self._running.add(future)
         log.info("dask.submitted arrivals=%s key=%s", [a.id for a in arrivals], future.key)
-        return Sent(prepared, future, time.monotonic())
+        return sent
 
     def _wait_for_a_free_worker(self, should_stop: StopCheck) -> bool:
         """Wait until fewer of our tasks are unfinished than GPU workers are connected (False at a
@@ -283,13 +151,39 @@ class DaskExecutor:
         batch queued behind a poison one would be charged with its deaths. One task per worker
         keeps a death charged to the batch that was running."""
         while True:
+            self._watch()
             with self._gate:
-                self._running = {f for f in self._running if not f.done()}
                 if len(self._running) < max(1, self.cluster.gpu_workers()):
                     return True
             if should_stop():
                 return False
             time.sleep(POLL_SECONDS)
+
+    def _watch(self) -> None:
+        """Forget our finished tasks (and a lost client's, which never finish), and stop the stuck
+        ones: a task running past its limit has its worker restarted (a running task cannot be
+        cancelled, and a hung one would hold that worker and the batches queued behind it) and is
+        marked to be charged by :meth:`complete`. The clocks stand still while no GPU worker is
+        connected. Called by every thread that waits on Dask, so a stuck task is found whether the
+        worker thread waits for it or for a prefetch thread held at the gate."""
+        with self._gate:
+            now = time.monotonic()
+            elapsed, self._watched = now - self._watched, now
+            for future in list(self._running):
+                if future.done() or not self.cluster.ours(future):
+                    del self._running[future]
+            idle = self.cluster.gpu_workers() == 0
+            for future, sent in list(self._running.items()):
+                if idle:
+                    sent.submitted += elapsed
+                elif sent.stuck is None and now - sent.submitted > sent.limit:
+                    sent.stuck = f"it ran past {sent.limit:g} s on a Dask worker"
+                    log.error(
+                        "dask.task_stuck arrivals=%s: restarting its worker", [a.id for a in sent.arrivals]
+                    )
+                    self.cluster.restart_worker_running(future.key)
+                    _quietly(future.cancel)
+                    del self._running[future]
 
     def _ship(self, prepared: Prepared) -> dict[int, str]:
         """Carry the bytes of the studies that need them (``inputs: bytes``, or a study merged from
@@ -316,47 +210,42 @@ class DaskExecutor:
     def complete(self, handle: Handle, should_stop: StopCheck = _never) -> list[ArrivalState]:
         """Wait for the batch's task, write the files it brought back, and record the batch.
 
-        The stuck clock (``STUCK_LIMITS`` × ``limits.max_seconds_per_arrival`` per arrival) starts
-        here, when every batch before this one is done (Dask runs tasks first come, first served),
-        and stands still while no worker with the GPU resource is connected: a cluster with no
-        worker is not the study's fault. After ``executor.dask.connect_seconds`` without one the
-        batch goes back uncharged and processing pauses (:class:`Unavailable`)."""
+        A task running past ``STUCK_LIMITS`` × ``limits.max_seconds_per_arrival`` per arrival since
+        it was submitted (each worker runs one of ours at a time, so it starts then) is stopped
+        (:meth:`_watch`) and charged as a crash; the clock stands still while no worker with the GPU
+        resource is connected. With none for ``executor.dask.connect_seconds``, or the scheduler
+        lost, the batch goes back uncharged and processing pauses (:class:`Unavailable`)."""
         assert isinstance(handle, Sent), type(handle)
         if handle.future is None:
             return self.local.complete(handle.prepared, should_stop)
-        limit = STUCK_LIMITS * self.local.limits.max_seconds_per_arrival * max(1, len(handle.arrivals))
-        started = time.monotonic()
         workerless: float | None = None
         while True:
+            if handle.stuck is not None:
+                return self._crashed(handle, handle.stuck, cap=None)
             try:
                 done: Done = handle.future.result(timeout=POLL_SECONDS)
                 # Here now: the worker may drop it. A result still wanted would be copied to another
                 # worker when its worker retires, or computed again when its worker is lost.
-                handle.future.release()
+                _quietly(handle.future.release)
                 break
             except FutureTimeout:
                 if should_stop() and not self.local.finish_study_on_stop:
-                    handle.future.cancel()
+                    _quietly(handle.future.cancel)
                     return [self._release(a, "shutdown") for a in handle.arrivals]
+                self._watch()
                 now = time.monotonic()
-                if self.cluster.gpu_workers() == 0:
+                lost = not self.cluster.ours(handle.future)
+                if lost or self.cluster.gpu_workers() == 0:
                     workerless = now if workerless is None else workerless
-                    started += POLL_SECONDS
-                    if now - workerless > self.dask.connect_seconds:
-                        handle.future.cancel()
+                    if lost or now - workerless > self.dask.connect_seconds:
+                        _quietly(handle.future.cancel)
                         self._release_paths(handle)
-                        raise Unavailable(
-                            "processing paused: no Dask worker with the GPU resource is connected "
-                            f"(for {now - workerless:.0f} s); start workers with `python run.py worker`"
-                        ) from None
+                        raise Unavailable(self.cluster.fault() or _NO_WORKER) from None
                     continue
                 workerless = None
-                if now - started > limit:
-                    handle.future.cancel()
-                    return self._crashed(handle, f"it ran past {limit:g} s on a Dask worker", cap=None)
             except (WorkerNotReady, CancelledError) as exc:
                 self._release_paths(handle)
-                raise Unavailable(f"processing paused: {_words(exc)}") from exc
+                raise Unavailable(_words(exc)) from exc
             except InputChanged as exc:
                 return self._ended(handle, str(exc))
             except Exception as exc:
@@ -364,6 +253,10 @@ class DaskExecutor:
                     deaths = int(getattr(exc, "allowed_failures", self.dask.allowed_failures)) + 1
                     return self._crashed(handle, str(exc), cap=1, deaths=deaths)
                 self._release_paths(handle)
+                if _lost_link(exc):  # the client or its connection closed: not the study's fault
+                    raise Unavailable(
+                        self.cluster.fault() or f"the link to Dask broke ({type(exc).__name__})"
+                    ) from exc
                 raise
         for folder, files in done.files.items():
             for name, data in files.items():
@@ -452,3 +345,22 @@ def _words(exc: BaseException) -> str:
     if isinstance(exc, CancelledError):
         return "the Dask scheduler dropped the task (it restarted, or lost its workers)"
     return str(exc)
+
+
+_NO_WORKER = "no Dask worker with the GPU resource is connected; start one with `python run.py worker`"
+
+
+def _lost_link(exc: BaseException) -> bool:
+    """A failure of the coordinator's link to Dask (its client closed, a comm gone), not of a task."""
+    return type(exc).__name__ in {"ClosedClientError", "CommClosedError", "StreamClosedError"} or (
+        isinstance(exc, TimeoutError)
+        and type(exc).__module__.startswith(("distributed", "asyncio", "builtins"))
+    )
+
+
+def _quietly(call: Callable[[], Any]) -> None:
+    """``call()`` (a cancel, a release), whose failure on a closed client changes nothing."""
+    try:
+        call()
+    except Exception as exc:  # noqa: BLE001
+        log.debug("dask.ignored %s", exc)

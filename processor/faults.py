@@ -6,7 +6,8 @@ the variable unset — always, outside tests — the call is one dictionary look
 
 ``CTWATCH_FAULT`` holds one rule: ``<point>`` (die at the first hit), ``<point>@<n>`` (die at the
 n-th hit in this process), or ``<point>~<text>`` (die whenever the point is hit for a subject
-whose name contains ``text``: a "poison" input that crashes the worker every time it is tried).
+whose name contains ``text``: a "poison" input that crashes the worker every time it is tried);
+a rule ending ``!hang`` hangs there instead of dying (a study that never ends: the stuck-task drills).
 Dying is ``os._exit(137)`` — what the kernel's OOM killer or ``kill -9`` leaves: no ``finally``
 blocks, no atexit, no flushed buffers other than the one line written to stderr first.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 
 ENV = "CTWATCH_FAULT"
 
@@ -51,6 +53,7 @@ def fault_point(point: str, subject: str | None = None) -> None:
         return
     if point not in POINTS:
         raise ValueError(f"unknown fault point {point!r}")
+    rule, hang = rule.removesuffix("!hang"), rule.endswith("!hang")
     name, _, text = rule.partition("~")
     name, _, nth = name.partition("@")
     if name != point:
@@ -62,6 +65,8 @@ def fault_point(point: str, subject: str | None = None) -> None:
         hit = _hits[point]
     if nth and hit != int(nth):
         return
-    sys.stderr.write(f"fault.injected point={point} subject={subject!r} pid={os.getpid()}\n")
+    sys.stderr.write(f"fault.injected point={point} subject={subject!r} pid={os.getpid()} hang={hang}\n")
     sys.stderr.flush()
+    while hang:
+        time.sleep(1)
     os._exit(137)

@@ -305,8 +305,11 @@ class Worker:
         """Finishing failed because of the world (read-only outbox, full disk, database locked or
         gone): the batch goes back to the queue uncharged (an end already recorded is placed by
         the replay), and claims pause with a doubling back-off until the cause goes away."""
-        self._backoff = min(FAULT_MAX_BACKOFF, self._backoff * 2 or FAULT_FIRST_BACKOFF)
-        self._retry_at = time.monotonic() + self._backoff
+        now = time.monotonic()
+        if now >= self._retry_at:  # failed again after the back-off: wait longer (batches in flight
+            # together that meet the same fault, e.g. prefetched ones, count once)
+            self._backoff = min(FAULT_MAX_BACKOFF, self._backoff * 2 or FAULT_FIRST_BACKOFF)
+            self._retry_at = now + self._backoff
         self.fault = (
             f"processing paused: {fault_text(exc)}; the arrival goes back to the queue and is tried "
             f"again in {self._backoff:.0f} s (see state/ctwatch.log)"
@@ -316,7 +319,7 @@ class Worker:
             [a.id for a in batch],
             self._backoff,
             fault_text(exc),
-            exc_info=exc,
+            exc_info=None if isinstance(exc, Unavailable) else exc,  # a known condition, said in words
         )
         self._release({a.id for a in batch}, "fault")
 

@@ -20,7 +20,9 @@ from tests.test_cpu_pool import CLIP_STEPS, STEPS, _comparable, _drop, _inputs, 
 from tests.test_ctclip_steps import _install_small_weights
 
 
-def _dask_project(root: Path, steps: list[dict] = CLIP_STEPS, n_workers: int = 2, **dask: object) -> Project:
+def _dask_project(
+    root: Path, steps: list[dict] = CLIP_STEPS, n_workers: int = 2, limits: dict | None = None, **dask: object
+) -> Project:
     root.mkdir(parents=True)
     executor = {"dask": {"local": {"n_workers": n_workers}, **dask}}
     return Project(
@@ -29,6 +31,7 @@ def _dask_project(root: Path, steps: list[dict] = CLIP_STEPS, n_workers: int = 2
         worker={"cpu_workers": 0, "max_inflight_studies": 2},
         reports={"enabled": False},
         executor=executor,
+        **({"limits": limits} if limits else {}),
     )
 
 
@@ -171,3 +174,34 @@ def _alive(pid: int) -> bool:
         return False
     stat = Path(f"/proc/{pid}/stat")
     return not (stat.exists() and stat.read_text().split(") ")[-1].startswith("Z"))
+
+
+def test_a_stuck_study_has_its_worker_restarted_and_charges_no_one_else(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A study that never ends on its worker (``study.started~hang!hang``): past 3 ×
+    limits.max_seconds_per_arrival its worker is restarted (a running task cannot be cancelled) and
+    it is charged a crash; at limits.max_attempts it is quarantined. The studies behind it, on the
+    same single worker, are done and charged nothing."""
+    project = _dask_project(
+        tmp_path / "h", STEPS, n_workers=1, limits={"max_seconds_per_arrival": 2, "max_attempts": 2}
+    )
+    zips = _inputs(tmp_path / "zips", 3)
+    zips[0] = zips[0].rename(zips[0].with_name("hang.zip"))
+    monkeypatch.setenv(ENV, "study.started~hang!hang")
+    proc = project.start()
+    monkeypatch.delenv(ENV)
+    try:
+        wait_for(lambda: "daemon.started" in project.log_text(), 90, "the daemon to start")
+        _drop(project, zips)
+        wait_for(lambda: len(project.receipts()) == 3, 180, "3 receipts")
+    finally:
+        _stop(proc)
+    by_name = {r["name"]: r for r in project.receipts()}
+    assert by_name["hang.zip"]["outcome"] == "rejected", by_name["hang.zip"]
+    assert "ran past 6 s on a Dask worker" in json.dumps(by_name["hang.zip"])
+    assert {by_name[f"chest{i}.zip"]["outcome"] for i in (1, 2)} == {"accepted"}
+    with sqlite3.connect(project.root / "state" / "ctwatch.db") as db:
+        charged = dict(db.execute("select name, crashes + isolate from arrivals").fetchall())
+    assert charged["chest1.zip"] == charged["chest2.zip"] == 0, charged
+    assert project.log_text().count("dask.task_stuck") == 2

@@ -5,8 +5,11 @@ ZIPs of real DICOM, every process stopped by its PID."""
 
 from __future__ import annotations
 
+import json
 import re
 import signal
+import socket
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,7 +19,7 @@ import pytest
 from distributed import Client
 
 from tests.conftest import REPO, Project, _env, wait_for
-from tests.test_cpu_pool import STEPS, _drop, _inputs, _stop
+from tests.test_cpu_pool import STEPS, _drop, _health, _inputs, _stop
 
 LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) \S+ ")
 
@@ -209,3 +212,74 @@ def test_worker_asked_for_cuda_without_cuda_exits_with_the_reason(
     assert "CUDA is not available on this machine" in done.stderr
     assert "Hint: set device to cpu" in done.stderr
     assert "Registered to" not in done.stderr  # it never joined
+
+
+def test_a_scheduler_down_at_start_and_lost_mid_run_charges_nothing(
+    tmp_path: Path, children: Children
+) -> None:
+    """The daemon starts while its scheduler is down: it runs, /health says why nothing is
+    processed, and nothing is charged. Once a scheduler and a worker are up the studies run; the
+    scheduler killed (-9) mid-study and started again on the same port: the daemon connects again
+    and every study ends once, accepted, with no attempt recorded as failed and no crash charged."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    (tmp_path / "daemon").mkdir()
+    steps = [*STEPS[:2], {"id": "hold", "uses": "util.delay", "with": {"seconds": 3}}, *STEPS[2:]]
+    project = Project(
+        tmp_path / "daemon",
+        steps,
+        executor={"dask": {"scheduler": address, "connect_seconds": 3}},
+        worker={"cpu_workers": 0},
+        reports={"enabled": False},
+    )
+    scheduler = [sys.executable, "-m", "dask", "scheduler", "--host", "127.0.0.1", "--port", str(port)]
+    scheduler += ["--no-dashboard"]
+    worker = [
+        sys.executable,
+        str(REPO / "run.py"),
+        "worker",
+        "--scheduler",
+        address,
+        "--config",
+        str(project.config),
+    ]
+    daemon = project.start()
+    try:
+        wait_for(
+            lambda: "daemon.started" in project.log_text(), 90, "the daemon to start without its scheduler"
+        )
+        _drop(project, _inputs(tmp_path / "zips", 3))
+        code, health = wait_for(lambda: (h := _health(project))[0] == 503 and h, 60, "/health to say why")
+        assert "cannot be reached" in json.dumps(health), health
+        assert _charged(project) == {}, "nothing is charged while the scheduler is down"
+
+        first = children.start("scheduler", scheduler)
+        wait_for(lambda: "Scheduler at:" in children.log("scheduler"), 60, "the scheduler")
+        children.start("worker", [*worker, "--name", "w1"])
+        wait_for(lambda: "dask.batch_started" in project.log_text(), 120, "a study on the worker")
+        first.kill()
+        first.wait(30)
+        wait_for(lambda: "cannot be reached" in json.dumps(_health(project)[1]), 60, "/health to say why")
+        children.start("scheduler2", scheduler)
+        wait_for(lambda: "Scheduler at:" in children.log("scheduler2"), 60, "the scheduler again")
+        children.start("worker2", [*worker, "--name", "w2"])
+        wait_for(lambda: len(project.receipts()) == 3, 180, "3 receipts")
+        assert _health(project)[0] == 200
+    finally:
+        _stop(daemon)
+    assert sorted(r["outcome"] for r in project.receipts()) == ["accepted"] * 3
+    assert len(project.results()) == 3
+    log = project.log_text()
+    for aid in (1, 2, 3):
+        assert log.count(f"arrival.done arrival={aid} ") == 1, log[-4000:]
+    assert "arrival.failed" not in log and "finish_crashed" not in log
+    assert _charged(project) == {}
+
+
+def _charged(project: Project) -> dict[str, int]:
+    """Arrivals charged a crash, or ended failed: name → crashes."""
+    with sqlite3.connect(f"file:{project.state_path}?mode=ro", uri=True) as db:
+        rows = db.execute("select name, crashes, state from arrivals").fetchall()
+    return {name: crashes for name, crashes, state in rows if crashes or state == "failed"}

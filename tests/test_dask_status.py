@@ -5,7 +5,7 @@ chest-CT steps on two real ZIPs of real DICOM, each named with the patient's nam
 ``/metrics`` and the page, read over real HTTP, show the executor and the worker with its done count
 — and nothing of the patient. (The local executor's line: tests/test_status_browser.py.) The
 reduction of what workers send (models by kind and file, a worker's error never shown) is checked
-on rows as :meth:`processor.executor_dask.DaskCluster.workers` gives them.
+on rows as :meth:`processor.dask_cluster.DaskCluster.workers` gives them.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 ``executor: local`` (the default): the pipeline runs in the daemon; only that is said.
 ``executor: {dask: …}``: each worker the scheduler knows, from
-:meth:`processor.executor_dask.DaskCluster.workers`, reduced to these fields only — its name and
+:meth:`processor.dask_cluster.DaskCluster.workers`, reduced to these fields only — its name and
 address (an operator's choice and a network address), device, the models it keeps loaded (kind and
 file name) and its batch counts. Nothing a worker sends as text goes out: a worker that
 cannot answer is shown as not ready, never with its error (which may name an input).

@@ -1,0 +1,284 @@
+"""The coordinator's link to Dask (issue 19): a :class:`distributed.Client` on a LocalCluster the
+daemon starts, or on an outside scheduler, kept connected.
+
+An outside scheduler may be down when the daemon starts, or go away later: the daemon starts
+anyway, and a thread of its own connects again every :data:`RECONNECT_SECONDS` (a Dask client
+that failed to reconnect within its timeout closes itself for good). Meanwhile :meth:`fault` says
+why nothing is processed, for ``/health``; submissions raise
+:class:`~processor.errors.Unavailable` (the batch goes back uncharged). Every question to the
+scheduler is bounded (:data:`ASK_SECONDS`), so a hung scheduler holds neither the status page nor
+the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any
+
+from processor.config import DaskSettings, Settings, usable_cores
+from processor.dask_batch import Batch
+from processor.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+STATS_SECONDS = 2.0  # the workers' figures for status are at most this old
+ASK_SECONDS = 5.0  # the longest a question to the scheduler may take
+RECONNECT_SECONDS = 5.0  # how often a lost outside scheduler is tried again
+WORKERLESS_FAULT_SECONDS = 15.0  # no GPU worker this long (not a nanny's restart): a fault on /health
+RESTART_SECONDS = 60.0  # how long a worker restart (a stuck task's) may take
+
+
+def worker_threads(n_workers: int) -> dict[str, str]:
+    """The environment Dask's nanny gives each LocalCluster worker process, with the thread counts
+    of numpy's and torch's math libraries set to the cores shared out (at least 1), or to what the
+    operator set: Dask's default of 1 would run a worker's CPU steps and CPU inference on one core."""
+    import dask
+    import distributed  # noqa: F401 — loads distributed's configuration defaults
+
+    configured = dask.config.get("distributed.nanny.pre-spawn-environ") or {}
+    environ = {str(k): str(v) for k, v in configured.items()}
+    share = str(max(1, usable_cores() // max(1, n_workers)))
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        environ[name] = os.environ.get(name, share)
+    return environ
+
+
+class DaskCluster:
+    """See the module docstring. ``device``: what LocalCluster workers run on (the daemon's)."""
+
+    def __init__(self, settings: Settings, dask: DaskSettings, device: str) -> None:
+        self.settings = settings
+        self.dask = dask
+        self.device = device
+        self.client: Any = None
+        self.cluster: Any = None
+        self._lock = threading.Lock()
+        self._stats: tuple[float, list[dict[str, Any]]] = (0.0, [])
+        self._gpu: tuple[float, int] = (0.0, 0)
+        self._workerless_since: float | None = None
+        self._unreachable_since: datetime | None = None
+        self._closing = threading.Event()
+        self._keeper: threading.Thread | None = None
+        # one thread asks the scheduler; a hung question leaves at most this one thread waiting
+        self._asker = ThreadPoolExecutor(1, thread_name_prefix="ctwatch-dask-ask")
+
+    @property
+    def address(self) -> str:
+        return self.dask.scheduler or (self.cluster.scheduler_address if self.cluster is not None else "")
+
+    # ------------------------------------------------------------------ life cycle
+    def start(self) -> None:
+        """Start the LocalCluster (its workers with the ctwatch plugin), or connect to the outside
+        scheduler — and, when it cannot be reached now, keep trying in a thread."""
+        if self.dask.local is not None:
+            self._start_local()
+            return
+        self._connect()
+        self._keeper = threading.Thread(target=self._keep_connected, name="ctwatch-dask-connect", daemon=True)
+        self._keeper.start()
+
+    def _start_local(self) -> None:
+        import dask
+        from distributed import Client, LocalCluster
+
+        from processor.dask_worker import PLUGIN, CtwatchPlugin
+
+        local = self.dask.local
+        assert local is not None
+        if local.resources.get("GPU", 0) < 1:
+            raise Unavailable("executor.dask.local.resources must give each worker GPU: 1")
+        settings = {
+            "distributed.scheduler.allowed-failures": self.dask.allowed_failures,
+            "distributed.nanny.pre-spawn-environ": worker_threads(local.n_workers),
+        }
+        with dask.config.set(settings):
+            self.cluster = LocalCluster(
+                n_workers=local.n_workers,
+                threads_per_worker=local.threads_per_worker,
+                processes=True,
+                resources=dict(local.resources),
+                host="127.0.0.1",
+                scheduler_port=0,
+                dashboard_address=None,
+                silence_logs=logging.WARNING,
+            )
+        client = Client(self.cluster, set_as_default=False)
+        client.register_plugin(CtwatchPlugin(self.settings, self.device), name=PLUGIN)
+        self._adopt(client)
+
+    def _connect(self) -> bool:
+        """One try at the outside scheduler (within ``connect_seconds``); False when unreachable."""
+        from distributed import Client
+
+        try:
+            client = Client(self.dask.scheduler, timeout=self.dask.connect_seconds, set_as_default=False)
+        except Exception as exc:  # noqa: BLE001 — OSError, TimeoutError: tried again shortly
+            if self._unreachable_since is None:
+                self._unreachable_since = datetime.now(UTC)
+                log.error(
+                    "dask.unreachable scheduler=%s: %s; trying again every %g s",
+                    self.dask.scheduler,
+                    exc,
+                    RECONNECT_SECONDS,
+                )
+            return False
+        old, self._unreachable_since = self.client, None
+        self._adopt(client)
+        if old is not None:
+            _quietly(old.close)
+        return True
+
+    def _adopt(self, client: Any) -> None:
+        # the workers' records of ctwatch's own loggers, logged while they run a batch, go to the
+        # daemon's log (state/ctwatch.log) beside the coordinator's
+        client.forward_logging("processor", level=logging.getLogger("processor").getEffectiveLevel())
+        with self._lock:
+            self.client = client
+            self._gpu = (0.0, 0)
+        log.info("dask.connected scheduler=%s", client.scheduler.address)
+
+    def _keep_connected(self) -> None:
+        while not self._closing.wait(RECONNECT_SECONDS):
+            client = self.client
+            if client is None or client.status not in ("running", "connecting", "newly-created"):
+                if self._unreachable_since is None:
+                    self._unreachable_since = datetime.now(UTC)
+                    log.error("dask.disconnected scheduler=%s; connecting again", self.dask.scheduler)
+                self._connect()
+
+    def close(self) -> None:
+        self._closing.set()
+        self._asker.shutdown(wait=False, cancel_futures=True)
+        if self.client is not None:
+            _quietly(self.client.close)
+        if self.cluster is not None:
+            _quietly(self.cluster.close)
+        self.client = self.cluster = None
+
+    # ------------------------------------------------------------------ use
+    def current(self) -> Any:
+        """The client when it is connected, else None."""
+        client = self.client
+        return client if client is not None and client.status == "running" else None
+
+    def submit(self, batch: Batch, key: str) -> Any:
+        """Submit ``batch`` as one task asking for ``resources={"GPU": 1}``; :class:`Unavailable`
+        while the scheduler cannot be reached."""
+        client = self.current()
+        if client is None:
+            raise Unavailable(self.fault() or "the Dask scheduler cannot be reached")
+        from processor.dask_worker import run_batch
+
+        return client.submit(run_batch, batch, key=key, resources={"GPU": 1}, pure=False, retries=0)
+
+    def ours(self, future: Any) -> bool:
+        """Whether ``future`` belongs to the client now connected (a lost client's never finish)."""
+        return future.client is self.client and self.current() is not None
+
+    def restart_worker_running(self, key: str) -> None:
+        """Restart (through its nanny) the worker running task ``key``, in the background: a task
+        cannot be interrupted, and a hung one would hold its worker and GPU for good."""
+        client = self.current()
+        if client is None:
+            return
+        try:
+            processing = self._bounded(client.processing)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("dask.restart_skipped key=%s: %s", key, exc)
+            return
+        addresses = [address for address, keys in processing.items() if key in keys]
+
+        def restart() -> None:
+            try:
+                outcome = client.restart_workers(addresses, timeout=RESTART_SECONDS, raise_for_error=False)
+                log.warning("dask.worker_restarted workers=%s outcome=%s (a stuck task)", addresses, outcome)
+            except Exception as exc:  # noqa: BLE001 — e.g. a worker without a nanny
+                log.error("dask.worker_restart_failed workers=%s: %s", addresses, exc)
+
+        if addresses:
+            threading.Thread(target=restart, name="ctwatch-dask-restart", daemon=True).start()
+
+    def _bounded(self, call: Callable[[], Any]) -> Any:
+        """``call()`` given at most :data:`ASK_SECONDS` (``TimeoutError`` then)."""
+        return self._asker.submit(call).result(timeout=ASK_SECONDS)
+
+    def gpu_workers(self) -> int:
+        """How many connected workers declare the GPU resource (at most :data:`STATS_SECONDS` old;
+        0 while the scheduler cannot be reached)."""
+        with self._lock:
+            at, count = self._gpu
+            if time.monotonic() - at < STATS_SECONDS:
+                return count
+            client = self.current()
+            info: dict[str, Any] = {}
+            if client is not None:
+                try:
+                    info = self._bounded(lambda: client.scheduler_info(n_workers=-1)).get("workers", {})
+                except Exception as exc:  # noqa: BLE001 — the scheduler gone: no worker either
+                    log.warning("dask.scheduler_unreachable: %s", exc)
+            count = sum(1 for w in info.values() if w.get("resources", {}).get("GPU", 0) >= 1)
+            now = time.monotonic()
+            self._gpu = (now, count)
+            self._workerless_since = None if count else (self._workerless_since or now)
+            return count
+
+    def fault(self) -> str | None:
+        """Why no batch can run now, in plain words for ``/health`` (None when workers are there)."""
+        if self._unreachable_since is not None or (self.client is not None and self.current() is None):
+            lost = self._unreachable_since or datetime.now(UTC)
+            return (
+                f"the Dask scheduler {self.address} cannot be reached (since "
+                f"{lost.isoformat(timespec='seconds')}); processing waits and nothing is charged"
+            )
+        workers, since = self.gpu_workers(), self._workerless_since
+        if workers == 0 and since is not None and time.monotonic() - since > WORKERLESS_FAULT_SECONDS:
+            return (
+                f"no Dask worker with the GPU resource is connected to {self.address}; processing "
+                f"waits — start one with `python run.py worker --scheduler {self.address}`"
+            )
+        return None
+
+    def workers(self) -> list[dict[str, Any]]:
+        """Each worker's name, address, device, models loaded, batches in flight and done (at most
+        :data:`STATS_SECONDS` old; the last known while the scheduler cannot be reached)."""
+        with self._lock:
+            at, cached = self._stats
+            client = self.current()
+            if time.monotonic() - at < STATS_SECONDS or client is None:
+                return cached if client is not None else []
+            from processor.dask_worker import worker_stats
+
+            try:
+                info = self._bounded(lambda: client.scheduler_info(n_workers=-1)).get("workers", {})
+                stats = self._bounded(lambda: client.run(worker_stats, on_error="return", wait=True))
+            except Exception as exc:  # noqa: BLE001 — status must answer while the scheduler is gone
+                log.warning("dask.stats_failed: %s", exc)
+                return cached
+            rows = []
+            for address, worker in sorted(info.items()):
+                row = stats.get(address)
+                row = row if isinstance(row, dict) else {"error": str(row)}
+                rows.append(
+                    {
+                        "address": address,
+                        "name": str(worker.get("name", "")),
+                        "resources": worker.get("resources", {}),
+                        **row,
+                    }
+                )
+            self._stats = (time.monotonic(), rows)
+            return rows
+
+
+def _quietly(call: Callable[[], Any]) -> None:
+    """``call()``, whose failure (a client already closed, a comm gone) changes nothing."""
+    try:
+        call()
+    except Exception as exc:  # noqa: BLE001
+        log.debug("dask.ignored %s: %s", getattr(call, "__name__", call), exc)
