@@ -137,8 +137,9 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _serve(args: argparse.Namespace, name: str, env: dict[str, str]) -> int:
-    from distributed import Nanny
+    import dask
 
+    from processor.dask_cluster import worker_environ
     from processor.dask_preload import own_log_format
 
     own_log_format()
@@ -146,16 +147,9 @@ async def _serve(args: argparse.Namespace, name: str, env: dict[str, str]) -> in
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, signals.put_nowait, signum)
-    nanny = Nanny(
-        args.scheduler,
-        name=name,
-        nthreads=args.nthreads,
-        resources={"GPU": 1},
-        memory_limit=args.memory_limit,
-        preload=["processor.dask_preload"],
-        env=env,
-        dashboard=False,
-    )
+    # as in a LocalCluster worker (MALLOC_TRIM_THRESHOLD_ unset); the thread counts come from ``env``
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environ(1)}):
+        nanny = _nanny(args, name, env)
     stop = asyncio.ensure_future(signals.get())
     start = asyncio.ensure_future(nanny.start())
     await asyncio.wait({stop, start}, return_when=asyncio.FIRST_COMPLETED)
@@ -179,6 +173,21 @@ async def _serve(args: argparse.Namespace, name: str, env: dict[str, str]) -> in
         log.info("worker.stopped name=%s (closed by the scheduler)", name)
         return EXIT_OK
     return await _stop(nanny, name, stop.result(), signals, args.drain_seconds, finished)
+
+
+def _nanny(args: argparse.Namespace, name: str, env: dict[str, str]) -> Any:
+    from distributed import Nanny
+
+    return Nanny(
+        args.scheduler,
+        name=name,
+        nthreads=args.nthreads,
+        resources={"GPU": 1},
+        memory_limit=args.memory_limit,
+        preload=["processor.dask_preload"],
+        env=env,
+        dashboard=False,
+    )
 
 
 async def _stop(

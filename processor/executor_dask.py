@@ -223,12 +223,17 @@ class DaskExecutor:
             if handle.stuck is not None:
                 return self._crashed(handle, handle.stuck, cap=None)
             try:
-                done: Done = handle.future.result(timeout=POLL_SECONDS)
+                # distributed 2026.8's result(timeout=…) fails with UnboundLocalError when a result
+                # takes longer than the timeout to arrive (dask/distributed#8514): wait on done()
+                if not handle.future.done():
+                    raise FutureTimeout
+                done: Done = handle.future.result()
                 # Here now: the worker may drop it. A result still wanted would be copied to another
                 # worker when its worker retires, or computed again when its worker is lost.
                 _quietly(handle.future.release)
                 break
             except FutureTimeout:
+                time.sleep(POLL_SECONDS)
                 if should_stop() and not self.local.finish_study_on_stop:
                     _quietly(handle.future.cancel)
                     return [self._release(a, "shutdown") for a in handle.arrivals]
