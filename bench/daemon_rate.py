@@ -134,7 +134,7 @@ def _relabel_copy(source: str, target: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- one daemon
-def _project(root: Path, workers: int, max_inflight: int) -> Path:
+def _project(root: Path, workers: int, max_inflight: int, extra: dict[str, Any] | None = None) -> Path:
     shutil.copyfile(REPO / "pipelines" / "chest-ct.yaml", root / "pipeline.yaml")
     (root / "inbox").mkdir()
     settings = {
@@ -154,6 +154,7 @@ def _project(root: Path, workers: int, max_inflight: int) -> Path:
         "reports": {"enabled": False},
         "disk": {"min_free_gb": 1},
         "worker": {"cpu_workers": workers, "max_inflight_studies": max_inflight},
+        **(extra or {}),  # e.g. bench/dask_rate.py's executor
     }
     config = root / "config.yaml"
     config.write_text(yaml.safe_dump(settings), encoding="utf-8")
@@ -194,6 +195,29 @@ def _wait(
     raise RuntimeError(f"daemon bench: timed out after {timeout:.0f} s waiting for {what}:\n{_tail(log)}")
 
 
+FAILED = re.compile(r"^.* arrival\.(failed|quarantined) .*$", re.MULTILINE)
+
+
+class _NoFailure:
+    """Called while waiting: True while no study of the run failed or was set aside (every bench
+    study must succeed); RuntimeError with the daemon's line at once otherwise, rather than waiting
+    out the timeout. Reads only what the log gained since the last call (whole lines)."""
+
+    def __init__(self, log: Path) -> None:
+        self.log, self.offset = log, 0
+
+    def __call__(self) -> bool:
+        with self.log.open("rb") as fh:
+            fh.seek(self.offset)
+            text = fh.read()
+        end = text.rfind(b"\n") + 1
+        self.offset += end
+        found = FAILED.search(text[:end].decode(errors="replace"))
+        if found:
+            raise RuntimeError(f"daemon bench: a study did not succeed: {found.group(0)}")
+        return True
+
+
 def _tail(log: Path) -> str:
     return log.read_text(errors="replace")[-3000:] if log.exists() else ""
 
@@ -205,25 +229,42 @@ def own_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _idle(pid: int, timeout: float = 60.0) -> float:
-    """Wait until the process tree uses < 2 % of a core over 0.5 s (pool processes started and
-    compiled); returns its CPU seconds then."""
+def _idle(pid: int, timeout: float = 60.0, below: float = 0.01) -> float:
+    """Wait until the process tree uses < ``below`` CPU-s over 0.5 s (default 2 % of a core: pool
+    processes started and compiled); returns its CPU seconds then."""
     deadline, before = time.monotonic() + timeout, tree_cpu_seconds(pid) or 0.0
     while time.monotonic() < deadline:
         time.sleep(0.5)
         now = tree_cpu_seconds(pid) or 0.0
-        if now - before < 0.01:
+        if now - before < below:
             return now
         before = now
     return before
 
 
-def run_once(zips: Sequence[Path], workers: int, max_inflight: int, timeout: float) -> dict[str, Any]:
-    """One daemon with ``worker.cpu_workers: workers``; the N studies dropped at once (see the module doc)."""
+def run_once(
+    zips: Sequence[Path],
+    workers: int,
+    max_inflight: int,
+    timeout: float,
+    extra: dict[str, Any] | None = None,
+    counters: Callable[[int], dict[str, float]] | None = None,
+    from_log: Callable[[str], dict[str, Any]] | None = None,
+    idle_below: float = 0.01,
+    idle_window: float = 0.0,
+) -> dict[str, Any]:
+    """One daemon with ``worker.cpu_workers: workers``; the N studies dropped at once (see the module doc).
+
+    ``extra``: more top-level settings (e.g. ``executor``); ``counters(daemon pid)``: figures read at
+    the drop and at the last JSON, their differences kept as ``counters``; ``from_log(log text)``:
+    figures taken from the daemon's log at the end, merged into the run; ``idle_below``: the CPU-s
+    per 0.5 s under which the started daemon counts as idle (a Dask cluster's heartbeats use more);
+    ``idle_window`` > 0: the idle tree's CPU measured over that many seconds before the drop
+    (``idle_cores``)."""
     load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="ctwatch-daemon-rate-") as tmp:
         root = Path(tmp)
-        config = _project(root, workers, max_inflight)
+        config = _project(root, workers, max_inflight, extra)
         staged = _stage(zips, root / "staging")
         log = root / "daemon.log"
         env = {
@@ -243,14 +284,20 @@ def run_once(zips: Sequence[Path], workers: int, max_inflight: int, timeout: flo
                     timeout, "it started", daemon, log,
                 )  # fmt: skip
                 startup_s = time.time() - began
-                cpu0 = _idle(daemon.pid)
+                cpu0 = _idle(daemon.pid, below=idle_below)
+                idle_cores = None
+                if idle_window > 0:
+                    time.sleep(idle_window)
+                    cpu_idle = tree_cpu_seconds(daemon.pid) or 0.0
+                    idle_cores, cpu0 = round((cpu_idle - cpu0) / idle_window, 3), cpu_idle
                 own0 = own_cpu_seconds(daemon.pid)
+                count0 = counters(daemon.pid) if counters else {}
                 dropped = time.time()
                 for path in staged:
                     os.replace(path, root / "inbox" / path.name)
-                outbox = root / "outbox"
+                outbox, no_failure = root / "outbox", _NoFailure(log)
                 _wait(
-                    lambda: len(_results(outbox)) >= len(zips),
+                    lambda: no_failure() and len(_results(outbox)) >= len(zips),
                     timeout,
                     f"{len(zips)} result JSONs",
                     daemon,
@@ -258,9 +305,11 @@ def run_once(zips: Sequence[Path], workers: int, max_inflight: int, timeout: flo
                 )
                 cpu1 = tree_cpu_seconds(daemon.pid) or 0.0
                 own1 = own_cpu_seconds(daemon.pid)
+                count1 = counters(daemon.pid) if counters else {}
                 ended = time.time()
                 torch_processes = mapping(descendants(daemon.pid), "libtorch_cpu")
             docs = [(p.stat().st_mtime, json.loads(p.read_text())) for p in _results(outbox)]
+            logged = from_log(log.read_text(errors="replace")) if from_log else {}
         finally:
             daemon.send_signal(signal.SIGTERM)
             try:
@@ -303,6 +352,9 @@ def run_once(zips: Sequence[Path], workers: int, max_inflight: int, timeout: flo
         "torch_processes": torch_processes,
         "step_wall_s": {k: round(statistics.median(v), 3) for k, v in steps.items()},
         "loadavg": [round(load_start, 2), round(os.getloadavg()[0], 2)],
+        **({"counters": {k: count1[k] - count0.get(k, 0.0) for k in count1}} if counters else {}),
+        **({"idle_cores": idle_cores} if idle_window > 0 else {}),
+        **logged,
     }
 
 

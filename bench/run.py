@@ -194,6 +194,31 @@ def codecs_only(args: argparse.Namespace, paths: dict[str, Path], n: int, about:
     return 0
 
 
+def dask_only(args: argparse.Namespace, spec: StudySpec, about: dict, started: float, say: Any) -> int:
+    """``--dask``: the Dask executor against the local one alone (bench/dask_rate.py), printed and
+    (``--json``) written."""
+    from bench import dask_rate
+
+    n = args.dask or (2 if args.smoke else dask_rate.STUDIES)
+    rounds, repeats = (1, 1) if args.smoke else (2, 3)
+    modes = "; ".join(m.name for m in dask_rate.MODES)
+    again = "; ".join(m.name for m in dask_rate.AGAIN)
+    say(f"\n[dask] the real daemon, {n} studies dropped at once per run: {modes}; then {rounds - 1} more "
+        f"round(s) of {again}, reversed")  # fmt: skip
+    figs, runs, single = dask_rate.run(spec, n, rounds, repeats, args.out, say)
+    dask_rate.print_figures(figs, say)
+    about["machine"]["loadavg_at_end"] = [round(v, 2) for v in os.getloadavg()]
+    seconds = time.perf_counter() - started
+    say(f"\nbench finished in {seconds:.0f} s")
+    if args.json:
+        document = {"dask": figs, **about, "mode": "dask", "runs": runs, "single_study": single}
+        document["bench_seconds"] = round(seconds, 1)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        say(f"wrote {args.json}")
+    return 1 if figs["failures"] else 0
+
+
 def print_codecs(stages: dict[str, dict[str, Samples]], figs: dict, say: Any) -> None:
     for variant, samples in stages.items():
         print_table(f"{variant}: compressed ingest, imagecodecs vs pydicom only — medians", samples, say)
@@ -550,6 +575,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "N studies (default 20, about 4 min; smoke 3): bench/daemon_rate.py",
     )
     p.add_argument(
+        "--dask",
+        nargs="?",
+        type=int,
+        const=0,
+        metavar="N",
+        help="only the Dask executor against the local one: the real daemon's studies/hour with a LocalCluster "
+        "of 1 and 2 workers, inputs by path and by bytes, N studies per run (default 10; smoke 2), the overhead "
+        "per study and the bytes a study moves (about 8 min on 2 cores): bench/dask_rate.py",
+    )
+    p.add_argument(
         "--codecs-only",
         action="store_true",
         help="only the compressed ingest, imagecodecs vs pydicom (JPEG-LS, JPEG 2000; about 2 min full size)",
@@ -576,6 +611,8 @@ def main(argv: list[str] | None = None) -> int:
     date = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     say(f"ctwatch bench — {date} — {'smoke' if args.smoke else 'full'}")
     say("machine: " + ", ".join(f"{key}={value}" for key, value in machine.items()))
+    if args.dask is not None:
+        return dask_only(args, spec, {"machine": machine, "date": date, "spec": spec.__dict__}, started, say)
     wanted = [v for v in args.variants if v in CODEC_VARIANTS or not args.codecs_only]
     paths = ensure_studies(spec, tuple(wanted), args.out, say)
     headline = "uncompressed" if "uncompressed" in paths else next(iter(paths))
