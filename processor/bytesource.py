@@ -19,10 +19,11 @@ memory (a member of a nested ZIP).
 from __future__ import annotations
 
 import io
+import pickle
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, NoReturn
 
 from processor.deflate import crc32
 
@@ -118,11 +119,37 @@ class Member:
             return fh.read(n)
 
 
+def readerless(member: Member) -> Member:
+    """``member`` without its readers: its name, size, CRC-32 and raw name, as it is pickled
+    (:meth:`Member.__reduce__`); a read of it raises :class:`ArchiveClosed`."""
+    return Member(member.name, member.size, _archive_closed, None, None, member.crc, member.raw_name)
+
+
 def carried(member: Member) -> Member:
     """A copy of ``member`` that holds its bytes and keeps them when pickled: the input of a study
     sent to a Dask worker that does not see the coordinator's files (``executor.dask.inputs:
-    bytes``, :mod:`processor.executor_dask`). Read now, whole (a ZIP member's CRC-32 is checked)."""
-    return _carried(member.name, bytes(member.data()), member.raw_name)
+    bytes``, :mod:`processor.executor_dask`). Read now, whole (a ZIP member's CRC-32 is checked).
+
+    Never raises for a member that cannot be read (a bad CRC-32, a stream cut short, an input that
+    changed): the copy then carries the failure, and each of its reads raises the same exception,
+    type and message, wherever it is read — the step that reads it on the worker fails in the words
+    it would have used here, and the batch's other studies are not touched."""
+    try:
+        data = bytes(member.data())
+    except Exception as exc:  # noqa: BLE001 — raised again by the copy's reads, where a step reads it
+        return _unreadable(member.name, member.size, _pickled(exc), member.raw_name)
+    return _carried(member.name, data, member.raw_name)
+
+
+def _pickled(exc: Exception) -> bytes:
+    """``exc`` (its type and arguments; no traceback, no cause) as pickled bytes; when it does not
+    survive pickling, an :class:`OSError` that names its type and says its message."""
+    try:
+        blob = pickle.dumps(exc)
+        pickle.loads(blob)
+    except Exception:  # noqa: BLE001 — an exception type with arguments pickle cannot rebuild
+        blob = pickle.dumps(OSError(f"{type(exc).__name__}: {exc}"))
+    return blob
 
 
 def _carried(name: str, data: bytes, raw_name: bytes) -> Member:
@@ -142,3 +169,20 @@ def _carried(name: str, data: bytes, raw_name: bytes) -> Member:
 class _Carried(Member):
     def __reduce__(self) -> tuple[object, tuple[object, ...]]:
         return (_carried, (self.name, self.reader(), self.raw_name))
+
+
+def _unreadable(name: str, size: int, error: bytes, raw_name: bytes) -> Member:
+    def fail(*_: object) -> NoReturn:
+        raise pickle.loads(error)  # a fresh exception each read
+
+    return _Unreadable(name, size, fail, fail, fail, None, raw_name, error)
+
+
+@dataclass(frozen=True)
+class _Unreadable(_Carried):
+    """A carried member that could not be read: ``error`` is its read's exception, pickled."""
+
+    error: bytes = field(default=b"", repr=False, compare=False)
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        return (_unreadable, (self.name, self.size, self.error, self.raw_name))

@@ -52,9 +52,17 @@ class Done:
 
 
 def batch_key(arrivals: Sequence[Any], digest: str) -> str:
-    """The Dask key of a batch: from its inputs' sha256 and ids and the pipeline's digest, prefixed
-    (``ctwatch-batch-…``) so that it never equals an argument; one batch in flight, one key."""
+    """The Dask key of a batch: ``ctwatch-batch-`` (so that it never equals an argument) and 32 hex
+    digits of a sha256 over the pipeline's digest and, per arrival, its id, input sha256 and where
+    it stands in SQLite: ``attempts``, ``crashes`` and ``claimed_at`` (set at each claim, to the
+    second). One claim of a batch, one key: a batch in flight is never submitted twice, and a batch
+    submitted again after its task was cancelled (a stop, a pause, no worker, a stuck task) gets a
+    key of its own — never Dask's old task back, which may still be running on a worker with the
+    old batch. (``attempts`` alone would not do: a release gives back the attempt it charged.)"""
     h = hashlib.sha256(digest.encode())
     for arrival in arrivals:
-        h.update(f"|{arrival.id}:{arrival.sha256 or ''}".encode())
+        h.update(
+            f"|{arrival.id}:{arrival.sha256 or ''}:{arrival.attempts}:{arrival.crashes}:"
+            f"{arrival.claimed_at or ''}".encode()
+        )
     return f"ctwatch-batch-{h.hexdigest()[:32]}"

@@ -4,13 +4,16 @@ life of the worker, and the task that runs one batch of arrivals through every s
 A worker writes nothing durable. :func:`run_batch` gets a batch the coordinator opened, scanned,
 planned and gave result paths to (:mod:`processor.executor_dask`); it runs the CPU steps, the CPU
 part of the GPU steps and the GPU steps over it — model-major, like the local executor — with the
-files steps write (previews, heat maps, CT-CLIP's input) in a scratch folder of its own, and hands
-back the batch (its studies' values slimmed to what the recorder reads) with those files' bytes.
+files steps write (previews, heat maps, CT-CLIP's input) in a scratch folder of its own inside the
+Dask worker's local directory (removed with the batch, and by Dask with a worker that died), and
+hands back the batch (its studies' values and the DICOM bytes it carried dropped: what the
+recorder reads) with those files' bytes.
 The coordinator's recorder writes them, the result JSON, SQLite and the rest, as for the local
 executor.
 
 Inputs reach a worker in one of two ways (``executor.dask.inputs``): ``bytes``, the DICOM read by
-the coordinator and carried in the task; or ``path``, the arrival's input read again on the worker
+the coordinator and carried in the task (a member that could not be read carried as its failure,
+which the step that reads it reports as it would locally); or ``path``, the arrival's input read again on the worker
 from a shared filesystem (``path_map``), its headers scanned again and each study checked to hold
 the same SOP Instance UIDs as the coordinator's (a study merged from several arrivals, a late
 series, is always carried).
@@ -26,7 +29,7 @@ import threading
 import time
 from collections import OrderedDict
 from contextlib import ExitStack
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from distributed import WorkerPlugin, get_worker
@@ -69,11 +72,19 @@ class MemoryContentCache:
                 self._items.popitem(last=False)
 
 
+SCRATCH_PREFIX = "ctwatch-"  # a Runtime's scratch folder in its worker's local directory
+
+
 class Runtime:
     """A worker's lasting part: its device, its model cache and the pipelines compiled on it (by
-    digest), plus counts for ``status``. Made by :class:`CtwatchPlugin` when the worker starts."""
+    digest), plus counts for ``status``. Made by :class:`CtwatchPlugin` when the worker starts.
 
-    def __init__(self, settings: Settings, device: str, name: str) -> None:
+    ``local_directory``: the Dask worker's own folder (``Worker.local_directory``), where the steps'
+    files (key-slice previews named by StudyInstanceUID, heat maps) are written before they go back:
+    Dask removes it when the worker closes and, at a worker's next start, the folders of workers that
+    died (a ``kill -9``, the OOM killer), so no patient's images outlive their worker."""
+
+    def __init__(self, settings: Settings, device: str, name: str, local_directory: str | Path) -> None:
         from processor.models.cache import ModelCache
 
         m = settings.models
@@ -82,7 +93,7 @@ class Runtime:
         self.name = name
         self.models = ModelCache(m.capacity, device, m.gpu_memory_budget_gb, precision=m.precision)
         self.content = MemoryContentCache()
-        self.scratch = Path(tempfile.mkdtemp(prefix="ctwatch-dask-"))
+        self.scratch = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=local_directory))
         self._pipelines: dict[str, Pipeline] = {}
         self._lock = threading.Lock()
         self.in_flight = 0
@@ -154,12 +165,22 @@ class CtwatchPlugin(WorkerPlugin):
 
     def setup(self, worker: Any) -> None:
         logging.getLogger("processor").setLevel(self.settings.log_level)  # records reach the daemon
-        self.runtime = Runtime(self.settings, _device_for(self.device, worker.name), str(worker.name))
+        _remove_stale_scratch(Path(worker.local_directory))
+        self.runtime = Runtime(
+            self.settings, _device_for(self.device, worker.name), str(worker.name), worker.local_directory
+        )
         log.info("dask.worker_ready name=%s device=%s", worker.name, self.runtime.device)
 
     def teardown(self, worker: Any) -> None:
         if self.runtime is not None:
             self.runtime.close()
+
+
+def _remove_stale_scratch(local_directory: Path) -> None:
+    """Remove the scratch folders an earlier plugin on this worker left (its teardown did not run)."""
+    for folder in local_directory.glob(f"{SCRATCH_PREFIX}*"):
+        if folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _device_for(device: str, worker_name: object) -> str:
@@ -238,8 +259,17 @@ def _bind_inputs(prepared: Prepared, batch: Batch, stack: ExitStack) -> None:
             continue
         path = Path(where)
         if not path.exists():
+            # the path names the input (often the patient): the worker's log only, never the reason
+            # that reaches /health and the status page
+            log.warning("dask.input_not_found arrival=%s path=%s", item.arrival.id, where)
+            prefix = mapped_prefix(where, item.arrival.current_path)
+            looked = (
+                f"under {prefix}"
+                if prefix
+                else "at the coordinator's own path (no executor.dask.path_map prefix matched it)"
+            )
             raise WorkerNotReady(
-                f"Dask worker cannot see the input of arrival {item.arrival.id} at {where}: check "
+                f"a Dask worker cannot see the input of arrival {item.arrival.id} {looked}: check "
                 "executor.dask.path_map, or use executor.dask.inputs: bytes"
             )
         try:
@@ -264,6 +294,21 @@ def _bind_inputs(prepared: Prepared, batch: Batch, stack: ExitStack) -> None:
             for run, _ in item.runs:
                 if run.ctx.study is study:
                     run.ctx.study = again
+
+
+def mapped_prefix(where: str, coordinator: str | None) -> str:
+    """The folder a worker looked under for an input: ``where`` (the input's path as the workers see
+    it, ``executor.dask.path_map`` applied) without the trailing part it shares with
+    ``coordinator`` (the path on the coordinator), and never with its last part (the input's own
+    name). Empty when nothing was mapped (the same path) or the coordinator's path is unknown."""
+    ours, theirs = PurePosixPath(where).parts, PurePosixPath(coordinator or "").parts
+    if not coordinator or ours == theirs:
+        return ""
+    shared = 0
+    while shared < min(len(ours), len(theirs)) and ours[-1 - shared] == theirs[-1 - shared]:
+        shared += 1
+    keep = len(ours) - max(shared, 1)
+    return str(PurePosixPath(*ours[:keep])) if keep > 0 else ""
 
 
 def _by_path(study: Any) -> bool:
@@ -316,7 +361,16 @@ def _collect(prepared: Prepared, homes: dict[Path, Path]) -> dict[str, dict[str,
 
 
 def _slim(prepared: Prepared) -> None:
-    """Drop what the recorder does not read (volumes, masks, decoded pixels) before the batch goes
-    back over the network."""
+    """Drop what the recorder does not read before the batch goes back over the network: the
+    studies' values (volumes, masks, decoded pixels) but :data:`KEPT_VALUES`, and the DICOM bytes
+    their instances carried (``inputs: bytes``): each member becomes a readerless copy (its name,
+    size and CRC-32, :func:`~processor.bytesource.readerless`); the parsed headers stay."""
+    from processor.bytesource import readerless
+
     for run in prepared.runs:
         run.ctx.values = {k: v for k, v in run.ctx.values.items() if k in KEPT_VALUES}
+    studies = [s for item in prepared.opened for s in item.studies] + [r.ctx.study for r in prepared.runs]
+    for study in studies:
+        for series in study.series.values():
+            for instance in series.instances:
+                instance.member = readerless(instance.member)

@@ -11,8 +11,9 @@ Per batch (a day arrival, or a night batch of up to ``night_batch`` arrivals, mo
    opened, scanned and planned against SQLite (late series included) and their result paths
    reserved by the one recorder — exactly the local executor's :meth:`~LocalExecutor.open_batch`.
    The batch is submitted as one task asking for ``resources={"GPU": 1}`` (a worker runs one at a
-   time) under a key from its inputs' sha256 and the pipeline's digest
-   (:func:`~processor.dask_worker.batch_key`): one batch in flight, one task.
+   time) under a key from the pipeline's digest and each arrival's sha256 and claim
+   (:func:`~processor.dask_batch.batch_key`): one claim in flight, one task — at most one of ours per
+   GPU worker, and a stuck one has its worker restarted (:meth:`DaskExecutor._watch`).
 2. **On a worker** (:func:`~processor.dask_worker.run_batch`): every step, with the models the
    worker keeps loaded; nothing durable is written there.
 3. **On the coordinator** (:meth:`DaskExecutor.complete`): the files the steps wrote are written
