@@ -23,6 +23,7 @@ from typing import Any
 from processor.config import DaskSettings, Settings, usable_cores
 from processor.dask_batch import Batch
 from processor.errors import Unavailable
+from processor.redact import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +69,22 @@ class DaskCluster:
         self._stats: tuple[float, list[dict[str, Any]]] = (0.0, [])
         self._gpu: tuple[float, int] = (0.0, 0)
         self._workerless_since: float | None = None
+        self.restarting = 0  # worker restarts under way (stuck tasks)
         self._unreachable_since: datetime | None = None
         self._closing = threading.Event()
         self._keeper: threading.Thread | None = None
         # one thread asks the scheduler; a hung question leaves at most this one thread waiting
         self._asker = ThreadPoolExecutor(1, thread_name_prefix="ctwatch-dask-ask")
+        # the status page's questions wait in a line of their own, never in front of the executor's
+        self._status_asker = ThreadPoolExecutor(1, thread_name_prefix="ctwatch-dask-status")
+        self._status_lock = threading.Lock()
 
     @property
     def address(self) -> str:
-        return self.dask.scheduler or (self.cluster.scheduler_address if self.cluster is not None else "")
+        """The scheduler's address, credentials (if any) removed: it is shown on ``/health``."""
+        return redact_url(
+            self.dask.scheduler or (self.cluster.scheduler_address if self.cluster is not None else "")
+        )
 
     # ------------------------------------------------------------------ life cycle
     def start(self) -> None:
@@ -145,6 +153,9 @@ class DaskCluster:
         # daemon's log (state/ctwatch.log) beside the coordinator's
         client.forward_logging("processor", level=logging.getLogger("processor").getEffectiveLevel())
         with self._lock:
+            if self._closing.is_set():  # closed while this connected: not kept
+                _quietly(client.close)
+                return
             self.client = client
             self._gpu = (0.0, 0)
         log.info("dask.connected scheduler=%s", client.scheduler.address)
@@ -160,7 +171,10 @@ class DaskCluster:
 
     def close(self) -> None:
         self._closing.set()
+        if self._keeper is not None:
+            self._keeper.join(self.dask.connect_seconds + ASK_SECONDS)
         self._asker.shutdown(wait=False, cancel_futures=True)
+        self._status_asker.shutdown(wait=False, cancel_futures=True)
         if self.client is not None:
             _quietly(self.client.close)
         if self.cluster is not None:
@@ -187,18 +201,22 @@ class DaskCluster:
         """Whether ``future`` belongs to the client now connected (a lost client's never finish)."""
         return future.client is self.client and self.current() is not None
 
-    def restart_worker_running(self, key: str) -> None:
-        """Restart (through its nanny) the worker running task ``key``, in the background: a task
-        cannot be interrupted, and a hung one would hold its worker and GPU for good."""
+    def restart_worker_running(self, key: str) -> bool:
+        """Restart (through its nanny, in the background) the worker running task ``key``: a task
+        cannot be interrupted, and a hung one would hold its worker and GPU for good. False when
+        no worker is found running it (then nothing is restarted). :attr:`restarting` counts the
+        restarts under way, so no other batch is handed that worker meanwhile."""
         client = self.current()
         if client is None:
-            return
+            return False
         try:
             processing = self._bounded(client.processing)
         except Exception as exc:  # noqa: BLE001
             log.warning("dask.restart_skipped key=%s: %s", key, exc)
-            return
+            return False
         addresses = [address for address, keys in processing.items() if key in keys]
+        if not addresses:
+            return False
 
         def restart() -> None:
             try:
@@ -206,13 +224,18 @@ class DaskCluster:
                 log.warning("dask.worker_restarted workers=%s outcome=%s (a stuck task)", addresses, outcome)
             except Exception as exc:  # noqa: BLE001 — e.g. a worker without a nanny
                 log.error("dask.worker_restart_failed workers=%s: %s", addresses, exc)
+            finally:
+                with self._lock:
+                    self.restarting -= 1
 
-        if addresses:
-            threading.Thread(target=restart, name="ctwatch-dask-restart", daemon=True).start()
+        with self._lock:
+            self.restarting += 1
+        threading.Thread(target=restart, name="ctwatch-dask-restart", daemon=True).start()
+        return True
 
-    def _bounded(self, call: Callable[[], Any]) -> Any:
+    def _bounded(self, call: Callable[[], Any], asker: ThreadPoolExecutor | None = None) -> Any:
         """``call()`` given at most :data:`ASK_SECONDS` (``TimeoutError`` then)."""
-        return self._asker.submit(call).result(timeout=ASK_SECONDS)
+        return (asker or self._asker).submit(call).result(timeout=ASK_SECONDS)
 
     def gpu_workers(self) -> int:
         """How many connected workers declare the GPU resource (at most :data:`STATS_SECONDS` old;
@@ -226,9 +249,16 @@ class DaskCluster:
             if client is not None:
                 try:
                     info = self._bounded(lambda: client.scheduler_info(n_workers=-1)).get("workers", {})
-                except Exception as exc:  # noqa: BLE001 — the scheduler gone: no worker either
-                    log.warning("dask.scheduler_unreachable: %s", exc)
-            count = sum(1 for w in info.values() if w.get("resources", {}).get("GPU", 0) >= 1)
+                except Exception as exc:  # noqa: BLE001 — a slow answer is not "no worker": keep the last
+                    log.warning("dask.scheduler_slow: %s", exc)
+                    self._gpu = (time.monotonic(), count)
+                    return count
+            # workers that can take a batch: not draining (closing_gracefully) nor paused
+            count = sum(
+                1
+                for w in info.values()
+                if w.get("resources", {}).get("GPU", 0) >= 1 and w.get("status", "running") == "running"
+            )
             now = time.monotonic()
             self._gpu = (now, count)
             self._workerless_since = None if count else (self._workerless_since or now)
@@ -242,7 +272,7 @@ class DaskCluster:
                 f"the Dask scheduler {self.address} cannot be reached (since "
                 f"{lost.isoformat(timespec='seconds')}); processing waits and nothing is charged"
             )
-        workers, since = self.gpu_workers(), self._workerless_since
+        workers, since = self._gpu[1], self._workerless_since  # cached: /health never waits on Dask
         if workers == 0 and since is not None and time.monotonic() - since > WORKERLESS_FAULT_SECONDS:
             return (
                 f"no Dask worker with the GPU resource is connected to {self.address}; processing "
@@ -253,33 +283,44 @@ class DaskCluster:
     def workers(self) -> list[dict[str, Any]]:
         """Each worker's name, address, device, models loaded, batches in flight and done (at most
         :data:`STATS_SECONDS` old; the last known while the scheduler cannot be reached)."""
-        with self._lock:
-            at, cached = self._stats
-            client = self.current()
-            if time.monotonic() - at < STATS_SECONDS or client is None:
-                return cached if client is not None else []
-            from processor.dask_worker import worker_stats
+        if not self._status_lock.acquire(blocking=False):  # another request is asking: the last rows
+            return self._stats[1] if self.current() is not None else []
+        try:
+            return self._workers()
+        finally:
+            self._status_lock.release()
 
-            try:
-                info = self._bounded(lambda: client.scheduler_info(n_workers=-1)).get("workers", {})
-                stats = self._bounded(lambda: client.run(worker_stats, on_error="return", wait=True))
-            except Exception as exc:  # noqa: BLE001 — status must answer while the scheduler is gone
-                log.warning("dask.stats_failed: %s", exc)
-                return cached
-            rows = []
-            for address, worker in sorted(info.items()):
-                row = stats.get(address)
-                row = row if isinstance(row, dict) else {"error": str(row)}
-                rows.append(
-                    {
-                        "address": address,
-                        "name": str(worker.get("name", "")),
-                        "resources": worker.get("resources", {}),
-                        **row,
-                    }
-                )
-            self._stats = (time.monotonic(), rows)
-            return rows
+    def _workers(self) -> list[dict[str, Any]]:
+        at, cached = self._stats
+        client = self.current()
+        if time.monotonic() - at < STATS_SECONDS or client is None:
+            return cached if client is not None else []
+        from processor.dask_worker import worker_stats
+
+        asker = self._status_asker
+        try:
+            info = self._bounded(lambda: client.scheduler_info(n_workers=-1), asker).get("workers", {})
+            stats = self._bounded(
+                lambda: client.run(worker_stats, on_error="return", wait=True, callback_timeout=ASK_SECONDS),
+                asker,
+            )
+        except Exception as exc:  # noqa: BLE001 — status must answer while the scheduler is gone
+            log.warning("dask.stats_failed: %s", exc)
+            return cached
+        rows = []
+        for address, worker in sorted(info.items()):
+            row = stats.get(address)
+            row = row if isinstance(row, dict) else {"error": str(row)}
+            rows.append(
+                {
+                    "address": address,
+                    "name": str(worker.get("name", "")),
+                    "resources": worker.get("resources", {}),
+                    **row,
+                }
+            )
+        self._stats = (time.monotonic(), rows)
+        return rows
 
 
 def _quietly(call: Callable[[], Any]) -> None:

@@ -29,7 +29,7 @@ import threading
 import time
 from collections import OrderedDict
 from contextlib import ExitStack
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from distributed import WorkerPlugin, get_worker
@@ -262,14 +262,9 @@ def _bind_inputs(prepared: Prepared, batch: Batch, stack: ExitStack) -> None:
             # the path names the input (often the patient): the worker's log only, never the reason
             # that reaches /health and the status page
             log.warning("dask.input_not_found arrival=%s path=%s", item.arrival.id, where)
-            prefix = mapped_prefix(where, item.arrival.current_path)
-            looked = (
-                f"under {prefix}"
-                if prefix
-                else "at the coordinator's own path (no executor.dask.path_map prefix matched it)"
-            )
             raise WorkerNotReady(
-                f"a Dask worker cannot see the input of arrival {item.arrival.id} {looked}: check "
+                f"a Dask worker cannot see the input of arrival {item.arrival.id} where "
+                "executor.dask.path_map puts it (the path is in that worker's log): check "
                 "executor.dask.path_map, or use executor.dask.inputs: bytes"
             )
         try:
@@ -294,21 +289,6 @@ def _bind_inputs(prepared: Prepared, batch: Batch, stack: ExitStack) -> None:
             for run, _ in item.runs:
                 if run.ctx.study is study:
                     run.ctx.study = again
-
-
-def mapped_prefix(where: str, coordinator: str | None) -> str:
-    """The folder a worker looked under for an input: ``where`` (the input's path as the workers see
-    it, ``executor.dask.path_map`` applied) without the trailing part it shares with
-    ``coordinator`` (the path on the coordinator), and never with its last part (the input's own
-    name). Empty when nothing was mapped (the same path) or the coordinator's path is unknown."""
-    ours, theirs = PurePosixPath(where).parts, PurePosixPath(coordinator or "").parts
-    if not coordinator or ours == theirs:
-        return ""
-    shared = 0
-    while shared < min(len(ours), len(theirs)) and ours[-1 - shared] == theirs[-1 - shared]:
-        shared += 1
-    keep = len(ours) - max(shared, 1)
-    return str(PurePosixPath(*ours[:keep])) if keep > 0 else ""
 
 
 def _by_path(study: Any) -> bool:

@@ -119,14 +119,10 @@ class DaskExecutor:
             if prepared.stopped or not prepared.opened:
                 prepared.gpu_done = True
                 return Sent(prepared, None, time.monotonic())
-            local.attach_paths(prepared, local.reserve_paths(study_keys(prepared)))
+            sent: Sent | None = None
             try:
+                local.attach_paths(prepared, local.reserve_paths(study_keys(prepared)))
                 inputs = self._ship(prepared)
-                if not self._wait_for_a_free_worker(should_stop):
-                    self._release_paths_of(prepared.arrivals)
-                    prepared.stopped = True
-                    prepared.gpu_done = True
-                    return Sent(prepared, None, time.monotonic())
                 batch = Batch(
                     prepared,
                     self.pipeline.digest,
@@ -134,30 +130,44 @@ class DaskExecutor:
                     inputs,
                     local.limits if inputs else None,
                 )
-                with self._gate:
-                    future = self.cluster.submit(batch, batch_key(arrivals, self.pipeline.digest))
-                    limit = STUCK_LIMITS * local.limits.max_seconds_per_arrival * max(1, len(arrivals))
-                    sent = Sent(prepared, future, time.monotonic(), limit)
-                    self._running[future] = sent
+                limit = STUCK_LIMITS * local.limits.max_seconds_per_arrival * max(1, len(arrivals))
+                sent = self._submit_when_a_worker_is_free(
+                    batch, batch_key(arrivals, self.pipeline.digest), limit, should_stop
+                )
+                if sent is None:  # a stop request while it waited
+                    self._release_paths_of(prepared.arrivals)
+                    prepared.stopped = True
+                    prepared.gpu_done = True
+                    return Sent(prepared, None, time.monotonic())
+                log.info("dask.submitted arrivals=%s key=%s", [a.id for a in arrivals], sent.future.key)
             except BaseException:
+                if sent is not None:  # submitted, but no handle will reach complete(): withdrawn
+                    with self._gate:
+                        self._running.pop(sent.future, None)
+                    _quietly(sent.future.cancel)
                 self._release_paths_of(prepared.arrivals)
                 raise
-        log.info("dask.submitted arrivals=%s key=%s", [a.id for a in arrivals], future.key)
         return sent
 
-    def _wait_for_a_free_worker(self, should_stop: StopCheck) -> bool:
-        """Wait until fewer of our tasks are unfinished than GPU workers are connected (False at a
-        stop request). Dask hands a task that asks for resources to a worker at once, busy or not,
-        and counts every task handed to a worker that dies against it (``allowed-failures``): a
-        batch queued behind a poison one would be charged with its deaths. One task per worker
-        keeps a death charged to the batch that was running."""
+    def _submit_when_a_worker_is_free(
+        self, batch: Batch, key: str, limit: float, should_stop: StopCheck
+    ) -> Sent | None:
+        """Submit ``batch`` once fewer of our tasks are unfinished (or their workers restarting)
+        than GPU workers can take work; None at a stop request. Dask hands a task that asks for
+        resources to a worker at once, busy or not, and counts every task handed to a worker that
+        dies against it (``allowed-failures``): a batch queued behind a poison one would be charged
+        with its deaths. One task per worker keeps a death charged to the batch that was running.
+        The check and the submission hold the gate together, so two threads never take one place."""
         while True:
             self._watch()
             with self._gate:
-                if len(self._running) < max(1, self.cluster.gpu_workers()):
-                    return True
+                busy = len(self._running) + self.cluster.restarting
+                if busy < max(1, self.cluster.gpu_workers()):
+                    future = self.cluster.submit(batch, key)
+                    sent = self._running[future] = Sent(batch.prepared, future, time.monotonic(), limit)
+                    return sent
             if should_stop():
-                return False
+                return None
             time.sleep(POLL_SECONDS)
 
     def _watch(self) -> None:
@@ -178,11 +188,15 @@ class DaskExecutor:
                 if idle:
                     sent.submitted += elapsed
                 elif sent.stuck is None and now - sent.submitted > sent.limit:
-                    sent.stuck = f"it ran past {sent.limit:g} s on a Dask worker"
+                    restarted = self.cluster.restart_worker_running(future.key)
                     log.error(
-                        "dask.task_stuck arrivals=%s: restarting its worker", [a.id for a in sent.arrivals]
+                        "dask.task_stuck arrivals=%s restarted=%s", [a.id for a in sent.arrivals], restarted
                     )
-                    self.cluster.restart_worker_running(future.key)
+                    # charged only when it was running and its worker restarts; else it goes back
+                    # uncharged (a task that cannot be stopped holds a worker: a pause, not a verdict)
+                    sent.stuck = (
+                        f"it ran past {sent.limit:g} s on a Dask worker" if restarted else UNSTOPPABLE
+                    )
                     _quietly(future.cancel)
                     del self._running[future]
 
@@ -222,7 +236,7 @@ class DaskExecutor:
         workerless: float | None = None
         while True:
             if handle.stuck is not None:
-                return self._crashed(handle, handle.stuck, cap=None)
+                return self._stopped_as_stuck(handle)
             try:
                 # distributed 2026.8's result(timeout=…) fails with UnboundLocalError when a result
                 # takes longer than the timeout to arrive (dask/distributed#8514): wait on done()
@@ -250,6 +264,8 @@ class DaskExecutor:
                     continue
                 workerless = None
             except (WorkerNotReady, CancelledError) as exc:
+                if handle.stuck is not None:  # cancelled by _watch in another thread meanwhile
+                    return self._stopped_as_stuck(handle)
                 self._release_paths(handle)
                 raise Unavailable(_words(exc)) from exc
             except InputChanged as exc:
@@ -264,9 +280,13 @@ class DaskExecutor:
                         self.cluster.fault() or f"the link to Dask broke ({type(exc).__name__})"
                     ) from exc
                 raise
-        for folder, files in done.files.items():
-            for name, data in files.items():
-                write_bytes_atomic(Path(folder) / name, data)
+        try:
+            for folder, files in done.files.items():
+                for name, data in files.items():
+                    write_bytes_atomic(Path(folder) / name, data)
+        except BaseException:  # the outbox, not the study: back to the queue (the worker's fault path)
+            self._release_paths(handle)
+            raise
         log.info(
             "dask.done arrivals=%s worker=%s seconds=%.2f",
             [a.id for a in handle.arrivals],
@@ -274,6 +294,12 @@ class DaskExecutor:
             done.seconds,
         )
         return self.local.complete(done.prepared, should_stop)
+
+    def _stopped_as_stuck(self, handle: Sent) -> list[ArrivalState]:
+        if handle.stuck == UNSTOPPABLE:
+            self._release_paths(handle)
+            raise Unavailable(UNSTOPPABLE)
+        return self._crashed(handle, handle.stuck or "", cap=None)
 
     def _rejected_ends(self, prepared: Prepared) -> dict[int, ArrivalState]:
         """Record the arrivals of ``prepared`` rejected on the coordinator (unreadable input)."""
@@ -353,6 +379,10 @@ def _words(exc: BaseException) -> str:
     return str(exc)
 
 
+UNSTOPPABLE = (
+    "a Dask task ran past its time limit and its worker could not be restarted (no nanny, or it did "
+    "not answer); the batch goes back to the queue uncharged — restart that worker"
+)
 _NO_WORKER = "no Dask worker with the GPU resource is connected; start one with `python run.py worker`"
 
 
