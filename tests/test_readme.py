@@ -4,6 +4,7 @@ default, and the file names it shows as examples are the names the code makes.""
 from __future__ import annotations
 
 import re
+import types
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ def _default(dotted: str) -> Any:
         field = model.model_fields[part]
         value = field.get_default(call_default_factory=True)
         model = field.annotation
+        if isinstance(model, types.UnionType):  # an optional section (``executor.dask``): its model
+            model = next(arg for arg in model.__args__ if arg is not type(None))
     return value
 
 
