@@ -82,6 +82,21 @@ def _status(project: Project) -> tuple[dict, str]:
         return status, metrics + r.read().decode()  # the status page's words too
 
 
+def _results_of(project: Project, zips: list[Path]) -> tuple[dict[str, dict], dict, str, int]:
+    """Start the daemon, drop ``zips``, wait for a result each: the results by file name
+    (:func:`_comparable`), the /status document, the /metrics text with the page's words, and the
+    daemon's PID."""
+    proc = project.start()
+    try:
+        wait_for(lambda: "daemon.started" in project.log_text(), 90, "the daemon to start")
+        _drop(project, zips)
+        wait_for(lambda: len(project.results()) == len(zips), 180, f"{len(zips)} results")
+        status, metrics = _status(project)
+    finally:
+        _stop(proc)
+    return {p.name: _comparable(p, project.root) for p in project.results()}, status, metrics, proc.pid
+
+
 def _pool_pids(project: Project) -> list[int]:
     return [int(m) for m in re.findall(r"cpu_pool\.process_started slot=\d+ pid=(\d+)", project.log_text())]
 
@@ -108,19 +123,11 @@ def test_pool_gives_the_in_process_results_and_runs_in_other_processes(tmp_path:
     for workers in (2, 0):
         project = _project(tmp_path / f"w{workers}", workers, steps=CLIP_STEPS)
         _install_small_weights(project.root)
-        proc = project.start()
-        try:
-            wait_for(lambda p=project: "daemon.started" in p.log_text(), 60, "the daemon to start")
-            _drop(project, zips)
-            wait_for(lambda p=project: len(p.results()) == 4, 120, "4 results")
-            status, metrics = _status(project)
-        finally:
-            _stop(proc)
-        runs[workers] = {p.name: _comparable(p, project.root) for p in project.results()}
+        runs[workers], status, metrics, daemon_pid = _results_of(project, zips)
         log = project.log_text()
         if workers:
             pids = _pool_pids(project)
-            assert len(pids) == 2 and proc.pid not in pids, log[-3000:]
+            assert len(pids) == 2 and daemon_pid not in pids, log[-3000:]
             assert "cpu_workers=2" in log
             pool = status["worker"]["cpu_processes"]
             assert [p["alive"] for p in pool] == [True, True] and sum(p["batches"] for p in pool) == 4

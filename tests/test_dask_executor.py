@@ -16,7 +16,7 @@ import pytest
 
 from processor.faults import ENV
 from tests.conftest import Project, wait_for
-from tests.test_cpu_pool import CLIP_STEPS, STEPS, _comparable, _drop, _inputs, _status, _stop
+from tests.test_cpu_pool import CLIP_STEPS, STEPS, _drop, _inputs, _results_of, _stop
 from tests.test_ctclip_steps import _install_small_weights
 
 
@@ -47,15 +47,7 @@ def test_dask_results_equal_the_local_executor(tmp_path: Path) -> None:
             (tmp_path / kind).mkdir()
             project = Project(tmp_path / kind, CLIP_STEPS, reports={"enabled": False})
         _install_small_weights(project.root)
-        proc = project.start()
-        try:
-            wait_for(lambda p=project: "daemon.started" in p.log_text(), 90, "the daemon to start")
-            _drop(project, zips)
-            wait_for(lambda p=project: len(p.results()) == 10, 180, "10 results")
-            status, _ = _status(project)
-        finally:
-            _stop(proc)
-        runs[kind] = {p.name: _comparable(p, project.root) for p in project.results()}
+        runs[kind], status, _, _ = _results_of(project, zips)
         if kind == "dask":
             workers = status["executor"]["workers"]
             assert len(workers) == 2 and sum(w["done"] for w in workers) == 10, workers
@@ -120,17 +112,7 @@ def test_a_poison_study_that_kills_its_workers_is_set_aside(
     project = _dask_project(tmp_path / "p", STEPS, n_workers=1, allowed_failures=1)
     zips = _inputs(tmp_path / "zips", 3)
     zips[1] = zips[1].rename(zips[1].with_name("poison.zip"))
-    monkeypatch.setenv(ENV, "study.started~poison")
-    proc = project.start()
-    monkeypatch.delenv(ENV)
-    try:
-        wait_for(lambda: "daemon.started" in project.log_text(), 90, "the daemon to start")
-        _drop(project, zips)
-        wait_for(lambda: len(project.receipts()) == 3, 180, "3 receipts")
-        assert proc.poll() is None, "the daemon died with its workers"
-    finally:
-        _stop(proc)
-    by_name = {r["name"]: r for r in project.receipts()}
+    by_name = _receipts_under_a_fault(project, zips, "study.started~poison", monkeypatch)
     assert by_name["poison.zip"]["outcome"] == "rejected", by_name["poison.zip"]
     assert "crashed 2 Dask workers" in json.dumps(by_name["poison.zip"])
     assert {by_name[f"chest{i}.zip"]["outcome"] for i in (0, 2)} == {"accepted"}
@@ -188,16 +170,7 @@ def test_a_stuck_study_has_its_worker_restarted_and_charges_no_one_else(
     )
     zips = _inputs(tmp_path / "zips", 3)
     zips[0] = zips[0].rename(zips[0].with_name("hang.zip"))
-    monkeypatch.setenv(ENV, "study.started~hang!hang")
-    proc = project.start()
-    monkeypatch.delenv(ENV)
-    try:
-        wait_for(lambda: "daemon.started" in project.log_text(), 90, "the daemon to start")
-        _drop(project, zips)
-        wait_for(lambda: len(project.receipts()) == 3, 180, "3 receipts")
-    finally:
-        _stop(proc)
-    by_name = {r["name"]: r for r in project.receipts()}
+    by_name = _receipts_under_a_fault(project, zips, "study.started~hang!hang", monkeypatch)
     assert by_name["hang.zip"]["outcome"] == "rejected", by_name["hang.zip"]
     assert "ran past 6 s on a Dask worker" in json.dumps(by_name["hang.zip"])
     assert {by_name[f"chest{i}.zip"]["outcome"] for i in (1, 2)} == {"accepted"}
@@ -205,3 +178,21 @@ def test_a_stuck_study_has_its_worker_restarted_and_charges_no_one_else(
         charged = dict(db.execute("select name, crashes + isolate from arrivals").fetchall())
     assert charged["chest1.zip"] == charged["chest2.zip"] == 0, charged
     assert project.log_text().count("dask.task_stuck") == 2
+
+
+def _receipts_under_a_fault(
+    project: Project, zips: list[Path], rule: str, monkeypatch: pytest.MonkeyPatch
+) -> dict[str, dict]:
+    """Run the daemon (its workers inherit ``CTWATCH_FAULT=rule``) until every ZIP has a receipt;
+    the receipts by input name. The daemon must outlive what the rule does to its workers."""
+    monkeypatch.setenv(ENV, rule)
+    proc = project.start()
+    monkeypatch.delenv(ENV)
+    try:
+        wait_for(lambda: "daemon.started" in project.log_text(), 90, "the daemon to start")
+        _drop(project, zips)
+        wait_for(lambda: len(project.receipts()) == len(zips), 180, f"{len(zips)} receipts")
+        assert proc.poll() is None, "the daemon died with its workers"
+    finally:
+        _stop(proc)
+    return {r["name"]: r for r in project.receipts()}
