@@ -12,8 +12,6 @@ from processor.executor import Prepared
 from processor.intake.archive import Limits
 
 PLUGIN = "ctwatch"
-# What the coordinator's recorder reads of a study's values (processor.executor._finished).
-KEPT_VALUES = ("ctclip_latent", "features", "feature_models", "latent_models")
 
 
 class WorkerNotReady(Exception):
@@ -66,3 +64,11 @@ def batch_key(arrivals: Sequence[Any], digest: str) -> str:
             f"{arrival.claimed_at or ''}".encode()
         )
     return f"ctwatch-batch-{h.hexdigest()[:32]}"
+
+
+def carries_bytes(study: Any) -> bool:
+    """Whether ``study`` travels with its DICOM bytes (:func:`processor.bytesource.carried`, all its
+    instances or none) rather than by its input's path."""
+    from processor.bytesource import _Carried
+
+    return all(isinstance(i.member, _Carried) for s in study.series.values() for i in s.instances)

@@ -145,7 +145,7 @@ class DaskCluster:
         old, self._unreachable_since = self.client, None
         self._adopt(client)
         if old is not None:
-            _quietly(old.close)
+            quietly(old.close)
         return True
 
     def _adopt(self, client: Any) -> None:
@@ -154,7 +154,7 @@ class DaskCluster:
         client.forward_logging("processor", level=logging.getLogger("processor").getEffectiveLevel())
         with self._lock:
             if self._closing.is_set():  # closed while this connected: not kept
-                _quietly(client.close)
+                quietly(client.close)
                 return
             self.client = client
             self._gpu = (0.0, 0)
@@ -176,9 +176,9 @@ class DaskCluster:
         self._asker.shutdown(wait=False, cancel_futures=True)
         self._status_asker.shutdown(wait=False, cancel_futures=True)
         if self.client is not None:
-            _quietly(self.client.close)
+            quietly(self.client.close)
         if self.cluster is not None:
-            _quietly(self.cluster.close)
+            quietly(self.cluster.close)
         self.client = self.cluster = None
 
     # ------------------------------------------------------------------ use
@@ -323,7 +323,7 @@ class DaskCluster:
         return rows
 
 
-def _quietly(call: Callable[[], Any]) -> None:
+def quietly(call: Callable[[], Any]) -> None:
     """``call()``, whose failure (a client already closed, a comm gone) changes nothing."""
     try:
         call()

@@ -35,9 +35,9 @@ from typing import Any
 from distributed import WorkerPlugin, get_worker
 
 from processor.config import Settings
-from processor.dask_batch import KEPT_VALUES, PLUGIN, Batch, Done, InputChanged, WorkerNotReady
+from processor.dask_batch import PLUGIN, Batch, Done, InputChanged, WorkerNotReady, carries_bytes
 from processor.errors import ConfigError, IngestError
-from processor.executor import Prepared, RanOn
+from processor.executor import RECORDED_VALUES, Prepared, RanOn
 from processor.executor_read import SLOW_INPUT, scan_input
 from processor.faults import fault_point
 from processor.intake.late_series import sop_digests
@@ -277,7 +277,7 @@ def _bind_inputs(prepared: Prepared, batch: Batch, stack: ExitStack) -> None:
             ) from exc
         found = {study.uid: study for study in scan.studies}
         for index, study in enumerate(item.studies):
-            if not _by_path(study):
+            if carries_bytes(study):
                 continue
             again = found.get(study.uid)
             if again is None or sop_digests(again) != sop_digests(study):
@@ -289,12 +289,6 @@ def _bind_inputs(prepared: Prepared, batch: Batch, stack: ExitStack) -> None:
             for run, _ in item.runs:
                 if run.ctx.study is study:
                     run.ctx.study = again
-
-
-def _by_path(study: Any) -> bool:
-    from processor.bytesource import _Carried
-
-    return not any(isinstance(i.member, _Carried) for s in study.series.values() for i in s.instances)
 
 
 def _redirect(prepared: Prepared, scratch: Path) -> dict[Path, Path]:
@@ -342,13 +336,13 @@ def _collect(prepared: Prepared, homes: dict[Path, Path]) -> dict[str, dict[str,
 
 def _slim(prepared: Prepared) -> None:
     """Drop what the recorder does not read before the batch goes back over the network: the
-    studies' values (volumes, masks, decoded pixels) but :data:`KEPT_VALUES`, and the DICOM bytes
+    studies' values (volumes, masks, decoded pixels) but :data:`~processor.executor.RECORDED_VALUES`, and the DICOM bytes
     their instances carried (``inputs: bytes``): each member becomes a readerless copy (its name,
     size and CRC-32, :func:`~processor.bytesource.readerless`); the parsed headers stay."""
     from processor.bytesource import readerless
 
     for run in prepared.runs:
-        run.ctx.values = {k: v for k, v in run.ctx.values.items() if k in KEPT_VALUES}
+        run.ctx.values = {k: v for k, v in run.ctx.values.items() if k in RECORDED_VALUES}
     studies = [s for item in prepared.opened for s in item.studies] + [r.ctx.study for r in prepared.runs]
     for study in studies:
         for series in study.series.values():

@@ -367,6 +367,10 @@ def study_keys(prepared: Prepared) -> list[tuple[Arrival, str]]:
     return [(item.arrival, study.uid) for item in prepared.opened for study in item.studies]
 
 
+# What the recorder reads of a study's values (:func:`_finished`); a Dask worker sends back only these.
+RECORDED_VALUES = ("ctclip_latent", "features", "feature_models", "latent_models")
+
+
 def _finished(
     run: StudyRun, json_path: Path, item: _Opened, patient_key: str | None, ran_on: RanOn | None = None
 ) -> FinishedStudy:

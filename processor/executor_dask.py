@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import CancelledError
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import ExitStack
@@ -46,8 +46,8 @@ from typing import Any
 
 from processor.atomic import write_bytes_atomic
 from processor.bytesource import carried
-from processor.dask_batch import Batch, Done, InputChanged, WorkerNotReady, batch_key
-from processor.dask_cluster import DaskCluster
+from processor.dask_batch import Batch, Done, InputChanged, WorkerNotReady, batch_key, carries_bytes
+from processor.dask_cluster import DaskCluster, quietly
 from processor.errors import Unavailable
 from processor.executor import Handle, LocalExecutor, Prepared, StopCheck, study_keys
 from processor.state import Arrival, State
@@ -144,7 +144,7 @@ class DaskExecutor:
                 if sent is not None:  # submitted, but no handle will reach complete(): withdrawn
                     with self._gate:
                         self._running.pop(sent.future, None)
-                    _quietly(sent.future.cancel)
+                    quietly(sent.future.cancel)
                 self._release_paths_of(prepared.arrivals)
                 raise
         return sent
@@ -197,7 +197,7 @@ class DaskExecutor:
                     sent.stuck = (
                         f"it ran past {sent.limit:g} s on a Dask worker" if restarted else UNSTOPPABLE
                     )
-                    _quietly(future.cancel)
+                    quietly(future.cancel)
                     del self._running[future]
 
     def _ship(self, prepared: Prepared) -> dict[int, str]:
@@ -214,7 +214,7 @@ class DaskExecutor:
                 for series in study.series.values():
                     for instance in series.instances:
                         instance.member = carried(instance.member)
-            if by_path and any(not _carried_study(study) for study in item.studies):
+            if by_path and any(not carries_bytes(study) for study in item.studies):
                 path = self.recorder.locate(item.arrival)
                 if path is None:  # moved away since it was opened: read it on the next try
                     raise Unavailable(f"the input of arrival {item.arrival.id} moved while it was sent")
@@ -245,20 +245,20 @@ class DaskExecutor:
                 done: Done = handle.future.result()
                 # Here now: the worker may drop it. A result still wanted would be copied to another
                 # worker when its worker retires, or computed again when its worker is lost.
-                _quietly(handle.future.release)
+                quietly(handle.future.release)
                 break
             except FutureTimeout:
                 time.sleep(POLL_SECONDS)
                 if should_stop() and not self.local.finish_study_on_stop:
-                    _quietly(handle.future.cancel)
-                    return [self._release(a, "shutdown") for a in handle.arrivals]
+                    quietly(handle.future.cancel)
+                    return [self.local._release(a, "shutdown") for a in handle.arrivals]
                 self._watch()
                 now = time.monotonic()
                 lost = not self.cluster.ours(handle.future)
                 if lost or self.cluster.gpu_workers() == 0:
                     workerless = now if workerless is None else workerless
                     if lost or now - workerless > self.dask.connect_seconds:
-                        _quietly(handle.future.cancel)
+                        quietly(handle.future.cancel)
                         self._release_paths(handle)
                         raise Unavailable(self.cluster.fault() or _NO_WORKER) from None
                     continue
@@ -346,12 +346,6 @@ class DaskExecutor:
         for arrival in arrivals:
             self.recorder.release(arrival)
 
-    def _release(self, arrival: Arrival, reason: str) -> ArrivalState:
-        self.recorder.release(arrival)
-        self.state.release(arrival.id)
-        log.info("arrival.released arrival=%s reason=%s", arrival.id, reason)
-        return ArrivalState.PENDING
-
     def fail(self, arrivals: Sequence[Arrival], reason: str) -> list[ArrivalState]:
         return self.local.fail(arrivals, reason)
 
@@ -365,12 +359,6 @@ def crash_words(why: str) -> str:
         f"{why}, more than once; it is set aside so the others go on. Check the workers' logs, then "
         "requeue it with `python run.py requeue <arrival id>` once the cause is fixed"
     )
-
-
-def _carried_study(study: Any) -> bool:
-    from processor.bytesource import _Carried
-
-    return all(isinstance(i.member, _Carried) for s in study.series.values() for i in s.instances)
 
 
 def _words(exc: BaseException) -> str:
@@ -392,11 +380,3 @@ def _lost_link(exc: BaseException) -> bool:
         isinstance(exc, TimeoutError)
         and type(exc).__module__.startswith(("distributed", "asyncio", "builtins"))
     )
-
-
-def _quietly(call: Callable[[], Any]) -> None:
-    """``call()`` (a cancel, a release), whose failure on a closed client changes nothing."""
-    try:
-        call()
-    except Exception as exc:  # noqa: BLE001
-        log.debug("dask.ignored %s", exc)
