@@ -360,6 +360,147 @@ class FetchSettings(_Section):
         return [h.lower().strip("[]") for h in value]
 
 
+_NAME = r"^[A-Za-z0-9_.-]+$"
+_ENV = r"^[A-Za-z_][A-Za-z0-9_]*$"
+_AE_TITLE = r"^[ -[\]-~]{1,16}$"  # 16 characters of the DICOM default repertoire, no backslash
+
+
+def _http_url(value: str, what: str) -> str:
+    """``value`` if it is an http(s) URL with a host and no credentials in it (ValueError otherwise)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(value)
+    if parts.scheme.lower() not in ("http", "https"):
+        raise ValueError(f"{what} must be an http:// or https:// URL, not {parts.scheme or 'no'} scheme")
+    if not parts.hostname:
+        raise ValueError(f"{what} has no host; write e.g. https://pacs.example.org/dicom-web")
+    if parts.username or parts.password:
+        raise ValueError(
+            f"credentials must not be written into the {what}; put the token in an environment "
+            "variable and name it in bearer_env"
+        )
+    return value
+
+
+class StudyReportSettings(_Section):
+    """What ctwatch writes beside each study JSON even when no destination asks for it.
+
+    ``make``: any of ``html`` (a self-contained page for people), ``pdf`` (the same page as PDF),
+    ``sr`` (DICOM Comprehensive 3D SR, TID 1500) and ``sc`` (the key slices as DICOM Secondary
+    Capture images with a burned-in "AI-generated" banner). A destination's ``send`` adds to it.
+    """
+
+    make: list[Literal["html", "pdf", "sr", "sc"]] = Field(default_factory=lambda: ["html", "pdf"])
+    institution: str = Field(default="", max_length=64)  # shown on the report; empty: not shown
+
+
+class DicomWebTarget(_Section):
+    """STOW-RS to ``url`` (the DICOMweb root, e.g. https://pacs/dicom-web); its host must be in
+    ``fetch.allow_hosts``; the bearer token is read from the environment variable ``bearer_env``
+    at each send, never from this file."""
+
+    url: str
+    bearer_env: str | None = Field(default=None, pattern=_ENV)
+    timeout_seconds: float = Field(default=60, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _http_url(value, "dicomweb.url")
+
+
+class DimseTarget(_Section):
+    """C-STORE to a DICOM node (PS3.7 / PS3.8): ``called_aet`` at ``host``:``port``, as ``calling_aet``."""
+
+    host: str
+    port: int = Field(ge=1, le=65535)
+    called_aet: str = Field(default="ANY-SCP", pattern=_AE_TITLE)
+    calling_aet: str = Field(default="CTWATCH", pattern=_AE_TITLE)
+    timeout_seconds: float = Field(default=30, gt=0)
+
+
+class FolderTarget(_Section):
+    """Copies into ``path`` (one folder per study), written atomically."""
+
+    path: Path
+
+
+class RetrySettings(_Section):
+    """Back-off while a destination is down: ``first_seconds``, doubling up to ``max_seconds``;
+    a send still failing after ``give_up_after`` (a duration) ends ``failed`` (``resend`` takes it again)."""
+
+    first_seconds: float = Field(default=30, gt=0)
+    max_seconds: float = Field(default=3600, gt=0)
+    give_up_after: float = Field(default=3 * 86400, gt=0)
+
+    @field_validator("give_up_after", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> float:
+        return parse_duration(value)
+
+
+class DestinationSettings(_Section):
+    """Where results go back: exactly one of ``dicomweb``, ``dimse``, ``folder``.
+
+    ``send``: which objects (``sr``, ``sc``, ``pdf`` — as Encapsulated PDF over DICOM —, and for a
+    folder also ``html``); ``when``: ``every_study``, ``pathology`` (only ``pathology: 1``) or
+    ``failures`` (only studies that could not be analysed).
+    """
+
+    name: str = Field(pattern=_NAME)
+    dicomweb: DicomWebTarget | None = None
+    dimse: DimseTarget | None = None
+    folder: FolderTarget | None = None
+    send: list[Literal["sr", "sc", "pdf", "html"]] = Field(default_factory=lambda: ["sr", "sc"], min_length=1)
+    when: Literal["every_study", "pathology", "failures"] = "every_study"
+    retry: RetrySettings = RetrySettings()
+
+    @property
+    def kind(self) -> Literal["dicomweb", "dimse", "folder"]:
+        return "dicomweb" if self.dicomweb else "dimse" if self.dimse else "folder"
+
+    @model_validator(mode="after")
+    def _one_target(self) -> DestinationSettings:
+        given = [k for k in ("dicomweb", "dimse", "folder") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "a destination takes exactly one of dicomweb, dimse or folder"
+                + (f" (this one has {', '.join(given)})" if given else "")
+            )
+        if "html" in self.send and self.kind != "folder":
+            raise ValueError("html can be sent to a folder only; a PACS takes sr, sc and pdf")
+        return self
+
+
+class NotificationSettings(_Section):
+    """A webhook: a JSON POST to ``url`` (host in ``fetch.allow_hosts``) ``on`` failure (an arrival
+    or a study that could not be analysed), ``pathology`` (a study with ``pathology: 1``) and
+    ``daily`` (a summary at ``daily_at``, local time). PHI-free unless ``include_phi: true``."""
+
+    name: str = Field(pattern=_NAME)
+    url: str
+    bearer_env: str | None = Field(default=None, pattern=_ENV)
+    on: list[Literal["failure", "pathology", "daily"]] = Field(
+        default_factory=lambda: ["failure", "daily"], min_length=1
+    )
+    daily_at: str = "07:00"
+    include_phi: bool = False
+    timeout_seconds: float = Field(default=15, gt=0)
+    retry: RetrySettings = RetrySettings()
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _http_url(value, "url")
+
+    @field_validator("daily_at")
+    @classmethod
+    def _daily_at(cls, value: str) -> str:
+        if not re.fullmatch(r"([01][0-9]|2[0-3]):[0-5][0-9]", value):
+            raise ValueError("daily_at must look like 07:00 (24-hour local time)")
+        return value
+
+
 class Settings(_Section):
     root: Path = Path(".")
     inbox: InboxSettings = InboxSettings()
@@ -379,6 +520,9 @@ class Settings(_Section):
     executor: ExecutorSettings = ExecutorSettings()
     sources: list[SourceSettings] = Field(default_factory=list)
     fetch: FetchSettings = FetchSettings()
+    study_report: StudyReportSettings = StudyReportSettings()
+    destinations: list[DestinationSettings] = Field(default_factory=list)
+    notifications: list[NotificationSettings] = Field(default_factory=list)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # Images of a study already analysed from an earlier arrival (processor.vocab.LateSeries).
     late_series: LateSeries = LateSeries.NEW_VERSION
@@ -401,6 +545,27 @@ class Settings(_Section):
                 "ignore (the later parts are not analysed; their receipt says why)"
             )
         return value
+
+    @model_validator(mode="after")
+    def _outbound(self) -> Settings:
+        """Destination and notification names are unique; every URL host is allow-listed."""
+        from urllib.parse import urlsplit
+
+        names = [d.name for d in self.destinations] + [n.name for n in self.notifications]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"destination and notification names must be unique: {', '.join(twice)}")
+        urls = [(f"destination {d.name}", d.dicomweb.url) for d in self.destinations if d.dicomweb]
+        urls += [(f"notification {n.name}", n.url) for n in self.notifications]
+        hosts = [(what, (urlsplit(url).hostname or "").lower()) for what, url in urls]
+        hosts += [(f"destination {d.name}", d.dimse.host.lower()) for d in self.destinations if d.dimse]
+        for what, host in hosts:
+            if host not in self.fetch.allow_hosts:
+                raise ValueError(
+                    f"{what}: host {host} is not in fetch.allow_hosts. Fix: add {host} to "
+                    "fetch.allow_hosts if it is trusted"
+                )
+        return self
 
     def resolve(self, base: Path) -> Settings:
         """Return a copy with every relative path made absolute against ``root``."""
@@ -425,6 +590,12 @@ class Settings(_Section):
                 "pipeline": absolute(self.pipeline),
                 "weights": absolute(self.weights),
                 "reports": self.reports.model_copy(update={"dir": absolute(self.reports.dir)}),
+                "destinations": [
+                    d.model_copy(update={"folder": FolderTarget(path=absolute(d.folder.path))})
+                    if d.folder
+                    else d
+                    for d in self.destinations
+                ],
             }
         )
 
