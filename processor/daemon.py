@@ -8,7 +8,7 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +32,7 @@ from processor.lifecycle import Lifecycle, Supervisor
 from processor.outputs.layout import OutboxLayout
 from processor.outputs.recorder import StudyRecorder
 from processor.outputs.report import ReportUpdater
+from processor.outputs.sendback import ObjectMaker
 from processor.pipeline.registry import StepRegistry
 from processor.pipeline.spec import Pipeline, load_pipeline
 from processor.pipeline.step import StepEnv
@@ -69,10 +70,13 @@ class Components:
     models: ModelCache
     state: State
     intake: Intake
+    # set by the recorder after a finish that queued sends; the delivery thread waits on it
+    outbound_wake: threading.Event = field(default_factory=threading.Event)
 
     def recorder(self, state: State | None = None) -> StudyRecorder:
         """The one writer of results, receipts and final placements, on ``state`` (default: ours)."""
         placements = Placements(self.intake.layout_for)
+        s = self.settings
         return StudyRecorder(
             state or self.state,
             OutboxLayout(self.settings.outbox),
@@ -83,6 +87,9 @@ class Components:
                 "version": self.pipeline.version,
                 "digest": self.pipeline.digest,
             },
+            objects=ObjectMaker(s.study_report, s.destinations, s.outbox),
+            notifications=s.notifications,
+            outbound_wake=self.outbound_wake,
         )
 
     def executor(self, state: State | None = None) -> LocalExecutor:

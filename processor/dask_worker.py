@@ -21,6 +21,7 @@ series, is always carried).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -346,5 +347,16 @@ def _slim(prepared: Prepared) -> None:
     studies = [s for item in prepared.opened for s in item.studies] + [r.ctx.study for r in prepared.runs]
     for study in studies:
         for series in study.series.values():
+            _keep_first_header(series.instances)
             for instance in series.instances:
                 instance.member = readerless(instance.member)
+
+
+def _keep_first_header(instances: list[Any]) -> None:
+    """Parse the first instance's header while its bytes are here: the coordinator copies the
+    patient and study modules from it into the objects sent back to the PACS
+    (:class:`processor.dicom.sendback.SourceStudy`). One that cannot be read is left as it is (the
+    coordinator then says so)."""
+    if instances:
+        with contextlib.suppress(Exception):  # reported where it is needed, by the coordinator
+            _ = instances[0].header

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from processor.dicom.scan import Study
+from processor.dicom.scan import CorruptDicom, Study
+from processor.dicom.sendback import SourceStudy
 from processor.errors import IngestError
 from processor.executor_read import (
     SLOW_INPUT,
@@ -382,6 +383,7 @@ def _finished(
     features = dict(ctx.values.get("features") or {})
     feature_models = ctx.values.get("feature_models") or {}
     latent_models = ctx.values.get("latent_models") or {}
+    source, source_problem = _source_study(study, (ctx.result.get("series_selection") or {}).get("chosen"))
     return FinishedStudy(
         study_uid=study.uid,
         accession=study.accession,
@@ -401,6 +403,8 @@ def _finished(
         lineage=item.lineage.get(study.uid, Lineage(input_ids=(item.arrival.id,))),
         series_instances=series_instances(study),
         sop_digests=sop_digests(study),
+        source=source,
+        source_problem=source_problem,
         dicom={
             "instances_in_arrival": item.n_dicom,
             "instances_in_study": study.instance_count,
@@ -408,3 +412,11 @@ def _finished(
             "skipped": dict(item.skipped),
         },
     )
+
+
+def _source_study(study: Study, series_uid: str | None) -> tuple[SourceStudy | None, str | None]:
+    """What send-back objects copy from the study, or None and why (a header that no longer reads)."""
+    try:
+        return SourceStudy.from_study(study, series_uid), None
+    except CorruptDicom as exc:
+        return None, f"the input's header could not be read again: {exc}"

@@ -31,8 +31,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
+from processor.config import NotificationSettings
+from processor.dicom.sendback import SourceStudy
 from processor.errors import VersionConflict
 from processor.faults import fault_point
 from processor.names import display_name
@@ -44,10 +46,14 @@ from processor.outputs.receipt import (
     write_receipt_document,
 )
 from processor.outputs.result import build_result, plain_json, write_json_atomic
+from processor.outputs.sendback import ObjectMaker
 from processor.outputs.versions import IGNORED, Lineage, SetAside, end_without_studies
 from processor.redact import redact_optional_url
 from processor.state import Arrival, State
 from processor.vocab import ArrivalState, LateSeries, ReceiptOutcome, StudyStatus, utcnow
+
+if TYPE_CHECKING:
+    from processor.state.deliveries import Outbound
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +109,10 @@ class FinishedStudy:
     lineage: Lineage = field(default_factory=Lineage)
     series_instances: dict[str, list[int | str]] = field(default_factory=dict)
     sop_digests: bytes = b""
+    # what send-back objects copy from the input (patient and study modules, the analysed series);
+    # None with ``source_problem`` saying why when its header could not be read
+    source: SourceStudy | None = None
+    source_problem: str | None = None
 
 
 class StudyRecorder:
@@ -117,7 +127,16 @@ class StudyRecorder:
         device: str,
         pipeline: Mapping[str, Any],
         today: Callable[[], date] = date.today,
+        objects: ObjectMaker | None = None,
+        notifications: Sequence[NotificationSettings] = (),
+        outbound_wake: threading.Event | None = None,
     ) -> None:
+        """``objects``: makes each study's report files and DICOM objects and its destinations' rows
+        (None: none); ``notifications``: the webhooks told of failures and pathology;
+        ``outbound_wake``: set after a finish that queued sends (the delivery thread waits on it)."""
+        self.objects = objects
+        self.notifications = list(notifications)
+        self.outbound_wake = outbound_wake
         self.state = state
         self.layout = layout
         self.placement_for = placement_for
@@ -172,6 +191,7 @@ class StudyRecorder:
         ran (:class:`~processor.errors.VersionConflict`): nothing is recorded, it runs again.
         """
         documents = [self._result(arrival, study) for study in studies]
+        outbound = self._outbound(arrival, studies, documents)
         failed = [s for s in studies if s.status == StudyStatus.FAILURE]
         message = f"{len(studies)} stud{'y' if len(studies) == 1 else 'ies'} processed" + (
             f"; {len(failed)} could not be analysed: " + "; ".join(str(s.error) for s in failed)
@@ -198,7 +218,7 @@ class StudyRecorder:
         rows = [self._rows(study, document) for study, document in zip(studies, documents, strict=True)]
         ignored = LateSeries.IGNORE if any(s.kind == IGNORED for s in set_aside) else None
         try:
-            self._finish(arrival, state, reason, receipt, rows, duplicate_of, ignored)
+            self._finish(arrival, state, reason, receipt, rows, duplicate_of, ignored, outbound)
         except VersionConflict as exc:
             self.release(arrival)
             self.state.release(arrival.id)
@@ -220,7 +240,12 @@ class StudyRecorder:
         """Record an arrival that could not be processed (``quarantined``: its input is at fault;
         ``failed``: ctwatch is), then place its input in quarantine/ with the reason beside it."""
         outcome = ReceiptOutcome.REJECTED if state == ArrivalState.QUARANTINED else ReceiptOutcome.FAILED
-        self._finish(arrival, state, reason, receipt_document(arrival, outcome, reason), [])
+        from processor.outputs.notify import arrival_outbound  # TEMP lazy while helpers build it
+
+        outbound = arrival_outbound(self.notifications, arrival, state, reason) if self.notifications else []
+        self._finish(
+            arrival, state, reason, receipt_document(arrival, outcome, reason), [], outbound=outbound
+        )
         log.warning("arrival.%s arrival=%s name=%s reason=%r", state, arrival.id, arrival.name, reason)
         return state
 
@@ -233,6 +258,7 @@ class StudyRecorder:
         rows: list[dict[str, Any]],
         duplicate_of: int | None = None,
         late_series: LateSeries | None = None,
+        outbound: Sequence[Outbound] = (),
     ) -> None:
         placement = self.placement_for(arrival)
         dest = placement.final_path(arrival, quarantine=_to_quarantine(state), today=self.today())
@@ -246,7 +272,10 @@ class StudyRecorder:
             studies=rows,
             duplicate_of=duplicate_of,
             late_series=late_series,
+            **({"outbound": outbound} if outbound else {}),  # TEMP until State.finish takes it
         )
+        if outbound and self.outbound_wake is not None:
+            self.outbound_wake.set()
         self.release(arrival)
         fault_point("arrival.recorded", arrival.name)
         self._place(self.state.arrival(arrival.id), receipt)
@@ -347,6 +376,23 @@ class StudyRecorder:
             ReceiptOutcome.REJECTED if arrival.state == ArrivalState.QUARANTINED else ReceiptOutcome.FAILED
         )
         return receipt_document(arrival, outcome, arrival.error or "no reason was recorded")
+
+    # ------------------------------------------------------------------ send-back
+    def _outbound(
+        self, arrival: Arrival, studies: Sequence[FinishedStudy], documents: Sequence[dict[str, Any]]
+    ) -> list[Outbound]:
+        """Make each study's report files and DICOM objects (adding its ``report`` section) and
+        return the queue rows of its destinations and notifications, for the finishing transaction."""
+        rows: list[Outbound] = []
+        if self.objects is not None and self.objects.enabled:
+            for study, document in zip(studies, documents, strict=True):
+                built = self.objects.make(document, study.json_path, study.source, study.source_problem)
+                rows += self.objects.outbound(arrival, document, built)
+        if self.notifications:
+            from processor.outputs.notify import study_outbound  # TEMP lazy while helpers build it
+
+            rows += study_outbound(self.notifications, arrival, documents)
+        return rows
 
     # ------------------------------------------------------------------ documents
     def _result(self, arrival: Arrival, study: FinishedStudy) -> dict[str, Any]:

@@ -1,0 +1,300 @@
+"""The objects made for each study beside its JSON, and the send-back rows that go with them.
+
+For each study the recorder calls :meth:`ObjectMaker.make` after the result document is final and
+before the one transaction that records it (:meth:`processor.state.State.finish`), so that the
+files exist before any row names them, and :meth:`ObjectMaker.outbound` for the rows of the
+durable send queue (:mod:`processor.state.deliveries`) that the same transaction inserts.
+
+Files, in the study's folder beside its JSON (``<day>/<StudyUID>/``, where the previews are):
+
+=============== ===============================================================================
+``report.html`` the page for people (:func:`processor.outputs.studyreport.render_html`)
+``report.pdf``  the same page as PDF (WeasyPrint)
+``sr.dcm``      Comprehensive 3D SR, TID 1500 (:func:`processor.dicom.sr.build_sr`)
+``key_<n>.dcm`` the lung-window key slices as Secondary Capture (:func:`processor.dicom.keyimages.
+                build_key_image`), n = 1.. inferior to superior
+``report_pdf.dcm`` the PDF as Encapsulated PDF, made only for a DICOM destination that sends ``pdf``
+=============== ===============================================================================
+
+Which are made: ``study_report.make`` plus what each destination ``send`` s. Every object has new
+Series and SOP Instance UIDs (fixed in its file, so a send repeated after a crash stores the same
+instance again); series numbers :data:`SERIES_NUMBERS`. An object that cannot be made (the input's
+header no longer reads, WeasyPrint without Pango) is named in the document's ``report.problems``
+and the log; the study's result stands, and a destination that wanted it gets no row for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from processor.atomic import write_bytes_atomic
+from processor.config import DestinationSettings, StudyReportSettings
+from processor.dicom.sendback import SourceStudy
+from processor.provenance import software_versions
+from processor.state import Arrival
+from processor.vocab import StudyStatus
+
+if TYPE_CHECKING:
+    from processor.state.deliveries import Outbound
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SERIES_NUMBERS", "Built", "ObjectMaker"]
+
+# Series numbers of the objects ctwatch adds to a study (high, to sort after the scanner's series).
+SERIES_NUMBERS = {"sr": 9901, "sc": 9902, "pdf": 9903}
+DICOM_KINDS = ("sr", "sc", "pdf")
+
+
+@dataclass(frozen=True)
+class Built:
+    """One file made for a study: its kind (html, pdf, sr, sc, pdf_dicom), where it is, its SOP
+    Instance UID (DICOM objects) and sha256."""
+
+    kind: str
+    path: Path
+    sop_instance_uid: str | None
+    sha256: str
+
+    def item(self, outbox: Path) -> dict[str, Any]:
+        """The queue item naming this file (path relative to the outbox)."""
+        kind = "pdf" if self.kind == "pdf_dicom" else self.kind
+        return {
+            "kind": kind,
+            "path": str(self.path.relative_to(outbox)),
+            "sop_instance_uid": self.sop_instance_uid,
+            "sha256": self.sha256,
+        }
+
+
+class ObjectMaker:
+    """Makes a study's report files and DICOM objects, and the queue rows its destinations want."""
+
+    def __init__(
+        self,
+        report: StudyReportSettings,
+        destinations: Sequence[DestinationSettings],
+        outbox: Path,
+        *,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.report = report
+        self.destinations = list(destinations)
+        self.outbox = outbox
+        self.now = now
+        wanted = set(report.make)
+        for destination in self.destinations:
+            wanted |= set(destination.send)
+        self.wanted = wanted
+        # an Encapsulated PDF only when a DICOM destination sends the PDF
+        self.pdf_dicom = any(d.kind != "folder" and "pdf" in d.send for d in self.destinations)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.wanted)
+
+    def make(
+        self,
+        document: dict[str, Any],
+        json_path: Path,
+        source: SourceStudy | None,
+        source_problem: str | None,
+    ) -> list[Built]:
+        """Write the study's files into its folder and add the ``report`` section to ``document``.
+
+        Never raises for one object that cannot be made: that object is left out, its reason is in
+        ``document["report"]["problems"]``.
+        """
+        folder = json_path.parent / json_path.stem
+        built: list[Built] = []
+        problems: list[str] = []
+        failed = document.get("processing_status") == StudyStatus.FAILURE
+
+        def attempt(what: str, make: Callable[[], list[Built]]) -> None:
+            try:
+                built.extend(make())
+            except Exception as exc:  # noqa: BLE001 - one object's fault never fails the study
+                log.warning("report.object_failed what=%s: %s", what, exc, exc_info=True)
+                problems.append(f"the {what} could not be made: {exc}")
+
+        dicom_wanted = self.wanted & {"sr", "sc"} or self.pdf_dicom
+        if dicom_wanted and source is None:
+            problems.append(f"no DICOM objects were made: {source_problem or 'the input header is unknown'}")
+        html = None
+        if self.wanted & {"html", "pdf"}:
+
+            def make_html() -> list[Built]:
+                nonlocal html
+                from processor.outputs.studyreport import render_html
+
+                html = render_html(document, json_path.parent, institution=self.report.institution)
+                return [self._write(folder / "report.html", html.encode("utf-8"), "html", None)]
+
+            attempt("HTML report", make_html)
+        pdf: bytes | None = None
+        if "pdf" in self.wanted and html is not None:
+
+            def make_pdf() -> list[Built]:
+                nonlocal pdf
+                from processor.outputs.studyreport import render_pdf
+
+                assert html is not None
+                pdf = render_pdf(html)
+                return [self._write(folder / "report.pdf", pdf, "pdf", None)]
+
+            attempt("PDF report", make_pdf)
+        if source is not None:
+            if "sr" in self.wanted:
+                attempt("structured report", lambda: [self._sr(folder, document, source)])
+            if "sc" in self.wanted and not failed:
+                attempt("key images", lambda: self._key_images(folder, json_path.parent, document, source))
+            if self.pdf_dicom and pdf is not None:
+                attempt("Encapsulated PDF", lambda: [self._pdf_dicom(folder, pdf or b"", source)])
+        document["report"] = {
+            "files": [
+                {
+                    "kind": b.kind,
+                    "file": str(b.path.relative_to(json_path.parent)),
+                    "sop_instance_uid": b.sop_instance_uid,
+                    "sha256": b.sha256,
+                }
+                for b in built
+            ],
+            "problems": problems,
+        }
+        return built
+
+    def outbound(
+        self, arrival: Arrival, document: Mapping[str, Any], built: Sequence[Built]
+    ) -> list[Outbound]:
+        """The queue rows of the destinations whose ``when`` this study meets, each with the files it sends."""
+        from processor.state.deliveries import Outbound
+
+        failed = document.get("processing_status") == StudyStatus.FAILURE
+        rows: list[Outbound] = []
+        for destination in self.destinations:
+            if destination.when == "pathology" and document.get("pathology") != 1:
+                continue
+            if destination.when == "failures" and not failed:
+                continue
+            items = [b.item(self.outbox) for b in built if _sent_as(b, destination) in destination.send]
+            if not items:
+                continue
+            rows.append(
+                Outbound(
+                    destination=destination.name,
+                    event="study",
+                    arrival_id=arrival.id,
+                    study_uid=str(document["study_uid"]),
+                    items=tuple(items),
+                )
+            )
+        return rows
+
+    # ------------------------------------------------------------------ objects
+    def _uids(self) -> tuple[str, str]:
+        return str(generate_uid()), str(generate_uid())
+
+    def _software(self) -> str:
+        versions = software_versions()
+        return f"ctwatch {versions.get('ctwatch', '?')}"
+
+    def _sr(self, folder: Path, document: Mapping[str, Any], source: SourceStudy) -> Built:
+        from processor.dicom.sr import build_sr
+
+        series_uid, sop_uid = self._uids()
+        dataset = build_sr(
+            source,
+            document,
+            series_instance_uid=series_uid,
+            sop_instance_uid=sop_uid,
+            series_number=SERIES_NUMBERS["sr"],
+            software_versions=self._software(),
+            content_datetime=self.now(),
+        )
+        return self._write_dicom(folder / "sr.dcm", dataset, "sr")
+
+    def _key_images(
+        self, folder: Path, json_dir: Path, document: Mapping[str, Any], source: SourceStudy
+    ) -> list[Built]:
+        from PIL import Image
+
+        from processor.dicom.keyimages import build_key_image
+
+        slices = [k for k in document.get("key_slices") or [] if k.get("window") == "lung"]
+        series_uid = str(generate_uid())
+        pixel_mm = _pixel_mm(document)
+        out = []
+        for number, entry in enumerate(slices, start=1):
+            path = json_dir / entry["file"]
+            data = path.read_bytes()
+            if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+                raise ValueError(f"the preview {entry['file']} changed after it was written")
+            with Image.open(path) as image:
+                pixels = np.asarray(image.convert("L"))
+            dataset = build_key_image(
+                source,
+                pixels,
+                pixel_mm=pixel_mm,
+                series_instance_uid=series_uid,
+                sop_instance_uid=str(generate_uid()),
+                series_number=SERIES_NUMBERS["sc"],
+                instance_number=number,
+                description=f"ctwatch key slice {number}, lung window, z {entry.get('z_mm')} mm",
+            )
+            out.append(self._write_dicom(folder / f"key_{number}.dcm", dataset, "sc"))
+        return out
+
+    def _pdf_dicom(self, folder: Path, pdf: bytes, source: SourceStudy) -> Built:
+        from processor.dicom.keyimages import build_encapsulated_pdf
+
+        series_uid, sop_uid = self._uids()
+        dataset = build_encapsulated_pdf(
+            source,
+            pdf,
+            series_instance_uid=series_uid,
+            sop_instance_uid=sop_uid,
+            series_number=SERIES_NUMBERS["pdf"],
+            instance_number=1,
+            title="ctwatch report (AI-generated, not a diagnosis)",
+        )
+        return self._write_dicom(folder / "report_pdf.dcm", dataset, "pdf_dicom")
+
+    # ------------------------------------------------------------------ files
+    def _write(self, path: Path, data: bytes, kind: str, sop_uid: str | None) -> Built:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(path, data)
+        return Built(kind=kind, path=path, sop_instance_uid=sop_uid, sha256=hashlib.sha256(data).hexdigest())
+
+    def _write_dicom(self, path: Path, dataset: Dataset, kind: str) -> Built:
+        from io import BytesIO
+
+        buffer = BytesIO()
+        dataset.save_as(buffer, enforce_file_format=True)
+        return self._write(path, buffer.getvalue(), kind, str(dataset.SOPInstanceUID))
+
+
+def _sent_as(built: Built, destination: DestinationSettings) -> str | None:
+    """The ``send`` word under which ``destination`` takes ``built`` (None: it never does)."""
+    if built.kind == "pdf_dicom":
+        return "pdf" if destination.kind != "folder" else None
+    if built.kind == "pdf":
+        return "pdf" if destination.kind == "folder" else None
+    return built.kind
+
+
+def _pixel_mm(document: Mapping[str, Any]) -> float | None:
+    """The side of one (square) preview pixel in mm, as the render step recorded it; None when unknown."""
+    pixels = ((document.get("key_slices_method") or {}).get("pixels")) or {}
+    value = pixels.get("pixel_mm") or pixels.get("output_pixel_mm")
+    return float(value) if isinstance(value, int | float) and value > 0 else None
