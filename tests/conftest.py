@@ -87,7 +87,8 @@ class Project:
             env=_env(),
         )
 
-    def start(self, *args: str) -> subprocess.Popen[str]:
+    def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        """The daemon (or another command) as a child process; ``env``: variables added to its environment."""
         with (self.root / "daemon.log").open("a") as log:  # the child keeps its own descriptor
             return subprocess.Popen(
                 [sys.executable, str(REPO / "run.py"), *args, "--config", str(self.config)],
@@ -95,7 +96,7 @@ class Project:
                 stderr=subprocess.STDOUT,
                 text=True,
                 cwd=self.root,
-                env=_env(),
+                env=_env() | (env or {}),
             )
 
     def results(self) -> list[Path]:

@@ -235,16 +235,23 @@ class ObjectMaker:
         series_uid = str(generate_uid())
         pixel_mm = _pixel_mm(document)
         out = []
-        for number, entry in enumerate(slices, start=1):
-            path = json_dir / entry["file"]
+
+        def read(name: str, sha256: str | None) -> np.ndarray:
+            path = json_dir / name
             data = path.read_bytes()
-            if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
-                raise ValueError(f"the preview {entry['file']} changed after it was written")
+            if hashlib.sha256(data).hexdigest() != sha256:
+                raise ValueError(f"the preview {name} changed after it was written")
             with Image.open(path) as image:
-                pixels = np.asarray(image.convert("L"))
+                return np.asarray(image.convert("L"))
+
+        for number, entry in enumerate(slices, start=1):
+            pixels = read(entry["file"], entry.get("sha256"))
+            mask = entry.get("lung_mask_file")
+            outline = read(mask, entry.get("lung_mask_sha256")) > 127 if mask else None
             dataset = build_key_image(
                 source,
                 pixels,
+                outline=outline,
                 pixel_mm=pixel_mm,
                 series_instance_uid=series_uid,
                 sop_instance_uid=str(generate_uid()),
@@ -296,5 +303,5 @@ def _sent_as(built: Built, destination: DestinationSettings) -> str | None:
 def _pixel_mm(document: Mapping[str, Any]) -> float | None:
     """The side of one (square) preview pixel in mm, as the render step recorded it; None when unknown."""
     pixels = ((document.get("key_slices_method") or {}).get("pixels")) or {}
-    value = pixels.get("pixel_mm") or pixels.get("output_pixel_mm")
+    value = pixels.get("output_pixel_mm")
     return float(value) if isinstance(value, int | float) and value > 0 else None

@@ -1,6 +1,8 @@
 """Preview step ``render.key_slices``: PNGs of N axial levels through the lungs, in CT windows.
 
-Files go to ``ctx.out_dir`` as ``key_<window>_<n>.png`` (n = 1..count, inferior to superior);
+Files go to ``ctx.out_dir`` as ``key_<window>_<n>.png`` (n = 1..count, inferior to superior), and
+with a lung mask ``key_lungs_<n>.png`` (the mask at that level in the same pixel grid, 0 / 255: the
+outline on the key images sent to a PACS, :mod:`processor.dicom.keyimages`);
 the result lists them relative to the folder of the study JSON (``<StudyUID>/key_lung_1.png``)
 with window, slice index, position and sha256. The captioning step reads the same images from
 ``values["key_slices"]``. The choice of levels and windows is deterministic (see
@@ -89,6 +91,7 @@ class RenderKeySlices(Step):
         grid = PixelGrid.of(float(d_row), float(d_col), turn, volume.spacing_unknown)
         # orient and resample each level's HU once; every window is then exact on the square grid
         shown = {k: to_square_pixels(orient(volume.hu[k], turn), grid) for k in levels}
+        masks = self._write_masks(ctx, levels, turn, grid)
         slices: list[KeySlice] = []
         for name in params.windows:
             width, level = WINDOWS[name]
@@ -119,6 +122,7 @@ class RenderKeySlices(Step):
                 "slice_index": s.slice_index,
                 "z_mm": s.z_mm,
                 "sha256": s.sha256,
+                **masks.get(s.number, {}),
             }
             for s in slices
         ]
@@ -140,6 +144,25 @@ class RenderKeySlices(Step):
             levels,
             grid.pixel_mm,
         )
+
+    @staticmethod
+    def _write_masks(
+        ctx: StudyContext, levels: list[int], turn: Orientation, grid: PixelGrid
+    ) -> dict[int, dict[str, str]]:
+        """The lung mask of each level as ``key_lungs_<n>.png`` (0 / 255, the previews' pixel grid:
+        same turn, resampled linearly and cut at one half), for outlines on the key images; the
+        entries' ``lung_mask_file`` / ``lung_mask_sha256``. Nothing without a lung mask."""
+        mask = ctx.values.get("lung_mask")
+        if mask is None:
+            return {}
+        out: dict[int, dict[str, str]] = {}
+        for number, k in enumerate(levels, start=1):
+            shown = to_square_pixels(orient(mask[k].astype(np.float32), turn), grid)
+            image = np.where(shown >= 0.5, 255, 0).astype(np.uint8)
+            path = ctx.out_dir / f"key_lungs_{number}.png"
+            digest = write_atomic(path, png_bytes(image))
+            out[number] = {"lung_mask_file": f"{ctx.out_dir.name}/{path.name}", "lung_mask_sha256": digest}
+        return out
 
 
 def _displayed_shape(shape_zyx: tuple[int, ...], turn: Orientation) -> tuple[int, int]:
