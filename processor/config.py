@@ -361,6 +361,8 @@ class FetchSettings(_Section):
 
 
 _NAME = r"^[A-Za-z0-9_.-]+$"
+ReportObject = Literal["html", "pdf", "sr", "sc"]
+NotifyEvent = Literal["failure", "pathology", "daily"]
 _ENV = r"^[A-Za-z_][A-Za-z0-9_]*$"
 _AE_TITLE = r"^[ -[\]-~]{1,16}$"  # 16 characters of the DICOM default repertoire, no backslash
 
@@ -390,7 +392,7 @@ class StudyReportSettings(_Section):
     Capture images with a burned-in "AI-generated" banner). A destination's ``send`` adds to it.
     """
 
-    make: list[Literal["html", "pdf", "sr", "sc"]] = Field(default_factory=lambda: ["html", "pdf"])
+    make: list[ReportObject] = Field(default_factory=lambda: list[ReportObject](["html", "pdf"]))
     institution: str = Field(default="", max_length=64)  # shown on the report; empty: not shown
 
 
@@ -451,7 +453,7 @@ class DestinationSettings(_Section):
     dicomweb: DicomWebTarget | None = None
     dimse: DimseTarget | None = None
     folder: FolderTarget | None = None
-    send: list[Literal["sr", "sc", "pdf", "html"]] = Field(default_factory=lambda: ["sr", "sc"], min_length=1)
+    send: list[ReportObject] = Field(default_factory=lambda: list[ReportObject](["sr", "sc"]), min_length=1)
     when: Literal["every_study", "pathology", "failures"] = "every_study"
     retry: RetrySettings = RetrySettings()
 
@@ -480,11 +482,13 @@ class NotificationSettings(_Section):
     name: str = Field(pattern=_NAME)
     url: str
     bearer_env: str | None = Field(default=None, pattern=_ENV)
-    on: list[Literal["failure", "pathology", "daily"]] = Field(
-        default_factory=lambda: ["failure", "daily"], min_length=1
+    on: list[NotifyEvent] = Field(
+        default_factory=lambda: list[NotifyEvent](["failure", "daily"]), min_length=1
     )
     daily_at: str = "07:00"
     include_phi: bool = False
+    # Which ctwatch sent it, in the admin's words (the payload's ``ctwatch``; never the host name).
+    label: str | None = Field(default=None, min_length=1, max_length=100)
     timeout_seconds: float = Field(default=15, gt=0)
     retry: RetrySettings = RetrySettings()
 
