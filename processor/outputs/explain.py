@@ -127,7 +127,7 @@ def what_ran(
     lines: list[str] = []
     failures = [o for o in outcomes if o.outcome == Outcome.FAILED]
     if status == StudyStatus.FAILURE:
-        cause = _study_failure(failures, error)
+        cause = study_failure(failures, error)
         if cause is not None:
             failures.remove(cause)
             lines.append(f"Not analysed: {cause.words} failed — {short_reason(cause.reason)}")
@@ -151,7 +151,7 @@ def what_ran(
     return "\n".join(lines) or None
 
 
-def _study_failure(failures: list[StepOutcome], error: str | None) -> StepOutcome | None:
+def study_failure(failures: list[StepOutcome], error: str | None) -> StepOutcome | None:
     """The failed step that failed the study: the one its error names, else the last failed one
     (the runner runs nothing after it); None when no step failed (e.g. interrupted)."""
     named = _IN_STEP.findall(error or "")
