@@ -1,4 +1,4 @@
-"""Command line: ``run`` (the daemon, default), ``process``, ``status``, ``requeue``, ``check-config``, ``steps``, ``report``, ``weights``, ``export``, ``worker`` (a Dask worker).
+"""Command line: ``run`` (the daemon, default), ``process``, ``status``, ``requeue``, ``resend``, ``check-config``, ``steps``, ``report``, ``weights``, ``export``, ``worker`` (a Dask worker).
 
 Exit codes: 0 fine, 1 some input was rejected or failed, 2 bad configuration or pipeline.
 """
@@ -12,7 +12,7 @@ import signal
 import sys
 import traceback
 from collections.abc import Callable
-from datetime import date
+from datetime import date, datetime
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -59,6 +59,20 @@ def _parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("arrival_id", nargs="?", type=int)
     group.add_argument("--failed", action="store_true", help="requeue every failed arrival")
+    p = sub.add_parser(
+        "resend",
+        parents=[common],
+        help="send results or notifications again (rows of the send-back queue; works while the daemon runs)",
+    )
+    p.add_argument("ids", nargs="*", type=int, metavar="ID", help="delivery ids, as `status` lists them")
+    p.add_argument("--failed", action="store_true", help="every failed delivery")
+    p.add_argument(
+        "--since",
+        type=_moment,
+        default=None,
+        metavar="YYYY-MM-DD[THH:MM]",
+        help="every sent or failed delivery queued since then (local time), e.g. after a PACS lost data",
+    )
     sub.add_parser("check-config", parents=[common], help="validate settings and pipeline, then exit")
     sub.add_parser("steps", parents=[common], help="list the registered pipeline steps and their parameters")
     p = sub.add_parser(
@@ -355,6 +369,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
             f"{row.id:>6}  {row.state:<11} {row.attempts:>8}  {row.created_at:<25} {row.name}{lane}{reason}"
         )
     _print_sources(settings, state.sources())
+    _print_deliveries(settings, state)
     state.close()
     return EXIT_OK
 
@@ -405,6 +420,41 @@ def _print_sources(settings: Settings, rows: list[dict]) -> None:
             )
 
 
+def _print_deliveries(settings: Settings, state: State) -> None:
+    """The "Send-back" block: per destination its counts, oldest waiting and last error; then the
+    failed and waiting deliveries by id (what `resend` takes)."""
+    from processor.status.words import duration_words
+
+    configured = [d.name for d in settings.destinations] + [n.name for n in settings.notifications]
+    summary = state.delivery_summary()
+    names = configured + sorted(set(summary) - set(configured))
+    if not names:
+        return
+    print("Send-back:")
+    for name in names:
+        d = summary.get(name, {})
+        oldest = d.get("oldest_pending_seconds")
+        note = "" if name in configured else "  (not configured any more)"
+        print(
+            f"  {name}  pending={d.get('pending', 0)} sent={d.get('sent', 0)} failed={d.get('failed', 0)}"
+            + (f"  oldest pending {duration_words(oldest)}" if oldest is not None else "")
+            + note
+        )
+        if d.get("last_error"):
+            print(f"      last error {d['last_error_at']}: {d['last_error']}")
+    rows = state.recent_deliveries(10)
+    if rows:
+        print(
+            f"  {'id':>6}  {'state':<8} {'attempts':>8}  {'destination':<16} {'event':<10} {'arrival':>7}  last error"
+        )
+        for r in rows:
+            print(
+                f"  {r.id:>6}  {r.state:<8} {r.attempts:>8}  {r.destination:<16} {r.event:<10} "
+                f"{r.arrival_id if r.arrival_id is not None else '—':>7}  {r.last_error or ''}"
+            )
+        print("  send again: python run.py resend ID [ID ...] | --failed | --since YYYY-MM-DD[THH:MM]")
+
+
 def cmd_requeue(settings: Settings, args: argparse.Namespace) -> int:
     from processor.state import State
 
@@ -450,6 +500,45 @@ def _requeue_one(state: State, where: Path, arrival_id: int) -> int:
         why = f"is {arrival.state}, not failed, quarantined or ignored; nothing done"
     print(f"arrival {arrival_id} ({arrival.name}) {why}", file=sys.stderr)
     return EXIT_FAILED
+
+
+def cmd_resend(settings: Settings, args: argparse.Namespace) -> int:
+    """Set deliveries back to pending (attempts 0, next try now); the daemon's send-back threads
+    take them within seconds. Exactly one of IDs, ``--failed`` or ``--since``."""
+    from processor.state import DeliveryState, State
+
+    if sum((bool(args.ids), args.failed, args.since is not None)) != 1:
+        print(
+            "resend takes delivery ids, or --failed, or --since YYYY-MM-DD[THH:MM] (one of them)",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    if not settings.state.exists():  # never create a database just to find nothing in it
+        print(f"resent 0 deliveries: no state database yet at {settings.state}")
+        return EXIT_OK if not args.ids else EXIT_FAILED
+    state = State(settings.state, timeout=settings.limits.database_busy_seconds)
+    try:
+        found = {i: state.delivery(i) for i in args.ids}
+        unknown = [i for i, row in found.items() if row is None]
+        waiting = [i for i, row in found.items() if row is not None and row.state == DeliveryState.PENDING]
+        count = state.resend(args.ids, failed=args.failed, since=args.since)
+    finally:
+        state.close()
+    done = f"resent {count} deliver{'y' if count == 1 else 'ies'}"
+    print(
+        f"{done}: pending again; the daemon sends them within seconds (or when it next starts)"
+        if count
+        else f"{done}: none matched (only sent or failed deliveries are sent again)"
+    )
+    if waiting:
+        print(f"already waiting to be sent (left as they are): {', '.join(map(str, waiting))}")
+    if unknown:
+        print(
+            f"no delivery {', '.join(map(str, unknown))} in {settings.state}; `python run.py status` lists them",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 def cmd_check_config(settings: Settings, args: argparse.Namespace) -> int:
@@ -508,6 +597,17 @@ def _date(text: str) -> date:
         ) from exc
 
 
+def _moment(text: str) -> datetime:
+    """``YYYY-MM-DD`` or ``YYYY-MM-DDTHH:MM`` in the server's local time, as an aware datetime."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a date or time; write YYYY-MM-DD or YYYY-MM-DDTHH:MM, e.g. 2025-01-31T08:00"
+        ) from exc
+    return moment if moment.tzinfo is not None else moment.astimezone()
+
+
 def cmd_report(settings: Settings, args: argparse.Namespace) -> int:
     from processor.outputs.report import Reports
 
@@ -558,6 +658,7 @@ COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "process": cmd_process,
     "status": cmd_status,
     "requeue": cmd_requeue,
+    "resend": cmd_resend,
     "check-config": cmd_check_config,
     "steps": cmd_steps,
     "report": cmd_report,

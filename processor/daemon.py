@@ -10,12 +10,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from processor.config import Settings
+from processor.config import NotificationSettings, Settings
 from processor.cpupool import CpuPool
 from processor.dask_cluster import DaskCluster
+from processor.delivery import DeliveryService, routes_from_settings
 from processor.errors import ConfigError, Deferred, os_error_words
 from processor.executor import Executor, LocalExecutor
 from processor.executor_dask import DaskExecutor
@@ -26,21 +28,30 @@ from processor.intake.archive import Limits
 from processor.intake.orphans import adopt_orphans
 from processor.intake.placement import Placements
 from processor.intake.poller import SourcePoller, SourceThreads
-from processor.intake.register import Intake
+from processor.intake.register import Intake, Notices
 from processor.intake.watcher import InboxWatcher
 from processor.lifecycle import Lifecycle, Supervisor
 from processor.outputs.layout import OutboxLayout
+from processor.outputs.notify import ReasonKind, arrival_outbound, enqueue_daily
 from processor.outputs.recorder import StudyRecorder
 from processor.outputs.report import ReportUpdater
 from processor.outputs.sendback import ObjectMaker
 from processor.pipeline.registry import StepRegistry
 from processor.pipeline.spec import Pipeline, load_pipeline
 from processor.pipeline.step import StepEnv
-from processor.scheduler import Housekeeping, NightWindow, Scheduler, apply_retention, done_roots
-from processor.state import State
+from processor.scheduler import (
+    Housekeeping,
+    NightWindow,
+    Scheduler,
+    apply_retention,
+    done_roots,
+    time_of_day,
+)
+from processor.state import Arrival, Outbound, State
 from processor.status import Probes, StatusServer, pipeline_plan
 from processor.status.cluster import executor_view
 from processor.steps import default_registry
+from processor.vocab import ArrivalState
 from processor.weights import pinned_sha256
 from processor.worker import Worker
 
@@ -145,14 +156,29 @@ def _compose(
     )
     pipeline = load_pipeline(settings.pipeline, registry, env, text)
     state = State(settings.state, readonly=readonly, timeout=settings.limits.database_busy_seconds)
+    wake = threading.Event()
     intake = Intake(
         state,
         pipeline_name=pipeline.name,
         pipeline_version=pipeline.version,
         inbox_dirs=settings.inbox.dirs,
         outbox=settings.outbox,
+        notices=refusal_notices(settings),
+        outbound_wake=wake,
     )
-    return Components(settings, pipeline, device, models, state, intake)
+    return Components(settings, pipeline, device, models, state, intake, outbound_wake=wake)
+
+
+def refusal_notices(settings: Settings) -> Notices | None:
+    """The failure notifications of an input refused at intake (None: no notification wants them)."""
+    notifications = [n for n in settings.notifications if "failure" in n.on]
+    if not notifications:
+        return None
+
+    def notices(arrival: Arrival, state: str, reason: str) -> list[Outbound]:
+        return arrival_outbound(notifications, arrival, state, reason, kind=ReasonKind.NOT_TAKEN_IN)
+
+    return notices
 
 
 def log_paths(settings: Settings, pipeline: Pipeline, device: str) -> None:
@@ -236,6 +262,11 @@ class Daemon:
             on_rescan=self._on_wake,
             on_retention=self._on_retention if s.retention.keep_days else None,
             rescan_seconds=RESCAN_SECONDS,
+            daily=[
+                (f"daily-summary-{n.name}", time_of_day(n.daily_at), partial(self._on_daily_summary, n))
+                for n in s.notifications
+                if "daily" in n.on
+            ],
         )
         self.poller = SourcePoller(
             s, s.state, self._intake_for, on_arrival=self._on_source_arrival, may_fetch=self._may_take
@@ -257,6 +288,11 @@ class Daemon:
             kept["status"] = self.status
         if list(self.poller.schedule()):
             kept["sources"] = self.sources
+        routes = routes_from_settings(s)  # send-back: destinations and notifications, one thread each
+        wake = components.outbound_wake
+        self.delivery = DeliveryService(components.state, routes, s.outbox, wake=wake) if routes else None
+        if self.delivery is not None:
+            kept["delivery"] = self.delivery
         self.supervisor = Supervisor(kept)
         self.lock = lock or InstanceLock(s.state)
         self._threads_started = False
@@ -292,6 +328,8 @@ class Daemon:
             inbox_dirs=s.inbox.dirs,
             outbox=s.outbox,
             should_stop=self.stop_requested.is_set,
+            notices=refusal_notices(s),
+            outbound_wake=self.c.outbound_wake,
         )
 
     def _on_source_arrival(self, arrival_id: int) -> None:
@@ -311,6 +349,16 @@ class Daemon:
     def _on_rollover(self, now: datetime) -> None:
         if self.reports is not None:
             self.reports.rollover(now)
+
+    def _on_daily_summary(self, notification: NotificationSettings, now: datetime) -> None:
+        """Queue the notification's summary of yesterday (on the housekeeping thread; once a day
+        however often this fires, :func:`processor.outputs.notify.enqueue_daily`)."""
+
+        def queue() -> None:
+            if enqueue_daily(self.c.state, [notification], now):
+                self.c.outbound_wake.set()
+
+        self.housekeeping.submit(f"daily-summary-{notification.name}", queue)
 
     def _on_retention(self, now: datetime) -> None:
         s = self.c.settings
@@ -349,6 +397,7 @@ class Daemon:
             intake=self._intake_probe,
             faults=self._faults,
             plan=lambda: pipeline_plan(self.c.pipeline, s),
+            destinations=lambda: [d.name for d in s.destinations] + [n.name for n in s.notifications],
         )
 
     def _executor_probe(self) -> dict[str, Any]:
@@ -403,7 +452,8 @@ class Daemon:
         """After a crash: what was in flight back to the queue (crashes charged fairly) and our own
         half-written temp files gone. Recorded ends a crash interrupted (receipt, move, note) are
         finished by the worker thread first thing, each time it starts."""
-        for row in self.c.state.recover_in_flight(self.c.settings.limits.max_attempts):
+        s = self.c.settings
+        for row in self.c.state.recover_in_flight(s.limits.max_attempts):
             log.warning(
                 "arrival.recovered arrival=%s state=%s crashes=%s isolate=%s",
                 row.id,
@@ -411,7 +461,12 @@ class Daemon:
                 row.crashes,
                 row.isolate,
             )
-        s = self.c.settings
+            if row.state != ArrivalState.QUARANTINED:
+                continue
+            # the crash cap set it aside: its notifications, queued just after the transaction that
+            # ended it (a kill in between loses them)
+            if self.c.state.enqueue(arrival_outbound(s.notifications, row, row.state, row.error)):
+                self.c.outbound_wake.set()
         for stale in remove_stale_temp_files(s.outbox, s.reports.dir):
             log.warning("outbox.stale_temp_removed path=%s", stale)
         for stale in remove_stale():  # a killed daemon's CPU-pool hand-off files in shared memory
@@ -452,6 +507,8 @@ class Daemon:
         self.scheduler.start()
         self.poller.clean_staging(self.c.state.active_paths())
         self.sources.start()
+        if self.delivery is not None:
+            self.delivery.start()
         self.supervisor.start()  # from now on a part whose thread dies is started again
         self._threads_started = True
         log.info(
@@ -509,6 +566,8 @@ class Daemon:
         self.sources.stop()
         self.watcher.stop()
         self.worker.stop()
+        if self.delivery is not None:  # a send under way ends within its timeout; an unsent row stays pending
+            self.delivery.stop()
         self.sources.join(timeout)
         self.watcher.join(timeout)
         self.worker.join(timeout)
@@ -517,6 +576,8 @@ class Daemon:
                 "daemon.worker_still_running arrival=%s; it returns to pending at the next start",
                 self.worker.current,
             )
+        if self.delivery is not None:
+            self.delivery.join(timeout)
         if self.cpu_pool is not None:
             self.cpu_pool.close()
         if self.dask is not None:

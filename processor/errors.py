@@ -13,8 +13,10 @@
      ├── TransientError   may succeed later (network, locked file): retry with backoff
      │    └── VersionConflict  another arrival of the same study was recorded while this one ran:
      │                         it goes back to the queue, uncharged, and runs again with that one
-     └── Deferred         an input cannot be taken in now for a reason not its own (the database busy,
-                          the daemon stopping): it stays where it is and is tried again
+     ├── Deferred         an input cannot be taken in now for a reason not its own (the database busy,
+     │                    the daemon stopping): it stays where it is and is tried again
+     └── SendFailed       a send-back (PACS, folder, webhook) did not go through: ``retry`` says whether
+                          the queue tries again with back-off or ends the row ``failed``
 
 Chain with ``raise ... from exc``; log a traceback once, where the error is handled.
 """
@@ -77,6 +79,18 @@ class VersionConflict(TransientError):
 class Deferred(CtwatchError):
     """An input cannot be taken in now for a reason that is not its own (the state database locked or
     full, the daemon stopping): it is left where it is, untouched, and tried again later."""
+
+
+class SendFailed(CtwatchError):
+    """A delivery of the send-back queue failed (:mod:`processor.delivery`). ``reason``: ctwatch's
+    own words with the fix (stored and shown: never a token, a URL's query, a file name or a UID);
+    ``retry``: True when it may pass (the destination down or busy), False when trying again cannot
+    help until someone acts (then ``python run.py resend``)."""
+
+    def __init__(self, reason: str, *, retry: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry = retry
 
 
 def os_error_words(exc: OSError) -> str:

@@ -36,6 +36,8 @@ POINTS: tuple[str, ...] = (
     "quarantine.note_before",  # input in quarantine/, its .error.txt not yet written
     "quarantine.note_written",  # .error.txt written, receipt not yet
     "excel.writing",  # workbook temp file written, not yet renamed over the old one
+    # send-back
+    "delivery.sent",  # a destination took the objects (or the webhook), the row not yet marked sent
 )
 
 _hits: dict[str, int] = {}

@@ -17,7 +17,7 @@ import queue
 import re
 import shutil
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 from pathlib import Path
@@ -92,6 +92,11 @@ class NightWindow:
         return self.last_end(now) if run_on else None
 
 
+def time_of_day(text: str) -> time:
+    """``"07:00"`` (24-hour, as ``notifications[].daily_at`` is checked) → that local time of day."""
+    return time.fromisoformat(text)
+
+
 # ---------------------------------------------------------------------------------------- retention
 def done_roots(folders: Iterable[Path]) -> list[Path]:
     """The ``.ctwatch/done`` folders of the given inbox (and night) folders, without repeats."""
@@ -163,7 +168,8 @@ class Housekeeping:
 
 
 class Scheduler:
-    """APScheduler jobs: report roll-over at midnight, retention, night-window start, periodic rescan.
+    """APScheduler jobs: report roll-over at midnight, retention, night-window start, periodic rescan,
+    and the daily jobs the daemon adds (notifications' summaries).
 
     Each job receives the local time it ran at and only enqueues work elsewhere.
     """
@@ -178,7 +184,10 @@ class Scheduler:
         on_retention: Job | None = None,
         rescan_seconds: float = 60.0,
         retention_at: time = time(0, 30),
+        daily: Sequence[tuple[str, time, Job]] = (),
     ) -> None:
+        """``daily``: more jobs, each ``(job id, local time, job)`` run once a day at that time (the
+        notifications' daily summaries)."""
         # APScheduler logs every job addition and run at INFO; our own schedule.* lines say enough.
         logging.getLogger("apscheduler").setLevel(logging.WARNING)
         jobs: list[tuple[Job, str, str, dict[str, Any]]] = [
@@ -200,6 +209,7 @@ class Scheduler:
                     {"hour": retention_at.hour, "minute": retention_at.minute},
                 )
             )
+        jobs += [(job, job_id, "cron", {"hour": at.hour, "minute": at.minute}) for job_id, at, job in daily]
         self._jobs = jobs
         self._scheduler = self._build()
         self._started = False

@@ -40,6 +40,7 @@ class Project:
     """A throw-away ctwatch installation under a temp folder."""
 
     def __init__(self, root: Path, pipeline_steps: list[dict] | None = None, **overrides: object) -> None:
+        root.mkdir(parents=True, exist_ok=True)
         self.root = root
         self.inbox = root / "inbox"
         self.outbox = root / "outbox"

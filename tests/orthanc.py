@@ -2,7 +2,10 @@
 
 HTTP and DICOM ports are both free ports (Orthanc 1.10 binds both on every interface; remote
 access is refused), storage lives in the test's temp folder, and the process is always killed by
-its PID. Without Orthanc the test is skipped — unless ``CI`` is set, where it must be installed.
+its PID. ``stop()`` then ``start()`` brings the same Orthanc back: same ports, same storage (an
+outage of a PACS). It takes C-STORE from any calling AE title by default (``DicomAlwaysAllowStore``,
+``DicomCheckCalledAet: false``). Without Orthanc the test is skipped — unless ``CI`` is set, where
+it must be installed.
 """
 
 from __future__ import annotations
@@ -60,16 +63,21 @@ def free_port() -> int:
 
 
 class Orthanc:
-    """One running Orthanc; ``url`` is its REST root, ``dicomweb`` its DICOMweb root."""
+    """One running Orthanc; ``url`` is its REST root, ``dicomweb`` its DICOMweb root, ``aet`` its AE title.
 
-    def __init__(self, folder: Path) -> None:
+    ``config``: more Orthanc settings, merged over the defaults below."""
+
+    aet = "ORTHANC"
+
+    def __init__(self, folder: Path, config: dict | None = None) -> None:
         binary, plugin = find_orthanc()
+        self.binary = binary
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
         self.http_port, self.dicom_port = free_port(), free_port()
         while self.dicom_port == self.http_port:
             self.dicom_port = free_port()
-        config = {
+        settings = {
             "Name": "ctwatch-test",
             "HttpPort": self.http_port,
             "DicomPort": self.dicom_port,
@@ -79,13 +87,22 @@ class Orthanc:
             "IndexDirectory": str(folder / "index"),
             "Plugins": [str(plugin)],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            "DicomAet": self.aet,
+            **(config or {}),
         }
-        (folder / "orthanc.json").write_text(json.dumps(config, indent=2))
+        (folder / "orthanc.json").write_text(json.dumps(settings, indent=2))
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.dicomweb = f"{self.url}/dicom-web"
-        self._log = (folder / "orthanc.log").open("wb")
+        self.start()
+
+    def start(self) -> None:
+        """Run Orthanc (again, after ``stop()``: same ports, same storage) and wait until it answers."""
+        self._log = (self.folder / "orthanc.log").open("ab")
         self.process = subprocess.Popen(
-            [binary, str(folder / "orthanc.json")], stdout=self._log, stderr=subprocess.STDOUT, cwd=folder
+            [self.binary, str(self.folder / "orthanc.json")],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=self.folder,
         )
         self.client = httpx.Client(base_url=self.url, timeout=30, trust_env=False)
         try:

@@ -531,8 +531,12 @@ CASES = [
 ]
 
 
+# Points that need a running destination: their own end-to-end test kills the daemon there.
+ELSEWHERE = {"delivery.sent": "tests/test_sendback_e2e.py"}
+
+
 def test_every_fault_point_has_a_case() -> None:
-    assert sorted({c.point for c in CASES}) == sorted(POINTS)
+    assert sorted({c.point for c in CASES} | set(ELSEWHERE)) == sorted(POINTS)
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)

@@ -10,7 +10,8 @@ Nothing is retried at the next scan. An input with any part the service user may
 file, the folder, a file or sub-folder in it) is refused whole, its receipt naming that part:
 "cannot read <part>: permission denied — give the service user read access, then drop it again".
 An entry that cannot even be moved to quarantine stays where it is, its receipt written; the
-watcher leaves it alone until it changes.
+watcher leaves it alone until it changes. A rejected arrival's end is recorded with the send-queue
+rows the daemon's ``notices`` make of it (its failure notifications), in one transaction.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import logging
 import os
 import pwd
 import sqlite3
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -35,12 +37,16 @@ from processor.outputs.receipt import (
     write_receipt,
     write_receipt_document,
 )
-from processor.state import Arrival, Registered, State
+from processor.state import Arrival, Outbound, Registered, State
 from processor.vocab import ArrivalState, Priority, utcnow
 
 log = logging.getLogger(__name__)
 
 EXPECTED = (OSError, sqlite3.Error, IngestError)  # what the world does to an input, not a bug
+
+#: The send-queue rows a refused input makes (``(arrival, state, reason)``): the daemon's failure
+#: notifications (:func:`processor.outputs.notify.arrival_outbound`), recorded with its end.
+Notices = Callable[[Arrival, str, str], Sequence[Outbound]]
 
 
 @dataclass
@@ -80,8 +86,14 @@ class Intake:
         inbox_dirs: Iterable[Path],
         outbox: Path,
         should_stop: Callable[[], bool] | None = None,
+        notices: Notices | None = None,
+        outbound_wake: threading.Event | None = None,
     ) -> None:
+        """``notices``: the send-queue rows of a refused input, inserted with its recorded end;
+        ``outbound_wake``: set once such rows are queued (the delivery thread waits on it)."""
         self.should_stop = should_stop  # asked while hashing: Deferred once the daemon is stopping
+        self.notices = notices
+        self.outbound_wake = outbound_wake
         self.state = state
         self.pipeline_name = pipeline_name
         self.pipeline_version = pipeline_version
@@ -273,6 +285,7 @@ class Intake:
             else:
                 aid = self._register_row(entry, entry.path, refused=reason).arrival_id
             arrival = self.state.arrival(aid)
+            outbound = self.notices(arrival, ArrivalState.QUARANTINED, reason) if self.notices else ()
             self.state.finish(
                 aid,
                 ArrivalState.QUARANTINED,
@@ -280,7 +293,10 @@ class Intake:
                 final_path=str(dest) if dest is not None else None,
                 receipt_path=str(receipt_path(self.outbox, aid, arrival.name)),
                 receipt=receipt_document(arrival, "rejected", reason),
+                outbound=outbound,
             )
+            if outbound and self.outbound_wake is not None:
+                self.outbound_wake.set()
             return aid
         except Exception:  # noqa: BLE001 — the receipt below still tells the user; logged once here
             log.exception("arrival.unrecorded name=%s: the database refused the rejected arrival", entry.name)

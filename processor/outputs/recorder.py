@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from processor.config import NotificationSettings
 from processor.dicom.sendback import SourceStudy
@@ -39,6 +39,7 @@ from processor.errors import VersionConflict
 from processor.faults import fault_point
 from processor.names import display_name
 from processor.outputs.layout import OutboxLayout
+from processor.outputs.notify import arrival_outbound, study_outbound
 from processor.outputs.receipt import (
     duplicate_receipt,
     receipt_document,
@@ -49,11 +50,8 @@ from processor.outputs.result import build_result, plain_json, write_json_atomic
 from processor.outputs.sendback import ObjectMaker
 from processor.outputs.versions import IGNORED, Lineage, SetAside, end_without_studies
 from processor.redact import redact_optional_url
-from processor.state import Arrival, State
+from processor.state import Arrival, Outbound, State
 from processor.vocab import ArrivalState, LateSeries, ReceiptOutcome, StudyStatus, utcnow
-
-if TYPE_CHECKING:
-    from processor.state.deliveries import Outbound
 
 log = logging.getLogger(__name__)
 
@@ -240,8 +238,6 @@ class StudyRecorder:
         """Record an arrival that could not be processed (``quarantined``: its input is at fault;
         ``failed``: ctwatch is), then place its input in quarantine/ with the reason beside it."""
         outcome = ReceiptOutcome.REJECTED if state == ArrivalState.QUARANTINED else ReceiptOutcome.FAILED
-        from processor.outputs.notify import arrival_outbound  # TEMP lazy while helpers build it
-
         outbound = arrival_outbound(self.notifications, arrival, state, reason) if self.notifications else []
         self._finish(
             arrival, state, reason, receipt_document(arrival, outcome, reason), [], outbound=outbound
@@ -272,7 +268,7 @@ class StudyRecorder:
             studies=rows,
             duplicate_of=duplicate_of,
             late_series=late_series,
-            **({"outbound": outbound} if outbound else {}),  # TEMP until State.finish takes it
+            outbound=outbound,
         )
         if outbound and self.outbound_wake is not None:
             self.outbound_wake.set()
@@ -389,8 +385,6 @@ class StudyRecorder:
                 built = self.objects.make(document, study.json_path, study.source, study.source_problem)
                 rows += self.objects.outbound(arrival, document, built)
         if self.notifications:
-            from processor.outputs.notify import study_outbound  # TEMP lazy while helpers build it
-
             rows += study_outbound(self.notifications, arrival, documents)
         return rows
 

@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -41,11 +41,8 @@ from processor.atomic import write_bytes_atomic
 from processor.config import DestinationSettings, StudyReportSettings
 from processor.dicom.sendback import SourceStudy
 from processor.provenance import software_versions
-from processor.state import Arrival
+from processor.state import Arrival, Outbound
 from processor.vocab import StudyStatus
-
-if TYPE_CHECKING:
-    from processor.state.deliveries import Outbound
 
 log = logging.getLogger(__name__)
 
@@ -178,8 +175,6 @@ class ObjectMaker:
         self, arrival: Arrival, document: Mapping[str, Any], built: Sequence[Built]
     ) -> list[Outbound]:
         """The queue rows of the destinations whose ``when`` this study meets, each with the files it sends."""
-        from processor.state.deliveries import Outbound
-
         failed = document.get("processing_status") == StudyStatus.FAILURE
         rows: list[Outbound] = []
         for destination in self.destinations:

@@ -4,7 +4,8 @@ Only this package writes SQL. Parts: :mod:`~processor.state.schema` (migrations)
 :mod:`~processor.state.queue` (arrivals: register, claim, crash recovery, the recorded end),
 :mod:`~processor.state.results` (studies, steps, features, latents), :mod:`~processor.state.versions`
 (which result of a study is current, and what superseded the others), :mod:`~processor.state.sources`
-(URL sources), :mod:`~processor.state.reads` (read models for reports and status),
+(URL sources), :mod:`~processor.state.deliveries` (the send-back queue: results to PACS and
+folders, webhooks), :mod:`~processor.state.reads` (read models for reports and status),
 :mod:`~processor.state.content` (content cache), :mod:`~processor.state.meta` (the ``meta`` table
 and the patient pseudonym, :meth:`State.patient_key`), :mod:`~processor.state.exports` (read
 models for ``export``), :mod:`~processor.state.upgrade` (an older database's schema brought up to
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from processor.state.arrival import Arrival, Registered
 from processor.state.content import ContentCacheStore, ContentRows
+from processor.state.deliveries import Deliveries, Delivery, DeliveryState, Outbound
 from processor.state.exports import ExportRows
 from processor.state.meta import Meta
 from processor.state.queue import Queue, crash_reason
@@ -37,6 +39,9 @@ __all__ = [
     "Arrival",
     "ContentCacheStore",
     "CurrentVersion",
+    "Delivery",
+    "DeliveryState",
+    "Outbound",
     "Registered",
     "State",
     "crash_reason",
@@ -44,7 +49,7 @@ __all__ = [
 ]
 
 
-class State(Queue, Results, Versions, Sources, ReadModels, ContentRows, Meta, ExportRows):
+class State(Queue, Results, Versions, Sources, Deliveries, ReadModels, ContentRows, Meta, ExportRows):
     """The ctwatch database: every query, from any thread (each thread gets its own connection)."""
 
     @staticmethod

@@ -23,6 +23,7 @@ from typing import Any
 from processor.names import display_name, escape_surrogates, name_bytes_hex
 from processor.state.arrival import Arrival, Registered
 from processor.state.db import PATH_COLUMNS, Database, dumps, storable, stored_path
+from processor.state.deliveries import Outbound
 from processor.vocab import FINAL_STATES, ArrivalState, Priority, StudyStatus, utcnow
 
 _CLAIM = "update arrivals set state = 'running', attempts = attempts + 1, claimed_at = ? where id = ?"
@@ -321,6 +322,7 @@ class Queue(Database):
         studies: list[dict[str, Any]] | None = None,
         duplicate_of: int | None = None,
         late_series: str | None = None,
+        outbound: Sequence[Outbound] = (),
     ) -> None:
         """Record an arrival's end in one transaction, before any file moves (intent first).
 
@@ -331,7 +333,10 @@ class Queue(Database):
         changed meanwhile); ``"stays_out"``: true when it does not replace them (only checked). ``final_path``: where the input is to go (None: it stays where it is).
         ``duplicate_of``: the arrival whose result it duplicates (nothing new in it); ``late_series``:
         ``ignore`` when a study of it was not analysed under that setting (:meth:`requeue` may then
-        send it back). The arrival is left ``placed = 0`` until :meth:`mark_placed`.
+        send it back). ``outbound``: the rows of the send-back queue this end makes (results for
+        destinations, notifications), inserted ``pending`` in the same transaction
+        (:meth:`~processor.state.deliveries.Deliveries.insert_outbound`; their files already written).
+        The arrival is left ``placed = 0`` until :meth:`mark_placed`.
         """
         assert state in FINAL_STATES, state
         with self.transaction():
@@ -362,6 +367,8 @@ class Queue(Database):
                 placed=0,
                 isolate=0,
             )
+            if outbound:
+                self.insert_outbound(outbound)  # type: ignore[attr-defined]
 
     def mark_placed(self, arrival_id: int, current_path: str | None) -> None:
         """The input is where the recorded end put it; the receipt is written."""

@@ -179,6 +179,66 @@ class ReadModels(Database):
         )
         return {"skipped": int(rows[0]["skipped"]), "failed": int(rows[0]["failed"])}
 
+    def day_counts(self, start: str, end: str) -> dict[str, Any]:
+        """The daily summary's numbers (:func:`processor.outputs.notify.daily_counts`): ``arrivals``
+        that ended in ``[start, end)`` by state, ``studies`` recorded then by status and, of them,
+        ``pathology`` (how many with ``pathology = 1``); ``deliveries``: per destination or
+        notification name, rows ``pending`` now, ``sent`` and ``failed`` (given up) in the window
+        (daily summaries themselves left out); ``waiting``: arrivals in the queue now (pending or
+        prepared) and ``oldest_waiting``: the oldest one's ``created_at`` (None: none). Counts only,
+        no names or text."""
+        arrivals = {
+            row["state"]: row["n"]
+            for row in self.db.query(
+                "select state, count(*) as n from arrivals where finished_at >= ? and finished_at < ? "
+                "and state in ('done', 'failed', 'quarantined', 'duplicate', 'ignored') group by state",
+                [start, end],
+            )
+        }
+        studies, pathology = {}, 0
+        for row in self.db.query(
+            "select status, count(*) as n, coalesce(sum(pathology = 1), 0) as pathology from studies "
+            "where finished_at >= ? and finished_at < ? group by status",
+            [start, end],
+        ):
+            studies[row["status"]] = row["n"]
+            pathology += row["pathology"]
+        waiting = next(
+            iter(
+                self.db.query(
+                    "select count(*) as n, min(created_at) as oldest from arrivals "
+                    "where state in ('pending', 'prepared')"
+                )
+            )
+        )
+        deliveries: dict[str, dict[str, int]] = {}
+        for row in self.db.query(
+            "select destination, sum(state = 'pending') as pending, "
+            "sum(state = 'sent' and sent_at >= ? and sent_at < ?) as sent, "
+            "sum(state = 'failed' and last_error_at >= ? and last_error_at < ?) as failed "
+            "from deliveries where event != 'daily' group by destination order by destination",
+            [start, end, start, end],
+        ):
+            deliveries[row["destination"]] = {k: int(row[k] or 0) for k in ("pending", "sent", "failed")}
+        return {
+            "arrivals": arrivals,
+            "studies": studies,
+            "pathology": pathology,
+            "deliveries": deliveries,
+            "waiting": waiting["n"],
+            "oldest_waiting": waiting["oldest"],
+        }
+
+    def daily_queued(self, destination: str, day: str) -> bool:
+        """Whether the daily summary of ``day`` (``YYYY-MM-DD``, its payload's ``day``) is already in
+        the send queue for ``destination`` (pending, sent or failed)."""
+        rows = self.db.query(
+            "select 1 from deliveries where destination = ? and event = 'daily' "
+            "and json_extract(items, '$[0].payload.day') = ? limit 1",
+            [destination, day],
+        )
+        return any(True for _ in rows)
+
     def recent_arrival_spans(self, limit: int = 20) -> list[tuple[str, str]]:
         """(claimed_at, finished_at) of the newest arrivals that finished processing (for an ETA)."""
         return [

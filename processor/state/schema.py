@@ -298,6 +298,40 @@ def _m13_sop_digests(db: sqlite_utils.Database) -> None:
     db.table("studies").add_column("sop_digests", bytes)
 
 
+def _m14_deliveries(db: sqlite_utils.Database) -> None:
+    """Issue 20 (send-back): ``deliveries``, the durable queue of what goes out — DICOM objects to a
+    PACS, files to a folder, webhook notifications — one row per destination and event
+    (:mod:`processor.state.deliveries`). ``items``: JSON list of what to send (outbox-relative
+    paths with their sha256, or one webhook payload); ``state``: ``pending`` → ``sent`` | ``failed``;
+    ``next_try_at`` and ``first_failed_at``: Unix seconds (REAL); ``last_error``: ctwatch's words,
+    never a token or a URL's query."""
+    db.table("deliveries").create(
+        {
+            "id": int,
+            "destination": str,
+            "event": str,
+            "arrival_id": int,
+            "study_uid": str,
+            "items": str,
+            "state": str,
+            "attempts": int,
+            "next_try_at": float,
+            "first_failed_at": float,
+            "last_error": str,
+            "last_error_at": str,
+            "created_at": str,
+            "sent_at": str,
+        },
+        pk="id",
+        not_null={"destination", "event", "items", "state", "next_try_at", "created_at"},
+        defaults={"attempts": 0, "state": "pending"},
+        foreign_keys=[("arrival_id", "arrivals", "id")],
+    )
+    db.table("deliveries").create_index(["destination", "state", "next_try_at"])
+    db.table("deliveries").create_index(["state", "created_at"])
+    db.table("deliveries").create_index(["arrival_id"])
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("0001_initial", _m1_initial),
     ("0003_sources", _m3_sources),
@@ -311,4 +345,5 @@ MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("0011_late_series", _m11_late_series),
     ("0012_step_problems", _m12_step_problems),
     ("0013_sop_digests", _m13_sop_digests),
+    ("0014_deliveries", _m14_deliveries),
 ]

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from processor.redact import redact_optional_url, reduce_source_error
 from processor.state import State
+from processor.state.deliveries import plain_error
 from processor.status.cluster import executor_view
 from processor.status.plan import PipelinePlan, model_file_facts, step_facts
 from processor.status.words import duration_words, headline, night_words, server_time, utc_offset
@@ -54,6 +55,8 @@ class Probes:
     faults: Callable[[], list[str]] = list
     # the running pipeline's steps and model files now (None: not known, e.g. a bare status server)
     plan: Callable[[], PipelinePlan | None] = lambda: None
+    # names of the configured send-back destinations and notifications (shown even before any row)
+    destinations: Callable[[], list[str]] = list
 
 
 # ---------------------------------------------------------------------------------------- documents
@@ -245,6 +248,7 @@ def collect_status(probes: Probes, state: State, now: datetime | None = None) ->
         "night": {**night, "words": night_words(night, now, depth["pending_night"])} if night else night,
         "next_jobs": probes.next_jobs(),
         "sources": [source_view(row) for row in state.sources()],
+        "deliveries": deliveries_view(state.delivery_summary(), probes.destinations()),
         "eta": {
             "runnable_arrivals": runnable,
             "mean_seconds_per_arrival": round(mean_arrival, 2) if mean_arrival is not None else None,
@@ -268,6 +272,25 @@ SOURCE_FIELDS = (
     "last_error_at",
     "last_detail",
 )
+
+
+def deliveries_view(summary: dict[str, dict[str, Any]], configured: list[str]) -> dict[str, dict[str, Any]]:
+    """The send-back queue per destination or notification name (configured ones first, with zeros
+    before their first row): ``pending``, ``sent``, ``failed``, ``oldest_pending_seconds``,
+    ``last_error`` (ctwatch's words, redacted again here) and ``last_error_at``. No file name, UID or
+    arrival: the rows themselves are listed by ``python run.py status`` only."""
+    view: dict[str, dict[str, Any]] = {}
+    for name in [*configured, *sorted(set(summary) - set(configured))]:
+        found = summary.get(name, {})
+        view[name] = {
+            "pending": int(found.get("pending", 0)),
+            "sent": int(found.get("sent", 0)),
+            "failed": int(found.get("failed", 0)),
+            "oldest_pending_seconds": found.get("oldest_pending_seconds"),
+            "last_error": plain_error(found.get("last_error")),
+            "last_error_at": found.get("last_error_at"),
+        }
+    return view
 
 
 def source_view(row: dict[str, Any]) -> dict[str, Any]:

@@ -211,6 +211,27 @@ def metrics_text(status: dict[str, Any], totals: dict[str, int]) -> str:
         "CPU pool processes that died (each charged to the batch it was preparing).",
         [({}, sum(p["deaths"] for p in pool))],
     )
+    deliveries = status.get("deliveries", {})
+    family(
+        "ctwatch_deliveries",
+        "gauge",
+        "Rows of the send-back queue by destination (or notification) name and state.",
+        [
+            ({"destination": name, "state": state}, d[state])
+            for name, d in deliveries.items()
+            for state in ("pending", "sent", "failed")
+        ],
+    )
+    family(
+        "ctwatch_delivery_oldest_pending_seconds",
+        "gauge",
+        "Age of the oldest row still waiting to be sent, per destination (absent when none waits).",
+        [
+            ({"destination": name}, d["oldest_pending_seconds"])
+            for name, d in deliveries.items()
+            if d["oldest_pending_seconds"] is not None
+        ],
+    )
     _executor(family, status.get("executor") or {})
     disk = status["disk"]
     family(

@@ -13,7 +13,7 @@ from typing import Any
 
 from processor.status.document import RECENT_ARRIVALS
 from processor.status.plan import WEIGHTS_LABEL
-from processor.status.words import local_time
+from processor.status.words import duration_words, local_time
 from processor.weights import UNREADABLE
 
 REFRESH_SECONDS = 10
@@ -271,8 +271,37 @@ Refreshes every {REFRESH_SECONDS} s. Machine-readable: /status, /health, /metric
             ],
         )
     }
+<h2>Send-back (results to PACS and folders, notifications)</h2>
+{_deliveries(status, now)}
 </body></html>
 """
+
+
+def _deliveries(status: dict[str, Any], now: datetime) -> str:
+    """One row per destination or notification: the queue's counts, how long the oldest waits, and
+    the last error in ctwatch's words."""
+    rows, classes = [], []
+    for name, d in (status.get("deliveries") or {}).items():
+        waiting = d["oldest_pending_seconds"]
+        rows.append(
+            [
+                name,
+                d["pending"],
+                d["sent"],
+                d["failed"],
+                "—" if waiting is None else duration_words(waiting),
+                f"{local_time(d['last_error_at'], now)}: {d['last_error']}" if d["last_error"] else "—",
+            ]
+        )
+        classes.append([None, "n", "n", "n fail" if d["failed"] else "n", None, None])
+    return table(
+        ["destination", "waiting", "sent", "failed", "oldest waiting for", "last error"], rows, classes
+    ) + (
+        '<p class="note">Failed rows are sent again with <code>python run.py resend --failed</code> '
+        "(or by id: <code>python run.py status</code> lists them).</p>"
+        if any(d["failed"] for d in (status.get("deliveries") or {}).values())
+        else ""
+    )
 
 
 def cpu_stage_words(pool: list[dict[str, Any]]) -> str:
