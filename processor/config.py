@@ -393,7 +393,7 @@ class StudyReportSettings(_Section):
     """
 
     make: list[ReportObject] = Field(default_factory=lambda: list[ReportObject](["html", "pdf"]))
-    institution: str = Field(default="", max_length=64)  # shown on the report; empty: not shown
+    institution: str | None = Field(default=None, max_length=64)  # shown on the report; None: not shown
 
 
 class DicomWebTarget(_Section):

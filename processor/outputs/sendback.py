@@ -134,7 +134,7 @@ class ObjectMaker:
                 nonlocal html
                 from processor.outputs.studyreport import render_html
 
-                html = render_html(document, json_path.parent, institution=self.report.institution)
+                html = render_html(document, json_path.parent, institution=self.report.institution or "")
                 return [self._write(folder / "report.html", html.encode("utf-8"), "html", None)]
 
             attempt("HTML report", make_html)
