@@ -36,7 +36,9 @@ sha256) are compared between modes, with these set aside (:data:`TIMINGS`, :func
 * wall-clock times and durations: ``time_of_processing``, ``finished_at``, ``steps[].seconds``,
   ``source.received_at``, the receipt's ``received_at`` and ``written_at`` (and, written only with
   weights installed or for a late series, ``captioning[].seconds``, ``supersedes.received_at``,
-  ``superseded_by.superseded_at``, ``inputs[].received_at``);
+  ``superseded_by.superseded_at``, ``inputs[].received_at``); the report page and its PDF
+  (``report.html``, ``report.pdf``: compared by name, and ``report.files[].sha256``), which show
+  when the study was analysed and each step's seconds;
 * the mode's root folder, which differs by construction: written as ``<ROOT>`` wherever a string
   holds it (the receipt's ``json`` path, missing weights' paths and the skip reasons naming them).
 
@@ -92,7 +94,10 @@ TIMINGS = {
     "supersedes.received_at": "late series: wall-clock time the earlier version arrived",
     "superseded_by.superseded_at": "late series: wall-clock time a new version replaced this one",
     "inputs[*].received_at": "late series: wall-clock time each part arrived",
+    "report.files[*].sha256": "the report page shows when the study was analysed and each step's seconds",
 }
+# Files that show timings (compared by name only): the report page and its PDF.
+TIMED_FILES = ("report.html", "report.pdf")
 SETTLE_SECONDS = 1.5  # the outbox must stay unchanged this long after the last receipt
 
 
@@ -277,7 +282,8 @@ def collect(root: Path) -> dict[str, Any]:
             doc = json.loads(p.read_text())
             key = f"result:{rel}"
         else:
-            docs[f"file:{rel}"] = hashlib.sha256(p.read_bytes()).hexdigest()
+            timed = p.name in TIMED_FILES  # compared by name only
+            docs[f"file:{rel}"] = "timed" if timed else hashlib.sha256(p.read_bytes()).hexdigest()
             continue
         flat = flatten(normalise(doc, root))
         docs[key] = {k: v for k, v in flat.items() if _pattern(k) not in TIMINGS}

@@ -392,7 +392,7 @@ class StudyReportSettings(_Section):
     Capture images with a burned-in "AI-generated" banner). A destination's ``send`` adds to it.
     """
 
-    make: list[ReportObject] = Field(default_factory=lambda: list[ReportObject](["html", "pdf"]))
+    make: list[ReportObject] = Field(default_factory=lambda: list[ReportObject](["html"]))
     institution: str | None = Field(default=None, max_length=64)  # shown on the report; None: not shown
 
 
