@@ -117,6 +117,10 @@ def test_retry_holds_the_destination_then_fails_resends_and_survives_reopening(t
     failed = state.delivery(first)
     assert failed is not None and (failed.state, failed.attempts) == ("failed", 2)
     assert failed.last_error is not None and "HTTP 401" in failed.last_error
+    assert state.give_up_waiting("pacs", "not sent: pacs kept failing", failing_since=100.0) == 0, (
+        "a row that only waited behind the failures gets a try of its own"
+    )
+    state.mark_retry(second, "STOW-RS failed: connection refused", next_try_at=200.0, now=150.0)
     assert state.give_up_waiting("pacs", "not sent: pacs kept failing", failing_since=100.0) == 1
 
     summary = state.delivery_summary(now=datetime.now(UTC).timestamp())
@@ -216,7 +220,10 @@ def test_service_retries_an_unwritable_folder_gives_up_and_sends_after_resend(tm
         and ended.state == "failed"
         and "gave up after 5 attempts" in (ended.last_error or "")
     )
-    assert state.delivery(second).state == "failed"  # type: ignore[union-attr]
+    assert state.delivery(second).state == "pending", "it only waited: it gets one try of its own"
+    service.run_pass("archive")  # it fails too, and its destination has been failing for 10 s
+    waited = state.delivery(second)
+    assert waited is not None and waited.state == "failed" and waited.attempts == 1
     summary = state.delivery_summary(clock.now)
     assert (summary["archive"]["failed"], summary["copy"]["sent"], summary["gone"]["failed"]) == (2, 1, 1)
     assert "no longer in the config" in (summary["gone"]["last_error"] or "")

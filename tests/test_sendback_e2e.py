@@ -166,7 +166,9 @@ def test_sr_and_key_images_reach_orthanc_by_stow_rs_and_by_c_store(tmp_path: Pat
         proc = project.start()
         os.replace(zip_path, project.inbox / "chest.zip")
         rows = wait_for(
-            lambda: (r := _deliveries(project)) and all(x["state"] == "sent" for x in r) and len(r) == 2 and r,
+            lambda: (
+                (r := _deliveries(project)) and all(x["state"] == "sent" for x in r) and len(r) == 2 and r
+            ),
             60,
             "both destinations sent",
         )

@@ -175,6 +175,18 @@ def test_sr_of_the_sample_result(tmp_path: Path, source: SourceStudy) -> None:
     assert sr.CompletionFlag == "COMPLETE"
 
 
+@pytest.mark.parametrize("charset", [["", "ISO 2022 IR 87"], "ISO 2022 IR 100", "ISO_IR 192"])
+def test_sr_of_an_input_with_a_charset_highdicom_does_not_list(tmp_path: Path, charset: Any) -> None:
+    """Legal SpecificCharacterSet forms that highdicom's own check refuses (multi-valued with code
+    extensions, a single code-extension term): the SR is made, with the input's value."""
+    document = load("result_decided.json")
+    header = scanned(tmp_path, document)
+    header.header.SpecificCharacterSet = charset
+    sr, uids = write_sr(tmp_path, header, document)
+    check_common(sr, header, uids)
+    assert sr.SpecificCharacterSet == charset
+
+
 def test_sr_of_a_decided_result(tmp_path: Path, source: SourceStudy) -> None:
     """Lung numbers with UCUM units, fused probability, pathology Yes, most dangerous finding,
     anomaly score, every model's sha256; the skipped head stated as not performed, no number."""

@@ -9,7 +9,7 @@ due rows oldest first (:meth:`~processor.state.deliveries.Deliveries.due`) and, 
 * a failure that may pass (:attr:`~processor.errors.SendFailed.retry`) → tried again after
   ``first_seconds * 2**(attempts-1)``, at most ``max_seconds`` (``delivery.retry``); the
   destination's other rows wait behind it (it is down: only its oldest row finds out when it is
-  back); still failing ``give_up_after`` seconds after its destination began failing it → ``failed``,
+  back; once a row is sent, the rows that waited are due at once); still failing ``give_up_after`` seconds after its destination began failing it → ``failed``,
   with the rows that waited as long;
 * any other failure → ``failed`` at once (``delivery.failed``); ``python run.py resend`` takes it again.
 
@@ -17,7 +17,7 @@ A thread wakes when the ``wake`` event is set (:meth:`DeliveryService.notify`; t
 ``Components.outbound_wake``, which the recorder and intake set after queueing rows), when its next
 retry is due, and at least every ``poll_seconds`` (rows queued by
 another process: ``resend``). A bug or an unexpected error of one send is logged with its traceback
-and retried like an outage; a database error ends the pass, not the thread. Log lines name the row
+and ends that row ``failed`` (retried, it would hold the destination's other rows behind it); a database error ends the pass, not the thread. Log lines name the row
 by id, destination and event only — never a file name or a UID.
 """
 
@@ -202,12 +202,16 @@ class DeliveryService:
             route.sender.send(row.items, self.outbox)
         except SendFailed as exc:
             failure = exc
-        except Exception:  # a bug or a library's surprise: logged once here, retried like an outage
+        except Exception:  # a bug or a library's surprise: logged once here; never retried on its own
+            # (retried, it would hold its destination's other rows behind it until give_up_after)
             log.exception("delivery.error id=%d destination=%s event=%s", row.id, route.name, row.event)
-            failure = SendFailed("internal error while sending; see state/ctwatch.log", retry=True)
+            failure = SendFailed(
+                f"internal error while sending (see state/ctwatch.log); once fixed: python run.py resend {row.id}",
+                retry=False,
+            )
         else:
             fault_point("delivery.sent", route.name)
-            self.state.mark_sent(row.id)
+            self.state.mark_sent(row.id, now=self.clock())
             log.info(
                 "delivery.sent id=%d destination=%s event=%s attempts=%d",
                 row.id,

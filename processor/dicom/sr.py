@@ -66,7 +66,7 @@ import copy
 import hashlib
 import math
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -377,6 +377,10 @@ def _evidence(source: SourceStudy, series_uid: str, sop_uid: str) -> list[Datase
     # highdicom reads these by attribute: absent ones are Type 2, so empty. Names are blanked (it
     # warns on one-component names such as "ANONYMOUS"); the header is copied unchanged afterwards.
     first.PatientName = first.ReferringPhysicianName = ""
+    # highdicom checks the first item's SpecificCharacterSet against its own list, which refuses
+    # legal forms (multi-valued "\\ISO 2022 IR 87", "ISO_IR 6"): the header's own is copied after
+    if "SpecificCharacterSet" in first:
+        del first.SpecificCharacterSet
     for keyword in (
         "PatientID",
         "PatientBirthDate",
@@ -468,3 +472,29 @@ class _Text:
         folded = "".join(_ASCII.get(ch, ch) for ch in value)
         folded = "".join(ch for ch in unicodedata.normalize("NFKD", folded) if not unicodedata.combining(ch))
         return folded.encode("ascii", "replace").decode("ascii")
+
+
+def name_predecessors(sr: Dataset, study_uid: str, predecessors: Sequence[tuple[str, str]]) -> None:
+    """Name in ``sr`` the SRs it replaces (earlier versions of the study's result): the Predecessor
+    Documents Sequence of the SR Document General Module (PS3.3 C.17.2, Type 1C: present when the
+    document replaces others), one Hierarchical SOP Instance Reference per ``(SeriesInstanceUID,
+    SOPInstanceUID)`` of a Comprehensive 3D SR in ``study_uid``. Nothing when there are none."""
+    if not predecessors:
+        return
+    by_series: dict[str, list[str]] = {}
+    for series_uid, sop_uid in predecessors:
+        by_series.setdefault(series_uid, []).append(sop_uid)
+    study = Dataset()
+    study.StudyInstanceUID = study_uid
+    study.ReferencedSeriesSequence = []
+    for series_uid, sops in by_series.items():
+        series = Dataset()
+        series.SeriesInstanceUID = series_uid
+        series.ReferencedSOPSequence = []
+        for sop_uid in sops:
+            item = Dataset()
+            item.ReferencedSOPClassUID = COMPREHENSIVE_3D_SR
+            item.ReferencedSOPInstanceUID = sop_uid
+            series.ReferencedSOPSequence.append(item)
+        study.ReferencedSeriesSequence.append(series)
+    sr.PredecessorDocumentsSequence = [study]

@@ -47,6 +47,7 @@ The patient's name and ID are never sent: ctwatch does not keep them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime, time, timedelta
 from enum import StrEnum
@@ -114,13 +115,15 @@ def study_outbound(
 ) -> list[Outbound]:
     """The rows for an arrival's analysed studies: per notification ``on`` ``pathology``, one per
     study document with ``pathology == 1``; ``on`` ``failure``, one per study whose
-    ``processing_status`` is ``Failure``. ``documents``: the result documents as recorded (the
+    ``processing_status`` is ``Failure``. A result kept out (``superseded_by`` set: it does not
+    replace the study's current one) tells no pathology. ``documents``: the result documents as recorded (the
     result JSON's fields, :mod:`processor.outputs.result`)."""
     rows = []
     for notification in notifications:
         for document in documents:
             events = []
-            if PATHOLOGY in notification.on and document.get("pathology") == 1:
+            current = not document.get("superseded_by")  # a kept-out version changes no result
+            if PATHOLOGY in notification.on and document.get("pathology") == 1 and current:
                 events.append(PATHOLOGY)
             if FAILURE in notification.on and document.get("processing_status") == StudyStatus.FAILURE:
                 events.append(FAILURE)
@@ -333,8 +336,8 @@ def _iso(moment: datetime) -> str:
 
 
 def _number(value: Any) -> float | int | None:
-    """A number, else None (a boolean or text is not passed on)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    """A finite number, else None (a boolean, text, NaN or infinity is not passed on: JSON has no NaN)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         return None
     return value
 

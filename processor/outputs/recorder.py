@@ -382,11 +382,46 @@ class StudyRecorder:
         rows: list[Outbound] = []
         if self.objects is not None and self.objects.enabled:
             for study, document in zip(studies, documents, strict=True):
-                built = self.objects.make(document, study.json_path, study.source, study.source_problem)
-                rows += self.objects.outbound(arrival, document, built)
+                # a new version of a study: it names the SRs it replaces, and goes wherever an
+                # earlier version went (a PACS that holds a positive result gets its correction)
+                replaces = () if study.lineage.stays_out(study.status) else study.lineage.supersedes
+                predecessors = self._earlier_reports(replaces, study.study_uid)
+                built = self.objects.make(
+                    document, study.json_path, study.source, study.source_problem, predecessors=predecessors
+                )
+                also = self.state.study_destinations(replaces, study.study_uid)
+                rows += self.objects.outbound(arrival, document, built, also=also)
         if self.notifications:
             rows += study_outbound(self.notifications, arrival, documents)
         return rows
+
+    def _earlier_reports(self, arrival_ids: Sequence[int], study_uid: str) -> list[tuple[str, str]]:
+        """(SeriesInstanceUID, SOPInstanceUID) of the SR each of ``arrival_ids`` made for the study
+        (from its recorded ``report`` section and the SR file it names; one no longer readable is
+        left out)."""
+        import pydicom
+
+        found: list[tuple[str, str]] = []
+        for arrival_id in arrival_ids:
+            for row in self.state.studies_for(arrival_id):
+                if row["study_uid"] != study_uid or not row["result_json"] or not row["json_path"]:
+                    continue
+                files = (json.loads(row["result_json"]).get("report") or {}).get("files") or []
+                for entry in files:
+                    if entry.get("kind") != "sr" or not entry.get("sop_instance_uid"):
+                        continue
+                    try:
+                        header = pydicom.dcmread(
+                            Path(row["json_path"]).parent / entry["file"],
+                            stop_before_pixels=True,
+                            specific_tags=["SeriesInstanceUID", "SOPInstanceUID"],
+                        )
+                    except (OSError, ValueError, pydicom.errors.InvalidDicomError) as exc:
+                        log.warning("report.predecessor_unreadable arrival=%s: %s", arrival_id, exc)
+                        continue
+                    if str(header.SOPInstanceUID) == entry["sop_instance_uid"]:
+                        found.append((str(header.SeriesInstanceUID), str(header.SOPInstanceUID)))
+        return found
 
     # ------------------------------------------------------------------ documents
     def _result(self, arrival: Arrival, study: FinishedStudy) -> dict[str, Any]:

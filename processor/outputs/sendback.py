@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Mapping, Sequence
+import sqlite3
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +84,7 @@ class ObjectMaker:
         destinations: Sequence[DestinationSettings],
         outbox: Path,
         *,
-        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        now: Callable[[], datetime] = lambda: datetime.now().astimezone(),  # DICOM DA/TM: local time
     ) -> None:
         self.report = report
         self.destinations = list(destinations)
@@ -106,11 +107,16 @@ class ObjectMaker:
         json_path: Path,
         source: SourceStudy | None,
         source_problem: str | None,
+        *,
+        predecessors: Sequence[tuple[str, str]] = (),
     ) -> list[Built]:
         """Write the study's files into its folder and add the ``report`` section to ``document``.
 
-        Never raises for one object that cannot be made: that object is left out, its reason is in
-        ``document["report"]["problems"]``.
+        An object that cannot be made is left out, its reason in ``document["report"]["problems"]``;
+        an OSError or a SQLite error (the disk, not the study) propagates: the worker sends the batch
+        back uncharged and pauses, as for any other write of the finish. ``predecessors``: the
+        (SeriesInstanceUID, SOPInstanceUID) of the SRs of earlier versions of the study, which the
+        SR names as the documents it replaces (PS3.3 C.17.2, Predecessor Documents Sequence).
         """
         folder = json_path.parent / json_path.stem
         built: list[Built] = []
@@ -120,6 +126,8 @@ class ObjectMaker:
         def attempt(what: str, make: Callable[[], list[Built]]) -> None:
             try:
                 built.extend(make())
+            except (OSError, sqlite3.Error):
+                raise  # the world's fault (disk full, a share gone): the batch goes back, uncharged
             except Exception as exc:  # noqa: BLE001 - one object's fault never fails the study
                 log.warning("report.object_failed what=%s: %s", what, exc, exc_info=True)
                 problems.append(f"the {what} could not be made: {exc}")
@@ -152,7 +160,7 @@ class ObjectMaker:
             attempt("PDF report", make_pdf)
         if source is not None:
             if "sr" in self.wanted:
-                attempt("structured report", lambda: [self._sr(folder, document, source)])
+                attempt("structured report", lambda: [self._sr(folder, document, source, predecessors)])
             if "sc" in self.wanted and not failed:
                 attempt("key images", lambda: self._key_images(folder, json_path.parent, document, source))
             if self.pdf_dicom and pdf is not None:
@@ -172,15 +180,27 @@ class ObjectMaker:
         return built
 
     def outbound(
-        self, arrival: Arrival, document: Mapping[str, Any], built: Sequence[Built]
+        self,
+        arrival: Arrival,
+        document: Mapping[str, Any],
+        built: Sequence[Built],
+        *,
+        also: Collection[str] = (),
     ) -> list[Outbound]:
-        """The queue rows of the destinations whose ``when`` this study meets, each with the files it sends."""
+        """The queue rows of the destinations whose ``when`` this study meets, each with the files it
+        sends; ``also``: destinations that got an earlier version of the study, which get this one
+        whatever its ``when`` (their PACS must not keep the old result uncorrected). None for a
+        result that does not become the study's current one (``superseded_by`` set: it has fewer
+        images than the current one and came out worse)."""
+        if document.get("superseded_by"):
+            return []
         failed = document.get("processing_status") == StudyStatus.FAILURE
         rows: list[Outbound] = []
         for destination in self.destinations:
-            if destination.when == "pathology" and document.get("pathology") != 1:
+            wanted = destination.name in also
+            if not wanted and destination.when == "pathology" and document.get("pathology") != 1:
                 continue
-            if destination.when == "failures" and not failed:
+            if not wanted and destination.when == "failures" and not failed:
                 continue
             items = [b.item(self.outbox) for b in built if _sent_as(b, destination) in destination.send]
             if not items:
@@ -204,8 +224,14 @@ class ObjectMaker:
         versions = software_versions()
         return f"ctwatch {versions.get('ctwatch', '?')}"
 
-    def _sr(self, folder: Path, document: Mapping[str, Any], source: SourceStudy) -> Built:
-        from processor.dicom.sr import build_sr
+    def _sr(
+        self,
+        folder: Path,
+        document: Mapping[str, Any],
+        source: SourceStudy,
+        predecessors: Sequence[tuple[str, str]] = (),
+    ) -> Built:
+        from processor.dicom.sr import build_sr, name_predecessors
 
         series_uid, sop_uid = self._uids()
         dataset = build_sr(
@@ -217,6 +243,7 @@ class ObjectMaker:
             software_versions=self._software(),
             content_datetime=self.now(),
         )
+        name_predecessors(dataset, source.study_uid, predecessors)
         return self._write_dicom(folder / "sr.dcm", dataset, "sr")
 
     def _key_images(

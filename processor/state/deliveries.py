@@ -219,13 +219,24 @@ class Deliveries(Database):
         rows = list(self.db.query("select * from deliveries where id = ?", [delivery_id]))
         return Delivery.from_row(rows[0]) if rows else None
 
-    def mark_sent(self, delivery_id: int) -> bool:
-        """The send succeeded (one more attempt counted); False when the row was not pending."""
-        cur = self.db.execute(
-            "update deliveries set state = 'sent', attempts = attempts + 1, sent_at = ? "
-            "where id = ? and state = 'pending'",
-            [utcnow(), delivery_id],
-        )
+    def mark_sent(self, delivery_id: int, now: float | None = None) -> bool:
+        """The send succeeded (one more attempt counted); False when the row was not pending.
+
+        Its destination is up: the rows that waited behind an earlier failure are due now and their
+        give-up clock stops (a row that failed on its own account keeps its own next try)."""
+        now = time.time() if now is None else now
+        with self.transaction():
+            cur = self.db.execute(
+                "update deliveries set state = 'sent', attempts = attempts + 1, sent_at = ? "
+                "where id = ? and state = 'pending'",
+                [utcnow(), delivery_id],
+            )
+            self.db.execute(
+                "update deliveries set next_try_at = min(next_try_at, ?), first_failed_at = null "
+                "where state = 'pending' and attempts = 0 and destination = "
+                "(select destination from deliveries where id = ?)",
+                [now, delivery_id],
+            )
         return cur.rowcount == 1
 
     def mark_retry(self, delivery_id: int, error: str, next_try_at: float, now: float | None = None) -> None:
@@ -260,13 +271,46 @@ class Deliveries(Database):
             [int(attempted), plain_error(error), utcnow(), delivery_id],
         )
 
+    def retire_superseded(self, earlier: Sequence[int], study_uid: str, by_arrival: int) -> int:
+        """Inside the finishing transaction of arrival ``by_arrival``, whose result of ``study_uid``
+        supersedes those of the ``earlier`` arrivals: their study sends still pending end ``failed``
+        (never sent: the new version is sent instead); returns how many."""
+        if not earlier:
+            return 0
+        cur = self.db.execute(
+            "update deliveries set state = 'failed', last_error = ?, last_error_at = ? "
+            f"where state = 'pending' and event = 'study' and study_uid = ? "
+            f"and arrival_id in ({','.join('?' * len(earlier))})",
+            [
+                f"not sent: arrival {by_arrival} analysed the study again and its result is sent instead",
+                utcnow(),
+                study_uid,
+                *[int(a) for a in earlier],
+            ],
+        )
+        return cur.rowcount
+
+    def study_destinations(self, arrival_ids: Sequence[int], study_uid: str) -> set[str]:
+        """Destinations that were sent, or wait to be sent, the results of ``study_uid`` by
+        ``arrival_ids`` (a new version of the study goes to each of them, whatever its ``when``)."""
+        if not arrival_ids:
+            return set()
+        return {
+            r["destination"]
+            for r in self.db.query(
+                "select distinct destination from deliveries where event = 'study' and study_uid = ? "
+                f"and state in ('pending', 'sent') and arrival_id in ({','.join('?' * len(arrival_ids))})",
+                [study_uid, *[int(a) for a in arrival_ids]],
+            )
+        }
+
     def give_up_waiting(self, destination: str, error: str, failing_since: float) -> int:
         """End ``failed`` the destination's pending rows that have waited on its failures since
         ``failing_since`` or earlier (Unix seconds; the give-up of the row ahead of them); returns
         how many."""
         cur = self.db.execute(
             "update deliveries set state = 'failed', last_error = ?, last_error_at = ? "
-            "where destination = ? and state = 'pending' and first_failed_at <= ?",
+            "where destination = ? and state = 'pending' and first_failed_at <= ? and attempts > 0",
             [plain_error(error), utcnow(), destination, failing_since],
         )
         return cur.rowcount

@@ -352,6 +352,8 @@ class Queue(Database):
                         study["fields"].get("json_path"),
                         stays_out=stays_out,
                     )
+                    if not stays_out:  # the earlier versions' sends still waiting are never made
+                        self.retire_superseded(earlier, study["study_uid"], arrival_id)  # type: ignore[attr-defined]
                 self.write_study(arrival_id, **study)  # type: ignore[attr-defined]
             if duplicate_of is not None or late_series is not None:
                 marks = {"duplicate_of": duplicate_of, "late_series": late_series}

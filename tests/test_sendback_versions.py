@@ -1,0 +1,169 @@
+"""Send-back across versions of one study, and a send queue that a failing row does not hold up.
+
+A new version (a late series) names the SR it replaces, goes wherever the earlier version went —
+whatever that destination's ``when`` — and the earlier version's sends still waiting are never
+made; a version kept out (fewer images, a worse result) sends nothing. No daemon: the recorder's
+own path (``build`` + ``executor.process``) and the queue on a real SQLite file.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pydicom
+
+from processor.config import FolderTarget, RetrySettings, load_settings
+from processor.daemon import build
+from processor.delivery import DeliveryService, Route
+from processor.delivery.folder import FolderSender
+from processor.state import Outbound
+from tests.conftest import Project
+from tests.dicomgen import make_series, write_zip
+from tests.test_late_series import _document, _parts, _scout, _take
+
+STEPS = [
+    {"id": "series", "uses": "dicom.select_series", "with": {"min_slices": 20}},
+    {"id": "volume", "uses": "ct.volume"},
+]
+
+
+def _project(root: Path) -> Project:
+    root.mkdir(parents=True, exist_ok=True)
+    return Project(
+        root,
+        STEPS,
+        study_report={"make": []},
+        destinations=[
+            {"name": "all", "folder": {"path": "sent/all"}, "send": ["sr"]},
+            {"name": "failures", "folder": {"path": "sent/failures"}, "send": ["sr"], "when": "failures"},
+        ],
+    )
+
+
+def _rows(components) -> list[tuple]:
+    return [
+        (r["arrival_id"], r["destination"], r["state"], r["last_error"])
+        for r in components.state.db.query("select * from deliveries order by id")
+    ]
+
+
+def test_a_new_version_replaces_the_earlier_sr_and_reaches_every_destination_of_the_earlier(
+    tmp_path: Path,
+) -> None:
+    project = _project(tmp_path / "ct")
+    components = build(load_settings(project.config))
+    uid = make_series(1)[0].StudyInstanceUID  # warm the generator; the study comes from _parts
+    assert uid
+    part1, part2 = _parts(tmp_path / "drops")
+    _take(components, part1)  # 20 slices at 2.5 mm: analysed
+    (first,) = components.state.studies_for(1)
+    first_doc = _document(first["json_path"])
+    (first_sr,) = [f for f in first_doc["report"]["files"] if f["kind"] == "sr"]
+    assert _rows(components) == [(1, "all", "pending", None)], "a success: not for `when: failures`"
+
+    _take(components, part2)  # the late series: a new version that supersedes the first
+    rows = _rows(components)
+    assert rows[0][:3] == (1, "all", "failed") and "arrival 2 analysed the study again" in rows[0][3]
+    assert rows[1:] == [(2, "all", "pending", None)]
+    (second,) = components.state.studies_for(2)
+    second_doc = _document(second["json_path"])
+    (second_sr,) = [f for f in second_doc["report"]["files"] if f["kind"] == "sr"]
+    sr = pydicom.dcmread(Path(second["json_path"]).parent / second_sr["file"])
+    (study,) = sr.PredecessorDocumentsSequence
+    assert study.StudyInstanceUID == second_doc["study_uid"]
+    (series,) = study.ReferencedSeriesSequence
+    (item,) = series.ReferencedSOPSequence
+    assert item.ReferencedSOPInstanceUID == first_sr["sop_instance_uid"] != second_sr["sop_instance_uid"]
+    components.state.close()
+
+
+def test_a_failed_version_sent_to_failures_is_followed_there_by_its_correction(tmp_path: Path) -> None:
+    project = _project(tmp_path / "ct")
+    components = build(load_settings(project.config))
+    first = make_series(12, series_number=2, description="TOO FEW")  # below min_slices: Failure
+    uid = first[0].StudyInstanceUID
+    rest = make_series(24, study_uid=uid, series_number=3, description="WHOLE")
+    _take(components, write_zip(tmp_path / "drops" / "a.zip", first))
+    assert [r[:3] for r in _rows(components)] == [(1, "all", "pending"), (1, "failures", "pending")]
+    _take(components, write_zip(tmp_path / "drops" / "b.zip", rest))
+    (second,) = components.state.studies_for(2)
+    assert _document(second["json_path"])["processing_status"] != "Failure"
+    new = [r[:3] for r in _rows(components) if r[0] == 2]
+    assert new == [(2, "all", "pending"), (2, "failures", "pending")], "the correction follows the failure"
+    components.state.close()
+
+
+def test_a_kept_out_version_sends_nothing(tmp_path: Path) -> None:
+    project = _project(tmp_path / "ct")
+    components = build(load_settings(project.config))
+    part1, _ = _parts(tmp_path / "drops")
+    _take(components, part1)
+    part1.unlink()  # the current result's images are gone: a worse version with fewer stays out
+    _take(components, _scout(tmp_path))
+    assert _document(components.state.studies_for(2)[0]["json_path"])["superseded_by"]
+    assert [r[:3] for r in _rows(components)] == [(1, "all", "pending")]
+    components.state.close()
+
+
+class _Flaky:
+    """A sender that fails (retry) while ``down`` is set, raises a bug on ``poison`` rows."""
+
+    def __init__(self, outbox: Path) -> None:
+        self.down = threading.Event()
+        self.inner = FolderSender(FolderTarget(path=outbox.parent / "copies"))
+
+    def send(self, items, outbox: Path) -> None:
+        from processor.errors import SendFailed
+
+        if any(i.get("poison") for i in items):
+            raise RuntimeError("a library's surprise")
+        if self.down.is_set():
+            raise SendFailed("connection refused", retry=True)
+        self.inner.send(items, outbox)
+
+
+def test_rows_held_behind_an_outage_go_at_once_when_it_ends_and_a_bug_holds_nothing(tmp_path: Path) -> None:
+    project = _project(tmp_path / "ct")
+    components = build(load_settings(project.config))
+    state, outbox = components.state, project.outbox
+    report = outbox / "day" / "study"
+    report.mkdir(parents=True)
+    (report / "sr.dcm").write_bytes(b"x")
+    import hashlib
+
+    item = {"kind": "sr", "path": "day/study/sr.dcm", "sop_instance_uid": None}
+    item["sha256"] = hashlib.sha256(b"x").hexdigest()
+    sender = _Flaky(outbox)
+    clock = [1000.0]
+    service = DeliveryService(
+        state,
+        {"p": Route("p", sender, RetrySettings(first_seconds=60, max_seconds=60, give_up_after=3600))},
+        outbox,
+        clock=lambda: clock[0],
+    )
+    ids = state.enqueue(
+        [Outbound("p", "study", None, None, (item,)), Outbound("p", "study", None, None, (item,))],
+        now=clock[0],
+    )
+    sender.down.set()
+    service.run_pass("p")
+    first, second = state.delivery(ids[0]), state.delivery(ids[1])
+    assert first.attempts == 1 and second.attempts == 0 and second.next_try_at >= clock[0] + 60
+    sender.down.clear()
+    clock[0] += 1  # the destination is back before the first row's next try
+    third = state.enqueue([Outbound("p", "study", None, None, (item,))], now=clock[0])[0]
+    service.run_pass("p")  # the new row goes: the destination is up ...
+    service.run_pass("p")  # ... so the row that only waited behind the failure goes too
+    assert [state.delivery(i).state for i in (*ids, third)] == ["pending", "sent", "sent"]
+    assert state.delivery(ids[0]).next_try_at == first.next_try_at, "the failed row keeps its back-off"
+    clock[0] += 60
+    service.run_pass("p")
+    assert state.delivery(ids[0]).state == "sent"
+
+    poison = state.enqueue([Outbound("p", "study", None, None, ({**item, "poison": True},))], now=clock[0])[0]
+    after = state.enqueue([Outbound("p", "study", None, None, (item,))], now=clock[0])[0]
+    service.run_pass("p")
+    assert state.delivery(poison).state == "failed" and "resend" in state.delivery(poison).last_error
+    assert state.delivery(after).state == "sent", "a bug in one row holds no other"
+    state.close()
