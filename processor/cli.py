@@ -71,7 +71,14 @@ def _parser() -> argparse.ArgumentParser:
         type=_moment,
         default=None,
         metavar="YYYY-MM-DD[THH:MM]",
-        help="every sent or failed delivery queued since then (local time), e.g. after a PACS lost data",
+        help="every sent or failed delivery queued since then (local time), e.g. after a PACS lost data "
+        "(daily summaries are not sent again)",
+    )
+    p.add_argument(
+        "--destination",
+        default=None,
+        metavar="NAME",
+        help="with --failed or --since: only this destination's",
     )
     sub.add_parser("check-config", parents=[common], help="validate settings and pipeline, then exit")
     sub.add_parser("steps", parents=[common], help="list the registered pipeline steps and their parameters")
@@ -521,7 +528,7 @@ def cmd_resend(settings: Settings, args: argparse.Namespace) -> int:
         found = {i: state.delivery(i) for i in args.ids}
         unknown = [i for i, row in found.items() if row is None]
         waiting = [i for i, row in found.items() if row is not None and row.state == DeliveryState.PENDING]
-        count = state.resend(args.ids, failed=args.failed, since=args.since)
+        count = state.resend(args.ids, failed=args.failed, since=args.since, destination=args.destination)
     finally:
         state.close()
     done = f"resent {count} deliver{'y' if count == 1 else 'ies'}"

@@ -467,6 +467,8 @@ class Daemon:
             # ended it (a kill in between loses them)
             if self.c.state.enqueue(arrival_outbound(s.notifications, row, row.state, row.error)):
                 self.c.outbound_wake.set()
+        if self.delivery is None:  # no destination left: rows queued for removed ones end, saying so
+            DeliveryService(self.c.state, {}, s.outbox).fail_unrouted()
         for stale in remove_stale_temp_files(s.outbox, s.reports.dir):
             log.warning("outbox.stale_temp_removed path=%s", stale)
         for stale in remove_stale():  # a killed daemon's CPU-pool hand-off files in shared memory

@@ -167,3 +167,27 @@ def test_rows_held_behind_an_outage_go_at_once_when_it_ends_and_a_bug_holds_noth
     assert state.delivery(poison).state == "failed" and "resend" in state.delivery(poison).last_error
     assert state.delivery(after).state == "sent", "a bug in one row holds no other"
     state.close()
+
+
+def test_resend_since_narrows_to_a_destination_and_never_repeats_a_daily_summary(tmp_path: Path) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from processor.state import State
+
+    state = State(tmp_path / "s.db")
+    hook = {"kind": "webhook", "payload": {"event": "daily"}}
+    ids = state.enqueue(
+        [
+            Outbound("pacs", "study", None, "1.2.3", ({"kind": "webhook", "payload": {}},)),
+            Outbound("hook", "daily", None, None, (hook,)),
+            Outbound("hook", "failure", None, None, ({"kind": "webhook", "payload": {}},)),
+        ]
+    )
+    for i in ids:
+        assert state.mark_sent(i)
+    since = datetime.now(UTC) - timedelta(minutes=5)
+    assert state.resend(since=since, destination="pacs") == 1
+    assert [state.delivery(i).state for i in ids] == ["pending", "sent", "sent"]  # type: ignore[union-attr]
+    assert state.resend(since=since) == 1, "the failure notice; the daily summary is not sent again"
+    assert state.delivery(ids[1]).state == "sent"  # type: ignore[union-attr]
+    state.close()

@@ -321,10 +321,12 @@ class Deliveries(Database):
         *,
         failed: bool = False,
         since: datetime | None = None,
+        destination: str | None = None,
         now: float | None = None,
     ) -> int:
         """Put rows back to ``pending``, next try ``now``: those with ``ids`` (sent or failed),
-        every ``failed`` one, or every sent or failed one created ``since`` (aware time). Attempts
+        every ``failed`` one, or every sent or failed one created ``since`` (aware time; daily
+        summaries are not sent again); ``destination``: only that destination's. Attempts
         go back to 0 and the give-up clock restarts; the last error is kept until the next send.
         Pending rows are left as they are. Returns how many rows were set back."""
         clauses: list[str] = []
@@ -334,14 +336,18 @@ class Deliveries(Database):
             args += [int(i) for i in ids]
         if failed:
             clauses.append("state = 'failed'")
-        if since is not None:
-            clauses.append("created_at >= ?")
+        if since is not None:  # a day's daily summary is not sent again
+            clauses.append("(created_at >= ? and event != 'daily')")
             args.append(since.astimezone(UTC).isoformat(timespec="seconds"))
         if not clauses:
             return 0
+        where = " or ".join(clauses)
+        if destination is not None:
+            where = f"({where}) and destination = ?"
+            args.append(destination)
         cur = self.db.execute(
             "update deliveries set state = 'pending', attempts = 0, first_failed_at = null, sent_at = null, "
-            f"next_try_at = ? where state != 'pending' and ({' or '.join(clauses)})",
+            f"next_try_at = ? where state != 'pending' and ({where})",
             [time.time() if now is None else now, *args],
         )
         return cur.rowcount
