@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +24,7 @@ from processor.state import State
 from processor.state.deliveries import Outbound
 from tests.conftest import wait_for
 from tests.dicomgen import make_series
+from tests.hookserver import HookServer
 from tests.orthanc import Orthanc
 
 ALLOW = frozenset({"127.0.0.1"})
@@ -182,40 +181,8 @@ def test_an_outage_is_retried_until_orthanc_is_back(
     assert _in_orthanc(orthanc, study_uid) >= {item["sop_instance_uid"] for item in items}
 
 
-class _Hooks:
-    """An http.server on 127.0.0.1 answering by path, keeping what each POST carried."""
-
-    def __init__(self) -> None:
-        self.received: list[tuple[str, str | None, dict]] = []
-        hooks = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                hooks.received.append((self.path, self.headers.get("Authorization"), body))
-                code = {"/ok": 204, "/boom": 500, "/gone": 404, "/moved": 302}[self.path]
-                self.send_response(code)
-                if code == 302:
-                    self.send_header("Location", f"http://127.0.0.1:{hooks.port}/ok")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, name="test-webhooks", daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
-
-
 def test_webhooks_sent_retried_or_failed_by_status(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    hooks = _Hooks()
+    hooks = HookServer(tmp_path / "hooks", {"/ok": 204, "/boom": 500, "/gone": 404, "/moved": 302})
     monkeypatch.setenv(TOKEN_ENV, "hook-token-0123456789")
     state = State(tmp_path / "s.db")
     routes = {
@@ -262,9 +229,10 @@ def test_webhooks_sent_retried_or_failed_by_status(tmp_path: Path, monkeypatch: 
     )
     assert rows["gone"].last_error == "webhook POST failed: HTTP 404 — check the url"
     assert "redirects are refused" in (rows["moved"].last_error or "")
-    assert [path for path, _, _ in hooks.received] == ["/ok", "/boom", "/gone", "/moved"], (
+    received = hooks.posts()
+    assert [path for path, _, _ in received] == ["/ok", "/boom", "/gone", "/moved"], (
         "the redirect was not followed"
     )
-    assert {auth for _, auth, _ in hooks.received} == {"Bearer hook-token-0123456789"}
-    assert all(body == {"event": "failure", "n": 1} for _, _, body in hooks.received)
+    assert {auth for _, auth, _ in received} == {"Bearer hook-token-0123456789"}
+    assert all(json.loads(body) == {"event": "failure", "n": 1} for _, _, body in received)
     state.close()

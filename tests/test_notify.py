@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ from processor.outputs.notify import PAYLOAD_KEYS, PHI_KEYS, enqueue_daily, stud
 from processor.state import State
 from tests.conftest import Project, wait_for
 from tests.dicomgen import make_series, write_zip
+from tests.hookserver import HookServer
 
 PATIENT_NAME = "Doe^John"
 PATIENT_ID = "PID24680Z"
@@ -37,43 +36,6 @@ BAD_MEMBER = "Roe_Jane_MRN777"  # named in the zip-slip refusal's reason
 LABEL = "ctwatch radiology test"
 
 
-class Hooks:
-    """An http.server on 127.0.0.1 that keeps every POST body, by path."""
-
-    def __init__(self) -> None:
-        self.bodies: dict[str, list[bytes]] = {}
-        self.lock = threading.Lock()
-        hooks = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                with hooks.lock:
-                    hooks.bodies.setdefault(self.path, []).append(body)
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (http.server's name)
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = False  # server_close() joins the handler threads
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, name="ctwatch-test-webhooks"
-        )
-        self.thread.start()
-
-    def received(self, path: str) -> list[bytes]:
-        with self.lock:
-            return list(self.bodies.get(path, []))
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(10)
-
-
 @dataclass
 class World:
     """What the module's one run left: the settings, the state, the ids and the planted values."""
@@ -81,7 +43,7 @@ class World:
     settings: Settings
     state: State
     components: Any
-    hooks: Hooks
+    hooks: HookServer
     ids: dict[str, int]
     study_uids: dict[str, str]
     sent: dict[str, list[bytes]] = field(default_factory=dict)
@@ -103,8 +65,8 @@ def _planted(series: list) -> list:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    hooks = Hooks()
     root = tmp_path_factory.mktemp("notify")
+    hooks = HookServer(root.parent / f"{root.name}-hooks")
     project = Project(
         root,
         [{"id": "series", "uses": "dicom.select_series", "with": {"min_slices": 20}}],
