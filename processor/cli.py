@@ -444,6 +444,7 @@ def _print_deliveries(settings: Settings, state: State) -> None:
         note = "" if name in configured else "  (not configured any more)"
         print(
             f"  {name}  pending={d.get('pending', 0)} sent={d.get('sent', 0)} failed={d.get('failed', 0)}"
+            + (f" superseded={d['superseded']}" if d.get("superseded") else "")
             + (f"  oldest pending {duration_words(oldest)}" if oldest is not None else "")
             + note
         )
@@ -523,14 +524,31 @@ def cmd_resend(settings: Settings, args: argparse.Namespace) -> int:
     if not settings.state.exists():  # never create a database just to find nothing in it
         print(f"resent 0 deliveries: no state database yet at {settings.state}")
         return EXIT_OK if not args.ids else EXIT_FAILED
+    configured = [d.name for d in settings.destinations] + [n.name for n in settings.notifications]
+    if args.destination is not None and args.destination not in configured:
+        print(
+            f"no destination or notification named {args.destination} in {settings.config_file or 'the config'}"
+            f" (configured: {', '.join(configured) or 'none'})",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
     state = State(settings.state, timeout=settings.limits.database_busy_seconds)
     try:
         found = {i: state.delivery(i) for i in args.ids}
         unknown = [i for i, row in found.items() if row is None]
         waiting = [i for i, row in found.items() if row is not None and row.state == DeliveryState.PENDING]
-        count = state.resend(args.ids, failed=args.failed, since=args.since, destination=args.destination)
+        orphans = sorted({row.destination for row in found.values() if row is not None} - set(configured))
+        count = state.resend(
+            args.ids, failed=args.failed, since=args.since, destination=args.destination, among=configured
+        )
     finally:
         state.close()
+    if orphans:
+        print(
+            f"not resent: {', '.join(orphans)} is no longer in the config (add it back, restart ctwatch, "
+            "then resend)",
+            file=sys.stderr,
+        )
     done = f"resent {count} deliver{'y' if count == 1 else 'ies'}"
     print(
         f"{done}: pending again; the daemon sends them within seconds (or when it next starts)"

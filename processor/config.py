@@ -492,6 +492,14 @@ class NotificationSettings(_Section):
     timeout_seconds: float = Field(default=15, gt=0)
     retry: RetrySettings = RetrySettings()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_on(cls, data: Any) -> Any:
+        """YAML 1.1 reads a bare ``on:`` key as the boolean true: take it as ``on``."""
+        if isinstance(data, dict) and True in data and "on" not in data:
+            data = {("on" if key is True else key): value for key, value in data.items()}
+        return data
+
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:

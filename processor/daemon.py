@@ -433,6 +433,8 @@ class Daemon:
         dask = self.dask.fault() if self.dask is not None else None
         if dask is not None and (paused is None or dask not in paused):
             faults.append(dask)
+        if self.delivery is not None:
+            faults += self._send_faults()
         if self.recorder.unplaced_failures:
             faults.append(
                 f"{self.recorder.unplaced_failures} finished arrival(s) could not be written out yet "
@@ -440,6 +442,21 @@ class Daemon:
                 f"{IDLE_REPLAY_SECONDS:g} s — see state/ctwatch.log"
             )
         return faults
+
+    def _send_faults(self) -> list[str]:
+        """Destinations whose oldest waiting row has waited ``SEND_FAULT_SECONDS`` and whose last
+        send failed: results are not reaching a PACS (names, counts and ctwatch's words only)."""
+        from processor.status.words import duration_words
+
+        out = []
+        for name, d in self.c.state.delivery_summary().items():
+            oldest = d.get("oldest_pending_seconds") or 0
+            if d.get("pending") and d.get("last_error") and oldest >= SEND_FAULT_SECONDS:
+                out.append(
+                    f"send-back to {name} is failing: {d['last_error']}; {d['pending']} waiting, the "
+                    f"oldest for {duration_words(oldest)} (they go out when it answers again)"
+                )
+        return out
 
     def _models_loaded(self) -> list[dict]:
         return [
@@ -599,6 +616,7 @@ class Daemon:
 RESCAN_SECONDS = 60.0
 WRITE_PROBE_SECONDS = 5.0  # how often the disk guard checks that its folders can be written
 IDLE_REPLAY_SECONDS = 10.0
+SEND_FAULT_SECONDS = 600.0  # a destination failing with rows waiting this long is named on /health
 INTAKE_STALE_SCANS = 6  # /health turns 503 when no scan finished for this many intervals…
 INTAKE_STALE_MIN_SECONDS = 60.0  # …and at least this long (hashing a large ZIP holds a scan)
 LOCK_CHECK_TICKS = 4  # the lock file is checked every 4 × 0.5 s

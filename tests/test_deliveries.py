@@ -130,6 +130,7 @@ def test_retry_holds_the_destination_then_fails_resends_and_survives_reopening(t
         "pending": 0,
         "sent": 1,
         "failed": 0,
+        "superseded": 0,
         "oldest_pending_seconds": None,
         "last_error": None,
         "last_error_at": None,
@@ -280,6 +281,7 @@ def test_status_metrics_and_page_show_the_queue_without_phi(tmp_path: Path) -> N
         "pending": 0,
         "sent": 0,
         "failed": 0,
+        "superseded": 0,
         "oldest_pending_seconds": None,
         "last_error": None,
         "last_error_at": None,
@@ -321,3 +323,13 @@ def test_status_lists_the_queue_and_resend_sets_rows_back(tmp_path: Path) -> Non
     assert {r.state for r in state.due(float("inf"))} == {"pending"} and len(state.due(float("inf"))) == 2
     state.close()
     assert project.run("resend").returncode == 2
+    unknown = project.run("resend", "--failed", "--destination", "nosuch")
+    assert unknown.returncode == 2 and "no destination or notification named nosuch" in unknown.stderr
+
+    state = State(project.state_path)  # a row of a destination no longer configured is not resent
+    (gone,) = state.enqueue([_row("gone", item)])
+    state.mark_failed(gone, "the destination gone is no longer in the config")
+    state.close()
+    orphan = project.run("resend", str(gone))
+    assert orphan.returncode == 0 and "not resent: gone is no longer in the config" in orphan.stderr
+    assert "resent 0 deliveries" in orphan.stdout

@@ -94,3 +94,17 @@ def test_the_two_commands_are_the_ones_ci_runs() -> None:
     assert packages is not None
     for package in ("orthanc", "orthanc-dicomweb", "libreoffice-calc-nogui", "chromium", "poppler-utils"):
         assert package in packages.group(1).split() and package in README, package
+
+
+def test_the_send_back_examples_are_valid_settings() -> None:
+    """The README's `destinations` and `notifications` examples load as they are written (a bare
+    YAML `on:` key included, which YAML 1.1 reads as true)."""
+    section = README[README.index("## Results back to the PACS") : README.index("## Reports, status page")]
+    blocks = re.findall(r"```yaml\n(.*?)```", section, re.S)
+    assert len(blocks) == 2
+    destinations, notifications = (yaml.safe_load(b) for b in blocks)
+    hosts = destinations["fetch"]["allow_hosts"] + ["hooks.hospital.example"]
+    settings = Settings.model_validate(destinations | notifications | {"fetch": {"allow_hosts": hosts}})
+    assert [d.kind for d in settings.destinations] == ["dicomweb", "dimse", "folder"]
+    assert settings.notifications[0].on == ["failure", "pathology", "daily"]
+    assert settings.destinations[1].retry.give_up_after == 3 * 86400

@@ -64,7 +64,8 @@ def test_a_new_version_replaces_the_earlier_sr_and_reaches_every_destination_of_
 
     _take(components, part2)  # the late series: a new version that supersedes the first
     rows = _rows(components)
-    assert rows[0][:3] == (1, "all", "failed") and "arrival 2 analysed the study again" in rows[0][3]
+    assert rows[0][:3] == (1, "all", "superseded") and "arrival 2 analysed the study again" in rows[0][3]
+    assert components.state.resend(failed=True) == 0, "resend --failed never sends an old version"
     assert rows[1:] == [(2, "all", "pending", None)]
     (second,) = components.state.studies_for(2)
     second_doc = _document(second["json_path"])
@@ -75,6 +76,7 @@ def test_a_new_version_replaces_the_earlier_sr_and_reaches_every_destination_of_
     (series,) = study.ReferencedSeriesSequence
     (item,) = series.ReferencedSOPSequence
     assert item.ReferencedSOPInstanceUID == first_sr["sop_instance_uid"] != second_sr["sop_instance_uid"]
+    assert sr.SeriesDescription.endswith("(new version)") and len(sr.SeriesDescription) <= 64
     components.state.close()
 
 
@@ -160,6 +162,7 @@ def test_rows_held_behind_an_outage_go_at_once_when_it_ends_and_a_bug_holds_noth
     clock[0] += 60
     service.run_pass("p")
     assert state.delivery(ids[0]).state == "sent"
+    assert state.delivery_summary()["p"]["last_error"] is None, "an error before the last send is over"
 
     poison = state.enqueue([Outbound("p", "study", None, None, ({**item, "poison": True},))], now=clock[0])[0]
     after = state.enqueue([Outbound("p", "study", None, None, (item,))], now=clock[0])[0]

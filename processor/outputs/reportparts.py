@@ -149,6 +149,13 @@ def notices(document: Mapping[str, Any]) -> str:
             f"Not this study's current result: the result of arrival {escape(replaced.get('arrival_id'))} "
             "replaces it."
         )
+    earlier = document.get("supersedes")
+    if isinstance(earlier, Mapping):
+        out.append(
+            f"A new version of this study's result: it replaces the result of arrival "
+            f"{escape(earlier.get('arrival_id'))} (more images arrived); earlier reports and AI objects "
+            "of this study in the PACS are out of date."
+        )
     if document.get("processing_status") == StudyStatus.FAILURE:
         out.append(
             "Not analysed: " + escape(explain.short_reason(document.get("error")) or "no reason recorded")

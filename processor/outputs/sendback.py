@@ -86,6 +86,8 @@ class ObjectMaker:
         *,
         now: Callable[[], datetime] = lambda: datetime.now().astimezone(),  # DICOM DA/TM: local time
     ) -> None:
+        for name in ("highdicom", "weasyprint", "fontTools"):  # per-study INFO chatter (and UIDs)
+            logging.getLogger(name).setLevel(logging.WARNING)
         self.report = report
         self.destinations = list(destinations)
         self.outbox = outbox
@@ -119,6 +121,7 @@ class ObjectMaker:
         SR names as the documents it replaces (PS3.3 C.17.2, Predecessor Documents Sequence).
         """
         folder = json_path.parent / json_path.stem
+        new = bool(document.get("supersedes"))  # a new version of the study's result
         built: list[Built] = []
         problems: list[str] = []
         failed = document.get("processing_status") == StudyStatus.FAILURE
@@ -160,11 +163,13 @@ class ObjectMaker:
             attempt("PDF report", make_pdf)
         if source is not None:
             if "sr" in self.wanted:
-                attempt("structured report", lambda: [self._sr(folder, document, source, predecessors)])
+                attempt("structured report", lambda: [self._sr(folder, document, source, predecessors, new)])
             if "sc" in self.wanted and not failed:
-                attempt("key images", lambda: self._key_images(folder, json_path.parent, document, source))
+                attempt(
+                    "key images", lambda: self._key_images(folder, json_path.parent, document, source, new)
+                )
             if self.pdf_dicom and pdf is not None:
-                attempt("Encapsulated PDF", lambda: [self._pdf_dicom(folder, pdf or b"", source)])
+                attempt("Encapsulated PDF", lambda: [self._pdf_dicom(folder, pdf or b"", source, new)])
         document["report"] = {
             "files": [
                 {
@@ -230,6 +235,7 @@ class ObjectMaker:
         document: Mapping[str, Any],
         source: SourceStudy,
         predecessors: Sequence[tuple[str, str]] = (),
+        new: bool = False,
     ) -> Built:
         from processor.dicom.sr import build_sr, name_predecessors
 
@@ -244,10 +250,15 @@ class ObjectMaker:
             content_datetime=self.now(),
         )
         name_predecessors(dataset, source.study_uid, predecessors)
-        return self._write_dicom(folder / "sr.dcm", dataset, "sr")
+        return self._write_dicom(folder / "sr.dcm", dataset, "sr", new)
 
     def _key_images(
-        self, folder: Path, json_dir: Path, document: Mapping[str, Any], source: SourceStudy
+        self,
+        folder: Path,
+        json_dir: Path,
+        document: Mapping[str, Any],
+        source: SourceStudy,
+        new: bool = False,
     ) -> list[Built]:
         from PIL import Image
 
@@ -281,10 +292,10 @@ class ObjectMaker:
                 instance_number=number,
                 description=f"ctwatch key slice {number}, lung window, z {entry.get('z_mm')} mm",
             )
-            out.append(self._write_dicom(folder / f"key_{number}.dcm", dataset, "sc"))
+            out.append(self._write_dicom(folder / f"key_{number}.dcm", dataset, "sc", new))
         return out
 
-    def _pdf_dicom(self, folder: Path, pdf: bytes, source: SourceStudy) -> Built:
+    def _pdf_dicom(self, folder: Path, pdf: bytes, source: SourceStudy, new: bool = False) -> Built:
         from processor.dicom.keyimages import build_encapsulated_pdf
 
         series_uid, sop_uid = self._uids()
@@ -297,7 +308,7 @@ class ObjectMaker:
             instance_number=1,
             title="ctwatch report (AI-generated, not a diagnosis)",
         )
-        return self._write_dicom(folder / "report_pdf.dcm", dataset, "pdf_dicom")
+        return self._write_dicom(folder / "report_pdf.dcm", dataset, "pdf_dicom", new)
 
     # ------------------------------------------------------------------ files
     def _write(self, path: Path, data: bytes, kind: str, sop_uid: str | None) -> Built:
@@ -305,9 +316,11 @@ class ObjectMaker:
         write_bytes_atomic(path, data)
         return Built(kind=kind, path=path, sop_instance_uid=sop_uid, sha256=hashlib.sha256(data).hexdigest())
 
-    def _write_dicom(self, path: Path, dataset: Dataset, kind: str) -> Built:
+    def _write_dicom(self, path: Path, dataset: Dataset, kind: str, new: bool = False) -> Built:
         from io import BytesIO
 
+        if new:  # what a PACS user sees in the series list
+            dataset.SeriesDescription = _new_version_words(str(dataset.get("SeriesDescription", "")))
         buffer = BytesIO()
         dataset.save_as(buffer, enforce_file_format=True)
         return self._write(path, buffer.getvalue(), kind, str(dataset.SOPInstanceUID))
@@ -327,3 +340,9 @@ def _pixel_mm(document: Mapping[str, Any]) -> float | None:
     pixels = ((document.get("key_slices_method") or {}).get("pixels")) or {}
     value = pixels.get("output_pixel_mm")
     return float(value) if isinstance(value, int | float) and value > 0 else None
+
+
+def _new_version_words(description: str) -> str:
+    """A series description marked as a new version of the study's result, within LO's 64 characters."""
+    mark = " (new version)"
+    return description[: 64 - len(mark)].rstrip() + mark

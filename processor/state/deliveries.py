@@ -14,7 +14,8 @@ States (:class:`DeliveryState`)::
        │ └─ retry (back-off; the destination's other rows wait behind it)
        ▼
      failed   (an error retrying cannot fix, or still failing ``give_up_after`` after it began)
-    sent | failed ──resend──▶ pending   (attempts back to 0, next try now)
+    pending ──a later version of the study recorded──▶ superseded   (never sent)
+    sent | failed ──resend──▶ pending   (attempts back to 0, next try now; a superseded row only by id)
 
 ``next_try_at`` and ``first_failed_at`` are Unix seconds (callers pass ``now`` in);
 ``created_at``, ``sent_at`` and ``last_error_at`` are ISO 8601 UTC text like every stored time.
@@ -42,6 +43,7 @@ class DeliveryState(StrEnum):
     PENDING = "pending"
     SENT = "sent"
     FAILED = "failed"
+    SUPERSEDED = "superseded"  # never sent: a later version of the study is sent instead
 
 
 class DeliveryEvent(StrEnum):
@@ -273,12 +275,13 @@ class Deliveries(Database):
 
     def retire_superseded(self, earlier: Sequence[int], study_uid: str, by_arrival: int) -> int:
         """Inside the finishing transaction of arrival ``by_arrival``, whose result of ``study_uid``
-        supersedes those of the ``earlier`` arrivals: their study sends still pending end ``failed``
-        (never sent: the new version is sent instead); returns how many."""
+        supersedes those of the ``earlier`` arrivals: their study sends still pending end
+        ``superseded`` (never sent: the new version is sent instead; ``resend`` takes such a row only
+        by its id); returns how many."""
         if not earlier:
             return 0
         cur = self.db.execute(
-            "update deliveries set state = 'failed', last_error = ?, last_error_at = ? "
+            "update deliveries set state = 'superseded', last_error = ?, last_error_at = ? "
             f"where state = 'pending' and event = 'study' and study_uid = ? "
             f"and arrival_id in ({','.join('?' * len(earlier))})",
             [
@@ -322,11 +325,13 @@ class Deliveries(Database):
         failed: bool = False,
         since: datetime | None = None,
         destination: str | None = None,
+        among: Iterable[str] | None = None,
         now: float | None = None,
     ) -> int:
         """Put rows back to ``pending``, next try ``now``: those with ``ids`` (sent or failed),
         every ``failed`` one, or every sent or failed one created ``since`` (aware time; daily
-        summaries are not sent again); ``destination``: only that destination's. Attempts
+        summaries are not sent again); ``destination``: only that destination's; ``among``: only
+        rows of these destinations (the configured ones). Attempts
         go back to 0 and the give-up clock restarts; the last error is kept until the next send.
         Pending rows are left as they are. Returns how many rows were set back."""
         clauses: list[str] = []
@@ -345,18 +350,24 @@ class Deliveries(Database):
         if destination is not None:
             where = f"({where}) and destination = ?"
             args.append(destination)
+        if among is not None:  # only destinations a running daemon would send to
+            names = list(among)
+            where = f"({where}) and destination in ({','.join('?' * len(names))})"
+            args += names
         cur = self.db.execute(
             "update deliveries set state = 'pending', attempts = 0, first_failed_at = null, sent_at = null, "
-            f"next_try_at = ? where state != 'pending' and ({where})",
+            f"next_try_at = ? where state != 'pending' and ({where})"
+            + ("" if ids else " and state != 'superseded'"),
             [time.time() if now is None else now, *args],
         )
         return cur.rowcount
 
     # ------------------------------------------------------------------ reading (status)
     def delivery_summary(self, now: float | None = None) -> dict[str, dict[str, Any]]:
-        """Per destination name: ``pending``, ``sent``, ``failed`` (counts),
+        """Per destination name: ``pending``, ``sent``, ``failed``, ``superseded`` (counts),
         ``oldest_pending_seconds`` (age of the oldest pending row, None when none), ``last_error``
-        and ``last_error_at`` (the most recent error of any of its rows, None when none)."""
+        and ``last_error_at`` (the most recent error of any of its rows, None when none or when a
+        send went through since)."""
         if not self.db.table("deliveries").exists():  # a read-only connection to an older database
             return {}
         now = time.time() if now is None else now
@@ -369,6 +380,7 @@ class Deliveries(Database):
                     "pending": 0,
                     "sent": 0,
                     "failed": 0,
+                    "superseded": 0,
                     "oldest_pending_seconds": None,
                     "last_error": None,
                     "last_error_at": None,
@@ -392,6 +404,13 @@ class Deliveries(Database):
         ):
             found = entry(row["destination"])
             found["last_error"], found["last_error_at"] = plain_error(row["last_error"]), row["last_error_at"]
+        for row in self.db.query(  # an error older than the last send that went through is over
+            "select destination, max(sent_at) as sent_at from deliveries where sent_at is not null "
+            "group by destination"
+        ):
+            found = entry(row["destination"])
+            if found["last_error_at"] and row["sent_at"] >= found["last_error_at"]:
+                found["last_error"] = found["last_error_at"] = None
         return dict(sorted(summary.items()))
 
     def recent_deliveries(self, limit: int = 10) -> list[Delivery]:
@@ -401,7 +420,7 @@ class Deliveries(Database):
         return [
             Delivery.from_row(row)
             for row in self.db.query(
-                "select * from deliveries where state != 'sent' "
+                "select * from deliveries where state not in ('sent', 'superseded') "
                 "order by state = 'failed' desc, id desc limit ?",
                 [limit],
             )

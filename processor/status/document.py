@@ -286,6 +286,7 @@ def deliveries_view(summary: dict[str, dict[str, Any]], configured: list[str]) -
             "pending": int(found.get("pending", 0)),
             "sent": int(found.get("sent", 0)),
             "failed": int(found.get("failed", 0)),
+            "superseded": int(found.get("superseded", 0)),
             "oldest_pending_seconds": found.get("oldest_pending_seconds"),
             "last_error": plain_error(found.get("last_error")),
             "last_error_at": found.get("last_error_at"),

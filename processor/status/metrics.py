@@ -219,7 +219,7 @@ def metrics_text(status: dict[str, Any], totals: dict[str, int]) -> str:
         [
             ({"destination": name, "state": state}, d[state])
             for name, d in deliveries.items()
-            for state in ("pending", "sent", "failed")
+            for state in ("pending", "sent", "failed", "superseded")
         ],
     )
     family(
