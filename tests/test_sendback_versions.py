@@ -9,6 +9,8 @@ own path (``build`` + ``executor.process``) and the queue on a real SQLite file.
 from __future__ import annotations
 
 import threading
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pydicom
@@ -193,4 +195,26 @@ def test_resend_since_narrows_to_a_destination_and_never_repeats_a_daily_summary
     assert [state.delivery(i).state for i in ids] == ["pending", "sent", "sent"]  # type: ignore[union-attr]
     assert state.resend(since=since) == 1, "the failure notice; the daily summary is not sent again"
     assert state.delivery(ids[1]).state == "sent"  # type: ignore[union-attr]
+    state.close()
+
+
+def test_a_destination_failing_with_rows_waiting_ten_minutes_is_named_on_health(tmp_path: Path) -> None:
+    from processor.daemon import SEND_FAULT_SECONDS, Daemon
+
+    project = _project(tmp_path / "ct")
+    components = build(load_settings(project.config))
+    daemon = Daemon(components)
+    state = components.state
+    long_ago = time.time() - SEND_FAULT_SECONDS - 5
+    (row,) = state.enqueue([Outbound("all", "study", None, "1.2.3", ({"kind": "webhook", "payload": {}},))])
+    state.db.execute(
+        "update deliveries set created_at = ? where id = ?",
+        [datetime.fromtimestamp(long_ago, UTC).isoformat(timespec="seconds"), row],
+    )
+    assert daemon._faults() == [], "waiting, but no send has failed"
+    state.mark_retry(
+        row, "copy failed: the destination folder cannot be written (read-only)", time.time() + 60
+    )
+    (fault,) = daemon._faults()
+    assert fault.startswith("send-back to all is failing: copy failed") and "1 waiting" in fault
     state.close()
