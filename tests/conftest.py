@@ -132,3 +132,17 @@ def wait_for(predicate: Callable[[], object], timeout: float = 30.0, what: str =
             return value
         time.sleep(0.1)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def stop_child(proc: subprocess.Popen, *, grace: float = 30.0) -> int | None:
+    """Stop a child process by its PID: SIGTERM, then SIGKILL after ``grace`` seconds; reaped.
+    Returns its exit code (None when it had to be killed); safe on one that already ended."""
+    if proc.poll() is not None:
+        return proc.returncode
+    proc.terminate()
+    try:
+        return proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+        return None

@@ -52,13 +52,9 @@ class HookServer:
 
     def close(self) -> None:
         """Stop the process by its PID; safe to call twice."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        from tests.conftest import stop_child
+
+        stop_child(self.process, grace=10)
 
 
 def _serve(folder: Path, codes: dict[str, int]) -> None:

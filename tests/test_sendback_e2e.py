@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import sqlite3
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ import pydicom
 import pytest
 
 from tests import dicomgen
-from tests.conftest import Project, wait_for
+from tests.conftest import Project, stop_child, wait_for
 from tests.orthanc import Orthanc
 from tests.test_sendback_objects import dciodvfy
 
@@ -130,16 +129,6 @@ def _sr_numbers(sr: pydicom.Dataset) -> dict[str, float]:
     return out
 
 
-def _stop(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
 def test_sr_and_key_images_reach_orthanc_by_stow_rs_and_by_c_store(tmp_path: Path) -> None:
     web, dimse = Orthanc(tmp_path / "orthanc-web"), Orthanc(tmp_path / "orthanc-dimse")
     proc = None
@@ -178,7 +167,7 @@ def test_sr_and_key_images_reach_orthanc_by_stow_rs_and_by_c_store(tmp_path: Pat
         _check_sent(project, dimse, study_uid, truth, tmp_path)
     finally:
         if proc is not None:
-            _stop(proc)
+            stop_child(proc)
         web.stop()
         dimse.stop()
 
@@ -217,5 +206,5 @@ def test_sends_wait_out_an_outage_and_a_kill_9_and_arrive_once(tmp_path: Path) -
         wait_for(lambda: _deliveries(project)[0]["state"] == "sent", 60, "the send after the restarts")
         _check_sent(project, orthanc, study_uid, truth, tmp_path)
     finally:
-        _stop(proc)
+        stop_child(proc)
         orthanc.stop()

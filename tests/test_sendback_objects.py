@@ -103,6 +103,19 @@ def write_sr(
     return hd.sr.srread(path), uids
 
 
+def read_back(path: Path, source: SourceStudy, uids: dict[str, str]) -> pydicom.Dataset:
+    """The object at ``path``, checked for the input's patient and study attributes and its own UIDs."""
+    back = pydicom.dcmread(path)
+    for element in source.header:
+        assert back[element.tag].value == element.value, element.keyword
+    assert (back.StudyInstanceUID, back.SeriesInstanceUID, back.SOPInstanceUID) == (
+        source.study_uid,
+        uids["series_instance_uid"],
+        uids["sop_instance_uid"],
+    )
+    return back
+
+
 def groups(sr: hd.sr.Comprehensive3DSR) -> dict[str, Any]:
     return {str(g.tracking_identifier): g for g in sr.content.get_image_measurement_groups()}
 
@@ -325,14 +338,7 @@ def test_key_image(tmp_path: Path, source: SourceStudy) -> None:
     path = tmp_path / "key.dcm"
     sc.save_as(path, enforce_file_format=True)
     dciodvfy(path)
-    back = pydicom.dcmread(path)
-    for element in source.header:
-        assert back[element.tag].value == element.value, element.keyword
-    assert (back.StudyInstanceUID, back.SeriesInstanceUID, back.SOPInstanceUID) == (
-        source.study_uid,
-        uids["series_instance_uid"],
-        uids["sop_instance_uid"],
-    )
+    back = read_back(path, source, uids)
     assert back.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and back.BurnedInAnnotation == "YES"
     assert list(back.PatientOrientation) == ["L", "P"]
     assert [float(v) for v in back.PixelSpacing] == [0.66, 0.66]
@@ -400,14 +406,7 @@ def test_encapsulated_pdf(tmp_path: Path, source: SourceStudy) -> None:
     ds.save_as(path, enforce_file_format=True)
     lines = dciodvfy(path)
     assert "EncapsulatedPDF" in lines
-    back = pydicom.dcmread(path)
-    for element in source.header:
-        assert back[element.tag].value == element.value, element.keyword
-    assert (back.StudyInstanceUID, back.SeriesInstanceUID, back.SOPInstanceUID) == (
-        source.study_uid,
-        uids["series_instance_uid"],
-        uids["sop_instance_uid"],
-    )
+    back = read_back(path, source, uids)
     assert back.MIMETypeOfEncapsulatedDocument == "application/pdf" and back.Modality == "DOC"
     assert back.EncapsulatedDocument[: back.EncapsulatedDocumentLength] == pdf
     assert back.EncapsulatedDocumentLength == len(pdf) and back.DocumentTitle == "ctwatch study report"
