@@ -294,6 +294,7 @@ def test_status_metrics_and_page_show_the_queue_without_phi(tmp_path: Path) -> N
     assert 'ctwatch_deliveries{destination="hook",state="sent"} 0' in metrics
     page = status_html(status)
     assert "Send-back" in page and "resend --failed" in page
+    assert "<td>send-back</td><td>pacs: 0 sent, 1 waiting, 1 failed — last error:" in page, "at the top"
     every = json.dumps(status) + metrics + page
     for planted in (UID, "SECRETSIG", "SECRETTOKEN99", "sr.dcm", "2024-02-29"):
         assert planted not in every, planted

@@ -179,6 +179,7 @@ def status_html(status: dict[str, Any]) -> str:
             + (", ".join(f"{k}: {v}" for k, v in sorted(today["by_outcome"].items())) or "none")
             + ")",
         ],
+        *_send_back_row(status.get("deliveries") or {}),
         ["current arrival", status["worker"]["current_arrival"] or "none"],
         [
             "threads",
@@ -275,6 +276,20 @@ Refreshes every {REFRESH_SECONDS} s. Machine-readable: /status, /health, /metric
 {_deliveries(status, now)}
 </body></html>
 """
+
+
+def _send_back_row(deliveries: dict[str, Any]) -> list[list[str]]:
+    """The facts table's send-back line (none without destinations): per destination what waits,
+    what failed and its last error, so an outage shows at the top of the page."""
+    if not deliveries:
+        return []
+    parts = []
+    for name, d in deliveries.items():
+        words = f"{name}: {d['sent']} sent, {d['pending']} waiting, {d['failed']} failed"
+        if d.get("last_error"):
+            words += f" — last error: {d['last_error']}"
+        parts.append(words)
+    return [["send-back", "; ".join(parts) + " (table: Send-back, below)"]]
 
 
 def _deliveries(status: dict[str, Any], now: datetime) -> str:
