@@ -18,6 +18,9 @@ import numpy as np
 import pydicom
 import pytest
 
+from processor.config import DimseTarget
+from processor.delivery.dimse import DimseSender
+from processor.errors import SendFailed
 from tests import dicomgen
 from tests.conftest import Project, stop_child, wait_for
 from tests.orthanc import Orthanc
@@ -130,7 +133,12 @@ def _sr_numbers(sr: pydicom.Dataset) -> dict[str, float]:
 
 
 def test_sr_and_key_images_reach_orthanc_by_stow_rs_and_by_c_store(tmp_path: Path) -> None:
-    web, dimse = Orthanc(tmp_path / "orthanc-web"), Orthanc(tmp_path / "orthanc-dimse")
+    # the C-STORE side knows ctwatch's AE title and takes stores from known modalities only
+    only_ctwatch = {
+        "DicomAlwaysAllowStore": False,
+        "DicomModalities": {"ctwatch": ["CTWATCH", "127.0.0.1", 104]},
+    }
+    web, dimse = Orthanc(tmp_path / "orthanc-web"), Orthanc(tmp_path / "orthanc-dimse", only_ctwatch)
     proc = None
     try:
         project = Project(
@@ -145,7 +153,12 @@ def test_sr_and_key_images_reach_orthanc_by_stow_rs_and_by_c_store(tmp_path: Pat
                 },
                 {
                     "name": "pacs-dimse",
-                    "dimse": {"host": "127.0.0.1", "port": dimse.dicom_port, "called_aet": "ORTHANC"},
+                    "dimse": {
+                        "host": "127.0.0.1",
+                        "port": dimse.dicom_port,
+                        "called_aet": "ORTHANC",
+                        "calling_aet": "CTWATCH",
+                    },
                     "send": ["sr", "sc"],
                     "retry": FAST_RETRY,
                 },
@@ -165,6 +178,14 @@ def test_sr_and_key_images_reach_orthanc_by_stow_rs_and_by_c_store(tmp_path: Pat
         _check_sent(project, web, study_uid, truth, tmp_path)
         assert "DOC" in _instances(web, study_uid)  # the Encapsulated PDF, asked of pacs-web only
         _check_sent(project, dimse, study_uid, truth, tmp_path)
+        stranger = DimseSender(
+            DimseTarget(
+                host="127.0.0.1", port=dimse.dicom_port, called_aet="ORTHANC", calling_aet="STRANGER"
+            ),
+            frozenset({"127.0.0.1"}),
+        )
+        with pytest.raises(SendFailed, match="check that it knows ctwatch's calling_aet"):
+            stranger.send(json.loads(rows[1]["items"])[:1], project.outbox)
     finally:
         if proc is not None:
             stop_child(proc)

@@ -12,6 +12,7 @@ and logged; anything else fails the row with the status in words. "Refused: out 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -84,9 +85,19 @@ class DimseSender:
                 "presentation context); allow that SOP class there, then `python run.py resend <id>`",
                 retry=False,
             )
+        started = time.monotonic()
         answer = assoc.send_c_store(ds)
         if not answer or "Status" not in answer:
-            raise transport_failed(ACTION, Failure.LOST if assoc.is_aborted else Failure.TIMEOUT)
+            waited = time.monotonic() - started
+            if assoc.is_aborted or waited < 0.9 * self.target.timeout_seconds:
+                # the node ended the association without answering (pynetdicom may not have seen
+                # the A-ABORT yet): most often a node that does not take stores from this AE title
+                raise SendFailed(
+                    f"{ACTION} failed: the DICOM node ended the association without answering — check "
+                    "that it knows ctwatch's calling_aet and allows it to store; tried again with back-off",
+                    retry=True,
+                )
+            raise transport_failed(ACTION, Failure.TIMEOUT)
         status = int(answer.Status)
         if status == 0x0000:
             return
