@@ -98,7 +98,7 @@ class Components:
                 "version": self.pipeline.version,
                 "digest": self.pipeline.digest,
             },
-            objects=ObjectMaker(s.study_report, s.destinations, s.outbox),
+            objects=ObjectMaker(s.study_report, s.destinations, s.outbox, root=s.root),
             notifications=s.notifications,
             outbound_wake=self.outbound_wake,
         )

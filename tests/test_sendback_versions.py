@@ -218,3 +218,27 @@ def test_a_destination_failing_with_rows_waiting_ten_minutes_is_named_on_health(
     (fault,) = daemon._faults()
     assert fault.startswith("send-back to all is failing: copy failed") and "1 waiting" in fault
     state.close()
+
+
+def test_the_report_and_the_sr_name_files_relative_to_the_installation(tmp_path: Path) -> None:
+    """A missing weight file named in a step's reason leaves the server as weights/…, not as the
+    server's absolute path (the page and the SR go to people and to the PACS)."""
+    import json
+
+    from processor.config import StudyReportSettings
+    from processor.outputs.sendback import ObjectMaker
+    from tests.test_sendback_objects import load, scanned
+
+    root = tmp_path / "srv" / "ctwatch"
+    document = load("result_decided.json")
+    skipped = next(s for s in document["steps"] if s["status"] == "skipped")
+    skipped["reason"] = f"model file missing: {root}/weights/head/head.pt"
+    json_path = tmp_path / "out" / f"{document['study_uid']}.json"
+    json_path.parent.mkdir(parents=True)
+    maker = ObjectMaker(StudyReportSettings(make=["html", "sr"]), [], tmp_path / "out", root=root)
+    built = maker.make(document, json_path, scanned(tmp_path, document), None)
+    assert sorted(b.kind for b in built) == ["html", "sr"] and document["report"]["problems"] == []
+    for b in built:
+        text = b.path.read_bytes().decode("latin-1")
+        assert str(root) not in text and "weights/head/head.pt" in text, b.kind
+    assert str(root) in json.dumps(document), "the result JSON itself is as recorded"

@@ -84,8 +84,12 @@ class ObjectMaker:
         destinations: Sequence[DestinationSettings],
         outbox: Path,
         *,
+        root: Path | None = None,
         now: Callable[[], datetime] = lambda: datetime.now().astimezone(),  # DICOM DA/TM: local time
     ) -> None:
+        """``root``: the installation's folder; paths under it (missing weight files named in a
+        step's reason) are shown relative to it in the report and the SR, which leave the server."""
+        self.root = root
         for name in ("highdicom", "weasyprint", "fontTools"):  # per-study INFO chatter (and UIDs)
             logging.getLogger(name).setLevel(logging.WARNING)
         self.report = report
@@ -122,6 +126,7 @@ class ObjectMaker:
         """
         folder = json_path.parent / json_path.stem
         new = bool(document.get("supersedes"))  # a new version of the study's result
+        shown = _relative_to(document, self.root)  # what the page, the PDF and the SR say
         built: list[Built] = []
         problems: list[str] = []
         failed = document.get("processing_status") == StudyStatus.FAILURE
@@ -145,7 +150,7 @@ class ObjectMaker:
                 nonlocal html
                 from processor.outputs.studyreport import render_html
 
-                html = render_html(document, json_path.parent, institution=self.report.institution or "")
+                html = render_html(shown, json_path.parent, institution=self.report.institution or "")
                 return [self._write(folder / "report.html", html.encode("utf-8"), "html", None)]
 
             attempt("HTML report", make_html)
@@ -163,7 +168,7 @@ class ObjectMaker:
             attempt("PDF report", make_pdf)
         if source is not None:
             if "sr" in self.wanted:
-                attempt("structured report", lambda: [self._sr(folder, document, source, predecessors, new)])
+                attempt("structured report", lambda: [self._sr(folder, shown, source, predecessors, new)])
             if "sc" in self.wanted and not failed:
                 attempt(
                     "key images", lambda: self._key_images(folder, json_path.parent, document, source, new)
@@ -346,3 +351,14 @@ def _new_version_words(description: str) -> str:
     """A series description marked as a new version of the study's result, within LO's 64 characters."""
     mark = " (new version)"
     return description[: 64 - len(mark)].rstrip() + mark
+
+
+def _relative_to(document: dict[str, Any], root: Path | None) -> dict[str, Any]:
+    """``document`` with every ``<root>/`` in its texts dropped (``weights/caption/…``, not the
+    server's absolute path); the same document when ``root`` is None."""
+    if root is None:
+        return document
+    import json
+
+    prefix = json.dumps(str(root).rstrip("/") + "/")[1:-1]  # as it appears inside a JSON string
+    return dict(json.loads(json.dumps(document).replace(prefix, "")))
