@@ -525,6 +525,9 @@ def cmd_resend(settings: Settings, args: argparse.Namespace) -> int:
         print(f"resent 0 deliveries: no state database yet at {settings.state}")
         return EXIT_OK if not args.ids else EXIT_FAILED
     configured = [d.name for d in settings.destinations] + [n.name for n in settings.notifications]
+    if args.destination is not None and args.ids:
+        print("--destination goes with --failed or --since, not with delivery ids", file=sys.stderr)
+        return EXIT_CONFIG
     if args.destination is not None and args.destination not in configured:
         print(
             f"no destination or notification named {args.destination} in {settings.config_file or 'the config'}"
@@ -563,7 +566,7 @@ def cmd_resend(settings: Settings, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILED
-    return EXIT_OK
+    return EXIT_FAILED if orphans else EXIT_OK
 
 
 def cmd_check_config(settings: Settings, args: argparse.Namespace) -> int:

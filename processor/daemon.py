@@ -291,6 +291,8 @@ class Daemon:
         routes = routes_from_settings(s)  # send-back: destinations and notifications, one thread each
         wake = components.outbound_wake
         self.delivery = DeliveryService(components.state, routes, s.outbox, wake=wake) if routes else None
+        self._send_faults_seen: list[str] = []
+        self._send_faults_until = 0.0
         if self.delivery is not None:
             kept["delivery"] = self.delivery
         self.supervisor = Supervisor(kept)
@@ -448,6 +450,9 @@ class Daemon:
         send failed: results are not reaching a PACS (names, counts and ctwatch's words only)."""
         from processor.status.words import duration_words
 
+        now = time.monotonic()
+        if now < self._send_faults_until:  # /health is asked often: the queue is read every 10 s
+            return self._send_faults_seen
         out = []
         for name, d in self.c.state.delivery_summary().items():
             oldest = d.get("oldest_pending_seconds") or 0
@@ -456,6 +461,7 @@ class Daemon:
                     f"send-back to {name} is failing: {d['last_error']}; {d['pending']} waiting, the "
                     f"oldest for {duration_words(oldest)} (they go out when it answers again)"
                 )
+        self._send_faults_seen, self._send_faults_until = out, now + SEND_FAULT_CHECK_SECONDS
         return out
 
     def _models_loaded(self) -> list[dict]:
@@ -617,6 +623,7 @@ RESCAN_SECONDS = 60.0
 WRITE_PROBE_SECONDS = 5.0  # how often the disk guard checks that its folders can be written
 IDLE_REPLAY_SECONDS = 10.0
 SEND_FAULT_SECONDS = 600.0  # a destination failing with rows waiting this long is named on /health
+SEND_FAULT_CHECK_SECONDS = 10.0  # how often /health reads the send queue for it
 INTAKE_STALE_SCANS = 6  # /health turns 503 when no scan finished for this many intervals…
 INTAKE_STALE_MIN_SECONDS = 60.0  # …and at least this long (hashing a large ZIP holds a scan)
 LOCK_CHECK_TICKS = 4  # the lock file is checked every 4 × 0.5 s

@@ -332,5 +332,5 @@ def test_status_lists_the_queue_and_resend_sets_rows_back(tmp_path: Path) -> Non
     state.mark_failed(gone, "the destination gone is no longer in the config")
     state.close()
     orphan = project.run("resend", str(gone))
-    assert orphan.returncode == 0 and "not resent: gone is no longer in the config" in orphan.stderr
+    assert orphan.returncode == 1 and "not resent: gone is no longer in the config" in orphan.stderr
     assert "resent 0 deliveries" in orphan.stdout

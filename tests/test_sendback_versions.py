@@ -63,11 +63,14 @@ def test_a_new_version_replaces_the_earlier_sr_and_reaches_every_destination_of_
     first_doc = _document(first["json_path"])
     (first_sr,) = [f for f in first_doc["report"]["files"] if f["kind"] == "sr"]
     assert _rows(components) == [(1, "all", "pending", None)], "a success: not for `when: failures`"
+    (first_row,) = components.state.db.query("select id from deliveries")
+    components.state.mark_failed(first_row["id"], "copy failed: the share is gone")  # given up
 
     _take(components, part2)  # the late series: a new version that supersedes the first
     rows = _rows(components)
     assert rows[0][:3] == (1, "all", "superseded") and "arrival 2 analysed the study again" in rows[0][3]
     assert components.state.resend(failed=True) == 0, "resend --failed never sends an old version"
+    assert components.state.delivery_summary()["all"]["last_error"] is None, "its note is no error"
     assert rows[1:] == [(2, "all", "pending", None)]
     (second,) = components.state.studies_for(2)
     second_doc = _document(second["json_path"])
@@ -158,13 +161,8 @@ def test_rows_held_behind_an_outage_go_at_once_when_it_ends_and_a_bug_holds_noth
     clock[0] += 1  # the destination is back before the first row's next try
     third = state.enqueue([Outbound("p", "study", None, None, (item,))], now=clock[0])[0]
     service.run_pass("p")  # the new row goes: the destination is up ...
-    service.run_pass("p")  # ... so the row that only waited behind the failure goes too
-    assert [state.delivery(i).state for i in (*ids, third)] == ["pending", "sent", "sent"]
-    assert state.delivery(ids[0]).next_try_at == first.next_try_at, "the failed row keeps its back-off"
-    clock[0] += 60
-    service.run_pass("p")
-    assert state.delivery(ids[0]).state == "sent"
-    assert state.delivery_summary()["p"]["last_error"] is None, "an error before the last send is over"
+    service.run_pass("p")  # ... so the rows held behind the failure go too, the failed one included
+    assert [state.delivery(i).state for i in (*ids, third)] == ["sent", "sent", "sent"]
 
     poison = state.enqueue([Outbound("p", "study", None, None, ({**item, "poison": True},))], now=clock[0])[0]
     after = state.enqueue([Outbound("p", "study", None, None, (item,))], now=clock[0])[0]
@@ -215,6 +213,7 @@ def test_a_destination_failing_with_rows_waiting_ten_minutes_is_named_on_health(
     state.mark_retry(
         row, "copy failed: the destination folder cannot be written (read-only)", time.time() + 60
     )
+    daemon._send_faults_until = 0.0  # /health reads the queue at most every 10 s: read it now
     (fault,) = daemon._faults()
     assert fault.startswith("send-back to all is failing: copy failed") and "1 waiting" in fault
     state.close()
@@ -242,3 +241,61 @@ def test_the_report_and_the_sr_name_files_relative_to_the_installation(tmp_path:
         text = b.path.read_bytes().decode("latin-1")
         assert str(root) not in text and "weights/head/head.pt" in text, b.kind
     assert str(root) in json.dumps(document), "the result JSON itself is as recorded"
+
+
+def test_paths_are_made_relative_only_where_a_path_starts() -> None:
+    from processor.outputs.sendback import _relative_to
+
+    document = {
+        "a": "missing: /srv/ct/weights/x.pt",
+        "b": "/mnt/srv/ct/z and /srv/ctwatch/y",
+        "c": "1.2/k.png",
+    }
+    assert _relative_to(document, Path("/srv/ct")) == {
+        "a": "missing: weights/x.pt",
+        "b": "/mnt/srv/ct/z and /srv/ctwatch/y",
+        "c": "1.2/k.png",
+    }
+    assert _relative_to(document, Path("/")) == document, "a root of / leaves every path as it is"
+
+
+def test_a_replaced_versions_failed_send_is_never_resent_and_the_summary_hides_the_note(
+    tmp_path: Path,
+) -> None:
+    from processor.state import State
+
+    state = State(tmp_path / "s.db")
+    item = ({"kind": "webhook", "payload": {}},)
+    old, other = state.enqueue(
+        [Outbound("pacs", "study", None, "1.2.3", item), Outbound("pacs", "study", None, "9.9", item)]
+    )
+    state.mark_failed(old, "STOW-RS failed: HTTP 503")
+    with state.transaction():  # what State.finish does for a new version of 1.2.3 (arrival ids: none here)
+        state.db.execute("update deliveries set arrival_id = null")
+    assert state.study_destinations([], "1.2.3") == set()
+    state.db.execute(
+        "update deliveries set state = 'superseded', last_error = 'not sent: newer' where id = ?", [old]
+    )
+    assert state.resend(failed=True) == 0
+    summary = state.delivery_summary()["pacs"]
+    assert summary["superseded"] == 1 and summary["last_error"] != "not sent: newer"
+    assert state.mark_sent(other) and state.delivery(other).state == "sent"  # type: ignore[union-attr]
+    state.close()
+
+
+def test_a_last_error_older_than_the_last_send_is_not_shown(tmp_path: Path) -> None:
+    from processor.state import State
+
+    state = State(tmp_path / "s.db")
+    item = ({"kind": "webhook", "payload": {}},)
+    failing, fine = state.enqueue(
+        [Outbound("p", "study", None, None, item), Outbound("p", "study", None, None, item)]
+    )
+    state.mark_retry(failing, "webhook POST failed: cannot connect", time.time() + 60)
+    assert state.delivery_summary()["p"]["last_error"] == "webhook POST failed: cannot connect"
+    state.db.execute(
+        "update deliveries set last_error_at = '2026-01-01T00:00:00+00:00' where id = ?", [failing]
+    )
+    assert state.mark_sent(fine)
+    assert state.delivery_summary()["p"]["last_error"] is None, "the destination answered since"
+    state.close()

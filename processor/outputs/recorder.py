@@ -408,7 +408,11 @@ class StudyRecorder:
                     continue
                 files = (json.loads(row["result_json"]).get("report") or {}).get("files") or []
                 for entry in files:
-                    if entry.get("kind") != "sr" or not entry.get("sop_instance_uid"):
+                    if (
+                        entry.get("kind") != "sr"
+                        or not entry.get("sop_instance_uid")
+                        or not entry.get("file")
+                    ):
                         continue
                     try:
                         header = pydicom.dcmread(
@@ -417,10 +421,17 @@ class StudyRecorder:
                             specific_tags=["SeriesInstanceUID", "SOPInstanceUID"],
                         )
                     except (OSError, ValueError, pydicom.errors.InvalidDicomError) as exc:
-                        log.warning("report.predecessor_unreadable arrival=%s: %s", arrival_id, exc)
+                        log.warning(  # the path holds the StudyInstanceUID: the arrival names it
+                            "report.predecessor_unreadable arrival=%s: %s", arrival_id, type(exc).__name__
+                        )
                         continue
-                    if str(header.SOPInstanceUID) == entry["sop_instance_uid"]:
-                        found.append((str(header.SeriesInstanceUID), str(header.SOPInstanceUID)))
+                    series, sop = header.get("SeriesInstanceUID"), header.get("SOPInstanceUID")
+                    if series and sop and str(sop) == entry["sop_instance_uid"]:
+                        found.append((str(series), str(sop)))
+                    else:  # a truncated or replaced file: the new SR cannot name it
+                        log.warning(
+                            "report.predecessor_unreadable arrival=%s: not the SR recorded", arrival_id
+                        )
         return found
 
     # ------------------------------------------------------------------ documents

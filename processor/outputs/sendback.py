@@ -354,11 +354,15 @@ def _new_version_words(description: str) -> str:
 
 
 def _relative_to(document: dict[str, Any], root: Path | None) -> dict[str, Any]:
-    """``document`` with every ``<root>/`` in its texts dropped (``weights/caption/…``, not the
-    server's absolute path); the same document when ``root`` is None."""
-    if root is None:
+    """``document`` with ``<root>/`` dropped where a path starts in its texts (``weights/caption/…``,
+    not the server's absolute path); the same document when ``root`` is None or the file system's
+    root (which would leave nothing to show)."""
+    if root is None or str(root).rstrip("/") == "":
         return document
     import json
+    import re
 
     prefix = json.dumps(str(root).rstrip("/") + "/")[1:-1]  # as it appears inside a JSON string
-    return dict(json.loads(json.dumps(document).replace(prefix, "")))
+    # only where a path starts: not inside another path (/mnt/srv/ct/… for a root /srv/ct)
+    start = re.compile(r"(?<![\w/.~-])" + re.escape(prefix))
+    return dict(json.loads(start.sub("", json.dumps(document))))

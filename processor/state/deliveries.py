@@ -224,18 +224,19 @@ class Deliveries(Database):
     def mark_sent(self, delivery_id: int, now: float | None = None) -> bool:
         """The send succeeded (one more attempt counted); False when the row was not pending.
 
-        Its destination is up: the rows that waited behind an earlier failure are due now and their
-        give-up clock stops (a row that failed on its own account keeps its own next try)."""
+        Its destination is up: its other pending rows are due now and their give-up clock stops. A
+        row superseded while it was being sent ends ``sent`` too (the destination has it)."""
         now = time.time() if now is None else now
         with self.transaction():
+            # a row superseded while it was being sent did reach the destination: it is sent
             cur = self.db.execute(
                 "update deliveries set state = 'sent', attempts = attempts + 1, sent_at = ? "
-                "where id = ? and state = 'pending'",
+                "where id = ? and state in ('pending', 'superseded')",
                 [utcnow(), delivery_id],
             )
             self.db.execute(
                 "update deliveries set next_try_at = min(next_try_at, ?), first_failed_at = null "
-                "where state = 'pending' and attempts = 0 and destination = "
+                "where state = 'pending' and destination = "
                 "(select destination from deliveries where id = ?)",
                 [now, delivery_id],
             )
@@ -275,14 +276,15 @@ class Deliveries(Database):
 
     def retire_superseded(self, earlier: Sequence[int], study_uid: str, by_arrival: int) -> int:
         """Inside the finishing transaction of arrival ``by_arrival``, whose result of ``study_uid``
-        supersedes those of the ``earlier`` arrivals: their study sends still pending end
+        supersedes those of the ``earlier`` arrivals: their study sends still pending (or failed, which
+        ``resend --failed`` would otherwise send after the new version) end
         ``superseded`` (never sent: the new version is sent instead; ``resend`` takes such a row only
         by its id); returns how many."""
         if not earlier:
             return 0
         cur = self.db.execute(
             "update deliveries set state = 'superseded', last_error = ?, last_error_at = ? "
-            f"where state = 'pending' and event = 'study' and study_uid = ? "
+            f"where state in ('pending', 'failed') and event = 'study' and study_uid = ? "
             f"and arrival_id in ({','.join('?' * len(earlier))})",
             [
                 f"not sent: arrival {by_arrival} analysed the study again and its result is sent instead",
@@ -294,15 +296,15 @@ class Deliveries(Database):
         return cur.rowcount
 
     def study_destinations(self, arrival_ids: Sequence[int], study_uid: str) -> set[str]:
-        """Destinations that were sent, or wait to be sent, the results of ``study_uid`` by
-        ``arrival_ids`` (a new version of the study goes to each of them, whatever its ``when``)."""
+        """Destinations the results of ``study_uid`` by ``arrival_ids`` were queued for, sent or not
+        (a new version of the study goes to each of them, whatever its ``when``)."""
         if not arrival_ids:
             return set()
         return {
             r["destination"]
             for r in self.db.query(
                 "select distinct destination from deliveries where event = 'study' and study_uid = ? "
-                f"and state in ('pending', 'sent') and arrival_id in ({','.join('?' * len(arrival_ids))})",
+                f"and arrival_id in ({','.join('?' * len(arrival_ids))})",
                 [study_uid, *[int(a) for a in arrival_ids]],
             )
         }
@@ -397,10 +399,11 @@ class Deliveries(Database):
             if row["state"] == DeliveryState.PENDING and row["oldest"]:
                 age = now - datetime.fromisoformat(row["oldest"]).timestamp()
                 found["oldest_pending_seconds"] = round(max(age, 0.0), 1)
-        for row in self.db.query(  # each destination's latest error (the later row on a tie)
-            "select destination, last_error, last_error_at from deliveries d where id = (select id from "
-            "deliveries e where e.destination = d.destination and e.last_error_at is not null "
-            "order by e.last_error_at desc, e.id desc limit 1)"
+        for row in self.db.query(  # each destination's latest error (the later row on a tie), one pass
+            "select destination, last_error, last_error_at from (select destination, last_error, "
+            "last_error_at, row_number() over (partition by destination order by last_error_at desc, "
+            "id desc) as rn from deliveries where last_error_at is not null and state != 'superseded') "
+            "where rn = 1"
         ):
             found = entry(row["destination"])
             found["last_error"], found["last_error_at"] = plain_error(row["last_error"]), row["last_error_at"]
@@ -409,7 +412,7 @@ class Deliveries(Database):
             "group by destination"
         ):
             found = entry(row["destination"])
-            if found["last_error_at"] and row["sent_at"] >= found["last_error_at"]:
+            if found["last_error_at"] and row["sent_at"] > found["last_error_at"]:
                 found["last_error"] = found["last_error_at"] = None
         return dict(sorted(summary.items()))
 

@@ -330,6 +330,7 @@ def _m14_deliveries(db: sqlite_utils.Database) -> None:
     db.table("deliveries").create_index(["destination", "state", "next_try_at"])
     db.table("deliveries").create_index(["state", "created_at"])
     db.table("deliveries").create_index(["arrival_id"])
+    db.table("deliveries").create_index(["destination", "last_error_at"])  # each one's latest error
 
 
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
