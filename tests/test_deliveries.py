@@ -20,22 +20,15 @@ from processor.state.deliveries import Outbound, plain_error
 from processor.status import Probes, collect_status, metrics_text, status_html
 from processor.vocab import ArrivalState
 from tests.conftest import Project
+from tests.test_state import _register
 
 UID = "1.2.826.0.1.3680043.99.555.1"
 FAST = RetrySettings(first_seconds=1, max_seconds=3, give_up_after=10)
 
 
 def _arrival(state: State, sha: str = "a" * 64) -> int:
-    arrival_id = state.register_arrival(
-        kind="inbox",
-        name="x.zip",
-        original_path="/in/x.zip",
-        current_path="/in/x.zip",
-        sha256=sha,
-        size=1,
-        pipeline_name="p",
-        pipeline_version=1,
-    ).arrival_id
+    """An arrival registered (as tests/test_state.py does) and claimed."""
+    arrival_id = _register(state, sha)
     assert state.claim(arrival_id) is not None
     return arrival_id
 
