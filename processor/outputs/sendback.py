@@ -51,7 +51,6 @@ __all__ = ["SERIES_NUMBERS", "Built", "ObjectMaker"]
 
 # Series numbers of the objects ctwatch adds to a study (high, to sort after the scanner's series).
 SERIES_NUMBERS = {"sr": 9901, "sc": 9902, "pdf": 9903}
-DICOM_KINDS = ("sr", "sc", "pdf")
 
 
 @dataclass(frozen=True)
