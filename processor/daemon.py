@@ -602,7 +602,10 @@ class Daemon:
                 self.worker.current,
             )
         if self.delivery is not None:
-            self.delivery.join(timeout)
+            self.delivery.join(1.0)
+            if self.delivery.running():  # a send under way: a slow PACS may hold it to its timeout
+                log.info("daemon.waiting_for_sends: a send under way ends within its timeout_seconds")
+                self.delivery.join(timeout)
         if self.cpu_pool is not None:
             self.cpu_pool.close()
         if self.dask is not None:

@@ -147,6 +147,10 @@ class DeliveryService:
     def is_alive(self) -> bool:
         return bool(self._threads) and all(t.is_alive() for t in self._threads.values())
 
+    def running(self) -> bool:
+        """Whether any of its threads still runs (after :meth:`stop`: a send under way)."""
+        return any(t.is_alive() for t in self._threads.values())
+
     # ------------------------------------------------------------------ the work
     def fail_unrouted(self) -> int:
         """End ``failed`` the pending rows of destinations not in the config; returns how many."""
