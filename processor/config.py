@@ -158,6 +158,9 @@ class ReportSettings(_Section):
     threshold: float = Field(default=0.5, ge=0, le=1)
 
 
+_CLOCK = r"([01][0-9]|2[0-3]):[0-5][0-9]"  # HH:MM, 24-hour local time
+
+
 class ScheduleSettings(_Section):
     night_window: str = "01:00-06:00"
     night_run_on: bool = False
@@ -165,7 +168,7 @@ class ScheduleSettings(_Section):
     @field_validator("night_window")
     @classmethod
     def _window(cls, value: str) -> str:
-        if not re.fullmatch(r"([01][0-9]|2[0-3]):[0-5][0-9]-([01][0-9]|2[0-3]):[0-5][0-9]", value):
+        if not re.fullmatch(f"{_CLOCK}-{_CLOCK}", value):
             raise ValueError("night_window must look like 01:00-06:00 (24-hour local time)")
         return value
 
@@ -508,7 +511,7 @@ class NotificationSettings(_Section):
     @field_validator("daily_at")
     @classmethod
     def _daily_at(cls, value: str) -> str:
-        if not re.fullmatch(r"([01][0-9]|2[0-3]):[0-5][0-9]", value):
+        if not re.fullmatch(_CLOCK, value):
             raise ValueError("daily_at must look like 07:00 (24-hour local time)")
         return value
 

@@ -5,6 +5,7 @@ pre-signed URL carries its signature in the query. None of that is ever written 
 result JSON, receipts, Excel, the status port). Two functions stand at every such write:
 
 * :func:`redact_url`: ``scheme://host[:port]/path`` — no ``user:password@``, no query, no fragment.
+* :func:`quiet_loggers`: client libraries that log URLs or UIDs at INFO are kept to WARNING.
 * :class:`SourceFailure`: a failed poll as *what* failed, a closed category, an HTTP status code and
   the fix, all in ctwatch's own words; the only other text it may hold is a number, a size or a
   Content-Type from a closed list.
@@ -14,10 +15,20 @@ result JSON, receipts, Excel, the status port). Two functions stand at every suc
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from enum import StrEnum
 from urllib.parse import urlsplit, urlunsplit
+
+
+def quiet_loggers(*names: str) -> None:
+    """Libraries that log each request's URL, the objects' UIDs or other chatter at INFO are kept to
+    WARNING, unless a level was set on purpose (a test looking at them)."""
+    for name in names:
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.WARNING)
 
 
 def redact_url(url: str) -> str:

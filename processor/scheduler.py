@@ -23,6 +23,8 @@ from datetime import date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
 
+from processor.redact import quiet_loggers
+
 log = logging.getLogger(__name__)
 
 Job = Callable[[datetime], None]
@@ -189,7 +191,7 @@ class Scheduler:
         """``daily``: more jobs, each ``(job id, local time, job)`` run once a day at that time (the
         notifications' daily summaries)."""
         # APScheduler logs every job addition and run at INFO; our own schedule.* lines say enough.
-        logging.getLogger("apscheduler").setLevel(logging.WARNING)
+        quiet_loggers("apscheduler")
         jobs: list[tuple[Job, str, str, dict[str, Any]]] = [
             (on_rollover, "report-rollover", "cron", {"hour": 0, "minute": 0}),
             (

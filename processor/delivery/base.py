@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
@@ -18,7 +17,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from processor.errors import SendFailed, os_error_words
 from processor.intake.fetch import FetchRefused, check_url
-from processor.redact import Failure
+from processor.redact import Failure, quiet_loggers
+
+__all__ = ["quiet_loggers"]  # the senders' one import of it (processor.redact holds it)
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -179,12 +180,3 @@ def classify_network_error(exc: BaseException) -> Failure:
     ):
         return Failure.LOST
     return Failure.CONNECT
-
-
-def quiet_loggers(*names: str) -> None:
-    """Client libraries that log each request's URL or the objects' UIDs at INFO are kept to WARNING,
-    unless a level was set on purpose (a test looking at them)."""
-    for name in names:
-        logger = logging.getLogger(name)
-        if logger.level == logging.NOTSET:
-            logger.setLevel(logging.WARNING)

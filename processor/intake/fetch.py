@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from processor.errors import IngestError, TransientError
-from processor.redact import Failure, SourceFailure, What
+from processor.redact import Failure, SourceFailure, What, quiet_loggers
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +96,7 @@ def open_client(policy: FetchPolicy, token: str | None) -> httpx.Client:
     server's reason phrase; those lines are kept out of ctwatch's log (WARNING and above only),
     unless a level was set on purpose (a test looking at the requests).
     """
-    for name in ("httpx", "httpcore"):
-        logger = logging.getLogger(name)
-        if logger.level == logging.NOTSET:
-            logger.setLevel(logging.WARNING)
+    quiet_loggers("httpx", "httpcore")
 
     def guard(request: httpx.Request) -> None:
         check_url(request.url, policy.allow_hosts)

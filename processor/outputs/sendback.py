@@ -42,6 +42,7 @@ from processor.atomic import write_bytes_atomic
 from processor.config import DestinationSettings, StudyReportSettings
 from processor.dicom.sendback import SourceStudy
 from processor.provenance import software_versions
+from processor.redact import quiet_loggers
 from processor.state import Arrival, Outbound
 from processor.vocab import StudyStatus
 
@@ -89,8 +90,7 @@ class ObjectMaker:
         """``root``: the installation's folder; paths under it (missing weight files named in a
         step's reason) are shown relative to it in the report and the SR, which leave the server."""
         self.root = root
-        for name in ("highdicom", "weasyprint", "fontTools"):  # per-study INFO chatter (and UIDs)
-            logging.getLogger(name).setLevel(logging.WARNING)
+        quiet_loggers("highdicom", "weasyprint", "fontTools")  # per-study INFO chatter (and UIDs)
         self.report = report
         self.destinations = list(destinations)
         self.outbox = outbox
