@@ -193,13 +193,19 @@ class WorkerSettings(_Section):
     max_inflight_studies: int = Field(default=2, ge=0, le=16)
     # Processes that run the CPU stage (reading, decoding, the CPU steps) beside the worker, which
     # keeps the GPU; at most ``max_inflight_studies`` (at least 1) of them work at once. Unset: the
-    # machine's cores − 1, at least 1. 0: the CPU stage runs in this process (prefetch thread).
+    # machine's cores − 1, at least 1 — or all its cores when no model step can run at start (every
+    # one lacks weight files): the worker then has almost nothing to do. 0: the CPU stage runs in
+    # this process (prefetch thread).
     cpu_workers: int | None = Field(default=None, ge=0, le=64)
 
-    def cpu_processes(self) -> int:
-        """How many CPU pool processes to start: ``cpu_workers`` (unset: cores − 1, at least 1),
-        no more than can work at once (``max_inflight_studies``, at least 1); 0 when off."""
-        wanted = self.cpu_workers if self.cpu_workers is not None else max(1, usable_cores() - 1)
+    def cpu_processes(self, models_can_run: bool = True) -> int:
+        """How many CPU pool processes to start: ``cpu_workers``; unset: cores − 1 (at least 1),
+        keeping a core for the worker that runs the models, or every core when ``models_can_run``
+        is False; no more than can work at once (``max_inflight_studies``, at least 1); 0 when off."""
+        if self.cpu_workers is not None:
+            wanted = self.cpu_workers
+        else:
+            wanted = max(1, usable_cores() - (1 if models_can_run else 0))
         return min(wanted, max(1, self.max_inflight_studies))
 
 

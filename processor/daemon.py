@@ -39,6 +39,7 @@ from processor.outputs.sendback import ObjectMaker
 from processor.pipeline.registry import StepRegistry
 from processor.pipeline.spec import Pipeline, load_pipeline
 from processor.pipeline.step import StepEnv
+from processor.pipeline.weightfiles import weight_files_now
 from processor.scheduler import (
     Housekeeping,
     NightWindow,
@@ -65,12 +66,32 @@ def resolve_device_name(spec: str) -> str:
     """``auto|cpu|cuda[:N]`` → the concrete device; ``cuda`` without CUDA is a ConfigError.
 
     ``cpu`` needs no torch: a daemon whose pipeline runs no model then starts without importing it.
+    Nor does ``auto`` on a machine with no GPU driver node (:mod:`processor.models.gpu_nodes`):
+    torch could only answer "cpu" there.
     """
-    if spec.strip().lower() == "cpu":
+    text = spec.strip().lower()
+    if text == "cpu":
         return "cpu"
+    if text == "auto":
+        from processor.models.gpu_nodes import gpu_device_nodes
+
+        if not gpu_device_nodes():
+            log.info("device.resolved spec=auto device=cpu reason=no GPU driver on this machine")
+            return "cpu"
     from processor.models.device import resolve_device
 
     return str(resolve_device(spec))
+
+
+def models_can_run(pipeline: Pipeline) -> bool:
+    """Whether any model (GPU-stage) step of ``pipeline`` has every weight file it reads now."""
+    for compiled in pipeline.steps:
+        if compiled.step.device == "cpu":
+            continue
+        weights = weight_files_now(compiled.step)
+        if weights.why is None and not weights.missing:
+            return True
+    return False
 
 
 @dataclass
@@ -218,7 +239,7 @@ class Daemon:
         self.reports = ReportUpdater(s.state, s.reports) if s.reports.enabled else None
         local = components.executor()
         self.recorder = local.recorder
-        processes = s.worker.cpu_processes()
+        processes = s.worker.cpu_processes(models_can_run(components.pipeline))
         self.cpu_pool: CpuPool | None = None
         self.dask: DaskCluster | None = None
         executor: Executor = local

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -364,3 +365,28 @@ def test_a_stuck_pool_process_is_killed_and_its_batch_charged(
     finally:
         pool.close()
         c.state.close()
+
+
+def test_unset_cpu_workers_keep_a_core_for_the_models_only_when_a_model_can_run(tmp_path: Path) -> None:
+    from processor.config import load_settings, usable_cores
+    from processor.daemon import build, models_can_run
+    from processor.pipeline.weightfiles import weight_files_now
+
+    project = Project(tmp_path, worker={"max_inflight_studies": 16})
+    shutil.copy(REPO / "pipelines" / "chest-ct.yaml", project.pipeline)
+    settings = load_settings(project.config)
+    worker = settings.worker.model_copy(update={"cpu_workers": None})
+    components = build(settings)
+    try:
+        pipeline = components.pipeline
+        assert not models_can_run(pipeline), "a fresh install has no model file"
+        assert worker.cpu_processes(models_can_run=False) == usable_cores()
+        assert worker.cpu_processes(models_can_run=True) == max(1, usable_cores() - 1)
+        assert worker.model_copy(update={"cpu_workers": 0}).cpu_processes(False) == 0, "0 stays off"
+        model = next(c.step for c in pipeline.steps if c.step.device == "gpu")
+        for path in weight_files_now(model).missing:  # one model's files arrive: now it can run
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+        assert models_can_run(pipeline)
+    finally:
+        components.state.close()

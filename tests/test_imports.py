@@ -12,9 +12,12 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import openpyxl
+import pytest
 
+from processor.models.gpu_nodes import gpu_device_nodes
 from tests.conftest import REPO, Project, _env
 from tests.dicomgen import make_series, write_zip
 
@@ -58,7 +61,12 @@ sys.exit(main(["run", "--config", sys.argv[1]]))
 """
 
 
-def test_process_on_a_fresh_install_imports_no_model_library(project: Project) -> None:
+@pytest.mark.parametrize("device", ["cpu", "auto"])
+def test_process_on_a_fresh_install_imports_no_model_library(tmp_path: Path, device: str) -> None:
+    # ``auto`` is the shipped default; with no GPU driver on the machine torch could only say "cpu"
+    if device == "auto" and gpu_device_nodes():
+        pytest.skip(f"this machine has GPU driver nodes {gpu_device_nodes()}: auto must ask torch")
+    project = Project(tmp_path, device=device)
     shutil.copy(REPO / "pipelines" / "chest-ct.yaml", project.pipeline)
     drop = write_zip(project.root / "drop.zip", make_series(20))
     run = subprocess.run(
@@ -102,3 +110,13 @@ def test_the_daemon_through_a_study_and_its_workbooks_imports_no_model_library_n
     loaded = json.loads((project.root / "loaded.json").read_text())
     assert len(loaded["pool"]) == 1, "the CPU pool's process was checked"
     assert loaded["daemon"] == [] and not any(loaded["pool"].values()), loaded
+
+
+def test_gpu_driver_nodes_are_found_under_a_root(tmp_path: Path) -> None:
+    assert gpu_device_nodes(str(tmp_path)) == []
+    (tmp_path / "dev").mkdir()
+    (tmp_path / "dev" / "nvidia0").touch()
+    (tmp_path / "dev" / "nvidia-uvm").touch()  # not a card: alone it proves nothing
+    assert gpu_device_nodes(str(tmp_path)) == ["/dev/nvidia0"]
+    (tmp_path / "dev" / "kfd").touch()
+    assert gpu_device_nodes(str(tmp_path)) == ["/dev/kfd", "/dev/nvidia0"]
