@@ -90,6 +90,11 @@ KNOWN = {
     "transformers": "5.17.0", "triton": "3.6.0",
 }
 NEVER = {"torch"}  # the image's CUDA build, always
+# Not carried (nor what only they pull in): the send-back's and the PDF report's libraries, imported
+# only when a destination or a PDF report is configured, which gpu_check's daemon never is; the wheels
+# would not fit beside the tree otherwise (61 MiB with them). tests/test_gpu_check.py runs the tiny
+# check with these modules made unimportable, so a new import of one on gpu_check's path fails there.
+NOT_CARRIED = {"weasyprint", "pynetdicom", "dicomweb-client", "highdicom"}
 
 
 def requires(wheel: Path) -> list[Requirement]:
@@ -150,7 +155,7 @@ assumed: set[str] = set()
 while queue:
     req, why = queue.pop(0)
     name = canonicalize_name(req.name)
-    if name in NEVER:
+    if name in NEVER or name in NOT_CARRIED:
         continue
     if name in PRESENT:
         known = KNOWN.get(name)
@@ -167,6 +172,7 @@ while queue:
     print(f"gpu_wheels: {wheel.name}  ({wheel.stat().st_size / 2**20:.1f} MiB, for {why})")
     queue.extend((dep, wheel.name.split("-")[0]) for dep in requires(wheel))
 print("gpu_wheels: taken from the image: " + ", ".join(sorted(assumed)))
+print("gpu_wheels: not carried (gpu_check does not use them): " + ", ".join(sorted(NOT_CARRIED)))
 PY
 
 total=$(du -cb "$DEST"/*.whl | tail -1 | cut -f1)

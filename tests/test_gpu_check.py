@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,10 +28,42 @@ SECTIONS = (
 SDPA_BACKENDS = {"MATH", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"}
 
 
-def _run(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def _run(
+    *args: str, cwd: Path, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, cwd=cwd
+        [sys.executable, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env=env,
     )
+
+
+def _without_uncarried_wheels(folder: Path) -> dict[str, str]:
+    """An environment in which (through a ``sitecustomize`` on PYTHONPATH, so the daemon that
+    gpu_check starts inherits it) the libraries ``bench/gpu_wheels.sh`` does not carry to the GPU
+    machine cannot be imported, as there."""
+    text = (REPO / "bench" / "gpu_wheels.sh").read_text(encoding="utf-8")
+    names = re.search(r"^NOT_CARRIED = \{(.*)\}$", text, re.M)
+    assert names, "gpu_wheels.sh names what it does not carry"
+    modules = sorted(n.strip().strip('"').replace("-", "_") for n in names.group(1).split(","))
+    assert "highdicom" in modules and "weasyprint" in modules
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(
+        "import importlib.abc, sys\n"
+        f"BLOCKED = {set(modules)!r}\n"
+        "class _NotCarried(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in BLOCKED:\n"
+        "            raise ModuleNotFoundError(f'{name} is not carried to the GPU machine', name=name)\n"
+        "sys.meta_path.insert(0, _NotCarried())\n",
+        encoding="utf-8",
+    )
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(folder), str(REPO), env.get("PYTHONPATH")]))
+    return env
 
 
 def _positive(value: object) -> bool:
@@ -37,8 +71,10 @@ def _positive(value: object) -> bool:
 
 
 def test_tiny_cpu_run_reports_every_section_ok(tmp_path: Path) -> None:
+    # run as on the GPU machine: without the libraries the wheel folder leaves out
     out = tmp_path / "out"
-    run = _run("--device", "cpu", "--tiny", "--out", str(out), cwd=tmp_path)
+    env = _without_uncarried_wheels(tmp_path / "not-carried")
+    run = _run("--device", "cpu", "--tiny", "--out", str(out), cwd=tmp_path, env=env)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     doc = json.loads((out / "gpu_check.json").read_text(encoding="utf-8"))
     sections = doc["sections"]

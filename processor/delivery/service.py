@@ -61,25 +61,30 @@ def backoff_seconds(retry: RetrySettings, attempts: int) -> float:
 def routes_from_settings(settings: Settings) -> dict[str, Route]:
     """One route per ``destinations`` entry (by its kind) and per ``notifications`` entry (webhook)."""
     # each sender's client library is imported only when a destination of its kind is configured
-    from processor.delivery.dicomweb import DicomWebSender
-    from processor.delivery.dimse import DimseSender
-    from processor.delivery.folder import FolderSender
-    from processor.delivery.webhook import WebhookSender
-
+    # (a daemon with none starts without dicomweb-client or pynetdicom; gpu_wheels.sh relies on it)
     allow = settings.fetch.allow_hosts
     routes: dict[str, Route] = {}
     for d in settings.destinations:
         sender: Sender
         if d.dicomweb is not None:
+            from processor.delivery.dicomweb import DicomWebSender
+
             sender = DicomWebSender(d.dicomweb, allow)
         elif d.dimse is not None:
+            from processor.delivery.dimse import DimseSender
+
             sender = DimseSender(d.dimse, allow)
         else:
+            from processor.delivery.folder import FolderSender
+
             assert d.folder is not None
             sender = FolderSender(d.folder)
         routes[d.name] = Route(d.name, sender, d.retry)
-    for n in settings.notifications:
-        routes[n.name] = Route(n.name, WebhookSender(n, allow), n.retry)
+    if settings.notifications:
+        from processor.delivery.webhook import WebhookSender
+
+        for n in settings.notifications:
+            routes[n.name] = Route(n.name, WebhookSender(n, allow), n.retry)
     return routes
 
 
