@@ -38,6 +38,11 @@ Figures per run:
   ``growth_over_hu`` = (that peak − the same when idle) ÷ hu, the memory the studies in flight
   added at the worst moment in HU volumes; ``growth_per_inflight_study_over_hu`` = that ÷
   (``max_inflight_studies`` + 1: the studies prepared ahead plus the one the worker holds).
+  The system's shared memory counts whatever other jobs keep in /dev/shm too (another daemon's
+  hand-off files while a second bench runs), so ``peak_rss_handoff_once_mb`` counts only this
+  daemon's own hand-off files (in /dev/shm under its PID, or mapped by one of its processes, each
+  once: :func:`bench.proctree.handoff_kb`), and ``growth_tree_over_hu`` /
+  ``growth_tree_per_inflight_study_over_hu`` are the same figures from it (the goal's figure);
   ``peak_pss_mb``: the peak of the summed PSS;
 * ``first_json_s``: the drop → the first JSON (an idle daemon: the drop → JSON latency of one study
   with 1 s of quiet, in a queue of N);
@@ -382,10 +387,14 @@ def measure(
 
 
 def _idle_memory(sample: Sample | None) -> dict[str, float]:
-    """The idle daemon's summed RSS and its RSS without shared memory (MiB)."""
+    """The idle daemon's summed RSS, its RSS without shared memory, and that with its hand-off files (MiB)."""
     if sample is None:
-        return {"rss_mb": 0.0, "rss_shm_once_mb": 0.0}
-    return {"rss_mb": round(sample.rss / 1024, 1), "rss_shm_once_mb": round(sample.private / 1024, 1)}
+        return {"rss_mb": 0.0, "rss_shm_once_mb": 0.0, "rss_handoff_once_mb": 0.0}
+    return {
+        "rss_mb": round(sample.rss / 1024, 1),
+        "rss_shm_once_mb": round(sample.private / 1024, 1),
+        "rss_handoff_once_mb": round((sample.private + sample.handoff) / 1024, 1),
+    }
 
 
 def figures(runs: list[dict[str, Any]], hu_bytes: int) -> dict[str, Any]:
@@ -399,6 +408,9 @@ def figures(runs: list[dict[str, Any]], hu_bytes: int) -> dict[str, Any]:
         peak_once = statistics.median(r["peak"]["rss_shm_once_mb"] for r in mine)
         idle_once = statistics.median(r["idle"]["rss_shm_once_mb"] for r in mine)
         growth = peak_once - idle_once
+        peak_tree = statistics.median(r["peak"]["rss_handoff_once_mb"] for r in mine)
+        growth_tree = peak_tree - statistics.median(r["idle"]["rss_handoff_once_mb"] for r in mine)
+        in_flight = mine[0]["max_inflight_studies"] + 1
         modes[label(w)] = {
             "cpu_workers": w,
             "per_hour": round(statistics.median(r["per_hour"] for r in mine), 1),
@@ -415,9 +427,10 @@ def figures(runs: list[dict[str, Any]], hu_bytes: int) -> dict[str, Any]:
             "peak_rss_over_hu": round(peak / hu_mb, 3),
             "peak_rss_shm_once_mb": round(peak_once, 1),
             "growth_over_hu": round(growth / hu_mb, 3),
-            "growth_per_inflight_study_over_hu": round(
-                growth / (mine[0]["max_inflight_studies"] + 1) / hu_mb, 3
-            ),
+            "growth_per_inflight_study_over_hu": round(growth / in_flight / hu_mb, 3),
+            "peak_rss_handoff_once_mb": round(peak_tree, 1),
+            "growth_tree_over_hu": round(growth_tree / hu_mb, 3),
+            "growth_tree_per_inflight_study_over_hu": round(growth_tree / in_flight / hu_mb, 3),
             "runs_per_hour": [r["per_hour"] for r in mine],
             "step_wall_s": {
                 step: round(statistics.median(r["step_wall_s"][step] for r in mine), 3)
@@ -443,18 +456,20 @@ def print_figures(figs: dict[str, Any], say: Callable[[str], None]) -> None:
         f"\nthe real daemon, N studies dropped at once (HU volume {figs['hu_mb']:.1f} MiB per study; medians)"
     )
     say(f"  {'mode':<20} {'studies/h':>10} {'CPU-s/study':>12} {'→1st JSON s':>12} {'peak RSS MiB':>12} "
-        f"{'idle MiB':>8} {'peak/HU':>8} {'growth/HU':>10} {'per in-flight/HU':>17}")  # fmt: skip
+        f"{'idle MiB':>8} {'peak/HU':>8} {'growth/HU':>10} {'per in-flight/HU':>17} {'(own shm)':>10}")  # fmt: skip
     for name, m in figs["modes"].items():
         say(
             f"  {name:<20} {m['per_hour']:>10.0f} {m['cpu_s_per_study']:>12.2f} {m['first_json_s']:>12.2f} "
             f"{m['peak_rss_mb']:>12.0f} {m['idle_rss_mb']:>8.0f} {m['peak_rss_over_hu']:>8.2f} "
-            f"{m['growth_over_hu']:>10.2f} {m['growth_per_inflight_study_over_hu']:>17.2f}"
+            f"{m['growth_over_hu']:>10.2f} {m['growth_per_inflight_study_over_hu']:>17.2f} "
+            f"{m['growth_tree_per_inflight_study_over_hu']:>10.2f}"
         )
     for name, m in figs["modes"].items():
         walls = ", ".join(f"{step} {seconds:.2f}" for step, seconds in m["step_wall_s"].items())
         say(
             f"  {name}: steady {m['steady_per_hour']:.0f}/h, {m['cores_busy']:.2f} cores busy, peak RSS with "
-            f"shared memory once {m['peak_rss_shm_once_mb']:.0f} MiB, PSS {m['peak_pss_mb']:.0f} MiB, daemon process "
+            f"shared memory once {m['peak_rss_shm_once_mb']:.0f} MiB (the daemon's own hand-off files once "
+            f"{m['peak_rss_handoff_once_mb']:.0f}), PSS {m['peak_pss_mb']:.0f} MiB, daemon process "
             f"{m['daemon_own_cpu_s_per_study']:.2f} CPU-s/study; median wall s per step: {walls}"
         )
     for name, ratio in figs.get("rate_vs_pool_off", {}).items():

@@ -9,12 +9,15 @@ over processes counts it once). Descendants are found through ``/proc/<pid>/task
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 PROC = Path("/proc")
+SHM = Path("/dev/shm")
+HANDOFF_PREFIX = "ctwatch-handoff-"  # processor.handoff.PREFIX (the bench does not import processor)
 
 
 def descendants(pid: int) -> list[int]:
@@ -63,11 +66,42 @@ def mapping(pids: list[int], needle: str) -> int:
     return count
 
 
+def handoff_kb(daemon: int, pids: list[int]) -> int:
+    """kB of shared memory in the hand-off files of the daemon ``daemon`` (:mod:`processor.handoff`):
+    those still in /dev/shm named for it (written by a pool process, not yet taken), and those any
+    of ``pids`` maps (taken: unlinked, alive while a view of them is), each file once (by inode).
+    Unlike the system's ``Shmem``, nothing another job keeps in shared memory is counted."""
+    sizes: dict[int, int] = {}
+    try:
+        names = [n for n in os.listdir(SHM) if n.startswith(f"{HANDOFF_PREFIX}{daemon}-")]
+    except OSError:
+        names = []
+    for name in names:
+        try:
+            st = os.stat(SHM / name)
+        except OSError:
+            continue  # taken meanwhile: found in a mapping below, or already freed
+        sizes[st.st_ino] = st.st_blocks * 512
+    for p in pids:
+        try:
+            lines = (PROC / str(p) / "maps").read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split(maxsplit=5)
+            if len(parts) == 6 and parts[5].startswith(str(SHM / HANDOFF_PREFIX)):
+                start, end = (int(x, 16) for x in parts[0].split("-"))
+                inode = int(parts[4])
+                sizes[inode] = max(sizes.get(inode, 0), end - start)
+    return sum(sizes.values()) // 1024
+
+
 @dataclass(frozen=True)
 class Sample:
     """One look at the tree (kB): ``rss`` = Σ VmRSS; ``private`` = Σ (RssAnon + RssFile), i.e. RSS
     without shared-memory pages; ``shmem`` = the system's ``Shmem`` (/proc/meminfo: tmpfs such as
-    /dev/shm, written or mapped); ``pss`` = Σ Pss (every ``pss_every``-th sample, else None)."""
+    /dev/shm, written or mapped, by any job); ``handoff`` = the tree's own hand-off files
+    (:func:`handoff_kb`); ``pss`` = Σ Pss (every ``pss_every``-th sample, else None)."""
 
     at: float
     rss: int
@@ -75,6 +109,7 @@ class Sample:
     shmem: int
     processes: int
     pss: int | None
+    handoff: int = 0
 
 
 class RssSampler:
@@ -109,7 +144,8 @@ class RssSampler:
             shmem = _kb(PROC / "meminfo", "Shmem")[0]
             pss = pss_kb(pids) if k % self.pss_every == 0 else None
             rss, private = sum(v[0] for v in per), sum(v[1] + v[2] for v in per)
-            self.samples.append(Sample(time.time(), rss, private, shmem, len(pids), pss))
+            handoff = handoff_kb(self.pid, pids)
+            self.samples.append(Sample(time.time(), rss, private, shmem, len(pids), pss, handoff))
             k += 1
             self.cpu_s = time.thread_time() - began
             self._stop.wait(self.period)
@@ -129,6 +165,7 @@ class RssSampler:
             "samples": len(inside),
             "rss_mb": _mib(max((s.rss for s in inside), default=0)),
             "rss_shm_once_mb": _mib(max((s.private + max(0, s.shmem - base) for s in inside), default=0)),
+            "rss_handoff_once_mb": _mib(max((s.private + s.handoff for s in inside), default=0)),
             "pss_mb": _mib(max((s.pss for s in inside if s.pss is not None), default=0)),
             "processes": max((s.processes for s in inside), default=0),
         }

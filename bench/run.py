@@ -299,7 +299,7 @@ def volume_stages(volume: Any, n: int, zip_path: Path) -> dict[str, Samples]:
     )
     from scipy import ndimage
 
-    from processor.dicom.lungs import label_3d
+    from processor.dicom.components import label_3d
 
     air = volume.hu < -320  # the lung mask's air threshold (LungSettings.threshold_hu)
     for _ in range(n):  # interleaved, the same mask: scipy's labelling against the one the mask uses

@@ -200,15 +200,19 @@ class Prefetcher(Generic[T, U]):
             item = self._queue.get()
             if item is _STOP:
                 return
-            slot: _Slot[T, U] = item  # type: ignore[assignment]
-            if slot.cancelled or self._closed:
-                slot.skipped = True
-                slot.done.set()
-                continue
-            started = time.perf_counter()
-            try:
-                slot.result.value = self.prepare(slot.result.job)
-            except BaseException as exc:  # delivered to the consumer with its job, never swallowed
-                slot.result.error = exc
-            slot.result.prepare_seconds = time.perf_counter() - started
+            self._run(item)  # type: ignore[arg-type]
+            # hold nothing while waiting for the next job: the consumer frees a result it is done with
+            del item
+
+    def _run(self, slot: _Slot[T, U]) -> None:
+        if slot.cancelled or self._closed:
+            slot.skipped = True
             slot.done.set()
+            return
+        started = time.perf_counter()
+        try:
+            slot.result.value = self.prepare(slot.result.job)
+        except BaseException as exc:  # delivered to the consumer with its job, never swallowed
+            slot.result.error = exc
+        slot.result.prepare_seconds = time.perf_counter() - started
+        slot.done.set()

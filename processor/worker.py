@@ -202,9 +202,12 @@ class Worker:
                 reason = f"internal error: {type(item.error).__name__}: {item.error}"
                 self._finish(batch, functools.partial(self.executor.fail, batch, reason))
             else:
-                handle = item.value
-                assert handle is not None
-                self._finish(batch, functools.partial(self.executor.complete, handle, self.stop_event.is_set))
+                assert item.value is not None
+                self._finish(
+                    batch, functools.partial(self.executor.complete, item.value, self.stop_event.is_set)
+                )
+            # let the finished batch go (its volumes are hundreds of MB) before waiting for the next
+            del item
             handled += 1
             if self.stop_event.is_set():
                 break

@@ -139,7 +139,39 @@ def test_daemon_rate_smoke_pool_off_and_on(tmp_path: Path) -> None:
         for key in ("per_hour", "cpu_s_per_study", "peak_rss_mb", "peak_rss_over_hu", "peak_rss_shm_once_mb"):
             assert math.isfinite(m[key]) and m[key] > 0, (key, m)
         assert math.isfinite(m["growth_over_hu"]) and m["step_wall_s"]["lungs"] >= 0
+        assert m["peak_rss_handoff_once_mb"] > 0 and math.isfinite(
+            m["growth_tree_per_inflight_study_over_hu"]
+        )
     ratio = document["figures"]["rate_vs_pool_off"]["pool, 1 process"]
     assert math.isfinite(ratio) and ratio > 0
     assert "studies/hour pool, 1 process ÷ pool off" in run.stdout
     assert document["figures"]["two_process_ceiling"]["ceiling"] > 0  # what a 2nd process gains here
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="no /dev/shm here")
+def test_the_daemons_own_handoff_files_are_counted_once_and_no_one_elses() -> None:
+    """bench/proctree.handoff_kb: a hand-off file named for the daemon counts while it waits in
+    /dev/shm and, once mapped and unlinked (as processor.handoff.unpack does), while it is mapped —
+    once, however many mappings; another daemon's file never counts."""
+    import mmap
+    import os
+
+    from bench.proctree import handoff_kb
+
+    me = os.getpid()
+    mine, other = Path(f"/dev/shm/ctwatch-handoff-{me}-1-test"), Path("/dev/shm/ctwatch-handoff-1-1-test")
+    try:
+        for path in (mine, other):
+            with open(path, "wb") as fh:
+                os.posix_fallocate(fh.fileno(), 0, 1 << 20)
+        assert handoff_kb(me, [me]) == 1024
+        with open(mine, "rb") as fh:
+            maps = [mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) for _ in range(2)]
+        mine.unlink()
+        assert handoff_kb(me, [me]) == 1024  # mapped twice, unlinked: one file
+        for m in maps:
+            m.close()
+        assert handoff_kb(me, [me]) == 0
+    finally:
+        for path in (mine, other):
+            path.unlink(missing_ok=True)

@@ -107,13 +107,15 @@ def test_int16_and_float32_volumes_give_the_same_mask_and_metrics() -> None:
 
 
 def test_the_3d_labelling_is_scipys_to_the_voxel() -> None:
-    """connected-components-3d replaces ``scipy.ndimage.label`` for the lung mask's 3-D air
-    components (issue 18): the same labels, numbered in the same order, so every mask and metric is
-    unchanged. Checked on chests (one with its field of view cut, one with the lungs cut by the scan
-    range, one with noise making many small pockets) and on random masks with many components."""
+    """connected-components-3d, slab by slab, replaces ``scipy.ndimage.label`` for the lung mask's
+    3-D air components (issue 18): the same labels, numbered in the same order, so every mask and
+    metric is unchanged. Checked on chests (one with its field of view cut, one with the lungs cut
+    by the scan range, one with noise making many small pockets) and on random masks with many
+    components, each labelled whole and in slabs of 1, 2 and 5 slices (components joined across
+    every slab boundary)."""
     from scipy import ndimage
 
-    from processor.dicom.lungs import label_3d
+    from processor.dicom.components import label_3d
 
     hu, _ = dicomgen.chest_phantom((48, 96, 96), left_marker=True)
     noisy = hu + np.random.default_rng(3).normal(0, 200, hu.shape)
@@ -122,6 +124,31 @@ def test_the_3d_labelling_is_scipys_to_the_voxel() -> None:
     masks = [v < -320 for v in volumes] + [rng.random((24, 48, 40)) < p for p in (0.2, 0.31, 0.5)]
     for mask in masks:
         expected, n = ndimage.label(mask)
-        labels, count = label_3d(mask)
-        assert count == n and labels.dtype == expected.dtype and np.array_equal(labels, expected)
+        for slices in (1, 2, 5, len(mask)):
+            labels, count = label_3d(mask, slab_voxels=slices * mask[0].size)
+            assert count == n and labels.dtype == np.uint16 and np.array_equal(labels, expected)
     assert max(label_3d(m)[1] for m in masks) > 100, "many components were compared"
+
+
+def test_more_components_than_uint16_holds_are_labelled_as_scipy_does_in_int32() -> None:
+    """Over 65,534 components (a volume of isolated voxels) do not fit uint16: labelled whole as
+    int32, scipy's values — whether one slab already has too many or only the whole has. Columns
+    that run through every slab make many pieces but few components: those stay uint16."""
+    from scipy import ndimage
+
+    from processor.dicom.components import label_3d
+
+    dots = np.zeros((40, 90, 80), bool)
+    dots[::2, ::2, ::2] = True  # 20 × 45 × 40 = 36,000 isolated voxels …
+    dots[1::2, 1::2, 1::2] = True  # … and as many more between them, none of them touching
+    dots[:, 0, 79] = True  # one column through every slice
+    expected, n = ndimage.label(dots)
+    assert n > 65_535
+    for slices in (40, 4):  # one slab over the limit; ten slabs each under it
+        labels, count = label_3d(dots, slab_voxels=slices * dots[0].size)
+        assert count == n and labels.dtype == np.int32 and np.array_equal(labels, expected)
+    columns = np.zeros((40, 180, 160), bool)
+    columns[:, ::2, ::2] = True  # 7,200 columns along z: 72,000 pieces in 10 slabs of 4 slices
+    expected, n = ndimage.label(columns)
+    labels, count = label_3d(columns, slab_voxels=4 * columns[0].size)
+    assert count == n == 7_200 and labels.dtype == np.uint16 and np.array_equal(labels, expected)

@@ -186,6 +186,30 @@ def test_lungs_cut_by_a_padded_reconstruction_circle_are_kept_and_flagged() -> N
     assert metrics.flags == ["lungs_cut_in_plane"] and "reconstruction circle" in metrics.notes[0]
 
 
+def test_the_mask_and_metrics_do_not_depend_on_the_slabs_the_volume_is_worked_in() -> None:
+    """Issue 18 (memory): the air is labelled, the padding found and the holes filled a slab of
+    slices at a time. Slabs of 1, 3 and 7 slices give what the whole volume in one piece gives (the
+    method as it was: one 3-D labelling, one fill) — mask, flags, notes and metrics — on a tight
+    field of view, a padded reconstruction circle, a noisy chest and lungs cut by the scan range."""
+    from processor.dicom.lungs import segment_lungs
+
+    tight, _ = fov_phantom(outside_hu=-930.0, table="touching")
+    padded, _ = fov_phantom(outside_hu=-1000.0, body_half_width=0.6, table="none", noise=60.0)
+    yy, xx = np.ogrid[:128, :128]
+    padded[:, (yy - 0.45 * 128) ** 2 + (xx - 64) ** 2 > (0.44 * 128) ** 2] = -3024.0
+    chest, _ = dicomgen.chest_phantom((40, 96, 96), left_marker=True)
+    noisy = chest + np.random.default_rng(7).normal(0, 150, chest.shape)
+    for hu in (tight, padded, noisy, chest[10:22]):
+        whole = segment_lungs(hu, None, (2.5, 2.5), slab_voxels=hu.size)
+        assert whole.mask.any()
+        expected = lung_metrics(hu, whole.mask, SPACING, found=whole)
+        for slices in (1, 3, 7):
+            found = segment_lungs(hu, None, (2.5, 2.5), slab_voxels=slices * hu[0].size)
+            assert np.array_equal(found.mask, whole.mask)
+            assert (found.flags, found.notes) == (whole.flags, whole.notes)
+            assert lung_metrics(hu, found.mask, SPACING, found=found) == expected
+
+
 def test_slab_thickness_on_regular_and_irregular_grids() -> None:
     assert slab_thickness_mm(np.arange(6) * 1.25) == pytest.approx([1.25] * 6)
     d = np.array([0.0, 2.0, 4.0, 10.0, 12.0])

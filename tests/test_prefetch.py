@@ -185,3 +185,31 @@ def test_threads_are_named_and_started_lazily() -> None:
 def test_bad_sizes_are_refused(max_inflight: int, workers: int) -> None:
     with pytest.raises(ValueError, match="at least 1"):
         Prefetcher(lambda j: j, max_inflight=max_inflight, workers=workers)
+
+
+def test_a_result_is_not_held_by_the_pool_once_the_consumer_lets_it_go() -> None:
+    """A prepared study is hundreds of MB (issue 18, memory): once the consumer has dropped it, no
+    worker thread keeps it while it waits for the next job — nor while the daemon is idle."""
+    import weakref
+
+    class Study:
+        pass
+
+    refs: list[weakref.ref[Study]] = []
+
+    def prepare(job: int) -> Study:
+        study = Study()
+        refs.append(weakref.ref(study))
+        return study
+
+    with Prefetcher(prepare, max_inflight=2, workers=2) as pool:
+        for item in pool.map(range(3)):
+            assert item.value is not None
+            del item
+        gone = threading.Event()
+        for _ in range(500):  # the worker thread lets go just after handing the result over
+            if all(ref() is None for ref in refs):
+                gone.set()
+                break
+            gone.wait(0.01)
+        assert len(refs) == 3 and gone.is_set(), [ref() for ref in refs]

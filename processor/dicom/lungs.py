@@ -1,7 +1,7 @@
 """Weight-free quantitative lung CT: a classic threshold lung mask inside a body mask, and the
 standard density metrics.
 
-Mask (no model, scipy.ndimage only):
+Mask (no model; scipy.ndimage, and connected-components-3d by slabs: :mod:`processor.dicom.components`):
 
 1. body: per slice, the body mask of :mod:`processor.dicom.body` — pixels above
    ``body_threshold_hu`` (−500 HU) on a grid of about ``body_grid_px`` (128) rows and columns,
@@ -45,13 +45,14 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import cc3d
 import numpy as np
 from scipy import ndimage
 
 from processor.dicom.body import IN_PLANE, BodySettings, body_polygon, polygon_spans
+from processor.dicom.components import SLAB_VOXELS, label_slabs, slab_ranges
 from processor.dicom.volume import GAP_FACTOR
 
 log = logging.getLogger(__name__)
@@ -133,23 +134,31 @@ def _next_to(mask: np.ndarray) -> np.ndarray:
     return near
 
 
-def _edge_labels(labels: np.ndarray, pad: np.ndarray | None) -> np.ndarray:
-    """Component ids open to the in-plane image edge, or next to not-measured padding pixels."""
+Slabs = Callable[[int, int], np.ndarray]  # (z0, z1) → a boolean mask of slices [z0, z1)
+
+
+def _edge_labels(labels: np.ndarray, pad_of: Slabs | None) -> np.ndarray:
+    """Component ids open to the in-plane image edge, or next to not-measured padding pixels
+    (``pad_of``: the padding of slices [z0, z1), None when there is none)."""
     faces = [labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]]
-    if pad is not None:
-        faces.append(labels[_next_to(pad)])
+    if pad_of is not None:  # in-plane neighbours: slab by slab, so no whole-volume mask is held
+        faces += [labels[z0:z1][_next_to(pad_of(z0, z1))] for z0, z1 in slab_ranges(*_slicing(labels))]
     ids = np.concatenate([np.ravel(face) for face in faces])
     return np.unique(ids[ids > 0])
+
+
+def _slicing(volume: np.ndarray) -> tuple[int, int]:
+    """(slices, voxels a slice) of a (z, y, x) volume, for :func:`slab_ranges`."""
+    return volume.shape[0], int(np.prod(volume.shape[1:]))
 
 
 def _label_stats(
     labels: np.ndarray,
     count: int,
-    air: np.ndarray,
     hull: tuple[np.ndarray, np.ndarray],
     deep: tuple[np.ndarray, np.ndarray],
 ) -> tuple[np.ndarray, ...]:
-    """Voxel count of every component, its counts inside the body's interior (``hull`` spans) and
+    """Voxel count of every component (the air is where ``labels`` > 0), its counts inside the body's interior (``hull`` spans) and
     well inside it (``deep`` spans, a subset), and the slices each spans — one pass over whole
     slices, a few at a time, so the temporaries stay in cache. The slice span is per step (a
     superset): ``first`` inclusive, ``last`` exclusive."""
@@ -158,7 +167,8 @@ def _label_stats(
     counts, inside, well = np.zeros(n, np.intp), np.zeros(n, np.intp), np.zeros(n, np.intp)
     first, last = np.full(n, nz), np.zeros(n, np.intp)
     for z in range(0, nz, step):
-        here_air, lab = air[z : z + step], labels[z : z + step]
+        lab = labels[z : z + step]
+        here_air = lab > 0
         here = np.bincount(lab[here_air], minlength=n)
         counts += here
         within = here_air & _inside(hull[0][z : z + step], hull[1][z : z + step], nx)
@@ -214,23 +224,36 @@ def _z_range(labels: np.ndarray, label: int, first: int, last: int, step: int) -
     return lo, hi
 
 
-def _fill_holes_in_plane(slab: np.ndarray, z0: int, shape: tuple[int, ...]) -> np.ndarray:
-    """``binary_fill_holes(mask, structure=IN_PLANE)`` of a mask that is ``slab`` from slice ``z0``
-    and empty elsewhere, computed on the mask's bounding box with a one-voxel empty ring. Outside
-    the box all background reaches the image edge, as the ring does, so the result is identical;
-    the background component holding the ring corner is what the fill leaves empty in each slice.
-    """
-    out = np.zeros(shape, bool)
+def _fill_holes_in_plane(slab: np.ndarray, out: np.ndarray) -> None:
+    """``out[:] = binary_fill_holes(slab, structure=IN_PLANE)`` (``out`` empty on entry), computed on
+    the slab's bounding box with a one-voxel empty ring. Outside the box all background reaches the
+    image edge, as the ring does, so the result is identical; the background component holding the
+    ring corner is what the fill leaves empty in each slice. The structure joins no two slices, so
+    any stack of slices may be filled alone."""
     rows = np.flatnonzero(slab.any(axis=(0, 2)))
     if len(rows) == 0:
-        return out
+        return
     cols = np.flatnonzero(slab.any(axis=(0, 1)))
     y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
     box = np.zeros((slab.shape[0], y1 - y0 + 2, x1 - x0 + 2), bool)
     box[:, 1:-1, 1:-1] = slab[:, y0:y1, x0:x1]
     background, _ = ndimage.label(~box, structure=IN_PLANE)
-    out[z0 : z0 + slab.shape[0], y0:y1, x0:x1] = (background != background[:, :1, :1])[:, 1:-1, 1:-1]
-    return out
+    out[:, y0:y1, x0:x1] = (background != background[:, :1, :1])[:, 1:-1, 1:-1]
+
+
+def _chosen_mask(
+    labels: np.ndarray, lookup: np.ndarray, z_range: tuple[int, int], pad_of: Slabs | None, slab_voxels: int
+) -> np.ndarray:
+    """The components where ``lookup`` is true, holes filled slice by slice, padding pixels off;
+    they lie in slices ``z_range`` [z0, z1). Built a slab at a time: no whole-volume temporary."""
+    mask = np.zeros(labels.shape, bool)
+    z0, z1 = z_range
+    for a, b in slab_ranges(z1 - z0, _slicing(labels)[1], slab_voxels):
+        a, b = z0 + a, z0 + b
+        _fill_holes_in_plane(lookup[labels[a:b]], mask[a:b])
+        if pad_of is not None:
+            mask[a:b] &= ~pad_of(a, b)
+    return mask
 
 
 @dataclass
@@ -249,33 +272,40 @@ def lung_mask(
     return segment_lungs(hu, settings, pixel_mm).mask
 
 
-def label_3d(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """Face-connected (6-neighbour) components of a 3-D boolean ``mask``: int32 labels numbered in
-    raster order of their first voxel, 0 for background, and their count — the same array as
-    ``scipy.ndimage.label(mask)`` (its default structure), computed by connected-components-3d,
-    which labels the whole volume in one pass without holding the GIL."""
-    labels, count = cc3d.connected_components(mask, connectivity=6, return_N=True, out_dtype=np.uint32)
-    return labels.view(np.int32), int(count)
-
-
 def segment_lungs(
-    hu: np.ndarray, settings: LungSettings | None = None, pixel_mm: tuple[float, float] | None = None
+    hu: np.ndarray,
+    settings: LungSettings | None = None,
+    pixel_mm: tuple[float, float] | None = None,
+    *,
+    slab_voxels: int = SLAB_VOXELS,
 ) -> LungMask:
     """The lung mask of a HU volume with its flags and notes. ``pixel_mm`` (row, column spacing)
-    sizes the body mask's opening in mm; without it the pixel rule is used (module docstring)."""
+    sizes the body mask's opening in mm; without it the pixel rule is used (module docstring).
+    ``slab_voxels``: the masks and labels are made that many voxels (whole slices) at a time, so
+    the working set is the labels (2 bytes a voxel when they fit in uint16) and the lung mask (1)
+    beside the volume; the result does not depend on it."""
     settings = settings or LungSettings()
-    air = hu < settings.threshold_hu
-    pad = hu < settings.not_measured_below_hu if hu.min() < settings.not_measured_below_hu else None
-    if pad is not None:
-        air &= ~pad
-    labels, count = label_3d(air)
+
+    # the masks are made a slab of slices at a time (the working set stays a fraction of the volume)
+    def padding(z0: int, z1: int) -> np.ndarray:
+        return hu[z0:z1] < settings.not_measured_below_hu
+
+    pad_of = padding if hu.min() < settings.not_measured_below_hu else None
+
+    def air_of(z0: int, z1: int) -> np.ndarray:
+        air = hu[z0:z1] < settings.threshold_hu
+        if pad_of is not None:
+            air &= ~pad_of(z0, z1)
+        return air
+
+    labels, count = label_slabs(air_of, hu.shape, slab_voxels)  # scipy.ndimage.label's, uint16 when they fit
     if count == 0:
         return LungMask(np.zeros(hu.shape, bool))
     reach, f = body_polygon(hu, settings.body, pixel_mm)
     left, right = polygon_spans(reach, hu.shape[1])
     deep = polygon_spans(reach, hu.shape[1], settings.cut_lung_depth_px * f)
-    counts, inside, well, first, last = _label_stats(labels, count, air, (left, right), deep)
-    edge_ids = _edge_labels(labels, pad)
+    counts, inside, well, first, last = _label_stats(labels, count, (left, right), deep)
+    edge_ids = _edge_labels(labels, pad_of)
     open_edge = np.zeros(count + 1, bool)
     open_edge[edge_ids] = True
     # a cut lung: edge-open air that the body wraps — enough of it well inside the body's interior,
@@ -301,9 +331,8 @@ def segment_lungs(
     z0, z1 = min(ranges[c][0] for c in chosen), max(ranges[c][1] for c in chosen)
     lookup = np.zeros(count + 1, bool)
     lookup[chosen] = True
-    mask = _fill_holes_in_plane(lookup[labels[z0:z1]], z0, hu.shape)
-    if pad is not None:
-        mask &= ~pad
+    mask = _chosen_mask(labels, lookup, (z0, z1), pad_of, slab_voxels)
+    del labels
     result = LungMask(mask)
     if pixel_mm is None or not all(math.isfinite(float(v)) and float(v) > 0 for v in pixel_mm):
         result.notes.append(
