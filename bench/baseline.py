@@ -10,14 +10,20 @@ so keys added since (``worker.cpu_workers``, ``executor``) never reach the old c
 :func:`run_child` measures one child with ``os.wait4``: user + system CPU seconds and the peak RSS
 (``ru_maxrss``) of the child and of the descendants it waited for, and the wall time from the
 spawn to its exit (interpreter start and imports included, as for any tool a user would run).
+The child is started by a small launcher (``python -I -S``, :data:`LAUNCHER`), not by the bench
+itself: Linux carries the peak RSS of the process that spawned a child into the child's
+``ru_maxrss`` (``exec`` keeps the spawning memory's high-water mark; subprocess spawns with
+``vfork``, sharing the bench's memory until then), so a bench that holds a 1 GB volume would
+report 1 GB for ``unzip``. Through the launcher that floor is its own ~10 MB.
 """
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
-import time
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +99,18 @@ class Child:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in self.__dict__.items()}
 
 
+# Spawns argv[2:], waits for it and writes (exit code, user s, sys s, maxrss KiB, wall s) to argv[1].
+LAUNCHER = """
+import os, sys, time
+began = time.perf_counter()
+pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], os.environ)
+_, status, ru = os.wait4(pid, 0)
+wall = time.perf_counter() - began
+with open(sys.argv[1], "w") as out:
+    out.write(repr((os.waitstatus_to_exitcode(status), ru.ru_utime, ru.ru_stime, ru.ru_maxrss, wall)))
+"""
+
+
 def run_child(
     argv: Sequence[str],
     *,
@@ -102,20 +120,25 @@ def run_child(
 ) -> Child:
     """Run ``argv`` to its end (stdout and stderr to ``log``, else discarded); raises
     ``RuntimeError`` with the log's tail when it exits non-zero."""
-    with open(log or os.devnull, "ab") as sink:
-        began = time.perf_counter()
-        proc = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=cwd)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - began
-    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
-    if proc.returncode != 0:
+    fd, figures = tempfile.mkstemp(prefix="bench-child-")
+    os.close(fd)
+    try:
+        with open(log or os.devnull, "ab") as sink:
+            subprocess.run(
+                [sys.executable, "-I", "-S", "-c", LAUNCHER, figures, *map(str, argv)],
+                stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=cwd, check=True,
+            )  # fmt: skip
+        code, user, system, maxrss, wall = ast.literal_eval(Path(figures).read_text())
+    finally:
+        os.unlink(figures)
+    if code != 0:
         tail = log.read_text(errors="replace")[-2000:] if log else ""
-        raise RuntimeError(f"{' '.join(map(str, argv))} exited {proc.returncode}:\n{tail}")
+        raise RuntimeError(f"{' '.join(map(str, argv))} exited {code}:\n{tail}")
     return Child(
-        cpu_s=usage.ru_utime + usage.ru_stime,
-        user_s=usage.ru_utime,
-        sys_s=usage.ru_stime,
-        peak_rss_mb=usage.ru_maxrss / 1024,
+        cpu_s=user + system,
+        user_s=user,
+        sys_s=system,
+        peak_rss_mb=maxrss / 1024,
         wall_s=wall,
-        returncode=proc.returncode,
+        returncode=code,
     )
