@@ -22,7 +22,8 @@ its own process start, interpreter and imports as a user running it would:
 
 The tools other than ctwatch are told the series ctwatch chose (they would otherwise need a
 selection of their own). The Python children also report the CPU seconds of the work alone
-(``time.process_time`` around it, imports and interpreter start excluded): ``work_cpu_s``.
+(``time.process_time`` around it; interpreter start and the tool's imports excluded, imports
+made inside the read included): ``work_cpu_s``.
 One round runs unzip first, then the four in an order that alternates each round; ``N`` rounds.
 
 **Identical voxels**: an extra, untimed pass saves each tool's volume of the chosen series and
@@ -64,30 +65,43 @@ TOOLS = ("ctwatch", "dcm2niix", "simpleitk", "pydicom")
 
 # ---------------------------------------------------------------------------------------------- children
 def one(tool: str, source: Path, series: str | None, save: Path | None, report: Path) -> None:
-    """One tool's read in this (child) process; the work's CPU and wall seconds to ``report``
-    (JSON), the volume to ``save`` (.npy) when given."""
+    """One tool's read in this (child) process; the read's CPU and wall seconds (its imports done
+    before the clock) to ``report`` (JSON), the volume to ``save`` (.npy) when given."""
+    read = _reader(tool, source, series)
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    extra: dict[str, Any] = {}
-    if tool == "ctwatch":
-        from bench.fast import fast_volume
-
-        volume = fast_volume(source)
-        hu, extra = volume.hu, {"series_uid": volume.series_uid}
-    elif tool == "simpleitk":
-        import SimpleITK as sitk
-
-        reader = sitk.ImageSeriesReader()
-        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(source), series, False, True))
-        hu = sitk.GetArrayFromImage(reader.Execute())
-    elif tool == "pydicom":
-        hu = _pydicom_volume(source, series)
-    else:
-        raise ValueError(f"unknown tool {tool!r}")
+    hu, extra = read()
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     extra |= {"shape": list(hu.shape), "dtype": str(hu.dtype)}
     if save is not None:
         np.save(save, hu)
     report.write_text(json.dumps({"work_cpu_s": cpu, "work_wall_s": wall, **extra}), encoding="utf-8")
+
+
+def _reader(tool: str, source: Path, series: str | None) -> Callable[[], tuple[np.ndarray, dict[str, Any]]]:
+    """The tool's read as a callable, its modules imported now."""
+    if tool == "ctwatch":
+        import processor.executor_read  # noqa: F401  (fast_volume's header scan imports it on first use)
+        from bench.fast import fast_volume
+
+        def read_ctwatch() -> tuple[np.ndarray, dict[str, Any]]:
+            volume = fast_volume(source)
+            return volume.hu, {"series_uid": volume.series_uid}
+
+        return read_ctwatch
+    if tool == "simpleitk":
+        import SimpleITK as sitk
+
+        def read_simpleitk() -> tuple[np.ndarray, dict[str, Any]]:
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(source), series, False, True))
+            return sitk.GetArrayFromImage(reader.Execute()), {}
+
+        return read_simpleitk
+    if tool == "pydicom":
+        import pydicom  # noqa: F401
+
+        return lambda: (_pydicom_volume(source, series), {})
+    raise ValueError(f"unknown tool {tool!r}")
 
 
 def _pydicom_volume(folder: Path, series: str | None) -> np.ndarray:
