@@ -74,11 +74,11 @@ def measure(
     runs: dict[str, list[dict[str, Any]]] = {OLD: [], NEW: []}
     for i in range(n):
         for name in (OLD, NEW) if i % 2 == 0 else (NEW, OLD):
-            run = process_once(trees[name], zip_path)
+            run = process_once(trees[name], zip_path) | {"loadavg": round(os.getloadavg()[0], 2)}
             runs[name].append(run)
             say(
                 f"    {name:<18} {run['cpu_s']:6.2f} CPU-s ({run['user_s']:.2f} user + {run['sys_s']:.2f} sys), "
-                f"peak RSS {run['peak_rss_mb']:5.0f} MiB, wall {run['wall_s']:5.2f} s, load {os.getloadavg()[0]:.2f}"
+                f"peak RSS {run['peak_rss_mb']:5.0f} MiB, wall {run['wall_s']:5.2f} s, load {run['loadavg']:.2f}"
             )
     return runs
 
