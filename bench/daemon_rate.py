@@ -1,6 +1,6 @@
 """Studies per hour of the real daemon, CPU worker pool off and on (issue 18, item 7).
 
-``python bench/daemon_rate.py [--smoke] [--studies N] [--workers 0 1 2] [--rounds R] [--json FILE]``
+``python bench/daemon_rate.py [--smoke] [--studies N] [--baseline] [--workers 0 1 2] [--rounds R] [--json FILE]``
 
 For each ``worker.cpu_workers`` value (default 0 = pool off, the CPU stage in the daemon's prefetch
 thread; 1 and 2 pool processes), one daemon (``python run.py run``, a child process) on a fresh
@@ -10,6 +10,13 @@ steps recorded as skipped: series selection, HU volume, lung metrics, key-slice 
 started and idle, N studies are dropped into its inbox at once (each ZIP moved in; hard links into
 the project, so the drop itself costs no copy), and the run ends with the N-th result JSON. The
 modes run back to back in one process; with ``--rounds 2`` the second round runs in reverse order.
+
+``--baseline`` adds a first mode: issue 18's "today", the daemon of commit bc513e6 (its own
+``run.py`` and ``pipelines/chest-ct.yaml`` from the worktree :func:`bench.baseline.ensure` makes,
+``PYTHONPATH`` that tree) with the same settings less ``worker.cpu_workers`` (a key it lacks: its
+CPU stage runs in its one prefetch thread), on the same studies; ``rate_vs_baseline`` then gives
+each mode's studies/hour ÷ that one's (goal for the pool on 2 cores: ≥ 1.8). ``--workers`` with
+no value runs the baseline alone.
 
 The studies: ``bench/generate.py``'s uncompressed study (default 300 slices of 512², a scout and a
 5 mm series: 361 DICOM files, 191 MB), relabelled N times with new UIDs (same pixels,
@@ -78,7 +85,7 @@ if str(REPO) not in sys.path:
 
 import yaml  # noqa: E402
 
-from bench import ceiling  # noqa: E402
+from bench import baseline, ceiling  # noqa: E402
 from bench.generate import (  # noqa: E402
     FULL,
     OUT,
@@ -92,6 +99,7 @@ from bench.gpu_daemon import tree_cpu_seconds  # noqa: E402
 from bench.proctree import RssSampler, Sample, descendants, mapping  # noqa: E402
 
 WORKERS = (0, 1, 2)  # worker.cpu_workers per mode: 0 = pool off (today's path)
+BASELINE = "baseline"  # the mode that runs issue 18's "today" (bench.baseline.COMMIT), not this tree
 GENERATE_BELOW = 8 << 20  # pixel bytes under which each study is generated afresh, not relabelled
 MAX_INFLIGHT = 2  # worker.max_inflight_studies (the default)
 WEIGHT_FREE = ("series", "volume", "lungs", "slices")  # chest-ct.yaml's steps that need no weights
@@ -99,7 +107,9 @@ GOAL_RATE = 1.8  # issue 18: daemon studies/hour on 2 cores ≥ 1.8 × today's (
 GOAL_RSS = 2.0  # issue 18: peak RSS per study ≤ 2 × the HU volume's size
 
 
-def label(workers: int) -> str:
+def label(workers: int | str | None) -> str:
+    if workers in (BASELINE, None):
+        return f"today ({baseline.COMMIT})"
     return "pool off" if workers == 0 else f"pool, {workers} process{'es' if workers > 1 else ''}"
 
 
@@ -139,8 +149,12 @@ def _relabel_copy(source: str, target: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- one daemon
-def _project(root: Path, workers: int, max_inflight: int, extra: dict[str, Any] | None = None) -> Path:
-    shutil.copyfile(REPO / "pipelines" / "chest-ct.yaml", root / "pipeline.yaml")
+def _project(
+    root: Path, workers: int | None, max_inflight: int, extra: dict[str, Any] | None = None, tree: Path = REPO
+) -> Path:
+    """The throw-away project's settings; ``workers`` None: no ``worker.cpu_workers`` key (the baseline)."""
+    shutil.copyfile(tree / "pipelines" / "chest-ct.yaml", root / "pipeline.yaml")
+    worker = {"max_inflight_studies": max_inflight} | ({} if workers is None else {"cpu_workers": workers})
     (root / "inbox").mkdir()
     settings = {
         "root": ".",
@@ -158,7 +172,7 @@ def _project(root: Path, workers: int, max_inflight: int, extra: dict[str, Any] 
         "status": {"enabled": False},
         "reports": {"enabled": False},
         "disk": {"min_free_gb": 1},
-        "worker": {"cpu_workers": workers, "max_inflight_studies": max_inflight},
+        "worker": worker,
         **(extra or {}),  # e.g. bench/dask_rate.py's executor
     }
     config = root / "config.yaml"
@@ -249,7 +263,7 @@ def _idle(pid: int, timeout: float = 60.0, below: float = 0.01) -> float:
 
 def run_once(
     zips: Sequence[Path],
-    workers: int,
+    workers: int | None,
     max_inflight: int,
     timeout: float,
     extra: dict[str, Any] | None = None,
@@ -257,6 +271,7 @@ def run_once(
     from_log: Callable[[str], dict[str, Any]] | None = None,
     idle_below: float = 0.01,
     idle_window: float = 0.0,
+    tree: Path = REPO,
 ) -> dict[str, Any]:
     """One daemon with ``worker.cpu_workers: workers``; the N studies dropped at once (see the module doc).
 
@@ -265,27 +280,30 @@ def run_once(
     figures taken from the daemon's log at the end, merged into the run; ``idle_below``: the CPU-s
     per 0.5 s under which the started daemon counts as idle (a Dask cluster's heartbeats use more);
     ``idle_window`` > 0: the idle tree's CPU measured over that many seconds before the drop
-    (``idle_cores``)."""
+    (``idle_cores``); ``tree``: the checkout whose daemon runs (``workers`` None for one without
+    ``worker.cpu_workers``: :func:`bench.baseline.ensure`'s), with ``PYTHONPATH`` that tree alone."""
     load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="ctwatch-daemon-rate-") as tmp:
         root = Path(tmp)
-        config = _project(root, workers, max_inflight, extra)
+        config = _project(root, workers, max_inflight, extra, tree)
         staged = _stage(zips, root / "staging")
         log = root / "daemon.log"
         env = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
         }
+        if tree != REPO:
+            env = baseline.child_env(tree)
         began = time.time()
         with log.open("a") as sink:
             daemon = subprocess.Popen(
-                [sys.executable, str(REPO / "run.py"), "run", "--config", str(config)],
+                [sys.executable, str(tree / "run.py"), "run", "--config", str(config)],
                 stdout=sink, stderr=subprocess.STDOUT, cwd=root, env=env,
             )  # fmt: skip
         try:
             with RssSampler(daemon.pid) as sampler:
                 started = _wait(
-                    lambda: re.search(r"daemon\.started .*cpu_workers=(\d+)", log.read_text(errors="replace")),
+                    lambda: re.search(r"daemon\.started(?: .*cpu_workers=(\d+))?", log.read_text(errors="replace")),
                     timeout, "it started", daemon, log,
                 )  # fmt: skip
                 startup_s = time.time() - began
@@ -330,8 +348,9 @@ def run_once(
             if step.get("status") == "done":  # processor.vocab.StepStatus.DONE; skipped ones are not timed
                 steps.setdefault(step["step_id"], []).append(float(step["seconds"]))
     return {
+        "mode": BASELINE if workers is None else workers,
         "cpu_workers": workers,
-        "pool_processes": int(started.group(1)),
+        "pool_processes": int(started.group(1) or 0),
         "max_inflight_studies": max_inflight,
         "studies": len(zips),
         "results": len(docs),
@@ -366,18 +385,24 @@ def run_once(
 # ---------------------------------------------------------------------------------------------- modes
 def measure(
     zips: Sequence[Path],
-    workers: Sequence[int] = WORKERS,
+    workers: Sequence[int | str] = WORKERS,
     rounds: int = 1,
     max_inflight: int = MAX_INFLIGHT,
     timeout: float = 900.0,
     say: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    """Every mode once per round, back to back (odd rounds in reverse order)."""
+    """Every mode once per round, back to back (odd rounds in reverse order); a mode is a
+    ``worker.cpu_workers`` value or :data:`BASELINE`."""
     runs = []
+    old_tree = baseline.ensure() if BASELINE in workers else None
     for r in range(rounds):
         for w in workers if r % 2 == 0 else list(reversed(workers)):
             say(f"  daemon, {label(w)}: {len(zips)} studies dropped at once ...")
-            run = run_once(zips, w, max_inflight, timeout)
+            if w == BASELINE:
+                assert old_tree is not None
+                run = run_once(zips, None, max_inflight, timeout, tree=old_tree)
+            else:
+                run = run_once(zips, int(w), max_inflight, timeout)
             say(
                 f"    {run['per_hour']:.0f}/h ({run['wall_s']:.1f} s), {run['cpu_s_per_study']:.2f} CPU-s per study, "
                 f"peak RSS {run['peak']['rss_mb']:.0f} MB (idle {run['idle']['rss_mb']:.0f}), load {run['loadavg']}"
@@ -398,11 +423,14 @@ def _idle_memory(sample: Sample | None) -> dict[str, float]:
 
 
 def figures(runs: list[dict[str, Any]], hu_bytes: int) -> dict[str, Any]:
-    """Medians per mode over the rounds, the ratios against pool off, and the memory figures."""
+    """Medians per mode over the rounds, the ratios against pool off and the baseline, and the
+    memory figures."""
     hu_mb = hu_bytes / 2**20
     modes: dict[str, Any] = {}
-    for w in sorted({r["cpu_workers"] for r in runs}):
-        mine = [r for r in runs if r["cpu_workers"] == w]
+    present = {r.get("mode", r["cpu_workers"]) for r in runs}
+    order = [BASELINE] * (BASELINE in present) + sorted(m for m in present if m != BASELINE)
+    for w in order:
+        mine = [r for r in runs if r.get("mode", r["cpu_workers"]) == w]
         peak = statistics.median(r["peak"]["rss_mb"] for r in mine)
         idle = statistics.median(r["idle"]["rss_mb"] for r in mine)
         peak_once = statistics.median(r["peak"]["rss_shm_once_mb"] for r in mine)
@@ -412,7 +440,7 @@ def figures(runs: list[dict[str, Any]], hu_bytes: int) -> dict[str, Any]:
         growth_tree = peak_tree - statistics.median(r["idle"]["rss_handoff_once_mb"] for r in mine)
         in_flight = mine[0]["max_inflight_studies"] + 1
         modes[label(w)] = {
-            "cpu_workers": w,
+            "cpu_workers": None if w == BASELINE else w,
             "per_hour": round(statistics.median(r["per_hour"] for r in mine), 1),
             "cpu_s_per_study": round(statistics.median(r["cpu_s_per_study"] for r in mine), 3),
             "first_json_s": round(statistics.median(r["first_json_s"] for r in mine), 2),
@@ -432,6 +460,7 @@ def figures(runs: list[dict[str, Any]], hu_bytes: int) -> dict[str, Any]:
             "growth_tree_over_hu": round(growth_tree / hu_mb, 3),
             "growth_tree_per_inflight_study_over_hu": round(growth_tree / in_flight / hu_mb, 3),
             "runs_per_hour": [r["per_hour"] for r in mine],
+            "torch_processes": max(r["torch_processes"] for r in mine),
             "step_wall_s": {
                 step: round(statistics.median(r["step_wall_s"][step] for r in mine), 3)
                 for step in mine[0]["step_wall_s"]
@@ -447,6 +476,16 @@ def figures(runs: list[dict[str, Any]], hu_bytes: int) -> dict[str, Any]:
             k: round(v["cpu_s_per_study"] / off["cpu_s_per_study"], 3)
             for k, v in modes.items()
             if v["cpu_workers"]
+        }
+    today = modes.get(label(BASELINE))
+    if today:
+        others = {k: v for k, v in modes.items() if v["cpu_workers"] is not None}
+        out["rate_vs_baseline"] = {k: round(v["per_hour"] / today["per_hour"], 3) for k, v in others.items()}
+        out["steady_rate_vs_baseline"] = {
+            k: round(v["steady_per_hour"] / today["steady_per_hour"], 3) for k, v in others.items()
+        }
+        out["cpu_per_study_vs_baseline"] = {
+            k: round(v["cpu_s_per_study"] / today["cpu_s_per_study"], 3) for k, v in others.items()
         }
     return out
 
@@ -470,11 +509,19 @@ def print_figures(figs: dict[str, Any], say: Callable[[str], None]) -> None:
             f"  {name}: steady {m['steady_per_hour']:.0f}/h, {m['cores_busy']:.2f} cores busy, peak RSS with "
             f"shared memory once {m['peak_rss_shm_once_mb']:.0f} MiB (the daemon's own hand-off files once "
             f"{m['peak_rss_handoff_once_mb']:.0f}), PSS {m['peak_pss_mb']:.0f} MiB, daemon process "
-            f"{m['daemon_own_cpu_s_per_study']:.2f} CPU-s/study; median wall s per step: {walls}"
+            f"{m['daemon_own_cpu_s_per_study']:.2f} CPU-s/study, torch mapped in {m['torch_processes']} process(es); "
+            f"median wall s per step: {walls}"
         )
     for name, ratio in figs.get("rate_vs_pool_off", {}).items():
         verdict = "met" if ratio >= GOAL_RATE else "not met"
         say(f"  studies/hour {name} ÷ pool off: {ratio:.2f} (goal ≥ {GOAL_RATE} on 2 cores: {verdict})")
+    for name, ratio in figs.get("rate_vs_baseline", {}).items():
+        verdict = "met" if ratio >= GOAL_RATE else "not met"
+        say(
+            f"  studies/hour {name} ÷ {label(BASELINE)}: {ratio:.2f} (goal ≥ {GOAL_RATE} on 2 cores: {verdict}); "
+            f"steady {figs['steady_rate_vs_baseline'][name]:.2f}; CPU-s/study "
+            f"{figs['cpu_per_study_vs_baseline'][name]:.2f} of today's"
+        )
     if "two_process_ceiling" in figs:
         c = figs["two_process_ceiling"]
         say(
@@ -486,7 +533,7 @@ def print_figures(figs: dict[str, Any], say: Callable[[str], None]) -> None:
 def run(
     spec: StudySpec,
     n: int,
-    workers: Sequence[int],
+    workers: Sequence[int | str],
     rounds: int,
     out: Path,
     say: Callable[[str], None],
@@ -498,11 +545,9 @@ def run(
     before = ceiling.measure(ceiling_pairs)
     runs = measure(zips, workers, rounds, say=say)
     after = ceiling.measure(ceiling_pairs)
-    bad = [(r["cpu_workers"], r["statuses"]) for r in runs if r["complete"] != r["studies"]]
+    bad = [(r["mode"], r["statuses"]) for r in runs if r["complete"] != r["studies"]]
     if bad:
-        raise RuntimeError(
-            f"daemon bench: not every study ran its weight-free steps (cpu_workers, statuses): {bad}"
-        )
+        raise RuntimeError(f"daemon bench: not every study ran its weight-free steps (mode, statuses): {bad}")
     figs = figures(runs, spec.pixel_bytes)
     figs["study"] = f"{spec.slices} slices of {spec.size}² (+ scout, 5 mm series), uncompressed ZIP"
     figs["studies"] = n
@@ -520,7 +565,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="3 studies of 24 slices of 64² (seconds)")
     p.add_argument("--studies", "-k", type=int, help="studies per run (default 20; smoke 3)")
     p.add_argument("--slices", type=int, help="slices per study (default 300; smoke 24)")
-    p.add_argument("--workers", type=int, nargs="+", default=list(WORKERS), help="cpu_workers per mode")
+    p.add_argument(
+        "--workers", type=int, nargs="*", default=list(WORKERS), help="cpu_workers per mode (default 0 1 2)"
+    )
+    p.add_argument(
+        "--baseline",
+        action="store_true",
+        help=f"also issue 18's 'today' (commit {baseline.COMMIT}, its own daemon), first in each round",
+    )
     p.add_argument("--rounds", type=int, default=1, help="rounds over the modes (the 2nd reversed)")
     p.add_argument("--json", type=Path, help="write the figures and every run to this file")
     p.add_argument("--out", type=Path, default=OUT, help="cache folder for generated studies")
@@ -535,7 +587,10 @@ def main(argv: list[str] | None = None) -> int:
 
     date = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     say(f"daemon rate — {date} — {os.cpu_count()} cores, load {[round(v, 2) for v in os.getloadavg()]}")
-    figs, runs = run(spec, n, args.workers, args.rounds, args.out, say, 1 if args.smoke else 3)
+    modes = [BASELINE] * args.baseline + args.workers
+    if not modes:
+        p.error("no mode: give --baseline or --workers N …")
+    figs, runs = run(spec, n, modes, args.rounds, args.out, say, 1 if args.smoke else 3)
     print_figures(figs, say)
     if args.json:
         document = {"date": date, "cores": os.cpu_count(), "figures": figs, "runs": runs}

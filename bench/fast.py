@@ -16,8 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from bench.timing import Clock, Samples, timed
 from processor.deflate import crc32
@@ -25,7 +24,9 @@ from processor.dicom.scan import ScanResult, Series, scan_members
 from processor.dicom.select import SelectionRules, evaluate, series_facts
 from processor.dicom.volume import Volume, load_volume
 from processor.intake.archive import Limits, open_arrival
-from processor.models.ctclip_preprocess import TARGET_SHAPE_XYZ, ctrate_xyz_from_dicom, preprocess_volume
+
+if TYPE_CHECKING:
+    import torch
 
 LIMITS = Limits()
 RULES = SelectionRules()
@@ -55,12 +56,18 @@ class FastRun:
     preprocess: tuple[float, float]  # (wall, cpu) HU volume → CT-CLIP tensor
 
 
-def fast_tensor(zip_path: Path, target_xyz: tuple[int, int, int] = TARGET_SHAPE_XYZ) -> FastRun:
+def fast_tensor(zip_path: Path, target_xyz: tuple[int, int, int] | None = None) -> FastRun:
+    """ZIP → HU volume → CT-CLIP input at ``target_xyz`` (default the official (480, 480, 240)).
+
+    torch is imported here, not with the module, so that ``fast_volume`` in a fresh process
+    (bench/tools.py) pays no torch import."""
+    from processor.models.ctclip_preprocess import TARGET_SHAPE_XYZ, ctrate_xyz_from_dicom, preprocess_volume
+
     clock = Clock()
     volume = fast_volume(zip_path)
     ingest = clock.lap()
     hu_xyz, spacing_xyz = ctrate_xyz_from_dicom(volume.hu, volume.spacing_zyx, volume.affine)
-    tensor = preprocess_volume(hu_xyz, spacing_xyz, target_xyz)
+    tensor = preprocess_volume(hu_xyz, spacing_xyz, target_xyz or TARGET_SHAPE_XYZ)
     return FastRun(tensor, volume, ingest, clock.lap())
 
 

@@ -1,5 +1,9 @@
 """ctwatch benchmark: ``python bench/run.py [--smoke] [--json FILE] [--repeat N] [--studies K]``.
 
+``python bench/run.py --side-by-side [--json FILE]``: only issue 18's ratios to other code in one
+run (``process`` against today's code, ingest against dcm2niix / SimpleITK / pydicom, the daemon
+against today's daemon): bench/side_by_side.py.
+
 Generates (once, cached in bench/out/) synthetic chest-CT studies, times every stage N times and
 prints medians and the ratios of issue 9, each measured side by side in this run; see
 bench/README.md for what each figure means and the figures of one full run.
@@ -188,6 +192,37 @@ def codecs_only(args: argparse.Namespace, paths: dict[str, Path], n: int, about:
     if args.json:
         document = {"codec_ingest": figs, **about, "mode": "codecs-only", "repeat": n}
         document["stages"] = {f"codecs/{v}": _stage_dict(s) for v, s in stages.items()}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        say(f"wrote {args.json}")
+    return 0
+
+
+def side_by_side_only(
+    args: argparse.Namespace, spec: StudySpec, n: int, about: dict, started: float, say: Any
+) -> int:
+    """``--side-by-side``: issue 18's ratios to today's code and to other tools alone (see
+    bench/side_by_side.py), printed and (``--json``) written."""
+    from bench import side_by_side
+
+    zip_path = ensure_studies(spec, ("uncompressed",), args.out, say)["uncompressed"]
+    count = args.daemon or (3 if args.smoke else 20)
+    figs = side_by_side.run(
+        zip_path, spec, n, baseline=True, other_tools=True, daemon=count, daemon_rounds=args.daemon_rounds,
+        out=args.out, say=say, ceiling_pairs=1 if args.smoke else 3,
+    )  # fmt: skip
+    side_by_side.print_figures(figs, say)
+    about["machine"]["loadavg_at_end"] = [round(v, 2) for v in os.getloadavg()]
+    seconds = time.perf_counter() - started
+    say(f"\nbench finished in {seconds:.0f} s")
+    if args.json:
+        document = {
+            "side_by_side": figs,
+            **about,
+            "mode": "side-by-side",
+            "repeat": n,
+            "bench_seconds": round(seconds, 1),
+        }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         say(f"wrote {args.json}")
@@ -590,6 +625,27 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="only the compressed ingest, imagecodecs vs pydicom (JPEG-LS, JPEG 2000; about 2 min full size)",
     )
     p.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also issue 18's 'today' (commit bc513e6, a git worktree made under bench/out/): `process` of the ZIP "
+        "old vs new, ABBA (bench/process_cpu.py), and with --daemon today's daemon as a first mode",
+    )
+    p.add_argument(
+        "--tools",
+        action="store_true",
+        help="also ingest against unzip + dcm2niix, SimpleITK and plain pydicom (bench/tools.py; a tool not "
+        "installed is skipped)",
+    )
+    p.add_argument(
+        "--side-by-side",
+        action="store_true",
+        help="only --baseline, --tools and --daemon (today's daemon, pool off / 1 / 2), in one run (about 12 min "
+        "full size on 2 cores with --daemon-rounds 1): bench/side_by_side.py",
+    )
+    p.add_argument(
+        "--daemon-rounds", type=int, default=1, help="rounds over the daemon modes (the 2nd reversed)"
+    )
+    p.add_argument(
         "--out", type=Path, default=OUT, help="cache folder for generated studies (default bench/out)"
     )
     return p.parse_args(argv)
@@ -613,6 +669,10 @@ def main(argv: list[str] | None = None) -> int:
     say("machine: " + ", ".join(f"{key}={value}" for key, value in machine.items()))
     if args.dask is not None:
         return dask_only(args, spec, {"machine": machine, "date": date, "spec": spec.__dict__}, started, say)
+    if args.side_by_side:
+        return side_by_side_only(
+            args, spec, n, {"machine": machine, "date": date, "spec": spec.__dict__}, started, say
+        )
     wanted = [v for v in args.variants if v in CODEC_VARIANTS or not args.codecs_only]
     paths = ensure_studies(spec, tuple(wanted), args.out, say)
     headline = "uncompressed" if "uncompressed" in paths else next(iter(paths))
@@ -659,8 +719,21 @@ def main(argv: list[str] | None = None) -> int:
         from bench import daemon_rate
 
         count = args.daemon or (3 if args.smoke else 20)
-        say(f"[daemon] the real daemon, {count} studies dropped at once, worker.cpu_workers 0 / 1 / 2")
-        daemon = daemon_rate.run(spec, count, daemon_rate.WORKERS, 1, args.out, say, 1 if args.smoke else 3)
+        modes = [daemon_rate.BASELINE] * args.baseline + list(daemon_rate.WORKERS)
+        say(
+            f"[daemon] the real daemon, {count} studies dropped at once: {', '.join(map(daemon_rate.label, modes))}"
+        )
+        daemon = daemon_rate.run(
+            spec, count, modes, args.daemon_rounds, args.out, say, 1 if args.smoke else 3
+        )
+    side: dict[str, Any] = {}
+    if args.baseline or args.tools:
+        from bench import side_by_side
+
+        side = side_by_side.run(
+            paths[headline], spec, n, baseline=args.baseline, other_tools=args.tools, daemon=None,
+            daemon_rounds=1, out=args.out, say=say,
+        )  # fmt: skip
 
     for variant, stages in variants.items():
         print_table(f"{variant} ({paths[variant].stat().st_size / 1e6:.1f} MB ZIP) — medians", stages, say)
@@ -708,6 +781,12 @@ def main(argv: list[str] | None = None) -> int:
     if daemon is not None:
         daemon_rate.print_figures(daemon[0], say)
         figs["details"]["daemon"] = daemon[0]
+    if side:
+        if daemon is not None:
+            side["daemon"] = daemon[0]
+            side["goals"] = side_by_side.goals(side)
+        side_by_side.print_figures({k: v for k, v in side.items() if k != "daemon"}, say)
+        figs["details"]["side_by_side"] = {k: v for k, v in side.items() if k != "daemon"}
     machine["loadavg_at_end"] = [round(v, 2) for v in os.getloadavg()]
     say("\nfigures (headline variant: " + headline + ")")
     goals = {

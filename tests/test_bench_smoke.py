@@ -175,3 +175,34 @@ def test_the_daemons_own_handoff_files_are_counted_once_and_no_one_elses() -> No
     finally:
         for path in (mine, other):
             path.unlink(missing_ok=True)
+
+
+def test_tools_read_the_voxels_ctwatch_reads(studies: dict[str, Path]) -> None:
+    """bench/tools.py's check pass: plain pydicom (and SimpleITK and dcm2niix where installed; CI has
+    neither) read the chosen series' voxels exactly as ctwatch does, dcm2niix's rows reversed."""
+    from bench import tools
+
+    have = tools.available()
+    if not have["unzip"]:
+        pytest.skip("no unzip on this machine: the other tools read unzipped files")
+    checks = tools.verify(studies["uncompressed"], have, say=lambda _: None)
+    compared = {tool: check for tool, check in checks.items() if isinstance(check, dict)}
+    assert "pydicom" in compared and checks["shape"] == [SMOKE.slices, SMOKE.size, SMOKE.size]
+    assert all(check["identical"] for check in compared.values()), compared
+    if "dcm2niix" in compared:
+        assert compared["dcm2niix"]["flipped_axes"] == "y"  # NIfTI's rows run the other way
+
+
+def test_child_figures_are_the_childs_own(studies: dict[str, Path]) -> None:
+    """bench.baseline.run_child: a child's peak RSS does not inherit the bench's (256 MiB held
+    here), and `process` of one ZIP in a fresh project of this tree gives its result and CPU."""
+    from bench import baseline, process_cpu
+
+    held = np.ones(256 * 2**20 // 8)  # touched: in this process's RSS
+    child = baseline.run_child([sys.executable, "-c", "pass"])
+    assert child.returncode == 0 and 0 < child.peak_rss_mb < 100 and held.sum() > 0
+    run = process_cpu.process_once(REPO, studies["uncompressed"])
+    assert run["status"] == "Partial" and set(run["lungs"]) == set(
+        process_cpu.LUNG_FIGURES
+    )  # model steps skipped
+    assert run["cpu_s"] > 0.5 and run["peak_rss_mb"] > 50
