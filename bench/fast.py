@@ -106,7 +106,7 @@ def crc_of_chosen_series(zip_path: Path) -> Callable[[], int]:
 
 def _scan(members):  # type: ignore[no-untyped-def]
     """``scan_members`` as the executor runs it: with the cyclic collector paused."""
-    from processor.executor_read import gc_paused
+    from processor.gcpause import gc_paused
 
     with gc_paused():
         return scan_members(members)

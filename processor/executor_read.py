@@ -11,16 +11,15 @@ parsed, and :func:`no_dicom_message` says what an input held when it held no DIC
 
 from __future__ import annotations
 
-import gc
 import logging
-import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 from processor.dicom.scan import ScanResult, Study, scan_members
 from processor.errors import Deferred, IngestError
+from processor.gcpause import gc_paused
 from processor.intake.archive import ArrivalKind, Contents, Limits, open_arrival
 from processor.intake.diskfiles import ZIP_IN_FOLDER
 from processor.intake.inbox import sha256_of
@@ -153,33 +152,3 @@ def no_dicom_message(contents: Contents, skipped: Counter[str]) -> str:
         f"file(s) ({detail}); "
         "export the study as DICOM files"
     )
-
-
-_gc_lock = threading.Lock()
-_gc_pausers = 0
-_gc_was_enabled = False
-
-
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    """Pause Python's cyclic garbage collector (process-wide) while DICOM headers are parsed.
-
-    A header parse allocates ~270 small tracked objects per file (pydicom ``RawDataElement`` tuples,
-    tags, datasets) and frees none of them in cycles, so the collector's repeated passes over the
-    growing heap were a third of the scan's CPU time. Counted, so that overlapping scans in several
-    threads restore the collector's state only when the last one ends. It lives here, with the
-    process that owns the threads, not in the library code that parses.
-    """
-    global _gc_pausers, _gc_was_enabled
-    with _gc_lock:
-        if _gc_pausers == 0:
-            _gc_was_enabled = gc.isenabled()
-            gc.disable()
-        _gc_pausers += 1
-    try:
-        yield
-    finally:
-        with _gc_lock:
-            _gc_pausers -= 1
-            if _gc_pausers == 0 and _gc_was_enabled:
-                gc.enable()
