@@ -345,7 +345,11 @@ def read_instance(member: Member) -> Instance | None:
     read = _Bytes(member)
     if not looks_like_dicom(read.head):
         return None
-    if len(read.head) >= 132 and bytes(read.head[128:132]) == b"DICM" and not _starts(read.head[132:]):
+    if (
+        len(read.head) >= 132
+        and bytes(read.head[128:132]) == b"DICM"
+        and not _starts(memoryview(read.head)[132:])
+    ):
         raise CorruptDicom("no DICOM element follows its 'DICM' marker")
     fast = _walked(read)
     if fast is not None:
