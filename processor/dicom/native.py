@@ -40,20 +40,31 @@ def wrapped16(value: int) -> np.int16:
 def check_fits_int16(stored: np.ndarray, m: int, b: int, bits_stored: int | None = None) -> None:
     """:class:`NeedsFloat` unless ``stored`` × ``m`` + ``b`` fits int16 for every value.
 
-    Decided on the frame's minimum and maximum; when ``bits_stored`` is given (the values are
-    already masked to it) and every value it allows fits, the frame is not looked at.
+    Decided on the frame's minimum and maximum, each looked up only where the values its type
+    allows (or ``bits_stored`` allows, when the values are already masked to it) could pass int16
+    on that side: a frame of int16 shifted by −1024 is checked for its minimum only.
     """
-    if bits_stored is not None and stored.dtype.itemsize * 8 >= bits_stored:
-        signed = stored.dtype.kind == "i"
-        low, high = (
-            (-(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1)
-            if signed
-            else (0, (1 << bits_stored) - 1)
-        )
-        if INT16.min <= min(low * m + b, high * m + b) and max(low * m + b, high * m + b) <= INT16.max:
-            return
-    ends = (int(stored.min()) * m + b, int(stored.max()) * m + b) if stored.size else (0, 0)
-    if min(ends) < INT16.min or max(ends) > INT16.max:
+    if not stored.size:
+        lowest = highest = 0  # nothing to rescale
+    elif stored.dtype.kind not in "iu":
+        lowest, highest = sorted((int(stored.min()) * m + b, int(stored.max()) * m + b))
+    else:
+        info = np.iinfo(stored.dtype)
+        low, high = int(info.min), int(info.max)
+        if bits_stored is not None and 0 < bits_stored < info.bits:
+            low, high = (
+                (-(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1)
+                if low
+                else (0, (1 << bits_stored) - 1)
+            )
+        # the stored extreme that gives the lowest (highest) HU: the minimum (maximum) when m >= 0
+        lowest_of, highest_of = (stored.min, stored.max) if m >= 0 else (stored.max, stored.min)
+        lowest, highest = (low * m + b, high * m + b) if m >= 0 else (high * m + b, low * m + b)
+        if lowest < INT16.min:
+            lowest = int(lowest_of()) * m + b
+        if highest > INT16.max:
+            highest = int(highest_of()) * m + b
+    if lowest < INT16.min or highest > INT16.max:
         raise NeedsFloat
 
 

@@ -36,6 +36,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from processor.bytesource import Buffer, Member
+from processor.dicom.alike import Alike
 from processor.dicom.encoding import (
     ELEMENT_CUT,
     Encoding,
@@ -320,18 +321,18 @@ def member_header(member: Member, prefix: int = HEADER_PREFIX, read: _Bytes | No
     return _parse_header(member.data() if read is None else read.whole())
 
 
-def _walked(read: _Bytes) -> tuple[Facts, int | None] | None:
+def _walked(read: _Bytes, alike: Alike | None = None) -> tuple[Facts, int | None] | None:
     """Facts and Pixel Data offset by the lean walker, or None when it declines the layout."""
     head, size = read.head, read.member.size
     try:
         try:
-            walked = walk(head)
+            walked = walk(head, alike)
             if walked.pixel_offset is None and len(head) < size:
                 raise Truncated("no pixel data in the prefix")
         except Truncated:
             if len(head) >= size:
                 return None
-            walked = walk(read.whole())
+            walked = walk(read.whole(), alike)
         facts = facts_of(walked)
     except Declined:
         return None
@@ -340,8 +341,11 @@ def _walked(read: _Bytes) -> tuple[Facts, int | None] | None:
     return facts, walked.pixel_offset
 
 
-def read_instance(member: Member) -> Instance | None:
-    """The member as an :class:`Instance`, or None when it is not DICOM (:class:`CorruptDicom` when broken)."""
+def read_instance(member: Member, alike: Alike | None = None) -> Instance | None:
+    """The member as an :class:`Instance`, or None when it is not DICOM (:class:`CorruptDicom` when broken).
+
+    ``alike``: the scan's memory of the file walked before (:mod:`processor.dicom.alike`), to
+    walk this one against; the same result without it."""
     read = _Bytes(member)
     if not looks_like_dicom(read.head):
         return None
@@ -351,7 +355,7 @@ def read_instance(member: Member) -> Instance | None:
         and not _starts(memoryview(read.head)[132:])
     ):
         raise CorruptDicom("no DICOM element follows its 'DICM' marker")
-    fast = _walked(read)
+    fast = _walked(read, alike)
     if fast is not None:
         return Instance(member, fast[0], fast[1])
     header, offset, encoding = member_header(member, read=read)
@@ -376,13 +380,14 @@ def _scan_members(members: Iterable[Member]) -> ScanResult:
     corrected: Counter[str] = Counter()  # 'declared X, read as Y' → files
     seen: set[str] = set()
     found = 0
+    alike = Alike()
     for member in members:
         reason = _skip_reason_by_name(member.name)
         if reason:
             skipped[reason] += 1
             continue
         try:
-            instance = read_instance(member)
+            instance = read_instance(member, alike)
         except CorruptDicom as exc:
             log.warning("scan.corrupt member=%s reason=%s", member.name, exc)
             skipped["corrupt DICOM"] += 1

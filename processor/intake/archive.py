@@ -52,7 +52,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import IO
 
 from processor.bytesource import Buffer, Member
@@ -111,7 +111,7 @@ def safe_member_name(name: str) -> str | None:
     unified = name.replace("\\", "/")
     if unified.startswith("/") or (len(unified) >= 2 and unified[1] == ":"):
         return None
-    parts = [p for p in PurePosixPath(unified).parts if p not in ("", ".")]
+    parts = [p for p in unified.split("/") if p not in ("", ".")]  # as PurePosixPath(unified).parts
     if not parts or any(p == ".." for p in parts):
         return None
     return "/".join(parts)
