@@ -39,6 +39,7 @@ from processor.dicom.fastheader import (
 
 MAX_STEPPED = 48  # differing elements stepped one by one before the walker takes the rest
 MAX_COMPARED = 12  # byte comparisons (one after each element that changed size) before it does
+_FIRST_DIFFERENCES = 64  # differing bytes listed from one comparison (most are after a shift)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,14 +116,16 @@ def _walk_against(
         compared += 1
         base_here, base_there = pos, starts[i]
         length = min(starts[last] - base_there, end - base_here)
-        differ = np.flatnonzero(
-            here[base_here : base_here + length] != there[base_there : base_there + length]
-        )
+        unequal = here[base_here : base_here + length] != there[base_there : base_there + length]
+        found = unequal.nonzero()[0]
+        differ: list[int] = found[:_FIRST_DIFFERENCES].tolist()  # offsets from the bases
         shift = base_here - base_there
         while True:
             # the first byte that differs (or where this file's bytes end) from element i on
-            j = int(np.searchsorted(differ, starts[i] - base_there))
-            first = base_there + (int(differ[j]) if j < len(differ) else length)
+            j = bisect_left(differ, starts[i] - base_there)
+            if j == len(differ) and len(found) > len(differ):
+                break  # past the differences listed: compare again from here
+            first = base_there + (differ[j] if j < len(differ) else length)
             k = bisect_right(starts, first, i, last + 1) - 1  # the element holding it
             out.update(kept[bisect_left(kept_at, i) : bisect_left(kept_at, k)])
             pos, i = starts[k] + shift, k
