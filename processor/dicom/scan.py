@@ -30,6 +30,7 @@ import zlib
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -321,6 +322,12 @@ def member_header(member: Member, prefix: int = HEADER_PREFIX, read: _Bytes | No
     return _parse_header(member.data() if read is None else read.whole())
 
 
+@lru_cache(maxsize=1024)
+def _is_uid(text: str) -> bool:
+    """Whether ``text`` is a UID (:data:`_UID`); remembered, as a series' files share theirs."""
+    return _UID.match(text) is not None
+
+
 def _walked(read: _Bytes, alike: Alike | None = None) -> tuple[Facts, int | None] | None:
     """Facts and Pixel Data offset by the lean walker, or None when it declines the layout."""
     head, size = read.head, read.member.size
@@ -336,7 +343,7 @@ def _walked(read: _Bytes, alike: Alike | None = None) -> tuple[Facts, int | None
         facts = facts_of(walked)
     except Declined:
         return None
-    if not all(_UID.match(u) for u in (facts.sop_uid, facts.study_uid, facts.series_uid)):
+    if not (_UID.match(facts.sop_uid) and _is_uid(facts.study_uid) and _is_uid(facts.series_uid)):
         return None  # pydicom decides what such a file is
     return facts, walked.pixel_offset
 
