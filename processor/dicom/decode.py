@@ -1,7 +1,9 @@
 """Decoding the chosen frames of a series into one preallocated HU array.
 
-Only the chosen frames are read. Uncompressed pixel data becomes a zero-copy
-``np.frombuffer`` view (of the member's bytes, read once, see ``processor.bytesource``) that
+Only the chosen frames are read. The usual CT file — one 16-bit frame, uncompressed, stored
+as it is — is read straight into its slice of the volume and rescaled there, on the calling
+thread (:mod:`processor.dicom.native`); every other file as follows. Uncompressed pixel data
+becomes a zero-copy ``np.frombuffer`` view (of the member's bytes, read once, see ``processor.bytesource``) that
 is rescaled straight into the one preallocated volume; for Implicit/Explicit VR Little Endian
 files the view starts at the Pixel Data offset the header scan found, so the file is not parsed
 again (deflated, unusual layouts and compressed syntaxes are parsed in full by pydicom). Both read
