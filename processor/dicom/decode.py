@@ -1,7 +1,9 @@
 """Decoding the chosen frames of a series into one preallocated HU array.
 
-Only the chosen frames are read. Uncompressed pixel data becomes a zero-copy
-``np.frombuffer`` view (of the member's bytes, read once, see ``processor.bytesource``) that
+Only the chosen frames are read. The usual CT file — one 16-bit frame, uncompressed, stored
+as it is — is read straight into its slice of the volume and rescaled there, on the calling
+thread (:mod:`processor.dicom.native`); every other file as follows. Uncompressed pixel data
+becomes a zero-copy ``np.frombuffer`` view (of the member's bytes, read once, see ``processor.bytesource``) that
 is rescaled straight into the one preallocated volume; for Implicit/Explicit VR Little Endian
 files the view starts at the Pixel Data offset the header scan found, so the file is not parsed
 again (deflated, unusual layouts and compressed syntaxes are parsed in full by pydicom). Both read
@@ -41,12 +43,14 @@ from processor.bytesource import Buffer
 from processor.dicom.codecs import fast_decoder
 from processor.dicom.encoding import Unreadable, plain_cause, read_file
 from processor.dicom.frames import Frame
+from processor.dicom.native import INT16, NeedsFloat, check_fits_int16, read_into_slice, takes, wrapped16
 from processor.dicom.scan import PIXEL_DATA_TAG, Instance, Series
 from processor.errors import IngestError, StepError
 
 log = logging.getLogger(__name__)
 
 NATIVE = {ImplicitVRLittleEndian, ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian}
+_NATIVE_DECODER = "numpy.frombuffer"  # provenance of uncompressed pixels, read in place or into a buffer
 _NATIVE_DTYPES = {8: ("u1", "i1"), 16: ("<u2", "<i2"), 32: ("<u4", "<i4")}
 _JPEG = "pip install pylibjpeg pylibjpeg-libjpeg (or python-gdcm)"
 _J2K = "pip install pylibjpeg pylibjpeg-openjpeg (or python-gdcm)"
@@ -160,24 +164,12 @@ def _native_frames(fmt: PixelFormat | None, pixels: Buffer, little: bool = True)
     return arr
 
 
-class _NeedsFloat(Exception):
-    """A rescaled value does not fit int16: decode the series again into float32."""
-
-
-_INT16 = np.iinfo(np.int16)
-
-
-def _wrapped(value: int) -> np.int16:
-    """``value`` modulo 2¹⁶ as an int16 (arithmetic below wraps; the checked result is exact)."""
-    return np.int16(((value + 0x8000) & 0xFFFF) - 0x8000)
-
-
 def _rescale_into(out: np.ndarray, stored: np.ndarray, slope: float, intercept: float) -> None:
     """HU = stored × slope + intercept, written into ``out`` (an int16 or float32 slice).
 
     int16: slope and intercept are whole numbers and the frame's extremes, rescaled, fit — so the
     16-bit wrapping arithmetic (done in place, no temporary) gives the exact values; otherwise
-    :class:`_NeedsFloat`. float32: converted, scaled and shifted in place.
+    :class:`NeedsFloat`. float32: converted, scaled and shifted in place.
     """
     if stored.shape != out.shape:
         raise StepError(
@@ -194,16 +186,14 @@ def _rescale_into(out: np.ndarray, stored: np.ndarray, slope: float, intercept: 
     if not stored.dtype.isnative:  # big-endian pixel data: values first, then the 16-bit view below
         stored = stored.astype(stored.dtype.newbyteorder("="))
     m, b = int(slope), int(intercept)
-    ends = (int(stored.min()) * m + b, int(stored.max()) * m + b) if stored.size else (0, 0)
-    if min(ends) < _INT16.min or max(ends) > _INT16.max:
-        raise _NeedsFloat
+    check_fits_int16(stored, m, b)
     if stored.dtype.itemsize == 2:
         as16 = stored.view(np.int16)  # uint16 read as int16 is the same value modulo 2¹⁶
         if m == 1:
-            np.add(as16, _wrapped(b), out=out)
+            np.add(as16, wrapped16(b), out=out)
         else:
-            np.multiply(as16, _wrapped(m), out=out)
-            out += _wrapped(b)
+            np.multiply(as16, wrapped16(m), out=out)
+            out += wrapped16(b)
     else:
         np.copyto(out, stored.astype(np.int64) * m + b, casting="unsafe")
 
@@ -257,7 +247,7 @@ def _decode_file(
     if frames is not None:
         for t in targets:
             _rescale_into(hu[t.k], frames[t.frame], t.slope, t.intercept)
-        return instance.facts.transfer_syntax, {"numpy.frombuffer"}
+        return instance.facts.transfer_syntax, {_NATIVE_DECODER}
     # a full parse, in the encoding the bytes show (the scan's rule), told to pydicom's decoders too
     ds, encoding, _ = read_file(data, stop_before_pixels=False)
     ts = UID(encoding.transfer_syntax)
@@ -295,7 +285,7 @@ def _decode_file(
                 _rescale_into(hu[t.k], frames[t.frame], t.slope, t.intercept)
             if compressed:  # a compressed syntax over raw pixels: they were read as what they are
                 ts = UID(ImplicitVRLittleEndian if encoding.implicit else ExplicitVRLittleEndian)
-            return str(ts), {"numpy.frombuffer"}
+            return str(ts), {_NATIVE_DECODER}
     imagecodecs = fast_decoder(ds, ts) if fast else None
     used = set()
     for t in targets:
@@ -310,15 +300,26 @@ def _decode_file(
 
 
 def _read_and_decode(
-    series: Series, index: int, targets: list[_Target], hu: np.ndarray, fast: bool = True
+    series: Series,
+    index: int,
+    targets: list[_Target],
+    hu: np.ndarray,
+    fast: bool = True,
+    into_slice: bool = False,
 ) -> tuple[str, set[str]]:
     """Decode one file's frames; every reader failure becomes one :class:`StepError` that names the
-    file, the cause in plain words and the fix (never a library's traceback or advice)."""
+    file, the cause in plain words and the fix (never a library's traceback or advice).
+    ``into_slice``: the file is read straight into its slice when its bytes allow
+    (:mod:`processor.dicom.native`, see :func:`processor.dicom.native.takes`)."""
     instance = series.instances[index]
     name = instance.member.name
     try:
+        if into_slice:
+            t = targets[0]
+            if read_into_slice(instance, hu[t.k], t.slope, t.intercept):
+                return instance.facts.transfer_syntax, {_NATIVE_DECODER}
         return _decode_file(instance, instance.member.data(), targets, hu, fast)
-    except _NeedsFloat:
+    except NeedsFloat:
         raise
     except StepError as exc:
         if name in str(exc):
@@ -372,7 +373,7 @@ def _exact_in_int16(kept: list[Frame]) -> bool:
     return all(
         float(f.slope).is_integer()
         and float(f.intercept).is_integer()
-        and abs(f.slope) <= _INT16.max
+        and abs(f.slope) <= INT16.max
         and abs(f.intercept) <= 1 << 20
         for f in kept
     )
@@ -387,7 +388,7 @@ def decode_into(
     if _exact_in_int16(kept):
         try:
             return _decode_as(series, kept, workers, np.int16, imagecodecs=imagecodecs)
-        except _NeedsFloat:
+        except NeedsFloat:
             log.info("volume.float32 series=%s: a rescaled value does not fit int16", series.number)
     return _decode_as(series, kept, workers, np.float32, imagecodecs=imagecodecs)
 
@@ -400,14 +401,32 @@ def _decode_as(
     for k, f in enumerate(kept):
         by_file[f.instance].append(_Target(f.frame, k, f.slope, f.intercept))
     jobs = list(by_file.items())
+    into_slice = [takes(series.instances[i], [t.frame for t in targets], hu) for i, targets in jobs]
+    results: list[tuple[str, set[str]]] = [("", set())] * len(jobs)
+    failed: dict[int, Exception] = {}
+    for j, (i, targets) in enumerate(jobs):  # read in place, on this thread: no work to share out
+        if into_slice[j]:
+            try:
+                results[j] = _read_and_decode(series, i, targets, hu, imagecodecs, into_slice=True)
+            except Exception as exc:  # noqa: BLE001 — raised below, unless an earlier file failed too
+                failed[j] = exc
+                break
+    # the rest as before; the failure reported is the first in file order, whichever path read it
+    rest = [j for j in range(len(jobs)) if not into_slice[j] and j < min(failed, default=len(jobs))]
     workers = min(workers, os.cpu_count() or 1)
-    if workers <= 1 or len(jobs) == 1:
-        results = [_read_and_decode(series, i, targets, hu, imagecodecs) for i, targets in jobs]
+
+    def job(j: int) -> tuple[str, set[str]]:
+        return _read_and_decode(series, jobs[j][0], jobs[j][1], hu, imagecodecs)
+
+    if workers <= 1 or len(rest) <= 1:
+        done = [job(j) for j in rest]
     else:  # imagecodecs lets go of the GIL while it decodes: the threads decode side by side
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ctwatch-decode") as pool:
-            results = list(
-                pool.map(lambda job: _read_and_decode(series, job[0], job[1], hu, imagecodecs), jobs)
-            )
+            done = list(pool.map(job, rest))
+    for j, result in zip(rest, done, strict=True):
+        results[j] = result
+    if failed:
+        raise next(iter(failed.values()))
     syntaxes = sorted({ts for ts, _ in results})
     decoders = sorted({dec for _, used in results for dec in used})
     return hu, {

@@ -156,6 +156,9 @@ def _verified(buf: bytes | memoryview, pos: int) -> tuple[bool, bool] | None:
 
 
 ELEMENT_CUT = -1  # element_head's value length when a long-VR header runs past the bytes at hand
+# (tag, 4-byte length, 2-byte length) layouts of each byte order
+_LITTLE = (struct.Struct("<HH"), struct.Struct("<L"), struct.Struct("<H"))
+_BIG = (struct.Struct(">HH"), struct.Struct(">L"), struct.Struct(">H"))
 
 
 def element_head(
@@ -165,18 +168,18 @@ def element_head(
     encoding (PS3.5 §7.1: 8-byte headers, 12 for the long VRs), or None when an explicit VR is no VR.
     The caller makes sure 8 bytes are there; a 12-byte header cut by the end of ``buf`` has the value
     length :data:`ELEMENT_CUT`. A value length of 0xFFFFFFFF is undefined (a sequence)."""
-    order = "<" if little else ">"
-    group, element = struct.unpack_from(order + "HH", buf, pos)
+    tag, ul, us = _LITTLE if little else _BIG
+    group, element = tag.unpack_from(buf, pos)
     if implicit:
-        return group, element, struct.unpack_from(order + "L", buf, pos + 4)[0], 8
+        return group, element, ul.unpack_from(buf, pos + 4)[0], 8
     vr = bytes(buf[pos + 4 : pos + 6])
     if vr not in VRS:
         return None
     if vr in _LONG_VRS:
         if pos + 12 > len(buf):
             return group, element, ELEMENT_CUT, 12
-        return group, element, struct.unpack_from(order + "L", buf, pos + 8)[0], 12
-    return group, element, struct.unpack_from(order + "H", buf, pos + 6)[0], 8
+        return group, element, ul.unpack_from(buf, pos + 8)[0], 12
+    return group, element, us.unpack_from(buf, pos + 6)[0], 8
 
 
 def _reads(buf: bytes | memoryview, pos: int, implicit: bool, little: bool) -> bool:

@@ -30,12 +30,14 @@ import zlib
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from processor.bytesource import Buffer, Member
+from processor.dicom.alike import Alike
 from processor.dicom.encoding import (
     ELEMENT_CUT,
     Encoding,
@@ -320,34 +322,47 @@ def member_header(member: Member, prefix: int = HEADER_PREFIX, read: _Bytes | No
     return _parse_header(member.data() if read is None else read.whole())
 
 
-def _walked(read: _Bytes) -> tuple[Facts, int | None] | None:
+@lru_cache(maxsize=1024)
+def _is_uid(text: str) -> bool:
+    """Whether ``text`` is a UID (:data:`_UID`); remembered, as a series' files share theirs."""
+    return _UID.match(text) is not None
+
+
+def _walked(read: _Bytes, alike: Alike | None = None) -> tuple[Facts, int | None] | None:
     """Facts and Pixel Data offset by the lean walker, or None when it declines the layout."""
     head, size = read.head, read.member.size
     try:
         try:
-            walked = walk(head)
+            walked = walk(head, alike)
             if walked.pixel_offset is None and len(head) < size:
                 raise Truncated("no pixel data in the prefix")
         except Truncated:
             if len(head) >= size:
                 return None
-            walked = walk(read.whole())
+            walked = walk(read.whole(), alike)
         facts = facts_of(walked)
     except Declined:
         return None
-    if not all(_UID.match(u) for u in (facts.sop_uid, facts.study_uid, facts.series_uid)):
+    if not (_UID.match(facts.sop_uid) and _is_uid(facts.study_uid) and _is_uid(facts.series_uid)):
         return None  # pydicom decides what such a file is
     return facts, walked.pixel_offset
 
 
-def read_instance(member: Member) -> Instance | None:
-    """The member as an :class:`Instance`, or None when it is not DICOM (:class:`CorruptDicom` when broken)."""
+def read_instance(member: Member, alike: Alike | None = None) -> Instance | None:
+    """The member as an :class:`Instance`, or None when it is not DICOM (:class:`CorruptDicom` when broken).
+
+    ``alike``: the scan's memory of the file walked before (:mod:`processor.dicom.alike`), to
+    walk this one against; the same result without it."""
     read = _Bytes(member)
     if not looks_like_dicom(read.head):
         return None
-    if len(read.head) >= 132 and bytes(read.head[128:132]) == b"DICM" and not _starts(read.head[132:]):
+    if (
+        len(read.head) >= 132
+        and bytes(read.head[128:132]) == b"DICM"
+        and not _starts(memoryview(read.head)[132:])
+    ):
         raise CorruptDicom("no DICOM element follows its 'DICM' marker")
-    fast = _walked(read)
+    fast = _walked(read, alike)
     if fast is not None:
         return Instance(member, fast[0], fast[1])
     header, offset, encoding = member_header(member, read=read)
@@ -372,13 +387,14 @@ def _scan_members(members: Iterable[Member]) -> ScanResult:
     corrected: Counter[str] = Counter()  # 'declared X, read as Y' → files
     seen: set[str] = set()
     found = 0
+    alike = Alike()
     for member in members:
         reason = _skip_reason_by_name(member.name)
         if reason:
             skipped[reason] += 1
             continue
         try:
-            instance = read_instance(member)
+            instance = read_instance(member, alike)
         except CorruptDicom as exc:
             log.warning("scan.corrupt member=%s reason=%s", member.name, exc)
             skipped["corrupt DICOM"] += 1

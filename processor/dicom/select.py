@@ -155,7 +155,11 @@ def _close(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
 
 def _distinct(values: Sequence[tuple[float, ...]]) -> list[tuple[float, ...]]:
     out: list[tuple[float, ...]] = []
+    looked_at: set[tuple[float, ...]] = set()  # a value equal to one looked at adds nothing
     for value in values:
+        if value in looked_at:
+            continue
+        looked_at.add(value)
         if not any(_close(value, seen) for seen in out):
             out.append(value)
     return out

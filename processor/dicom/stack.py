@@ -105,10 +105,18 @@ class _Clusters:
     def __init__(self, tolerance: float) -> None:
         self.tolerance = tolerance
         self.seen: list[tuple[float, ...]] = []
+        # value → its key: keys are only ever appended, so an equal value always gets the same one
+        self.keys: dict[tuple[float, ...], tuple[float, ...]] = {}
 
     def key(self, value: tuple[float, ...] | None) -> tuple[float, ...] | None:
         if value is None:
             return None
+        known_key = self.keys.get(value)
+        if known_key is None:
+            known_key = self.keys[value] = self._first_close(value)
+        return known_key
+
+    def _first_close(self, value: tuple[float, ...]) -> tuple[float, ...]:
         for known in self.seen:
             if (
                 len(known) == len(value)

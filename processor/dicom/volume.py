@@ -104,7 +104,7 @@ def plan_frames(
         )
     orientation = frames[0].orientation
     assert orientation is not None
-    if any(not np.allclose(np.asarray(f.orientation, float), orientation, atol=1e-3) for f in frames):
+    if not _same_orientation([f.orientation for f in frames], orientation):
         raise StepError(
             f"series {series.number}: slices have different orientations; "
             "choose a series with one orientation (dicom.select_series rejects such series)"
@@ -156,6 +156,14 @@ def plan_frames(
         log.warning("volume.duplicates series=%s dropped=%d", series.number, len(ordering.dropped))
     info.update(_spacing_info(ordering.positions_mm))
     return kept, ordering.positions_mm, info
+
+
+def _same_orientation(orientations: list, first: tuple[float, ...]) -> bool:
+    """Whether every orientation is ``np.allclose`` to ``first`` (atol 1e-3): one comparison of
+    the stacked six-vectors, element by element as ``np.allclose`` compares each pair."""
+    if all(len(o) == 6 for o in orientations) and len(first) == 6:
+        return bool(np.isclose(np.asarray(orientations, float), np.asarray(first, float), atol=1e-3).all())
+    return all(np.allclose(np.asarray(o, float), first, atol=1e-3) for o in orientations)
 
 
 def _reconstruction(frame: Frame) -> str:

@@ -52,12 +52,12 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import IO
 
 from processor.bytesource import Buffer, Member
 from processor.errors import IngestError
-from processor.intake.bounds import COPY_AGAIN, Budget, Limits, ReadBudget, pread, shrank
+from processor.intake.bounds import COPY_AGAIN, Budget, Limits, ReadBudget, pread, pread_into, shrank
 from processor.intake.diskfiles import file_member, open_single, read_folder, what_file_is
 from processor.intake.inflate import MemberReadError, ReadGuard, open_member, read_member, refusal
 from processor.intake.zipend import ZipEndError, ends_in_zip, open_whole_zip
@@ -111,7 +111,7 @@ def safe_member_name(name: str) -> str | None:
     unified = name.replace("\\", "/")
     if unified.startswith("/") or (len(unified) >= 2 and unified[1] == ":"):
         return None
-    parts = [p for p in PurePosixPath(unified).parts if p not in ("", ".")]
+    parts = [p for p in unified.split("/") if p not in ("", ".")]  # as PurePosixPath(unified).parts
     if not parts or any(p == ".." for p in parts):
         return None
     return "/".join(parts)
@@ -150,11 +150,14 @@ class _Input:
     def failed(self, exc: Exception) -> None:
         self.check_unchanged()
 
-    def span(self, info: zipfile.ZipInfo, where: str) -> Callable[[int, int], Buffer]:
-        """A STORED member's bytes [offset, offset + n), read where they lie in the ZIP."""
+    def spans(
+        self, info: zipfile.ZipInfo, where: str
+    ) -> tuple[Callable[[int, int], Buffer], Callable[[int, memoryview], None]]:
+        """A STORED member's bytes [offset, offset + n), read where they lie in the ZIP: as new
+        bytes (``span``), or into a byte view the caller holds (``into``, ``len(out)`` bytes)."""
         start: list[int] = []
 
-        def read(offset: int, n: int) -> Buffer:
+        def data_start() -> int:
             if not start:
                 header = os.pread(self.fd, _LOCAL_HEADER.size, info.header_offset)
                 if len(header) == _LOCAL_HEADER.size and header[:4] == ZIP_MAGIC:
@@ -163,16 +166,28 @@ class _Input:
                 else:
                     self.check_unchanged()
                     raise MemberReadError(f"{where} cannot be read: its local header is missing or cut short")
-            data = pread(self.fd, n, start[0] + offset, self.budget, f"the ZIP {self.label}")
+            return start[0]
+
+        def short() -> MemberReadError:
+            self.check_unchanged()
+            return MemberReadError(
+                f"{where} ends past the end of the ZIP: the ZIP is truncated or damaged — "
+                "copy it again from the source"
+            )
+
+        def read(offset: int, n: int) -> Buffer:
+            data = pread(self.fd, n, data_start() + offset, self.budget, f"the ZIP {self.label}")
             if len(data) < n:
-                self.check_unchanged()
-                raise MemberReadError(
-                    f"{where} ends past the end of the ZIP: the ZIP is truncated or damaged — "
-                    "copy it again from the source"
-                )
+                raise short()
             return data
 
-        return read
+        def read_into(offset: int, out: memoryview) -> None:
+            if pread_into(self.fd, out, data_start() + offset, self.budget, f"the ZIP {self.label}") < len(
+                out
+            ):
+                raise short()
+
+        return read, read_into
 
 
 class _InMemory:
@@ -265,10 +280,10 @@ def _read_zip(
     for info, name in _check_zip(zf, label, budget):
         where = f"in {label}, member '{display_text(name)}'"
         prefix = "" if depth == 0 else label.split("!", 1)[1] + "!"
-        span = None
+        span, into = None, None
         if info.compress_type == zipfile.ZIP_STORED and info.compress_size == info.file_size:
             if isinstance(source, _Input):
-                span = source.span(info, where)
+                span, into = source.spans(info, where)
             else:
                 span = _memory_span(source, info, contents.budget)
         member = Member(
@@ -279,6 +294,7 @@ def _read_zip(
             span,
             info.CRC,
             member_raw_name(info),
+            into,
         )
         try:
             head = member.read_prefix(4)

@@ -3,7 +3,7 @@
 :class:`Limits` are the caps a user sets (members, uncompressed bytes, compression ratio, seconds);
 :class:`Budget` counts the members and declared sizes of an archive (and the ZIPs nested inside it)
 against them, and :class:`ReadBudget` the bytes actually read or inflated while the arrival is
-opened and scanned. :func:`pread` reads a byte range in chunks, each charged; :func:`cannot_read`
+opened and scanned. :func:`pread` reads a byte range in chunks, each charged (:func:`pread_into` into memory the caller holds); :func:`cannot_read`
 and :func:`shrank` give the plain reasons (and fixes) for an input that cannot be read or changed
 size while it was read (:mod:`processor.intake.archive` says why).
 """
@@ -104,6 +104,23 @@ def pread(fd: int, n: int, offset: int, budget: ReadBudget, what: str) -> Buffer
         return view[:got].toreadonly()
     except OSError as exc:
         raise cannot_read(what, exc) from exc
+
+
+def pread_into(fd: int, out: memoryview, offset: int, budget: ReadBudget, what: str) -> int:
+    """:func:`pread` into ``out`` (a writable byte view, e.g. of the volume's slice) instead of
+    new memory; returns how many bytes were read (fewer than ``len(out)`` only at the end of the
+    file)."""
+    n, got = len(out), 0
+    try:
+        while got < n:
+            budget.charge(min(READ_CHUNK, n - got))
+            read = os.preadv(fd, [out[got : got + READ_CHUNK]], offset + got)
+            if read == 0:
+                break
+            got += read
+    except OSError as exc:
+        raise cannot_read(what, exc) from exc
+    return got
 
 
 class Budget:

@@ -19,7 +19,7 @@ from typing import IO, TYPE_CHECKING
 
 from processor.bytesource import Buffer, Member
 from processor.errors import IngestError
-from processor.intake.bounds import COPY_AGAIN, Budget, ReadBudget, cannot_read, pread, shrank
+from processor.intake.bounds import COPY_AGAIN, Budget, ReadBudget, cannot_read, pread, pread_into, shrank
 from processor.intake.inbox import is_temporary_name
 from processor.names import display_name, raw_name
 
@@ -35,7 +35,7 @@ def file_member(path: Path, name: str, raw: bytes, size: int, budget: ReadBudget
     """A file of a folder (or a single file), opened and read when its bytes are wanted; a file
     whose size is no longer the one it had when listed is refused (it is being written)."""
 
-    def span(offset: int, n: int) -> Buffer:
+    def opened() -> int:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError as exc:
@@ -43,6 +43,14 @@ def file_member(path: Path, name: str, raw: bytes, size: int, budget: ReadBudget
         try:
             if (now := os.fstat(fd).st_size) != size:
                 raise shrank(f"the file {name}", size, now)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def span(offset: int, n: int) -> Buffer:
+        fd = opened()
+        try:
             data = pread(fd, n, offset, budget, name)
             if len(data) < n:
                 raise shrank(f"the file {name}", size, os.fstat(fd).st_size)
@@ -50,7 +58,15 @@ def file_member(path: Path, name: str, raw: bytes, size: int, budget: ReadBudget
         finally:
             os.close(fd)
 
-    return Member(name, size, lambda: bytes(span(0, size)), None, span, raw_name=raw)
+    def into(offset: int, out: memoryview) -> None:
+        fd = opened()
+        try:
+            if pread_into(fd, out, offset, budget, name) < len(out):
+                raise shrank(f"the file {name}", size, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+
+    return Member(name, size, lambda: bytes(span(0, size)), None, span, raw_name=raw, into=into)
 
 
 def _opened_size(path: Path, what: str) -> int | None:

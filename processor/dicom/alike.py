@@ -1,0 +1,167 @@
+"""Walking a file's data set against the one walked before it: the files of a series are alike.
+
+The header walker (:mod:`processor.dicom.fastheader`) steps over every element of a data set,
+one Python step each, although consecutive files of a series differ in a handful of them (the
+SOP Instance UID, InstanceNumber, ImagePositionPatient, SliceLocation, a few private values).
+:class:`Alike` keeps the last data set walked in full (its bytes, where each top-level element
+starts, and the wanted values met on the way) and walks the next one against it: the bytes of the
+two from an element boundary on are compared in one numpy operation; every whole element before
+the first byte that differs is stepped over at once — identical bytes are identical elements,
+with identical values, so the walk over them would give the same positions and values — and the
+element holding that byte is stepped as the walker steps it. The comparison goes on from there
+(at the same distance when the element kept its size, else compared again), until the element
+where the earlier walk stopped (Pixel Data), which the walker itself reads. Whatever the walk
+against the earlier file cannot step exactly (a special element, too many differences) is left
+to the walker from that element on, so the result is always the walker's: the same values, the
+same Pixel Data offset, the same exception. Tests compare the two on generated and mutated files.
+"""
+
+from __future__ import annotations
+
+import struct
+from bisect import bisect_left, bisect_right
+from dataclasses import dataclass
+
+import numpy as np
+
+from processor.dicom.fastheader import (
+    _EXPLICIT_NUMBERS,
+    _FIRST_SPECIAL_GROUP,
+    _HEADER_BY_VR,
+    _IMPLICIT,
+    _UL,
+    _WANTED_GROUPS,
+    PER_FRAME_GROUPS,
+    UNDEFINED,
+    WANTED,
+    _walk,
+)
+
+MAX_STEPPED = 48  # differing elements stepped one by one before the walker takes the rest
+MAX_COMPARED = 12  # byte comparisons (one after each element that changed size) before it does
+_FIRST_DIFFERENCES = 64  # differing bytes listed from one comparison (most are after a shift)
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """A data set walked in full: its bytes up to Pixel Data, where each top-level element starts
+    (the last start is the Pixel Data element), and the wanted values as (tag, value), in element
+    order, with the index of the element each was met in."""
+
+    data: np.ndarray  # uint8
+    implicit: bool
+    starts: list[int]
+    kept: list[tuple[int, bytes]]  # (tag, value)
+    kept_at: list[int]  # the element index of each kept value
+
+
+class Alike:
+    """Walks each data set against the last one walked in full (see the module docstring); one per
+    scan. After a walk that could not follow the earlier file to its end, the next file is walked
+    in full and becomes the one to compare with."""
+
+    def __init__(self) -> None:
+        self.layout: Layout | None = None
+        self.followed = False  # whether the last walk against the layout reached its end
+
+    def walk_data_set(
+        self, view: memoryview, pos: int, end: int, implicit: bool, out: dict[int, bytes]
+    ) -> int | None:
+        layout = self.layout
+        if layout is not None and self.followed and layout.implicit == implicit:
+            offset, self.followed = _walk_against(view, pos, end, implicit, out, layout)
+            return offset
+        starts: list[int] = []
+        offset = _walk(view, pos, end, implicit, out, top=True, starts=starts)
+        if offset is not None and len(starts) > 1:
+            self.layout = _layout(view, starts, implicit)
+            self.followed = True
+        return offset
+
+
+def _layout(view: memoryview, starts: list[int], implicit: bool) -> Layout:
+    raw = bytes(view[: starts[-1]])
+    data = np.frombuffer(raw, np.uint8)
+    kept: list[tuple[int, bytes]] = []
+    kept_at: list[int] = []
+    for index in range(len(starts) - 1):
+        at = starts[index]
+        group, element = struct.unpack_from("<HH", raw, at)
+        tag = group << 16 | element
+        if tag not in WANTED:
+            continue
+        if implicit:
+            header, length = 8, _UL.unpack_from(raw, at + 4)[0]
+        elif _HEADER_BY_VR.get(_EXPLICIT_NUMBERS.unpack_from(raw, at)[2]) == 12:
+            header, length = 12, _UL.unpack_from(raw, at + 8)[0]
+        else:
+            header, length = 8, _EXPLICIT_NUMBERS.unpack_from(raw, at)[3]
+        kept.append((tag, b"" if length == UNDEFINED else raw[at + header : at + header + length]))
+        kept_at.append(index)
+    return Layout(data, implicit, starts, kept, kept_at)
+
+
+def _walk_against(
+    view: memoryview, pos: int, end: int, implicit: bool, out: dict[int, bytes], layout: Layout
+) -> tuple[int | None, bool]:
+    """(where Pixel Data starts, as the walker finds it; whether the earlier file was followed to
+    its end). Raises what the walker raises."""
+    here = np.frombuffer(view, np.uint8)
+    there, starts, kept, kept_at = layout.data, layout.starts, layout.kept, layout.kept_at
+    last = len(starts) - 1
+    i, stepped, compared = 0, 0, 0
+    while i < last:
+        if compared == MAX_COMPARED:
+            return _walk(view, pos, end, implicit, out, top=True), False
+        compared += 1
+        base_here, base_there = pos, starts[i]
+        length = min(starts[last] - base_there, end - base_here)
+        unequal = here[base_here : base_here + length] != there[base_there : base_there + length]
+        found = unequal.nonzero()[0]
+        differ: list[int] = found[:_FIRST_DIFFERENCES].tolist()  # offsets from the bases
+        shift = base_here - base_there
+        while True:
+            # the first byte that differs (or where this file's bytes end) from element i on
+            j = bisect_left(differ, starts[i] - base_there)
+            if j == len(differ) and len(found) > len(differ):
+                break  # past the differences listed: compare again from here
+            first = base_there + (differ[j] if j < len(differ) else length)
+            k = bisect_right(starts, first, i, last + 1) - 1  # the element holding it
+            out.update(kept[bisect_left(kept_at, i) : bisect_left(kept_at, k)])
+            pos, i = starts[k] + shift, k
+            if i == last or stepped == MAX_STEPPED:
+                return _walk(view, pos, end, implicit, out, top=True), i == last
+            size = _step(view, pos, end, implicit, out)
+            if size is None:
+                return _walk(view, pos, end, implicit, out, top=True), False
+            stepped += 1
+            pos, i = pos + size, i + 1
+            if size != starts[i] - starts[i - 1]:
+                break  # the rest lies at another distance: compare again
+    return _walk(view, pos, end, implicit, out, top=True), True
+
+
+def _step(view: memoryview, pos: int, end: int, implicit: bool, out: dict[int, bytes]) -> int | None:
+    """The size of the element at ``pos`` when it is a common one (as the walker's first branch
+    reads it, a wanted value of defined length kept), else None: the walker reads it."""
+    if pos + 12 > end:
+        return None
+    if implicit:
+        group, element, length = _IMPLICIT.unpack_from(view, pos)
+        header = 8
+    else:
+        group, element, code, length = _EXPLICIT_NUMBERS.unpack_from(view, pos)
+        found = _HEADER_BY_VR.get(code)
+        if found is None:
+            return None
+        header = found
+        if header == 12:
+            length = _UL.unpack_from(view, pos + 8)[0]
+    if group >= _FIRST_SPECIAL_GROUP or length == UNDEFINED or pos + header + length > end:
+        return None
+    tag = group << 16 | element
+    if group in _WANTED_GROUPS and tag in WANTED:
+        if tag == PER_FRAME_GROUPS or header == 12:
+            return None
+        out[tag] = bytes(view[pos + header : pos + header + length])
+    return header + length

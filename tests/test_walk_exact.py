@@ -1,0 +1,284 @@
+"""The header walker's shortcuts read exactly what the element-by-element walk reads (issue 18).
+
+Two shortcuts are checked against the walk they stand in for, on real generated files and on
+files damaged at random (bytes changed, inserted, removed, cut short):
+
+* ``fastheader._walk`` steps over the common element with one unpack; the reference is the walker
+  as it was before, element by element (copied below): same values, same Pixel Data offset, or
+  the same exception class (``Truncated`` / ``Declined``).
+* ``alike.Alike`` walks a file against the one walked before it; the reference is the plain walk
+  of the same file: same values (in the same order), same offset, same exception class.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import random
+import struct
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydicom.sequence import Sequence
+from pydicom.uid import ImplicitVRLittleEndian
+
+from processor.bytesource import Member
+from processor.dicom import fastheader
+from processor.dicom.alike import Alike
+from processor.dicom.fastheader import (
+    FLOAT_PIXEL_DATA,
+    ITEM,
+    ITEM_END,
+    PER_FRAME_GROUPS,
+    PIXEL_DATA,
+    SEQUENCE_END,
+    UNDEFINED,
+    WANTED,
+    Declined,
+    Truncated,
+    walk,
+)
+from processor.dicom.scan import read_instance, scan_members
+from tests import dicomgen
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+_EXPLICIT, _IMPLICIT, _UL = struct.Struct("<HH2sH"), struct.Struct("<HHL"), struct.Struct("<L")
+
+
+# --- the walk as it was: every element stepped by the general steps ------------------------------------
+
+
+def _reference_walk(
+    view: memoryview, pos: int, end: int, implicit: bool, out: dict[int, bytes] | None, top: bool
+) -> int | None:
+    while pos < end:
+        if pos + 8 > end:
+            raise Truncated("element header cut short")
+        if implicit:
+            group, element, length = _IMPLICIT.unpack_from(view, pos)
+            header = 8
+        else:
+            group, element, vr, length = _EXPLICIT.unpack_from(view, pos)
+            if group == 0xFFFE:
+                length, header = _UL.unpack_from(view, pos + 4)[0], 8
+            elif vr in fastheader._LONG_VRS:
+                if pos + 12 > end:
+                    raise Truncated("element header cut short")
+                length, header = _UL.unpack_from(view, pos + 8)[0], 12
+            elif vr in fastheader._SHORT_VRS:
+                header = 8
+            else:
+                raise Declined("unknown VR")
+        tag = group << 16 | element
+        if top and (tag == PIXEL_DATA or tag in FLOAT_PIXEL_DATA):
+            return pos if tag == PIXEL_DATA else None
+        if tag == ITEM_END:
+            if top:
+                raise Declined("item delimiter outside a sequence")
+            return pos + 8
+        if length == UNDEFINED:
+            if out is not None and tag in WANTED:
+                if tag != PER_FRAME_GROUPS:
+                    raise Declined("undefined length")
+                out[tag] = b""
+            pos = _reference_skip(view, pos + header, end, implicit or (not implicit and vr == b"UN"))
+            continue
+        start = pos + header
+        pos = start + length
+        if pos > end:
+            raise Truncated("element value cut short")
+        if out is not None and tag in WANTED:
+            out[tag] = bytes(view[start:pos])
+    if not top:
+        raise Truncated("item without its delimiter")
+    return None
+
+
+def _reference_skip(view: memoryview, pos: int, end: int, implicit: bool) -> int:
+    while True:
+        if pos + 8 > end:
+            raise Truncated("sequence cut short")
+        group, element, length = _IMPLICIT.unpack_from(view, pos)
+        tag = group << 16 | element
+        pos += 8
+        if tag == SEQUENCE_END:
+            return pos
+        if tag != ITEM:
+            raise Declined("unexpected tag inside a sequence")
+        if length == UNDEFINED:
+            pos = _reference_walk(view, pos, end, implicit, None, top=False)  # type: ignore[assignment]
+        else:
+            pos += length
+            if pos > end:
+                raise Truncated("item cut short")
+
+
+def _outcome(fn, *args):  # type: ignore[no-untyped-def]
+    out: dict[int, bytes] = {}
+    try:
+        return fn(*args, out, True), list(out.items())
+    except Declined as exc:  # Truncated is a Declined: the class is what the scan acts on
+        return type(exc).__name__
+
+
+def _data_set_start(data: bytes) -> int:
+    return 144 + struct.unpack_from("<L", data, 140)[0]
+
+
+# --- files to walk ------------------------------------------------------------------------------------
+
+
+def _files() -> dict[str, bytes]:
+    stored = np.arange(2 * 16 * 16, dtype=np.int16).reshape(2, 16, 16) - 1500
+    classic = dicomgen.make_series(2, stored=stored, kernel="B70f\\LUNG")
+    out = {"explicit": dicomgen.to_bytes(classic[0])}
+    implicit = copy.deepcopy(classic[1])
+    implicit.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    out["implicit"] = dicomgen.to_bytes(implicit)
+    out["enhanced"] = dicomgen.to_bytes(dicomgen.make_enhanced(classic))
+    nested = copy.deepcopy(classic[0])
+    nested.ReferencedImageSequence = Sequence([dicomgen.sequence_item(ReferencedSOPInstanceUID="1.2.3.4")])
+    nested["ReferencedImageSequence"].is_undefined_length = True
+    for item in nested.ReferencedImageSequence:
+        item.is_undefined_length_sequence_item = True
+    block = nested.private_block(0x0029, "CTWATCH NESTED", create=True)
+    block.add_new(0x10, "SQ", [dicomgen.sequence_item(ImagePositionPatient=[9, 9, 9])])
+    block.add_new(0x11, "OB", bytes(range(37)) + b"\0")
+    out["sequences"] = dicomgen.to_bytes(nested)
+    nested.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    out["implicit sequences"] = dicomgen.to_bytes(nested)
+    return out
+
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    FILES = _files()
+
+
+@st.composite
+def _damaged(draw: st.DrawFn) -> tuple[str, bytes]:
+    """A generated file with a few random edits in its header (and perhaps cut short)."""
+    name = draw(st.sampled_from(sorted(FILES)))
+    data = bytearray(FILES[name])
+    start, stop = _data_set_start(bytes(data)), len(data)
+    for _ in range(draw(st.integers(0, 4))):
+        at = draw(st.integers(start, min(stop, start + 3000) - 1))
+        kind = draw(st.sampled_from(["set", "set", "insert", "delete"]))
+        byte = draw(st.sampled_from([0x00, 0xFF, 0xFE, 0xE0, 0x7F, 0x10, 0x4F, 0x42, 0x53, 0x51, 0x55, 0x4E]))
+        if kind == "set":
+            data[at] = byte
+        elif kind == "insert":
+            data[at:at] = bytes([byte]) * draw(st.sampled_from([1, 2, 4, 8]))
+        else:
+            del data[at : at + draw(st.sampled_from([1, 2, 4, 8]))]
+    if draw(st.booleans()):
+        data = data[: draw(st.integers(start, len(data)))]
+    return name, bytes(data)
+
+
+# --- the common-element shortcut against the element-by-element walk ------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(FILES))
+@pytest.mark.parametrize("cut", [None, 0, 7, 8, 11, 12, 200, 1000, -300])
+def test_the_walker_reads_what_the_element_by_element_walk_reads(name: str, cut: int | None) -> None:
+    data = FILES[name]
+    start = _data_set_start(data)
+    end = len(data) if cut is None else (start + cut if cut >= 0 else len(data) + cut)
+    view = memoryview(data)[:end]
+    implicit = name.startswith("implicit")
+    mine = _outcome(fastheader._walk, view, start, end, implicit)
+    assert mine == _outcome(_reference_walk, view, start, end, implicit)
+    # and with the file's end further on: the walk stops at ``end`` all the same
+    whole = memoryview(data)
+    assert _outcome(fastheader._walk, whole, start, end, implicit) == _outcome(
+        _reference_walk, whole, start, end, implicit
+    )
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_damaged(), st.booleans())
+def test_damaged_headers_are_walked_as_the_element_by_element_walk_walks_them(
+    case: tuple[str, bytes], implicit: bool
+) -> None:
+    _, data = case
+    start = _data_set_start(FILES[case[0]])
+    view = memoryview(data)
+    assert _outcome(fastheader._walk, view, start, len(data), implicit) == _outcome(
+        _reference_walk, view, start, len(data), implicit
+    )
+
+
+# --- walking against the file walked before --------------------------------------------------------------
+
+
+def _both_walks(earlier: bytes, data: bytes) -> tuple[object, object, Alike]:
+    alike = Alike()
+    with contextlib.suppress(Declined):  # a damaged earlier file: the walk goes on without it
+        walk(earlier, alike)
+
+    def outcome(walker: Alike | None) -> object:
+        try:
+            walked = walk(data, walker)
+        except Declined as exc:
+            return type(exc).__name__
+        return list(walked.values.items()), walked.pixel_offset, walked.implicit
+
+    return outcome(alike), outcome(None), alike
+
+
+def test_the_files_of_a_series_are_walked_against_each_other_to_the_same_values() -> None:
+    series = [dicomgen.to_bytes(ds) for ds in dicomgen.make_series(8, thickness=1.25)]
+    random.Random(4).shuffle(series)
+    alike, followed = Alike(), 0
+    for data in series:
+        against, plain = walk(data, alike), walk(data)
+        assert list(against.values.items()) == list(plain.values.items())
+        assert against.pixel_offset == plain.pixel_offset
+        followed += alike.followed
+    assert followed == len(series)  # each after the first was followed to its Pixel Data
+
+
+@pytest.mark.parametrize("earlier", sorted(FILES))
+@pytest.mark.parametrize("name", sorted(FILES))
+def test_a_file_of_another_kind_is_walked_to_the_same_values(earlier: str, name: str) -> None:
+    against, plain, _ = _both_walks(FILES[earlier], FILES[name])
+    assert against == plain
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_damaged(), _damaged())
+def test_a_damaged_file_walked_against_another_gives_the_plain_walks_result(
+    earlier: tuple[str, bytes], case: tuple[str, bytes]
+) -> None:
+    against, plain, _ = _both_walks(earlier[1], case[1])
+    assert against == plain
+
+
+def test_a_value_that_changes_length_shifts_the_rest_and_is_still_read_exactly() -> None:
+    first, second = dicomgen.make_series(2)
+    second.SOPInstanceUID = second.SOPInstanceUID + ".7"  # longer: everything after it moves
+    second.ImagePositionPatient = ["-1.5", "2", "300.25"]
+    second.AcquisitionNumber = "12345"
+    earlier, data = dicomgen.to_bytes(first), dicomgen.to_bytes(second)
+    against, plain, alike = _both_walks(earlier, data)
+    assert against == plain and alike.followed
+
+
+def test_the_scan_gives_the_same_facts_as_reading_each_file_alone() -> None:
+    datasets = dicomgen.make_series(6) + dicomgen.make_series(3, series_number=3, thickness=5.0)
+    blobs = [dicomgen.to_bytes(ds) for ds in datasets]
+    blobs.insert(4, FILES["implicit"])
+    blobs.insert(2, FILES["enhanced"])
+    members = [Member(f"IM{i}", len(b), lambda b=b: b) for i, b in enumerate(blobs)]
+    alone = {m.name: read_instance(m) for m in members}
+    for study in scan_members(members).studies:
+        for series in study.series.values():
+            for instance in series.instances:
+                single = alone[instance.member.name]
+                assert single is not None
+                assert instance.facts == single.facts and instance.pixel_offset == single.pixel_offset
