@@ -122,6 +122,8 @@ def test_the_3d_labelling_is_scipys_to_the_voxel() -> None:
     volumes = [hu, hu[:, 10:-10, 14:], hu[8:30], noisy]
     rng = np.random.default_rng(18)
     masks = [v < -320 for v in volumes] + [rng.random((24, 48, 40)) < p for p in (0.2, 0.31, 0.5)]
+    # column-major memory: connected-components-3d numbers in memory order, scipy in index order
+    masks.append(np.asfortranarray(rng.random((24, 48, 40)) < 0.31))
     for mask in masks:
         expected, n = ndimage.label(mask)
         for slices in (1, 2, 5, len(mask)):

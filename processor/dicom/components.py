@@ -54,7 +54,7 @@ def label_slabs(
     counts = []
     for z0, z1 in ranges:
         local, n = cc3d.connected_components(
-            slab_of(z0, z1), connectivity=6, return_N=True, out_dtype=np.uint32
+            np.ascontiguousarray(slab_of(z0, z1)), connectivity=6, return_N=True, out_dtype=np.uint32
         )
         if n >= _MAX_UINT16:
             return _whole(slab_of, ranges, shape)
@@ -106,5 +106,7 @@ def _whole(
     mask = np.empty(shape, bool)
     for z0, z1 in ranges:
         mask[z0:z1] = slab_of(z0, z1)
-    labels, count = cc3d.connected_components(mask, connectivity=6, return_N=True, out_dtype=np.uint32)
+    labels, count = cc3d.connected_components(
+        np.ascontiguousarray(mask), connectivity=6, return_N=True, out_dtype=np.uint32
+    )
     return labels.view(np.int32), int(count)

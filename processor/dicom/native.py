@@ -9,7 +9,10 @@ HU = stored × RescaleSlope + RescaleIntercept is computed in place — each pix
 from the input, CRC-checked while it is in the cache, and rescaled where it lies. The values, the
 checks and the words of every failure are those of the general path (:mod:`processor.dicom.decode`,
 which reads the member into a buffer of its own first): a file this path does not take, or whose
-bytes do not show what the scan recorded, is decoded there instead, from its first byte.
+Pixel Data element (tag, VR and length at the offset the scan recorded) is no longer where the scan
+saw it, is decoded there instead, from its first byte. Like the general path, it decodes with the
+scan's header values: a ZIP member's CRC-32 proves its bytes unchanged since the scan; a file in a
+folder has no such check, so a header edited in place after the scan is not seen (as before).
 """
 
 from __future__ import annotations
