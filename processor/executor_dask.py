@@ -98,6 +98,9 @@ class DaskExecutor:
         self._gate = threading.Lock()
         self._running: dict[Any, Sent] = {}  # our submitted tasks, until done
         self._watched = time.monotonic()
+        # bumped when one of our tasks finishes: its waiters wake at once, not at their next poll
+        self._finished = threading.Condition()
+        self._finishes = 0
 
     @property
     def pipeline(self) -> Any:
@@ -159,16 +162,32 @@ class DaskExecutor:
         with its deaths. One task per worker keeps a death charged to the batch that was running.
         The check and the submission hold the gate together, so two threads never take one place."""
         while True:
+            seen = self._finishes
             self._watch()
             with self._gate:
                 busy = len(self._running) + self.cluster.restarting
                 if busy < max(1, self.cluster.gpu_workers()):
                     future = self.cluster.submit(batch, key)
                     sent = self._running[future] = Sent(batch.prepared, future, time.monotonic(), limit)
+                    future.add_done_callback(self._wake)
                     return sent
             if should_stop():
                 return None
-            time.sleep(POLL_SECONDS)
+            self._pause(seen)
+
+    def _wake(self, _future: Any = None) -> None:
+        """A done callback of our tasks (run in a thread of Dask's client): wake the waiters."""
+        with self._finished:
+            self._finishes += 1
+            self._finished.notify_all()
+
+    def _pause(self, seen: int) -> None:
+        """Wait :data:`POLL_SECONDS`, or less when one of our tasks finished since ``seen`` (the
+        count of finishes read before the caller looked): a worker that is free again gets its next
+        batch, and a result is recorded, without waiting for the next poll."""
+        with self._finished:
+            if self._finishes == seen:
+                self._finished.wait(POLL_SECONDS)
 
     def _watch(self) -> None:
         """Forget our finished tasks (and a lost client's, which never finish), and stop the stuck
@@ -237,6 +256,7 @@ class DaskExecutor:
         while True:
             if handle.stuck is not None:
                 return self._stopped_as_stuck(handle)
+            seen = self._finishes
             try:
                 # distributed 2026.8's result(timeout=…) fails with UnboundLocalError when a result
                 # takes longer than the timeout to arrive (dask/distributed#8514): wait on done()
@@ -248,7 +268,7 @@ class DaskExecutor:
                 quietly(handle.future.release)
                 break
             except FutureTimeout:
-                time.sleep(POLL_SECONDS)
+                self._pause(seen)
                 if should_stop() and not self.local.finish_study_on_stop:
                     quietly(handle.future.cancel)
                     return [self.local._release(a, "shutdown") for a in handle.arrivals]
