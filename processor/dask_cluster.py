@@ -34,6 +34,21 @@ WORKERLESS_FAULT_SECONDS = 15.0  # no GPU worker this long (not a nanny's restar
 RESTART_SECONDS = 60.0  # how long a worker restart (a stuck task's) may take
 
 
+# Dask's periodic work that ctwatch has no use for, made rarer on its workers and the LocalCluster's
+# scheduler: on 2 cores an idle LocalCluster of one worker took 0.07 cores with Dask's defaults and
+# 0.02 with these, and a 2 s task 0.10-0.15 CPU-s more than its own (0.03 with these; bench/README.md
+# "Dask executor"). None of it detects failures: a worker lost is seen when its connection closes
+# or its heartbeats stop (kept as they are), a dead worker process by its nanny.
+QUIET = {
+    # the check that the event loop is not blocked (a warning past tick.limit, 3 s): every 20 ms
+    "distributed.admin.tick.interval": "1s",
+    # the CPU / memory / network figures of the dashboard (none here): every 500 ms
+    "distributed.admin.system-monitor.interval": "2s",
+    # the dashboard's statistical profiler, which samples every thread's stack every 10 ms
+    "distributed.worker.profile.enabled": False,
+}
+
+
 def worker_environ(n_workers: int) -> dict[str, str | None]:
     """The environment Dask's nanny gives each worker process (``distributed.nanny.pre-spawn-environ``;
     a variable the operator set in the environment wins, None unsets one), changed from Dask's
@@ -108,6 +123,9 @@ class DaskCluster:
         if local.resources.get("GPU", 0) < 1:
             raise Unavailable("executor.dask.local.resources must give each worker GPU: 1")
         settings = {
+            **QUIET,
+            # one batch per GPU worker at a time (executor_dask): no queued task to steal
+            "distributed.scheduler.work-stealing": False,
             "distributed.scheduler.allowed-failures": self.dask.allowed_failures,
             "distributed.nanny.pre-spawn-environ": worker_environ(local.n_workers),
         }
