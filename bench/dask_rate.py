@@ -21,7 +21,7 @@ Per run, beside :func:`bench.daemon_rate.run_once`'s figures (``per_hour``, ``st
 * ``idle_cores``: the started, idle daemon's process tree, CPU-s per second over 2 s before the drop
   (a Dask cluster's heartbeats and event loops);
 * ``task_s``: the wall seconds each task ran on its worker (the daemon's ``dask.done … seconds=``
-  lines: :func:`processor.dask_worker.run_batch` from its start to its return, input read again in
+  lines: :func:`processor.dask_worker.run_packed` from its start to its return, input bound again in
   ``path`` mode, every step, files collected), ``batch_sizes`` the arrivals per task;
 * ``counters``: ``rchar``/``wchar`` of ``/proc/<pid>/io`` summed over the daemon's descendants (the
   Dask worker processes) between the drop and the last JSON, per study in the figures: the bytes
@@ -219,10 +219,10 @@ def single_study(zips: Sequence[Path], repeats: int, say: Callable[[str], None])
     class SizingCluster(DaskCluster):
         """:class:`DaskCluster` whose ``submit`` sizes the batch it is handed, then submits it."""
 
-        def submit(self, batch: Any, key: str) -> Any:
+        def submit(self, batch: Any, key: str, packed: bytes | None = None) -> Any:
             size, ser, de = wire_size(batch)
             members, member_bytes = _carried(batch)
-            future = super().submit(batch, key)
+            future = super().submit(batch, key, packed)
             sized.append(
                 {
                     "result": Future(future.key, self.client),  # holds the result for sizing after complete()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 import threading
@@ -215,9 +216,17 @@ def worker_stats(dask_worker: Any = None) -> dict[str, Any]:
         return {"error": str(exc)}
 
 
-def run_batch(batch: Batch) -> Done:
-    """The task: every step over ``batch`` on this worker (see the module docstring)."""
+def run_packed(packed: bytes) -> Done:
+    """The task as the coordinator submits it: ``packed`` is its :class:`Batch`, pickled
+    (:func:`processor.dask_cluster.pack`), run by :func:`run_batch`."""
     started = time.perf_counter()
+    return run_batch(pickle.loads(packed), started)
+
+
+def run_batch(batch: Batch, started: float | None = None) -> Done:
+    """Every step over ``batch`` on this worker (see the module docstring); ``started``: the
+    task's start (``perf_counter``), for :attr:`Done.seconds`."""
+    started = time.perf_counter() if started is None else started
     rt = runtime()
     pipeline = rt.pipeline(batch.pipeline_digest, batch.pipeline_text)
     prepared = batch.prepared

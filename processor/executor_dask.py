@@ -47,7 +47,7 @@ from typing import Any
 from processor.atomic import write_bytes_atomic
 from processor.bytesource import carried
 from processor.dask_batch import Batch, Done, InputChanged, WorkerNotReady, batch_key, carries_bytes
-from processor.dask_cluster import DaskCluster, quietly
+from processor.dask_cluster import DaskCluster, pack, quietly
 from processor.errors import Unavailable
 from processor.executor import Handle, LocalExecutor, Prepared, StopCheck, study_keys
 from processor.state import Arrival, State
@@ -134,8 +134,9 @@ class DaskExecutor:
                     local.limits if inputs else None,
                 )
                 limit = STUCK_LIMITS * local.limits.max_seconds_per_arrival * max(1, len(arrivals))
+                packed = pack(batch)  # now, not between two tasks once a worker is free
                 sent = self._submit_when_a_worker_is_free(
-                    batch, batch_key(arrivals, self.pipeline.digest), limit, should_stop
+                    batch, packed, batch_key(arrivals, self.pipeline.digest), limit, should_stop
                 )
                 if sent is None:  # a stop request while it waited
                     self._release_paths_of(prepared.arrivals)
@@ -153,7 +154,7 @@ class DaskExecutor:
         return sent
 
     def _submit_when_a_worker_is_free(
-        self, batch: Batch, key: str, limit: float, should_stop: StopCheck
+        self, batch: Batch, packed: bytes, key: str, limit: float, should_stop: StopCheck
     ) -> Sent | None:
         """Submit ``batch`` once fewer of our tasks are unfinished (or their workers restarting)
         than GPU workers can take work; None at a stop request. Dask hands a task that asks for
@@ -167,7 +168,7 @@ class DaskExecutor:
             with self._gate:
                 busy = len(self._running) + self.cluster.restarting
                 if busy < max(1, self.cluster.gpu_workers()):
-                    future = self.cluster.submit(batch, key)
+                    future = self.cluster.submit(batch, key, packed)
                     sent = self._running[future] = Sent(batch.prepared, future, time.monotonic(), limit)
                     future.add_done_callback(self._wake)
                     return sent

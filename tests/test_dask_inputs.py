@@ -125,10 +125,10 @@ def test_a_zip_changed_between_the_coordinator_and_the_worker_gives_no_other_pix
     class ChangingCluster(DaskCluster):
         """Changes the batch's input on disk, then submits the batch."""
 
-        def submit(self, batch: Any, key: str) -> Any:
+        def submit(self, batch: Any, key: str, packed: bytes | None = None) -> Any:
             for where in batch.inputs.values():
                 changes[by_path[where]](Path(where))
-            return super().submit(batch, key)
+            return super().submit(batch, key, packed)
 
     project = _dask_project(tmp_path / "p", STEPS[:3], n_workers=1)
     settings = load_settings(project.config)
