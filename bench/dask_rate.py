@@ -21,7 +21,7 @@ Per run, beside :func:`bench.daemon_rate.run_once`'s figures (``per_hour``, ``st
 * ``idle_cores``: the started, idle daemon's process tree, CPU-s per second over 2 s before the drop
   (a Dask cluster's heartbeats and event loops);
 * ``task_s``: the wall seconds each task ran on its worker (the daemon's ``dask.done … seconds=``
-  lines: :func:`processor.dask_worker.run_batch` from its start to its return, input read again in
+  lines: :func:`processor.dask_worker.run_packed` from its start to its return, input bound again in
   ``path`` mode, every step, files collected), ``batch_sizes`` the arrivals per task;
 * ``counters``: ``rchar``/``wchar`` of ``/proc/<pid>/io`` summed over the daemon's descendants (the
   Dask worker processes) between the drop and the last JSON, per study in the figures: the bytes
@@ -219,10 +219,10 @@ def single_study(zips: Sequence[Path], repeats: int, say: Callable[[str], None])
     class SizingCluster(DaskCluster):
         """:class:`DaskCluster` whose ``submit`` sizes the batch it is handed, then submits it."""
 
-        def submit(self, batch: Any, key: str) -> Any:
+        def submit(self, batch: Any, key: str, packed: bytes | None = None) -> Any:
             size, ser, de = wire_size(batch)
             members, member_bytes = _carried(batch)
-            future = super().submit(batch, key)
+            future = super().submit(batch, key, packed)
             sized.append(
                 {
                     "result": Future(future.key, self.client),  # holds the result for sizing after complete()
@@ -427,6 +427,7 @@ def figures(runs: list[dict[str, Any]], single: list[dict[str, Any]]) -> dict[st
             mode.name.removeprefix("dask, 1 worker, "): {
                 "steady_s_per_study": round(m["steady_s_per_study"] / local["steady_s_per_study"] - 1, 4),
                 "cpu_s_per_study": round(m["cpu_s_per_study"] / local["cpu_s_per_study"] - 1, 4),
+                **_paired(runs, mode.name),
             }
             for mode in one
             if (m := modes.get(mode.name)) and m["steady_s_per_study"] and local["steady_s_per_study"]
@@ -438,6 +439,26 @@ def figures(runs: list[dict[str, Any]], single: list[dict[str, Any]]) -> dict[st
                 failures.setdefault(f"one study at a time, {row['executor']}", []).append(row["error"])
     out["failures"] = failures
     return out
+
+
+def _paired(runs: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    """The overhead of mode ``name`` against the local executor round by round: its k-th run that
+    succeeded against the local executor's k-th (run next to it: each round runs the two back to
+    back), steady s/study and CPU-s/study, and the medians of those ratios."""
+    ok = [r for r in runs if "error" not in r and r["steady_per_hour"]]
+    pairs = list(
+        zip([r for r in ok if r["mode"] == LOCAL], [r for r in ok if r["mode"] == name], strict=False)
+    )
+    if not pairs:
+        return {}
+    wall = [local["steady_per_hour"] / run["steady_per_hour"] - 1 for local, run in pairs]
+    cpu = [run["cpu_s_per_study"] / local["cpu_s_per_study"] - 1 for local, run in pairs]
+    return {
+        "pairs_steady_s_per_study": [round(v, 4) for v in wall],
+        "pairs_cpu_s_per_study": [round(v, 4) for v in cpu],
+        "pairs_median_steady_s_per_study": round(_med(wall), 4),
+        "pairs_median_cpu_s_per_study": round(_med(cpu), 4),
+    }
 
 
 def _mode_figures(mine: list[dict[str, Any]]) -> dict[str, Any]:
@@ -534,6 +555,13 @@ def print_figures(figs: dict[str, Any], say: Callable[[str], None]) -> None:
             f"  overhead, Dask 1 worker ({inputs}) vs local: steady s/study {o['steady_s_per_study']:+.1%} "
             f"(goal < {GOAL_OVERHEAD:.0%}: {verdict}), CPU-s/study {o['cpu_s_per_study']:+.1%}"
         )
+        if "pairs_steady_s_per_study" in o:
+            say(
+                f"    round by round: s/study {', '.join(f'{v:+.1%}' for v in o['pairs_steady_s_per_study'])} "
+                f"(median {o['pairs_median_steady_s_per_study']:+.1%}); CPU-s/study "
+                f"{', '.join(f'{v:+.1%}' for v in o['pairs_cpu_s_per_study'])} "
+                f"(median {o['pairs_median_cpu_s_per_study']:+.1%})"
+            )
     single = figs.get("single_study")
     if single:
         say("\n  one study at a time (claim → recorded, nothing overlapping; medians)")

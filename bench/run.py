@@ -235,7 +235,8 @@ def dask_only(args: argparse.Namespace, spec: StudySpec, about: dict, started: f
     from bench import dask_rate
 
     n = args.dask or (2 if args.smoke else dask_rate.STUDIES)
-    rounds, repeats = (1, 1) if args.smoke else (2, 3)
+    rounds = args.throughput_runs or (1 if args.smoke else 2)
+    repeats = args.repeat or (1 if args.smoke else 3)
     modes = "; ".join(m.name for m in dask_rate.MODES)
     again = "; ".join(m.name for m in dask_rate.AGAIN)
     say(f"\n[dask] the real daemon, {n} studies dropped at once per run: {modes}; then {rounds - 1} more "
@@ -617,7 +618,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         metavar="N",
         help="only the Dask executor against the local one: the real daemon's studies/hour with a LocalCluster "
         "of 1 and 2 workers, inputs by path and by bytes, N studies per run (default 10; smoke 2), the overhead "
-        "per study and the bytes a study moves (about 8 min on 2 cores): bench/dask_rate.py",
+        "per study and the bytes a study moves (about 8 min on 2 cores; --throughput-runs R: R rounds of "
+        "the local executor and Dask 1 worker path, alternated, default 2; --repeat: single-study runs "
+        "per executor, default 3): bench/dask_rate.py",
     )
     p.add_argument(
         "--codecs-only",

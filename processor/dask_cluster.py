@@ -13,6 +13,7 @@ the worker.
 from __future__ import annotations
 
 import logging
+import pickle
 import threading
 import time
 from collections.abc import Callable
@@ -32,6 +33,21 @@ ASK_SECONDS = 5.0  # the longest a question to the scheduler may take
 RECONNECT_SECONDS = 5.0  # how often a lost outside scheduler is tried again
 WORKERLESS_FAULT_SECONDS = 15.0  # no GPU worker this long (not a nanny's restart): a fault on /health
 RESTART_SECONDS = 60.0  # how long a worker restart (a stuck task's) may take
+
+
+# Dask's periodic work that ctwatch has no use for, made rarer on its workers and the LocalCluster's
+# scheduler: on 2 cores an idle LocalCluster of one worker took 0.07 cores with Dask's defaults and
+# 0.02 with these, and a 2 s task 0.10-0.15 CPU-s more than its own (0.03 with these; bench/README.md
+# "Dask executor"). None of it detects failures: a worker lost is seen when its connection closes
+# or its heartbeats stop (kept as they are), a dead worker process by its nanny.
+QUIET = {
+    # the check that the event loop is not blocked (a warning past tick.limit, 3 s): every 20 ms
+    "distributed.admin.tick.interval": "1s",
+    # the CPU / memory / network figures of the dashboard (none here): every 500 ms
+    "distributed.admin.system-monitor.interval": "2s",
+    # the dashboard's statistical profiler, which samples every thread's stack every 10 ms
+    "distributed.worker.profile.enabled": False,
+}
 
 
 def worker_environ(n_workers: int) -> dict[str, str | None]:
@@ -108,6 +124,9 @@ class DaskCluster:
         if local.resources.get("GPU", 0) < 1:
             raise Unavailable("executor.dask.local.resources must give each worker GPU: 1")
         settings = {
+            **QUIET,
+            # one batch per GPU worker at a time (executor_dask): no queued task to steal
+            "distributed.scheduler.work-stealing": False,
             "distributed.scheduler.allowed-failures": self.dask.allowed_failures,
             "distributed.nanny.pre-spawn-environ": worker_environ(local.n_workers),
         }
@@ -187,15 +206,17 @@ class DaskCluster:
         client = self.client
         return client if client is not None and client.status == "running" else None
 
-    def submit(self, batch: Batch, key: str) -> Any:
-        """Submit ``batch`` as one task asking for ``resources={"GPU": 1}``; :class:`Unavailable`
-        while the scheduler cannot be reached."""
+    def submit(self, batch: Batch, key: str, packed: bytes | None = None) -> Any:
+        """Submit ``batch`` as one task asking for ``resources={"GPU": 1}``: ``packed``, the batch
+        as :func:`pack` makes it (packed here when None); :class:`Unavailable` while the scheduler
+        cannot be reached."""
         client = self.current()
         if client is None:
             raise Unavailable(self.fault() or "the Dask scheduler cannot be reached")
-        from processor.dask_worker import run_batch
+        from processor.dask_worker import run_packed
 
-        return client.submit(run_batch, batch, key=key, resources={"GPU": 1}, pure=False, retries=0)
+        packed = pack(batch) if packed is None else packed
+        return client.submit(run_packed, packed, key=key, resources={"GPU": 1}, pure=False, retries=0)
 
     def ours(self, future: Any) -> bool:
         """Whether ``future`` belongs to the client now connected (a lost client's never finish)."""
@@ -321,6 +342,15 @@ class DaskCluster:
             )
         self._stats = (time.monotonic(), rows)
         return rows
+
+
+def pack(batch: Batch) -> bytes:
+    """``batch`` pickled, as a task carries it (:func:`processor.dask_worker.run_packed`). Dask's
+    scheduler unpickles a task's argument and pickles it again on its way to the worker; bytes it
+    passes on as they are. A study's batch is mostly parsed headers (0.44 MB of Python objects for
+    361 files): submitted as objects, a round trip took 0.16 s against 0.05 s packed, most of it in
+    the coordinator's process between two tasks (bench/README.md "Dask executor")."""
+    return pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def quietly(call: Callable[[], Any]) -> None:

@@ -13,10 +13,10 @@ executor.
 
 Inputs reach a worker in one of two ways (``executor.dask.inputs``): ``bytes``, the DICOM read by
 the coordinator and carried in the task (a member that could not be read carried as its failure,
-which the step that reads it reports as it would locally); or ``path``, the arrival's input read again on the worker
-from a shared filesystem (``path_map``), its headers scanned again and each study checked to hold
-the same SOP Instance UIDs as the coordinator's (a study merged from several arrivals, a late
-series, is always carried).
+which the step that reads it reports as it would locally); or ``path``, the arrival's input opened
+again on the worker from a shared filesystem (``path_map``) and the coordinator's studies bound to
+it, each member checked by its CRC-32 and size (:mod:`processor.dask_inputs`; a study merged from
+several arrivals, a late series, is always carried).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 import threading
@@ -36,12 +37,11 @@ from typing import Any
 from distributed import WorkerPlugin, get_worker
 
 from processor.config import Settings
-from processor.dask_batch import PLUGIN, Batch, Done, InputChanged, WorkerNotReady, carries_bytes
-from processor.errors import ConfigError, IngestError
+from processor.dask_batch import PLUGIN, Batch, Done, WorkerNotReady
+from processor.dask_inputs import bind_inputs
+from processor.errors import ConfigError
 from processor.executor import RECORDED_VALUES, Prepared, RanOn
-from processor.executor_read import SLOW_INPUT, scan_input
 from processor.faults import fault_point
-from processor.intake.late_series import sop_digests
 from processor.pipeline.runner import PipelineRunner
 from processor.pipeline.spec import Pipeline
 from processor.provenance import software_versions
@@ -216,9 +216,17 @@ def worker_stats(dask_worker: Any = None) -> dict[str, Any]:
         return {"error": str(exc)}
 
 
-def run_batch(batch: Batch) -> Done:
-    """The task: every step over ``batch`` on this worker (see the module docstring)."""
+def run_packed(packed: bytes) -> Done:
+    """The task as the coordinator submits it: ``packed`` is its :class:`Batch`, pickled
+    (:func:`processor.dask_cluster.pack`), run by :func:`run_batch`."""
     started = time.perf_counter()
+    return run_batch(pickle.loads(packed), started)
+
+
+def run_batch(batch: Batch, started: float | None = None) -> Done:
+    """Every step over ``batch`` on this worker (see the module docstring); ``started``: the
+    task's start (``perf_counter``), for :attr:`Done.seconds`."""
+    started = time.perf_counter() if started is None else started
     rt = runtime()
     pipeline = rt.pipeline(batch.pipeline_digest, batch.pipeline_text)
     prepared = batch.prepared
@@ -231,7 +239,7 @@ def run_batch(batch: Batch) -> Done:
     rt.in_flight += 1
     try:
         with ExitStack() as stack:
-            _bind_inputs(prepared, batch, stack)
+            bind_inputs(prepared, batch, stack)
             scratch = Path(tempfile.mkdtemp(prefix="batch-", dir=rt.scratch))
             stack.callback(shutil.rmtree, scratch, True)
             homes = _redirect(prepared, scratch)
@@ -246,50 +254,6 @@ def run_batch(batch: Batch) -> Done:
         rt.in_flight -= 1
     _slim(prepared)
     return Done(prepared, files, rt.name, time.perf_counter() - started)
-
-
-def _bind_inputs(prepared: Prepared, batch: Batch, stack: ExitStack) -> None:
-    """Give the studies that travelled by path their readers: the arrival's input scanned again
-    here, each study checked against the coordinator's (:class:`InputChanged` otherwise)."""
-    if not batch.inputs:
-        return
-    assert batch.limits is not None
-    for item in prepared.opened:
-        where = batch.inputs.get(item.arrival.id)
-        if where is None:
-            continue
-        path = Path(where)
-        if not path.exists():
-            # the path names the input (often the patient): the worker's log only, never the reason
-            # that reaches /health and the status page
-            log.warning("dask.input_not_found arrival=%s path=%s", item.arrival.id, where)
-            raise WorkerNotReady(
-                f"a Dask worker cannot see the input of arrival {item.arrival.id} where "
-                "executor.dask.path_map puts it (the path is in that worker's log): check "
-                "executor.dask.path_map, or use executor.dask.inputs: bytes"
-            )
-        try:
-            _, scan = scan_input(
-                path, item.arrival.name, stack, lambda: False, SLOW_INPUT, batch.limits, time.monotonic
-            )
-        except IngestError as exc:
-            raise InputChanged(
-                f"the input of arrival {item.arrival.id} no longer reads on the worker: {exc}"
-            ) from exc
-        found = {study.uid: study for study in scan.studies}
-        for index, study in enumerate(item.studies):
-            if carries_bytes(study):
-                continue
-            again = found.get(study.uid)
-            if again is None or sop_digests(again) != sop_digests(study):
-                raise InputChanged(
-                    f"the input of arrival {item.arrival.id} holds other images on the worker than on "
-                    "the coordinator"
-                )
-            item.studies[index] = again
-            for run, _ in item.runs:
-                if run.ctx.study is study:
-                    run.ctx.study = again
 
 
 def _redirect(prepared: Prepared, scratch: Path) -> dict[Path, Path]:

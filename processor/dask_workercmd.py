@@ -139,7 +139,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
 async def _serve(args: argparse.Namespace, name: str, env: dict[str, str]) -> int:
     import dask
 
-    from processor.dask_cluster import worker_environ
+    from processor.dask_cluster import QUIET, worker_environ
     from processor.dask_preload import own_log_format
 
     own_log_format()
@@ -147,8 +147,9 @@ async def _serve(args: argparse.Namespace, name: str, env: dict[str, str]) -> in
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, signals.put_nowait, signum)
-    # as in a LocalCluster worker (MALLOC_TRIM_THRESHOLD_ unset); the thread counts come from ``env``
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environ(1)}):
+    # as in a LocalCluster worker (MALLOC_TRIM_THRESHOLD_ unset, Dask's periodic work made rarer);
+    # the thread counts come from ``env``
+    with dask.config.set({**QUIET, "distributed.nanny.pre-spawn-environ": worker_environ(1)}):
         nanny = _nanny(args, name, env)
     stop = asyncio.ensure_future(signals.get())
     start = asyncio.ensure_future(nanny.start())

@@ -47,7 +47,7 @@ from typing import Any
 from processor.atomic import write_bytes_atomic
 from processor.bytesource import carried
 from processor.dask_batch import Batch, Done, InputChanged, WorkerNotReady, batch_key, carries_bytes
-from processor.dask_cluster import DaskCluster, quietly
+from processor.dask_cluster import DaskCluster, pack, quietly
 from processor.errors import Unavailable
 from processor.executor import Handle, LocalExecutor, Prepared, StopCheck, study_keys
 from processor.state import Arrival, State
@@ -98,6 +98,9 @@ class DaskExecutor:
         self._gate = threading.Lock()
         self._running: dict[Any, Sent] = {}  # our submitted tasks, until done
         self._watched = time.monotonic()
+        # bumped when one of our tasks finishes: its waiters wake at once, not at their next poll
+        self._finished = threading.Condition()
+        self._finishes = 0
 
     @property
     def pipeline(self) -> Any:
@@ -131,8 +134,9 @@ class DaskExecutor:
                     local.limits if inputs else None,
                 )
                 limit = STUCK_LIMITS * local.limits.max_seconds_per_arrival * max(1, len(arrivals))
+                packed = pack(batch)  # now, not between two tasks once a worker is free
                 sent = self._submit_when_a_worker_is_free(
-                    batch, batch_key(arrivals, self.pipeline.digest), limit, should_stop
+                    batch, packed, batch_key(arrivals, self.pipeline.digest), limit, should_stop
                 )
                 if sent is None:  # a stop request while it waited
                     self._release_paths_of(prepared.arrivals)
@@ -150,7 +154,7 @@ class DaskExecutor:
         return sent
 
     def _submit_when_a_worker_is_free(
-        self, batch: Batch, key: str, limit: float, should_stop: StopCheck
+        self, batch: Batch, packed: bytes, key: str, limit: float, should_stop: StopCheck
     ) -> Sent | None:
         """Submit ``batch`` once fewer of our tasks are unfinished (or their workers restarting)
         than GPU workers can take work; None at a stop request. Dask hands a task that asks for
@@ -159,16 +163,32 @@ class DaskExecutor:
         with its deaths. One task per worker keeps a death charged to the batch that was running.
         The check and the submission hold the gate together, so two threads never take one place."""
         while True:
+            seen = self._finishes
             self._watch()
             with self._gate:
                 busy = len(self._running) + self.cluster.restarting
                 if busy < max(1, self.cluster.gpu_workers()):
-                    future = self.cluster.submit(batch, key)
+                    future = self.cluster.submit(batch, key, packed)
                     sent = self._running[future] = Sent(batch.prepared, future, time.monotonic(), limit)
+                    future.add_done_callback(self._wake)
                     return sent
             if should_stop():
                 return None
-            time.sleep(POLL_SECONDS)
+            self._pause(seen)
+
+    def _wake(self, _future: Any = None) -> None:
+        """A done callback of our tasks (run in a thread of Dask's client): wake the waiters."""
+        with self._finished:
+            self._finishes += 1
+            self._finished.notify_all()
+
+    def _pause(self, seen: int) -> None:
+        """Wait :data:`POLL_SECONDS`, or less when one of our tasks finished since ``seen`` (the
+        count of finishes read before the caller looked): a worker that is free again gets its next
+        batch, and a result is recorded, without waiting for the next poll."""
+        with self._finished:
+            if self._finishes == seen:
+                self._finished.wait(POLL_SECONDS)
 
     def _watch(self) -> None:
         """Forget our finished tasks (and a lost client's, which never finish), and stop the stuck
@@ -237,6 +257,7 @@ class DaskExecutor:
         while True:
             if handle.stuck is not None:
                 return self._stopped_as_stuck(handle)
+            seen = self._finishes
             try:
                 # distributed 2026.8's result(timeout=…) fails with UnboundLocalError when a result
                 # takes longer than the timeout to arrive (dask/distributed#8514): wait on done()
@@ -248,7 +269,7 @@ class DaskExecutor:
                 quietly(handle.future.release)
                 break
             except FutureTimeout:
-                time.sleep(POLL_SECONDS)
+                self._pause(seen)
                 if should_stop() and not self.local.finish_study_on_stop:
                     quietly(handle.future.cancel)
                     return [self.local._release(a, "shutdown") for a in handle.arrivals]

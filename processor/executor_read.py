@@ -63,6 +63,25 @@ def scan_input(
     """Open one input (open while ``stack`` is) and scan its headers, within a time limit of its
     own, ``limits.max_seconds_per_arrival`` (else :class:`IngestError`: "reading its N file(s)
     took longer than … — ``slow``")."""
+    contents = open_input(path, name, stack, should_stop, slow, limits, clock)
+    with gc_paused():
+        scan = scan_members(contents.members)
+    contents.budget.settle()
+    return contents, scan
+
+
+def open_input(
+    path: Path,
+    name: str,
+    stack: ExitStack,
+    should_stop: StopCheck,
+    slow: str,
+    limits: Limits,
+    clock: Callable[[], float],
+) -> Contents:
+    """Open one input (open while ``stack`` is) as :func:`scan_input` does, its headers not yet
+    scanned: its reads are charged to ``contents.budget`` (time limit, stop request, bytes) until
+    the caller settles it."""
     limit, started = limits.max_seconds_per_arrival, clock()
     files: list[int] = []  # how many files it holds, once known
 
@@ -78,10 +97,7 @@ def scan_input(
     contents = stack.enter_context(open_arrival(path, limits, check, name=name))
     files.append(len(contents.members))
     check()
-    with gc_paused():
-        scan = scan_members(contents.members)
-    contents.budget.settle()
-    return contents, scan
+    return contents
 
 
 def read_earlier(
