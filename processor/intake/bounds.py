@@ -89,19 +89,12 @@ def shrank(what: str, was: int, now: int) -> IngestError:
 def pread(fd: int, n: int, offset: int, budget: ReadBudget, what: str) -> Buffer:
     """Up to ``n`` bytes at ``offset`` (fewer only at the end of the file), each chunk charged; an
     I/O error is refused in plain words (:func:`cannot_read`)."""
-    try:
-        if n <= READ_CHUNK:
-            budget.charge(n)
-            return os.pread(fd, n, offset)
+    if n > READ_CHUNK:
         view = memoryview(bytearray(n))
-        got = 0
-        while got < n:
-            budget.charge(min(READ_CHUNK, n - got))
-            read = os.preadv(fd, [view[got : got + READ_CHUNK]], offset + got)
-            if read == 0:
-                break
-            got += read
-        return view[:got].toreadonly()
+        return view[: pread_into(fd, view, offset, budget, what)].toreadonly()
+    try:
+        budget.charge(n)
+        return os.pread(fd, n, offset)
     except OSError as exc:
         raise cannot_read(what, exc) from exc
 
