@@ -20,7 +20,17 @@ class WorkerNotReady(Exception):
 
 
 class InputChanged(Exception):
-    """The input a worker read again holds other images than the coordinator scanned."""
+    """The input a worker read again holds other images than the coordinator scanned.
+
+    ``arrival_id``: the arrival whose input it is; the others of its batch are not at fault."""
+
+    def __init__(self, message: str, arrival_id: int) -> None:
+        super().__init__(message)
+        self.arrival_id = arrival_id
+
+    def __reduce__(self) -> tuple[type[InputChanged], tuple[str, int]]:
+        # raised on a worker, pickled back to the coordinator: both arguments travel
+        return type(self), (str(self), self.arrival_id)
 
 
 @dataclass

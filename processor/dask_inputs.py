@@ -7,11 +7,12 @@ facts and first headers but without readers (each member pickled as its name, si
 
 * **a ZIP**: each instance's member is bound to the member of the same name, raw name, size and
   CRC-32 in the reopened ZIP's central directory (:func:`rebind`); nothing is scanned again. A
-  member that is gone or differs fails the batch (:class:`InputChanged`), never a rescan that would
-  analyse other pixels under the same SOP Instance UIDs. The bytes a step reads are checked against
-  that CRC-32 as they are read (:meth:`processor.bytesource.Member.data`), so a ZIP changed in place
-  under an unchanged central directory fails the step that reads it ("Bad CRC-32"), as it does on
-  the coordinator.
+  member that is gone or differs fails its arrival (:class:`InputChanged`; the other arrivals of
+  the batch go back to the queue uncharged), never a rescan that would analyse other pixels under
+  the same SOP Instance UIDs. The pixel data a step reads is checked against that CRC-32 as it is
+  read (:meth:`processor.bytesource.Member.data`, ``read_into``), so a ZIP changed in place under
+  an unchanged central directory fails the step that reads it ("Bad CRC-32"), as it does on the
+  coordinator; a header read alone (its first 64 KiB) is not checked, there as on the coordinator.
 * **a folder or a single file** (no CRC-32 to check): its headers are scanned again and each study
   must hold the same SOP Instance UIDs as the coordinator's.
 
@@ -43,7 +44,7 @@ def bind_inputs(prepared: Prepared, batch: Batch, stack: ExitStack) -> None:
     """Give the studies that travelled by path their readers (see the module docstring): the
     inputs stay open while ``stack`` is. :class:`WorkerNotReady` when this worker cannot see an
     input (the worker's fault: the batch goes back uncharged), :class:`InputChanged` when it holds
-    other images than the coordinator read (the batch fails with that reason)."""
+    other images than the coordinator read (its arrival fails with that reason)."""
     if not batch.inputs:
         return
     assert batch.limits is not None
@@ -77,14 +78,17 @@ def bind_inputs(prepared: Prepared, batch: Batch, stack: ExitStack) -> None:
                         f"the input of arrival {aid} changed after the coordinator read it: "
                         f"{len(unbound)} of its DICOM files are gone or differ (CRC-32 or size) on the "
                         "Dask worker. Nothing was analysed; find what rewrote the file in ctwatch's "
-                        f"work folder, then run `python run.py requeue {aid}`"
+                        f"work folder, then run `python run.py requeue {aid}`",
+                        aid,
                     )
                 continue
             with gc_paused():
                 scan = scan_members(contents.members)
             contents.budget.settle()
         except IngestError as exc:
-            raise InputChanged(f"the input of arrival {aid} no longer reads on the worker: {exc}") from exc
+            raise InputChanged(
+                f"the input of arrival {aid} no longer reads on the worker: {exc}", aid
+            ) from exc
         _rescanned(item, scan.studies)
 
 
@@ -124,7 +128,8 @@ def _rescanned(item: Any, scanned: list[Study]) -> None:
         if again is None or sop_digests(again) != sop_digests(study):
             raise InputChanged(
                 f"the input of arrival {item.arrival.id} holds other images on the worker than on "
-                "the coordinator"
+                "the coordinator",
+                item.arrival.id,
             )
         item.studies[index] = again
         for run, _ in item.runs:

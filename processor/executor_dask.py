@@ -290,7 +290,7 @@ class DaskExecutor:
                 self._release_paths(handle)
                 raise Unavailable(_words(exc)) from exc
             except InputChanged as exc:
-                return self._ended(handle, str(exc))
+                return self._ended(handle, str(exc), only=exc.arrival_id)
             except Exception as exc:
                 if type(exc).__name__ == "KilledWorker":  # the scheduler's allowed-failures + 1 deaths
                     deaths = int(getattr(exc, "allowed_failures", self.dask.allowed_failures)) + 1
@@ -333,14 +333,21 @@ class DaskExecutor:
         )
         return {a.id: final for a, final in zip(rest.arrivals, self.local.complete(rest), strict=True)}
 
-    def _ended(self, handle: Sent, reason: str) -> list[ArrivalState]:
-        """The batch failed on its worker for ``reason`` (not a crash): each arrival fails with it."""
+    def _ended(self, handle: Sent, reason: str, only: int | None = None) -> list[ArrivalState]:
+        """The batch failed on its worker for ``reason`` (not a crash): each arrival fails with it,
+        or only arrival ``only`` when the reason is its alone (its input changed); the others go
+        back to the queue uncharged, to run again."""
         prepared = handle.prepared
         finals = self._rejected_ends(prepared)
         for arrival in prepared.arrivals:
-            if arrival.id not in finals:
-                self.recorder.release(arrival)
+            if arrival.id in finals:
+                continue
+            self.recorder.release(arrival)
+            if only is None or arrival.id == only:
                 finals[arrival.id] = self.recorder.reject(arrival, reason, ArrivalState.FAILED)
+            else:
+                self.state.release(arrival.id)
+                finals[arrival.id] = ArrivalState.PENDING
         return [finals[a.id] for a in prepared.arrivals]
 
     def _crashed(self, handle: Sent, why: str, cap: int | None, deaths: int = 0) -> list[ArrivalState]:

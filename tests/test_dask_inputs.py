@@ -118,7 +118,13 @@ def test_a_zip_changed_between_the_coordinator_and_the_worker_gives_no_other_pix
     from processor.dask_cluster import DaskCluster
     from processor.executor_dask import DaskExecutor
 
-    changes = {"unchanged": lambda p: None, "rewritten": _rewritten, "flipped": _flipped_in_place}
+    changes = {
+        "unchanged": lambda p: None,
+        "rewritten": _rewritten,
+        "flipped": _flipped_in_place,
+        "bystander": lambda p: None,  # batched with the next one, as night arrivals are
+        "rewritten_beside": _rewritten,
+    }
     zips = {kind: _zip(tmp_path / "zips" / f"{kind}.zip", 10 + n) for n, kind in enumerate(changes)}
     by_path = {str(p.resolve()): kind for kind, p in zips.items()}
 
@@ -146,10 +152,22 @@ def test_a_zip_changed_between_the_coordinator_and_the_worker_gives_no_other_pix
         for kind, path in zips.items():
             aid = components.intake.accept_in_place(path)
             assert aid is not None
-            claimed = components.state.claim(aid)
-            assert claimed is not None
             ids[kind] = aid
+        for kind in ("unchanged", "rewritten", "flipped"):
+            claimed = components.state.claim(ids[kind])
+            assert claimed is not None
             [finals[kind]] = executor.complete(executor.prepare([claimed]))
+        # one batch of two: only the second's input changes; the first is not failed for it
+        pair = [components.state.claim(ids["bystander"]), components.state.claim(ids["rewritten_beside"])]
+        assert None not in pair
+        finals["bystander"], finals["rewritten_beside"] = executor.complete(executor.prepare(pair))
+        with sqlite3.connect(project.state_path) as db:
+            bystander = db.execute(
+                "select state, attempts, error from arrivals where id = ?", [ids["bystander"]]
+            ).fetchone()
+        again = components.state.claim(ids["bystander"])
+        assert again is not None
+        [finals["bystander_again"]] = executor.complete(executor.prepare([again]))
     with sqlite3.connect(project.state_path) as db:
         errors = dict(db.execute("select id, error from arrivals").fetchall())
     results = {p.stem: json.loads(p.read_text()) for p in project.results()}
@@ -167,3 +185,8 @@ def test_a_zip_changed_between_the_coordinator_and_the_worker_gives_no_other_pix
 
     volume = next(s for s in results[UID.format(12)]["steps"] if s["step_id"] == "volume")
     assert f"cannot read {SLICE} (Bad CRC-32" in volume["error"], volume
+
+    assert finals["rewritten_beside"] == ArrivalState.FAILED
+    assert f"arrival {ids['rewritten_beside']} changed" in errors[ids["rewritten_beside"]]
+    assert finals["bystander"] == ArrivalState.PENDING and bystander == ("pending", 0, None), bystander
+    assert finals["bystander_again"] == ArrivalState.DONE and UID.format(13) in results
