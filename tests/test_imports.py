@@ -120,3 +120,17 @@ def test_gpu_driver_nodes_are_found_under_a_root(tmp_path: Path) -> None:
     assert gpu_device_nodes(str(tmp_path)) == ["/dev/nvidia0"]
     (tmp_path / "dev" / "kfd").touch()
     assert gpu_device_nodes(str(tmp_path)) == ["/dev/kfd", "/dev/nvidia0"]
+    # before the driver has made its nodes: a card on the PCI bus is enough to ask torch
+    (tmp_path / "dev" / "kfd").unlink()
+    (tmp_path / "dev" / "nvidia0").unlink()
+    pci = tmp_path / "sys" / "bus" / "pci" / "devices"
+    for slot, vendor, kind in (
+        ("0000:00:02.0", "0x8086", "0x030000"),
+        ("0000:01:00.0", "0x10de", "0x030200"),
+    ):
+        (pci / slot).mkdir(parents=True)
+        (pci / slot / "vendor").write_text(vendor + "\n")
+        (pci / slot / "class").write_text(kind + "\n")
+    assert gpu_device_nodes(str(tmp_path)) == ["/sys/bus/pci/devices/0000:01:00.0"]  # not Intel's
+    (pci / "0000:01:00.0" / "class").write_text("0x020000\n")  # an NVIDIA network card
+    assert gpu_device_nodes(str(tmp_path)) == []

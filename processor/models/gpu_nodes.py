@@ -9,7 +9,10 @@ GPU).
 The nodes (each is created by the driver's kernel module, also inside containers that are given a
 GPU): ``/dev/nvidiactl`` and ``/dev/nvidia<N>`` (NVIDIA driver), ``/proc/driver/nvidia`` (its
 procfs entry), ``/dev/dxg`` (WSL 2's GPU paravirtualisation, through which CUDA runs on Windows
-hosts) and ``/dev/kfd`` (AMD ROCm, which torch's ROCm builds report as ``cuda``).
+hosts) and ``/dev/kfd`` (AMD ROCm, which torch's ROCm builds report as ``cuda``). The NVIDIA
+nodes may not exist yet on a host where nothing has used the GPU since boot (the user-space driver
+creates them on demand through ``nvidia-modprobe``), so an NVIDIA or AMD display or 3-D controller
+on the PCI bus (``/sys/bus/pci/devices/*/vendor`` 0x10de or 0x1002, ``class`` 0x03xxxx) counts too.
 """
 
 from __future__ import annotations
@@ -28,4 +31,18 @@ def gpu_device_nodes(root: str = "/") -> list[str]:
     base = root.rstrip("/")
     found = [path for path in _NODES if os.path.exists(base + path)]
     found += sorted(p[len(base) :] for p in glob.glob(base + "/dev/nvidia[0-9]*"))
+    for device in sorted(glob.glob(base + "/sys/bus/pci/devices/*")):
+        if _read(device + "/vendor") in _GPU_VENDORS and _read(device + "/class").startswith("0x03"):
+            found.append(device[len(base) :])
     return found
+
+
+_GPU_VENDORS = ("0x10de", "0x1002")  # NVIDIA, AMD
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding="ascii") as fh:
+            return fh.read().strip().lower()
+    except (OSError, UnicodeDecodeError):
+        return ""
