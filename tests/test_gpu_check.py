@@ -50,6 +50,8 @@ def _without_uncarried_wheels(folder: Path) -> dict[str, str]:
     assert names, "gpu_wheels.sh names what it does not carry"
     modules = sorted(n.strip().strip('"').replace("-", "_") for n in names.group(1).split(","))
     assert "highdicom" in modules and "weasyprint" in modules
+    # and what only they pull in (so not carried either; the image has none of these)
+    modules += ["cffi", "cssselect2", "jpeg_ls", "pydyf", "pyphen", "retrying", "tinycss2", "tinyhtml5"]
     folder.mkdir()
     (folder / "sitecustomize.py").write_text(
         "import importlib.abc, sys\n"
