@@ -30,10 +30,10 @@ from typing import Any
 
 from processor.bytesource import Member
 from processor.dask_batch import Batch, InputChanged, WorkerNotReady, carries_bytes
-from processor.dicom.scan import Study, scan_members
+from processor.dicom.scan import Study
 from processor.errors import IngestError
 from processor.executor import Prepared
-from processor.executor_read import SLOW_INPUT, gc_paused, open_input
+from processor.executor_read import SLOW_INPUT, open_input, scan_opened
 from processor.intake.archive import ArrivalKind
 from processor.intake.late_series import sop_digests
 
@@ -82,9 +82,7 @@ def bind_inputs(prepared: Prepared, batch: Batch, stack: ExitStack) -> None:
                         aid,
                     )
                 continue
-            with gc_paused():
-                scan = scan_members(contents.members)
-            contents.budget.settle()
+            scan = scan_opened(contents)
         except IngestError as exc:
             raise InputChanged(
                 f"the input of arrival {aid} no longer reads on the worker: {exc}", aid

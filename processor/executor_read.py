@@ -64,10 +64,16 @@ def scan_input(
     own, ``limits.max_seconds_per_arrival`` (else :class:`IngestError`: "reading its N file(s)
     took longer than … — ``slow``")."""
     contents = open_input(path, name, stack, should_stop, slow, limits, clock)
+    return contents, scan_opened(contents)
+
+
+def scan_opened(contents: Contents) -> ScanResult:
+    """The headers of an input :func:`open_input` opened, scanned (collector paused), its reads'
+    budget then settled."""
     with gc_paused():
         scan = scan_members(contents.members)
     contents.budget.settle()
-    return contents, scan
+    return scan
 
 
 def open_input(
