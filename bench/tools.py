@@ -80,7 +80,7 @@ def one(tool: str, source: Path, series: str | None, save: Path | None, report: 
 def _reader(tool: str, source: Path, series: str | None) -> Callable[[], tuple[np.ndarray, dict[str, Any]]]:
     """The tool's read as a callable, its modules imported now."""
     if tool == "ctwatch":
-        import processor.executor_read  # noqa: F401  (fast_volume's header scan imports it on first use)
+        import processor.gcpause  # noqa: F401  (fast_volume's header scan imports it on first use)
         from bench.fast import fast_volume
 
         def read_ctwatch() -> tuple[np.ndarray, dict[str, Any]]:

@@ -1,6 +1,7 @@
 """Import only what runs (issue 18, item 2): a fresh install's `process` — the shipped chest-CT
 pipeline with no model file present, on the CPU — and the daemon with its CPU pool, from its start
-through a study and the Excel workbooks, never import torch, transformers, diffusers or pandas. Checking the
+through a study and the Excel workbooks, never import torch, transformers, diffusers, pandas or SciPy
+(the lung and body masks label with connected-components-3d: :mod:`processor.dicom.components`). Checking the
 pipeline, listing each step's model files and recording the skips read file names and small
 configs only; a model library is imported when a model is loaded. pandas is for the ``fit``
 commands: sqlite-utils is imported without it (:mod:`processor.state.sqlitelib`) and the
@@ -21,7 +22,7 @@ from processor.models.gpu_nodes import gpu_device_nodes
 from tests.conftest import REPO, Project, _env
 from tests.dicomgen import make_series, write_zip
 
-NOT_AT_RUN_TIME = ("torch", "transformers", "diffusers", "pandas")
+NOT_AT_RUN_TIME = ("torch", "transformers", "diffusers", "pandas", "scipy")
 
 PROBE = f"""
 import json, sys
@@ -32,7 +33,7 @@ print(json.dumps({{"code": code, "loaded": [m for m in {NOT_AT_RUN_TIME!r} if m 
 
 # The daemon as `python run.py` starts it; a watcher thread waits until the rolling workbook
 # holds the dropped study, notes what was imported — in the daemon, and in its CPU pool's
-# processes the shared libraries of pandas and torch that an import maps (Linux) — then stops
+# processes the shared libraries of pandas, torch and SciPy that an import maps (Linux) — then stops
 # the daemon as a service manager does (SIGTERM).
 DAEMON_PROBE = f"""
 import json, multiprocessing, os, re, signal, sys, threading, time
@@ -43,7 +44,7 @@ from processor.cli import main
 def mapped(pid):
     maps = Path(f"/proc/{{pid}}/maps")
     text = maps.read_text() if maps.exists() else ""
-    return sorted({{m.group(1) for m in re.finditer(r"/(pandas|torch)/\\S*\\.so", text)}})
+    return sorted({{m.group(1) for m in re.finditer(r"/(pandas|torch|scipy)/\\S*\\.so", text)}})
 
 def watch():
     latest, deadline = Path("outbox/reports/ctwatch-latest.xlsx"), time.monotonic() + 90

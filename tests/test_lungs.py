@@ -154,3 +154,63 @@ def test_more_components_than_uint16_holds_are_labelled_as_scipy_does_in_int32()
     expected, n = ndimage.label(columns)
     labels, count = label_3d(columns, slab_voxels=4 * columns[0].size)
     assert count == n == 7_200 and labels.dtype == np.uint16 and np.array_equal(labels, expected)
+
+
+def test_the_in_plane_labellings_and_the_opening_are_scipys_to_the_voxel() -> None:
+    """The lung and body masks label in-plane components and open the body mask without SciPy
+    (issue 18: import only what runs; :mod:`processor.dicom.components`): each function gives
+    ``scipy.ndimage``'s values on random masks of every density, on empty and full ones, on
+    single rows and columns, and (the opening) with the ellipses of every radius pair up to 4."""
+    from scipy import ndimage
+
+    from processor.dicom.body import _by_offsets
+    from processor.dicom.components import label_2d, label_in_plane
+
+    cross = np.zeros((3, 3, 3), bool)
+    cross[1] = ndimage.generate_binary_structure(2, 1)
+    rng = np.random.default_rng(20)
+    shapes = [(1, 1, 1), (3, 1, 17), (2, 19, 1), (4, 23, 31), (7, 40, 33)]
+    masks = [rng.random(s) < p for s in shapes for p in (0.0, 0.2, 0.45, 0.6, 0.9, 1.0)]
+    for mask in masks:
+        expected, n = ndimage.label(mask, structure=cross)
+        labels, count = label_in_plane(mask)
+        assert count == n and labels.dtype == np.int32 and np.array_equal(labels, expected)
+        for plane in (mask[0], np.asfortranarray(mask[-1])):
+            expected, n = ndimage.label(plane)
+            labels, count = label_2d(plane)
+            assert count == n and labels.dtype == np.int32 and np.array_equal(labels, expected)
+    assert max(label_in_plane(m)[1] for m in masks) > 200, "many components were compared"
+    for ry in range(5):
+        for rx in range(5):
+            dy, dx = np.ogrid[-ry : ry + 1, -rx : rx + 1]
+            disc = (dy / max(ry, 0.5)) ** 2 + (dx / max(rx, 0.5)) ** 2 <= 1
+            offsets = [(int(y), int(x)) for y, x in zip(*np.nonzero(disc), strict=True)]
+            for mask in masks[-12:]:
+                eroded = ndimage.binary_erosion(mask, disc[None], border_value=1)
+                assert np.array_equal(_by_offsets(mask, offsets, (ry, rx), erode=True), eroded)
+                dilated = ndimage.binary_dilation(mask, disc[None], border_value=0)
+                assert np.array_equal(_by_offsets(mask, offsets, (ry, rx), erode=False), dilated)
+
+
+def test_components_joined_only_far_away_are_numbered_as_scipy_does() -> None:
+    """The cross-slab join (:func:`processor.dicom.components._components_of`, numpy in place of
+    ``scipy.sparse.csgraph``) when pieces meet only through long chains: combs whose teeth start
+    in the first slab and join only in the last, and a zigzag that crosses every slab boundary
+    back and forth, labelled in slabs of one slice."""
+    from scipy import ndimage
+
+    from processor.dicom.components import label_3d
+
+    comb = np.zeros((12, 9, 40), bool)
+    comb[:, ::2, ::3] = True  # teeth: columns along z, apart in the first slices …
+    comb[-1, :, :] = True  # … joined only in the last slice
+    comb[:, 1, 1] = True  # and a lone column
+    zigzag = np.zeros((10, 3, 60), bool)
+    for k in range(20):  # a path that goes down and up through all slices, 3 columns a turn
+        zigzag[:, 1, 3 * k] = True
+        zigzag[0 if k % 2 else -1, 1, 3 * k : 3 * k + 4] = True
+    rng = np.random.default_rng(5)
+    for mask in (comb, zigzag, rng.random((16, 20, 20)) < 0.33):
+        expected, n = ndimage.label(mask)
+        labels, count = label_3d(mask, slab_voxels=mask[0].size)
+        assert count == n and np.array_equal(labels, expected)

@@ -1,7 +1,8 @@
 """The body mask of a chest CT: per slice, the patient's body and its interior (convex hull), inside
 which ``processor.dicom.lungs`` looks for the lungs.
 
-Method (no model, scipy.ndimage only), on a HU volume (z, y, x):
+Method (no model; numpy and connected-components-3d: :mod:`processor.dicom.components`), on a HU
+volume (z, y, x):
 
 1. the pixels above ``threshold_hu`` (−500 HU: soft tissue and bone are well above it, air and
    lung well below) are taken on a coarse grid of about ``grid_px`` (128) rows and columns —
@@ -43,10 +44,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 
-IN_PLANE = np.zeros((3, 3, 3), bool)  # in-plane 4-connectivity of a (z, y, x) volume
-IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
+from processor.dicom.components import label_in_plane
+
 _ANGLES = np.arange(32) * (np.pi / 16)  # directions of the hull polygon (every 11.25°)
 _UY, _UX = np.cos(_ANGLES).astype(np.float32), np.sin(_ANGLES).astype(np.float32)
 _UX[np.abs(_UX) < 1e-6] = 0.0
@@ -109,13 +109,37 @@ def _opened_mm(mask: np.ndarray, radii: tuple[int, int]) -> np.ndarray:
         return mask
     dy, dx = np.ogrid[-ry : ry + 1, -rx : rx + 1]
     disc = (dy / max(ry, 0.5)) ** 2 + (dx / max(rx, 0.5)) ** 2 <= 1
-    core = ndimage.binary_erosion(mask, disc[None], border_value=1)
-    return ndimage.binary_dilation(core, disc[None], border_value=0) & mask
+    offsets = [(int(y), int(x)) for y, x in zip(*np.nonzero(disc), strict=True)]
+    core = _by_offsets(mask, offsets, (ry, rx), erode=True)
+    return _by_offsets(core, offsets, (ry, rx), erode=False) & mask
+
+
+def _by_offsets(
+    mask: np.ndarray, offsets: list[tuple[int, int]], radii: tuple[int, int], erode: bool
+) -> np.ndarray:
+    """In-plane erosion (``erode``: a pixel stays where every pixel at ``offsets`` from it is set,
+    pixels beyond the image edge counting as set) or dilation (a pixel is set where any pixel at
+    ``offsets`` from it is, pixels beyond the edge counting as unset) of a (z, y, x) mask by a
+    centred, point-symmetric structuring element: ``offsets`` are its set (row, column) positions in
+    a (2·ry + 1, 2·rx + 1) window. The values of ``scipy.ndimage.binary_erosion(mask, element[None],
+    border_value=1)`` and ``binary_dilation(mask, element[None], border_value=0)`` (dilation uses the
+    reflected element, the same one when it is point-symmetric). Written here, a few shifted
+    ANDs or ORs on the coarse grid, so that the weight-free pipeline does not import SciPy (see
+    :mod:`processor.dicom.components`)."""
+    ry, rx = radii
+    nz, ny, nx = mask.shape
+    padded = np.full((nz, ny + 2 * ry, nx + 2 * rx), erode, bool)
+    padded[:, ry : ry + ny, rx : rx + nx] = mask
+    out = np.full(mask.shape, erode, bool)
+    combine = np.logical_and if erode else np.logical_or
+    for y, x in offsets:
+        combine(out, padded[:, y : y + ny, x : x + nx], out=out)
+    return out
 
 
 def _largest_per_slice(mask: np.ndarray) -> np.ndarray:
     """The largest in-plane component of ``mask`` in every slice."""
-    labels, count = ndimage.label(mask, structure=IN_PLANE)
+    labels, count = label_in_plane(mask)
     if count == 0:
         return mask
     sizes = np.bincount(labels.ravel())

@@ -8,11 +8,19 @@ table of half a voxel count of uint32 (2 bytes a voxel) at once: 6 bytes a voxel
 mask, three times an int16 HU volume. Here each slab of slices along z is labelled alone by
 connected-components-3d (the same raster order inside the slab), its labels stored as uint16 in
 the one output array; the components that continue across a slab boundary are joined
-(``scipy.sparse.csgraph.connected_components`` over the pairs of labels facing each other across
-it), and every component is renumbered by the first slab piece it has, which is the raster order of
+(the connected components of the graph whose edges are the pairs of labels facing each other
+across it), and every component is renumbered by the first slab piece it has, which is the raster order of
 its first voxel. The result is the same array as ``scipy.ndimage.label`` — in uint16 when every
 slab and the whole have fewer than 65,535 components, else (a volume of many tiny pockets) the
 whole volume is labelled again in one piece as int32.
+
+The in-plane labellings of the lung and body masks (:func:`label_in_plane`, :func:`label_2d`) are
+connected-components-3d's too, so the weight-free pipeline never imports SciPy: importing
+``scipy.ndimage`` and ``scipy.sparse`` cost every ``process`` call, daemon start and CPU pool
+process 0.8 CPU-s (SciPy 1.17 rewrites the docstring of every ndimage function at import; 2-core
+AMD EPYC, medians of 7; issue 18: import only what runs). The cross-slab join is a few lines of
+numpy for the same reason (:func:`_components_of`). tests/test_components.py checks every function
+here against SciPy's, value for value.
 """
 
 from __future__ import annotations
@@ -21,8 +29,6 @@ from collections.abc import Callable
 
 import cc3d
 import numpy as np
-from scipy import sparse
-from scipy.sparse import csgraph
 
 SLAB_VOXELS = 1 << 23  # voxels per slab (32 slices of 512²): 32 MiB of uint32 labels while labelled
 _MAX_UINT16 = int(np.iinfo(np.uint16).max)
@@ -88,15 +94,34 @@ def _join(labels: np.ndarray, ranges: list[tuple[int, int]], offsets: np.ndarray
             pairs.append(np.stack([(key >> 16) + offsets[k - 1], (key & 0xFFFF) + offsets[k]]))
     if pairs:
         edges = np.concatenate(pairs, axis=1) - 1  # provisional ids 1..total as nodes 0..total-1
-        ones = np.ones(edges.shape[1], np.int8)
-        graph = sparse.coo_matrix((ones, (edges[0], edges[1])), shape=(total, total))
-        component = csgraph.connected_components(graph, directed=False)[1]
+        root = _components_of(total, edges[0], edges[1])
     else:  # nothing continues across a boundary: each piece is a component
-        component = np.arange(total)
-    _, first = np.unique(component, return_index=True)  # each component's first piece
-    rank = np.empty(len(first), np.int64)
-    rank[np.argsort(first, kind="stable")] = np.arange(1, len(first) + 1)
-    return np.concatenate([[0], rank[component]]), len(first)
+        root = np.arange(total)
+    # a component's root is its smallest provisional id, its first piece: numbering the roots in
+    # ascending order numbers the components by the raster order of their first voxels
+    roots, rank = np.unique(root, return_inverse=True)
+    return np.concatenate([[0], rank + 1]), len(roots)
+
+
+def _components_of(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Connected components of the undirected graph of nodes 0..n−1 and edges (a[i], b[i]): each
+    node's component as its smallest node. Minimum-label propagation with pointer jumping (each
+    round every edge pulls both ends down to the smaller root, then each node jumps to its root's
+    root), a few rounds for the short chains of slab pieces; the fixed point is reached when no
+    edge joins two roots."""
+    root = np.arange(n)
+    while True:
+        ra, rb = root[a], root[b]
+        low = np.minimum(ra, rb)
+        np.minimum.at(root, ra, low)  # the roots of both ends point at the smaller one
+        np.minimum.at(root, rb, low)
+        while True:  # pointer jumping: every node to its root's root
+            jumped = root[root]
+            if np.array_equal(jumped, root):
+                break
+            root = jumped
+        if np.array_equal(root[a], root[b]):
+            return root
 
 
 def _whole(
@@ -108,5 +133,33 @@ def _whole(
         mask[z0:z1] = slab_of(z0, z1)
     labels, count = cc3d.connected_components(
         np.ascontiguousarray(mask), connectivity=6, return_N=True, out_dtype=np.uint32
+    )
+    return labels.view(np.int32), int(count)
+
+
+def label_in_plane(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """In-plane 4-connected components of a boolean (z, y, x) ``mask``: no component spans two
+    slices; labels (int32, the shape of ``mask``) numbered in raster order of their first voxel,
+    and their count — the values of ``scipy.ndimage.label(mask, structure)`` with the 3×3×3
+    structure whose middle plane is the 2-D cross. The slices are stacked into one 2-D image with
+    an empty row between them, so one connected-components-3d call labels them all in that order."""
+    nz, ny, nx = mask.shape
+    if mask.size == 0:
+        return np.zeros(mask.shape, np.int32), 0
+    tall = np.zeros((nz, ny + 1, nx), bool)
+    tall[:, :ny] = mask
+    labels, count = cc3d.connected_components(
+        tall.reshape(nz * (ny + 1), nx), connectivity=4, return_N=True, out_dtype=np.uint32
+    )
+    return np.ascontiguousarray(labels.reshape(nz, ny + 1, nx)[:, :ny]).view(np.int32), int(count)
+
+
+def label_2d(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """4-connected components of a boolean (y, x) ``mask``: int32 labels in raster order of their
+    first pixel and their count, the values of ``scipy.ndimage.label(mask)``."""
+    if mask.size == 0:
+        return np.zeros(mask.shape, np.int32), 0
+    labels, count = cc3d.connected_components(
+        np.ascontiguousarray(mask), connectivity=4, return_N=True, out_dtype=np.uint32
     )
     return labels.view(np.int32), int(count)

@@ -1,7 +1,7 @@
 """Weight-free quantitative lung CT: a classic threshold lung mask inside a body mask, and the
 standard density metrics.
 
-Mask (no model; scipy.ndimage, and connected-components-3d by slabs: :mod:`processor.dicom.components`):
+Mask (no model; numpy and connected-components-3d, in slabs: :mod:`processor.dicom.components`):
 
 1. body: per slice, the body mask of :mod:`processor.dicom.body` — pixels above
    ``body_threshold_hu`` (−500 HU) on a grid of about ``body_grid_px`` (128) rows and columns,
@@ -49,10 +49,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import ndimage
 
-from processor.dicom.body import IN_PLANE, BodySettings, body_polygon, polygon_spans
-from processor.dicom.components import SLAB_VOXELS, label_slabs, slab_ranges
+from processor.dicom.body import BodySettings, body_polygon, polygon_spans
+from processor.dicom.components import SLAB_VOXELS, label_2d, label_in_plane, label_slabs, slab_ranges
 from processor.dicom.volume import GAP_FACTOR
 
 log = logging.getLogger(__name__)
@@ -203,7 +202,7 @@ def _wrapping(labels: np.ndarray, ids: np.ndarray, hull: tuple[np.ndarray, np.nd
             beyond = np.count_nonzero(here & ~_inside(hull[0][z], hull[1][z], nx))
             if beyond <= 0.02 * np.count_nonzero(here):
                 continue
-            parts, n = ndimage.label(here)
+            parts, n = label_2d(here)
             reach = [np.zeros(n + 1, bool) for _ in range(4)]
             for hit, face in zip(reach, (parts[0], parts[-1], parts[:, 0], parts[:, -1]), strict=True):
                 hit[face] = True
@@ -225,7 +224,8 @@ def _z_range(labels: np.ndarray, label: int, first: int, last: int, step: int) -
 
 
 def _fill_holes_in_plane(slab: np.ndarray, out: np.ndarray) -> None:
-    """``out[:] = binary_fill_holes(slab, structure=IN_PLANE)`` (``out`` empty on entry), computed on
+    """``out[:] = scipy.ndimage.binary_fill_holes(slab, structure)`` with the in-plane cross as
+    structure (``out`` empty on entry), computed on
     the slab's bounding box with a one-voxel empty ring. Outside the box all background reaches the
     image edge, as the ring does, so the result is identical; the background component holding the
     ring corner is what the fill leaves empty in each slice. The structure joins no two slices, so
@@ -237,7 +237,7 @@ def _fill_holes_in_plane(slab: np.ndarray, out: np.ndarray) -> None:
     y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
     box = np.zeros((slab.shape[0], y1 - y0 + 2, x1 - x0 + 2), bool)
     box[:, 1:-1, 1:-1] = slab[:, y0:y1, x0:x1]
-    background, _ = ndimage.label(~box, structure=IN_PLANE)
+    background, _ = label_in_plane(~box)
     out[:, y0:y1, x0:x1] = (background != background[:, :1, :1])[:, 1:-1, 1:-1]
 
 
@@ -298,7 +298,7 @@ def segment_lungs(
             air &= ~pad_of(z0, z1)
         return air
 
-    labels, count = label_slabs(air_of, hu.shape, slab_voxels)  # scipy.ndimage.label's, uint16 when they fit
+    labels, count = label_slabs(air_of, hu.shape, slab_voxels)  # scipy.ndimage.label's, uint16 if they fit
     if count == 0:
         return LungMask(np.zeros(hu.shape, bool))
     reach, f = body_polygon(hu, settings.body, pixel_mm)
@@ -384,7 +384,7 @@ def _note_one_lung(
     """``one_lung`` when the mask holds a single lung: in its largest slice, one in-plane part."""
     areas = mask.sum(axis=(1, 2))
     peak = int(np.argmax(areas))
-    parts, n = ndimage.label(mask[peak])
+    parts, n = label_2d(mask[peak])
     big = np.bincount(parts.ravel())[1:] >= 0.1 * areas[peak] if n else np.zeros(0, bool)
     why = ""
     if rejected:
