@@ -27,7 +27,6 @@ from processor.instance import InstanceLock
 from processor.intake.archive import Limits
 from processor.intake.orphans import adopt_orphans
 from processor.intake.placement import Placements
-from processor.intake.poller import SourcePoller, SourceThreads
 from processor.intake.register import Intake, Notices
 from processor.intake.watcher import InboxWatcher
 from processor.lifecycle import Lifecycle, Supervisor
@@ -289,6 +288,9 @@ class Daemon:
                 if "daily" in n.on
             ],
         )
+        # imported here: the poller imports httpx (0.27 CPU-s), which `process` and the CPU pool never use
+        from processor.intake.poller import SourcePoller, SourceThreads
+
         self.poller = SourcePoller(
             s, s.state, self._intake_for, on_arrival=self._on_source_arrival, may_fetch=self._may_take
         )

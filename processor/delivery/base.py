@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Protocol
 
 from processor.errors import SendFailed, os_error_words
-from processor.intake.fetch import FetchRefused, check_url
+from processor.intake.allowlist import FetchRefused, check_url
 from processor.redact import Failure, quiet_loggers
 
 __all__ = ["quiet_loggers"]  # the senders' one import of it (processor.redact holds it)
@@ -107,7 +107,7 @@ def env_token(env_name: str | None) -> str | None:
 
 
 def check_host(url: str, allow_hosts: frozenset[str]) -> None:
-    """The allow-list again at send time (:func:`processor.intake.fetch.check_url`)."""
+    """The allow-list again at send time (:func:`processor.intake.allowlist.check_url`)."""
     try:
         check_url(url, allow_hosts)
     except FetchRefused:

@@ -25,11 +25,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import urlsplit
 
 import httpx
 
-from processor.errors import IngestError, TransientError
+from processor.intake.allowlist import FetchRefused as FetchRefused  # re-exported: defined there
+from processor.intake.allowlist import FetchTransient as FetchTransient
+from processor.intake.allowlist import check_url as check_url
 from processor.redact import Failure, SourceFailure, What, quiet_loggers
 
 log = logging.getLogger(__name__)
@@ -38,22 +39,6 @@ T = TypeVar("T")
 CHUNK = 1 << 20
 BACKOFF_CAP_SECONDS = 60.0
 MAX_REDIRECTS = 5
-
-
-class FetchRefused(IngestError):
-    """The source answered, or would be reached, in a way that retrying cannot fix."""
-
-    def __init__(self, failure: SourceFailure) -> None:
-        super().__init__(str(failure))
-        self.failure = failure
-
-
-class FetchTransient(TransientError):
-    """A failure that may pass (timeout, connection, 5xx); retried with backoff."""
-
-    def __init__(self, failure: SourceFailure) -> None:
-        super().__init__(str(failure))
-        self.failure = failure
 
 
 class FetchInterrupted(Exception):
@@ -68,14 +53,6 @@ class FetchPolicy:
     retries: int
     backoff: float
     backoff_cap: float = BACKOFF_CAP_SECONDS
-
-
-def check_url(url: str | httpx.URL, allow_hosts: frozenset[str]) -> None:
-    """Refuse anything but http(s) to an allowed host (names neither: a redirect's target is the server's text)."""
-    parts = urlsplit(str(url))
-    host = (parts.hostname or "").lower()
-    if parts.scheme.lower() not in ("http", "https") or host not in allow_hosts:
-        raise FetchRefused(SourceFailure(What.POLL, Failure.REDIRECT))
 
 
 def bearer_token(env_name: str | None) -> str | None:
