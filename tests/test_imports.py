@@ -1,7 +1,8 @@
 """Import only what runs (issue 18, item 2): a fresh install's `process` — the shipped chest-CT
 pipeline with no model file present, on the CPU — and the daemon with its CPU pool, from its start
 through a study and the Excel workbooks, never import torch, transformers, diffusers, pandas or SciPy
-(the lung and body masks label with connected-components-3d: :mod:`processor.dicom.components`). Checking the
+(the lung and body masks label with connected-components-3d: :mod:`processor.dicom.components`);
+`process` imports neither httpx (the URL allow-list lives apart from it) nor asyncio. Checking the
 pipeline, listing each step's model files and recording the skips read file names and small
 configs only; a model library is imported when a model is loaded. pandas is for the ``fit``
 commands: sqlite-utils is imported without it (:mod:`processor.state.sqlitelib`) and the
@@ -23,12 +24,14 @@ from tests.conftest import REPO, Project, _env
 from tests.dicomgen import make_series, write_zip
 
 NOT_AT_RUN_TIME = ("torch", "transformers", "diffusers", "pandas", "scipy")
+# and `process` of a file fetches nothing and starts no Dask worker
+NOT_IN_PROCESS = (*NOT_AT_RUN_TIME, "httpx", "asyncio")
 
 PROBE = f"""
 import json, sys
 from processor.cli import main
 code = main(["process", sys.argv[1], "--config", sys.argv[2]])
-print(json.dumps({{"code": code, "loaded": [m for m in {NOT_AT_RUN_TIME!r} if m in sys.modules]}}))
+print(json.dumps({{"code": code, "loaded": [m for m in {NOT_IN_PROCESS!r} if m in sys.modules]}}))
 """
 
 # The daemon as `python run.py` starts it; a watcher thread waits until the rolling workbook
