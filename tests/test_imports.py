@@ -2,7 +2,8 @@
 pipeline with no model file present, on the CPU — and the daemon with its CPU pool, from its start
 through a study and the Excel workbooks, never import torch, transformers, diffusers, pandas or SciPy
 (the lung and body masks label with connected-components-3d: :mod:`processor.dicom.components`);
-`process` imports neither httpx (the URL allow-list lives apart from it) nor asyncio. Checking the
+`process` imports neither httpx (the URL allow-list lives apart from it) nor asyncio; pydicom is
+imported without requests (:mod:`processor.lean`). Checking the
 pipeline, listing each step's model files and recording the skips read file names and small
 configs only; a model library is imported when a model is loaded. pandas is for the ``fit``
 commands: sqlite-utils is imported without it (:mod:`processor.state.sqlitelib`) and the
@@ -23,7 +24,7 @@ from processor.models.gpu_nodes import gpu_device_nodes
 from tests.conftest import REPO, Project, _env
 from tests.dicomgen import make_series, write_zip
 
-NOT_AT_RUN_TIME = ("torch", "transformers", "diffusers", "pandas", "scipy")
+NOT_AT_RUN_TIME = ("torch", "transformers", "diffusers", "pandas", "scipy", "requests")
 # and `process` of a file fetches nothing and starts no Dask worker
 NOT_IN_PROCESS = (*NOT_AT_RUN_TIME, "httpx", "asyncio")
 
