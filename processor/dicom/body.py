@@ -95,6 +95,22 @@ def _opened(mask: np.ndarray, radius: int) -> np.ndarray:
     return core & mask
 
 
+def _sampled_above(hu: np.ndarray, step: int, threshold: float) -> np.ndarray:
+    """``hu[:, rows[:, None], cols] > threshold`` for ``rows, cols = _grid(ny, step), _grid(nx, step)``,
+    from strided views (every ``step``-th row and column, then the last ones where the stride
+    misses them): twice as fast as the fancy index."""
+    nz, ny, nx = hu.shape
+    rows, cols = _grid(ny, step), _grid(nx, step)
+    out = np.empty((nz, len(rows), len(cols)), bool)
+    r, c = len(range(0, ny, step)), len(range(0, nx, step))  # the strided part of each grid
+    np.greater(hu[:, ::step, ::step], threshold, out=out[:, :r, :c])
+    if r < len(rows):
+        np.greater(hu[:, -1:, ::step], threshold, out=out[:, r:, :c])
+    if c < len(cols):
+        np.greater(hu[:, rows, -1:], threshold, out=out[:, :, c:])
+    return out
+
+
 def opening_radii(step_mm: tuple[float, float], thin_mm: float) -> tuple[int, int]:
     """Opening radius in coarse pixels along rows and columns that removes tissue thinner than
     about ``thin_mm`` and nothing thicker: an opening of radius r keeps what is 2r + 1 pixels thick."""
@@ -162,7 +178,7 @@ def body_polygon(
     nz, ny, nx = hu.shape
     f = max(1, round(max(ny, nx) / settings.grid_px))
     rows, cols = _grid(ny, f), _grid(nx, f)
-    dense = hu[:, rows[:, None], cols] > settings.threshold_hu
+    dense = _sampled_above(hu, f, settings.threshold_hu)
     if pixel_mm is not None and all(np.isfinite(v) and v > 0 for v in pixel_mm):
         opened = _opened_mm(dense, opening_radii((f * pixel_mm[0], f * pixel_mm[1]), settings.thin_mm))
     else:

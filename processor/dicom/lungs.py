@@ -241,6 +241,17 @@ def _fill_holes_in_plane(slab: np.ndarray, out: np.ndarray) -> None:
     out[:, y0:y1, x0:x1] = (background != background[:, :1, :1])[:, 1:-1, 1:-1]
 
 
+def _members(labels: np.ndarray, lookup: np.ndarray, chosen: np.ndarray) -> np.ndarray:
+    """``lookup[labels]``: where ``labels`` is one of the few ``chosen`` ids (``lookup`` true there),
+    as equality tests, a tenth of the time of the table lookup for up to four ids."""
+    if len(chosen) > 4:
+        return lookup[labels]
+    out = labels == chosen[0]
+    for c in chosen[1:]:
+        out |= labels == c
+    return out
+
+
 def _chosen_mask(
     labels: np.ndarray, lookup: np.ndarray, z_range: tuple[int, int], pad_of: Slabs | None, slab_voxels: int
 ) -> np.ndarray:
@@ -248,9 +259,10 @@ def _chosen_mask(
     they lie in slices ``z_range`` [z0, z1). Built a slab at a time: no whole-volume temporary."""
     mask = np.zeros(labels.shape, bool)
     z0, z1 = z_range
+    chosen = np.flatnonzero(lookup)
     for a, b in slab_ranges(z1 - z0, _slicing(labels)[1], slab_voxels):
         a, b = z0 + a, z0 + b
-        _fill_holes_in_plane(lookup[labels[a:b]], mask[a:b])
+        _fill_holes_in_plane(_members(labels[a:b], lookup, chosen), mask[a:b])
         if pad_of is not None:
             mask[a:b] &= ~pad_of(a, b)
     return mask
