@@ -197,8 +197,10 @@ def choose_levels(count: int, depth: int, mask: np.ndarray | None = None) -> tup
 
 
 def png_bytes(image: np.ndarray) -> bytes:
+    """A uint8 image as PNG (lossless at any level). zlib level 1: half the CPU of level 6 for files
+    about 12 % larger (six 512² previews of the bench's chest: 0.07 vs 0.15 CPU-s, 0.73 vs 0.65 MB)."""
     buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG", optimize=False, compress_level=6)
+    Image.fromarray(image).save(buf, format="PNG", optimize=False, compress_level=1)
     return buf.getvalue()
 
 
