@@ -19,8 +19,8 @@ connected-components-3d's too, so the weight-free pipeline never imports SciPy: 
 ``scipy.ndimage`` and ``scipy.sparse`` cost every ``process`` call, daemon start and CPU pool
 process 0.8 CPU-s (SciPy 1.17 rewrites the docstring of every ndimage function at import; 2-core
 AMD EPYC, medians of 7; issue 18: import only what runs). The cross-slab join is a few lines of
-numpy for the same reason (:func:`_components_of`). tests/test_components.py checks every function
-here against SciPy's, value for value.
+numpy for the same reason (:func:`_components_of`). tests/test_lungs.py checks every function here
+against SciPy's, value for value.
 """
 
 from __future__ import annotations
