@@ -320,3 +320,84 @@ def test_a_multi_valued_number_reads_the_same_in_both_readers() -> None:
     data = _patched(0x00200012, b"IS", b"1 ", b"1\\2 ")  # AcquisitionNumber with two values
     mine, theirs = _both(data)
     assert mine[0].acquisition == theirs[0].acquisition == "1\\2"
+
+
+# --- the shared values of a series converted together: the same facts as converted one by one --------
+
+
+def _reference_facts_of(walked: fastheader.Walked) -> fastheader.Facts:
+    """``facts_of`` as it was: every value converted on its own, in the order it was converted."""
+    get, tags = walked.values.get, fastheader.TAGS
+    text, number, numbers = fastheader._text_of, fastheader._number_of, fastheader._numbers_of
+
+    def us(keyword: str) -> int | None:
+        return fastheader._us(get(tags[keyword]))
+
+    temporal_index = get(tags["TemporalPositionIndex"])
+    if tags["TemporalPositionIdentifier"] in walked.values:
+        temporal = text(get(tags["TemporalPositionIdentifier"]))
+    else:
+        temporal = (
+            str(struct.unpack_from("<L", temporal_index)[0])
+            if temporal_index and len(temporal_index) >= 4
+            else ""
+        )
+    slope, intercept = number(get(tags["RescaleSlope"])), number(get(tags["RescaleIntercept"]))
+    frames, instance_number = number(get(tags["NumberOfFrames"])), number(get(tags["InstanceNumber"]))
+    return fastheader.Facts(
+        sop_uid=text(get(tags["SOPInstanceUID"])),
+        study_uid=text(get(tags["StudyInstanceUID"])),
+        series_uid=text(get(tags["SeriesInstanceUID"])),
+        sop_class_uid=text(get(tags["SOPClassUID"])),
+        media_sop_class_uid=text(get(tags["MediaStorageSOPClassUID"])),
+        transfer_syntax=walked.transfer_syntax,
+        implicit=walked.implicit,
+        enhanced=fastheader.PER_FRAME_GROUPS in walked.values,
+        rows=us("Rows") or 0,
+        cols=us("Columns") or 0,
+        bits_allocated=us("BitsAllocated"),
+        bits_stored=us("BitsStored"),
+        pixel_representation=us("PixelRepresentation") or 0,
+        samples_per_pixel=us("SamplesPerPixel") or 1,
+        number_of_frames=int((frames if frames is not None else 1) or 1),
+        position=numbers(get(tags["ImagePositionPatient"]), 3),
+        orientation=numbers(get(tags["ImageOrientationPatient"]), 6),
+        pixel_spacing=numbers(get(tags["PixelSpacing"]), 2),
+        thickness=number(get(tags["SliceThickness"])),
+        slope=slope if slope is not None else 1.0,
+        intercept=intercept if intercept is not None else 0.0,
+        rescale_stated=slope is not None and intercept is not None,
+        instance_number=int((instance_number if instance_number is not None else 0) or 0),
+        temporal=temporal,
+        acquisition=text(get(tags["AcquisitionNumber"])),
+        image_type=fastheader._upper_parts_of(get(tags["ImageType"])),
+        kernel=fastheader._joined_parts_of(get(tags["ConvolutionKernel"])),
+        modality=text(get(tags["Modality"])),
+        acquisition_time=text(get(tags["AcquisitionTime"])),
+        acquisition_date=text(get(tags["AcquisitionDate"])),
+        acquisition_datetime=text(get(tags["AcquisitionDateTime"])),
+        imager_pixel_spacing=numbers(get(tags["ImagerPixelSpacing"]), 2),
+        declared_syntax=walked.declared,
+    )
+
+
+def _facts_or_declined(convert, walked: fastheader.Walked) -> object:  # type: ignore[no-untyped-def]
+    try:
+        return convert(walked)
+    except Declined as exc:
+        return type(exc).__name__
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_header(), st.sampled_from([None, b"CT\xe9", b"\x01\x00\x02", b"", b"1\\2"]))
+def test_the_shared_values_converted_together_give_the_facts_converted_one_by_one(
+    case: _Case, odd: bytes | None
+) -> None:
+    walked = walk(case.data)
+    if odd is not None:  # an odd raw value in a shared element (text, US, number): declined alike
+        tag = [fastheader.TAGS["Modality"], fastheader.TAGS["Rows"], fastheader.TAGS["RescaleSlope"]][
+            len(odd) % 3
+        ]
+        walked = dataclasses.replace(walked, values={**walked.values, tag: odd})
+    for _ in range(2):  # converted afresh, then remembered (a value that raised never is)
+        assert _facts_or_declined(facts_of, walked) == _facts_or_declined(_reference_facts_of, walked)

@@ -163,8 +163,12 @@ with warnings.catch_warnings():
 def _damaged(draw: st.DrawFn) -> tuple[str, bytes]:
     """A generated file with a few random edits in its header (and perhaps cut short)."""
     name = draw(st.sampled_from(sorted(FILES)))
-    data = bytearray(FILES[name])
-    start, stop = _data_set_start(bytes(data)), len(data)
+    return name, _edited(draw, FILES[name])
+
+
+def _edited(draw: st.DrawFn, original: bytes) -> bytes:
+    data = bytearray(original)
+    start, stop = _data_set_start(original), len(data)
     for _ in range(draw(st.integers(0, 4))):
         at = draw(st.integers(start, min(stop, start + 3000) - 1))
         kind = draw(st.sampled_from(["set", "set", "insert", "delete"]))
@@ -177,7 +181,7 @@ def _damaged(draw: st.DrawFn) -> tuple[str, bytes]:
             del data[at : at + draw(st.sampled_from([1, 2, 4, 8]))]
     if draw(st.booleans()):
         data = data[: draw(st.integers(start, len(data)))]
-    return name, bytes(data)
+    return bytes(data)
 
 
 # --- the common-element shortcut against the element-by-element walk ------------------------------------
@@ -257,6 +261,37 @@ def test_a_damaged_file_walked_against_another_gives_the_plain_walks_result(
 ) -> None:
     against, plain, _ = _both_walks(earlier[1], case[1])
     assert against == plain
+
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    SERIES = [dicomgen.to_bytes(ds) for ds in dicomgen.make_series(3, thickness=1.25)]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_a_damaged_file_walked_where_the_series_differed_before_gives_the_plain_walks_result(
+    data: st.DataObject,
+) -> None:
+    """The elements the walk before stepped one by one are tried first: whatever a file has there."""
+    alike = Alike()
+    walk(SERIES[0], alike)
+    walk(SERIES[1], alike)
+    assert alike.changed  # the SOP Instance UID, InstanceNumber, ImagePositionPatient, SliceLocation
+    damaged = data.draw(_edits_of(SERIES[2]))
+
+    def outcome(walker: Alike | None) -> object:
+        try:
+            walked = walk(damaged, walker)
+        except Declined as exc:
+            return type(exc).__name__
+        return list(walked.values.items()), walked.pixel_offset, walked.implicit
+
+    assert outcome(alike) == outcome(None)
+
+
+def _edits_of(original: bytes) -> st.SearchStrategy[bytes]:
+    return st.composite(lambda draw: _edited(draw, original))()
 
 
 def test_a_value_that_changes_length_shifts_the_rest_and_is_still_read_exactly() -> None:

@@ -156,9 +156,10 @@ def _verified(buf: bytes | memoryview, pos: int) -> tuple[bool, bool] | None:
 
 
 ELEMENT_CUT = -1  # element_head's value length when a long-VR header runs past the bytes at hand
-# (tag, 4-byte length, 2-byte length) layouts of each byte order
-_LITTLE = (struct.Struct("<HH"), struct.Struct("<L"), struct.Struct("<H"))
-_BIG = (struct.Struct(">HH"), struct.Struct(">L"), struct.Struct(">H"))
+# (implicit header, explicit header, 4-byte length) layouts of each byte order: an element's first
+# 8 bytes are read in one unpack (tag and 4-byte length, or tag, VR and 2-byte length)
+_LITTLE = (struct.Struct("<HHL"), struct.Struct("<HH2sH"), struct.Struct("<L"))
+_BIG = (struct.Struct(">HHL"), struct.Struct(">HH2sH"), struct.Struct(">L"))
 
 
 def element_head(
@@ -168,18 +169,18 @@ def element_head(
     encoding (PS3.5 §7.1: 8-byte headers, 12 for the long VRs), or None when an explicit VR is no VR.
     The caller makes sure 8 bytes are there; a 12-byte header cut by the end of ``buf`` has the value
     length :data:`ELEMENT_CUT`. A value length of 0xFFFFFFFF is undefined (a sequence)."""
-    tag, ul, us = _LITTLE if little else _BIG
-    group, element = tag.unpack_from(buf, pos)
+    implicit_head, explicit_head, ul = _LITTLE if little else _BIG
     if implicit:
-        return group, element, ul.unpack_from(buf, pos + 4)[0], 8
-    vr = bytes(buf[pos + 4 : pos + 6])
+        group, element, length = implicit_head.unpack_from(buf, pos)
+        return group, element, length, 8
+    group, element, vr, length = explicit_head.unpack_from(buf, pos)
     if vr not in VRS:
         return None
     if vr in _LONG_VRS:
         if pos + 12 > len(buf):
             return group, element, ELEMENT_CUT, 12
         return group, element, ul.unpack_from(buf, pos + 8)[0], 12
-    return group, element, us.unpack_from(buf, pos + 6)[0], 8
+    return group, element, length, 8
 
 
 def _reads(buf: bytes | memoryview, pos: int, implicit: bool, little: bool) -> bool:

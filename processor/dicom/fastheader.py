@@ -476,53 +476,119 @@ def _joined_parts_of(raw: bytes | None) -> str:
     return "\\".join(_parts(raw) or ())
 
 
+# The values that every file of a series shares, read in this order and converted together: one
+# memo lookup a file instead of one a value. A value that does not convert (``Declined``) is not
+# remembered, and raises for every file that holds it.
+_SHARED = (
+    _STUDY_UID,
+    _SERIES_UID,
+    _SOP_CLASS_UID,
+    _MEDIA_SOP_CLASS_UID,
+    _ROWS,
+    _COLUMNS,
+    _BITS_ALLOCATED,
+    _BITS_STORED,
+    _PIXEL_REPRESENTATION,
+    _SAMPLES_PER_PIXEL,
+    _FRAMES,
+    _ORIENTATION,
+    _PIXEL_SPACING,
+    _THICKNESS,
+    _SLOPE,
+    _INTERCEPT,
+    _IMAGE_TYPE,
+    _KERNEL,
+    _MODALITY,
+    _ACQUISITION_DATE,
+    _ACQUISITION_DATETIME,
+    _IMAGER_PIXEL_SPACING,
+)
+
+
+@lru_cache(maxsize=_MEMO)
+def _shared_of(raw: tuple[bytes | None, ...]) -> dict[str, Any]:
+    """The :class:`Facts` fields converted from the raw values of :data:`_SHARED` (in its order)."""
+    (
+        study,
+        series,
+        sop_class,
+        media_sop_class,
+        rows,
+        cols,
+        bits_allocated,
+        bits_stored,
+        pixel_representation,
+        samples_per_pixel,
+        frames,
+        orientation,
+        pixel_spacing,
+        thickness,
+        slope,
+        intercept,
+        image_type,
+        kernel,
+        modality,
+        date,
+        datetime,
+        imager_pixel_spacing,
+    ) = raw
+    text, number, numbers = _text_of, _number_of, _numbers_of
+    slope_value, intercept_value, frames_value = number(slope), number(intercept), number(frames)
+    return {
+        "study_uid": text(study),
+        "series_uid": text(series),
+        "sop_class_uid": text(sop_class),
+        "media_sop_class_uid": text(media_sop_class),
+        "rows": _us(rows) or 0,
+        "cols": _us(cols) or 0,
+        "bits_allocated": _us(bits_allocated),
+        "bits_stored": _us(bits_stored),
+        "pixel_representation": _us(pixel_representation) or 0,
+        "samples_per_pixel": _us(samples_per_pixel) or 1,
+        "number_of_frames": int((frames_value if frames_value is not None else 1) or 1),
+        "orientation": numbers(orientation, 6),
+        "pixel_spacing": numbers(pixel_spacing, 2),
+        "thickness": number(thickness),
+        "slope": slope_value
+        if slope_value is not None
+        else 1.0,  # a stated 0 stays 0: the volume step refuses it
+        "intercept": intercept_value if intercept_value is not None else 0.0,
+        "rescale_stated": slope_value is not None and intercept_value is not None,
+        "image_type": _upper_parts_of(image_type),
+        "kernel": _joined_parts_of(kernel),
+        "modality": text(modality),
+        "acquisition_date": text(date),
+        "acquisition_datetime": text(datetime),
+        "imager_pixel_spacing": numbers(imager_pixel_spacing, 2),
+    }
+
+
 def facts_of(walked: Walked) -> Facts:
     """Convert the walked raw values (little endian) into :class:`Facts`."""
-    get = walked.values.get
-    text, number, numbers = _text_of, _number_of, _numbers_of
+    values = walked.values
+    get = values.get
+    text = _text_of
+    shared = _shared_of(tuple(map(get, _SHARED)))
     temporal_index = get(_TEMPORAL_INDEX)
-    if _TEMPORAL_IDENTIFIER in walked.values:
+    if _TEMPORAL_IDENTIFIER in values:
         temporal = text(get(_TEMPORAL_IDENTIFIER))
     else:
         temporal = (
             str(_UL.unpack_from(temporal_index)[0]) if temporal_index and len(temporal_index) >= 4 else ""
         )
-    slope, intercept = number(get(_SLOPE)), number(get(_INTERCEPT))
-    frames, instance_number = number(get(_FRAMES)), number(get(_INSTANCE_NUMBER))
+    instance_number = _number_of(get(_INSTANCE_NUMBER))
     return Facts(
         sop_uid=text(get(_SOP_INSTANCE_UID)),
-        study_uid=text(get(_STUDY_UID)),
-        series_uid=text(get(_SERIES_UID)),
-        sop_class_uid=text(get(_SOP_CLASS_UID)),
-        media_sop_class_uid=text(get(_MEDIA_SOP_CLASS_UID)),
         transfer_syntax=walked.transfer_syntax,
         implicit=walked.implicit,
-        enhanced=PER_FRAME_GROUPS in walked.values,
-        rows=_us(get(_ROWS)) or 0,
-        cols=_us(get(_COLUMNS)) or 0,
-        bits_allocated=_us(get(_BITS_ALLOCATED)),
-        bits_stored=_us(get(_BITS_STORED)),
-        pixel_representation=_us(get(_PIXEL_REPRESENTATION)) or 0,
-        samples_per_pixel=_us(get(_SAMPLES_PER_PIXEL)) or 1,
-        number_of_frames=int((frames if frames is not None else 1) or 1),
-        position=numbers(get(_POSITION), 3),
-        orientation=numbers(get(_ORIENTATION), 6),
-        pixel_spacing=numbers(get(_PIXEL_SPACING), 2),
-        thickness=number(get(_THICKNESS)),
-        slope=slope if slope is not None else 1.0,  # a stated 0 stays 0: the volume step refuses it
-        intercept=intercept if intercept is not None else 0.0,
-        rescale_stated=slope is not None and intercept is not None,
+        enhanced=PER_FRAME_GROUPS in values,
+        position=_numbers_of(get(_POSITION), 3),
         instance_number=int((instance_number if instance_number is not None else 0) or 0),
         temporal=temporal,
         acquisition=text(get(_ACQUISITION_NUMBER)),
-        image_type=_upper_parts_of(get(_IMAGE_TYPE)),
-        kernel=_joined_parts_of(get(_KERNEL)),
-        modality=text(get(_MODALITY)),
         acquisition_time=text(get(_ACQUISITION_TIME)),
-        acquisition_date=text(get(_ACQUISITION_DATE)),
-        acquisition_datetime=text(get(_ACQUISITION_DATETIME)),
-        imager_pixel_spacing=numbers(get(_IMAGER_PIXEL_SPACING), 2),
         declared_syntax=walked.declared,
+        **shared,
     )
 
 

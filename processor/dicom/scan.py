@@ -64,6 +64,7 @@ _START_ELEMENTS = 4  # elements stepped over by looks_like_dicom
 _INFLATE_PROBE = 1024  # bytes of a bare deflated data set inflated by looks_like_dicom
 # (implicit, little) tried by looks_like_dicom: Explicit VR LE, Implicit VR LE, Explicit VR BE
 _ENCODINGS = ((False, True), (True, True), (False, False))
+_TAG_LE, _TAG_BE = struct.Struct("<HH"), struct.Struct(">HH")  # an element's (group, element)
 PARSE_ERRORS = (
     InvalidDicomError,
     ValueError,
@@ -270,10 +271,11 @@ def _steps(buf: Buffer, implicit: bool, little: bool) -> bool:
     longer than ``buf`` (a prefix), a sequence of undefined length or the end of a file meta group
     ends the walk: what was read decides."""
     end, pos, last = len(buf), 0, -1
+    unpack_tag = _TAG_LE.unpack_from if little else _TAG_BE.unpack_from
     for n in range(_START_ELEMENTS):
         if pos + 8 > end:
             return n > 0
-        group, element = struct.unpack_from("<HH" if little else ">HH", buf, pos)
+        group, element = unpack_tag(buf, pos)
         if n > 0 and last >> 16 == 0x0002 and group != 0x0002:
             return True  # past a file meta group: the data set may have another encoding
         tag = group << 16 | element
