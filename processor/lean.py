@@ -15,8 +15,10 @@ which that module catches: it then records ``HAVE_REQUESTS = False`` and would d
 (Python reference, "The import system", 5.3), so where ``requests`` is already loaded nothing
 changes, and every other import of it — dicomweb-client's, at any other time — is untouched. The
 finder removes itself once pydicom's download module has been imported. A thread importing
-``requests`` for the first time during that very import would get the error: the daemon and the
-commands import pydicom at start-up, in the main thread, before other threads run.
+``requests`` for the first time during that very import would get the error: the daemon, its CPU
+pool processes and ``process`` import pydicom at start-up, in the main thread, before other
+threads run; a Dask worker (``ctwatch worker``) imports it with its first batch, and nothing in a
+worker imports ``requests``.
 """
 
 from __future__ import annotations
@@ -48,8 +50,11 @@ class PydicomWithoutDownloads:
         return None
 
     def remove(self) -> None:
+        # a new list, not ``sys.meta_path.remove``: the import system may be iterating over the
+        # current one at this very moment (this finder is asked from inside that loop), and
+        # removing an item from it would make the loop skip the next finder for that import
         if self in sys.meta_path:
-            sys.meta_path.remove(self)
+            sys.meta_path = [f for f in sys.meta_path if f is not self]
 
 
 def install() -> None:

@@ -179,6 +179,8 @@ def test_the_in_plane_labellings_and_the_opening_are_scipys_to_the_voxel() -> No
             expected, n = ndimage.label(plane)
             labels, count = label_2d(plane)
             assert count == n and labels.dtype == np.int32 and np.array_equal(labels, expected)
+        mixed = mask[0] * rng.integers(1, 4, mask[0].shape)  # integer values: every nonzero is foreground
+        assert np.array_equal(label_2d(mixed)[0], ndimage.label(mixed)[0])
     assert max(label_in_plane(m)[1] for m in masks) > 200, "many components were compared"
     for ry in range(5):
         for rx in range(5):
@@ -219,7 +221,7 @@ def test_components_joined_only_far_away_are_numbered_as_scipy_does() -> None:
 def test_the_fast_forms_of_the_masks_steps_give_the_same_arrays() -> None:
     """The coarse body grid read from strided views equals the fancy index it replaced, for grids
     that do and do not land on the last row and column; the chosen components by equality tests
-    equal the table lookup, for one to six chosen ids (over four: the lookup itself)."""
+    equal the table lookup, for none and one to six chosen ids (none or over four: the lookup itself)."""
     from processor.dicom.body import _grid, _sampled_above
     from processor.dicom.lungs import _members
 
@@ -237,7 +239,7 @@ def test_the_fast_forms_of_the_masks_steps_give_the_same_arrays() -> None:
         rows, cols = _grid(ny, step), _grid(nx, step)
         assert np.array_equal(_sampled_above(hu, step, -500.0), hu[:, rows[:, None], cols] > -500.0)
     labels = rng.integers(0, 9, (4, 30, 20)).astype(np.uint16)
-    for k in range(1, 7):
+    for k in range(0, 7):
         lookup = np.zeros(9, bool)
-        lookup[rng.choice(np.arange(1, 9), k, replace=False)] = True
+        lookup[rng.choice(np.arange(1, 9), k, replace=False)] = True  # none, one to six
         assert np.array_equal(_members(labels, lookup, np.flatnonzero(lookup)), lookup[labels])

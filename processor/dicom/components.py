@@ -19,8 +19,8 @@ connected-components-3d's too, so the weight-free pipeline never imports SciPy: 
 ``scipy.ndimage`` and ``scipy.sparse`` cost every ``process`` call, daemon start and CPU pool
 process 0.8 CPU-s (SciPy 1.17 rewrites the docstring of every ndimage function at import; 2-core
 AMD EPYC, medians of 7; issue 18: import only what runs). The cross-slab join is a few lines of
-numpy for the same reason (:func:`_components_of`). tests/test_lungs.py checks every function here
-against SciPy's, value for value.
+numpy for the same reason (:func:`_components_of`). tests/test_lungs.py checks the labellings
+against SciPy's value for value (the join through :func:`label_3d`, in slabs of one slice).
 """
 
 from __future__ import annotations
@@ -163,7 +163,9 @@ def label_2d(mask: np.ndarray) -> tuple[np.ndarray, int]:
     first pixel and their count, the values of ``scipy.ndimage.label(mask)``."""
     if mask.size == 0:
         return np.zeros(mask.shape, np.int32), 0
-    labels, count = cc3d.connected_components(
-        np.ascontiguousarray(mask), connectivity=4, return_N=True, out_dtype=np.uint32
+    labels, count = (
+        cc3d.connected_components(  # as bool: cc3d would label each value of an integer mask apart
+            np.ascontiguousarray(mask, dtype=bool), connectivity=4, return_N=True, out_dtype=np.uint32
+        )
     )
     return labels.view(np.int32), int(count)

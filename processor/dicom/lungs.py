@@ -242,12 +242,15 @@ def _fill_holes_in_plane(slab: np.ndarray, out: np.ndarray) -> None:
 
 
 def _members(labels: np.ndarray, lookup: np.ndarray, chosen: np.ndarray) -> np.ndarray:
-    """``lookup[labels]``: where ``labels`` is one of the few ``chosen`` ids (``lookup`` true there),
-    as equality tests, a tenth of the time of the table lookup for up to four ids."""
-    if len(chosen) > 4:
+    """``lookup[labels]``: where ``labels`` is one of the few ``chosen`` ids (``lookup`` true there,
+    nowhere else). Up to four ids as equality tests against Python ints: two lungs over the bench
+    study's 300 slices of 512² in 0.06 CPU-s instead of the table lookup's 0.2 (2-core AMD EPYC);
+    more ids, the lookup itself."""
+    if len(chosen) == 0 or len(chosen) > 4:
         return lookup[labels]
-    out = labels == chosen[0]
-    for c in chosen[1:]:
+    ids = [int(c) for c in chosen]  # a NumPy integer scalar makes each comparison several times slower
+    out = labels == ids[0]
+    for c in ids[1:]:
         out |= labels == c
     return out
 
