@@ -138,7 +138,10 @@ class CloseEvents:
         with self._lock:
             self._closes.pop(path, None)
 
-    def prune(self, present: set[Path]) -> None:
+    def prune(self, present: set[Path], listed_at: float) -> None:
+        """Forget the closes of entries not ``present`` in a listing begun at ``listed_at`` (the
+        clock); a close recorded since then is kept: its file may have appeared after its folder was
+        listed (dropped while the scan handed over another), and the next scan looks at it."""
         with self._lock:
-            for path in [p for p in self._closes if p not in present]:
+            for path in [p for p, c in self._closes.items() if p not in present and c.at < listed_at]:
                 del self._closes[path]

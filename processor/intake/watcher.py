@@ -156,7 +156,7 @@ class InboxWatcher:
             if self._check(path, night, now):
                 handed.append(path)
         self.tracker.prune(present)
-        self.closes.prune(present)
+        self.closes.prune(present, now)  # not a close that came in after the listing began
         self.contents.prune(present)
         for path in [p for p in self._failing if not os.path.lexists(p)]:
             del self._failing[path]
