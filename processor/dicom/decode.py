@@ -46,6 +46,7 @@ from processor.dicom.frames import Frame
 from processor.dicom.native import INT16, NeedsFloat, check_fits_int16, read_into_slice, takes, wrapped16
 from processor.dicom.scan import PIXEL_DATA_TAG, Instance, Series
 from processor.errors import IngestError, StepError
+from processor.hugepages import volume_array
 
 log = logging.getLogger(__name__)
 
@@ -396,7 +397,7 @@ def decode_into(
 def _decode_as(
     series: Series, kept: list[Frame], workers: int, dtype: type, *, imagecodecs: bool = True
 ) -> tuple[np.ndarray, dict]:
-    hu: np.ndarray = np.empty((len(kept), kept[0].rows, kept[0].cols), dtype=dtype)
+    hu = volume_array((len(kept), kept[0].rows, kept[0].cols), dtype)  # on huge pages when free
     by_file: dict[int, list[_Target]] = defaultdict(list)
     for k, f in enumerate(kept):
         by_file[f.instance].append(_Target(f.frame, k, f.slope, f.intercept))
