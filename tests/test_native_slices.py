@@ -66,6 +66,11 @@ def _variant(name: str, size: int = SIZE) -> list[Dataset]:
             ds.PixelData = np.full(frame.shape, -31744, np.int16).tobytes()
         elif name == "data after the pixels":
             ds.add_new(0xFFFCFFFC, "OB", bytes(range(10)))  # Data Set Trailing Padding
+        elif name == "header past the first read":  # the scan reads 16 KiB, then 64 KiB: found there
+            ds.ICCProfile = bytes(20_000)
+            ds.add_new(0xFFFCFFFC, "OB", bytes(60_000))  # a member longer than 64 KiB
+        elif name == "header past 64 KiB":  # found only in the whole member
+            ds.ICCProfile = bytes(70_000)
     return datasets
 
 
@@ -84,6 +89,8 @@ VARIANTS = [
     "past int16",
     "edge of int16",
     "data after the pixels",
+    "header past the first read",
+    "header past 64 KiB",
 ]
 
 

@@ -15,8 +15,9 @@ bytes show (:mod:`processor.dicom.encoding`; a header that declares another one 
 on demand (``Instance.header``) and eagerly for the first file of every series, while the
 arrival is still open.
 
-A member's header is read from its first :data:`HEADER_PREFIX` bytes (read where they lie, or
-inflated) when it ends there, otherwise from the whole member, read once. A ZIP member's CRC is
+A member's header is read from its first :data:`FIRST_READ` bytes (read where they lie, or
+inflated) when it ends there, else from its first :data:`HEADER_PREFIX` bytes, otherwise from the
+whole member, each read once. A ZIP member's CRC is
 checked when it is read whole, so a bad CRC past the header surfaces when the member is decoded.
 """
 
@@ -47,7 +48,7 @@ from processor.dicom.encoding import (
     plain_cause,
     read_file,
 )
-from processor.dicom.fastheader import Declined, Facts, Truncated, facts_from_dataset, facts_of, walk
+from processor.dicom.fastheader import Declined, Facts, Truncated, Walked, facts_from_dataset, facts_of, walk
 from processor.errors import StepError
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,8 @@ log = logging.getLogger(__name__)
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
-HEADER_PREFIX = 64 * 1024  # bytes read for a header; CT headers are ~2–10 KB
+FIRST_READ = 16 * 1024  # bytes read first for a header; CT headers are ~2–10 KB
+HEADER_PREFIX = 64 * 1024  # bytes read for a header that goes past FIRST_READ
 PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
 # A data set holding SOPInstanceUID (0008,0018), its tags ascending, starts in one of these groups:
 # command (0000), file meta (0002), directory (0004), identifying (0008).
@@ -292,13 +294,26 @@ def _steps(buf: Buffer, implicit: bool, little: bool) -> bool:
 
 
 class _Bytes:
-    """A member's first :data:`HEADER_PREFIX` bytes and, when they are not enough, all of them —
-    each read (or inflated) at most once."""
+    """A member's first :data:`FIRST_READ` bytes (``head``), its first :data:`HEADER_PREFIX` bytes
+    and all of them, as far as each is needed — each read (or inflated) at most once.
+
+    The first read is small because the scan reads every file's head and CT headers are small:
+    16 KiB in place of 64 KiB cut the head reads of a 361-file study from ~10 to ~3 ms (issue 18)."""
 
     def __init__(self, member: Member) -> None:
         self.member = member
-        self.head = member.head(HEADER_PREFIX)
-        self._whole: Buffer | None = self.head if len(self.head) >= member.size else None
+        # a member no longer than HEADER_PREFIX is read whole (and so CRC-checked) as before
+        self.head = member.head(HEADER_PREFIX if member.size <= HEADER_PREFIX else FIRST_READ)
+        self._prefix: Buffer | None = self.head if len(self.head) >= member.size else None
+        self._whole: Buffer | None = self._prefix
+
+    def prefix(self) -> Buffer:
+        """The first :data:`HEADER_PREFIX` bytes (all of them when the member is shorter)."""
+        if self._prefix is None:
+            self._prefix = self.member.head(HEADER_PREFIX)
+            if len(self._prefix) >= self.member.size:
+                self._whole = self._prefix
+        return self._prefix
 
     def whole(self) -> Buffer:
         if self._whole is None:
@@ -309,7 +324,7 @@ class _Bytes:
 def member_header(member: Member, prefix: int = HEADER_PREFIX, read: _Bytes | None = None) -> Parsed:
     """:func:`_parse_header` of a member, reading only its first ``prefix`` bytes when they hold the header."""
     if member.size > prefix:
-        head = bytes(member.head(prefix)[:prefix] if read is None else read.head[:prefix])
+        head = bytes(member.head(prefix)[:prefix] if read is None else read.prefix()[:prefix])
         if PIXEL_DATA_TAG in head:  # cheap gate: the header cannot end inside this prefix otherwise
             try:
                 parsed = _parse_header(head)
@@ -332,22 +347,37 @@ def _is_uid(text: str) -> bool:
 
 def _walked(read: _Bytes, alike: Alike | None = None) -> tuple[Facts, int | None] | None:
     """Facts and Pixel Data offset by the lean walker, or None when it declines the layout."""
-    head, size = read.head, read.member.size
     try:
-        try:
-            walked = walk(head, alike)
-            if walked.pixel_offset is None and len(head) < size:
-                raise Truncated("no pixel data in the prefix")
-        except Truncated:
-            if len(head) >= size:
-                return None
-            walked = walk(read.whole(), alike)
+        walked = _walk_growing(read, alike)
+        if walked is None:
+            return None
         facts = facts_of(walked)
     except Declined:
         return None
     if not (_UID.match(facts.sop_uid) and _is_uid(facts.study_uid) and _is_uid(facts.series_uid)):
         return None  # pydicom decides what such a file is
     return facts, walked.pixel_offset
+
+
+def _walk_growing(read: _Bytes, alike: Alike | None) -> Walked | None:
+    """:func:`walk` of the member's head, else of its first :data:`HEADER_PREFIX` bytes, else of all
+    of it: the first that holds the Pixel Data element (or is the whole member). None when the
+    whole member is cut short; :class:`Declined` as ``walk`` raises it."""
+    size, walked_bytes = read.member.size, 0
+    for get in (lambda: read.head, read.prefix, read.whole):
+        head = get()
+        if len(head) <= walked_bytes:
+            continue  # no longer than the bytes already walked
+        walked_bytes = len(head)
+        try:
+            walked = walk(head, alike)
+        except Truncated:
+            if len(head) >= size:
+                return None
+            continue
+        if walked.pixel_offset is not None or len(head) >= size:
+            return walked
+    return None
 
 
 def read_instance(member: Member, alike: Alike | None = None) -> Instance | None:
