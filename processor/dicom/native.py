@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import struct
 import sys
+from functools import lru_cache
 
 import numpy as np
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -26,6 +27,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from processor.dicom.scan import PIXEL_DATA_TAG, Instance
 
 INT16 = np.iinfo(np.int16)
+_INT16_MIN, _INT16_MAX = int(INT16.min), int(INT16.max)
 _LITTLE = (ImplicitVRLittleEndian, ExplicitVRLittleEndian)
 _UL = struct.Struct("<L")
 _LITTLE_HOST = sys.byteorder == "little"  # the slice's int16 holds the file's bytes as they are
@@ -40,6 +42,14 @@ def wrapped16(value: int) -> np.int16:
     return np.int16(((value + 0x8000) & 0xFFFF) - 0x8000)
 
 
+@lru_cache(maxsize=16)
+def _limits(dtype: np.dtype) -> tuple[int, int]:
+    """The least and greatest value of an integer dtype (``np.iinfo`` takes microseconds a call;
+    every slice of a volume asks)."""
+    info = np.iinfo(dtype)
+    return int(info.min), int(info.max)
+
+
 def check_fits_int16(stored: np.ndarray, m: int, b: int, bits_stored: int | None = None) -> None:
     """:class:`NeedsFloat` unless ``stored`` × ``m`` + ``b`` fits int16 for every value.
 
@@ -52,9 +62,8 @@ def check_fits_int16(stored: np.ndarray, m: int, b: int, bits_stored: int | None
     elif stored.dtype.kind not in "iu":
         lowest, highest = sorted((int(stored.min()) * m + b, int(stored.max()) * m + b))
     else:
-        info = np.iinfo(stored.dtype)
-        low, high = int(info.min), int(info.max)
-        if bits_stored is not None and 0 < bits_stored < info.bits:
+        low, high = _limits(stored.dtype)
+        if bits_stored is not None and 0 < bits_stored < stored.dtype.itemsize * 8:
             low, high = (
                 (-(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1)
                 if low
@@ -63,11 +72,11 @@ def check_fits_int16(stored: np.ndarray, m: int, b: int, bits_stored: int | None
         # the stored extreme that gives the lowest (highest) HU: the minimum (maximum) when m >= 0
         lowest_of, highest_of = (stored.min, stored.max) if m >= 0 else (stored.max, stored.min)
         lowest, highest = (low * m + b, high * m + b) if m >= 0 else (high * m + b, low * m + b)
-        if lowest < INT16.min:
+        if lowest < _INT16_MIN:
             lowest = int(lowest_of()) * m + b
-        if highest > INT16.max:
+        if highest > _INT16_MAX:
             highest = int(highest_of()) * m + b
-    if lowest < INT16.min or highest > INT16.max:
+    if lowest < _INT16_MIN or highest > _INT16_MAX:
         raise NeedsFloat
 
 
