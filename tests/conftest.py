@@ -17,6 +17,13 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
+# Bytecode is cached during the tests even where the environment says not to write it
+# (PYTHONDONTWRITEBYTECODE): otherwise each xdist worker rewrites every test module's asserts
+# again (~10 CPU-s) and each daemon, pool, worker and CLI process the tests start compiles
+# ctwatch's modules again (~0.4 CPU-s each, some hundreds of them). Set before the workers start.
+sys.dont_write_bytecode = False
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+
 
 @pytest.fixture(autouse=True)
 def no_leaked_threads() -> Iterator[None]:
