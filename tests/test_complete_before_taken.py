@@ -7,11 +7,13 @@ local disk a ZIP is taken as soon as its copy closes it. Times are scaled down t
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import queue
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -310,6 +312,63 @@ def test_a_file_closed_while_the_scan_hands_over_another_keeps_its_close(tmp_pat
     assert handed == [first]
     _scan_at(watcher, now, 2.0)
     assert handed == [first, second], "its close settled at the next scan"
+
+
+def test_a_change_seen_late_in_a_long_scan_waits_its_whole_quiet_period(tmp_path: Path) -> None:
+    """Review: the scan read the clock once; a folder changed while an earlier hand-over took 10 s
+    was dated to the scan's start and taken 0.6 s after its last file landed (quiet period 5 s)."""
+    inbox, taken = tmp_path / "inbox", tmp_path / "taken"
+    for folder in (inbox / "A", inbox / "B", taken):
+        folder.mkdir(parents=True)
+    (inbox / "A" / "x").write_bytes(b"a")
+    (inbox / "B" / "1").write_bytes(b"b")
+    now, handed = [0.0], []
+
+    def on_stable(path: Path, night: bool) -> None:
+        handed.append((path.name, now[0]))
+        path.rename(taken / path.name)
+        if path.name == "A":  # a hand-over that takes 10 s, while B's copy goes on
+            now[0] += 10.0
+            (inbox / "B" / "2").write_bytes(b"c")
+
+    watcher = InboxWatcher(
+        [inbox], [], stable_seconds=5, folder_stable_seconds=5, scan_interval=30, on_stable=on_stable,
+        use_watchdog=False, clock=lambda: now[0],
+    )  # fmt: skip
+    _scan_at(watcher, now, 0.0, 100.0, 110.5)
+    assert handed == [("A", 100.0)], "B changed at 110 (as the scan saw it): quiet only 0.5 s"
+    _scan_at(watcher, now, 115.5)
+    assert handed == [("A", 100.0), ("B", 115.5)]
+
+
+def test_an_inbox_that_fails_to_list_once_does_not_hand_its_entries_over_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review: one failed listing (EMFILE, a share's hiccup) made the scan forget that an entry the
+    intake could not move was already handed over: it was handed over again, unchanged."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "bad.zip").write_bytes(b"PK\x03\x04 not really")  # the intake leaves it where it lies
+    now, handed = [0.0], []
+    watcher = InboxWatcher(
+        [inbox], [], stable_seconds=5, scan_interval=30, use_watchdog=False,
+        on_stable=lambda path, night: handed.append(now[0]), clock=lambda: now[0],
+    )  # fmt: skip
+    _scan_at(watcher, now, 0.0, 6.0, 20.0, 40.0)
+    assert handed == [20.0], "three quiet periods for a ZIP that does not read"
+    listing = Path.iterdir
+
+    def fails_for_the_inbox(self: Path) -> Iterator[Path]:
+        if self == inbox:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return listing(self)
+
+    monkeypatch.setattr(Path, "iterdir", fails_for_the_inbox)
+    _scan_at(watcher, now, 50.0)
+    assert watcher.unlisted
+    monkeypatch.setattr(Path, "iterdir", listing)
+    _scan_at(watcher, now, 60.0, 70.0, 80.0)
+    assert handed == [20.0], "unchanged: not handed over again"
 
 
 def test_urgent_and_night_folders_outside_the_inbox_get_file_events(tmp_path: Path) -> None:

@@ -138,6 +138,11 @@ class CloseEvents:
         with self._lock:
             self._closes.pop(path, None)
 
+    def known(self) -> set[Path]:
+        """The entries whose close is remembered."""
+        with self._lock:
+            return set(self._closes)
+
     def prune(self, present: set[Path], listed_at: float) -> None:
         """Forget the closes of entries not ``present`` in a listing begun at ``listed_at`` (the
         clock); a close recorded since then is kept: its file may have appeared after its folder was

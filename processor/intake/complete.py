@@ -140,6 +140,10 @@ class ContentChecks:
     def forget(self, path: Path) -> None:
         self._seen.pop(path, None)
 
+    def known(self) -> set[Path]:
+        """The entries whose contents are remembered."""
+        return set(self._seen)
+
     def prune(self, present: set[Path]) -> None:
         for path in [p for p in self._seen if p not in present]:
             del self._seen[path]

@@ -108,6 +108,10 @@ class StabilityTracker:
             del self._set_aside[path]
         return path in self._set_aside
 
+    def known(self) -> set[Path]:
+        """The entries this tracker remembers (seen, or set aside)."""
+        return set(self._seen) | set(self._set_aside)
+
     def prune(self, present: set[Path]) -> None:
         for path in list(self._seen):
             if path not in present:

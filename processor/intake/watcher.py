@@ -148,15 +148,20 @@ class InboxWatcher:
 
     def scan_once(self) -> list[Path]:
         """Check every candidate once; hand over the stable ones. Returns what was handed over."""
-        now = self.clock()
+        listed_at = self.clock()
         handed: list[Path] = []
         present: set[Path] = set()
         for path, night in self.candidates():
             present.add(path)
-            if self._check(path, night, now):
+            # the clock read for each entry: a scan whose hand-overs take seconds must not date a
+            # change it sees late to the scan's start (the quiet period would be cut short)
+            if self._check(path, night, self.clock()):
                 handed.append(path)
+        # what was remembered of the entries of a folder that could not be listed this time is kept
+        # (set aside, quiet since, closed): a listing that fails once must not hand them over again
+        present |= self._remembered_in(set(self.unlisted))
         self.tracker.prune(present)
-        self.closes.prune(present, now)  # not a close that came in after the listing began
+        self.closes.prune(present, listed_at)  # not a close that came in after the listing began
         self.contents.prune(present)
         for path in [p for p in self._failing if not os.path.lexists(p)]:
             del self._failing[path]
@@ -166,6 +171,13 @@ class InboxWatcher:
         if not self.unlisted:
             self.last_scan = time.time()
         return handed
+
+    def _remembered_in(self, folders: set[Path]) -> set[Path]:
+        """The entries of ``folders`` that the tracker, the closes or the contents remember."""
+        if not folders:
+            return set()
+        known = self.tracker.known() | self.closes.known() | self.contents.known()
+        return {path for path in known if path.parent in folders}
 
     def _check(self, path: Path, night: bool, now: float) -> bool:
         """Hand the entry over if it is stable; whether it was. Never raises: a failure is logged
