@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 import zipfile
 from pathlib import Path
 
@@ -22,7 +23,8 @@ from pydicom.uid import ImplicitVRLittleEndian
 
 from processor.bytesource import Member
 from processor.dicom import decode, native
-from processor.dicom.scan import Series, scan_members
+from processor.dicom.alike import Alike
+from processor.dicom.scan import Series, read_instance, scan_members
 from processor.dicom.volume import load_volume
 from processor.errors import StepError
 from processor.intake.archive import Limits, open_arrival
@@ -262,3 +264,32 @@ def test_the_first_failure_in_slice_order_is_the_one_reported(tmp_path: Path, ge
         with pytest.raises(StepError, match="bad CRC") as failure:
             load_volume(series)
     assert "S/IM0001" in str(failure.value) and "S/IM0002" not in str(failure.value)
+
+
+def _element(group: int, element: int, value: bytes) -> bytes:
+    """An Implicit VR Little Endian element."""
+    value += b"\0" * (len(value) % 2)
+    return struct.pack("<HHL", group, element, len(value)) + value
+
+
+def test_first_elements_longer_than_the_first_read_are_judged_on_more_bytes() -> None:
+    """Review of the 16 KiB first read: a bare file whose 3rd element is 20 KB and whose 4th tag
+    goes backwards is not DICOM (as when 64 KiB were read first), and a file whose first element
+    is 17 KB is read by the lean walker, as before, not handed to pydicom."""
+    uids = _element(0x0008, 0x0016, b"1.2.840.10008.5.1.4.1.1.2") + _element(0x0008, 0x0018, b"1.2.3.4")
+    rest = _element(0x0020, 0x000D, b"1.2.3") + _element(0x0020, 0x000E, b"1.2.3.5")
+    backwards = uids + _element(0x0009, 0x1000, bytes(20_000)) + _element(0x0008, 0x0020, b"20200101")
+    backwards += rest + _element(0x7FE0, 0x0010, bytes(70_000))
+    members = [Member("bare", len(backwards), lambda: backwards, span=lambda o, n: backwards[o : o + n])]
+    result = scan_members(members)
+    assert result.dicom_files == 0 and result.skipped == {"not DICOM": 1}
+    ds = _variant("explicit")[0]
+    ds.add_new(0x00080001, "OB", bytes(17_000))  # the data set's first element ends past 16 KiB
+    ds.add_new(0xFFFCFFFC, "OB", bytes(70_000))  # a member longer than 64 KiB
+    data = dicomgen.to_bytes(ds)
+    for cut in (len(data), 65_537):  # whole, and cut short past 64 KiB (its pixels are whole)
+        part = data[:cut]
+        member = Member("long", cut, lambda part=part: part, span=lambda o, n, part=part: part[o : o + n])
+        instance = read_instance(member, Alike())
+        assert instance is not None and instance.pixel_offset == data.index(b"\xe0\x7f\x10\x00")
+        assert instance._header is None, "read by the lean walker, not by pydicom"

@@ -29,7 +29,7 @@ import struct
 import zipfile
 import zlib
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -252,31 +252,44 @@ def looks_like_dicom(head: Buffer) -> bool:
     whatever encoding its data set has. A bare deflated data set is one whose first bytes inflate
     to such elements.
     """
+    return _start_verdict(head) is not False
+
+
+def _start_verdict(head: Buffer) -> bool | None:
+    """:func:`looks_like_dicom`, None where ``head`` ended before its first elements did (they step
+    as far as they go): a longer head decides, or the whole member's end (then it is DICOM)."""
     if len(head) >= 132 and bytes(head[128:132]) == b"DICM":
         return True
     return _starts(head)
 
 
-def _starts(buf: Buffer) -> bool:
-    """Whether ``buf`` starts with DICOM elements (see :func:`looks_like_dicom`)."""
-    if any(_steps(buf, implicit, little) for implicit, little in _ENCODINGS):
-        return True
+def _starts(buf: Buffer) -> bool | None:
+    """Whether ``buf`` starts with DICOM elements (see :func:`looks_like_dicom`); None where ``buf``
+    ended before the elements of every encoding they step in did."""
+    verdicts = []
+    for implicit, little in _ENCODINGS:
+        verdict = _steps(buf, implicit, little)
+        if verdict:
+            return True
+        verdicts.append(verdict)
+    if None in verdicts:
+        return None
     try:
         inflated = zlib.decompressobj(-zlib.MAX_WBITS).decompress(bytes(buf[:_INFLATE_PROBE]), _INFLATE_PROBE)
     except zlib.error:
         return False
-    return any(_steps(inflated, implicit, True) for implicit in (False, True))
+    return any(_steps(inflated, implicit, True) is not False for implicit in (False, True))
 
 
-def _steps(buf: Buffer, implicit: bool, little: bool) -> bool:
-    """Whether the first :data:`_START_ELEMENTS` elements of ``buf`` step in this encoding. A value
-    longer than ``buf`` (a prefix), a sequence of undefined length or the end of a file meta group
-    ends the walk: what was read decides."""
+def _steps(buf: Buffer, implicit: bool, little: bool) -> bool | None:
+    """Whether the first :data:`_START_ELEMENTS` elements of ``buf`` step in this encoding. A
+    sequence of undefined length or the end of a file meta group ends the walk (True); None where
+    ``buf`` ended first (a value or header longer than ``buf``, a prefix): what was read decides."""
     end, pos, last = len(buf), 0, -1
     unpack_tag = _TAG_LE.unpack_from if little else _TAG_BE.unpack_from
     for n in range(_START_ELEMENTS):
         if pos + 8 > end:
-            return n > 0
+            return None if n > 0 else False
         group, element = unpack_tag(buf, pos)
         if n > 0 and last >> 16 == 0x0002 and group != 0x0002:
             return True  # past a file meta group: the data set may have another encoding
@@ -287,8 +300,10 @@ def _steps(buf: Buffer, implicit: bool, little: bool) -> bool:
         if head is None:
             return False
         length, header = head[2], head[3]
-        if length in (ELEMENT_CUT, 0xFFFFFFFF):
-            return True  # a header cut by the prefix's end, or a sequence: what was read decides
+        if length == ELEMENT_CUT:
+            return None  # a header cut by the prefix's end: what was read decides
+        if length == 0xFFFFFFFF:
+            return True  # a sequence of undefined length
         pos, last = pos + header + length, tag
     return True
 
@@ -375,9 +390,22 @@ def _walk_growing(read: _Bytes, alike: Alike | None) -> Walked | None:
             if len(head) >= size:
                 return None
             continue
+        except Declined:
+            if head is read.head and len(head) < size:
+                continue  # its first elements may go past the head: decided on more bytes
+            raise
         if walked.pixel_offset is not None or len(head) >= size:
             return walked
     return None
+
+
+def _decided(read: _Bytes, verdict: Callable[[Buffer], bool | None]) -> bool | None:
+    """``verdict`` of the member's head; where the head ended before it decided, of its first
+    :data:`HEADER_PREFIX` bytes (what the scan read first before it read 16 KiB first)."""
+    outcome = verdict(read.head)
+    if outcome is None and len(read.head) < read.member.size:
+        outcome = verdict(read.prefix())
+    return outcome
 
 
 def read_instance(member: Member, alike: Alike | None = None) -> Instance | None:
@@ -386,12 +414,12 @@ def read_instance(member: Member, alike: Alike | None = None) -> Instance | None
     ``alike``: the scan's memory of the file walked before (:mod:`processor.dicom.alike`), to
     walk this one against; the same result without it."""
     read = _Bytes(member)
-    if not looks_like_dicom(read.head):
+    if _decided(read, _start_verdict) is False:
         return None
     if (
         len(read.head) >= 132
         and bytes(read.head[128:132]) == b"DICM"
-        and not _starts(memoryview(read.head)[132:])
+        and _decided(read, lambda head: _starts(memoryview(head)[132:])) is False
     ):
         raise CorruptDicom("no DICOM element follows its 'DICM' marker")
     fast = _walked(read, alike)
