@@ -100,7 +100,10 @@ def huge_pages_free(needed: int, huge: int, buddyinfo: str | None = None) -> boo
     free = 0
     for line in buddyinfo.splitlines():
         counts = line.split()[4:]  # "Node 0, zone   Normal  c0 c1 ...": free blocks of order 0, 1, ...
-        free += sum(int(c) << (k - order) for k, c in enumerate(counts) if k >= order)
+        try:
+            free += sum(int(c) << (k - order) for k, c in enumerate(counts) if k >= order)
+        except ValueError:  # not the layout above: no huge pages rather than a guess
+            return False
     return free >= FREE_MARGIN * needed
 
 

@@ -17,8 +17,8 @@ arrival is still open.
 
 A member's header is read from its first :data:`FIRST_READ` bytes (read where they lie, or
 inflated) when it ends there, else from its first :data:`HEADER_PREFIX` bytes, otherwise from the
-whole member, each read once. A ZIP member's CRC is
-checked when it is read whole, so a bad CRC past the header surfaces when the member is decoded.
+whole member, each read once. A ZIP member's CRC is checked when it is read whole (members up to
+:data:`HEADER_PREFIX` always are), so a bad CRC past the header surfaces when the member is decoded.
 """
 
 from __future__ import annotations
@@ -312,8 +312,8 @@ class _Bytes:
     """A member's first :data:`FIRST_READ` bytes (``head``), its first :data:`HEADER_PREFIX` bytes
     and all of them, as far as each is needed — each read (or inflated) at most once.
 
-    The first read is small because the scan reads every file's head and CT headers are small:
-    16 KiB in place of 64 KiB cut the head reads of a 361-file study from ~10 to ~3 ms (issue 18)."""
+    The first read is small because the scan reads every file's head and CT headers are small: the
+    bench study's 361 heads are 6 MB read in place of 23 MB (issue 18)."""
 
     def __init__(self, member: Member) -> None:
         self.member = member
