@@ -72,7 +72,9 @@ def test_free_huge_pages_are_counted_from_every_zones_free_lists() -> None:
     assert not hugepages.huge_pages_free(free // 2 + 1, 2 << 20, BUDDYINFO), "a margin of 2x"
     no_free = "Node 0, zone   Normal  9999 9999 9999 9999 9999 9999 9999 9999 9999 0 0\n"
     assert not hugepages.huge_pages_free(1, 2 << 20, no_free), "only blocks of 2 MiB and more count"
-    assert not hugepages.huge_pages_free(1, 2 << 20, "Node 0, zone Normal 0 0 0 0 0 0 0 0 0 x 999\n"), "not buddyinfo"
+    assert not hugepages.huge_pages_free(1, 2 << 20, "Node 0, zone Normal 0 0 0 0 0 0 0 0 0 x 999\n"), (
+        "not buddyinfo"
+    )
 
 
 def _anon_huge_kib(address: int) -> int:
