@@ -1,5 +1,6 @@
 """Transparent huge pages: numpy's hint off by default (no kernel memory compaction on the hot
-path), and the HU volume on huge pages where the kernel has them free (:func:`volume_array`).
+path), and the HU volume on huge pages where the kernel has them free, on the mapping of the
+process's last volume once nothing refers to that one (:func:`volume_array`).
 
 On Linux, numpy asks the kernel for transparent huge pages (``madvise(MADV_HUGEPAGE)``) on each
 array of 4 MiB and more. Where ``/sys/kernel/mm/transparent_hugepage/defrag`` is ``madvise`` (the
@@ -24,10 +25,12 @@ numpy's flag directly. A value already in the environment is the operator's choi
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 import os
 import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -60,31 +63,148 @@ def huge_pages_off_by_default() -> None:
 
 
 def volume_array(shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
-    """An uninitialised C-contiguous array like ``np.empty(shape, dtype)``, on transparent huge pages
-    where the kernel has enough of them free that none needs compacting (:func:`huge_pages_free`).
+    """An uninitialised C-contiguous array like ``np.empty(shape, dtype)``: for volumes of
+    :data:`VOLUME_MIN_BYTES` and more, on memory this process already has mapped and written where
+    it can (:class:`_Spare`), else on a fresh mapping, on transparent huge pages where the kernel
+    has enough of them free that none needs compacting (:func:`huge_pages_free`).
 
-    For the HU volume, written once by the reader (``pread`` into each slice) and read by every step.
-    On a 2-core AMD EPYC VM (issue 18), reading a 300 x 512^2 series into a fresh 2 MiB-aligned
+    For the HU volume, written once by the reader (``pread`` into each slice) and read by every
+    step. On a 2-core AMD EPYC VM (issue 18), reading a 300 x 512^2 series into a fresh 2 MiB-aligned
     ``MADV_HUGEPAGE`` mapping took 46-48 ms against 106-112 ms into ``np.empty`` (4 KiB pages: one
     page fault and, under nested paging, one costly TLB miss per 4 KiB), and 32-34 ms against
-    77-88 ms into memory already written. The mapping is anonymous and private, 2 MiB aligned (a
-    huge page must be; the unused head and tail are never touched, so never backed), freed with the
-    array; small arrays, a kernel without transparent huge pages, or too few free 2 MiB blocks get
-    ``np.empty``. Source: Linux ``madvise(2)`` (MADV_HUGEPAGE), Documentation/admin-guide/mm/transhuge.rst.
+    77-88 ms into memory already written: half of a fresh mapping's cost is the kernel zeroing its
+    pages (``clear_page``) as they are first touched. So the mapping of a volume no longer used is
+    kept for the next one (one per process, :class:`_Spare`). The mapping is anonymous and private,
+    2 MiB aligned (a huge page must be; the unused head and tail are never touched, so never
+    backed) and unmapped when a volume that does not fit it asks for memory; small arrays and a
+    mapping that fails get ``np.empty``. Sources: Linux ``madvise(2)`` (MADV_HUGEPAGE, MADV_FREE),
+    Documentation/admin-guide/mm/transhuge.rst.
+
+    Like ``np.empty``, the array holds whatever the memory held: here, possibly an earlier volume
+    of this process. The reader writes every slice before anything reads it.
     """
     dtype = np.dtype(dtype)
     nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < VOLUME_MIN_BYTES:
+        return np.empty(shape, dtype)
+    mapping = _SPARE.take(nbytes)
+    if mapping is None:
+        mapping = _Mapping.new(nbytes)
+        if mapping is None:
+            return np.empty(shape, dtype)
+    return mapping.lend(shape, dtype)
+
+
+class _Mapping:
+    """An anonymous private mapping of ``capacity`` usable bytes from ``start`` (2 MiB aligned when
+    ``huge``), lent to one volume at a time (:meth:`lend`) and handed to :data:`_SPARE` when the
+    last array over it is gone."""
+
+    __slots__ = ("region", "start", "capacity", "huge")
+
+    def __init__(self, region: mmap.mmap, start: int, capacity: int, huge: bool) -> None:
+        self.region, self.start, self.capacity, self.huge = region, start, capacity, huge
+
+    @classmethod
+    def new(cls, nbytes: int) -> _Mapping | None:
+        """A fresh mapping for ``nbytes``: on huge pages when they are free; None when the kernel
+        refuses one (the caller takes ``np.empty``)."""
+        page = mmap.PAGESIZE
+        huge = _huge_page_bytes()
+        if huge is not None and not huge_pages_free(-(-nbytes // huge), huge):
+            huge = None
+        align = huge or page
+        capacity = -(-nbytes // align) * align  # whole huge pages: MADV_FREE then frees them whole
+        try:
+            region = mmap.mmap(-1, capacity + align - page, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        except (OSError, ValueError, OverflowError):
+            return None
+        if huge is not None:
+            try:
+                region.madvise(mmap.MADV_HUGEPAGE)
+            except (OSError, ValueError, AttributeError):  # no such advice here: 4 KiB pages it is
+                huge = None
+        start = -_address(region) % align
+        return cls(region, start, capacity, huge is not None)
+
+    def lend(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """An array over the mapping's first bytes. Its base is a :class:`_Loan` that every view of
+        it keeps alive (numpy's ``base``), and the mapping goes back to :data:`_SPARE` only when
+        that loan is collected: never while any view, slice or buffer of the volume exists."""
+        loan = _Loan()
+        loan.__array_interface__ = {
+            "shape": tuple(shape),
+            "typestr": dtype.str,
+            "data": (_address(self.region) + self.start, False),
+            "version": 3,
+        }
+        weakref.finalize(loan, _SPARE.give, self).atexit = False
+        return np.asarray(loan)
+
+    def forget_contents(self) -> None:
+        """``MADV_FREE`` on the used bytes: the kernel may take the pages back under memory pressure
+        instead of swapping them (a later write then faults in zeroed ones), and otherwise they are
+        reused as they are. Kept mapped either way."""
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # before Linux 4.5: kept as they are
+            self.region.madvise(mmap.MADV_FREE, self.start, self.capacity)
+
+
+class _Loan:
+    """The ``base`` of a volume lent from a :class:`_Mapping` (numpy's array interface protocol)."""
+
+    __slots__ = ("__array_interface__", "__weakref__")
+    __array_interface__: dict[str, object]
+
+
+class _Spare:
+    """The one mapping this process keeps between volumes: taken by the next volume that fits it,
+    unmapped when one does not (so a process never holds more than its largest recent volume
+    while it holds none). Process-wide like the allocator it stands in for, and safe across
+    threads without a lock: a take and a give are each one list operation, atomic under the GIL,
+    and a give can run inside any allocation (the finalizer of a collected volume)."""
+
+    def __init__(self) -> None:
+        self._slot: list[_Mapping] = []
+
+    def take(self, nbytes: int) -> _Mapping | None:
+        """The kept mapping when it holds ``nbytes`` (and is on huge pages, or none are free now);
+        otherwise it is released and None is returned."""
+        try:
+            mapping = self._slot.pop()
+        except IndexError:
+            return None
+        if mapping.capacity >= nbytes and (mapping.huge or not _worth_huge(nbytes)):
+            return mapping
+        return None  # dropped here: unmapped once nothing refers to it
+
+    def give(self, mapping: _Mapping) -> None:
+        """Keep ``mapping`` (its contents forgotten), or the kept one when that is larger."""
+        mapping.forget_contents()
+        try:
+            kept: _Mapping | None = self._slot.pop()
+        except IndexError:
+            kept = None
+        self._slot.append(mapping if kept is None or mapping.capacity >= kept.capacity else kept)
+        while len(self._slot) > 1:  # two threads gave at once: one is enough
+            with contextlib.suppress(IndexError):
+                self._slot.pop(0)
+
+
+def _worth_huge(nbytes: int) -> bool:
     huge = _huge_page_bytes()
-    if nbytes < VOLUME_MIN_BYTES or huge is None or not huge_pages_free(-(-nbytes // huge), huge):
-        return np.empty(shape, dtype)
+    return huge is not None and huge_pages_free(-(-nbytes // huge), huge)
+
+
+def _address(region: mmap.mmap) -> int:
+    """The address of the first byte of ``region`` (held by no buffer export afterwards)."""
+    view = np.frombuffer(region, np.uint8)
     try:
-        region = mmap.mmap(-1, nbytes + huge, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        region.madvise(mmap.MADV_HUGEPAGE)
-    except (OSError, ValueError, AttributeError):  # no such advice here: 4 KiB pages it is
-        return np.empty(shape, dtype)
-    raw = np.frombuffer(region, np.uint8)  # its base keeps the mapping alive; unmapped with the last view
-    skip = -raw.ctypes.data % huge
-    return raw[skip : skip + nbytes].view(dtype).reshape(shape)
+        return int(view.ctypes.data)
+    finally:
+        del view
+
+
+_SPARE = _Spare()
 
 
 def huge_pages_free(needed: int, huge: int, buddyinfo: str | None = None) -> bool:

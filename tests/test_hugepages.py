@@ -5,6 +5,7 @@ numpy's own default on Linux (kernel 4.6 and newer) and elsewhere is on, so each
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
@@ -14,6 +15,10 @@ import numpy as np
 import pytest
 
 from processor import hugepages
+from processor.dicom.scan import scan_members
+from processor.dicom.volume import load_volume
+from processor.intake.archive import Limits, open_arrival
+from tests import dicomgen
 from tests.conftest import Project, _env
 
 PROBE = """
@@ -105,7 +110,66 @@ def test_the_volume_lies_on_huge_pages_when_they_are_free(
     assert _anon_huge_kib(hu.ctypes.data) >= 20 * 1024, "the kernel backed it with huge pages"
     (tmp_path / "buddyinfo").write_text("Node 0, zone   Normal  9999 9999 0 0 0 0 0 0 0 0 0\n")
     monkeypatch.setattr(hugepages, "BUDDYINFO", tmp_path / "buddyinfo")
-    plain = hugepages.volume_array(shape, np.float32)  # none free: numpy's own memory
-    assert plain.shape == shape and plain.dtype == np.float32 and plain.base is None
+    plain = hugepages.volume_array(shape, np.float32)  # none free (and hu still in use): 4 KiB pages
+    assert plain.shape == shape and plain.dtype == np.float32 and plain.flags.c_contiguous
+    plain[...] = 1.5
+    assert _anon_huge_kib(plain.ctypes.data) == 0
     small = hugepages.volume_array((2, 64, 64), np.int16)
-    assert small.base is None and small.shape == (2, 64, 64)
+    assert small.base is None and small.shape == (2, 64, 64), "small arrays are numpy's own"
+
+
+def test_a_volume_lends_its_memory_to_the_next_only_once_nothing_refers_to_it() -> None:
+    shape = (70, 512, 512)  # 35 MiB of int16
+    hu = hugepages.volume_array(shape, np.int16)
+    first = hu.ctypes.data
+    hu[...] = 7
+    row, buffer = hu[5, 100], memoryview(hu[60])
+    del hu
+    gc.collect()
+    other = hugepages.volume_array(shape, np.int16)  # a view and a buffer of the first still exist
+    assert other.ctypes.data != first
+    other[...] = -3
+    assert (row == 7).all() and (np.frombuffer(buffer, np.int16) == 7).all(), "untouched by the next"
+    del row, buffer
+    gc.collect()
+    again = hugepages.volume_array((66, 512, 512), np.int16)  # fewer slices: fits the first
+    assert again.ctypes.data == first
+    del again, other
+    gc.collect()
+    bigger = hugepages.volume_array((90, 512, 512), np.float32)  # fits neither: a fresh mapping
+    bigger[...] = 0.25
+    assert float(bigger.sum()) == 0.25 * bigger.size
+    assert not hugepages._SPARE._slot, "the spare that did not fit was let go"
+
+
+@pytest.mark.parametrize("variant", ["int16", "float32 after int16", "fewer slices"])
+def test_volumes_decoded_one_after_another_hold_their_own_values(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variant: str
+) -> None:
+    """The volume reader writes every slice of memory an earlier volume of the process held: each
+    volume equals its own truth, never a mix (ZIPs of real DICOM, every volume on lent memory)."""
+    monkeypatch.setattr(hugepages, "VOLUME_MIN_BYTES", 0)
+    first, first_truth = dicomgen.small_series(4, 24, seed=1)
+    n = 3 if variant == "fewer slices" else 4
+    second, second_truth = dicomgen.small_series(n, 24, seed=2)
+    if variant == "float32 after int16":  # decoded into int16 first, then again into float32
+        for ds in second:
+            ds.RescaleIntercept = "-32000"
+        second_truth = second_truth + np.float32(1024 - 32000)
+    hu = _volume(tmp_path / "first.zip", first)
+    np.testing.assert_array_equal(hu, first_truth.astype(np.int16))
+    where = hu.ctypes.data
+    del hu
+    gc.collect()
+    hu = _volume(tmp_path / "second.zip", second)
+    assert hu.dtype == (np.float32 if variant == "float32 after int16" else np.int16)
+    np.testing.assert_array_equal(hu, second_truth.astype(hu.dtype))
+    if variant != "float32 after int16":
+        assert hu.ctypes.data == where, "the first volume's memory was lent again"
+
+
+def _volume(path: Path, datasets: list) -> np.ndarray:
+    dicomgen.write_zip(path, datasets)
+    with open_arrival(path, Limits()) as contents:
+        series = next(iter(scan_members(contents.members).studies[0].series.values()))
+        return load_volume(series).hu
