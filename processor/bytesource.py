@@ -21,7 +21,7 @@ from __future__ import annotations
 import io
 import pickle
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, NoReturn
 
@@ -51,8 +51,8 @@ class Member:
     stored (a STORED member's byte range in its ZIP, a file's bytes, a slice of bytes in memory):
     nothing is inflated and nothing is copied twice. ``crc`` is the CRC-32 the ZIP recorded for
     them (None for files on disk). ``into``, when given, reads the stored bytes from ``offset``
-    into a writable byte view the caller holds (``span``'s bytes without new memory, e.g. straight
-    into a volume's slice, :meth:`read_into`).
+    into writable byte views the caller holds, filling each in turn (``span``'s bytes without new
+    memory, e.g. straight into a volume's slice, :meth:`read_into`).
 
     ``name`` is always valid text for logs and JSON (:func:`processor.names.display_name`: bytes that
     do not decode shown as ``\\xNN``); ``raw_name`` is the name's bytes as the ZIP or the
@@ -66,7 +66,7 @@ class Member:
     span: Callable[[int, int], Buffer] | None = field(default=None, repr=False, compare=False)
     crc: int | None = field(default=None, repr=False, compare=False)
     raw_name: bytes = field(default=b"", repr=False, compare=False)
-    into: Callable[[int, memoryview], None] | None = field(default=None, repr=False, compare=False)
+    into: Callable[[int, Sequence[memoryview]], None] | None = field(default=None, repr=False, compare=False)
 
     def __reduce__(self) -> tuple[object, tuple[object, ...]]:
         """Pickled (a study prepared in a CPU pool process, :mod:`processor.cpupool`) without its
@@ -96,24 +96,28 @@ class Member:
             raise zipfile.BadZipFile(f"Bad CRC-32 for file {self.name!r}")
         return stored
 
-    def read_into(self, head: Buffer, out: memoryview) -> Buffer:
-        """The member's bytes after ``head`` (its first bytes, read with ``span``): the next
-        ``len(out)`` of them written into ``out``, the rest returned. A ZIP member's CRC-32 is
-        checked over head, ``out`` and the rest, in order, as :meth:`data` checks it over the whole
-        (the same error when it does not match). Only for members with a ``span``."""
+    def read_into(self, n: int, out: memoryview) -> tuple[Buffer, Buffer]:
+        """The member's first ``n`` bytes (returned as ``head``), the next ``len(out)`` written into
+        ``out``, and the rest (returned): ``(head, rest)``. The head and ``out`` are read in one
+        call where the member has ``into``. A ZIP member's CRC-32 is checked over head, ``out`` and
+        the rest, in order, as :meth:`data` checks it over the whole (the same error when it does
+        not match). Only for members with a ``span``, and ``n + len(out)`` within the member."""
         span = self.span
         if span is None:
             raise ValueError(f"{self.name}: read_into needs a member whose bytes are stored as they are")
-        start = len(head)
+        head: Buffer
         if self.into is not None:
-            self.into(start, out)
+            buffer = memoryview(bytearray(n))
+            self.into(0, (buffer, out))
+            head = buffer
         else:
-            out[:] = span(start, len(out))
-        after = start + len(out)
+            head = span(0, n)
+            out[:] = span(n, len(out))
+        after = n + len(out)
         rest = span(after, self.size - after) if after < self.size else b""
         if self.crc is not None and crc32(rest, crc32(out, crc32(head))) != self.crc:
             raise zipfile.BadZipFile(f"Bad CRC-32 for file {self.name!r}")
-        return rest
+        return head, rest
 
     def head(self, n: int) -> Buffer:
         """The first ``n`` bytes (all of them when the member is shorter), for reading a header.

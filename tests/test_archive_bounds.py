@@ -27,6 +27,7 @@ from processor.dicom.scan import looks_like_dicom, scan_members
 from processor.errors import IngestError
 from processor.executor import LocalExecutor
 from processor.intake.archive import Limits, open_arrival
+from processor.intake.bounds import ReadBudget, preadv_into
 from processor.state import Arrival
 from processor.vocab import ArrivalState
 from tests import dicomgen
@@ -472,3 +473,24 @@ def test_what_cannot_be_read_refuses_the_arrival_in_plain_words(
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.startswith("refused: ") and shown in run.stdout, run.stdout + run.stderr[-2000:]
     assert "permission denied — give the service user read access to it, then drop it again" in run.stdout
+
+
+@pytest.mark.parametrize("sizes", [(4, 4), (3, 4, 2), (2, 9, 5), (12,)])
+def test_several_buffers_are_filled_in_turn_and_a_read_past_the_end_stops_short(
+    tmp_path: Path, sizes: tuple[int, ...]
+) -> None:
+    """``preadv_into`` (a slice's header and pixels in one read): the bytes land in order, each
+    charged; past the end of the file it returns how many it read and leaves the rest."""
+    path = tmp_path / "ten"
+    path.write_bytes(bytes(range(10)))
+    budget = ReadBudget(1 << 20)
+    buffers = [memoryview(bytearray(b"\xee" * n)) for n in sizes]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        got = preadv_into(fd, buffers, 1, budget, "the file ten")
+    finally:
+        os.close(fd)
+    joined = b"".join(bytes(b) for b in buffers)
+    assert got == min(9, sum(sizes))
+    assert joined[:got] == bytes(range(1, 1 + got)) and set(joined[got:]) <= {0xEE}
+    assert budget.spent >= sum(sizes)

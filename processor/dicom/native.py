@@ -2,9 +2,11 @@
 
 The usual CT file holds one frame of 16-bit native pixels (Implicit or Explicit VR Little
 Endian) whose Pixel Data element lies where the header scan found it. Such a file is read without
-a buffer of its own (:func:`read_into_slice`): its header bytes are read, its pixel bytes go
-straight into the volume's int16 slice, the bytes after them (if any) are read, the member's
-CRC-32 is checked over the three, in order (:meth:`processor.bytesource.Member.read_into`), and
+a buffer of its own (:func:`read_into_slice`): its header bytes (into a small buffer) and its
+pixel bytes (straight into the volume's int16 slice) are read in one call, the bytes after them
+(if any) are read, the member's CRC-32 is checked over the three, in order
+(:meth:`processor.bytesource.Member.read_into`), the Pixel Data element is checked to lie where the
+scan saw it, and
 HU = stored × RescaleSlope + RescaleIntercept is computed in place — each pixel byte is read once
 from the input, CRC-checked while it is in the cache, and rescaled where it lies. The values, the
 checks and the words of every failure are those of the general path (:mod:`processor.dicom.decode`,
@@ -121,17 +123,16 @@ def read_into_slice(instance: Instance, out: np.ndarray, slope: float, intercept
     f, member, at = instance.facts, instance.member, instance.pixel_offset
     assert at is not None and member.span is not None
     start = at + (8 if f.implicit else 12)
-    if start > member.size:
-        return False
-    head = member.span(0, start)
+    if start + out.nbytes > member.size:
+        return False  # cut short or of another size: the general path says which
+    head, _ = member.read_into(start, out.data.cast("B"))  # the CRC-32 checked over the whole
     if head[at : at + 4] != PIXEL_DATA_TAG or not (
         f.implicit or (head[at + 4 : at + 6] in (b"OB", b"OW") and head[at + 6 : at + 8] == b"\0\0")
     ):
         return False
     (length,) = _UL.unpack_from(head, start - 4)
-    if length != out.nbytes or start + length > member.size:
-        return False  # encapsulated, cut short or of another size: the general path says which
-    member.read_into(head, out.data.cast("B"))
+    if length != out.nbytes:
+        return False  # encapsulated or of another size: the general path says which
     stored = out if f.pixel_representation == 1 else out.view(np.uint16)
     bits = f.bits_stored or 16
     if bits < 16:  # the bits above BitsStored are not part of the value

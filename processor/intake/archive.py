@@ -48,7 +48,7 @@ import stat
 import struct
 import zipfile
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -57,7 +57,7 @@ from typing import IO
 
 from processor.bytesource import Buffer, Member
 from processor.errors import IngestError
-from processor.intake.bounds import COPY_AGAIN, Budget, Limits, ReadBudget, pread, pread_into, shrank
+from processor.intake.bounds import COPY_AGAIN, Budget, Limits, ReadBudget, pread, preadv_into, shrank
 from processor.intake.diskfiles import file_member, open_single, read_folder, what_file_is
 from processor.intake.inflate import MemberReadError, ReadGuard, open_member, read_member, refusal
 from processor.intake.zipend import ZipEndError, ends_in_zip, open_whole_zip
@@ -152,7 +152,7 @@ class _Input:
 
     def spans(
         self, info: zipfile.ZipInfo, where: str
-    ) -> tuple[Callable[[int, int], Buffer], Callable[[int, memoryview], None]]:
+    ) -> tuple[Callable[[int, int], Buffer], Callable[[int, Sequence[memoryview]], None]]:
         """A STORED member's bytes [offset, offset + n), read where they lie in the ZIP: as new
         bytes (``span``), or into a byte view the caller holds (``into``, ``len(out)`` bytes)."""
         start: list[int] = []
@@ -181,9 +181,11 @@ class _Input:
                 raise short()
             return data
 
-        def read_into(offset: int, out: memoryview) -> None:
-            if pread_into(self.fd, out, data_start() + offset, self.budget, f"the ZIP {self.label}") < len(
-                out
+        def read_into(offset: int, buffers: Sequence[memoryview]) -> None:
+            wanted = sum(len(b) for b in buffers)
+            if (
+                preadv_into(self.fd, buffers, data_start() + offset, self.budget, f"the ZIP {self.label}")
+                < wanted
             ):
                 raise short()
 

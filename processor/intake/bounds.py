@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from processor.bytesource import Buffer
@@ -113,6 +113,36 @@ def pread_into(fd: int, out: memoryview, offset: int, budget: ReadBudget, what: 
             got += read
     except OSError as exc:
         raise cannot_read(what, exc) from exc
+    return got
+
+
+def preadv_into(fd: int, buffers: Sequence[memoryview], offset: int, budget: ReadBudget, what: str) -> int:
+    """:func:`pread_into` into several byte views, filled in turn from ``offset``: one ``preadv``
+    where they add up to no more than one chunk (a slice's header and pixels), else one buffer
+    after the other; returns how many bytes were read (fewer only at the end of the file)."""
+    total = sum(len(b) for b in buffers)
+    if total > READ_CHUNK or len(buffers) == 1:
+        got = 0
+        for out in buffers:
+            read = pread_into(fd, out, offset + got, budget, what)
+            got += read
+            if read < len(out):
+                break
+        return got
+    try:
+        budget.charge(total)
+        got = os.preadv(fd, buffers, offset)
+    except OSError as exc:
+        raise cannot_read(what, exc) from exc
+    if 0 < got < total:  # a short read (a signal, a network file system): the rest as above
+        views, skip = [], got
+        for out in buffers:
+            if skip >= len(out):
+                skip -= len(out)
+                continue
+            views.append(out[skip:])
+            skip = 0
+        got += preadv_into(fd, views, offset + got, budget, what)
     return got
 
 

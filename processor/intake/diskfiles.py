@@ -14,12 +14,13 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from processor.bytesource import Buffer, Member
 from processor.errors import IngestError
-from processor.intake.bounds import COPY_AGAIN, Budget, ReadBudget, cannot_read, pread, pread_into, shrank
+from processor.intake.bounds import COPY_AGAIN, Budget, ReadBudget, cannot_read, pread, preadv_into, shrank
 from processor.intake.inbox import is_temporary_name
 from processor.names import display_name, raw_name
 
@@ -58,10 +59,10 @@ def file_member(path: Path, name: str, raw: bytes, size: int, budget: ReadBudget
         finally:
             os.close(fd)
 
-    def into(offset: int, out: memoryview) -> None:
+    def into(offset: int, buffers: Sequence[memoryview]) -> None:
         fd = opened()
         try:
-            if pread_into(fd, out, offset, budget, name) < len(out):
+            if preadv_into(fd, buffers, offset, budget, name) < sum(len(b) for b in buffers):
                 raise shrank(f"the file {name}", size, os.fstat(fd).st_size)
         finally:
             os.close(fd)
