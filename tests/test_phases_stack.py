@@ -560,3 +560,38 @@ def test_enhanced_ct_with_a_non_finite_rescale_is_named_never_used(tmp_path: Pat
     assert volume["rescale_missing"] == 3
     assert any("RescaleSlope/RescaleIntercept missing in 3 image(s)" in w for w in ctx.warnings)
     assert np.isfinite(ctx.values["volume"].hu).all()
+
+
+def test_the_frames_and_the_stack_of_a_series_follow_its_instances(tmp_path: Path) -> None:
+    """Selection and the volume ask for the same frames and image stack; they are computed once
+    for a list of instances (``Series.memo``) and again whenever the list changes — here or in
+    the stack series a caller was handed — and a pickled series carries none of it."""
+    import pickle
+
+    from processor.dicom.frames import frames_of
+    from processor.dicom.scan import scan_members
+    from processor.dicom.stack import image_stack
+    from processor.intake.archive import Limits, open_arrival
+
+    study, uid = generate_uid(), generate_uid()
+    scout = dicomgen.make_scout(study_uid=study)[0]
+    scout.SeriesInstanceUID = uid
+    axial = _make(6, study_uid=study, series_uid=uid)
+    with open_arrival(dicomgen.write_zip(tmp_path / "s.zip", [scout, *axial]), Limits()) as contents:
+        series = scan_members(contents.members).studies[0].series[uid]
+    first = image_stack(series)
+    assert first.set_aside == {"localizer/scout": 1} and len(first.series.instances) == 6
+    assert len(frames_of(series)) == 7 and frames_of(first.series) == frames_of(first.series)
+    again = image_stack(series)
+    assert again.series is first.series and again.set_aside == first.set_aside and again is not first
+    again.set_aside.clear()  # each caller's own Stack
+    assert image_stack(series).set_aside == {"localizer/scout": 1}
+    first.series.instances.append(series.instances[0])  # a caller changed the stack series' list
+    assert len(image_stack(series).series.instances) == 6, "the stack again, from the series"
+    scout_instance = series.instances.pop(0)
+    assert scout_instance.facts.image_type and not image_stack(series).set_aside
+    assert len(frames_of(series)) == 6 and [f.instance for f in frames_of(series)] == list(range(6))
+    copied = pickle.loads(pickle.dumps(series))
+    assert copied._memo == {} and [i.sop_uid for i in copied.instances] == [
+        i.sop_uid for i in series.instances
+    ]

@@ -174,7 +174,14 @@ def _enhanced_frames(index: int, header: Dataset) -> list[Frame]:
 
 
 def frames_of(series: Series) -> list[Frame]:
-    """Every frame of the series, in file order, with its geometry and rescale (headers only)."""
+    """Every frame of the series, in file order, with its geometry and rescale (headers only).
+
+    Computed once for the series' instances (:meth:`Series.memo`): selection and the volume
+    ask for the frames of the same series several times."""
+    return list(series.memo("frames", lambda: _frames_of(series)))
+
+
+def _frames_of(series: Series) -> list[Frame]:
     frames: list[Frame] = []
     for index, instance in enumerate(series.instances):
         if instance.facts.enhanced:

@@ -24,6 +24,7 @@ whole member, each read once. A ZIP member's CRC is checked when it is read whol
 from __future__ import annotations
 
 import logging
+import operator
 import re
 import struct
 import zipfile
@@ -32,7 +33,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
@@ -52,6 +53,7 @@ from processor.dicom.fastheader import Declined, Facts, Truncated, Walked, facts
 from processor.errors import StepError
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -131,6 +133,28 @@ class Instance:
 class Series:
     uid: str
     instances: list[Instance] = field(default_factory=list)
+    _memo: dict[str, tuple[tuple[Instance, ...], Any]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def memo(self, key: str, compute: Callable[[], _T], *, again: bool = False) -> _T:
+        """``compute()`` once for the series' instances: what a pure function of them returned
+        (its frames, its image stack) is remembered while the series holds the same instance
+        objects in the same order, and computed again once the list changed (or ``again``).
+        Not pickled."""
+        held = None if again else self._memo.get(key)
+        instances = self.instances
+        if held is not None and len(held[0]) == len(instances) and all(map(operator.is_, held[0], instances)):
+            return held[1]  # type: ignore[no-any-return]
+        value = compute()
+        self._memo[key] = (tuple(instances), value)
+        return value
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"uid": self.uid, "instances": self.instances}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.uid, self.instances, self._memo = state["uid"], state["instances"], {}
 
     def _first(self, keyword: str, default: object = None) -> Any:
         """The raw header value of the first instance (any DICOM value type), or ``default``."""
