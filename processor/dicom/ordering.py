@@ -28,6 +28,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import lru_cache
 
 import numpy as np
 
@@ -151,10 +152,12 @@ def choose_phase(sizes: Sequence[int], rule: str) -> int:
     raise ValueError(f"unknown phase rule {rule!r}; use one of {', '.join(PHASE_RULES)}")
 
 
+@lru_cache(maxsize=4096)
 def acquisition_seconds(date: str, time: str, stamp: str) -> float | None:
     """Seconds of an acquisition moment: from AcquisitionDateTime (DT), else AcquisitionDate (DA)
     + AcquisitionTime (TM) as seconds since 1970 (UTC offsets ignored: one scanner, one clock), else
-    the time of day alone; None when nothing is stated."""
+    the time of day alone; None when nothing is stated. Remembered (the images of a pass share
+    their values)."""
     text = stamp.strip() or (
         date.strip() + time.strip().replace(":", "") if date.strip() and time.strip() else ""
     )
@@ -188,20 +191,22 @@ def time_clusters(seconds: Sequence[float | None], gap_s: float = PHASE_TIME_GAP
     sorting) belong to one pass, labelled by the pass's first moment (sortable text); none → ''."""
     known = sorted((t, i) for i, t in enumerate(seconds) if t is not None)
     labels = [""] * len(seconds)
-    start = previous = None
+    previous = None
+    label = ""
     for t, i in known:
         if previous is None or t - previous > gap_s:
-            start = t
+            label = _pass_label(t)  # a new pass starts here
         previous = t
-        assert start is not None
-        if start >= 2 * 86400:  # a date and time
-            labels[i] = (
-                datetime.fromtimestamp(start, UTC).strftime("%Y-%m-%d %H:%M:%S.") + f"{start % 1:.1f}"[2:]
-            )
-        else:
-            hours, rest = divmod(start, 3600)
-            labels[i] = f"{int(hours):02d}:{int(rest // 60):02d}:{rest % 60:04.1f}"
+        labels[i] = label
     return labels
+
+
+def _pass_label(start: float) -> str:
+    """A pass's first moment as sortable text: date and time, or the time of day alone."""
+    if start >= 2 * 86400:  # a date and time
+        return datetime.fromtimestamp(start, UTC).strftime("%Y-%m-%d %H:%M:%S.") + f"{start % 1:.1f}"[2:]
+    hours, rest = divmod(start, 3600)
+    return f"{int(hours):02d}:{int(rest // 60):02d}:{rest % 60:04.1f}"
 
 
 @dataclass
