@@ -296,6 +296,39 @@ def test_stored_members_and_files_are_read_where_they_lie_with_the_crc_checked(t
         assert scan_members(contents.members).studies[0].instance_count == 3
 
 
+@pytest.mark.parametrize("extra", [0, 9, 40, 600])
+def test_a_stored_members_first_bytes_read_with_its_local_header_are_its_own(
+    tmp_path: Path, extra: int
+) -> None:
+    """A STORED member's first bytes come with its local header's read (the nested-ZIP check's
+    four): whatever the local extra field's length, the member's bytes are its own, never the
+    next record's, and a tiny member's CRC-32 is still checked."""
+    members = {"a": b"\x01\x02\x03", "b": b"PK\x03", "c": bytes(range(70)), "d": b""}
+    zpath = tmp_path / "extra.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        for name, data in members.items():
+            info = zipfile.ZipInfo(name)
+            info.extra = struct.pack("<HH", 0xCAFE, extra) + bytes(extra) if extra else b""
+            zf.writestr(info, data, compress_type=zipfile.ZIP_STORED)
+    raw = bytearray(zpath.read_bytes())
+    with open_arrival(zpath, Limits()) as contents:
+        by_name = {m.name: m for m in contents.members}
+        for name, data in members.items():
+            member = by_name[name]
+            assert member.read_prefix(4) == data[:4] and bytes(member.data()) == data
+            assert bytes(member.span(0, len(data))) == data and member.head(2) == data[:2]
+            if data:
+                assert bytes(member.span(1, len(data) - 1)) == data[1:]
+    at = raw.find(bytes(range(70)))
+    raw[at + 2] ^= 0xFF  # inside the first bytes of member c
+    zpath.write_bytes(bytes(raw))
+    with open_arrival(zpath, Limits()) as contents:
+        c = next(m for m in contents.members if m.name == "c")
+        with pytest.raises(zipfile.BadZipFile, match="Bad CRC-32"):
+            c.data()
+        assert c.read_prefix(4) == bytes([0, 1, 2 ^ 0xFF, 3])
+
+
 def test_a_stored_member_with_a_bad_crc_is_refused_when_read_whole(tmp_path: Path) -> None:
     good = [to_bytes(ds) for ds in make_series(2, stored=np.zeros((2, 256, 256), np.int16))]
     path = _stored_zip_with_flipped_last_byte(

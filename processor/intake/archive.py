@@ -127,6 +127,8 @@ def is_zip_path(path: Path) -> bool:
 
 
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, then name and extra-field lengths at 26 and 28
+_LOCAL_READ = 512  # bytes read after a local header with it: its name, extra field and first bytes
+_LEAD = 64  # of a member's first bytes read so, kept for the reads they cover (one pread saved)
 
 
 class _Input:
@@ -156,13 +158,16 @@ class _Input:
         """A STORED member's bytes [offset, offset + n), read where they lie in the ZIP: as new
         bytes (``span``), or into a byte view the caller holds (``into``, ``len(out)`` bytes)."""
         start: list[int] = []
+        lead: list[bytes] = []  # the member's first bytes, read with its local header
 
         def data_start() -> int:
             if not start:
-                header = os.pread(self.fd, _LOCAL_HEADER.size, info.header_offset)
-                if len(header) == _LOCAL_HEADER.size and header[:4] == ZIP_MAGIC:
-                    _, name_len, extra_len = _LOCAL_HEADER.unpack(header)
-                    start.append(info.header_offset + _LOCAL_HEADER.size + name_len + extra_len)
+                header = os.pread(self.fd, _LOCAL_HEADER.size + _LOCAL_READ, info.header_offset)
+                if len(header) >= _LOCAL_HEADER.size and header[:4] == ZIP_MAGIC:
+                    _, name_len, extra_len = _LOCAL_HEADER.unpack_from(header)
+                    skip = _LOCAL_HEADER.size + name_len + extra_len
+                    start.append(info.header_offset + skip)
+                    lead.append(header[skip : skip + _LEAD])
                 else:
                     self.check_unchanged()
                     raise MemberReadError(f"{where} cannot be read: its local header is missing or cut short")
@@ -176,7 +181,11 @@ class _Input:
             )
 
         def read(offset: int, n: int) -> Buffer:
-            data = pread(self.fd, n, data_start() + offset, self.budget, f"the ZIP {self.label}")
+            at = data_start() + offset
+            if offset + n <= len(lead[0]):  # e.g. the 4 bytes that tell a nested ZIP: read already
+                self.budget.charge(n)
+                return lead[0][offset : offset + n]
+            data = pread(self.fd, n, at, self.budget, f"the ZIP {self.label}")
             if len(data) < n:
                 raise short()
             return data
