@@ -115,8 +115,10 @@ class Member:
             out[:] = span(n, len(out))
         after = n + len(out)
         rest = span(after, self.size - after) if after < self.size else b""
-        if self.crc is not None and crc32(rest, crc32(out, crc32(head))) != self.crc:
-            raise zipfile.BadZipFile(f"Bad CRC-32 for file {self.name!r}")
+        if self.crc is not None:
+            crc = crc32(out, crc32(head))
+            if (crc32(rest, crc) if rest else crc) != self.crc:
+                raise zipfile.BadZipFile(f"Bad CRC-32 for file {self.name!r}")
         return head, rest
 
     def head(self, n: int) -> Buffer:

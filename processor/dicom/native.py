@@ -32,6 +32,7 @@ INT16 = np.iinfo(np.int16)
 _INT16_MIN, _INT16_MAX = int(INT16.min), int(INT16.max)
 _LITTLE = (ImplicitVRLittleEndian, ExplicitVRLittleEndian)
 _UL = struct.Struct("<L")
+_MINIMUM, _MAXIMUM = np.minimum.reduce, np.maximum.reduce  # a slice's extremes, without ndarray.min's wrapper
 _LITTLE_HOST = sys.byteorder == "little"  # the slice's int16 holds the file's bytes as they are
 
 
@@ -39,6 +40,7 @@ class NeedsFloat(Exception):
     """A rescaled value does not fit int16: decode the series again into float32."""
 
 
+@lru_cache(maxsize=256)
 def wrapped16(value: int) -> np.int16:
     """``value`` modulo 2¹⁶ as an int16 (the arithmetic below wraps; the checked result is exact)."""
     return np.int16(((value + 0x8000) & 0xFFFF) - 0x8000)
@@ -72,12 +74,12 @@ def check_fits_int16(stored: np.ndarray, m: int, b: int, bits_stored: int | None
                 else (0, (1 << bits_stored) - 1)
             )
         # the stored extreme that gives the lowest (highest) HU: the minimum (maximum) when m >= 0
-        lowest_of, highest_of = (stored.min, stored.max) if m >= 0 else (stored.max, stored.min)
+        lowest_of, highest_of = (_MINIMUM, _MAXIMUM) if m >= 0 else (_MAXIMUM, _MINIMUM)
         lowest, highest = (low * m + b, high * m + b) if m >= 0 else (high * m + b, low * m + b)
         if lowest < _INT16_MIN:
-            lowest = int(lowest_of()) * m + b
+            lowest = int(lowest_of(stored, axis=None)) * m + b
         if highest > _INT16_MAX:
-            highest = int(highest_of()) * m + b
+            highest = int(highest_of(stored, axis=None)) * m + b
     if lowest < _INT16_MIN or highest > _INT16_MAX:
         raise NeedsFloat
 
