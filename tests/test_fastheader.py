@@ -403,3 +403,29 @@ def test_the_shared_values_converted_together_give_the_facts_converted_one_by_on
         walked = dataclasses.replace(walked, values={**walked.values, tag: odd})
     for _ in range(2):  # converted afresh, then remembered (a value that raised never is)
         assert _facts_or_declined(facts_of, walked) == _facts_or_declined(_reference_facts_of, walked)
+
+
+@pytest.mark.parametrize("kind", ["implicit", "padded values", "missing values"])
+def test_facts_and_frames_built_fast_are_the_dataclasses_own(kind: str) -> None:
+    """``facts_of`` and ``classic_frame`` build their frozen records without the dataclass's
+    ``__init__`` (issue 18): equal, equally hashed and as frozen as what the constructor builds,
+    and a record missing a field or holding an unknown one is refused."""
+    from processor.dicom import frames
+
+    facts = facts_of(walk(CORPUS[kind]))
+    values = {f.name: getattr(facts, f.name) for f in dataclasses.fields(facts)}
+    built = fastheader.Facts(**values)
+    assert facts == built and hash(facts) == hash(built) and repr(facts) == repr(built)
+    frame = frames.classic_frame(4, facts)
+    fields = {f.name: getattr(frame, f.name) for f in dataclasses.fields(frame)}
+    assert frame == frames.Frame(**fields) and hash(frame) == hash(frames.Frame(**fields))
+    assert frame.instance == 4 and frame.position == facts.position and frame.kernel == facts.kernel
+    for record in (facts, frame):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            record.rows = 1  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        fastheader._facts({k: v for k, v in values.items() if k != "kernel"})
+    with pytest.raises(TypeError):
+        fastheader._facts({**{k: v for k, v in values.items() if k != "kernel"}, "colour": 1})
+    with pytest.raises(TypeError):
+        frames._frame({**fields, "colour": 1})
