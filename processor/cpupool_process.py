@@ -26,6 +26,7 @@ from processor.config import Settings
 from processor.errors import ConfigError
 from processor.executor import LocalExecutor, Prepared, study_keys
 from processor.handoff import Packed, pack
+from processor.hugepages import hand_volumes_off
 from processor.state import Arrival
 
 
@@ -58,6 +59,7 @@ def init(
     """Set up a pool process: logs to the daemon, Ctrl-C left to the daemon, the pipeline compiled."""
     global _EXECUTOR, _STOP
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon stops us through ``stop``
+    hand_volumes_off()  # each volume goes to the daemon through shared memory
     _exit_with_the_daemon()
     root = logging.getLogger()
     to_daemon_queue: Any = ToDaemon(to_daemon)  # QueueHandler calls put_nowait only

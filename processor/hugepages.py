@@ -165,6 +165,7 @@ class _Spare:
 
     def __init__(self) -> None:
         self._slot: list[_Mapping] = []
+        self.enabled = True  # False in a process whose volumes leave it (:func:`hand_volumes_off`)
 
     def take(self, nbytes: int) -> _Mapping | None:
         """The kept mapping when it holds ``nbytes`` (and is on huge pages, or none are free now);
@@ -179,6 +180,8 @@ class _Spare:
 
     def give(self, mapping: _Mapping) -> None:
         """Keep ``mapping`` (its contents forgotten), or the kept one when that is larger."""
+        if not self.enabled:
+            return  # unmapped once the finalizer lets go of it
         mapping.forget_contents()
         try:
             kept: _Mapping | None = self._slot.pop()
@@ -188,6 +191,15 @@ class _Spare:
         while len(self._slot) > 1:  # two threads gave at once: one is enough
             with contextlib.suppress(IndexError):
                 self._slot.pop(0)
+
+
+def hand_volumes_off() -> None:
+    """Keep no mapping between volumes in this process: its volumes leave it (a CPU pool process
+    copies each into shared memory for the daemon, :mod:`processor.handoff`), and memory kept here
+    while it waits for the daemon to take the next study would grow the memory that
+    ``max_inflight_studies`` bounds by one volume per pool process."""
+    _SPARE.enabled = False
+    _SPARE._slot.clear()
 
 
 def _worth_huge(nbytes: int) -> bool:

@@ -173,3 +173,22 @@ def _volume(path: Path, datasets: list) -> np.ndarray:
     with open_arrival(path, Limits()) as contents:
         series = next(iter(scan_members(contents.members).studies[0].series.values()))
         return load_volume(series).hu
+
+
+def test_a_process_that_hands_its_volumes_off_keeps_no_memory_between_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A CPU pool process copies each volume into shared memory for the daemon: the mapping of a
+    volume it no longer uses is let go, not kept for the next."""
+    monkeypatch.setattr(hugepages._SPARE, "enabled", True)  # as it was, after this test
+    hu = hugepages.volume_array((70, 512, 512), np.int16)
+    del hu
+    gc.collect()
+    assert hugepages._SPARE._slot, "kept where volumes stay in the process"
+    hugepages.hand_volumes_off()
+    assert not hugepages._SPARE._slot
+    hu = hugepages.volume_array((70, 512, 512), np.int16)
+    hu[...] = 1
+    del hu
+    gc.collect()
+    assert not hugepages._SPARE._slot
