@@ -494,3 +494,28 @@ def test_several_buffers_are_filled_in_turn_and_a_read_past_the_end_stops_short(
     assert got == min(9, sum(sizes))
     assert joined[:got] == bytes(range(1, 1 + got)) and set(joined[got:]) <= {0xEE}
     assert budget.spent >= sum(sizes)
+
+
+def test_reads_that_stop_short_again_and_again_go_on_where_they_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file system that hands back a few bytes per call (a signal, a network share): the views
+    are filled in order all the same, in a loop (no recursion however short the reads)."""
+    data = bytes(range(256)) * 20
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    real = os.preadv
+
+    def one_byte(fd: int, buffers: list, offset: int) -> int:
+        return real(fd, [buffers[0][:1]], offset)
+
+    monkeypatch.setattr(os, "preadv", one_byte)
+    buffers = [memoryview(bytearray(1500)), memoryview(bytearray(3000))]
+    budget = ReadBudget(5000)  # the request is charged once, not again at each short read
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        got = preadv_into(fd, buffers, 7, budget, "the file f")
+    finally:
+        os.close(fd)
+    assert got == 4500 and bytes(buffers[0]) + bytes(buffers[1]) == data[7:4507]
+    assert budget.spent == 4500

@@ -582,12 +582,16 @@ def test_the_frames_and_the_stack_of_a_series_follow_its_instances(tmp_path: Pat
     first = image_stack(series)
     assert first.set_aside == {"localizer/scout": 1} and len(first.series.instances) == 6
     assert len(frames_of(series)) == 7 and frames_of(first.series) == frames_of(first.series)
+    computed = first.series._memo["frames"][1]
     again = image_stack(series)
-    assert again.series is first.series and again.set_aside == first.set_aside and again is not first
+    assert again.set_aside == first.set_aside and again is not first and again.series is not first.series
+    assert frames_of(again.series) == frames_of(first.series)
+    assert again.series._memo["frames"][1] is computed, "the stack's frames computed once"
     again.set_aside.clear()  # each caller's own Stack
     assert image_stack(series).set_aside == {"localizer/scout": 1}
-    first.series.instances.append(series.instances[0])  # a caller changed the stack series' list
-    assert len(image_stack(series).series.instances) == 6, "the stack again, from the series"
+    first.series.instances.append(series.instances[0])  # a caller changed its stack series' list
+    assert len(again.series.instances) == 6 and len(image_stack(series).series.instances) == 6
+    assert len(frames_of(first.series)) == 7 and len(frames_of(again.series)) == 6
     scout_instance = series.instances.pop(0)
     assert scout_instance.facts.image_type and not image_stack(series).set_aside
     assert len(frames_of(series)) == 6 and [f.instance for f in frames_of(series)] == list(range(6))

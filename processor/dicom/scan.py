@@ -150,6 +150,14 @@ class Series:
         self._memo[key] = (tuple(instances), value)
         return value
 
+    def sharing_memo(self) -> Series:
+        """A series of the same instances in a list of its own, sharing this one's :meth:`memo`
+        (each entry is checked against the instances it was computed from, so a list changed on
+        either side is computed again, never answered from the other's)."""
+        twin = Series(self.uid, list(self.instances))
+        twin._memo = self._memo
+        return twin
+
     def __getstate__(self) -> dict[str, Any]:
         return {"uid": self.uid, "instances": self.instances}
 

@@ -24,7 +24,6 @@ the stack of a stack is itself.
 
 from __future__ import annotations
 
-import operator
 from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -143,19 +142,17 @@ def image_stack(series: Series) -> Stack:
     """Set aside what cannot belong to the series' axial image stack (see the module docstring).
 
     Computed once for the series' instances (:meth:`Series.memo`: selection and the volume both
-    ask); each call returns its own :class:`Stack` over the same stack series, whose frames are
-    then computed once too."""
-    held, kept = series.memo("image stack", lambda: _kept(_image_stack(series)))
-    if len(kept) != len(held.series.instances) or not all(map(operator.is_, kept, held.series.instances)):
-        # a caller changed the stack series' list since: the stack again, from the series
-        held, kept = series.memo("image stack", lambda: _kept(_image_stack(series)), again=True)
+    ask). Each call returns its own :class:`Stack`, whose series holds its own list of the stack's
+    instances and shares what was computed from them (:meth:`Series.sharing_memo`): the stack's
+    frames are computed once too, and a caller that changes its list changes no one else's."""
+    held = series.memo("image stack", lambda: _image_stack(series))
     return Stack(
-        held.series, Counter(held.set_aside), list(held.set_aside_files), held.modality, held.image_type
+        held.series.sharing_memo(),
+        Counter(held.set_aside),
+        list(held.set_aside_files),
+        held.modality,
+        held.image_type,
     )
-
-
-def _kept(stack: Stack) -> tuple[Stack, tuple[Instance, ...]]:
-    return stack, tuple(stack.series.instances)
 
 
 def _image_stack(series: Series) -> Stack:
