@@ -31,6 +31,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from pydicom.dataelem import DataElement, RawDataElement
@@ -71,8 +72,7 @@ INSTALL_HINTS = {
 }
 
 
-@dataclass(frozen=True)
-class _Target:
+class _Target(NamedTuple):
     frame: int  # frame index inside the file
     k: int  # slice index in the volume
     slope: float

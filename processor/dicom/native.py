@@ -128,11 +128,12 @@ def read_into_slice(instance: Instance, out: np.ndarray, slope: float, intercept
     if start + out.nbytes > member.size:
         return False  # cut short or of another size: the general path says which
     head, _ = member.read_into(start, out.data.cast("B"))  # the CRC-32 checked over the whole
-    if head[at : at + 4] != PIXEL_DATA_TAG or not (
-        f.implicit or (head[at + 4 : at + 6] in (b"OB", b"OW") and head[at + 6 : at + 8] == b"\0\0")
+    element = bytes(head[at:start])  # the Pixel Data element's header: tag, (VR, reserved,) length
+    if element[:4] != PIXEL_DATA_TAG or not (
+        f.implicit or (element[4:6] in (b"OB", b"OW") and element[6:8] == b"\0\0")
     ):
         return False
-    (length,) = _UL.unpack_from(head, start - 4)
+    (length,) = _UL.unpack_from(element, start - at - 4)
     if length != out.nbytes:
         return False  # encapsulated or of another size: the general path says which
     stored = out if f.pixel_representation == 1 else out.view(np.uint16)

@@ -159,6 +159,7 @@ class _Input:
         bytes (``span``), or into a byte view the caller holds (``into``, ``len(out)`` bytes)."""
         start: list[int] = []
         lead: list[bytes] = []  # the member's first bytes, read with its local header
+        what = f"the ZIP {self.label}"
 
         def data_start() -> int:
             if not start:
@@ -185,16 +186,14 @@ class _Input:
             if offset + n <= len(lead[0]):  # e.g. the 4 bytes that tell a nested ZIP: read already
                 self.budget.charge(n)
                 return lead[0][offset : offset + n]
-            data = pread(self.fd, n, at, self.budget, f"the ZIP {self.label}")
+            data = pread(self.fd, n, at, self.budget, what)
             if len(data) < n:
                 raise short()
             return data
 
         def read_into(offset: int, buffers: Sequence[memoryview]) -> None:
-            wanted = sum(len(b) for b in buffers)
-            if (
-                preadv_into(self.fd, buffers, data_start() + offset, self.budget, f"the ZIP {self.label}")
-                < wanted
+            if preadv_into(self.fd, buffers, data_start() + offset, self.budget, what) < sum(
+                map(len, buffers)
             ):
                 raise short()
 

@@ -120,7 +120,8 @@ def preadv_into(fd: int, buffers: Sequence[memoryview], offset: int, budget: Rea
     """:func:`pread_into` into several byte views, filled in turn from ``offset``: one ``preadv``
     where they add up to no more than one chunk (a slice's header and pixels), else one buffer
     after the other; returns how many bytes were read (fewer only at the end of the file)."""
-    if sum(map(len, buffers)) > READ_CHUNK or len(buffers) == 1:
+    total = sum(map(len, buffers))
+    if total > READ_CHUNK or len(buffers) == 1:
         got = 0
         for out in buffers:
             read = pread_into(fd, out, offset + got, budget, what)
@@ -128,21 +129,20 @@ def preadv_into(fd: int, buffers: Sequence[memoryview], offset: int, budget: Rea
             if read < len(out):
                 break
         return got
+    budget.charge(total)  # the whole request, once
     views, got = list(buffers), 0
-    budget.charge(sum(map(len, views)))  # the whole request, once
-    while views:  # a short read (a signal, a network file system) goes on where it stopped
+    while True:
         try:
             read = os.preadv(fd, views, offset + got)
         except OSError as exc:
             raise cannot_read(what, exc) from exc
-        if read == 0:
-            break
         got += read
-        while views and read >= len(views[0]):
+        if got == total or read == 0:
+            return got
+        # a short read (a signal, a network file system): on from where it stopped
+        while read >= len(views[0]):
             read -= len(views.pop(0))
-        if views:
-            views[0] = views[0][read:]
-    return got
+        views[0] = views[0][read:]
 
 
 class Budget:
