@@ -110,9 +110,7 @@ class _Mapping:
         """A fresh mapping for ``nbytes``: on huge pages when they are free; None when the kernel
         refuses one (the caller takes ``np.empty``)."""
         page = mmap.PAGESIZE
-        huge = _huge_page_bytes()
-        if huge is not None and not huge_pages_free(-(-nbytes // huge), huge):
-            huge = None
+        huge = _worth_huge(nbytes)
         align = huge or page
         capacity = -(-nbytes // align) * align  # whole huge pages: MADV_FREE then frees them whole
         try:
@@ -174,7 +172,7 @@ class _Spare:
             mapping = self._slot.pop()
         except IndexError:
             return None
-        if mapping.capacity >= nbytes and (mapping.huge or not _worth_huge(nbytes)):
+        if mapping.capacity >= nbytes and (mapping.huge or _worth_huge(nbytes) is None):
             return mapping
         return None  # dropped here: unmapped once nothing refers to it
 
@@ -182,12 +180,14 @@ class _Spare:
         """Keep ``mapping`` (its contents forgotten), or the kept one when that is larger."""
         if not self.enabled:
             return  # unmapped once the finalizer lets go of it
-        mapping.forget_contents()
         try:
             kept: _Mapping | None = self._slot.pop()
         except IndexError:
             kept = None
-        self._slot.append(mapping if kept is None or mapping.capacity >= kept.capacity else kept)
+        if kept is None or mapping.capacity >= kept.capacity:
+            mapping.forget_contents()
+            kept = mapping
+        self._slot.append(kept)
         while len(self._slot) > 1:  # two threads gave at once: one is enough
             with contextlib.suppress(IndexError):
                 self._slot.pop(0)
@@ -202,18 +202,16 @@ def hand_volumes_off() -> None:
     _SPARE._slot.clear()
 
 
-def _worth_huge(nbytes: int) -> bool:
+def _worth_huge(nbytes: int) -> int | None:
+    """The huge page size, where a mapping of ``nbytes`` can be put on huge pages without
+    compaction (:func:`huge_pages_free`); else None."""
     huge = _huge_page_bytes()
-    return huge is not None and huge_pages_free(-(-nbytes // huge), huge)
+    return huge if huge is not None and huge_pages_free(-(-nbytes // huge), huge) else None
 
 
 def _address(region: mmap.mmap) -> int:
-    """The address of the first byte of ``region`` (held by no buffer export afterwards)."""
-    view = np.frombuffer(region, np.uint8)
-    try:
-        return int(view.ctypes.data)
-    finally:
-        del view
+    """The address of the first byte of ``region`` (the view that tells it is gone at once)."""
+    return int(np.frombuffer(region, np.uint8).ctypes.data)
 
 
 _SPARE = _Spare()

@@ -137,12 +137,11 @@ class Series:
         default_factory=dict, init=False, repr=False, compare=False
     )
 
-    def memo(self, key: str, compute: Callable[[], _T], *, again: bool = False) -> _T:
+    def memo(self, key: str, compute: Callable[[], _T]) -> _T:
         """``compute()`` once for the series' instances: what a pure function of them returned
         (its frames, its image stack) is remembered while the series holds the same instance
-        objects in the same order, and computed again once the list changed (or ``again``).
-        Not pickled."""
-        held = None if again else self._memo.get(key)
+        objects in the same order, and computed again once the list changed. Not pickled."""
+        held = self._memo.get(key)
         instances = self.instances
         if held is not None and len(held[0]) == len(instances) and all(map(operator.is_, held[0], instances)):
             return held[1]  # type: ignore[no-any-return]

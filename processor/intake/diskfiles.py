@@ -62,7 +62,7 @@ def file_member(path: Path, name: str, raw: bytes, size: int, budget: ReadBudget
     def into(offset: int, buffers: Sequence[memoryview]) -> None:
         fd = opened()
         try:
-            if preadv_into(fd, buffers, offset, budget, name) < sum(len(b) for b in buffers):
+            if preadv_into(fd, buffers, offset, budget, name) < sum(map(len, buffers)):
                 raise shrank(f"the file {name}", size, os.fstat(fd).st_size)
         finally:
             os.close(fd)
