@@ -13,7 +13,8 @@ check + decoding the chosen series into the HU volume (the only stage that touch
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,7 +24,7 @@ from processor.deflate import crc32
 from processor.dicom.scan import ScanResult, Series, scan_members
 from processor.dicom.select import SelectionRules, evaluate, series_facts
 from processor.dicom.volume import Volume, load_volume
-from processor.intake.archive import Limits, open_arrival
+from processor.intake.archive import Contents, Limits, open_arrival
 
 if TYPE_CHECKING:
     import torch
@@ -43,7 +44,7 @@ def choose_series(scan: ScanResult) -> Series:
 def fast_volume(zip_path: Path, *, imagecodecs: bool = True) -> Volume:
     """ZIP → chosen series' HU volume, exactly as the ``dicom.select_series`` + ``ct.volume`` steps do
     (``imagecodecs=False``: compressed frames through pydicom's decoders only, the reference)."""
-    with open_arrival(zip_path, LIMITS) as contents:
+    with _opened(zip_path) as contents:
         series = choose_series(_scan(contents.members))
         return load_volume(series, imagecodecs=imagecodecs)
 
@@ -82,7 +83,7 @@ STAGES = (
 def stage_breakdown(zip_path: Path, samples: dict[str, Samples]) -> Volume:
     """One pass over the ingest stages, each timed on its own (see the module docstring)."""
     clock = Clock()
-    with open_arrival(zip_path, LIMITS) as contents:
+    with _opened(zip_path) as contents:
         samples.setdefault(STAGES[0], Samples()).add(*clock.lap())
         scan, _, _ = timed(lambda: _scan(contents.members), samples.setdefault(STAGES[1], Samples()))
         series, _, _ = timed(lambda: choose_series(scan), samples.setdefault(STAGES[2], Samples()))
@@ -102,6 +103,18 @@ def crc_of_chosen_series(zip_path: Path) -> Callable[[], int]:
             return sum(crc32(m.viewer()) == m.crc for m in views)
 
     return check
+
+
+@contextmanager
+def _opened(zip_path: Path) -> Iterator[Contents]:
+    """``open_arrival`` as the executor opens an input: with the cyclic collector paused while it
+    reads the central directory (:func:`processor.executor_read.open_input`)."""
+    from processor.gcpause import gc_paused
+
+    with ExitStack() as stack:
+        with gc_paused():
+            contents = stack.enter_context(open_arrival(zip_path, LIMITS))
+        yield contents
 
 
 def _scan(members):  # type: ignore[no-untyped-def]

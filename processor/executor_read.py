@@ -5,8 +5,8 @@ DICOM headers within a time limit of its own, stopping at a stop request; :func:
 reads again the input of an earlier arrival that brought a part of the same study (a late series,
 :mod:`processor.intake.late_series`) once its sha256 is checked, telling a fault of the world
 (:class:`EarlierPartFault`, the arrival goes back to the queue) from an input that no longer reads
-(:class:`EarlierPartUnreadable`). :func:`gc_paused` pauses the garbage collector while headers are
-parsed, and :func:`no_dicom_message` says what an input held when it held no DICOM.
+(:class:`EarlierPartUnreadable`). :func:`gc_paused` pauses the garbage collector while an input is
+opened and its headers are parsed, and :func:`no_dicom_message` says what an input held when it held no DICOM.
 """
 
 from __future__ import annotations
@@ -100,7 +100,8 @@ def open_input(
                 f"reading {held} took longer than limits.max_seconds_per_arrival ({limit:g} s), {slow}"
             )
 
-    contents = stack.enter_context(open_arrival(path, limits, check, name=name))
+    with gc_paused():  # a ZIP's central directory: thousands of small objects, none in cycles
+        contents = stack.enter_context(open_arrival(path, limits, check, name=name))
     files.append(len(contents.members))
     check()
     return contents

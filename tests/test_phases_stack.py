@@ -599,3 +599,31 @@ def test_the_frames_and_the_stack_of_a_series_follow_its_instances(tmp_path: Pat
     assert copied._memo == {} and [i.sop_uid for i in copied.instances] == [
         i.sop_uid for i in series.instances
     ]
+
+
+@pytest.mark.parametrize("left_out", [(), (0,), (3,), (0, 4, 7), (7,)])
+def test_the_stack_frames_taken_from_its_series_are_those_computed_for_its_files(
+    tmp_path: Path, left_out: tuple[int, ...]
+) -> None:
+    """The image stack's frames are renumbered from its series' frames, not computed again; they
+    are the frames its own files give (each naming its file by its index in the stack), whichever
+    files were set aside, first, in the middle or last."""
+    from processor.dicom.frames import _frames_of, frames_of
+    from processor.dicom.scan import scan_members
+    from processor.dicom.stack import image_stack
+    from processor.intake.archive import Limits, open_arrival
+
+    study, uid = generate_uid(), generate_uid()
+    files = _make(8, study_uid=study, series_uid=uid)
+    for k in left_out:  # a scout in the series at this place: set aside
+        scout = dicomgen.make_scout(study_uid=study)[0]
+        scout.SeriesInstanceUID = uid
+        files[k] = scout
+    with open_arrival(dicomgen.write_zip(tmp_path / "s.zip", files), Limits()) as contents:
+        series = scan_members(contents.members).studies[0].series[uid]
+    stack = image_stack(series)
+    assert stack.set_aside == ({"localizer/scout": len(left_out)} if left_out else {})
+    taken = frames_of(stack.series)
+    assert taken == _frames_of(stack.series)  # computed afresh from the stack's own files
+    assert [f.instance for f in taken] == list(range(8 - len(left_out)))
+    assert [f.position for f in taken] == [f.position for f in frames_of(series) if f.instance not in left_out]

@@ -149,6 +149,12 @@ class Series:
         self._memo[key] = (tuple(instances), value)
         return value
 
+    def remember(self, key: str, value: Any) -> None:
+        """Hold ``value`` as what :meth:`memo` computes for ``key`` from the series' instances as they
+        are now: for a caller that derived it from what was computed for another series (the
+        frames of an image stack from its series' frames)."""
+        self._memo[key] = (tuple(self.instances), value)
+
     def sharing_memo(self) -> Series:
         """A series of the same instances in a list of its own, sharing this one's :meth:`memo`
         (each entry is checked against the instances it was computed from, so a list changed on

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import cast
 
 import numpy as np
@@ -215,16 +215,32 @@ def _image_stack(series: Series) -> Stack:
         for i, key in keys.items():
             if key != keep:
                 reasons[i] = describe(key)
-    kept = [inst for i, inst in enumerate(series.instances) if i not in reasons]
-    stack = Stack(Series(series.uid, kept))
+    kept_at = [i for i in range(len(series.instances)) if i not in reasons]
+    stack = Stack(Series(series.uid, [series.instances[i] for i in kept_at]))
+    stack.series.remember("frames", _renumbered(frames, kept_at, len(series.instances)))
     for i in sorted(reasons):
         stack.set_aside[reasons[i]] += 1
         stack.set_aside_files.append((series.instances[i].member.name, reasons[i]))
-    modalities = Counter(inst.facts.modality for inst in kept if inst.facts.modality)
+    modalities = Counter(inst.facts.modality for inst in stack.series.instances if inst.facts.modality)
     stack.modality = modalities.most_common(1)[0][0] if modalities else ""
     types = Counter(f.image_type for f in frames if f.instance not in reasons and f.image_type)
     stack.image_type = types.most_common(1)[0][0] if types else ()
     return stack
+
+
+def _renumbered(frames: list[Frame], kept: list[int], files: int) -> list[Frame]:
+    """The frames of the files ``kept`` (indices, ascending, of a series of ``files`` files), each
+    naming its file by its index among those kept: what :func:`processor.dicom.frames.frames_of`
+    gives for the kept files (a frame is a function of its file and that index), without reading
+    their headers again."""
+    if len(kept) == files:
+        return frames
+    index = {i: j for j, i in enumerate(kept)}
+    return [
+        f if f.instance == index[f.instance] else replace(f, instance=index[f.instance])
+        for f in frames
+        if f.instance in index
+    ]
 
 
 def stack_frames(frames: list[Frame]) -> tuple[list[Frame], Counter[str]]:
