@@ -395,3 +395,17 @@ def test_a_traceback_quoting_a_name_with_a_newline_cannot_forge_a_log_line() -> 
     assert not any(line.startswith("ERROR forged") for line in text.splitlines()), text
     assert "RuntimeError: cannot read x.zip\\nERROR forged line" in text
     assert text.splitlines()[0] == "ERROR failed a\\nb"
+
+
+@given(_names, st.booleans())
+def test_zip_member_text_is_utf8_when_it_decodes_else_cp437(names: list[bytes], flagged: bool) -> None:
+    """A member's name as text, whatever its bytes (ASCII ones read on a shorter path): the bytes
+    decoded as UTF-8 where they are UTF-8, else as CP437, cut at a NUL."""
+    blob = zip_bytes_with_raw_names([(n, b"x") for n in names], utf8_flag=flagged)
+    with open_zip(io.BytesIO(blob)) as zf:
+        for raw, info in zip(names, zf.infolist(), strict=True):
+            try:
+                expected = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                expected = raw.decode("cp437")
+            assert member_text(info) == expected.split("\x00", 1)[0], raw

@@ -37,15 +37,20 @@ _EOCD_MAX_COMMENT = 0xFFFF
 
 def member_raw_name(info: zipfile.ZipInfo) -> bytes:
     """The member's name exactly as the archive stores it."""
+    name = info.orig_filename
+    if name.isascii():  # the same bytes in CP437 and UTF-8 (the usual name, encoded fastest)
+        return name.encode("ascii")
     if info.flag_bits & UTF8_FLAG:
-        return info.orig_filename.encode("utf-8")
-    return info.orig_filename.encode("cp437")
+        return name.encode("utf-8")
+    return name.encode("cp437")
 
 
 def member_text(info: zipfile.ZipInfo) -> str:
     """The member's name as text: UTF-8 when flagged or valid UTF-8, else CP437 (see module doc);
     cut at a NUL, as :mod:`zipfile` cuts ``filename``."""
     text = info.orig_filename
+    if text.isascii():  # read alike in every one of those: as it is
+        return text.split("\x00", 1)[0] if "\x00" in text else text
     if not info.flag_bits & UTF8_FLAG and _is_utf8(raw := member_raw_name(info)):
         text = raw.decode("utf-8")
     return text.split("\x00", 1)[0]
