@@ -30,6 +30,7 @@ from __future__ import annotations
 import struct
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -48,6 +49,7 @@ from processor.dicom.fastheader import (
 
 MAX_STEPPED = 48  # differing elements stepped one by one before the walker takes the rest
 MAX_COMPARED = 12  # byte comparisons (one after each element that changed size) before it does
+_RUNS_KEPT = 8  # the runs of this many sets of expected differences are kept for a layout
 _FIRST_DIFFERENCES = 64  # differing bytes listed from one comparison (most are after a shift)
 
 
@@ -74,21 +76,26 @@ class Alike:
         self.layout: Layout | None = None
         self.followed = False  # whether the last walk against the layout reached its end
         self.changed: list[int] = []  # the layout's elements the last walk against it stepped one by one
+        self._runs: dict[tuple[int, ...], list[_Run]] = {}  # the layout's runs, by the elements expected
 
     def walk_data_set(
         self, view: memoryview, pos: int, end: int, implicit: bool, out: dict[int, bytes]
     ) -> int | None:
         layout = self.layout
         if layout is not None and self.followed and layout.implicit == implicit:
-            offset, self.followed, self.changed = _walk_against(
-                view, pos, end, implicit, out, layout, self.changed
-            )
+            expected = tuple(self.changed)
+            runs = self._runs.get(expected)
+            if runs is None:
+                if len(self._runs) >= _RUNS_KEPT:
+                    self._runs.clear()
+                runs = self._runs[expected] = _runs(layout, expected)
+            offset, self.followed, self.changed = _walk_against(view, pos, end, implicit, out, layout, runs)
             return offset
         starts: list[int] = []
         offset = _walk(view, pos, end, implicit, out, top=True, starts=starts)
         if offset is not None and len(starts) > 1:
             self.layout = _layout(view, starts, implicit)
-            self.followed, self.changed = True, []
+            self.followed, self.changed, self._runs = True, [], {}
         return offset
 
 
@@ -114,6 +121,37 @@ def _layout(view: memoryview, starts: list[int], implicit: bool) -> Layout:
     return Layout(data, raw, implicit, starts, kept, kept_at)
 
 
+class _Run(NamedTuple):
+    """A run of the layout's elements ``first``..``k``-1 expected alike, then its element ``k``,
+    expected to differ: their bytes in the layout, and the wanted values of the run."""
+
+    first: int
+    k: int
+    same: bytes  # the run's bytes in the layout
+    kept: list[tuple[int, bytes]]  # the wanted values met in the run, as (tag, value)
+    element: bytes  # element k's bytes in the layout (b"" for the last, Pixel Data)
+
+
+def _runs(layout: Layout, expected: tuple[int, ...]) -> list[_Run]:
+    """The runs a walk against ``layout`` tries when it expects the elements ``expected``
+    (ascending) to differ, Pixel Data last: each run starts after the element before it."""
+    raw, starts, kept, kept_at = layout.raw, layout.starts, layout.kept, layout.kept_at
+    last = len(starts) - 1
+    runs, i = [], 0
+    for k in (*expected, last):
+        runs.append(
+            _Run(
+                i,
+                k,
+                raw[starts[i] : starts[k]],
+                kept[bisect_left(kept_at, i) : bisect_left(kept_at, k)],
+                raw[starts[k] : starts[k + 1]] if k < last else b"",
+            )
+        )
+        i = k + 1
+    return runs
+
+
 def _walk_against(
     view: memoryview,
     pos: int,
@@ -121,32 +159,30 @@ def _walk_against(
     implicit: bool,
     out: dict[int, bytes],
     layout: Layout,
-    expected: list[int],
+    runs: list[_Run],
 ) -> tuple[int | None, bool, list[int]]:
     """(where Pixel Data starts, as the walker finds it; whether the earlier file was followed to
     its end; the layout's elements stepped one by one). Raises what the walker raises.
 
-    ``expected``: the elements the walk before this one stepped one by one, tried first."""
-    raw, starts, kept, kept_at = layout.raw, layout.starts, layout.kept, layout.kept_at
-    last = len(starts) - 1
+    ``runs``: :func:`_runs` of the elements the walk before this one stepped one by one, tried
+    first (each run's bytes compared with the layout's as ``bytes``)."""
+    last = len(layout.starts) - 1
     i = 0
     changed: list[int] = []
-    for k in (*expected, last):
-        # the bytes of elements i..k-1 as the earlier file's: the same elements, stepped at once
-        size = starts[k] - starts[i]
-        if pos + size > end or view[pos : pos + size].tobytes() != raw[starts[i] : starts[k]]:
+    for first, k, same, kept, element in runs:
+        # the bytes of elements first..k-1 as the earlier file's: the same elements, stepped at once
+        size = len(same)
+        if pos + size > end or view[pos : pos + size].tobytes() != same:
+            i = first
             break
-        out.update(kept[bisect_left(kept_at, i) : bisect_left(kept_at, k)])
-        pos, i = pos + size, k
-        if i == last:
+        out.update(kept)
+        pos += size
+        if k == last:
             return _walk(view, pos, end, implicit, out, top=True), True, changed
         step = _step(view, pos, end, implicit, out)
         if step is None:
             return _walk(view, pos, end, implicit, out, top=True), False, changed
-        if (
-            step != starts[k + 1] - starts[k]
-            or view[pos : pos + step].tobytes() != raw[starts[k] : starts[k + 1]]
-        ):
+        if step != len(element) or view[pos : pos + step].tobytes() != element:
             changed.append(k)  # it differs in this file too: expected in the next one
         pos, i = pos + step, k + 1
     return _compare_and_walk(view, pos, end, implicit, out, layout, i, changed)
