@@ -217,33 +217,6 @@ def walk(buf: bytes | memoryview, walker: DataSetWalker | None = None) -> Walked
     return Walked(values, syntax, encoding.implicit, offset, declared)
 
 
-def element_starts(buf: bytes | memoryview, implicit: bool) -> list[tuple[int, int, int, int]]:
-    """``(tag, start, header length, value length)`` of each top-level element of the data set of a
-    Part 10 file's bytes ``buf`` (Little Endian, ``implicit`` VR or not: as :func:`walk` decided
-    it), in file order, up to Pixel Data or the end of ``buf``. A value length of
-    :data:`UNDEFINED` is a sequence's. Raises :class:`Declined` (:class:`Truncated`) as the walker
-    does."""
-    view = memoryview(buf)
-    if len(view) < 144 or view[128:132] != b"DICM":
-        raise Declined("no DICOM preamble")
-    starts: list[int] = []
-    _walk(view, 144 + _UL.unpack_from(view, 140)[0], len(view), implicit, None, top=True, starts=starts)
-    found = []
-    for at in starts:
-        if at + 8 > len(view):
-            break
-        if implicit:
-            group, element, length = _IMPLICIT.unpack_from(view, at)
-            header = 8
-        else:
-            group, element, vr, length = _EXPLICIT.unpack_from(view, at)
-            header = 8
-            if vr in _LONG_VRS:
-                length, header = _UL.unpack_from(view, at + 8)[0], 12
-        found.append((group << 16 | element, at, header, length))
-    return found
-
-
 def _walk(
     view: memoryview,
     pos: int,

@@ -12,9 +12,8 @@ grouping, selection and decoding need, and where Pixel Data starts); a layout it
 parsed by pydicom (``stop_before_pixels``) instead. Both read the data set in the encoding its
 bytes show (:mod:`processor.dicom.encoding`; a header that declares another one is logged as
 ``scan.encoding``), and so does the pixel decoder. The full pydicom header of a file is parsed
-on demand (``Instance.header``); the scan keeps the header bytes of the first file of every series,
-so that its header (and the few values asked of it: series number and description, accession…,
-:mod:`processor.dicom.leanheader`) is read from them, also after the arrival closed.
+on demand (``Instance.header``) and eagerly for the first file of every series, while the
+arrival is still open.
 
 A member's header is read from its first :data:`FIRST_READ` bytes (read where they lie, or
 inflated) when it ends there, else from its first :data:`HEADER_PREFIX` bytes, otherwise from the
@@ -51,8 +50,6 @@ from processor.dicom.encoding import (
     read_file,
 )
 from processor.dicom.fastheader import Declined, Facts, Truncated, Walked, facts_from_dataset, facts_of, walk
-from processor.dicom.leanheader import KEYWORDS as LEAN_KEYWORDS
-from processor.dicom.leanheader import lean_header
 from processor.errors import StepError
 
 log = logging.getLogger(__name__)
@@ -94,56 +91,28 @@ _UNREADABLE = (
 
 
 class Instance:
-    """One DICOM file: where its bytes are, its header facts, and (on demand) its full header.
+    """One DICOM file: where its bytes are, its header facts, and (on demand) its full header."""
 
-    ``header_bytes``: the file's bytes before its Pixel Data element (all of them when it has
-    none), kept by the scan for the first file of each series (None for the others, and for a file
-    pydicom parsed: its header is held): :attr:`header` is parsed from them, and :meth:`value`
-    reads a few values from them without parsing the rest (:mod:`processor.dicom.leanheader`)."""
-
-    __slots__ = ("member", "facts", "pixel_offset", "_header", "header_bytes", "_lean")
+    __slots__ = ("member", "facts", "pixel_offset", "_header")
 
     def __init__(
-        self,
-        member: Member,
-        facts: Facts,
-        pixel_offset: int | None = None,
-        header: Dataset | None = None,
-        header_bytes: Buffer | None = None,
+        self, member: Member, facts: Facts, pixel_offset: int | None = None, header: Dataset | None = None
     ) -> None:
         self.member = member
         self.facts = facts
         self.pixel_offset = pixel_offset  # where the (7FE0,0010) element starts in the member's bytes
         self._header = header
-        self.header_bytes = header_bytes
-        self._lean: Dataset | None = None
 
     @property
     def sop_uid(self) -> str:
         return self.facts.sop_uid
 
-    def value(self, keyword: str, default: Any = None) -> Any:
-        """``header.get(keyword, default)``: the value as pydicom reads it (``default`` when the
-        element is absent). One of :data:`processor.dicom.leanheader.KEYWORDS` is read from
-        ``header_bytes`` without parsing the whole header, when the scan kept them; raises what
-        :attr:`header` raises where it parses the header instead."""
-        if self._header is None and self.header_bytes is not None and keyword in LEAN_KEYWORDS:
-            if self._lean is None:
-                self._lean = lean_header(bytes(self.header_bytes), self.facts.implicit)
-            if self._lean is not None:
-                return self._lean.get(keyword, default)
-        return self.header.get(keyword, default)
-
     @property
     def header(self) -> Dataset:
-        """The file's whole header as pydicom reads it (no pixel data); parsed once, on first use
-        (from ``header_bytes`` when the scan kept them, else from the member)."""
+        """The file's whole header as pydicom reads it (no pixel data); parsed once, on first use."""
         if self._header is None:
             try:
-                if self.header_bytes is not None:
-                    header, _, _ = _parse_header(self.header_bytes)
-                else:
-                    header, _, _ = member_header(self.member)
+                header, _, _ = member_header(self.member)
             except CorruptDicom as exc:
                 raise CorruptDicom(f"cannot read the header of {self.member.name}: {exc}") from exc
             except _UNREADABLE as exc:
@@ -201,8 +170,8 @@ class Series:
         self.uid, self.instances, self._memo = state["uid"], state["instances"], {}
 
     def _first(self, keyword: str, default: object = None) -> Any:
-        """The header value of the first instance (any DICOM value type), or ``default``."""
-        return self.instances[0].value(keyword, default) if self.instances else default
+        """The raw header value of the first instance (any DICOM value type), or ``default``."""
+        return self.instances[0].header.get(keyword, default) if self.instances else default
 
     @property
     def modality(self) -> str:
@@ -225,28 +194,24 @@ class Study:
 
     @property
     def first_header(self) -> Dataset:
-        return self._first.header
-
-    @property
-    def _first(self) -> Instance:
-        return next(iter(self.series.values())).instances[0]
+        return next(iter(self.series.values())).instances[0].header
 
     @property
     def accession(self) -> str | None:
-        value = self._first.value("AccessionNumber")
+        value = self.first_header.get("AccessionNumber")
         return str(value) if value else None
 
     @property
     def patient_id(self) -> str | None:
         """PatientID (0010,0020) of the first header. Never store or log it: the state keeps only
         its keyed hash (``State.patient_key``)."""
-        value = self._first.value("PatientID")
+        value = self.first_header.get("PatientID")
         return str(value) if value else None
 
     @property
     def issuer_of_patient_id(self) -> str | None:
         """IssuerOfPatientID (0010,0021) of the first header: the namespace of the PatientID."""
-        value = self._first.value("IssuerOfPatientID")
+        value = self.first_header.get("IssuerOfPatientID")
         return str(value) if value else None
 
     @property
@@ -432,26 +397,24 @@ def _is_uid(text: str) -> bool:
     return _UID.match(text) is not None
 
 
-def _walked(read: _Bytes, alike: Alike | None = None) -> tuple[Facts, int | None, Buffer] | None:
-    """Facts, Pixel Data offset and the bytes walked by the lean walker, or None when it declines
-    the layout."""
+def _walked(read: _Bytes, alike: Alike | None = None) -> tuple[Facts, int | None] | None:
+    """Facts and Pixel Data offset by the lean walker, or None when it declines the layout."""
     try:
-        found = _walk_growing(read, alike)
-        if found is None:
+        walked = _walk_growing(read, alike)
+        if walked is None:
             return None
-        walked, walked_bytes = found
         facts = facts_of(walked)
     except Declined:
         return None
     if not (_UID.match(facts.sop_uid) and _is_uid(facts.study_uid) and _is_uid(facts.series_uid)):
         return None  # pydicom decides what such a file is
-    return facts, walked.pixel_offset, walked_bytes
+    return facts, walked.pixel_offset
 
 
-def _walk_growing(read: _Bytes, alike: Alike | None) -> tuple[Walked, Buffer] | None:
+def _walk_growing(read: _Bytes, alike: Alike | None) -> Walked | None:
     """:func:`walk` of the member's head, else of its first :data:`HEADER_PREFIX` bytes, else of all
-    of it: the first that holds the Pixel Data element (or is the whole member), and those bytes.
-    None when the whole member is cut short; :class:`Declined` as ``walk`` raises it."""
+    of it: the first that holds the Pixel Data element (or is the whole member). None when the
+    whole member is cut short; :class:`Declined` as ``walk`` raises it."""
     size, walked_bytes = read.member.size, 0
     for get in (lambda: read.head, read.prefix, read.whole):
         head = get()
@@ -469,7 +432,7 @@ def _walk_growing(read: _Bytes, alike: Alike | None) -> tuple[Walked, Buffer] | 
                 continue  # its first elements may go past the head: decided on more bytes
             raise
         if walked.pixel_offset is not None or len(head) >= size:
-            return walked, head
+            return walked
     return None
 
 
@@ -497,8 +460,8 @@ def read_instance(member: Member, alike: Alike | None = None) -> Instance | None
     ):
         raise CorruptDicom("no DICOM element follows its 'DICM' marker")
     fast = _walked(read, alike)
-    if fast is not None:  # its bytes held until the scan knows whether it is first in its series
-        return Instance(member, fast[0], fast[1], header_bytes=fast[2])
+    if fast is not None:
+        return Instance(member, fast[0], fast[1])
     header, offset, encoding = member_header(member, read=read)
     if header is None or encoding is None:
         return None
@@ -552,25 +515,30 @@ def _scan_members(members: Iterable[Member]) -> ScanResult:
         note = correction(facts.declared_syntax, facts.transfer_syntax, facts.implicit)
         if note:
             corrected[note] += 1
-        study = studies.get(facts.study_uid) or studies.setdefault(facts.study_uid, Study(facts.study_uid))
-        series = study.series.get(facts.series_uid)
-        if series is None:
-            series = study.series[facts.series_uid] = Series(facts.series_uid)
-            _keep_header_bytes(instance)
-        else:
-            instance.header_bytes = None
-        series.instances.append(instance)
+        study = studies.setdefault(facts.study_uid, Study(facts.study_uid))
+        study.series.setdefault(facts.series_uid, Series(facts.series_uid)).instances.append(instance)
     for note, files in corrected.items():
         log.warning("scan.encoding files=%d read=%r", files, note)
-    return ScanResult(list(studies.values()), skipped, found)
+    for study in studies.values():
+        for series in study.series.values():
+            found -= _parse_first_header(series, skipped)
+        study.series = {uid: s for uid, s in study.series.items() if s.instances}
+    return ScanResult([s for s in studies.values() if s.series], skipped, found)
 
 
-def _keep_header_bytes(instance: Instance) -> None:
-    """Keep the bytes of the first file of a series before its Pixel Data element, read while the
-    arrival is open: its header is parsed from them when (and only when) it is needed
-    (:class:`Instance`), also after the arrival closed."""
-    held = instance.header_bytes
-    if held is not None:
-        at = instance.pixel_offset
-        instance.header_bytes = bytes(held if at is None else memoryview(held)[:at])
-
+def _parse_first_header(series: Series, skipped: Counter[str]) -> int:
+    """Parse the full header of the series' first file now, while the arrival is open (series
+    number, description, modality and the study's accession are read from it). A file whose full
+    parse fails is dropped as corrupt; returns how many were dropped."""
+    dropped = 0
+    while series.instances:
+        instance = series.instances[0]
+        try:
+            instance.header  # noqa: B018 - parsed and kept
+            return dropped
+        except (CorruptDicom, *_UNREADABLE) as exc:
+            log.warning("scan.corrupt member=%s reason=%s", instance.member.name, exc)
+            skipped["corrupt DICOM"] += 1
+            series.instances.pop(0)
+            dropped += 1
+    return dropped

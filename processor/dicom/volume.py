@@ -306,7 +306,7 @@ def load_volume(
     if info["phases_split"]:
         _describe_phases(series, info["phases_split"], hu, workers, imagecodecs)
     first = series.instances[kept[0].instance]
-    gantry = series.instances[0].value("GantryDetectorTilt")
+    gantry = series.instances[0].header.get("GantryDetectorTilt")
     info.update(decode_info)
     info.update(rescale_info(kept))
     info.update(
