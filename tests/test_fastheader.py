@@ -209,6 +209,29 @@ def test_scan_of_a_zip_keeps_full_headers_for_the_first_file_of_each_series(tmp_
         assert only.instances[2].header.SOPInstanceUID == only.instances[2].sop_uid
 
 
+def test_an_item_outside_a_sequence_is_left_to_pydicom() -> None:
+    """A top-level (FFFE,E000) whose 4-byte length reads 'OB\\0\\0': the walker would take it for a
+    length and step over 16975 bytes, pydicom reads a VR and a length of 0, then an InstanceNumber
+    the walker never saw (found by a reviewer). The walker declines such a file; its facts are
+    pydicom's."""
+    ds = dicomgen.make_series(1)[0]
+    ds.InstanceNumber = 5
+    data = dicomgen.to_bytes(ds)
+    at = data.index(b"\x20\x00\x13\x00IS")
+    after = at + 8 + struct.unpack_from("<H", data, at + 6)[0]  # the end of the real InstanceNumber
+    skipped = struct.unpack("<L", b"OB\0\0")[0]  # what the walker would step over
+    body = struct.pack("<L", 0) + struct.pack("<HH2sH", 0x0020, 0x0013, b"IS", 2) + b"77"
+    body += struct.pack("<HH2sHL", 0x0009, 0x1002, b"OB", 0, skipped - len(body) - 12)
+    body += bytes(skipped - len(body))
+    crafted = data[:after] + struct.pack("<HH", 0xFFFE, 0xE000) + b"OB\0\0" + body + data[after:]
+    with pytest.raises(Declined, match="outside a sequence"):
+        walk(crafted)
+    facts, _ = _pydicom_read(crafted)
+    assert facts.instance_number == 77
+    instance = read_instance(_member("x.dcm", crafted))
+    assert instance is not None and instance.facts == facts
+
+
 # --- random headers -------------------------------------------------------------------------
 
 _ds = st.floats(min_value=-1e4, max_value=1e4, allow_nan=False).map(lambda v: f"{v:.6g}")

@@ -306,9 +306,11 @@ def _walk_elements(
         tag = group << 16 | element
         if top and (tag == PIXEL_DATA or tag in FLOAT_PIXEL_DATA):
             return pos if tag == PIXEL_DATA else None
+        if top and group == 0xFFFE:
+            # pydicom reads an item or delimiter here as an element with a VR (Explicit VR): where
+            # its bytes go on, the two would read different values (one of them hidden)
+            raise Declined(f"item or delimiter ({tag:08X}) outside a sequence")
         if tag == ITEM_END:
-            if top:
-                raise Declined("item delimiter outside a sequence")
             return pos + 8
         if length == UNDEFINED:
             if out is not None and tag in WANTED:
