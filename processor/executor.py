@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from processor.dicom.scan import CorruptDicom, Study
+from processor.dicom.encoding import plain_cause
+from processor.dicom.scan import VALUE_ERRORS, CorruptDicom, Study
 from processor.dicom.sendback import SourceStudy
 from processor.errors import IngestError
 from processor.executor_read import (
@@ -420,3 +421,5 @@ def _source_study(study: Study, series_uid: str | None) -> tuple[SourceStudy | N
         return SourceStudy.from_study(study, series_uid), None
     except CorruptDicom as exc:
         return None, f"the input's header could not be read again: {exc}"
+    except VALUE_ERRORS as exc:  # a value of the modules copied that pydicom cannot read
+        return None, f"a value of the input's header the objects copy cannot be read: {plain_cause(exc)}"

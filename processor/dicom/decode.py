@@ -36,7 +36,7 @@ from typing import NamedTuple
 import numpy as np
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
@@ -367,6 +367,7 @@ _READER_ERRORS = (
     NotImplementedError,
     OverflowError,
     struct.error,
+    BytesLengthException,
 )
 
 

@@ -26,6 +26,7 @@ import zlib
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.errors import BytesLengthException
 from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
@@ -333,8 +334,18 @@ _ADVICE = re.compile(
 )
 
 
+_WRONG_LENGTH = re.compile(r"parse (\([0-9A-Fa-f]{4},[0-9A-Fa-f]{4}\)) according to VR '(\w+)'")
+
+
 def plain_cause(exc: BaseException) -> str:
-    """The message of a reader library's exception, on one line, without the library's own advice."""
+    """The message of a reader library's exception, on one line, without the library's own advice.
+
+    pydicom's ``BytesLengthException`` quotes the value it could not read (a patient's name or ID,
+    perhaps): only the element and its VR are said."""
+    if isinstance(exc, BytesLengthException):
+        found = _WRONG_LENGTH.search(str(exc))
+        where = f" of {found.group(1)}, VR {found.group(2)}" if found else ""
+        return f"the length of a value{where} does not fit its value representation"
     text = " ".join(str(exc).split())
     text = _ADVICE.sub("", text).strip(" .;:")
     return text[:300] if text else f"the reader failed ({type(exc).__name__})"

@@ -26,6 +26,7 @@ from dataclasses import dataclass, fields
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Protocol, overload
 
+from pydicom.errors import BytesLengthException
 from pydicom.uid import UID
 
 from processor.dicom.encoding import PLAIN, PROBE_BYTES, Unreadable, decide
@@ -622,7 +623,7 @@ def facts_from_dataset(ds: Dataset, *, transfer_syntax: str, implicit: bool) -> 
         """The converted value; an unconvertible one (e.g. IS '1e999') reads as missing."""
         try:
             return ds.get(keyword, default)
-        except (TypeError, ValueError, OverflowError):
+        except (TypeError, ValueError, OverflowError, BytesLengthException):
             return default
 
     def text(keyword: str) -> str:

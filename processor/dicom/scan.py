@@ -36,7 +36,7 @@ from functools import lru_cache
 from typing import Any, TypeVar
 
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 
 from processor.bytesource import Buffer, Member
 from processor.dicom.alike import Alike
@@ -80,7 +80,10 @@ PARSE_ERRORS = (
     IndexError,
     NotImplementedError,
     struct.error,
+    BytesLengthException,  # a value whose length does not fit its VR (e.g. a charset stored as FD)
 )
+# what pydicom raises when it converts one value it cannot read (IS 'abc', a PN stored as FD, …)
+VALUE_ERRORS = (TypeError, ValueError, OverflowError, BytesLengthException)
 _UNREADABLE = (
     OSError,
     RuntimeError,
@@ -170,8 +173,12 @@ class Series:
         self.uid, self.instances, self._memo = state["uid"], state["instances"], {}
 
     def _first(self, keyword: str, default: object = None) -> Any:
-        """The raw header value of the first instance (any DICOM value type), or ``default``."""
-        return self.instances[0].header.get(keyword, default) if self.instances else default
+        """The header value of the first instance (any DICOM value type), or ``default`` (also when
+        it cannot be read: :func:`header_value`)."""
+        if not self.instances:
+            return default
+        first = self.instances[0]
+        return header_value(first.header, keyword, default, first.member.name)
 
     @property
     def modality(self) -> str:
@@ -179,8 +186,12 @@ class Series:
 
     @property
     def number(self) -> int | None:
+        """SeriesNumber of the first header; None when it is absent or not one whole number."""
         value = self._first("SeriesNumber")
-        return int(value) if value not in (None, "") else None
+        try:
+            return int(value) if value not in (None, "") else None
+        except VALUE_ERRORS:  # several values (1\2): no one number
+            return None
 
     @property
     def description(self) -> str:
@@ -198,20 +209,24 @@ class Study:
 
     @property
     def accession(self) -> str | None:
-        value = self.first_header.get("AccessionNumber")
+        value = self._first_value("AccessionNumber")
         return str(value) if value else None
+
+    def _first_value(self, keyword: str) -> Any:
+        first = next(iter(self.series.values())).instances[0]
+        return header_value(first.header, keyword, None, first.member.name)
 
     @property
     def patient_id(self) -> str | None:
         """PatientID (0010,0020) of the first header. Never store or log it: the state keeps only
         its keyed hash (``State.patient_key``)."""
-        value = self.first_header.get("PatientID")
+        value = self._first_value("PatientID")
         return str(value) if value else None
 
     @property
     def issuer_of_patient_id(self) -> str | None:
         """IssuerOfPatientID (0010,0021) of the first header: the namespace of the PatientID."""
-        value = self.first_header.get("IssuerOfPatientID")
+        value = self._first_value("IssuerOfPatientID")
         return str(value) if value else None
 
     @property
@@ -224,6 +239,20 @@ class ScanResult:
     studies: list[Study]
     skipped: Counter[str]
     dicom_files: int
+
+
+def header_value(header: Dataset, keyword: str, default: Any = None, name: str = "") -> Any:
+    """``header.get(keyword, default)``; ``default`` also when pydicom cannot convert the value it
+    holds (:data:`VALUE_ERRORS`: an IS that is no number, a value whose length does not fit its VR),
+    logged with the file's ``name``: one unreadable value of a header reads as missing (as
+    :func:`processor.dicom.fastheader.facts_from_dataset` reads the values of the facts), never a
+    failure of the study or of the batch it came in."""
+    try:
+        return header.get(keyword, default)
+    except VALUE_ERRORS as exc:
+        # the exception's type only: its words may quote the value (a patient's ID)
+        log.warning("header.unreadable_value member=%s keyword=%s error=%s", name, keyword, type(exc).__name__)
+        return default
 
 
 def _skip_reason_by_name(name: str) -> str | None:

@@ -30,7 +30,7 @@ import numpy as np
 from processor.dicom.decode import _decode_as, decode_into, rescale_info
 from processor.dicom.frames import DUPLICATE_TOLERANCE_MM, Frame, frames_of, slice_normal
 from processor.dicom.ordering import acquisition_seconds, order_frames, time_clusters
-from processor.dicom.scan import Series
+from processor.dicom.scan import VALUE_ERRORS, Series, header_value
 from processor.dicom.stack import image_stack, stack_frames
 from processor.errors import StepError
 
@@ -275,6 +275,18 @@ def _describe_phases(
         phase["mean_body_hu"] = _body_hu(image[0])
 
 
+def _stated_degrees(series: Series) -> float | None:
+    """GantryDetectorTilt (0018,1120) of the series' first header, degrees; None when absent or not
+    one finite number (as stated: the tilt the volume uses is measured from the positions)."""
+    first = series.instances[0]
+    value = header_value(first.header, "GantryDetectorTilt", None, first.member.name)
+    try:
+        degrees = float(value) if value not in (None, "") else None
+    except VALUE_ERRORS:  # several values: no one tilt
+        return None
+    return degrees if degrees is not None and math.isfinite(degrees) else None
+
+
 def load_volume(
     series: Series,
     *,
@@ -306,7 +318,7 @@ def load_volume(
     if info["phases_split"]:
         _describe_phases(series, info["phases_split"], hu, workers, imagecodecs)
     first = series.instances[kept[0].instance]
-    gantry = series.instances[0].header.get("GantryDetectorTilt")
+    gantry = _stated_degrees(series)
     info.update(decode_info)
     info.update(rescale_info(kept))
     info.update(
@@ -323,7 +335,7 @@ def load_volume(
             },
             "tilt_degrees": round(tilt, 2),
             "tilted": tilt > TILT_WARN_DEG,
-            "gantry_detector_tilt": float(gantry) if gantry not in (None, "") else None,
+            "gantry_detector_tilt": gantry,
             "enhanced_multiframe": first.facts.enhanced,
             "affine": [[_rounded(float(v), 6) for v in row] for row in affine],
         }
