@@ -61,6 +61,18 @@ def test_a_value_that_cannot_be_read_reads_as_missing(
     assert SECRET.decode() not in caplog.text
 
 
+def test_a_text_stored_as_a_broken_sequence_reads_as_missing() -> None:
+    """SeriesDescription and PatientID stored as an SQ of defined length whose bytes are no items:
+    pydicom raises NotImplementedError when it converts them (a fuzzed case)."""
+    # one item holding a sequence delimiter and a PatientID, then a delimiter: what a fuzzed file held
+    junk = b"\xfe\xff\x00\xe0\x16\x00\x00\x00\xfe\xff\xdd\xe0\x00\x00\x00\x00\x10\x00 \x00LO\x06\x00HIDDEN"
+    junk += b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+    files = _with(dicomgen.make_series(3), 0x0008103E, "SQ", junk)
+    study = _scanned(_with(files, 0x00100020, "SQ", junk))
+    series = next(iter(study.series.values()))
+    assert (series.description, study.patient_id, series.number) == ("", None, 2)
+
+
 def test_a_wrong_length_is_said_without_the_value() -> None:
     exc = BytesLengthException(
         "Expected total bytes to be an even multiple of bytes per value. Instead received b'QX7Z' "

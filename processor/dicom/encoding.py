@@ -26,7 +26,7 @@ import zlib
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
-from pydicom.errors import BytesLengthException
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
@@ -334,6 +334,21 @@ _ADVICE = re.compile(
 )
 
 
+# what pydicom raises when it reads a data set, or converts one value of it, that it cannot read
+# (a truncated element, IS 'abc', a PatientID stored as FD of 4 bytes, a text stored as a broken SQ…)
+VALUE_ERRORS = (
+    InvalidDicomError,
+    ValueError,
+    EOFError,
+    KeyError,
+    TypeError,
+    AttributeError,
+    OverflowError,
+    IndexError,
+    NotImplementedError,
+    struct.error,
+    BytesLengthException,
+)
 _WRONG_LENGTH = re.compile(r"parse (\([0-9A-Fa-f]{4},[0-9A-Fa-f]{4}\)) according to VR '(\w+)'")
 
 

@@ -26,10 +26,9 @@ from dataclasses import dataclass, fields
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Protocol, overload
 
-from pydicom.errors import BytesLengthException
 from pydicom.uid import UID
 
-from processor.dicom.encoding import PLAIN, PROBE_BYTES, Unreadable, decide
+from processor.dicom.encoding import PLAIN, PROBE_BYTES, VALUE_ERRORS, Unreadable, decide
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -623,7 +622,7 @@ def facts_from_dataset(ds: Dataset, *, transfer_syntax: str, implicit: bool) -> 
         """The converted value; an unconvertible one (e.g. IS '1e999') reads as missing."""
         try:
             return ds.get(keyword, default)
-        except (TypeError, ValueError, OverflowError, BytesLengthException):
+        except VALUE_ERRORS:
             return default
 
     def text(keyword: str) -> str:

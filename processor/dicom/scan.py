@@ -36,12 +36,13 @@ from functools import lru_cache
 from typing import Any, TypeVar
 
 from pydicom.dataset import Dataset
-from pydicom.errors import BytesLengthException, InvalidDicomError
+from pydicom.sequence import Sequence as PydicomSequence
 
 from processor.bytesource import Buffer, Member
 from processor.dicom.alike import Alike
 from processor.dicom.encoding import (
     ELEMENT_CUT,
+    VALUE_ERRORS,
     Encoding,
     Unreadable,
     correction,
@@ -69,21 +70,7 @@ _INFLATE_PROBE = 1024  # bytes of a bare deflated data set inflated by looks_lik
 # (implicit, little) tried by looks_like_dicom: Explicit VR LE, Implicit VR LE, Explicit VR BE
 _ENCODINGS = ((False, True), (True, True), (False, False))
 _TAG_LE, _TAG_BE = struct.Struct("<HH"), struct.Struct(">HH")  # an element's (group, element)
-PARSE_ERRORS = (
-    InvalidDicomError,
-    ValueError,
-    EOFError,
-    KeyError,
-    TypeError,
-    AttributeError,
-    OverflowError,
-    IndexError,
-    NotImplementedError,
-    struct.error,
-    BytesLengthException,  # a value whose length does not fit its VR (e.g. a charset stored as FD)
-)
-# what pydicom raises when it converts one value it cannot read (IS 'abc', a PN stored as FD, …)
-VALUE_ERRORS = (TypeError, ValueError, OverflowError, BytesLengthException)
+PARSE_ERRORS = VALUE_ERRORS  # a header pydicom cannot parse: the file is corrupt DICOM
 _UNREADABLE = (
     OSError,
     RuntimeError,
@@ -182,7 +169,7 @@ class Series:
 
     @property
     def modality(self) -> str:
-        return str(self._first("Modality", "") or "")
+        return _text(self._first("Modality")) or ""
 
     @property
     def number(self) -> int | None:
@@ -195,7 +182,7 @@ class Series:
 
     @property
     def description(self) -> str:
-        return str(self._first("SeriesDescription", "") or "")
+        return _text(self._first("SeriesDescription")) or ""
 
 
 @dataclass
@@ -209,8 +196,7 @@ class Study:
 
     @property
     def accession(self) -> str | None:
-        value = self._first_value("AccessionNumber")
-        return str(value) if value else None
+        return _text(self._first_value("AccessionNumber"))
 
     def _first_value(self, keyword: str) -> Any:
         first = next(iter(self.series.values())).instances[0]
@@ -220,14 +206,12 @@ class Study:
     def patient_id(self) -> str | None:
         """PatientID (0010,0020) of the first header. Never store or log it: the state keeps only
         its keyed hash (``State.patient_key``)."""
-        value = self._first_value("PatientID")
-        return str(value) if value else None
+        return _text(self._first_value("PatientID"))
 
     @property
     def issuer_of_patient_id(self) -> str | None:
         """IssuerOfPatientID (0010,0021) of the first header: the namespace of the PatientID."""
-        value = self._first_value("IssuerOfPatientID")
-        return str(value) if value else None
+        return _text(self._first_value("IssuerOfPatientID"))
 
     @property
     def instance_count(self) -> int:
@@ -253,6 +237,17 @@ def header_value(header: Dataset, keyword: str, default: Any = None, name: str =
         # the exception's type only: its words may quote the value (a patient's ID)
         log.warning("header.unreadable_value member=%s keyword=%s error=%s", name, keyword, type(exc).__name__)
         return default
+
+
+def _text(value: Any) -> str | None:
+    """A text attribute's value as text (several values as pydicom shows them); None when it is
+    absent or empty, or is no text (bytes of an odd VR, a sequence: none of it is shown or hashed)."""
+    if not value or isinstance(value, bytes | bytearray | PydicomSequence | Dataset):
+        return None
+    try:
+        return str(value)
+    except VALUE_ERRORS:
+        return None
 
 
 def _skip_reason_by_name(name: str) -> str | None:
