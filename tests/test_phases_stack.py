@@ -626,4 +626,6 @@ def test_the_stack_frames_taken_from_its_series_are_those_computed_for_its_files
     taken = frames_of(stack.series)
     assert taken == _frames_of(stack.series)  # computed afresh from the stack's own files
     assert [f.instance for f in taken] == list(range(8 - len(left_out)))
-    assert [f.position for f in taken] == [f.position for f in frames_of(series) if f.instance not in left_out]
+    assert [f.position for f in taken] == [
+        f.position for f in frames_of(series) if f.instance not in left_out
+    ]

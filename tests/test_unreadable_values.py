@@ -31,7 +31,11 @@ def _with(files: list, tag: int, vr: str, value: bytes) -> list:
 
 
 def _scanned(files: list):  # type: ignore[no-untyped-def]
-    members = [Member(f"IMG{i}.dcm", len(d), (lambda d=d: d)) for i, ds in enumerate(files) if (d := dicomgen.to_bytes(ds))]
+    members = [
+        Member(f"IMG{i}.dcm", len(d), (lambda d=d: d))
+        for i, ds in enumerate(files)
+        if (d := dicomgen.to_bytes(ds))
+    ]
     return scan_members(members).studies[0]
 
 
@@ -48,7 +52,12 @@ def _scanned(files: list):  # type: ignore[no-untyped-def]
     ],
 )
 def test_a_value_that_cannot_be_read_reads_as_missing(
-    tag: int, vr: str, value: bytes, number: int | None, patient: str | None, tilt: float | None,
+    tag: int,
+    vr: str,
+    value: bytes,
+    number: int | None,
+    patient: str | None,
+    tilt: float | None,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     files = dicomgen.make_series(3)
@@ -83,7 +92,9 @@ def test_a_wrong_length_is_said_without_the_value() -> None:
     assert "QX7Z" not in said and "(0010,0020)" in said and "FD" in said
 
 
-def test_a_batch_with_an_unreadable_patient_id_is_processed_to_the_end(project: Project, tmp_path: Path) -> None:
+def test_a_batch_with_an_unreadable_patient_id_is_processed_to_the_end(
+    project: Project, tmp_path: Path
+) -> None:
     """The study whose PatientID cannot be read is processed (no patient key); the other study of
     the same ``process`` call too; neither the results nor the log quote the value."""
     bad = dicomgen.write_zip(tmp_path / "bad.zip", _with(dicomgen.make_series(25), 0x00100020, "FD", SECRET))

@@ -191,14 +191,11 @@ class Study:
     series: dict[str, Series] = field(default_factory=dict)
 
     @property
-    def first_header(self) -> Dataset:
-        return next(iter(self.series.values())).instances[0].header
-
-    @property
     def accession(self) -> str | None:
         return _text(self._first_value("AccessionNumber"))
 
     def _first_value(self, keyword: str) -> Any:
+        """A value of the header of the study's first file (:func:`header_value`)."""
         first = next(iter(self.series.values())).instances[0]
         return header_value(first.header, keyword, None, first.member.name)
 
@@ -235,7 +232,9 @@ def header_value(header: Dataset, keyword: str, default: Any = None, name: str =
         return header.get(keyword, default)
     except VALUE_ERRORS as exc:
         # the exception's type only: its words may quote the value (a patient's ID)
-        log.warning("header.unreadable_value member=%s keyword=%s error=%s", name, keyword, type(exc).__name__)
+        log.warning(
+            "header.unreadable_value member=%s keyword=%s error=%s", name, keyword, type(exc).__name__
+        )
         return default
 
 
