@@ -25,6 +25,13 @@ from tests.test_spine_e2e import db_rows
 SECRET = b"QX7Z"  # a patient ID whose 4 bytes do not fit FD: pydicom cannot convert it
 
 
+def _nested(depth: int) -> bytes:
+    """Sequences nested ``depth`` deep, of undefined lengths: pydicom recurses as deep to read them."""
+    item, sequence = b"\xfe\xff\x00\xe0\xff\xff\xff\xff", b"\x08\x00\x40\x11SQ\x00\x00\xff\xff\xff\xff"
+    item_end, sequence_end = b"\xfe\xff\x0d\xe0\x00\x00\x00\x00", b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+    return (item + sequence) * depth + (sequence_end + item_end) * depth
+
+
 def _with(files: list, tag: int, vr: str, value: bytes) -> list:
     files[0]._dict[Tag(tag)] = RawDataElement(Tag(tag), vr, len(value), value, 0, False, True)
     return files
@@ -49,7 +56,13 @@ def _scanned(files: list):  # type: ignore[no-untyped-def]
         (0x00181120, "DS", b"abc ", 2, "1CT1", None),  # gantry tilt that is no number
         (0x00181120, "DS", b"nan ", 2, "1CT1", None),  # …or no finite one
         (0x00181120, "DS", b"1\\2 ", 2, "1CT1", None),  # …or several
+        (0x00200011, "IS", b"1.5 ", None, "1CT1", 0.0),  # a fractional series number (pydicom holds 1)
+        (0x00200011, "DS", b"2.0 ", 2, "1CT1", 0.0),  # …a whole one stored as DS
+        (0x00200011, "OB", b"12", None, "1CT1", 0.0),  # bytes are no number
+        (0x00181120, "OB", b"12", 2, "1CT1", None),
+        (0x00100020, "SQ", _nested(300), 2, None, 0.0),  # pydicom recurses converting it
     ],
+    ids=lambda v: v.hex()[:24] if isinstance(v, bytes) else None,
 )
 def test_a_value_that_cannot_be_read_reads_as_missing(
     tag: int,
@@ -92,12 +105,21 @@ def test_a_wrong_length_is_said_without_the_value() -> None:
     assert "QX7Z" not in said and "(0010,0020)" in said and "FD" in said
 
 
+@pytest.mark.parametrize(
+    ("vr", "value", "keyed"),
+    [
+        ("FD", SECRET, False),  # 4 bytes do not fit FD: no patient key
+        ("IS", SECRET + b"12", True),  # read as its text; pydicom's own check would have logged it
+        ("SQ", _nested(300), False),  # pydicom recurses reading it: no patient key
+    ],
+    ids=["FD", "IS", "deep-SQ"],
+)
 def test_a_batch_with_an_unreadable_patient_id_is_processed_to_the_end(
-    project: Project, tmp_path: Path
+    project: Project, tmp_path: Path, vr: str, value: bytes, keyed: bool
 ) -> None:
     """The study whose PatientID cannot be read is processed (no patient key); the other study of
     the same ``process`` call too; neither the results nor the log quote the value."""
-    bad = dicomgen.write_zip(tmp_path / "bad.zip", _with(dicomgen.make_series(25), 0x00100020, "FD", SECRET))
+    bad = dicomgen.write_zip(tmp_path / "bad.zip", _with(dicomgen.make_series(25), 0x00100020, vr, value))
     good = dicomgen.write_zip(tmp_path / "good.zip", dicomgen.make_series(25))
     proc = project.run("process", str(bad), str(good))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -107,8 +129,8 @@ def test_a_batch_with_an_unreadable_patient_id_is_processed_to_the_end(
     states = sorted(state for (state,) in db_rows(project, "select state from arrivals"))
     assert states == ["done", "done"]
     keys = sorted(bool(key) for (key,) in db_rows(project, "select patient_key from studies"))
-    assert keys == [False, True], "no patient key for the ID that cannot be read"
+    assert keys == sorted([keyed, True]), "no patient key for an ID that cannot be read"
     log = (project.root / "state" / "ctwatch.log").read_text()
-    assert "keyword=PatientID error=BytesLengthException" in log
+    assert keyed or "keyword=PatientID error=" in log
     for text in (log, proc.stdout, proc.stderr, *(json.dumps(d) for d in documents)):
         assert SECRET.decode() not in text

@@ -348,6 +348,7 @@ VALUE_ERRORS = (
     NotImplementedError,
     struct.error,
     BytesLengthException,
+    RecursionError,  # a value that is sequences nested hundreds deep, converted when it is read
 )
 _WRONG_LENGTH = re.compile(r"parse (\([0-9A-Fa-f]{4},[0-9A-Fa-f]{4}\)) according to VR '(\w+)'")
 

@@ -24,6 +24,7 @@ whole member, each read once. A ZIP member's CRC is checked when it is read whol
 from __future__ import annotations
 
 import logging
+import math
 import operator
 import re
 import struct
@@ -174,11 +175,7 @@ class Series:
     @property
     def number(self) -> int | None:
         """SeriesNumber of the first header; None when it is absent or not one whole number."""
-        value = self._first("SeriesNumber")
-        try:
-            return int(value) if value not in (None, "") else None
-        except VALUE_ERRORS:  # several values (1\2): no one number
-            return None
+        return whole_number(self._first("SeriesNumber"))
 
     @property
     def description(self) -> str:
@@ -236,6 +233,29 @@ def header_value(header: Dataset, keyword: str, default: Any = None, name: str =
             "header.unreadable_value member=%s keyword=%s error=%s", name, keyword, type(exc).__name__
         )
         return default
+
+
+def whole_number(value: Any) -> int | None:
+    """A header value as the whole number it states (an IS '2.0' is 2); None when it is absent,
+    empty, fractional (IS '1.5', which pydicom holds as 1), not finite, several values, or no
+    number as its VR says (bytes of an OB)."""
+    number = stated_number(value)
+    return int(number) if number is not None and number.is_integer() else None
+
+
+def stated_number(value: Any) -> float | None:
+    """A header value as the finite number it states, read from the text it was stored as where
+    pydicom kept that (``original_string`` of IS and DS); None when it is absent, empty, several
+    values, not finite or no number as its VR says (bytes of an OB)."""
+    if value is None or isinstance(value, str | bytes | bytearray) and not value.strip():
+        return None
+    if isinstance(value, bytes | bytearray | PydicomSequence | Dataset):
+        return None
+    try:
+        number = float(getattr(value, "original_string", value))
+    except VALUE_ERRORS:  # several values (1\2), a text that is no number
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _text(value: Any) -> str | None:
