@@ -372,7 +372,17 @@ class InboxWatcher:
         self._stop.set()
         self._wake.set()
         if self._observer is not None:
-            self._observer.stop()
+            try:
+                self._observer.stop()
+            except (KeyError, OSError) as exc:
+                # watchdog's inotify bookkeeping of a watched folder that was just moved or removed
+                # (an arrival's work folder) can fail while it unschedules (watchdog #758; seen here
+                # as KeyError of the folder's path): its threads are told to stop all the same, and
+                # the daemon's shutdown goes on (it exited 1 with a traceback instead)
+                log.warning(
+                    "watch.observer_stop error=%s: the watches are dropped with the process",
+                    type(exc).__name__,
+                )
 
     def join(self, timeout: float | None = None) -> None:
         if self._observer is not None:
