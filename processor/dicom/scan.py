@@ -98,6 +98,10 @@ class Instance:
     def sop_uid(self) -> str:
         return self.facts.sop_uid
 
+    def value(self, keyword: str, default: Any = None) -> Any:
+        """A value of the file's header, or ``default`` (also when it cannot be read: :func:`header_value`)."""
+        return header_value(self.header, keyword, default, self.member.name)
+
     @property
     def header(self) -> Dataset:
         """The file's whole header as pydicom reads it (no pixel data); parsed once, on first use."""
@@ -163,10 +167,7 @@ class Series:
     def _first(self, keyword: str, default: object = None) -> Any:
         """The header value of the first instance (any DICOM value type), or ``default`` (also when
         it cannot be read: :func:`header_value`)."""
-        if not self.instances:
-            return default
-        first = self.instances[0]
-        return header_value(first.header, keyword, default, first.member.name)
+        return self.instances[0].value(keyword, default) if self.instances else default
 
     @property
     def modality(self) -> str:
@@ -192,9 +193,8 @@ class Study:
         return _text(self._first_value("AccessionNumber"))
 
     def _first_value(self, keyword: str) -> Any:
-        """A value of the header of the study's first file (:func:`header_value`)."""
-        first = next(iter(self.series.values())).instances[0]
-        return header_value(first.header, keyword, None, first.member.name)
+        """A value of the header of the study's first file (:meth:`Instance.value`)."""
+        return next(iter(self.series.values())).instances[0].value(keyword)
 
     @property
     def patient_id(self) -> str | None:
@@ -235,6 +235,9 @@ def header_value(header: Dataset, keyword: str, default: Any = None, name: str =
         return default
 
 
+_NO_TEXT = (bytes, bytearray, PydicomSequence, Dataset)  # values of a VR that holds no text
+
+
 def whole_number(value: Any) -> int | None:
     """A header value as the whole number it states (an IS '2.0' is 2); None when it is absent,
     empty, fractional (IS '1.5', which pydicom holds as 1), not finite, several values, or no
@@ -247,13 +250,11 @@ def stated_number(value: Any) -> float | None:
     """A header value as the finite number it states, read from the text it was stored as where
     pydicom kept that (``original_string`` of IS and DS); None when it is absent, empty, several
     values, not finite or no number as its VR says (bytes of an OB)."""
-    if value is None or isinstance(value, str | bytes | bytearray) and not value.strip():
-        return None
-    if isinstance(value, bytes | bytearray | PydicomSequence | Dataset):
+    if value is None or isinstance(value, _NO_TEXT):
         return None
     try:
         number = float(getattr(value, "original_string", value))
-    except VALUE_ERRORS:  # several values (1\2), a text that is no number
+    except VALUE_ERRORS:  # empty, several values (1\2), a text that is no number
         return None
     return number if math.isfinite(number) else None
 
@@ -261,7 +262,7 @@ def stated_number(value: Any) -> float | None:
 def _text(value: Any) -> str | None:
     """A text attribute's value as text (several values as pydicom shows them); None when it is
     absent or empty, or is no text (bytes of an odd VR, a sequence: none of it is shown or hashed)."""
-    if not value or isinstance(value, bytes | bytearray | PydicomSequence | Dataset):
+    if not value or isinstance(value, _NO_TEXT):
         return None
     try:
         return str(value)

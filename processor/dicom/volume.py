@@ -30,7 +30,7 @@ import numpy as np
 from processor.dicom.decode import _decode_as, decode_into, rescale_info
 from processor.dicom.frames import DUPLICATE_TOLERANCE_MM, Frame, frames_of, slice_normal
 from processor.dicom.ordering import acquisition_seconds, order_frames, time_clusters
-from processor.dicom.scan import Series, header_value, stated_number
+from processor.dicom.scan import Series, stated_number
 from processor.dicom.stack import image_stack, stack_frames
 from processor.errors import StepError
 
@@ -278,8 +278,7 @@ def _describe_phases(
 def _stated_degrees(series: Series) -> float | None:
     """GantryDetectorTilt (0018,1120) of the series' first header, degrees; None when absent or not
     one finite number (as stated: the tilt the volume uses is measured from the positions)."""
-    first = series.instances[0]
-    return stated_number(header_value(first.header, "GantryDetectorTilt", None, first.member.name))
+    return stated_number(series.instances[0].value("GantryDetectorTilt"))
 
 
 def load_volume(
