@@ -76,9 +76,9 @@ def _reference_walk(
         tag = group << 16 | element
         if top and (tag == PIXEL_DATA or tag in FLOAT_PIXEL_DATA):
             return pos if tag == PIXEL_DATA else None
+        if top and group == 0xFFFE:  # an item or delimiter outside a sequence: declined (3958b5f)
+            raise Declined("item or delimiter outside a sequence")
         if tag == ITEM_END:
-            if top:
-                raise Declined("item delimiter outside a sequence")
             return pos + 8
         if length == UNDEFINED:
             if out is not None and tag in WANTED:
@@ -202,6 +202,22 @@ def test_the_walker_reads_what_the_element_by_element_walk_reads(name: str, cut:
     assert _outcome(fastheader._walk, whole, start, end, implicit) == _outcome(
         _reference_walk, whole, start, end, implicit
     )
+
+
+@pytest.mark.parametrize("name", sorted(FILES))
+@pytest.mark.parametrize("implicit", [False, True])
+@pytest.mark.parametrize("element", [0xE000, 0xE00D, 0xE0DD])
+def test_an_item_or_delimiter_outside_a_sequence_is_declined_by_both_walks(
+    name: str, implicit: bool, element: int
+) -> None:
+    """The case the fuzzing below found once in CI: the group of the first element made FFFE."""
+    data = bytearray(FILES[name])
+    start = _data_set_start(data)
+    struct.pack_into("<HH", data, start, 0xFFFE, element)
+    view = memoryview(bytes(data))
+    mine = _outcome(fastheader._walk, view, start, len(data), implicit)
+    assert mine == "Declined"
+    assert mine == _outcome(_reference_walk, view, start, len(data), implicit)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
