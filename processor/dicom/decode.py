@@ -36,13 +36,12 @@ from typing import NamedTuple
 import numpy as np
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from processor.bytesource import Buffer
 from processor.dicom.codecs import fast_decoder
-from processor.dicom.encoding import Unreadable, plain_cause, read_file
+from processor.dicom.encoding import VALUE_ERRORS, Unreadable, plain_cause, read_file
 from processor.dicom.frames import Frame
 from processor.dicom.native import INT16, NeedsFloat, check_fits_int16, read_into_slice, takes, wrapped16
 from processor.dicom.scan import PIXEL_DATA_TAG, Instance, Series
@@ -355,20 +354,8 @@ def _read_and_decode(
 
 
 _COPY_AGAIN = "copy the study again from the source"
-_READER_ERRORS = (
-    InvalidDicomError,
-    ValueError,
-    RuntimeError,
-    AttributeError,
-    KeyError,
-    EOFError,
-    TypeError,
-    IndexError,
-    NotImplementedError,
-    OverflowError,
-    struct.error,
-    BytesLengthException,
-)
+# what pydicom raises reading a file (VALUE_ERRORS), and the RuntimeError a pixel decoder raises
+_READER_ERRORS = (*VALUE_ERRORS, RuntimeError)
 
 
 def _exact_in_int16(kept: list[Frame]) -> bool:
