@@ -320,6 +320,81 @@ def test_a_value_that_changes_length_shifts_the_rest_and_is_still_read_exactly()
     assert against == plain and alike.followed
 
 
+def _interleaved_series() -> list[tuple[int, bytes]]:
+    """(series index, file) of three series of one study whose headers differ beyond the
+    per-file elements (thickness, kernel, description), their files shuffled together."""
+    study = "1.2.826.0.1.3680043.8.498.77"
+    kinds = [
+        {"thickness": 1.25, "kernel": "B70f\\LUNG", "description": "CHEST LUNG"},
+        {"thickness": 5.0, "kernel": "B30f", "description": "CHEST SOFT TISSUE", "series_number": 3},
+        {"thickness": 2.0, "kernel": "FC52", "description": "THIN", "series_number": 4},
+    ]
+    files = [
+        (k, dicomgen.to_bytes(ds))
+        for k, kind in enumerate(kinds)
+        for ds in dicomgen.make_series(5, study_uid=study, **kind)  # type: ignore[arg-type]
+    ]
+    random.Random(7).shuffle(files)
+    return files
+
+
+def test_interleaved_series_walked_against_their_own_folders_layouts_give_the_plain_walks_values() -> None:
+    """Each file walked against the last file of its key (the scan's folder) reads the walker's
+    values, and steps one by one only the few elements that differ inside a series; walked
+    against the last file of any series, the other series' files step many more."""
+    files = _interleaved_series()
+
+    def walk_all(key_of: dict[int, object]) -> list[int]:
+        alike, stepped = Alike(), []
+        seen: set[object] = set()
+        for k, data in files:
+            alike.use(key_of[k])
+            against, plain = walk(data, alike), walk(data)
+            assert list(against.values.items()) == list(plain.values.items())
+            assert against.pixel_offset == plain.pixel_offset
+            if key_of[k] in seen:
+                stepped.append(len(alike.changed))
+            seen.add(key_of[k])
+        return stepped
+
+    own = walk_all({0: "SE02", 1: "SE03", 2: "SE04"})
+    shared = walk_all(dict.fromkeys(range(3), ""))  # one folder: the last file of any series
+    assert max(own) <= 4  # SOP Instance UID, InstanceNumber, ImagePositionPatient, SliceLocation
+    assert max(shared) > max(own)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.integers(0, 12), min_size=15, max_size=15))
+def test_any_keys_given_to_the_walk_against_earlier_files_leave_the_values_the_walkers(
+    keys: list[int],
+) -> None:
+    """The key only chooses the file to compare with: keys that mix series, and more keys than
+    layouts are kept for (the least recently used forgotten), read the same values."""
+    alike = Alike()
+    for key, (_, data) in zip(keys, _interleaved_series(), strict=True):
+        alike.use(key)
+        against, plain = walk(data, alike), walk(data)
+        assert list(against.values.items()) == list(plain.values.items())
+        assert against.pixel_offset == plain.pixel_offset
+
+
+def test_the_scan_of_interleaved_series_in_folders_gives_the_facts_of_each_file_read_alone() -> None:
+    members = [
+        Member(f"EXPORT/SE0{k + 2}/IM{i:04d}", len(b), lambda b=b: b)
+        for i, (k, b) in enumerate(_interleaved_series())
+    ]
+    alone = {m.name: read_instance(m) for m in members}
+    result = scan_members(members)
+    found = [i for study in result.studies for s in study.series.values() for i in s.instances]
+    assert len(found) == len(members) and len(result.studies[0].series) == 3
+    for series in result.studies[0].series.values():  # each series is the files of one folder
+        assert len({i.member.name.split("/")[1] for i in series.instances}) == 1
+    for instance in found:
+        single = alone[instance.member.name]
+        assert single is not None
+        assert instance.facts == single.facts and instance.pixel_offset == single.pixel_offset
+
+
 def test_the_scan_gives_the_same_facts_as_reading_each_file_alone() -> None:
     datasets = dicomgen.make_series(6) + dicomgen.make_series(3, series_number=3, thickness=5.0)
     blobs = [dicomgen.to_bytes(ds) for ds in datasets]

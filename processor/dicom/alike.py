@@ -23,6 +23,14 @@ when they are equal the elements between are stepped over at once, as above. The
 bytes that is not equal hands over to the numpy comparison from that element on, so this only
 chooses where to look first: an element stepped one by one is stepped as the walker steps it, and
 the values, the offset and the exceptions stay the walker's.
+
+A study's series are often interleaved in a ZIP (its members in no particular order), and a file
+walked against another series' layout differs from it in many elements: each such file paid a
+numpy comparison and a dozen single steps, and the series went on being compared with the wrong
+file. :meth:`Alike.use` keeps one layout per key (the scan gives the folder a member lies in:
+exports put a series in a folder of its own), so a file is walked against the last one of its
+folder. The key only chooses which earlier file to compare with; a wrong one costs time, never a
+value.
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ MAX_STEPPED = 48  # differing elements stepped one by one before the walker take
 MAX_COMPARED = 12  # byte comparisons (one after each element that changed size) before it does
 _RUNS_KEPT = 8  # the runs of this many sets of expected differences are kept for a layout
 _FIRST_DIFFERENCES = 64  # differing bytes listed from one comparison (most are after a shift)
+_KEYS_KEPT = 8  # layouts kept for this many keys (folders) besides the one in use
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +86,25 @@ class Alike:
         self.followed = False  # whether the last walk against the layout reached its end
         self.changed: list[int] = []  # the layout's elements the last walk against it stepped one by one
         self._runs: dict[tuple[int, ...], list[_Run]] = {}  # the layout's runs, by the elements expected
+        self._key: object = None
+        self._kept: dict[
+            object, tuple[Layout | None, bool, list[int], dict[tuple[int, ...], list[_Run]]]
+        ] = {}
+
+    def use(self, key: object) -> None:
+        """Walk the next files against the layout kept for ``key`` (any hashable; the scan gives a
+        member's folder), the one walked last under it; a new key starts with none. The layouts
+        of the :data:`_KEYS_KEPT` keys used most recently are kept besides the current one."""
+        if key == self._key:
+            return
+        self._kept[self._key] = (self.layout, self.followed, self.changed, self._runs)
+        state = self._kept.pop(key, None)
+        self.layout, self.followed, self.changed, self._runs = (
+            (None, False, [], {}) if state is None else state
+        )
+        self._key = key
+        while len(self._kept) > _KEYS_KEPT:
+            del self._kept[next(iter(self._kept))]  # the least recently used
 
     def walk_data_set(
         self, view: memoryview, pos: int, end: int, implicit: bool, out: dict[int, bytes]

@@ -534,6 +534,7 @@ def _scan_members(members: Iterable[Member]) -> ScanResult:
         if reason:
             skipped[reason] += 1
             continue
+        alike.use(member.name.rpartition("/")[0])  # walked against the last file of its folder
         try:
             instance = read_instance(member, alike)
         except CorruptDicom as exc:
