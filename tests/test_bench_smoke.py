@@ -81,6 +81,11 @@ def test_smoke_run_writes_finite_figures(tmp_path: Path) -> None:
     assert "ingest_vs_memcpy_ratio" in run.stdout
     assert math.isfinite(figures["details"]["ingest_fraction_of_memory_read"])  # the old reference, kept
     assert figures["details"]["ingest_vs_memcpy"]["zip_dicom_mb"] > 0
+    assert (
+        0
+        < figures["details"]["ingest_vs_memcpy"]["kernel_read_mb"]
+        <= figures["details"]["ingest_vs_memcpy"]["zip_dicom_mb"]
+    )
     assert "ingest_vs_memcpy" in stages and figures["machine"]["omp_wait_policy"]  # idle torch threads sleep
     latency = figures["details"]["drop_to_json_s"]  # drop → JSON through a daemon, one study per drop
     assert set(latency) == {"zip, close event", "zip, quiet period", "folder, quiet period"}
