@@ -27,6 +27,7 @@ from pydicom.uid import ImplicitVRLittleEndian
 
 from processor.bytesource import Member
 from processor.dicom import fastheader
+from processor.dicom import scan as scan_module
 from processor.dicom.alike import Alike
 from processor.dicom.fastheader import (
     FLOAT_PIXEL_DATA,
@@ -393,6 +394,34 @@ def test_the_scan_of_interleaved_series_in_folders_gives_the_facts_of_each_file_
         single = alone[instance.member.name]
         assert single is not None
         assert instance.facts == single.facts and instance.pixel_offset == single.pixel_offset
+
+
+def test_a_header_longer_than_the_last_one_of_its_folder_is_read_further_to_the_same_facts() -> None:
+    """The scan reads first only a little past where the last file of the folder had its Pixel
+    Data: a file whose header goes far past that (a long private value), or ends just inside it,
+    is read further and gives the facts read alone; files larger than HEADER_PREFIX, so that the
+    first read is not the whole file."""
+    stored = np.zeros((4, 192, 192), np.int16)  # 72 KiB of pixels: more than HEADER_PREFIX
+    files = dicomgen.make_series(4, stored=stored)
+    for ds, extra in zip(files, (0, 5000, 0, 900), strict=True):
+        if extra:
+            block = ds.private_block(0x0029, "CTWATCH LONG", create=True)
+            block.add_new(0x10, "OB", bytes(extra))
+    blobs = [dicomgen.to_bytes(ds) for ds in files]
+    assert min(map(len, blobs)) > scan_module.HEADER_PREFIX
+    members = [Member(f"SE02/IM{i}", len(b), lambda b=b: b) for i, b in enumerate(blobs)]
+    alone = {m.name: read_instance(m) for m in members}
+    found = [i for study in scan_members(members).studies for s in study.series.values() for i in s.instances]
+    assert sorted(i.member.name for i in found) == sorted(alone)
+    for instance in found:
+        single = alone[instance.member.name]
+        assert single is not None
+        assert instance.facts == single.facts and instance.pixel_offset == single.pixel_offset
+    for blob, first in zip(blobs, (0, 4096, 5000, scan_module.FIRST_READ), strict=True):
+        member = Member("IM", len(blob), lambda b=blob: b)
+        single, short = read_instance(member), read_instance(member, Alike(), first)
+        assert single is not None and short is not None
+        assert short.facts == single.facts and short.pixel_offset == single.pixel_offset
 
 
 def test_the_scan_gives_the_same_facts_as_reading_each_file_alone() -> None:

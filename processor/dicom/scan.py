@@ -17,7 +17,9 @@ arrival is still open.
 
 A member's header is read from its first :data:`FIRST_READ` bytes (read where they lie, or
 inflated) when it ends there, else from its first :data:`HEADER_PREFIX` bytes, otherwise from the
-whole member, each read once. A ZIP member's CRC is checked when it is read whole (members up to
+whole member, each read once. The scan reads fewer first where the last file of the member's
+folder had a shorter header: that header's length and :data:`HEADER_MARGIN` bytes more (the files
+of a series differ by a few bytes; one whose header is longer is read further as above). A ZIP member's CRC is checked when it is read whole (members up to
 :data:`HEADER_PREFIX` always are), so a bad CRC past the header surfaces when the member is decoded.
 """
 
@@ -62,6 +64,8 @@ _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
 FIRST_READ = 16 * 1024  # bytes read first for a header; CT headers are ~2–10 KB
 HEADER_PREFIX = 64 * 1024  # bytes read for a header that goes past FIRST_READ
+HEADER_MARGIN = 1024  # bytes read first past where the last file of the folder had its Pixel Data
+MIN_FIRST_READ = 4096  # never fewer read first: the start checks decide on the first elements
 PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
 # A data set holding SOPInstanceUID (0008,0018), its tags ascending, starts in one of these groups:
 # command (0000), file meta (0002), directory (0004), identifying (0008).
@@ -396,10 +400,10 @@ class _Bytes:
     The first read is small because the scan reads every file's head and CT headers are small: the
     bench study's 361 heads are 6 MB read in place of 23 MB (issue 18)."""
 
-    def __init__(self, member: Member) -> None:
+    def __init__(self, member: Member, first: int = FIRST_READ) -> None:
         self.member = member
         # a member no longer than HEADER_PREFIX is read whole (and so CRC-checked) as before
-        self.head = member.head(HEADER_PREFIX if member.size <= HEADER_PREFIX else FIRST_READ)
+        self.head = member.head(HEADER_PREFIX if member.size <= HEADER_PREFIX else first)
         self._prefix: Buffer | None = self.head if len(self.head) >= member.size else None
         self._whole: Buffer | None = self._prefix
 
@@ -489,12 +493,14 @@ def _decided(read: _Bytes, verdict: Callable[[Buffer], bool | None]) -> bool | N
     return outcome
 
 
-def read_instance(member: Member, alike: Alike | None = None) -> Instance | None:
+def read_instance(member: Member, alike: Alike | None = None, first: int = FIRST_READ) -> Instance | None:
     """The member as an :class:`Instance`, or None when it is not DICOM (:class:`CorruptDicom` when broken).
 
     ``alike``: the scan's memory of the file walked before (:mod:`processor.dicom.alike`), to
-    walk this one against; the same result without it."""
-    read = _Bytes(member)
+    walk this one against; ``first``: how many bytes to read first (at least :data:`MIN_FIRST_READ`,
+    at most :data:`FIRST_READ` is useful; more are read where the header goes on). The same result
+    whatever either is."""
+    read = _Bytes(member, max(first, MIN_FIRST_READ))
     if _decided(read, _start_verdict) is False:
         return None
     if (
@@ -529,14 +535,17 @@ def _scan_members(members: Iterable[Member]) -> ScanResult:
     seen: set[str] = set()
     found = 0
     alike = Alike()
+    header_ends: dict[str, int] = {}  # folder → where its last file's Pixel Data element started
     for member in members:
         reason = _skip_reason_by_name(member.name)
         if reason:
             skipped[reason] += 1
             continue
-        alike.use(member.name.rpartition("/")[0])  # walked against the last file of its folder
+        folder = member.name.rpartition("/")[0]
+        alike.use(folder)  # walked against the last file of its folder
+        first = min(FIRST_READ, header_ends.get(folder, FIRST_READ) + HEADER_MARGIN)
         try:
-            instance = read_instance(member, alike)
+            instance = read_instance(member, alike, first)
         except CorruptDicom as exc:
             log.warning("scan.corrupt member=%s reason=%s", member.name, exc)
             skipped["corrupt DICOM"] += 1
@@ -557,6 +566,8 @@ def _scan_members(members: Iterable[Member]) -> ScanResult:
             continue
         seen.add(instance.sop_uid)
         found += 1
+        if instance.pixel_offset is not None:
+            header_ends[folder] = instance.pixel_offset
         note = correction(facts.declared_syntax, facts.transfer_syntax, facts.implicit)
         if note:
             corrected[note] += 1
