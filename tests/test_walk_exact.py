@@ -424,6 +424,139 @@ def test_a_header_longer_than_the_last_one_of_its_folder_is_read_further_to_the_
         assert short.facts == single.facts and short.pixel_offset == single.pixel_offset
 
 
+def _element(group: int, element: int, vr: bytes, value: bytes) -> bytes:
+    """One Explicit VR Little Endian element (PS3.5 §7.1.2), its value padded to even length."""
+    if len(value) % 2:
+        value += b"\0" if vr == b"UI" else b" "
+    if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT"):
+        return struct.pack("<HH2sHL", group, element, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", group, element, vr, len(value)) + value
+
+
+def _declared_deflated_plain_file(meta_pad: int) -> bytes:
+    """A file whose meta declares Deflated over a plain Explicit VR data set whose first element
+    ((0008,FFAA) UL) also reads as the start of a raw deflate stored block: inflated, the first
+    1024 bytes of the data set verify as Implicit VR elements, the first 1000-odd do not (its
+    first inflated element is 1011 bytes long). ``meta_pad``: bytes of PrivateInformation that
+    move the data set's start."""
+    ct, deflated = b"1.2.840.10008.5.1.4.1.1.2", b"1.2.840.10008.1.2.1.99"
+    meta = b"".join(
+        [
+            _element(2, 1, b"OB", b"\0\1"),
+            _element(2, 2, b"UI", ct),
+            _element(2, 3, b"UI", b"1.2.3.4.5"),
+            _element(2, 0x10, b"UI", deflated),
+            _element(2, 0x12, b"UI", b"1.2.3"),
+            _element(2, 0x100, b"UI", b"1.2.3.9"),
+            _element(2, 0x102, b"OB", bytes(meta_pad)),
+        ]
+    )
+    meta = _element(2, 0, b"UL", struct.pack("<L", len(meta))) + meta
+    us = [(0x0002, 1), (0x0010, 192), (0x0011, 192), (0x0100, 16), (0x0101, 16), (0x0103, 1)]
+    data_set = b"".join(
+        [
+            _element(8, 0xFFAA, b"UL", b"\0" + struct.pack("<L", 1011) + bytes(35)),
+            _element(8, 0x16, b"UI", ct),
+            _element(8, 0x18, b"UI", b"1.2.3.4.5"),
+            _element(8, 0x60, b"CS", b"CT"),
+            _element(0x20, 0xD, b"UI", b"1.2.3.100"),
+            _element(0x20, 0xE, b"UI", b"1.2.3.200"),
+            _element(0x20, 0x13, b"IS", b"1"),
+            _element(0x20, 0x32, b"DS", b"0\\0\\0"),
+            _element(0x20, 0x37, b"DS", b"1\\0\\0\\0\\1\\0"),
+            *(_element(0x28, e, b"US", struct.pack("<H", v)) for e, v in us[:3]),
+            _element(0x28, 0x30, b"DS", b"0.5\\0.5"),
+            *(_element(0x28, e, b"US", struct.pack("<H", v)) for e, v in us[3:]),
+            _element(0x7FE0, 0x10, b"OW", bytes(192 * 192 * 2)),
+        ]
+    )
+    return bytes(128) + b"DICM" + meta + data_set
+
+
+def _read_outcome(member: Member, first: int = scan_module.FIRST_READ) -> object:
+    try:
+        instance = read_instance(member, Alike(), first)
+    except scan_module.CorruptDicom as exc:
+        return f"CorruptDicom: {exc}"
+    return None if instance is None else (instance.facts, instance.pixel_offset)
+
+
+@pytest.mark.parametrize("meta_pad", [3200, 64518])
+def test_a_declared_deflated_body_is_decided_on_the_whole_inflate_window_whatever_the_first_read(
+    meta_pad: int,
+) -> None:
+    """Read on a prefix that ends inside the 1024 bytes the encoding rule inflates, the data set
+    above reads as plain; on the whole window (and the whole file), as deflated, which does not
+    inflate. Every read decides as the whole file does: the walker's first reads of 4–16 KiB
+    (data set at 3.5 KB) and pydicom's 64 KiB prefix (data set at 64,800, Pixel Data inside it)."""
+    data = _declared_deflated_plain_file(meta_pad)
+    meta_end = 144 + struct.unpack_from("<L", data, 140)[0]
+    member = Member("SE1/IM1", len(data), lambda: data)
+    whole = Member("SE1/IM1", len(data), lambda: data)
+    assert len(data) > scan_module.HEADER_PREFIX
+    with pytest.raises(Truncated):
+        walk(data[: meta_end + 1000])  # the window cut: more bytes could decide otherwise
+    expected = _read_outcome(whole, len(data))
+    assert isinstance(expected, str) and expected.startswith("CorruptDicom: its deflated data set")
+    for first in (4096, 4500, 6000, scan_module.FIRST_READ):
+        assert _read_outcome(member, first) == expected
+    short_header = dicomgen.to_bytes(dicomgen.make_series(1, stored=np.zeros((1, 192, 192), np.int16))[0])
+    members = [Member("SE1/IM0", len(short_header), lambda: short_header), member]
+    result = scan_members(members)  # the folder's first header is short: the second is read from 4 KiB
+    assert result.skipped["corrupt DICOM"] == 1
+    assert [i.member.name for s in result.studies for se in s.series.values() for i in se.instances] == [
+        "SE1/IM0"
+    ]
+
+
+def test_a_folder_whose_headers_alternate_in_length_is_read_further_once() -> None:
+    """The first read is the longest header of the folder so far and 1 KiB: files whose headers
+    alternate between 6 and 11 KB are read past their first read once, not every other file."""
+    stored = np.zeros((12, 192, 192), np.int16)
+    files = dicomgen.make_series(12, stored=stored)
+    for ds in files[1::2]:
+        block = ds.private_block(0x0029, "CTWATCH LONG", create=True)
+        block.add_new(0x10, "OB", bytes(5000))
+    blobs = [dicomgen.to_bytes(ds) for ds in files]
+    reads: list[int] = []
+
+    def member(i: int, blob: bytes) -> Member:
+        def span(offset: int, n: int) -> bytes:
+            reads.append(n)
+            return blob[offset : offset + n]
+
+        return Member(f"DICOM/IM{i:02d}", len(blob), lambda: blob, span=span)
+
+    members = [member(i, b) for i, b in enumerate(blobs)]
+    result = scan_members(members)
+    assert sum(len(s.instances) for s in result.studies[0].series.values()) == len(blobs)
+    further = [n for n in reads if n == scan_module.HEADER_PREFIX]
+    # the first long header, and the full header parse of the series' first file (its first 64 KiB)
+    assert len(further) == 2, reads
+
+
+def test_many_interleaved_folders_keep_their_own_layouts() -> None:
+    """Twenty series in twenty folders, their files shuffled together: each file after the first
+    of its folder is walked against the layout its folder's first file left (none forgotten and
+    walked in full again)."""
+    study = "1.2.826.0.1.3680043.8.498.78"
+    files = [
+        (k, dicomgen.to_bytes(ds))
+        for k in range(20)
+        for ds in dicomgen.make_series(
+            3, study_uid=study, series_number=k + 2, description=f"SERIES {k}" * (k + 1)
+        )
+    ]
+    random.Random(11).shuffle(files)
+    alike = Alike()
+    layouts: dict[int, object] = {}
+    for k, data in files:
+        alike.use(f"SE{k:02d}")
+        against, plain = walk(data, alike), walk(data)
+        assert list(against.values.items()) == list(plain.values.items())
+        assert alike.layout is layouts.setdefault(k, alike.layout)
+
+
 def test_the_scan_gives_the_same_facts_as_reading_each_file_alone() -> None:
     datasets = dicomgen.make_series(6) + dicomgen.make_series(3, series_number=3, thickness=5.0)
     blobs = [dicomgen.to_bytes(ds) for ds in datasets]

@@ -59,7 +59,7 @@ MAX_STEPPED = 48  # differing elements stepped one by one before the walker take
 MAX_COMPARED = 12  # byte comparisons (one after each element that changed size) before it does
 _RUNS_KEPT = 8  # the runs of this many sets of expected differences are kept for a layout
 _FIRST_DIFFERENCES = 64  # differing bytes listed from one comparison (most are after a shift)
-_KEYS_KEPT = 8  # layouts kept for this many keys (folders) besides the one in use
+_KEYS_KEPT = 64  # layouts kept for this many keys (folders) besides the one in use (~30 KB each)
 
 
 @dataclass(frozen=True, slots=True)

@@ -214,6 +214,16 @@ def _inflated_head(buf: bytes | memoryview, start: int) -> bytes | None:
         return None
 
 
+def decided_for_good(encoding: Encoding, available: int) -> bool:
+    """Whether :func:`decide`'s answer on a file's first ``available`` bytes stands whatever bytes
+    follow them. It does unless the file meta declares Deflated and the bytes end inside the
+    window :func:`decide` inflates to test that (:data:`_INFLATE_PROBE` bytes from the data set's
+    start): a body that inflates to elements only with more of that window would be read as
+    deflated there, and as plain on the cut bytes. Every other test :func:`decide` makes gives on
+    a prefix what it gives on the whole, or fails (a reader of a prefix then reads further)."""
+    return encoding.declared != DEFLATED or available >= encoding.start + _INFLATE_PROBE
+
+
 def decide(buf: bytes | memoryview, start: int, declared: str) -> Encoding:
     """The encoding of the data set starting at ``start`` (see the module docstring for the rule).
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol, overload
 
 from pydicom.uid import UID
 
-from processor.dicom.encoding import PLAIN, PROBE_BYTES, VALUE_ERRORS, Unreadable, decide
+from processor.dicom.encoding import PLAIN, PROBE_BYTES, VALUE_ERRORS, Unreadable, decide, decided_for_good
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -200,6 +200,8 @@ def walk(buf: bytes | memoryview, walker: DataSetWalker | None = None) -> Walked
         encoding = decide(view, meta_end, declared)  # the one rule: what the bytes show, not only the header
     except Unreadable as exc:
         raise Declined(str(exc)) from exc
+    if not decided_for_good(encoding, end):
+        raise Truncated("data set cut short inside the bytes that tell whether it is deflated")
     syntax = encoding.transfer_syntax
     if encoding.deflated or not encoding.little:
         raise Declined(f"transfer syntax {syntax}")

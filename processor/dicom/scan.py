@@ -17,9 +17,10 @@ arrival is still open.
 
 A member's header is read from its first :data:`FIRST_READ` bytes (read where they lie, or
 inflated) when it ends there, else from its first :data:`HEADER_PREFIX` bytes, otherwise from the
-whole member, each read once. The scan reads fewer first where the last file of the member's
-folder had a shorter header: that header's length and :data:`HEADER_MARGIN` bytes more (the files
-of a series differ by a few bytes; one whose header is longer is read further as above). A ZIP member's CRC is checked when it is read whole (members up to
+whole member, each read once. The scan reads fewer first where the files of the member's folder
+had shorter headers: the longest of them and :data:`HEADER_MARGIN` bytes more (the files of a
+series differ by a few bytes; one whose header is longer is read further as above, once for each
+time the folder's longest header grows, whatever order its files come in). A ZIP member's CRC is checked when it is read whole (members up to
 :data:`HEADER_PREFIX` always are), so a bad CRC past the header surfaces when the member is decoded.
 """
 
@@ -49,6 +50,7 @@ from processor.dicom.encoding import (
     Encoding,
     Unreadable,
     correction,
+    decided_for_good,
     element_head,
     plain_cause,
     read_file,
@@ -64,7 +66,7 @@ _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
 FIRST_READ = 16 * 1024  # bytes read first for a header; CT headers are ~2–10 KB
 HEADER_PREFIX = 64 * 1024  # bytes read for a header that goes past FIRST_READ
-HEADER_MARGIN = 1024  # bytes read first past where the last file of the folder had its Pixel Data
+HEADER_MARGIN = 1024  # bytes read first past the furthest its folder's files had their Pixel Data
 MIN_FIRST_READ = 4096  # never fewer read first: the start checks decide on the first elements
 PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
 # A data set holding SOPInstanceUID (0008,0018), its tags ascending, starts in one of these groups:
@@ -434,8 +436,8 @@ def member_header(member: Member, prefix: int = HEADER_PREFIX, read: _Bytes | No
                     None,
                     None,
                 )  # perhaps only cut short by the prefix: decide on the whole member
-            if parsed[1] is not None:
-                return parsed
+            if parsed[1] is not None and parsed[2] is not None and decided_for_good(parsed[2], len(head)):
+                return parsed  # else decided on the whole member: more bytes could read otherwise
     return _parse_header(member.data() if read is None else read.whole())
 
 
@@ -535,7 +537,7 @@ def _scan_members(members: Iterable[Member]) -> ScanResult:
     seen: set[str] = set()
     found = 0
     alike = Alike()
-    header_ends: dict[str, int] = {}  # folder → where its last file's Pixel Data element started
+    header_ends: dict[str, int] = {}  # folder → the furthest its files' Pixel Data element started
     for member in members:
         reason = _skip_reason_by_name(member.name)
         if reason:
@@ -566,7 +568,7 @@ def _scan_members(members: Iterable[Member]) -> ScanResult:
             continue
         seen.add(instance.sop_uid)
         found += 1
-        if instance.pixel_offset is not None:
+        if instance.pixel_offset is not None and instance.pixel_offset > header_ends.get(folder, 0):
             header_ends[folder] = instance.pixel_offset
         note = correction(facts.declared_syntax, facts.transfer_syntax, facts.implicit)
         if note:
