@@ -26,6 +26,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ImplicitVRLittleEndian
 
 from processor.bytesource import Member
+from processor.dicom import alike as alike_module
 from processor.dicom import fastheader
 from processor.dicom import scan as scan_module
 from processor.dicom.alike import Alike
@@ -555,6 +556,29 @@ def test_many_interleaved_folders_keep_their_own_layouts() -> None:
         against, plain = walk(data, alike), walk(data)
         assert list(against.values.items()) == list(plain.values.items())
         assert alike.layout is layouts.setdefault(k, alike.layout)
+
+
+def test_more_interleaved_folders_than_layouts_kept_go_on_with_the_current_layout() -> None:
+    """Past the layouts kept, a new folder's files are walked against the layout in use (as one
+    layout for all did) instead of in full each time its layout was forgotten: no more layouts
+    are built than folders kept and one, and the values are the walker's."""
+    study = "1.2.826.0.1.3680043.8.498.79"
+    folders = alike_module._KEYS_KEPT + 6
+    files = [
+        (k, dicomgen.to_bytes(ds))
+        for k in range(folders)
+        for ds in dicomgen.make_series(2, study_uid=study, series_number=k + 2)
+    ]
+    random.Random(12).shuffle(files)
+    alike, built = Alike(), []  # the layouts themselves: an id could be reused once one is freed
+    for k, data in files:
+        alike.use(k)
+        against, plain = walk(data, alike), walk(data)
+        assert list(against.values.items()) == list(plain.values.items())
+        assert against.pixel_offset == plain.pixel_offset
+        if not any(layout is alike.layout for layout in built):
+            built.append(alike.layout)
+    assert len(built) <= alike_module._KEYS_KEPT + 1
 
 
 def test_the_scan_gives_the_same_facts_as_reading_each_file_alone() -> None:

@@ -93,12 +93,17 @@ class Alike:
 
     def use(self, key: object) -> None:
         """Walk the next files against the layout kept for ``key`` (any hashable; the scan gives a
-        member's folder), the one walked last under it; a new key starts with none. The layouts
-        of the :data:`_KEYS_KEPT` keys used most recently are kept besides the current one."""
+        member's folder), the one walked last under it. A new key starts with none, so its first
+        file is walked in full; once layouts are kept for :data:`_KEYS_KEPT` keys besides the
+        current one, a new key goes on with the current key's layout instead (as one layout for
+        all did), so that more keys than that, interleaved, do not walk every file in full for a
+        layout forgotten before its key comes again. The least recently used is forgotten."""
         if key == self._key:
             return
         self._kept[self._key] = (self.layout, self.followed, self.changed, self._runs)
         state = self._kept.pop(key, None)
+        if state is None and len(self._kept) > _KEYS_KEPT:
+            state = (self.layout, self.followed, self.changed, dict(self._runs))  # the current one's
         self.layout, self.followed, self.changed, self._runs = (
             (None, False, [], {}) if state is None else state
         )
