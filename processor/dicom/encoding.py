@@ -219,8 +219,9 @@ def decided_for_good(encoding: Encoding, available: int) -> bool:
     follow them. It does unless the file meta declares Deflated and the bytes end inside the
     window :func:`decide` inflates to test that (:data:`_INFLATE_PROBE` bytes from the data set's
     start): a body that inflates to elements only with more of that window would be read as
-    deflated there, and as plain on the cut bytes. Every other test :func:`decide` makes gives on
-    a prefix what it gives on the whole, or fails (a reader of a prefix then reads further)."""
+    deflated there, and as plain on the cut bytes. Its other tests read the data set's first
+    elements, which a reader that found Pixel Data inside the same bytes (the header walker, the
+    prefix parse) has read whole: there they give what they give on the whole file."""
     return encoding.declared != DEFLATED or available >= encoding.start + _INFLATE_PROBE
 
 

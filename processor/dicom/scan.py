@@ -20,8 +20,9 @@ inflated) when it ends there, else from its first :data:`HEADER_PREFIX` bytes, o
 whole member, each read once. The scan reads fewer first where the files of the member's folder
 had shorter headers: the longest of them and :data:`HEADER_MARGIN` bytes more (the files of a
 series differ by a few bytes; one whose header is longer is read further as above, once for each
-time the folder's longest header grows, whatever order its files come in). A ZIP member's CRC is checked when it is read whole (members up to
-:data:`HEADER_PREFIX` always are), so a bad CRC past the header surfaces when the member is decoded.
+time the folder's longest header grows, whatever order its files come in). A ZIP member's CRC is
+checked when it is read whole (members up to :data:`HEADER_PREFIX` always are), so a bad CRC past
+the header surfaces when the member is decoded.
 """
 
 from __future__ import annotations
