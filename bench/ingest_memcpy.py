@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import gc
 import os
-import struct
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -36,12 +35,12 @@ import numpy as np
 
 from bench import fast
 from bench.timing import Samples, timed
+from processor.intake.archive import _LOCAL_HEADER  # a ZIP local file header, as intake reads it
 
 INGEST = "ingest: ZIP → HU volume (fast path)"
 MEMCPY = "memcpy of the ZIP's DICOM bytes (into written memory)"
 PIXELS = "memcpy of as many bytes as the HU volume"
 READ = "kernel read (preadv) of the chosen series' members into written memory"
-_LOCAL_HEADER = struct.Struct("<4s22xHH")  # a ZIP local file header: signature, name and extra lengths
 GOAL = 0.2  # issue 18: uncompressed ingest ≥ 0.2 × memcpy of the same bytes
 
 
@@ -67,7 +66,7 @@ def measure(zip_path: Path, n: int) -> tuple[dict[str, Samples], dict[str, int]]
         np.copyto(dst[:k], src[:k])
 
     read_bytes = sum(n for _, n in ranges)
-    into = memoryview(dst)  # written memory, as large as the ZIP's members: it holds the series'
+    into = memoryview(dst)  # written memory as large as all the ZIP's members: the series' fit
     fd = os.open(zip_path, os.O_RDONLY)
 
     def kernel_read() -> None:
