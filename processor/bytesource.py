@@ -27,6 +27,9 @@ from typing import IO, NoReturn
 
 from processor.deflate import crc32
 
+# a member's bytes after ``out`` (:meth:`Member.read_into`), up to this many, are read in the same call
+TAIL_READ_WITH = 64 << 10
+
 Buffer = bytes | memoryview
 
 
@@ -99,22 +102,31 @@ class Member:
     def read_into(self, n: int, out: memoryview) -> tuple[Buffer, Buffer]:
         """The member's first ``n`` bytes (returned as ``head``), the next ``len(out)`` written into
         ``out``, and the rest (returned): ``(head, rest)``. The head and ``out`` are read in one
-        call where the member has ``into``. A ZIP member's CRC-32 is checked over head, ``out`` and
-        the rest, in order, as :meth:`data` checks it over the whole (the same error when it does
-        not match). Only for members with a ``span``, and ``n + len(out)`` within the member."""
+        call where the member has ``into``, and the rest with them when it is no longer than
+        :data:`TAIL_READ_WITH` (a trailing padding element then costs no second read). A ZIP
+        member's CRC-32 is checked over head, ``out`` and the rest, in order, as :meth:`data`
+        checks it over the whole (the same error when it does not match). Only for members with a
+        ``span``, and ``n + len(out)`` within the member."""
         span = self.span
         if span is None:
             raise ValueError(f"{self.name}: read_into needs a member whose bytes are stored as they are")
         head: Buffer
+        rest: Buffer
+        after = n + len(out)
         if self.into is not None:
             buffer = memoryview(bytearray(n))
-            self.into(0, (buffer, out))
+            if 0 < self.size - after <= TAIL_READ_WITH:  # e.g. trailing padding after Pixel Data
+                tail = memoryview(bytearray(self.size - after))
+                self.into(0, (buffer, out, tail))
+                rest = tail
+            else:
+                self.into(0, (buffer, out))
+                rest = span(after, self.size - after) if after < self.size else b""
             head = buffer
         else:
             head = span(0, n)
             out[:] = span(n, len(out))
-        after = n + len(out)
-        rest = span(after, self.size - after) if after < self.size else b""
+            rest = span(after, self.size - after) if after < self.size else b""
         if self.crc is not None:
             crc = crc32(out, crc32(head))
             if (crc32(rest, crc) if rest else crc) != self.crc:

@@ -261,8 +261,13 @@ def _group(buf: bytes | memoryview, pos: int) -> int | None:
     return struct.unpack("<H", two)[0] if len(two) == 2 else None
 
 
+_PIXEL_TAGS = frozenset((0x7FE00010, 0x7FE00008, 0x7FE00009))  # Pixel Data, Float / Double Float Pixel Data
+
+
 def _stop_at_pixels(tag: BaseTag, vr: str | None, length: int) -> bool:
-    return tag in (0x7FE00010, 0x7FE00008, 0x7FE00009)
+    # int(tag): BaseTag compares in Python, three calls a tuple; a plain int hashes in C (pydicom
+    # asks for every element of every header it parses)
+    return int(tag) in _PIXEL_TAGS
 
 
 def read_file(
