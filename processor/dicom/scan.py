@@ -574,8 +574,13 @@ def _scan_members(members: Iterable[Member]) -> ScanResult:
         note = correction(facts.declared_syntax, facts.transfer_syntax, facts.implicit)
         if note:
             corrected[note] += 1
-        study = studies.setdefault(facts.study_uid, Study(facts.study_uid))
-        study.series.setdefault(facts.series_uid, Series(facts.series_uid)).instances.append(instance)
+        study = studies.get(facts.study_uid)
+        if study is None:
+            study = studies[facts.study_uid] = Study(facts.study_uid)
+        series = study.series.get(facts.series_uid)
+        if series is None:  # built once a series, not once a file (as setdefault's default was)
+            series = study.series[facts.series_uid] = Series(facts.series_uid)
+        series.instances.append(instance)
     for note, files in corrected.items():
         log.warning("scan.encoding files=%d read=%r", files, note)
     for study in studies.values():
