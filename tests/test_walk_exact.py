@@ -594,3 +594,93 @@ def test_the_scan_gives_the_same_facts_as_reading_each_file_alone() -> None:
                 single = alone[instance.member.name]
                 assert single is not None
                 assert instance.facts == single.facts and instance.pixel_offset == single.pixel_offset
+
+
+# --- the checks before the data set, answered by an earlier file's prologue ---------------------------------
+
+
+def _instance_outcome(member: Member, *args: object) -> object:
+    """What ``read_instance`` gives: the facts and Pixel Data offset, None, or the exception's class
+    and words."""
+    try:
+        instance = read_instance(member, *args)  # type: ignore[arg-type]
+    except Exception as exc:  # noqa: BLE001 — compared, class and words
+        return type(exc).__name__, str(exc)
+    return None if instance is None else (instance.facts, instance.pixel_offset)
+
+
+def _free_ranges(data: bytes) -> list[tuple[int, int]]:
+    """The byte ranges of ``data``'s prologue that a later file may hold otherwise (the gaps
+    between its ``same`` ranges)."""
+    known = scan_module.prologue_of(data)
+    assert known is not None
+    gaps, at = [], 0
+    for start, stop, _ in known.same:
+        if start > at:
+            gaps.append((at, start))
+        at = stop
+    return gaps
+
+
+@st.composite
+def _prologue_edited(draw: st.DrawFn) -> tuple[str, bytes]:
+    """A generated file edited at random in its first bytes (preamble, file meta group, the data
+    set's first elements): often inside the values a prologue leaves free, else anywhere there."""
+    name = draw(st.sampled_from(sorted(FILES)))
+    original = FILES[name]
+    data = bytearray(original)
+    free = _free_ranges(original)
+    reach = min(len(data), _data_set_start(original) + 400)
+    for _ in range(draw(st.integers(1, 4))):
+        if draw(st.booleans()):
+            start, stop = draw(st.sampled_from(free))
+            at = draw(st.integers(start, stop - 1))
+        else:
+            at = draw(st.integers(0, reach - 1))
+        kind = draw(st.sampled_from(["set", "set", "set", "insert", "delete"]))
+        byte = draw(st.sampled_from([0x00, 0x02, 0x20, 0x31, 0x2E, 0xFF, 0xFE, 0xE0, 0x55, 0x49, 0x53, 0x51]))
+        if kind == "set":
+            data[at] = byte
+        elif kind == "insert":
+            data[at:at] = bytes([byte]) * draw(st.sampled_from([1, 2, 4]))
+        else:
+            del data[at : at + draw(st.sampled_from([1, 2, 4]))]
+    if draw(st.integers(0, 5)) == 0:
+        data = data[: draw(st.integers(0, len(data)))]
+    return name, bytes(data)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(sorted(FILES)), _prologue_edited())
+def test_a_file_checked_against_an_earlier_files_prologue_reads_as_it_reads_alone(
+    earlier: str, case: tuple[str, bytes]
+) -> None:
+    """The scan skips the checks before the data set (DICM, elements after it, the file meta
+    group, the encoding) for a file that holds the bytes they read in the earlier file of its
+    folder: files edited there at random read exactly as each does alone — the same facts and
+    offset, not DICOM, or the same exception in the same words."""
+    prologues, alike = scan_module.Prologues(), Alike()
+    first = Member("S/first", len(FILES[earlier]), lambda: FILES[earlier])
+    assert read_instance(first, alike, scan_module.FIRST_READ, prologues) is not None
+    assert prologues.known, "an undamaged file is learnt from"
+    _, data = case
+    member = Member("S/edited", len(data), lambda: data)
+    assert _instance_outcome(member, alike, scan_module.FIRST_READ, prologues) == _instance_outcome(member)
+
+
+def test_a_series_whose_uids_change_length_is_checked_against_its_prologues() -> None:
+    """The files of a series whose SOP Instance UIDs end in 1-, 2- and 3-digit numbers: the file
+    meta group's length moves with them, one prologue is learnt for each length, and every other
+    file is checked against one; each file's facts are those it has read alone."""
+    datasets = dicomgen.make_series(12)
+    for i, ds in enumerate(datasets):
+        uid = f"1.2.826.0.1.3680043.8.498.77.{(i * 47) % 1000}"
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
+    blobs = [dicomgen.to_bytes(ds) for ds in datasets]
+    members = [Member(f"S/IM{i}", len(b), lambda b=b: b) for i, b in enumerate(blobs)]
+    prologues, alike = scan_module.Prologues(), Alike()
+    for member in members:
+        assert _instance_outcome(member, alike, scan_module.FIRST_READ, prologues) == _instance_outcome(member)
+    lengths = {len(ds.SOPInstanceUID) + len(ds.SOPInstanceUID) % 2 for ds in datasets}
+    assert len(prologues.known) == len(lengths) > 1
+    assert prologues.matched == len(members) - len(lengths)

@@ -171,12 +171,52 @@ class DataSetWalker(Protocol):
     ) -> int | None: ...
 
 
-def walk(buf: bytes | memoryview, walker: DataSetWalker | None = None) -> Walked:
+@dataclass(frozen=True, slots=True)
+class Prologue:
+    """What :func:`walk` found in a file's bytes before its data set, kept to walk the next files of
+    its series without finding it again (:func:`processor.dicom.scan.prologue_of` builds one and
+    says when a file's bytes hold the same).
+
+    ``same``: (start, end, bytes) — the bytes a file must hold where the checks before the data set
+    read them: everything before ``need`` but the values of unwanted file meta elements and of the
+    data set's first elements. ``need``: how many bytes those checks read (a file shorter than that
+    is checked in full)."""
+
+    meta: dict[int, bytes]  # the wanted file meta values
+    meta_end: int  # where the data set starts
+    transfer_syntax: str
+    implicit: bool
+    declared: str
+    need: int
+    same: tuple[tuple[int, int, bytes], ...]
+
+
+def walk(
+    buf: bytes | memoryview, walker: DataSetWalker | None = None, known: Prologue | None = None
+) -> Walked:
     """The raw values of :data:`WANTED` in a Part 10 file's bytes (or a prefix of them).
 
     ``walker`` walks the data set instead of :func:`_walk` (the same values and offset, or the same
-    exception)."""
+    exception). ``known``: the :class:`Prologue` of an earlier file whose bytes this file holds
+    where the checks before the data set read (the caller compared them): those checks would
+    answer alike, so the file meta values, the data set's start and its encoding are taken from it
+    instead of :func:`before_data_set`."""
     view = memoryview(buf)
+    end = len(view)
+    if known is None:
+        known = before_data_set(view)
+    values = dict(known.meta)
+    if walker is None:
+        offset = _walk(view, known.meta_end, end, known.implicit, values, top=True)
+    else:
+        offset = walker.walk_data_set(view, known.meta_end, end, known.implicit, values)
+    return Walked(values, known.transfer_syntax, known.implicit, offset, known.declared)
+
+
+def before_data_set(view: memoryview, starts: list[int] | None = None) -> Prologue:
+    """The checks :func:`walk` makes before the data set, and what they find: a :class:`Prologue`
+    (``need`` 0, ``same`` empty). Raises :class:`Declined` (:class:`Truncated` where more bytes
+    could tell). ``starts``, when given, gets where each file meta element starts."""
     end = len(view)
     if end < 144 or view[128:132] != b"DICM":
         raise Declined("no DICOM preamble")
@@ -187,7 +227,7 @@ def walk(buf: bytes | memoryview, walker: DataSetWalker | None = None) -> Walked
     if meta_end > end:
         raise Truncated("file meta information cut short")
     values: dict[int, bytes] = {}
-    if _walk(view, 144, meta_end, False, values, top=True) is not None or any(
+    if _walk(view, 144, meta_end, False, values, top=True, starts=starts) is not None or any(
         tag >> 16 != 0x0002 for tag in values
     ):
         raise Declined("file meta information holds more than group 0002")
@@ -212,11 +252,7 @@ def walk(buf: bytes | memoryview, walker: DataSetWalker | None = None) -> Walked
             known = False
         if not known:
             raise Declined(f"transfer syntax {syntax}")
-    if walker is None:
-        offset = _walk(view, meta_end, end, encoding.implicit, values, top=True)
-    else:
-        offset = walker.walk_data_set(view, meta_end, end, encoding.implicit, values)
-    return Walked(values, syntax, encoding.implicit, offset, declared)
+    return Prologue(values, meta_end, syntax, encoding.implicit, declared, 0, ())
 
 
 def _walk(

@@ -15,6 +15,12 @@ bytes show (:mod:`processor.dicom.encoding`; a header that declares another one 
 on demand (``Instance.header``) and eagerly for the first file of every series, while the
 arrival is still open.
 
+Before the data set, a file's first bytes are checked (``DICM``, the elements after it, the file
+meta group, the data set's encoding). A file that holds the bytes those checks read in an
+earlier file of its folder, but for the values none of them reads (the MediaStorageSOPInstanceUID,
+the values of the data set's first elements), gets that file's answers instead
+(:class:`Prologues`, :func:`prologue_of`): the files of a series differ there only in such values.
+
 A member's header is read from its first :data:`FIRST_READ` bytes (read where they lie, or
 inflated) when it ends there, else from its first :data:`HEADER_PREFIX` bytes, otherwise from the
 whole member, each read once. The scan reads fewer first where the files of the member's folder
@@ -46,6 +52,8 @@ from pydicom.sequence import Sequence as PydicomSequence
 from processor.bytesource import Buffer, Member
 from processor.dicom.alike import Alike
 from processor.dicom.encoding import (
+    _VERIFY,
+    DEFLATED,
     ELEMENT_CUT,
     VALUE_ERRORS,
     Encoding,
@@ -56,7 +64,18 @@ from processor.dicom.encoding import (
     plain_cause,
     read_file,
 )
-from processor.dicom.fastheader import Declined, Facts, Truncated, Walked, facts_from_dataset, facts_of, walk
+from processor.dicom.fastheader import (
+    WANTED,
+    Declined,
+    Facts,
+    Prologue,
+    Truncated,
+    Walked,
+    before_data_set,
+    facts_from_dataset,
+    facts_of,
+    walk,
+)
 from processor.errors import StepError
 
 log = logging.getLogger(__name__)
@@ -448,10 +467,12 @@ def _is_uid(text: str) -> bool:
     return _UID.match(text) is not None
 
 
-def _walked(read: _Bytes, alike: Alike | None = None) -> tuple[Facts, int | None] | None:
+def _walked(
+    read: _Bytes, alike: Alike | None = None, known: Prologue | None = None
+) -> tuple[Facts, int | None] | None:
     """Facts and Pixel Data offset by the lean walker, or None when it declines the layout."""
     try:
-        walked = _walk_growing(read, alike)
+        walked = _walk_growing(read, alike, known)
         if walked is None:
             return None
         facts = facts_of(walked)
@@ -462,7 +483,7 @@ def _walked(read: _Bytes, alike: Alike | None = None) -> tuple[Facts, int | None
     return facts, walked.pixel_offset
 
 
-def _walk_growing(read: _Bytes, alike: Alike | None) -> Walked | None:
+def _walk_growing(read: _Bytes, alike: Alike | None, known: Prologue | None = None) -> Walked | None:
     """:func:`walk` of the member's head, else of its first :data:`HEADER_PREFIX` bytes, else of all
     of it: the first that holds the Pixel Data element (or is the whole member). None when the
     whole member is cut short; :class:`Declined` as ``walk`` raises it."""
@@ -473,7 +494,7 @@ def _walk_growing(read: _Bytes, alike: Alike | None) -> Walked | None:
             continue  # no longer than the bytes already walked
         walked_bytes = len(head)
         try:
-            walked = walk(head, alike)
+            walked = walk(head, alike, known)  # a longer read begins with the bytes ``known`` matched
         except Truncated:
             if len(head) >= size:
                 return None
@@ -487,6 +508,119 @@ def _walk_growing(read: _Bytes, alike: Alike | None) -> Walked | None:
     return None
 
 
+_UI = b"UI"
+_RELEARN = 16  # files of a folder that did not match a prologue, more than did, before none is learnt
+_PROLOGUES_KEPT = 8  # prologues kept for a folder
+
+
+def prologue_of(head: Buffer) -> Prologue | None:
+    """The :class:`Prologue` of a Part 10 file whose header the lean walker read from ``head``, or
+    None when its first bytes are not laid out so that a later file can be checked against them.
+
+    Before a file's data set, the scan and the walker check its first bytes: that ``DICM`` is there
+    and DICOM elements follow it (:func:`_starts`), the file meta group (:func:`.fastheader.before_data_set`)
+    and the data set's encoding (:func:`.encoding.decide`). Each of those reads element headers,
+    the group length, the wanted file meta values and the transfer syntax; none reads the value
+    of an unwanted UI element of the file meta group (e.g. MediaStorageSOPInstanceUID, which
+    differs from file to file of a series) nor the values of the data set's first elements, which
+    :func:`.encoding.decide` steps over. ``same`` is every other byte before ``need``: a file
+    that holds the same there gets the same answers from every one of those checks, as long as the
+    file meta elements stepped in Explicit VR Little Endian (:func:`_starts` tries that first and
+    stops there), the transfer syntax is not Deflated (whose check inflates values) and the file
+    is at least ``need`` bytes long (every check then reads bytes that are there in both)."""
+    view = memoryview(head)
+    end = len(view)
+    starts: list[int] = []
+    try:
+        if _steps(view[132:], False, True) is not True:
+            return None
+        found = before_data_set(view, starts)
+    except (Declined, struct.error):
+        return None
+    if found.declared.strip("\0 ") == DEFLATED:  # as decide strips it
+        return None
+    free: list[tuple[int, int]] = []
+    pos = 144
+    for at in starts:  # the file meta elements, stepped as the walker stepped them
+        head_of = element_head(view, at, False, True) if at == pos and at + 8 <= end else None
+        if head_of is None or head_of[2] in (ELEMENT_CUT, 0xFFFFFFFF):
+            return None
+        group, element, length, header = head_of
+        if bytes(view[at + 4 : at + 6]) == _UI and group << 16 | element not in WANTED:
+            free.append((at + header, at + header + length))
+        pos = at + header + length
+    if pos != found.meta_end:
+        return None
+    for _ in range(_VERIFY):  # the data set's first elements, stepped as decide steps them
+        if pos + 8 > end:
+            return None
+        head_of = element_head(view, pos, found.implicit, True)
+        if head_of is None or head_of[0] == 0xFFFE or head_of[2] == ELEMENT_CUT:
+            return None
+        length, header = head_of[2], head_of[3]
+        if length == 0xFFFFFFFF:  # decide stops at a sequence, its header read
+            pos += header
+            break
+        free.append((pos + header, pos + header + length))
+        pos += header + length
+        if pos > end:
+            return None
+    same, at = [], 0
+    for start, stop in free:
+        if start > at:
+            same.append((at, start, bytes(view[at:start])))
+        at = stop
+    if pos > at:
+        same.append((at, pos, bytes(view[at:pos])))
+    return Prologue(
+        found.meta, found.meta_end, found.transfer_syntax, found.implicit, found.declared, pos, tuple(same)
+    )
+
+
+class Prologues:
+    """The prologues (:class:`Prologue`) learnt from the files of one folder of an arrival (the
+    files of a series lie in one): a file that holds the ``same`` bytes as one of them is checked
+    against it instead of in full (:func:`read_instance`). They are kept by the file meta group's
+    length (the bytes 140–143), which moves with the length of the MediaStorageSOPInstanceUID: a
+    series' UIDs often end in numbers of one, two and three digits. A file checked in full is
+    learnt from, until :data:`_RELEARN` more files did not match (or could not be learnt from)
+    than matched — layouts that never repeat: no more is spent on them; no more than
+    :data:`_PROLOGUES_KEPT` are kept."""
+
+    __slots__ = ("known", "matched", "missed")
+
+    def __init__(self) -> None:
+        self.known: dict[bytes, Prologue] = {}
+        self.matched = 0
+        self.missed = 0
+
+    def matching(self, head: Buffer) -> Prologue | None:
+        if not self.known:
+            return None
+        known = self.known.get(bytes(head[140:144]))
+        if (
+            known is not None
+            and len(head) >= known.need
+            and all(bytes(head[a:b]) == raw for a, b, raw in known.same)
+        ):
+            self.matched += 1
+            return known
+        self.missed += 1
+        return None
+
+    def learn(self, head: Buffer) -> None:
+        """Learn the prologue of a file the walker read in full (:func:`prologue_of`)."""
+        if self.missed > self.matched + _RELEARN:
+            return
+        found = prologue_of(head)
+        if found is None:
+            self.missed += 1
+            return
+        if len(self.known) >= _PROLOGUES_KEPT:
+            self.known.clear()
+        self.known[bytes(head[140:144])] = found
+
+
 def _decided(read: _Bytes, verdict: Callable[[Buffer], bool | None]) -> bool | None:
     """``verdict`` of the member's head; where the head ended before it decided, of its first
     :data:`HEADER_PREFIX` bytes (what the scan read first before it read 16 KiB first)."""
@@ -496,24 +630,30 @@ def _decided(read: _Bytes, verdict: Callable[[Buffer], bool | None]) -> bool | N
     return outcome
 
 
-def read_instance(member: Member, alike: Alike | None = None, first: int = FIRST_READ) -> Instance | None:
+def read_instance(
+    member: Member, alike: Alike | None = None, first: int = FIRST_READ, prologues: Prologues | None = None
+) -> Instance | None:
     """The member as an :class:`Instance`, or None when it is not DICOM (:class:`CorruptDicom` when broken).
 
     ``alike``: the scan's memory of the file walked before (:mod:`processor.dicom.alike`), to
     walk this one against; ``first``: how many bytes to read first (at least :data:`MIN_FIRST_READ`,
-    at most :data:`FIRST_READ` is useful; more are read where the header goes on). The same result
-    whatever either is."""
+    at most :data:`FIRST_READ` is useful; more are read where the header goes on); ``prologues``:
+    the :class:`Prologues` of the member's folder. The same result whatever any of them is."""
     read = _Bytes(member, max(first, MIN_FIRST_READ))
-    if _decided(read, _start_verdict) is False:
-        return None
-    if (
-        len(read.head) >= 132
-        and bytes(read.head[128:132]) == b"DICM"
-        and _decided(read, lambda head: _starts(memoryview(head)[132:])) is False
-    ):
-        raise CorruptDicom("no DICOM element follows its 'DICM' marker")
-    fast = _walked(read, alike)
+    known = prologues.matching(read.head) if prologues is not None else None
+    if known is None:  # else its bytes answer these checks as the file ``known`` came from did
+        if _decided(read, _start_verdict) is False:
+            return None
+        if (
+            len(read.head) >= 132
+            and bytes(read.head[128:132]) == b"DICM"
+            and _decided(read, lambda head: _starts(memoryview(head)[132:])) is False
+        ):
+            raise CorruptDicom("no DICOM element follows its 'DICM' marker")
+    fast = _walked(read, alike, known)
     if fast is not None:
+        if known is None and prologues is not None:
+            prologues.learn(read.head)
         return Instance(member, fast[0], fast[1])
     header, offset, encoding = member_header(member, read=read)
     if header is None or encoding is None:
@@ -539,6 +679,7 @@ def _scan_members(members: Iterable[Member]) -> ScanResult:
     found = 0
     alike = Alike()
     header_ends: dict[str, int] = {}  # folder → the furthest its files' Pixel Data element started
+    prologues: dict[str, Prologues] = {}  # folder → what its files' first bytes were found to hold
     for member in members:
         reason = _skip_reason_by_name(member.name)
         if reason:
@@ -548,7 +689,10 @@ def _scan_members(members: Iterable[Member]) -> ScanResult:
         alike.use(folder)  # walked against the last file of its folder
         first = min(FIRST_READ, header_ends.get(folder, FIRST_READ) + HEADER_MARGIN)
         try:
-            instance = read_instance(member, alike, first)
+            folder_prologues = prologues.get(folder)
+            if folder_prologues is None:
+                folder_prologues = prologues[folder] = Prologues()
+            instance = read_instance(member, alike, first, folder_prologues)
         except CorruptDicom as exc:
             log.warning("scan.corrupt member=%s reason=%s", member.name, exc)
             skipped["corrupt DICOM"] += 1
