@@ -200,7 +200,18 @@ def _image_stack(series: Series) -> Stack:
             None,
         ),
     ]
-    for key_of, describe, prefer in rules:
+    candidates = [i for i in range(len(series.instances)) if i not in reasons]
+    alike = {  # every rule's key is a function of these: one value, no rule sets anything aside
+        (
+            series.instances[i].facts.modality,
+            by_instance[i][0].orientation,
+            by_instance[i][0].rows,
+            by_instance[i][0].cols,
+            by_instance[i][0].pixel_spacing,
+        )
+        for i in candidates
+    }
+    for key_of, describe, prefer in rules if len(alike) > 1 else ():
         keys = {
             i: key_of(series.instances[i], by_instance[i])
             for i in range(len(series.instances))
