@@ -661,7 +661,8 @@ def test_a_file_checked_against_an_earlier_files_prologue_reads_as_it_reads_alon
     offset, not DICOM, or the same exception in the same words."""
     prologues, alike = scan_module.Prologues(), Alike()
     first = Member("S/first", len(FILES[earlier]), lambda: FILES[earlier])
-    assert read_instance(first, alike, scan_module.FIRST_READ, prologues) is not None
+    for _ in range(scan_module._LEARN_FROM):  # learnt from the folder's third file
+        assert read_instance(first, alike, scan_module.FIRST_READ, prologues) is not None
     assert prologues.known, "an undamaged file is learnt from"
     _, data = case
     member = Member("S/edited", len(data), lambda: data)
@@ -669,18 +670,49 @@ def test_a_file_checked_against_an_earlier_files_prologue_reads_as_it_reads_alon
 
 
 def test_a_series_whose_uids_change_length_is_checked_against_its_prologues() -> None:
-    """The files of a series whose SOP Instance UIDs end in 1-, 2- and 3-digit numbers: the file
+    """The files of a series whose SOP Instance UIDs end in 1-, 3- and 5-digit numbers: the file
     meta group's length moves with them, one prologue is learnt for each length, and every other
     file is checked against one; each file's facts are those it has read alone."""
     datasets = dicomgen.make_series(12)
-    for i, ds in enumerate(datasets):
-        uid = f"1.2.826.0.1.3680043.8.498.77.{(i * 47) % 1000}"
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
+    suffixes = [
+        7,
+        113,
+        24680,
+        8,
+        250,
+        13579,
+        9,
+        999,
+        11111,
+        3,
+        140,
+        22222,
+    ]  # 1, 3, 5 digits: 30, 32, 34 bytes
+    for ds, suffix in zip(datasets, suffixes, strict=True):
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"1.2.826.0.1.3680043.8.498.77.{suffix}"
     blobs = [dicomgen.to_bytes(ds) for ds in datasets]
     members = [Member(f"S/IM{i}", len(b), lambda b=b: b) for i, b in enumerate(blobs)]
     prologues, alike = scan_module.Prologues(), Alike()
     for member in members:
-        assert _instance_outcome(member, alike, scan_module.FIRST_READ, prologues) == _instance_outcome(member)
-    lengths = {len(ds.SOPInstanceUID) + len(ds.SOPInstanceUID) % 2 for ds in datasets}
-    assert len(prologues.known) == len(lengths) > 1
-    assert prologues.matched == len(members) - len(lengths)
+        assert _instance_outcome(member, alike, scan_module.FIRST_READ, prologues) == _instance_outcome(
+            member
+        )
+    # learnt from the 3rd, 4th and 5th files (one of each UID length); the 7 after them match
+    assert len(prologues.known) == 3 and prologues.matched == 7
+
+
+def test_folders_of_one_or_two_files_and_large_file_meta_groups_learn_nothing() -> None:
+    """Learning costs about what a match saves: a folder is learnt from from its third file on,
+    and a prologue longer than 2 KiB (a large private element in the file meta group) is not kept."""
+    blobs = [dicomgen.to_bytes(ds) for ds in dicomgen.make_series(4)]
+    prologues, alike = scan_module.Prologues(), Alike()
+    for i, data in enumerate(blobs[:2]):
+        assert read_instance(Member(f"S/IM{i}", len(data), lambda d=data: d), alike, 4096, prologues)
+    assert not prologues.known
+    read_instance(Member("S/IM2", len(blobs[2]), lambda: blobs[2]), alike, 4096, prologues)
+    assert len(prologues.known) == 1
+    ds = dicomgen.make_series(1)[0]
+    ds.file_meta.PrivateInformationCreatorUID = "1.2.3"
+    ds.file_meta.PrivateInformation = bytes(4000)
+    assert scan_module.prologue_of(dicomgen.to_bytes(ds)) is None
+    assert scan_module.prologue_of(blobs[3]) is not None

@@ -160,6 +160,7 @@ class Walked:
     implicit: bool
     pixel_offset: int | None  # where the (7FE0,0010) element starts; None when there is none
     declared: str = ""  # the TransferSyntaxUID as the file meta states it ('' when absent)
+    prologue: Prologue | None = None  # what the checks before the data set found (or were told)
 
 
 class DataSetWalker(Protocol):
@@ -189,6 +190,7 @@ class Prologue:
     declared: str
     need: int
     same: tuple[tuple[int, int, bytes], ...]
+    meta_starts: tuple[int, ...] = ()  # where each file meta element starts, as the walker stepped them
 
 
 def walk(
@@ -204,19 +206,20 @@ def walk(
     view = memoryview(buf)
     end = len(view)
     if known is None:
-        known = before_data_set(view)
+        known = before_data_set(view, [])
     values = dict(known.meta)
     if walker is None:
         offset = _walk(view, known.meta_end, end, known.implicit, values, top=True)
     else:
         offset = walker.walk_data_set(view, known.meta_end, end, known.implicit, values)
-    return Walked(values, known.transfer_syntax, known.implicit, offset, known.declared)
+    return Walked(values, known.transfer_syntax, known.implicit, offset, known.declared, known)
 
 
 def before_data_set(view: memoryview, starts: list[int] | None = None) -> Prologue:
     """The checks :func:`walk` makes before the data set, and what they find: a :class:`Prologue`
     (``need`` 0, ``same`` empty). Raises :class:`Declined` (:class:`Truncated` where more bytes
-    could tell). ``starts``, when given, gets where each file meta element starts."""
+    could tell). ``starts``, when given, gets where each file meta element starts (and the
+    prologue's ``meta_starts`` holds them)."""
     end = len(view)
     if end < 144 or view[128:132] != b"DICM":
         raise Declined("no DICOM preamble")
@@ -252,7 +255,7 @@ def before_data_set(view: memoryview, starts: list[int] | None = None) -> Prolog
             known = False
         if not known:
             raise Declined(f"transfer syntax {syntax}")
-    return Prologue(values, meta_end, syntax, encoding.implicit, declared, 0, ())
+    return Prologue(values, meta_end, syntax, encoding.implicit, declared, 0, (), tuple(starts or ()))
 
 
 def _walk(

@@ -469,8 +469,9 @@ def _is_uid(text: str) -> bool:
 
 def _walked(
     read: _Bytes, alike: Alike | None = None, known: Prologue | None = None
-) -> tuple[Facts, int | None] | None:
-    """Facts and Pixel Data offset by the lean walker, or None when it declines the layout."""
+) -> tuple[Facts, int | None, Prologue | None] | None:
+    """Facts, Pixel Data offset and what the checks before the data set found (a
+    :class:`.fastheader.Prologue`) by the lean walker, or None when it declines the layout."""
     try:
         walked = _walk_growing(read, alike, known)
         if walked is None:
@@ -480,7 +481,7 @@ def _walked(
         return None
     if not (_UID.match(facts.sop_uid) and _is_uid(facts.study_uid) and _is_uid(facts.series_uid)):
         return None  # pydicom decides what such a file is
-    return facts, walked.pixel_offset
+    return facts, walked.pixel_offset, walked.prologue
 
 
 def _walk_growing(read: _Bytes, alike: Alike | None, known: Prologue | None = None) -> Walked | None:
@@ -509,13 +510,24 @@ def _walk_growing(read: _Bytes, alike: Alike | None, known: Prologue | None = No
 
 
 _UI = b"UI"
-_RELEARN = 16  # files of a folder that did not match a prologue, more than did, before none is learnt
-_PROLOGUES_KEPT = 8  # prologues kept for a folder
+_LEARN_FROM = (
+    3  # a folder's files are learnt from from its third on: most folders of one or two files never match
+)
+_RELEARN = 4  # files of a folder that did not match a prologue, more than did, before none is learnt
+_PROLOGUES_KEPT = 4  # prologues kept for a folder
+_FOLDERS_KEPT = (
+    64  # folders whose prologues are kept (the least recently met forgotten first), as Alike's layouts
+)
+_NEED_MAX = 2048  # bytes a prologue may cover (a file meta group and four elements: ~300–600 in CT)
 
 
-def prologue_of(head: Buffer) -> Prologue | None:
+def prologue_of(head: Buffer, found: Prologue | None = None, explicit: bool = False) -> Prologue | None:
     """The :class:`Prologue` of a Part 10 file whose header the lean walker read from ``head``, or
     None when its first bytes are not laid out so that a later file can be checked against them.
+    ``found``: what :func:`.fastheader.before_data_set` found in these bytes (or in more of the
+    same file), when the walk has it; else it is found again. ``explicit``: the caller found the
+    elements after ``DICM`` to step in Explicit VR Little Endian (:func:`_steps`); else it is
+    found here.
 
     Before a file's data set, the scan and the walker check its first bytes: that ``DICM`` is there
     and DICOM elements follow it (:func:`_starts`), the file meta group (:func:`.fastheader.before_data_set`)
@@ -530,18 +542,18 @@ def prologue_of(head: Buffer) -> Prologue | None:
     is at least ``need`` bytes long (every check then reads bytes that are there in both)."""
     view = memoryview(head)
     end = len(view)
-    starts: list[int] = []
     try:
-        if _steps(view[132:], False, True) is not True:
+        if end < 144 or not (explicit or _steps(view[132:], False, True) is True):
             return None
-        found = before_data_set(view, starts)
+        if found is None:
+            found = before_data_set(view, [])
     except (Declined, struct.error):
         return None
-    if found.declared.strip("\0 ") == DEFLATED:  # as decide strips it
+    if found.declared.strip("\0 ") == DEFLATED or not found.meta_starts:  # as decide strips it
         return None
     free: list[tuple[int, int]] = []
     pos = 144
-    for at in starts:  # the file meta elements, stepped as the walker stepped them
+    for at in found.meta_starts:  # the file meta elements, stepped as the walker stepped them
         head_of = element_head(view, at, False, True) if at == pos and at + 8 <= end else None
         if head_of is None or head_of[2] in (ELEMENT_CUT, 0xFFFFFFFF):
             return None
@@ -570,10 +582,19 @@ def prologue_of(head: Buffer) -> Prologue | None:
         if start > at:
             same.append((at, start, bytes(view[at:start])))
         at = stop
+    if pos > _NEED_MAX:
+        return None  # e.g. a large private element in the file meta group: not kept in memory
     if pos > at:
         same.append((at, pos, bytes(view[at:pos])))
     return Prologue(
-        found.meta, found.meta_end, found.transfer_syntax, found.implicit, found.declared, pos, tuple(same)
+        found.meta,
+        found.meta_end,
+        found.transfer_syntax,
+        found.implicit,
+        found.declared,
+        pos,
+        tuple(same),
+        (),
     )
 
 
@@ -582,43 +603,56 @@ class Prologues:
     files of a series lie in one): a file that holds the ``same`` bytes as one of them is checked
     against it instead of in full (:func:`read_instance`). They are kept by the file meta group's
     length (the bytes 140–143), which moves with the length of the MediaStorageSOPInstanceUID: a
-    series' UIDs often end in numbers of one, two and three digits. A file checked in full is
-    learnt from, until :data:`_RELEARN` more files did not match (or could not be learnt from)
-    than matched — layouts that never repeat: no more is spent on them; no more than
-    :data:`_PROLOGUES_KEPT` are kept."""
+    series' UIDs often end in numbers of one, two and three digits (and several for one length,
+    the latest learnt tried first: two layouts in turn both match). A file checked in full is
+    learnt from, from the folder's :data:`_LEARN_FROM` th file on (learning costs about what a
+    match saves: a folder of one or two files would only pay), until :data:`_RELEARN` more files
+    did not match (or could not be learnt from) than matched, or more than :data:`_RELEARN` were
+    learnt beyond one for every two matches — layouts that never repeat, or repeat once: no more
+    is spent on them; no more than :data:`_PROLOGUES_KEPT` are kept, each of at most
+    :data:`_NEED_MAX` bytes."""
 
-    __slots__ = ("known", "matched", "missed")
+    __slots__ = ("kept", "known", "learnt", "matched", "missed", "seen")
 
     def __init__(self) -> None:
-        self.known: dict[bytes, Prologue] = {}
+        self.known: dict[bytes, list[Prologue]] = {}  # meta group length → the latest learnt first
         self.matched = 0
         self.missed = 0
+        self.seen = 0
+        self.kept = 0
+        self.learnt = 0
 
     def matching(self, head: Buffer) -> Prologue | None:
+        self.seen += 1
         if not self.known:
             return None
-        known = self.known.get(bytes(head[140:144]))
-        if (
-            known is not None
-            and len(head) >= known.need
-            and all(bytes(head[a:b]) == raw for a, b, raw in known.same)
-        ):
-            self.matched += 1
-            return known
+        for known in self.known.get(bytes(head[140:144]), ()):
+            if len(head) >= known.need and all(bytes(head[a:b]) == raw for a, b, raw in known.same):
+                self.matched += 1
+                return known
         self.missed += 1
         return None
 
-    def learn(self, head: Buffer) -> None:
-        """Learn the prologue of a file the walker read in full (:func:`prologue_of`)."""
-        if self.missed > self.matched + _RELEARN:
+    def learn(self, head: Buffer, found: Prologue | None = None) -> None:
+        """Learn the prologue of a file the walker read in full, whose elements after ``DICM``
+        step in Explicit VR Little Endian (:func:`prologue_of`; ``found``: what its walk found
+        before the data set)."""
+        if (
+            self.seen < _LEARN_FROM
+            or self.missed > self.matched + _RELEARN
+            or self.learnt > self.matched // 2 + _RELEARN  # learnt layouts must be met again
+        ):
             return
-        found = prologue_of(head)
-        if found is None:
+        self.learnt += 1
+        learnt = prologue_of(head, found, explicit=True)
+        if learnt is None:
             self.missed += 1
             return
-        if len(self.known) >= _PROLOGUES_KEPT:
+        if self.kept >= _PROLOGUES_KEPT:
             self.known.clear()
-        self.known[bytes(head[140:144])] = found
+            self.kept = 0
+        self.known.setdefault(bytes(head[140:144]), []).insert(0, learnt)
+        self.kept += 1
 
 
 def _decided(read: _Bytes, verdict: Callable[[Buffer], bool | None]) -> bool | None:
@@ -641,19 +675,19 @@ def read_instance(
     the :class:`Prologues` of the member's folder. The same result whatever any of them is."""
     read = _Bytes(member, max(first, MIN_FIRST_READ))
     known = prologues.matching(read.head) if prologues is not None else None
+    explicit = False  # whether the elements after DICM step in Explicit VR Little Endian
     if known is None:  # else its bytes answer these checks as the file ``known`` came from did
         if _decided(read, _start_verdict) is False:
             return None
-        if (
-            len(read.head) >= 132
-            and bytes(read.head[128:132]) == b"DICM"
-            and _decided(read, lambda head: _starts(memoryview(head)[132:])) is False
-        ):
-            raise CorruptDicom("no DICOM element follows its 'DICM' marker")
+        if len(read.head) >= 132 and bytes(read.head[128:132]) == b"DICM":
+            # _starts tries Explicit VR Little Endian first, and a True there is its answer
+            explicit = _steps(memoryview(read.head)[132:], False, True) is True
+            if not explicit and _decided(read, lambda head: _starts(memoryview(head)[132:])) is False:
+                raise CorruptDicom("no DICOM element follows its 'DICM' marker")
     fast = _walked(read, alike, known)
     if fast is not None:
-        if known is None and prologues is not None:
-            prologues.learn(read.head)
+        if explicit and prologues is not None:
+            prologues.learn(read.head, fast[2])
         return Instance(member, fast[0], fast[1])
     header, offset, encoding = member_header(member, read=read)
     if header is None or encoding is None:
@@ -680,6 +714,7 @@ def _scan_members(members: Iterable[Member]) -> ScanResult:
     alike = Alike()
     header_ends: dict[str, int] = {}  # folder → the furthest its files' Pixel Data element started
     prologues: dict[str, Prologues] = {}  # folder → what its files' first bytes were found to hold
+    folder_prologues, last_folder = Prologues(), ""
     for member in members:
         reason = _skip_reason_by_name(member.name)
         if reason:
@@ -687,11 +722,15 @@ def _scan_members(members: Iterable[Member]) -> ScanResult:
             continue
         folder = member.name.rpartition("/")[0]
         alike.use(folder)  # walked against the last file of its folder
+        if (
+            folder != last_folder or not prologues
+        ):  # the most recently met folder last; the least first, forgotten
+            folder_prologues = prologues.pop(folder) if folder in prologues else Prologues()
+            prologues[folder], last_folder = folder_prologues, folder
+            if len(prologues) > _FOLDERS_KEPT:
+                del prologues[next(iter(prologues))]
         first = min(FIRST_READ, header_ends.get(folder, FIRST_READ) + HEADER_MARGIN)
         try:
-            folder_prologues = prologues.get(folder)
-            if folder_prologues is None:
-                folder_prologues = prologues[folder] = Prologues()
             instance = read_instance(member, alike, first, folder_prologues)
         except CorruptDicom as exc:
             log.warning("scan.corrupt member=%s reason=%s", member.name, exc)
