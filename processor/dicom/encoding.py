@@ -79,7 +79,7 @@ VRS = frozenset(
     }
 )
 PROBE_BYTES = 6  # bytes of the first element the rule looks at: tag (4) and, when explicit, VR (2)
-_VERIFY = 4  # elements stepped over to verify the probe
+VERIFY_ELEMENTS = 4  # elements stepped over to verify the probe
 _INFLATE_PROBE = 1024  # compressed bytes inflated (to at most this many) to probe a deflated body
 _FIX = (
     "re-export the series from the scanner or PACS (or rewrite the file, e.g. with dcmtk "
@@ -185,11 +185,12 @@ def element_head(
 
 
 def _reads(buf: bytes | memoryview, pos: int, implicit: bool, little: bool) -> bool:
-    """Whether the first elements at ``pos`` step as a data set in this encoding: up to :data:`_VERIFY`
-    elements, each with a tag outside the item group, a VR (when explicit), and a value that ends
-    inside ``buf``. Bytes that end after at least one whole element (a prefix) count as read."""
+    """Whether the first elements at ``pos`` step as a data set in this encoding: up to
+    :data:`VERIFY_ELEMENTS` elements, each with a tag outside the item group, a VR (when explicit),
+    and a value that ends inside ``buf``. Bytes that end after at least one whole element (a
+    prefix) count as read."""
     end = len(buf)
-    for n in range(_VERIFY):
+    for n in range(VERIFY_ELEMENTS):
         if pos + 8 > end:
             return n > 0 or pos == end
         head = element_head(buf, pos, implicit, little)

@@ -179,8 +179,8 @@ class Prologue:
     says when a file's bytes hold the same).
 
     ``same``: (start, end, bytes) — the bytes a file must hold where the checks before the data set
-    read them: everything before ``need`` but the values of unwanted file meta elements and of the
-    data set's first elements. ``need``: how many bytes those checks read (a file shorter than that
+    read them: everything before ``need`` but the values of the file meta group's unwanted UI
+    elements and of the data set's first elements. ``need``: how many bytes those checks read (a file shorter than that
     is checked in full)."""
 
     meta: dict[int, bytes]  # the wanted file meta values

@@ -52,10 +52,10 @@ from pydicom.sequence import Sequence as PydicomSequence
 from processor.bytesource import Buffer, Member
 from processor.dicom.alike import Alike
 from processor.dicom.encoding import (
-    _VERIFY,
     DEFLATED,
     ELEMENT_CUT,
     VALUE_ERRORS,
+    VERIFY_ELEMENTS,
     Encoding,
     Unreadable,
     correction,
@@ -563,7 +563,7 @@ def prologue_of(head: Buffer, found: Prologue | None = None, explicit: bool = Fa
         pos = at + header + length
     if pos != found.meta_end:
         return None
-    for _ in range(_VERIFY):  # the data set's first elements, stepped as decide steps them
+    for _ in range(VERIFY_ELEMENTS):  # the data set's first elements, stepped as decide steps them
         if pos + 8 > end:
             return None
         head_of = element_head(view, pos, found.implicit, True)
