@@ -510,14 +510,12 @@ def _walk_growing(read: _Bytes, alike: Alike | None, known: Prologue | None = No
 
 
 _UI = b"UI"
-_LEARN_FROM = (
-    3  # a folder's files are learnt from from its third on: most folders of one or two files never match
-)
+# a folder's files are learnt from from its third on: a folder of one or two files never matches
+_LEARN_FROM = 3
 _RELEARN = 4  # files of a folder that did not match a prologue, more than did, before none is learnt
 _PROLOGUES_KEPT = 4  # prologues kept for a folder
-_FOLDERS_KEPT = (
-    64  # folders whose prologues are kept (the least recently met forgotten first), as Alike's layouts
-)
+# folders whose prologues are kept (the least recently met forgotten first), as Alike's layouts
+_FOLDERS_KEPT = 64
 _NEED_MAX = 2048  # bytes a prologue may cover (a file meta group and four elements: ~300–600 in CT)
 
 
