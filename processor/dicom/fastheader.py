@@ -180,8 +180,8 @@ class Prologue:
 
     ``same``: (start, end, bytes) — the bytes a file must hold where the checks before the data set
     read them: everything before ``need`` but the values of the file meta group's unwanted UI
-    elements and of the data set's first elements. ``need``: how many bytes those checks read (a file shorter than that
-    is checked in full)."""
+    elements and of the data set's first elements. ``need``: how many bytes those checks read (a
+    file shorter than that is checked in full)."""
 
     meta: dict[int, bytes]  # the wanted file meta values
     meta_end: int  # where the data set starts

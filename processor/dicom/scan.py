@@ -575,13 +575,13 @@ def prologue_of(head: Buffer, found: Prologue | None = None, explicit: bool = Fa
         pos += header + length
         if pos > end:
             return None
+    if pos > _NEED_MAX:
+        return None  # e.g. a large private element in the file meta group: not kept in memory
     same, at = [], 0
     for start, stop in free:
         if start > at:
             same.append((at, start, bytes(view[at:start])))
         at = stop
-    if pos > _NEED_MAX:
-        return None  # e.g. a large private element in the file meta group: not kept in memory
     if pos > at:
         same.append((at, pos, bytes(view[at:pos])))
     return Prologue(
@@ -712,7 +712,7 @@ def _scan_members(members: Iterable[Member]) -> ScanResult:
     alike = Alike()
     header_ends: dict[str, int] = {}  # folder → the furthest its files' Pixel Data element started
     prologues: dict[str, Prologues] = {}  # folder → what its files' first bytes were found to hold
-    folder_prologues, last_folder = Prologues(), ""
+    folder_prologues, last_folder = Prologues(), None
     for member in members:
         reason = _skip_reason_by_name(member.name)
         if reason:
@@ -720,9 +720,7 @@ def _scan_members(members: Iterable[Member]) -> ScanResult:
             continue
         folder = member.name.rpartition("/")[0]
         alike.use(folder)  # walked against the last file of its folder
-        if (
-            folder != last_folder or not prologues
-        ):  # the most recently met folder last; the least first, forgotten
+        if folder != last_folder:  # the most recently met folder last; the least first, forgotten
             folder_prologues = prologues.pop(folder) if folder in prologues else Prologues()
             prologues[folder], last_folder = folder_prologues, folder
             if len(prologues) > _FOLDERS_KEPT:
